@@ -1,0 +1,119 @@
+// The kt_kernels extension module: CPU features, the packer, and (moe_bindings.cpp) the MoE engine.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu_features.hpp"
+#include "pack.hpp"
+#include "thread_pool.hpp"
+
+namespace py = pybind11;
+
+namespace kt {
+void bind_moe(py::module_& m);  // moe_bindings.cpp
+}
+
+namespace {
+
+using kt::PackJob;
+using kt::SourceKind;
+
+SourceKind parse_kind(const std::string& s) {
+  if (s == "bf16") return SourceKind::BF16;
+  if (s == "f32") return SourceKind::F32;
+  if (s == "mxfp4") return SourceKind::MXFP4;
+  throw std::invalid_argument("unknown source kind '" + s + "' (expected bf16, f32 or mxfp4)");
+}
+
+int64_t element_bits(SourceKind kind) {
+  switch (kind) {
+    case SourceKind::BF16: return 16;
+    case SourceKind::F32: return 32;
+    case SourceKind::MXFP4: return 4;
+  }
+  return 0;
+}
+
+void require(bool ok, const std::string& where, const std::string& what) {
+  if (!ok) throw std::invalid_argument(where + what);
+}
+
+// A job tuple: (kind, weight[n, row_bytes...], scales or None, col0, k, out_weight, out_scale).
+PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
+  const std::string where = "pack job " + std::to_string(index) + ": ";
+  require(t.size() == 7, where, "expected (kind, weight, scales, col0, k, out_weight, out_scale)");
+  PackJob job;
+  job.kind = parse_kind(t[0].cast<std::string>());
+  const py::array weight = t[1].cast<py::array>();
+  require(weight.ndim() == 2, where, "weight must be 2-D");
+  require(weight.strides(1) == weight.itemsize(), where, "weight rows must be contiguous");
+  job.n = weight.shape(0);
+  job.weight = static_cast<const uint8_t*>(weight.data());
+  job.weight_row_bytes = weight.strides(0);
+  job.col0 = t[3].cast<int64_t>();
+  job.k = t[4].cast<int64_t>();
+  require(job.col0 >= 0 && job.k > 0, where, "bad column range");
+  const int64_t row_bytes = weight.shape(1) * weight.itemsize();
+  require((job.col0 + job.k) * element_bits(job.kind) <= row_bytes * 8, where, "column range exceeds the source row");
+  if (job.kind == SourceKind::MXFP4) {
+    require(!t[2].is_none(), where, "MXFP4 needs scales");
+    const py::array scales = t[2].cast<py::array>();
+    require(scales.ndim() == 2 && scales.itemsize() == 1 && scales.strides(1) == 1, where, "scales must be 2-D uint8 rows");
+    require(scales.shape(0) == job.n, where, "scales rows differ from weight rows");
+    require(scales.shape(1) * 32 >= job.col0 + job.k, where, "scales do not cover the column range");
+    job.scales = static_cast<const uint8_t*>(scales.data());
+    job.scale_row_bytes = scales.strides(0);
+  }
+  py::array out_w = t[5].cast<py::array>();
+  py::array out_s = t[6].cast<py::array>();
+  require(out_w.writeable() && out_s.writeable(), where, "outputs must be writable");
+  require(out_w.nbytes() == kt::packed_weight_bytes(method, job.n, job.k), where, "out_weight has the wrong size");
+  require(out_s.itemsize() == 4 && out_s.size() == job.n && (out_s.flags() & py::array::c_style), where,
+          "out_scale must be n contiguous float32");
+  require(out_w.flags() & py::array::c_style, where, "out_weight must be contiguous");
+  job.out_weight = static_cast<uint8_t*>(out_w.mutable_data());
+  job.out_scale = static_cast<float*>(out_s.mutable_data());
+  return job;
+}
+
+std::vector<int64_t> pack(const std::string& method_name, const py::list& job_list, const std::string& isa_name,
+                          int num_threads) {
+  const kt::Method method = kt::parse_method(method_name);
+  const kt::Isa isa = kt::resolve_isa(isa_name);
+  std::vector<PackJob> jobs;
+  jobs.reserve(job_list.size());
+  for (size_t i = 0; i < job_list.size(); ++i) jobs.push_back(make_job(method, job_list[i].cast<py::tuple>(), i));
+  {
+    py::gil_scoped_release release;
+    kt::pack_jobs(method, jobs, isa, num_threads);
+  }
+  std::vector<int64_t> nonfinite;
+  for (const auto& j : jobs) nonfinite.push_back(j.nonfinite);
+  return nonfinite;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(kt_kernels, m) {
+  m.doc() = "kt-convert CPU kernels: AMXINT4/AMXINT8 packer and MoE engine";
+  py::register_exception<std::invalid_argument>(m, "KernelArgumentError", PyExc_ValueError);
+
+  m.def("cpu_features", [] {
+    const kt::CpuFeatures& f = kt::cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl; d["avx512dq"] = f.avx512dq;
+    d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
+    d["amx_tile"] = f.amx_tile; d["amx_int8"] = f.amx_int8; d["amx_bf16"] = f.amx_bf16; d["amx_usable"] = f.amx_usable;
+    return d;
+  });
+  m.def("best_isa", [] { return std::string(kt::isa_name(kt::best_isa())); });
+  m.def("hardware_threads", &kt::hardware_threads);
+  m.def("pack", &pack, py::arg("method"), py::arg("jobs"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
+        "Quantize and AMX-tile source matrices. Each job is (kind, weight, scales|None, col0, k, out_weight, "
+        "out_scale); returns the count of non-finite source values per job (packed as 0).");
+  kt::bind_moe(m);
+}

@@ -1,0 +1,50 @@
+// Scalar numeric primitives shared by every packer/kernel ISA variant.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "pack.hpp"
+
+namespace kt {
+
+// E2M1 (MXFP4 element) values by 4-bit code.
+inline constexpr float kE2M1[16] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f,
+                                    -0.f, -0.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
+
+inline float bits_to_f32(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint32_t f32_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+inline float bf16_to_f32(uint16_t bits) { return bits_to_f32(static_cast<uint32_t>(bits) << 16); }
+// E8M0 scale as kt reads it: the byte placed in the fp32 exponent field (0x00 -> 0, 0xFF -> +inf).
+inline float e8m0_to_f32(uint8_t e) { return bits_to_f32(static_cast<uint32_t>(e) << 23); }
+inline uint32_t abs_bits(float f) { return f32_to_bits(f) & 0x7FFFFFFFu; }
+inline bool is_finite_bits(float f) { return (f32_to_bits(f) & 0x7F800000u) != 0x7F800000u; }
+
+// kt's per-row scale: INT8 amax/127 in fp32; INT4 (double)amax/112 rounded to fp32.
+inline float row_scale(Method method, float amax) {
+  if (method == Method::Int8) return amax / 127.0f;
+  return static_cast<float>(static_cast<double>(amax) / 112.0);
+}
+
+// cvtps2dq with the default MXCSR: round half to even; NaN or out of range -> INT32_MIN.
+inline int32_t cvt_rne_i32(float y) {
+  if (!(std::fabs(y) < 2147483648.0f)) return INT32_MIN;
+  return static_cast<int32_t>(std::nearbyint(y));
+}
+
+// kt's round_4bit_s8: int8 grid value to a signed 4-bit level, ties away from zero.
+inline int32_t round_4bit(int32_t v) {
+  const int32_t a = v < 0 ? -v : v;
+  const int32_t r = ((a + 8) & 0xF0) >> 4;
+  return v < 0 ? -r : r;
+}
+
+}  // namespace kt

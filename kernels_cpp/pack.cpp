@@ -1,0 +1,106 @@
+#include "pack.hpp"
+
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "thread_pool.hpp"
+
+namespace kt {
+
+MethodInfo method_info(Method m) {
+  if (m == Method::Int4) return {128, 128, 2};
+  return {64, 64, 1};
+}
+
+Method parse_method(const std::string& name) {
+  if (name == "int4") return Method::Int4;
+  if (name == "int8") return Method::Int8;
+  throw std::invalid_argument("unknown quant method '" + name + "' (expected int4 or int8)");
+}
+
+int64_t packed_weight_bytes(Method method, int64_t n, int64_t k) { return n * k / method_info(method).elems_per_byte; }
+
+namespace {
+
+void validate(Method method, const PackJob& job, size_t index) {
+  const MethodInfo info = method_info(method);
+  const std::string where = "pack job " + std::to_string(index) + ": ";
+  if (job.n <= 0 || job.k <= 0) throw std::invalid_argument(where + "empty matrix");
+  if (job.n % TILE_ROWS != 0) throw std::invalid_argument(where + "rows (" + std::to_string(job.n) + ") must be a multiple of 32");
+  if (job.k % info.k_align != 0)
+    throw std::invalid_argument(where + "columns (" + std::to_string(job.k) + ") must be a multiple of " + std::to_string(info.k_align));
+  if (!job.weight || !job.out_weight || !job.out_scale) throw std::invalid_argument(where + "null buffer");
+  if (job.kind == SourceKind::MXFP4 && (!job.scales || job.col0 % 32 != 0))
+    throw std::invalid_argument(where + "MXFP4 needs scales and a first column aligned to 32");
+}
+
+struct Task {
+  size_t job;
+  int64_t row0;
+};
+
+struct Kernels {
+  int64_t (*decode_row)(const PackJob&, int64_t, float*);
+  float (*quantize_row)(Method, const float*, int64_t, int8_t*);
+  void (*pack_nibbles)(const int8_t*, int64_t, uint8_t*);
+  void (*tile_block)(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*);
+};
+
+Kernels kernels_for(Isa isa) {
+  if (isa >= Isa::Avx512) return {avx512::decode_row, avx512::quantize_row, avx512::pack_nibbles, avx512::tile_block};
+  return {ref::decode_row, ref::quantize_row, ref::pack_nibbles, ref::tile_block};
+}
+
+// Per-thread scratch, reused across calls.
+struct Scratch {
+  std::vector<float> row;
+  std::vector<int8_t> q;
+  std::vector<uint8_t> block;
+};
+
+}  // namespace
+
+void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threads) {
+  const MethodInfo info = method_info(method);
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    validate(method, jobs[i], i);
+    for (int64_t r = 0; r < jobs[i].n; r += info.n_block) tasks.push_back({i, r});
+  }
+  const Kernels kern = kernels_for(isa);
+  ThreadPool& pool = shared_pool(num_threads);
+  std::vector<Scratch> scratch(pool.size());
+  std::unique_ptr<std::atomic<int64_t>[]> nonfinite(new std::atomic<int64_t>[jobs.size()]);
+  for (size_t i = 0; i < jobs.size(); ++i) nonfinite[i] = 0;
+
+  pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t, int tid) {
+    const Task task = tasks[t];
+    const PackJob& job = jobs[task.job];
+    const int64_t nbs = std::min<int64_t>(info.n_block, job.n - task.row0);
+    const int64_t kbytes = job.k / info.elems_per_byte;
+    Scratch& s = scratch[tid];
+    s.row.resize(job.k);
+    s.q.resize(job.k);
+    s.block.resize(nbs * kbytes);
+    int64_t bad = 0;
+    for (int64_t r = 0; r < nbs; ++r) {
+      const int64_t row = task.row0 + r;
+      bad += kern.decode_row(job, row, s.row.data());
+      uint8_t* packed_row = s.block.data() + r * kbytes;
+      if (method == Method::Int8) {
+        job.out_scale[row] = kern.quantize_row(method, s.row.data(), job.k, reinterpret_cast<int8_t*>(packed_row));
+      } else {
+        job.out_scale[row] = kern.quantize_row(method, s.row.data(), job.k, s.q.data());
+        kern.pack_nibbles(s.q.data(), job.k, packed_row);
+      }
+    }
+    kern.tile_block(s.block.data(), nbs, kbytes, K_BLOCK / info.elems_per_byte, job.out_weight + task.row0 * kbytes);
+    if (bad) nonfinite[task.job] += bad;
+  });
+  for (size_t i = 0; i < jobs.size(); ++i) jobs[i].nonfinite = nonfinite[i];
+}
+
+}  // namespace kt

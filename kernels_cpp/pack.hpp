@@ -1,0 +1,72 @@
+// Packing of expert weight matrices into the kt-kernel AMXINT4 / AMXINT8 BufferB image:
+// decode the source rows to fp32, per-row symmetric quantization with kt's exact rounding,
+// then AMX tiling (2048-byte tile pairs, N_BLOCK x K_BLOCK blocks). See docs/FORMAT.md.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu_features.hpp"
+
+namespace kt {
+
+enum class Method { Int4, Int8 };
+
+struct MethodInfo {
+  int n_block;       // rows per N-block (128 for INT4, 64 for INT8)
+  int k_align;       // K must be a multiple of this (128 / 64)
+  int elems_per_byte;
+};
+MethodInfo method_info(Method m);
+Method parse_method(const std::string& name);  // "int4" | "int8"
+
+constexpr int K_BLOCK = 3584;   // K elements per K-block
+constexpr int TILE_ROWS = 32;   // rows per tile pair
+constexpr int TILE_BYTES = 64;  // bytes per tile row
+constexpr int TILE_PAIR_BYTES = 2048;
+
+// How source rows are stored. Each kind decodes one row slice to fp32 exactly as the
+// reference decoder does (values are exactly representable in bf16 after decoding).
+enum class SourceKind {
+  BF16,   // uint16 bf16 bits [n, ktot]
+  F32,    // float32 [n, ktot] (already rounded to bf16 by the caller)
+  MXFP4,  // uint8 [n, ktot/2] E2M1 nibbles (low = even column) + uint8 E8M0 [n, ktot/32]
+};
+
+struct PackJob {
+  SourceKind kind = SourceKind::BF16;
+  const uint8_t* weight = nullptr;  // first byte of row 0 of the source
+  int64_t weight_row_bytes = 0;     // stride between source rows
+  const uint8_t* scales = nullptr;  // MXFP4: E8M0 bytes
+  int64_t scale_row_bytes = 0;
+  int64_t n = 0, k = 0;  // rows and columns of the packed matrix
+  int64_t col0 = 0;      // first source column (NUMA slice of down)
+  uint8_t* out_weight = nullptr;  // tiled bytes, n*k (INT8) or n*k/2 (INT4)
+  float* out_scale = nullptr;     // n fp32 scales
+  int64_t nonfinite = 0;          // out: NaN/Inf source values found (packed as 0)
+};
+
+// Packs every job; work is split into (job, N-block) tasks over the shared pool.
+void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threads);
+int64_t packed_weight_bytes(Method method, int64_t n, int64_t k);
+
+// Per-ISA pieces. Row kernels work on one source row; the tiler on one N-block of
+// quantized rows held row-major (row stride = kbytes).
+namespace ref {
+// Decodes columns [col0, col0+k) of `row` into fp32; non-finite values become 0 and are counted.
+int64_t decode_row(const PackJob& job, int64_t row, float* out);
+// kt's per-row quantization; writes k int8 values (INT4: the 4-bit value -7..7) and returns d.
+float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
+// INT4: packs pairs (k0+j, k0+64+j) of each 128-wide step into one byte.
+void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
+void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
+}  // namespace ref
+
+namespace avx512 {
+int64_t decode_row(const PackJob& job, int64_t row, float* out);
+float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
+void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
+void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
+}  // namespace avx512
+
+}  // namespace kt

@@ -1,0 +1,123 @@
+// AVX-512 packer kernels; byte-identical to pack_ref.cpp (tested in tests/test_pack_cpp.py).
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "numerics.hpp"
+#include "pack.hpp"
+
+namespace kt {
+namespace avx512 {
+namespace {
+
+// Zeroes non-finite lanes and returns how many there were.
+inline __m512 zero_nonfinite(__m512 v, int64_t& count) {
+  const __m512i exp_mask = _mm512_set1_epi32(0x7F800000);
+  const __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), exp_mask), exp_mask);
+  if (bad) {
+    count += __builtin_popcount(bad);
+    v = _mm512_maskz_mov_ps(static_cast<__mmask16>(~bad), v);
+  }
+  return v;
+}
+
+}  // namespace
+
+int64_t decode_row(const PackJob& job, int64_t row, float* out) {
+  const uint8_t* src = job.weight + row * job.weight_row_bytes;
+  int64_t nonfinite = 0;
+  switch (job.kind) {
+    case SourceKind::BF16: {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(src) + job.col0;
+      for (int64_t j = 0; j < job.k; j += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j));
+        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        _mm512_storeu_ps(out + j, zero_nonfinite(v, nonfinite));
+      }
+      return nonfinite;
+    }
+    case SourceKind::F32: {
+      const float* p = reinterpret_cast<const float*>(src) + job.col0;
+      for (int64_t j = 0; j < job.k; j += 16)
+        _mm512_storeu_ps(out + j, zero_nonfinite(_mm512_loadu_ps(p + j), nonfinite));
+      return nonfinite;
+    }
+    case SourceKind::MXFP4: {
+      const __m512 lut = _mm512_loadu_ps(kE2M1);
+      const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      const uint8_t* bytes = src + job.col0 / 2;
+      const uint8_t* scales = job.scales + row * job.scale_row_bytes + job.col0 / 32;
+      for (int64_t j = 0; j < job.k; j += 32) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j / 2)));
+        const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)), lut);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+        const __m512 s = _mm512_set1_ps(e8m0_to_f32(scales[j / 32]));
+        const __m512 v0 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), s);
+        const __m512 v1 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), s);
+        _mm512_storeu_ps(out + j, zero_nonfinite(v0, nonfinite));
+        _mm512_storeu_ps(out + j + 16, zero_nonfinite(v1, nonfinite));
+      }
+      return nonfinite;
+    }
+  }
+  return ref::decode_row(job, row, out);
+}
+
+float quantize_row(Method method, const float* x, int64_t k, int8_t* q) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i amax = _mm512_setzero_si512();
+  for (int64_t j = 0; j < k; j += 16)
+    amax = _mm512_max_epu32(amax, _mm512_and_si512(_mm512_loadu_si512(x + j), abs_mask));
+  const float d = row_scale(method, bits_to_f32(_mm512_reduce_max_epu32(amax)));
+  const __m512 id = _mm512_set1_ps(d != 0.f ? 1.0f / d : 0.f);
+  if (method == Method::Int8) {
+    for (int64_t j = 0; j < k; j += 16) {
+      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), id));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtsepi32_epi8(v));
+    }
+  } else {
+    const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+    const __m512i eight = _mm512_set1_epi32(8), high_nibble = _mm512_set1_epi32(0xF0);
+    for (int64_t j = 0; j < k; j += 16) {
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), id));
+      v = _mm512_max_epi32(_mm512_min_epi32(v, hi), lo);
+      const __m512i r = _mm512_srli_epi32(_mm512_and_si512(_mm512_add_epi32(_mm512_abs_epi32(v), eight), high_nibble), 4);
+      const __mmask16 neg = _mm512_cmplt_epi32_mask(v, _mm512_setzero_si512());
+      v = _mm512_mask_sub_epi32(r, neg, _mm512_setzero_si512(), r);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtepi32_epi8(v));
+    }
+  }
+  return d;
+}
+
+void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out) {
+  const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8(static_cast<char>(0xF0));
+  for (int64_t s = 0; s < k; s += 128) {
+    const __m512i a = _mm512_loadu_si512(q + s);
+    const __m512i b = _mm512_loadu_si512(q + s + 64);
+    const __m512i packed = _mm512_or_si512(_mm512_and_si512(a, low), _mm512_and_si512(_mm512_slli_epi16(b, 4), high));
+    _mm512_storeu_si512(out + s / 2, packed);
+  }
+}
+
+void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out) {
+  // Word c of output row r is word r of source row c: one gather per 64-byte tile row.
+  const __m512i row_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                 _mm512_set1_epi32(static_cast<int>(kbytes)));
+  for (int64_t kb = 0; kb < kbytes; kb += kblock_bytes) {
+    const int64_t kbs = std::min(kblock_bytes, kbytes - kb);
+    for (int64_t ns = 0; ns < nbs; ns += TILE_ROWS)
+      for (int64_t ks = 0; ks < kbs; ks += TILE_BYTES) {
+        uint8_t* dst = out + kb * nbs + ns * kbs + ks * TILE_ROWS;
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* base = rows + (ns + h * 16) * kbytes + kb + ks;
+          for (int r = 0; r < 16; ++r)
+            _mm512_storeu_si512(dst + h * 1024 + r * 64, _mm512_i32gather_epi32(row_offsets, base + r * 4, 1));
+        }
+      }
+  }
+}
+
+}  // namespace avx512
+}  // namespace kt
