@@ -1,0 +1,69 @@
+"""AMX BufferB tiling (research kt_format.md §2): the byte order of a packed matrix.
+
+The quantized [N, K] matrix is cut into N-blocks (128 rows INT4 / 64 INT8), each into K-blocks of
+3584 elements, each into groups of 32 rows and steps of 64 bytes; every (32 rows x 64 bytes) step
+is one 2048-byte tile pair whose two 16-row halves are 16x16 matrices of 32-bit words stored
+transposed (the AMX/VNNI B-tile layout). INT4 first packs elements k0+j and k0+64+j of each
+128-wide step into one byte (low, high nibble).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .methods import INT4, TILE_BYTES, TILE_ROWS, QuantMethod
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] 4-bit levels -> uint8 [N, K/2]; byte j of step s = (q[s*128+j], q[s*128+64+j])."""
+    n, k = q.shape
+    steps = q.to(torch.int16).reshape(n, k // 128, 2, 64) & 0x0F
+    return (steps[:, :, 0, :] | (steps[:, :, 1, :] << 4)).to(torch.uint8).reshape(n, k // 2)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 [N, K/2] -> int8 [N, K] sign-extended 4-bit levels."""
+    n, half = packed.shape
+    b = packed.to(torch.int16).reshape(n, half // 64, 1, 64)
+    nib = torch.cat((b & 0x0F, b >> 4), dim=2)
+    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8).reshape(n, half * 2)
+
+
+@lru_cache(maxsize=16)
+def tile_permutation(n: int, kbytes: int, n_block: int, k_block_bytes: int) -> torch.Tensor:
+    """perm such that tiled = row_major.ravel()[perm] for an [n, kbytes] byte matrix."""
+    if n % TILE_ROWS or kbytes % TILE_BYTES:
+        raise ValueError(f"cannot tile a {n}x{kbytes}-byte matrix: rows must be a multiple of 32, bytes of 64")
+    index = np.arange(n * kbytes, dtype=np.int64).reshape(n, kbytes)
+    parts = []
+    for nb in range(0, n, n_block):
+        nbs = min(n_block, n - nb)
+        for kb in range(0, kbytes, k_block_bytes):
+            kbs = min(k_block_bytes, kbytes - kb)
+            sub = index[nb : nb + nbs, kb : kb + kbs]
+            # (row group, half, row, step, word, byte) -> (row group, step, half, word, row, byte)
+            sub = sub.reshape(nbs // 32, 2, 16, kbs // 64, 16, 4).transpose(0, 3, 1, 4, 2, 5)
+            parts.append(sub.reshape(-1))
+    return torch.from_numpy(np.concatenate(parts))
+
+
+def tile(q: torch.Tensor, method: QuantMethod) -> torch.Tensor:
+    """Quantized int8 [N, K] (INT4: levels -7..7) -> tiled uint8 bytes (1-D)."""
+    rows = pack_nibbles(q) if method is INT4 else q.view(torch.uint8)
+    n, kbytes = rows.shape
+    perm = tile_permutation(n, kbytes, method.n_block, method.k_block_bytes)
+    return rows.contiguous().reshape(-1)[perm]
+
+
+def untile(tiled: torch.Tensor, n: int, k: int, method: QuantMethod) -> torch.Tensor:
+    """Tiled bytes (1-D uint8) -> int8 [N, K] quantized levels."""
+    kbytes = k // method.elems_per_byte
+    if tiled.numel() != n * kbytes:
+        raise ValueError(f"tiled weight has {tiled.numel()} bytes, expected {n * kbytes} for {n}x{k} {method.name}")
+    perm = tile_permutation(n, kbytes, method.n_block, method.k_block_bytes)
+    rows = torch.empty(n * kbytes, dtype=torch.uint8)
+    rows[perm] = tiled.reshape(-1).view(torch.uint8)
+    rows = rows.reshape(n, kbytes)
+    return unpack_nibbles(rows) if method is INT4 else rows.view(torch.int8)

@@ -1,0 +1,38 @@
+"""Readable reference for the whole numeric path: bf16 matrix -> kt packed bytes and back."""
+from __future__ import annotations
+
+import torch
+
+from .amx_tiling import tile, untile
+from .kt_quant import dequantize_rows, quantize_rows
+from .methods import QuantMethod
+from .numa import full_shape, shard_slice
+
+
+def pack_reference(w: torch.Tensor, method: QuantMethod) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """bf16 [N, K] -> (tiled uint8 bytes, float32 scales [N], non-finite count)."""
+    q, d, nonfinite = quantize_rows(w, method)
+    return tile(q, method), d, nonfinite
+
+
+def dequantize_packed(weight: torch.Tensor, scales: torch.Tensor, n: int, k: int, method: QuantMethod) -> torch.Tensor:
+    """Tiled bytes + scales -> float32 [N, K]."""
+    return dequantize_rows(untile(weight, n, k, method), torch.as_tensor(scales).reshape(-1), method)
+
+
+def pack_expert_reference(w: torch.Tensor, proj: str, hidden_size: int, intermediate_size: int, numa_count: int,
+                          method: QuantMethod) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One projection's full bf16 matrix -> per-NUMA-shard (bytes, scales)."""
+    if tuple(w.shape) != full_shape(proj, hidden_size, intermediate_size):
+        raise ValueError(f"{proj} has shape {tuple(w.shape)}, expected {full_shape(proj, hidden_size, intermediate_size)}")
+    out = []
+    for t in range(numa_count):
+        s = shard_slice(proj, hidden_size, intermediate_size, numa_count, t)
+        weight, scales, _ = pack_reference(w[s.row0 : s.row0 + s.n, s.col0 : s.col0 + s.k], method)
+        out.append((weight, scales))
+    return out
+
+
+def merge_shards(proj: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Per-NUMA dequantized float matrices -> the unsharded matrix."""
+    return torch.cat(shards, dim=1 if proj == "down" else 0)

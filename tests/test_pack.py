@@ -1,0 +1,213 @@
+"""Packer numerics: the torch reference against an element-wise oracle, and the C++ packer
+(every ISA available here, several thread counts) against the reference, byte for byte."""
+import numpy as np
+import pytest
+import torch
+
+import kt_kernels
+from quant import INT4, INT8
+from quant.amx_tiling import tile, untile
+from quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from quant.kt_quant import quantize_rows
+from quant.mxfp4 import E2M1_VALUES, decode_mxfp4
+from quant.reference import dequantize_packed, pack_reference
+
+ISAS = ["portable", "avx2", "avx512", "amx"]
+LEVEL = {name: i for i, name in enumerate(ISAS)}
+AVAILABLE_ISAS = [i for i in ISAS if LEVEL[i] <= LEVEL[kt_kernels.best_isa()]]
+
+
+def oracle_tiled_offset(r, c, n, k, method):
+    """Closed-form byte offset and nibble of element (r, c) (research kt_format.md §2)."""
+    nb_size = method.n_block
+    nb = r // nb_size * nb_size
+    nbs = min(nb_size, n - nb)
+    rl = r - nb
+    kb = c // 3584 * 3584
+    kbs = min(3584, k - kb)
+    cl = c - kb
+    ns = rl // 32 * 32
+    ri = rl - ns
+    if method is INT8:
+        ks = cl // 64 * 64
+        ci = cl - ks
+        return nb * k + kb * nbs + ns * kbs + ks * 32 + (ri // 16) * 1024 + (ci // 4) * 64 + (ri % 16) * 4 + ci % 4, None
+    ks = cl // 128 * 128
+    ci = cl - ks
+    half, cj = ci // 64, ci % 64
+    off = (nb * k + kb * nbs + ns * kbs + ks * 32) // 2 + (ri // 16) * 1024 + (cj // 4) * 64 + (ri % 16) * 4 + cj % 4
+    return off, half
+
+
+def random_bf16(n, k, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * scale).to(torch.bfloat16)
+    w[0, :] = 0  # an all-zero row
+    w[1, 5] = 40.0 * scale  # an outlier
+    return w
+
+
+@pytest.mark.parametrize("method,n,k", [(INT8, 96, 3904), (INT4, 160, 3968), (INT4, 32, 128), (INT8, 32, 64)])
+def test_reference_tiling_matches_closed_form_offsets(method, n, k):
+    q, _, _ = quantize_rows(random_bf16(n, k, 1), method)
+    tiled = tile(q, method).numpy()
+    qn = q.numpy()
+    # element-wise check on a strided subset plus rows/columns at every block boundary
+    check_r = sorted(r for r in set(range(0, n, 7)) | {n - 1, 31, 32, 63, 64, 127, 128} if r < n)
+    check_c = sorted(c for c in set(range(0, k, 13)) | {k - 1, 63, 64, 127, 128, 3583, 3584} if c < k)
+    for r in check_r:
+        for c in check_c:
+            off, half = oracle_tiled_offset(r, c, n, k, method)
+            byte = int(tiled[off])
+            if half is None:
+                got = byte - 256 if byte >= 128 else byte
+            else:
+                nib = byte & 0x0F if half == 0 else byte >> 4
+                got = nib - 16 if nib >= 8 else nib
+            assert got == qn[r, c], (r, c)
+
+
+@pytest.mark.parametrize("method", [INT4, INT8])
+def test_untile_inverts_tile(method):
+    q, d, _ = quantize_rows(random_bf16(160, 3968, 2), method)
+    assert torch.equal(untile(tile(q, method), 160, 3968, method), q)
+
+
+def test_int8_rounding_is_half_to_even():
+    # amax 127 gives d = 1 and 1/d = 1, so x*id = x exactly: bf16 ties at .5 round to even.
+    row = torch.tensor([[127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 3.5, 0.0] + [0.0] * 56], dtype=torch.bfloat16)
+    q, d, _ = quantize_rows(row, INT8)
+    assert d.item() == 1.0
+    assert q[0, :8].tolist() == [127, 0, 2, 2, -2, 0, 4, 0]
+
+
+def test_int4_levels_follow_kt_round_4bit():
+    # amax 112 gives d = 1; int8 grid values then map to 4-bit levels with ties away from zero.
+    vals = [112.0, 7.5, 8.0, 23.5, 104.0, 111.0, 7.0, -8.0, -24.0, 0.0]
+    row = torch.tensor([vals + [0.0] * (128 - len(vals))], dtype=torch.bfloat16)
+    q, d, _ = quantize_rows(row, INT4)
+    assert d.item() == 1.0
+    # 7.5 -> rne 8 -> 1; 23.5 -> 24 -> 2; 104 -> 7; 111 -> 7; 7 -> 0; -8 -> -1; -24 -> -2
+    assert q[0, : len(vals)].tolist() == [7, 1, 1, 2, 7, 7, 0, -1, -2, 0]
+    assert q.min() >= -7 and q.max() <= 7
+
+
+def test_zero_row_gives_zero_scale_and_bytes():
+    w = torch.zeros(32, 128, dtype=torch.bfloat16)
+    for method in (INT4, INT8):
+        weight, scales, _ = pack_reference(w, method)
+        assert not weight.any() and not scales.any()
+
+
+def test_mxfp4_decode_matches_formula():
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, size=(8, 64), dtype=np.uint8)
+    scales = rng.integers(118, 133, size=(8, 4), dtype=np.uint8)
+    got = decode_mxfp4(blocks, scales).float().numpy()
+    for r in range(8):
+        for c in range(128):
+            code = blocks[r, c // 2] & 0x0F if c % 2 == 0 else blocks[r, c // 2] >> 4
+            assert got[r, c] == E2M1_VALUES[code] * 2.0 ** (int(scales[r, c // 32]) - 127)
+
+
+def test_mxfp4_edge_scales_follow_kt():
+    blocks = np.full((1, 32), 0x22, dtype=np.uint8)  # value 1.0 everywhere
+    scales = np.array([[0, 255]], dtype=np.uint8)
+    got = decode_mxfp4(blocks, scales).float()
+    assert (got[0, :32] == 0).all() and torch.isinf(got[0, 32:]).all()
+
+
+def _cpu_pack(method, src, col0, k, isa, threads):
+    n = src.shape[0]
+    dst = PackTarget.empty(method, n, k)
+    nonfinite = pack_cpu(method, [(src, col0, k, dst)], isa=isa, num_threads=threads)
+    return dst, nonfinite[0]
+
+
+SHAPES = [(INT4, 160, 3968), (INT4, 256, 7168), (INT8, 96, 3904), (INT8, 160, 4096), (INT4, 32, 128), (INT8, 32, 64)]
+
+
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+@pytest.mark.parametrize("method,n,k", SHAPES)
+def test_cpu_bf16_matches_reference(isa, method, n, k):
+    w = random_bf16(n, k, seed=n + k)
+    ref_w, ref_s, _ = pack_reference(w, method)
+    src = SourceMatrix("bf16", w.view(torch.uint16).numpy())
+    for threads in (1, 2, 4):
+        dst, bad = _cpu_pack(method, src, 0, k, isa, threads)
+        assert bad == 0
+        assert np.array_equal(dst.weight, ref_w.numpy()), f"{isa} threads={threads}"
+        assert np.array_equal(dst.scales.view(np.uint32), ref_s.numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+@pytest.mark.parametrize("method", [INT4, INT8])
+def test_cpu_mxfp4_column_slices_match_reference(isa, method):
+    rng = np.random.default_rng(7)
+    n, ktot = 160, 4096 + 512
+    blocks = rng.integers(0, 256, size=(n, ktot // 2), dtype=np.uint8)
+    scales = rng.integers(110, 141, size=(n, ktot // 32), dtype=np.uint8)
+    full = decode_mxfp4(blocks, scales)
+    src = SourceMatrix("mxfp4", blocks, scales)
+    for col0, k in ((0, ktot), (512, 3840), (ktot - 256, 256)):
+        ref_w, ref_s, _ = pack_reference(full[:, col0 : col0 + k], method)
+        dst, bad = _cpu_pack(method, src, col0, k, isa, 2)
+        assert bad == 0
+        assert np.array_equal(dst.weight, ref_w.numpy()), (col0, k)
+        assert np.array_equal(dst.scales, ref_s.numpy())
+
+
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+def test_cpu_row_slice_of_mxfp4(isa):
+    rng = np.random.default_rng(8)
+    blocks = rng.integers(0, 256, size=(256, 128), dtype=np.uint8)
+    scales = rng.integers(110, 141, size=(256, 8), dtype=np.uint8)
+    src = SourceMatrix("mxfp4", blocks, scales).rows(128, 128)
+    ref_w, ref_s, _ = pack_reference(decode_mxfp4(blocks[128:], scales[128:]), INT4)
+    dst, _ = _cpu_pack(INT4, src, 0, 256, isa, 2)
+    assert np.array_equal(dst.weight, ref_w.numpy()) and np.array_equal(dst.scales, ref_s.numpy())
+
+
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+@pytest.mark.parametrize("method", [INT4, INT8])
+def test_nonfinite_values_are_counted_and_packed_as_zero(isa, method):
+    w = random_bf16(64, 256, 9)
+    w[3, 7] = float("nan")
+    w[10, 100] = float("inf")
+    w[11, 0] = float("-inf")
+    ref_w, ref_s, ref_bad = pack_reference(w, method)
+    dst, bad = _cpu_pack(method, SourceMatrix("bf16", w.view(torch.uint16).numpy()), 0, 256, isa, 2)
+    assert bad == ref_bad == 3
+    assert np.array_equal(dst.weight, ref_w.numpy()) and np.array_equal(dst.scales, ref_s.numpy())
+
+
+def test_dequantize_round_trip_error_is_bounded():
+    w = random_bf16(128, 512, 4)
+    # INT8: half a step of amax/127. INT4 rounds twice (to the int8 grid of amax/112, then to a
+    # multiple of 16 of it), so up to 8.5 grid units.
+    for method, bound in ((INT8, 0.5 / 127), (INT4, 8.5 / 112)):
+        weight, scales, _ = pack_reference(w, method)
+        back = dequantize_packed(weight, scales, 128, 512, method)
+        amax = w.float().abs().amax(dim=1, keepdim=True)
+        err = (back - w.float()).abs()
+        assert (err <= amax * bound * 1.0001 + 1e-6).all()
+        assert err.max() > amax.max() * bound * 0.5  # the bound is tight, not vacuous
+
+
+@pytest.mark.parametrize("bad", [dict(n=48), dict(k=96), dict(col0=16)])
+def test_cpu_packer_rejects_unaligned_shapes(bad):
+    n, k, col0 = bad.get("n", 64), bad.get("k", 128), bad.get("col0", 0)
+    if "col0" in bad:
+        src = SourceMatrix("mxfp4", np.zeros((n, 128), np.uint8), np.full((n, 8), 127, np.uint8))
+    else:
+        src = SourceMatrix("bf16", np.zeros((n, k), np.uint16))
+    dst = PackTarget(np.empty(n * k // 2, np.uint8), np.empty(n, np.float32))
+    with pytest.raises(ValueError):
+        pack_cpu(INT4, [(src, col0, k, dst)])
+
+
+def test_cpu_packer_rejects_wrong_output_size():
+    src = SourceMatrix("bf16", np.zeros((64, 128), np.uint16))
+    dst = PackTarget(np.empty(10, np.uint8), np.empty(64, np.float32))
+    with pytest.raises(ValueError, match="out_weight"):
+        pack_cpu(INT8, [(src, 0, 128, dst)])
