@@ -1,0 +1,471 @@
+"""Strict, small, zero-copy safetensors reader and a layout writer.
+
+The format (huggingface/safetensors, see research/formats.md §1.1):
+
+    [8 bytes: N, little-endian u64] [N bytes: UTF-8 JSON header] [data buffer]
+
+The header maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the data buffer) plus an optional ``"__metadata__"`` string->string map.
+
+The reader validates the whole header up front (the same rules as the reference implementation:
+contiguous buffer, exact sizes, file ends where the last tensor ends) so that any later read is a
+plain slice of a read-only mmap: no copy and no way to read past the file.  Every problem with the
+file is reported as :class:`SafetensorsFormatError` whose message starts with the file path.
+
+The writer side is :func:`plan_layout` (header bytes + absolute offsets, so callers can stream
+tensors to known positions) and :func:`save_file` (a convenience built on it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import pathlib
+import stat
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, NoReturn
+
+import numpy as np
+
+__all__ = [
+    "DTYPE_BITS",
+    "MAX_HEADER_SIZE",
+    "SafetensorsFile",
+    "SafetensorsFormatError",
+    "TensorInfo",
+    "plan_layout",
+    "save_file",
+    "tensor_nbytes",
+]
+
+# Same cap as the reference reader (safetensors/src/tensor.rs MAX_HEADER_SIZE).
+MAX_HEADER_SIZE = 100_000_000
+
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+}
+
+# numpy view used by SafetensorsFile.array(); dtypes numpy cannot express are exposed as their bits.
+_NUMPY_VIEW: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "F8_E5M2": np.dtype(np.uint8),
+    "F8_E4M3": np.dtype(np.uint8),
+    "F8_E8M0": np.dtype(np.uint8),
+    "F8_E4M3FNUZ": np.dtype(np.uint8),
+    "F8_E5M2FNUZ": np.dtype(np.uint8),
+    "I16": np.dtype("<i2"),
+    "U16": np.dtype("<u2"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "F32": np.dtype("<f4"),
+    "C64": np.dtype("<c8"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+    "U64": np.dtype("<u8"),
+    "F4": np.dtype(np.uint8),  # two E2M1 codes per byte, low nibble first; last dim halved
+}
+
+_REDOWNLOAD = "re-download or re-create this file"
+
+
+class SafetensorsFormatError(ValueError):
+    """Malformed, truncated or unreadable safetensors file.
+
+    ``str()`` starts with the file path, says what is wrong (which tensor / offset) and what to do.
+    """
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute file offset of the first data byte
+    nbytes: int
+
+
+def _is_int(x: Any) -> bool:
+    # bool is an int subclass in Python but never a valid shape/offset in JSON terms.
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
+    """Bytes of a tensor of `dtype` and `shape`; ValueError if unknown dtype or not whole bytes."""
+    if dtype not in DTYPE_BITS:
+        raise ValueError(f"unknown safetensors dtype {dtype!r}; known: {', '.join(DTYPE_BITS)}")
+    shape = tuple(shape)
+    if not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"shape {list(shape)} must be a list of non-negative integers")
+    bits = math.prod(shape) * DTYPE_BITS[dtype]
+    if bits % 8:
+        raise ValueError(f"dtype {dtype} shape {list(shape)} is {bits} bits, not a whole number of bytes")
+    return bits // 8
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"duplicate key {key!r} in the JSON header")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+class SafetensorsFile:
+    """A validated, read-only, memory-mapped safetensors file.
+
+    Views returned by :meth:`raw` / :meth:`array` reference the mmap directly.  :meth:`close`
+    drops this object's reference; if views are still alive the mapping stays valid until the last
+    view is garbage-collected (numpy holds a buffer export on it), so closing never invalidates
+    memory that Python can still reach.  Truncating the file on disk while it is mapped is outside
+    what any mmap reader can defend against.
+    """
+
+    path: pathlib.Path
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = pathlib.Path(path)
+        self.metadata = {}
+        self.tensors = {}
+        self._mmap: mmap.mmap | None = None
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    self._fail("is not a regular file; pass the path of a .safetensors file")
+                size = st.st_size
+                if size < 8:
+                    self._fail(
+                        f"file is {size} bytes, shorter than the 8-byte header length "
+                        f"(empty or truncated); {_REDOWNLOAD}"
+                    )
+                n = int.from_bytes(f.read(8), "little")
+                if n == 0:
+                    self._fail(f"header length is 0 (not a safetensors file); {_REDOWNLOAD}")
+                if n > MAX_HEADER_SIZE:
+                    self._fail(
+                        f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit "
+                        f"(not a safetensors file or corrupt first 8 bytes); {_REDOWNLOAD}"
+                    )
+                if 8 + n > size:
+                    self._fail(
+                        f"header length {n} runs past the end of the {size}-byte file "
+                        f"(truncated or not a safetensors file); {_REDOWNLOAD}"
+                    )
+                raw_header = f.read(n)
+                if len(raw_header) != n:
+                    self._fail(f"could read only {len(raw_header)} of {n} header bytes; {_REDOWNLOAD}")
+                data_end = self._parse_header(raw_header, n, size)
+                if 8 + n + data_end != size:
+                    what = "truncated" if 8 + n + data_end > size else "has trailing bytes"
+                    self._fail(
+                        f"file is {size} bytes but the header describes {8 + n + data_end} "
+                        f"(header 8+{n}, data {data_end}): the file {what}; {_REDOWNLOAD}"
+                    )
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                if len(self._mmap) != size:
+                    self._fail("file changed size while it was being opened; open it again")
+        except SafetensorsFormatError:
+            self.close()
+            raise
+        except OSError as e:
+            self.close()
+            reason = e.strerror or str(e)
+            raise SafetensorsFormatError(
+                f"{self.path}: cannot read the file ({type(e).__name__}: {reason}); "
+                f"check that the path exists, is a file and is readable"
+            ) from e
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> NoReturn:
+        raise SafetensorsFormatError(f"{self.path}: {message}")
+
+    def _parse_header(self, raw_header: bytes, n: int, file_size: int) -> int:
+        """Validate the header, fill metadata/tensors, return the length of the data buffer."""
+        try:
+            text = raw_header.decode("utf-8")
+        except UnicodeDecodeError as e:
+            self._fail(f"header is not valid UTF-8 at byte {8 + e.start}; {_REDOWNLOAD}")
+        if not text.startswith("{"):
+            self._fail(f"header does not start with '{{' (not a safetensors file); {_REDOWNLOAD}")
+        try:
+            header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            self._fail(f"header is not valid JSON ({e}); {_REDOWNLOAD}")
+        if not isinstance(header, dict):
+            self._fail(f"header is not a JSON object; {_REDOWNLOAD}")
+
+        meta = header.pop("__metadata__", None)
+        if meta is not None:
+            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                self._fail(
+                    "__metadata__ must be a map of strings to strings "
+                    f"(got {json.dumps(meta)[:200]}); {_REDOWNLOAD}"
+                )
+            self.metadata = dict(meta)
+
+        base = 8 + n
+        spans: list[tuple[int, int, str]] = []
+        tensors: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            where = f"tensor {name!r}"
+            if not isinstance(entry, dict):
+                self._fail(f"{where}: header entry is not an object; {_REDOWNLOAD}")
+            for field in ("dtype", "shape", "data_offsets"):
+                if field not in entry:
+                    self._fail(f"{where}: header entry has no {field!r}; {_REDOWNLOAD}")
+            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+                self._fail(
+                    f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)}); "
+                    "the file may be corrupt or need a newer reader"
+                )
+            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                self._fail(f"{where}: shape {shape!r} is not a list of non-negative integers; {_REDOWNLOAD}")
+            if (
+                not isinstance(offsets, list)
+                or len(offsets) != 2
+                or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]
+            ):
+                self._fail(
+                    f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end; "
+                    f"{_REDOWNLOAD}"
+                )
+            begin, end = offsets
+            bits = math.prod(shape) * DTYPE_BITS[dtype]
+            if bits % 8:
+                self._fail(
+                    f"{where}: dtype {dtype} shape {shape} is {bits} bits, not a whole number of "
+                    f"bytes; {_REDOWNLOAD}"
+                )
+            if end - begin != bits // 8:
+                self._fail(
+                    f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes but dtype "
+                    f"{dtype} shape {shape} needs {bits // 8}; {_REDOWNLOAD}"
+                )
+            if base + end > file_size:
+                self._fail(
+                    f"{where}: data ends at file offset {base + end}, past the end of the "
+                    f"{file_size}-byte file (truncated); {_REDOWNLOAD}"
+                )
+            spans.append((begin, end, name))
+            tensors[name] = TensorInfo(name, dtype, tuple(shape), base + begin, end - begin)
+
+        expected = 0
+        prev = None
+        for begin, end, name in sorted(spans):
+            if begin != expected:
+                if begin > expected:
+                    gap = f"a gap of {begin - expected} bytes before it (buffer offset {expected})"
+                else:
+                    gap = f"it overlaps tensor {prev!r} (which ends at buffer offset {expected})"
+                self._fail(f"tensor {name!r}: data_offsets start at {begin} with {gap}; {_REDOWNLOAD}")
+            expected = end
+            prev = name
+        self.tensors = tensors
+        return expected
+
+    # -- access --------------------------------------------------------------------------------
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def _info(self, name: str) -> TensorInfo:
+        if self._mmap is None:
+            raise ValueError(f"{self.path}: file is closed")
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """1-D read-only uint8 view of the tensor's bytes (no copy)."""
+        info = self._info(name)
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def array(self, name: str) -> np.ndarray:
+        """Read-only typed view with the header shape (no copy).
+
+        BF16 -> uint16 bits, every F8_* -> uint8 bits, F4 -> uint8 with the last dim halved (two
+        E2M1 codes per byte, low nibble = even element).  F6_* have no per-element view: use raw().
+        """
+        info = self._info(name)
+        shape = info.shape
+        if info.dtype == "F4":
+            if not shape or shape[-1] % 2:
+                self._fail(
+                    f"tensor {name!r}: F4 shape {list(shape)} has an odd (or no) last dim, so bytes "
+                    "do not map to rows; read it with raw()"
+                )
+            shape = shape[:-1] + (shape[-1] // 2,)
+        view = _NUMPY_VIEW.get(info.dtype)
+        if view is None:
+            self._fail(f"tensor {name!r}: dtype {info.dtype} has no numpy view; read it with raw()")
+        count = math.prod(shape)
+        return np.frombuffer(self._mmap, dtype=view, count=count, offset=info.offset).reshape(shape)
+
+    def close(self) -> None:
+        mm, self._mmap = self._mmap, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                # Views are still alive: they keep the mapping referenced; it is unmapped when the
+                # last one goes away.
+                pass
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._mmap is None else f"{len(self.tensors)} tensors"
+        return f"SafetensorsFile({str(self.path)!r}, {state})"
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"safetensors metadata must map str to str, got {metadata!r}")
+    return dict(metadata)
+
+
+def plan_layout(
+    entries: list[tuple[str, str, tuple[int, ...]]],
+    metadata: dict[str, str] | None = None,
+    align: int = 64,
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Plan a safetensors file: the header bytes and ``{name: (absolute_file_offset, nbytes)}``.
+
+    The header is the 8-byte little-endian length plus the JSON, right-padded with spaces so that
+    the data buffer starts at a multiple of `align` (for align a multiple of 8 this also keeps the
+    reference writer's ``N % 8 == 0``).  Tensors are laid out contiguously in the given order (the
+    format allows no gaps), so each one starts at a multiple of `align` exactly when the sizes of
+    the ones before it are multiples of `align`; choosing the order/sizes is the caller's job.
+    `metadata` None writes no ``__metadata__``.  Caller mistakes raise ValueError.
+    """
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = _check_metadata(metadata)
+    begin = 0
+    relative: dict[str, tuple[int, int]] = {}
+    for name, dtype, shape in entries:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise ValueError(f"invalid tensor name {name!r}")
+        if name in relative:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        try:
+            nbytes = tensor_nbytes(dtype, shape)
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from None
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, begin + nbytes]}
+        relative[name] = (begin, nbytes)
+        begin += nbytes
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    n = len(body) + (-(8 + len(body)) % align)
+    if n > MAX_HEADER_SIZE:
+        raise ValueError(f"header of {n} bytes exceeds the safetensors limit {MAX_HEADER_SIZE}")
+    header_bytes = n.to_bytes(8, "little") + body + b" " * (n - len(body))
+    base = 8 + n
+    return header_bytes, {name: (base + b, nb) for name, (b, nb) in relative.items()}
+
+
+def _as_bytes(name: str, data: bytes | bytearray | memoryview | np.ndarray) -> memoryview:
+    if isinstance(data, np.ndarray):
+        arr = data
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        arr = np.ascontiguousarray(arr)
+        return memoryview(arr.reshape(-1).view(np.uint8))
+    try:
+        return memoryview(data).cast("B")
+    except TypeError as e:
+        raise TypeError(f"tensor {name!r}: data must be bytes-like or a numpy array, got {type(data)}") from e
+
+
+def save_file(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, tuple[str, tuple[int, ...], bytes | np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write ``{name: (dtype, shape, data)}`` as a safetensors file, tensors in the given order.
+
+    `data` is bytes-like or a numpy array whose (little-endian, C-order) bytes are written; its
+    length must match dtype/shape (F4: the logical shape, two codes per byte).  `metadata` None
+    writes ``{"format": "pt"}`` (what transformers expects); pass ``{}`` for none.  The file is
+    written to ``<path>.tmp`` and renamed, so a crash never leaves a complete-looking file.
+    """
+    path = pathlib.Path(path)
+    if metadata is None:
+        metadata = {"format": "pt"}
+    entries = [(name, dtype, tuple(shape)) for name, (dtype, shape, _) in tensors.items()]
+    header, offsets = plan_layout(entries, metadata)
+    buffers = []
+    for name, (_, _, data) in tensors.items():
+        buf = _as_bytes(name, data)
+        if buf.nbytes != offsets[name][1]:
+            raise ValueError(
+                f"tensor {name!r}: got {buf.nbytes} bytes of data, dtype/shape need {offsets[name][1]}"
+            )
+        buffers.append(buf)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            for buf in buffers:
+                f.write(buf)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
