@@ -295,10 +295,13 @@ class SafetensorsFile:
         for begin, end, name in sorted(spans):
             if begin != expected:
                 if begin > expected:
-                    gap = f"a gap of {begin - expected} bytes before it (buffer offset {expected})"
+                    what = f"leaving a {begin - expected}-byte gap after buffer offset {expected}"
                 else:
-                    gap = f"it overlaps tensor {prev!r} (which ends at buffer offset {expected})"
-                self._fail(f"tensor {name!r}: data_offsets start at {begin} with {gap}; {_REDOWNLOAD}")
+                    what = f"overlapping tensor {prev!r}, which ends at buffer offset {expected}"
+                self._fail(
+                    f"tensor {name!r}: data_offsets start at {begin}, {what} (tensors must be "
+                    f"contiguous from offset 0); {_REDOWNLOAD}"
+                )
             expected = end
             prev = name
         self.tensors = tensors
