@@ -1,5 +1,171 @@
+// Python bindings of the CPU MoE engine: kt_kernels.MoELayer (weights parsed once, forward per
+// call) and kt_kernels.moe_forward (one-shot). Every input is validated; errors raise ValueError.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "moe.hpp"
+
+namespace py = pybind11;
 
 namespace kt {
-void bind_moe(pybind11::module_& m) { (void)m; }
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+bool is_f32(const py::array& a) { return a.dtype().kind() == 'f' && a.itemsize() == 4; }
+
+class MoELayer {
+ public:
+  // weights[e][t] = (gate_w, gate_s, up_w, up_s, down_w, down_s)
+  MoELayer(const std::string& method, const py::sequence& weights, int64_t hidden, int64_t intermediate,
+           int64_t numa, std::optional<double> swiglu_limit) {
+    moe::Config& cfg = w_.cfg;
+    cfg.method = parse_method(method);
+    cfg.hidden = hidden;
+    cfg.intermediate = intermediate;
+    cfg.numa = numa;
+    cfg.experts = static_cast<int64_t>(py::len(weights));
+    require(cfg.experts > 0, "weights: no experts given");
+    if (swiglu_limit) {
+      cfg.clamp = true;
+      cfg.limit = static_cast<float>(*swiglu_limit);
+    }
+    moe::validate_config(cfg);
+    const int64_t il = cfg.i_local();
+    w_.shards.resize(cfg.experts * numa);
+    for (int64_t e = 0; e < cfg.experts; ++e) {
+      const py::sequence per_numa = weights[e].cast<py::sequence>();
+      require(static_cast<int64_t>(py::len(per_numa)) == numa,
+              "weights[" + std::to_string(e) + "]: expected " + std::to_string(numa) + " NUMA shards, got " +
+                  std::to_string(py::len(per_numa)));
+      for (int64_t t = 0; t < numa; ++t) {
+        const py::sequence six = per_numa[t].cast<py::sequence>();
+        const std::string where = "weights[" + std::to_string(e) + "][" + std::to_string(t) + "]";
+        require(py::len(six) == 6, where + ": expected (gate_w, gate_s, up_w, up_s, down_w, down_s)");
+        moe::ExpertShard& sh = w_.shards[e * numa + t];
+        static const char* names[3] = {"gate", "up", "down"};
+        moe::PackedMat* mats[3] = {&sh.gate, &sh.up, &sh.down};
+        for (int p = 0; p < 3; ++p) {
+          const int64_t n = p < 2 ? il : hidden, k = p < 2 ? hidden : il;
+          const std::string wh = where + " " + names[p];
+          py::object wo = six[2 * p], so = six[2 * p + 1];
+          require(py::isinstance<py::array>(wo) && py::isinstance<py::array>(so), wh + ": weight and scales must be numpy arrays");
+          py::array wa = wo.cast<py::array>(), sa = so.cast<py::array>();
+          require(wa.itemsize() == 1 && (wa.dtype().kind() == 'u' || wa.dtype().kind() == 'i'),
+                  wh + " weight: dtype must be uint8 or int8");
+          require(wa.flags() & py::array::c_style, wh + " weight: must be C-contiguous");
+          const int64_t want = packed_weight_bytes(cfg.method, n, k);
+          require(wa.size() == want, wh + " weight: " + std::to_string(wa.size()) + " bytes, expected " +
+                                         std::to_string(want) + " for " + method + " [" + std::to_string(n) + ", " +
+                                         std::to_string(k) + "]");
+          require(is_f32(sa), wh + " scales: dtype must be float32");
+          require(sa.flags() & py::array::c_style, wh + " scales: must be C-contiguous");
+          require(sa.size() == n, wh + " scales: " + std::to_string(sa.size()) + " values, expected " + std::to_string(n));
+          mats[p]->w = static_cast<const uint8_t*>(wa.data());
+          mats[p]->s = static_cast<const float*>(sa.data());
+          keep_.append(wa);
+          keep_.append(sa);
+        }
+      }
+    }
+  }
+
+  py::array_t<float> forward(const py::array& x, const py::array& ids, const py::array& topk_w,
+                             const std::string& isa_name, int num_threads) {
+    const moe::Config& cfg = w_.cfg;
+    const Isa isa = resolve_isa(isa_name);
+    require(num_threads >= 0, "num_threads must be >= 0");
+    require(x.ndim() == 2, "x must be 2-D [tokens, hidden], got shape " + shape_str(x));
+    require(is_f32(x), "x must be float32");
+    require(x.flags() & py::array::c_style, "x must be C-contiguous");
+    require(x.shape(1) == cfg.hidden,
+            "x has hidden size " + std::to_string(x.shape(1)) + ", the experts have " + std::to_string(cfg.hidden));
+    const int64_t tokens = x.shape(0);
+    require(ids.ndim() == 2 && ids.shape(0) == tokens,
+            "topk_ids must be [tokens, k] with tokens = " + std::to_string(tokens) + ", got shape " + shape_str(ids));
+    require(ids.dtype().kind() == 'i' && ids.itemsize() == 8, "topk_ids must be int64");
+    require(ids.flags() & py::array::c_style, "topk_ids must be C-contiguous");
+    const int64_t topk = ids.shape(1);
+    require(topk_w.ndim() == 2 && topk_w.shape(0) == tokens && topk_w.shape(1) == topk,
+            "topk_weights must have the shape of topk_ids " + shape_str(ids) + ", got " + shape_str(topk_w));
+    require(is_f32(topk_w), "topk_weights must be float32");
+    require(topk_w.flags() & py::array::c_style, "topk_weights must be C-contiguous");
+    const int64_t* id = static_cast<const int64_t*>(ids.data());
+    for (int64_t i = 0; i < tokens * topk; ++i)
+      require(id[i] >= 0 && id[i] < cfg.experts, "topk_ids[" + std::to_string(i / topk) + ", " +
+                                                      std::to_string(i % topk) + "] = " + std::to_string(id[i]) +
+                                                      " is out of range [0, " + std::to_string(cfg.experts) + ")");
+    const float* xp = static_cast<const float*>(x.data());
+    const float* wp = static_cast<const float*>(topk_w.data());
+    for (int64_t i = 0; i < tokens * topk; ++i) require(std::isfinite(wp[i]), "topk_weights has a non-finite value");
+    for (int64_t i = 0; i < tokens * cfg.hidden; ++i)
+      require(std::isfinite(xp[i]), "x has a non-finite value at token " + std::to_string(i / cfg.hidden));
+    py::array_t<float> out({tokens, cfg.hidden});
+    float* op = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      moe::forward(w_, xp, tokens, id, wp, topk, op, isa, num_threads);
+    }
+    return out;
+  }
+
+  const moe::Config& config() const { return w_.cfg; }
+
+ private:
+  moe::Weights w_;
+  py::list keep_;  // the numpy arrays whose memory the pointers refer to
+};
+
+}  // namespace
+
+void bind_moe(py::module_& m) {
+  py::class_<MoELayer>(m, "MoELayer",
+                       "One MoE layer's routed experts in the AMXINT4/AMXINT8 packed format, read in place.")
+      .def(py::init<const std::string&, const py::sequence&, int64_t, int64_t, int64_t, std::optional<double>>(),
+           py::arg("method"), py::arg("weights"), py::arg("hidden_size"), py::arg("intermediate_size"),
+           py::arg("numa"), py::arg("swiglu_limit") = py::none(),
+           "weights[e][t] = (gate_w, gate_s, up_w, up_s, down_w, down_s): uint8 tiled bytes and float32 scales "
+           "of NUMA shard t of expert e (gate/up: [I/T, H], down: [H, I/T]).")
+      .def("forward", &MoELayer::forward, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"),
+           py::arg("isa") = "auto", py::arg("num_threads") = 0,
+           "x float32 [T, H], topk_ids int64 [T, k], topk_weights float32 [T, k] -> float32 [T, H]")
+      .def_property_readonly("num_experts", [](const MoELayer& l) { return l.config().experts; })
+      .def_property_readonly("hidden_size", [](const MoELayer& l) { return l.config().hidden; })
+      .def_property_readonly("intermediate_size", [](const MoELayer& l) { return l.config().intermediate; })
+      .def_property_readonly("numa", [](const MoELayer& l) { return l.config().numa; });
+
+  m.def(
+      "moe_forward",
+      [](const std::string& method, const py::array& x, const py::array& ids, const py::array& topk_w,
+         const py::sequence& weights, int64_t hidden, int64_t intermediate, int64_t numa,
+         std::optional<double> swiglu_limit, const std::string& isa, int num_threads) {
+        MoELayer layer(method, weights, hidden, intermediate, numa, swiglu_limit);
+        return layer.forward(x, ids, topk_w, isa, num_threads);
+      },
+      py::arg("method"), py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("weights"),
+      py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("numa"), py::arg("swiglu_limit") = py::none(),
+      py::arg("isa") = "auto", py::arg("num_threads") = 0,
+      "One-shot MoE forward (parses the weights each call; use MoELayer for repeated calls).");
+  m.def("_moe_amx_min_tokens", [](int v) {
+    const int old = moe::amx::min_tokens();
+    if (v > 0) moe::amx::set_min_tokens(v);
+    return old;
+  }, py::arg("value") = 0, "Get (value=0) or set the smallest expert group sent to the AMX kernel; returns the old value.");
+}
+
 }  // namespace kt

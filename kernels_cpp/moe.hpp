@@ -1,0 +1,96 @@
+// CPU MoE engine over the kt AMXINT4 / AMXINT8 tiled layout (see docs/FORMAT.md and
+// shared/research/kt_format.md §2-§3): per-token int8 activations, gate/up products, SiLU-gate
+// with optional clamp, per-(token, NUMA slice) int8 re-quantization of the intermediate, down
+// product, weighted sum over top-k. Weights are read in place (no repacking).
+//
+// Numerics (identical on every ISA path):
+//   x row   : d = amax/127, q = rne(x * fl32(1/d))              (kt BufferA)
+//   product : acc = Σ qa·qw exactly in int32 (INT4: qw = nibble<<4 = q*16, as kt feeds it)
+//             y = float(acc) * (da * dw)   (so INT4 dequantizes as q*16*dw)
+//   act     : g = min(g, L), u = clamp(u, -L, L) when a limit is set; a = g/(1+exp(-g)) * u
+//   down    : per NUMA slice t the intermediate slice is re-quantized like x; the T partials
+//             are summed in t order, then out[token] += w_slot * y in expert-id order.
+// The SIMD kernels return the same int32 sums as the portable reference; all float steps are
+// shared scalar code, so every ISA path gives bit-identical results.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "cpu_features.hpp"
+#include "pack.hpp"
+
+namespace kt {
+namespace moe {
+
+// One packed matrix (one NUMA shard of one projection): n rows of k columns.
+struct PackedMat {
+  const uint8_t* w = nullptr;  // tiled bytes: n*k (INT8) or n*k/2 (INT4)
+  const float* s = nullptr;    // n per-row scales
+};
+
+struct ExpertShard {
+  PackedMat gate, up, down;  // gate/up: n=I_l, k=H;  down: n=H, k=I_l
+};
+
+struct Config {
+  Method method = Method::Int4;
+  int64_t hidden = 0;        // H
+  int64_t intermediate = 0;  // I (all NUMA slices)
+  int64_t numa = 1;          // T (threadpool_count of the file)
+  int64_t experts = 0;       // E
+  bool clamp = false;        // swiglu_limit given
+  float limit = 0.f;
+  int64_t i_local() const { return intermediate / numa; }
+};
+
+// shards[e * numa + t]
+struct Weights {
+  Config cfg;
+  std::vector<ExpertShard> shards;
+};
+
+// Throws std::invalid_argument on a bad configuration (alignment, sizes).
+void validate_config(const Config& cfg);
+
+// out[tokens, H] = Σ_j w[t,j] · expert_{ids[t,j]}(x[t]).  x, out: fp32 row-major.
+void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
+             int64_t topk, float* out, Isa isa, int num_threads);
+
+// Kernel: exact int32 dot products of one 32-row group of a packed [n, k] matrix (rows r0..r0+31,
+// r0 % 32 == 0) with m int8 activation rows a[i*lda + c] (c < k); asum[i] = Σ_c a[i][c].
+// out[i*32 + j] = Σ_c W[r0+j][c] * a[i][c] (INT4: W = nibble*16).
+// The activation buffer holds at least round_up(m, 32) rows (zero-padded) for the AMX kernel.
+using DotFn = void (*)(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
+                       int64_t lda, const int32_t* asum, int64_t m, int32_t* out);
+
+namespace ref {
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+                  const int32_t* asum, int64_t m, int32_t* out);
+}
+namespace avx512 {
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+                  const int32_t* asum, int64_t m, int32_t* out);
+}
+namespace amx {
+// AMX tile kernel for many tokens; falls back to avx512 for m < min_tokens().
+int min_tokens();
+void set_min_tokens(int m);  // tests use 1 to force the tile path on small groups
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+                  const int32_t* asum, int64_t m, int32_t* out);
+}
+
+// Byte offset of chunk (row group r0, K-block kb) inside a packed [n,k] matrix and its size.
+inline int64_t chunk_offset(Method method, int64_t n, int64_t k, int64_t r0, int64_t kb) {
+  const int64_t nb_rows = method == Method::Int4 ? 128 : 64;
+  const int64_t nb = r0 / nb_rows * nb_rows;
+  const int64_t nbs = (n - nb) < nb_rows ? (n - nb) : nb_rows;
+  const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
+  const int64_t elems = nb * k + kb * nbs + (r0 - nb) * kbs;
+  return method == Method::Int4 ? elems / 2 : elems;
+}
+
+// Per-token symmetric int8 quantization (kt BufferA); returns d, writes q and Σq.
+float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);
+
+}  // namespace moe
+}  // namespace kt

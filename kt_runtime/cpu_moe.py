@@ -1,0 +1,122 @@
+"""CPU MoE engine over kt AMXINT4/AMXINT8 packed experts (read in place, no repacking).
+
+    w = kt_runtime.load_experts(path)
+    moe = CPUMoE(w, layer)
+    y = moe.forward(x, topk_ids, topk_weights)   # x [T,H] bf16/fp32 -> [T,H] same dtype
+
+The kernels (kernels_cpp/moe*.cpp) quantize each token to int8 (symmetric, amax/127, as kt's
+BufferA), run gate/up, SiLU-gate with the optional clamp (gate <= L, |up| <= L), re-quantize the
+intermediate per token and NUMA slice, run down and sum the top-k experts weighted. Paths: AMX
+tiles (TDPBSSD) for expert groups of >= 16 tokens where the CPU has AMX, AVX-512 VNNI otherwise,
+and a portable C++ reference; all give bit-identical results. The GIL is released while computing.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+import kt_kernels
+
+_PROJ = ("gate", "up", "down")
+
+
+class CPUMoE:
+    """One layer's routed experts, run on the CPU.
+
+    weights: the object from `kt_runtime.load_experts` (attributes method, threadpool_count,
+    num_experts, hidden_size, moe_intermediate_size, layers, activation, swiglu_limit;
+    `expert_tensors(layer, expert, proj, numa)`).
+    num_threads: threads of the shared pool (None or 0: every CPU this process may use).
+    activation / swiglu_limit: override the manifest's ("silu" is the only activation).
+    isa: "auto" | "amx" | "avx512" | "avx2" | "portable" (ValueError where the CPU lacks it).
+    """
+
+    def __init__(self, weights, layer: int, num_threads: int | None = None, activation: str | None = None,
+                 swiglu_limit: float | None = None, isa: str = "auto"):
+        layers = list(weights.layers)
+        if layer not in layers:
+            raise ValueError(f"layer {layer} is not in these weights (layers: {layers})")
+        method = str(weights.method).lower()
+        if method not in ("int4", "int8"):
+            raise ValueError(f"unsupported quant method {weights.method!r} (expected int4 or int8)")
+        act = activation if activation is not None else (getattr(weights, "activation", None) or "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported activation {act!r} (only 'silu' is implemented)")
+        limit = swiglu_limit if swiglu_limit is not None else getattr(weights, "swiglu_limit", None)
+        if limit is not None:
+            limit = float(limit)
+            if not (math.isfinite(limit) and limit > 0):
+                raise ValueError(f"swiglu_limit must be a positive finite number, got {limit}")
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 0):
+            raise ValueError(f"num_threads must be a non-negative int or None, got {num_threads!r}")
+        self.layer = layer
+        self.method = method
+        self.hidden_size = int(weights.hidden_size)
+        self.intermediate_size = int(weights.moe_intermediate_size)
+        self.num_experts = int(weights.num_experts)
+        self.numa = int(weights.threadpool_count)
+        self.activation = act
+        self.swiglu_limit = limit
+        self.num_threads = num_threads or 0
+        self.isa = isa
+        shards = []
+        for e in range(self.num_experts):
+            per_numa = []
+            for t in range(self.numa):
+                six = []
+                for p in _PROJ:
+                    w, s = weights.expert_tensors(layer, e, p, t)
+                    six += [np.asarray(w), np.asarray(s)]
+                per_numa.append(tuple(six))
+            shards.append(per_numa)
+        # Validates alignment, sizes and dtypes of every shard (ValueError otherwise).
+        self._layer = kt_kernels.MoELayer(method, shards, self.hidden_size, self.intermediate_size, self.numa,
+                                          limit)
+        kt_kernels.best_isa()  # CPU detection (and the AMX permission request) before the first call
+        if isa != "auto":
+            self._check_isa(isa)
+
+    @staticmethod
+    def _check_isa(isa: str) -> None:
+        order = ["portable", "avx2", "avx512", "amx"]
+        if isa not in order:
+            raise ValueError(f"unknown isa {isa!r} (expected auto, {', '.join(order)})")
+        best = kt_kernels.best_isa()
+        if order.index(isa) > order.index(best):
+            raise ValueError(f"this CPU cannot run isa {isa!r} (best available: {best})")
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not isinstance(topk_ids, torch.Tensor) or \
+                not isinstance(topk_weights, torch.Tensor):
+            raise ValueError("x, topk_ids and topk_weights must be torch tensors")
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"x must be [tokens, {self.hidden_size}], got {tuple(x.shape)}")
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
+        if topk_ids.dtype != torch.int64:
+            raise ValueError(f"topk_ids must be int64, got {topk_ids.dtype}")
+        if topk_weights.dtype != torch.float32:
+            raise ValueError(f"topk_weights must be float32, got {topk_weights.dtype}")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"topk_ids must be [tokens={x.shape[0]}, k], got {tuple(topk_ids.shape)}")
+        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+            raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} differs from topk_ids "
+                             f"{tuple(topk_ids.shape)}")
+        for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if t.device.type != "cpu":
+                raise ValueError(f"{name} must be on the CPU, got {t.device}")
+        xf = x.detach().to(torch.float32).contiguous()
+        ids = topk_ids.detach().contiguous()
+        tw = topk_weights.detach().contiguous()
+        out = self._layer.forward(xf.numpy(), ids.numpy(), tw.numpy(), self.isa, self.num_threads)
+        y = torch.from_numpy(out)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        return (f"CPUMoE(layer={self.layer}, method={self.method}, experts={self.num_experts}, "
+                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, numa={self.numa}, "
+                f"swiglu_limit={self.swiglu_limit}, isa={self.isa})")
