@@ -19,8 +19,8 @@ def decode_mxfp4(blocks: np.ndarray | torch.Tensor, scales: np.ndarray | torch.T
     Every product of an E2M1 value and a power of two is exact in bf16, so decoding to fp32 and
     to bf16 agree (overflow gives inf in both).
     """
-    blocks = torch.as_tensor(np.asarray(blocks)).view(torch.uint8)
-    scales = torch.as_tensor(np.asarray(scales)).view(torch.uint8)
+    blocks = torch.as_tensor(np.array(blocks, copy=True)).view(torch.uint8)  # sources are read-only maps
+    scales = torch.as_tensor(np.array(scales, copy=True)).view(torch.uint8)
     n, half_k = blocks.shape
     k = half_k * 2
     if tuple(scales.shape) != (n, k // GROUP):

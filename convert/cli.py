@@ -1,0 +1,90 @@
+"""convert-cpu-weights: the command line (kt-compatible flags plus our own)."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+from .pipeline import ConvertOptions, convert
+from .plan import INPUT_TYPES
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--input-path", "-i", required=True,
+              help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--input-type", default="auto", show_default=True,
+              type=click.Choice(["auto", *INPUT_TYPES, "fp8", "bf16", "fp16", "int4"]),
+              help="Source expert format; auto detects it from config.json and the tensor dtypes.")
+@click.option("--quant-method", default="int4", show_default=True, type=click.Choice(["int4", "int8"]),
+              help="int4 = SGLang-KT --kt-method AMXINT4, int8 = AMXINT8.")
+@click.option("--threadpool-count", default=2, show_default=True, type=int,
+              help="NUMA thread pools the output is split for; must equal --kt-threadpool-count when serving.")
+@click.option("--cpuinfer-threads", default=0, show_default=True, type=int, help="CPU threads for packing (0: all cores).")
+@click.option("--no-merge-safetensor", "no_merge", is_flag=True,
+              help="Write kt's _layer_L/_numa_t/*.kt folders instead of one safetensors shard per layer.")
+@click.option("--resume-layer", type=int, default=None,
+              help="Accepted for kt compatibility; completed layers are resumed automatically.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where to dequantize and pack.")
+@click.option("--gpu", "legacy_gpu", is_flag=True, hidden=True, help="kt compatibility: same as --device auto.")
+@click.option("--include-non-expert", is_flag=True, help="Also copy the non-expert tensors into a last shard (as kt does).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output made with other settings.")
+@click.option("--allow-nonfinite", is_flag=True, help="Pack NaN/Inf source weights as 0 instead of stopping (listed in the report).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the final report as JSON here.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@click.version_option(__version__, prog_name="convert-cpu-weights")
+def cli(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
+        device, legacy_gpu, include_non_expert, overwrite, allow_nonfinite, json_path, progress):
+    """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
+
+    The output loads unchanged in SGLang-KT (--kt-method AMXINT4|AMXINT8 --kt-weight-path OUTPUT
+    --kt-threadpool-count T) and in kt_runtime.load_experts. Re-running the same command resumes.
+    """
+    opts = ConvertOptions(input_path=input_path, output=output, input_type=input_type, quant_method=quant_method,
+                          threadpool_count=threadpool_count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
+                          device=device, include_non_expert=include_non_expert, overwrite=overwrite,
+                          allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer)
+    report = convert(opts)
+    click.echo(report.summary(), err=True)
+    if report.nonfinite:
+        click.echo(f"warning: {sum(report.nonfinite.values())} NaN/Inf source values packed as 0 "
+                   f"in {len(report.nonfinite)} tensors (see the JSON report)", err=True)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="convert-cpu-weights", standalone_mode=False)
+        return EXIT_OK
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        e.show()
+        return EXIT_USER
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        click.echo("interrupted; completed layers are kept, re-run the same command to resume", err=True)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        click.echo("internal error: this is a bug in convert-cpu-weights; please report it with the trace above",
+                   err=True)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The conversion: plan, then stream layer by layer (read mapped source -> pack -> write),
+resuming from the manifest of an earlier run into the same output directory."""
+from __future__ import annotations
+
+import errno
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
+from kt_runtime.manifest import Manifest, sha256_files, write_manifest
+from quant import get_method
+from quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from quant.numa import shard_slice
+
+from . import __version__
+from .errors import NonFiniteError, UserError
+from .output_dir import OutputLock, copy_model_files, prepare_output, write_index
+from .plan import ConversionPlan, LayerPlan, ProjectionSource, build_plan
+from .progress import Progress
+from .source import COPIED_FILES, Checkpoint, open_checkpoint
+from .writer import KtFolderWriter, MergedShardWriter
+
+BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
+
+
+@dataclass
+class ConvertOptions:
+    input_path: str
+    output: Path
+    input_type: str = "auto"
+    quant_method: str = "int4"
+    threadpool_count: int = 2
+    cpuinfer_threads: int = 0  # 0: every core
+    merge: bool = True
+    device: str = "auto"
+    include_non_expert: bool = False
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
+    resume_layer: int | None = None
+
+
+@dataclass
+class ConversionReport:
+    output: str
+    family: str
+    input_type: str
+    method: str
+    kt_method: str
+    threadpool_count: int
+    device: str
+    layers: int
+    layers_converted: int
+    layers_resumed: int
+    experts_per_layer: int
+    mtp_tensors_skipped: int
+    input_bytes: int  # source expert bytes converted in this run
+    output_bytes: int  # packed bytes written in this run
+    seconds: float
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def input_gb_per_s(self) -> float:
+        return self.input_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_gb_per_s"] = round(self.input_gb_per_s, 4)
+        return d
+
+    def summary(self) -> str:
+        return (f"{self.layers_converted} layers converted, {self.layers_resumed} already done, "
+                f"{self.experts_per_layer} experts each ({self.method}, threadpool count {self.threadpool_count}, "
+                f"{self.device}): {self.input_bytes / 1e9:.2f} GB in, {self.output_bytes / 1e9:.2f} GB out, "
+                f"{self.seconds:.1f} s, {self.input_gb_per_s:.2f} GB/s -> {self.output}")
+
+
+def source_matrix(ckpt: Checkpoint, src: ProjectionSource) -> SourceMatrix:
+    if src.kind == "mxfp4":
+        return SourceMatrix("mxfp4", ckpt.array(src.weight_key).view(np.uint8), ckpt.array(src.scale_key).view(np.uint8))
+    raise UserError(f"no CPU decoder for {src.kind} ({src.weight_key})")
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available; use --device cpu (or auto)")
+        raise UserError("--device cuda: the GPU conversion path is not part of this version; use --device cpu")
+    return "cpu"
+
+
+def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOptions) -> Manifest:
+    source = {"path": str(ckpt.root), "family": plan.family, "input_type": plan.input_type,
+              "mtp_tensors_skipped": plan.skipped_mtp_keys, **ckpt.fingerprint()}
+    return Manifest(method=plan.method.name, threadpool_count=plan.threadpool_count, hidden_size=plan.hidden_size,
+                    moe_intermediate_size=plan.moe_intermediate_size, num_experts=plan.num_experts,
+                    num_experts_per_tok=plan.num_experts_per_tok, layers=[lp.layer for lp in plan.layers],
+                    layout="merged" if opts.merge else "kt-folders", activation=plan.activation,
+                    swiglu_limit=plan.swiglu_limit, num_shards=plan.num_shards,
+                    source=source, options={"include_non_expert": opts.include_non_expert},
+                    converter_version=__version__, format_version=FORMAT_VERSION)
+
+
+def shard_metadata(manifest: Manifest, layer: int) -> dict[str, str]:
+    facts = {"format": "pt", "kt_format_version": manifest.format_version, "kt_method": manifest.kt_method,
+             "quant_method": manifest.method, "threadpool_count": manifest.threadpool_count,
+             "hidden_size": manifest.hidden_size, "moe_intermediate_size": manifest.moe_intermediate_size,
+             "num_experts": manifest.num_experts, "num_experts_per_tok": manifest.num_experts_per_tok,
+             "layer": layer, "activation": manifest.activation, "swiglu_limit": manifest.swiglu_limit,
+             "source_fingerprint": manifest.source.get("fingerprint"), "converter_version": manifest.converter_version}
+    return {k: "" if v is None else str(v) for k, v in facts.items()}
+
+
+def experts_per_batch(plan: ConversionPlan) -> int:
+    per_expert = max(1, plan.layers[0].output_bytes // max(1, plan.num_experts)) if plan.layers else 1
+    return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
+
+
+def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer, opts: ConvertOptions,
+                  progress: Progress, nonfinite: dict[str, int]) -> None:
+    method, numa = plan.method, plan.threadpool_count
+    batch = experts_per_batch(plan)
+    bytes_per_expert = lp.input_bytes // plan.num_experts
+    merged = isinstance(writer, MergedShardWriter)
+
+    def write_batch(outputs):
+        for expert, proj, t, dst in outputs:
+            if merged:
+                writer.write(merged_key(lp.layer, proj, expert, t, "weight"), dst.weight)
+                writer.write(merged_key(lp.layer, proj, expert, t, "scale"), dst.scales)
+            else:
+                writer.write_pair(proj, expert, t, dst.weight, dst.scales)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-writer") as io:
+        pending = None
+        for e0 in range(0, plan.num_experts, batch):
+            jobs, outputs, keys = [], [], []
+            for expert in range(e0, min(plan.num_experts, e0 + batch)):
+                for proj in PROJECTIONS:
+                    src_ref = lp.experts[expert][proj]
+                    src = source_matrix(ckpt, src_ref)
+                    for t in range(numa):
+                        s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, numa, t)
+                        dst = PackTarget.empty(method, s.n, s.k)
+                        jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
+                        outputs.append((expert, proj, t, dst))
+                        keys.append(src_ref.weight_key)
+            counts = pack_cpu(method, jobs, num_threads=opts.cpuinfer_threads)
+            for key, count in zip(keys, counts):
+                if count:
+                    nonfinite[key] = nonfinite.get(key, 0) + count
+                    if not opts.allow_nonfinite:
+                        raise NonFiniteError(
+                            f"{ckpt.where(key)}: tensor {key} holds {nonfinite[key]} NaN/Inf values (layer {lp.layer}); "
+                            "the checkpoint is damaged: re-download that file, or pass --allow-nonfinite to pack "
+                            "them as 0 (they are listed in the report)")
+            if pending is not None:
+                pending.result()
+            pending = io.submit(write_batch, outputs)
+            progress.advance(bytes_per_expert * (min(plan.num_experts, e0 + batch) - e0))
+        if pending is not None:
+            pending.result()
+
+
+def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
+    """Drops completed layers whose files are missing or changed, so they are converted again."""
+    for layer, rec in sorted(manifest.completed.items()):
+        paths = [out / f for f in rec.files]
+        ok = all(p.is_file() for p in paths) and sum(p.stat().st_size for p in paths) == rec.nbytes \
+            and sha256_files(paths) == rec.sha256
+        if not ok:
+            progress.note(f"layer {layer}: output missing or damaged; converting it again")
+            del manifest.completed[layer]
+
+
+def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str, routed: set[str]) -> tuple[dict[str, str], int]:
+    """kt copies every non-expert tensor into a last shard, renaming model.layers. to blk."""
+    keys = sorted(k for k in ckpt.key_file if k not in routed)
+    renamed = {k: k.replace("model.layers.", "blk.", 1) if k.startswith("model.layers.") else k for k in keys}
+    entries = [(renamed[k], ckpt.info(k).dtype, tuple(ckpt.info(k).shape)) for k in keys]
+    writer = MergedShardWriter(out, name, -1, entries, {"format": "pt"})
+    try:
+        for k in keys:
+            writer.write(renamed[k], ckpt.files[ckpt.key_file[k]].raw(k))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return {renamed[k]: name for k in keys}, sum(ckpt.info(k).nbytes for k in keys)
+
+
+def convert(opts: ConvertOptions) -> ConversionReport:
+    start = time.perf_counter()
+    device = resolve_device(opts.device)
+    try:
+        method = get_method(opts.quant_method)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    ckpt = open_checkpoint(opts.input_path)
+    try:
+        layout = "merged" if opts.merge else "kt-folders"
+        plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
+                          extra_shards=1 if opts.include_non_expert and opts.merge else 0)
+        return _run(ckpt, plan, opts, device, start)
+    finally:
+        ckpt.close()
+
+
+def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float) -> ConversionReport:
+    out = Path(opts.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(out)
+    try:
+        manifest = prepare_output(out, ckpt.root, planned_manifest(plan, ckpt, opts), opts.overwrite)
+        progress = Progress(0, len(plan.layers), opts.progress)
+        _verify_completed(out, manifest, progress)
+        todo = [lp for lp in plan.layers if lp.layer not in manifest.completed]
+        if opts.resume_layer is not None:
+            progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
+                          "every missing layer is converted")
+        needed = sum(lp.output_bytes for lp in todo)
+        free = shutil.disk_usage(out).free
+        if needed > free:
+            raise UserError(f"not enough disk space in {out}: the remaining {len(todo)} layers need "
+                            f"{needed / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
+        if plan.skipped_mtp_keys:
+            progress.note(f"skipping {plan.skipped_mtp_keys} MTP expert tensors (not routed experts of the main model)")
+        write_manifest(out, manifest)
+        progress.close()
+        progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
+        nonfinite: dict[str, int] = {}
+        try:
+            for lp in todo:
+                progress.layer_start(lp.layer)
+                if opts.merge:
+                    entries = layer_tensor_entries(lp.layer, plan.method.name, plan.num_experts, plan.hidden_size,
+                                                   plan.moe_intermediate_size, plan.threadpool_count)
+                    writer = MergedShardWriter(out, lp.shard_name, lp.layer, entries, shard_metadata(manifest, lp.layer))
+                else:
+                    writer = KtFolderWriter(out, lp.layer, plan.method.name)
+                try:
+                    convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite)
+                    record = writer.commit()
+                except BaseException:
+                    writer.abort()
+                    raise
+                manifest.completed[lp.layer] = record
+                write_manifest(out, manifest)
+                progress.layer_done(lp.layer, lp.input_bytes)
+            _finish(ckpt, plan, out, manifest, opts)
+        finally:
+            progress.close()
+    except OSError as e:
+        raise _os_error(e, out) from None
+    finally:
+        lock.release()
+    return ConversionReport(
+        output=str(out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
+        kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=device,
+        layers=len(plan.layers), layers_converted=len(todo), layers_resumed=len(plan.layers) - len(todo),
+        experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
+        input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
+        seconds=time.perf_counter() - start, nonfinite=nonfinite)
+
+
+def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions) -> None:
+    if opts.merge:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for lp in plan.layers:
+            for key, dtype, shape in layer_tensor_entries(lp.layer, plan.method.name, plan.num_experts,
+                                                          plan.hidden_size, plan.moe_intermediate_size,
+                                                          plan.threadpool_count):
+                weight_map[key] = lp.shard_name
+                total += shape[0] * (4 if dtype == "F32" else 1)
+        if opts.include_non_expert:
+            from kt_runtime.format import shard_file_name
+
+            count = plan.num_shards
+            extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), plan.routed_keys)
+            weight_map.update(extra_map)
+            total += extra_bytes
+        write_index(out, weight_map, total)
+    copy_model_files(ckpt.root, out, COPIED_FILES)
+    manifest.complete = True
+    write_manifest(out, manifest)
+
+
+def _os_error(e: OSError, out: Path) -> UserError:
+    where = e.filename or out
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"no space left on the device while writing {where}: free space and re-run the same "
+                         "command; completed layers are kept and resumed")
+    if e.errno == errno.EIO:
+        return UserError(f"I/O error on {where}: check the disk; completed layers are kept, re-run to resume")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {where}: {e.strerror}; choose an output directory you can write")
+    return UserError(f"{where}: {e.strerror or e}")

@@ -1,0 +1,108 @@
+"""Crash-safe writers for one converted layer.
+
+Both write into a temporary name (`*.tmp`), hash what they write, fsync, and rename into place
+only when the layer is complete, so a killed run never leaves a file that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kt_runtime.format import kt_file_names, layer_dir_name
+from kt_runtime.manifest import LayerRecord, fsync_dir
+from kt_runtime.safetensors_file import plan_layout
+
+
+def write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class MergedShardWriter:
+    """One layer -> one safetensors shard, tensors streamed in layout order."""
+
+    def __init__(self, out_dir: Path, name: str, layer: int, entries: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str]):
+        self.out_dir, self.name, self.layer = out_dir, name, layer
+        self.final = out_dir / name
+        self.tmp = out_dir / (name + ".tmp")
+        header, offsets = plan_layout(entries, metadata)
+        self._order = iter([(key, offsets[key]) for key, _, _ in entries])
+        self._sha = hashlib.sha256(header)
+        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pos = len(header)
+        write_all(self._fd, header)
+
+    def write(self, key: str, data: np.ndarray) -> None:
+        want_key, (offset, nbytes) = next(self._order)
+        if key != want_key or offset != self._pos or data.nbytes != nbytes:
+            raise RuntimeError(f"writer out of order: got {key} ({data.nbytes} B) at {self._pos}, "
+                               f"expected {want_key} ({nbytes} B) at {offset}")
+        buf = np.ascontiguousarray(data).view(np.uint8)
+        write_all(self._fd, buf)
+        self._sha.update(buf)
+        self._pos += nbytes
+
+    def commit(self) -> LayerRecord:
+        if next(self._order, None) is not None:
+            raise RuntimeError(f"layer {self.layer}: shard closed before every tensor was written")
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.out_dir)
+        return LayerRecord(self.layer, [self.name], self._pos, self._sha.hexdigest())
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self.tmp.unlink(missing_ok=True)
+
+
+class KtFolderWriter:
+    """One layer -> `_layer_L/_numa_t/*.kt` files (kt's --no-merge-safetensor layout), built in
+    `_layer_L.tmp/` and renamed when complete."""
+
+    def __init__(self, out_dir: Path, layer: int, method: str):
+        self.out_dir, self.layer, self.method = out_dir, layer, method
+        self.final = out_dir / layer_dir_name(layer)
+        self.tmp = out_dir / (layer_dir_name(layer) + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self._sha = hashlib.sha256()
+        self._files: list[str] = []
+        self._nbytes = 0
+
+    def write_pair(self, proj: str, expert: int, numa: int, weight: np.ndarray, scale: np.ndarray) -> None:
+        folder = self.tmp / f"_numa_{numa}"
+        folder.mkdir(exist_ok=True)
+        for name, data in zip(kt_file_names(self.method, proj, expert, weight.nbytes, scale.size), (weight, scale)):
+            buf = np.ascontiguousarray(data).view(np.uint8)
+            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_all(fd, buf)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._sha.update(buf)
+            self._nbytes += buf.nbytes
+            self._files.append(f"{layer_dir_name(self.layer)}/{folder.name}/{name}")
+
+    def commit(self) -> LayerRecord:
+        for sub in self.tmp.iterdir():
+            fsync_dir(sub)
+        fsync_dir(self.tmp)
+        shutil.rmtree(self.final, ignore_errors=True)
+        os.replace(self.tmp, self.final)
+        fsync_dir(self.out_dir)
+        return LayerRecord(self.layer, self._files, self._nbytes, self._sha.hexdigest())
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,288 @@
+"""Load packed experts (merged safetensors shards or kt .kt folders) zero-copy and validated."""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .format import (INDEX_FILE, METHOD_INFO, PROJECTIONS, kt_file_paths, layer_dir_name, layer_tensor_entries,
+                     merged_key, shard_shape, weight_bytes)
+from .manifest import Manifest, ManifestError, read_manifest, sha256_files
+from .safetensors_file import SafetensorsFile, SafetensorsFormatError
+
+
+class PackedWeightsError(ValueError):
+    """The packed output is missing, damaged, or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    method: str
+    threadpool_count: int
+    hidden_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_experts_per_tok: int
+    layers: tuple[int, ...]
+    activation: str = "silu"
+    swiglu_limit: float | None = None
+
+
+class PackedExperts:
+    """Packed routed experts of every converted layer, memory-mapped.
+
+    `expert_tensors(layer, expert, proj, numa)` gives the tiled bytes and fp32 scales of one NUMA
+    shard (read-only views of the mapped files); `dequantize(layer, expert, proj)` the whole float
+    matrix ([I, H] for gate/up, [H, I] for down).
+    """
+
+    def __init__(self, path: Path, dims: ModelDims, manifest: Manifest | None, tensors: dict):
+        self.path = path
+        self.manifest = manifest
+        self.dims = dims
+        self._tensors = tensors  # (layer, expert, proj, numa) -> (weight view, scale view)
+
+    method = property(lambda self: self.dims.method)
+    threadpool_count = property(lambda self: self.dims.threadpool_count)
+    hidden_size = property(lambda self: self.dims.hidden_size)
+    moe_intermediate_size = property(lambda self: self.dims.moe_intermediate_size)
+    num_experts = property(lambda self: self.dims.num_experts)
+    num_experts_per_tok = property(lambda self: self.dims.num_experts_per_tok)
+    layers = property(lambda self: list(self.dims.layers))
+    activation = property(lambda self: self.dims.activation)
+    swiglu_limit = property(lambda self: self.dims.swiglu_limit)
+
+    def __repr__(self) -> str:
+        d = self.dims
+        return (f"PackedExperts({str(self.path)!r}, method={d.method}, threadpool_count={d.threadpool_count}, "
+                f"layers={len(d.layers)}, experts={d.num_experts}, hidden={d.hidden_size}, "
+                f"intermediate={d.moe_intermediate_size})")
+
+    def _check_index(self, layer: int, expert: int, proj: str, numa: int = 0) -> None:
+        if layer not in self.dims.layers:
+            raise KeyError(f"layer {layer} is not in this output (layers: {list(self.dims.layers)})")
+        if not 0 <= expert < self.dims.num_experts:
+            raise KeyError(f"expert {expert} out of range [0, {self.dims.num_experts})")
+        if proj not in PROJECTIONS:
+            raise KeyError(f"projection {proj!r} is not one of {PROJECTIONS}")
+        if not 0 <= numa < self.dims.threadpool_count:
+            raise KeyError(f"NUMA shard {numa} out of range [0, {self.dims.threadpool_count})")
+
+    def expert_tensors(self, layer: int, expert: int, proj: str, numa: int) -> tuple[np.ndarray, np.ndarray]:
+        self._check_index(layer, expert, proj, numa)
+        return self._tensors[(layer, expert, proj, numa)]
+
+    def dequantize(self, layer: int, expert: int, proj: str) -> torch.Tensor:
+        from quant import get_method
+        from quant.reference import dequantize_packed, merge_shards
+
+        self._check_index(layer, expert, proj)
+        d = self.dims
+        method = get_method(d.method)
+        n, k = shard_shape(proj, d.hidden_size, d.moe_intermediate_size, d.threadpool_count)
+        parts = []
+        for t in range(d.threadpool_count):
+            w, s = self._tensors[(layer, expert, proj, t)]
+            parts.append(dequantize_packed(torch.from_numpy(np.array(w)), torch.from_numpy(np.array(s)), n, k, method))
+        return merge_shards(proj, parts)
+
+
+def _fail(msg: str) -> PackedWeightsError:
+    return PackedWeightsError(msg)
+
+
+def _dims_from_manifest(m: Manifest) -> ModelDims:
+    return ModelDims(m.method, m.threadpool_count, m.hidden_size, m.moe_intermediate_size, m.num_experts,
+                     m.num_experts_per_tok, tuple(m.layers), m.activation, m.swiglu_limit)
+
+
+def _check_entry(st: SafetensorsFile, key: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    if key not in st:
+        raise _fail(f"{st.path}: tensor {key} is missing; the output is incomplete: re-run the conversion")
+    info = st.tensors[key]
+    if info.dtype != dtype or tuple(info.shape) != shape:
+        raise _fail(f"{st.path}: tensor {key} is {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}: "
+                    "the file does not match the manifest (was it converted with other settings?)")
+    arr = st.array(key)
+    return arr.view(np.uint8) if dtype == "I8" else arr
+
+
+def _merged_tensors(path: Path, dims: ModelDims, files: dict[int, list[str]]) -> dict:
+    tensors = {}
+    open_files: dict[str, SafetensorsFile] = {}
+    for layer in dims.layers:
+        by_key: dict[str, SafetensorsFile] = {}
+        for name in files[layer]:
+            if name not in open_files:
+                open_files[name] = SafetensorsFile(path / name)
+            by_key.update(dict.fromkeys(open_files[name].keys(), open_files[name]))
+        where = open_files[files[layer][0]]
+        for key, dtype, shape in layer_tensor_entries(layer, dims.method, dims.num_experts, dims.hidden_size,
+                                                      dims.moe_intermediate_size, dims.threadpool_count):
+            by_key[key] = _check_entry(by_key.get(key, where), key, dtype, shape)
+        for expert in range(dims.num_experts):
+            for proj in PROJECTIONS:
+                for t in range(dims.threadpool_count):
+                    tensors[(layer, expert, proj, t)] = (by_key[merged_key(layer, proj, expert, t, "weight")],
+                                                         by_key[merged_key(layer, proj, expert, t, "scale")])
+    return tensors
+
+
+def _kt_folder_tensors(path: Path, dims: ModelDims) -> dict:
+    tensors = {}
+    for layer in dims.layers:
+        for expert in range(dims.num_experts):
+            for proj in PROJECTIONS:
+                n, k = shard_shape(proj, dims.hidden_size, dims.moe_intermediate_size, dims.threadpool_count)
+                q = weight_bytes(dims.method, n, k)
+                for t in range(dims.threadpool_count):
+                    wpath, spath = kt_file_paths(path, layer, t, dims.method, proj, expert, q, n)
+                    arrays = []
+                    for p, dtype, count in ((wpath, np.uint8, q), (spath, np.float32, n)):
+                        if not p.is_file():
+                            raise _fail(f"{p}: missing; the output is incomplete: re-run the conversion")
+                        if p.stat().st_size != count * np.dtype(dtype).itemsize:
+                            raise _fail(f"{p}: {p.stat().st_size} bytes, expected {count * np.dtype(dtype).itemsize}")
+                        arrays.append(np.memmap(p, dtype=dtype, mode="r", shape=(count,)))
+                    tensors[(layer, expert, proj, t)] = tuple(arrays)
+    return tensors
+
+
+def _layer_files(path: Path, m: Manifest) -> dict[int, list[str]]:
+    files = {}
+    for layer in m.layers:
+        rec = m.completed.get(layer)
+        if rec is None:
+            raise _fail(f"{path}: layer {layer} was never completed (the conversion was interrupted): "
+                        "re-run the same convert command to finish it")
+        files[layer] = rec.files
+    return files
+
+
+def _verify_layer_files(path: Path, m: Manifest, verify: bool) -> None:
+    for layer in m.layers:
+        rec = m.completed[layer]
+        paths = [path / f for f in rec.files]
+        for p in paths:
+            if not p.is_file():
+                raise _fail(f"{p}: missing although the manifest lists layer {layer} as complete")
+        size = sum(p.stat().st_size for p in paths)
+        if size != rec.nbytes:
+            raise _fail(f"{path}: layer {layer} files hold {size} bytes, the manifest says {rec.nbytes}: "
+                        "the output is damaged; re-convert this layer (delete its files and re-run)")
+        if verify and sha256_files(paths) != rec.sha256:
+            raise _fail(f"{path}: layer {layer} files do not match their sha256 in the manifest: the output is "
+                        "damaged; re-convert this layer (delete its files and re-run)")
+
+
+def load_experts(path: str | Path, verify: bool = True) -> PackedExperts:
+    """Open a packed output directory.
+
+    With a kt_manifest.json, everything is checked against it (sizes always, sha256 unless
+    verify=False). A kt-kernel output without one is loaded with parameters inferred from its
+    tensors and a warning.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise _fail(f"{path}: not a directory of packed experts")
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as e:
+        raise _fail(str(e)) from None
+    try:
+        if manifest is None:
+            warnings.warn(f"{path}: no kt_manifest.json; parameters are inferred from the tensors "
+                          "and nothing can be checked against the source", stacklevel=2)
+            dims, tensors = _infer_kt_output(path)
+            return PackedExperts(path, dims, None, tensors)
+        dims = _dims_from_manifest(manifest)
+        files = _layer_files(path, manifest)
+        _verify_layer_files(path, manifest, verify)
+        if manifest.layout == "merged":
+            tensors = _merged_tensors(path, dims, files)
+        else:
+            tensors = _kt_folder_tensors(path, dims)
+        return PackedExperts(path, dims, manifest, tensors)
+    except SafetensorsFormatError as e:
+        raise _fail(f"{e}") from None
+
+
+_MERGED_KEY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.numa\.(\d+)\.(weight|scale)$")
+_KT_FILE = re.compile(r"^(INT4|INT8)_(gate|up|down)_(\d+)_(\d+)Byte_(quant|scale)_\.kt$")
+
+
+def _config_facts(path: Path) -> tuple[int, str, float | None]:
+    cfg = {}
+    if (path / "config.json").is_file():
+        try:
+            cfg = json.loads((path / "config.json").read_text())
+            cfg = cfg.get("text_config", cfg)
+        except (OSError, json.JSONDecodeError):
+            cfg = {}
+    return int(cfg.get("num_experts_per_tok", 2)), "silu", cfg.get("swiglu_limit")
+
+
+def _infer_dims(path: Path, layers: set, experts: set, numas: set, gate_n: int, down_n: int, gate_bytes: int):
+    if not layers:
+        raise _fail(f"{path}: no packed expert tensors found (expected blk.L.ffn_*_exps.E.numa.T.* or _layer_L/ folders)")
+    threadpool_count = max(numas) + 1
+    inter, hidden = gate_n * threadpool_count, down_n
+    per_byte = gate_n * hidden / gate_bytes if gate_bytes else 0
+    method = {2: "int4", 1: "int8"}.get(per_byte)
+    if method is None:
+        raise _fail(f"{path}: cannot infer INT4/INT8 from a gate shard of {gate_bytes} bytes for {gate_n}x{hidden}")
+    top_k, activation, limit = _config_facts(path)
+    return ModelDims(method, threadpool_count, hidden, inter, max(experts) + 1, top_k, tuple(sorted(layers)),
+                     activation, limit)
+
+
+def _infer_kt_output(path: Path):
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:  # kt's loader takes the merged layout whenever a top-level *.safetensors exists
+        files: dict[int, list[str]] = {}
+        layers, experts, numas = set(), set(), set()
+        gate_n = down_n = gate_bytes = 0
+        for shard in shards:
+            st = SafetensorsFile(shard)
+            for key, info in st.tensors.items():
+                m = _MERGED_KEY.match(key)
+                if not m:
+                    continue
+                layer, proj, expert, numa, part = int(m[1]), m[2], int(m[3]), int(m[4]), m[5]
+                layers.add(layer); experts.add(expert); numas.add(numa)
+                files.setdefault(layer, [])
+                if shard.name not in files[layer]:
+                    files[layer].append(shard.name)
+                if (proj, expert, numa) == ("gate", 0, 0):
+                    if part == "scale":
+                        gate_n = info.shape[0]
+                    else:
+                        gate_bytes = info.nbytes
+                if (proj, expert, numa, part) == ("down", 0, 0, "scale"):
+                    down_n = info.shape[0]
+            st.close()
+        dims = _infer_dims(path, layers, experts, numas, gate_n, down_n, gate_bytes)
+        return dims, _merged_tensors(path, dims, files)
+    layers, experts, numas = set(), set(), set()
+    gate_n = down_n = gate_bytes = 0
+    for folder in path.glob("_layer_*/_numa_*"):
+        layer, numa = int(folder.parent.name.split("_")[-1]), int(folder.name.split("_")[-1])
+        for f in folder.iterdir():
+            m = _KT_FILE.match(f.name)
+            if not m:
+                continue
+            layers.add(layer); numas.add(numa); experts.add(int(m[3]))
+            if (m[2], int(m[3]), numa) == ("gate", 0, 0):
+                if m[5] == "scale":
+                    gate_n = int(m[4]) // 4
+                else:
+                    gate_bytes = int(m[4])
+            if (m[2], int(m[3]), numa, m[5]) == ("down", 0, 0, "scale"):
+                down_n = int(m[4]) // 4
+    dims = _infer_dims(path, layers, experts, numas, gate_n, down_n, gate_bytes)
+    return dims, _kt_folder_tensors(path, dims)
