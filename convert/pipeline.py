@@ -83,6 +83,8 @@ class ConversionReport:
 def source_matrix(ckpt: Checkpoint, src: ProjectionSource) -> SourceMatrix:
     if src.kind == "mxfp4":
         return SourceMatrix("mxfp4", ckpt.array(src.weight_key).view(np.uint8), ckpt.array(src.scale_key).view(np.uint8))
+    if src.kind == "bf16":
+        return SourceMatrix("bf16", ckpt.array(src.weight_key))
     raise UserError(f"no CPU decoder for {src.kind} ({src.weight_key})")
 
 

@@ -13,7 +13,7 @@ from .families import Family, detect_family
 from .source import Checkpoint
 
 # --input-type values and the source kinds they cover.
-INPUT_TYPES = {"fp4": "mxfp4"}
+INPUT_TYPES = {"fp4": "mxfp4", "bf16": "bf16"}
 FP4_WEIGHT_DTYPES = ("I8", "U8", "F4")
 FP4_SCALE_DTYPES = ("F8_E8M0", "U8")
 
@@ -128,8 +128,13 @@ def _classify(ckpt: Checkpoint, weight_key: str, scale_key: str | None, shape: t
             raise UserError(f"{ckpt.where(scale_key)}: tensor {scale_key} has shape {list(s.shape)}, expected "
                             f"{[n, k // 32]} (one E8M0 scale per 32 weights)")
         return ProjectionSource("mxfp4", weight_key, scale_key)
+    if w.dtype == "BF16":
+        if tuple(w.shape) != (n, k):
+            raise UserError(f"{ckpt.where(weight_key)}: tensor {weight_key} has shape {list(w.shape)}, expected "
+                            f"{[n, k]} (config.json dims do not match the weights)")
+        return ProjectionSource("bf16", weight_key, None)
     raise UserError(f"{ckpt.where(weight_key)}: tensor {weight_key} has dtype {w.dtype}, which this converter "
-                    f"does not decode for routed experts (supported: MXFP4 stored as {'/'.join(FP4_WEIGHT_DTYPES)})")
+                    f"does not decode for routed experts (supported: MXFP4 stored as {'/'.join(FP4_WEIGHT_DTYPES)}, BF16)")
 
 
 def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, layout: str,

@@ -4,6 +4,8 @@
 // ISA paths agree bit for bit.
 #include "moe.hpp"
 
+#include <xmmintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -33,7 +35,7 @@ DotFn dot_for(Isa isa) {
 
 // Activation rows of one expert (stage 1) or of one (expert, NUMA slice) (stage 2).
 struct ActBuf {
-  int8_t* q = nullptr;  // [round_up(m,32), ld], zero padded
+  int8_t* q = nullptr;  // [m, ld]
   float* d = nullptr;
   int32_t* sum = nullptr;
 };
@@ -68,7 +70,8 @@ float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
   const float id = d != 0.f ? 1.0f / d : 0.f;
   int32_t s = 0;
   for (int64_t i = 0; i < k; ++i) {
-    int32_t v = cvt_rne_i32(x[i] * id);
+    // cvtss2si: round half to even under the default MXCSR, as kt's _mm512_cvtps_epi32
+    int32_t v = _mm_cvtss_si32(_mm_set_ss(x[i] * id));
     v = std::min(127, std::max(-128, v));
     q[i] = static_cast<int8_t>(v);
     s += v;
@@ -102,6 +105,10 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   std::fill(out, out + tokens * H, 0.f);
   if (tokens == 0 || topk == 0) return;
   const DotFn dot = dot_for(isa);
+  // The AMX kernel reads whole 16-row tiles: rows past a block's end belong to the next block
+  // or to 16 rows of slack at the end of the buffer; they only feed output rows it discards.
+  auto pad = [](int64_t m) { return m; };
+  constexpr int64_t kSlackRows = 16;
   ThreadPool& pool = shared_pool(num_threads);
 
   // ---- routing: rows grouped by expert, experts in ascending id order
@@ -119,7 +126,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   for (int64_t a = 0; a < A; ++a) {
     m_of[a] = count[active[a]];
     row0[a + 1] = row0[a] + m_of[a];
-    pad0[a + 1] = pad0[a] + round_up(m_of[a], 32);
+    pad0[a + 1] = pad0[a] + pad(m_of[a]);
   }
   const int64_t R = row0[A], RP = pad0[A];
   std::vector<int64_t> row_token(R);
@@ -138,11 +145,10 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   }
 
   // ---- stage 0: quantize x straight into each expert's row block
-  AlignedArray<int8_t> xq(static_cast<size_t>(RP * H));
+  AlignedArray<int8_t> xq(static_cast<size_t>((RP + kSlackRows) * H));
   std::vector<float> xd(RP, 0.f);
   std::vector<int32_t> xs(RP, 0);
-  for (int64_t a = 0; a < A; ++a)  // zero the padding rows
-    for (int64_t r = pad0[a] + m_of[a]; r < pad0[a + 1]; ++r) std::memset(xq.p + r * H, 0, H);
+  std::memset(xq.p + RP * H, 0, kSlackRows * H);
   pool.parallel_for(tokens, [&](int64_t t, int) {
     const int64_t r = dest[t * topk];
     xd[r] = quantize_act(x + t * H, H, xq.p + r * H, &xs[r]);
@@ -158,7 +164,8 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   // re-quantizes its intermediate.
   const int64_t groups1 = IL / 32;
   AlignedArray<float> act(static_cast<size_t>(R * T * IL));            // [a][t][m][IL]
-  AlignedArray<int8_t> aq(static_cast<size_t>(RP * T * IL));            // [a][t][mpad][IL]
+  AlignedArray<int8_t> aq(static_cast<size_t>((RP * T + kSlackRows) * IL));  // [a][t][m][IL]
+  std::memset(aq.p + RP * T * IL, 0, kSlackRows * IL);
   std::vector<float> ad(RP * T, 0.f);
   std::vector<int32_t> as(RP * T, 0);
   std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[A * T]);
@@ -197,11 +204,10 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       }
     }
     if (left[at].fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      const int64_t mp = round_up(m, 32);
+      const int64_t mp = pad(m);
       int8_t* q = aq.p + (pad0[a] * T + t * mp) * IL;
       const int64_t base = pad0[a] * T + t * mp;
       for (int64_t i = 0; i < m; ++i) ad[base + i] = quantize_act(act_at + i * IL, IL, q + i * IL, &as[base + i]);
-      std::memset(q + m * IL, 0, (mp - m) * IL);
     }
   });
 
@@ -214,7 +220,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
     std::vector<float>& y = yscratch[tid];
     y.resize(mmax * 32);
     for (int64_t a = 0; a < A; ++a) {
-      const int64_t m = m_of[a], mp = round_up(m, 32);
+      const int64_t m = m_of[a], mp = pad(m);
       std::fill(y.begin(), y.begin() + m * 32, 0.f);
       for (int64_t t = 0; t < T; ++t) {
         const ExpertShard& sh = weights.shards[active[a] * T + t];

@@ -59,7 +59,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
 // Kernel: exact int32 dot products of one 32-row group of a packed [n, k] matrix (rows r0..r0+31,
 // r0 % 32 == 0) with m int8 activation rows a[i*lda + c] (c < k); asum[i] = Σ_c a[i][c].
 // out[i*32 + j] = Σ_c W[r0+j][c] * a[i][c] (INT4: W = nibble*16).
-// The activation buffer holds at least round_up(m, 32) rows (zero-padded) for the AMX kernel.
+// The AMX kernel reads round_up(m, 16) rows (the extra rows must be readable; their results are dropped).
 using DotFn = void (*)(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
                        int64_t lda, const int32_t* asum, int64_t m, int32_t* out);
 

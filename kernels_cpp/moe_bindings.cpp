@@ -107,14 +107,17 @@ class MoELayer {
     require(topk_w.flags() & py::array::c_style, "topk_weights must be C-contiguous");
     const int64_t* id = static_cast<const int64_t*>(ids.data());
     for (int64_t i = 0; i < tokens * topk; ++i)
-      require(id[i] >= 0 && id[i] < cfg.experts, "topk_ids[" + std::to_string(i / topk) + ", " +
-                                                      std::to_string(i % topk) + "] = " + std::to_string(id[i]) +
-                                                      " is out of range [0, " + std::to_string(cfg.experts) + ")");
+      if (id[i] < 0 || id[i] >= cfg.experts)
+        throw std::invalid_argument("topk_ids[" + std::to_string(i / topk) + ", " + std::to_string(i % topk) +
+                                    "] = " + std::to_string(id[i]) + " is out of range [0, " +
+                                    std::to_string(cfg.experts) + ")");
     const float* xp = static_cast<const float*>(x.data());
     const float* wp = static_cast<const float*>(topk_w.data());
-    for (int64_t i = 0; i < tokens * topk; ++i) require(std::isfinite(wp[i]), "topk_weights has a non-finite value");
+    for (int64_t i = 0; i < tokens * topk; ++i)
+      if (!std::isfinite(wp[i])) throw std::invalid_argument("topk_weights has a non-finite value");
     for (int64_t i = 0; i < tokens * cfg.hidden; ++i)
-      require(std::isfinite(xp[i]), "x has a non-finite value at token " + std::to_string(i / cfg.hidden));
+      if (!std::isfinite(xp[i]))
+        throw std::invalid_argument("x has a non-finite value at token " + std::to_string(i / cfg.hidden));
     py::array_t<float> out({tokens, cfg.hidden});
     float* op = out.mutable_data();
     {
