@@ -33,13 +33,6 @@ DotFn dot_for(Isa isa) {
   }
 }
 
-// Activation rows of one expert (stage 1) or of one (expert, NUMA slice) (stage 2).
-struct ActBuf {
-  int8_t* q = nullptr;  // [m, ld]
-  float* d = nullptr;
-  int32_t* sum = nullptr;
-};
-
 template <typename T>
 struct AlignedArray {
   T* p = nullptr;

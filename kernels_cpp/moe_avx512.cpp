@@ -26,6 +26,11 @@ inline __m512i hi_nibble_u8(__m512i x, __m512i f0, __m512i x80) {
   return _mm512_ternarylogic_epi32(x, f0, x80, 0x6A);
 }
 
+#ifndef KT_MOE_PF
+#define KT_MOE_PF 4
+#endif
+constexpr int PF = KT_MOE_PF;
+
 template <bool INT4, int M>
 void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda, const int32_t* asum,
            int32_t* out) {
@@ -48,6 +53,10 @@ void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, 
       const int8_t* ap = a + kb + p * KSTEP;
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) {
+        if (PF) {  // streaming decode: software prefetch PF tile pairs ahead (may run past the chunk: harmless)
+          _mm_prefetch(reinterpret_cast<const char*>(tp + PF * TILE_PAIR_BYTES + j * 64), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(tp + PF * TILE_PAIR_BYTES + 1024 + j * 64), _MM_HINT_T0);
+        }
         const __m512i b0 = _mm512_loadu_si512(tp + j * 64);
         const __m512i b1 = _mm512_loadu_si512(tp + 1024 + j * 64);
         if constexpr (INT4) {
