@@ -259,6 +259,8 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                     raise
                 manifest.completed[lp.layer] = record
                 write_manifest(out, manifest)
+                for f in ckpt.files.values():  # keep resident memory bounded by one layer
+                    f.release_pages()
                 progress.layer_done(lp.layer, lp.input_bytes)
             _finish(ckpt, plan, out, manifest, opts)
         finally:

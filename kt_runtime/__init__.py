@@ -1,4 +1,21 @@
-"""Load kt packed experts and run them on the CPU (and GPU) beside a model."""
-from .loader import PackedExperts, PackedWeightsError, load_experts
+"""Load kt packed experts and run them on the CPU (and GPU) beside a model.
 
-__all__ = ["PackedExperts", "PackedWeightsError", "load_experts"]
+Names are imported on first use, so that `import kt_runtime.format` (used by the converter)
+does not pull in torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "load_experts": ".loader",
+    "PackedExperts": ".loader",
+    "PackedWeightsError": ".loader",
+    "CPUMoE": ".cpu_moe",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'kt_runtime' has no attribute {name!r}")

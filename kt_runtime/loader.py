@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .format import (INDEX_FILE, METHOD_INFO, PROJECTIONS, kt_file_paths, layer_dir_name, layer_tensor_entries,
                      merged_key, shard_shape, weight_bytes)
@@ -77,7 +76,9 @@ class PackedExperts:
         self._check_index(layer, expert, proj, numa)
         return self._tensors[(layer, expert, proj, numa)]
 
-    def dequantize(self, layer: int, expert: int, proj: str) -> torch.Tensor:
+    def dequantize(self, layer: int, expert: int, proj: str) -> "torch.Tensor":
+        import torch
+
         from quant import get_method
         from quant.reference import dequantize_packed, merge_shards
 

@@ -352,6 +352,12 @@ class SafetensorsFile:
         count = math.prod(shape)
         return np.frombuffer(self._mmap, dtype=view, count=count, offset=info.offset).reshape(shape)
 
+    def release_pages(self) -> None:
+        """Drop this process's mapping of the pages read so far (they stay in the page cache), so
+        that resident memory does not grow with the bytes streamed through the mapping."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED") and len(self._mmap):
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         mm, self._mmap = self._mmap, None
         if mm is not None:
