@@ -41,14 +41,20 @@ def _ours(path: Path) -> bool:
             or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE))
 
 
-def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite: bool) -> Manifest:
-    """Returns the manifest to continue from (a fresh one, or the existing one when resuming)."""
-    out_dir = out_dir.resolve()
-    src = input_root.resolve()
+def check_output_location(out_dir: Path, input_root: Path) -> None:
+    """Refuses an output inside the input (or equal to it) or one that is a file: before anything is created."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    src = Path(input_root).resolve()
     if out_dir == src or src in out_dir.parents:
         raise UserError(f"output directory {out_dir} is inside the input {src}: choose a directory outside it")
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output {out_dir} exists and is not a directory")
+        raise UserError(f"output {out_dir} exists and is not a directory: choose a directory")
+
+
+def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite: bool) -> Manifest:
+    """Returns the manifest to continue from (a fresh one, or the existing one when resuming)."""
+    check_output_location(out_dir, input_root)
+    out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         existing = read_manifest(out_dir)

@@ -19,7 +19,7 @@ from quant.numa import shard_slice
 
 from . import __version__
 from .errors import NonFiniteError, UserError
-from .output_dir import OutputLock, copy_model_files, prepare_output, write_index
+from .output_dir import OutputLock, check_output_location, copy_model_files, prepare_output, write_index
 from .plan import ConversionPlan, LayerPlan, ProjectionSource, build_plan
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, open_checkpoint
@@ -219,10 +219,12 @@ def convert(opts: ConvertOptions) -> ConversionReport:
 
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float) -> ConversionReport:
     out = Path(opts.output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    lock = OutputLock(out)
+    check_output_location(out, ckpt.root)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(out)
+    except OSError as e:
+        raise _os_error(e, out) from None
     try:
         manifest = prepare_output(out, ckpt.root, planned_manifest(plan, ckpt, opts), opts.overwrite)
         progress = Progress(0, len(plan.layers), opts.progress)

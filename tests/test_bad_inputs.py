@@ -1,0 +1,311 @@
+"""Bad inputs a user can hand the converter: each ends with exit code 2, one message naming the
+file/tensor and what to do, no traceback, and nothing in the output that looks complete."""
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+import kt_runtime
+from conftest import read_json
+from convert.cli import main
+from convert.synthetic import make_v4_flash_checkpoint
+from kt_runtime.format import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.safetensors_file import SafetensorsFile, save_file
+
+W1 = "layers.1.ffn.experts.2.w1"  # gate projection of layer 1, expert 2 (official key style)
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    """2 layers, 4 experts, H=384, I=512, 2 shards (expert keys of layer 1 live in the second)."""
+    return make_v4_flash_checkpoint(tmp_path_factory.mktemp("bad") / "base", "v4-flash-tiny", num_experts=4,
+                                    num_shards=2).path
+
+
+def shard_of(ck, key):
+    return read_json(ck / INDEX_FILE)["weight_map"][key]
+
+
+def rewrite(ck, fn):
+    """Apply fn(file name, {key: (dtype, shape, bytes)}) -> dict to every shard; keeps the index in step."""
+    index = read_json(ck / INDEX_FILE)
+    weight_map = {}
+    for name in sorted(set(index["weight_map"].values())):
+        f = SafetensorsFile(ck / name)
+        tensors = {k: (f.tensors[k].dtype, f.tensors[k].shape, bytes(f.raw(k))) for k in f.keys()}
+        meta = dict(f.metadata)
+        f.close()
+        tensors = fn(name, tensors)
+        save_file(ck / name, tensors, meta)
+        weight_map.update(dict.fromkeys(tensors, name))
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    (ck / INDEX_FILE).write_text(json.dumps(index))
+
+
+def edit_tensor(ck, key, fn):
+    rewrite(ck, lambda name, t: {k: (fn(*v) if k == key else v) for k, v in t.items()})
+
+
+def drop(ck, pred):
+    rewrite(ck, lambda name, t: {k: v for k, v in t.items() if not pred(k)})
+
+
+def set_header(path, fn):
+    """Rewrite the JSON header of a safetensors file in place (same data section)."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = fn(json.loads(data[8:8 + n]))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def set_config(ck, **changes):
+    cfg = read_json(ck / "config.json")
+    cfg.update(changes)
+    (ck / "config.json").write_text(json.dumps(cfg))
+
+
+# --- the cases: (id, mutate(ck) -> extra CLI args or None, words the message must contain) ---
+
+def m_missing_config(ck):
+    (ck / "config.json").unlink()
+
+
+def m_config_not_json(ck):
+    (ck / "config.json").write_text('{"model_type": "deepseek_v4", ')
+
+
+def m_config_not_object(ck):
+    (ck / "config.json").write_text("[1, 2]")
+
+
+def m_config_unreadable(ck):
+    (ck / "config.json").unlink()
+    (ck / "config.json").mkdir()
+
+
+def m_config_no_hidden(ck):
+    cfg = read_json(ck / "config.json")
+    del cfg["hidden_size"]
+    (ck / "config.json").write_text(json.dumps(cfg))
+
+
+def m_unknown_family(ck):
+    set_config(ck, model_type="llama", architectures=["LlamaForCausalLM"])
+    drop(ck, lambda k: ".ffn.experts." in k or k.startswith("mtp."))
+
+
+def m_truncated(ck):
+    p = ck / shard_of(ck, W1 + ".weight")
+    p.write_bytes(p.read_bytes()[:-1000])
+
+
+def m_corrupt_header_json(ck):
+    p = ck / shard_of(ck, W1 + ".weight")
+    data = bytearray(p.read_bytes())
+    data[9] = ord("X")  # '{X"...': not JSON
+    p.write_bytes(bytes(data))
+
+
+def m_offsets_outside(ck):
+    p = ck / shard_of(ck, W1 + ".weight")
+
+    def fn(h):
+        b, e = h[W1 + ".weight"]["data_offsets"]
+        h[W1 + ".weight"]["data_offsets"] = [b + 10**9, e + 10**9]
+        return h
+    set_header(p, fn)
+
+
+def m_header_length_garbage(ck):
+    p = ck / shard_of(ck, W1 + ".weight")
+    data = p.read_bytes()
+    p.write_bytes(struct.pack("<Q", 2**40) + data[8:])
+
+
+def m_wrong_dtype(ck):
+    edit_tensor(ck, W1 + ".weight", lambda dt, shape, data: ("F16", (shape[0], shape[1] // 2), data))
+
+
+def m_wrong_weight_shape(ck):
+    edit_tensor(ck, W1 + ".weight", lambda dt, shape, data: (dt, (shape[0] // 2, shape[1]), data[:len(data) // 2]))
+
+
+def m_wrong_scale_shape(ck):
+    edit_tensor(ck, W1 + ".scale", lambda dt, shape, data: (dt, (shape[0], shape[1] * 2), data * 2))
+
+
+def m_wrong_scale_dtype(ck):
+    edit_tensor(ck, W1 + ".scale", lambda dt, shape, data: ("I8", shape, data))
+
+
+def m_missing_expert(ck):
+    drop(ck, lambda k: k.startswith("layers.1.ffn.experts.3."))
+
+
+def m_missing_projection(ck):
+    drop(ck, lambda k: k.startswith("layers.1.ffn.experts.2.w2."))
+
+
+def m_missing_scale(ck):
+    drop(ck, lambda k: k == W1 + ".scale")
+
+
+def m_extra_expert(ck):
+    set_config(ck, n_routed_experts=3)
+
+
+def m_dims_disagree(ck):
+    set_config(ck, hidden_size=256)
+
+
+def m_key_in_two_shards(ck):
+    key = W1 + ".weight"
+    home = shard_of(ck, key)
+    copy = {}
+
+    def grab(name, t):
+        if name == home:
+            copy[key] = t[key]
+        return t
+    rewrite(ck, grab)
+    rewrite(ck, lambda name, t: {**t, **copy} if name != home else t)
+
+
+def m_index_names_missing_file(ck):
+    (ck / shard_of(ck, W1 + ".weight")).unlink()
+
+
+def m_index_not_json(ck):
+    (ck / INDEX_FILE).write_text("{not json")
+
+
+def m_nonfinite(ck):
+    # E8M0 0xFF is NaN (decoded as non-finite): one group of 32 weights of one row
+    edit_tensor(ck, W1 + ".scale", lambda dt, shape, data: (dt, shape, b"\xff" + data[1:]))
+
+
+def m_unaligned(ck):
+    return ["--threadpool-count", "3"]
+
+
+def m_bad_threadpool(ck):
+    return ["--threadpool-count", "0"]
+
+
+CASES = [
+    ("missing config.json", m_missing_config, ["config.json", "missing"]),
+    ("config.json not JSON", m_config_not_json, ["config.json", "not valid JSON", "re-download"]),
+    ("config.json not an object", m_config_not_object, ["config.json", "JSON object"]),
+    ("config.json unreadable", m_config_unreadable, ["config.json", "cannot read"]),
+    ("config.json without hidden_size", m_config_no_hidden, ["config.json", "hidden_size", "add it"]),
+    ("unknown family", m_unknown_family, ["'llama'", "not a supported", "deepseek_v4"]),
+    ("truncated shard", m_truncated, ["model-0000", "truncated", "re-download"]),
+    ("corrupt header JSON", m_corrupt_header_json, ["model-0000", "not valid JSON", "re-download"]),
+    ("offsets outside the file", m_offsets_outside, ["model-0000", W1 + ".weight", "re-download"]),
+    ("garbage header length", m_header_length_garbage, ["model-0000", "header length", "re-download"]),
+    ("wrong weight dtype", m_wrong_dtype, [W1 + ".weight", "F16", "supported"]),
+    ("wrong weight shape", m_wrong_weight_shape, [W1 + ".weight", "shape", "config.json dims"]),
+    ("wrong scale shape", m_wrong_scale_shape, [W1 + ".scale", "shape", "[512, 12]"]),
+    ("wrong scale dtype", m_wrong_scale_dtype, [W1 + ".scale", "I8", "F8_E8M0"]),
+    ("missing expert", m_missing_expert, ["layer 1", "expert 3", "incomplete"]),
+    ("missing projection", m_missing_projection, ["layer 1 expert 2", "down", "incomplete"]),
+    ("missing scale", m_missing_scale, [W1 + ".weight", "no scale", "incomplete"]),
+    ("more experts than config", m_extra_expert, ["layer 0 has expert 3", "3 experts"]),
+    ("config dims disagree with tensors", m_dims_disagree, ["shape", "config.json dims do not match"]),
+    ("key in two shards", m_key_in_two_shards, [W1 + ".weight", "two files", "remove the stray copy"]),
+    ("index names a missing file", m_index_names_missing_file, [INDEX_FILE, "missing", "fetch the missing file"]),
+    ("index not JSON", m_index_not_json, [INDEX_FILE, "not valid JSON"]),
+    ("NaN/Inf weights", m_nonfinite, [W1 + ".weight", "NaN/Inf", "--allow-nonfinite", "re-download"]),
+    ("unaligned dimensions", m_unaligned, ["not divisible by --threadpool-count 3", "threadpool counts that work"]),
+    ("threadpool count 0", m_bad_threadpool, ["--threadpool-count", "at least 1"]),
+]
+
+
+def assert_nothing_complete(out):
+    """No index, no complete manifest, no half-written file with a final name."""
+    if not out.exists():
+        return
+    assert not (out / INDEX_FILE).exists()
+    if (out / MANIFEST_FILE).exists():
+        manifest = read_json(out / MANIFEST_FILE)
+        assert manifest["complete"] is False
+        done = {f for rec in manifest["completed"].values() for f in rec["files"]}
+        assert {p.name for p in out.glob("*.safetensors")} <= done
+    assert not list(out.glob("*.tmp"))
+    with pytest.raises(kt_runtime.PackedWeightsError):
+        kt_runtime.load_experts(out)
+
+
+@pytest.mark.parametrize("mutate,needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_a_clear_message(base_checkpoint, tmp_path, capsys, mutate, needles):
+    ck = tmp_path / "ck"
+    shutil.copytree(base_checkpoint, ck)
+    extra = mutate(ck) or []
+    out = tmp_path / "out"
+    code = main(["-i", str(ck), "-o", str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    assert err.splitlines()[-1].startswith(("error: ", "Error: ")), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert_nothing_complete(out)
+
+
+def test_missing_input_path(tmp_path, capsys):
+    assert main(["-i", str(tmp_path / "nope"), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and str(tmp_path / "nope") in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_directory_without_safetensors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["-i", str(tmp_path / "empty"), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "no .safetensors files" in capsys.readouterr().err
+
+
+def test_output_inside_the_input_is_refused(base_checkpoint, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(base_checkpoint, ck)
+    before = sorted(p.name for p in ck.iterdir())
+    for out in (ck / "kt", ck, ck / "a" / "b"):
+        assert main(["-i", str(ck), "-o", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "inside the input" in err and "outside" in err, err
+    assert sorted(p.name for p in ck.iterdir()) == before  # nothing created in the input
+
+
+def test_output_is_a_file(base_checkpoint, tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    assert main(["-i", str(base_checkpoint), "-o", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_nonfinite_allowed_goes_on_and_reports(base_checkpoint, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(base_checkpoint, ck)
+    m_nonfinite(ck)
+    out = tmp_path / "out"
+    code = main(["-i", str(ck), "-o", str(out), "--no-progress", "--allow-nonfinite", "--json", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "NaN/Inf source values packed as 0" in err
+    report = read_json(tmp_path / "r.json")
+    assert report["nonfinite"] == {W1 + ".weight": 32}
+    w = kt_runtime.load_experts(out)
+    gate = w.dequantize(1, 2, "gate")
+    assert bool(gate.isfinite().all())
+    assert np.count_nonzero(gate[0, :32].numpy()) == 0 and np.count_nonzero(gate[0, 32:].numpy()) > 0
+
+
+def test_output_below_a_file(base_checkpoint, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["-i", str(base_checkpoint), "-o", str(tmp_path / "f" / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(tmp_path / "f") in err, err
+
