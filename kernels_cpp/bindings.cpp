@@ -25,7 +25,11 @@ SourceKind parse_kind(const std::string& s) {
   if (s == "bf16") return SourceKind::BF16;
   if (s == "f32") return SourceKind::F32;
   if (s == "mxfp4") return SourceKind::MXFP4;
-  throw std::invalid_argument("unknown source kind '" + s + "' (expected bf16, f32 or mxfp4)");
+  if (s == "f16") return SourceKind::F16;
+  if (s == "fp8_block") return SourceKind::FP8_BLOCK;
+  if (s == "int4_group") return SourceKind::INT4_GROUP;
+  throw std::invalid_argument("unknown source kind '" + s +
+                              "' (expected bf16, f32, mxfp4, f16, fp8_block or int4_group)");
 }
 
 int64_t element_bits(SourceKind kind) {
@@ -33,6 +37,9 @@ int64_t element_bits(SourceKind kind) {
     case SourceKind::BF16: return 16;
     case SourceKind::F32: return 32;
     case SourceKind::MXFP4: return 4;
+    case SourceKind::F16: return 16;
+    case SourceKind::FP8_BLOCK: return 8;
+    case SourceKind::INT4_GROUP: return 4;
   }
   return 0;
 }
@@ -41,10 +48,13 @@ void require(bool ok, const std::string& where, const std::string& what) {
   if (!ok) throw std::invalid_argument(where + what);
 }
 
-// A job tuple: (kind, weight[n, row_bytes...], scales or None, col0, k, out_weight, out_scale).
+// A job tuple: (kind, weight[n, row_bytes...], scales or None, col0, k, out_weight, out_scale
+// [, (row_offset, block_n, block_k)]). The block tuple is needed by fp8_block (the scale grid and
+// where row 0 sits in it) and int4_group (block_k = group size).
 PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
   const std::string where = "pack job " + std::to_string(index) + ": ";
-  require(t.size() == 7, where, "expected (kind, weight, scales, col0, k, out_weight, out_scale)");
+  require(t.size() == 7 || t.size() == 8, where,
+          "expected (kind, weight, scales, col0, k, out_weight, out_scale[, (row_offset, block_n, block_k)])");
   PackJob job;
   job.kind = parse_kind(t[0].cast<std::string>());
   const py::array weight = t[1].cast<py::array>();
@@ -66,6 +76,30 @@ PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
     require(scales.shape(1) * 32 >= job.col0 + job.k, where, "scales do not cover the column range");
     job.scales = static_cast<const uint8_t*>(scales.data());
     job.scale_row_bytes = scales.strides(0);
+  }
+  if (job.kind == SourceKind::FP8_BLOCK || job.kind == SourceKind::INT4_GROUP) {
+    const bool fp8 = job.kind == SourceKind::FP8_BLOCK;
+    require(!t[2].is_none() && t.size() == 8, where, "fp8_block/int4_group need scales and (row_offset, block_n, block_k)");
+    const py::tuple block = t[7].cast<py::tuple>();
+    require(block.size() == 3, where, "block must be (row_offset, block_n, block_k)");
+    job.row_offset = block[0].cast<int64_t>();
+    job.block_n = block[1].cast<int64_t>();
+    job.block_k = block[2].cast<int64_t>();
+    require(job.row_offset >= 0 && job.block_n > 0 && job.block_k > 0, where, "bad block sizes");
+    const py::array scales = t[2].cast<py::array>();
+    const int64_t item = scales.itemsize();
+    require(scales.ndim() == 2 && scales.strides(1) == item && (item == 4 || (!fp8 && item == 2)), where,
+            fp8 ? "fp8_block scales must be 2-D float32 rows" : "int4_group scales must be 2-D bf16 or float32 rows");
+    if (fp8) {
+      require(scales.shape(0) * job.block_n >= job.row_offset + job.n, where, "scales do not cover the rows");
+    } else {
+      require(job.row_offset == 0 && job.block_n == 1, where, "int4_group scales are per row: use (0, 1, group)");
+      require(scales.shape(0) == job.n, where, "scales rows differ from weight rows");
+    }
+    require(scales.shape(1) * job.block_k >= job.col0 + job.k, where, "scales do not cover the column range");
+    job.scales = static_cast<const uint8_t*>(scales.data());
+    job.scale_row_bytes = scales.strides(0);
+    job.scale_bits = static_cast<int>(item * 8);
   }
   py::array out_w = t[5].cast<py::array>();
   py::array out_s = t[6].cast<py::array>();

@@ -25,6 +25,36 @@ inline uint32_t f32_to_bits(float f) {
 inline float bf16_to_f32(uint16_t bits) { return bits_to_f32(static_cast<uint32_t>(bits) << 16); }
 // E8M0 scale as kt reads it: the byte placed in the fp32 exponent field (0x00 -> 0, 0xFF -> +inf).
 inline float e8m0_to_f32(uint8_t e) { return bits_to_f32(static_cast<uint32_t>(e) << 23); }
+// torch's float -> bfloat16 (round to nearest even, NaN kept NaN) and back to float.
+inline float round_to_bf16(float f) {
+  const uint32_t b = f32_to_bits(f);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return f;  // NaN: counted as non-finite by the caller
+  return bits_to_f32((b + (((b >> 16) & 1u) + 0x7FFFu)) & 0xFFFF0000u);
+}
+// IEEE half bits -> float (exact, subnormals included).
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0x1F) return bits_to_f32(sign | 0x7F800000u | (m << 13));
+  if (e == 0) {
+    const float v = std::ldexp(static_cast<float>(m), -24);
+    return sign ? -v : v;
+  }
+  return bits_to_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+// F8_E4M3FN (bias 7, no inf, 0x7F/0xFF NaN) -> float, exact.
+inline float e4m3_to_f32(uint8_t x) {
+  const uint32_t mag = x & 0x7Fu;
+  float v;
+  if (mag == 0x7Fu) {
+    v = bits_to_f32(0x7FC00000u);
+  } else if ((mag >> 3) == 0) {
+    v = std::ldexp(static_cast<float>(mag), -9);
+  } else {
+    v = bits_to_f32((mag << 20) + (120u << 23));
+  }
+  return (x & 0x80u) ? -v : v;
+}
 inline uint32_t abs_bits(float f) { return f32_to_bits(f) & 0x7FFFFFFFu; }
 inline bool is_finite_bits(float f) { return (f32_to_bits(f) & 0x7F800000u) != 0x7F800000u; }
 

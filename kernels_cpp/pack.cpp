@@ -35,6 +35,11 @@ void validate(Method method, const PackJob& job, size_t index) {
   if (!job.weight || !job.out_weight || !job.out_scale) throw std::invalid_argument(where + "null buffer");
   if (job.kind == SourceKind::MXFP4 && (!job.scales || job.col0 % 32 != 0))
     throw std::invalid_argument(where + "MXFP4 needs scales and a first column aligned to 32");
+  if (job.kind == SourceKind::FP8_BLOCK && (!job.scales || job.block_n <= 0 || job.block_k <= 0 || job.row_offset < 0))
+    throw std::invalid_argument(where + "FP8_BLOCK needs float32 scales, positive block sizes and row_offset >= 0");
+  if (job.kind == SourceKind::INT4_GROUP &&
+      (!job.scales || job.block_k <= 0 || (job.scale_bits != 16 && job.scale_bits != 32)))
+    throw std::invalid_argument(where + "INT4_GROUP needs bf16/float32 scales and a positive group size");
 }
 
 struct Task {

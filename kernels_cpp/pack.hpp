@@ -31,14 +31,24 @@ enum class SourceKind {
   BF16,   // uint16 bf16 bits [n, ktot]
   F32,    // float32 [n, ktot] (already rounded to bf16 by the caller)
   MXFP4,  // uint8 [n, ktot/2] E2M1 nibbles (low = even column) + uint8 E8M0 [n, ktot/32]
+  // The kinds below are not bf16-exact when decoded: each value is rounded to bf16
+  // (round to nearest even, as torch's .to(bfloat16)) after the fp32 decode, as kt does.
+  F16,         // uint16 IEEE half bits [n, ktot]
+  FP8_BLOCK,   // uint8 F8_E4M3FN [n, ktot] * float32 block scales [cdiv(N,block_n), cdiv(ktot,block_k)]
+  INT4_GROUP,  // int32 words [n, ktot/8] (element j of a word at bits 4j, stored q+8) * scales
+               // [n, ktot/block_k] as bf16 (scale_bits 16) or float32 (32): (u - 8) * scale
 };
 
 struct PackJob {
   SourceKind kind = SourceKind::BF16;
   const uint8_t* weight = nullptr;  // first byte of row 0 of the source
   int64_t weight_row_bytes = 0;     // stride between source rows
-  const uint8_t* scales = nullptr;  // MXFP4: E8M0 bytes
+  const uint8_t* scales = nullptr;  // MXFP4: E8M0 bytes; FP8_BLOCK: float32; INT4_GROUP: bf16/float32
   int64_t scale_row_bytes = 0;
+  int scale_bits = 8;        // INT4_GROUP: 16 (bf16 scales) or 32 (float32)
+  int64_t block_n = 1;       // FP8_BLOCK: rows per scale block
+  int64_t block_k = 32;      // FP8_BLOCK: columns per scale block; INT4_GROUP: group size
+  int64_t row_offset = 0;    // FP8_BLOCK: index of row 0 in the scale grid (row slices of a matrix)
   int64_t n = 0, k = 0;  // rows and columns of the packed matrix
   int64_t col0 = 0;      // first source column (NUMA slice of down)
   uint8_t* out_weight = nullptr;  // tiled bytes, n*k (INT8) or n*k/2 (INT4)
@@ -53,6 +63,8 @@ int64_t packed_weight_bytes(Method method, int64_t n, int64_t k);
 // Per-ISA pieces. Row kernels work on one source row; the tiler on one N-block of
 // quantized rows held row-major (row stride = kbytes).
 namespace ref {
+// INT4_GROUP: the scale of `group` in `row`, as float.
+float int4_group_scale(const PackJob& job, int64_t row, int64_t group);
 // Decodes columns [col0, col0+k) of `row` into fp32; non-finite values become 0 and are counted.
 int64_t decode_row(const PackJob& job, int64_t row, float* out);
 // kt's per-row quantization; writes k int8 values (INT4: the 4-bit value -7..7) and returns d.

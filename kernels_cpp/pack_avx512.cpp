@@ -21,6 +21,28 @@ inline __m512 zero_nonfinite(__m512 v, int64_t& count) {
   return v;
 }
 
+// torch's float -> bfloat16 (round to nearest even), back to float; NaN lanes are kept as they are.
+inline __m512 round_to_bf16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, bias), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), v);
+}
+
+// 16 F8_E4M3FN bytes -> float, exact (as numerics.hpp e4m3_to_f32).
+inline __m512 e4m3x16(const uint8_t* p) {
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7F));
+  const __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+  const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0f / 512.0f));
+  __m512 v = _mm512_mask_mov_ps(normal, _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)), subnormal);
+  v = _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)),
+                         _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+}
+
 }  // namespace
 
 int64_t decode_row(const PackJob& job, int64_t row, float* out) {
@@ -57,6 +79,40 @@ int64_t decode_row(const PackJob& job, int64_t row, float* out) {
         const __m512 v1 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), s);
         _mm512_storeu_ps(out + j, zero_nonfinite(v0, nonfinite));
         _mm512_storeu_ps(out + j + 16, zero_nonfinite(v1, nonfinite));
+      }
+      return nonfinite;
+    }
+    case SourceKind::F16: {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(src) + job.col0;
+      for (int64_t j = 0; j < job.k; j += 16) {
+        const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j)));
+        _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
+      }
+      return nonfinite;
+    }
+    case SourceKind::FP8_BLOCK: {
+      if (job.block_k % 16 || job.col0 % 16) break;  // a 16-lane step would straddle two scales
+      const float* scales = reinterpret_cast<const float*>(
+          job.scales + (job.row_offset + row) / job.block_n * job.scale_row_bytes);
+      for (int64_t j = 0; j < job.k; j += 16) {
+        const int64_t c = job.col0 + j;
+        const __m512 v = _mm512_mul_ps(e4m3x16(src + c), _mm512_set1_ps(scales[c / job.block_k]));
+        _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
+      }
+      return nonfinite;
+    }
+    case SourceKind::INT4_GROUP: {
+      if (job.block_k % 16 || job.col0 % 16) break;
+      const __m512i byte_of = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+      const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+      for (int64_t j = 0; j < job.k; j += 16) {
+        const int64_t c = job.col0 + j;
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + c / 2)));
+        const __m512i u = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(byte_of, b), shift),
+                                           _mm512_set1_epi32(0x0F));
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(u, _mm512_set1_epi32(8)));
+        const __m512 v = _mm512_mul_ps(q, _mm512_set1_ps(ref::int4_group_scale(job, row, c / job.block_k)));
+        _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
       }
       return nonfinite;
     }

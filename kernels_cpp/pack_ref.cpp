@@ -9,6 +9,18 @@
 namespace kt {
 namespace ref {
 
+float int4_group_scale(const PackJob& job, int64_t row, int64_t group) {
+  const uint8_t* p = job.scales + row * job.scale_row_bytes;
+  if (job.scale_bits == 16) {
+    uint16_t bits;
+    std::memcpy(&bits, p + 2 * group, 2);
+    return bf16_to_f32(bits);
+  }
+  float s;
+  std::memcpy(&s, p + 4 * group, 4);
+  return s;
+}
+
 int64_t decode_row(const PackJob& job, int64_t row, float* out) {
   const uint8_t* src = job.weight + row * job.weight_row_bytes;
   int64_t nonfinite = 0;
@@ -30,6 +42,25 @@ int64_t decode_row(const PackJob& job, int64_t row, float* out) {
         const uint8_t nib = (c & 1) ? (byte >> 4) : (byte & 0x0F);
         const uint8_t e = job.scales[row * job.scale_row_bytes + (c >> 5)];
         v = kE2M1[nib] * e8m0_to_f32(e);
+        break;
+      }
+      case SourceKind::F16: {
+        uint16_t bits;
+        std::memcpy(&bits, src + 2 * c, 2);
+        v = round_to_bf16(f16_to_f32(bits));
+        break;
+      }
+      case SourceKind::FP8_BLOCK: {
+        const int64_t srow = (job.row_offset + row) / job.block_n;
+        float s;
+        std::memcpy(&s, job.scales + srow * job.scale_row_bytes + 4 * (c / job.block_k), 4);
+        v = round_to_bf16(e4m3_to_f32(src[c]) * s);
+        break;
+      }
+      case SourceKind::INT4_GROUP: {
+        const uint8_t byte = src[c >> 1];  // little-endian words: element j of a word is nibble j
+        const int32_t u = (c & 1) ? (byte >> 4) : (byte & 0x0F);
+        v = round_to_bf16(static_cast<float>(u - 8) * int4_group_scale(job, row, c / job.block_k));
         break;
       }
       default:

@@ -10,21 +10,44 @@ from .methods import QuantMethod
 
 @dataclass(frozen=True)
 class SourceMatrix:
-    """One source matrix as stored: kind "bf16" (uint16 bits [N, K]), "f32" ([N, K], values
-    already bf16-exact) or "mxfp4" (uint8 [N, K/2] + E8M0 uint8 [N, K/32])."""
+    """One source matrix as stored (rows contiguous; row strides are free, so strided views of
+    fused tensors need no copy). Kinds:
+
+    * "bf16": uint16 bf16 bits [N, K]; "f32": float32 [N, K] whose values are already bf16-exact;
+    * "mxfp4": uint8 [N, K/2] (low nibble = even column) + E8M0 uint8 scales [N, K/32];
+    * "f16": uint16 IEEE half bits [N, K], rounded to bf16 (RNE) when decoded;
+    * "fp8_block": uint8 F8_E4M3FN [N, K] + float32 scales [cdiv(N_all, bn), cdiv(K, bk)] with
+      block = (bn, bk); row0 is the first row's index in the scale grid (row slices keep the grid);
+      decoded as bf16(fp32(w) * scale);
+    * "int4_group": int32 words [N, K/8] (compressed-tensors pack-quantized: element j of a word
+      at bits 4j, stored q + 8) + bf16 (uint16 bits) or float32 scales [N, K/g] with block = (1, g);
+      decoded as bf16(fp32(u - 8) * fp32(scale)).
+    """
 
     kind: str
     weight: np.ndarray
     scales: np.ndarray | None = None
+    block: tuple[int, int] | None = None
+    row0: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
         n, cols = self.weight.shape
-        return (n, cols * 2) if self.kind == "mxfp4" else (n, cols)
+        per_item = {"mxfp4": 2, "int4_group": 8}.get(self.kind, 1)
+        return n, cols * per_item
 
     def rows(self, row0: int, n: int) -> "SourceMatrix":
+        weight = self.weight[row0 : row0 + n]
+        if self.kind == "fp8_block":  # the block grid is indexed by absolute row
+            return SourceMatrix(self.kind, weight, self.scales, self.block, self.row0 + row0)
         scales = None if self.scales is None else self.scales[row0 : row0 + n]
-        return SourceMatrix(self.kind, self.weight[row0 : row0 + n], scales)
+        return SourceMatrix(self.kind, weight, scales, self.block, 0)
+
+    def job_args(self) -> tuple:
+        """The block tuple the C++ packer takes for fp8_block / int4_group, else ()."""
+        if self.kind in ("fp8_block", "int4_group"):
+            return ((self.row0, self.block[0], self.block[1]),)
+        return ()
 
 
 @dataclass
@@ -44,5 +67,6 @@ def pack_cpu(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, PackT
     """Packs columns [col0, col0+k) of each source into its target; returns non-finite counts."""
     import kt_kernels
 
-    args = [(src.kind, src.weight, src.scales, col0, k, dst.weight, dst.scales) for src, col0, k, dst in jobs]
+    args = [(src.kind, src.weight, src.scales, col0, k, dst.weight, dst.scales, *src.job_args())
+            for src, col0, k, dst in jobs]
     return kt_kernels.pack(method.name, args, isa=isa, num_threads=num_threads)

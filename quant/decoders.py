@@ -1,0 +1,94 @@
+"""Readable torch references for the non-MXFP4 source formats, decoded to bf16 as kt does.
+
+Each decoder returns the bf16 [N, K] matrix the quantizer sees. Values that are not bf16-exact
+after the fp32 decode are rounded once, to nearest even (torch's ``.to(torch.bfloat16)``):
+
+* FP8 block (DeepSeek-V3/R1/V3.1, Kimi-K2, MiniMax-M2, V4-Flash-Base): ``bf16(fp32(w) * s)`` with
+  the F32 block scale ``s[n // bn, k // bk]`` (``weight_scale_inv`` is the multiplier), the
+  scale grid ``[cdiv(N, bn), cdiv(K, bk)]`` cut to the matrix at the tails;
+* FP16: ``bf16(fp32(h))`` (the half -> float step is exact);
+* compressed-tensors pack-quantized INT4: ``bf16(fp32(u - 8) * fp32(scale[n, k // g]))``. With the
+  usual BF16 scales the fp32 product is exact (4-bit times 8-bit mantissas), so this equals the
+  bf16 multiply ktransformers' ``(w - 8).to(bf16) * scale`` does; for F32 scales we define the
+  single rounding of the fp32 product.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    return torch.from_numpy(np.array(a, copy=True))  # sources are read-only maps
+
+
+def e4m3_to_float32(w: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """F8_E4M3FN bytes (uint8) -> float32, exact (0x7F/0xFF -> NaN)."""
+    return _tensor(w).view(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def decode_fp8_block(w: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor,
+                     block: tuple[int, int], row0: int = 0) -> torch.Tensor:
+    """uint8 E4M3 [N, K] + float32 [cdiv(N_all, bn), cdiv(K, bk)] -> bf16 [N, K].
+
+    row0: index of the first row in the scale grid (for a row slice of a larger matrix).
+    """
+    bn, bk = block
+    x = e4m3_to_float32(w)
+    n, k = x.shape
+    s = _tensor(scale).view(torch.float32)
+    rows = (torch.arange(n) + row0) // bn
+    cols = torch.arange(k) // bk
+    if rows.max() >= s.shape[0] or cols.max() >= s.shape[1]:
+        raise ValueError(f"FP8 block scales {tuple(s.shape)} do not cover a {n}x{k} matrix with blocks {block}")
+    return (x * s[rows][:, cols]).to(torch.bfloat16)
+
+
+def decode_f16(w: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """IEEE half (uint16 bits or float16) [N, K] -> bf16 [N, K]."""
+    t = _tensor(w)
+    if t.dtype != torch.float16:
+        t = t.view(torch.int16).view(torch.float16)
+    return t.to(torch.float32).to(torch.bfloat16)
+
+
+def unpack_int4_words(packed: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """int32 [N, K/8] -> stored nibbles u (0..15) int32 [N, K]; element j of a word at bits 4j."""
+    words = _tensor(packed).view(torch.int32)
+    shifts = torch.arange(8, dtype=torch.int32) * 4
+    u = (words[:, :, None] >> shifts) & 0xF
+    return u.reshape(words.shape[0], -1)
+
+
+def decode_int4_group(packed: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor,
+                      group: int, scale_dtype: str = "BF16") -> torch.Tensor:
+    """compressed-tensors pack-quantized symmetric INT4 -> bf16 [N, K].
+
+    scale: [N, K/group], BF16 (uint16 bits or bfloat16) or F32.
+    """
+    u = unpack_int4_words(packed)
+    s = _tensor(scale)
+    if scale_dtype == "BF16":
+        s = s.view(torch.int16).view(torch.bfloat16) if s.dtype != torch.bfloat16 else s
+    elif scale_dtype != "F32":
+        raise ValueError(f"int4 group scales must be BF16 or F32, got {scale_dtype}")
+    s = s.to(torch.float32)
+    if s.shape[1] * group < u.shape[1]:
+        raise ValueError(f"INT4 scales {tuple(s.shape)} do not cover {u.shape[1]} columns with group {group}")
+    cols = torch.arange(u.shape[1]) // group
+    return ((u - 8).to(torch.float32) * s[:, cols]).to(torch.bfloat16)
+
+
+# -- encoders for synthetic checkpoints and tests -------------------------------------------------
+
+
+def encode_int4_words(u: np.ndarray) -> np.ndarray:
+    """Stored nibbles u (0..15) [N, K] -> int32 words [N, K/8] (inverse of unpack_int4_words)."""
+    u = np.asarray(u, dtype=np.uint32)
+    n, k = u.shape
+    words = np.zeros((n, k // 8), dtype=np.uint32)
+    for j in range(8):
+        words |= u[:, j::8] << np.uint32(4 * j)
+    return words.view(np.int32)
