@@ -98,6 +98,11 @@ def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) ->
         if src.is_file():
             tmp = out_dir / (name + ".tmp")
             shutil.copyfile(src, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, out_dir / name)
             copied.append(name)
     return copied

@@ -281,6 +281,8 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions) -> None:
+    # the index is what kt-kernel loads: it is written last, after every shard and copied file
+    copy_model_files(ckpt.root, out, COPIED_FILES)
     if opts.merge:
         weight_map: dict[str, str] = {}
         total = 0
@@ -298,7 +300,6 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
             weight_map.update(extra_map)
             total += extra_bytes
         write_index(out, weight_map, total)
-    copy_model_files(ckpt.root, out, COPIED_FILES)
     manifest.complete = True
     write_manifest(out, manifest)
 

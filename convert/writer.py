@@ -17,11 +17,27 @@ from kt_runtime.manifest import LayerRecord, fsync_dir
 from kt_runtime.safetensors_file import plan_layout
 
 
-def write_all(fd: int, data) -> None:
+_os_write = os.write  # tests replace it to simulate a full or failing disk
+
+
+def write_all(fd: int, data, path: Path | None = None) -> None:
+    """Writes every byte; an OSError (ENOSPC, EIO, ...) carries the file name for the message."""
     view = memoryview(data).cast("B")
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+    try:
+        while view:
+            written = _os_write(fd, view)
+            view = view[written:]
+    except OSError as e:
+        if path is None or e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _fsync(fd: int, path: Path) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 class MergedShardWriter:
@@ -37,7 +53,7 @@ class MergedShardWriter:
         self._sha = hashlib.sha256(header)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pos = len(header)
-        write_all(self._fd, header)
+        write_all(self._fd, header, self.tmp)
 
     def write(self, key: str, data: np.ndarray) -> None:
         want_key, (offset, nbytes) = next(self._order)
@@ -45,14 +61,14 @@ class MergedShardWriter:
             raise RuntimeError(f"writer out of order: got {key} ({data.nbytes} B) at {self._pos}, "
                                f"expected {want_key} ({nbytes} B) at {offset}")
         buf = np.ascontiguousarray(data).view(np.uint8)
-        write_all(self._fd, buf)
+        write_all(self._fd, buf, self.tmp)
         self._sha.update(buf)
         self._pos += nbytes
 
     def commit(self) -> LayerRecord:
         if next(self._order, None) is not None:
             raise RuntimeError(f"layer {self.layer}: shard closed before every tensor was written")
-        os.fsync(self._fd)
+        _fsync(self._fd, self.tmp)
         os.close(self._fd)
         self._fd = -1
         os.replace(self.tmp, self.final)
@@ -87,8 +103,8 @@ class KtFolderWriter:
             buf = np.ascontiguousarray(data).view(np.uint8)
             fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                write_all(fd, buf)
-                os.fsync(fd)
+                write_all(fd, buf, folder / name)
+                _fsync(fd, folder / name)
             finally:
                 os.close(fd)
             self._sha.update(buf)
