@@ -10,6 +10,12 @@ _EXPORTS = {
     "PackedExperts": ".loader",
     "PackedWeightsError": ".loader",
     "CPUMoE": ".cpu_moe",
+    "HybridMoE": ".hybrid",
+    "ExpertStats": ".placement",
+    "gpu_expert_mask": ".placement",
+    "inject": ".integrations.transformers",
+    "record_routing": ".integrations.transformers",
+    "hybrid_layers": ".integrations.transformers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,307 @@
+"""One layer's routed experts split between a GPU (hot experts, bf16, torch) and the CPU (the rest, CPUMoE).
+
+    w = kt_runtime.load_experts(out_dir)
+    moe = HybridMoE(w, layer, num_gpu_experts=16, device="cuda", placement="frequency", stats=stats)
+    y = moe(x, topk_ids, topk_weights)      # x [T,H] on any device -> [T,H], same device and dtype
+
+A call copies the routing to the host (it decides which rows go where), starts the CPU experts in a
+background thread (CPUMoE releases the GIL), queues the GPU experts with torch on `device`, joins the
+thread and sums both. The GPU experts are dequantized from the packed file, so the GPU part differs
+from the CPU part only by the CPU engine's int8 activations (and bf16 rounding).
+
+Dynamic placement (dynamic=True): routing counts are observed on every call; every `update_interval`
+calls the hottest CPU experts replace the coldest GPU ones (at most `max_swaps` per update, and only
+when hotter by the factor `1 + hysteresis`); the window of counts then decays by `decay`.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .placement import gpu_expert_mask, resolve_stats
+
+_worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()
+
+
+def _cpu_worker() -> ThreadPoolExecutor:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-cpu-moe")
+        return _worker
+
+
+def _load_weights(weights):
+    if isinstance(weights, (str, Path)):
+        from .loader import load_experts
+
+        return load_experts(weights)
+    return weights
+
+
+class HybridMoE:
+    """One layer of packed routed experts, the `num_gpu_experts` hot ones on `device`, the rest on the CPU.
+
+    weights: a PackedExperts (kt_runtime.load_experts) or the path of a packed output.
+    num_gpu_experts: int N, or a bool mask [E] / list of expert ids (then `placement` is ignored).
+    placement: "uniform" (experts 0..N-1), "frequency" (top N of `stats` for this layer), or a mask / ids.
+    stats: routing statistics for "frequency": ExpertStats, a stats file path, or {layer: counts}.
+    dynamic: promote / demote experts between calls from the observed routing (see module doc).
+    num_threads, activation, swiglu_limit, isa: passed to CPUMoE (activation / limit override the manifest).
+    gpu_dtype: dtype of the GPU-resident experts and of their matmuls (bfloat16).
+    """
+
+    def __init__(self, weights, layer: int, num_gpu_experts=0, device: str | torch.device = "cuda",
+                 placement="uniform", stats=None, dynamic: bool = False, update_interval: int = 32,
+                 max_swaps: int | None = None, hysteresis: float = 0.25, decay: float = 0.5,
+                 num_threads: int | None = None, activation: str | None = None,
+                 swiglu_limit: float | None = None, isa: str = "auto", gpu_dtype: torch.dtype = torch.bfloat16):
+        from .cpu_moe import CPUMoE
+
+        weights = _load_weights(weights)
+        self.weights = weights
+        self.layer = layer
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but CUDA is not available (use device='cpu' to run the GPU part on the CPU)")
+        # CPUMoE validates layer, method, activation, limit and num_threads; it holds every expert of the
+        # layer (mmapped, no copy), so a dynamic demotion needs no reload on the CPU side.
+        self.cpu = CPUMoE(weights, layer, num_threads=num_threads, activation=activation,
+                          swiglu_limit=swiglu_limit, isa=isa)
+        self.num_experts = self.cpu.num_experts
+        self.hidden_size = self.cpu.hidden_size
+        self.intermediate_size = self.cpu.intermediate_size
+        self.swiglu_limit = self.cpu.swiglu_limit
+        self.gpu_dtype = gpu_dtype
+        E = self.num_experts
+        stats = resolve_stats(stats, E)
+        counts = None
+        if placement == "frequency" and not isinstance(num_gpu_experts, (list, tuple, torch.Tensor)):
+            if stats is None:
+                raise ValueError("placement='frequency' needs routing statistics (stats=...)")
+            counts = stats.counts(layer) if layer in stats.layers else None
+            if counts is None:
+                raise ValueError(f"placement='frequency': the routing statistics have no counts for layer {layer} "
+                                 f"(layers with statistics: {stats.layers})")
+        mask = gpu_expert_mask(E, num_gpu_experts, placement, counts)
+        self.num_gpu_experts = int(mask.sum())
+        # GPU slots: experts in slot order; slot_of[e] = slot or -1 for CPU experts
+        self._slot_expert = mask.nonzero().flatten().tolist()
+        self._slot_of = torch.full((E,), -1, dtype=torch.int64)
+        for s, e in enumerate(self._slot_expert):
+            self._slot_of[e] = s
+        G, H, I = self.num_gpu_experts, self.hidden_size, self.intermediate_size
+        self._w13 = torch.empty((G, 2 * I, H), dtype=gpu_dtype, device=self.device)
+        self._w2 = torch.empty((G, H, I), dtype=gpu_dtype, device=self.device)
+        for s, e in enumerate(self._slot_expert):
+            self._load_slot(s, e)
+        # routing observation / dynamic placement
+        self.counts = torch.zeros(E, dtype=torch.int64)  # every call since construction
+        self.window = torch.zeros(E, dtype=torch.float64)  # decayed counts driving dynamic updates
+        self.dynamic = bool(dynamic)
+        if not isinstance(update_interval, int) or update_interval < 1:
+            raise ValueError(f"update_interval must be a positive int, got {update_interval!r}")
+        self.update_interval = update_interval
+        self.max_swaps = max(1, G // 4) if max_swaps is None else int(max_swaps)
+        if self.max_swaps < 0:
+            raise ValueError(f"max_swaps must be >= 0, got {max_swaps}")
+        self.hysteresis = float(hysteresis)
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.calls = 0
+        self.swaps: list[tuple[int, int, int]] = []  # (call, promoted expert, demoted expert)
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def gpu_mask(self) -> torch.Tensor:
+        """bool [E]: experts resident on `device`."""
+        return self._slot_of >= 0
+
+    @property
+    def gpu_experts(self) -> list[int]:
+        return sorted(self._slot_expert)
+
+    def _load_slot(self, slot: int, expert: int) -> None:
+        w = self.weights
+        gate = w.dequantize(self.layer, expert, "gate")
+        up = w.dequantize(self.layer, expert, "up")
+        down = w.dequantize(self.layer, expert, "down")
+        self._w13[slot].copy_(torch.cat([gate, up], 0).to(self.gpu_dtype))
+        self._w2[slot].copy_(down.to(self.gpu_dtype))
+
+    def swap(self, promote: int, demote: int) -> None:
+        """Move CPU expert `promote` into the GPU slot of GPU expert `demote`."""
+        if not (0 <= promote < self.num_experts and 0 <= demote < self.num_experts):
+            raise ValueError(f"expert ids must be in [0, {self.num_experts})")
+        slot = int(self._slot_of[demote])
+        if slot < 0:
+            raise ValueError(f"expert {demote} is not on the GPU")
+        if int(self._slot_of[promote]) >= 0:
+            raise ValueError(f"expert {promote} is already on the GPU")
+        self._load_slot(slot, promote)
+        self._slot_of[demote] = -1
+        self._slot_of[promote] = slot
+        self._slot_expert[slot] = promote
+        self.swaps.append((self.calls, promote, demote))
+
+    def rebalance(self, max_swaps: int | None = None) -> list[tuple[int, int]]:
+        """Promote the hottest CPU experts over the coldest GPU ones (by the decayed window of counts).
+
+        Returns the (promoted, demoted) pairs; then decays the window."""
+        limit = self.max_swaps if max_swaps is None else max_swaps
+        done = []
+        if self.num_gpu_experts and self.num_gpu_experts < self.num_experts and limit > 0:
+            score = self.window
+            on_gpu = self.gpu_mask
+            cpu_ids = (~on_gpu).nonzero().flatten()
+            gpu_ids = on_gpu.nonzero().flatten()
+            hot = cpu_ids[torch.sort(-score[cpu_ids], stable=True).indices].tolist()
+            cold = gpu_ids[torch.sort(score[gpu_ids], stable=True).indices].tolist()
+            for a, b in zip(hot, cold):
+                if len(done) >= limit or not score[a] > score[b] * (1.0 + self.hysteresis):
+                    break
+                self.swap(a, b)
+                done.append((a, b))
+        self.window *= self.decay
+        return done
+
+    def place(self, placement="frequency", stats=None) -> None:
+        """Re-place the GPU slots now (same number of GPU experts): "frequency" by `stats` or, without
+        stats, by the counts observed so far; "uniform"; or a mask / list of ids."""
+        n = self.num_gpu_experts
+        counts = None
+        if isinstance(placement, str) and placement == "frequency":
+            st = resolve_stats(stats, self.num_experts)
+            counts = st.counts(self.layer) if st is not None else self.counts
+        mask = gpu_expert_mask(self.num_experts, n, placement, counts)
+        want = set(mask.nonzero().flatten().tolist())
+        have = set(self._slot_expert)
+        for a, b in zip(sorted(want - have), sorted(have - want)):
+            self.swap(a, b)
+
+    def observe(self, topk_ids: torch.Tensor) -> None:
+        c = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
+        self.counts += c
+        self.window += c.to(torch.float64)
+
+    # ------------------------------------------------------------------ compute
+    def _check(self, x, topk_ids, topk_weights):
+        if not all(isinstance(t, torch.Tensor) for t in (x, topk_ids, topk_weights)):
+            raise ValueError("x, topk_ids and topk_weights must be torch tensors")
+        if x.dim() != 2 or x.shape[1] != self.hidden_size:
+            raise ValueError(f"x must be [tokens, {self.hidden_size}], got {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"topk_ids must be [tokens={x.shape[0]}, k], got {tuple(topk_ids.shape)}")
+        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+            raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} differs from topk_ids "
+                             f"{tuple(topk_ids.shape)}")
+        if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+            raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+
+    def split(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """Host-side routing split. topk_ids int64 / topk_weights float32 [T,k] on the CPU ->
+
+        cpu: None or (token rows int64 [Tc], ids [Tc,kc], weights [Tc,kc]) for CPUMoE (padding slots
+             repeat a CPU expert of the same token with weight 0, so they cost no extra weight reads);
+        gpu: None or (token rows int64 [P], weights float32 [P], [(slot, start, end), ...]) grouped by slot.
+        """
+        ids, w = topk_ids, topk_weights
+        slot = self._slot_of[ids]  # [T,k]
+        on_gpu = slot >= 0
+        cpu_part = gpu_part = None
+        n_cpu = (~on_gpu).sum(1)
+        rows = (n_cpu > 0).nonzero().flatten()
+        if rows.numel():
+            kc = int(n_cpu.max())
+            order = torch.sort(on_gpu[rows].to(torch.int8), dim=1, stable=True).indices[:, :kc]
+            cid = ids[rows].gather(1, order)
+            cw = w[rows].gather(1, order)
+            pad = on_gpu[rows].gather(1, order)
+            if pad.any():
+                cid = torch.where(pad, cid[:, :1].expand_as(cid), cid)
+                cw = torch.where(pad, torch.zeros_like(cw), cw)
+            cpu_part = (rows, cid.contiguous(), cw.contiguous())
+        if on_gpu.any():
+            tok, pos = on_gpu.nonzero(as_tuple=True)
+            s = slot[tok, pos]
+            order = torch.sort(s, stable=True).indices
+            tok, s, gw = tok[order], s[order], w[tok[order], pos[order]]
+            uniq, cnt = torch.unique_consecutive(s, return_counts=True)
+            groups, start = [], 0
+            for sl, c in zip(uniq.tolist(), cnt.tolist()):
+                groups.append((sl, start, start + c))
+                start += c
+            gpu_part = (tok, gw, groups)
+        return cpu_part, gpu_part
+
+    def _cpu_compute(self, x_host: torch.Tensor, cpu_part):
+        rows, cid, cw = cpu_part
+        xs = x_host if rows.numel() == x_host.shape[0] else x_host.index_select(0, rows)
+        return self.cpu.forward(xs, cid, cw)
+
+    def _gpu_compute(self, x_dev: torch.Tensor, gpu_part, out: torch.Tensor) -> torch.Tensor:
+        """Adds the GPU experts' weighted outputs into `out` (float32 [T,H] on device)."""
+        tok, gw, groups = gpu_part
+        tok = tok.to(self.device, non_blocking=True)
+        gw = gw.to(self.device, non_blocking=True)
+        xg = x_dev.to(self.gpu_dtype)
+        I, L = self.intermediate_size, self.swiglu_limit
+        for sl, a, b in groups:
+            t = tok[a:b]
+            h = F.linear(xg.index_select(0, t), self._w13[sl])
+            gate, up = h[:, :I], h[:, I:]
+            if L is not None:
+                gate = gate.clamp(max=L)
+                up = up.clamp(min=-L, max=L)
+            h = F.silu(gate) * up
+            o = F.linear(h, self._w2[sl]).float() * gw[a:b, None]
+            out.index_add_(0, t, o)
+        return out
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        self._check(x, topk_ids, topk_weights)
+        ids = topk_ids.detach().to("cpu", torch.int64)
+        w = topk_weights.detach().to("cpu", torch.float32)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
+            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
+        self.calls += 1
+        self.observe(ids)
+        cpu_part, gpu_part = self.split(ids, w)
+        fut = None
+        if cpu_part is not None:
+            x_host = x.detach().to("cpu")
+            if x_host.dtype not in (torch.float32, torch.bfloat16):
+                x_host = x_host.float()
+            fut = _cpu_worker().submit(self._cpu_compute, x_host, cpu_part)
+        try:
+            out = torch.zeros((x.shape[0], self.hidden_size), dtype=torch.float32, device=self.device)
+            if gpu_part is not None:
+                self._gpu_compute(x.detach().to(self.device), gpu_part, out)
+        finally:
+            y_cpu = fut.result() if fut is not None else None
+        if y_cpu is not None:
+            rows = cpu_part[0]
+            y_cpu = y_cpu.float().to(self.device, non_blocking=True)
+            if rows.numel() == x.shape[0]:
+                out += y_cpu
+            else:
+                out.index_add_(0, rows.to(self.device), y_cpu)
+        if self.dynamic and self.calls % self.update_interval == 0:
+            self.rebalance()
+        return out.to(device=x.device, dtype=x.dtype)
+
+    __call__ = forward
+
+    def __repr__(self) -> str:
+        return (f"HybridMoE(layer={self.layer}, method={self.cpu.method}, experts={self.num_experts}, "
+                f"gpu_experts={self.num_gpu_experts} on {self.device}, hidden={self.hidden_size}, "
+                f"intermediate={self.intermediate_size}, dynamic={self.dynamic})")

@@ -1,0 +1,182 @@
+"""Which routed experts of a layer live on the GPU: placement strategies and routing statistics.
+
+    stats = ExpertStats(num_experts=256)
+    stats.record(layer, topk_ids)               # during a calibration pass (or kt_runtime.record_routing)
+    stats.save("routing_stats.json"); stats = ExpertStats.load("routing_stats.json")
+    mask = gpu_expert_mask(256, 16, "frequency", counts=stats.counts(layer))   # bool [256]
+
+Strategies: "uniform" (experts 0..N-1), "frequency" (the N most often routed, ties to the lower id),
+or an explicit bool mask / list of expert ids.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+STATS_FORMAT = "kt-expert-routing-stats"
+STATS_VERSION = 1
+STRATEGIES = ("uniform", "frequency")
+
+
+class ExpertStats:
+    """Per-layer routing counts: how many (token, top-k slot) pairs chose each expert."""
+
+    def __init__(self, num_experts: int, counts: Mapping[int, object] | None = None):
+        if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        self.num_experts = num_experts
+        self._counts: dict[int, torch.Tensor] = {}
+        for layer, c in (counts or {}).items():
+            c = torch.as_tensor(c, dtype=torch.int64).reshape(-1)
+            if c.numel() != num_experts:
+                raise ValueError(f"layer {layer}: {c.numel()} counts for {num_experts} experts")
+            if (c < 0).any():
+                raise ValueError(f"layer {layer}: negative routing counts")
+            self._counts[int(layer)] = c.clone()
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._counts)
+
+    def record(self, layer: int, topk_ids: torch.Tensor) -> None:
+        ids = torch.as_tensor(topk_ids).detach().reshape(-1).to("cpu", torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
+            raise ValueError(f"layer {layer}: expert ids outside [0, {self.num_experts})")
+        c = torch.bincount(ids, minlength=self.num_experts)
+        layer = int(layer)
+        if layer in self._counts:
+            self._counts[layer] += c
+        else:
+            self._counts[layer] = c
+
+    def counts(self, layer: int) -> torch.Tensor:
+        """int64 [num_experts] (a copy); KeyError when the layer was never recorded."""
+        if int(layer) not in self._counts:
+            raise KeyError(f"no routing statistics for layer {layer} (layers with statistics: {self.layers})")
+        return self._counts[int(layer)].clone()
+
+    def merge(self, other: "ExpertStats") -> "ExpertStats":
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot merge statistics of {other.num_experts} experts into {self.num_experts}")
+        for layer in other.layers:
+            self._counts[layer] = self._counts.get(layer, torch.zeros(self.num_experts, dtype=torch.int64)) + \
+                other.counts(layer)
+        return self
+
+    def to_dict(self) -> dict:
+        return {"format": STATS_FORMAT, "version": STATS_VERSION, "num_experts": self.num_experts,
+                "layers": {str(layer): self._counts[layer].tolist() for layer in self.layers}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertStats":
+        if not isinstance(d, dict) or d.get("format") != STATS_FORMAT:
+            raise ValueError(f"not a routing statistics object (expected format {STATS_FORMAT!r})")
+        if d.get("version") != STATS_VERSION:
+            raise ValueError(f"unsupported routing statistics version {d.get('version')!r}")
+        try:
+            layers = {int(k): v for k, v in d["layers"].items()}
+            return cls(int(d["num_experts"]), layers)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed routing statistics: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ExpertStats":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read routing statistics: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def __repr__(self) -> str:
+        return f"ExpertStats(num_experts={self.num_experts}, layers={self.layers})"
+
+
+def resolve_stats(stats, num_experts: int) -> ExpertStats | None:
+    """None | ExpertStats | path of a stats file | {layer: counts} -> ExpertStats (or None)."""
+    if stats is None or isinstance(stats, ExpertStats):
+        out = stats
+    elif isinstance(stats, (str, Path)):
+        out = ExpertStats.load(stats)
+    elif isinstance(stats, Mapping):
+        out = ExpertStats(num_experts, stats)
+    else:
+        raise ValueError(f"stats must be an ExpertStats, a stats file path or {{layer: counts}}, got {type(stats).__name__}")
+    if out is not None and out.num_experts != num_experts:
+        raise ValueError(f"routing statistics are for {out.num_experts} experts, these weights have {num_experts}")
+    return out
+
+
+def _as_mask(spec, num_experts: int) -> torch.Tensor | None:
+    """A bool mask [E] from a bool sequence/tensor or a list of expert ids; None if spec is neither."""
+    if isinstance(spec, (str, int)) or spec is None:
+        return None
+    t = torch.as_tensor(spec)
+    if t.dtype == torch.bool:
+        if t.dim() != 1 or t.numel() != num_experts:
+            raise ValueError(f"a GPU expert mask must be a bool vector of {num_experts} entries, got shape {tuple(t.shape)}")
+        return t.clone().cpu()
+    if t.dtype.is_floating_point or t.dim() != 1:
+        raise ValueError("a GPU expert selection must be a bool mask or a 1-D list of expert ids")
+    t = t.to(torch.int64)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_experts):
+        raise ValueError(f"GPU expert ids must be in [0, {num_experts}), got {t.tolist()}")
+    if t.unique().numel() != t.numel():
+        raise ValueError(f"GPU expert ids must not repeat, got {t.tolist()}")
+    mask = torch.zeros(num_experts, dtype=torch.bool)
+    mask[t] = True
+    return mask
+
+
+def gpu_expert_mask(num_experts: int, num_gpu_experts=0, placement="uniform", counts=None) -> torch.Tensor:
+    """bool [num_experts]: True for the experts kept on the GPU.
+
+    num_gpu_experts: an int N, or itself a mask / list of ids (then placement is ignored).
+    placement: "uniform" | "frequency" (needs counts, int [E]) | a mask / list of ids.
+    """
+    mask = _as_mask(num_gpu_experts, num_experts)
+    if mask is not None:
+        return mask
+    if isinstance(num_gpu_experts, bool) or not isinstance(num_gpu_experts, int):
+        raise ValueError(f"num_gpu_experts must be an int, a bool mask or a list of expert ids, got {num_gpu_experts!r}")
+    n = num_gpu_experts
+    if not 0 <= n <= num_experts:
+        raise ValueError(f"num_gpu_experts must be in [0, {num_experts}], got {n}")
+    mask = _as_mask(placement, num_experts)
+    if mask is not None:
+        if int(mask.sum()) != n:
+            raise ValueError(f"placement selects {int(mask.sum())} experts but num_gpu_experts is {n}")
+        return mask
+    if placement == "uniform":
+        mask = torch.zeros(num_experts, dtype=torch.bool)
+        mask[:n] = True
+        return mask
+    if placement == "frequency":
+        if counts is None:
+            raise ValueError("placement='frequency' needs routing statistics (stats=...)")
+        c = torch.as_tensor(counts).reshape(-1).to(torch.float64)
+        if c.numel() != num_experts:
+            raise ValueError(f"routing statistics have {c.numel()} experts, the layer has {num_experts}")
+        return mask_of_top(c, n)
+    raise ValueError(f"unknown placement {placement!r} (expected {', '.join(STRATEGIES)} or a mask / list of ids)")
+
+
+def mask_of_top(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The n highest scores (ties to the lower index) as a bool mask."""
+    e = scores.numel()
+    # stable descending sort: ties keep ascending expert order
+    order = torch.sort(-scores.to(torch.float64), stable=True).indices
+    mask = torch.zeros(e, dtype=torch.bool)
+    mask[order[:n]] = True
+    return mask

@@ -1,0 +1,282 @@
+"""HybridMoE (kt_runtime/hybrid.py) and placement (kt_runtime/placement.py).
+
+Weights: the v4-flash-tiny synthetic checkpoint (H=384, I=512, 8 experts, 2 layers, swiglu_limit)
+converted to int8 and int4 with 2 NUMA shards. The "GPU" experts run on device="cpu" here (same
+torch code as on CUDA); the @gpu tests repeat the key checks on CUDA.
+
+Tolerances: the GPU part computes the dequantized packed weights in float (float32 here), the CPU
+part quantizes activations to int8 (≈1-2 % relative per the CPU engine's tests). So
+- all experts on the GPU (float32) == float MoE on the dequantized weights (1e-5);
+- a GPU/CPU mix vs all-CPU: < 0.1 relative (the int8 activations of the GPU part only; the synthetic
+  MXFP4 weights drive the clamp and give ≈5 % for the CPU engine against float);
+- no GPU experts == CPUMoE bit for bit.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kt_runtime
+from kt_runtime import ExpertStats, HybridMoE, gpu_expert_mask
+from kt_runtime.cpu_moe import CPUMoE
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def packed(request, tiny_checkpoint, tmp_path_factory):
+    from convert.pipeline import ConvertOptions, convert
+
+    out = tmp_path_factory.mktemp(f"hybrid_{request.param}") / "out"
+    convert(ConvertOptions(input_path=str(tiny_checkpoint.path), output=out, quant_method=request.param,
+                           threadpool_count=2, progress=False))
+    return kt_runtime.load_experts(out)
+
+
+def routing(T, E, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    w = torch.rand(T, k, generator=g)
+    x = torch.randn(T, 384, generator=g)
+    return x, ids, w
+
+
+def float_moe(w, layer, x, ids, tw):
+    """Σ w · down(silu(clamp(gate x)) · clamp(up x)) on the dequantized packed weights, float64."""
+    L = w.swiglu_limit
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for e in ids.unique().tolist():
+        g, u, d = (w.dequantize(layer, e, p).double() for p in ("gate", "up", "down"))
+        t, j = (ids == e).nonzero(as_tuple=True)
+        xs = x[t].double()
+        gate, up = xs @ g.T, xs @ u.T
+        if L is not None:
+            gate, up = gate.clamp(max=L), up.clamp(-L, L)
+        out.index_add_(0, t, (F.silu(gate) * up) @ d.T * tw[t, j, None].double())
+    return out.float()
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_no_gpu_experts_is_cpumoe_exactly(packed):
+    x, ids, w = routing(9, 8, 2)
+    h = HybridMoE(packed, 1, num_gpu_experts=0, device="cpu")
+    assert h.num_gpu_experts == 0 and h.gpu_experts == []
+    assert torch.equal(h(x, ids, w), CPUMoE(packed, 1).forward(x, ids, w))
+
+
+def test_all_gpu_is_float_moe(packed):
+    x, ids, w = routing(9, 8, 2, seed=1)
+    h = HybridMoE(packed, 0, num_gpu_experts=8, device="cpu", gpu_dtype=torch.float32)
+    assert rel(h(x, ids, w), float_moe(packed, 0, x, ids, w)) < 1e-5
+    hb = HybridMoE(packed, 0, num_gpu_experts=8, device="cpu")  # bf16 weights and matmuls
+    assert rel(hb(x, ids, w), float_moe(packed, 0, x, ids, w)) < 0.03
+
+
+@pytest.mark.parametrize("gpu", [[0, 1, 2], [5], [1, 3, 4, 6, 7]])
+def test_mix_equals_all_cpu_up_to_quantization(packed, gpu):
+    x, ids, w = routing(13, 8, 3, seed=2)
+    cpu_only = CPUMoE(packed, 1).forward(x, ids, w)
+    h = HybridMoE(packed, 1, num_gpu_experts=gpu, device="cpu", gpu_dtype=torch.float32)
+    assert h.gpu_experts == gpu
+    y = h(x, ids, w)
+    assert rel(y, cpu_only) < 0.1
+    # exactly: CPU engine on the CPU experts' slots + float MoE on the GPU experts' slots
+    on_gpu = torch.isin(ids, torch.tensor(gpu))
+    w_cpu, w_gpu = torch.where(on_gpu, 0.0, w), torch.where(on_gpu, w, 0.0)
+    expect = CPUMoE(packed, 1).forward(x, ids, w_cpu) + float_moe(packed, 1, x, ids, w_gpu)
+    assert rel(y, expect) < 1e-5
+
+
+def test_split_padding_and_token_subsets(packed):
+    h = HybridMoE(packed, 0, num_gpu_experts=[0, 1], device="cpu", gpu_dtype=torch.float32)
+    ids = torch.tensor([[0, 1, 2], [3, 0, 4], [1, 0, 1], [5, 6, 7]])
+    w = torch.rand(4, 3)
+    cpu, gpu = h.split(ids, w)
+    rows, cid, cw = cpu
+    assert rows.tolist() == [0, 1, 3]  # token 2 is all-GPU: not sent to the CPU
+    assert cid.shape == (3, 3)
+    assert cid[0].tolist() == [2, 2, 2] and cw[0, 1:].tolist() == [0.0, 0.0]  # pads repeat a CPU expert, weight 0
+    tok, gw, groups = gpu
+    assert [g[0] for g in groups] == [0, 1]
+    x = torch.randn(4, 384)
+    ref = float_moe(packed, 0, x, ids, torch.where(ids < 2, w, 0.0)) + \
+        CPUMoE(packed, 0).forward(x, ids, torch.where(ids < 2, 0.0, w))
+    assert rel(h(x, ids, w), ref) < 1e-5
+
+
+def test_dtypes_devices_and_edge_cases(packed):
+    h = HybridMoE(packed, 1, num_gpu_experts=4, device="cpu")
+    x, ids, w = routing(5, 8, 2, seed=3)
+    y = h(x.bfloat16(), ids.int(), w.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 384)
+    assert rel(y, h(x, ids, w)) < 0.06  # bf16 inputs, weights and output
+    assert h(x.half(), ids, w).dtype == torch.float16
+    empty = h(torch.zeros(0, 384), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, 384)
+    with pytest.raises(ValueError, match="topk_ids must be in"):
+        h(x, torch.full_like(ids, 8), w)
+    with pytest.raises(ValueError, match=r"x must be \[tokens, 384\]"):
+        h(x[:, :100], ids, w)
+    with pytest.raises(ValueError, match="topk_weights shape"):
+        h(x, ids, w[:, :1])
+    with pytest.raises(ValueError, match="integer"):
+        h(x, ids.float(), w)
+    with pytest.raises(ValueError, match="layer 7"):
+        HybridMoE(packed, 7, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            HybridMoE(packed, 0, 2, device="cuda")
+
+
+def test_cpu_part_runs_in_background_thread(packed, monkeypatch):
+    h = HybridMoE(packed, 0, num_gpu_experts=[0, 1, 2, 3], device="cpu")
+    seen = {}
+    orig_cpu, orig_gpu = h.cpu.forward, h._gpu_compute
+
+    def cpu_forward(*a):
+        seen["cpu"] = threading.current_thread().name
+        started.set()
+        return orig_cpu(*a)
+
+    def gpu_compute(*a):
+        assert started.wait(5), "the CPU part did not start before the GPU part finished"
+        seen["gpu"] = threading.current_thread().name
+        return orig_gpu(*a)
+
+    started = threading.Event()
+    monkeypatch.setattr(h.cpu, "forward", cpu_forward)
+    monkeypatch.setattr(h, "_gpu_compute", gpu_compute)
+    x, ids, w = routing(6, 8, 2, seed=4)
+    ids[:, 0] = 0  # every token has a GPU expert
+    ids[:, 1] = 5  # and a CPU one
+    h(x, ids, w)
+    assert seen["cpu"].startswith("kt-cpu-moe") and seen["gpu"] == threading.current_thread().name
+
+
+def test_cpu_errors_propagate(packed, monkeypatch):
+    h = HybridMoE(packed, 0, num_gpu_experts=2, device="cpu")
+
+    def boom(*a):
+        raise RuntimeError("cpu engine failed")
+
+    monkeypatch.setattr(h.cpu, "forward", boom)
+    x, ids, w = routing(3, 8, 2)
+    with pytest.raises(RuntimeError, match="cpu engine failed"):
+        h(x, ids, w)
+
+
+# ---------------------------------------------------------------- placement
+
+def test_gpu_expert_mask_strategies():
+    assert gpu_expert_mask(8, 3).tolist() == [True] * 3 + [False] * 5
+    assert gpu_expert_mask(8, 0).sum() == 0 and gpu_expert_mask(8, 8).all()
+    counts = torch.tensor([5, 1, 9, 9, 0, 7, 1, 2])
+    assert gpu_expert_mask(8, 3, "frequency", counts).nonzero().flatten().tolist() == [2, 3, 5]
+    assert gpu_expert_mask(8, 2, "frequency", torch.zeros(8)).nonzero().flatten().tolist() == [0, 1]  # ties: low id
+    assert gpu_expert_mask(8, [6, 1]).nonzero().flatten().tolist() == [1, 6]
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[2, 7]] = True
+    assert torch.equal(gpu_expert_mask(8, mask), mask)
+    assert torch.equal(gpu_expert_mask(8, 2, placement=mask), mask)
+    for bad, match in [((8, 9), r"\[0, 8\]"), ((8, -1), r"\[0, 8\]"), ((8, [8]), r"\[0, 8\)"),
+                       ((8, [1, 1]), "repeat"), ((8, torch.ones(7, dtype=torch.bool)), "8 entries"),
+                       ((8, 2, "frequency"), "statistics"), ((8, 2, "hot"), "unknown placement"),
+                       ((8, 3, mask), "selects 2"), ((8, 2.5), "bool mask")]:
+        with pytest.raises(ValueError, match=match):
+            gpu_expert_mask(*bad)
+
+
+def test_expert_stats_roundtrip(tmp_path):
+    s = ExpertStats(8)
+    s.record(3, torch.tensor([[0, 1], [1, 2]]))
+    s.record(3, torch.tensor([[1, 7]]))
+    s.record(5, torch.tensor([4]))
+    assert s.layers == [3, 5]
+    assert s.counts(3).tolist() == [1, 3, 1, 0, 0, 0, 0, 1]
+    s.save(tmp_path / "stats.json")
+    t = ExpertStats.load(tmp_path / "stats.json")
+    assert t.layers == [3, 5] and torch.equal(t.counts(3), s.counts(3))
+    t.merge(s)
+    assert t.counts(5)[4] == 2
+    with pytest.raises(KeyError, match="layer 4"):
+        s.counts(4)
+    with pytest.raises(ValueError, match="outside"):
+        s.record(3, torch.tensor([8]))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        ExpertStats.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="9 counts for 8"):
+        ExpertStats(8, {0: [1] * 9})
+
+
+def test_frequency_placement_from_stats(packed, tmp_path):
+    s = ExpertStats(8, {1: [0, 0, 4, 0, 9, 0, 3, 0]})
+    h = HybridMoE(packed, 1, num_gpu_experts=3, device="cpu", placement="frequency", stats=s)
+    assert h.gpu_experts == [2, 4, 6]
+    s.save(tmp_path / "s.json")
+    assert HybridMoE(packed, 1, 2, device="cpu", placement="frequency", stats=tmp_path / "s.json").gpu_experts == [2, 4]
+    assert HybridMoE(packed, 1, 1, device="cpu", placement="frequency", stats={1: s.counts(1)}).gpu_experts == [4]
+    with pytest.raises(ValueError, match="no counts for layer 0"):
+        HybridMoE(packed, 0, 2, device="cpu", placement="frequency", stats=s)
+    with pytest.raises(ValueError, match="needs routing statistics"):
+        HybridMoE(packed, 0, 2, device="cpu", placement="frequency")
+    with pytest.raises(ValueError, match="for 4 experts"):
+        HybridMoE(packed, 1, 2, device="cpu", placement="frequency", stats=ExpertStats(4, {1: [1, 2, 3, 4]}))
+
+
+def test_dynamic_promotes_hot_cpu_experts(packed):
+    h = HybridMoE(packed, 0, num_gpu_experts=2, device="cpu", dynamic=True, update_interval=4, max_swaps=1,
+                  gpu_dtype=torch.float32)
+    assert h.gpu_experts == [0, 1]
+    x, _, w = routing(4, 8, 2, seed=5)
+    hot = torch.tensor([[6, 7]] * 4)
+    for i in range(3):
+        h(x, hot, w)
+    assert h.gpu_experts == [0, 1] and h.swaps == []  # rate limit: nothing before update_interval calls
+    h(x, hot, w)
+    assert len(h.swaps) == 1 and h.gpu_experts == [1, 6]  # one swap per update (max_swaps=1)
+    for i in range(4):
+        h(x, hot, w)
+    assert h.gpu_experts == [6, 7]
+    y = h(x, hot, w)
+    assert rel(y, float_moe(packed, 0, x, hot, w)) < 1e-5  # now computed all on the "GPU", still right
+    assert h.counts.sum() == 9 * 4 * 2
+    # routing moves to {0, 6}: 0 replaces the now cold 7, 6 stays (no churn)
+    both = torch.tensor([[0, 6]] * 4)
+    for i in range(12):
+        h(x, both, w)
+    assert h.gpu_experts == [0, 6]
+    assert [s[1:] for s in h.swaps] == [(6, 0), (7, 1), (0, 7)]
+    # explicit re-placement
+    h.place("uniform")
+    assert h.gpu_experts == [0, 1]
+    h.place("frequency")  # by the counts observed so far
+    assert h.gpu_experts == sorted(torch.sort(-h.counts.double(), stable=True).indices[:2].tolist())
+    with pytest.raises(ValueError, match="not on the GPU"):
+        h.swap(2, 3)
+
+
+def test_static_never_swaps(packed):
+    h = HybridMoE(packed, 0, num_gpu_experts=2, device="cpu", update_interval=1)
+    x, _, w = routing(4, 8, 2)
+    for _ in range(3):
+        h(x, torch.tensor([[6, 7]] * 4), w)
+    assert h.gpu_experts == [0, 1]
+    assert h.rebalance() == [(6, 0)]  # a manual rebalance still works (max_swaps defaults to 1 here)
+    assert h.gpu_experts == [1, 6]
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_device(packed):
+    x, ids, w = routing(17, 8, 2, seed=7)
+    hc = HybridMoE(packed, 1, num_gpu_experts=[0, 2, 5], device="cpu")
+    hg = HybridMoE(packed, 1, num_gpu_experts=[0, 2, 5], device="cuda")
+    y_cpu = hc(x, ids, w)
+    y_gpu = hg(x.cuda(), ids.cuda(), w.cuda())
+    assert y_gpu.device.type == "cuda"
+    assert rel(y_gpu.cpu(), y_cpu) < 0.01
+    assert rel(hg(x, ids, w), y_cpu) < 0.01  # CPU inputs: result on the CPU
