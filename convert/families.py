@@ -1,13 +1,48 @@
-"""Checkpoint families: how each names its routed-expert tensors.
+"""Checkpoint families: how each names and lays out its routed-expert tensors.
 
-A family is a small table: the config model types it covers, regexes that match its expert keys
-(named groups: layer, expert, proj, part), the names it uses for the projections and tensor parts,
-the MTP keys it carries, and the config keys that hold its dimensions.
+A family is a small declarative table entry: the config model types it covers, regexes that match
+its expert keys (named groups: layer, expert (per-expert layouts only), proj, part), the names it
+uses for projections and tensor parts, its layout, the config keys that hold its dimensions, and
+the activation the runtime must apply. Adding a family = one entry in FAMILIES plus one test.
+
+Layouts (research/formats.md §6.2; orientation always comes from here, never from shapes):
+
+* ``per-expert``: one tensor per expert and projection, ``[N, K]`` (gate/up ``[I, H]``, down ``[H, I]``);
+* ``fused``: ``gate_up_proj [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up) and ``down_proj [E, H, I]``;
+* ``fused-transposed``: ``gate_up_proj [E, H, 2I]`` (columns ``:I`` gate, ``I:`` up), ``down_proj [E, I, H]``;
+* ``gpt-oss-interleaved``: gpt-oss MXFP4 ``gate_up_proj_blocks [E, 2I, H/32, 16]`` + ``_scales
+  [E, 2I, H/32]`` whose even rows are gate and odd rows up, ``down_proj_blocks [E, H, I/32, 16]``;
+  its BF16 form is ``gate_up_proj [E, H, 2I]`` interleaved along the last dim, ``down_proj [E, I, H]``.
+  ``*_bias`` tensors are not packed: the manifest records that the runtime must add them.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+LAYOUTS = ("per-expert", "fused", "fused-transposed", "gpt-oss-interleaved")
+
+# Key prefixes: none (V4 official), model. (transformers), VL wrappers (formats.md §7 trap 6).
+_PREFIX = r"^(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)?layers\.(?P<layer>\d+)\."
+_PROJ = r"(?P<proj>gate_proj|up_proj|down_proj)"
+# MTP blocks that are not numbered as layers: V4 mtp.{i}.*, Qwen3.5 mtp.layers.{i}.*
+_MTP = (re.compile(r"^(?:model\.language_model\.|language_model\.|model\.)?mtp\.(?:layers\.)?\d+\..*\.experts\."),)
+
+_HF_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+_W_PROJ = {"w1": "gate", "w3": "up", "w2": "down"}
+_FUSED_PROJ = {"gate_up_proj": "gate_up", "down_proj": "down"}
+# Tensor parts: weight (BF16/FP16/FP8/packed FP4), scale (E8M0, FP8 block or INT4 group scales),
+# packed/shape (compressed-tensors INT4), bias (gpt-oss; not packed).
+_HF_PARTS = {"weight": "weight", "weight_scale_inv": "scale", "weight_packed": "packed", "weight_scale": "scale",
+             "weight_shape": "shape"}
+
+
+def _per_expert(block: str, parts: tuple[str, ...], projs: str = _PROJ) -> re.Pattern:
+    return re.compile(_PREFIX + block + r"\.experts\.(?P<expert>\d+)\." + projs + r"\.(?P<part>" + "|".join(parts) + ")$")
+
+
+def _fused(block: str, parts: str = r"(?P<part>)") -> re.Pattern:
+    return re.compile(_PREFIX + block + r"\.experts\.(?P<proj>gate_up_proj|down_proj)" + parts + "$")
 
 
 @dataclass(frozen=True)
@@ -15,20 +50,33 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     expert_keys: tuple[re.Pattern, ...]
-    proj_names: dict[str, str]  # source projection name -> gate/up/down
-    part_names: dict[str, str]  # source part name -> weight/scale
-    mtp_keys: tuple[re.Pattern, ...] = ()
+    proj_names: dict[str, str]  # source projection name -> gate | up | down | gate_up (fused)
+    part_names: dict[str, str]  # source part name -> weight | scale | packed | shape | bias
+    layout: str = "per-expert"
+    mtp_keys: tuple[re.Pattern, ...] = _MTP
     expert_count_keys: tuple[str, ...] = ("n_routed_experts", "num_experts", "num_local_experts")
     intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
     activation: str = "silu"
-    extra: dict = field(default_factory=dict)
+    activation_params: dict = field(default_factory=dict)  # for the runtime, recorded in the plan
+    default_swiglu_limit: float | None = None  # when config.json has no swiglu_limit
+    note: str = ""  # what the user sees in the list of supported families
 
-    def match_expert(self, key: str) -> tuple[int, int, str, str] | None:
-        """(layer, expert, gate|up|down, weight|scale) for a routed-expert key of this family."""
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"family {self.name}: layout {self.layout!r} is not one of {LAYOUTS}")
+
+    @property
+    def fused(self) -> bool:
+        return self.layout != "per-expert"
+
+    def match_expert(self, key: str) -> tuple[int, int | None, str, str] | None:
+        """(layer, expert or None for fused tensors, gate|up|down|gate_up, part) for an expert key."""
         for pattern in self.expert_keys:
             m = pattern.match(key)
             if m:
-                return int(m["layer"]), int(m["expert"]), self.proj_names[m["proj"]], self.part_names[m["part"]]
+                groups = m.groupdict()
+                expert = int(groups["expert"]) if groups.get("expert") is not None else None
+                return int(m["layer"]), expert, self.proj_names[m["proj"]], self.part_names[m["part"] or ""]
         return None
 
     def is_mtp(self, key: str) -> bool:
@@ -39,18 +87,101 @@ DEEPSEEK_V4 = Family(
     name="deepseek_v4",
     model_types=("deepseek_v4",),
     expert_keys=(
-        # official (no prefix) and transformers-saved (model.) names
-        re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.ffn\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])\.(?P<part>weight|scale)$"),
+        # official (no prefix) and transformers-saved (model.) names; .scale is E8M0 (fp4) or F32 (fp8)
+        _per_expert(r"ffn", ("weight", "scale"), r"(?P<proj>w[123])"),
         # the HF alias that sglang/ktransformers accept
-        re.compile(r"^model\.layers\.(?P<layer>\d+)\.mlp\.experts\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)"
-                   r"\.(?P<part>weight|weight_scale_inv)$"),
+        _per_expert(r"mlp", ("weight", "weight_scale_inv")),
     ),
-    proj_names={"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    proj_names={**_W_PROJ, **_HF_PROJ},
     part_names={"weight": "weight", "scale": "scale", "weight_scale_inv": "scale"},
-    mtp_keys=(re.compile(r"^(?:model\.)?mtp\.\d+\.(?:ffn|mlp)\.experts\."),),
+    note="DeepSeek-V4-Flash (MXFP4) / -Flash-Base (FP8): layers.L.ffn.experts.E.w1/w3/w2",
 )
 
-FAMILIES: tuple[Family, ...] = (DEEPSEEK_V4,)
+DEEPSEEK_V3 = Family(
+    name="deepseek_v3",
+    model_types=("deepseek_v3", "deepseek_v2", "kimi_k2", "kimi_k25"),
+    expert_keys=(_per_expert(r"mlp", tuple(_HF_PARTS)),),
+    proj_names=_HF_PROJ,
+    part_names=_HF_PARTS,
+    note="DeepSeek-V2/V3/R1/V3.1, Kimi-K2 (FP8 block, BF16), Kimi-K2-Thinking (compressed-tensors INT4)",
+)
+
+GLM4_MOE = Family(
+    name="glm4_moe",
+    model_types=("glm4_moe",),
+    expert_keys=(_per_expert(r"mlp", tuple(_HF_PARTS)),),
+    proj_names=_HF_PROJ,
+    part_names=_HF_PARTS,
+    note="GLM-4.5/4.6/4.7: mlp.experts.E.*_proj (dense first layers and shared experts left alone)",
+)
+
+QWEN3_MOE = Family(
+    name="qwen3_moe",
+    model_types=("qwen3_moe", "qwen2_moe", "qwen3_next"),
+    expert_keys=(_per_expert(r"mlp", tuple(_HF_PARTS)),),
+    proj_names=_HF_PROJ,
+    part_names=_HF_PARTS,
+    note="Qwen2-MoE, Qwen3-MoE, Qwen3-Next: mlp.experts.E.*_proj",
+)
+
+MIXTRAL = Family(
+    name="mixtral",
+    model_types=("mixtral", "minimax"),
+    expert_keys=(_per_expert(r"block_sparse_moe", ("weight",), r"(?P<proj>w[123])"),),
+    proj_names=_W_PROJ,
+    part_names={"weight": "weight"},
+    intermediate_keys=("intermediate_size",),
+    note="Mixtral, MiniMax-Text-01/M1: block_sparse_moe.experts.E.w1/w3/w2 (intermediate_size per expert)",
+)
+
+MINIMAX_M2 = Family(
+    name="minimax_m2",
+    model_types=("minimax_m2",),
+    expert_keys=(_per_expert(r"block_sparse_moe", ("weight", "weight_scale_inv"), r"(?P<proj>w[123])"),),
+    proj_names=_W_PROJ,
+    part_names={"weight": "weight", "weight_scale_inv": "scale"},
+    intermediate_keys=("intermediate_size",),
+    note="MiniMax-M2 (FP8 block): block_sparse_moe.experts.E.w1/w3/w2",
+)
+
+QWEN3_5_MOE = Family(
+    name="qwen3_5_moe",
+    model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+    expert_keys=(_fused(r"mlp"),),
+    proj_names=_FUSED_PROJ,
+    part_names={"": "weight"},
+    layout="fused",
+    note="Qwen3.5/3.6-MoE: mlp.experts.gate_up_proj [E,2I,H] + down_proj [E,H,I]",
+)
+
+QWEN3_VL_MOE = Family(
+    name="qwen3_vl_moe",
+    model_types=("qwen3_vl_moe", "qwen3_vl_moe_text"),
+    expert_keys=(_fused(r"mlp"),),
+    proj_names=_FUSED_PROJ,
+    part_names={"": "weight"},
+    layout="fused-transposed",
+    note="Qwen3-VL-MoE: mlp.experts.gate_up_proj [E,H,2I] + down_proj [E,I,H]",
+)
+
+GPT_OSS = Family(
+    name="gpt_oss",
+    model_types=("gpt_oss",),
+    expert_keys=(_fused(r"mlp", r"(?P<part>_blocks|_scales|_bias|)"),),
+    proj_names=_FUSED_PROJ,
+    part_names={"": "weight", "_blocks": "weight", "_scales": "scale", "_bias": "bias"},
+    layout="gpt-oss-interleaved",
+    intermediate_keys=("intermediate_size",),
+    activation="gpt_oss",
+    # out = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit); biases
+    # (interleaved like gate_up) are added before the activation.
+    activation_params={"alpha": 1.702, "up_offset": 1.0},
+    default_swiglu_limit=7.0,
+    note="gpt-oss (MXFP4 _blocks/_scales, interleaved gate/up; biases not packed)",
+)
+
+FAMILIES: tuple[Family, ...] = (DEEPSEEK_V4, DEEPSEEK_V3, GLM4_MOE, QWEN3_MOE, MIXTRAL, MINIMAX_M2, QWEN3_5_MOE,
+                                QWEN3_VL_MOE, GPT_OSS)
 
 
 def family_for(model_type: str | None) -> Family | None:
@@ -60,13 +191,33 @@ def family_for(model_type: str | None) -> Family | None:
     return None
 
 
+def supported_model_types() -> list[str]:
+    return [t for f in FAMILIES for t in f.model_types]
+
+
 def detect_family(model_type: str | None, keys) -> Family | None:
-    """The family named by config.json, else the one whose expert keys the files contain."""
+    """The family named by config.json, else a per-expert family whose expert keys the files contain.
+
+    Fused layouts are never picked from keys alone: [E, 2I, H] and [E, H, 2I] cannot be told
+    apart by names, and guessing from shapes fails when H == 2I.
+    """
     family = family_for(model_type)
     if family is not None:
         return family
     for key in keys:
         for family in FAMILIES:
-            if family.match_expert(key):
+            if not family.fused and family.match_expert(key):
                 return family
     return None
+
+
+_EXPERTISH = re.compile(r"experts?\.")
+
+
+def describe_unknown(model_type: str | None, keys) -> str:
+    """What was found, for the error when no family fits."""
+    sample = sorted(k for k in keys if _EXPERTISH.search(k))[:3]
+    found = f"expert-like keys such as {', '.join(sample)}" if sample else "no expert-like keys"
+    listing = "; ".join(f"{f.name} (model_type {'/'.join(f.model_types)}): {f.note}" for f in FAMILIES)
+    return (f"model_type {model_type!r} is not a supported MoE family and its routed-expert keys were not "
+            f"recognised ({found}). Supported: {listing}")

@@ -20,7 +20,7 @@ from quant.numa import shard_slice
 from . import __version__
 from .errors import NonFiniteError, UserError
 from .output_dir import OutputLock, check_output_location, copy_model_files, prepare_output, write_index
-from .plan import ConversionPlan, LayerPlan, ProjectionSource, build_plan
+from .plan import ConversionPlan, LayerPlan, ProjectionSource, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, open_checkpoint
 from .writer import KtFolderWriter, MergedShardWriter
@@ -81,11 +81,7 @@ class ConversionReport:
 
 
 def source_matrix(ckpt: Checkpoint, src: ProjectionSource) -> SourceMatrix:
-    if src.kind == "mxfp4":
-        return SourceMatrix("mxfp4", ckpt.array(src.weight_key).view(np.uint8), ckpt.array(src.scale_key).view(np.uint8))
-    if src.kind == "bf16":
-        return SourceMatrix("bf16", ckpt.array(src.weight_key))
-    raise UserError(f"no CPU decoder for {src.kind} ({src.weight_key})")
+    return read_source_matrix(ckpt, src)
 
 
 def resolve_device(device: str) -> str:
