@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (INDEX_FILE, METHOD_INFO, PROJECTIONS, kt_file_paths, layer_dir_name, layer_tensor_entries,
-                     merged_key, shard_shape, weight_bytes)
+from .format import (FORMAT_VERSION, INDEX_FILE, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
+                     layer_dir_name, layer_tensor_entries, merged_key, shard_shape, weight_bytes)
 from .manifest import Manifest, ManifestError, read_manifest, sha256_files
 from .safetensors_file import SafetensorsFile, SafetensorsFormatError
 
@@ -113,14 +113,40 @@ def _check_entry(st: SafetensorsFile, key: str, dtype: str, shape: tuple[int, ..
     return arr.view(np.uint8) if dtype == "I8" else arr
 
 
-def _merged_tensors(path: Path, dims: ModelDims, files: dict[int, list[str]]) -> dict:
+# Facts every merged shard carries in its __metadata__ (convert.pipeline.shard_metadata), as strings.
+def _shard_facts(dims: ModelDims, layer: int, manifest: Manifest | None) -> dict[str, str]:
+    facts = {"kt_format_version": FORMAT_VERSION, "quant_method": dims.method,
+             "kt_method": METHOD_INFO[dims.method][0], "threadpool_count": dims.threadpool_count,
+             "hidden_size": dims.hidden_size, "moe_intermediate_size": dims.moe_intermediate_size,
+             "num_experts": dims.num_experts, "layer": layer}
+    if manifest is not None:
+        facts.update(num_experts_per_tok=manifest.num_experts_per_tok, activation=manifest.activation,
+                      swiglu_limit=manifest.swiglu_limit, source_fingerprint=manifest.source.get("fingerprint"))
+    return {k: "" if v is None else str(v) for k, v in facts.items()}
+
+
+def _check_metadata(st: SafetensorsFile, facts: dict[str, str], strict: bool) -> None:
+    """strict (a manifest is present): every fact must be there and agree; otherwise those present must agree."""
+    for key, want in facts.items():
+        got = st.metadata.get(key)
+        if got is None and not strict:
+            continue
+        if got != want:
+            raise _fail(f"{st.path}: __metadata__ {key} is {got!r} but the "
+                        f"{'manifest' if strict else 'tensors'} say {want!r}: the shard belongs to another "
+                        "conversion or was edited; re-run the conversion into an empty directory")
+
+
+def _merged_tensors(path: Path, dims: ModelDims, files: dict[int, list[str]], manifest: Manifest | None = None) -> dict:
     tensors = {}
     open_files: dict[str, SafetensorsFile] = {}
     for layer in dims.layers:
         by_key: dict[str, SafetensorsFile] = {}
+        facts = _shard_facts(dims, layer, manifest)
         for name in files[layer]:
             if name not in open_files:
                 open_files[name] = SafetensorsFile(path / name)
+                _check_metadata(open_files[name], facts, strict=manifest is not None)
             by_key.update(dict.fromkeys(open_files[name].keys(), open_files[name]))
         where = open_files[files[layer][0]]
         for key, dtype, shape in layer_tensor_entries(layer, dims.method, dims.num_experts, dims.hidden_size,
@@ -165,6 +191,46 @@ def _layer_files(path: Path, m: Manifest) -> dict[int, list[str]]:
     return files
 
 
+def _layer_data_bytes(dims: ModelDims) -> int:
+    """Packed bytes of one layer's tensors (weights + fp32 scales), without headers or padding."""
+    per_expert = 0
+    for proj in PROJECTIONS:
+        n, k = shard_shape(proj, dims.hidden_size, dims.moe_intermediate_size, dims.threadpool_count)
+        per_expert += dims.threadpool_count * (weight_bytes(dims.method, n, k) + 4 * n)
+    return dims.num_experts * per_expert
+
+
+def _kt_layer_files(dims: ModelDims, layer: int) -> list[str]:
+    names = []
+    for expert in range(dims.num_experts):
+        for proj in PROJECTIONS:
+            n, k = shard_shape(proj, dims.hidden_size, dims.moe_intermediate_size, dims.threadpool_count)
+            for t in range(dims.threadpool_count):
+                names += [f"{layer_dir_name(layer)}/_numa_{t}/{f}"
+                          for f in kt_file_names(dims.method, proj, expert, weight_bytes(dims.method, n, k), n)]
+    return names
+
+
+def _check_layer_records(path: Path, m: Manifest, dims: ModelDims) -> None:
+    """The manifest's dims against each layer record's size and file list: cheap, before opening anything."""
+    data = _layer_data_bytes(dims)
+    for layer in m.layers:
+        rec = m.completed[layer]
+        if m.layout == "kt-folders":
+            count = dims.num_experts * len(PROJECTIONS) * dims.threadpool_count * 2
+            if len(rec.files) != count or rec.nbytes != data:
+                raise _fail(f"{path}: layer {layer} lists {len(rec.files)} files of {rec.nbytes} bytes, but "
+                            f"{dims.num_experts} experts x {dims.threadpool_count} NUMA shards of {dims.method} "
+                            f"need {count} files of {data} bytes: the manifest does not match the output")
+            if set(rec.files) != set(_kt_layer_files(dims, layer)):
+                raise _fail(f"{path}: layer {layer} lists files other than the kt names for its dims: "
+                            "the manifest does not match the output")
+        elif rec.nbytes < data + 8:
+            raise _fail(f"{path}: layer {layer} is {rec.nbytes} bytes in the manifest, but {dims.num_experts} experts "
+                        f"x {dims.threadpool_count} NUMA shards of {dims.method} need at least {data}: "
+                        "the manifest does not match the output")
+
+
 def _verify_layer_files(path: Path, m: Manifest, verify: bool) -> None:
     for layer in m.layers:
         rec = m.completed[layer]
@@ -203,18 +269,23 @@ def load_experts(path: str | Path, verify: bool = True) -> PackedExperts:
             return PackedExperts(path, dims, None, tensors)
         dims = _dims_from_manifest(manifest)
         files = _layer_files(path, manifest)
+        _check_layer_records(path, manifest, dims)
         _verify_layer_files(path, manifest, verify)
         if manifest.layout == "merged":
-            tensors = _merged_tensors(path, dims, files)
+            tensors = _merged_tensors(path, dims, files, manifest)
         else:
             tensors = _kt_folder_tensors(path, dims)
         return PackedExperts(path, dims, manifest, tensors)
     except SafetensorsFormatError as e:
         raise _fail(f"{e}") from None
+    except OSError as e:
+        raise _fail(f"{e.filename or path}: cannot read ({e.strerror or e})") from None
 
 
 _MERGED_KEY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.numa\.(\d+)\.(weight|scale)$")
 _KT_FILE = re.compile(r"^(INT4|INT8)_(gate|up|down)_(\d+)_(\d+)Byte_(quant|scale)_\.kt$")
+_LAYER_DIR = re.compile(r"^_layer_(\d+)$")
+_NUMA_DIR = re.compile(r"^_numa_(\d+)$")
 
 
 def _config_facts(path: Path) -> tuple[int, str, float | None]:
@@ -222,24 +293,39 @@ def _config_facts(path: Path) -> tuple[int, str, float | None]:
     if (path / "config.json").is_file():
         try:
             cfg = json.loads((path / "config.json").read_text())
-            cfg = cfg.get("text_config", cfg)
-        except (OSError, json.JSONDecodeError):
+            cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+        except (OSError, ValueError, RecursionError):
             cfg = {}
-    return int(cfg.get("num_experts_per_tok", 2)), "silu", cfg.get("swiglu_limit")
+    cfg = cfg if isinstance(cfg, dict) else {}
+    top_k, limit = cfg.get("num_experts_per_tok", 2), cfg.get("swiglu_limit")
+    top_k = top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > 0 else 2
+    limit = float(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else None
+    return top_k, "silu", limit
 
 
-def _infer_dims(path: Path, layers: set, experts: set, numas: set, gate_n: int, down_n: int, gate_bytes: int):
+def _infer_dims(path: Path, layers: set, experts: set, numas: set, gate_n: int, down_n: int, gate_bytes: int,
+                counts: dict[int, int]):
     if not layers:
         raise _fail(f"{path}: no packed expert tensors found (expected blk.L.ffn_*_exps.E.numa.T.* or _layer_L/ folders)")
-    threadpool_count = max(numas) + 1
+    threadpool_count, num_experts = max(numas) + 1, max(experts) + 1
+    expected = num_experts * len(PROJECTIONS) * threadpool_count * 2
+    for layer in sorted(layers):  # before anything is sized from these numbers
+        if counts.get(layer, 0) != expected:
+            raise _fail(f"{path}: layer {layer} holds {counts.get(layer, 0)} packed expert tensors, but experts "
+                        f"0..{num_experts - 1} x 3 projections x {threadpool_count} NUMA shards x (weight, scale) are "
+                        f"{expected}: experts or NUMA shards are missing; re-convert")
     inter, hidden = gate_n * threadpool_count, down_n
     per_byte = gate_n * hidden / gate_bytes if gate_bytes else 0
-    method = {2: "int4", 1: "int8"}.get(per_byte)
+    method = {2: "int4", 1: "int8"}.get(per_byte) if gate_n > 0 and hidden > 0 else None
     if method is None:
         raise _fail(f"{path}: cannot infer INT4/INT8 from a gate shard of {gate_bytes} bytes for {gate_n}x{hidden}")
+    align = METHOD_INFO[method][4]
+    if hidden % align or gate_n % align:
+        raise _fail(f"{path}: inferred hidden size {hidden} and per-NUMA intermediate size {gate_n} are not multiples "
+                    f"of {align}, which {method} needs: not a kt-kernel output, or a damaged one")
     top_k, activation, limit = _config_facts(path)
-    return ModelDims(method, threadpool_count, hidden, inter, max(experts) + 1, top_k, tuple(sorted(layers)),
-                     activation, limit)
+    return ModelDims(method, threadpool_count, hidden, inter, num_experts, min(top_k, num_experts),
+                     tuple(sorted(layers)), activation, limit)
 
 
 def _infer_kt_output(path: Path):
@@ -247,6 +333,7 @@ def _infer_kt_output(path: Path):
     if shards:  # kt's loader takes the merged layout whenever a top-level *.safetensors exists
         files: dict[int, list[str]] = {}
         layers, experts, numas = set(), set(), set()
+        counts: dict[int, int] = {}
         gate_n = down_n = gate_bytes = 0
         for shard in shards:
             st = SafetensorsFile(shard)
@@ -255,7 +342,11 @@ def _infer_kt_output(path: Path):
                 if not m:
                     continue
                 layer, proj, expert, numa, part = int(m[1]), m[2], int(m[3]), int(m[4]), m[5]
+                if info.dtype != ("F32" if part == "scale" else "I8") or len(info.shape) != 1:
+                    raise _fail(f"{shard}: tensor {key} is {info.dtype}{list(info.shape)}, expected a 1-D "
+                                f"{'F32' if part == 'scale' else 'I8'} tensor: not a kt-kernel output, or a damaged one")
                 layers.add(layer); experts.add(expert); numas.add(numa)
+                counts[layer] = counts.get(layer, 0) + 1
                 files.setdefault(layer, [])
                 if shard.name not in files[layer]:
                     files[layer].append(shard.name)
@@ -267,17 +358,22 @@ def _infer_kt_output(path: Path):
                 if (proj, expert, numa, part) == ("down", 0, 0, "scale"):
                     down_n = info.shape[0]
             st.close()
-        dims = _infer_dims(path, layers, experts, numas, gate_n, down_n, gate_bytes)
+        dims = _infer_dims(path, layers, experts, numas, gate_n, down_n, gate_bytes, counts)
         return dims, _merged_tensors(path, dims, files)
     layers, experts, numas = set(), set(), set()
+    counts = {}
     gate_n = down_n = gate_bytes = 0
     for folder in path.glob("_layer_*/_numa_*"):
-        layer, numa = int(folder.parent.name.split("_")[-1]), int(folder.name.split("_")[-1])
+        lm, nm = _LAYER_DIR.match(folder.parent.name), _NUMA_DIR.match(folder.name)
+        if not lm or not nm or not folder.is_dir():
+            continue  # e.g. _layer_5.tmp/ left by an interrupted run
+        layer, numa = int(lm[1]), int(nm[1])
         for f in folder.iterdir():
             m = _KT_FILE.match(f.name)
             if not m:
                 continue
             layers.add(layer); numas.add(numa); experts.add(int(m[3]))
+            counts[layer] = counts.get(layer, 0) + 1
             if (m[2], int(m[3]), numa) == ("gate", 0, 0):
                 if m[5] == "scale":
                     gate_n = int(m[4]) // 4
@@ -285,5 +381,5 @@ def _infer_kt_output(path: Path):
                     gate_bytes = int(m[4])
             if (m[2], int(m[3]), numa, m[5]) == ("down", 0, 0, "scale"):
                 down_n = int(m[4]) // 4
-    dims = _infer_dims(path, layers, experts, numas, gate_n, down_n, gate_bytes)
+    dims = _infer_dims(path, layers, experts, numas, gate_n, down_n, gate_bytes, counts)
     return dims, _kt_folder_tensors(path, dims)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .format import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
@@ -69,42 +70,105 @@ class Manifest:
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> "Manifest":
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{where}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise ManifestError(f"{where}: not valid JSON ({e}); re-run the conversion to rewrite it") from None
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION or isinstance(version, bool):
             raise ManifestError(f"{where}: format_version {version!r} is not supported (this version reads {FORMAT_VERSION})")
         known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        missing = sorted(required - d.keys())
+        if missing:
+            raise ManifestError(f"{where}: malformed manifest (missing {', '.join(missing)})")
         try:
             args = {k: v for k, v in d.items() if k in known}
-            completed = {int(k): LayerRecord(**v) for k, v in (args.pop("completed", None) or {}).items()}
+            raw = args.pop("completed", None) or {}
+            if not isinstance(raw, dict):
+                raise TypeError(f"completed must be an object, got {type(raw).__name__}")
+            completed = {}
+            for k, v in raw.items():
+                if not isinstance(v, dict):
+                    raise TypeError(f"completed[{k!r}] must be an object")
+                completed[int(k)] = LayerRecord(**v)
             m = cls(**args, completed=completed)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise ManifestError(f"{where}: malformed manifest ({e})") from None
+        kt_method = d.get("kt_method")
         m.check(where)
+        if kt_method is not None and kt_method != m.kt_method:
+            raise ManifestError(f"{where}: kt_method {kt_method!r} contradicts method {m.method!r}")
         return m
 
     def check(self, where: str = MANIFEST_FILE) -> None:
         def bad(msg: str):
             raise ManifestError(f"{where}: {msg}")
 
-        if self.method not in METHOD_INFO:
+        if not isinstance(self.method, str) or self.method not in METHOD_INFO:
             bad(f"unknown method {self.method!r} (this version knows {sorted(METHOD_INFO)})")
         for name in ("threadpool_count", "hidden_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 bad(f"{name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            bad(f"num_experts_per_tok {self.num_experts_per_tok} exceeds num_experts {self.num_experts}")
         if self.moe_intermediate_size % self.threadpool_count:
             bad(f"moe_intermediate_size {self.moe_intermediate_size} is not divisible by threadpool_count {self.threadpool_count}")
-        if not isinstance(self.layers, list) or not all(isinstance(x, int) and x >= 0 for x in self.layers):
+        align = METHOD_INFO[self.method][4]
+        if self.hidden_size % align or (self.moe_intermediate_size // self.threadpool_count) % align:
+            bad(f"hidden_size {self.hidden_size} and moe_intermediate_size / threadpool_count "
+                f"{self.moe_intermediate_size // self.threadpool_count} must be multiples of {align} for {self.method}")
+        if not isinstance(self.layers, list) or not all(_is_int(x) and x >= 0 for x in self.layers):
             bad("layers must be a list of non-negative integers")
-        if self.layout not in ("merged", "kt-folders"):
+        if len(set(self.layers)) != len(self.layers):
+            bad("layers lists a layer twice")
+        if not isinstance(self.layout, str) or self.layout not in ("merged", "kt-folders"):
             bad(f"unknown layout {self.layout!r}")
-        for layer in self.completed:
+        if not isinstance(self.activation, str):
+            bad(f"activation must be a string, got {self.activation!r}")
+        if self.swiglu_limit is not None and (isinstance(self.swiglu_limit, bool)
+                                              or not isinstance(self.swiglu_limit, (int, float))):
+            bad(f"swiglu_limit must be a number or null, got {self.swiglu_limit!r}")
+        if not _is_int(self.num_shards) or self.num_shards < 0:
+            bad(f"num_shards must be a non-negative integer, got {self.num_shards!r}")
+        for name in ("source", "options"):
+            if not isinstance(getattr(self, name), dict):
+                bad(f"{name} must be an object")
+        if not isinstance(self.converter_version, str):
+            bad("converter_version must be a string")
+        if not isinstance(self.complete, bool):
+            bad(f"complete must be true or false, got {self.complete!r}")
+        for layer, rec in self.completed.items():
             if layer not in self.layers:
                 bad(f"completed layer {layer} is not among the planned layers")
+            if rec.layer != layer or not _is_int(rec.layer):
+                bad(f"completed[{layer}] is a record of layer {rec.layer!r}")
+            if not isinstance(rec.files, list) or not rec.files or not all(_safe_relative(f) for f in rec.files):
+                bad(f"completed[{layer}].files must be a non-empty list of paths inside the output directory")
+            if len(set(rec.files)) != len(rec.files):
+                bad(f"completed[{layer}].files lists a file twice")
+            if not _is_int(rec.nbytes) or rec.nbytes < 0:
+                bad(f"completed[{layer}].nbytes must be a non-negative integer, got {rec.nbytes!r}")
+            if not isinstance(rec.sha256, str) or not _SHA256.fullmatch(rec.sha256):
+                bad(f"completed[{layer}].sha256 is not a sha256 hex digest")
+        if self.complete and len(self.completed) != len(self.layers):
+            bad("complete is true but not every layer is completed")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _safe_relative(name: Any) -> bool:
+    """A relative path that stays inside the output directory."""
+    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
+        return False
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts and p.parts[0] != "." and str(p) == name
 
 
 def read_manifest(out_dir: Path) -> Manifest | None:
