@@ -1,0 +1,283 @@
+"""kt_runtime.inject: hybrid experts inside tiny transformers models (random weights, CPU).
+
+Each model is built with from_config, rounded to bf16 and saved with save_pretrained (per-expert
+BF16 keys), converted to int8 / int4 with convert.pipeline.convert, and injected back (float32
+model). Judged against the effect of dropping the routed experts' output (`zero_err`):
+- vs the original model: int8 < 0.2 × zero_err; int4 < 0.6 × zero_err (per-row int4 of Gaussian
+  weights is ≈12 % noise per matrix; measured ≈ 0.37 × zero_err for V4);
+- vs the original model with its expert weights replaced by the dequantized packed ones (what the
+  runtime is meant to compute): < 0.25 × zero_err for both (only int8 activations, bf16 GPU experts
+  and the routing flips they cause remain; measured 0.005-0.11, the top from one flipped top-k).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import kt_runtime  # noqa: E402
+from kt_runtime.integrations import HybridExperts, find_expert_modules, hybrid_layers, record_routing  # noqa: E402
+
+H, I, E, K, V = 256, 128, 8, 2, 64
+
+
+def _v4_config(**over):
+    cfg = dict(vocab_size=V, hidden_size=H, moe_intermediate_size=I, num_hidden_layers=3, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=32, q_lora_rank=32, n_routed_experts=E, num_experts_per_tok=K,
+               o_groups=1, o_lora_rank=32, index_n_heads=2, index_head_dim=16, index_topk=4, sliding_window=16,
+               hc_mult=2, mlp_layer_types=["hash_moe", "moe", "moe"], num_nextn_predict_layers=0,
+               compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8})
+    cfg.update(over)
+    return transformers.DeepseekV4Config(**cfg)
+
+
+def _qwen3_config(**over):
+    cfg = dict(vocab_size=V, hidden_size=H, intermediate_size=384, moe_intermediate_size=I, num_experts=E,
+               num_experts_per_tok=K, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+               head_dim=32, decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
+    cfg.update(over)
+    return transformers.Qwen3MoeConfig(**cfg)
+
+
+def _v3_config(**over):
+    cfg = dict(vocab_size=V, hidden_size=H, intermediate_size=384, moe_intermediate_size=I, n_routed_experts=E,
+               num_experts_per_tok=K, n_shared_experts=1, num_hidden_layers=3, first_k_dense_replace=1, n_group=1,
+               topk_group=1, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32,
+               qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+    cfg.update(over)
+    return transformers.DeepseekV3Config(**cfg)
+
+
+def _mixtral_config(**over):
+    cfg = dict(vocab_size=V, hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    cfg.update(over)
+    return transformers.MixtralConfig(**cfg)
+
+
+BUILDERS = {
+    "deepseek_v4": (_v4_config, "DeepseekV4ForCausalLM"),
+    "qwen3_moe": (_qwen3_config, "Qwen3MoeForCausalLM"),
+    "deepseek_v3": (_v3_config, "DeepseekV3ForCausalLM"),  # layer 0 dense (first_k_dense_replace)
+    "mixtral": (_mixtral_config, "MixtralForCausalLM"),
+}
+MOE_LAYERS = {"deepseek_v4": [0, 1, 2], "qwen3_moe": [0, 1], "deepseek_v3": [1, 2], "mixtral": [0, 1]}
+
+
+def _converter_supports(family: str) -> bool:
+    from convert.families import detect_family
+
+    key = {"mixtral": "model.layers.0.block_sparse_moe.experts.0.w1.weight"}.get(
+        family, "model.layers.0.mlp.experts.0.gate_proj.weight")
+    return detect_family(family, [key]) is not None
+
+
+def make_model(family: str, seed: int = 0, **over):
+    """float32 model whose weights are exactly bf16 values (so the bf16 checkpoint is lossless)."""
+    cfg_fn, cls = BUILDERS[family]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(cfg_fn(**over))
+    return model.to(torch.bfloat16).to(torch.float32).eval()
+
+
+def save_and_convert(model, root, method):
+    from convert.pipeline import ConvertOptions, convert
+
+    src = root / "src"
+    if not src.exists():
+        model.to(torch.bfloat16).save_pretrained(src)
+        model.to(torch.float32)
+    out = root / method
+    if not out.exists():
+        convert(ConvertOptions(input_path=str(src), output=out, quant_method=method, threadpool_count=1,
+                               progress=False))
+    return out
+
+
+class Built:
+    """Lazily built tiny models and their conversions: built[family] -> (model, {method: packed dir})."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp, self.models, self.roots = tmp_path_factory, {}, {}
+
+    def __getitem__(self, family):
+        if not _converter_supports(family):
+            pytest.skip(f"the converter does not read {family} checkpoints yet (convert/families.py)")
+        if family not in self.models:
+            self.models[family] = make_model(family)
+            self.roots[family] = self.tmp.mktemp(family)
+        model, root = self.models[family], self.roots[family]
+        return model, _Packed(model, root)
+
+
+class _Packed(dict):
+    def __init__(self, model, root):
+        super().__init__()
+        self.model, self.root = model, root
+
+    def __missing__(self, method):
+        self[method] = save_and_convert(self.model, self.root, method)
+        return self[method]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return Built(tmp_path_factory)
+
+
+def dequantized_copy(model, packed):
+    """The model with its routed-expert weights replaced by the dequantized packed ones."""
+    ref = copy.deepcopy(model)
+    w = kt_runtime.load_experts(packed)
+    for layer, (_, mod) in find_expert_modules(ref).items():
+        with torch.no_grad():
+            for e in range(w.num_experts):
+                mod.gate_up_proj[e].copy_(torch.cat([w.dequantize(layer, e, "gate"), w.dequantize(layer, e, "up")]))
+                mod.down_proj[e].copy_(w.dequantize(layer, e, "down"))
+    return ref
+
+
+def zeroed_copy(model):
+    z = copy.deepcopy(model)
+    for _, mod in find_expert_modules(z).values():
+        with torch.no_grad():
+            mod.down_proj.zero_()
+    return z
+
+
+def tokens(seed=1, batch=2, length=12):
+    return torch.randint(2, V, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("family,method", [("deepseek_v4", "int8"), ("deepseek_v4", "int4"), ("qwen3_moe", "int8"),
+                                           ("qwen3_moe", "int4"), ("deepseek_v3", "int8"), ("mixtral", "int4")])
+def test_injected_logits_close(built, family, method):
+    model, packed = built[family]
+    ids = tokens()
+    ref = logits(model, ids)
+    zero_err = err(logits(zeroed_copy(model), ids), ref)
+    deq = logits(dequantized_copy(model, packed[method]), ids)
+    assert zero_err > 0.05, "the routed experts must matter for this test to mean anything"
+    for n in (0, 3, E):  # all on the CPU, a mix, all on the (cpu) "GPU" device
+        m = copy.deepcopy(model)
+        kt_runtime.inject(m, packed[method], num_gpu_experts=n, device="cpu")
+        got = logits(m, ids)
+        assert err(got, ref) < (0.2 if method == "int8" else 0.6) * zero_err, (n, err(got, ref), zero_err)
+        assert err(got, deq) < 0.25 * zero_err, (n, err(got, deq), zero_err)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_generate_and_structure(built, family):
+    model, packed = built[family]
+    m = copy.deepcopy(model)
+    before = {name: mod for name, mod in m.named_modules()}
+    n_params = sum(p.numel() for p in m.parameters())
+    replaced = kt_runtime.inject(m, packed["int8"], num_gpu_experts=2, device="cpu")
+    mods = find_expert_modules(m)
+    assert sorted(mods) == MOE_LAYERS[family]
+    assert sorted(replaced) == sorted(mods) and all(isinstance(x, HybridExperts) for _, x in mods.values())
+    assert all(h.gpu_experts == [0, 1] for h in hybrid_layers(m).values())
+    # routers, shared experts, hash-routing tables untouched (same objects)
+    for name, mod in m.named_modules():
+        if name.endswith(".gate") or "shared_expert" in name:
+            assert mod is before[name], name
+    if family == "deepseek_v4":
+        assert m.model.layers[0].mlp.is_hash and m.model.layers[0].mlp.gate is before["model.layers.0.mlp.gate"]
+    # original expert weights released, none left in the model's parameters / state dict
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in m.state_dict())
+    assert sum(p.numel() for p in m.parameters()) == n_params - len(mods) * E * 3 * H * I
+    assert before[mods[next(iter(mods))][0]].gate_up_proj.device.type == "meta"
+    out = m.generate(tokens(batch=1, length=5), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11)
+    # teacher-forced agreement with the dequantized reference on the generated text
+    deq = dequantized_copy(model, packed["int8"])
+    agree = (logits(m, out).argmax(-1) == logits(deq, out).argmax(-1)).float().mean()
+    assert agree >= 0.8
+
+
+def test_record_routing_and_frequency_placement(built, tmp_path):
+    model, packed = built["deepseek_v4"]
+    m = copy.deepcopy(model)
+    with record_routing(m) as stats:
+        logits(m, tokens(seed=3, batch=4, length=16))
+    assert stats.layers == [0, 1, 2]
+    assert all(int(stats.counts(layer).sum()) == 4 * 16 * K for layer in stats.layers)
+    stats.save(tmp_path / "routing.json")
+    kt_runtime.inject(m, packed["int8"], num_gpu_experts=3, device="cpu", placement="frequency",
+                      stats=tmp_path / "routing.json")
+    for layer, h in hybrid_layers(m).items():
+        c = stats.counts(layer).double()
+        assert h.gpu_experts == sorted(torch.sort(-c, stable=True).indices[:3].tolist())
+    # recording also works on the injected model, and dynamic placement runs inside generate
+    with record_routing(m) as again:
+        logits(m, tokens(seed=4))
+    assert again.layers == [0, 1, 2]
+    d = copy.deepcopy(model)
+    kt_runtime.inject(d, packed["int8"], num_gpu_experts={0: 1, 1: 2, 2: 0}, device="cpu", dynamic=True,
+                      update_interval=2)
+    d.generate(tokens(batch=1, length=4), max_new_tokens=6, do_sample=False)
+    hs = hybrid_layers(d)
+    assert [hs[i].num_gpu_experts for i in (0, 1, 2)] == [1, 2, 0]
+    assert hs[1].calls == 6 and int(hs[1].counts.sum()) == (4 + 5) * K  # prefill + 5 decode steps
+
+
+def test_mismatch_errors(built, tmp_path):
+    model, packed = built["deepseek_v4"]
+    qmodel, qpacked = built["qwen3_moe"]
+    with pytest.raises(ValueError, match=r"model has MoE layers \[0, 1, 2\].*layers \[0, 1\]"):
+        kt_runtime.inject(copy.deepcopy(model), qpacked["int8"], device="cpu")
+    with pytest.raises(ValueError, match=r"model has MoE layers \[0, 1\].*not in the model: \[2\]"):
+        kt_runtime.inject(copy.deepcopy(qmodel), packed["int8"], device="cpu")
+    other = make_model("deepseek_v4", n_routed_experts=4)
+    with pytest.raises(ValueError, match="model has experts 4, the packed weights .* have 8"):
+        kt_runtime.inject(other, packed["int8"], device="cpu")
+    other = make_model("deepseek_v4", hidden_size=384)
+    with pytest.raises(ValueError, match="hidden size 384"):
+        kt_runtime.inject(other, packed["int8"], device="cpu")
+    other = make_model("deepseek_v4", moe_intermediate_size=256)
+    with pytest.raises(ValueError, match="expert intermediate size 256"):
+        kt_runtime.inject(other, packed["int8"], device="cpu")
+    other = make_model("deepseek_v4", swiglu_limit=7.0)
+    with pytest.raises(ValueError, match="swiglu_limit=7.0"):
+        kt_runtime.inject(other, packed["int8"], device="cpu")
+    other = make_model("deepseek_v4", seed=5)  # same shapes, different weights
+    with pytest.raises(ValueError, match="converted from this model"):
+        kt_runtime.inject(other, packed["int8"], device="cpu")
+    kt_runtime.inject(other, packed["int8"], device="cpu", check_values=False)  # the user's call
+    with pytest.raises(ValueError, match="inject was called twice"):
+        kt_runtime.inject(other, packed["int8"], device="cpu")
+    with pytest.raises(ValueError, match="no routed-experts modules"):
+        kt_runtime.inject(torch.nn.Linear(2, 2), packed["int8"], device="cpu")
+    with pytest.raises(ValueError, match=r"num_gpu_experts must be in \[0, 8\]"):
+        kt_runtime.inject(copy.deepcopy(model), packed["int8"], num_gpu_experts=9, device="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        k3 = make_model("deepseek_v4", num_experts_per_tok=3)
+        kt_runtime.inject(k3, packed["int8"], device="cpu")
+    assert any("routes 3 experts per token" in str(c.message) for c in caught)
+
+
+@pytest.mark.gpu
+def test_inject_cuda(built):
+    model, packed = built["qwen3_moe"]
+    ids = tokens()
+    ref = logits(dequantized_copy(model, packed["int8"]), ids)
+    m = copy.deepcopy(model).cuda()
+    kt_runtime.inject(m, packed["int8"], num_gpu_experts=4, device="cuda")
+    got = logits(m, ids.cuda()).cpu()
+    assert err(got, ref) < 0.05
+    out = m.generate(tokens(batch=1, length=5).cuda(), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
