@@ -67,6 +67,9 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, in
               _mm512_store_si512(unpacked[h] + j * 64, _mm512_and_si512(_mm512_slli_epi16(b, 4), f0));
               _mm512_store_si512(unpacked[2 + h] + j * 64, _mm512_and_si512(b, f0));
             }
+          // GCC's tileloadd asm has no memory input: without this barrier the unpack stores above
+          // may be sunk past the tile loads or dropped as dead.
+          __asm__ volatile("" : : "r"(&unpacked[0][0]) : "memory");
           for (int s = 0; s < 2; ++s) {
             _tile_loadd(6, unpacked[2 * s], 64);
             _tile_loadd(7, unpacked[2 * s + 1], 64);
@@ -99,6 +102,7 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, in
       _tile_stored(2, c + 16 * 32, 128);
       _tile_stored(3, c + 16 * 32 + 16, 128);
     }
+    __asm__ volatile("" : : "r"(c) : "memory");
     const int64_t rows = (m - mb) < 32 ? (m - mb) : 32;
     std::memcpy(out + mb * 32, c, rows * 32 * sizeof(int32_t));
   }
