@@ -133,7 +133,7 @@ def _check_metadata(st: SafetensorsFile, facts: dict[str, str], strict: bool) ->
             continue
         if got != want:
             raise _fail(f"{st.path}: __metadata__ {key} is {got!r} but the "
-                        f"{'manifest' if strict else 'tensors'} say {want!r}: the shard belongs to another "
+                        f"{'manifest says' if strict else 'tensors say'} {want!r}: the shard belongs to another "
                         "conversion or was edited; re-run the conversion into an empty directory")
 
 
