@@ -19,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -93,6 +94,7 @@ class HybridMoE:
         # GPU slots: experts in slot order; slot_of[e] = slot or -1 for CPU experts
         self._slot_expert = mask.nonzero().flatten().tolist()
         self._slot_of = torch.full((E,), -1, dtype=torch.int64)
+        self._slot_np = self._slot_of.numpy()  # shares memory with _slot_of
         for s, e in enumerate(self._slot_expert):
             self._slot_of[e] = s
         G, H, I = self.num_gpu_experts, self.hidden_size, self.intermediate_size
@@ -103,6 +105,7 @@ class HybridMoE:
         # routing observation / dynamic placement
         self.counts = torch.zeros(E, dtype=torch.int64)  # every call since construction
         self.window = torch.zeros(E, dtype=torch.float64)  # decayed counts driving dynamic updates
+        self._counts_np, self._window_np = self.counts.numpy(), self.window.numpy()
         self.dynamic = bool(dynamic)
         if not isinstance(update_interval, int) or update_interval < 1:
             raise ValueError(f"update_interval must be a positive int, got {update_interval!r}")
@@ -186,9 +189,9 @@ class HybridMoE:
             self.swap(a, b)
 
     def observe(self, topk_ids: torch.Tensor) -> None:
-        c = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts)
-        self.counts += c
-        self.window += c.to(torch.float64)
+        c = np.bincount(topk_ids.numpy().reshape(-1), minlength=self.num_experts)
+        self._counts_np += c
+        self._window_np += c
 
     # ------------------------------------------------------------------ compute
     def _check(self, x, topk_ids, topk_weights):
@@ -207,39 +210,42 @@ class HybridMoE:
             raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
 
     def split(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """Host-side routing split. topk_ids int64 / topk_weights float32 [T,k] on the CPU ->
+        """Host-side routing split (numpy: a few µs for decode). topk_ids int64 / topk_weights float32 [T,k]
+        on the CPU ->
 
         cpu: None or (token rows int64 [Tc], ids [Tc,kc], weights [Tc,kc]) for CPUMoE (padding slots
              repeat a CPU expert of the same token with weight 0, so they cost no extra weight reads);
         gpu: None or (token rows int64 [P], weights float32 [P], [(slot, start, end), ...]) grouped by slot.
         """
-        ids, w = topk_ids, topk_weights
-        slot = self._slot_of[ids]  # [T,k]
+        ids, w = topk_ids.numpy(), topk_weights.numpy()
+        slot = self._slot_np[ids]  # [T,k]
         on_gpu = slot >= 0
         cpu_part = gpu_part = None
-        n_cpu = (~on_gpu).sum(1)
-        rows = (n_cpu > 0).nonzero().flatten()
-        if rows.numel():
-            kc = int(n_cpu.max())
-            order = torch.sort(on_gpu[rows].to(torch.int8), dim=1, stable=True).indices[:, :kc]
-            cid = ids[rows].gather(1, order)
-            cw = w[rows].gather(1, order)
-            pad = on_gpu[rows].gather(1, order)
-            if pad.any():
-                cid = torch.where(pad, cid[:, :1].expand_as(cid), cid)
-                cw = torch.where(pad, torch.zeros_like(cw), cw)
-            cpu_part = (rows, cid.contiguous(), cw.contiguous())
+        n_cpu = ids.shape[1] - on_gpu.sum(1)
+        rows = np.flatnonzero(n_cpu > 0)
+        if rows.size:
+            if not on_gpu.any():
+                cpu_part = (torch.from_numpy(rows), topk_ids, topk_weights)
+            else:
+                kc = int(n_cpu.max())
+                og = on_gpu[rows]
+                order = np.argsort(og, axis=1, kind="stable")[:, :kc]
+                cid = np.take_along_axis(ids[rows], order, 1)
+                cw = np.take_along_axis(w[rows], order, 1)
+                pad = np.take_along_axis(og, order, 1)
+                if pad.any():
+                    cid = np.where(pad, cid[:, :1], cid)
+                    cw = np.where(pad, np.float32(0), cw)
+                cpu_part = (torch.from_numpy(rows), torch.from_numpy(np.ascontiguousarray(cid, dtype=np.int64)),
+                            torch.from_numpy(np.ascontiguousarray(cw, dtype=np.float32)))
         if on_gpu.any():
-            tok, pos = on_gpu.nonzero(as_tuple=True)
+            tok, pos = np.nonzero(on_gpu)
             s = slot[tok, pos]
-            order = torch.sort(s, stable=True).indices
-            tok, s, gw = tok[order], s[order], w[tok[order], pos[order]]
-            uniq, cnt = torch.unique_consecutive(s, return_counts=True)
-            groups, start = [], 0
-            for sl, c in zip(uniq.tolist(), cnt.tolist()):
-                groups.append((sl, start, start + c))
-                start += c
-            gpu_part = (tok, gw, groups)
+            order = np.argsort(s, kind="stable")
+            tok, pos, s = tok[order], pos[order], s[order]
+            uniq, first, cnt = np.unique(s, return_index=True, return_counts=True)
+            groups = [(int(u), int(f), int(f + c)) for u, f, c in zip(uniq, first, cnt)]
+            gpu_part = (torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(w[tok, pos].astype(np.float32)), groups)
         return cpu_part, gpu_part
 
     def _cpu_compute(self, x_host: torch.Tensor, cpu_part):
@@ -269,9 +275,9 @@ class HybridMoE:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         self._check(x, topk_ids, topk_weights)
-        ids = topk_ids.detach().to("cpu", torch.int64)
-        w = topk_weights.detach().to("cpu", torch.float32)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
+        ids = topk_ids.detach().to("cpu", torch.int64).contiguous()
+        w = topk_weights.detach().to("cpu", torch.float32).contiguous()
+        if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
             raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
         self.calls += 1
         self.observe(ids)
