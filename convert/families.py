@@ -211,7 +211,7 @@ def detect_family(model_type: str | None, keys) -> Family | None:
     return None
 
 
-_EXPERTISH = re.compile(r"experts?\.")
+_EXPERTISH = re.compile(r"expert")
 
 
 def describe_unknown(model_type: str | None, keys) -> str:

@@ -124,3 +124,176 @@ def test_cpu_packer_rejects_bad_block_arguments():
         pack_cpu(INT8, [(SourceMatrix("fp8_block", w, np.ones((1, 1), np.float64), (128, 128)), 0, 128, dst)])
     with pytest.raises(ValueError, match="need scales"):
         pack_cpu(INT8, [(SourceMatrix("int4_group", np.zeros((64, 16), np.int32), None, (1, 32)), 0, 128, dst)])
+
+
+# -- end to end: every family's synthetic checkpoint -----------------------------------------------
+
+import json  # noqa: E402
+
+import kt_runtime  # noqa: E402
+from conftest import read_json  # noqa: E402
+from convert.cli import main  # noqa: E402
+from convert.errors import UserError  # noqa: E402
+from convert.families import FAMILIES  # noqa: E402
+from convert.pipeline import ConvertOptions, convert  # noqa: E402
+from convert.plan import build_plan  # noqa: E402
+from convert.source import open_checkpoint  # noqa: E402
+from convert.synthetic_families import VARIANTS, make_family_checkpoint  # noqa: E402
+from quant import get_method  # noqa: E402
+from quant.reference import pack_expert_reference  # noqa: E402
+
+
+def _convert(ck, out, **kw):
+    return convert(ConvertOptions(input_path=str(ck.path), output=out, progress=False, **kw))
+
+
+def assert_family_matches_reference(ck, out, method_name, numa):
+    method = get_method(method_name)
+    w = kt_runtime.load_experts(out)
+    assert w.layers == ck.layers
+    assert (w.hidden_size, w.moe_intermediate_size, w.num_experts) == (ck.hidden_size, ck.intermediate_size,
+                                                                       ck.num_experts)
+    for layer in ck.layers:
+        for expert in range(ck.num_experts):
+            for proj in ("gate", "up", "down"):
+                ref = pack_expert_reference(ck.reference(layer, expert, proj), proj, ck.hidden_size,
+                                            ck.intermediate_size, numa, method)
+                for t, (ref_w, ref_s) in enumerate(ref):
+                    got_w, got_s = w.expert_tensors(layer, expert, proj, t)
+                    assert np.array_equal(got_w, ref_w.numpy()), (layer, expert, proj, t)
+                    assert np.array_equal(got_s.view(np.uint32), ref_s.numpy().view(np.uint32)), (layer, expert, proj, t)
+
+
+MTP_SKIPPED = {"deepseek_v3_fp8": 24, "deepseek_v3_bf16": 12, "glm4_moe_bf16": 12, "qwen3_5_moe_bf16": 2}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_family_converts_byte_identically_to_the_reference(tmp_path, variant):
+    ck = make_family_checkpoint(tmp_path / "ck", variant)
+    report = _convert(ck, tmp_path / "out", threadpool_count=2)
+    assert report.family == ck.variant.family and report.input_type == ck.input_type
+    assert report.mtp_tensors_skipped == MTP_SKIPPED.get(variant, 0)
+    assert_family_matches_reference(ck, tmp_path / "out", "int4", 2)
+    manifest = read_json(tmp_path / "out" / "kt_manifest.json")
+    assert manifest["activation"] == ("gpt_oss" if ck.variant.family == "gpt_oss" else "silu")
+    assert manifest["swiglu_limit"] == {"gpt_oss": 7.0, "deepseek_v4": 10.0}.get(ck.variant.family)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_v3_fp8", "minimax_m2_fp8", "deepseek_v4_fp8"])
+@pytest.mark.parametrize("block", [(128, 128), (64, 96)])
+def test_fp8_partial_blocks_and_row_slices_inside_blocks(tmp_path, variant, block):
+    # H=320, I=192: both dims end in a partial 128-block; T=3 slices I into 64-row pieces that start
+    # inside a scale block; the block size is read from config.json (here also 64x96)
+    ck = make_family_checkpoint(tmp_path / "ck", variant, hidden_size=320, intermediate_size=192, num_experts=3,
+                                block=block)
+    _convert(ck, tmp_path / "out", threadpool_count=3, quant_method="int8")
+    assert_family_matches_reference(ck, tmp_path / "out", "int8", 3)
+
+
+def test_k_block_tail_with_int4_groups(tmp_path):
+    # H = 3712 = 3584 + 128: gate/up rows run past one K-block of the tiled layout
+    ck = make_family_checkpoint(tmp_path / "ck", "kimi_k2_int4", hidden_size=3712, intermediate_size=128,
+                                num_experts=2, num_layers=2, group=128, num_shards=1)
+    _convert(ck, tmp_path / "out", threadpool_count=1)
+    assert_family_matches_reference(ck, tmp_path / "out", "int4", 1)
+
+
+def test_orientation_comes_from_the_family_not_the_shapes(tmp_path, capsys):
+    ck = make_family_checkpoint(tmp_path / "ck", "qwen3_vl_moe_bf16", num_layers=1)
+    cfg = read_json(ck.path / "config.json")
+    cfg["model_type"] = cfg["text_config"]["model_type"] = "qwen3_5_moe"  # claims [E, 2I, H]
+    (ck.path / "config.json").write_text(json.dumps(cfg))
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "gate_up_proj [E, 2I, H]" in err and "[4, 384, 512]" in err
+    cfg["model_type"] = cfg["text_config"]["model_type"] = "some_new_vl_moe"  # fused keys, unknown family
+    (ck.path / "config.json").write_text(json.dumps(cfg))
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'some_new_vl_moe' is not a supported MoE family" in err and "mlp.experts.gate_up_proj" in err
+    assert "qwen3_vl_moe" in err and "gpt_oss" in err
+
+
+def test_per_expert_keys_of_an_unknown_model_type_are_recognised(tmp_path):
+    ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_bf16", num_layers=1)
+    cfg = read_json(ck.path / "config.json")
+    cfg["model_type"] = "qwen9_moe"
+    (ck.path / "config.json").write_text(json.dumps(cfg))
+    _convert(ck, tmp_path / "out", threadpool_count=1)
+    assert_family_matches_reference(ck, tmp_path / "out", "int4", 1)
+
+
+def test_unknown_family_lists_what_is_supported(tmp_path, capsys):
+    from kt_runtime.safetensors_file import save_file
+
+    (tmp_path / "ck").mkdir()
+    save_file(tmp_path / "ck" / "model.safetensors",
+              {"model.layers.0.moe.expert_bank.0.weight": ("BF16", (4, 4), np.zeros(16, np.uint16))})
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 4}))
+    assert main(["-i", str(tmp_path / "ck"), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "'mystery'" in err and "model.layers.0.moe.expert_bank.0.weight" in err
+    for family in FAMILIES:
+        assert family.name in err
+
+
+@pytest.mark.parametrize("variant,wrong", [("deepseek_v3_fp8", "bf16"), ("kimi_k2_int4", "fp8"),
+                                           ("qwen3_moe_fp16", "bf16"), ("gpt_oss_mxfp4", "int4")])
+def test_explicit_input_type_must_match_the_files(tmp_path, capsys, variant, wrong):
+    ck = make_family_checkpoint(tmp_path / "ck", variant, num_layers=2, num_experts=2)
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--input-type", wrong, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--input-type {wrong} does not match" in err and f"are {ck.input_type} ({ck.variant.family})" in err
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--input-type", ck.input_type,
+                 "--threadpool-count", "1", "--no-progress"]) == 0
+
+
+def test_gpt_oss_plan_records_what_the_runtime_must_add(tmp_path):
+    ck = make_family_checkpoint(tmp_path / "ck", "gpt_oss_mxfp4", num_layers=2)
+    c = open_checkpoint(str(ck.path))
+    plan = build_plan(c, get_method("int4"), 2, "merged")
+    assert (plan.activation, plan.swiglu_limit) == ("gpt_oss", 7.0)
+    assert plan.source_info["activation_params"] == {"alpha": 1.702, "up_offset": 1.0}
+    assert plan.source_info["unpacked_expert_tensors"] == [
+        f"model.layers.{L}.mlp.experts.{p}_proj_bias" for L in (0, 1) for p in ("down", "gate_up")]
+    assert not any(k.endswith("_bias") for k in plan.routed_keys)  # --include-non-expert copies them
+    assert plan.source_info["expert_layout"] == "gpt-oss-interleaved"
+    c.close()
+
+
+def test_fp8_without_a_block_size_is_refused(tmp_path, capsys):
+    ck = make_family_checkpoint(tmp_path / "ck", "deepseek_v3_fp8", num_layers=2, num_experts=2)
+    cfg = read_json(ck.path / "config.json")
+    del cfg["quantization_config"]["weight_block_size"]
+    (ck.path / "config.json").write_text(json.dumps(cfg))
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "weight_block_size" in capsys.readouterr().err
+
+
+def test_fp8_scale_grid_must_match_the_block_size(tmp_path, capsys):
+    ck = make_family_checkpoint(tmp_path / "ck", "minimax_m2_fp8", num_layers=1, num_experts=2)
+    cfg = read_json(ck.path / "config.json")
+    cfg["quantization_config"]["weight_block_size"] = [64, 64]  # the files hold 128x128 grids
+    (ck.path / "config.json").write_text(json.dumps(cfg))
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "weight_scale_inv" in err and "blocks 64x64" in err
+
+
+def test_asymmetric_int4_is_refused(tmp_path, capsys):
+    ck = make_family_checkpoint(tmp_path / "ck", "kimi_k2_int4", num_layers=2, num_experts=2)
+    cfg = read_json(ck.path / "config.json")
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    (ck.path / "config.json").write_text(json.dumps(cfg))
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "symmetric int4" in capsys.readouterr().err
+
+
+def test_mtp_and_dense_layers_are_left_alone(tmp_path):
+    ck = make_family_checkpoint(tmp_path / "ck", "glm4_moe_bf16", num_layers=3, num_experts=2)
+    c = open_checkpoint(str(ck.path))
+    plan = build_plan(c, get_method("int4"), 1, "merged")
+    assert [lp.layer for lp in plan.layers] == [1, 2]  # layer 0 dense, layer 3 MTP
+    assert plan.skipped_mtp_layers == ["3"] and plan.skipped_mtp_keys == 6
+    assert not any("shared_experts" in k or "layers.0." in k for k in plan.routed_keys)
+    c.close()

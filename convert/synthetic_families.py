@@ -1,0 +1,367 @@
+"""Synthetic checkpoints of every supported MoE family (research/formats.md §3-§7), with the real
+key names, dtypes, prefixes and config.json fields, small random contents, and the traps:
+dense first layers, shared experts, routers with correction biases, MTP layers, ``text_config``
+nesting, fused / transposed / interleaved expert tensors, FP8 block grids with partial blocks.
+
+Each routed-expert matrix is drawn in its *source encoding* (BF16 bits, FP16, FP8 + block scales,
+compressed-tensors INT4 words + scales, MXFP4 nibbles + E8M0) and then laid out the way the family
+stores it. :meth:`FamilyCheckpoint.reference` decodes the per-expert encoding with the torch
+reference decoders, without any of the converter's layout code: the test oracle.
+
+DeepSeek-V4-Flash MXFP4 checkpoints come from :mod:`convert.synthetic`.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kt_runtime.safetensors_file import save_file
+
+__all__ = ["VARIANTS", "FamilyCheckpoint", "make_family_checkpoint"]
+
+PROJS = {"gate": 0, "up": 1, "down": 2}
+
+
+@dataclass(frozen=True)
+class Variant:
+    family: str  # converter family it must be detected as
+    model_type: str
+    encoding: str  # bf16 | f16 | fp8 | int4 | mxfp4
+    layout: str  # per-expert | fused | fused-transposed | gpt-oss-interleaved
+    keys: str  # key style: hf (mlp.experts.E.gate_proj) | w123 (block_sparse_moe.experts.E.w1) | v4 | fused | gpt_oss
+    prefix: str = "model."
+    dense_first: bool = False  # layer 0 dense (first_k_dense_replace = 1)
+    shared: str = ""  # shared expert block name: shared_experts | shared_expert | ""
+    mtp: str = ""  # "index": MTP layer at num_hidden_layers (V3/GLM) | "qwen": mtp.layers.0 fused | ""
+    text_config: bool = False  # dims nested under text_config (VL / Qwen3.5 wrappers)
+    per_expert_intermediate: bool = False  # Mixtral-style intermediate_size per expert
+    ue8m0: bool = False  # FP8 scale_fmt ue8m0 (V3.1, V4): F32 scales that are powers of two
+
+
+VARIANTS: dict[str, Variant] = {
+    "deepseek_v3_fp8": Variant("deepseek_v3", "deepseek_v3", "fp8", "per-expert", "hf", dense_first=True,
+                               shared="shared_experts", mtp="index"),
+    "deepseek_v31_fp8": Variant("deepseek_v3", "deepseek_v3", "fp8", "per-expert", "hf", dense_first=True,
+                                shared="shared_experts", ue8m0=True),
+    "kimi_k2_fp8": Variant("deepseek_v3", "kimi_k2", "fp8", "per-expert", "hf", dense_first=True, shared="shared_experts"),
+    "kimi_k2_int4": Variant("deepseek_v3", "kimi_k2", "int4", "per-expert", "hf", dense_first=True,
+                            shared="shared_experts"),
+    "minimax_m2_fp8": Variant("minimax_m2", "minimax_m2", "fp8", "per-expert", "w123", per_expert_intermediate=True),
+    "deepseek_v4_fp8": Variant("deepseek_v4", "deepseek_v4", "fp8", "per-expert", "v4", prefix="", ue8m0=True),
+    "deepseek_v3_bf16": Variant("deepseek_v3", "deepseek_v3", "bf16", "per-expert", "hf", dense_first=True,
+                                shared="shared_experts", mtp="index"),
+    "qwen3_moe_bf16": Variant("qwen3_moe", "qwen3_moe", "bf16", "per-expert", "hf"),
+    "qwen3_moe_fp16": Variant("qwen3_moe", "qwen3_moe", "f16", "per-expert", "hf"),
+    "qwen3_next_bf16": Variant("qwen3_moe", "qwen3_next", "bf16", "per-expert", "hf", shared="shared_expert"),
+    "glm4_moe_bf16": Variant("glm4_moe", "glm4_moe", "bf16", "per-expert", "hf", dense_first=True,
+                             shared="shared_experts", mtp="index"),
+    "mixtral_bf16": Variant("mixtral", "mixtral", "bf16", "per-expert", "w123", per_expert_intermediate=True),
+    "qwen3_5_moe_bf16": Variant("qwen3_5_moe", "qwen3_5_moe", "bf16", "fused", "fused", prefix="model.language_model.",
+                                text_config=True, mtp="qwen"),
+    "qwen3_vl_moe_bf16": Variant("qwen3_vl_moe", "qwen3_vl_moe", "bf16", "fused-transposed", "fused",
+                                 prefix="model.language_model.", text_config=True),
+    "gpt_oss_mxfp4": Variant("gpt_oss", "gpt_oss", "mxfp4", "gpt-oss-interleaved", "gpt_oss",
+                             per_expert_intermediate=True),
+    "gpt_oss_bf16": Variant("gpt_oss", "gpt_oss", "bf16", "gpt-oss-interleaved", "gpt_oss",
+                            per_expert_intermediate=True),
+}
+
+INPUT_TYPE = {"bf16": "bf16", "f16": "fp16", "fp8": "fp8", "int4": "int4", "mxfp4": "fp4"}
+_DTYPE = {"bf16": "BF16", "f16": "F16"}
+_HF = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_W = {"gate": "w1", "up": "w3", "down": "w2"}
+
+
+@dataclass
+class FamilyCheckpoint:
+    path: pathlib.Path
+    variant: Variant
+    config: dict
+    hidden_size: int
+    intermediate_size: int
+    num_experts: int
+    layers: list[int]  # MoE layers (what the converter must produce)
+    block: tuple[int, int] | None  # FP8 weight_block_size
+    group: int | None  # INT4 group size
+    encoded: dict[tuple[int, int, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    weight_map: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def input_type(self) -> str:
+        return INPUT_TYPE[self.variant.encoding]
+
+    def reference(self, layer: int, expert: int, proj: str):
+        """bf16 [N, K] torch tensor: the per-expert source encoding through the reference decoders."""
+        import torch
+
+        from quant.decoders import decode_f16, decode_fp8_block, decode_int4_group
+        from quant.mxfp4 import decode_mxfp4
+
+        enc = self.encoded[(layer, expert, proj)]
+        kind = self.variant.encoding
+        if kind == "bf16":
+            return torch.from_numpy(enc["weight"].view(np.int16).copy()).view(torch.bfloat16)
+        if kind == "f16":
+            return decode_f16(enc["weight"])
+        if kind == "fp8":
+            return decode_fp8_block(enc["weight"], enc["scale"], self.block)
+        if kind == "int4":
+            return decode_int4_group(enc["packed"], enc["scale"], self.group, "BF16")
+        return decode_mxfp4(enc["weight"], enc["scale"])
+
+
+def _rng(seed: int, *parts) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(repr(parts).encode())])
+
+
+def _bf16(rng, shape, scale=0.02) -> np.ndarray:
+    x = (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale))
+    return (x.view(np.uint32) >> 16).astype("<u2")
+
+
+def _encode(rng, encoding: str, n: int, k: int, block, group, ue8m0: bool = False) -> dict[str, np.ndarray]:
+    """One expert matrix [n, k] in its source encoding."""
+    if encoding == "bf16":
+        return {"weight": _bf16(rng, (n, k))}
+    if encoding == "f16":
+        w = (rng.standard_normal((n, k)) * 0.02).astype("<f2")
+        w[0, :3] = np.array([3e-7, -6e-5, 1.0001], dtype="<f2")  # subnormals and a bf16 tie region
+        return {"weight": w}
+    if encoding == "fp8":
+        bn, bk = block
+        w = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
+        w[(w & 0x7F) == 0x7F] = 0x38  # no E4M3 NaN codes
+        grid = (-(-n // bn), -(-k // bk))
+        # scales that are not powers of two, so the products need rounding to bf16
+        scale = (2.0 ** rng.integers(-14, -8, size=grid) * (1.0 if ue8m0 else rng.uniform(1.0, 2.0, size=grid)))
+        scale = scale.astype("<f4")
+        return {"weight": w, "scale": scale}
+    if encoding == "int4":
+        from quant.decoders import encode_int4_words
+
+        u = rng.integers(0, 16, size=(n, k))
+        s = (rng.uniform(0.0005, 0.004, size=(n, k // group)).astype(np.float32).view(np.uint32) >> 16).astype("<u2")
+        return {"packed": encode_int4_words(u), "scale": s, "shape": np.array([n, k], dtype="<i8")}
+    if encoding == "mxfp4":
+        return {"weight": np.frombuffer(rng.bytes(n * k // 2), np.uint8).reshape(n, k // 2),
+                "scale": rng.integers(118, 133, size=(n, k // 32), dtype=np.uint8)}
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
+def _config(v: Variant, H: int, I: int, E: int, L: int, block, group, mtp: int) -> dict:
+    inner = {
+        "architectures": [], "model_type": v.model_type, "hidden_size": H, "num_hidden_layers": L,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 64,
+        "num_experts_per_tok": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False,
+    }
+    if v.per_expert_intermediate:
+        inner["intermediate_size"] = I
+        inner["num_local_experts"] = E
+    else:
+        inner["moe_intermediate_size"] = I
+        inner["intermediate_size"] = 3 * H  # dense MLP size: a different number, so mix-ups fail
+        inner["n_routed_experts" if v.family in ("deepseek_v3", "glm4_moe", "deepseek_v4") else "num_experts"] = E
+    if v.dense_first:
+        inner["first_k_dense_replace"] = 1
+    if v.shared == "shared_experts":
+        inner["n_shared_experts"] = 1
+    if v.shared == "shared_expert":
+        inner["shared_expert_intermediate_size"] = I
+    if v.mtp:
+        inner["num_nextn_predict_layers" if v.mtp == "index" else "mtp_num_hidden_layers"] = mtp
+    if v.model_type == "gpt_oss":
+        inner.update(swiglu_limit=7.0, layer_types=["sliding_attention", "full_attention"] * L, sliding_window=128)
+    if v.model_type == "deepseek_v4":
+        inner.update(expert_dtype="fp8", swiglu_limit=10.0, num_hash_layers=0)
+    if v.encoding == "fp8":
+        inner["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                        "weight_block_size": list(block)}
+        if v.ue8m0:
+            inner["quantization_config"]["scale_fmt"] = "ue8m0"
+    if v.encoding == "int4":
+        inner["quantization_config"] = {
+            "config_groups": {"group_0": {"input_activations": None, "output_activations": None, "targets": ["Linear"],
+                                          "weights": {"actorder": None, "block_structure": None, "dynamic": False,
+                                                      "group_size": group, "num_bits": 4, "observer": "minmax",
+                                                      "observer_kwargs": {}, "strategy": "group", "symmetric": True,
+                                                      "type": "int"}}},
+            "format": "pack-quantized", "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                                                   "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+            "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"}
+    if v.model_type == "gpt_oss" and v.encoding == "mxfp4":
+        inner["quantization_config"] = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                                   "model.embed_tokens", "lm_head"],
+                                        "quant_method": "mxfp4"}
+    dtype = {"f16": "float16"}.get(v.encoding, "bfloat16")
+    if v.text_config:
+        inner["model_type"] = v.model_type + "_text"
+        inner["dtype"] = dtype
+        return {"architectures": [], "model_type": v.model_type, "text_config": inner,
+                "vision_config": {"hidden_size": 32, "depth": 1}, "tie_word_embeddings": False}
+    inner["torch_dtype" if v.family == "deepseek_v3" else "dtype"] = dtype
+    return inner
+
+
+def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, intermediate_size: int = 256,
+                           num_experts: int = 4, num_layers: int = 2, block: tuple[int, int] = (128, 128),
+                           group: int = 32, mtp_layers: int = 1, num_shards: int = 2, seed: int = 0) -> FamilyCheckpoint:
+    """Write a synthetic checkpoint of `variant` (a key of VARIANTS) to `out_dir`.
+
+    With dense_first variants layer 0 is a dense MLP (no routed experts) and the MoE layers are
+    1..num_layers-1; num_shards > 1 writes model-XXXXX-of-NNNNN files and an index whose
+    metadata is ``{}`` (as DeepSeek's own tools write it), 1 writes ``model.safetensors``.
+    """
+    v = VARIANTS[variant]
+    H, I, E, L = hidden_size, intermediate_size, num_experts, num_layers
+    if v.layout != "per-expert" and v.encoding not in ("bf16", "f16", "mxfp4"):
+        raise ValueError(f"{variant}: fused layouts are BF16/FP16/MXFP4 here")
+    cfg = _config(v, H, I, E, L, block, group, mtp_layers if v.mtp else 0)
+    tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
+    ckpt = FamilyCheckpoint(pathlib.Path(out_dir), v, cfg, H, I, E, [], tuple(block) if v.encoding == "fp8" else None,
+                            group if v.encoding == "int4" else None)
+    p = v.prefix
+    dt = _DTYPE.get(v.encoding, "BF16")
+
+    def dense(name, n, k, fp8=False):
+        r = _rng(seed, name)
+        if fp8 and v.encoding == "fp8":  # FP8 checkpoints quantize every linear (with cdiv block scales)
+            enc = _encode(r, "fp8", n, k, block, group, v.ue8m0)
+            tensors[name + ".weight"] = ("F8_E4M3", (n, k), enc["weight"])
+            tensors[name + (".scale" if v.keys == "v4" else ".weight_scale_inv")] = ("F32", enc["scale"].shape, enc["scale"])
+        else:
+            tensors[name + ".weight"] = ("BF16", (n, k), _bf16(r, (n, k)))
+
+    def expert_tensors(base: str, enc: dict[str, np.ndarray]):
+        if v.encoding in ("bf16", "f16"):
+            tensors[base + ".weight"] = (dt, enc["weight"].shape, enc["weight"])
+        elif v.encoding == "fp8":
+            tensors[base + ".weight"] = ("F8_E4M3", enc["weight"].shape, enc["weight"])
+            tensors[base + (".scale" if v.keys == "v4" else ".weight_scale_inv")] = ("F32", enc["scale"].shape, enc["scale"])
+        elif v.encoding == "int4":
+            tensors[base + ".weight_packed"] = ("I32", enc["packed"].shape, enc["packed"])
+            tensors[base + ".weight_scale"] = ("BF16", enc["scale"].shape, enc["scale"])
+            tensors[base + ".weight_shape"] = ("I64", (2,), enc["shape"])
+
+    def moe_block(lp: str, layer: int, record: bool):
+        encs = {}
+        for e in range(E):
+            for proj in PROJS:
+                n, k = (H, I) if proj == "down" else (I, H)
+                encs[(e, proj)] = _encode(_rng(seed, layer, e, proj), v.encoding, n, k, block, group, v.ue8m0)
+                if record:
+                    ckpt.encoded[(layer, e, proj)] = encs[(e, proj)]
+        if v.layout == "per-expert":
+            block_name = "block_sparse_moe" if v.keys == "w123" else ("ffn" if v.keys == "v4" else "mlp")
+            names = _W if v.keys in ("w123", "v4") else _HF
+            for e in range(E):
+                for proj in PROJS:
+                    expert_tensors(f"{lp}{block_name}.experts.{e}.{names[proj]}", encs[(e, proj)])
+            return
+        ex = f"{lp}mlp.experts."
+        if v.layout == "fused":
+            gate_up = np.stack([np.concatenate([encs[(e, "gate")]["weight"], encs[(e, "up")]["weight"]]) for e in range(E)])
+            down = np.stack([encs[(e, "down")]["weight"] for e in range(E)])
+        elif v.layout == "fused-transposed":
+            gate_up = np.stack([np.concatenate([encs[(e, "gate")]["weight"], encs[(e, "up")]["weight"]]).T
+                                for e in range(E)])
+            down = np.stack([encs[(e, "down")]["weight"].T for e in range(E)])
+        else:  # gpt-oss: row 2i gate i, row 2i+1 up i
+            def interleave(part):
+                out = []
+                for e in range(E):
+                    g, u = encs[(e, "gate")][part], encs[(e, "up")][part]
+                    m = np.empty((2 * g.shape[0],) + g.shape[1:], g.dtype)
+                    m[0::2], m[1::2] = g, u
+                    out.append(m)
+                return np.stack(out)
+            if v.encoding == "mxfp4":
+                gu_w, gu_s = interleave("weight"), interleave("scale")
+                tensors[ex + "gate_up_proj_blocks"] = ("U8", (E, 2 * I, H // 32, 16), gu_w.reshape(E, 2 * I, H // 32, 16))
+                tensors[ex + "gate_up_proj_scales"] = ("U8", gu_s.shape, gu_s)
+                dw = np.stack([encs[(e, "down")]["weight"] for e in range(E)]).reshape(E, H, I // 32, 16)
+                ds = np.stack([encs[(e, "down")]["scale"] for e in range(E)])
+                tensors[ex + "down_proj_blocks"] = ("U8", dw.shape, dw)
+                tensors[ex + "down_proj_scales"] = ("U8", ds.shape, ds)
+            else:
+                gate_up = np.ascontiguousarray(interleave("weight").transpose(0, 2, 1))  # [E, H, 2I]
+                down = np.stack([encs[(e, "down")]["weight"].T for e in range(E)])  # [E, I, H]
+                tensors[ex + "gate_up_proj"] = (dt, gate_up.shape, gate_up)
+                tensors[ex + "down_proj"] = (dt, down.shape, np.ascontiguousarray(down))
+            tensors[ex + "gate_up_proj_bias"] = ("BF16", (E, 2 * I), _bf16(_rng(seed, layer, "gub"), (E, 2 * I)))
+            tensors[ex + "down_proj_bias"] = ("BF16", (E, H), _bf16(_rng(seed, layer, "db"), (E, H)))
+            return
+        tensors[ex + "gate_up_proj"] = (dt, gate_up.shape, np.ascontiguousarray(gate_up))
+        tensors[ex + "down_proj"] = (dt, down.shape, np.ascontiguousarray(down))
+
+    def router(lp: str):
+        if v.model_type == "gpt_oss":
+            tensors[lp + "mlp.router.weight"] = ("BF16", (E, H), _bf16(_rng(seed, lp, "r"), (E, H)))
+            tensors[lp + "mlp.router.bias"] = ("BF16", (E,), _bf16(_rng(seed, lp, "rb"), (E,)))
+            return
+        moe = "block_sparse_moe" if v.keys == "w123" else ("ffn" if v.keys == "v4" else "mlp")
+        tensors[f"{lp}{moe}.gate.weight"] = ("BF16", (E, H), _bf16(_rng(seed, lp, "g"), (E, H)))
+        if v.family in ("deepseek_v3", "glm4_moe"):
+            tensors[f"{lp}mlp.gate.e_score_correction_bias"] = ("F32", (E,), np.zeros(E, "<f4"))
+        if v.model_type == "minimax_m2":
+            tensors[f"{lp}block_sparse_moe.e_score_correction_bias"] = ("F32", (E,), np.zeros(E, "<f4"))
+        if v.model_type == "deepseek_v4":
+            tensors[f"{lp}ffn.gate.bias"] = ("F32", (E,), np.zeros(E, "<f4"))
+
+    def layer_block(layer: int, lp: str, moe: bool, record: bool):
+        tensors[lp + ("attn_norm.weight" if v.keys == "v4" else "input_layernorm.weight")] = (
+            "BF16", (H,), np.full(H, 0x3F80, "<u2"))
+        attn = "attn." if v.keys == "v4" else "self_attn."
+        for name, n, k in (("q_proj", 64, H), ("k_proj", 32, H), ("v_proj", 32, H), ("o_proj", H, 64)):
+            dense(lp + attn + name, n, k, fp8=True)
+        if not moe:
+            for name, n, k in (("gate_proj", 3 * H, H), ("up_proj", 3 * H, H), ("down_proj", H, 3 * H)):
+                dense(f"{lp}mlp.{name}", n, k, fp8=True)
+            return
+        router(lp)
+        if v.shared:
+            for proj in PROJS:
+                n, k = (H, I) if proj == "down" else (I, H)
+                dense(f"{lp}mlp.{v.shared}.{_HF[proj]}", n, k, fp8=True)
+            if v.shared == "shared_expert":
+                tensors[lp + "mlp.shared_expert_gate.weight"] = ("BF16", (1, H), _bf16(_rng(seed, lp, "sg"), (1, H)))
+        moe_block(lp, layer, record)
+
+    tensors[p + "embed_tokens.weight" if v.keys != "v4" else "embed.weight"] = ("BF16", (64, H), _bf16(_rng(seed, "emb"), (64, H)))
+    for layer in range(L):
+        moe = not (v.dense_first and layer == 0)
+        layer_block(layer, f"{p}layers.{layer}.", moe, record=True)
+        if moe:
+            ckpt.layers.append(layer)
+    if v.mtp == "index":  # V3/GLM: the MTP block is layer num_hidden_layers, with its own experts
+        for i in range(mtp_layers):
+            layer_block(L + i, f"{p}layers.{L + i}.", True, record=False)
+            tensors[f"{p}layers.{L + i}.eh_proj.weight"] = ("BF16", (H, 2 * H), _bf16(_rng(seed, "eh", i), (H, 2 * H)))
+    elif v.mtp == "qwen":  # Qwen3.5: mtp.layers.{i}.* with fused experts
+        for i in range(mtp_layers):
+            moe_block(f"mtp.layers.{i}.", 1000 + i, record=False)
+            tensors[f"mtp.layers.{i}.input_layernorm.weight"] = ("BF16", (H,), np.full(H, 0x3F80, "<u2"))
+    tensors[(p + "norm.weight") if v.keys != "v4" else "norm.weight"] = ("BF16", (H,), np.full(H, 0x3F80, "<u2"))
+    tensors["lm_head.weight" if v.keys != "v4" else "head.weight"] = ("BF16", (64, H), _bf16(_rng(seed, "head"), (64, H)))
+
+    out = ckpt.path
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if num_shards <= 1:
+        save_file(out / "model.safetensors", tensors)
+        ckpt.weight_map = {k: "model.safetensors" for k in names}
+    else:
+        cut = [round(i * len(names) / num_shards) for i in range(num_shards + 1)]
+        for i in range(num_shards):
+            fname = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+            part = {k: tensors[k] for k in names[cut[i] : cut[i + 1]]}
+            save_file(out / fname, part)
+            ckpt.weight_map.update({k: fname for k in part})
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": dict(sorted(ckpt.weight_map.items()))}, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return ckpt
