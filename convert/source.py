@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,16 +71,33 @@ def resolve_input(spec: str) -> Path:
     return resolve_hub_id(m["repo"], m["rev"])
 
 
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, from the environment at call time (huggingface_hub reads it
+    once at import): HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    env = os.environ
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(name):
+            return Path(os.path.expandvars(env[name])).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
 def resolve_hub_id(repo: str, revision: str | None) -> Path:
+    """The snapshot folder of a cached model, offline: never downloads. The snapshot's files are
+    symlinks into blobs/ (or plain files where symlinks are unavailable); both are read through."""
     from huggingface_hub import snapshot_download
 
+    cache = hub_cache_dir()
     try:
-        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+        return Path(snapshot_download(repo, revision=revision, cache_dir=str(cache), local_files_only=True))
     except Exception as e:  # LocalEntryNotFoundError and friends: the hub's error classes vary by version
         rev = f" --revision {revision}" if revision else ""
         raise UserError(f"{repo}{'@' + revision if revision else ''} is neither a local path nor in the Hugging Face "
-                        f"cache ({type(e).__name__}). Download it first:\n  huggingface-cli download {repo}{rev}\n"
-                        "(HF_HOME / HF_HUB_CACHE select the cache)") from None
+                        f"cache {cache} ({type(e).__name__}). Download it first:\n"
+                        f"  huggingface-cli download {repo}{rev}\n"
+                        "(or `hf download`; HF_HOME / HF_HUB_CACHE select the cache; add --local-dir DIR to get a "
+                        "plain folder and pass that folder)") from None
 
 
 def _read_json(path: Path, what: str) -> dict:
