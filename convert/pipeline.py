@@ -3,7 +3,6 @@ resuming from the manifest of an earlier run into the same output directory."""
 from __future__ import annotations
 
 import errno
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -17,9 +16,10 @@ from quant import get_method
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.numa import shard_slice
 
-from . import __version__
+from . import __version__, preflight
 from .errors import NonFiniteError, UserError
 from .output_dir import OutputLock, check_output_location, copy_model_files, prepare_output, write_index
+from .packers import make_packer
 from .plan import ConversionPlan, LayerPlan, ProjectionSource, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, open_checkpoint
@@ -87,13 +87,14 @@ def source_matrix(ckpt: Checkpoint, src: ProjectionSource) -> SourceMatrix:
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda":
-        import torch
+    if device == "cpu":
+        return "cpu"
+    from quant.gpu import gpu_unavailable_reason  # imports neither triton nor the GPU kernels
 
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is available; use --device cpu (or auto)")
-        raise UserError("--device cuda: the GPU conversion path is not part of this version; use --device cpu")
-    return "cpu"
+    why = gpu_unavailable_reason()
+    if device == "cuda" and why:
+        raise UserError(f"--device cuda: {why}; use --device cpu (or auto)")
+    return "cpu" if why else "cuda"
 
 
 def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOptions) -> Manifest:
@@ -124,7 +125,8 @@ def experts_per_batch(plan: ConversionPlan) -> int:
 
 
 def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer, opts: ConvertOptions,
-                  progress: Progress, nonfinite: dict[str, int]) -> None:
+                  progress: Progress, nonfinite: dict[str, int], packer=None) -> None:
+    """packer: from convert.packers.make_packer (None: the CPU packer)."""
     method, numa = plan.method, plan.threadpool_count
     batch = experts_per_batch(plan)
     bytes_per_expert = lp.input_bytes // plan.num_experts
@@ -152,7 +154,8 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
                         jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
                         outputs.append((expert, proj, t, dst))
                         keys.append(src_ref.weight_key)
-            counts = pack_cpu(method, jobs, num_threads=opts.cpuinfer_threads)
+            counts = (packer(method, jobs) if packer is not None
+                      else pack_cpu(method, jobs, num_threads=opts.cpuinfer_threads))
             for key, count in zip(keys, counts):
                 if count:
                     nonfinite[key] = nonfinite.get(key, 0) + count
@@ -229,17 +232,17 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         if opts.resume_layer is not None:
             progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
                           "every missing layer is converted")
-        needed = sum(lp.output_bytes for lp in todo)
-        free = shutil.disk_usage(out).free
-        if needed > free:
-            raise UserError(f"not enough disk space in {out}: the remaining {len(todo)} layers need "
-                            f"{needed / 1e9:.1f} GB, {free / 1e9:.1f} GB are free")
+        est = preflight.estimate(plan, todo, experts_per_batch(plan), opts.cpuinfer_threads,
+                                 preflight.non_expert_bytes(ckpt, plan) if opts.include_non_expert and opts.merge else 0)
+        preflight.check(est, out, preflight.copied_bytes(ckpt.root, COPIED_FILES))
+        progress.note(est.describe())
         if plan.skipped_mtp_keys:
             progress.note(f"skipping {plan.skipped_mtp_keys} MTP expert tensors (not routed experts of the main model)")
         write_manifest(out, manifest)
         progress.close()
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
+        packer = make_packer(device, opts.cpuinfer_threads)
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
@@ -250,7 +253,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                 else:
                     writer = KtFolderWriter(out, lp.layer, plan.method.name)
                 try:
-                    convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite)
+                    convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite, packer=packer)
                     record = writer.commit()
                 except BaseException:
                     writer.abort()
@@ -262,6 +265,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                 progress.layer_done(lp.layer, lp.input_bytes)
             _finish(ckpt, plan, out, manifest, opts)
         finally:
+            packer.close()
             progress.close()
     except OSError as e:
         raise _os_error(e, out) from None

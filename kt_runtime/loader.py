@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (FORMAT_VERSION, INDEX_FILE, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
+from .format import (FORMAT_VERSION, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
                      layer_dir_name, layer_tensor_entries, merged_key, shard_shape, weight_bytes)
 from .manifest import Manifest, ManifestError, read_manifest, sha256_files
 from .safetensors_file import SafetensorsFile, SafetensorsFormatError

@@ -309,3 +309,48 @@ def test_output_below_a_file(base_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(tmp_path / "f") in err, err
 
+
+
+# --- pre-flight: refused early, with numbers ---
+
+def test_not_enough_disk_is_refused_before_any_work(base_checkpoint, tmp_path, capsys, monkeypatch):
+    from convert import preflight
+
+    monkeypatch.setattr(preflight, "disk_free", lambda path: 1_000_000)
+    out = tmp_path / "out"
+    assert main(["-i", str(base_checkpoint), "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough disk space" in err and "0.00 GB are free" in err and "GB" in err and "free " in err, err
+    assert [p.name for p in out.iterdir()] == [".kt_convert.lock"]  # nothing converted, no manifest
+
+
+def test_not_enough_memory_is_refused_before_any_work(base_checkpoint, tmp_path, capsys, monkeypatch):
+    from convert import preflight
+
+    monkeypatch.setattr(preflight, "mem_available", lambda: 100 << 20)
+    out = tmp_path / "out"
+    assert main(["-i", str(base_checkpoint), "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not enough memory" in err and "100 MiB are available" in err, err
+    assert not (out / MANIFEST_FILE).exists()
+
+
+def test_preflight_estimate_is_bounded_whatever_the_model_size(base_checkpoint, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from convert import preflight
+    from convert.pipeline import BATCH_BYTES, experts_per_batch
+
+    assert preflight.mem_available() > 0
+    peaks = []
+    for layers, experts in ((2, 8), (61, 256), (200, 512)):
+        per_layer = experts * 3 * 7168 * 2048 // 2  # a DeepSeek-sized INT4 layer
+        lps = [SimpleNamespace(output_bytes=per_layer) for _ in range(layers)]
+        plan = SimpleNamespace(layers=lps, num_experts=experts, hidden_size=7168, moe_intermediate_size=2048)
+        est = preflight.estimate(plan, lps, experts_per_batch(plan), threads=64)
+        assert est.output_bytes == layers * per_layer
+        peaks.append(est.peak_memory_bytes)
+        assert est.peak_memory_bytes < preflight.BASE_MEMORY + 2 * BATCH_BYTES + (128 << 20)
+    assert max(peaks) - min(peaks) < 2 * BATCH_BYTES  # independent of the number of layers
+    assert main(["-i", str(base_checkpoint), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "pre-flight: writing 0.00 GB, peak memory about" in capsys.readouterr().err

@@ -1,0 +1,88 @@
+"""Pre-flight: what a run will write and how much memory it needs, checked against free disk space
+and available RAM before any layer is converted, so a run that cannot finish is refused early
+with numbers instead of failing hours later."""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+BASE_MEMORY = 256 << 20  # interpreter, numpy, the extension, mapped headers: measured ~150 MB
+DISK_MARGIN = 16 << 20  # manifest, index, temp names
+
+
+@dataclass(frozen=True)
+class Estimate:
+    output_bytes: int  # packed bytes this run writes (layers still to do, plus a last non-expert shard)
+    disk_bytes: int  # what must be free: output + copied model files + margin
+    batch_bytes: int  # packed bytes of one pack call
+    peak_memory_bytes: int  # a bound on this process's resident memory, independent of model size
+
+    def describe(self) -> str:
+        return (f"pre-flight: writing {_gb(self.output_bytes)}, peak memory about {_mb(self.peak_memory_bytes)} "
+                f"(packing batches of {_mb(self.batch_bytes)})")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def estimate(plan, todo, batch_experts: int, threads: int, extra_bytes: int = 0) -> Estimate:
+    """plan: ConversionPlan; todo: the LayerPlans still to convert; batch_experts: experts per pack call."""
+    output = sum(lp.output_bytes for lp in todo) + extra_bytes
+    per_expert = max((lp.output_bytes for lp in plan.layers), default=0) // max(1, plan.num_experts)
+    batch = per_expert * max(1, batch_experts)
+    threads = threads if threads > 0 else (os.cpu_count() or 1)
+    # per packing thread: one source row as float32, its int8 codes and one tile block (kernels_cpp Scratch)
+    k = max(plan.hidden_size, plan.moe_intermediate_size)
+    scratch = threads * (k * 4 + k + 128 * k)
+    # the batch being packed and the previous one being written, both held until written
+    peak = BASE_MEMORY + 2 * batch + scratch
+    return Estimate(output, output + DISK_MARGIN, batch, peak)
+
+
+def check(est: Estimate, out: Path, copied_bytes: int = 0) -> None:
+    """Refuses (UserError) when the disk or the memory cannot hold the run."""
+    need_disk = est.disk_bytes + copied_bytes
+    free = disk_free(out)
+    if need_disk > free:
+        raise UserError(f"not enough disk space in {out}: this run writes {_gb(need_disk)}, {_gb(free)} are free; "
+                        f"free {_gb(need_disk - free)} or choose another output directory, then re-run "
+                        "(completed layers are kept)")
+    avail = mem_available()
+    if avail is not None and est.peak_memory_bytes > avail:
+        raise UserError(f"not enough memory: converting needs about {_mb(est.peak_memory_bytes)} (two packing "
+                        f"batches of {_mb(est.batch_bytes)} plus {_mb(BASE_MEMORY)} for the process), "
+                        f"{_mb(avail)} are available (MemAvailable); close other programs, then re-run")
+
+
+def non_expert_bytes(ckpt, plan) -> int:
+    """Bytes of the last shard that --include-non-expert copies."""
+    return sum(ckpt.info(k).nbytes for k in ckpt.key_file if k not in plan.routed_keys)
+
+
+def copied_bytes(root: Path, names: tuple[str, ...]) -> int:
+    return sum((root / n).stat().st_size for n in names if (root / n).is_file())
