@@ -217,6 +217,8 @@ class HybridMoE:
              repeat a CPU expert of the same token with weight 0, so they cost no extra weight reads);
         gpu: None or (token rows int64 [P], weights float32 [P], [(slot, start, end), ...]) grouped by slot.
         """
+        if topk_ids.numel() <= 64:
+            return self._split_small(topk_ids, topk_weights)
         ids, w = topk_ids.numpy(), topk_weights.numpy()
         slot = self._slot_np[ids]  # [T,k]
         on_gpu = slot >= 0
@@ -248,6 +250,46 @@ class HybridMoE:
             gpu_part = (torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(w[tok, pos].astype(np.float32)), groups)
         return cpu_part, gpu_part
 
+    def _split_small(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """split() for decode-sized routing, in plain Python (fewer fixed costs than numpy)."""
+        slot_of = self._slot_np.tolist()
+        rows, cid, cw, gpu = [], [], [], []
+        for t, (ri, rw) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist())):
+            ci, cwt = [], []
+            for e, wt in zip(ri, rw):
+                s = slot_of[e]
+                if s < 0:
+                    ci.append(e)
+                    cwt.append(wt)
+                else:
+                    gpu.append((s, t, wt))
+            if ci:
+                rows.append(t)
+                cid.append(ci)
+                cw.append(cwt)
+        cpu_part = gpu_part = None
+        if rows:
+            if not gpu:
+                cpu_part = (torch.arange(len(rows)), topk_ids, topk_weights)
+            else:
+                kc = max(len(c) for c in cid)
+                for ci, cwt in zip(cid, cw):
+                    pad = kc - len(ci)
+                    ci.extend([ci[0]] * pad)
+                    cwt.extend([0.0] * pad)
+                cpu_part = (torch.tensor(rows, dtype=torch.int64), torch.tensor(cid, dtype=torch.int64),
+                            torch.tensor(cw, dtype=torch.float32))
+        if gpu:
+            gpu.sort(key=lambda r: r[0])
+            groups, start = [], 0
+            for i in range(1, len(gpu) + 1):
+                if i == len(gpu) or gpu[i][0] != gpu[start][0]:
+                    groups.append((gpu[start][0], start, i))
+                    start = i
+            gpu_part = (torch.tensor([g[1] for g in gpu], dtype=torch.int64),
+                        torch.tensor([g[2] for g in gpu], dtype=torch.float32), groups)
+        return cpu_part, gpu_part
+
     def _cpu_compute(self, x_host: torch.Tensor, cpu_part):
         rows, cid, cw = cpu_part
         xs = x_host if rows.numel() == x_host.shape[0] else x_host.index_select(0, rows)
@@ -275,8 +317,17 @@ class HybridMoE:
     @torch.no_grad()
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         self._check(x, topk_ids, topk_weights)
-        ids = topk_ids.detach().to("cpu", torch.int64).contiguous()
-        w = topk_weights.detach().to("cpu", torch.float32).contiguous()
+        x_host = None
+        if topk_ids.is_cuda or topk_weights.is_cuda or x.is_cuda:
+            # three async copies into pinned memory, one wait (instead of one sync each)
+            ids, w, x_host = (t.detach().to("cpu", non_blocking=True) for t in (topk_ids, topk_weights, x))
+            torch.cuda.current_stream(x.device if x.is_cuda else None).synchronize()
+            if not (topk_ids.is_cuda and topk_weights.is_cuda and x.is_cuda):
+                torch.cuda.synchronize()
+        else:
+            ids, w = topk_ids.detach(), topk_weights.detach()
+        ids = ids.to(torch.int64).contiguous()
+        w = w.to(torch.float32).contiguous()
         if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
             raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
         self.calls += 1
@@ -284,7 +335,7 @@ class HybridMoE:
         cpu_part, gpu_part = self.split(ids, w)
         fut = None
         if cpu_part is not None:
-            x_host = x.detach().to("cpu")
+            x_host = x.detach() if x_host is None else x_host
             if x_host.dtype not in (torch.float32, torch.bfloat16):
                 x_host = x_host.float()
             fut = _cpu_worker().submit(self._cpu_compute, x_host, cpu_part)

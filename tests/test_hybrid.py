@@ -280,3 +280,16 @@ def test_cuda_matches_cpu_device(packed):
     assert y_gpu.device.type == "cuda"
     assert rel(y_gpu.cpu(), y_cpu) < 0.01
     assert rel(hg(x, ids, w), y_cpu) < 0.01  # CPU inputs: result on the CPU
+
+
+def test_split_paths_agree_and_prefill(packed):
+    """The Python (decode) and numpy (prefill) routing splits give the same result."""
+    h = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cpu", gpu_dtype=torch.float32)
+    x, ids, w = routing(40, 8, 3, seed=9)
+    for a, b in zip(h._split_small(ids, w), h.split(ids, w)):
+        assert a[:2] is not None and all(torch.equal(u, v) for u, v in zip(a[:2], b[:2]))
+    assert h._split_small(ids, w)[1][2] == h.split(ids, w)[1][2]
+    on_gpu = torch.isin(ids, torch.tensor([1, 4, 6]))
+    expect = CPUMoE(packed, 1).forward(x, ids, torch.where(on_gpu, 0.0, w)) + \
+        float_moe(packed, 1, x, ids, torch.where(on_gpu, w, 0.0))
+    assert rel(h(x, ids, w), expect) < 1e-5

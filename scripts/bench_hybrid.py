@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Benchmark one hybrid MoE layer at DeepSeek-V4 dims: the hybrid step against its CPU part alone and its
+GPU part alone, in the same run.
+
+    python scripts/bench_hybrid.py                    # H=4096, I=2048, 256 experts, top-6, 16 on the GPU
+    python scripts/bench_hybrid.py --experts 64 --gpu-experts 8 --json out.json
+
+Weights: a synthetic DeepSeek-V4-Flash layer (MXFP4, convert.synthetic) converted with the real
+converter into --workdir (reused by later runs with the same settings). Routing: decode (--tokens 1),
+top-k; per token --gpu-hits of the k experts are GPU experts (the hot ones) and the rest distinct CPU
+experts, drawn at random from --routings pre-drawn routings cycled through, so CPU weights stream
+from DRAM. x, top-k ids and weights start on the GPU, as the router leaves them in a model.
+
+Reported (median ms per step): hybrid = HybridMoE.forward incl. the device->host routing copy, split,
+CPU thread and sum; cpu = the CPU engine alone on the same CPU rows; gpu = the GPU experts alone;
+cpu_all = every top-k expert on the CPU (what the GPU experts save); serial = cpu then gpu without overlap.
+Target: hybrid <= 1.1 x max(cpu, gpu). Prints machine info, then one JSON document.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def machine_info(device: torch.device) -> dict:
+    import kt_kernels
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "isa": kt_kernels.best_isa(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def packed_layer(args) -> Path:
+    """Convert (once) a synthetic V4-Flash layer with --experts experts; returns the packed dir."""
+    import kt_runtime
+    from convert.pipeline import ConvertOptions, convert
+    from convert.synthetic import make_v4_flash_checkpoint
+
+    work = Path(args.workdir)
+    out = work / f"v4-H{args.hidden}-I{args.intermediate}-E{args.experts}-{args.method}-T{args.threadpool_count}"
+    try:
+        w = kt_runtime.load_experts(out, verify=False)
+        if (w.num_experts, w.hidden_size, w.moe_intermediate_size) == (args.experts, args.hidden, args.intermediate):
+            return out
+    except Exception:  # noqa: BLE001 - absent or unfinished: (re)build it
+        pass
+    src = work / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    make_v4_flash_checkpoint(src, "v4-flash-layer", num_experts=args.experts, num_layers=1, hidden_size=args.hidden,
+                             moe_intermediate_size=args.intermediate, include_non_expert=False)
+    r = convert(ConvertOptions(input_path=str(src), output=out, quant_method=args.method,
+                               threadpool_count=args.threadpool_count, progress=False))
+    shutil.rmtree(src, ignore_errors=True)
+    print(f"# built {out} in {time.perf_counter() - t0:.1f} s ({r.output_bytes / 1e9:.2f} GB packed)", file=sys.stderr)
+    return out
+
+
+def routings(args, R: int, g: torch.Generator):
+    E, N, k, T, hits = args.experts, args.gpu_experts, args.topk, args.tokens, args.gpu_hits
+    out = []
+    for _ in range(R):
+        ids = torch.empty(T, k, dtype=torch.int64)
+        for t in range(T):
+            gpu = torch.randperm(N, generator=g)[:hits]
+            cpu = N + torch.randperm(E - N, generator=g)[:k - hits]
+            ids[t] = torch.cat([gpu, cpu])[torch.randperm(k, generator=g)]
+        w = torch.softmax(torch.randn(T, k, generator=g), -1)
+        out.append((ids, w))
+    return out
+
+
+def bench(fn, iters: int, warmup: int, sync) -> dict:
+    for i in range(warmup):
+        fn(i)
+    sync()
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        fn(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median_ms": statistics.median(times) * 1e3, "p10_ms": sorted(times)[len(times) // 10] * 1e3,
+            "p90_ms": sorted(times)[(9 * len(times)) // 10] * 1e3}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--gpu-experts", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=6)
+    ap.add_argument("--gpu-hits", type=int, default=2, help="of the top-k experts per token, how many are GPU experts")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per step (1: decode)")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=2048)
+    ap.add_argument("--method", choices=["int4", "int8"], default="int4")
+    ap.add_argument("--threadpool-count", type=int, default=1, help="NUMA shards of the packed weights")
+    ap.add_argument("--threads", type=int, default=0, help="CPU engine threads (0: all)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--routings", type=int, default=64)
+    ap.add_argument("--workdir", default="/tmp/kt-bench-hybrid")
+    ap.add_argument("--json", type=Path, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    if not 0 <= args.gpu_hits <= min(args.topk, args.gpu_experts) or args.topk - args.gpu_hits > args.experts - args.gpu_experts:
+        ap.error("need 0 <= gpu-hits <= min(topk, gpu-experts) and topk - gpu-hits <= experts - gpu-experts")
+
+    import kt_runtime
+    from kt_runtime.cpu_moe import CPUMoE
+
+    device = torch.device(args.device)
+    info = machine_info(device)
+    print("# " + " | ".join(f"{k}: {v}" for k, v in info.items()), file=sys.stderr)
+    w = kt_runtime.load_experts(packed_layer(args), verify=False)
+    t0 = time.perf_counter()
+    h = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device, num_threads=args.threads or None)
+    load_s = time.perf_counter() - t0
+    cpu_all = CPUMoE(w, 0, num_threads=args.threads or None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    g = torch.Generator().manual_seed(0)
+    R = args.routings
+    routes = routings(args, R, g)
+    x_host = torch.randn(args.tokens, args.hidden, generator=g).to(torch.bfloat16)
+    x_dev = x_host.to(device)
+    dev_routes = [(i.to(device), wt.to(device)) for i, wt in routes]
+    parts = [h.split(i, wt) for i, wt in routes]
+    out = torch.zeros(args.tokens, args.hidden, dtype=torch.float32, device=device)
+
+    def hybrid(i):
+        ids, wt = dev_routes[i % R]
+        h.forward(x_dev, ids, wt)
+
+    def cpu_part(i):
+        cp = parts[i % R][0]
+        if cp is not None:
+            h._cpu_compute(x_host, cp)
+
+    def gpu_part(i):
+        gp = parts[i % R][1]
+        if gp is not None:
+            h._gpu_compute(x_dev, gp, out)
+
+    def serial(i):
+        cpu_part(i)
+        gpu_part(i)
+        sync()
+
+    def all_cpu(i):
+        ids, wt = routes[i % R]
+        cpu_all.forward(x_host, ids, wt)
+
+    res = {}
+    for name, fn in (("cpu", cpu_part), ("gpu", gpu_part), ("hybrid", hybrid), ("serial", serial),
+                     ("cpu_all", all_cpu), ("hybrid_again", hybrid)):
+        res[name] = bench(fn, args.iters, args.warmup, sync)
+    hybrid_ms = min(res["hybrid"]["median_ms"], res["hybrid_again"]["median_ms"])
+    bound = max(res["cpu"]["median_ms"], res["gpu"]["median_ms"])
+    report = {
+        "machine": info,
+        "config": {"hidden": args.hidden, "intermediate": args.intermediate, "experts": args.experts,
+                   "topk": args.topk, "tokens": args.tokens, "gpu_experts": args.gpu_experts,
+                   "gpu_hits_per_token": args.gpu_hits, "method": args.method,
+                   "threadpool_count": args.threadpool_count, "threads": args.threads or info["cores"],
+                   "device": str(device), "iters": args.iters, "gpu_experts_load_s": round(load_s, 2)},
+        "ms": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in res.items()},
+        "hybrid_ms": round(hybrid_ms, 4),
+        "ratio_hybrid_over_max_part": round(hybrid_ms / bound, 3) if bound > 0 else None,
+        "ratio_hybrid_over_cpu_all": round(hybrid_ms / res["cpu_all"]["median_ms"], 3),
+        "target": "hybrid <= 1.1 x max(cpu, gpu)",
+        "target_met": bool(bound > 0 and hybrid_ms <= 1.1 * bound),
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
