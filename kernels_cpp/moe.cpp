@@ -4,10 +4,17 @@
 // ISA paths agree bit for bit.
 #include "moe.hpp"
 
+#include <emmintrin.h>
 #include <xmmintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -91,6 +98,125 @@ void validate_config(const Config& cfg) {
     fail("swiglu_limit must be a positive finite number");
 }
 
+namespace {
+
+// ---- a spinning pool for the MoE forward (decode calls come back to back: a sleeping pool's
+// condition-variable wake-ups cost tens of microseconds per call on 16 threads). Workers spin
+// for KT_MOE_SPIN_US microseconds (default 2000) after a call, then sleep on a condition variable.
+inline void cpu_relax() { _mm_pause(); }
+
+inline void backoff(int64_t& spins) {
+  if (++spins < (1 << 10)) {
+    cpu_relax();
+  } else {
+    std::this_thread::yield();  // oversubscribed machine: let the thread we wait for run
+  }
+}
+
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* v = std::getenv("KT_MOE_SPIN_US");
+    const long us = v ? std::strtol(v, nullptr, 10) : 2000;
+    return static_cast<int64_t>(us < 0 ? 0 : us) * 1000;
+  }();
+  return ns;
+}
+
+class MoePool {
+ public:
+  explicit MoePool(int n) : n_(n < 1 ? 1 : n) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  // Pools live for the whole process (never destroyed: workers may still spin at exit).
+  int size() const { return n_; }
+
+  // Runs body(tid) once on each of the n threads (the caller is tid 0); rethrows the first exception.
+  void run(const std::function<void(int)>& body) {
+    std::lock_guard<std::mutex> call(call_m_);
+    if (n_ == 1) {
+      body(0);
+      return;
+    }
+    body_ = &body;
+    error_ = nullptr;
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> l(m_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    invoke(0);
+    int64_t spins = 0;
+    while (done_.load(std::memory_order_acquire) != n_ - 1) backoff(spins);
+    body_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void invoke(int tid) {
+    try {
+      (*body_)(tid);
+    } catch (...) {
+      std::lock_guard<std::mutex> l(err_m_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  void loop(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto t0 = std::chrono::steady_clock::now();
+      int64_t spins = 0;
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        if ((++spins & 255) == 0) {
+          const int64_t el =
+              std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+          if (el >= spin_ns()) {
+            std::unique_lock<std::mutex> l(m_);
+            cv_.wait(l, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+            break;
+          }
+          if (spins > (1 << 16)) std::this_thread::yield();
+        }
+        cpu_relax();
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      invoke(tid);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  const int n_;
+  std::vector<std::thread> workers_;
+  std::mutex call_m_, m_, err_m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> done_{0};
+  const std::function<void(int)>* body_ = nullptr;
+  std::exception_ptr error_;
+};
+
+MoePool& moe_pool(int num_threads) {
+  static std::mutex m;
+  static std::map<int, MoePool*> pools;
+  const int n = num_threads > 0 ? num_threads : hardware_threads();
+  std::lock_guard<std::mutex> l(m);
+  MoePool*& p = pools[n];
+  if (!p) p = new MoePool(n);
+  return *p;
+}
+
+// Rows of H per down task when each (expert, column chunk) is its own task.
+int64_t down_chunk_rows(int64_t H, int64_t A, int threads) {
+  for (int64_t dr : {128, 64}) {
+    if (H % dr == 0 && A * (H / dr) >= 8 * threads) return dr;
+  }
+  return 32;
+}
+
+}  // namespace
+
+int64_t per_expert_down_limit_bytes = int64_t(8) << 20;
+
 void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
              int64_t topk, float* out, Isa isa, int num_threads) {
   const Config& cfg = weights.cfg;
@@ -100,9 +226,9 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   const DotFn dot = dot_for(isa);
   // The AMX kernel reads whole 16-row tiles: rows past a block's end belong to the next block
   // or to 16 rows of slack at the end of the buffer; they only feed output rows it discards.
-  auto pad = [](int64_t m) { return m; };
   constexpr int64_t kSlackRows = 16;
-  ThreadPool& pool = shared_pool(num_threads);
+  MoePool& pool = moe_pool(num_threads);
+  const int P = pool.size();
 
   // ---- routing: rows grouped by expert, experts in ascending id order
   std::vector<int64_t> count(E, 0);
@@ -115,16 +241,15 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       active.push_back(e);
     }
   const int64_t A = static_cast<int64_t>(active.size());
-  std::vector<int64_t> m_of(A), row0(A + 1, 0), pad0(A + 1, 0);  // rows, row offsets, padded offsets
+  std::vector<int64_t> m_of(A), row0(A + 1, 0);  // rows, row offsets
   for (int64_t a = 0; a < A; ++a) {
     m_of[a] = count[active[a]];
     row0[a + 1] = row0[a] + m_of[a];
-    pad0[a + 1] = pad0[a] + pad(m_of[a]);
   }
-  const int64_t R = row0[A], RP = pad0[A];
+  const int64_t R = row0[A];
   std::vector<int64_t> row_token(R);
   std::vector<float> row_weight(R);
-  std::vector<int64_t> dest(tokens * topk);  // padded row index of (token, j)
+  std::vector<int64_t> dest(tokens * topk);  // row index of (token, j)
   {
     std::vector<int64_t> fill(A, 0);
     for (int64_t t = 0; t < tokens; ++t)
@@ -133,104 +258,219 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
         const int64_t r = fill[a]++;
         row_token[row0[a] + r] = t;
         row_weight[row0[a] + r] = topk_w[t * topk + j];
-        dest[t * topk + j] = pad0[a] + r;
+        dest[t * topk + j] = row0[a] + r;
       }
   }
-
-  // ---- stage 0: quantize x straight into each expert's row block
-  AlignedArray<int8_t> xq(static_cast<size_t>((RP + kSlackRows) * H));
-  std::vector<float> xd(RP, 0.f);
-  std::vector<int32_t> xs(RP, 0);
-  std::memset(xq.p + RP * H, 0, kSlackRows * H);
-  pool.parallel_for(tokens, [&](int64_t t, int) {
-    const int64_t r = dest[t * topk];
-    xd[r] = quantize_act(x + t * H, H, xq.p + r * H, &xs[r]);
-    for (int64_t j = 1; j < topk; ++j) {
-      const int64_t r2 = dest[t * topk + j];
-      std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
-      xd[r2] = xd[r];
-      xs[r2] = xs[r];
-    }
-  });
-
-  // ---- stage 1: gate/up over (expert, slice, 32-row group); the last task of a (expert, slice)
-  // re-quantizes its intermediate.
-  const int64_t groups1 = IL / 32;
-  AlignedArray<float> act(static_cast<size_t>(R * T * IL));            // [a][t][m][IL]
-  AlignedArray<int8_t> aq(static_cast<size_t>((RP * T + kSlackRows) * IL));  // [a][t][m][IL]
-  std::memset(aq.p + RP * T * IL, 0, kSlackRows * IL);
-  std::vector<float> ad(RP * T, 0.f);
-  std::vector<int32_t> as(RP * T, 0);
-  std::unique_ptr<std::atomic<int64_t>[]> left(new std::atomic<int64_t>[A * T]);
-  for (int64_t i = 0; i < A * T; ++i) left[i] = groups1;
   const int64_t mmax = *std::max_element(m_of.begin(), m_of.end());
-  std::vector<std::vector<int32_t>> scratch(pool.size());
 
-  pool.parallel_for(A * T * groups1, [&](int64_t task, int tid) {
-    const int64_t g = task % groups1, at = task / groups1, t = at % T, a = at / T;
-    const int64_t m = m_of[a], r0 = g * 32;
-    const ExpertShard& sh = weights.shards[active[a] * T + t];
-    std::vector<int32_t>& acc = scratch[tid];
-    acc.resize(2 * round_up(mmax, 32) * 32);
-    int32_t* ag = acc.data();
-    int32_t* au = acc.data() + round_up(mmax, 32) * 32;
-    const int8_t* xa = xq.p + pad0[a] * H;
-    const float* xda = xd.data() + pad0[a];
-    dot(cfg.method, sh.gate.w, IL, H, r0, xa, H, xs.data() + pad0[a], m, ag);
-    dot(cfg.method, sh.up.w, IL, H, r0, xa, H, xs.data() + pad0[a], m, au);
-    float sg[32], su[32];
-    for (int j = 0; j < 32; ++j) {
-      sg[j] = sh.gate.s[r0 + j];
-      su[j] = sh.up.s[r0 + j];
+  // ---- buffers
+  AlignedArray<int8_t> xq(static_cast<size_t>((R + kSlackRows) * H));  // [row][H]
+  std::vector<float> xd(R, 0.f);
+  std::vector<int32_t> xs(R, 0);
+  std::memset(xq.p + R * H, 0, kSlackRows * H);
+  AlignedArray<float> act(static_cast<size_t>(R * T * IL));                 // [a][t][m][IL]
+  AlignedArray<int8_t> aq(static_cast<size_t>((R * T + kSlackRows) * IL));  // [a][t][m][IL]
+  std::memset(aq.p + R * T * IL, 0, kSlackRows * IL);
+  std::vector<float> ad(R * T, 0.f);
+  std::vector<int32_t> as(R * T, 0);
+  const int64_t acc_stride = round_up(mmax, 32) * 32;
+  AlignedArray<int32_t> acc_all(static_cast<size_t>(P * 2 * acc_stride));
+  AlignedArray<float> y_all(static_cast<size_t>(P * mmax * 32));
+
+  // ---- one parallel region, tasks claimed in index order; a task only waits for tasks of
+  // lower index (already claimed by running threads), so the waits cannot deadlock.
+  //   Q: quantize x (kQ tokens per task)
+  //   G: gate/up of (expert a, slice t, 32-row group), a-major; SiLU-gate into act
+  //   S: re-quantize the intermediate of (a, t, kS rows) once all groups of (a, t) are done
+  //   D: down. Few rows (decode): task (a, chunk of DR rows of H) writes y rows, the last of the
+  //      A tasks of a chunk adds them into out in expert order. Many rows: task (32-row chunk)
+  //      over all experts, after every S task, straight into out (no y buffer).
+  // Every float operation and its order is the same in both modes and for any thread count.
+  constexpr int64_t kQ = 4, kS = 16;
+  const int64_t nQ = (tokens + kQ - 1) / kQ;
+  const int64_t groups1 = IL / 32;
+  const int64_t nG = A * T * groups1;
+  std::vector<int64_t> s0(A + 1, 0);  // first S task of expert a
+  for (int64_t a = 0; a < A; ++a) s0[a + 1] = s0[a] + T * ((m_of[a] + kS - 1) / kS);
+  const int64_t nS = s0[A];
+  const bool per_expert = R * H * static_cast<int64_t>(sizeof(float)) <= per_expert_down_limit_bytes;
+  const int64_t DR = per_expert ? down_chunk_rows(H, A, P) : 32;
+  const int64_t chunks = H / DR;
+  const int64_t nD = per_expert ? A * chunks : chunks;
+  const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
+
+  std::atomic<int64_t> q_left{nQ}, s_all{nS};
+  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
+  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(groups1, std::memory_order_relaxed);
+  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
+  for (int64_t a = 0; a < A; ++a) s_left[a].store(s0[a + 1] - s0[a], std::memory_order_relaxed);
+  std::unique_ptr<std::atomic<int64_t>[]> d_left(new std::atomic<int64_t>[per_expert ? chunks : 1]);
+  if (per_expert)
+    for (int64_t c = 0; c < chunks; ++c) d_left[c].store(A, std::memory_order_relaxed);
+  AlignedArray<float> ybuf(per_expert ? static_cast<size_t>(R * H) : 1);  // [row][H]
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> abort{false};
+
+  auto wait_zero = [&](const std::atomic<int64_t>& c) {
+    int64_t spins = 0;
+    while (c.load(std::memory_order_acquire) != 0) {
+      if (abort.load(std::memory_order_relaxed)) throw std::runtime_error("MoE forward aborted");
+      backoff(spins);
     }
-    float* act_at = act.p + (row0[a] * T + t * m) * IL;
-    for (int64_t i = 0; i < m; ++i) {
-      float* dst = act_at + i * IL + r0;
-      for (int j = 0; j < 32; ++j) {
-        float gv = static_cast<float>(ag[i * 32 + j]) * (xda[i] * sg[j]);
-        float uv = static_cast<float>(au[i * 32 + j]) * (xda[i] * su[j]);
-        if (cfg.clamp) {
-          gv = std::min(gv, cfg.limit);
-          uv = std::min(std::max(uv, -cfg.limit), cfg.limit);
+  };
+
+  // y[i*32+j] (i < m) = Σ_t down_t(expert a) rows r0..r0+31, in t order, from zero.
+  auto down_rows = [&](int64_t a, int64_t r0, int32_t* acc, float* y, int64_t ystride) {
+    const int64_t m = m_of[a];
+    for (int64_t i = 0; i < m; ++i) std::fill(y + i * ystride, y + i * ystride + 32, 0.f);
+    for (int64_t t = 0; t < T; ++t) {
+      const ExpertShard& sh = weights.shards[active[a] * T + t];
+      const int64_t base = row0[a] * T + t * m;
+      dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, IL, as.data() + base, m, acc);
+      float sd[32];
+      for (int j = 0; j < 32; ++j) sd[j] = sh.down.s[r0 + j];
+      for (int64_t i = 0; i < m; ++i)
+        for (int j = 0; j < 32; ++j)
+          y[i * ystride + j] += static_cast<float>(acc[i * 32 + j]) * (ad[base + i] * sd[j]);
+    }
+  };
+
+  auto run_task = [&](int64_t task, int tid) {
+    int32_t* acc = acc_all.p + static_cast<int64_t>(tid) * 2 * acc_stride;
+    if (task < q_end) {  // ---- Q
+      const int64_t t1 = std::min(tokens, (task + 1) * kQ);
+      for (int64_t tk = task * kQ; tk < t1; ++tk) {
+        const int64_t r = dest[tk * topk];
+        xd[r] = quantize_act(x + tk * H, H, xq.p + r * H, &xs[r]);
+        for (int64_t j = 1; j < topk; ++j) {
+          const int64_t r2 = dest[tk * topk + j];
+          std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
+          xd[r2] = xd[r];
+          xs[r2] = xs[r];
         }
-        dst[j] = gv / (1.0f + std::exp(-gv)) * uv;
       }
-    }
-    if (left[at].fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      const int64_t mp = pad(m);
-      int8_t* q = aq.p + (pad0[a] * T + t * mp) * IL;
-      const int64_t base = pad0[a] * T + t * mp;
-      for (int64_t i = 0; i < m; ++i) ad[base + i] = quantize_act(act_at + i * IL, IL, q + i * IL, &as[base + i]);
-    }
-  });
-
-  // ---- stage 2: down over 32-row groups of H; each task owns its output columns.
-  std::vector<std::vector<float>> yscratch(pool.size());
-  pool.parallel_for(H / 32, [&](int64_t g, int tid) {
-    const int64_t r0 = g * 32;
-    std::vector<int32_t>& acc = scratch[tid];
-    acc.resize(round_up(mmax, 32) * 32);
-    std::vector<float>& y = yscratch[tid];
-    y.resize(mmax * 32);
-    for (int64_t a = 0; a < A; ++a) {
-      const int64_t m = m_of[a], mp = pad(m);
-      std::fill(y.begin(), y.begin() + m * 32, 0.f);
-      for (int64_t t = 0; t < T; ++t) {
-        const ExpertShard& sh = weights.shards[active[a] * T + t];
-        const int64_t base = pad0[a] * T + t * mp;
-        dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, IL, as.data() + base, m, acc.data());
-        float sd[32];
-        for (int j = 0; j < 32; ++j) sd[j] = sh.down.s[r0 + j];
-        for (int64_t i = 0; i < m; ++i)
-          for (int j = 0; j < 32; ++j) y[i * 32 + j] += static_cast<float>(acc[i * 32 + j]) * (ad[base + i] * sd[j]);
+      q_left.fetch_sub(1, std::memory_order_acq_rel);
+    } else if (task < g_end) {  // ---- G
+      wait_zero(q_left);
+      const int64_t i1 = task - q_end;
+      const int64_t g = i1 % groups1, at = i1 / groups1, t = at % T, a = at / T;
+      const int64_t m = m_of[a], r0 = g * 32;
+      const ExpertShard& sh = weights.shards[active[a] * T + t];
+      int32_t* ag = acc;
+      int32_t* au = acc + acc_stride;
+      const int8_t* xa = xq.p + row0[a] * H;
+      const float* xda = xd.data() + row0[a];
+      dot(cfg.method, sh.gate.w, IL, H, r0, xa, H, xs.data() + row0[a], m, ag);
+      dot(cfg.method, sh.up.w, IL, H, r0, xa, H, xs.data() + row0[a], m, au);
+      float sg[32], su[32];
+      for (int j = 0; j < 32; ++j) {
+        sg[j] = sh.gate.s[r0 + j];
+        su[j] = sh.up.s[r0 + j];
       }
+      float* act_at = act.p + (row0[a] * T + t * m) * IL;
       for (int64_t i = 0; i < m; ++i) {
-        const float w = row_weight[row0[a] + i];
-        float* o = out + row_token[row0[a] + i] * H + r0;
-        for (int j = 0; j < 32; ++j) o[j] += w * y[i * 32 + j];
+        float* dst = act_at + i * IL + r0;
+        for (int j = 0; j < 32; ++j) {
+          float gv = static_cast<float>(ag[i * 32 + j]) * (xda[i] * sg[j]);
+          float uv = static_cast<float>(au[i * 32 + j]) * (xda[i] * su[j]);
+          if (cfg.clamp) {
+            gv = std::min(gv, cfg.limit);
+            uv = std::min(std::max(uv, -cfg.limit), cfg.limit);
+          }
+          dst[j] = gv / (1.0f + std::exp(-gv)) * uv;
+        }
+      }
+      g_left[at].fetch_sub(1, std::memory_order_acq_rel);
+    } else if (task < s_end) {  // ---- S
+      const int64_t i1 = task - g_end;
+      const int64_t a = static_cast<int64_t>(std::upper_bound(s0.begin(), s0.end(), i1) - s0.begin()) - 1;
+      const int64_t m = m_of[a], per_t = (m + kS - 1) / kS;
+      const int64_t t = (i1 - s0[a]) / per_t, c = (i1 - s0[a]) % per_t;
+      wait_zero(g_left[a * T + t]);
+      const int64_t base = row0[a] * T + t * m;
+      const float* act_at = act.p + base * IL;
+      int8_t* q = aq.p + base * IL;
+      for (int64_t i = c * kS; i < std::min(m, (c + 1) * kS); ++i)
+        ad[base + i] = quantize_act(act_at + i * IL, IL, q + i * IL, &as[base + i]);
+      s_left[a].fetch_sub(1, std::memory_order_acq_rel);
+      s_all.fetch_sub(1, std::memory_order_acq_rel);
+    } else if (per_expert) {  // ---- D, one expert
+      const int64_t i1 = task - s_end;
+      const int64_t a = i1 / chunks, c = i1 % chunks;
+      wait_zero(s_left[a]);
+      for (int64_t r0 = c * DR; r0 < (c + 1) * DR; r0 += 32) down_rows(a, r0, acc, ybuf.p + row0[a] * H + r0, H);
+      if (d_left[c].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the last expert of this chunk: reduce
+        for (int64_t r = 0; r < R; ++r) {
+          const float w = row_weight[r];
+          const float* yr = ybuf.p + r * H + c * DR;
+          float* o = out + row_token[r] * H + c * DR;
+          for (int64_t j = 0; j < DR; ++j) o[j] += w * yr[j];
+        }
+      }
+    } else {  // ---- D, all experts
+      wait_zero(s_all);
+      const int64_t r0 = (task - s_end) * 32;
+      float* y = y_all.p + static_cast<int64_t>(tid) * mmax * 32;
+      for (int64_t a = 0; a < A; ++a) {
+        const int64_t m = m_of[a];
+        down_rows(a, r0, acc, y, 32);
+        for (int64_t i = 0; i < m; ++i) {
+          const float w = row_weight[row0[a] + i];
+          float* o = out + row_token[row0[a] + i] * H + r0;
+          for (int j = 0; j < 32; ++j) o[j] += w * y[i * 32 + j];
+        }
       }
     }
+  };
+
+  pool.run([&](int tid) {
+    try {
+      for (;;) {
+        const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
+        if (task >= total) return;
+        run_task(task, tid);
+      }
+    } catch (...) {
+      abort.store(true, std::memory_order_relaxed);
+      next.store(total, std::memory_order_relaxed);
+      throw;
+    }
   });
+}
+
+double read_bandwidth_gbs(const uint8_t* buf, int64_t bytes, int num_threads, int reps) {
+  // Streaming read of buf by every thread of the MoE pool (1 MiB chunks handed out dynamically),
+  // the same pool and loads as a decode call; best of reps.
+  MoePool& pool = moe_pool(num_threads);
+  constexpr int64_t kChunk = int64_t(1) << 20;
+  const int64_t chunks = bytes / kChunk;
+  double best = 0;
+  std::vector<int64_t> sink(pool.size() * 8, 0);
+  for (int r = 0; r < reps; ++r) {
+    std::atomic<int64_t> next{0};
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.run([&](int tid) {
+      __m128i s0 = _mm_setzero_si128(), s1 = s0, s2 = s0, s3 = s0;
+      for (;;) {
+        const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+        if (c >= chunks) break;
+        const __m128i* p = reinterpret_cast<const __m128i*>(buf + c * kChunk);
+        for (int64_t i = 0; i < kChunk / 16; i += 8) {
+          s0 = _mm_add_epi64(s0, _mm_add_epi64(_mm_load_si128(p + i), _mm_load_si128(p + i + 4)));
+          s1 = _mm_add_epi64(s1, _mm_add_epi64(_mm_load_si128(p + i + 1), _mm_load_si128(p + i + 5)));
+          s2 = _mm_add_epi64(s2, _mm_add_epi64(_mm_load_si128(p + i + 2), _mm_load_si128(p + i + 6)));
+          s3 = _mm_add_epi64(s3, _mm_add_epi64(_mm_load_si128(p + i + 3), _mm_load_si128(p + i + 7)));
+        }
+      }
+      const __m128i v = _mm_add_epi64(_mm_add_epi64(s0, s1), _mm_add_epi64(s2, s3));
+      sink[tid * 8] += _mm_cvtsi128_si64(v);
+    });
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, chunks * kChunk / dt / 1e9);
+  }
+  volatile int64_t keep = 0;
+  for (int64_t v : sink) keep = keep + v;
+  return best;
 }
 
 }  // namespace moe

@@ -56,6 +56,11 @@ void validate_config(const Config& cfg);
 void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
              int64_t topk, float* out, Isa isa, int num_threads);
 
+// Down-projection scheduling (tests): while rows x H x 4 bytes <= this limit, each (expert, column
+// chunk) is its own task and the calls need no barrier between the stages; above it, one task per
+// 32 columns runs over every expert. Both give identical results.
+extern int64_t per_expert_down_limit_bytes;
+
 // Kernel: exact int32 dot products of one 32-row group of a packed [n, k] matrix (rows r0..r0+31,
 // r0 % 32 == 0) with m int8 activation rows a[i*lda + c] (c < k); asum[i] = Σ_c a[i][c].
 // out[i*32 + j] = Σ_c W[r0+j][c] * a[i][c] (INT4: W = nibble*16).
@@ -88,6 +93,9 @@ inline int64_t chunk_offset(Method method, int64_t n, int64_t k, int64_t r0, int
   const int64_t elems = nb * k + kb * nbs + (r0 - nb) * kbs;
   return method == Method::Int4 ? elems / 2 : elems;
 }
+
+// GB/s of a multi-threaded streaming read of buf (64-byte aligned; whole MiB chunks), best of reps.
+double read_bandwidth_gbs(const uint8_t* buf, int64_t bytes, int num_threads, int reps);
 
 // Per-token symmetric int8 quantization (kt BufferA); returns d, writes q and Σq.
 float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);

@@ -169,6 +169,21 @@ void bind_moe(py::module_& m) {
     if (v > 0) moe::amx::set_min_tokens(v);
     return old;
   }, py::arg("value") = 0, "Get (value=0) or set the smallest expert group sent to the AMX kernel; returns the old value.");
+  m.def("_moe_read_bandwidth", [](const py::array& buf, int num_threads, int reps) {
+    require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");
+    require(reinterpret_cast<uintptr_t>(buf.data()) % 64 == 0, "buf must be 64-byte aligned");
+    const uint8_t* p = static_cast<const uint8_t*>(buf.data());
+    const int64_t n = buf.size();
+    py::gil_scoped_release release;
+    return moe::read_bandwidth_gbs(p, n, num_threads, reps < 1 ? 1 : reps);
+  }, py::arg("buf"), py::arg("num_threads") = 0, py::arg("reps") = 3,
+  "GB/s of a streaming read of buf by the MoE thread pool (best of reps).");
+  m.def("_moe_per_expert_down_limit", [](int64_t v) {
+    const int64_t old = moe::per_expert_down_limit_bytes;
+    if (v >= 0) moe::per_expert_down_limit_bytes = v;
+    return old;
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the largest rows*H*4 for which the down projection runs per expert without a barrier.");
 }
 
 }  // namespace kt

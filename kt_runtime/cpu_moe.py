@@ -9,6 +9,10 @@ BufferA), run gate/up, SiLU-gate with the optional clamp (gate <= L, |up| <= L),
 intermediate per token and NUMA slice, run down and sum the top-k experts weighted. Paths: AMX
 tiles (TDPBSSD) for expert groups of >= 16 tokens where the CPU has AMX, AVX-512 VNNI otherwise,
 and a portable C++ reference; all give bit-identical results. The GIL is released while computing.
+One forward is one parallel region over a persistent pool (quantize -> gate/up -> re-quantize ->
+down, ordered by dependency counters instead of barriers); the pool's workers spin for
+KT_MOE_SPIN_US microseconds (default 2000) after a call, so back-to-back decode calls pay no
+thread wake-ups (KT_MOE_SPIN_US=0: they sleep at once).
 """
 from __future__ import annotations
 

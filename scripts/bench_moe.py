@@ -2,10 +2,16 @@
 """Benchmark the CPU MoE engine (kt_kernels.MoELayer) against DRAM bandwidth and torch bf16.
 
 decode : 1 token, top-k of E experts, H x I experts; cycles over enough layer copies that the
-         packed bytes far exceed the last-level cache (--footprint-gb). Effective GB/s = packed
+         packed bytes far exceed the last-level cache (--footprint-gb per configuration; a layer is
+         revisited only after (copies-1) x touched bytes of other traffic). Effective GB/s = packed
          bytes of the touched experts (gate+up+down, scales included) / time, against the DRAM read
-         bandwidth (torch sum of a 1 GiB fp32 tensor, same run) and against torch bf16 F.linear
-         over the same expert shapes (bf16 weights cycled the same way).
+         bandwidth measured in the same run (torch sum of a 1 GiB fp32 tensor, and a C++ streaming
+         read of 1 GiB by the engine's own thread pool) and against torch bf16 F.linear over the same
+         expert shapes (bf16 weights cycled the same way).
+timing : every configuration is built first; then --reps rounds, each round timing every
+         configuration in turn (a warm-up pass over all its layer copies, then --min-time seconds);
+         the median over rounds is reported (min and max too), so drift and order effects show up
+         as spread instead of bias.
 prefill: T tokens, top-k over E experts: TFLOP/s (2*T*k*3*H*I) against torch bf16 matmuls grouped by
          expert, and % of the AMX INT8 peak (cores x max MHz x 2048 ops/cycle) when AMX is present.
 
@@ -61,7 +67,7 @@ def cpu_info() -> dict:
     return info
 
 
-def timeit(fn, min_time=1.0, min_iters=5, warmup=2):
+def timeit(fn, min_time=0.3, min_iters=3, warmup=2):
     for _ in range(warmup):
         fn()
     n, t0 = 0, time.perf_counter()
@@ -73,27 +79,54 @@ def timeit(fn, min_time=1.0, min_iters=5, warmup=2):
             return dt / n
 
 
-def dram_read_gbs(threads: int) -> float:
+def summarize(ts):
+    ts = sorted(ts)
+    return {"median": float(np.median(ts)), "min": ts[0], "max": ts[-1], "reps": len(ts)}
+
+
+def aligned_bytes(nbytes, fill_rng=None):
+    """64-byte aligned uint8 buffer of nbytes, filled (every page touched, no shared zero pages)."""
+    raw = np.empty(nbytes + 64, np.uint8)
+    buf = raw[(-raw.ctypes.data) % 64:][:nbytes]
+    block = np.frombuffer((fill_rng or np.random.default_rng(123)).bytes(1 << 24), np.uint8)
+    for off in range(0, nbytes, block.size):
+        n = min(block.size, nbytes - off)
+        buf[off:off + n] = block[:n]
+    return buf
+
+
+def read_bandwidth(threads):
     x = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB
     torch.set_num_threads(threads)
-    best = min(timeit(lambda: x.sum(), min_time=0.5, min_iters=3, warmup=1) for _ in range(3))
+    torch_gbs = (1 << 30) / min(timeit(lambda: x.sum(), min_time=0.3, min_iters=3, warmup=1) for _ in range(3)) / 1e9
     del x
-    return (1 << 30) / best / 1e9
+    buf = aligned_bytes(1 << 30)
+    kt_kernels._moe_read_bandwidth(buf, threads, 2)  # warm-up (pool start, page faults)
+    cpp_gbs = kt_kernels._moe_read_bandwidth(buf, threads, 5)
+    del buf
+    return torch_gbs, cpp_gbs
 
 
 def packed_bytes(method, n, k):
     return n * k // (2 if method == "int4" else 1) + 4 * n
 
 
-def random_layer(rng, method, E, H, I, numa):
+def random_layer(rng, method, E, H, I, numa, pool=None):
+    """pool: a big pre-filled byte buffer the weights are sliced from (fast for multi-GB footprints)."""
     il = I // numa
     experts = []
+    off = 0
     for _ in range(E):
         per = []
         for _t in range(numa):
             six = []
             for n, k in ((il, H), (il, H), (H, il)):
-                w = np.frombuffer(rng.bytes(n * k // (2 if method == "int4" else 1)), np.uint8)
+                nb = n * k // (2 if method == "int4" else 1)
+                if pool is None:
+                    w = np.frombuffer(rng.bytes(nb), np.uint8)
+                else:
+                    w = pool[off:off + nb]
+                    off += (nb + 63) // 64 * 64
                 s = (rng.random(n, dtype=np.float32) * 1e-3 + 1e-4).astype(np.float32)
                 six += [w, s]
             per.append(tuple(six))
@@ -101,86 +134,168 @@ def random_layer(rng, method, E, H, I, numa):
     return kt_kernels.MoELayer(method, experts, H, I, numa)
 
 
-def bench_decode(args, method, H, I, threads, isa):
-    E, k, numa = args.experts, args.topk, args.numa
-    layer_bytes = E * 3 * packed_bytes(method, I // numa, H) * numa
-    copies = max(2, int(np.ceil(args.footprint_gb * 1e9 / layer_bytes)))
-    rng = np.random.default_rng(0)
-    layers = [random_layer(rng, method, E, H, I, numa) for _ in range(copies)]
-    x = np.random.default_rng(1).standard_normal((1, H)).astype(np.float32)
-    ids = [np.sort(np.random.default_rng(i).permutation(E)[:k]).reshape(1, k).astype(np.int64) for i in range(64)]
-    tw = np.full((1, k), 1.0 / k, np.float32)
-    state = {"i": 0}
+class DecodeCase:
+    def __init__(self, args, method, H, I, threads, isa):
+        E, k, numa = args.experts, args.topk, args.numa
+        self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, isa
+        layer_bytes = E * 3 * (packed_bytes(method, I // numa, H) + 64) * numa
+        self.copies = max(2, int(np.ceil(args.footprint_gb * 1e9 / layer_bytes)))
+        rng = np.random.default_rng(0)
+        self.pool = aligned_bytes(self.copies * layer_bytes, rng)
+        self.layers = [random_layer(rng, method, E, H, I, numa, self.pool[c * layer_bytes:(c + 1) * layer_bytes])
+                       for c in range(self.copies)]
+        self.x = np.random.default_rng(1).standard_normal((1, H)).astype(np.float32)
+        self.ids = [np.sort(np.random.default_rng(i).permutation(E)[:k]).reshape(1, k).astype(np.int64)
+                    for i in range(64)]
+        self.tw = np.full((1, k), 1.0 / k, np.float32)
+        self.i = 0
+        self.touched = k * 3 * packed_bytes(method, I // numa, H) * numa
+        self.info = {"method": method, "H": H, "I": I, "experts": E, "topk": k, "numa": numa,
+                     "layer_copies": self.copies, "footprint_GB": self.copies * layer_bytes / 1e9,
+                     "touched_MB": self.touched / 1e6,
+                     "bytes_between_revisits_MB": (self.copies - 1) * self.touched / 1e6}
+        self.times = []
 
-    def step():
-        i = state["i"] = state["i"] + 1
-        layers[i % copies].forward(x, ids[i % 64], tw, isa, threads)
+    def step(self):
+        self.i += 1
+        self.layers[self.i % self.copies].forward(self.x, self.ids[self.i % 64], self.tw, self.isa, self.threads)
 
-    t = min(timeit(step, min_time=args.min_time / 2, min_iters=copies * 2) for _ in range(2))
-    touched = k * 3 * packed_bytes(method, I // numa, H) * numa
-    return {"method": method, "H": H, "I": I, "experts": E, "topk": k, "numa": numa, "layer_copies": copies,
-            "footprint_GB": copies * layer_bytes / 1e9, "us_per_token": t * 1e6, "touched_MB": touched / 1e6,
-            "GBps": touched / t / 1e9}
+    def rep(self, min_time):
+        for _ in range(self.copies):  # warm-up: every copy once (pages, pool, frequency)
+            self.step()
+        self.times.append(timeit(self.step, min_time=min_time, min_iters=2 * self.copies, warmup=0))
+
+    def result(self):
+        t = summarize(self.times)
+        return dict(self.info, us_per_token=t["median"] * 1e6, us_min=t["min"] * 1e6, us_max=t["max"] * 1e6,
+                    reps=t["reps"], GBps=self.touched / t["median"] / 1e9)
 
 
-def bench_torch_decode(args, H, I, threads):
-    torch.set_num_threads(threads)
-    E, k = args.experts, args.topk
-    expert_bytes = 3 * H * I * 2
-    n = max(2 * k, int(np.ceil(args.footprint_gb * 1e9 / expert_bytes)))
-    g = torch.Generator().manual_seed(0)
-    ws = [(torch.randn(I, H, generator=g).to(torch.bfloat16), torch.randn(I, H, generator=g).to(torch.bfloat16),
-           torch.randn(H, I, generator=g).to(torch.bfloat16)) for _ in range(n)]
-    x = torch.randn(1, H, generator=g).to(torch.bfloat16)
-    state = {"i": 0}
+class TorchDecodeCase:
+    def __init__(self, args, H, I, threads):
+        self.H, self.I, self.threads, self.k = H, I, threads, args.topk
+        expert_bytes = 3 * H * I * 2
+        self.n = max(2 * self.k, int(np.ceil(args.footprint_gb * 1e9 / expert_bytes)))
+        g = torch.Generator().manual_seed(0)
+        block = (torch.randn(1 << 22, generator=g) * 0.02).to(torch.bfloat16)
 
-    def step():
-        i = state["i"]
-        out = torch.zeros(1, H, dtype=torch.bfloat16)
-        for j in range(k):
-            wg, wu, wd = ws[(i + j) % n]
-            out += F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
-        state["i"] = i + k
+        def mat(r, c):
+            t = torch.empty(r * c, dtype=torch.bfloat16)
+            for off in range(0, r * c, block.numel()):
+                nn = min(block.numel(), r * c - off)
+                t[off:off + nn] = block[:nn]
+            return t.view(r, c)
+
+        self.ws = [(mat(I, H), mat(I, H), mat(H, I)) for _ in range(self.n)]
+        self.x = torch.randn(1, H, generator=g).to(torch.bfloat16)
+        self.i = 0
+        self.expert_bytes = expert_bytes
+        self.times = []
+
+    def step(self):
+        i = self.i
+        out = torch.zeros(1, self.H, dtype=torch.bfloat16)
+        for j in range(self.k):
+            wg, wu, wd = self.ws[(i + j) % self.n]
+            out += F.linear(F.silu(F.linear(self.x, wg)) * F.linear(self.x, wu), wd)
+        self.i = i + self.k
         return out
 
-    t = timeit(step, min_time=args.min_time, min_iters=max(5, 2 * n // k))
-    return {"H": H, "I": I, "bf16_experts": n, "us_per_token": t * 1e6, "GBps_bf16": k * expert_bytes / t / 1e9}
+    def rep(self, min_time):
+        torch.set_num_threads(self.threads)
+        for _ in range(self.n // self.k + 1):
+            self.step()
+        self.times.append(timeit(self.step, min_time=min_time, min_iters=max(3, 2 * self.n // self.k), warmup=0))
+
+    def result(self):
+        t = summarize(self.times)
+        return {"H": self.H, "I": self.I, "bf16_experts": self.n, "us_per_token": t["median"] * 1e6,
+                "us_min": t["min"] * 1e6, "us_max": t["max"] * 1e6, "reps": t["reps"],
+                "GBps_bf16": self.k * self.expert_bytes / t["median"] / 1e9}
 
 
-def bench_prefill(args, method, H, I, threads, isa):
-    E, k, T, numa = args.prefill_experts, args.topk, args.prefill_tokens, args.numa
-    layer = random_layer(np.random.default_rng(2), method, E, H, I, numa)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(T, H, generator=g).numpy()
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).numpy().astype(np.int64)
-    tw = np.full((T, k), 1.0 / k, np.float32)
-    t = timeit(lambda: layer.forward(x, ids, tw, isa, threads), min_time=args.min_time, min_iters=3, warmup=1)
-    flops = 2.0 * T * k * 3 * H * I
-    return {"method": method, "tokens": T, "experts": E, "topk": k, "H": H, "I": I, "ms": t * 1e3,
-            "TFLOPs": flops / t / 1e12}
-
-
-def bench_torch_prefill(args, H, I, threads):
-    torch.set_num_threads(threads)
+def prefill_inputs(args):
     E, k, T = args.prefill_experts, args.topk, args.prefill_tokens
     g = torch.Generator().manual_seed(3)
-    ws = [(torch.randn(I, H, generator=g).to(torch.bfloat16), torch.randn(I, H, generator=g).to(torch.bfloat16),
-           torch.randn(H, I, generator=g).to(torch.bfloat16)) for _ in range(E)]
-    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    x = torch.randn(T, args.hidden, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    groups = [(ids == e).nonzero(as_tuple=True) for e in range(E)]
+    return x, ids
 
-    def step():
-        out = torch.zeros(T, H, dtype=torch.float32)
-        for e, (tok, _slot) in enumerate(groups):
+
+class PrefillCase:
+    def __init__(self, args, method, H, I, threads, isa):
+        self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, isa
+        E, k, T, numa = args.prefill_experts, args.topk, args.prefill_tokens, args.numa
+        self.layer = random_layer(np.random.default_rng(2), method, E, H, I, numa)
+        x, ids = prefill_inputs(args)
+        self.x, self.ids = x.numpy(), ids.numpy().astype(np.int64)
+        self.tw = np.full((T, k), 1.0 / k, np.float32)
+        self.flops = 2.0 * T * k * 3 * H * I
+        self.info = {"method": method, "tokens": T, "experts": E, "topk": k, "H": H, "I": I}
+        self.times = []
+
+    def step(self):
+        self.layer.forward(self.x, self.ids, self.tw, self.isa, self.threads)
+
+    def rep(self, min_time):
+        self.times.append(timeit(self.step, min_time=min_time, min_iters=3, warmup=1))
+
+    def result(self):
+        t = summarize(self.times)
+        return dict(self.info, ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3, reps=t["reps"],
+                    TFLOPs=self.flops / t["median"] / 1e12)
+
+
+class TorchPrefillCase:
+    def __init__(self, args, H, I, threads):
+        self.threads = threads
+        E, k, T = args.prefill_experts, args.topk, args.prefill_tokens
+        g = torch.Generator().manual_seed(4)
+        block = (torch.randn(1 << 22, generator=g) * 0.02).to(torch.bfloat16)
+
+        def mat(r, c):
+            t = torch.empty(r * c, dtype=torch.bfloat16)
+            for off in range(0, r * c, block.numel()):
+                nn = min(block.numel(), r * c - off)
+                t[off:off + nn] = block[:nn]
+            return t.view(r, c)
+
+        self.ws = [(mat(I, H), mat(I, H), mat(H, I)) for _ in range(E)]
+        x, ids = prefill_inputs(args)
+        self.x = x.to(torch.bfloat16)
+        self.groups = [(ids == e).nonzero(as_tuple=True) for e in range(E)]
+        self.T, self.H = T, H
+        self.flops = 2.0 * T * k * 3 * H * I
+        self.times = []
+
+    def step(self):
+        out = torch.zeros(self.T, self.H, dtype=torch.float32)
+        for e, (tok, _slot) in enumerate(self.groups):
             if len(tok):
-                xe = x[tok]
-                wg, wu, wd = ws[e]
+                xe = self.x[tok]
+                wg, wu, wd = self.ws[e]
                 out.index_add_(0, tok, F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd).float())
         return out
 
-    t = timeit(step, min_time=args.min_time, min_iters=3, warmup=1)
-    return {"ms": t * 1e3, "TFLOPs": 2.0 * T * k * 3 * H * I / t / 1e12}
+    def rep(self, min_time):
+        torch.set_num_threads(self.threads)
+        self.times.append(timeit(self.step, min_time=min_time, min_iters=3, warmup=1))
+
+    def result(self):
+        t = summarize(self.times)
+        return {"ms": t["median"] * 1e3, "ms_min": t["min"] * 1e3, "ms_max": t["max"] * 1e3, "reps": t["reps"],
+                "TFLOPs": self.flops / t["median"] / 1e12}
+
+
+def call_overhead_us(threads, isa):
+    """Fixed cost of one decode call: a tiny layer (H=256, I=256, 4 experts, top-2) that lives in L1/L2."""
+    layer = random_layer(np.random.default_rng(5), "int8", 4, 256, 256, 1)
+    x = np.ones((1, 256), np.float32)
+    ids = np.array([[0, 2]], np.int64)
+    tw = np.full((1, 2), 0.5, np.float32)
+    ts = [timeit(lambda: layer.forward(x, ids, tw, isa, threads), min_time=0.1, min_iters=50, warmup=50)
+          for _ in range(5)]
+    return float(np.median(ts)) * 1e6
 
 
 def amx_peak_tflops(info, threads):
@@ -199,13 +314,16 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--numa", type=int, default=1, help="threadpool_count of the packed layout")
-    ap.add_argument("--footprint-gb", type=float, default=1.0, help="packed bytes cycled over in decode (>> L3)")
+    ap.add_argument("--footprint-gb", type=float, default=2.0,
+                    help="packed bytes cycled over per decode configuration (>> L3; 2 GB = 6.7x a 300 MB L3)")
+    ap.add_argument("--reps", type=int, default=5, help="decode rounds (median reported)")
+    ap.add_argument("--prefill-reps", type=int, default=3, help="prefill rounds (median reported)")
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--prefill-experts", type=int, default=64)
     ap.add_argument("--prefill-inter", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="0 = every CPU of this process")
     ap.add_argument("--isa", default="auto")
-    ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds timed per configuration and round")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
@@ -216,43 +334,63 @@ def main(argv=None):
     threads = args.threads or info["cores"]
     print(f"CPU: {info['cpu']}  cores={info['cores']}  ISA={info['isa']}  L3={info.get('L3 cache', '?')}  "
           f"max MHz={info.get('CPU max MHz', info.get('CPU MHz', '?'))}  threads={threads}", flush=True)
-    res = {"machine": info, "threads": threads, "isa": args.isa, "decode": [], "prefill": []}
-    # Some VMs hand out host memory lazily on first touch: fault in the footprint once before timing.
-    warm = np.ones(int(args.footprint_gb * 2.5e9) // 8, np.float64)
-    del warm
-    dram_read_gbs(threads)
-    bw = dram_read_gbs(threads)
-    res["dram_read_GBps"] = bw
-    print(f"DRAM read bandwidth (torch sum of 1 GiB fp32): {bw:.1f} GB/s", flush=True)
+    res = {"machine": info, "threads": threads, "isa": args.isa, "reps": args.reps, "min_time": args.min_time,
+           "footprint_GB_per_config": args.footprint_gb, "spin_us": os.environ.get("KT_MOE_SPIN_US", "2000"),
+           "decode": [], "prefill": []}
+    t_start = time.perf_counter()
+    torch_bw, cpp_bw = read_bandwidth(threads)
+    res["dram_read_GBps"] = torch_bw
+    res["cpp_stream_read_GBps"] = cpp_bw
+    print(f"read bandwidth: torch sum of 1 GiB fp32 {torch_bw:.1f} GB/s; C++ streaming read of 1 GiB "
+          f"(MoE pool) {cpp_bw:.1f} GB/s", flush=True)
+    res["call_overhead_us"] = call_overhead_us(threads, args.isa)
+    print(f"decode call overhead (tiny layer in cache): {res['call_overhead_us']:.1f} us", flush=True)
     methods = args.methods.split(",")
 
     if not args.skip_decode:
-        for I in (int(v) for v in args.inter.split(",")):
-            tb = None if args.skip_torch else bench_torch_decode(args, args.hidden, I, threads)
-            if tb:
-                print(f"decode torch bf16 H={args.hidden} I={I}: {tb['us_per_token']:.0f} us/token "
-                      f"({tb['GBps_bf16']:.1f} GB/s of bf16)", flush=True)
-            for m in methods:
-                r = bench_decode(args, m, args.hidden, I, threads, args.isa)
-                r["vs_dram"] = r["GBps"] / bw
-                if tb:
-                    r["torch_bf16_us_per_token"] = tb["us_per_token"]
-                    r["speedup_vs_torch_bf16"] = tb["us_per_token"] / r["us_per_token"]
-                res["decode"].append(r)
-                print(f"decode {m} H={args.hidden} I={I} top{args.topk}/{args.experts}: {r['us_per_token']:.0f} us/token, "
-                      f"{r['GBps']:.1f} GB/s = {r['vs_dram']:.2f} of DRAM read"
-                      + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if tb else "")
-                      + f"  (footprint {r['footprint_GB']:.2f} GB)", flush=True)
+        inters = [int(v) for v in args.inter.split(",")]
+        cases = [DecodeCase(args, m, args.hidden, I, threads, args.isa) for I in inters for m in methods]
+        tcases = {} if args.skip_torch else {I: TorchDecodeCase(args, args.hidden, I, threads) for I in inters}
+        print(f"decode: {len(cases)} configurations built ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        for r in range(args.reps):
+            for c in list(tcases.values()) + cases:
+                c.rep(args.min_time)
+        tb = {I: c.result() for I, c in tcases.items()}
+        for I, t in tb.items():
+            res.setdefault("decode_torch_bf16", []).append(t)
+            print(f"decode torch bf16 H={args.hidden} I={I}: {t['us_per_token']:.0f} us/token "
+                  f"[{t['us_min']:.0f}-{t['us_max']:.0f}] ({t['GBps_bf16']:.1f} GB/s of bf16)", flush=True)
+        for c in cases:
+            r = c.result()
+            r["vs_dram"] = r["GBps"] / torch_bw
+            r["vs_cpp_stream"] = r["GBps"] / cpp_bw
+            if c.I in tb:
+                r["torch_bf16_us_per_token"] = tb[c.I]["us_per_token"]
+                r["speedup_vs_torch_bf16"] = tb[c.I]["us_per_token"] / r["us_per_token"]
+            res["decode"].append(r)
+            print(f"decode {c.method} H={args.hidden} I={c.I} top{args.topk}/{args.experts}: "
+                  f"{r['us_per_token']:.0f} us/token [{r['us_min']:.0f}-{r['us_max']:.0f}], {r['GBps']:.1f} GB/s = "
+                  f"{r['vs_dram']:.2f} of torch-sum read, {r['vs_cpp_stream']:.2f} of C++ read"
+                  + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if c.I in tb else "")
+                  + f"  (footprint {r['footprint_GB']:.2f} GB, {r['layer_copies']} copies)", flush=True)
+        del cases, tcases
 
     if not args.skip_prefill:
         I = args.prefill_inter
-        tb = None if args.skip_torch else bench_torch_prefill(args, args.hidden, I, threads)
+        pcases = [PrefillCase(args, m, args.hidden, I, threads, args.isa) for m in methods]
+        tcase = None if args.skip_torch else TorchPrefillCase(args, args.hidden, I, threads)
+        for r in range(args.prefill_reps):
+            for c in ([tcase] if tcase else []) + pcases:
+                c.rep(args.min_time)
+        tb = tcase.result() if tcase else None
         if tb:
+            res["prefill_torch_bf16"] = tb
             print(f"prefill torch bf16 T={args.prefill_tokens} top{args.topk}/{args.prefill_experts} H={args.hidden} "
-                  f"I={I}: {tb['ms']:.1f} ms, {tb['TFLOPs']:.3f} TFLOP/s", flush=True)
+                  f"I={I}: {tb['ms']:.1f} ms [{tb['ms_min']:.1f}-{tb['ms_max']:.1f}], {tb['TFLOPs']:.3f} TFLOP/s",
+                  flush=True)
         peak = amx_peak_tflops(info, threads) if info["isa"] == "amx" else None
-        for m in methods:
-            r = bench_prefill(args, m, args.hidden, I, threads, args.isa)
+        for c in pcases:
+            r = c.result()
             if tb:
                 r["torch_bf16_TFLOPs"] = tb["TFLOPs"]
                 r["speedup_vs_torch_bf16"] = r["TFLOPs"] / tb["TFLOPs"]
@@ -260,9 +398,11 @@ def main(argv=None):
                 r["amx_int8_peak_TFLOPs"] = peak
                 r["pct_amx_peak"] = 100 * r["TFLOPs"] / peak
             res["prefill"].append(r)
-            print(f"prefill {m}: {r['ms']:.1f} ms, {r['TFLOPs']:.3f} TFLOP/s"
+            print(f"prefill {c.method}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}], "
+                  f"{r['TFLOPs']:.3f} TFLOP/s"
                   + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if tb else "")
                   + (f", {r['pct_amx_peak']:.1f}% of AMX INT8 peak ({peak:.1f} TFLOP/s)" if peak else ""), flush=True)
+    res["bench_seconds"] = time.perf_counter() - t_start
 
     if args.json:
         with open(args.json, "w") as f:

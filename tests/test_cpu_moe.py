@@ -193,12 +193,65 @@ def test_duplicate_ids_zero_tokens_and_zero_rows():
     assert e.shape == (0, 256)
 
 
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_fused_stages_modes_and_thread_counts(method):
+    """One parallel region with dependency counters: results must not depend on the thread count,
+    on the down-projection mode (per expert without a barrier, or per column chunk over all
+    experts), or on the ISA."""
+    w = FakeExperts(method, 384 if method == "int8" else 512, 512, 6, 2, topk=3, swiglu_limit=0.5)
+    H = w.hidden_size
+    old = kt_kernels._moe_per_expert_down_limit()
+    try:
+        for tokens in (1, 2, 9, 33):
+            ids, tw = routing(tokens, 6, 3, seed=tokens)
+            if tokens == 9:
+                ids[:, 1] = ids[:, 0]  # duplicate ids: two rows of one expert add into one token
+            x = make_x(tokens, H, seed=tokens)
+            ref = CPUMoE(w, 0, isa="portable", num_threads=1).forward(x, ids, tw)
+            for limit in (0, 1 << 40):  # 0: column chunks over all experts; huge: per-expert chunks
+                kt_kernels._moe_per_expert_down_limit(limit)
+                for threads in (1, 2, 3, 5, 8):
+                    for isa in ["portable"] + SIMD_ISAS:
+                        y = CPUMoE(w, 0, isa=isa, num_threads=threads).forward(x, ids, tw)
+                        assert torch.equal(y, ref), f"{isa} threads={threads} limit={limit} tokens={tokens}"
+    finally:
+        kt_kernels._moe_per_expert_down_limit(old)
+
+
+def test_repeated_calls_concurrent_threads():
+    """Back-to-back calls (spinning workers) and calls from several Python threads at once."""
+    import threading
+    w = FakeExperts("int4", 256, 256, 4, 1, topk=2)
+    ids, tw = routing(3, 4, 2)
+    x = make_x(3, 256)
+    moe = CPUMoE(w, 0, num_threads=3)
+    ref = CPUMoE(w, 0, isa="portable", num_threads=1).forward(x, ids, tw)
+    for _ in range(200):
+        assert torch.equal(moe.forward(x, ids, tw), ref)
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(50):
+                assert torch.equal(moe.forward(x, ids, tw), ref)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
 @pytest.mark.amx
 @pytest.mark.skipif(BEST != "amx", reason="needs a CPU with AMX tiles")
 @pytest.mark.parametrize("method", ["int4", "int8"])
 @pytest.mark.parametrize("min_tokens", [1, 16])
 def test_amx_tiles(method, min_tokens):
     old = kt_kernels._moe_amx_min_tokens(min_tokens)
+    old_limit = kt_kernels._moe_per_expert_down_limit()
     try:
         w = FakeExperts(method, 3840, 512, 4, 2, topk=2, swiglu_limit=0.5)
         for tokens in (1, 7, 40, 100):
@@ -207,8 +260,15 @@ def test_amx_tiles(method, min_tokens):
             ref = CPUMoE(w, 0, isa="portable").forward(x, ids, tw)
             y = CPUMoE(w, 0, isa="amx").forward(x, ids, tw)
             assert torch.equal(y, ref), f"amx differs (tokens={tokens})"
+            for limit in (0, 1 << 40):  # both down-projection schedules, several thread counts
+                kt_kernels._moe_per_expert_down_limit(limit)
+                for threads in (1, 3, 16):
+                    y = CPUMoE(w, 0, isa="amx", num_threads=threads).forward(x, ids, tw)
+                    assert torch.equal(y, ref), f"amx differs (tokens={tokens}, threads={threads}, limit={limit})"
+            kt_kernels._moe_per_expert_down_limit(old_limit)
     finally:
         kt_kernels._moe_amx_min_tokens(old)
+        kt_kernels._moe_per_expert_down_limit(old_limit)
 
 
 def test_bad_inputs():
