@@ -5,8 +5,8 @@ pass 1 decodes the rows and takes their amax; pass 2 decodes them again, quantiz
 exact fp32 rounding and stores each (32 rows x 64 bytes) step as one 2048-byte AMX tile pair at
 its closed-form offset (research kt_format.md §2). Only packed bytes and scales are written.
 
-Numerics match quant.kt_quant / kernels_cpp bit for bit: IEEE divisions (libdevice div_rn, never
-Triton's approximate '/'), multiply by fl32(1/d), rint (round half to even), cvtps2dq's
+Numerics match quant.kt_quant / kernels_cpp bit for bit: IEEE divisions (libdevice div_rn in fp64,
+never Triton's approximate '/', see _to_f64), multiply by fl32(1/d), rint (round half to even), cvtps2dq's
 out-of-range -> INT32_MIN, INT4's ties-away 4-bit rounding. Non-finite source values become 0 and
 are counted per job. This module imports triton: import it only on the GPU path.
 """
@@ -47,6 +47,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     @triton.jit
     def _rint(y):  # RNE for |y| < 2^22; larger values are clamped to int8 by the caller anyway
         return (y + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _rint64(y):  # RNE for 0 <= y < 2^51
+        m = tl.zeros_like(y) + 6755399441055744.0  # 1.5 * 2^52
+        return (y + m) - m
 else:
     @triton.jit
     def _div_rn(a, b):
@@ -54,7 +59,36 @@ else:
 
     @triton.jit
     def _rint(y):
-        return libdevice.rint(y)  # round half to even
+        return libdevice.rint(y)  # round half to even (a subnormal y rounds to 0 either way)
+
+    @triton.jit
+    def _rint64(y):
+        return libdevice.rint(y)
+
+
+# Triton links libdevice with nvvm-reflect-ftz, so its fp32 functions flush subnormals; kt's
+# scales are IEEE down to the subnormals. The scale arithmetic therefore runs in fp64 (never
+# flushed), which gives the same results: fp32 operands divided in fp64 and rounded once to fp32
+# equal the fp32 IEEE quotient (53 >= 2 * 24 + 2). Conversions are done exactly by hand.
+@triton.jit
+def _f64_bits(like, bits):
+    return (tl.zeros_like(like).to(tl.int64) + bits).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _to_f64(x):
+    """fp32 >= 0 -> fp64, exact for subnormals too."""
+    b = x.to(tl.int32, bitcast=True)
+    sub = b.to(tl.float64) * _f64_bits(x, 0x36A0000000000000)  # mantissa * 2^-149
+    return tl.where(b < 0x00800000, sub, x.to(tl.float64))
+
+
+@triton.jit
+def _to_f32(y):
+    """fp64 >= 0 -> fp32 rounded to nearest even, subnormal results included."""
+    small = y < _f64_bits(y, 0x3810000000000000)  # 2^-126
+    m = _rint64(tl.where(small, y, 0.0) * _f64_bits(y, 0x4940000000000000))  # y * 2^149
+    return tl.where(small, m.to(tl.int32).to(tl.float32, bitcast=True), y.to(tl.float32))
 
 
 @triton.jit
@@ -171,23 +205,27 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
     rows = row0 + ri  # [32, 1] job-local rows
     cj = tl.arange(0, 64)[None, :]  # [1, 64]
 
-    # pass 1: per-row amax of the finite values, and the count of non-finite ones
-    amax = tl.zeros([32], dtype=tl.float32)
+    # pass 1: per-row amax of the finite values (on the bits, as kt: no float compare to flush
+    # subnormals), and the count of non-finite values
+    amax_bits = tl.zeros([32], dtype=tl.int32)
     bad = tl.zeros([32, 64], dtype=tl.int32)
     for kk in range(0, k, 64):
         x = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, col0 + kk + cj, KIND)
         fin = _finite(x)
         bad += tl.where(fin, 0, 1)
-        amax = tl.maximum(amax, tl.max(tl.where(fin, tl.abs(x), 0.0), axis=1))
+        abs_bits = tl.where(fin, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        amax_bits = tl.maximum(amax_bits, tl.max(abs_bits, axis=1))
     tl.atomic_add(count_ptr + job, tl.sum(bad))
 
-    # kt's scale: INT8 fl32(amax / 127); INT4 fl32((double)amax / 112.0); IEEE divisions
+    # kt's scale: INT8 fl32(amax / 127); INT4 fl32((double)amax / 112.0); id = fl32(1 / d)
+    amax = _to_f64(amax_bits.to(tl.float32, bitcast=True))
     if IS_INT4:
-        d = _div_rn(amax.to(tl.float64), tl.full([32], 112.0, tl.float64)).to(tl.float32)
+        d = _to_f32(_div_rn(amax, tl.zeros_like(amax) + 112.0))
     else:
-        d = _div_rn(amax, tl.full([32], 127.0, tl.float32))
+        d = _to_f32(_div_rn(amax, tl.zeros_like(amax) + 127.0))
     nz = d != 0.0
-    inv = tl.where(nz, _div_rn(tl.full([32], 1.0, tl.float32), tl.where(nz, d, 1.0)), 0.0)
+    inv = _to_f32(_div_rn(tl.zeros_like(amax) + 1.0, _to_f64(tl.where(nz, d, 1.0))))
+    inv = tl.where(nz, inv, 0.0)
     tl.store(scale_ptr + scale_off + row0 + r, d)
     inv2 = inv[:, None]
 
