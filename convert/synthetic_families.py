@@ -209,14 +209,20 @@ def _config(v: Variant, H: int, I: int, E: int, L: int, block, group, mtp: int) 
 
 def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, intermediate_size: int = 256,
                            num_experts: int = 4, num_layers: int = 2, block: tuple[int, int] = (128, 128),
-                           group: int = 32, mtp_layers: int = 1, num_shards: int = 2, seed: int = 0) -> FamilyCheckpoint:
+                           group: int = 32, mtp_layers: int = 1, num_shards: int = 2, seed: int = 0,
+                           prefix: str | None = None) -> FamilyCheckpoint:
     """Write a synthetic checkpoint of `variant` (a key of VARIANTS) to `out_dir`.
 
     With dense_first variants layer 0 is a dense MLP (no routed experts) and the MoE layers are
     1..num_layers-1; num_shards > 1 writes model-XXXXX-of-NNNNN files and an index whose
     metadata is ``{}`` (as DeepSeek's own tools write it), 1 writes ``model.safetensors``.
+    prefix overrides the variant's key prefix before ``layers.`` (e.g. ``language_model.model.``).
     """
     v = VARIANTS[variant]
+    if prefix is not None:  # another key prefix for the same family (e.g. a VL wrapper's language_model.)
+        from dataclasses import replace
+
+        v = replace(v, prefix=prefix)
     H, I, E, L = hidden_size, intermediate_size, num_experts, num_layers
     if v.layout != "per-expert" and v.encoding not in ("bf16", "f16", "mxfp4"):
         raise ValueError(f"{variant}: fused layouts are BF16/FP16/MXFP4 here")

@@ -297,3 +297,12 @@ def test_mtp_and_dense_layers_are_left_alone(tmp_path):
     assert plan.skipped_mtp_layers == ["3"] and plan.skipped_mtp_keys == 6
     assert not any("shared_experts" in k or "layers.0." in k for k in plan.routed_keys)
     c.close()
+
+
+@pytest.mark.parametrize("prefix", ["", "language_model.", "language_model.model.", "model.language_model."])
+def test_key_prefixes(tmp_path, prefix):
+    ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_bf16", num_layers=1, num_experts=2, prefix=prefix)
+    assert any(k.startswith(prefix + "layers.0.mlp.experts.1.") for k in ck.weight_map)
+    report = _convert(ck, tmp_path / "out", threadpool_count=1)
+    assert report.family == "qwen3_moe"
+    assert_family_matches_reference(ck, tmp_path / "out", "int4", 1)
