@@ -1,16 +1,26 @@
 """Every checkpoint family: the new source decoders (C++ packer on every ISA here against the torch
 reference, byte for byte) and end-to-end conversion of every family's synthetic checkpoint against
 the reference quantizer applied to that family's bf16 decode."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
 import kt_kernels
-from quant import INT4, INT8
+import kt_runtime
+from conftest import read_json
+from convert.cli import main
+from convert.families import FAMILIES
+from convert.pipeline import ConvertOptions, convert
+from convert.plan import build_plan
+from convert.source import open_checkpoint
+from convert.synthetic_families import VARIANTS, make_family_checkpoint
+from quant import INT4, INT8, get_method
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import (decode_f16, decode_fp8_block, decode_int4_group, e4m3_to_float32, encode_int4_words,
                             unpack_int4_words)
-from quant.reference import pack_reference
+from quant.reference import pack_expert_reference, pack_reference
 
 ISAS = ["portable", "avx2", "avx512", "amx"]
 AVAILABLE_ISAS = ISAS[: ISAS.index(kt_kernels.best_isa()) + 1]
@@ -128,19 +138,6 @@ def test_cpu_packer_rejects_bad_block_arguments():
 
 # -- end to end: every family's synthetic checkpoint -----------------------------------------------
 
-import json  # noqa: E402
-
-import kt_runtime  # noqa: E402
-from conftest import read_json  # noqa: E402
-from convert.cli import main  # noqa: E402
-from convert.errors import UserError  # noqa: E402
-from convert.families import FAMILIES  # noqa: E402
-from convert.pipeline import ConvertOptions, convert  # noqa: E402
-from convert.plan import build_plan  # noqa: E402
-from convert.source import open_checkpoint  # noqa: E402
-from convert.synthetic_families import VARIANTS, make_family_checkpoint  # noqa: E402
-from quant import get_method  # noqa: E402
-from quant.reference import pack_expert_reference  # noqa: E402
 
 
 def _convert(ck, out, **kw):
