@@ -266,6 +266,7 @@ def main() -> None:
     res["gpu_warm"] = run_child(ckpt, gpu_out, "cuda", a.method, a.numa)
     g = res["gpu_warm"]
     show("GPU conversion, page cache", f"{g['wall_s']:.2f} s, peak RSS {g['peak_rss_bytes'] / 2**30:.2f} GiB")
+    show("  busy: pack / write / commit", f"{g['pack_s']:.2f} / {g['write_s']:.2f} / {g['commit_s']:.2f} s")
     gpu_sums = layer_checksums(gpu_out)
     if not a.skip_cpu:
         res["cpu_warm"] = run_child(ckpt, cpu_out, "cpu", a.method, a.numa)
