@@ -389,6 +389,11 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
         hint = f"drop --input-type or pass --input-type {detected}" if len(kinds) == 1 else "drop --input-type"
         raise UserError(f"--input-type {input_type} does not match the checkpoint: its routed experts are "
                         f"{detected} ({family.name}); {hint}")
+    declared = cfg.get("expert_dtype")  # DeepSeek-V4: "fp4" (Flash) or "fp8" (Flash-Base)
+    if declared in ("fp4", "fp8") and detected in ("fp4", "fp8") and declared != detected:
+        raise UserError(f"{where}: expert_dtype is {declared!r} but the routed experts are stored as {detected} "
+                        "(MXFP4: I8/U8/F4 + E8M0; FP8: F8_E4M3 + F32): the config and the weights come from "
+                        "different checkpoints; fix config.json")
     plan.input_type = detected
     plan.source_info = {"expert_layout": family.layout}
     if family.activation_params:

@@ -303,3 +303,12 @@ def test_key_prefixes(tmp_path, prefix):
     report = _convert(ck, tmp_path / "out", threadpool_count=1)
     assert report.family == "qwen3_moe"
     assert_family_matches_reference(ck, tmp_path / "out", "int4", 1)
+
+
+def test_v4_expert_dtype_must_agree_with_the_weights(tmp_path, capsys):
+    ck = make_family_checkpoint(tmp_path / "ck", "deepseek_v4_fp8", num_layers=1, num_experts=2)
+    cfg = read_json(ck.path / "config.json")
+    cfg["expert_dtype"] = "fp4"
+    (ck.path / "config.json").write_text(json.dumps(cfg))
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "expert_dtype is 'fp4' but the routed experts are stored as fp8" in capsys.readouterr().err
