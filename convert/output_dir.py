@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
 from kt_runtime.manifest import Manifest, ManifestError, atomic_write_text, read_manifest
 
 from .errors import UserError
+from .source import COPIED_FILES
 
 
 class OutputLock:
@@ -33,6 +35,24 @@ class OutputLock:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+_LAYER_TEMP = re.compile(r"^_layer_\d+\.(tmp|old)$")
+
+
+def _stale_temporary(path: Path) -> bool:
+    """Only the temporary names this converter writes (what an interrupted run leaves behind)."""
+    name = path.name
+    return (name in (MANIFEST_FILE + ".tmp", INDEX_FILE + ".tmp") or name.endswith(".safetensors.tmp")
+            or bool(_LAYER_TEMP.match(name)) or (name.endswith(".tmp") and name[:-4] in COPIED_FILES))
+
+
+def _remove(paths: list[Path]) -> None:
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def _ours(path: Path) -> bool:
@@ -62,7 +82,9 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
         if not overwrite:
             raise UserError(f"{e}; pass --overwrite to replace the output") from None
         existing = None
-    others = [p for p in out_dir.iterdir() if p.name != LOCK_FILE]
+    # under our lock: temporaries here are an interrupted run's, never a running converter's
+    stale = [p for p in out_dir.iterdir() if _stale_temporary(p)]
+    others = [p for p in out_dir.iterdir() if p.name != LOCK_FILE and p not in stale]
     if existing is not None and not overwrite:
         ours, theirs = existing.identity(), planned.identity()
         diff = [k for k in theirs if ours.get(k) != theirs.get(k)]
@@ -73,16 +95,12 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
             raise UserError(f"{out_dir} holds a conversion made with other settings ({details}). Use another "
                             "output directory, repeat the original arguments, or pass --overwrite")
         existing.converter_version = planned.converter_version
+        _remove(stale)
         return existing
     if others and not overwrite:
         raise UserError(f"{out_dir} is not empty and holds no kt_manifest.json; choose an empty directory "
                         "or pass --overwrite")
-    for p in others:
-        if _ours(p) or overwrite:
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
+    _remove(stale + [p for p in others if _ours(p) or overwrite])
     return planned
 
 

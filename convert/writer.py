@@ -115,8 +115,15 @@ class KtFolderWriter:
         for sub in self.tmp.iterdir():
             fsync_dir(sub)
         fsync_dir(self.tmp)
-        shutil.rmtree(self.final, ignore_errors=True)
-        os.replace(self.tmp, self.final)
+        if self.final.exists():  # an unrecorded earlier copy: moved aside whole, never half-deleted in place
+            old = self.out_dir / (self.final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final, old)
+            os.replace(self.tmp, self.final)
+            fsync_dir(self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
         fsync_dir(self.out_dir)
         return LayerRecord(self.layer, self._files, self._nbytes, self._sha.hexdigest())
 
