@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         click.echo(f"error: {e}", err=True)
         return EXIT_USER
+    except OSError as e:  # the machine's, not ours: a full disk, a path that cannot be written, ...
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; completed layers are kept, re-run the same command to resume",
+                   err=True)
+        return EXIT_USER
     except KeyboardInterrupt:
         click.echo("interrupted; completed layers are kept, re-run the same command to resume", err=True)
         return 130

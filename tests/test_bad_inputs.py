@@ -354,3 +354,10 @@ def test_preflight_estimate_is_bounded_whatever_the_model_size(base_checkpoint, 
     assert max(peaks) - min(peaks) < 2 * BATCH_BYTES  # independent of the number of layers
     assert main(["-i", str(base_checkpoint), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     assert "pre-flight: writing 0.00 GB, peak memory about" in capsys.readouterr().err
+
+
+def test_unwritable_report_path_is_a_user_error(base_checkpoint, tmp_path, capsys):
+    report = tmp_path / "no" / "such" / "dir" / "r.json"
+    assert main(["-i", str(base_checkpoint), "-o", str(tmp_path / "out"), "--no-progress", "--json", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and str(report) in err and "No such file" in err, err
