@@ -21,7 +21,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--input-type", default="auto", show_default=True,
-              type=click.Choice(["auto", *INPUT_TYPES, "fp8", "bf16", "fp16", "int4"]),
+              type=click.Choice(["auto", *INPUT_TYPES]),
               help="Source expert format; auto detects it from config.json and the tensor dtypes.")
 @click.option("--quant-method", default="int4", show_default=True, type=click.Choice(["int4", "int8"]),
               help="int4 = SGLang-KT --kt-method AMXINT4, int8 = AMXINT8.")

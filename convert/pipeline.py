@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
 from kt_runtime.manifest import Manifest, sha256_files, write_manifest
@@ -98,7 +97,7 @@ def resolve_device(device: str) -> str:
 
 
 def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOptions) -> Manifest:
-    source = {"path": str(ckpt.root), "family": plan.family, "input_type": plan.input_type,
+    source = {"path": str(ckpt.root), "family": plan.family, "input_type": plan.input_type, **plan.source_info,
               "mtp_tensors_skipped": plan.skipped_mtp_keys, **ckpt.fingerprint()}
     return Manifest(method=plan.method.name, threadpool_count=plan.threadpool_count, hidden_size=plan.hidden_size,
                     moe_intermediate_size=plan.moe_intermediate_size, num_experts=plan.num_experts,
