@@ -11,8 +11,11 @@ model size. torch and triton are imported only when the CUDA packer is made.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
 
 from quant.cpu import pack_cpu
 from quant.methods import QuantMethod
@@ -20,6 +23,32 @@ from quant.methods import QuantMethod
 CHUNK_BYTES = 8 << 20  # source bytes per GPU chunk: small, so a batch's last chunk (not overlapped) is short
 SLOTS = 4  # chunks in flight: being read (several), on the GPU, being copied out
 PIECE_BYTES = 2 << 20  # one reader task
+
+
+def _mapping_of(a: np.ndarray) -> mmap.mmap | None:
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def prefetch(arrays) -> None:
+    """Asks the kernel to start reading the file pages behind mapped arrays (MADV_WILLNEED), so
+    that a cold read runs ahead of the reader threads' page faults."""
+    if not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    page = mmap.PAGESIZE
+    for a in arrays:
+        mm = _mapping_of(a)
+        if mm is None or a.size == 0:
+            continue
+        start = a.__array_interface__["data"][0] - np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
+        length = (a.shape[0] - 1) * a.strides[0] + a.shape[-1] * a.itemsize if a.ndim == 2 else a.nbytes
+        first = start // page * page
+        try:
+            mm.madvise(mmap.MADV_WILLNEED, first, min(len(mm), start + length) - first)
+        except (OSError, ValueError):
+            return
 
 
 class CpuPacker:
@@ -98,8 +127,11 @@ class CudaPacker:
             return
         torch = self.torch
         torch.cuda.synchronize(self.device)  # nothing is in flight between calls; be sure
-        in_cap = max([in_bytes] + [s.in_cap for s in self.slots])
-        out_cap = max([out_bytes] + [s.out_cap for s in self.slots])
+        mib = 1 << 20  # headroom, so that chunks of other sizes reuse the slots
+        in_cap = max([in_bytes + in_bytes // 2, 2 * self.chunk_bytes] + [s.in_cap for s in self.slots])
+        out_cap = max([out_bytes + out_bytes // 2, 4 * self.chunk_bytes] + [s.out_cap for s in self.slots])
+        in_cap, out_cap = -(-in_cap // mib) * mib, -(-out_cap // mib) * mib
+        self.stats["slot_allocations"] = self.stats.get("slot_allocations", 0) + 1
         self.slots = []
         self.slots = [_Slot(torch, self.device, in_cap, out_cap) for _ in range(self.num_slots)]
 
@@ -109,6 +141,7 @@ class CudaPacker:
         if not jobs:
             return []
         torch = self.torch
+        prefetch([a for src, _, _, _ in jobs for a in (src.weight, src.scales) if a is not None])
         chunks = self._chunks(jobs)
         plans = [plan_batch(method, [jobs[i] for i in chunk]) for chunk in chunks]
         self._ensure_slots(max(p.in_bytes for p in plans), max(p.out_bytes for p in plans))

@@ -68,6 +68,32 @@ def read_parallel(paths: list[Path], threads: int = 16, piece: int = 64 << 20) -
     return time.perf_counter() - t0, total
 
 
+def writer_floor(work: Path, nbytes: int = 1 << 30) -> dict:
+    """What one writer thread can do here: sha256, os.write to the output disk, fsync."""
+    import hashlib
+
+    import numpy as np
+
+    buf = np.random.default_rng(0).integers(0, 256, size=64 << 20, dtype=np.uint8)
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    for _ in range(nbytes // buf.nbytes):
+        h.update(buf)
+    sha = time.perf_counter() - t0
+    path = work / "write-test.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    t0 = time.perf_counter()
+    for _ in range(nbytes // buf.nbytes):
+        os.write(fd, buf)
+    write = time.perf_counter() - t0
+    os.fsync(fd)
+    fsync = time.perf_counter() - t0 - write
+    os.close(fd)
+    path.unlink()
+    return {"sha256_gb_s": nbytes / sha / 1e9, "write_gb_s": nbytes / write / 1e9,
+            "write_fsync_gb_s": nbytes / (write + fsync) / 1e9}
+
+
 def drop_caches() -> bool:
     try:
         os.sync()
@@ -112,16 +138,20 @@ def child(args: dict) -> dict:
     real_make, real_layer = pipeline.make_packer, pipeline.convert_layer
 
     def make_packer(device, threads=0):
+        t = time.perf_counter()
+        busy["start_to_packer_s"] = t - t0
         p = real_make(device, threads)
+        busy["make_packer_s"] = time.perf_counter() - t
         packers.append(p)
 
         class Timed:
             def __call__(self, method, jobs):
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 try:
                     return p(method, jobs)
                 finally:
-                    busy["pack_s"] += time.perf_counter() - t0
+                    busy["pack_s"] += time.perf_counter() - t1
+                    busy.setdefault("first_pack_s", time.perf_counter() - t1)
 
             def close(self):
                 p.close()
@@ -257,6 +287,9 @@ def main() -> None:
     res["read_par_warm_s"], _ = read_parallel(files)
     res["read_warm_s"] = min(res["read_seq_warm_s"], res["read_par_warm_s"])
     show("read, page cache (1 stream / 16 threads)", f"{res['read_seq_warm_s']:.2f} s / {res['read_par_warm_s']:.2f} s")
+    res["writer_floor"] = w = writer_floor(work)
+    show("one thread: sha256 / write / write+fsync", f"{w['sha256_gb_s']:.2f} / {w['write_gb_s']:.2f} / "
+         f"{w['write_fsync_gb_s']:.2f} GB/s")
     res["kernel"] = kernel_throughput(a.method, a.numa)
     k = res["kernel"]
     show("kernel: source GB/s, weights/s", f"{k['kernel_input_gb_s']:.0f} GB/s, {k['kernel_weights_per_s'] / 1e9:.0f} G/s")
@@ -267,11 +300,14 @@ def main() -> None:
     g = res["gpu_warm"]
     show("GPU conversion, page cache", f"{g['wall_s']:.2f} s, peak RSS {g['peak_rss_bytes'] / 2**30:.2f} GiB")
     show("  busy: pack / write / commit", f"{g['pack_s']:.2f} / {g['write_s']:.2f} / {g['commit_s']:.2f} s")
+    show("  start: to packer / make packer / 1st pack", f"{g.get('start_to_packer_s', 0):.2f} / "
+         f"{g.get('make_packer_s', 0):.2f} / {g.get('first_pack_s', 0):.2f} s")
     gpu_sums = layer_checksums(gpu_out)
     if not a.skip_cpu:
         res["cpu_warm"] = run_child(ckpt, cpu_out, "cpu", a.method, a.numa)
         c = res["cpu_warm"]
         show("CPU conversion, page cache", f"{c['wall_s']:.2f} s, peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB")
+        show("  busy: pack / write / commit", f"{c['pack_s']:.2f} / {c['write_s']:.2f} / {c['commit_s']:.2f} s")
         res["gpu_equals_cpu"] = gpu_sums == layer_checksums(cpu_out)
         show("GPU output == CPU output (per-layer sha256)", res["gpu_equals_cpu"])
         shutil.rmtree(cpu_out)
@@ -284,7 +320,9 @@ def main() -> None:
         drop_caches()
         res["gpu_cold"] = run_child(ckpt, gpu_out, "cuda", a.method, a.numa)
         show("read, cold (1 stream / 16 threads)", f"{res['read_seq_cold_s']:.2f} s / {res['read_par_cold_s']:.2f} s")
-        show("GPU conversion, cold", f"{res['gpu_cold']['wall_s']:.2f} s")
+        gc = res["gpu_cold"]
+        show("GPU conversion, cold", f"{gc['wall_s']:.2f} s; busy pack / write / commit {gc['pack_s']:.2f} / "
+             f"{gc['write_s']:.2f} / {gc['commit_s']:.2f} s")
         shutil.rmtree(gpu_out)
     else:
         res["cold"] = "skipped" if a.skip_cold else "drop_caches not permitted"
