@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
-from kt_runtime.manifest import Manifest, sha256_files, write_manifest
+from kt_runtime.digest import tree_sha256_files
+from kt_runtime.manifest import Manifest, write_manifest
 from quant import get_method
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.numa import shard_slice
@@ -176,7 +177,7 @@ def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None
     for layer, rec in sorted(manifest.completed.items()):
         paths = [out / f for f in rec.files]
         ok = all(p.is_file() for p in paths) and sum(p.stat().st_size for p in paths) == rec.nbytes \
-            and sha256_files(paths) == rec.sha256
+            and tree_sha256_files(paths) == rec.sha256
         if not ok:
             progress.note(f"layer {layer}: output missing or damaged; converting it again")
             del manifest.completed[layer]
@@ -242,6 +243,10 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
         packer = make_packer(device, opts.cpuinfer_threads)
+        # A layer's fsync, rename and manifest update run on this thread while the next layer is
+        # packed; one at a time and in order, so the manifest only ever lists committed layers.
+        committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-commit")
+        pending = None
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
@@ -253,17 +258,20 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                     writer = KtFolderWriter(out, lp.layer, plan.method.name)
                 try:
                     convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite, packer=packer)
-                    record = writer.commit()
                 except BaseException:
                     writer.abort()
                     raise
-                manifest.completed[lp.layer] = record
-                write_manifest(out, manifest)
+                if pending is not None:
+                    pending.result()
+                pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest)
                 for f in ckpt.files.values():  # keep resident memory bounded by one layer
                     f.release_pages()
                 progress.layer_done(lp.layer, lp.input_bytes)
+            if pending is not None:
+                pending.result()
             _finish(ckpt, plan, out, manifest, opts)
         finally:
+            committer.shutdown(wait=True)  # never leave a commit running past the lock
             packer.close()
             progress.close()
     except OSError as e:
@@ -277,6 +285,16 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
         input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
         seconds=time.perf_counter() - start, nonfinite=nonfinite)
+
+
+def _commit_layer(writer, layer: int, out: Path, manifest: Manifest) -> None:
+    try:
+        record = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    manifest.completed[layer] = record
+    write_manifest(out, manifest)
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions) -> None:

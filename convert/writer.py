@@ -5,13 +5,13 @@ only when the layer is complete, so a killed run never leaves a file that looks 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from kt_runtime.digest import TreeHasher
 from kt_runtime.format import kt_file_names, layer_dir_name
 from kt_runtime.manifest import LayerRecord, fsync_dir
 from kt_runtime.safetensors_file import plan_layout
@@ -50,7 +50,9 @@ class MergedShardWriter:
         self.tmp = out_dir / (name + ".tmp")
         header, offsets = plan_layout(entries, metadata)
         self._order = iter([(key, offsets[key]) for key, _, _ in entries])
-        self._sha = hashlib.sha256(header)
+        self._digest = TreeHasher(max_pending=4)  # bounds the packed buffers held for hashing
+        self._digest.start_file()
+        self._digest.update(header)
         self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pos = len(header)
         write_all(self._fd, header, self.tmp)
@@ -62,7 +64,7 @@ class MergedShardWriter:
                                f"expected {want_key} ({nbytes} B) at {offset}")
         buf = np.ascontiguousarray(data).view(np.uint8)
         write_all(self._fd, buf, self.tmp)
-        self._sha.update(buf)
+        self._digest.update(buf)
         self._pos += nbytes
 
     def commit(self) -> LayerRecord:
@@ -73,9 +75,10 @@ class MergedShardWriter:
         self._fd = -1
         os.replace(self.tmp, self.final)
         fsync_dir(self.out_dir)
-        return LayerRecord(self.layer, [self.name], self._pos, self._sha.hexdigest())
+        return LayerRecord(self.layer, [self.name], self._pos, self._digest.hexdigest())
 
     def abort(self) -> None:
+        self._digest.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -92,7 +95,7 @@ class KtFolderWriter:
         self.tmp = out_dir / (layer_dir_name(layer) + ".tmp")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir()
-        self._sha = hashlib.sha256()
+        self._digest = TreeHasher(max_pending=4)
         self._files: list[str] = []
         self._nbytes = 0
 
@@ -107,7 +110,8 @@ class KtFolderWriter:
                 _fsync(fd, folder / name)
             finally:
                 os.close(fd)
-            self._sha.update(buf)
+            self._digest.start_file()
+            self._digest.update(buf)
             self._nbytes += buf.nbytes
             self._files.append(f"{layer_dir_name(self.layer)}/{folder.name}/{name}")
 
@@ -125,7 +129,8 @@ class KtFolderWriter:
         else:
             os.replace(self.tmp, self.final)
         fsync_dir(self.out_dir)
-        return LayerRecord(self.layer, self._files, self._nbytes, self._sha.hexdigest())
+        return LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest())
 
     def abort(self) -> None:
+        self._digest.close()
         shutil.rmtree(self.tmp, ignore_errors=True)

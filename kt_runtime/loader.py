@@ -11,7 +11,8 @@ import numpy as np
 
 from .format import (FORMAT_VERSION, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
                      layer_dir_name, layer_tensor_entries, merged_key, shard_shape, weight_bytes)
-from .manifest import Manifest, ManifestError, read_manifest, sha256_files
+from .digest import tree_sha256_files
+from .manifest import Manifest, ManifestError, read_manifest
 from .safetensors_file import SafetensorsFile, SafetensorsFormatError
 
 
@@ -242,7 +243,7 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool) -> None:
         if size != rec.nbytes:
             raise _fail(f"{path}: layer {layer} files hold {size} bytes, the manifest says {rec.nbytes}: "
                         "the output is damaged; re-convert this layer (delete its files and re-run)")
-        if verify and sha256_files(paths) != rec.sha256:
+        if verify and tree_sha256_files(paths) != rec.sha256:
             raise _fail(f"{path}: layer {layer} files do not match their sha256 in the manifest: the output is "
                         "damaged; re-convert this layer (delete its files and re-run)")
 

@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .digest import DIGEST_NAME
 from .format import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
 
 
@@ -23,7 +24,7 @@ class LayerRecord:
     layer: int
     files: list[str]  # paths relative to the output dir (a shard, or a _layer_L folder's files)
     nbytes: int
-    sha256: str  # over the files' bytes in the listed order
+    sha256: str  # kt_runtime.digest tree digest of the files' bytes, in the listed order
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     converter_version: str = ""
     format_version: int = FORMAT_VERSION
+    digest: str = DIGEST_NAME  # how completed[*].sha256 is computed (kt_runtime.digest)
     completed: dict[int, LayerRecord] = field(default_factory=dict)
     complete: bool = False  # every layer, the index and the copied files are written
 
@@ -56,7 +58,7 @@ class Manifest:
             "format_version": self.format_version, "method": self.method, "threadpool_count": self.threadpool_count,
             "hidden_size": self.hidden_size, "moe_intermediate_size": self.moe_intermediate_size,
             "num_experts": self.num_experts, "layers": list(self.layers), "layout": self.layout,
-            "num_shards": self.num_shards, "source_fingerprint": self.source.get("fingerprint"),
+            "num_shards": self.num_shards, "source_fingerprint": self.source.get("fingerprint"), "digest": self.digest,
             "options": self.options,
         }
 
@@ -199,18 +201,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)  # a full disk must not leave a partial temp behind
         raise
     fsync_dir(path.parent)
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """sha256 over the files' bytes in order (a layer's record)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

@@ -30,15 +30,16 @@ def _align(x: int) -> int:
 
 
 def gpu_unavailable_reason() -> str | None:
-    """None when the GPU packer can run here, else why not (without importing triton)."""
+    """None when the GPU packer can run here, else why not (without importing triton; torch is
+    imported only when triton is there, which keeps CPU-only runs from paying its import)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
     try:
         import torch
     except ImportError:
         return "torch is not installed"
     if not torch.cuda.is_available():
         return "no CUDA GPU is available"
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
     return None
 
 
