@@ -215,14 +215,327 @@ int64_t down_chunk_rows(int64_t H, int64_t A, int threads) {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// Prefill schedule (many rows per expert).
+
+namespace {
+
+std::atomic<bool> g_profiling{false};
+std::mutex g_prof_m;
+std::vector<std::pair<const char*, double>> g_last_prof;
+
+enum Stage { kStSerial, kStQ, kStGDot, kStGEpi, kStS, kStDDot, kStDEpi, kStWait, kStages };
+const char* const kStageNames[kStages] = {"serial", "q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait"};
+
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Growable 64-byte aligned buffer (contents are not preserved when it grows).
+struct Buf {
+  void* p = nullptr;
+  size_t cap = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  template <typename T>
+  T* get(size_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64));
+    if (bytes > cap) {
+      std::free(p);
+      p = std::aligned_alloc(64, bytes);
+      if (!p) {
+        cap = 0;
+        throw std::bad_alloc();
+      }
+      cap = bytes;
+    }
+    return static_cast<T*>(p);
+  }
+};
+
+// Buffers of one prefill call, kept between calls (no page faults on the hot path); concurrent
+// calls take different workspaces.
+struct Workspace {
+  Buf xpan, xd, xs, act, apan, ad, as, acc, y, qtmp, prof;
+};
+std::mutex g_ws_m;
+std::vector<std::unique_ptr<Workspace>> g_ws_free;
+
+struct WorkspaceLease {
+  std::unique_ptr<Workspace> ws;
+  WorkspaceLease() {
+    std::lock_guard<std::mutex> l(g_ws_m);
+    if (!g_ws_free.empty()) {
+      ws = std::move(g_ws_free.back());
+      g_ws_free.pop_back();
+    } else {
+      ws.reset(new Workspace);
+    }
+  }
+  ~WorkspaceLease() {
+    std::lock_guard<std::mutex> l(g_ws_m);
+    if (g_ws_free.size() < 4) g_ws_free.push_back(std::move(ws));
+  }
+};
+
+// Groups (32 rows of I_l) per gate/up task: the largest of 8, 4, 2, 1 that still gives >= 8 tasks
+// per thread.
+int64_t gate_groups_per_task(int64_t A, int64_t T, int64_t groups1, int threads) {
+  for (int64_t gc : {8, 4, 2}) {
+    if (gc <= groups1 && A * T * ((groups1 + gc - 1) / gc) >= 8 * threads) return gc;
+  }
+  return 1;
+}
+
+// Columns of H per down task (all experts): the largest of 256, 128, 64 dividing H with >= 4
+// tasks per thread; else 32.
+int64_t down_cols_per_task(int64_t H, int threads) {
+  for (int64_t dc : {256, 128, 64}) {
+    if (H % dc == 0 && H / dc >= 4 * threads) return dc;
+  }
+  return 32;
+}
+
+void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int64_t topk, float* out,
+                     DotFn dot, MoePool& pool, const std::vector<int64_t>& active, const std::vector<int64_t>& m_of,
+                     const std::vector<int64_t>& row0, const std::vector<int64_t>& row_token,
+                     const std::vector<float>& row_weight, const std::vector<int64_t>& dest, double t_call) {
+  const Config& cfg = weights.cfg;
+  const int64_t H = cfg.hidden, T = cfg.numa, IL = cfg.i_local();
+  const int64_t A = static_cast<int64_t>(active.size());
+  const int64_t R = row0[A];
+  const int P = pool.size();
+  const bool prof = g_profiling.load(std::memory_order_relaxed);
+  const int64_t mmax = *std::max_element(m_of.begin(), m_of.end());
+
+  // ---- per-expert panels: rows padded to 16 (the AMX kernel reads whole 16-row tiles)
+  std::vector<int64_t> pan0(A + 1, 0), row_slot(R);
+  for (int64_t a = 0; a < A; ++a) {
+    pan0[a + 1] = pan0[a] + round_up(m_of[a], 16);
+    for (int64_t r = row0[a]; r < row0[a + 1]; ++r) row_slot[r] = a;
+  }
+  const int64_t NP = pan0[A];
+  const ALayout LX = ALayout::panel(H), LA = ALayout::panel(IL);
+
+  WorkspaceLease lease;
+  Workspace& ws = *lease.ws;
+  int8_t* xpan = ws.xpan.get<int8_t>(NP * H);  // expert a: rows pan0[a].., layout LX
+  float* xd = ws.xd.get<float>(R);
+  int32_t* xs = ws.xs.get<int32_t>(R);
+  float* act = ws.act.get<float>(R * T * IL);    // [a][t][m][IL]
+  int8_t* apan = ws.apan.get<int8_t>(NP * T * IL);  // (a, t): rows (pan0[a]*T + t*mpad) .., layout LA
+  float* ad = ws.ad.get<float>(R * T);
+  int32_t* as = ws.as.get<int32_t>(R * T);
+  const int64_t acc_stride = round_up(mmax, 32) * 32;
+  int32_t* acc_all = ws.acc.get<int32_t>(P * 2 * acc_stride);
+  float* y_all = ws.y.get<float>(P * acc_stride);
+  const int64_t qstride = round_up(std::max(H, IL), 64);
+  int8_t* qtmp_all = ws.qtmp.get<int8_t>(P * qstride);
+  double* prof_all = ws.prof.get<double>(P * 16);  // 16 doubles = 128 bytes per thread
+  std::fill(prof_all, prof_all + P * 16, 0.0);
+  auto pan_rows = [&](int64_t a) { return pan0[a + 1] - pan0[a]; };
+
+  // ---- tasks, claimed in index order (a task only waits for tasks of lower index)
+  //   Q: quantize kQ tokens once each and scatter them into the panels of their experts
+  //   G: gate/up of (expert a, slice t, gc 32-row groups), a-major; SiLU-gate into act
+  //   S: re-quantize kS rows of the intermediate of (a, t) into its panel once G of (a, t) is done
+  //   D: DC columns of H over every expert (after every S task): zero out, then out += w * y in
+  //      expert order, the order of the decode schedule.
+  constexpr int64_t kQ = 4, kS = 16;
+  const int64_t nQ = (tokens + kQ - 1) / kQ;
+  const int64_t groups1 = IL / 32;
+  const int64_t gc = gate_groups_per_task(A, T, groups1, P);
+  const int64_t gchunks = (groups1 + gc - 1) / gc;
+  const int64_t nG = A * T * gchunks;
+  std::vector<int64_t> s0(A + 1, 0);
+  for (int64_t a = 0; a < A; ++a) s0[a + 1] = s0[a] + T * ((m_of[a] + kS - 1) / kS);
+  const int64_t nS = s0[A];
+  const int64_t DC = down_cols_per_task(H, P);
+  const int64_t nD = H / DC;
+  const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
+
+  std::atomic<int64_t> q_left{nQ}, s_all{nS};
+  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
+  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(gchunks, std::memory_order_relaxed);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> abort{false};
+
+  auto run_task = [&](int64_t task, int tid) {
+    int32_t* acc = acc_all + static_cast<int64_t>(tid) * 2 * acc_stride;
+    int8_t* qtmp = qtmp_all + static_cast<int64_t>(tid) * qstride;
+    double* pr = prof_all + tid * 16;
+    double tp = prof ? now_s() : 0;
+    auto mark = [&](int stage) {
+      if (prof) {
+        const double t = now_s();
+        pr[stage] += t - tp;
+        tp = t;
+      }
+    };
+    auto wait_zero = [&](const std::atomic<int64_t>& c) {
+      int64_t spins = 0;
+      while (c.load(std::memory_order_acquire) != 0) {
+        if (abort.load(std::memory_order_relaxed)) throw std::runtime_error("MoE forward aborted");
+        backoff(spins);
+      }
+      mark(kStWait);
+    };
+    if (task < q_end) {  // ---- Q
+      const int64_t t1 = std::min(tokens, (task + 1) * kQ);
+      for (int64_t tk = task * kQ; tk < t1; ++tk) {
+        int32_t qs;
+        const float d = quantize_act(x + tk * H, H, qtmp, &qs);
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t r = dest[tk * topk + j];
+          const int64_t a = row_slot[r];
+          int8_t* dst = xpan + pan0[a] * H;
+          const int64_t i = r - row0[a];
+          for (int64_t c = 0; c < H; c += 64) std::memcpy(LX.at(dst, i, c), qtmp + c, 64);
+          xd[r] = d;
+          xs[r] = qs;
+        }
+      }
+      mark(kStQ);
+      q_left.fetch_sub(1, std::memory_order_acq_rel);
+    } else if (task < g_end) {  // ---- G
+      wait_zero(q_left);
+      const int64_t i1 = task - q_end;
+      const int64_t ch = i1 % gchunks, at = i1 / gchunks, t = at % T, a = at / T;
+      const int64_t m = m_of[a];
+      const ExpertShard& sh = weights.shards[active[a] * T + t];
+      int32_t* ag = acc;
+      int32_t* au = acc + acc_stride;
+      const int8_t* xa = xpan + pan0[a] * H;
+      const float* xda = xd + row0[a];
+      const int32_t* xsa = xs + row0[a];
+      float* act_at = act + (row0[a] * T + t * m) * IL;
+      for (int64_t g = ch * gc; g < std::min(groups1, (ch + 1) * gc); ++g) {
+        const int64_t r0 = g * 32;
+        dot(cfg.method, sh.gate.w, IL, H, r0, xa, LX, xsa, m, ag);
+        dot(cfg.method, sh.up.w, IL, H, r0, xa, LX, xsa, m, au);
+        mark(kStGDot);
+        float sg[32], su[32];
+        for (int j = 0; j < 32; ++j) {
+          sg[j] = sh.gate.s[r0 + j];
+          su[j] = sh.up.s[r0 + j];
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          float* dst = act_at + i * IL + r0;
+          for (int j = 0; j < 32; ++j) {
+            float gv = static_cast<float>(ag[i * 32 + j]) * (xda[i] * sg[j]);
+            float uv = static_cast<float>(au[i * 32 + j]) * (xda[i] * su[j]);
+            if (cfg.clamp) {
+              gv = std::min(gv, cfg.limit);
+              uv = std::min(std::max(uv, -cfg.limit), cfg.limit);
+            }
+            dst[j] = gv / (1.0f + std::exp(-gv)) * uv;
+          }
+        }
+        mark(kStGEpi);
+      }
+      g_left[at].fetch_sub(1, std::memory_order_acq_rel);
+    } else if (task < s_end) {  // ---- S
+      const int64_t i1 = task - g_end;
+      const int64_t a = static_cast<int64_t>(std::upper_bound(s0.begin(), s0.end(), i1) - s0.begin()) - 1;
+      const int64_t m = m_of[a], per_t = (m + kS - 1) / kS;
+      const int64_t t = (i1 - s0[a]) / per_t, c = (i1 - s0[a]) % per_t;
+      wait_zero(g_left[a * T + t]);
+      const int64_t base = row0[a] * T + t * m;
+      const float* act_at = act + base * IL;
+      int8_t* q = apan + (pan0[a] * T + t * pan_rows(a)) * IL;
+      for (int64_t i = c * kS; i < std::min(m, (c + 1) * kS); ++i) {
+        ad[base + i] = quantize_act(act_at + i * IL, IL, qtmp, &as[base + i]);
+        for (int64_t cc = 0; cc < IL; cc += 64) std::memcpy(LA.at(q, i, cc), qtmp + cc, 64);
+      }
+      mark(kStS);
+      s_all.fetch_sub(1, std::memory_order_acq_rel);
+    } else {  // ---- D: columns c0 .. c0+DC over every expert
+      wait_zero(s_all);
+      const int64_t c0 = (task - s_end) * DC;
+      for (int64_t tk = 0; tk < tokens; ++tk) std::fill(out + tk * H + c0, out + tk * H + c0 + DC, 0.f);
+      float* y = y_all + static_cast<int64_t>(tid) * acc_stride;
+      for (int64_t a = 0; a < A; ++a) {
+        const int64_t m = m_of[a];
+        for (int64_t r0 = c0; r0 < c0 + DC; r0 += 32) {
+          // y[i*32+j] = Σ_t down_t rows r0..r0+31, in t order, from zero (as the decode schedule)
+          for (int64_t i = 0; i < m * 32; ++i) y[i] = 0.f;
+          for (int64_t t = 0; t < T; ++t) {
+            const ExpertShard& sh = weights.shards[active[a] * T + t];
+            const int64_t base = row0[a] * T + t * m;
+            dot(cfg.method, sh.down.w, H, IL, r0, apan + (pan0[a] * T + t * pan_rows(a)) * IL, LA, as + base, m,
+                acc);
+            mark(kStDDot);
+            float sd[32];
+            for (int j = 0; j < 32; ++j) sd[j] = sh.down.s[r0 + j];
+            for (int64_t i = 0; i < m; ++i)
+              for (int j = 0; j < 32; ++j) y[i * 32 + j] += static_cast<float>(acc[i * 32 + j]) * (ad[base + i] * sd[j]);
+          }
+          for (int64_t i = 0; i < m; ++i) {
+            const float w = row_weight[row0[a] + i];
+            float* o = out + row_token[row0[a] + i] * H + r0;
+            for (int j = 0; j < 32; ++j) o[j] += w * y[i * 32 + j];
+          }
+          mark(kStDEpi);
+        }
+      }
+    }
+  };
+
+  const double t_region = prof ? now_s() : 0;
+  pool.run([&](int tid) {
+    try {
+      for (;;) {
+        const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
+        if (task >= total) return;
+        run_task(task, tid);
+      }
+    } catch (...) {
+      abort.store(true, std::memory_order_relaxed);
+      next.store(total, std::memory_order_relaxed);
+      throw;
+    }
+  });
+  if (prof) {
+    const double t_end = now_s();
+    std::vector<std::pair<const char*, double>> r;
+    r.emplace_back("wall", t_end - t_call);
+    double sum[kStages] = {};
+    for (int p = 0; p < P; ++p)
+      for (int st = 0; st < kStages; ++st) sum[st] += prof_all[p * 16 + st];
+    sum[kStSerial] = t_region - t_call;
+    for (int st = 0; st < kStages; ++st) r.emplace_back(kStageNames[st], sum[st]);
+    r.emplace_back("region", t_end - t_region);
+    r.emplace_back("threads", P);
+    r.emplace_back("gate_groups_per_task", static_cast<double>(gc));
+    r.emplace_back("down_cols_per_task", static_cast<double>(DC));
+    std::lock_guard<std::mutex> l(g_prof_m);
+    g_last_prof = std::move(r);
+  }
+}
+
+}  // namespace
+
+void set_profiling(bool on) { g_profiling.store(on, std::memory_order_relaxed); }
+std::vector<std::pair<const char*, double>> last_profile() {
+  std::lock_guard<std::mutex> l(g_prof_m);
+  return g_last_prof;
+}
+
+int64_t prefill_min_avg_rows = 8;
+
 int64_t per_expert_down_limit_bytes = int64_t(8) << 20;
 
 void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
              int64_t topk, float* out, Isa isa, int num_threads) {
   const Config& cfg = weights.cfg;
   const int64_t H = cfg.hidden, T = cfg.numa, IL = cfg.i_local(), E = cfg.experts;
-  std::fill(out, out + tokens * H, 0.f);
-  if (tokens == 0 || topk == 0) return;
+  const double t_call = g_profiling.load(std::memory_order_relaxed) ? now_s() : 0;
+  if (tokens == 0 || topk == 0) {
+    std::fill(out, out + tokens * H, 0.f);
+    return;
+  }
   const DotFn dot = dot_for(isa);
   // The AMX kernel reads whole 16-row tiles: rows past a block's end belong to the next block
   // or to 16 rows of slack at the end of the buffer; they only feed output rows it discards.
@@ -261,6 +574,11 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
         dest[t * topk + j] = row0[a] + r;
       }
   }
+  if (R >= prefill_min_avg_rows * A) {
+    forward_prefill(weights, x, tokens, topk, out, dot, pool, active, m_of, row0, row_token, row_weight, dest, t_call);
+    return;
+  }
+  std::fill(out, out + tokens * H, 0.f);
   const int64_t mmax = *std::max_element(m_of.begin(), m_of.end());
 
   // ---- buffers
@@ -326,7 +644,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
     for (int64_t t = 0; t < T; ++t) {
       const ExpertShard& sh = weights.shards[active[a] * T + t];
       const int64_t base = row0[a] * T + t * m;
-      dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, IL, as.data() + base, m, acc);
+      dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, ALayout::row_major(IL), as.data() + base, m, acc);
       float sd[32];
       for (int j = 0; j < 32; ++j) sd[j] = sh.down.s[r0 + j];
       for (int64_t i = 0; i < m; ++i)
@@ -360,8 +678,8 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       int32_t* au = acc + acc_stride;
       const int8_t* xa = xq.p + row0[a] * H;
       const float* xda = xd.data() + row0[a];
-      dot(cfg.method, sh.gate.w, IL, H, r0, xa, H, xs.data() + row0[a], m, ag);
-      dot(cfg.method, sh.up.w, IL, H, r0, xa, H, xs.data() + row0[a], m, au);
+      dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);
+      dot(cfg.method, sh.up.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, au);
       float sg[32], su[32];
       for (int j = 0; j < 32; ++j) {
         sg[j] = sh.gate.s[r0 + j];

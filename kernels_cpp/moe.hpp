@@ -14,6 +14,7 @@
 // shared scalar code, so every ISA path gives bit-identical results.
 #pragma once
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpu_features.hpp"
@@ -61,26 +62,52 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
 // 32 columns runs over every expert. Both give identical results.
 extern int64_t per_expert_down_limit_bytes;
 
+// Prefill schedule: used when rows (tokens x top-k) >= this many times the number of active
+// experts (on average this many rows per expert); tests set 0 (always) or a huge value (never).
+// Activations are quantized once per token and packed per expert into the AMX A-tile layout
+// (ALayout::panel), gate/up tasks cover an expert x several 32-row groups, the down stage runs
+// per column chunk over every expert. Gives results identical to the decode schedule.
+extern int64_t prefill_min_avg_rows;
+
+// Stage profile of the last forward (when enabled): seconds summed over threads per stage, and
+// the wall time of the call. Keys: wall, serial, q, g_dot, g_epi, s, d_dot, d_epi, wait.
+void set_profiling(bool on);
+std::vector<std::pair<const char*, double>> last_profile();
+
+// Layout of an int8 activation block: element (row i, column c), c % 64 == 0 for the start of
+// a 64-byte run, lives at  (i / 16) * bs + (i % 16) * rs + (c / 64) * ks + c % 64.
+//   row-major with leading dimension lda: rs = lda, bs = 16 * lda, ks = 64
+//   panel (AMX A tiles, k columns): rows in 16-row blocks; a block is k/64 tiles of 16 x 64
+//   bytes, contiguous: rs = 64, bs = 16 * k, ks = 1024
+struct ALayout {
+  int64_t rs, bs, ks;
+  static ALayout row_major(int64_t lda) { return {lda, 16 * lda, 64}; }
+  static ALayout panel(int64_t k) { return {64, 16 * k, 1024}; }
+  // first byte of row i at column c (c % 64 == 0); the next 64 bytes are columns c..c+63
+  const int8_t* at(const int8_t* a, int64_t i, int64_t c) const { return a + (i >> 4) * bs + (i & 15) * rs + (c >> 6) * ks; }
+  int8_t* at(int8_t* a, int64_t i, int64_t c) const { return a + (i >> 4) * bs + (i & 15) * rs + (c >> 6) * ks; }
+};
+
 // Kernel: exact int32 dot products of one 32-row group of a packed [n, k] matrix (rows r0..r0+31,
-// r0 % 32 == 0) with m int8 activation rows a[i*lda + c] (c < k); asum[i] = Σ_c a[i][c].
+// r0 % 32 == 0) with m int8 activation rows a (layout la, c < k); asum[i] = Σ_c a[i][c].
 // out[i*32 + j] = Σ_c W[r0+j][c] * a[i][c] (INT4: W = nibble*16).
 // The AMX kernel reads round_up(m, 16) rows (the extra rows must be readable; their results are dropped).
 using DotFn = void (*)(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
-                       int64_t lda, const int32_t* asum, int64_t m, int32_t* out);
+                       ALayout la, const int32_t* asum, int64_t m, int32_t* out);
 
 namespace ref {
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out);
 }
 namespace avx512 {
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out);
 }
 namespace amx {
 // AMX tile kernel for many tokens; falls back to avx512 for m < min_tokens().
 int min_tokens();
 void set_min_tokens(int m);  // tests use 1 to force the tile path on small groups
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out);
 }
 

@@ -1,11 +1,15 @@
 // AMX tile kernel (TDPBSSD) for prefill. Each half of a 2048-byte tile pair IS an AMX B tile
 // (16 K-groups of 4 bytes x 16 output rows, stride 64), so INT8 tiles are loaded in place; INT4
 // halves are unpacked to two int8 tiles ((b&0x0F)<<4 for K 0..63, b&0xF0 for K 64..127).
-// A tiles are 16 token rows x 64 K-bytes of the (zero-padded) activation block; C tiles are
-// 16 tokens x 16 rows int32. Few tokens go to the AVX-512 kernel.
+// A tiles are 16 token rows x 64 K-bytes of the activation block (row-major or, for prefill, the
+// contiguous panel layout); C tiles are 16 tokens x 16 rows int32. INT4 groups are unpacked once
+// per call into a per-thread buffer (all of K) and reused by every 32-token block. Few tokens go
+// to the AVX-512 kernel.
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "moe.hpp"
 
@@ -36,63 +40,81 @@ inline void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-template <bool INT4>
-void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-         int32_t* out) {
-  constexpr int64_t KSTEP = INT4 ? 128 : 64;
-  const Method method = INT4 ? Method::Int4 : Method::Int8;
-  configure_tiles();
-  alignas(64) int32_t c[32 * 32];
-  alignas(64) int8_t unpacked[4][1024];  // lo half0, lo half1, hi half0, hi half1
+// Per-thread buffer for the unpacked INT4 row group (grows, never shrinks; threads are long-lived).
+struct UnpackBuf {
+  int8_t* p = nullptr;
+  int64_t cap = 0;
+  ~UnpackBuf() { std::free(p); }
+  int8_t* get(int64_t bytes) {
+    if (bytes > cap) {
+      std::free(p);
+      p = static_cast<int8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+      if (!p) throw std::bad_alloc();
+      cap = bytes;
+    }
+    return p;
+  }
+};
+
+// Unpacks the INT4 32-row group r0 (all of k) into INT8 tile pairs: 64-K step s (s = k0/64) at
+// dst + s*2048, rows 0-15 then 16-31, the layout of an INT8 group; element value nibble*16.
+void unpack_int4_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0, int8_t* dst) {
   const __m512i f0 = _mm512_set1_epi8(static_cast<char>(0xF0));
+  for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
+    const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
+    const uint8_t* chunk = w + chunk_offset(Method::Int4, n, k, r0, kb);
+    for (int64_t p = 0; p < kbs / 128; ++p) {
+      const uint8_t* tp = chunk + p * TILE_PAIR_BYTES;
+      int8_t* lo = dst + (kb + p * 128) / 64 * TILE_PAIR_BYTES;  // K k0..k0+63: low nibbles
+      int8_t* hi = lo + TILE_PAIR_BYTES;                          // K k0+64..k0+127: high nibbles
+      for (int j = 0; j < 32; ++j) {  // 32 rows of 64 bytes: both halves
+        const __m512i b = _mm512_loadu_si512(tp + j * 64);
+        _mm512_store_si512(lo + j * 64, _mm512_and_si512(_mm512_slli_epi16(b, 4), f0));
+        _mm512_store_si512(hi + j * 64, _mm512_and_si512(b, f0));
+      }
+    }
+  }
+  // GCC's tileloadd asm has no memory input: without this barrier the unpack stores above may be
+  // sunk past the tile loads or dropped as dead.
+  __asm__ volatile("" : : "r"(dst) : "memory");
+}
+
+// B of 64-K step s: INT8 straight from the packed matrix; INT4 from the unpacked group.
+template <bool INT4>
+void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la, int64_t m,
+         int32_t* out) {
+  configure_tiles();
+  static thread_local UnpackBuf ubuf;
+  const int8_t* ub = nullptr;
+  if constexpr (INT4) {
+    int8_t* d = ubuf.get(32 * k);
+    unpack_int4_group(w, n, k, r0, d);
+    ub = d;
+  }
+  alignas(64) int32_t c[32 * 32];
   const int64_t mp = (m + 15) / 16 * 16;
   for (int64_t mb = 0; mb < mp; mb += 32) {
     const bool two = mp - mb >= 32;
-    const int8_t* a0 = a + mb * lda;
-    const int8_t* a1 = a0 + 16 * lda;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
       const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
-      const uint8_t* chunk = w + chunk_offset(method, n, k, r0, kb);
-      for (int64_t p = 0; p < kbs / KSTEP; ++p) {
-        const uint8_t* tp = chunk + p * TILE_PAIR_BYTES;
-        const int64_t k0 = kb + p * KSTEP;
-        if constexpr (INT4) {
-          for (int h = 0; h < 2; ++h)
-            for (int j = 0; j < 16; ++j) {
-              const __m512i b = _mm512_loadu_si512(tp + h * 1024 + j * 64);
-              _mm512_store_si512(unpacked[h] + j * 64, _mm512_and_si512(_mm512_slli_epi16(b, 4), f0));
-              _mm512_store_si512(unpacked[2 + h] + j * 64, _mm512_and_si512(b, f0));
-            }
-          // GCC's tileloadd asm has no memory input: without this barrier the unpack stores above
-          // may be sunk past the tile loads or dropped as dead.
-          __asm__ volatile("" : : "r"(&unpacked[0][0]) : "memory");
-          for (int s = 0; s < 2; ++s) {
-            _tile_loadd(6, unpacked[2 * s], 64);
-            _tile_loadd(7, unpacked[2 * s + 1], 64);
-            _tile_loadd(4, a0 + k0 + 64 * s, lda);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            if (two) {
-              _tile_loadd(5, a1 + k0 + 64 * s, lda);
-              _tile_dpbssd(2, 5, 6);
-              _tile_dpbssd(3, 5, 7);
-            }
-          }
-        } else {
-          _tile_loadd(6, tp, 64);
-          _tile_loadd(7, tp + 1024, 64);
-          _tile_loadd(4, a0 + k0, lda);
-          _tile_dpbssd(0, 4, 6);
-          _tile_dpbssd(1, 4, 7);
-          if (two) {
-            _tile_loadd(5, a1 + k0, lda);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
-          }
+      const uint8_t* chunk = INT4 ? nullptr : w + chunk_offset(Method::Int8, n, k, r0, kb);
+      for (int64_t p = 0; p < kbs / 64; ++p) {
+        const int64_t k0 = kb + p * 64;
+        const void* bp = INT4 ? static_cast<const void*>(ub + k0 / 64 * TILE_PAIR_BYTES)
+                              : static_cast<const void*>(chunk + p * TILE_PAIR_BYTES);
+        _tile_loadd(6, bp, 64);
+        _tile_loadd(7, static_cast<const uint8_t*>(bp) + 1024, 64);
+        _tile_loadd(4, la.at(a, mb, k0), la.rs);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        if (two) {
+          _tile_loadd(5, la.at(a, mb + 16, k0), la.rs);
+          _tile_dpbssd(2, 5, 6);
+          _tile_dpbssd(3, 5, 7);
         }
       }
     }
@@ -110,13 +132,13 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, in
 
 }  // namespace
 
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out) {
-  if (m < min_tokens()) return avx512::dot_rowgroup(method, w, n, k, r0, a, lda, asum, m, out);
+  if (m < min_tokens()) return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
   if (method == Method::Int4)
-    run<true>(w, n, k, r0, a, lda, m, out);
+    run<true>(w, n, k, r0, a, la, m, out);
   else
-    run<false>(w, n, k, r0, a, lda, m, out);
+    run<false>(w, n, k, r0, a, la, m, out);
 }
 
 }  // namespace amx

@@ -32,8 +32,9 @@ inline __m512i hi_nibble_u8(__m512i x, __m512i f0, __m512i x80) {
 constexpr int PF = KT_MOE_PF;
 
 template <bool INT4, int M>
-void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda, const int32_t* asum,
+void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la, const int32_t* asum,
            int32_t* out) {
+  // rows 0..M-1 lie in one 16-row block of la (the caller starts blocks at multiples of 8)
   constexpr int S = M == 1 ? 4 : (M == 2 ? 2 : 1);  // independent accumulation chains per (token, half)
   constexpr int64_t KSTEP = INT4 ? 128 : 64;
   const Method method = INT4 ? Method::Int4 : Method::Int8;
@@ -50,7 +51,7 @@ void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, 
     const int64_t npairs = kbs / KSTEP;
     for (int64_t p = 0; p < npairs; ++p) {
       const uint8_t* tp = chunk + p * TILE_PAIR_BYTES;
-      const int8_t* ap = a + kb + p * KSTEP;
+      const int8_t* ap = la.at(a, 0, kb + p * KSTEP);  // row i: ap + i * la.rs; INT4 high half: + la.ks
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) {
         if (PF) {  // streaming decode: software prefetch PF tile pairs ahead (may run past the chunk: harmless)
@@ -65,8 +66,8 @@ void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, 
           const __m512i hi0 = hi_nibble_u8(b0, f0, x80);
           const __m512i hi1 = hi_nibble_u8(b1, f0, x80);
           for (int i = 0; i < M; ++i) {
-            const __m512i al = bcast4(ap + i * lda + 4 * j);
-            const __m512i ah = bcast4(ap + i * lda + 64 + 4 * j);
+            const __m512i al = bcast4(ap + i * la.rs + 4 * j);
+            const __m512i ah = bcast4(ap + i * la.rs + la.ks + 4 * j);
             acc[i][0][j % S] = _mm512_dpbusd_epi32(acc[i][0][j % S], lo0, al);
             acc[i][1][j % S] = _mm512_dpbusd_epi32(acc[i][1][j % S], lo1, al);
             acc[i][0][j % S] = _mm512_dpbusd_epi32(acc[i][0][j % S], hi0, ah);
@@ -76,7 +77,7 @@ void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, 
           const __m512i u0 = _mm512_xor_si512(b0, x80);
           const __m512i u1 = _mm512_xor_si512(b1, x80);
           for (int i = 0; i < M; ++i) {
-            const __m512i av = bcast4(ap + i * lda + 4 * j);
+            const __m512i av = bcast4(ap + i * la.rs + 4 * j);
             acc[i][0][j % S] = _mm512_dpbusd_epi32(acc[i][0][j % S], u0, av);
             acc[i][1][j % S] = _mm512_dpbusd_epi32(acc[i][1][j % S], u1, av);
           }
@@ -95,31 +96,31 @@ void block(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, 
 }
 
 template <bool INT4>
-void dispatch(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda, const int32_t* asum,
+void dispatch(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la, const int32_t* asum,
               int64_t m, int32_t* out) {
   constexpr int MB = 8;
   int64_t i = 0;
-  for (; i + MB <= m; i += MB) block<INT4, MB>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32);
+  for (; i + MB <= m; i += MB) block<INT4, MB>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32);
   switch (m - i) {
     case 0: break;
-    case 1: block<INT4, 1>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32); break;
-    case 2: block<INT4, 2>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32); break;
-    case 3: block<INT4, 3>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32); break;
-    case 4: block<INT4, 4>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32); break;
-    case 5: block<INT4, 5>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32); break;
-    case 6: block<INT4, 6>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32); break;
-    default: block<INT4, 7>(w, n, k, r0, a + i * lda, lda, asum + i, out + i * 32); break;
+    case 1: block<INT4, 1>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32); break;
+    case 2: block<INT4, 2>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32); break;
+    case 3: block<INT4, 3>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32); break;
+    case 4: block<INT4, 4>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32); break;
+    case 5: block<INT4, 5>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32); break;
+    case 6: block<INT4, 6>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32); break;
+    default: block<INT4, 7>(w, n, k, r0, la.at(a, i, 0), la, asum + i, out + i * 32); break;
   }
 }
 
 }  // namespace
 
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, int64_t lda,
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out) {
   if (method == Method::Int4)
-    dispatch<true>(w, n, k, r0, a, lda, asum, m, out);
+    dispatch<true>(w, n, k, r0, a, la, asum, m, out);
   else
-    dispatch<false>(w, n, k, r0, a, lda, asum, m, out);
+    dispatch<false>(w, n, k, r0, a, la, asum, m, out);
 }
 
 }  // namespace avx512

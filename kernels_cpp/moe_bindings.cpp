@@ -115,9 +115,15 @@ class MoELayer {
     const float* wp = static_cast<const float*>(topk_w.data());
     for (int64_t i = 0; i < tokens * topk; ++i)
       if (!std::isfinite(wp[i])) throw std::invalid_argument("topk_weights has a non-finite value");
-    for (int64_t i = 0; i < tokens * cfg.hidden; ++i)
-      if (!std::isfinite(xp[i]))
-        throw std::invalid_argument("x has a non-finite value at token " + std::to_string(i / cfg.hidden));
+    {  // branch-free (vectorizable) scan per row: exponent bits all ones = inf or nan
+      const uint32_t* xb = static_cast<const uint32_t*>(x.data());
+      for (int64_t t = 0; t < tokens; ++t) {
+        uint32_t bad = 0;
+        const uint32_t* row = xb + t * cfg.hidden;
+        for (int64_t i = 0; i < cfg.hidden; ++i) bad |= static_cast<uint32_t>((row[i] & 0x7f800000u) == 0x7f800000u);
+        if (bad) throw std::invalid_argument("x has a non-finite value at token " + std::to_string(t));
+      }
+    }
     py::array_t<float> out({tokens, cfg.hidden});
     float* op = out.mutable_data();
     {
@@ -178,6 +184,21 @@ void bind_moe(py::module_& m) {
     return moe::read_bandwidth_gbs(p, n, num_threads, reps < 1 ? 1 : reps);
   }, py::arg("buf"), py::arg("num_threads") = 0, py::arg("reps") = 3,
   "GB/s of a streaming read of buf by the MoE thread pool (best of reps).");
+  m.def("_moe_prefill_min_avg_rows", [](int64_t v) {
+    const int64_t old = moe::prefill_min_avg_rows;
+    if (v >= 0) moe::prefill_min_avg_rows = v;
+    return old;
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the average rows per active expert from which the prefill schedule runs "
+  "(0: always; huge: never).");
+  m.def("_moe_profile", [](int enable) {
+    if (enable >= 0) moe::set_profiling(enable != 0);
+    py::dict d;
+    for (const auto& kv : moe::last_profile()) d[py::str(kv.first)] = kv.second;
+    return d;
+  }, py::arg("enable") = -1,
+  "Stage profile of the last prefill-schedule forward (seconds summed over threads; enable=1/0 turns "
+  "recording on/off).");
   m.def("_moe_per_expert_down_limit", [](int64_t v) {
     const int64_t old = moe::per_expert_down_limit_bytes;
     if (v >= 0) moe::per_expert_down_limit_bytes = v;

@@ -13,7 +13,8 @@ timing : every configuration is built first; then --reps rounds, each round timi
          the median over rounds is reported (min and max too), so drift and order effects show up
          as spread instead of bias.
 prefill: T tokens, top-k over E experts: TFLOP/s (2*T*k*3*H*I) against torch bf16 matmuls grouped by
-         expert, and % of the AMX INT8 peak (cores x max MHz x 2048 ops/cycle) when AMX is present.
+         expert, and % of the AMX INT8 peak (cores x max MHz x 2048 ops/cycle) when AMX is present;
+         then one profiled call per method: time per engine stage summed over threads (profile_ms).
 
   python scripts/bench_moe.py                      # defaults sized for a small machine
   python scripts/bench_moe.py --footprint-gb 4 --json out.json   # big-L3 hosts
@@ -240,10 +241,32 @@ class PrefillCase:
     def rep(self, min_time):
         self.times.append(timeit(self.step, min_time=min_time, min_iters=3, warmup=1))
 
+    def profile(self):
+        """One extra call with the engine's stage profile on (seconds summed over threads, wall)."""
+        if not hasattr(kt_kernels, "_moe_profile"):
+            return None
+        kt_kernels._moe_profile(1)
+        try:
+            t0 = time.perf_counter()
+            self.step()
+            call = time.perf_counter() - t0
+            p = dict(kt_kernels._moe_profile())
+        finally:
+            kt_kernels._moe_profile(0)
+        if not p:
+            return None
+        p["python_call"] = call
+        return p
+
     def result(self):
         t = summarize(self.times)
-        return dict(self.info, ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3, reps=t["reps"],
-                    TFLOPs=self.flops / t["median"] / 1e12)
+        r = dict(self.info, ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3, reps=t["reps"],
+                 TFLOPs=self.flops / t["median"] / 1e12)
+        p = self.profile()
+        if p:
+            r["profile_ms"] = {k: (v * 1e3 if k not in ("threads", "gate_groups_per_task", "down_cols_per_task")
+                                   else v) for k, v in p.items()}
+        return r
 
 
 class TorchPrefillCase:
@@ -402,6 +425,12 @@ def main(argv=None):
                   f"{r['TFLOPs']:.3f} TFLOP/s"
                   + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if tb else "")
                   + (f", {r['pct_amx_peak']:.1f}% of AMX INT8 peak ({peak:.1f} TFLOP/s)" if peak else ""), flush=True)
+            if "profile_ms" in r:
+                pm = r["profile_ms"]
+                print("  stage ms summed over threads: " + ", ".join(
+                    f"{k}={pm[k]:.1f}" for k in ("q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait") if k in pm)
+                    + f"; wall {pm['wall']:.1f} ms (region {pm.get('region', 0):.1f}, python call "
+                    f"{pm['python_call']:.1f})", flush=True)
     res["bench_seconds"] = time.perf_counter() - t_start
 
     if args.json:

@@ -325,3 +325,86 @@ def test_bad_weights():
         kt_kernels.MoELayer("int4", f64, 256, 256, 1)
     with pytest.raises(ValueError):
         kt_kernels.MoELayer("int5", good, 256, 256, 1)
+
+
+PREFILL_CASES = [
+    # method, hidden, inter, experts, numa, tokens, topk, limit: rows per expert with 8/16/32 tails
+    ("int4", 3840, 256, 4, 2, 37, 3, 0.5),   # K-block tail, numa 2
+    ("int8", 3840, 128, 3, 1, 45, 2, None),
+    ("int4", 256, 512, 5, 4, 70, 3, None),
+    ("int8", 512, 256, 2, 1, 100, 2, 0.5),  # > 32 rows per expert: several token blocks
+]
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_prefill_schedule(case):
+    """The prefill schedule (per-token quantization scattered into per-expert AMX A panels, gate/up
+    tasks over several row groups, down per column chunk over every expert) gives exactly the
+    results of the decode schedule, for every ISA and thread count, and matches the float model."""
+    method, H, I, E, T, tokens, topk, limit = case
+    w = FakeExperts(method, H, I, E, T, topk=topk, swiglu_limit=limit)
+    ids, tw = routing(tokens, E, topk, seed=tokens)
+    ids[::5, 1] = ids[::5, 0]  # duplicate ids: two rows of one expert add into one token
+    x = make_x(tokens, H, seed=tokens)
+    old = kt_kernels._moe_prefill_min_avg_rows()
+    old_limit = kt_kernels._moe_per_expert_down_limit()
+    try:
+        kt_kernels._moe_prefill_min_avg_rows(1 << 40)  # never: the decode schedule
+        ref = CPUMoE(w, 0, isa="portable", num_threads=1).forward(x, ids, tw)
+        kt_kernels._moe_per_expert_down_limit(0)
+        assert torch.equal(CPUMoE(w, 0, isa="portable", num_threads=3).forward(x, ids, tw), ref)
+        kt_kernels._moe_prefill_min_avg_rows(0)  # always: the prefill schedule
+        for threads in (1, 2, 3, 7, 16):
+            for isa in ["portable"] + SIMD_ISAS + ["auto"]:
+                y = CPUMoE(w, 0, isa=isa, num_threads=threads).forward(x, ids, tw)
+                assert torch.equal(y, ref), f"{isa} threads={threads}"
+    finally:
+        kt_kernels._moe_prefill_min_avg_rows(old)
+        kt_kernels._moe_per_expert_down_limit(old_limit)
+    # rare one-level flips of the intermediate's rounding (numa 4: four slices) weigh a bit more here
+    assert rel_err(ref, float_moe(w, 0, x, ids, tw, limit, quant_act=True)) < 5e-4
+    assert rel_err(ref, float_moe(w, 0, x, ids, tw, limit)) < 0.05
+
+
+def test_prefill_threshold_and_profile():
+    """Default threshold: a call with many rows per expert takes the prefill schedule (its stage
+    profile is recorded), a decode call does not; both agree with the portable reference."""
+    w = FakeExperts("int8", 256, 256, 4, 1, topk=2)
+    assert kt_kernels._moe_prefill_min_avg_rows() >= 1
+    old = kt_kernels._moe_profile(1)
+    try:
+        ids, tw = routing(64, 4, 2)
+        x = make_x(64, 256)
+        y = CPUMoE(w, 0, num_threads=2).forward(x, ids, tw)
+        p = kt_kernels._moe_profile()
+        assert {"wall", "q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait"} <= set(p)
+        assert p["wall"] > 0 and p["g_dot"] > 0 and p["threads"] == 2
+        assert torch.equal(y, CPUMoE(w, 0, isa="portable", num_threads=1).forward(x, ids, tw))
+    finally:
+        kt_kernels._moe_profile(0)
+    del old
+
+
+@pytest.mark.amx
+@pytest.mark.skipif(BEST != "amx", reason="needs a CPU with AMX tiles")
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("min_tokens", [1, 16])
+def test_amx_prefill_schedule(method, min_tokens):
+    """AMX tiles on the panel layout (A tiles of 16 rows x 64 contiguous bytes, INT4 unpacked once
+    per row group), rows per expert with 16/32 tails, K-block tail, numa 2."""
+    old = kt_kernels._moe_amx_min_tokens(min_tokens)
+    old_rows = kt_kernels._moe_prefill_min_avg_rows()
+    try:
+        w = FakeExperts(method, 3840, 512, 4, 2, topk=3, swiglu_limit=0.5)
+        for tokens in (5, 23, 50, 90):
+            ids, tw = routing(tokens, 4, 3, seed=tokens)
+            x = make_x(tokens, 3840, seed=tokens)
+            kt_kernels._moe_prefill_min_avg_rows(1 << 40)
+            ref = CPUMoE(w, 0, isa="portable").forward(x, ids, tw)
+            kt_kernels._moe_prefill_min_avg_rows(0)
+            for threads in (1, 3, 16):
+                y = CPUMoE(w, 0, isa="amx", num_threads=threads).forward(x, ids, tw)
+                assert torch.equal(y, ref), f"amx prefill differs (tokens={tokens}, threads={threads})"
+    finally:
+        kt_kernels._moe_amx_min_tokens(old)
+        kt_kernels._moe_prefill_min_avg_rows(old_rows)
