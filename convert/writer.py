@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,14 @@ def _fsync(fd: int, path: Path) -> None:
         os.fsync(fd)
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _fsync(fd, path)
+    finally:
+        os.close(fd)
 
 
 class MergedShardWriter:
@@ -107,7 +116,6 @@ class KtFolderWriter:
             fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 write_all(fd, buf, folder / name)
-                _fsync(fd, folder / name)
             finally:
                 os.close(fd)
             self._digest.start_file()
@@ -116,6 +124,11 @@ class KtFolderWriter:
             self._files.append(f"{layer_dir_name(self.layer)}/{folder.name}/{name}")
 
     def commit(self) -> LayerRecord:
+        # Thousands of small files: fsynced together on a few threads (the journal batches
+        # concurrent syncs) rather than one by one as they are written.
+        paths = [self.tmp / Path(f).relative_to(layer_dir_name(self.layer)) for f in self._files]
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="kt-fsync") as pool:
+            list(pool.map(_fsync_path, paths))
         for sub in self.tmp.iterdir():
             fsync_dir(sub)
         fsync_dir(self.tmp)
