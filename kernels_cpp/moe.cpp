@@ -1,7 +1,7 @@
-// MoE orchestration (baseline x86-64): routing, activation quantization, task split over the
-// shared pool, SiLU-gate, re-quantization, weighted sum. Only the int32 dot products are ISA
-// specific (moe_ref.cpp / moe_avx512.cpp / moe_amx.cpp); every float operation lives here so the
-// ISA paths agree bit for bit.
+// MoE orchestration (baseline x86-64): routing, task split over the shared pool, data movement.
+// The int32 dot products (moe_ref.cpp / moe_avx512.cpp / moe_amx.cpp) and the float stages
+// (Epilogue: moe_epilogue.cpp reference, moe_epilogue_avx512.cpp) are ISA specific; both give
+// bit-identical results on every path.
 #include "moe.hpp"
 
 #include <emmintrin.h>
@@ -34,7 +34,7 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 DotFn dot_for(Isa isa) {
   switch (isa) {
-    case Isa::Amx: return amx::dot_rowgroup;
+    case Isa::Amx: return amx::dot_rowgroup_nocfg;  // tiles configured once per thread and region
     case Isa::Avx512: return avx512::dot_rowgroup;
     default: return ref::dot_rowgroup;  // no AVX2 kernel: the portable one serves it
   }
@@ -62,23 +62,6 @@ std::atomic<int> g_min_tokens{16};
 int min_tokens() { return g_min_tokens.load(std::memory_order_relaxed); }
 void set_min_tokens(int m) { g_min_tokens.store(m < 1 ? 1 : m, std::memory_order_relaxed); }
 }  // namespace amx
-
-float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
-  float amax = 0.f;
-  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
-  const float d = amax / 127.0f;
-  const float id = d != 0.f ? 1.0f / d : 0.f;
-  int32_t s = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    // cvtss2si: round half to even under the default MXCSR, as kt's _mm512_cvtps_epi32
-    int32_t v = _mm_cvtss_si32(_mm_set_ss(x[i] * id));
-    v = std::min(127, std::max(-128, v));
-    q[i] = static_cast<int8_t>(v);
-    s += v;
-  }
-  *qsum = s;
-  return d;
-}
 
 void validate_config(const Config& cfg) {
   const MethodInfo info = method_info(cfg.method);
@@ -258,7 +241,7 @@ struct Buf {
 // Buffers of one prefill call, kept between calls (no page faults on the hot path); concurrent
 // calls take different workspaces.
 struct Workspace {
-  Buf xpan, xd, xs, act, apan, ad, as, acc, y, qtmp, prof;
+  Buf xpan, xd, xs, act, apan, ad, as, acc, dacc, y, qtmp, prof;
 };
 std::mutex g_ws_m;
 std::vector<std::unique_ptr<Workspace>> g_ws_free;
@@ -299,7 +282,7 @@ int64_t down_cols_per_task(int64_t H, int threads) {
 }
 
 void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int64_t topk, float* out,
-                     DotFn dot, MoePool& pool, const std::vector<int64_t>& active, const std::vector<int64_t>& m_of,
+                     DotFn dot, const Epilogue& epi, bool amx_cfg, MoePool& pool, const std::vector<int64_t>& active, const std::vector<int64_t>& m_of,
                      const std::vector<int64_t>& row0, const std::vector<int64_t>& row_token,
                      const std::vector<float>& row_weight, const std::vector<int64_t>& dest, double t_call) {
   const Config& cfg = weights.cfg;
@@ -330,7 +313,9 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
   int32_t* as = ws.as.get<int32_t>(R * T);
   const int64_t acc_stride = round_up(mmax, 32) * 32;
   int32_t* acc_all = ws.acc.get<int32_t>(P * 2 * acc_stride);
-  float* y_all = ws.y.get<float>(P * acc_stride);
+  const int64_t DC = down_cols_per_task(H, P), DG = DC / 32;
+  int32_t* dacc_all = ws.dacc.get<int32_t>(P * DG * acc_stride);
+  float* y_all = ws.y.get<float>(T > 1 ? P * DG * acc_stride : 1);
   const int64_t qstride = round_up(std::max(H, IL), 64);
   int8_t* qtmp_all = ws.qtmp.get<int8_t>(P * qstride);
   double* prof_all = ws.prof.get<double>(P * 16);  // 16 doubles = 128 bytes per thread
@@ -352,7 +337,6 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
   std::vector<int64_t> s0(A + 1, 0);
   for (int64_t a = 0; a < A; ++a) s0[a + 1] = s0[a] + T * ((m_of[a] + kS - 1) / kS);
   const int64_t nS = s0[A];
-  const int64_t DC = down_cols_per_task(H, P);
   const int64_t nD = H / DC;
   const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
 
@@ -386,7 +370,7 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
       for (int64_t tk = task * kQ; tk < t1; ++tk) {
         int32_t qs;
-        const float d = quantize_act(x + tk * H, H, qtmp, &qs);
+        const float d = epi.quantize(x + tk * H, H, qtmp, &qs);
         for (int64_t j = 0; j < topk; ++j) {
           const int64_t r = dest[tk * topk + j];
           const int64_t a = row_slot[r];
@@ -416,23 +400,7 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
         dot(cfg.method, sh.gate.w, IL, H, r0, xa, LX, xsa, m, ag);
         dot(cfg.method, sh.up.w, IL, H, r0, xa, LX, xsa, m, au);
         mark(kStGDot);
-        float sg[32], su[32];
-        for (int j = 0; j < 32; ++j) {
-          sg[j] = sh.gate.s[r0 + j];
-          su[j] = sh.up.s[r0 + j];
-        }
-        for (int64_t i = 0; i < m; ++i) {
-          float* dst = act_at + i * IL + r0;
-          for (int j = 0; j < 32; ++j) {
-            float gv = static_cast<float>(ag[i * 32 + j]) * (xda[i] * sg[j]);
-            float uv = static_cast<float>(au[i * 32 + j]) * (xda[i] * su[j]);
-            if (cfg.clamp) {
-              gv = std::min(gv, cfg.limit);
-              uv = std::min(std::max(uv, -cfg.limit), cfg.limit);
-            }
-            dst[j] = gv / (1.0f + std::exp(-gv)) * uv;
-          }
-        }
+        epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
         mark(kStGEpi);
       }
       g_left[at].fetch_sub(1, std::memory_order_acq_rel);
@@ -446,7 +414,7 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
       const float* act_at = act + base * IL;
       int8_t* q = apan + (pan0[a] * T + t * pan_rows(a)) * IL;
       for (int64_t i = c * kS; i < std::min(m, (c + 1) * kS); ++i) {
-        ad[base + i] = quantize_act(act_at + i * IL, IL, qtmp, &as[base + i]);
+        ad[base + i] = epi.quantize(act_at + i * IL, IL, qtmp, &as[base + i]);
         for (int64_t cc = 0; cc < IL; cc += 64) std::memcpy(LA.at(q, i, cc), qtmp + cc, 64);
       }
       mark(kStS);
@@ -455,27 +423,26 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
       wait_zero(s_all);
       const int64_t c0 = (task - s_end) * DC;
       for (int64_t tk = 0; tk < tokens; ++tk) std::fill(out + tk * H + c0, out + tk * H + c0 + DC, 0.f);
-      float* y = y_all + static_cast<int64_t>(tid) * acc_stride;
+      // 32-column group g of the chunk: int32 sums at dacc + g*acc_stride, partial sums over the
+      // slices (T > 1) at y + g*acc_stride; out rows are then updated DC contiguous columns at a time.
+      int32_t* dacc = dacc_all + static_cast<int64_t>(tid) * DG * acc_stride;
+      float* y = y_all + static_cast<int64_t>(tid) * DG * acc_stride;
       for (int64_t a = 0; a < A; ++a) {
         const int64_t m = m_of[a];
-        for (int64_t r0 = c0; r0 < c0 + DC; r0 += 32) {
-          // y[i*32+j] = Σ_t down_t rows r0..r0+31, in t order, from zero (as the decode schedule)
-          for (int64_t i = 0; i < m * 32; ++i) y[i] = 0.f;
-          for (int64_t t = 0; t < T; ++t) {
-            const ExpertShard& sh = weights.shards[active[a] * T + t];
-            const int64_t base = row0[a] * T + t * m;
-            dot(cfg.method, sh.down.w, H, IL, r0, apan + (pan0[a] * T + t * pan_rows(a)) * IL, LA, as + base, m,
-                acc);
-            mark(kStDDot);
-            float sd[32];
-            for (int j = 0; j < 32; ++j) sd[j] = sh.down.s[r0 + j];
-            for (int64_t i = 0; i < m; ++i)
-              for (int j = 0; j < 32; ++j) y[i * 32 + j] += static_cast<float>(acc[i * 32 + j]) * (ad[base + i] * sd[j]);
-          }
-          for (int64_t i = 0; i < m; ++i) {
-            const float w = row_weight[row0[a] + i];
-            float* o = out + row_token[row0[a] + i] * H + r0;
-            for (int j = 0; j < 32; ++j) o[j] += w * y[i * 32 + j];
+        // y[i*32+j] = Σ_t down_t rows r0..r0+31, in t order, from zero (as the decode schedule)
+        for (int64_t t = 0; t < T; ++t) {
+          const ExpertShard& sh = weights.shards[active[a] * T + t];
+          const int64_t base = row0[a] * T + t * m;
+          const int8_t* ap = apan + (pan0[a] * T + t * pan_rows(a)) * IL;
+          for (int64_t g = 0; g < DG; ++g)
+            dot(cfg.method, sh.down.w, H, IL, c0 + g * 32, ap, LA, as + base, m, dacc + g * acc_stride);
+          mark(kStDDot);
+          if (t + 1 < T) {
+            for (int64_t g = 0; g < DG; ++g)
+              epi.down(dacc + g * acc_stride, m, ad + base, sh.down.s + c0 + g * 32, y + g * acc_stride, 32, t == 0);
+          } else {  // last slice: fused with out[token] += w * y
+            epi.down_out(dacc, acc_stride, DG, m, ad + base, sh.down.s + c0, t == 0 ? nullptr : y,
+                         row_weight.data() + row0[a], row_token.data() + row0[a], out + c0, H);
           }
           mark(kStDEpi);
         }
@@ -485,6 +452,7 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
 
   const double t_region = prof ? now_s() : 0;
   pool.run([&](int tid) {
+    if (amx_cfg) amx::configure_thread();
     try {
       for (;;) {
         const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
@@ -537,6 +505,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
     return;
   }
   const DotFn dot = dot_for(isa);
+  const Epilogue& epi = epilogue_for(isa);
   // The AMX kernel reads whole 16-row tiles: rows past a block's end belong to the next block
   // or to 16 rows of slack at the end of the buffer; they only feed output rows it discards.
   constexpr int64_t kSlackRows = 16;
@@ -575,7 +544,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       }
   }
   if (R >= prefill_min_avg_rows * A) {
-    forward_prefill(weights, x, tokens, topk, out, dot, pool, active, m_of, row0, row_token, row_weight, dest, t_call);
+    forward_prefill(weights, x, tokens, topk, out, dot, epi, isa == Isa::Amx, pool, active, m_of, row0, row_token, row_weight, dest, t_call);
     return;
   }
   std::fill(out, out + tokens * H, 0.f);
@@ -640,16 +609,11 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   // y[i*32+j] (i < m) = Σ_t down_t(expert a) rows r0..r0+31, in t order, from zero.
   auto down_rows = [&](int64_t a, int64_t r0, int32_t* acc, float* y, int64_t ystride) {
     const int64_t m = m_of[a];
-    for (int64_t i = 0; i < m; ++i) std::fill(y + i * ystride, y + i * ystride + 32, 0.f);
     for (int64_t t = 0; t < T; ++t) {
       const ExpertShard& sh = weights.shards[active[a] * T + t];
       const int64_t base = row0[a] * T + t * m;
       dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, ALayout::row_major(IL), as.data() + base, m, acc);
-      float sd[32];
-      for (int j = 0; j < 32; ++j) sd[j] = sh.down.s[r0 + j];
-      for (int64_t i = 0; i < m; ++i)
-        for (int j = 0; j < 32; ++j)
-          y[i * ystride + j] += static_cast<float>(acc[i * 32 + j]) * (ad[base + i] * sd[j]);
+      epi.down(acc, m, ad.data() + base, sh.down.s + r0, y, ystride, t == 0);
     }
   };
 
@@ -659,7 +623,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
       for (int64_t tk = task * kQ; tk < t1; ++tk) {
         const int64_t r = dest[tk * topk];
-        xd[r] = quantize_act(x + tk * H, H, xq.p + r * H, &xs[r]);
+        xd[r] = epi.quantize(x + tk * H, H, xq.p + r * H, &xs[r]);
         for (int64_t j = 1; j < topk; ++j) {
           const int64_t r2 = dest[tk * topk + j];
           std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
@@ -680,24 +644,8 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       const float* xda = xd.data() + row0[a];
       dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);
       dot(cfg.method, sh.up.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, au);
-      float sg[32], su[32];
-      for (int j = 0; j < 32; ++j) {
-        sg[j] = sh.gate.s[r0 + j];
-        su[j] = sh.up.s[r0 + j];
-      }
       float* act_at = act.p + (row0[a] * T + t * m) * IL;
-      for (int64_t i = 0; i < m; ++i) {
-        float* dst = act_at + i * IL + r0;
-        for (int j = 0; j < 32; ++j) {
-          float gv = static_cast<float>(ag[i * 32 + j]) * (xda[i] * sg[j]);
-          float uv = static_cast<float>(au[i * 32 + j]) * (xda[i] * su[j]);
-          if (cfg.clamp) {
-            gv = std::min(gv, cfg.limit);
-            uv = std::min(std::max(uv, -cfg.limit), cfg.limit);
-          }
-          dst[j] = gv / (1.0f + std::exp(-gv)) * uv;
-        }
-      }
+      epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
       g_left[at].fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < s_end) {  // ---- S
       const int64_t i1 = task - g_end;
@@ -709,7 +657,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       const float* act_at = act.p + base * IL;
       int8_t* q = aq.p + base * IL;
       for (int64_t i = c * kS; i < std::min(m, (c + 1) * kS); ++i)
-        ad[base + i] = quantize_act(act_at + i * IL, IL, q + i * IL, &as[base + i]);
+        ad[base + i] = epi.quantize(act_at + i * IL, IL, q + i * IL, &as[base + i]);
       s_left[a].fetch_sub(1, std::memory_order_acq_rel);
       s_all.fetch_sub(1, std::memory_order_acq_rel);
     } else if (per_expert) {  // ---- D, one expert
@@ -718,12 +666,8 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       wait_zero(s_left[a]);
       for (int64_t r0 = c * DR; r0 < (c + 1) * DR; r0 += 32) down_rows(a, r0, acc, ybuf.p + row0[a] * H + r0, H);
       if (d_left[c].fetch_sub(1, std::memory_order_acq_rel) == 1) {  // the last expert of this chunk: reduce
-        for (int64_t r = 0; r < R; ++r) {
-          const float w = row_weight[r];
-          const float* yr = ybuf.p + r * H + c * DR;
-          float* o = out + row_token[r] * H + c * DR;
-          for (int64_t j = 0; j < DR; ++j) o[j] += w * yr[j];
-        }
+        for (int64_t r = 0; r < R; ++r)
+          epi.axpy(out + row_token[r] * H + c * DR, row_weight[r], ybuf.p + r * H + c * DR, DR);
       }
     } else {  // ---- D, all experts
       wait_zero(s_all);
@@ -732,16 +676,13 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
       for (int64_t a = 0; a < A; ++a) {
         const int64_t m = m_of[a];
         down_rows(a, r0, acc, y, 32);
-        for (int64_t i = 0; i < m; ++i) {
-          const float w = row_weight[row0[a] + i];
-          float* o = out + row_token[row0[a] + i] * H + r0;
-          for (int j = 0; j < 32; ++j) o[j] += w * y[i * 32 + j];
-        }
+        for (int64_t i = 0; i < m; ++i) epi.axpy(out + row_token[row0[a] + i] * H + r0, row_weight[row0[a] + i], y + i * 32, 32);
       }
     }
   };
 
   pool.run([&](int tid) {
+    if (isa == Isa::Amx) amx::configure_thread();
     try {
       for (;;) {
         const int64_t task = next.fetch_add(1, std::memory_order_relaxed);

@@ -10,8 +10,10 @@
 //   act     : g = min(g, L), u = clamp(u, -L, L) when a limit is set; a = g/(1+exp(-g)) * u
 //   down    : per NUMA slice t the intermediate slice is re-quantized like x; the T partials
 //             are summed in t order, then out[token] += w_slot * y in expert-id order.
-// The SIMD kernels return the same int32 sums as the portable reference; all float steps are
-// shared scalar code, so every ISA path gives bit-identical results.
+//   exp     : exp_det (below), not libm
+// The SIMD kernels return the same int32 sums as the portable reference; the float steps have a
+// scalar reference and an AVX-512 version doing the same IEEE operations in the same order
+// (Epilogue below), so every ISA path gives bit-identical results.
 #pragma once
 #include <cstdint>
 #include <utility>
@@ -124,8 +126,50 @@ inline int64_t chunk_offset(Method method, int64_t n, int64_t k, int64_t r0, int
 // GB/s of a multi-threaded streaming read of buf (64-byte aligned; whole MiB chunks), best of reps.
 double read_bandwidth_gbs(const uint8_t* buf, int64_t bytes, int num_threads, int reps);
 
-// Per-token symmetric int8 quantization (kt BufferA); returns d, writes q and Σq.
+// Per-token symmetric int8 quantization (kt BufferA); returns d, writes q and Σq. (The portable
+// reference, ref::quantize.)
 float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);
+
+// ---- float stages ("epilogues"). ref:: (moe_epilogue.cpp, baseline x86-64) is the definition;
+// avx512:: (moe_epilogue_avx512.cpp) performs the same IEEE operations in the same order per
+// element (no FMA contraction, no reassociation; max/min with the same NaN operand order), so the
+// results are bit-identical. exp is exp_det, a fixed Cephes-style range reduction + polynomial,
+// not libm's expf.
+//   quantize : see quantize_act
+//   silu_gate: for i < m, j < 32: g = float(ag[i*32+j]) * (xd[i]*sg[j]), u likewise with au, su;
+//              clamp: g = min(g, L), u = min(max(u, -L), L);  act[i*stride + j] = g / (1 + exp(-g)) * u
+//   down     : y[i*ys + j] = (first ? 0 : y[i*ys + j]) + float(acc[i*32+j]) * (ad[i]*sd[j])
+//   down_out : the last down step fused with the weighted sum over ng 32-column groups (group g:
+//              acc + g*gs, y + g*gs, sd + g*32, columns g*32..), for i < m, j < 32:
+//              v = (y ? y[g*gs + i*32+j] : 0) + float(acc[g*gs + i*32+j]) * (ad[i]*sd[g*32+j]);
+//              out[tok[i]*os + g*32 + j] += w[i] * v      (= down then axpy, the same operations)
+//   axpy     : o[j] += w * y[j], j < n
+//   exp      : y[i] = exp_det(x[i])  (tests)
+struct Epilogue {
+  float (*quantize)(const float* x, int64_t k, int8_t* q, int32_t* qsum);
+  void (*silu_gate)(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg,
+                    const float* su, bool clamp, float limit, float* act, int64_t stride);
+  void (*down)(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first);
+  void (*down_out)(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float* ad, const float* sd,
+                   const float* y, const float* w, const int64_t* tok, float* out, int64_t os);
+  void (*axpy)(float* o, float w, const float* y, int64_t n);
+  void (*exp)(const float* x, int64_t n, float* y);
+};
+const Epilogue& epilogue_ref();
+const Epilogue& epilogue_avx512();
+const Epilogue& epilogue_for(Isa isa);  // Avx512 / Amx: the AVX-512 one; else the reference
+// Deterministic exp (scalar reference): x clamped to [-87, 88], n = rne(x*log2e) by the 1.5*2^23
+// trick, r = (x - n*C1) - n*C2, Cephes polynomial, times 2^n built in the exponent bits.
+float exp_det(float x);
+
+namespace amx {
+// Loads this thread's tile configuration; dot_rowgroup_nocfg then skips it. forward() calls
+// configure_thread() once per thread and parallel region (no other code runs on the thread in
+// between), dot_rowgroup configures on every call.
+void configure_thread();
+void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
+                        ALayout la, const int32_t* asum, int64_t m, int32_t* out);
+}  // namespace amx
 
 }  // namespace moe
 }  // namespace kt

@@ -27,8 +27,9 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// Tiles 0-3: C (16x16 int32); 4,5: A (16 x 64 B); 6,7: B (16 x 64 B). Loaded on every call:
-// other code on this thread (oneDNN) may have changed the configuration.
+// Tiles 0-3: C (16x16 int32); 4,5: A (16 x 64 B); 6,7: B (16 x 64 B). Loaded on every call of
+// dot_rowgroup (other code on this thread, oneDNN, may have changed the configuration); forward()
+// loads it once per thread and parallel region (configure_thread) and calls dot_rowgroup_nocfg.
 inline void configure_tiles() {
   TileConfig cfg;
   std::memset(&cfg, 0, sizeof(cfg));
@@ -83,7 +84,6 @@ void unpack_int4_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0, int8_
 template <bool INT4>
 void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la, int64_t m,
          int32_t* out) {
-  configure_tiles();
   static thread_local UnpackBuf ubuf;
   const int8_t* ub = nullptr;
   if constexpr (INT4) {
@@ -132,8 +132,17 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
 
 }  // namespace
 
+void configure_thread() { configure_tiles(); }
+
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out) {
+  if (m < min_tokens()) return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
+  configure_tiles();
+  dot_rowgroup_nocfg(method, w, n, k, r0, a, la, asum, m, out);
+}
+
+void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
+                        ALayout la, const int32_t* asum, int64_t m, int32_t* out) {
   if (m < min_tokens()) return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
   if (method == Method::Int4)
     run<true>(w, n, k, r0, a, la, m, out);

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -199,6 +200,51 @@ void bind_moe(py::module_& m) {
   }, py::arg("enable") = -1,
   "Stage profile of the last prefill-schedule forward (seconds summed over threads; enable=1/0 turns "
   "recording on/off).");
+  // ---- the float stages on their own (tests: bit identity across ISAs on special values)
+  using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+  using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+  m.def("_moe_exp", [](F32 x, const std::string& isa) {
+    const moe::Epilogue& e = moe::epilogue_for(resolve_isa(isa));
+    F32 y(x.size());
+    e.exp(x.data(), x.size(), y.mutable_data());
+    return y;
+  }, py::arg("x"), py::arg("isa") = "auto", "exp_det of every element (1-D float32) on that ISA's epilogue.");
+  m.def("_moe_quantize", [](F32 x, const std::string& isa) {
+    require(x.ndim() == 2, "x must be [rows, k]");
+    const moe::Epilogue& e = moe::epilogue_for(resolve_isa(isa));
+    const int64_t rows = x.shape(0), k = x.shape(1);
+    py::array_t<int8_t> q({rows, k});
+    F32 d(rows);
+    I32 qs(rows);
+    for (int64_t r = 0; r < rows; ++r)
+      d.mutable_data()[r] = e.quantize(x.data() + r * k, k, q.mutable_data() + r * k, qs.mutable_data() + r);
+    return py::make_tuple(q, d, qs);
+  }, py::arg("x"), py::arg("isa") = "auto", "Per-row int8 quantization: (q, d, Σq).");
+  m.def("_moe_silu_gate", [](I32 ag, I32 au, F32 xd, F32 sg, F32 su, std::optional<double> limit,
+                             const std::string& isa) {
+    const int64_t mm = xd.size();
+    require(ag.size() == mm * 32 && au.size() == mm * 32 && sg.size() == 32 && su.size() == 32,
+            "ag, au: [m, 32]; xd: [m]; sg, su: [32]");
+    const moe::Epilogue& e = moe::epilogue_for(resolve_isa(isa));
+    F32 act({mm, int64_t(32)});
+    e.silu_gate(ag.data(), au.data(), mm, xd.data(), sg.data(), su.data(), limit.has_value(),
+                limit ? static_cast<float>(*limit) : 0.f, act.mutable_data(), 32);
+    return act;
+  }, py::arg("ag"), py::arg("au"), py::arg("xd"), py::arg("sg"), py::arg("su"), py::arg("limit") = py::none(),
+  py::arg("isa") = "auto", "SiLU-gate epilogue of one 32-row group -> act [m, 32].");
+  m.def("_moe_down", [](I32 acc, F32 ad, F32 sd, F32 y0, float w, const std::string& isa) {
+    const int64_t mm = ad.size();
+    require(acc.size() == mm * 32 && sd.size() == 32 && y0.size() == mm * 32, "acc, y0: [m, 32]; ad: [m]; sd: [32]");
+    const moe::Epilogue& e = moe::epilogue_for(resolve_isa(isa));
+    F32 y({mm, int64_t(32)}), y2({mm, int64_t(32)}), o({mm, int64_t(32)});
+    e.down(acc.data(), mm, ad.data(), sd.data(), y.mutable_data(), 32, true);
+    std::copy(y0.data(), y0.data() + mm * 32, y2.mutable_data());
+    e.down(acc.data(), mm, ad.data(), sd.data(), y2.mutable_data(), 32, false);
+    std::copy(y0.data(), y0.data() + mm * 32, o.mutable_data());
+    for (int64_t i = 0; i < mm; ++i) e.axpy(o.mutable_data() + i * 32, w, y2.data() + i * 32, i % 32 + 1);
+    return py::make_tuple(y, y2, o);
+  }, py::arg("acc"), py::arg("ad"), py::arg("sd"), py::arg("y0"), py::arg("w"), py::arg("isa") = "auto",
+  "Down epilogue: (y first=true, y0 + down, y0 row i += w * that row's first i%32+1 columns).");
   m.def("_moe_per_expert_down_limit", [](int64_t v) {
     const int64_t old = moe::per_expert_down_limit_bytes;
     if (v >= 0) moe::per_expert_down_limit_bytes = v;

@@ -8,7 +8,10 @@ The kernels (kernels_cpp/moe*.cpp) quantize each token to int8 (symmetric, amax/
 BufferA), run gate/up, SiLU-gate with the optional clamp (gate <= L, |up| <= L), re-quantize the
 intermediate per token and NUMA slice, run down and sum the top-k experts weighted. Paths: AMX
 tiles (TDPBSSD) for expert groups of >= 16 tokens where the CPU has AMX, AVX-512 VNNI otherwise,
-and a portable C++ reference; all give bit-identical results. The GIL is released while computing.
+and a portable C++ reference; the float stages (quantization, SiLU-gate, down scaling and the
+weighted sum) have an AVX-512 version beside their scalar reference, and exp is a fixed polynomial
+(exp_det, max relative error 8e-8) rather than libm's: all paths give bit-identical results. The
+GIL is released while computing.
 One forward is one parallel region over a persistent pool (quantize -> gate/up -> re-quantize ->
 down, ordered by dependency counters instead of barriers); the pool's workers spin for
 KT_MOE_SPIN_US microseconds (default 2000) after a call, so back-to-back decode calls pay no

@@ -1,0 +1,129 @@
+// Portable reference of the MoE float stages (built for the baseline x86-64: SSE2, no FMA, so
+// the compiler cannot contract a*b+c). moe_epilogue_avx512.cpp does the same IEEE operations in
+// the same order per element; tests/test_cpu_moe.py checks bit identity.
+#include <emmintrin.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "moe.hpp"
+
+namespace kt {
+namespace moe {
+
+namespace expc {
+// Shared with moe_epilogue_avx512.cpp (same literals there).
+constexpr float kLo = -87.0f, kHi = 88.0f;        // n = rne(x*log2e) stays in [-126, 127]
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kRound = 12582912.0f;             // 1.5 * 2^23: (t + kRound) - kRound = rne(t)
+constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;  // ln2 = C1 + C2 (C1 exact in 9 bits)
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+}  // namespace expc
+
+float exp_det(float x) {
+  using namespace expc;
+  // std::max(x, lo) = (x < lo) ? lo : x  (NaN stays NaN), then std::min(., hi) = (hi < .) ? hi : .
+  x = std::min(std::max(x, kLo), kHi);
+  const float t = x * kLog2e;
+  const float tr = t + kRound;
+  const float n = tr - kRound;
+  float r = x - n * kC1;
+  r = r - n * kC2;
+  const float z = r * r;
+  float y = kP0;
+  y = y * r + kP1;
+  y = y * r + kP2;
+  y = y * r + kP3;
+  y = y * r + kP4;
+  y = y * r + kP5;
+  y = (y * z + r) + 1.0f;
+  uint32_t b;
+  std::memcpy(&b, &tr, 4);
+  b = (b + 127u) << 23;  // tr's low bits hold n (two's complement); 2^n in the exponent field
+  float p;
+  std::memcpy(&p, &b, 4);
+  return y * p;
+}
+
+float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));  // NaN skipped
+  const float d = amax / 127.0f;
+  const float id = d != 0.f ? 1.0f / d : 0.f;
+  int32_t s = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    // cvtss2si: round half to even under the default MXCSR, as kt's _mm512_cvtps_epi32
+    int32_t v = _mm_cvtss_si32(_mm_set_ss(x[i] * id));
+    v = std::min(127, std::max(-128, v));
+    q[i] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *qsum = s;
+  return d;
+}
+
+namespace ref {
+namespace {
+
+void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
+               bool clamp, float limit, float* act, int64_t stride) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* dst = act + i * stride;
+    for (int j = 0; j < 32; ++j) {
+      float gv = static_cast<float>(ag[i * 32 + j]) * (xd[i] * sg[j]);
+      float uv = static_cast<float>(au[i * 32 + j]) * (xd[i] * su[j]);
+      if (clamp) {
+        gv = std::min(gv, limit);
+        uv = std::min(std::max(uv, -limit), limit);
+      }
+      dst[j] = gv / (1.0f + exp_det(-gv)) * uv;
+    }
+  }
+}
+
+void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int j = 0; j < 32; ++j) {
+      const float v = static_cast<float>(acc[i * 32 + j]) * (ad[i] * sd[j]);
+      y[i * ys + j] = (first ? 0.0f : y[i * ys + j]) + v;
+    }
+}
+
+void down_out(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float* ad, const float* sd,
+              const float* y, const float* w, const int64_t* tok, float* out, int64_t os) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t g = 0; g < ng; ++g) {
+      float* o = out + tok[i] * os + g * 32;
+      const int64_t e = g * gs + i * 32;
+      for (int j = 0; j < 32; ++j) {
+        const float v = (y ? y[e + j] : 0.0f) + static_cast<float>(acc[e + j]) * (ad[i] * sd[g * 32 + j]);
+        o[j] += w[i] * v;
+      }
+    }
+}
+
+void axpy(float* o, float w, const float* y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) o[j] += w * y[j];
+}
+
+void exp_arr(const float* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = exp_det(x[i]);
+}
+
+}  // namespace
+}  // namespace ref
+
+const Epilogue& epilogue_ref() {
+  static const Epilogue e{quantize_act, ref::silu_gate, ref::down, ref::down_out, ref::axpy, ref::exp_arr};
+  return e;
+}
+
+const Epilogue& epilogue_for(Isa isa) {
+  return isa == Isa::Avx512 || isa == Isa::Amx ? epilogue_avx512() : epilogue_ref();
+}
+
+}  // namespace moe
+}  // namespace kt
