@@ -42,6 +42,17 @@ def tree_hashes(path: Path) -> dict[str, str]:
     return out
 
 
+def random_bf16(n, k, seed, scale=1.0):
+    """A random bf16 matrix with an all-zero row and an outlier (packer test input)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * scale).to(torch.bfloat16)
+    w[0, :] = 0
+    w[1, 5] = 40.0 * scale
+    return w
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())
 

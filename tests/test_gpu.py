@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tree_hashes
+from conftest import random_bf16, tree_hashes
 from quant import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import encode_int4_words
@@ -54,14 +54,6 @@ def _assert_gpu_equals_reference(method, src, full, col0, k, nonfinite=0):
     assert bad == ref_bad == nonfinite
     assert np.array_equal(dst.weight, ref_w.numpy())
     assert _equal_bits(dst.scales, ref_s.numpy())
-
-
-def random_bf16(n, k, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=g) * scale).to(torch.bfloat16)
-    w[0, :] = 0  # an all-zero row
-    w[1, 5] = 40.0 * scale  # an outlier
-    return w
 
 
 # K-block tails (3904, 3968 > 3584), N-block tails (96 = 64 + 32, 160 = 128 + 32), minimal shapes

@@ -11,6 +11,7 @@ from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.kt_quant import quantize_rows
 from quant.mxfp4 import E2M1_VALUES, decode_mxfp4
 from quant.reference import dequantize_packed, pack_reference
+from conftest import random_bf16
 
 ISAS = ["portable", "avx2", "avx512", "amx"]
 LEVEL = {name: i for i, name in enumerate(ISAS)}
@@ -37,14 +38,6 @@ def oracle_tiled_offset(r, c, n, k, method):
     half, cj = ci // 64, ci % 64
     off = (nb * k + kb * nbs + ns * kbs + ks * 32) // 2 + (ri // 16) * 1024 + (cj // 4) * 64 + (ri % 16) * 4 + cj % 4
     return off, half
-
-
-def random_bf16(n, k, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(n, k, generator=g) * scale).to(torch.bfloat16)
-    w[0, :] = 0  # an all-zero row
-    w[1, 5] = 40.0 * scale  # an outlier
-    return w
 
 
 @pytest.mark.parametrize("method,n,k", [(INT8, 96, 3904), (INT4, 160, 3968), (INT4, 32, 128), (INT8, 32, 64)])
