@@ -4,10 +4,14 @@
     moe = HybridMoE(w, layer, num_gpu_experts=16, device="cuda", placement="frequency", stats=stats)
     y = moe(x, topk_ids, topk_weights)      # x [T,H] on any device -> [T,H], same device and dtype
 
-A call copies the routing to the host (it decides which rows go where), starts the CPU experts in a
-background thread (CPUMoE releases the GIL), queues the GPU experts with torch on `device`, joins the
-thread and sums both. The GPU experts are dequantized from the packed file, so the GPU part differs
-from the CPU part only by the CPU engine's int8 activations (and bf16 rounding).
+A call copies the routing to the host (one wait: it decides which rows go where), hands the GPU
+experts to a persistent launcher thread (which queues them with torch on `device`, on the caller's
+stream) and runs the CPU experts through CPUMoE in the calling thread (the engine releases the GIL, so
+the launcher queues kernels meanwhile); then it waits for the launcher and sums both. The CPU engine
+gets one core fewer than the process may use by default (num_threads=None): its workers spin between
+calls, and the launcher thread needs a core of its own. The GPU experts are dequantized from the
+packed file, so the GPU part differs from the CPU part only by the CPU engine's int8 activations (and
+bf16 rounding).
 
 Dynamic placement (dynamic=True): routing counts are observed on every call; every `update_interval`
 calls the hottest CPU experts replace the coldest GPU ones (at most `max_swaps` per update, and only
@@ -15,8 +19,9 @@ when hotter by the factor `1 + hysteresis`); the window of counts then decays by
 """
 from __future__ import annotations
 
+import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +30,91 @@ import torch.nn.functional as F
 
 from .placement import gpu_expert_mask, resolve_stats
 
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()
+class _Job:
+    """One call handed to the launcher thread; wait() returns its result or re-raises its error."""
+
+    __slots__ = ("fn", "args", "result", "error", "_done")
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.result, self.error = fn, args, None, None
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            self.error = e
+        finally:
+            self.fn = self.args = None
+            self._done.release()
+
+    def wait(self, reraise: bool = True):
+        self._done.acquire()
+        self._done.release()
+        if self.error is not None and reraise:
+            raise self.error
+        return self.result
 
 
-def _cpu_worker() -> ThreadPoolExecutor:
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-cpu-moe")
-        return _worker
+class _Launcher:
+    """A persistent daemon thread running jobs in order (the GPU part's kernel launches).
+
+    A lock and a SimpleQueue (both C-level, GIL released while blocked): the hand-off costs a thread
+    wake-up, not an executor's futures and conditions."""
+
+    def __init__(self, name: str = "kt-gpu-launch"):
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)  # thread-local; the jobs build no autograd graph
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            job.run()
+
+    def submit(self, fn, *args) -> _Job:
+        job = _Job(fn, args)
+        self._q.put(job)
+        return job
+
+
+_launcher_obj: _Launcher | None = None
+_launcher_lock = threading.Lock()
+
+
+def _launcher() -> _Launcher:
+    global _launcher_obj
+    obj = _launcher_obj
+    if obj is None or not obj.thread.is_alive():
+        with _launcher_lock:
+            if _launcher_obj is None or not _launcher_obj.thread.is_alive():
+                _launcher_obj = _Launcher()
+            obj = _launcher_obj
+    return obj
+
+
+def _forget_launcher() -> None:  # a forked child has no launcher thread
+    global _launcher_obj, _launcher_lock
+    _launcher_obj = None
+    _launcher_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_launcher)
+
+
+def default_cpu_threads() -> int:
+    """CPU engine threads HybridMoE uses by default: the CPUs this process may use, less one for the thread
+    that launches the GPU experts (the engine's workers spin between calls and would starve it)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, n - 1)
 
 
 def _load_weights(weights):
@@ -53,7 +133,8 @@ class HybridMoE:
     placement: "uniform" (experts 0..N-1), "frequency" (top N of `stats` for this layer), or a mask / ids.
     stats: routing statistics for "frequency": ExpertStats, a stats file path, or {layer: counts}.
     dynamic: promote / demote experts between calls from the observed routing (see module doc).
-    num_threads, activation, swiglu_limit, isa: passed to CPUMoE (activation / limit override the manifest).
+    num_threads: CPU engine threads (None: default_cpu_threads(), every usable CPU but one; 0: all of them).
+    activation, swiglu_limit, isa: passed to CPUMoE (activation / limit override the manifest).
     gpu_dtype: dtype of the GPU-resident experts and of their matmuls (bfloat16).
     """
 
@@ -72,6 +153,8 @@ class HybridMoE:
             raise ValueError("device='cuda' but CUDA is not available (use device='cpu' to run the GPU part on the CPU)")
         # CPUMoE validates layer, method, activation, limit and num_threads; it holds every expert of the
         # layer (mmapped, no copy), so a dynamic demotion needs no reload on the CPU side.
+        if num_threads is None:
+            num_threads = default_cpu_threads()
         self.cpu = CPUMoE(weights, layer, num_threads=num_threads, activation=activation,
                           swiglu_limit=swiglu_limit, isa=isa)
         self.num_experts = self.cpu.num_experts
@@ -102,6 +185,13 @@ class HybridMoE:
         self._w2 = torch.empty((G, H, I), dtype=gpu_dtype, device=self.device)
         for s, e in enumerate(self._slot_expert):
             self._load_slot(s, e)
+        # one in-place clamp of [gate | up]: gate <= L, -L <= up <= L (bounds in gpu_dtype, as a scalar clamp)
+        self._clamp_lo = self._clamp_hi = None
+        if self.swiglu_limit is not None and G:
+            L = self.swiglu_limit
+            self._clamp_lo = torch.cat([torch.full((I,), float("-inf")), torch.full((I,), -L)]).to(
+                device=self.device, dtype=gpu_dtype)
+            self._clamp_hi = torch.full((2 * I,), L).to(device=self.device, dtype=gpu_dtype)
         # routing observation / dynamic placement
         self.counts = torch.zeros(E, dtype=torch.int64)  # every call since construction
         self.window = torch.zeros(E, dtype=torch.float64)  # decayed counts driving dynamic updates
@@ -290,29 +380,53 @@ class HybridMoE:
                         torch.tensor([g[2] for g in gpu], dtype=torch.float32), groups)
         return cpu_part, gpu_part
 
+    @staticmethod
+    def _cpu_rows(x_host: torch.Tensor, cpu_part) -> torch.Tensor:
+        rows = cpu_part[0]
+        return x_host if rows.numel() == x_host.shape[0] else x_host.index_select(0, rows)
+
     def _cpu_compute(self, x_host: torch.Tensor, cpu_part):
-        rows, cid, cw = cpu_part
-        xs = x_host if rows.numel() == x_host.shape[0] else x_host.index_select(0, rows)
-        return self.cpu.forward(xs, cid, cw)
+        return self.cpu.forward(self._cpu_rows(x_host, cpu_part), cpu_part[1], cpu_part[2])
 
     def _gpu_compute(self, x_dev: torch.Tensor, gpu_part, out: torch.Tensor) -> torch.Tensor:
-        """Adds the GPU experts' weighted outputs into `out` (float32 [T,H] on device)."""
+        """Adds the GPU experts' weighted outputs into `out` (float32 [T,H] on device).
+
+        A slot hit by one token (decode) reads that token's row as a view and adds into its output row with
+        one addcmul (no index tensors, no gather / scatter kernels): 5 kernels per hit (6 with the clamp)."""
         tok, gw, groups = gpu_part
-        tok = tok.to(self.device, non_blocking=True)
-        gw = gw.to(self.device, non_blocking=True)
-        xg = x_dev.to(self.gpu_dtype)
-        I, L = self.intermediate_size, self.swiglu_limit
+        dev = self.device
+        tok_l = tok.tolist()
+        gw_d = gw.to(dev, non_blocking=True)
+        tok_d = None
+        xg = x_dev if x_dev.dtype == self.gpu_dtype else x_dev.to(self.gpu_dtype)
+        I, lo, hi = self.intermediate_size, self._clamp_lo, self._clamp_hi
         for sl, a, b in groups:
-            t = tok[a:b]
-            h = F.linear(xg.index_select(0, t), self._w13[sl])
-            gate, up = h[:, :I], h[:, I:]
-            if L is not None:
-                gate = gate.clamp(max=L)
-                up = up.clamp(min=-L, max=L)
-            h = F.silu(gate) * up
-            o = F.linear(h, self._w2[sl]).float() * gw[a:b, None]
-            out.index_add_(0, t, o)
+            if b - a == 1:
+                t = tok_l[a]
+                xs = xg[t:t + 1]
+            else:
+                if tok_d is None:
+                    tok_d = tok.to(dev, non_blocking=True)
+                t = tok_d[a:b]
+                xs = xg.index_select(0, t)
+            h = F.linear(xs, self._w13[sl])
+            if lo is not None:
+                h.clamp_(lo, hi)
+            h = F.silu(h[:, :I]) * h[:, I:]
+            o = F.linear(h, self._w2[sl])
+            if b - a == 1:
+                out[t:t + 1].addcmul_(o, gw_d[a:a + 1, None])
+            else:
+                out.index_add_(0, t, o.float() * gw_d[a:b, None])
         return out
+
+    def _gpu_run(self, x: torch.Tensor, gpu_part, stream) -> torch.Tensor:
+        """The GPU part as the launcher thread runs it: on the caller's stream, into a fresh float32 [T,H]."""
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                return self._gpu_run(x, gpu_part, None)
+        out = torch.zeros((x.shape[0], self.hidden_size), dtype=torch.float32, device=self.device)
+        return self._gpu_compute(x.to(self.device, non_blocking=True), gpu_part, out)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -333,25 +447,59 @@ class HybridMoE:
         self.calls += 1
         self.observe(ids)
         cpu_part, gpu_part = self.split(ids, w)
-        fut = None
-        if cpu_part is not None:
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        out = y_cpu = None
+        if cpu_part is None:
+            if gpu_part is not None:
+                out = self._gpu_run(x.detach(), gpu_part, stream)
+        else:
             x_host = x.detach() if x_host is None else x_host
             if x_host.dtype not in (torch.float32, torch.bfloat16):
                 x_host = x_host.float()
-            fut = _cpu_worker().submit(self._cpu_compute, x_host, cpu_part)
-        try:
-            out = torch.zeros((x.shape[0], self.hidden_size), dtype=torch.float32, device=self.device)
-            if gpu_part is not None:
-                self._gpu_compute(x.detach().to(self.device), gpu_part, out)
-        finally:
-            y_cpu = fut.result() if fut is not None else None
+            xs = self._cpu_rows(x_host, cpu_part)
+            # The engine's inputs are ready before the launcher is woken: from the hand-off to the engine's C++
+            # (which releases the GIL) this thread runs no torch op, since each one drops the GIL and the
+            # launcher's Python would then hold this thread off for most of the GPU part's launches.
+            raw = getattr(self.cpu, "_layer", None) if "forward" not in vars(self.cpu) else None
+            if raw is not None:
+                args = (xs.to(torch.float32).contiguous().numpy(), cpu_part[1].contiguous().numpy(),
+                        cpu_part[2].contiguous().numpy(), self.cpu.isa, self.cpu.num_threads)
+            # GPU experts: queued by the launcher thread while this thread runs the CPU engine
+            job = _launcher().submit(self._gpu_run, x.detach(), gpu_part, stream) if gpu_part is not None else None
+            try:
+                if raw is not None:
+                    y_cpu = torch.from_numpy(raw.forward(*args))
+                    if xs.dtype != torch.float32:
+                        y_cpu = y_cpu.to(xs.dtype)  # as CPUMoE.forward returns it
+                else:
+                    y_cpu = self.cpu.forward(xs, cpu_part[1], cpu_part[2])
+            except BaseException:
+                if job is not None:
+                    job.wait(reraise=False)  # the launcher is done with our tensors before we unwind
+                raise
+            if job is not None:
+                out = job.wait()
+        T = x.shape[0]
         if y_cpu is not None:
             rows = cpu_part[0]
-            y_cpu = y_cpu.float().to(self.device, non_blocking=True)
-            if rows.numel() == x.shape[0]:
-                out += y_cpu
+            y_cpu = y_cpu.float()
+            if out is None and rows.numel() == T:
+                out = y_cpu.to(self.device)
             else:
-                out.index_add_(0, rows.to(self.device), y_cpu)
+                if out is None:
+                    out = torch.zeros((T, self.hidden_size), dtype=torch.float32, device=self.device)
+                y_cpu = y_cpu.to(self.device, non_blocking=True)
+                if rows.numel() == T:
+                    if x.device == out.device and x.dtype != out.dtype and x.dtype.is_floating_point:
+                        res = torch.empty((T, self.hidden_size), dtype=x.dtype, device=out.device)
+                        torch.add(out, y_cpu, out=res)  # one kernel: the float32 sum, rounded once
+                        out = res
+                    else:
+                        out += y_cpu
+                else:
+                    out.index_add_(0, rows.to(self.device), y_cpu)
+        elif out is None:
+            out = torch.zeros((T, self.hidden_size), dtype=torch.float32, device=self.device)
         if self.dynamic and self.calls % self.update_interval == 0:
             self.rebalance()
         return out.to(device=x.device, dtype=x.dtype)

@@ -13,7 +13,9 @@ from DRAM. x, top-k ids and weights start on the GPU, as the router leaves them 
 
 Reported (median ms per step): hybrid = HybridMoE.forward incl. the device->host routing copy, split,
 CPU thread and sum; cpu = the CPU engine alone on the same CPU rows; gpu = the GPU experts alone;
-cpu_all = every top-k expert on the CPU (what the GPU experts save); serial = cpu then gpu without overlap.
+cpu_all = every top-k expert on the CPU (what the GPU experts save); serial = cpu then gpu without overlap;
+hybrid_all_threads = the hybrid step with a CPU engine on every core (no core left for the launcher thread);
+handoff_us = a no-op job through the GPU launcher thread and back.
 Target: hybrid <= 1.1 x max(cpu, gpu). Prints machine info, then one JSON document.
 """
 from __future__ import annotations
@@ -119,7 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--method", choices=["int4", "int8"], default="int4")
     ap.add_argument("--threadpool-count", type=int, default=1, help="NUMA shards of the packed weights")
-    ap.add_argument("--threads", type=int, default=0, help="CPU engine threads (0: all)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU engine threads (default: HybridMoE's, every core but one; 0: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
@@ -138,9 +141,11 @@ def main(argv=None) -> int:
     print("# " + " | ".join(f"{k}: {v}" for k, v in info.items()), file=sys.stderr)
     w = kt_runtime.load_experts(packed_layer(args), verify=False)
     t0 = time.perf_counter()
-    h = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device, num_threads=args.threads or None)
+    h = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device, num_threads=args.threads)
     load_s = time.perf_counter() - t0
-    cpu_all = CPUMoE(w, 0, num_threads=args.threads or None)
+    threads = h.cpu.num_threads or info["cores"]
+    cpu_all = CPUMoE(w, 0, num_threads=h.cpu.num_threads)
+    every_core = CPUMoE(w, 0, num_threads=0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     g = torch.Generator().manual_seed(0)
@@ -171,14 +176,27 @@ def main(argv=None) -> int:
         gpu_part(i)
         sync()
 
+    def hybrid_all_threads(i):
+        own, h.cpu = h.cpu, every_core
+        try:
+            hybrid(i)
+        finally:
+            h.cpu = own
+
+    from kt_runtime.hybrid import _launcher
+
+    def handoff(i):
+        _launcher().submit(int).wait()
+
     def all_cpu(i):
         ids, wt = routes[i % R]
         cpu_all.forward(x_host, ids, wt)
 
     res = {}
     for name, fn in (("cpu", cpu_part), ("gpu", gpu_part), ("hybrid", hybrid), ("serial", serial),
-                     ("cpu_all", all_cpu), ("hybrid_again", hybrid)):
+                     ("cpu_all", all_cpu), ("hybrid_all_threads", hybrid_all_threads), ("hybrid_again", hybrid)):
         res[name] = bench(fn, args.iters, args.warmup, sync)
+    res_handoff = bench(handoff, args.iters, args.warmup, lambda: None)
     hybrid_ms = min(res["hybrid"]["median_ms"], res["hybrid_again"]["median_ms"])
     bound = max(res["cpu"]["median_ms"], res["gpu"]["median_ms"])
     report = {
@@ -186,9 +204,11 @@ def main(argv=None) -> int:
         "config": {"hidden": args.hidden, "intermediate": args.intermediate, "experts": args.experts,
                    "topk": args.topk, "tokens": args.tokens, "gpu_experts": args.gpu_experts,
                    "gpu_hits_per_token": args.gpu_hits, "method": args.method,
-                   "threadpool_count": args.threadpool_count, "threads": args.threads or info["cores"],
+                   "threadpool_count": args.threadpool_count, "threads": threads,
+                   "spin_us": os.environ.get("KT_MOE_SPIN_US", "2000"),
                    "device": str(device), "iters": args.iters, "gpu_experts_load_s": round(load_s, 2)},
         "ms": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in res.items()},
+        "handoff_us": round(res_handoff["median_ms"] * 1e3, 1),
         "hybrid_ms": round(hybrid_ms, 4),
         "ratio_hybrid_over_max_part": round(hybrid_ms / bound, 3) if bound > 0 else None,
         "ratio_hybrid_over_cpu_all": round(hybrid_ms / res["cpu_all"]["median_ms"], 3),

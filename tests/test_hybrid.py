@@ -132,29 +132,87 @@ def test_dtypes_devices_and_edge_cases(packed):
             HybridMoE(packed, 0, 2, device="cuda")
 
 
-def test_cpu_part_runs_in_background_thread(packed, monkeypatch):
-    h = HybridMoE(packed, 0, num_gpu_experts=[0, 1, 2, 3], device="cpu")
+def test_gpu_part_overlaps_cpu_part(packed, monkeypatch):
+    """The GPU experts are queued by the launcher thread while the calling thread runs the CPU engine."""
+    h = HybridMoE(packed, 0, num_gpu_experts=[0, 1, 2, 3], device="cpu", gpu_dtype=torch.float32)
     seen = {}
     orig_cpu, orig_gpu = h.cpu.forward, h._gpu_compute
+    cpu_started, gpu_started = threading.Event(), threading.Event()
 
     def cpu_forward(*a):
         seen["cpu"] = threading.current_thread().name
-        started.set()
+        cpu_started.set()
+        assert gpu_started.wait(5), "the GPU part did not start while the CPU part ran"
         return orig_cpu(*a)
 
     def gpu_compute(*a):
-        assert started.wait(5), "the CPU part did not start before the GPU part finished"
         seen["gpu"] = threading.current_thread().name
+        gpu_started.set()
+        assert cpu_started.wait(5), "the CPU part did not start while the GPU part ran"
         return orig_gpu(*a)
 
-    started = threading.Event()
     monkeypatch.setattr(h.cpu, "forward", cpu_forward)
     monkeypatch.setattr(h, "_gpu_compute", gpu_compute)
     x, ids, w = routing(6, 8, 2, seed=4)
     ids[:, 0] = 0  # every token has a GPU expert
     ids[:, 1] = 5  # and a CPU one
-    h(x, ids, w)
-    assert seen["cpu"].startswith("kt-cpu-moe") and seen["gpu"] == threading.current_thread().name
+    y = h(x, ids, w)
+    assert seen["gpu"] == "kt-gpu-launch" and seen["cpu"] == threading.current_thread().name
+    on_gpu = ids < 4
+    expect = CPUMoE(packed, 0).forward(x, ids, torch.where(on_gpu, 0.0, w)) + \
+        float_moe(packed, 0, x, ids, torch.where(on_gpu, w, 0.0))
+    assert rel(y, expect) < 1e-5
+
+
+def test_all_gpu_rows_run_inline(packed, monkeypatch):
+    """No CPU rows: the GPU part runs in the calling thread (no hand-off)."""
+    h = HybridMoE(packed, 0, num_gpu_experts=[0, 1], device="cpu", gpu_dtype=torch.float32)
+    seen = []
+    orig = h._gpu_compute
+    monkeypatch.setattr(h, "_gpu_compute", lambda *a: seen.append(threading.current_thread().name) or orig(*a))
+    x, _, w = routing(3, 8, 2, seed=6)
+    ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    assert rel(h(x, ids, w), float_moe(packed, 0, x, ids, w)) < 1e-5
+    assert seen == [threading.current_thread().name]
+
+
+def test_decode_rows_and_token_groups_agree(packed):
+    """Single-token slots (views + addcmul) and multi-token slots (index_select / index_add) give the float MoE,
+    also when one token has several GPU experts."""
+    h = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cpu", gpu_dtype=torch.float32)
+    x, _, w = routing(4, 8, 3, seed=11)
+    ids = torch.tensor([[1, 4, 0], [6, 2, 3], [4, 1, 6], [5, 4, 7]])  # slot 4 shared, 1 and 6 twice
+    on_gpu = torch.isin(ids, torch.tensor([1, 4, 6]))
+    expect = CPUMoE(packed, 1).forward(x, ids, torch.where(on_gpu, 0.0, w)) + \
+        float_moe(packed, 1, x, ids, torch.where(on_gpu, w, 0.0))
+    assert rel(h(x, ids, w), expect) < 1e-5
+    for t in range(4):  # decode: one token at a time (every slot a single row)
+        assert rel(h(x[t:t + 1], ids[t:t + 1], w[t:t + 1]), expect[t:t + 1]) < 1e-5
+
+
+def test_gpu_errors_propagate_and_launcher_survives(packed, monkeypatch):
+    h = HybridMoE(packed, 0, num_gpu_experts=2, device="cpu")
+    x, ids, w = routing(3, 8, 2)
+    ids[:, 0], ids[:, 1] = 0, 5
+
+    def boom(*a):
+        raise RuntimeError("gpu part failed")
+
+    monkeypatch.setattr(h, "_gpu_compute", boom)
+    with pytest.raises(RuntimeError, match="gpu part failed"):
+        h(x, ids, w)
+    monkeypatch.undo()
+    assert h(x, ids, w).shape == (3, 384)
+
+
+def test_default_cpu_threads_leave_a_core(packed):
+    import os
+
+    from kt_runtime.hybrid import default_cpu_threads
+
+    assert default_cpu_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    assert HybridMoE(packed, 0, 2, device="cpu").cpu.num_threads == default_cpu_threads()
+    assert HybridMoE(packed, 0, 2, device="cpu", num_threads=1).cpu.num_threads == 1
 
 
 def test_cpu_errors_propagate(packed, monkeypatch):
@@ -293,3 +351,19 @@ def test_split_paths_agree_and_prefill(packed):
     expect = CPUMoE(packed, 1).forward(x, ids, torch.where(on_gpu, 0.0, w)) + \
         float_moe(packed, 1, x, ids, torch.where(on_gpu, w, 0.0))
     assert rel(h(x, ids, w), expect) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_decode_on_a_side_stream(packed):
+    """Decode steps (one token, bf16) on a non-default stream: the launcher queues on the caller's stream."""
+    x, ids, w = routing(6, 8, 3, seed=12)
+    x = x.bfloat16()
+    hc = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cpu")
+    hg = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ys = [hg(x[t:t + 1].cuda(), ids[t:t + 1].cuda(), w[t:t + 1].cuda()) for t in range(6)]
+    side.synchronize()
+    y = torch.cat(ys).float().cpu()
+    assert all(t.dtype == torch.bfloat16 for t in ys)
+    assert rel(y, hc(x, ids, w).float()) < 0.02  # same bf16 inputs; bf16 GPU matmuls on both devices
