@@ -361,3 +361,26 @@ def test_unwritable_report_path_is_a_user_error(base_checkpoint, tmp_path, capsy
     assert main(["-i", str(base_checkpoint), "-o", str(tmp_path / "out"), "--no-progress", "--json", str(report)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and str(report) in err and "No such file" in err, err
+
+
+@pytest.mark.parametrize("bits,name", [(0x7FC0, "NaN"), (0xFF80, "-Inf")])
+def test_nonfinite_bf16_source_weights(tmp_path, capsys, bits, name):
+    from convert.synthetic_families import make_family_checkpoint
+
+    ck = make_family_checkpoint(tmp_path / "q", "qwen3_moe_bf16", num_experts=2, mtp_layers=0).path
+    key = "model.layers.1.mlp.experts.1.down_proj.weight"
+
+    def poison(dt, shape, data):
+        w = np.frombuffer(data, dtype=np.uint16).copy()
+        w[[3, 777]] = bits
+        return dt, shape, w.tobytes()
+
+    edit_tensor(ck, key, poison)
+    out = tmp_path / "out"
+    assert main(["-i", str(ck), "-o", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "NaN/Inf" in err and "Traceback" not in err, name
+    assert not (out / INDEX_FILE).exists()
+    assert main(["-i", str(ck), "-o", str(out), "--no-progress", "--allow-nonfinite",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert read_json(tmp_path / "r.json")["nonfinite"] == {key: 2}
