@@ -143,10 +143,11 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-writer") as io:
         pending = None
         for e0 in range(0, plan.num_experts, batch):
-            jobs, outputs, keys = [], [], []
+            jobs, outputs, keys, sources = [], [], [], set()
             for expert in range(e0, min(plan.num_experts, e0 + batch)):
                 for proj in PROJECTIONS:
                     src_ref = lp.experts[expert][proj]
+                    sources.update(k for k in (src_ref.weight_key, src_ref.scale_key) if k)
                     src = source_matrix(ckpt, src_ref)
                     for t in range(numa):
                         s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, numa, t)
@@ -156,6 +157,8 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
                         keys.append(src_ref.weight_key)
             counts = (packer(method, jobs) if packer is not None
                       else pack_cpu(method, jobs, num_threads=opts.cpuinfer_threads))
+            for key in sources:  # read once: keeps resident memory to about a batch of source
+                ckpt.release(key)
             for key, count in zip(keys, counts):
                 if count:
                     nonfinite[key] = nonfinite.get(key, 0) + count
@@ -264,8 +267,6 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                 if pending is not None:
                     pending.result()
                 pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest)
-                for f in ckpt.files.values():  # keep resident memory bounded by one layer
-                    f.release_pages()
                 progress.layer_done(lp.layer, lp.input_bytes)
             if pending is not None:
                 pending.result()

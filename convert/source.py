@@ -36,6 +36,9 @@ class Checkpoint:
     def array(self, key: str) -> np.ndarray:
         return self.files[self.key_file[key]].array(key)
 
+    def release(self, key: str) -> None:
+        self.files[self.key_file[key]].release(key)
+
     def where(self, key: str) -> str:
         return str(self.root / self.key_file[key])
 

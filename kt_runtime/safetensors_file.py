@@ -352,11 +352,15 @@ class SafetensorsFile:
         count = math.prod(shape)
         return np.frombuffer(self._mmap, dtype=view, count=count, offset=info.offset).reshape(shape)
 
-    def release_pages(self) -> None:
-        """Drop this process's mapping of the pages read so far (they stay in the page cache), so
-        that resident memory does not grow with the bytes streamed through the mapping."""
-        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED") and len(self._mmap):
-            self._mmap.madvise(mmap.MADV_DONTNEED)
+    def release(self, name: str) -> None:
+        """Drop this process's mapping of a tensor's pages (they stay in the page cache and fault
+        back in if read again), so that resident memory does not grow with the bytes streamed
+        through the mapping."""
+        info = self._info(name)
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED") or info.nbytes == 0:
+            return
+        start = info.offset - info.offset % mmap.PAGESIZE
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def close(self) -> None:
         mm, self._mmap = self._mmap, None
