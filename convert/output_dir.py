@@ -56,9 +56,10 @@ def _remove(paths: list[Path]) -> None:
 
 
 def _ours(path: Path) -> bool:
+    """What a conversion writes; --overwrite replaces these and leaves any other file alone."""
     name = path.name
     return (name.endswith((".safetensors", ".tmp")) or name.startswith("_layer_")
-            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE))
+            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE) or name in COPIED_FILES)
 
 
 def check_output_location(out_dir: Path, input_root: Path) -> None:
@@ -100,7 +101,7 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
     if others and not overwrite:
         raise UserError(f"{out_dir} is not empty and holds no kt_manifest.json; choose an empty directory "
                         "or pass --overwrite")
-    _remove(stale + [p for p in others if _ours(p) or overwrite])
+    _remove(stale + [p for p in others if _ours(p)])
     return planned
 
 

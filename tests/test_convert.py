@@ -276,3 +276,15 @@ def test_loader_rejects_truncated_shard(tiny_checkpoint, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-4096])
     with pytest.raises(kt_runtime.PackedWeightsError):
         kt_runtime.load_experts(out, verify=False)
+
+
+def test_overwrite_replaces_only_what_a_conversion_writes(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00001-of-00009.safetensors").write_bytes(b"stale shard")
+    (out / "_layer_7").mkdir()
+    run(tiny_checkpoint.path, out, threadpool_count=2, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "model-00001-of-00009.safetensors").exists() and not (out / "_layer_7").exists()
+    assert kt_runtime.load_experts(out).threadpool_count == 2
