@@ -8,19 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
 from kt_runtime.digest import tree_sha256_files
 from kt_runtime.manifest import Manifest, write_manifest
 from quant import get_method
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from quant.cpu import PackTarget
 from quant.numa import shard_slice
 
 from . import __version__, preflight
 from .errors import NonFiniteError, UserError
 from .output_dir import OutputLock, check_output_location, copy_model_files, prepare_output, write_index
 from .packers import make_packer
-from .plan import ConversionPlan, LayerPlan, ProjectionSource, build_plan, read_source_matrix
+from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, open_checkpoint
 from .writer import KtFolderWriter, MergedShardWriter
@@ -80,10 +79,6 @@ class ConversionReport:
                 f"{self.seconds:.1f} s, {self.input_gb_per_s:.2f} GB/s -> {self.output}")
 
 
-def source_matrix(ckpt: Checkpoint, src: ProjectionSource) -> SourceMatrix:
-    return read_source_matrix(ckpt, src)
-
-
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
@@ -125,8 +120,8 @@ def experts_per_batch(plan: ConversionPlan) -> int:
 
 
 def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer, opts: ConvertOptions,
-                  progress: Progress, nonfinite: dict[str, int], packer=None) -> None:
-    """packer: from convert.packers.make_packer (None: the CPU packer)."""
+                  progress: Progress, nonfinite: dict[str, int], packer) -> None:
+    """packer: from convert.packers.make_packer (CPU or CUDA; the same bytes)."""
     method, numa = plan.method, plan.threadpool_count
     batch = experts_per_batch(plan)
     bytes_per_expert = lp.input_bytes // plan.num_experts
@@ -148,15 +143,14 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
                 for proj in PROJECTIONS:
                     src_ref = lp.experts[expert][proj]
                     sources.update(k for k in (src_ref.weight_key, src_ref.scale_key) if k)
-                    src = source_matrix(ckpt, src_ref)
+                    src = read_source_matrix(ckpt, src_ref)
                     for t in range(numa):
                         s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, numa, t)
                         dst = PackTarget.empty(method, s.n, s.k)
                         jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
                         outputs.append((expert, proj, t, dst))
                         keys.append(src_ref.weight_key)
-            counts = (packer(method, jobs) if packer is not None
-                      else pack_cpu(method, jobs, num_threads=opts.cpuinfer_threads))
+            counts = packer(method, jobs)
             for key in sources:  # read once: keeps resident memory to about a batch of source
                 ckpt.release(key)
             for key, count in zip(keys, counts):
