@@ -188,6 +188,28 @@ MoePool& moe_pool(int num_threads) {
   return *p;
 }
 
+// Hands out tasks 0..total-1 in index order to every pool thread (tasks may wait on earlier ones);
+// the first exception stops the hand-out, is flagged in `abort` for waiting tasks, and is rethrown.
+template <class RunTask>
+void run_tasks_in_order(MoePool& pool, int64_t total, bool amx_cfg, std::atomic<int64_t>& next,
+                        std::atomic<bool>& abort, RunTask& run_task) {
+  pool.run([&](int tid) {
+    if (amx_cfg) amx::configure_thread();
+    try {
+      for (;;) {
+        const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
+        if (task >= total) return;
+        run_task(task, tid);
+      }
+    } catch (...) {
+      abort.store(true, std::memory_order_relaxed);
+      next.store(total, std::memory_order_relaxed);
+      throw;
+    }
+  });
+}
+
+
 // Rows of H per down task when each (expert, column chunk) is its own task.
 int64_t down_chunk_rows(int64_t H, int64_t A, int threads) {
   for (int64_t dr : {128, 64}) {
@@ -451,20 +473,7 @@ void forward_prefill(const Weights& weights, const float* x, int64_t tokens, int
   };
 
   const double t_region = prof ? now_s() : 0;
-  pool.run([&](int tid) {
-    if (amx_cfg) amx::configure_thread();
-    try {
-      for (;;) {
-        const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
-        if (task >= total) return;
-        run_task(task, tid);
-      }
-    } catch (...) {
-      abort.store(true, std::memory_order_relaxed);
-      next.store(total, std::memory_order_relaxed);
-      throw;
-    }
-  });
+  run_tasks_in_order(pool, total, amx_cfg, next, abort, run_task);
   if (prof) {
     const double t_end = now_s();
     std::vector<std::pair<const char*, double>> r;
@@ -681,20 +690,7 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
     }
   };
 
-  pool.run([&](int tid) {
-    if (isa == Isa::Amx) amx::configure_thread();
-    try {
-      for (;;) {
-        const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
-        if (task >= total) return;
-        run_task(task, tid);
-      }
-    } catch (...) {
-      abort.store(true, std::memory_order_relaxed);
-      next.store(total, std::memory_order_relaxed);
-      throw;
-    }
-  });
+  run_tasks_in_order(pool, total, isa == Isa::Amx, next, abort, run_task);
 }
 
 double read_bandwidth_gbs(const uint8_t* buf, int64_t bytes, int num_threads, int reps) {
