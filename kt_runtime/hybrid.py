@@ -4,24 +4,46 @@
     moe = HybridMoE(w, layer, num_gpu_experts=16, device="cuda", placement="frequency", stats=stats)
     y = moe(x, topk_ids, topk_weights)      # x [T,H] on any device -> [T,H], same device and dtype
 
-A call copies the routing to the host (one wait: it decides which rows go where), hands the GPU
-experts to a persistent launcher thread (which queues them with torch on `device`, on the caller's
-stream) and runs the CPU experts through CPUMoE in the calling thread (the engine releases the GIL, so
-the launcher queues kernels meanwhile); then it waits for the launcher and sums both. The CPU engine
-gets one core fewer than the process may use by default (num_threads=None): its workers spin between
-calls, and the launcher thread needs a core of its own. The GPU experts are dequantized from the
-packed file, so the GPU part differs from the CPU part only by the CPU engine's int8 activations (and
-bf16 rounding).
+A call copies the routing to the host (it decides which rows go where: asynchronous copies into pinned
+memory, then one wait on an event) and splits it.
+
+Decode (one token, CUDA; cuda_graphs=True, the default there): the GPU part is launched from the calling
+thread BEFORE the CPU engine starts, as CUDA graphs: one graph per GPU slot (the slot's two matmuls,
+clamp, SiLU-gate and weighted accumulation into a static output row; a graph bakes its weight pointers in,
+so graphs are keyed by slot rather than by the number of hits, and a step replays one per hit, about 10 µs
+each, no weight copies). The token and the hit weights reach the graphs through static buffers (one
+device copy, one pinned host-to-device copy). The GPU then computes while this thread runs the CPU engine;
+the CPU result goes through a pinned buffer to the device and one add kernel gives the output. Graphs are
+captured on first use (or all at once by capture_decode_graphs()) and stay valid across dynamic swaps
+(weights are reloaded in place). A decode call with no GPU hit is the CPU engine alone, bit-identical to
+CPUMoE.
+
+Other calls (prefill, device="cpu", cuda_graphs=False): the GPU experts are handed to a persistent launcher
+thread (which queues them with torch on `device`, on the caller's stream) while the calling thread runs the
+CPU experts through CPUMoE (the engine releases the GIL); then it waits for the launcher and sums both.
+
+The CPU engine gets one core fewer than the process may use by default (num_threads=None): its workers spin
+between calls, and the calling thread (decode) or the launcher thread needs a core of its own. The GPU
+experts are dequantized from the packed file, so the GPU part differs from the CPU part only by the CPU
+engine's int8 activations (and bf16 rounding). A HybridMoE is not meant to be called from several threads
+at once (the decode graphs use static buffers).
 
 Dynamic placement (dynamic=True): routing counts are observed on every call; every `update_interval`
 calls the hottest CPU experts replace the coldest GPU ones (at most `max_swaps` per update, and only
 when hotter by the factor `1 + hysteresis`); the window of counts then decays by `decay`.
+
+Profiling: set `moe.profile = {}` and each call appends per-stage host times (seconds) to
+profile[stage]: routing (copy to the host + wait), split (checks, observe, split), gpu_launch (decode:
+input copies and graph replays; otherwise the hand-off), cpu_engine, join (waiting for the launcher),
+final_add.
 """
 from __future__ import annotations
 
 import os
 import queue
 import threading
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +139,117 @@ def default_cpu_threads() -> int:
     return max(1, n - 1)
 
 
+class _DecodeGraphs:
+    """The one-token GPU part of a HybridMoE as per-slot CUDA graphs over static buffers.
+
+    x [1,H] (gpu_dtype), gw [G] (float32: slot s's routing weight in gw[s]) and out [1,H] (float32) live on
+    the device; graph (s, first) computes expert slot s on x and writes (first) or adds its weighted output
+    into out. The hit weights go through the pinned gw_host, the CPU result through the pinned y_host into
+    y. On a CPU device (tests) the same functions run eagerly in place of graphs."""
+
+    def __init__(self, moe: "HybridMoE"):
+        self.moe = moe
+        dev = moe.device
+        H, G = moe.hidden_size, moe.num_gpu_experts
+        self.cuda = dev.type == "cuda"
+        self.x = torch.zeros((1, H), dtype=moe.gpu_dtype, device=dev)
+        self.gw = torch.zeros((G,), dtype=torch.float32, device=dev)
+        self.out = torch.zeros((1, H), dtype=torch.float32, device=dev)
+        self.y = torch.zeros((1, H), dtype=torch.float32, device=dev)
+        self.gw_host = torch.zeros((G,), dtype=torch.float32, pin_memory=self.cuda)
+        self.y_host = torch.zeros((1, H), dtype=torch.float32, pin_memory=self.cuda)
+        self.gw_np = self.gw_host.numpy()
+        self.graphs: dict[tuple[int, bool], object] = {}
+        self.captured = 0
+        self.last_stream = None
+        if self.cuda:
+            with torch.cuda.device(dev):
+                self.stream = torch.cuda.Stream(dev)
+                self.pool = torch.cuda.graph_pool_handle()
+                self.gw_ev = torch.cuda.Event()    # after the copy that reads gw_host
+                self.y_ev = torch.cuda.Event()     # after the copy that reads y_host
+                self.done_ev = torch.cuda.Event()  # after the step's last use of x / gw / out / y
+
+    def run_slot(self, s: int, first: bool) -> None:
+        """Slot s on the static row (the graphs' body; the same kernels as HybridMoE._gpu_compute's decode rows)."""
+        m = self.moe
+        I = m.intermediate_size
+        h = F.linear(self.x, m._w13[s])
+        if m._clamp_lo is not None:
+            h.clamp_(m._clamp_lo, m._clamp_hi)
+        h = F.silu(h[:, :I]) * h[:, I:]
+        o = F.linear(h, m._w2[s])
+        if first:
+            torch.mul(o, self.gw[s:s + 1, None], out=self.out)
+        else:
+            self.out.addcmul_(o, self.gw[s:s + 1, None])
+
+    def ensure(self, keys) -> None:
+        """Capture the graphs of `keys` not captured yet (before any of a step's copies or replays: a capture
+        synchronizes the device and runs the body once to warm up, which writes `out`)."""
+        for key in keys:
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(*key)
+
+    def _capture(self, s: int, first: bool):
+        if not self.cuda:
+            return lambda: self.run_slot(s, first)
+        dev = self.moe.device
+        with torch.cuda.device(dev):
+            torch.cuda.synchronize(dev)
+            with torch.cuda.stream(self.stream):
+                self.run_slot(s, first)  # warm-up: cuBLAS handles and workspaces for this stream
+            self.stream.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                self.run_slot(s, first)
+            torch.cuda.synchronize(dev)
+        self.captured += 1
+        return g.replay
+
+    def launch(self, x: torch.Tensor, hits) -> None:
+        """Queue the GPU part of one token: hits = [(slot, weight), ...] sorted by slot, slots distinct; x [1,H]
+        on the device or the CPU. Graphs must exist (ensure)."""
+        if self.cuda:
+            stream = torch.cuda.current_stream(self.moe.device)
+            if self.last_stream is not None and self.last_stream != stream:
+                stream.wait_event(self.done_ev)  # the last step on another stream is done with the buffers
+            self.last_stream = stream
+            self.gw_ev.synchronize()  # the last step's copy has read gw_host
+        for s, wt in hits:
+            self.gw_np[s] = wt
+        self.x.copy_(x, non_blocking=x.is_cuda)
+        self.gw.copy_(self.gw_host, non_blocking=True)
+        if self.cuda:
+            self.gw_ev.record()
+        first = True
+        for s, _ in hits:
+            self.graphs[(s, first)]()
+            first = False
+
+    def finish(self, y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """out + y (the CPU rows' result, float32 [1,H] on the CPU) on the device, rounded once to out_dtype,
+        into a fresh tensor."""
+        if self.cuda:
+            self.y_ev.synchronize()
+        self.y_host.copy_(y)
+        self.y.copy_(self.y_host, non_blocking=True)
+        if self.cuda:
+            self.y_ev.record()
+        res = torch.empty((1, self.out.shape[1]), dtype=out_dtype, device=self.out.device)
+        torch.add(self.out, self.y, out=res)
+        if self.cuda:
+            self.done_ev.record()
+        return res
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        """out (no CPU rows) as a fresh tensor of `dtype`."""
+        res = self.out.to(dtype, copy=True)
+        if self.cuda:
+            self.done_ev.record()
+        return res
+
+
 def _load_weights(weights):
     if isinstance(weights, (str, Path)):
         from .loader import load_experts
@@ -136,13 +269,16 @@ class HybridMoE:
     num_threads: CPU engine threads (None: default_cpu_threads(), every usable CPU but one; 0: all of them).
     activation, swiglu_limit, isa: passed to CPUMoE (activation / limit override the manifest).
     gpu_dtype: dtype of the GPU-resident experts and of their matmuls (bfloat16).
+    cuda_graphs: one-token calls through the decode path (module doc): None = on CUDA devices; True on a CPU
+        device runs the same path eagerly (tests); False = every call through the launcher thread.
     """
 
     def __init__(self, weights, layer: int, num_gpu_experts=0, device: str | torch.device = "cuda",
                  placement="uniform", stats=None, dynamic: bool = False, update_interval: int = 32,
                  max_swaps: int | None = None, hysteresis: float = 0.25, decay: float = 0.5,
                  num_threads: int | None = None, activation: str | None = None,
-                 swiglu_limit: float | None = None, isa: str = "auto", gpu_dtype: torch.dtype = torch.bfloat16):
+                 swiglu_limit: float | None = None, isa: str = "auto", gpu_dtype: torch.dtype = torch.bfloat16,
+                 cuda_graphs: bool | None = None):
         from .cpu_moe import CPUMoE
 
         weights = _load_weights(weights)
@@ -209,6 +345,12 @@ class HybridMoE:
         self.decay = float(decay)
         self.calls = 0
         self.swaps: list[tuple[int, int, int]] = []  # (call, promoted expert, demoted expert)
+        self.profile: dict[str, list[float]] | None = None  # per-stage host seconds when set to a dict
+        self._pin: dict = {}
+        self._routing_ev: dict = {}
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self._decode = _DecodeGraphs(self) if cuda_graphs and G else None
 
     # ------------------------------------------------------------------ placement
     @property
@@ -428,18 +570,161 @@ class HybridMoE:
         out = torch.zeros((x.shape[0], self.hidden_size), dtype=torch.float32, device=self.device)
         return self._gpu_compute(x.to(self.device, non_blocking=True), gpu_part, out)
 
+    # ------------------------------------------------------------------ decode graphs
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether one-token calls take the decode path (graphs on CUDA; the same code run eagerly on a CPU
+        device, for tests)."""
+        return self._decode is not None
+
+    def capture_decode_graphs(self) -> int:
+        """Capture every decode graph now (2 per GPU slot) instead of on first use; returns how many exist."""
+        if self._decode is None:
+            return 0
+        self._decode.ensure([(s, f) for s in range(self.num_gpu_experts) for f in (True, False)])
+        return len(self._decode.graphs)
+
+    def decode_hits(self, ids_row, w_row):
+        """One token's routing (lists of k ids / weights) -> (cpu ids, cpu weights, [(slot, weight)] sorted by
+        slot), or None where the decode path does not apply (no GPU hit, or a GPU expert twice)."""
+        ids_row = ids_row.tolist() if hasattr(ids_row, "tolist") else list(ids_row)
+        slots = self._slot_np[ids_row].tolist()
+        cid, cw, hits = [], [], []
+        for e, s, wt in zip(ids_row, slots, w_row):
+            if s < 0:
+                cid.append(e)
+                cw.append(wt)
+            else:
+                hits.append((s, wt))
+        if not hits:
+            return None
+        hits.sort()
+        if any(hits[i][0] == hits[i + 1][0] for i in range(len(hits) - 1)):
+            return None
+        return cid, cw, hits
+
+    def launch_decode_gpu(self, x: torch.Tensor, hits) -> None:
+        """Queue the decode GPU part (graph replays into the static output row) on the current stream."""
+        dg = self._decode
+        dg.ensure([(s, i == 0) for i, (s, _) in enumerate(hits)])
+        dg.launch(x, hits)
+
+    # ------------------------------------------------------------------ forward
+    def _pinned_for(self, *ts):
+        key = tuple((tuple(t.shape), t.dtype) for t in ts)
+        bufs = self._pin.get(key)
+        if bufs is None:
+            bufs = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in ts)
+            self._pin[key] = bufs
+        return bufs
+
+    def _routing_to_host(self, x, topk_ids, topk_weights):
+        """(ids, weights, x on the host or None): no wait when the routing is already on the CPU; else
+        asynchronous copies into pinned memory and one wait (on an event after them)."""
+        if not (topk_ids.is_cuda or topk_weights.is_cuda or x.is_cuda):
+            return topk_ids.detach(), topk_weights.detach(), None
+        ts = (topk_ids.detach(), topk_weights.detach(), x.detach())
+        if x.shape[0] == 1 and all(t.is_cuda and t.device == x.device for t in ts):
+            # decode: static pinned buffers (no host allocations), one event
+            bufs = self._pinned_for(*ts)
+            for b, t in zip(bufs, ts):
+                b.copy_(t, non_blocking=True)
+            ev = self._routing_ev.get(x.device)
+            if ev is None:
+                ev = self._routing_ev[x.device] = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(x.device))
+            ev.synchronize()
+            return bufs
+        # three async copies into pinned memory, one wait (instead of one sync each)
+        ids, w, x_host = (t.to("cpu", non_blocking=True) for t in ts)
+        torch.cuda.current_stream(x.device if x.is_cuda else None).synchronize()
+        if not (topk_ids.is_cuda and topk_weights.is_cuda and x.is_cuda):
+            torch.cuda.synchronize()
+        return ids, w, x_host
+
+    def _stage(self, name: str, t0: float) -> float:
+        t = time.perf_counter()
+        prof = self.profile
+        if prof is not None:
+            prof.setdefault(name, []).append(t - t0)
+        return t
+
+    def _forward_decode(self, x, x_host, ids, w, t):
+        """The one-token path (see the module doc); None where it does not apply (then nothing was done: no
+        call counted, nothing queued)."""
+        if x.device.type != "cpu" and x.device != self._decode.out.device:  # (self.device may be "cuda", no index)
+            return None
+        ids_l = ids.reshape(-1).tolist()
+        if not ids_l:
+            return None
+        if min(ids_l) < 0 or max(ids_l) >= self.num_experts:
+            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
+        if w.dtype != torch.float32:
+            w = w.to(torch.float32)  # as the other path rounds float64 weights
+        r = self.decode_hits(ids_l, w.reshape(-1).tolist())
+        if r is None:
+            return None
+        cid, cw, hits = r
+        try:
+            self._decode.ensure([(s, i == 0) for i, (s, _) in enumerate(hits)])
+        except Exception as e:  # noqa: BLE001 - a capture that fails: the launcher path from now on
+            if not self._decode.cuda:
+                raise
+            warnings.warn(f"HybridMoE layer {self.layer}: CUDA graph capture failed ({e!r}); one-token calls go "
+                          f"through the launcher thread from now on", RuntimeWarning, stacklevel=3)
+            self._decode = None
+            torch.cuda.synchronize(self.device)
+            return None
+        self.calls += 1
+        cn, wn = self._counts_np, self._window_np
+        for e in ids_l:
+            cn[e] += 1
+            wn[e] += 1
+        t = self._stage("split", t)
+        self.launch_decode_gpu(x.detach(), hits)
+        t = self._stage("gpu_launch", t)
+        dg = self._decode
+        y = None
+        if cid:
+            xh = x.detach() if x_host is None else x_host
+            if xh.dtype not in (torch.float32, torch.bfloat16):
+                xh = xh.float()
+            cids = np.array([cid], dtype=np.int64)
+            cws = np.array([cw], dtype=np.float32)
+            raw = getattr(self.cpu, "_layer", None) if "forward" not in vars(self.cpu) else None
+            if raw is not None:
+                y = torch.from_numpy(raw.forward(xh.to(torch.float32).contiguous().numpy(), cids, cws,
+                                                 self.cpu.isa, self.cpu.num_threads))
+                if xh.dtype != torch.float32:
+                    y = y.to(xh.dtype)  # as CPUMoE.forward returns it (the generic path sums that)
+            else:
+                y = self.cpu.forward(xh, torch.from_numpy(cids), torch.from_numpy(cws))
+            y = y.float()
+        t = self._stage("cpu_engine", t)
+        if x.device.type == "cpu" and self.device.type != "cpu":
+            out = dg.result(torch.float32).to("cpu")  # waits for the GPU part; the add on the CPU
+            if y is not None:
+                out += y
+            res = out.to(x.dtype)
+        elif y is None:
+            res = dg.result(x.dtype)
+        else:
+            res = dg.finish(y, x.dtype)
+        self._stage("final_add", t)
+        return res
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
         self._check(x, topk_ids, topk_weights)
-        x_host = None
-        if topk_ids.is_cuda or topk_weights.is_cuda or x.is_cuda:
-            # three async copies into pinned memory, one wait (instead of one sync each)
-            ids, w, x_host = (t.detach().to("cpu", non_blocking=True) for t in (topk_ids, topk_weights, x))
-            torch.cuda.current_stream(x.device if x.is_cuda else None).synchronize()
-            if not (topk_ids.is_cuda and topk_weights.is_cuda and x.is_cuda):
-                torch.cuda.synchronize()
-        else:
-            ids, w = topk_ids.detach(), topk_weights.detach()
+        ids, w, x_host = self._routing_to_host(x, topk_ids, topk_weights)
+        t = self._stage("routing", t)
+        if self._decode is not None and x.shape[0] == 1:
+            res = self._forward_decode(x, x_host, ids, w, t)
+            if res is not None:
+                if self.dynamic and self.calls % self.update_interval == 0:
+                    self.rebalance()
+                return res
         ids = ids.to(torch.int64).contiguous()
         w = w.to(torch.float32).contiguous()
         if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
@@ -447,11 +732,13 @@ class HybridMoE:
         self.calls += 1
         self.observe(ids)
         cpu_part, gpu_part = self.split(ids, w)
+        t = self._stage("split", t)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         out = y_cpu = None
         if cpu_part is None:
             if gpu_part is not None:
                 out = self._gpu_run(x.detach(), gpu_part, stream)
+                t = self._stage("gpu_launch", t)
         else:
             x_host = x.detach() if x_host is None else x_host
             if x_host.dtype not in (torch.float32, torch.bfloat16):
@@ -466,6 +753,7 @@ class HybridMoE:
                         cpu_part[2].contiguous().numpy(), self.cpu.isa, self.cpu.num_threads)
             # GPU experts: queued by the launcher thread while this thread runs the CPU engine
             job = _launcher().submit(self._gpu_run, x.detach(), gpu_part, stream) if gpu_part is not None else None
+            t = self._stage("gpu_launch", t)
             try:
                 if raw is not None:
                     y_cpu = torch.from_numpy(raw.forward(*args))
@@ -477,8 +765,10 @@ class HybridMoE:
                 if job is not None:
                     job.wait(reraise=False)  # the launcher is done with our tensors before we unwind
                 raise
+            t = self._stage("cpu_engine", t)
             if job is not None:
                 out = job.wait()
+                t = self._stage("join", t)
         T = x.shape[0]
         if y_cpu is not None:
             rows = cpu_part[0]
@@ -500,9 +790,11 @@ class HybridMoE:
                     out.index_add_(0, rows.to(self.device), y_cpu)
         elif out is None:
             out = torch.zeros((T, self.hidden_size), dtype=torch.float32, device=self.device)
+        out = out.to(device=x.device, dtype=x.dtype)
+        self._stage("final_add", t)
         if self.dynamic and self.calls % self.update_interval == 0:
             self.rebalance()
-        return out.to(device=x.device, dtype=x.dtype)
+        return out
 
     __call__ = forward
 

@@ -12,10 +12,13 @@ experts, drawn at random from --routings pre-drawn routings cycled through, so C
 from DRAM. x, top-k ids and weights start on the GPU, as the router leaves them in a model.
 
 Reported (median ms per step): hybrid = HybridMoE.forward incl. the device->host routing copy, split,
-CPU thread and sum; cpu = the CPU engine alone on the same CPU rows; gpu = the GPU experts alone;
-cpu_all = every top-k expert on the CPU (what the GPU experts save); serial = cpu then gpu without overlap;
-hybrid_all_threads = the hybrid step with a CPU engine on every core (no core left for the launcher thread);
-handoff_us = a no-op job through the GPU launcher thread and back.
+GPU launch, CPU engine and sum (decode: the CUDA-graph path); cpu = the CPU engine alone on the same CPU
+rows; gpu = the GPU experts alone as the hybrid step runs them (decode: input copies + graph replays),
+gpu_eager = the same experts launched op by op; cpu_all = every top-k expert on the CPU (what the GPU
+experts save); serial = cpu then gpu without overlap; hybrid_launcher = the step through the launcher thread
+(the path before the decode graphs); hybrid_all_threads = the hybrid step with a CPU engine on every core;
+handoff_us = a no-op job through the GPU launcher thread and back; stages_us = median host time per stage of
+the hybrid step (HybridMoE.profile) and tail_sync (waiting for the GPU after the call returns).
 Target: hybrid <= 1.1 x max(cpu, gpu). Prints machine info, then one JSON document.
 """
 from __future__ import annotations
@@ -124,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU engine threads (default: HybridMoE's, every core but one; 0: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                    help="HybridMoE(cuda_graphs=...): auto = on for CUDA devices (on with --device cpu: the decode path run eagerly)")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--routings", type=int, default=64)
@@ -141,8 +146,12 @@ def main(argv=None) -> int:
     print("# " + " | ".join(f"{k}: {v}" for k, v in info.items()), file=sys.stderr)
     w = kt_runtime.load_experts(packed_layer(args), verify=False)
     t0 = time.perf_counter()
-    h = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device, num_threads=args.threads)
+    h = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device, num_threads=args.threads,
+                             cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs])
     load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_graphs = h.capture_decode_graphs() if args.tokens == 1 else 0
+    capture_s = time.perf_counter() - t0
     threads = h.cpu.num_threads or info["cores"]
     cpu_all = CPUMoE(w, 0, num_threads=h.cpu.num_threads)
     every_core = CPUMoE(w, 0, num_threads=0)
@@ -155,6 +164,8 @@ def main(argv=None) -> int:
     x_dev = x_host.to(device)
     dev_routes = [(i.to(device), wt.to(device)) for i, wt in routes]
     parts = [h.split(i, wt) for i, wt in routes]
+    hits = [h.decode_hits(i[0], wt[0].tolist()) if args.tokens == 1 else None for i, wt in routes]
+    decode = h.cuda_graphs and args.tokens == 1 and all(r is not None for r in hits)
     out = torch.zeros(args.tokens, args.hidden, dtype=torch.float32, device=device)
 
     def hybrid(i):
@@ -166,15 +177,28 @@ def main(argv=None) -> int:
         if cp is not None:
             h._cpu_compute(x_host, cp)
 
-    def gpu_part(i):
+    def gpu_eager(i):
         gp = parts[i % R][1]
         if gp is not None:
             h._gpu_compute(x_dev, gp, out)
+
+    def gpu_part(i):  # as the hybrid step runs it
+        if decode:
+            h.launch_decode_gpu(x_dev, hits[i % R][2])
+        else:
+            gpu_eager(i)
 
     def serial(i):
         cpu_part(i)
         gpu_part(i)
         sync()
+
+    def hybrid_launcher(i):
+        own, h._decode = h._decode, None
+        try:
+            hybrid(i)
+        finally:
+            h._decode = own
 
     def hybrid_all_threads(i):
         own, h.cpu = h.cpu, every_core
@@ -193,10 +217,28 @@ def main(argv=None) -> int:
         cpu_all.forward(x_host, ids, wt)
 
     res = {}
-    for name, fn in (("cpu", cpu_part), ("gpu", gpu_part), ("hybrid", hybrid), ("serial", serial),
-                     ("cpu_all", all_cpu), ("hybrid_all_threads", hybrid_all_threads), ("hybrid_again", hybrid)):
+    for name, fn in (("cpu", cpu_part), ("gpu", gpu_part), ("gpu_eager", gpu_eager), ("hybrid", hybrid),
+                     ("serial", serial), ("cpu_all", all_cpu), ("hybrid_all_threads", hybrid_all_threads),
+                     ("hybrid_launcher", hybrid_launcher), ("hybrid_again", hybrid)):
         res[name] = bench(fn, args.iters, args.warmup, sync)
     res_handoff = bench(handoff, args.iters, args.warmup, lambda: None)
+    # per-stage breakdown of the hybrid step (host times) and the wait for the GPU after it returns
+    for i in range(args.warmup):
+        hybrid(i)
+    sync()
+    h.profile, tails, totals = {}, [], []
+    for i in range(args.iters):
+        t0 = time.perf_counter()
+        hybrid(i)
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        tails.append(t2 - t1)
+        totals.append(t2 - t0)
+    prof, h.profile = h.profile, None
+    stages = {k: round(statistics.median(v) * 1e6, 1) for k, v in prof.items()}
+    stages["tail_sync"] = round(statistics.median(tails) * 1e6, 1)
+    stages["total"] = round(statistics.median(totals) * 1e6, 1)
     hybrid_ms = min(res["hybrid"]["median_ms"], res["hybrid_again"]["median_ms"])
     bound = max(res["cpu"]["median_ms"], res["gpu"]["median_ms"])
     report = {
@@ -206,12 +248,15 @@ def main(argv=None) -> int:
                    "gpu_hits_per_token": args.gpu_hits, "method": args.method,
                    "threadpool_count": args.threadpool_count, "threads": threads,
                    "spin_us": os.environ.get("KT_MOE_SPIN_US", "2000"),
-                   "device": str(device), "iters": args.iters, "gpu_experts_load_s": round(load_s, 2)},
+                   "device": str(device), "iters": args.iters, "gpu_experts_load_s": round(load_s, 2),
+                   "decode_path": bool(decode), "decode_graphs": n_graphs, "graph_capture_s": round(capture_s, 2)},
         "ms": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in res.items()},
         "handoff_us": round(res_handoff["median_ms"] * 1e3, 1),
+        "stages_us": stages,
         "hybrid_ms": round(hybrid_ms, 4),
         "ratio_hybrid_over_max_part": round(hybrid_ms / bound, 3) if bound > 0 else None,
         "ratio_hybrid_over_cpu_all": round(hybrid_ms / res["cpu_all"]["median_ms"], 3),
+        "ratio_launcher_over_max_part": round(res["hybrid_launcher"]["median_ms"] / bound, 3) if bound > 0 else None,
         "target": "hybrid <= 1.1 x max(cpu, gpu)",
         "target_met": bool(bound > 0 and hybrid_ms <= 1.1 * bound),
     }

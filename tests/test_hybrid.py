@@ -367,3 +367,145 @@ def test_cuda_decode_on_a_side_stream(packed):
     y = torch.cat(ys).float().cpu()
     assert all(t.dtype == torch.bfloat16 for t in ys)
     assert rel(y, hc(x, ids, w).float()) < 0.02  # same bf16 inputs; bf16 GPU matmuls on both devices
+
+
+# ---------------------------------------------------------------- decode path (CUDA graphs; eager on a CPU device)
+
+DECODE_ROWS = [[1, 0, 2], [4, 6, 5], [6, 1, 4], [0, 2, 3], [1, 1, 7], [3, 6, 6], [7, 4, 0]]  # mixes, all-GPU,
+# no GPU hit (CPU engine alone), a GPU expert twice and a CPU expert twice (launcher path / padding)
+
+
+def _decode_pair(packed, layer=1, gpu=(1, 4, 6), **kw):
+    eager = HybridMoE(packed, layer, num_gpu_experts=list(gpu), device="cpu", cuda_graphs=False, **kw)
+    dec = HybridMoE(packed, layer, num_gpu_experts=list(gpu), device="cpu", cuda_graphs=True, **kw)
+    return eager, dec
+
+
+def test_decode_path_equals_launcher_path(packed):
+    """One-token calls through the decode path (static buffers, per-slot graph bodies run eagerly here) give the
+    launcher path's results bit for bit, for every input dtype; no GPU hit: CPUMoE bit for bit."""
+    eager, dec = _decode_pair(packed)
+    assert dec.cuda_graphs and not eager.cuda_graphs
+    assert not HybridMoE(packed, 1, num_gpu_experts=0, device="cpu", cuda_graphs=True).cuda_graphs
+    g = torch.Generator().manual_seed(21)
+    xs = torch.randn(len(DECODE_ROWS), 384, generator=g)
+    ws = torch.rand(len(DECODE_ROWS), 3, generator=g)
+    ids = torch.tensor(DECODE_ROWS)
+    cpu = CPUMoE(packed, 1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for t in range(len(DECODE_ROWS)):
+            x, i, w = xs[t:t + 1].to(dtype), ids[t:t + 1], ws[t:t + 1]
+            y = dec(x, i, w)
+            assert y.dtype == dtype and y.shape == (1, 384)
+            assert torch.equal(y, eager(x, i, w)), (dtype, DECODE_ROWS[t])
+            assert torch.equal(dec(x, i.int(), w.bfloat16()), eager(x, i.int(), w.bfloat16()))
+            if dtype != torch.float16 and t == 3:
+                assert torch.equal(y, cpu.forward(x, i, w))
+    assert dec.calls == eager.calls and torch.equal(dec.counts, eager.counts)
+    # the per-slot bodies that ran: (slot, first) keys only for the hits seen
+    assert set(dec._decode.graphs) <= {(s, f) for s in range(3) for f in (True, False)}
+    assert dec.capture_decode_graphs() == 6 and eager.capture_decode_graphs() == 0
+
+
+def test_decode_path_runs_gpu_part_first_in_the_calling_thread(packed, monkeypatch):
+    """Decode: the GPU part is queued by the calling thread before the CPU engine starts; no launcher job."""
+    _, dec = _decode_pair(packed, layer=0, gpu=(0, 1, 2, 3), gpu_dtype=torch.float32)
+    seen = []
+    orig_launch, orig_cpu = dec._decode.launch, dec.cpu.forward
+    monkeypatch.setattr(dec._decode, "launch",
+                        lambda *a: seen.append(("gpu", threading.current_thread().name)) or orig_launch(*a))
+    monkeypatch.setattr(dec.cpu, "forward",
+                        lambda *a: seen.append(("cpu", threading.current_thread().name)) or orig_cpu(*a))
+
+    def no_launcher():
+        raise AssertionError("the decode path must not use the launcher thread")
+
+    monkeypatch.setattr(kt_runtime.hybrid, "_launcher", no_launcher)
+    x, _, w = routing(1, 8, 3, seed=22)
+    ids = torch.tensor([[5, 2, 0]])
+    y = dec(x, ids, w)
+    me = threading.current_thread().name
+    assert seen == [("gpu", me), ("cpu", me)]
+    on_gpu = ids < 4
+    expect = CPUMoE(packed, 0).forward(x, ids, torch.where(on_gpu, 0.0, w)) + \
+        float_moe(packed, 0, x, ids, torch.where(on_gpu, w, 0.0))
+    assert rel(y, expect) < 1e-5
+
+
+def test_decode_profile_stages_and_errors(packed, monkeypatch):
+    eager, dec = _decode_pair(packed)
+    dec.profile, eager.profile = {}, {}
+    x, _, w = routing(1, 8, 3, seed=23)
+    ids = torch.tensor([[1, 0, 2]])
+    dec(x, ids, w)
+    eager(x, ids, w)
+    assert set(dec.profile) == {"routing", "split", "gpu_launch", "cpu_engine", "final_add"}
+    assert set(eager.profile) == {"routing", "split", "gpu_launch", "cpu_engine", "join", "final_add"}
+    assert all(len(v) == 1 and v[0] >= 0 for v in dec.profile.values())
+
+    def boom(*a):
+        raise RuntimeError("cpu engine failed")
+
+    monkeypatch.setattr(dec.cpu, "forward", boom)
+    with pytest.raises(RuntimeError, match="cpu engine failed"):
+        dec(x, ids, w)
+    monkeypatch.undo()
+    assert torch.equal(dec(x, ids, w), eager(x, ids, w))  # the static buffers are rewritten each step
+
+
+def test_decode_path_with_dynamic_swaps(packed):
+    """Swaps reload GPU slots in place: the decode path (graphs on CUDA) keeps giving the launcher path's results."""
+    kw = dict(gpu=(0, 1), dynamic=True, update_interval=3, max_swaps=1)
+    eager, dec = _decode_pair(packed, layer=0, **kw)
+    g = torch.Generator().manual_seed(24)
+    for step in range(14):
+        x = torch.randn(1, 384, generator=g)
+        w = torch.rand(1, 2, generator=g)
+        ids = torch.tensor([[6, 7]]) if step < 9 else torch.tensor([[0, 6]])
+        assert torch.equal(dec(x, ids, w), eager(x, ids, w)), step
+    assert dec.swaps == eager.swaps and len(dec.swaps) >= 2
+    assert dec.gpu_experts == eager.gpu_experts
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode(packed):
+    """CUDA graphs for one-token calls: same results as the eager CUDA path and the CPU device, back-to-back steps
+    without syncs, a side stream, CPU inputs, swaps, and every graph captured up front."""
+    g = torch.Generator().manual_seed(25)
+    n = len(DECODE_ROWS)
+    xs = torch.randn(n, 384, generator=g).bfloat16()
+    ws = torch.rand(n, 3, generator=g)
+    ids = torch.tensor(DECODE_ROWS)
+    hg = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cuda")
+    he = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cuda", cuda_graphs=False)
+    hc = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cpu")
+    assert hg.cuda_graphs and not he.cuda_graphs
+    xd, idd, wd = xs.cuda(), ids.cuda(), ws.cuda()
+    yg = [hg(xd[t:t + 1], idd[t:t + 1], wd[t:t + 1]) for t in range(n)]  # no sync between steps
+    ye = [he(xd[t:t + 1], idd[t:t + 1], wd[t:t + 1]) for t in range(n)]
+    torch.cuda.synchronize()
+    assert all(y.device.type == "cuda" and y.dtype == torch.bfloat16 and y.shape == (1, 384) for y in yg)
+    assert len(hg._decode.graphs) >= 3 and hg._decode.captured == len(hg._decode.graphs)
+    y_cpu = hc(xs, ids, ws).float()
+    for t in range(n):
+        assert rel(yg[t].float().cpu(), ye[t].float().cpu()) < 2e-3, t
+        assert rel(yg[t].float().cpu(), y_cpu[t:t + 1]) < 0.02, t
+    # float32 inputs, a side stream, results kept across steps
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ys = [hg(xd[t:t + 1].float(), idd[t:t + 1], wd[t:t + 1]) for t in range(n)]
+    side.synchronize()
+    for t in range(n):
+        assert ys[t].dtype == torch.float32 and rel(ys[t].cpu(), yg[t].float().cpu()) < 0.01, t
+    # CPU inputs, CUDA experts: result on the CPU
+    yh = hg(xs[0:1], ids[0:1], ws[0:1])
+    assert yh.device.type == "cpu" and rel(yh.float(), yg[0].float().cpu()) < 2e-3
+    yh = hg(xs[1:2], ids[1:2], ws[1:2])  # all three experts on the GPU
+    assert yh.device.type == "cpu" and rel(yh.float(), yg[1].float().cpu()) < 2e-3
+    # every graph up front; a swap reloads a slot in place and the graphs follow it
+    assert hg.capture_decode_graphs() == 6
+    hg.swap(2, 1)
+    hc.swap(2, 1)
+    for t in range(n):
+        y = hg(xd[t:t + 1], idd[t:t + 1], wd[t:t + 1])
+        assert rel(y.float().cpu(), hc(xs[t:t + 1], ids[t:t + 1], ws[t:t + 1]).float()) < 0.02, t
