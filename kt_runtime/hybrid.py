@@ -142,38 +142,49 @@ def default_cpu_threads() -> int:
 class _DecodeGraphs:
     """The one-token GPU part of a HybridMoE as per-slot CUDA graphs over static buffers.
 
-    x [1,H] (gpu_dtype), gw [G] (float32: slot s's routing weight in gw[s]) and out [1,H] (float32) live on
-    the device; graph (s, first) computes expert slot s on x and writes (first) or adds its weighted output
-    into out. The hit weights go through the pinned gw_host, the CPU result through the pinned y_host into
-    y. On a CPU device (tests) the same functions run eagerly in place of graphs."""
+    inp [H+G] (float32) on the device holds the token (inp[:H]) and the hit weights (slot s's routing weight
+    in inp[H+s]); it is filled by ONE host-to-device copy of the pinned inp_host. Graph (s, first=True) casts
+    the token into x [1,H] (gpu_dtype), computes expert slot s and writes its weighted output into out [1,H]
+    (float32); graph (s, False) adds into out. The CPU result goes through the pinned y_host into y. On a CPU
+    device (tests) the same functions run eagerly in place of graphs.
+
+    Buffer reuse needs no events: a step's pinned buffers are only rewritten after a host wait that drained
+    the stream the previous step was queued on (the routing copy's wait, or the wait for a host result);
+    otherwise launch() waits for that stream."""
 
     def __init__(self, moe: "HybridMoE"):
         self.moe = moe
         dev = moe.device
         H, G = moe.hidden_size, moe.num_gpu_experts
+        self.H = H
         self.cuda = dev.type == "cuda"
         self.x = torch.zeros((1, H), dtype=moe.gpu_dtype, device=dev)
-        self.gw = torch.zeros((G,), dtype=torch.float32, device=dev)
+        self.inp = torch.zeros((H + G,), dtype=torch.float32, device=dev)
+        self.gw = self.inp[H:]
         self.out = torch.zeros((1, H), dtype=torch.float32, device=dev)
         self.y = torch.zeros((1, H), dtype=torch.float32, device=dev)
-        self.gw_host = torch.zeros((G,), dtype=torch.float32, pin_memory=self.cuda)
+        self.inp_host = torch.zeros((H + G,), dtype=torch.float32, pin_memory=self.cuda)
+        self.x_host = self.inp_host[:H].view(1, H)  # the token, float32 (also the CPU engine's input)
+        self.inp_np = self.inp_host.numpy()
+        self.gw_np = self.inp_np[H:]
         self.y_host = torch.zeros((1, H), dtype=torch.float32, pin_memory=self.cuda)
-        self.gw_np = self.gw_host.numpy()
+        self.y_np = self.y_host.numpy()
+        self.out_host = torch.zeros((1, H), dtype=torch.float32, pin_memory=self.cuda)
         self.graphs: dict[tuple[int, bool], object] = {}
         self.captured = 0
-        self.last_stream = None
+        self.last_stream = None  # the stream the last step was queued on
+        self.drained = None      # a stream known to be idle (a host wait drained it since the last step)
         if self.cuda:
             with torch.cuda.device(dev):
                 self.stream = torch.cuda.Stream(dev)
                 self.pool = torch.cuda.graph_pool_handle()
-                self.gw_ev = torch.cuda.Event()    # after the copy that reads gw_host
-                self.y_ev = torch.cuda.Event()     # after the copy that reads y_host
-                self.done_ev = torch.cuda.Event()  # after the step's last use of x / gw / out / y
 
     def run_slot(self, s: int, first: bool) -> None:
         """Slot s on the static row (the graphs' body; the same kernels as HybridMoE._gpu_compute's decode rows)."""
         m = self.moe
         I = m.intermediate_size
+        if first:
+            self.x.copy_(self.inp[:self.H].view(1, self.H))
         h = F.linear(self.x, m._w13[s])
         if m._clamp_lo is not None:
             h.clamp_(m._clamp_lo, m._clamp_hi)
@@ -186,7 +197,7 @@ class _DecodeGraphs:
 
     def ensure(self, keys) -> None:
         """Capture the graphs of `keys` not captured yet (before any of a step's copies or replays: a capture
-        synchronizes the device and runs the body once to warm up, which writes `out`)."""
+        synchronizes the device and runs the body once to warm up, which writes `x` and `out`)."""
         for key in keys:
             if key not in self.graphs:
                 self.graphs[key] = self._capture(*key)
@@ -204,50 +215,64 @@ class _DecodeGraphs:
             with torch.cuda.graph(g, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                 self.run_slot(s, first)
             torch.cuda.synchronize(dev)
+        self.drained = None
         self.captured += 1
         return g.replay
 
-    def launch(self, x: torch.Tensor, hits) -> None:
+    def set_token(self, x: torch.Tensor) -> None:
+        """x [1,H] (any float dtype, on the host) into the pinned input buffer (float32)."""
+        self.x_host.copy_(x)
+
+    def launch(self, x, hits) -> None:
         """Queue the GPU part of one token: hits = [(slot, weight), ...] sorted by slot, slots distinct; x [1,H]
-        on the device or the CPU. Graphs must exist (ensure)."""
+        (None: already written by set_token). Graphs must exist (ensure). CUDA calls: one copy, one replay
+        per hit."""
         if self.cuda:
             stream = torch.cuda.current_stream(self.moe.device)
-            if self.last_stream is not None and self.last_stream != stream:
-                stream.wait_event(self.done_ev)  # the last step on another stream is done with the buffers
+            last = self.last_stream
+            if last is not None and self.drained != last:
+                last.synchronize()  # the last step is done with the pinned and static buffers
             self.last_stream = stream
-            self.gw_ev.synchronize()  # the last step's copy has read gw_host
+            self.drained = None
+        if x is not None:
+            self.set_token(x.detach().cpu() if x.device.type != "cpu" else x)
+        gw = self.gw_np
         for s, wt in hits:
-            self.gw_np[s] = wt
-        self.x.copy_(x, non_blocking=x.is_cuda)
-        self.gw.copy_(self.gw_host, non_blocking=True)
-        if self.cuda:
-            self.gw_ev.record()
+            gw[s] = wt
+        self.inp.copy_(self.inp_host, non_blocking=True)
         first = True
+        graphs = self.graphs
         for s, _ in hits:
-            self.graphs[(s, first)]()
+            graphs[(s, first)]()
             first = False
 
-    def finish(self, y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        """out + y (the CPU rows' result, float32 [1,H] on the CPU) on the device, rounded once to out_dtype,
-        into a fresh tensor."""
-        if self.cuda:
-            self.y_ev.synchronize()
-        self.y_host.copy_(y)
+    def finish(self, y, out_dtype: torch.dtype) -> torch.Tensor:
+        """out + y (the CPU rows' result, float32 [1,H] numpy on the host) on the device, rounded once to
+        out_dtype, into a fresh tensor (CUDA calls: one copy, one add)."""
+        np.copyto(self.y_np, y)
         self.y.copy_(self.y_host, non_blocking=True)
-        if self.cuda:
-            self.y_ev.record()
-        res = torch.empty((1, self.out.shape[1]), dtype=out_dtype, device=self.out.device)
+        res = torch.empty((1, self.H), dtype=out_dtype, device=self.out.device)
         torch.add(self.out, self.y, out=res)
-        if self.cuda:
-            self.done_ev.record()
         return res
+
+    def finish_host(self, y, out_dtype: torch.dtype) -> torch.Tensor:
+        """out (+ y, float32 numpy [1,H] or None) on the host: one device-to-host copy and a wait, the add on
+        the CPU."""
+        if self.cuda:
+            self.out_host.copy_(self.out, non_blocking=True)
+            self.last_stream.synchronize()
+            self.drained = self.last_stream
+            o = self.out_host
+        else:
+            o = self.out
+        if y is None:
+            return o.to(out_dtype, copy=True)
+        res = torch.from_numpy(np.add(o.numpy(), y))
+        return res if out_dtype == torch.float32 else res.to(out_dtype)
 
     def result(self, dtype: torch.dtype) -> torch.Tensor:
         """out (no CPU rows) as a fresh tensor of `dtype`."""
-        res = self.out.to(dtype, copy=True)
-        if self.cuda:
-            self.done_ev.record()
-        return res
+        return self.out.to(dtype, copy=True)
 
 
 def _load_weights(weights):
@@ -316,6 +341,7 @@ class HybridMoE:
         self._slot_np = self._slot_of.numpy()  # shares memory with _slot_of
         for s, e in enumerate(self._slot_expert):
             self._slot_of[e] = s
+        self._slot_list = self._slot_np.tolist()  # the same table as a list (decode: plain indexing)
         G, H, I = self.num_gpu_experts, self.hidden_size, self.intermediate_size
         self._w13 = torch.empty((G, 2 * I, H), dtype=gpu_dtype, device=self.device)
         self._w2 = torch.empty((G, H, I), dtype=gpu_dtype, device=self.device)
@@ -382,6 +408,8 @@ class HybridMoE:
         self._load_slot(slot, promote)
         self._slot_of[demote] = -1
         self._slot_of[promote] = slot
+        self._slot_list[demote] = -1
+        self._slot_list[promote] = slot
         self._slot_expert[slot] = promote
         self.swaps.append((self.calls, promote, demote))
 
@@ -588,9 +616,10 @@ class HybridMoE:
         """One token's routing (lists of k ids / weights) -> (cpu ids, cpu weights, [(slot, weight)] sorted by
         slot), or None where the decode path does not apply (no GPU hit, or a GPU expert twice)."""
         ids_row = ids_row.tolist() if hasattr(ids_row, "tolist") else list(ids_row)
-        slots = self._slot_np[ids_row].tolist()
+        slot_of = self._slot_list
         cid, cw, hits = [], [], []
-        for e, s, wt in zip(ids_row, slots, w_row):
+        for e, wt in zip(ids_row, w_row):
+            s = slot_of[e]
             if s < 0:
                 cid.append(e)
                 cw.append(wt)
@@ -598,16 +627,17 @@ class HybridMoE:
                 hits.append((s, wt))
         if not hits:
             return None
-        hits.sort()
-        if any(hits[i][0] == hits[i + 1][0] for i in range(len(hits) - 1)):
-            return None
+        if len(hits) > 1:
+            hits.sort()
+            if len({s for s, _ in hits}) != len(hits):
+                return None
         return cid, cw, hits
 
     def launch_decode_gpu(self, x: torch.Tensor, hits) -> None:
         """Queue the decode GPU part (graph replays into the static output row) on the current stream."""
         dg = self._decode
         dg.ensure([(s, i == 0) for i, (s, _) in enumerate(hits)])
-        dg.launch(x, hits)
+        dg.launch(x, hits)  # x on the device is brought to the host first (the forward path has it there)
 
     # ------------------------------------------------------------------ forward
     def _pinned_for(self, *ts):
@@ -625,15 +655,15 @@ class HybridMoE:
             return topk_ids.detach(), topk_weights.detach(), None
         ts = (topk_ids.detach(), topk_weights.detach(), x.detach())
         if x.shape[0] == 1 and all(t.is_cuda and t.device == x.device for t in ts):
-            # decode: static pinned buffers (no host allocations), one event
+            # decode: static pinned buffers (no host allocations), one wait on the stream (which also tells
+            # the decode buffers that the last step on this stream is done)
             bufs = self._pinned_for(*ts)
             for b, t in zip(bufs, ts):
                 b.copy_(t, non_blocking=True)
-            ev = self._routing_ev.get(x.device)
-            if ev is None:
-                ev = self._routing_ev[x.device] = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(x.device))
-            ev.synchronize()
+            stream = torch.cuda.current_stream(x.device)
+            stream.synchronize()
+            if self._decode is not None:
+                self._decode.drained = stream
             return bufs
         # three async copies into pinned memory, one wait (instead of one sync each)
         ids, w, x_host = (t.to("cpu", non_blocking=True) for t in ts)
@@ -657,55 +687,57 @@ class HybridMoE:
         ids_l = ids.reshape(-1).tolist()
         if not ids_l:
             return None
-        if min(ids_l) < 0 or max(ids_l) >= self.num_experts:
-            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
+        E = self.num_experts
+        for e in ids_l:
+            if not 0 <= e < E:
+                raise ValueError(f"topk_ids must be in [0, {E})")
         if w.dtype != torch.float32:
             w = w.to(torch.float32)  # as the other path rounds float64 weights
         r = self.decode_hits(ids_l, w.reshape(-1).tolist())
         if r is None:
             return None
         cid, cw, hits = r
-        try:
-            self._decode.ensure([(s, i == 0) for i, (s, _) in enumerate(hits)])
-        except Exception as e:  # noqa: BLE001 - a capture that fails: the launcher path from now on
-            if not self._decode.cuda:
-                raise
-            warnings.warn(f"HybridMoE layer {self.layer}: CUDA graph capture failed ({e!r}); one-token calls go "
-                          f"through the launcher thread from now on", RuntimeWarning, stacklevel=3)
-            self._decode = None
-            torch.cuda.synchronize(self.device)
-            return None
+        dg = self._decode
+        graphs = dg.graphs
+        if (hits[0][0], True) not in graphs or any((s, False) not in graphs for s, _ in hits[1:]):
+            try:
+                dg.ensure([(s, i == 0) for i, (s, _) in enumerate(hits)])
+            except Exception as e:  # noqa: BLE001 - a capture that fails: the launcher path from now on
+                if not dg.cuda:
+                    raise
+                warnings.warn(f"HybridMoE layer {self.layer}: CUDA graph capture failed ({e!r}); one-token calls "
+                              f"go through the launcher thread from now on", RuntimeWarning, stacklevel=3)
+                self._decode = None
+                torch.cuda.synchronize(self.device)
+                return None
         self.calls += 1
         cn, wn = self._counts_np, self._window_np
         for e in ids_l:
             cn[e] += 1
             wn[e] += 1
         t = self._stage("split", t)
-        self.launch_decode_gpu(x.detach(), hits)
+        xh = x.detach() if x_host is None else x_host
+        return self._decode_rest(x, xh, dg, cid, cw, hits, t)
+
+    def _decode_rest(self, x, xh, dg, cid, cw, hits, t):
+        dg.launch(xh, hits)  # the token into the pinned input (float32; also the CPU engine's input), one copy, replays
         t = self._stage("gpu_launch", t)
-        dg = self._decode
         y = None
         if cid:
-            xh = x.detach() if x_host is None else x_host
-            if xh.dtype not in (torch.float32, torch.bfloat16):
-                xh = xh.float()
             cids = np.array([cid], dtype=np.int64)
             cws = np.array([cw], dtype=np.float32)
             raw = getattr(self.cpu, "_layer", None) if "forward" not in vars(self.cpu) else None
+            xdt = xh.dtype if xh.dtype in (torch.float32, torch.bfloat16) else torch.float32
             if raw is not None:
-                y = torch.from_numpy(raw.forward(xh.to(torch.float32).contiguous().numpy(), cids, cws,
-                                                 self.cpu.isa, self.cpu.num_threads))
-                if xh.dtype != torch.float32:
-                    y = y.to(xh.dtype)  # as CPUMoE.forward returns it (the generic path sums that)
+                y = raw.forward(dg.inp_np[:dg.H].reshape(1, dg.H), cids, cws, self.cpu.isa, self.cpu.num_threads)
+                if xdt != torch.float32:
+                    y = torch.from_numpy(y).to(xdt).float().numpy()  # as CPUMoE.forward returns it
             else:
-                y = self.cpu.forward(xh, torch.from_numpy(cids), torch.from_numpy(cws))
-            y = y.float()
+                xc = dg.x_host if xdt == torch.float32 else dg.x_host.to(xdt)
+                y = self.cpu.forward(xc, torch.from_numpy(cids), torch.from_numpy(cws)).float().numpy()
         t = self._stage("cpu_engine", t)
         if x.device.type == "cpu" and self.device.type != "cpu":
-            out = dg.result(torch.float32).to("cpu")  # waits for the GPU part; the add on the CPU
-            if y is not None:
-                out += y
-            res = out.to(x.dtype)
+            res = dg.finish_host(y, x.dtype)  # waits for the GPU part; the add on the CPU
         elif y is None:
             res = dg.result(x.dtype)
         else:

@@ -16,7 +16,8 @@ GPU launch, CPU engine and sum (decode: the CUDA-graph path); cpu = the CPU engi
 rows; gpu = the GPU experts alone as the hybrid step runs them (decode: input copies + graph replays),
 gpu_eager = the same experts launched op by op; cpu_all = every top-k expert on the CPU (what the GPU
 experts save); serial = cpu then gpu without overlap; hybrid_launcher = the step through the launcher thread
-(the path before the decode graphs); hybrid_all_threads = the hybrid step with a CPU engine on every core;
+(the path before the decode graphs); hybrid_all_threads = the hybrid step with a CPU engine on every core; hybrid_fewer_threads = with two
+engine threads fewer;
 handoff_us = a no-op job through the GPU launcher thread and back; stages_us = median host time per stage of
 the hybrid step (HybridMoE.profile) and tail_sync (waiting for the GPU after the call returns).
 Target: hybrid <= 1.1 x max(cpu, gpu). Prints machine info, then one JSON document.
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     threads = h.cpu.num_threads or info["cores"]
     cpu_all = CPUMoE(w, 0, num_threads=h.cpu.num_threads)
     every_core = CPUMoE(w, 0, num_threads=0)
+    fewer = CPUMoE(w, 0, num_threads=max(1, threads - 2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     g = torch.Generator().manual_seed(0)
@@ -184,7 +186,7 @@ def main(argv=None) -> int:
 
     def gpu_part(i):  # as the hybrid step runs it
         if decode:
-            h.launch_decode_gpu(x_dev, hits[i % R][2])
+            h.launch_decode_gpu(x_host, hits[i % R][2])  # the token from the host, as the step has it
         else:
             gpu_eager(i)
 
@@ -207,6 +209,13 @@ def main(argv=None) -> int:
         finally:
             h.cpu = own
 
+    def hybrid_fewer_threads(i):  # two engine threads fewer (contention between spinning workers and this thread)
+        own, h.cpu = h.cpu, fewer
+        try:
+            hybrid(i)
+        finally:
+            h.cpu = own
+
     from kt_runtime.hybrid import _launcher
 
     def handoff(i):
@@ -219,6 +228,7 @@ def main(argv=None) -> int:
     res = {}
     for name, fn in (("cpu", cpu_part), ("gpu", gpu_part), ("gpu_eager", gpu_eager), ("hybrid", hybrid),
                      ("serial", serial), ("cpu_all", all_cpu), ("hybrid_all_threads", hybrid_all_threads),
+                     ("hybrid_fewer_threads", hybrid_fewer_threads),
                      ("hybrid_launcher", hybrid_launcher), ("hybrid_again", hybrid)):
         res[name] = bench(fn, args.iters, args.warmup, sync)
     res_handoff = bench(handoff, args.iters, args.warmup, lambda: None)
@@ -255,6 +265,7 @@ def main(argv=None) -> int:
         "stages_us": stages,
         "hybrid_ms": round(hybrid_ms, 4),
         "ratio_hybrid_over_max_part": round(hybrid_ms / bound, 3) if bound > 0 else None,
+        "ratio_hybrid_over_serial": round(hybrid_ms / res["serial"]["median_ms"], 3),
         "ratio_hybrid_over_cpu_all": round(hybrid_ms / res["cpu_all"]["median_ms"], 3),
         "ratio_launcher_over_max_part": round(res["hybrid_launcher"]["median_ms"] / bound, 3) if bound > 0 else None,
         "target": "hybrid <= 1.1 x max(cpu, gpu)",
