@@ -109,6 +109,11 @@ namespace amx {
 // AMX tile kernel for many tokens; falls back to avx512 for m < min_tokens().
 int min_tokens();
 void set_min_tokens(int m);  // tests use 1 to force the tile path on small groups
+// How the INT8 tile kernel reads B (results identical in every mode): 0 tiles loaded in place,
+// 1 in place with software prefetch 8 tile pairs ahead (default), 2 group copied once per call
+// into a per-thread buffer (as INT4 is unpacked), 3 as 1 in the first 32-token block only.
+int int8_mode();
+void set_int8_mode(int mode);
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out);
 }

@@ -7,6 +7,7 @@
 // to the AVX-512 kernel.
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -80,32 +81,82 @@ void unpack_int4_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0, int8_
   __asm__ volatile("" : : "r"(dst) : "memory");
 }
 
-// B of 64-K step s: INT8 straight from the packed matrix; INT4 from the unpacked group.
-template <bool INT4>
+// Copies the INT8 32-row group r0 (all of k) into dst in kernel order: 64-K step s at dst + s*2048
+// (each K-block chunk of the group is kbs*32 contiguous bytes, already in tile-pair order).
+void copy_int8_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0, int8_t* dst) {
+  for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
+    const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
+    const uint8_t* chunk = w + chunk_offset(Method::Int8, n, k, r0, kb);
+    int8_t* d = dst + kb / 64 * TILE_PAIR_BYTES;
+    const int64_t bytes = kbs * 32;
+    for (int64_t o = 0; o < bytes; o += 256) {
+      const __m512i v0 = _mm512_loadu_si512(chunk + o);
+      const __m512i v1 = _mm512_loadu_si512(chunk + o + 64);
+      const __m512i v2 = _mm512_loadu_si512(chunk + o + 128);
+      const __m512i v3 = _mm512_loadu_si512(chunk + o + 192);
+      _mm512_store_si512(d + o, v0);
+      _mm512_store_si512(d + o + 64, v1);
+      _mm512_store_si512(d + o + 128, v2);
+      _mm512_store_si512(d + o + 192, v3);
+    }
+  }
+  __asm__ volatile("" : : "r"(dst) : "memory");  // stores feed tile loads (see unpack_int4_group)
+}
+
+// Tile pairs (64-K steps) the INT8 software prefetch runs ahead of the tile loads.
+constexpr int64_t kPrefetchSteps = 8;
+
+// B of 64-K step s: INT8 straight from the packed matrix (MODE 0; 1: with software prefetch of
+// step s+kPrefetchSteps in every token block; 3: in the first token block only) or copied once
+// per call into the per-thread buffer (MODE 2); INT4 from the unpacked group. The int32 sums do
+// not depend on the mode.
+template <bool INT4, int MODE>
 void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la, int64_t m,
          int32_t* out) {
   static thread_local UnpackBuf ubuf;
+  constexpr bool BUF = INT4 || MODE == 2;
+  constexpr bool PF = !INT4 && (MODE == 1 || MODE == 3);
   const int8_t* ub = nullptr;
   if constexpr (INT4) {
     int8_t* d = ubuf.get(32 * k);
     unpack_int4_group(w, n, k, r0, d);
     ub = d;
+  } else if constexpr (BUF) {
+    int8_t* d = ubuf.get(32 * k);
+    copy_int8_group(w, n, k, r0, d);
+    ub = d;
   }
+  const int64_t ns = k / 64;
+  auto step_ptr = [&](int64_t s) -> const uint8_t* {
+    const int64_t k0 = s * 64, kb = k0 / K_BLOCK * K_BLOCK;
+    return w + chunk_offset(Method::Int8, n, k, r0, kb) + (k0 - kb) / 64 * TILE_PAIR_BYTES;
+  };
   alignas(64) int32_t c[32 * 32];
   const int64_t mp = (m + 15) / 16 * 16;
   for (int64_t mb = 0; mb < mp; mb += 32) {
     const bool two = mp - mb >= 32;
+    const bool pf = PF && (MODE == 1 || mb == 0);
+    if (pf) {  // the first steps of the walk
+      for (int64_t s = 0; s < (ns < kPrefetchSteps ? ns : kPrefetchSteps); ++s) {
+        const char* q = reinterpret_cast<const char*>(step_ptr(s));
+        for (int l = 0; l < 32; ++l) _mm_prefetch(q + l * 64, _MM_HINT_T0);
+      }
+    }
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
       const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
-      const uint8_t* chunk = INT4 ? nullptr : w + chunk_offset(Method::Int8, n, k, r0, kb);
+      const uint8_t* chunk = BUF ? nullptr : w + chunk_offset(Method::Int8, n, k, r0, kb);
       for (int64_t p = 0; p < kbs / 64; ++p) {
         const int64_t k0 = kb + p * 64;
-        const void* bp = INT4 ? static_cast<const void*>(ub + k0 / 64 * TILE_PAIR_BYTES)
-                              : static_cast<const void*>(chunk + p * TILE_PAIR_BYTES);
+        if (pf && k0 / 64 + kPrefetchSteps < ns) {
+          const char* q = reinterpret_cast<const char*>(step_ptr(k0 / 64 + kPrefetchSteps));
+          for (int l = 0; l < 32; ++l) _mm_prefetch(q + l * 64, _MM_HINT_T0);
+        }
+        const void* bp = BUF ? static_cast<const void*>(ub + k0 / 64 * TILE_PAIR_BYTES)
+                             : static_cast<const void*>(chunk + p * TILE_PAIR_BYTES);
         _tile_loadd(6, bp, 64);
         _tile_loadd(7, static_cast<const uint8_t*>(bp) + 1024, 64);
         _tile_loadd(4, la.at(a, mb, k0), la.rs);
@@ -130,6 +181,8 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
   }
 }
 
+std::atomic<int> g_int8_mode{1};
+
 }  // namespace
 
 void configure_thread() { configure_tiles(); }
@@ -144,11 +197,17 @@ void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t
 void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
                         ALayout la, const int32_t* asum, int64_t m, int32_t* out) {
   if (m < min_tokens()) return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
-  if (method == Method::Int4)
-    run<true>(w, n, k, r0, a, la, m, out);
-  else
-    run<false>(w, n, k, r0, a, la, m, out);
+  if (method == Method::Int4) return run<true, 0>(w, n, k, r0, a, la, m, out);
+  switch (g_int8_mode.load(std::memory_order_relaxed)) {
+    case 0: return run<false, 0>(w, n, k, r0, a, la, m, out);
+    case 2: return run<false, 2>(w, n, k, r0, a, la, m, out);
+    case 3: return run<false, 3>(w, n, k, r0, a, la, m, out);
+    default: return run<false, 1>(w, n, k, r0, a, la, m, out);
+  }
 }
+
+int int8_mode() { return g_int8_mode.load(std::memory_order_relaxed); }
+void set_int8_mode(int mode) { g_int8_mode.store(mode < 0 || mode > 3 ? 1 : mode, std::memory_order_relaxed); }
 
 }  // namespace amx
 }  // namespace moe

@@ -176,6 +176,13 @@ void bind_moe(py::module_& m) {
     if (v > 0) moe::amx::set_min_tokens(v);
     return old;
   }, py::arg("value") = 0, "Get (value=0) or set the smallest expert group sent to the AMX kernel; returns the old value.");
+  m.def("_moe_amx_int8_mode", [](int v) {
+    const int old = moe::amx::int8_mode();
+    if (v >= 0) moe::amx::set_int8_mode(v);
+    return old;
+  }, py::arg("value") = -1,
+  "Get (value<0) or set how the AMX INT8 kernel reads B (0 in place, 1 prefetched, 2 copied, 3 prefetched "
+  "in the first token block); returns the old value. Results are identical in every mode.");
   m.def("_moe_read_bandwidth", [](const py::array& buf, int num_threads, int reps) {
     require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");
     require(reinterpret_cast<uintptr_t>(buf.data()) % 64 == 0, "buf must be 64-byte aligned");

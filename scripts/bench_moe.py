@@ -431,6 +431,27 @@ def main(argv=None):
                     f"{k}={pm[k]:.1f}" for k in ("q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait") if k in pm)
                     + f"; wall {pm['wall']:.1f} ms (region {pm.get('region', 0):.1f}, python call "
                     f"{pm['python_call']:.1f})", flush=True)
+        # AMX INT8: each way the tile kernel reads B (results identical), same layer and inputs
+        if info["isa"] == "amx" and args.isa in ("auto", "amx") and hasattr(kt_kernels, "_moe_amx_int8_mode"):
+            c8 = next((c for c in pcases if c.method == "int8"), None)
+            if c8 is not None:
+                default_mode = kt_kernels._moe_amx_int8_mode()
+                modes = {}
+                try:
+                    for mode in (0, 1, 2, 3):
+                        kt_kernels._moe_amx_int8_mode(mode)
+                        c8.times = []
+                        for _ in range(args.prefill_reps):
+                            c8.rep(args.min_time)
+                        r = c8.result()
+                        modes[str(mode)] = {k: r[k] for k in ("ms", "ms_min", "ms_max")}
+                        modes[str(mode)]["profile_ms"] = r.get("profile_ms")
+                        pm = r.get("profile_ms") or {}
+                        print(f"prefill int8 B mode {mode}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}]"
+                              f" g_dot={pm.get('g_dot', 0):.1f} d_dot={pm.get('d_dot', 0):.1f}", flush=True)
+                finally:
+                    kt_kernels._moe_amx_int8_mode(default_mode)
+                res["prefill_int8_modes"] = {"default": default_mode, "modes": modes}
     res["bench_seconds"] = time.perf_counter() - t_start
 
     if args.json:

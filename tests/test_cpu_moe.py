@@ -502,6 +502,46 @@ def test_epilogues_bit_identical_on_special_values():
                 assert np.array_equal(_bits(a), _bits(b))
 
 
+def test_amx_int8_mode_setting():
+    old = kt_kernels._moe_amx_int8_mode()
+    try:
+        for mode in (0, 1, 2, 3):
+            kt_kernels._moe_amx_int8_mode(mode)
+            assert kt_kernels._moe_amx_int8_mode() == mode
+        kt_kernels._moe_amx_int8_mode(7)  # out of range: the default
+        assert kt_kernels._moe_amx_int8_mode() == 1
+    finally:
+        kt_kernels._moe_amx_int8_mode(old)
+
+
+@pytest.mark.amx
+@pytest.mark.skipif(BEST != "amx", reason="needs a CPU with AMX tiles")
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_amx_int8_modes(mode):
+    """Every way the INT8 tile kernel reads B (in place, prefetched, copied) gives the reference
+    result: prefill and decode schedules, K-block tail (H=3840), row groups in both halves of a
+    64-row block, 16/32-token tails."""
+    old = kt_kernels._moe_amx_min_tokens(1)
+    old_rows = kt_kernels._moe_prefill_min_avg_rows()
+    old_mode = kt_kernels._moe_amx_int8_mode(mode)
+    try:
+        w = FakeExperts("int8", 3840, 512, 4, 2, topk=3, swiglu_limit=0.5)
+        for tokens in (5, 23, 50, 90):
+            ids, tw = routing(tokens, 4, 3, seed=tokens)
+            x = make_x(tokens, 3840, seed=tokens)
+            kt_kernels._moe_prefill_min_avg_rows(1 << 40)
+            ref = CPUMoE(w, 0, isa="portable").forward(x, ids, tw)
+            for rows in (1 << 40, 0):
+                kt_kernels._moe_prefill_min_avg_rows(rows)
+                for threads in (1, 16):
+                    y = CPUMoE(w, 0, isa="amx", num_threads=threads).forward(x, ids, tw)
+                    assert torch.equal(y, ref), f"amx int8 mode {mode} differs (tokens={tokens}, rows={rows})"
+    finally:
+        kt_kernels._moe_amx_min_tokens(old)
+        kt_kernels._moe_prefill_min_avg_rows(old_rows)
+        kt_kernels._moe_amx_int8_mode(old_mode)
+
+
 @pytest.mark.amx
 @pytest.mark.skipif(BEST != "amx", reason="needs a CPU with AMX tiles")
 def test_amx_tiles_reconfigured_per_call():
