@@ -135,6 +135,21 @@ def random_layer(rng, method, E, H, I, numa, pool=None):
     return kt_kernels.MoELayer(method, experts, H, I, numa)
 
 
+def bf16_experts(count, H, I, g):
+    """count experts of (gate [I,H], up [I,H], down [H,I]) bf16 weights, filled from one random
+    4M-element block drawn from generator g (cheap to make, yet every expert has its own memory)."""
+    block = (torch.randn(1 << 22, generator=g) * 0.02).to(torch.bfloat16)
+
+    def mat(r, c):
+        t = torch.empty(r * c, dtype=torch.bfloat16)
+        for off in range(0, r * c, block.numel()):
+            nn = min(block.numel(), r * c - off)
+            t[off:off + nn] = block[:nn]
+        return t.view(r, c)
+
+    return [(mat(I, H), mat(I, H), mat(H, I)) for _ in range(count)]
+
+
 class DecodeCase:
     def __init__(self, args, method, H, I, threads, isa):
         E, k, numa = args.experts, args.topk, args.numa
@@ -178,16 +193,7 @@ class TorchDecodeCase:
         expert_bytes = 3 * H * I * 2
         self.n = max(2 * self.k, int(np.ceil(args.footprint_gb * 1e9 / expert_bytes)))
         g = torch.Generator().manual_seed(0)
-        block = (torch.randn(1 << 22, generator=g) * 0.02).to(torch.bfloat16)
-
-        def mat(r, c):
-            t = torch.empty(r * c, dtype=torch.bfloat16)
-            for off in range(0, r * c, block.numel()):
-                nn = min(block.numel(), r * c - off)
-                t[off:off + nn] = block[:nn]
-            return t.view(r, c)
-
-        self.ws = [(mat(I, H), mat(I, H), mat(H, I)) for _ in range(self.n)]
+        self.ws = bf16_experts(self.n, H, I, g)
         self.x = torch.randn(1, H, generator=g).to(torch.bfloat16)
         self.i = 0
         self.expert_bytes = expert_bytes
@@ -274,16 +280,7 @@ class TorchPrefillCase:
         self.threads = threads
         E, k, T = args.prefill_experts, args.topk, args.prefill_tokens
         g = torch.Generator().manual_seed(4)
-        block = (torch.randn(1 << 22, generator=g) * 0.02).to(torch.bfloat16)
-
-        def mat(r, c):
-            t = torch.empty(r * c, dtype=torch.bfloat16)
-            for off in range(0, r * c, block.numel()):
-                nn = min(block.numel(), r * c - off)
-                t[off:off + nn] = block[:nn]
-            return t.view(r, c)
-
-        self.ws = [(mat(I, H), mat(I, H), mat(H, I)) for _ in range(E)]
+        self.ws = bf16_experts(E, H, I, g)
         x, ids = prefill_inputs(args)
         self.x = x.to(torch.bfloat16)
         self.groups = [(ids == e).nonzero(as_tuple=True) for e in range(E)]
