@@ -39,7 +39,9 @@ inline void configure_tiles() {
     cfg.rows[i] = 16;
     cfg.colsb[i] = 64;
   }
-  _tile_loadconfig(&cfg);
+  // Not _tile_loadconfig: GCC 12's version declares only the first 8 bytes as read, so the
+  // compiler drops the rows/colsb stores and the tiles stay unconfigured (tile ops then #UD).
+  __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 
 // Per-thread buffer for the unpacked INT4 row group (grows, never shrinks; threads are long-lived).
