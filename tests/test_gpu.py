@@ -90,8 +90,9 @@ def test_gpu_rounding_ties():
 @gpu
 @pytest.mark.parametrize("method", [INT4, INT8])
 def test_gpu_scales_are_ieee_for_every_exponent(method):
-    """f32 rows whose amax spans every fp32 binade (subnormals included): d = amax/127 (or /112
-    via double) and 1/d must be the IEEE results, which the approximate division is not."""
+    """f32 rows whose amax spans every fp32 binade (subnormals included): d = amax * fl32(1/127)
+    (or amax / 112 in double) with kt's FTZ, and 1/d, must be correctly rounded, which Triton's
+    approximate division is not."""
     rng = np.random.default_rng(11)
     n, k = (2048, method.k_align) if INTERPRETED else (16384, 2 * method.k_align)
     exps = rng.integers(-149, 127, size=n)
