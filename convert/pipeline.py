@@ -17,6 +17,7 @@ from quant.numa import shard_slice
 
 from . import __version__, preflight
 from .errors import NonFiniteError, UserError
+from .non_expert import non_expert_tensors
 from .output_dir import OutputLock, check_output_location, copy_model_files, prepare_output, write_index
 from .packers import make_packer
 from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
@@ -180,20 +181,19 @@ def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None
             del manifest.completed[layer]
 
 
-def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str, routed: set[str]) -> tuple[dict[str, str], int]:
-    """kt copies every non-expert tensor into a last shard, renaming model.layers. to blk."""
-    keys = sorted(k for k in ckpt.key_file if k not in routed)
-    renamed = {k: k.replace("model.layers.", "blk.", 1) if k.startswith("model.layers.") else k for k in keys}
-    entries = [(renamed[k], ckpt.info(k).dtype, tuple(ckpt.info(k).shape)) for k in keys]
+def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
+                            tensors: list[tuple[str, str]]) -> tuple[dict[str, str], int]:
+    """kt's last shard: every non-expert tensor under kt's name (convert/non_expert.py)."""
+    entries = [(new, ckpt.info(src).dtype, tuple(ckpt.info(src).shape)) for src, new in tensors]
     writer = MergedShardWriter(out, name, -1, entries, {"format": "pt"})
     try:
-        for k in keys:
-            writer.write(renamed[k], ckpt.files[ckpt.key_file[k]].raw(k))
+        for src, new in tensors:
+            writer.write(new, ckpt.files[ckpt.key_file[src]].raw(src))
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    return {renamed[k]: name for k in keys}, sum(ckpt.info(k).nbytes for k in keys)
+    return {new: name for _, new in tensors}, sum(ckpt.info(src).nbytes for src, _ in tensors)
 
 
 def convert(opts: ConvertOptions) -> ConversionReport:
@@ -208,12 +208,15 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         layout = "merged" if opts.merge else "kt-folders"
         plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
                           extra_shards=1 if opts.include_non_expert and opts.merge else 0)
-        return _run(ckpt, plan, opts, device, start)
+        non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
+                      if opts.include_non_expert and opts.merge else [])
+        return _run(ckpt, plan, opts, device, start, non_expert)
     finally:
         ckpt.close()
 
 
-def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float) -> ConversionReport:
+def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
+         non_expert: list[tuple[str, str]]) -> ConversionReport:
     out = Path(opts.output).expanduser()
     check_output_location(out, ckpt.root)
     try:
@@ -230,7 +233,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
                           "every missing layer is converted")
         est = preflight.estimate(plan, todo, experts_per_batch(plan), opts.cpuinfer_threads,
-                                 preflight.non_expert_bytes(ckpt, plan) if opts.include_non_expert and opts.merge else 0)
+                                 preflight.non_expert_bytes(ckpt, non_expert))
         preflight.check(est, out, preflight.copied_bytes(ckpt.root, COPIED_FILES))
         progress.note(est.describe())
         if plan.skipped_mtp_keys:
@@ -264,7 +267,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                 progress.layer_done(lp.layer, lp.input_bytes)
             if pending is not None:
                 pending.result()
-            _finish(ckpt, plan, out, manifest, opts)
+            _finish(ckpt, plan, out, manifest, opts, non_expert)
         finally:
             committer.shutdown(wait=True)  # never leave a commit running past the lock
             packer.close()
@@ -292,7 +295,8 @@ def _commit_layer(writer, layer: int, out: Path, manifest: Manifest) -> None:
     write_manifest(out, manifest)
 
 
-def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions) -> None:
+def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,
+            non_expert: list[tuple[str, str]]) -> None:
     # the index is what kt-kernel loads: it is written last, after every shard and copied file
     copy_model_files(ckpt.root, out, COPIED_FILES)
     if opts.merge:
@@ -308,7 +312,7 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
             from kt_runtime.format import shard_file_name
 
             count = plan.num_shards
-            extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), plan.routed_keys)
+            extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), non_expert)
             weight_map.update(extra_map)
             total += extra_bytes
         write_index(out, weight_map, total)

@@ -330,7 +330,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
         if hit is None:
             continue
         layer, expert, proj, part = hit
-        if part == "bias":  # not packed: left for the runtime (and --include-non-expert copies it)
+        if part == "bias":  # not packed: left for the runtime (kt does not copy it either: convert/non_expert.py)
             biases.append(key)
             continue
         routed.add(key)

@@ -79,9 +79,9 @@ def check(est: Estimate, out: Path, copied_bytes: int = 0) -> None:
                         f"{_mb(avail)} are available (MemAvailable); close other programs, then re-run")
 
 
-def non_expert_bytes(ckpt, plan) -> int:
-    """Bytes of the last shard that --include-non-expert copies."""
-    return sum(ckpt.info(k).nbytes for k in ckpt.key_file if k not in plan.routed_keys)
+def non_expert_bytes(ckpt, tensors) -> int:
+    """Bytes of the last shard that --include-non-expert copies: tensors are (source key, name)."""
+    return sum(ckpt.info(src).nbytes for src, _ in tensors)
 
 
 def copied_bytes(root: Path, names: tuple[str, ...]) -> int:

@@ -5,6 +5,9 @@
 
 #include <stdexcept>
 #include <string>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "cpu_features.hpp"
 #include "pack.hpp"
@@ -129,6 +132,17 @@ std::vector<int64_t> pack(const std::string& method_name, const py::list& job_li
   return nonfinite;
 }
 
+unsigned set_mxcsr(unsigned value) {
+#if defined(__x86_64__) || defined(__i386__)
+  const unsigned old = _mm_getcsr();
+  _mm_setcsr(value);
+  return old;
+#else
+  (void)value;
+  throw std::invalid_argument("_set_mxcsr needs an x86 CPU");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(kt_kernels, m) {
@@ -149,5 +163,8 @@ PYBIND11_MODULE(kt_kernels, m) {
   m.def("pack", &pack, py::arg("method"), py::arg("jobs"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
         "Quantize and AMX-tile source matrices. Each job is (kind, weight, scales|None, col0, k, out_weight, "
         "out_scale); returns the count of non-finite source values per job (packed as 0).");
+  m.def("_set_mxcsr", &set_mxcsr, py::arg("value"),
+        "Test hook: sets the calling thread's MXCSR (x86) and returns the previous value; threads the "
+        "packer creates afterwards inherit it.");
   kt::bind_moe(m);
 }

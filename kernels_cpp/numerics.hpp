@@ -4,6 +4,12 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#else
+#include <cfenv>
+#endif
+
 #include "pack.hpp"
 
 namespace kt {
@@ -58,13 +64,36 @@ inline float e4m3_to_f32(uint8_t x) {
 inline uint32_t abs_bits(float f) { return f32_to_bits(f) & 0x7FFFFFFFu; }
 inline bool is_finite_bits(float f) { return (f32_to_bits(f) & 0x7F800000u) != 0x7F800000u; }
 
-// kt's per-row scale: INT8 amax/127 in fp32; INT4 (double)amax/112 rounded to fp32.
-inline float row_scale(Method method, float amax) {
-  if (method == Method::Int8) return amax / 127.0f;
-  return static_cast<float>(static_cast<double>(amax) / 112.0);
+// kt-kernel is built with -ffast-math, whose crtfastmath.o turns on FTZ and DAZ in MXCSR for the
+// whole process, and GCC compiles its INT8 `amax / 127` as `amax * fl32(1/127)`. The packer does
+// not depend on the MXCSR it finds (MxcsrGuard sets the IEEE default); these functions write kt's
+// flushing out explicitly instead (docs/FORMAT.md §2).
+inline constexpr uint32_t kFltMinBits = 0x00800000u;   // smallest normal float, 2^-126
+inline constexpr uint32_t kInt8RecipBits = 0x3c010204u;  // fl32(1/127), the constant GCC substitutes
+
+// DAZ: a subnormal input reads as zero (the quantizer's inputs; source decoding stays IEEE).
+inline float flush_subnormal(float x) { return abs_bits(x) < kFltMinBits ? 0.f : x; }
+
+// FTZ rounding of an exact (or fp64-rounded) non-negative result to float. x86 detects tininess
+// after rounding: the result is flushed when, rounded to 24 bits with an unbounded exponent, it
+// is below 2^-126, i.e. when it is below 2^-126 * (1 - 2^-25) (the midpoint rounds up, to even).
+// A result in [2^-126 * (1 - 2^-25), 2^-126) becomes 2^-126 (measured: docs/FORMAT.md §2).
+inline float ftz_to_f32(double x) {
+  constexpr double kFltMin = 0x1p-126, kFtzBelow = 0x1p-126 * (1.0 - 0x1p-25);
+  if (x < kFtzBelow) return 0.f;
+  if (x < kFltMin) return bits_to_f32(kFltMinBits);
+  return static_cast<float>(x);
 }
 
-// cvtps2dq with the default MXCSR: round half to even; NaN or out of range -> INT32_MIN.
+// kt's per-row scale from amax (normal or 0): INT8 fl32(amax * fl32(1/127)), the fp64 product being
+// exact; INT4 fl32((double)amax / 112.0). Both with FTZ: a scale that would be subnormal is 0.
+inline float row_scale(Method method, float amax) {
+  const double a = static_cast<double>(amax);
+  if (method == Method::Int8) return ftz_to_f32(a * static_cast<double>(bits_to_f32(kInt8RecipBits)));
+  return ftz_to_f32(a / 112.0);
+}
+
+// cvtps2dq under MxcsrGuard: round half to even; NaN or out of range -> INT32_MIN.
 inline int32_t cvt_rne_i32(float y) {
   if (!(std::fabs(y) < 2147483648.0f)) return INT32_MIN;
   return static_cast<int32_t>(std::nearbyint(y));
@@ -76,5 +105,29 @@ inline int32_t round_4bit(int32_t v) {
   const int32_t r = ((a + 8) & 0xF0) >> 4;
   return v < 0 ? -r : r;
 }
+
+// Sets the IEEE default floating-point state (round to nearest even, no FTZ/DAZ, exceptions
+// masked) for a scope and restores the caller's on exit: another library in the process (kt-kernel
+// itself, torch.set_flush_denormal, ...) may have changed it, and the packer's bytes must not depend
+// on that. MXCSR is per thread: take one in every task that computes.
+class MxcsrGuard {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  MxcsrGuard() : saved_(_mm_getcsr()) { _mm_setcsr(0x1F80u); }
+  ~MxcsrGuard() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#else
+  MxcsrGuard() { std::fegetenv(&saved_); std::fesetenv(FE_DFL_ENV); }
+  ~MxcsrGuard() { std::fesetenv(&saved_); }
+
+ private:
+  std::fenv_t saved_;
+#endif
+ public:
+  MxcsrGuard(const MxcsrGuard&) = delete;
+  MxcsrGuard& operator=(const MxcsrGuard&) = delete;
+};
 
 }  // namespace kt

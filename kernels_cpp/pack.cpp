@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "numerics.hpp"
 #include "thread_pool.hpp"
 
 namespace kt {
@@ -82,6 +83,7 @@ void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threa
   for (size_t i = 0; i < jobs.size(); ++i) nonfinite[i] = 0;
 
   pool.parallel_for(static_cast<int64_t>(tasks.size()), [&](int64_t t, int tid) {
+    const MxcsrGuard ieee;  // same bytes whatever FTZ/DAZ/rounding state this thread was left in
     const Task task = tasks[t];
     const PackJob& job = jobs[task.job];
     const int64_t nbs = std::min<int64_t>(info.n_block, job.n - task.row0);

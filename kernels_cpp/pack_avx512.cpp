@@ -120,23 +120,34 @@ int64_t decode_row(const PackJob& job, int64_t row, float* out) {
   return ref::decode_row(job, row, out);
 }
 
+namespace {
+// x * id with subnormal x read as zero (DAZ, numerics.hpp flush_subnormal).
+inline __m512 scaled(const float* x, __m512 id) {
+  const __m512 v = _mm512_loadu_ps(x);
+  const __mmask16 normal = _mm512_test_epi32_mask(_mm512_castps_si512(v), _mm512_set1_epi32(0x7F800000));
+  return _mm512_maskz_mul_ps(normal, v, id);
+}
+}  // namespace
+
 float quantize_row(Method method, const float* x, int64_t k, int8_t* q) {
-  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF), min_normal = _mm512_set1_epi32(kFltMinBits);
   __m512i amax = _mm512_setzero_si512();
-  for (int64_t j = 0; j < k; j += 16)
-    amax = _mm512_max_epu32(amax, _mm512_and_si512(_mm512_loadu_si512(x + j), abs_mask));
+  for (int64_t j = 0; j < k; j += 16) {
+    const __m512i a = _mm512_and_si512(_mm512_loadu_si512(x + j), abs_mask);
+    amax = _mm512_mask_max_epu32(amax, _mm512_cmpge_epu32_mask(a, min_normal), amax, a);  // subnormals read as 0
+  }
   const float d = row_scale(method, bits_to_f32(_mm512_reduce_max_epu32(amax)));
   const __m512 id = _mm512_set1_ps(d != 0.f ? 1.0f / d : 0.f);
   if (method == Method::Int8) {
     for (int64_t j = 0; j < k; j += 16) {
-      const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), id));
+      const __m512i v = _mm512_cvtps_epi32(scaled(x + j, id));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtsepi32_epi8(v));
     }
   } else {
     const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
     const __m512i eight = _mm512_set1_epi32(8), high_nibble = _mm512_set1_epi32(0xF0);
     for (int64_t j = 0; j < k; j += 16) {
-      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + j), id));
+      __m512i v = _mm512_cvtps_epi32(scaled(x + j, id));
       v = _mm512_max_epi32(_mm512_min_epi32(v, hi), lo);
       const __m512i r = _mm512_srli_epi32(_mm512_and_si512(_mm512_add_epi32(_mm512_abs_epi32(v), eight), high_nibble), 4);
       const __mmask16 neg = _mm512_cmplt_epi32_mask(v, _mm512_setzero_si512());

@@ -77,11 +77,11 @@ int64_t decode_row(const PackJob& job, int64_t row, float* out) {
 
 float quantize_row(Method method, const float* x, int64_t k, int8_t* q) {
   uint32_t amax_bits = 0;
-  for (int64_t j = 0; j < k; ++j) amax_bits = std::max(amax_bits, abs_bits(x[j]));
+  for (int64_t j = 0; j < k; ++j) amax_bits = std::max(amax_bits, abs_bits(flush_subnormal(x[j])));
   const float d = row_scale(method, bits_to_f32(amax_bits));
-  const float id = d != 0.f ? 1.0f / d : 0.f;
+  const float id = d != 0.f ? 1.0f / d : 0.f;  // d is 0 or normal, so 1/d is normal
   for (int64_t j = 0; j < k; ++j) {
-    int32_t v = std::clamp(cvt_rne_i32(x[j] * id), -128, 127);
+    int32_t v = std::clamp(cvt_rne_i32(flush_subnormal(x[j]) * id), -128, 127);
     if (method == Method::Int4) v = round_4bit(v);
     q[j] = static_cast<int8_t>(v);
   }

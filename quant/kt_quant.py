@@ -1,14 +1,29 @@
 """kt-kernel's per-row symmetric quantization (research kt_format.md §1), in readable torch.
 
-All arithmetic is fp32 as in kt's SIMD code: d = amax/127 (INT8) or fl32(amax/112.0 in double)
-(INT4); values are multiplied by fl32(1/d) and rounded half to even; INT4 then rounds the int8
-grid value to a multiple of 16 with ties away from zero (15 levels, -7..7).
+kt-kernel is compiled with -ffast-math: GCC turns its INT8 ``amax / 127`` into ``amax * fl32(1/127)``,
+and crtfastmath.o turns on FTZ and DAZ for the process. So, as kt's users get it:
+
+* inputs are read with DAZ: a subnormal value counts as zero (in amax and when quantized);
+* INT8 ``d = fl32(amax * fl32(1/127))``, INT4 ``d = fl32((double)amax / 112.0)``, with FTZ: a scale
+  that would be subnormal is 0 (x86 detects tininess after rounding, see ``ftz_to_float32``);
+* values are multiplied by ``fl32(1/d)`` and rounded half to even; INT4 then rounds the int8 grid
+  value to a multiple of 16 with ties away from zero (15 levels, -7..7).
+
+Everything is written out explicitly (bit tests, an exact fp64 product), so the results do not depend
+on the FTZ/DAZ state of this process. Source decoding stays IEEE (docs/FORMAT.md §2).
 """
 from __future__ import annotations
 
 import torch
 
 from .methods import INT4, INT8, QuantMethod
+
+FLT_MIN = 2.0**-126
+INT8_RECIP_BITS = 0x3C010204  # fl32(1/127): the constant GCC -ffast-math multiplies by
+INT8_RECIP = torch.tensor(INT8_RECIP_BITS, dtype=torch.int32).view(torch.float32).item()
+# A result below this is flushed to zero: rounded to 24 bits with an unbounded exponent it is below
+# 2^-126 (tininess after rounding, as x86 FTZ does; the midpoint itself rounds up, to even).
+FTZ_BELOW = FLT_MIN * (1.0 - 2.0**-25)
 
 
 def zero_nonfinite(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -18,11 +33,25 @@ def zero_nonfinite(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (torch.where(finite, x, torch.zeros_like(x)) if bad else x), bad
 
 
+def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
+    """DAZ on float32: values with a zero exponent field (subnormals) read as +0."""
+    return torch.where((x.view(torch.int32) & 0x7F800000) == 0, torch.zeros_like(x), x)
+
+
+def ftz_to_float32(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative float64 results -> float32 rounded to nearest even, flushed as x86 FTZ does:
+    0 below FTZ_BELOW, 2^-126 in [FTZ_BELOW, 2^-126) (those round up to it), else the usual rounding."""
+    rounded = torch.where(x < FLT_MIN, torch.full_like(x, FLT_MIN), x).to(torch.float32)
+    return torch.where(x < FTZ_BELOW, torch.zeros_like(rounded), rounded)
+
+
 def row_scales(amax: torch.Tensor, method: QuantMethod) -> torch.Tensor:
-    amax = amax.to(torch.float32)
+    """amax (float32, zero or normal) -> kt's scales. The INT8 product is exact in float64, so one
+    rounding to float32 gives fl32(amax * fl32(1/127))."""
+    a = amax.to(torch.float64)
     if method is INT8:
-        return amax / torch.tensor(127.0, dtype=torch.float32)
-    return (amax.to(torch.float64) / 112.0).to(torch.float32)
+        return ftz_to_float32(a * INT8_RECIP)
+    return ftz_to_float32(a / 112.0)
 
 
 def cvt_rne_int32(y: torch.Tensor) -> torch.Tensor:
@@ -41,7 +70,9 @@ def quantize_rows(w: torch.Tensor, method: QuantMethod) -> tuple[torch.Tensor, t
     if method not in (INT4, INT8):
         raise ValueError(f"unsupported method {method}")
     x, nonfinite = zero_nonfinite(w.to(torch.float32))
+    x = flush_subnormal(x)
     d = row_scales(x.abs().amax(dim=1), method)
+    # d is 0 or normal, so 1/d is normal and exact IEEE whatever the FTZ state
     inv = torch.where(d != 0, torch.tensor(1.0, dtype=torch.float32) / torch.where(d != 0, d, 1.0), 0.0)
     v = cvt_rne_int32(x * inv[:, None]).clamp(-128, 127)
     if method is INT4:

@@ -5,10 +5,11 @@ pass 1 decodes the rows and takes their amax; pass 2 decodes them again, quantiz
 exact fp32 rounding and stores each (32 rows x 64 bytes) step as one 2048-byte AMX tile pair at
 its closed-form offset (research kt_format.md §2). Only packed bytes and scales are written.
 
-Numerics match quant.kt_quant / kernels_cpp bit for bit: IEEE divisions (libdevice div_rn in fp64,
-never Triton's approximate '/', see _to_f64), multiply by fl32(1/d), rint (round half to even), cvtps2dq's
-out-of-range -> INT32_MIN, INT4's ties-away 4-bit rounding. Non-finite source values become 0 and
-are counted per job. This module imports triton: import it only on the GPU path.
+Numerics match quant.kt_quant / kernels_cpp bit for bit: kt's DAZ on the quantizer's inputs and FTZ
+on the scale written out by hand, the scale in fp64 (libdevice div_rn, never Triton's approximate '/',
+see _ftz_to_f32), multiply by fl32(1/d), rint (round half to even), cvtps2dq's out-of-range ->
+INT32_MIN, INT4's ties-away 4-bit rounding. Source decoding is IEEE. Non-finite source values become 0
+and are counted per job. This module imports triton: import it only on the GPU path.
 """
 from __future__ import annotations
 
@@ -47,11 +48,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     @triton.jit
     def _rint(y):  # RNE for |y| < 2^22; larger values are clamped to int8 by the caller anyway
         return (y + 12582912.0) - 12582912.0
-
-    @triton.jit
-    def _rint64(y):  # RNE for 0 <= y < 2^51
-        m = tl.zeros_like(y) + 6755399441055744.0  # 1.5 * 2^52
-        return (y + m) - m
 else:
     @triton.jit
     def _div_rn(a, b):
@@ -61,34 +57,26 @@ else:
     def _rint(y):
         return libdevice.rint(y)  # round half to even (a subnormal y rounds to 0 either way)
 
-    @triton.jit
-    def _rint64(y):
-        return libdevice.rint(y)
 
-
-# Triton links libdevice with nvvm-reflect-ftz, so its fp32 functions flush subnormals; kt's
-# scales are IEEE down to the subnormals. The scale arithmetic therefore runs in fp64 (never
-# flushed), which gives the same results: fp32 operands divided in fp64 and rounded once to fp32
-# equal the fp32 IEEE quotient (53 >= 2 * 24 + 2). Conversions are done exactly by hand.
+# Triton links libdevice with nvvm-reflect-ftz (its fp32 functions flush subnormals; plain fp32
+# multiplies, as in _decode, are IEEE). So the quantizer's inputs are flushed by a bit test (kt's
+# DAZ), and the scale arithmetic runs in fp64 (never flushed) with kt's FTZ applied by hand
+# (quant.kt_quant.ftz_to_float32): an fp32 * fp32 product is exact in fp64, so one rounding of it is
+# fl32(amax * fl32(1/127)); fp32 operands divided in fp64 and rounded once to fp32 give the IEEE fp32
+# quotient (53 >= 2 * 24 + 2). Every fp64 -> fp32 conversion here has a normal result.
 @triton.jit
 def _f64_bits(like, bits):
     return (tl.zeros_like(like).to(tl.int64) + bits).to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def _to_f64(x):
-    """fp32 >= 0 -> fp64, exact for subnormals too."""
-    b = x.to(tl.int32, bitcast=True)
-    sub = b.to(tl.float64) * _f64_bits(x, 0x36A0000000000000)  # mantissa * 2^-149
-    return tl.where(b < 0x00800000, sub, x.to(tl.float64))
-
-
-@triton.jit
-def _to_f32(y):
-    """fp64 >= 0 -> fp32 rounded to nearest even, subnormal results included."""
-    small = y < _f64_bits(y, 0x3810000000000000)  # 2^-126
-    m = _rint64(tl.where(small, y, 0.0) * _f64_bits(y, 0x4940000000000000))  # y * 2^149
-    return tl.where(small, m.to(tl.int32).to(tl.float32, bitcast=True), y.to(tl.float32))
+def _ftz_to_f32(y):
+    """fp64 >= 0 -> fp32 as x86 FTZ rounds it: 0 below 2^-126 * (1 - 2^-25), 2^-126 up to 2^-126,
+    else round to nearest even."""
+    flt_min = _f64_bits(y, 0x3810000000000000)  # 2^-126
+    ftz_below = _f64_bits(y, 0x380FFFFFF0000000)  # 2^-126 * (1 - 2^-25)
+    rounded = tl.where(y < flt_min, flt_min, y).to(tl.float32)
+    return tl.where(y < ftz_below, 0.0, rounded)
 
 
 @triton.jit
@@ -163,6 +151,13 @@ def _finite(x):
 
 
 @triton.jit
+def _quantizer_input(x):
+    """What kt's quantizer reads: non-finite values (counted in pass 1) and subnormals (DAZ) as 0."""
+    e = x.to(tl.int32, bitcast=True) & 0x7F800000
+    return tl.where((e != 0x7F800000) & (e != 0), x, 0.0)
+
+
+@triton.jit
 def _quantize(x, inv, IS_INT4: tl.constexpr):
     """kt's rounding of x * inv: cvtps2dq (RNE; NaN / out of int32 -> INT32_MIN), saturate to
     int8, and for INT4 the int8 grid value to a 4-bit level with ties away from zero."""
@@ -205,8 +200,8 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
     rows = row0 + ri  # [32, 1] job-local rows
     cj = tl.arange(0, 64)[None, :]  # [1, 64]
 
-    # pass 1: per-row amax of the finite values (on the bits, as kt: no float compare to flush
-    # subnormals), and the count of non-finite values
+    # pass 1: per-row amax of the finite values on the bits (subnormals read as 0: kt's DAZ), and
+    # the count of non-finite values
     amax_bits = tl.zeros([32], dtype=tl.int32)
     bad = tl.zeros([32, 64], dtype=tl.int32)
     for kk in range(0, k, 64):
@@ -214,17 +209,18 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
         fin = _finite(x)
         bad += tl.where(fin, 0, 1)
         abs_bits = tl.where(fin, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        abs_bits = tl.where(abs_bits < 0x00800000, 0, abs_bits)
         amax_bits = tl.maximum(amax_bits, tl.max(abs_bits, axis=1))
     tl.atomic_add(count_ptr + job, tl.sum(bad))
 
-    # kt's scale: INT8 fl32(amax / 127); INT4 fl32((double)amax / 112.0); id = fl32(1 / d)
-    amax = _to_f64(amax_bits.to(tl.float32, bitcast=True))
+    # kt's scale (FTZ): INT8 fl32(amax * fl32(1/127)); INT4 fl32((double)amax / 112.0); id = fl32(1 / d)
+    amax = amax_bits.to(tl.float32, bitcast=True).to(tl.float64)  # 0 or normal: exact
     if IS_INT4:
-        d = _to_f32(_div_rn(amax, tl.zeros_like(amax) + 112.0))
+        d = _ftz_to_f32(_div_rn(amax, tl.zeros_like(amax) + 112.0))
     else:
-        d = _to_f32(_div_rn(amax, tl.zeros_like(amax) + 127.0))
+        d = _ftz_to_f32(amax * _f64_bits(amax, 0x3F80204080000000))  # fl32(1/127) = 0x3c010204, exact product
     nz = d != 0.0
-    inv = _to_f32(_div_rn(tl.zeros_like(amax) + 1.0, _to_f64(tl.where(nz, d, 1.0))))
+    inv = _div_rn(tl.zeros_like(amax) + 1.0, tl.where(nz, d, 1.0).to(tl.float64)).to(tl.float32)
     inv = tl.where(nz, inv, 0.0)
     tl.store(scale_ptr + scale_off + row0 + r, d)
     inv2 = inv[:, None]
@@ -239,11 +235,11 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
         kbs = tl.minimum(k - kb, 3584)
         base = out_off + (nb * k + kb * nbs + ns * kbs + (kk - kb) * 32) // EPB
         x0 = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, col0 + kk + cj, KIND)
-        q0 = _quantize(tl.where(_finite(x0), x0, 0.0), inv2, IS_INT4)
+        q0 = _quantize(_quantizer_input(x0), inv2, IS_INT4)
         if IS_INT4:  # byte j of a 128-wide step holds elements j (low nibble) and 64 + j (high)
             x1 = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, col0 + kk + 64 + cj,
                          KIND)
-            q1 = _quantize(tl.where(_finite(x1), x1, 0.0), inv2, IS_INT4)
+            q1 = _quantize(_quantizer_input(x1), inv2, IS_INT4)
             byte = (q0 & 0xF) | ((q1 & 0xF) << 4)
         else:
             byte = q0 & 0xFF

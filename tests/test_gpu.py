@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_bf16, tree_hashes
+from conftest import (fp8_subnormal_decode_rows, ftz_window_rows, kt_special_rows, random_bf16,
+                      tree_hashes)
 from quant import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import encode_int4_words
+from quant.amx_tiling import untile
 from quant.gpu import pack_gpu, plan_batch
 from quant.mxfp4 import decode_mxfp4
 from quant.numa import full_shape, shard_slice
@@ -88,8 +90,9 @@ def test_gpu_rounding_ties():
 @gpu
 @pytest.mark.parametrize("method", [INT4, INT8])
 def test_gpu_scales_are_ieee_for_every_exponent(method):
-    """f32 rows whose amax spans every fp32 binade (subnormals included): d = amax/127 (or /112
-    via double) and 1/d must be the IEEE results, which the approximate division is not."""
+    """f32 rows whose amax spans every fp32 binade (subnormals included): d = amax * fl32(1/127)
+    (or amax / 112 in double) with kt's FTZ, and 1/d, must be correctly rounded, which Triton's
+    approximate division is not."""
     rng = np.random.default_rng(11)
     n, k = (2048, method.k_align) if INTERPRETED else (16384, 2 * method.k_align)
     exps = rng.integers(-149, 127, size=n)
@@ -99,6 +102,38 @@ def test_gpu_scales_are_ieee_for_every_exponent(method):
     x[np.arange(n), rng.integers(0, k, size=n)] = amax
     full = torch.from_numpy(x)
     _assert_gpu_equals_reference(method, SourceMatrix("f32", x), full, 0, k)
+
+
+@gpu
+@pytest.mark.parametrize("method", [INT4, INT8])
+def test_gpu_kt_special_rows(method):
+    """kt's INT8 constant fl32(1/127), its FTZ/DAZ (tests/test_kt_exact.py checks the reference
+    against kt replayed on an x86 CPU): ties, the six bf16 mantissas, subnormal rows and scales,
+    subnormal elements, zero rows, a huge value; bf16 rows, f32 rows at the FTZ threshold and FP8
+    rows whose IEEE decode gives subnormals."""
+    w = kt_special_rows()
+    _assert_gpu_equals_reference(method, SourceMatrix("bf16", w.view(torch.uint16).numpy()), w, 0, w.shape[1])
+    x = ftz_window_rows(method)
+    _assert_gpu_equals_reference(method, SourceMatrix("f32", x), torch.from_numpy(x), 0, x.shape[1])
+    src, full = fp8_subnormal_decode_rows()
+    _assert_gpu_equals_reference(method, src, full, 0, full.shape[1])
+    # values measured from kt's converter: amax 0.0703125 -> INT8 scale 0x3a112244; amax 1.984375 *
+    # 2^-120 -> 2^-126 (x86 FTZ rounds first); a scale that would be subnormal is 0 with zero quants
+    row = torch.zeros(32, 128, dtype=torch.bfloat16)
+    row[0, 5], row[1, 7], row[2, 9], row[3, 11] = 0.0703125, _bf16(0x03FE), _bf16(0x03F0), _bf16(0x0001)
+    dst, _ = _gpu(method, SourceMatrix("bf16", row.view(torch.uint16).numpy()), 0, 128)
+    got = dst.scales.view(np.uint32)[:4].tolist()
+    q = untile(torch.from_numpy(dst.weight), 32, 128, method)
+    if method is INT8:
+        assert got == [0x3A112244, 0x00800000, 0, 0]
+        assert q[0, 5] == 127 and q[1, 7] == 127 and not q[2:].any()
+    else:  # fl32(amax / 112.0), all normal but the subnormal row's
+        assert got == [0x3A249249, 0x00912492, 0x00892492, 0]
+        assert q[0, 5] == 7 and q[1, 7] == 7 and q[2, 9] == 7 and not q[3:].any()
+
+
+def _bf16(bits16):
+    return float(np.uint32(bits16 << 16).view(np.float32))
 
 
 @gpu
