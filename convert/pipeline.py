@@ -367,6 +367,8 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
             extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), plan.routed_keys)
             weight_map.update(extra_map)
             total += extra_bytes
+    ckpt.check_unchanged()  # every byte converted was read from the source files as they were when opened
+    if opts.merge:
         write_index(out, weight_map, total)
     manifest.complete = True
     write_manifest(out, manifest)

@@ -139,7 +139,7 @@ class ConfigFields:
 
     def _call(self, fn, key, **kw):
         try:
-            return fn(self.cfg, key, f"{self.where}: {self.path}" if self.path else self.where, **kw)
+            return fn(self.cfg, key, self.where, path=self.path, **kw)
         except FieldError as e:
             fix = "add it to config.json" if self.cfg.get(key) is None else "fix config.json (or re-download it)"
             raise UserError(f"{e}; {fix}") from None
@@ -425,9 +425,10 @@ def select_layers(ckpt: Checkpoint, family: Family, cfg: ConfigFields, found: se
     if requested is not None:
         not_moe = sorted(set(requested) - set(expected))
         if not_moe:
-            raise UserError(f"--layers: {layer_spec(not_moe)} {'is' if len(not_moe) == 1 else 'are'} not MoE layers "
-                            f"of this model: config.json makes layers {layer_spec(expected) or 'none'} MoE "
-                            f"(num_hidden_layers {num_layers}, {rule})")
+            which = f"layer {not_moe[0]} is not a MoE layer" if len(not_moe) == 1 else \
+                f"layers {layer_spec(not_moe)} are not MoE layers"
+            raise UserError(f"--layers: {which} of this model: config.json makes layers "
+                            f"{layer_spec(expected) or 'none'} MoE (num_hidden_layers {num_layers}, {rule})")
         todo = list(requested)
     else:
         if stray:

@@ -53,6 +53,14 @@ class Checkpoint:
         except SafetensorsFormatError as e:
             raise source_changed(e) from None
 
+    def check_unchanged(self) -> None:
+        """Exit 2 naming a source file whose size or mtime changed since it was opened."""
+        for f in self.files.values():
+            try:
+                f.check_unchanged()
+            except SafetensorsFormatError as e:
+                raise source_changed(e) from None
+
     def where(self, key: str) -> str:
         return str(self.root / self.key_file[key])
 

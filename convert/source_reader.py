@@ -13,7 +13,6 @@ expert's part of a fused [E, ...] tensor (contiguous in the file).
 """
 from __future__ import annotations
 
-import math
 import os
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +24,7 @@ from kt_runtime.safetensors_file import SafetensorsFile, SafetensorsFormatError
 
 from .source import Checkpoint, source_changed
 
-READ_THREADS = 4  # enough preads in flight for an NVMe drive when the pages are not cached
+READ_THREADS = 8  # at most: enough preads in flight for an NVMe drive when the pages are not cached
 PIECE_BYTES = 4 << 20  # one pread task
 ALIGN = 64  # slabs start on cache-line boundaries in the buffer
 

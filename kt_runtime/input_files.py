@@ -44,7 +44,7 @@ class InputFileError(ValueError):
 
 
 def size_text(n: int) -> str:
-    return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n} bytes"
+    return f"{n // MiB} MiB" if n and n % MiB == 0 else f"{n} bytes"
 
 
 def file_kind(mode: int) -> str:

@@ -32,19 +32,19 @@ def describe(value: Any) -> str:
     if isinstance(value, str):
         return repr(value if len(value) <= 60 else value[:57] + "...")
     if isinstance(value, list):
-        return f"a list of {len(value)} items"
+        return f"a list of {len(value)} item{'' if len(value) == 1 else 's'}"
     if isinstance(value, dict):
-        return f"an object with {len(value)} keys"
+        return f"an object with {len(value)} key{'' if len(value) == 1 else 's'}"
     return type(value).__name__
 
 
-def _field(obj: Any, key: str, where: str, default: Any):
+def _field(obj: Any, key: str, where: str, path: str, default: Any):
     if not isinstance(obj, dict):
-        raise FieldError(f"{where}: expected a JSON object, found {describe(obj)}")
+        raise FieldError(f"{where}: {path.rstrip('.') or 'the file'} must be a JSON object, found {describe(obj)}")
     if key in obj and obj[key] is not None:
         return obj[key], True
     if default is REQUIRED:
-        raise FieldError(f"{where}: {key} is {'null' if key in obj else 'missing'}")
+        raise FieldError(f"{where}: {path}{key} is {'null' if key in obj else 'missing'}")
     return default, False
 
 
@@ -65,14 +65,15 @@ def check_int(value: Any, name: str, where: str, lo: int | None = None, hi: int 
 
 
 def get_int(obj: Any, key: str, where: str, *, lo: int | None = None, hi: int | None = None,
-            default: Any = REQUIRED) -> Any:
-    value, present = _field(obj, key, where, default)
-    return check_int(value, key, where, lo, hi) if present else value
+            default: Any = REQUIRED, path: str = "") -> Any:
+    value, present = _field(obj, key, where, path, default)
+    return check_int(value, path + key, where, lo, hi) if present else value
 
 
-def get_number(obj: Any, key: str, where: str, *, positive: bool = False, default: Any = REQUIRED) -> Any:
+def get_number(obj: Any, key: str, where: str, *, positive: bool = False, default: Any = REQUIRED,
+               path: str = "") -> Any:
     """A finite int or float (positive: > 0), returned as float."""
-    value, present = _field(obj, key, where, default)
+    value, present = _field(obj, key, where, path, default)
     if not present:
         return value
     ok = (is_int(value) and value.bit_length() <= 1024) or isinstance(value, float)
@@ -81,34 +82,34 @@ def get_number(obj: Any, key: str, where: str, *, positive: bool = False, defaul
         ok = math.isfinite(value) and (not positive or value > 0)
     if not ok:
         what = "a finite number" + (" > 0" if positive else "")
-        raise FieldError(f"{where}: {key} must be {what}, found {describe(obj[key])}")
+        raise FieldError(f"{where}: {path}{key} must be {what}, found {describe(obj[key])}")
     return value
 
 
 def get_str(obj: Any, key: str, where: str, *, choices: tuple[str, ...] | None = None,
-            default: Any = REQUIRED) -> Any:
-    value, present = _field(obj, key, where, default)
+            default: Any = REQUIRED, path: str = "") -> Any:
+    value, present = _field(obj, key, where, path, default)
     if present and (not isinstance(value, str) or (choices is not None and value not in choices)):
         allowed = f" (one of {', '.join(choices)})" if choices else ""
-        raise FieldError(f"{where}: {key} must be a string{allowed}, found {describe(value)}")
+        raise FieldError(f"{where}: {path}{key} must be a string{allowed}, found {describe(value)}")
     return value
 
 
-def get_dict(obj: Any, key: str, where: str, *, default: Any = REQUIRED) -> Any:
-    value, present = _field(obj, key, where, default)
+def get_dict(obj: Any, key: str, where: str, *, default: Any = REQUIRED, path: str = "") -> Any:
+    value, present = _field(obj, key, where, path, default)
     if present and not isinstance(value, dict):
-        raise FieldError(f"{where}: {key} must be a JSON object, found {describe(value)}")
+        raise FieldError(f"{where}: {path}{key} must be a JSON object, found {describe(value)}")
     return value
 
 
 def get_int_list(obj: Any, key: str, where: str, *, lo: int | None = None, hi: int | None = None,
-                 length: int | None = None, default: Any = REQUIRED) -> Any:
-    value, present = _field(obj, key, where, default)
+                 length: int | None = None, default: Any = REQUIRED, path: str = "") -> Any:
+    value, present = _field(obj, key, where, path, default)
     if not present:
         return value
     if not isinstance(value, list) or (length is not None and len(value) != length):
         shape = f"a list of {length} integers" if length is not None else "a list of integers"
-        raise FieldError(f"{where}: {key} must be {shape}, found {describe(value)}")
+        raise FieldError(f"{where}: {path}{key} must be {shape}, found {describe(value)}")
     for i, item in enumerate(value):
-        check_int(item, f"{key}[{i}]", where, lo, hi)
+        check_int(item, f"{path}{key}[{i}]", where, lo, hi)
     return list(value)

@@ -410,10 +410,14 @@ class SafetensorsFile:
         if self._closed:
             return
         st = os.fstat(self._fd)
+        if st.st_size < self.size:
+            raise SafetensorsChangedError(
+                f"{self.path}: the file shrank while it was being read ({self.size} -> {st.st_size} bytes): "
+                "another program is writing or replacing it")
         if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
             raise SafetensorsChangedError(
-                f"{self.path}: the file changed while it was being read (size {self.size} -> {st.st_size} "
-                "bytes, or its modification time): another program is writing or replacing it")
+                f"{self.path}: the file changed while it was being read (its size or modification time): "
+                "another program is writing or replacing it")
 
     def release(self, name: str) -> None:
         """Drop this process's mapping of a tensor's pages (they stay in the page cache and fault
