@@ -330,9 +330,9 @@ def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> Non
         existing = read_manifest(out)
     except ManifestError:
         return  # prepare_output reports it
-    if existing is None or existing.source.get("fingerprint") == planned.source.get("fingerprint"):
-        return
-    what = describe_source_change(existing.source, planned.source)
+    what = describe_source_change(existing.source, planned.source) if existing is not None else None
+    if what is None:
+        return  # the same files (or not comparable: prepare_output compares the fingerprints)
     raise UserError(f"{out} was converted from source files that have changed since ({what}): its layers "
                     "cannot be resumed. Pass --overwrite to convert again from the current files, or use "
                     "another output directory")

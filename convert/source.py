@@ -95,7 +95,8 @@ def source_changed(e: SafetensorsFormatError) -> UserError:
 
 
 def describe_source_change(before: dict, now: dict) -> str | None:
-    """Which source files differ between two manifest `source` records (None if the same)."""
+    """Which source files differ between two manifest `source` records, comparing the facts both
+    recorded (None if none does: same files, or a fingerprint of another converter version)."""
     if before.get("fingerprint") == now.get("fingerprint"):
         return None
     old = {f.get("name"): f for f in before.get("files") or [] if isinstance(f, dict)}
@@ -103,11 +104,12 @@ def describe_source_change(before: dict, now: dict) -> str | None:
     changes = [f"{n} is new" for n in sorted(new.keys() - old.keys())]
     changes += [f"{n} is gone" for n in sorted(old.keys() - new.keys(), key=str)]
     for n in sorted(new.keys() & old.keys()):
-        diff = [k for k in ("size", "mtime_ns", "header_sha256") if old[n].get(k) != new[n].get(k)]
+        diff = [k for k in ("size", "mtime_ns", "header_sha256") if k in old[n] and old[n][k] != new[n].get(k)]
         if diff:
             changes.append(f"{n} ({', '.join('modification time' if k == 'mtime_ns' else k for k in diff)})")
-    return "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "") \
-        if changes else "the file list differs"
+    if not changes:
+        return None
+    return "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
 
 
 def resolve_input(spec: str) -> Path:
@@ -158,7 +160,7 @@ def _read_json_object(root: Path, name: str, what: str, max_bytes: int) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: missing; a checkpoint needs its {what}") from None
     except InputFileError as e:
-        fix = "" if str(e).endswith("re-download it") else f"; put the real {what} there (re-download it)"
+        fix = "" if str(e).endswith(("re-download it", "instead of linking it")) else f"; put the real {what} there (re-download it)"
         raise UserError(f"{e}{fix}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: {what} must be a JSON object, found {describe(data)}; re-download it")

@@ -805,6 +805,20 @@ def test_resume_from_a_changed_source_is_refused_naming_the_file(ck, tmp_path, c
     assert main(["-i", str(ck), "-o", str(out), "--no-progress", "--overwrite"]) == 0
 
 
+def test_describe_source_change():
+    from convert.source import describe_source_change
+
+    old = {"fingerprint": "a", "files": [{"name": "x", "size": 1, "mtime_ns": 5, "header_sha256": "h"}]}
+    assert describe_source_change(old, old) is None
+    new = {"fingerprint": "b", "files": [{"name": "x", "size": 2, "mtime_ns": 6, "header_sha256": "h"},
+                                         {"name": "y", "size": 1, "mtime_ns": 1, "header_sha256": "g"}]}
+    assert describe_source_change(old, new) == "y is new; x (size, modification time)"
+    assert describe_source_change(new, old) == "y is gone; x (size, modification time)"
+    # an older converter recorded no mtime: not reported as a change (the fingerprints still differ)
+    older = {"fingerprint": "c", "files": [{"name": "x", "size": 1, "header_sha256": "h"}]}
+    assert describe_source_change(older, old) is None
+
+
 def test_pread_conversion_gives_the_mapped_bytes(base, converted):
     """The pread path reads exactly the bytes a mapping of the file shows."""
     from convert.source import open_checkpoint
