@@ -10,8 +10,8 @@ import click
 
 from . import __version__
 from .errors import UserError
-from .pipeline import ConvertOptions, convert
-from .plan import INPUT_TYPES
+from .pipeline import ConvertOptions, convert, max_cpu_threads
+from .plan import INPUT_TYPES, parse_layer_spec
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
@@ -27,7 +27,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
               help="int4 = SGLang-KT --kt-method AMXINT4, int8 = AMXINT8.")
 @click.option("--threadpool-count", default=2, show_default=True, type=int,
               help="NUMA thread pools the output is split for; must equal --kt-threadpool-count when serving.")
-@click.option("--cpuinfer-threads", default=0, show_default=True, type=int, help="CPU threads for packing (0: all cores).")
+@click.option("--cpuinfer-threads", default=0, show_default=True, type=int,
+              help=f"CPU threads for packing (0: all cores; at most {max_cpu_threads()} here).")
 @click.option("--no-merge-safetensor", "no_merge", is_flag=True,
               help="Write kt's _layer_L/_numa_t/*.kt folders instead of one safetensors shard per layer.")
 @click.option("--resume-layer", type=int, default=None,
@@ -37,21 +38,29 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 @click.option("--gpu", "legacy_gpu", is_flag=True, hidden=True, help="kt compatibility: same as --device auto.")
 @click.option("--include-non-expert", is_flag=True, help="Also copy the non-expert tensors into a last shard (as kt does).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output made with other settings.")
+@click.option("--layers", "layers_spec", default=None, metavar="SPEC",
+              help="Convert only these MoE layers, e.g. 0-3,7; the output is marked partial (default: every MoE layer).")
 @click.option("--allow-nonfinite", is_flag=True, help="Pack NaN/Inf source weights as 0 instead of stopping (listed in the report).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the final report as JSON here.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def cli(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
-        device, legacy_gpu, include_non_expert, overwrite, allow_nonfinite, json_path, progress):
+        device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
     The output loads unchanged in SGLang-KT (--kt-method AMXINT4|AMXINT8 --kt-weight-path OUTPUT
     --kt-threadpool-count T) and in kt_runtime.load_experts. Re-running the same command resumes.
     """
+    layers = None
+    if layers_spec is not None:
+        try:
+            layers = parse_layer_spec(layers_spec)
+        except ValueError as e:
+            raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers")
     opts = ConvertOptions(input_path=input_path, output=output, input_type=input_type, quant_method=quant_method,
                           threadpool_count=threadpool_count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
                           device=device, include_non_expert=include_non_expert, overwrite=overwrite,
-                          allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer)
+                          allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers)
     report = convert(opts)
     click.echo(report.summary(), err=True)
     if report.nonfinite:

@@ -20,7 +20,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .errors import UserError
+
 LAYOUTS = ("per-expert", "fused", "fused-transposed", "gpt-oss-interleaved")
+MOE_LAYER_RULES = ("all", "first_k_dense", "sparse_step")
+MAX_INDEX_DIGITS = 9  # layer and expert numbers in keys: more is not a model, and int() of 5,000 digits raises
 
 # Key prefixes: none (V4 official), model. (transformers), VL wrappers (formats.md §7 trap 6).
 _PREFIX = r"^(?:model\.language_model\.|language_model\.model\.|language_model\.|model\.)?layers\.(?P<layer>\d+)\."
@@ -60,10 +64,20 @@ class Family:
     activation_params: dict = field(default_factory=dict)  # for the runtime, recorded in the plan
     default_swiglu_limit: float | None = None  # when config.json has no swiglu_limit
     note: str = ""  # what the user sees in the list of supported families
+    # Which decoder layers are MoE, by transformers' rule for the family (convert.plan.config_moe_layers):
+    # "all"; "first_k_dense" (L >= first_k_dense_replace and L % moe_layer_freq == 0);
+    # "sparse_step" (L not in mlp_only_layers and (L + 1) % decoder_sparse_step == 0).
+    moe_layer_rule: str = "all"
+    # MTP blocks stored as decoder layers num_hidden_layers .. + count - 1 (V3/GLM): the config key
+    # of their count; such a layer is MTP only if it also holds `mtp_marker` (layers.L.<marker>).
+    mtp_count_key: str | None = None
+    mtp_marker: str = "eh_proj.weight"
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"family {self.name}: layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.moe_layer_rule not in MOE_LAYER_RULES:
+            raise ValueError(f"family {self.name}: moe_layer_rule {self.moe_layer_rule!r} is not one of {MOE_LAYER_RULES}")
 
     @property
     def fused(self) -> bool:
@@ -75,6 +89,10 @@ class Family:
             m = pattern.match(key)
             if m:
                 groups = m.groupdict()
+                numbers = [groups[g] for g in ("layer", "expert") if groups.get(g) is not None]
+                if any(len(n) > MAX_INDEX_DIGITS for n in numbers):
+                    raise UserError(f"tensor {key[:120]!r}: a layer or expert number of more than {MAX_INDEX_DIGITS} "
+                                    "digits; the checkpoint is damaged: re-download it")
                 expert = int(groups["expert"]) if groups.get("expert") is not None else None
                 return int(m["layer"]), expert, self.proj_names[m["proj"]], self.part_names[m["part"] or ""]
         return None
@@ -95,6 +113,10 @@ DEEPSEEK_V4 = Family(
     proj_names={**_W_PROJ, **_HF_PROJ},
     part_names={"weight": "weight", "scale": "scale", "weight_scale_inv": "scale"},
     note="DeepSeek-V4-Flash (MXFP4) / -Flash-Base (FP8): layers.L.ffn.experts.E.w1/w3/w2",
+    # official checkpoints keep MTP as mtp.{i}.*; a transformers save numbers it as layer
+    # num_hidden_layers + i, whose block has enorm/hnorm/e_proj/h_proj
+    mtp_count_key="num_nextn_predict_layers",
+    mtp_marker="enorm.weight",
 )
 
 DEEPSEEK_V3 = Family(
@@ -104,6 +126,8 @@ DEEPSEEK_V3 = Family(
     proj_names=_HF_PROJ,
     part_names=_HF_PARTS,
     note="DeepSeek-V2/V3/R1/V3.1, Kimi-K2 (FP8 block, BF16), Kimi-K2-Thinking (compressed-tensors INT4)",
+    moe_layer_rule="first_k_dense",
+    mtp_count_key="num_nextn_predict_layers",
 )
 
 GLM4_MOE = Family(
@@ -113,6 +137,8 @@ GLM4_MOE = Family(
     proj_names=_HF_PROJ,
     part_names=_HF_PARTS,
     note="GLM-4.5/4.6/4.7: mlp.experts.E.*_proj (dense first layers and shared experts left alone)",
+    moe_layer_rule="first_k_dense",
+    mtp_count_key="num_nextn_predict_layers",
 )
 
 QWEN3_MOE = Family(
@@ -122,6 +148,7 @@ QWEN3_MOE = Family(
     proj_names=_HF_PROJ,
     part_names=_HF_PARTS,
     note="Qwen2-MoE, Qwen3-MoE, Qwen3-Next: mlp.experts.E.*_proj",
+    moe_layer_rule="sparse_step",
 )
 
 MIXTRAL = Family(
@@ -162,6 +189,7 @@ QWEN3_VL_MOE = Family(
     part_names={"": "weight"},
     layout="fused-transposed",
     note="Qwen3-VL-MoE: mlp.experts.gate_up_proj [E,H,2I] + down_proj [E,I,H]",
+    moe_layer_rule="sparse_step",
 )
 
 GPT_OSS = Family(

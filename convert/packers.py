@@ -2,20 +2,18 @@
 PackTargets and returns the non-finite counts.
 
 The CUDA packer streams a batch through the GPU in chunks of experts, each stage on its own
-resources so that they overlap: reader threads copy the mapped sources into pinned staging (the
-only read of the checkpoint), the copy stream moves them to the GPU, the compute stream runs the
-fused Triton kernel, the download stream brings the packed bytes back into pinned memory, and the
-reader threads copy them into the PackTargets (the writer thread of convert_layer then writes
-them). A fixed ring of slots bounds memory: GPU and pinned memory are a few chunks whatever the
+resources so that they overlap: reader threads copy the sources (read from the checkpoint into a
+buffer by convert.source_reader, one batch ahead) into pinned staging, the copy stream moves them
+to the GPU, the compute stream runs the fused Triton kernel, the download stream brings the packed
+bytes back into pinned memory, and the reader threads copy them into the PackTargets (the writer
+thread of convert_layer then writes them). A fixed ring of slots bounds memory: GPU and pinned memory are a few chunks whatever the
 model size. torch and triton are imported only when the CUDA packer is made.
 """
 from __future__ import annotations
 
-import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 
 from quant.cpu import pack_cpu
 from quant.methods import QuantMethod
@@ -23,32 +21,6 @@ from quant.methods import QuantMethod
 CHUNK_BYTES = 8 << 20  # source bytes per GPU chunk: small, so a batch's last chunk (not overlapped) is short
 SLOTS = 4  # chunks in flight: being read (several), on the GPU, being copied out
 PIECE_BYTES = 2 << 20  # one reader task
-
-
-def _mapping_of(a: np.ndarray) -> mmap.mmap | None:
-    base = a
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    return base
-
-
-def prefetch(arrays) -> None:
-    """Asks the kernel to start reading the file pages behind mapped arrays (MADV_WILLNEED), so
-    that a cold read runs ahead of the reader threads' page faults."""
-    if not hasattr(mmap, "MADV_WILLNEED"):
-        return
-    page = mmap.PAGESIZE
-    for a in arrays:
-        mm = _mapping_of(a)
-        if mm is None or a.size == 0:
-            continue
-        start = a.__array_interface__["data"][0] - np.frombuffer(mm, np.uint8, count=1).__array_interface__["data"][0]
-        length = (a.shape[0] - 1) * a.strides[0] + a.shape[-1] * a.itemsize if a.ndim == 2 else a.nbytes
-        first = start // page * page
-        try:
-            mm.madvise(mmap.MADV_WILLNEED, first, min(len(mm), start + length) - first)
-        except (OSError, ValueError):
-            return
 
 
 class CpuPacker:
@@ -141,7 +113,6 @@ class CudaPacker:
         if not jobs:
             return []
         torch = self.torch
-        prefetch([a for src, _, _, _ in jobs for a in (src.weight, src.scales) if a is not None])
         chunks = self._chunks(jobs)
         plans = [plan_batch(method, [jobs[i] for i in chunk]) for chunk in chunks]
         self._ensure_slots(max(p.in_bytes for p in plans), max(p.out_bytes for p in plans))

@@ -1,8 +1,9 @@
-"""The conversion: plan, then stream layer by layer (read mapped source -> pack -> write),
-resuming from the manifest of an earlier run into the same output directory."""
+"""The conversion: plan, then stream layer by layer (read source with pread, one batch ahead ->
+pack -> write), resuming from the manifest of an earlier run into the same output directory."""
 from __future__ import annotations
 
 import errno
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
 from kt_runtime.digest import tree_sha256_files
-from kt_runtime.manifest import Manifest, write_manifest
+from kt_runtime.manifest import Manifest, ManifestError, read_manifest, write_manifest
 from quant import get_method
 from quant.cpu import PackTarget
 from quant.numa import shard_slice
@@ -20,9 +21,10 @@ from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .output_dir import OutputLock, check_output_location, copy_model_files, prepare_output, write_index
 from .packers import make_packer
-from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
+from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix, source_slabs
 from .progress import Progress
-from .source import COPIED_FILES, Checkpoint, open_checkpoint
+from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
+from .source_reader import Slab, SourceStream, default_read_threads
 from .writer import KtFolderWriter, MergedShardWriter
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
@@ -43,6 +45,7 @@ class ConvertOptions:
     allow_nonfinite: bool = False
     progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
     resume_layer: int | None = None
+    layers: list[int] | None = None  # --layers: convert only these MoE layers (the output says it is partial)
 
 
 @dataclass
@@ -63,6 +66,8 @@ class ConversionReport:
     output_bytes: int  # packed bytes written in this run
     seconds: float
     nonfinite: dict[str, int] = field(default_factory=dict)
+    partial: bool = False  # --layers left out MoE layers of the model
+    model_layers: int = 0  # MoE layers of the whole model
 
     @property
     def input_gb_per_s(self) -> float:
@@ -77,7 +82,21 @@ class ConversionReport:
         return (f"{self.layers_converted} layers converted, {self.layers_resumed} already done, "
                 f"{self.experts_per_layer} experts each ({self.method}, threadpool count {self.threadpool_count}, "
                 f"{self.device}): {self.input_bytes / 1e9:.2f} GB in, {self.output_bytes / 1e9:.2f} GB out, "
-                f"{self.seconds:.1f} s, {self.input_gb_per_s:.2f} GB/s -> {self.output}")
+                f"{self.seconds:.1f} s, {self.input_gb_per_s:.2f} GB/s -> {self.output}"
+                + (f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
+                   "(--layers); kt_manifest.json says so" if self.partial else ""))
+
+
+def max_cpu_threads() -> int:
+    """The most packing threads accepted: more than 4 per CPU only adds switching (and memory)."""
+    return max(256, 4 * (os.cpu_count() or 1))
+
+
+def check_cpu_threads(n) -> int:
+    limit = max_cpu_threads()
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= limit:
+        raise UserError(f"--cpuinfer-threads must be between 0 (every core) and {limit} (4 per CPU here), got {n!r}")
+    return n
 
 
 def resolve_device(device: str) -> str:
@@ -101,6 +120,7 @@ def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOption
                     num_experts_per_tok=plan.num_experts_per_tok, layers=[lp.layer for lp in plan.layers],
                     layout="merged" if opts.merge else "kt-folders", activation=plan.activation,
                     swiglu_limit=plan.swiglu_limit, num_shards=plan.num_shards,
+                    model_layers=list(plan.model_layers), partial=plan.partial,
                     source=source, options={"include_non_expert": opts.include_non_expert},
                     converter_version=__version__, format_version=FORMAT_VERSION)
 
@@ -120,9 +140,21 @@ def experts_per_batch(plan: ConversionPlan) -> int:
     return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
 
 
+def layer_batches(plan: ConversionPlan, lp: LayerPlan) -> list[list[Slab]]:
+    """The source slabs of each pack batch of a layer, in order (what the SourceStream reads)."""
+    batch = experts_per_batch(plan)
+    out = []
+    for e0 in range(0, plan.num_experts, batch):
+        slabs = {s: None for e in range(e0, min(plan.num_experts, e0 + batch))
+                 for proj in PROJECTIONS for s in source_slabs(lp.experts[e][proj])}
+        out.append(list(slabs))
+    return out
+
+
 def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer, opts: ConvertOptions,
-                  progress: Progress, nonfinite: dict[str, int], packer) -> None:
-    """packer: from convert.packers.make_packer (CPU or CUDA; the same bytes)."""
+                  progress: Progress, nonfinite: dict[str, int], packer, source: SourceStream) -> None:
+    """packer: from convert.packers.make_packer (CPU or CUDA; the same bytes). source: the stream
+    whose next batches are this layer's (layer_batches)."""
     method, numa = plan.method, plan.threadpool_count
     batch = experts_per_batch(plan)
     bytes_per_expert = lp.input_bytes // plan.num_experts
@@ -139,21 +171,22 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-writer") as io:
         pending = None
         for e0 in range(0, plan.num_experts, batch):
-            jobs, outputs, keys, sources = [], [], [], set()
-            for expert in range(e0, min(plan.num_experts, e0 + batch)):
-                for proj in PROJECTIONS:
-                    src_ref = lp.experts[expert][proj]
-                    sources.update(k for k in (src_ref.weight_key, src_ref.scale_key) if k)
-                    src = read_source_matrix(ckpt, src_ref)
-                    for t in range(numa):
-                        s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, numa, t)
-                        dst = PackTarget.empty(method, s.n, s.k)
-                        jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
-                        outputs.append((expert, proj, t, dst))
-                        keys.append(src_ref.weight_key)
-            counts = packer(method, jobs)
-            for key in sources:  # read once: keeps resident memory to about a batch of source
-                ckpt.release(key)
+            data = source.next()
+            try:
+                jobs, outputs, keys = [], [], []
+                for expert in range(e0, min(plan.num_experts, e0 + batch)):
+                    for proj in PROJECTIONS:
+                        src_ref = lp.experts[expert][proj]
+                        src = read_source_matrix(src_ref, data)
+                        for t in range(numa):
+                            s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, numa, t)
+                            dst = PackTarget.empty(method, s.n, s.k)
+                            jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
+                            outputs.append((expert, proj, t, dst))
+                            keys.append(src_ref.weight_key)
+                counts = packer(method, jobs)
+            finally:
+                data.release()  # the packer is done with the source buffer: the stream refills it
             for key, count in zip(keys, counts):
                 if count:
                     nonfinite[key] = nonfinite.get(key, 0) + count
@@ -188,7 +221,7 @@ def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
     writer = MergedShardWriter(out, name, -1, entries, {"format": "pt"})
     try:
         for src, new in tensors:
-            writer.write(new, ckpt.files[ckpt.key_file[src]].raw(src))
+            writer.write(new, ckpt.read_tensor(src))
         writer.commit()
     except BaseException:
         writer.abort()
@@ -198,6 +231,7 @@ def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
 
 def convert(opts: ConvertOptions) -> ConversionReport:
     start = time.perf_counter()
+    check_cpu_threads(opts.cpuinfer_threads)
     device = resolve_device(opts.device)
     try:
         method = get_method(opts.quant_method)
@@ -207,7 +241,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     try:
         layout = "merged" if opts.merge else "kt-folders"
         plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
-                          extra_shards=1 if opts.include_non_expert and opts.merge else 0)
+                          extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
         non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
                       if opts.include_non_expert and opts.merge else [])
         return _run(ckpt, plan, opts, device, start, non_expert)
@@ -225,7 +259,9 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
     except OSError as e:
         raise _os_error(e, out) from None
     try:
-        manifest = prepare_output(out, ckpt.root, planned_manifest(plan, ckpt, opts), opts.overwrite)
+        planned = planned_manifest(plan, ckpt, opts)
+        _refuse_changed_source(out, planned, opts.overwrite)
+        manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
         progress = Progress(0, len(plan.layers), opts.progress)
         _verify_completed(out, manifest, progress)
         todo = [lp for lp in plan.layers if lp.layer not in manifest.completed]
@@ -243,6 +279,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
         packer = make_packer(device, opts.cpuinfer_threads)
+        source = SourceStream(ckpt, [b for lp in todo for b in layer_batches(plan, lp)], threads=default_read_threads())
         # A layer's fsync, rename and manifest update run on this thread while the next layer is
         # packed; one at a time and in order, so the manifest only ever lists committed layers.
         committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-commit")
@@ -257,7 +294,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                 else:
                     writer = KtFolderWriter(out, lp.layer, plan.method.name)
                 try:
-                    convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite, packer=packer)
+                    convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite, packer=packer, source=source)
                 except BaseException:
                     writer.abort()
                     raise
@@ -270,6 +307,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             _finish(ckpt, plan, out, manifest, opts, non_expert)
         finally:
             committer.shutdown(wait=True)  # never leave a commit running past the lock
+            source.close()
             packer.close()
             progress.close()
     except OSError as e:
@@ -282,7 +320,25 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         layers=len(plan.layers), layers_converted=len(todo), layers_resumed=len(plan.layers) - len(todo),
         experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
         input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
-        seconds=time.perf_counter() - start, nonfinite=nonfinite)
+        seconds=time.perf_counter() - start, nonfinite=nonfinite, partial=plan.partial,
+        model_layers=len(plan.model_layers))
+
+
+def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> None:
+    """A resume from sources that changed since the output was started (a file rewritten: other
+    size, modification time or header) would mix two models: stop and say which files."""
+    if overwrite:
+        return
+    try:
+        existing = read_manifest(out)
+    except ManifestError:
+        return  # prepare_output reports it
+    what = describe_source_change(existing.source, planned.source) if existing is not None else None
+    if what is None:
+        return  # the same files (or not comparable: prepare_output compares the fingerprints)
+    raise UserError(f"{out} was converted from source files that have changed since ({what}): its layers "
+                    "cannot be resumed. Pass --overwrite to convert again from the current files, or use "
+                    "another output directory")
 
 
 def _commit_layer(writer, layer: int, out: Path, manifest: Manifest) -> None:
@@ -315,6 +371,8 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
             extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), non_expert)
             weight_map.update(extra_map)
             total += extra_bytes
+    ckpt.check_unchanged()  # every byte converted was read from the source files as they were when opened
+    if opts.merge:
         write_index(out, weight_map, total)
     manifest.complete = True
     write_manifest(out, manifest)

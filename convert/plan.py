@@ -2,11 +2,13 @@
 safetensors headers before any weight is read."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kt_runtime.format import layer_tensor_entries, shard_file_name
+from kt_runtime.json_fields import REQUIRED, FieldError, describe, get_dict, get_int, get_int_list, get_number, get_str
 from quant import QuantMethod
 from quant.cpu import SourceMatrix
 from quant.numa import PROJECTIONS, full_shape
@@ -14,6 +16,7 @@ from quant.numa import PROJECTIONS, full_shape
 from .errors import UserError
 from .families import Family, describe_unknown, detect_family
 from .source import Checkpoint
+from .source_reader import Slab
 
 # --input-type values and the source kinds (decoders) they cover.
 INPUT_TYPES = {"fp4": "mxfp4", "fp8": "fp8_block", "bf16": "bf16", "fp16": "f16", "int4": "int4_group"}
@@ -42,14 +45,16 @@ class ProjectionSource:
     block: tuple[int, int] | None = None
 
 
-def read_source_matrix(ckpt: Checkpoint, src: ProjectionSource) -> SourceMatrix:
-    """The projection as a SourceMatrix over the mapped file: views where the layout allows, one
-    expert matrix copied where it is stored transposed."""
-    w = ckpt.array(src.weight_key)
-    s = ckpt.array(src.scale_key) if src.scale_key is not None else None
-    if src.expert is not None:
-        w = w[src.expert]
-        s = s[src.expert] if s is not None else None
+def source_slabs(src: ProjectionSource) -> list[Slab]:
+    """The byte ranges read_source_matrix needs: one expert's part of a fused tensor, or the tensor."""
+    return [Slab(k, src.expert) for k in (src.weight_key, src.scale_key) if k is not None]
+
+
+def read_source_matrix(src: ProjectionSource, batch) -> SourceMatrix:
+    """The projection as a SourceMatrix over the slabs a SourceStream read (batch[Slab] -> array):
+    views where the layout allows, one expert matrix copied where it is stored transposed."""
+    w = batch[Slab(src.weight_key, src.expert)]
+    s = batch[Slab(src.scale_key, src.expert)] if src.scale_key is not None else None
     if src.kind == "mxfp4":
         w = w.view(np.uint8)
         if w.ndim == 3:  # gpt-oss [N, K/32, 16]: contiguous blocks of one row = [N, K/2]
@@ -92,6 +97,7 @@ class ConversionPlan:
     swiglu_limit: float | None
     layout: str  # merged | kt-folders
     layers: list[LayerPlan] = field(default_factory=list)
+    model_layers: list[int] = field(default_factory=list)  # every MoE layer of the model
     skipped_mtp_keys: int = 0
     skipped_mtp_layers: list[str] = field(default_factory=list)
     routed_keys: set[str] = field(default_factory=set)  # every routed-expert tensor, MTP ones included
@@ -99,6 +105,11 @@ class ConversionPlan:
     # facts the runtime needs that are not packed (manifest `source`): expert layout, activation
     # parameters, expert tensors left unpacked (gpt-oss biases), config dtype
     source_info: dict = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        """--layers left out some MoE layers of the model."""
+        return [lp.layer for lp in self.layers] != self.model_layers
 
     @property
     def num_shards(self) -> int:
@@ -113,17 +124,98 @@ class ConversionPlan:
         return sum(lp.output_bytes for lp in self.layers)
 
 
-def text_config(config: dict) -> dict:
-    inner = config.get("text_config")
-    return {**config, **inner} if isinstance(inner, dict) else config
+MAX_DIM = 1 << 20  # hidden / intermediate sizes (the largest real ones are ~2**14)
+MAX_EXPERTS = 1 << 16
+MAX_LAYERS = 1 << 16
+MAX_BLOCK = 1 << 16  # FP8 block and INT4 group sizes
 
 
-def _config_int(cfg: dict, keys: tuple[str, ...], what: str, where: str) -> int:
-    for key in keys:
-        value = cfg.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    raise UserError(f"{where}: no {what} (looked for {', '.join(keys)}); add it to config.json")
+class ConfigFields:
+    """Typed reads of config.json (kt_runtime.json_fields): a missing field, a wrong type or a
+    value out of range is exit 2 naming the file and the field."""
+
+    def __init__(self, cfg: dict, where: str, path: str = ""):
+        self.cfg, self.where, self.path = cfg, where, path  # path: "quantization_config." for nested objects
+
+    def _call(self, fn, key, **kw):
+        try:
+            return fn(self.cfg, key, self.where, path=self.path, **kw)
+        except FieldError as e:
+            fix = "add it to config.json" if self.cfg.get(key) is None else "fix config.json (or re-download it)"
+            raise UserError(f"{e}; {fix}") from None
+
+    def int(self, key: str, lo: int | None = 1, hi: int | None = None, default=REQUIRED):
+        return self._call(get_int, key, lo=lo, hi=hi, default=default)
+
+    def first_int(self, keys: tuple[str, ...], what: str, lo: int = 1, hi: int | None = None) -> int:
+        """The first of `keys` that is present (not null), checked; exit 2 if none is."""
+        for key in keys:
+            if self.cfg.get(key) is not None:
+                return self.int(key, lo=lo, hi=hi)
+        raise UserError(f"{self.where}: no {what} (looked for {', '.join(keys)}); add it to config.json")
+
+    def number(self, key: str, positive: bool = False, default=REQUIRED):
+        return self._call(get_number, key, positive=positive, default=default)
+
+    def str(self, key: str, default=REQUIRED, choices=None):
+        return self._call(get_str, key, default=default, choices=choices)
+
+    def int_list(self, key: str, lo=None, hi=None, length=None, default=REQUIRED):
+        return self._call(get_int_list, key, lo=lo, hi=hi, length=length, default=default)
+
+    def object(self, key: str) -> "ConfigFields | None":
+        """A nested object as ConfigFields, or None when absent."""
+        value = self._call(get_dict, key, default=None)
+        return None if value is None else ConfigFields(value, self.where, f"{self.path}{key}.")
+
+
+def text_config(config: dict, where: str = "config.json") -> dict:
+    """The language model's config: text_config (VL wrappers, Qwen3.5) merged over the top level."""
+    inner = ConfigFields(config, where).object("text_config")
+    return {**config, **inner.cfg} if inner is not None else config
+
+
+def config_moe_layers(family: Family, cfg: ConfigFields, num_layers: int) -> tuple[list[int], str]:
+    """The decoder layers config.json makes MoE, by the family's rule, and the rule in words."""
+    if family.moe_layer_rule == "first_k_dense":
+        k = cfg.int("first_k_dense_replace", lo=0, hi=num_layers, default=0)
+        freq = cfg.int("moe_layer_freq", lo=1, hi=MAX_LAYERS, default=1)
+        rule = f"first_k_dense_replace {k}" + (f", moe_layer_freq {freq}" if freq != 1 else "")
+        return [L for L in range(num_layers) if L >= k and L % freq == 0], rule
+    if family.moe_layer_rule == "sparse_step":
+        step = cfg.int("decoder_sparse_step", lo=1, hi=MAX_LAYERS, default=1)
+        dense = set(cfg.int_list("mlp_only_layers", lo=0, hi=MAX_LAYERS, default=[]))
+        rule = f"decoder_sparse_step {step}" + (f", mlp_only_layers {layer_spec(sorted(dense))}" if dense else "")
+        return [L for L in range(num_layers) if L not in dense and (L + 1) % step == 0], rule
+    return list(range(num_layers)), f"every layer of {family.name} is MoE"
+
+
+def layer_spec(layers) -> str:
+    """[0, 1, 2, 3, 7] -> "0-3,7" (the --layers syntax)."""
+    out, layers = [], sorted(layers)
+    i = 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        out.append(str(layers[i]) if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def parse_layer_spec(spec: str) -> list[int]:
+    """ "0-3,7" -> [0, 1, 2, 3, 7]; ValueError with the reason."""
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or len(lo) > 6 or len(hi) > 6:
+            raise ValueError(f"{part!r} is not a layer number or a range like 0-3")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a:
+            raise ValueError(f"range {part!r} runs backwards")
+        layers.update(range(a, b + 1))
+    return sorted(layers)
 
 
 def alignment_problem(method: QuantMethod, hidden: int, inter: int, numa: int) -> str | None:
@@ -178,36 +270,36 @@ def _cdiv(a: int, b: int) -> int:
 class _Quant:
     """Block sizes from config.json's quantization_config, read once and only when needed."""
 
-    def __init__(self, cfg: dict, where: str):
-        qc = cfg.get("quantization_config")
-        self.qc = qc if isinstance(qc, dict) else {}
-        self.where = where
+    def __init__(self, cfg: ConfigFields):
+        self.qc = cfg.object("quantization_config") or ConfigFields({}, cfg.where, "quantization_config.")
+        self.where = cfg.where
 
     def fp8_block(self) -> tuple[int, int]:
-        b = self.qc.get("weight_block_size")
-        if not (isinstance(b, list) and len(b) == 2 and all(isinstance(x, int) and x > 0 for x in b)):
+        if self.qc.cfg.get("weight_block_size") is None:
             raise UserError(f"{self.where}: FP8 expert weights need quantization_config.weight_block_size "
-                            f"(e.g. [128, 128]); found {b!r}")
-        return b[0], b[1]
+                            "(e.g. [128, 128]); add it to config.json")
+        bn, bk = self.qc.int_list("weight_block_size", lo=1, hi=MAX_BLOCK, length=2)
+        return bn, bk
 
     def int4_group(self) -> int:
-        if self.qc.get("quant_method") != "compressed-tensors" or self.qc.get("format") != "pack-quantized":
+        method = self.qc.str("quant_method", default=None)
+        fmt = self.qc.str("format", default=None)
+        if method != "compressed-tensors" or fmt != "pack-quantized":
             raise UserError(f"{self.where}: weight_packed experts need quantization_config quant_method "
-                            f"compressed-tensors with format pack-quantized; found {self.qc.get('quant_method')!r} / "
-                            f"{self.qc.get('format')!r}")
-        groups = self.qc.get("config_groups") or {}
-        for name, group in (groups.items() if isinstance(groups, dict) else ()):
-            w = (group or {}).get("weights") or {}
-            if w.get("num_bits") != 4:
+                            f"compressed-tensors with format pack-quantized; found {method!r} / {fmt!r}")
+        groups = self.qc.object("config_groups")
+        for name in (groups.cfg if groups is not None else {}):
+            group = groups.object(name)
+            w = group.object("weights") if group is not None else None
+            if w is None or w.cfg.get("num_bits") != 4:
                 continue
-            if w.get("type", "int") != "int" or w.get("symmetric") is False or w.get("strategy") != "group":
+            kind, symmetric = w.str("type", default="int"), w.cfg.get("symmetric", True)
+            strategy = w.str("strategy", default=None)
+            if kind != "int" or symmetric is not True or strategy != "group":
                 raise UserError(f"{self.where}: config_groups.{name}: only symmetric int4 with strategy group is "
-                                f"supported (found type {w.get('type')!r}, symmetric {w.get('symmetric')!r}, "
-                                f"strategy {w.get('strategy')!r})")
-            g = w.get("group_size")
-            if not isinstance(g, int) or g <= 0:
-                raise UserError(f"{self.where}: config_groups.{name}.weights.group_size must be a positive int, got {g!r}")
-            return g
+                                f"supported (found type {describe(kind)}, symmetric {describe(symmetric)}, "
+                                f"strategy {describe(strategy)})")
+            return w.int("group_size", lo=1, hi=MAX_BLOCK)
         raise UserError(f"{self.where}: quantization_config.config_groups has no 4-bit weight group")
 
 
@@ -226,7 +318,7 @@ def _classify(ckpt: Checkpoint, parts: dict[str, str], shape: tuple[int, int], q
         if key.replace("weight_packed", "weight_zero_point") in ckpt.key_file:
             raise UserError(f"{ckpt.where(key)}: {key} has a weight_zero_point: asymmetric INT4 is not supported")
         if "shape" in parts:
-            stored = [int(x) for x in ckpt.array(parts["shape"]).reshape(-1)]
+            stored = [int(x) for x in ckpt.read_tensor(parts["shape"]).reshape(-1)]
             if stored != [n, k]:
                 raise UserError(f"{ckpt.where(parts['shape'])}: {parts['shape']} says {stored}, expected {[n, k]} "
                                 "(config.json dims do not match the weights)")
@@ -300,18 +392,86 @@ def _fused_sources(ckpt: Checkpoint, family: Family, projs: dict[str, dict[str, 
              "down": ProjectionSource(kind, down, expert=e, transposed=True)} for e in range(E)]
 
 
+def _marker_layers(family: Family, keys) -> set[int]:
+    """Layers that hold the family's MTP marker tensor (layers.L.eh_proj.weight for V3/GLM)."""
+    if family.mtp_count_key is None:
+        return set()
+    marker = re.compile(r"(?:^|\.)layers\.(\d{1,9})\." + re.escape(family.mtp_marker) + "$")
+    return {int(m[1]) for m in map(marker.search, keys) if m}
+
+
+def _incomplete_hint(ckpt: Checkpoint) -> str:
+    if not ckpt.unindexed:
+        return ""
+    names = ", ".join(ckpt.unindexed[:3]) + (" ..." if len(ckpt.unindexed) > 3 else "")
+    return (f" ({names} in the folder {'is' if len(ckpt.unindexed) == 1 else 'are'} not named by "
+            f"model.safetensors.index.json: is the index incomplete?)")
+
+
+def select_layers(ckpt: Checkpoint, family: Family, cfg: ConfigFields, found: set[int],
+                  requested: list[int] | None) -> tuple[list[int], list[int], list[int]]:
+    """(layers to convert, every MoE layer of the model, MTP layers skipped), from config.json AND
+    the tensors: any disagreement stops the run unless --layers narrows it (then only the listed
+    layers are checked)."""
+    where = cfg.where
+    num_layers = cfg.int("num_hidden_layers", hi=MAX_LAYERS)
+    expected, rule = config_moe_layers(family, cfg, num_layers)
+    mtp_count = cfg.int(family.mtp_count_key, lo=0, hi=MAX_LAYERS, default=0) if family.mtp_count_key else 0
+    markers = _marker_layers(family, ckpt.key_file)
+    beyond = sorted(L for L in found if L >= num_layers)
+    mtp = [L for L in beyond if L < num_layers + mtp_count and L in markers]
+    stray = [L for L in beyond if L not in mtp]
+    narrow = " or pass --layers to convert only some layers"
+    if requested is not None:
+        not_moe = sorted(set(requested) - set(expected))
+        if not_moe:
+            which = f"layer {not_moe[0]} is not a MoE layer" if len(not_moe) == 1 else \
+                f"layers {layer_spec(not_moe)} are not MoE layers"
+            raise UserError(f"--layers: {which} of this model: config.json makes layers "
+                            f"{layer_spec(expected) or 'none'} MoE (num_hidden_layers {num_layers}, {rule})")
+        todo = list(requested)
+    else:
+        if stray:
+            mtp_rule = (f" and {family.mtp_count_key} {mtp_count} (MTP layers are {num_layers}.."
+                        f"{num_layers + mtp_count - 1}, each with a {family.mtp_marker})" if mtp_count else
+                        f" and {family.name} keeps no MTP layers there" if family.mtp_count_key is None else
+                        f" and {family.mtp_count_key} 0")
+            raise UserError(f"{ckpt.root}: layers {layer_spec(stray)} hold routed-expert tensors, but {where} says "
+                            f"num_hidden_layers {num_layers}{mtp_rule}: config.json does not describe these weights "
+                            f"(is num_hidden_layers too small?); fix config.json,{narrow}")
+        dense_with_experts = sorted(L for L in found if L < num_layers and L not in set(expected))
+        if dense_with_experts:
+            raise UserError(f"{ckpt.root}: layers {layer_spec(dense_with_experts)} hold routed-expert tensors, but "
+                            f"{where} makes them dense ({rule}): config.json does not describe these weights; "
+                            f"fix config.json,{narrow}")
+        todo = expected
+    missing = sorted(set(todo) - found)
+    if missing:
+        raise UserError(f"{ckpt.root}: layers {layer_spec(missing)} have no routed-expert tensors, but {where} makes "
+                        f"them MoE (num_hidden_layers {num_layers}, {rule}){_incomplete_hint(ckpt)}: the checkpoint "
+                        f"is incomplete; fetch the missing files"
+                        + (f",{narrow}" if requested is None else " or drop them from --layers"))
+    return todo, expected, mtp
+
+
 def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, layout: str,
-               input_type: str = "auto", extra_shards: int = 0) -> ConversionPlan:
+               input_type: str = "auto", extra_shards: int = 0, layers: list[int] | None = None) -> ConversionPlan:
+    """layers: --layers (None: every MoE layer; the plan then covers the whole model or stops)."""
     where = str(ckpt.root / "config.json")
-    cfg = text_config(ckpt.config)
-    family = detect_family(cfg.get("model_type"), ckpt.key_file)
+    fields = ConfigFields(text_config(ckpt.config, where), where)
+    model_type = fields.str("model_type", default=None)
+    family = detect_family(model_type, ckpt.key_file)
     if family is None:
-        raise UserError(f"{where}: {describe_unknown(cfg.get('model_type'), ckpt.key_file)}")
-    hidden = _config_int(cfg, ("hidden_size",), "hidden_size", where)
-    inter = _config_int(cfg, family.intermediate_keys, "routed-expert intermediate size", where)
-    num_experts = _config_int(cfg, family.expert_count_keys, "routed expert count", where)
-    top_k = _config_int(cfg, ("num_experts_per_tok", "num_experts_per_token", "experts_per_token"),
-                        "num_experts_per_tok", where)
+        raise UserError(f"{where}: {describe_unknown(model_type, ckpt.key_file)}")
+    hidden = fields.int("hidden_size", hi=MAX_DIM)
+    inter = fields.first_int(family.intermediate_keys, "routed-expert intermediate size", hi=MAX_DIM)
+    num_experts = fields.first_int(family.expert_count_keys, "routed expert count", hi=MAX_EXPERTS)
+    top_k_keys = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token")
+    top_k = fields.first_int(top_k_keys, "num_experts_per_tok", hi=MAX_EXPERTS)
+    if top_k > num_experts:
+        raise UserError(f"{where}: num_experts_per_tok {top_k} exceeds the {num_experts} routed experts; "
+                        "fix config.json")
+    swiglu = fields.number("swiglu_limit", positive=True, default=None)
     if threadpool_count < 1:
         raise UserError(f"--threadpool-count must be at least 1, got {threadpool_count}")
     check_alignment(method, hidden, inter, threadpool_count)
@@ -320,7 +480,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     found: dict[int, dict[int | None, dict[str, dict[str, str]]]] = {}
     skipped_mtp = 0
     routed = set()
-    biases = []
+    biases: dict[str, int] = {}
     for key in ckpt.key_file:
         if family.is_mtp(key):
             skipped_mtp += 1
@@ -331,28 +491,25 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
             continue
         layer, expert, proj, part = hit
         if part == "bias":  # not packed: left for the runtime (kt does not copy it either: convert/non_expert.py)
-            biases.append(key)
+            biases[key] = layer
             continue
         routed.add(key)
         found.setdefault(layer, {}).setdefault(expert, {}).setdefault(proj, {})[part] = key
     if not found:
         raise UserError(f"{ckpt.root}: config.json names family {family.name}, but none of its routed-expert keys "
                         f"were found (e.g. {family.expert_keys[0].pattern}); {describe_unknown(None, ckpt.key_file)}")
-    num_layers = cfg.get("num_hidden_layers")
-    mtp_layers = [layer for layer in found if isinstance(num_layers, int) and layer >= num_layers]
+    todo, model_layers, mtp_layers = select_layers(ckpt, family, fields, set(found), layers)
     for layer in mtp_layers:  # V3/GLM put MTP at index num_hidden_layers
-        skipped_mtp += sum(len(parts) for e in found.pop(layer).values() for parts in e.values())
-    mtp_biases = [k for k in biases if family.match_expert(k)[0] in mtp_layers]
-    biases = sorted(set(biases) - set(mtp_biases))
+        skipped_mtp += sum(len(parts) for e in found[layer].values() for parts in e.values())
 
-    swiglu = _swiglu_limit(cfg)
     plan = ConversionPlan(family.name, "auto", method, threadpool_count, hidden, inter, num_experts, top_k,
                           family.activation, swiglu if swiglu is not None else family.default_swiglu_limit, layout,
-                          skipped_mtp_keys=skipped_mtp, skipped_mtp_layers=[str(x) for x in sorted(mtp_layers)],
+                          model_layers=model_layers, skipped_mtp_keys=skipped_mtp,
+                          skipped_mtp_layers=[str(x) for x in mtp_layers],
                           routed_keys=routed, extra_shards=extra_shards if layout == "merged" else 0)
-    quant = _Quant(cfg, where)
+    quant = _Quant(fields)
     kinds = set()
-    for layer in sorted(found):
+    for layer in todo:
         by_expert = found[layer]
         if family.fused:
             if set(by_expert) != {None}:
@@ -364,13 +521,14 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
                 projs = by_expert.get(expert)
                 if projs is None:
                     raise UserError(f"{ckpt.root}: layer {layer} has no tensors for expert {expert} "
-                                    f"(config says {num_experts} experts); the checkpoint is incomplete")
+                                    f"(config says {num_experts} experts){_incomplete_hint(ckpt)}; the checkpoint "
+                                    "is incomplete")
                 per_proj = {}
                 for proj in PROJECTIONS:
                     parts = projs.get(proj)
                     if not parts:
-                        raise UserError(f"{ckpt.root}: layer {layer} expert {expert} has no {proj} weight; "
-                                        "the checkpoint is incomplete")
+                        raise UserError(f"{ckpt.root}: layer {layer} expert {expert} has no {proj} weight"
+                                        f"{_incomplete_hint(ckpt)}; the checkpoint is incomplete")
                     per_proj[proj] = _classify(ckpt, parts, full_shape(proj, hidden, inter), quant)
                 experts.append(per_proj)
             extra = sorted(e for e in by_expert if e >= num_experts)
@@ -389,7 +547,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
         hint = f"drop --input-type or pass --input-type {detected}" if len(kinds) == 1 else "drop --input-type"
         raise UserError(f"--input-type {input_type} does not match the checkpoint: its routed experts are "
                         f"{detected} ({family.name}); {hint}")
-    declared = cfg.get("expert_dtype")  # DeepSeek-V4: "fp4" (Flash) or "fp8" (Flash-Base)
+    declared = fields.str("expert_dtype", default=None)  # DeepSeek-V4: "fp4" (Flash) or "fp8" (Flash-Base)
     if declared in ("fp4", "fp8") and detected in ("fp4", "fp8") and declared != detected:
         raise UserError(f"{where}: expert_dtype is {declared!r} but the routed experts are stored as {detected} "
                         "(MXFP4: I8/U8/F4 + E8M0; FP8: F8_E4M3 + F32): the config and the weights come from "
@@ -398,9 +556,10 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     plan.source_info = {"expert_layout": family.layout}
     if family.activation_params:
         plan.source_info["activation_params"] = dict(family.activation_params)
-    if biases:
-        plan.source_info["unpacked_expert_tensors"] = biases
-    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+    kept_biases = sorted(k for k, layer in biases.items() if layer in set(todo))
+    if kept_biases:
+        plan.source_info["unpacked_expert_tensors"] = kept_biases
+    dtype = fields.str("dtype", default=None) or fields.str("torch_dtype", default=None)
     if dtype:
         plan.source_info["config_dtype"] = dtype
     for i, lp in enumerate(plan.layers, 1):
@@ -410,8 +569,3 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return shape[0] * (4 if dtype == "F32" else 1)
-
-
-def _swiglu_limit(cfg: dict) -> float | None:
-    value = cfg.get("swiglu_limit")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None

@@ -20,10 +20,11 @@ class Estimate:
     disk_bytes: int  # what must be free: output + copied model files + margin
     batch_bytes: int  # packed bytes of one pack call
     peak_memory_bytes: int  # a bound on this process's resident memory, independent of model size
+    source_batch_bytes: int = 0  # source bytes of one pack call (read into a buffer)
 
     def describe(self) -> str:
         return (f"pre-flight: writing {_gb(self.output_bytes)}, peak memory about {_mb(self.peak_memory_bytes)} "
-                f"(packing batches of {_mb(self.batch_bytes)})")
+                f"(packing batches of {_mb(self.batch_bytes)} from {_mb(self.source_batch_bytes)} of source)")
 
 
 def _gb(n: int) -> str:
@@ -55,13 +56,16 @@ def estimate(plan, todo, batch_experts: int, threads: int, extra_bytes: int = 0)
     output = sum(lp.output_bytes for lp in todo) + extra_bytes
     per_expert = max((lp.output_bytes for lp in plan.layers), default=0) // max(1, plan.num_experts)
     batch = per_expert * max(1, batch_experts)
+    source_per_expert = max((lp.input_bytes for lp in plan.layers), default=0) // max(1, plan.num_experts)
+    source_batch = source_per_expert * max(1, batch_experts)
     threads = threads if threads > 0 else (os.cpu_count() or 1)
     # per packing thread: one source row as float32, its int8 codes and one tile block (kernels_cpp Scratch)
     k = max(plan.hidden_size, plan.moe_intermediate_size)
     scratch = threads * (k * 4 + k + 128 * k)
-    # the batch being packed and the previous one being written, both held until written
-    peak = BASE_MEMORY + 2 * batch + scratch
-    return Estimate(output, output + DISK_MARGIN, batch, peak)
+    # the batch being packed and the previous one being written, both held until written; the
+    # source buffers of the batch being packed and of the next one being read (convert.source_reader)
+    peak = BASE_MEMORY + 2 * batch + 2 * source_batch + scratch
+    return Estimate(output, output + DISK_MARGIN, batch, peak, source_batch)
 
 
 def check(est: Estimate, out: Path, copied_bytes: int = 0) -> None:
@@ -75,7 +79,8 @@ def check(est: Estimate, out: Path, copied_bytes: int = 0) -> None:
     avail = mem_available()
     if avail is not None and est.peak_memory_bytes > avail:
         raise UserError(f"not enough memory: converting needs about {_mb(est.peak_memory_bytes)} (two packing "
-                        f"batches of {_mb(est.batch_bytes)} plus {_mb(BASE_MEMORY)} for the process), "
+                        f"batches of {_mb(est.batch_bytes)}, two source buffers of {_mb(est.source_batch_bytes)} "
+                        f"plus {_mb(BASE_MEMORY)} for the process), "
                         f"{_mb(avail)} are available (MemAvailable); close other programs, then re-run")
 
 

@@ -1,17 +1,24 @@
 """Finding and opening a checkpoint: local dir, single .safetensors file, or a hub id resolved
-offline through the Hugging Face cache. Only headers are read here; tensors stay mapped."""
+offline through the Hugging Face cache. Only headers are read here (tensors are read later with
+pread, convert.source_reader). Every file the checkpoint names stays inside it and must be a
+regular file (kt_runtime.input_files); JSON files are read with a size cap and typed checks."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from kt_runtime.safetensors_file import SafetensorsFile, SafetensorsFormatError, TensorInfo
+from kt_runtime.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, InputFileError, check_regular, file_kind,
+                                    read_json, resolve_inside, size_text)
+from kt_runtime.json_fields import FieldError, describe, get_dict
+from kt_runtime.safetensors_file import (SafetensorsChangedError, SafetensorsFile, SafetensorsFormatError,
+                                         TensorInfo)
 
 from .errors import UserError
 
@@ -21,6 +28,7 @@ INDEX_NAME = "model.safetensors.index.json"
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
                 "added_tokens.json", "preprocessor_config.json")
+COPIED_MAX_BYTES = 256 << 20  # tokenizer.json of real models: up to ~35 MB
 
 
 @dataclass
@@ -29,31 +37,46 @@ class Checkpoint:
     config: dict  # config.json as written (text_config not unwrapped)
     files: dict[str, SafetensorsFile]  # by file name relative to root
     key_file: dict[str, str]  # tensor key -> file name
+    # .safetensors files in the folder that the index does not name (a hint when tensors are missing)
+    unindexed: list[str] = field(default_factory=list)
 
     def info(self, key: str) -> TensorInfo:
         return self.files[self.key_file[key]].tensors[key]
 
-    def array(self, key: str) -> np.ndarray:
-        return self.files[self.key_file[key]].array(key)
+    def file_of(self, key: str) -> SafetensorsFile:
+        return self.files[self.key_file[key]]
 
-    def release(self, key: str) -> None:
-        self.files[self.key_file[key]].release(key)
+    def read_tensor(self, key: str) -> np.ndarray:
+        """A copy of a (small) tensor, read with pread: exit 2 naming the file if it shrank."""
+        try:
+            return self.file_of(key).read(key)
+        except SafetensorsFormatError as e:
+            raise source_changed(e) from None
+
+    def check_unchanged(self) -> None:
+        """Exit 2 naming a source file whose size or mtime changed since it was opened."""
+        for f in self.files.values():
+            try:
+                f.check_unchanged()
+            except SafetensorsFormatError as e:
+                raise source_changed(e) from None
 
     def where(self, key: str) -> str:
         return str(self.root / self.key_file[key])
 
     @property
     def input_bytes(self) -> int:
-        return sum(f.path.stat().st_size for f in self.files.values())
+        return sum(f.size for f in self.files.values())
 
     def fingerprint(self) -> dict:
-        """Names, sizes and header hashes of the source files: changes whenever their content layout does."""
+        """Names, sizes, modification times and header hashes of the source files, as they were
+        when opened: changes whenever a file is rewritten, so that resume refuses a changed source."""
         listing = []
         for name in sorted(self.files):
             f = self.files[name]
             header = json.dumps({k: [v.dtype, list(v.shape), v.offset, v.nbytes] for k, v in f.tensors.items()},
                                 sort_keys=True).encode()
-            listing.append({"name": name, "size": f.path.stat().st_size,
+            listing.append({"name": name, "size": f.size, "mtime_ns": f.mtime_ns,
                             "header_sha256": hashlib.sha256(header).hexdigest()})
         digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
         return {"files": listing, "fingerprint": digest}
@@ -61,6 +84,32 @@ class Checkpoint:
     def close(self) -> None:
         for f in self.files.values():
             f.close()
+
+
+def source_changed(e: SafetensorsFormatError) -> UserError:
+    """A source that shrank or changed during the run (or cannot be read): exit 2 naming it."""
+    if isinstance(e, SafetensorsChangedError):
+        return UserError(f"{e}. Wait until it is complete (e.g. a download still running), then re-run with "
+                         "--overwrite: layers converted from the old contents cannot be kept")
+    return UserError(str(e))
+
+
+def describe_source_change(before: dict, now: dict) -> str | None:
+    """Which source files differ between two manifest `source` records, comparing the facts both
+    recorded (None if none does: same files, or a fingerprint of another converter version)."""
+    if before.get("fingerprint") == now.get("fingerprint"):
+        return None
+    old = {f.get("name"): f for f in before.get("files") or [] if isinstance(f, dict)}
+    new = {f["name"]: f for f in now.get("files", [])}
+    changes = [f"{n} is new" for n in sorted(new.keys() - old.keys())]
+    changes += [f"{n} is gone" for n in sorted(old.keys() - new.keys(), key=str)]
+    for n in sorted(new.keys() & old.keys()):
+        diff = [k for k in ("size", "mtime_ns", "header_sha256") if k in old[n] and old[n][k] != new[n].get(k)]
+        if diff:
+            changes.append(f"{n} ({', '.join('modification time' if k == 'mtime_ns' else k for k in diff)})")
+    if not changes:
+        return None
+    return "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
 
 
 def resolve_input(spec: str) -> Path:
@@ -103,56 +152,135 @@ def resolve_hub_id(repo: str, revision: str | None) -> Path:
                         "plain folder and pass that folder)") from None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json_object(root: Path, name: str, what: str, max_bytes: int) -> dict:
+    path = root / name
     try:
-        data = json.loads(path.read_text())
+        resolve_inside(root, name)
+        data = read_json(path, what=what, max_bytes=max_bytes)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; a checkpoint needs its {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read {what} ({e})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: {what} is not valid JSON ({e}); re-download it") from None
+    except InputFileError as e:
+        fix = "" if str(e).endswith(("re-download it", "instead of linking it")) else f"; put the real {what} there (re-download it)"
+        raise UserError(f"{e}{fix}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: {what} must be a JSON object")
+        raise UserError(f"{path}: {what} must be a JSON object, found {describe(data)}; re-download it")
     return data
 
 
-def _open(path: Path) -> SafetensorsFile:
+def _open(root: Path, name: str, named_by: str | None, contained: bool = True) -> SafetensorsFile:
+    """contained: check that root/name stays inside the checkpoint (not for the file the user named)."""
     try:
-        return SafetensorsFile(path)
+        if contained:
+            resolve_inside(root, name, named_by=named_by)
+        return SafetensorsFile(root / name)
+    except InputFileError as e:
+        raise UserError(f"{e}; re-download the checkpoint or fix the link") from None
     except SafetensorsFormatError as e:
         raise UserError(str(e)) from None
 
 
+def _index_shards(root: Path, index_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(tensor key -> shard name, shard name -> first key naming it) from the index, every value
+    checked: a plain relative file name inside the checkpoint, present."""
+    index = _read_json_object(root, INDEX_NAME, "safetensors index", INDEX_MAX_BYTES)
+    try:
+        weight_map = get_dict(index, "weight_map", str(index_path))
+    except FieldError as e:
+        raise UserError(f"{e}; re-download the index or delete it") from None
+    if not weight_map:
+        raise UserError(f"{index_path}: weight_map is empty; re-download the index or delete it")
+    first_key: dict[str, str] = {}
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise UserError(f"{index_path}: weight_map[{describe(key)}] must be a file name, found {describe(name)}; "
+                            "re-download the index or delete it")
+        first_key.setdefault(name, key)
+    for name, key in sorted(first_key.items()):
+        try:
+            real = resolve_inside(root, name, named_by=f"{index_path}: weight_map[{describe(key)}]")
+        except InputFileError as e:
+            raise UserError(f"{e}; re-download the index") from None
+        if not os.path.lexists(root / name) or not real.exists():
+            raise UserError(f"{index_path} names {name}, which is missing from {root}: "
+                            "the download is incomplete; fetch the missing file")
+    return weight_map, first_key
+
+
+def _check_copied_files(root: Path) -> None:
+    """The model files copied into the output (config, tokenizer, ...) must be regular files inside
+    the checkpoint and of a sane size: checked now, before any work."""
+    for name in COPIED_FILES:
+        if not os.path.lexists(root / name):
+            continue
+        try:
+            resolve_inside(root, name)
+            st = check_regular(root / name, what=name)
+        except FileNotFoundError:
+            raise UserError(f"{root / name} is a symlink to a missing file; re-download it or delete it") from None
+        except InputFileError as e:
+            raise UserError(f"{e}; replace it with the real file or delete it") from None
+        if st.st_size > COPIED_MAX_BYTES:
+            raise UserError(f"{root / name} is {size_text(st.st_size)}, more than the {size_text(COPIED_MAX_BYTES)} "
+                            f"allowed for a model file copied into the output; this is not a real {name}: "
+                            "re-download it or delete it")
+
+
 def open_checkpoint(spec: str) -> Checkpoint:
     path = resolve_input(spec)
-    if path.is_file():
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    index_keys: dict[str, str] | None = None
+    first_key: dict[str, str] = {}
+    unindexed: list[str] = []
+    single_file = stat.S_ISREG(st.st_mode)
+    if single_file:
         if path.suffix != ".safetensors":
             raise UserError(f"{path}: expected a directory or a .safetensors file")
         root, shard_names = path.parent, [path.name]
-    else:
+    elif stat.S_ISDIR(st.st_mode):
         root = path
         index_path = root / INDEX_NAME
-        if index_path.exists():
-            weight_map = _read_json(index_path, "safetensors index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise UserError(f"{index_path}: has no weight_map; re-download the index or delete it")
-            shard_names = sorted(set(weight_map.values()))
-            for name in shard_names:
-                if not (root / name).is_file():
-                    raise UserError(f"{index_path} names {name}, which is missing from {root}: "
-                                    "the download is incomplete; fetch the missing file")
+        on_disk = sorted(p.name for p in root.glob("*.safetensors"))
+        if os.path.lexists(index_path):
+            index_keys, first_key = _index_shards(root, index_path)
+            shard_names = sorted(first_key)
+            unindexed = sorted(set(on_disk) - set(shard_names))
         else:
-            shard_names = sorted(p.name for p in root.glob("*.safetensors"))
+            shard_names = on_disk
         if not shard_names:
             raise UserError(f"{root}: no .safetensors files found")
-    config = _read_json(root / "config.json", "config.json")
-    files = {name: _open(root / name) for name in shard_names}
+    else:
+        raise UserError(f"{path} is {file_kind(st.st_mode)}; pass a checkpoint directory or a .safetensors file")
+    config = _read_json_object(root, "config.json", "config.json", CONFIG_MAX_BYTES)
+    _check_copied_files(root)
+    files: dict[str, SafetensorsFile] = {}
+    try:
+        for name in shard_names:
+            named_by = f"{root / INDEX_NAME}: weight_map[{describe(first_key[name])}]" if name in first_key else None
+            files[name] = _open(root, name, named_by, contained=not single_file)
+    except BaseException:
+        for f in files.values():
+            f.close()
+        raise
     key_file: dict[str, str] = {}
     for name, f in files.items():
         for key in f.keys():
             if key in key_file:
+                for g in files.values():
+                    g.close()
                 raise UserError(f"tensor {key} is in two files ({key_file[key]} and {name}) under {root}: "
                                 "remove the stray copy")
             key_file[key] = name
-    return Checkpoint(root, config, files, key_file)
+    if index_keys is not None:
+        wrong = [(k, n) for k, n in index_keys.items() if key_file.get(k) != n]
+        if wrong:
+            key, name = wrong[0]
+            for g in files.values():
+                g.close()
+            where = f"it is in {key_file[key]}" if key in key_file else "no file holds it"
+            raise UserError(f"{root / INDEX_NAME} says tensor {key} is in {name}, but {where} "
+                            f"({len(wrong)} such entries): the index and the shards come from different downloads; "
+                            "re-download them")
+    return Checkpoint(root, config, files, key_file, unindexed)

@@ -1,7 +1,7 @@
 """Load packed experts (merged safetensors shards or kt .kt folders) zero-copy and validated."""
 from __future__ import annotations
 
-import json
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (FORMAT_VERSION, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
+from .format import (FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
                      layer_dir_name, layer_tensor_entries, merged_key, shard_shape, weight_bytes)
 from .digest import tree_sha256_files
+from .input_files import CONFIG_MAX_BYTES, InputFileError, check_regular, containment_root, read_json, resolve_inside
+from .json_fields import FieldError, get_int, get_number
 from .manifest import Manifest, ManifestError, read_manifest
 from .safetensors_file import SafetensorsFile, SafetensorsFormatError
 
@@ -57,11 +59,22 @@ class PackedExperts:
     activation = property(lambda self: self.dims.activation)
     swiglu_limit = property(lambda self: self.dims.swiglu_limit)
 
+    @property
+    def partial(self) -> bool:
+        """Converted with --layers: some MoE layers of the model are not in this output."""
+        return bool(self.manifest is not None and self.manifest.partial)
+
+    @property
+    def model_layers(self) -> list[int]:
+        """Every MoE layer of the source model (the same as `layers` unless partial)."""
+        recorded = self.manifest.model_layers if self.manifest is not None else None
+        return list(recorded) if recorded is not None else self.layers
+
     def __repr__(self) -> str:
         d = self.dims
         return (f"PackedExperts({str(self.path)!r}, method={d.method}, threadpool_count={d.threadpool_count}, "
-                f"layers={len(d.layers)}, experts={d.num_experts}, hidden={d.hidden_size}, "
-                f"intermediate={d.moe_intermediate_size})")
+                f"layers={len(d.layers)}{' of ' + str(len(self.model_layers)) + ' (partial)' if self.partial else ''}, "
+                f"experts={d.num_experts}, hidden={d.hidden_size}, intermediate={d.moe_intermediate_size})")
 
     def _check_index(self, layer: int, expert: int, proj: str, numa: int = 0) -> None:
         if layer not in self.dims.layers:
@@ -96,6 +109,21 @@ class PackedExperts:
 
 def _fail(msg: str) -> PackedWeightsError:
     return PackedWeightsError(msg)
+
+
+def _checked_file(root: Path, name: str, named_by: str | None = None, missing: str = "",
+                  boundary: Path | None = None) -> Path:
+    """root/name after the input rules (kt_runtime.input_files): inside the output folder (or its
+    hub-cache repo folder: `boundary`, computed once by the caller), a regular file. missing: the
+    message tail when it does not exist."""
+    try:
+        resolve_inside(root, name, named_by=named_by, root=boundary)
+        check_regular(root / name)
+    except FileNotFoundError:
+        raise _fail(f"{root / name}: missing{missing}") from None
+    except InputFileError as e:
+        raise _fail(f"{e}; this output cannot be trusted: re-run the conversion into an empty directory") from None
+    return root / name
 
 
 def _dims_from_manifest(m: Manifest) -> ModelDims:
@@ -141,12 +169,13 @@ def _check_metadata(st: SafetensorsFile, facts: dict[str, str], strict: bool) ->
 def _merged_tensors(path: Path, dims: ModelDims, files: dict[int, list[str]], manifest: Manifest | None = None) -> dict:
     tensors = {}
     open_files: dict[str, SafetensorsFile] = {}
+    boundary = containment_root(path)
     for layer in dims.layers:
         by_key: dict[str, SafetensorsFile] = {}
         facts = _shard_facts(dims, layer, manifest)
         for name in files[layer]:
             if name not in open_files:
-                open_files[name] = SafetensorsFile(path / name)
+                open_files[name] = SafetensorsFile(_checked_file(path, name, boundary=boundary))
                 _check_metadata(open_files[name], facts, strict=manifest is not None)
             by_key.update(dict.fromkeys(open_files[name].keys(), open_files[name]))
         where = open_files[files[layer][0]]
@@ -163,6 +192,7 @@ def _merged_tensors(path: Path, dims: ModelDims, files: dict[int, list[str]], ma
 
 def _kt_folder_tensors(path: Path, dims: ModelDims) -> dict:
     tensors = {}
+    boundary = containment_root(path)
     for layer in dims.layers:
         for expert in range(dims.num_experts):
             for proj in PROJECTIONS:
@@ -172,8 +202,8 @@ def _kt_folder_tensors(path: Path, dims: ModelDims) -> dict:
                     wpath, spath = kt_file_paths(path, layer, t, dims.method, proj, expert, q, n)
                     arrays = []
                     for p, dtype, count in ((wpath, np.uint8, q), (spath, np.float32, n)):
-                        if not p.is_file():
-                            raise _fail(f"{p}: missing; the output is incomplete: re-run the conversion")
+                        _checked_file(path, str(p.relative_to(path)), boundary=boundary,
+                                      missing="; the output is incomplete: re-run the conversion")
                         if p.stat().st_size != count * np.dtype(dtype).itemsize:
                             raise _fail(f"{p}: {p.stat().st_size} bytes, expected {count * np.dtype(dtype).itemsize}")
                         arrays.append(np.memmap(p, dtype=dtype, mode="r", shape=(count,)))
@@ -233,12 +263,11 @@ def _check_layer_records(path: Path, m: Manifest, dims: ModelDims) -> None:
 
 
 def _verify_layer_files(path: Path, m: Manifest, verify: bool) -> None:
+    boundary = containment_root(path)
     for layer in m.layers:
         rec = m.completed[layer]
-        paths = [path / f for f in rec.files]
-        for p in paths:
-            if not p.is_file():
-                raise _fail(f"{p}: missing although the manifest lists layer {layer} as complete")
+        paths = [_checked_file(path, f, f"{path / MANIFEST_FILE}: completed[{layer}].files",
+                               f" although the manifest lists layer {layer} as complete", boundary) for f in rec.files]
         size = sum(p.stat().st_size for p in paths)
         if size != rec.nbytes:
             raise _fail(f"{path}: layer {layer} files hold {size} bytes, the manifest says {rec.nbytes}: "
@@ -269,6 +298,11 @@ def load_experts(path: str | Path, verify: bool = True) -> PackedExperts:
             dims, tensors = _infer_kt_output(path)
             return PackedExperts(path, dims, None, tensors)
         dims = _dims_from_manifest(manifest)
+        if manifest.partial:
+            missing = sorted(set(manifest.model_layers or []) - set(manifest.layers))
+            warnings.warn(f"{path}: a partial output (converted with --layers): it holds MoE layers "
+                          f"{list(manifest.layers)} of the model, not {missing}; a model needs every MoE layer, "
+                          "so serve it only beside another source of those layers", stacklevel=2)
         files = _layer_files(path, manifest)
         _check_layer_records(path, manifest, dims)
         _verify_layer_files(path, manifest, verify)
@@ -290,18 +324,23 @@ _NUMA_DIR = re.compile(r"^_numa_(\d+)$")
 
 
 def _config_facts(path: Path) -> tuple[int, str, float | None]:
+    """top-k and swiglu_limit from the config.json copied beside an output without a manifest."""
+    where = path / "config.json"
     cfg = {}
-    if (path / "config.json").is_file():
+    if os.path.lexists(where):
         try:
-            cfg = json.loads((path / "config.json").read_text())
-            cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
-        except (OSError, ValueError, RecursionError):
-            cfg = {}
-    cfg = cfg if isinstance(cfg, dict) else {}
-    top_k, limit = cfg.get("num_experts_per_tok", 2), cfg.get("swiglu_limit")
-    top_k = top_k if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > 0 else 2
-    limit = float(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else None
-    return top_k, "silu", limit
+            resolve_inside(path, "config.json")
+            cfg = read_json(where, what="config.json", max_bytes=CONFIG_MAX_BYTES)
+            if isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):
+                cfg = {**cfg, **cfg["text_config"]}
+            top_k = get_int(cfg, "num_experts_per_tok", str(where), lo=1, default=2)
+            limit = get_number(cfg, "swiglu_limit", str(where), positive=True, default=None)
+        except FileNotFoundError:
+            raise _fail(f"{where}: a symlink to a missing file; delete it or copy the model's config.json") from None
+        except (InputFileError, FieldError) as e:
+            raise _fail(f"{e}; fix or delete {where}") from None
+        return top_k, "silu", limit
+    return 2, "silu", None
 
 
 def _infer_dims(path: Path, layers: set, experts: set, numas: set, gate_n: int, down_n: int, gate_bytes: int,
@@ -336,8 +375,9 @@ def _infer_kt_output(path: Path):
         layers, experts, numas = set(), set(), set()
         counts: dict[int, int] = {}
         gate_n = down_n = gate_bytes = 0
+        boundary = containment_root(path)
         for shard in shards:
-            st = SafetensorsFile(shard)
+            st = SafetensorsFile(_checked_file(path, shard.name, boundary=boundary))
             for key, info in st.tensors.items():
                 m = _MERGED_KEY.match(key)
                 if not m:

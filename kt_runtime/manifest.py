@@ -5,14 +5,18 @@ kt-kernel ignores it; our loader validates against it and the converter resumes 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .digest import DIGEST_NAME
 from .format import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
+from .input_files import (MANIFEST_MAX_BYTES, InputFileError, parse_json, read_capped, relative_name_problem,
+                          resolve_inside)
+from .json_fields import describe
 
 
 class ManifestError(ValueError):
@@ -47,6 +51,10 @@ class Manifest:
     digest: str = DIGEST_NAME  # how completed[*].sha256 is computed (kt_runtime.digest)
     completed: dict[int, LayerRecord] = field(default_factory=dict)
     complete: bool = False  # every layer, the index and the copied files are written
+    # Every MoE layer of the source model (None: not recorded, by converters before this field);
+    # `layers` is what was converted: fewer only when --layers narrowed the job, and then partial.
+    model_layers: list[int] | None = None
+    partial: bool = False
 
     @property
     def kt_method(self) -> str:
@@ -71,9 +79,9 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> "Manifest":
         try:
-            d = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            raise ManifestError(f"{where}: not valid JSON ({e}); re-run the conversion to rewrite it") from None
+            d = parse_json(text.encode(), Path(where), MANIFEST_FILE)
+        except InputFileError as e:
+            raise ManifestError(f"{str(e).removesuffix('; re-download it')}; re-run the conversion to rewrite it") from None
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: expected a JSON object")
         version = d.get("format_version")
@@ -130,8 +138,9 @@ class Manifest:
         if not isinstance(self.activation, str):
             bad(f"activation must be a string, got {self.activation!r}")
         if self.swiglu_limit is not None and (isinstance(self.swiglu_limit, bool)
-                                              or not isinstance(self.swiglu_limit, (int, float))):
-            bad(f"swiglu_limit must be a number or null, got {self.swiglu_limit!r}")
+                                              or not isinstance(self.swiglu_limit, (int, float))
+                                              or not 0 < self.swiglu_limit < math.inf):
+            bad(f"swiglu_limit must be a finite number > 0 or null, got {describe(self.swiglu_limit)}")
         if not _is_int(self.num_shards) or self.num_shards < 0:
             bad(f"num_shards must be a non-negative integer, got {self.num_shards!r}")
         for name in ("source", "options"):
@@ -146,7 +155,7 @@ class Manifest:
                 bad(f"completed layer {layer} is not among the planned layers")
             if rec.layer != layer or not _is_int(rec.layer):
                 bad(f"completed[{layer}] is a record of layer {rec.layer!r}")
-            if not isinstance(rec.files, list) or not rec.files or not all(_safe_relative(f) for f in rec.files):
+            if not isinstance(rec.files, list) or not rec.files or any(relative_name_problem(f) for f in rec.files):
                 bad(f"completed[{layer}].files must be a non-empty list of paths inside the output directory")
             if len(set(rec.files)) != len(rec.files):
                 bad(f"completed[{layer}].files lists a file twice")
@@ -156,6 +165,17 @@ class Manifest:
                 bad(f"completed[{layer}].sha256 is not a sha256 hex digest")
         if self.complete and len(self.completed) != len(self.layers):
             bad("complete is true but not every layer is completed")
+        if self.model_layers is not None:
+            if not isinstance(self.model_layers, list) or not all(_is_int(x) and x >= 0 for x in self.model_layers):
+                bad("model_layers must be a list of non-negative integers")
+            if not set(self.layers) <= set(self.model_layers):
+                bad("layers lists layers that model_layers does not")
+        if not isinstance(self.partial, bool):
+            bad(f"partial must be true or false, got {describe(self.partial)}")
+        narrowed = self.model_layers is not None and sorted(self.layers) != sorted(self.model_layers)
+        if self.partial != narrowed:
+            bad(f"partial is {str(self.partial).lower()} but layers {'differ from' if narrowed else 'equal'} "
+                "model_layers")
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -165,22 +185,22 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _safe_relative(name: Any) -> bool:
-    """A relative path that stays inside the output directory."""
-    if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
-        return False
-    p = PurePosixPath(name)
-    return not p.is_absolute() and ".." not in p.parts and p.parts[0] != "." and str(p) == name
-
-
 def read_manifest(out_dir: Path) -> Manifest | None:
+    """The manifest of an output directory (None if it has none): a regular file inside it, of at
+    most MANIFEST_MAX_BYTES, strictly checked; ManifestError otherwise."""
     path = Path(out_dir) / MANIFEST_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read ({e})") from None
+        resolve_inside(out_dir, MANIFEST_FILE)
+        data = read_capped(path, MANIFEST_MAX_BYTES, what=MANIFEST_FILE)
+        text = data.decode("utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: a symlink to a missing file; delete it") from None
+    except InputFileError as e:
+        raise ManifestError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start})") from None
     return Manifest.from_json(text, str(path))
 
 

@@ -9,8 +9,9 @@ relative to the data buffer) plus an optional ``"__metadata__"`` string->string 
 
 The reader validates the whole header up front (the same rules as the reference implementation:
 contiguous buffer, exact sizes, file ends where the last tensor ends) so that any later read is a
-plain slice of a read-only mmap: no copy and no way to read past the file.  Every problem with the
-file is reported as :class:`SafetensorsFormatError` whose message starts with the file path.
+plain slice of a read-only mmap (no copy) or a pread into a caller's buffer (no SIGBUS when another
+program truncates the file), and never past the file.  Every problem with the file is reported as
+:class:`SafetensorsFormatError` whose message starts with the file path.
 
 The writer side is :func:`plan_layout` (header bytes + absolute offsets, so callers can stream
 tensors to known positions) and :func:`save_file` (a convenience built on it).
@@ -23,15 +24,17 @@ import math
 import mmap
 import os
 import pathlib
-import stat
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, NoReturn
 
 import numpy as np
 
+from .input_files import InputFileError, open_regular
+
 __all__ = [
     "DTYPE_BITS",
     "MAX_HEADER_SIZE",
+    "SafetensorsChangedError",
     "SafetensorsFile",
     "SafetensorsFormatError",
     "TensorInfo",
@@ -102,6 +105,10 @@ class SafetensorsFormatError(ValueError):
     """
 
 
+class SafetensorsChangedError(SafetensorsFormatError):
+    """The file shrank or was modified after it was opened (another program writes it)."""
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -147,61 +154,64 @@ def _reject_constant(name: str) -> Any:
 
 
 class SafetensorsFile:
-    """A validated, read-only, memory-mapped safetensors file.
+    """A validated, read-only safetensors file.
 
-    Views returned by :meth:`raw` / :meth:`array` reference the mmap directly.  :meth:`close`
-    drops this object's reference; if views are still alive the mapping stays valid until the last
-    view is garbage-collected (numpy holds a buffer export on it), so closing never invalidates
-    memory that Python can still reach.  Truncating the file on disk while it is mapped is outside
-    what any mmap reader can defend against.
+    Two ways to get the bytes: :meth:`read_into` (pread into the caller's buffer: a file that
+    shrinks meanwhile gives a :class:`SafetensorsChangedError`, never a SIGBUS; what the converter
+    uses) and :meth:`raw` / :meth:`array` (zero-copy views of a read-only mmap made on first use;
+    what the loader uses). The file is opened only if it is a regular file (stat, then O_NONBLOCK
+    and fstat: a FIFO or device never blocks or is read). :meth:`close` drops this object's
+    references; views still alive keep the mapping valid until they are garbage-collected.
     """
 
     path: pathlib.Path
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo]
+    size: int  # bytes, at open
+    mtime_ns: int  # at open
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = pathlib.Path(path)
         self.metadata = {}
         self.tensors = {}
         self._mmap: mmap.mmap | None = None
+        self._fd = -1
+        self._closed = False
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    self._fail("is not a regular file; pass the path of a .safetensors file")
-                size = st.st_size
-                if size < 8:
-                    self._fail(
-                        f"file is {size} bytes, shorter than the 8-byte header length "
-                        f"(empty or truncated); {_REDOWNLOAD}"
-                    )
-                n = int.from_bytes(f.read(8), "little")
-                if n == 0:
-                    self._fail(f"header length is 0 (not a safetensors file); {_REDOWNLOAD}")
-                if n > MAX_HEADER_SIZE:
-                    self._fail(
-                        f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit "
-                        f"(not a safetensors file or corrupt first 8 bytes); {_REDOWNLOAD}"
-                    )
-                if 8 + n > size:
-                    self._fail(
-                        f"header length {n} runs past the end of the {size}-byte file "
-                        f"(truncated or not a safetensors file); {_REDOWNLOAD}"
-                    )
-                raw_header = f.read(n)
-                if len(raw_header) != n:
-                    self._fail(f"could read only {len(raw_header)} of {n} header bytes; {_REDOWNLOAD}")
-                data_end = self._parse_header(raw_header, n, size)
-                if 8 + n + data_end != size:
-                    what = "truncated" if 8 + n + data_end > size else "has trailing bytes"
-                    self._fail(
-                        f"file is {size} bytes but the header describes {8 + n + data_end} "
-                        f"(header 8+{n}, data {data_end}): the file {what}; {_REDOWNLOAD}"
-                    )
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                if len(self._mmap) != size:
-                    self._fail("file changed size while it was being opened; open it again")
+            try:
+                self._fd, st = open_regular(self.path, what="a safetensors file")
+            except InputFileError as e:
+                self._fail(f"{str(e).removeprefix(str(self.path)).lstrip(': ')}; pass the path of a .safetensors file")
+            size = self.size = st.st_size
+            self.mtime_ns = st.st_mtime_ns
+            if size < 8:
+                self._fail(
+                    f"file is {size} bytes, shorter than the 8-byte header length "
+                    f"(empty or truncated); {_REDOWNLOAD}"
+                )
+            n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+            if n == 0:
+                self._fail(f"header length is 0 (not a safetensors file); {_REDOWNLOAD}")
+            if n > MAX_HEADER_SIZE:
+                self._fail(
+                    f"header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit "
+                    f"(not a safetensors file or corrupt first 8 bytes); {_REDOWNLOAD}"
+                )
+            if 8 + n > size:
+                self._fail(
+                    f"header length {n} runs past the end of the {size}-byte file "
+                    f"(truncated or not a safetensors file); {_REDOWNLOAD}"
+                )
+            raw_header = os.pread(self._fd, n, 8)
+            if len(raw_header) != n:
+                self._fail(f"could read only {len(raw_header)} of {n} header bytes; {_REDOWNLOAD}")
+            data_end = self._parse_header(raw_header, n, size)
+            if 8 + n + data_end != size:
+                what = "truncated" if 8 + n + data_end > size else "has trailing bytes"
+                self._fail(
+                    f"file is {size} bytes but the header describes {8 + n + data_end} "
+                    f"(header 8+{n}, data {data_end}): the file {what}; {_REDOWNLOAD}"
+                )
         except SafetensorsFormatError:
             self.close()
             raise
@@ -319,17 +329,27 @@ class SafetensorsFile:
         return list(self.tensors)
 
     def _info(self, name: str) -> TensorInfo:
-        if self._mmap is None:
+        if self._closed:
             raise ValueError(f"{self.path}: file is closed")
         try:
             return self.tensors[name]
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
+    def _mapping(self) -> mmap.mmap:
+        if self._mmap is None:
+            try:
+                self._mmap = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                self._fail(f"cannot map the file ({e}); {_REDOWNLOAD}")
+            if len(self._mmap) != self.size:
+                self._fail("file changed size since it was opened; open it again")
+        return self._mmap
+
     def raw(self, name: str) -> np.ndarray:
         """1-D read-only uint8 view of the tensor's bytes (no copy)."""
         info = self._info(name)
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return np.frombuffer(self._mapping(), dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
     def array(self, name: str) -> np.ndarray:
         """Read-only typed view with the header shape (no copy).
@@ -337,6 +357,12 @@ class SafetensorsFile:
         BF16 -> uint16 bits, every F8_* -> uint8 bits, F4 -> uint8 with the last dim halved (two
         E2M1 codes per byte, low nibble = even element).  F6_* have no per-element view: use raw().
         """
+        info = self._info(name)
+        shape, view = self.view_of(name)
+        return np.frombuffer(self._mapping(), dtype=view, count=math.prod(shape), offset=info.offset).reshape(shape)
+
+    def view_of(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, numpy dtype) of the typed view array() gives (F4: last dim halved)."""
         info = self._info(name)
         shape = info.shape
         if info.dtype == "F4":
@@ -349,8 +375,49 @@ class SafetensorsFile:
         view = _NUMPY_VIEW.get(info.dtype)
         if view is None:
             self._fail(f"tensor {name!r}: dtype {info.dtype} has no numpy view; read it with raw()")
-        count = math.prod(shape)
-        return np.frombuffer(self._mmap, dtype=view, count=count, offset=info.offset).reshape(shape)
+        return shape, view
+
+    def read_into(self, offset: int, out) -> None:
+        """Fill the writable buffer `out` with the file's bytes from absolute `offset` (pread; the
+        GIL is released). A short read means the file shrank: SafetensorsChangedError."""
+        if self._closed:
+            raise ValueError(f"{self.path}: file is closed")
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise SafetensorsFormatError(f"{self.path}: cannot read the file ({e.strerror or e}); "
+                                             "check the disk") from None
+            if n == 0:
+                raise SafetensorsChangedError(
+                    f"{self.path}: the file shrank while it was being read (it ends before byte "
+                    f"{offset + len(view)}; it was {self.size} bytes): another program is writing or "
+                    "replacing it")
+            done += n
+
+    def read(self, name: str) -> np.ndarray:
+        """A copy of the tensor as a typed array (read_into a fresh buffer)."""
+        info = self._info(name)
+        shape, view = self.view_of(name)
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        self.read_into(info.offset, buf)
+        return buf.view(view).reshape(shape)
+
+    def check_unchanged(self) -> None:
+        """SafetensorsChangedError if the file's size or mtime differ from when it was opened."""
+        if self._closed:
+            return
+        st = os.fstat(self._fd)
+        if st.st_size < self.size:
+            raise SafetensorsChangedError(
+                f"{self.path}: the file shrank while it was being read ({self.size} -> {st.st_size} bytes): "
+                "another program is writing or replacing it")
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            raise SafetensorsChangedError(
+                f"{self.path}: the file changed while it was being read (its size or modification time): "
+                "another program is writing or replacing it")
 
     def release(self, name: str) -> None:
         """Drop this process's mapping of a tensor's pages (they stay in the page cache and fault
@@ -363,6 +430,10 @@ class SafetensorsFile:
         self._mmap.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def close(self) -> None:
+        self._closed = True
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
         mm, self._mmap = self._mmap, None
         if mm is not None:
             try:
@@ -379,7 +450,7 @@ class SafetensorsFile:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._mmap is None else f"{len(self.tensors)} tensors"
+        state = "closed" if self._closed else f"{len(self.tensors)} tensors"
         return f"SafetensorsFile({str(self.path)!r}, {state})"
 
 

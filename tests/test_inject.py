@@ -241,6 +241,15 @@ def test_mismatch_errors(built, tmp_path):
         kt_runtime.inject(copy.deepcopy(model), qpacked["int8"], device="cpu")
     with pytest.raises(ValueError, match=r"model has MoE layers \[0, 1\].*not in the model: \[2\]"):
         kt_runtime.inject(copy.deepcopy(qmodel), packed["int8"], device="cpu")
+    from convert.pipeline import ConvertOptions, convert
+
+    partial = tmp_path / "partial"  # converted with --layers: refused, and said why
+    convert(ConvertOptions(input_path=str(packed["int8"].parent / "src"), output=partial, quant_method="int8",
+                           threadpool_count=1, progress=False, layers=[1, 2]))
+    with pytest.raises(ValueError, match=r"missing: \[0\]\): a partial output, converted with --layers"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_experts warns that it is partial
+        kt_runtime.inject(copy.deepcopy(model), partial, device="cpu")
     other = make_model("deepseek_v4", n_routed_experts=4)
     with pytest.raises(ValueError, match="model has experts 4, the packed weights .* have 8"):
         kt_runtime.inject(other, packed["int8"], device="cpu")

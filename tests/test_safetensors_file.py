@@ -487,7 +487,7 @@ def test_fuzz_only_format_errors(tmp_path):
 
 
 def test_permission_error_is_wrapped(tmp_path, monkeypatch):
-    """Same as above but works as root: simulate EACCES from open()."""
+    """Same as above but works as root: simulate EACCES from opening the file."""
     import kt_runtime.safetensors_file as mod
 
     path = tmp_path / "denied.safetensors"
@@ -496,6 +496,6 @@ def test_permission_error_is_wrapped(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(mod, "open", denied, raising=False)
+    monkeypatch.setattr(mod, "open_regular", denied)
     with pytest.raises(SafetensorsFormatError, match="denied.safetensors.*Permission denied.*readable"):
         SafetensorsFile(path)

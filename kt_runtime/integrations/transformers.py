@@ -112,7 +112,9 @@ def _check_match(model, weights, modules: dict[int, tuple[str, nn.Module]]) -> N
     if missing or extra:
         raise ValueError(f"model/weights mismatch: the model has MoE layers {model_layers}, the {src} have layers "
                          f"{weight_layers}" + (f" (missing: {missing})" if missing else "")
-                         + (f" (not in the model: {extra})" if extra else ""))
+                         + (f" (not in the model: {extra})" if extra else "")
+                         + (": a partial output, converted with --layers; convert every layer"
+                            if getattr(weights, "partial", False) else ""))
     cfg = _text_config(model)
     act = getattr(cfg, "hidden_act", "silu") if cfg is not None else "silu"
     if act not in ("silu", "swish"):
