@@ -107,8 +107,21 @@ int64_t spin_ns() {
 
 class MoePool {
  public:
-  explicit MoePool(int n) : n_(n < 1 ? 1 : n) {
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  explicit MoePool(int n) : n_(n < 1 ? 1 : n) {  // throws ThreadStartError
+    workers_.reserve(n_ - 1);
+    try {
+      for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+    } catch (const std::exception& e) {  // std::system_error (EAGAIN) from std::thread
+      const int started = static_cast<int>(workers_.size()) + 1;
+      {
+        std::lock_guard<std::mutex> l(m_);
+        stop_.store(true, std::memory_order_release);
+      }
+      cv_.notify_all();
+      for (auto& t : workers_) t.join();
+      workers_.clear();
+      throw ThreadStartError("MoE thread pool", n_, started, e.what());
+    }
   }
   // Pools live for the whole process (never destroyed: workers may still spin at exit).
   int size() const { return n_; }
@@ -151,17 +164,19 @@ class MoePool {
       int64_t spins = 0;
       while (gen_.load(std::memory_order_acquire) == seen) {
         if ((++spins & 255) == 0) {
+          if (stop_.load(std::memory_order_acquire)) return;
           const int64_t el =
               std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
           if (el >= spin_ns()) {
             std::unique_lock<std::mutex> l(m_);
-            cv_.wait(l, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+            cv_.wait(l, [&] { return gen_.load(std::memory_order_acquire) != seen || stop_.load(); });
             break;
           }
           if (spins > (1 << 16)) std::this_thread::yield();
         }
         cpu_relax();
       }
+      if (stop_.load(std::memory_order_acquire)) return;
       seen = gen_.load(std::memory_order_acquire);
       invoke(tid);
       done_.fetch_add(1, std::memory_order_release);
@@ -173,6 +188,7 @@ class MoePool {
   std::mutex call_m_, m_, err_m_;
   std::condition_variable cv_;
   std::atomic<uint64_t> gen_{0};
+  std::atomic<bool> stop_{false};  // only while a failed constructor unwinds
   std::atomic<int> done_{0};
   const std::function<void(int)>* body_ = nullptr;
   std::exception_ptr error_;
@@ -181,10 +197,10 @@ class MoePool {
 MoePool& moe_pool(int num_threads) {
   static std::mutex m;
   static std::map<int, MoePool*> pools;
-  const int n = num_threads > 0 ? num_threads : hardware_threads();
+  const int n = checked_thread_count(num_threads);
   std::lock_guard<std::mutex> l(m);
   MoePool*& p = pools[n];
-  if (!p) p = new MoePool(n);
+  if (!p) p = new MoePool(n);  // on failure the slot stays empty: a later call tries again
   return *p;
 }
 
@@ -692,6 +708,8 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
 
   run_tasks_in_order(pool, total, isa == Isa::Amx, next, abort, run_task);
 }
+
+int start_pool(int num_threads) { return moe_pool(num_threads).size(); }
 
 double read_bandwidth_gbs(const uint8_t* buf, int64_t bytes, int num_threads, int reps) {
   // Streaming read of buf by every thread of the MoE pool (1 MiB chunks handed out dynamically),

@@ -55,6 +55,10 @@ struct Weights {
 // Throws std::invalid_argument on a bad configuration (alignment, sizes).
 void validate_config(const Config& cfg);
 
+// Creates the forward's persistent pool of num_threads threads (> 0) if it does not exist yet and
+// returns its size; throws ThreadStartError (thread_pool.hpp) when the system refuses a thread.
+int start_pool(int num_threads);
+
 // out[tokens, H] = Σ_j w[t,j] · expert_{ids[t,j]}(x[t]).  x, out: fp32 row-major.
 void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
              int64_t topk, float* out, Isa isa, int num_threads);

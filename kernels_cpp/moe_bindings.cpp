@@ -12,6 +12,7 @@
 #include <string>
 
 #include "moe.hpp"
+#include "thread_pool.hpp"
 
 namespace py = pybind11;
 
@@ -87,10 +88,10 @@ class MoELayer {
   }
 
   py::array_t<float> forward(const py::array& x, const py::array& ids, const py::array& topk_w,
-                             const std::string& isa_name, int num_threads) {
+                             const std::string& isa_name, int64_t num_threads) {
     const moe::Config& cfg = w_.cfg;
     const Isa isa = resolve_isa(isa_name);
-    require(num_threads >= 0, "num_threads must be >= 0");
+    const int threads = checked_thread_count(num_threads);
     require(x.ndim() == 2, "x must be 2-D [tokens, hidden], got shape " + shape_str(x));
     require(is_f32(x), "x must be float32");
     require(x.flags() & py::array::c_style, "x must be C-contiguous");
@@ -129,7 +130,7 @@ class MoELayer {
     float* op = out.mutable_data();
     {
       py::gil_scoped_release release;
-      moe::forward(w_, xp, tokens, id, wp, topk, op, isa, num_threads);
+      moe::forward(w_, xp, tokens, id, wp, topk, op, isa, threads);
     }
     return out;
   }
@@ -163,7 +164,7 @@ void bind_moe(py::module_& m) {
       "moe_forward",
       [](const std::string& method, const py::array& x, const py::array& ids, const py::array& topk_w,
          const py::sequence& weights, int64_t hidden, int64_t intermediate, int64_t numa,
-         std::optional<double> swiglu_limit, const std::string& isa, int num_threads) {
+         std::optional<double> swiglu_limit, const std::string& isa, int64_t num_threads) {
         MoELayer layer(method, weights, hidden, intermediate, numa, swiglu_limit);
         return layer.forward(x, ids, topk_w, isa, num_threads);
       },
@@ -171,6 +172,13 @@ void bind_moe(py::module_& m) {
       py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("numa"), py::arg("swiglu_limit") = py::none(),
       py::arg("isa") = "auto", py::arg("num_threads") = 0,
       "One-shot MoE forward (parses the weights each call; use MoELayer for repeated calls).");
+  m.def("start_moe_pool", [](int64_t num_threads) {
+    const int n = checked_thread_count(num_threads);
+    py::gil_scoped_release release;
+    return moe::start_pool(n);
+  }, py::arg("num_threads") = 0,
+  "Starts the MoE engine's pool of num_threads threads now (0: every hardware thread) and returns its size; "
+  "ThreadStartError when the system refuses a thread.");
   m.def("_moe_amx_min_tokens", [](int v) {
     const int old = moe::amx::min_tokens();
     if (v > 0) moe::amx::set_min_tokens(v);
@@ -183,13 +191,14 @@ void bind_moe(py::module_& m) {
   }, py::arg("value") = -1,
   "Get (value<0) or set how the AMX INT8 kernel reads B (0 in place, 1 prefetched, 2 copied, 3 prefetched "
   "in the first token block); returns the old value. Results are identical in every mode.");
-  m.def("_moe_read_bandwidth", [](const py::array& buf, int num_threads, int reps) {
+  m.def("_moe_read_bandwidth", [](const py::array& buf, int64_t num_threads, int reps) {
+    const int threads = checked_thread_count(num_threads);
     require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");
     require(reinterpret_cast<uintptr_t>(buf.data()) % 64 == 0, "buf must be 64-byte aligned");
     const uint8_t* p = static_cast<const uint8_t*>(buf.data());
     const int64_t n = buf.size();
     py::gil_scoped_release release;
-    return moe::read_bandwidth_gbs(p, n, num_threads, reps < 1 ? 1 : reps);
+    return moe::read_bandwidth_gbs(p, n, threads, reps < 1 ? 1 : reps);
   }, py::arg("buf"), py::arg("num_threads") = 0, py::arg("reps") = 3,
   "GB/s of a streaming read of buf by the MoE thread pool (best of reps).");
   m.def("_moe_prefill_min_avg_rows", [](int64_t v) {

@@ -6,18 +6,41 @@
 
 namespace kt {
 
-ThreadPool::ThreadPool(int num_threads) {
-  if (num_threads < 1) num_threads = 1;
-  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+ThreadStartError::ThreadStartError(const char* pool, int requested, int started_, const std::string& why)
+    : std::runtime_error(std::string("cannot start thread ") + std::to_string(started_ + 1) + " of " +
+                         std::to_string(requested) + " for the " + pool + " (" + why + ")"),
+      requested(requested),
+      started(started_) {}
+
+int checked_thread_count(int64_t num_threads) {
+  if (num_threads < 0 || num_threads > kMaxThreads)
+    throw std::invalid_argument("num_threads must be in [0, " + std::to_string(kMaxThreads) +
+                                "] (0: every hardware thread), got " + std::to_string(num_threads));
+  return num_threads == 0 ? hardware_threads() : static_cast<int>(num_threads);
 }
 
-ThreadPool::~ThreadPool() {
+ThreadPool::ThreadPool(int num_threads) {
+  if (num_threads < 1) num_threads = 1;
+  workers_.reserve(num_threads - 1);
+  try {
+    for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  } catch (const std::exception& e) {  // std::system_error (EAGAIN) from std::thread
+    const int started = static_cast<int>(workers_.size()) + 1;
+    stop_and_join();  // a destructor does not run for a half-built object
+    throw ThreadStartError("packing thread pool", num_threads, started, e.what());
+  }
+}
+
+ThreadPool::~ThreadPool() { stop_and_join(); }
+
+void ThreadPool::stop_and_join() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
 
 void ThreadPool::run_tasks(int thread_index) {
@@ -90,10 +113,10 @@ int hardware_threads() {
 ThreadPool& shared_pool(int num_threads) {
   static std::mutex mutex;
   static std::map<int, std::unique_ptr<ThreadPool>> pools;
-  if (num_threads <= 0) num_threads = hardware_threads();
+  num_threads = checked_thread_count(num_threads);
   std::lock_guard<std::mutex> lock(mutex);
   auto& pool = pools[num_threads];
-  if (!pool) pool = std::make_unique<ThreadPool>(num_threads);
+  if (!pool) pool = std::make_unique<ThreadPool>(num_threads);  // on failure the slot stays empty
   return *pool;
 }
 

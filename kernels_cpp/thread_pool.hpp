@@ -7,14 +7,29 @@
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
 namespace kt {
 
+// Thread counts a caller may ask for (0 = every hardware thread); larger ones are refused up front
+// (std::invalid_argument naming the range) instead of failing somewhere in thread creation.
+constexpr int kMaxThreads = 4096;
+int checked_thread_count(int64_t num_threads);  // 0 -> hardware_threads(); throws outside [0, kMaxThreads]
+
+// The OS refused a thread (RLIMIT_NPROC, address space for its stack, ...). The threads a pool had
+// already started are stopped and joined before this is thrown: nothing is left running or waiting.
+class ThreadStartError : public std::runtime_error {
+ public:
+  ThreadStartError(const char* pool, int requested, int started, const std::string& why);
+  int requested, started;
+};
+
 class ThreadPool {
  public:
-  explicit ThreadPool(int num_threads);
+  explicit ThreadPool(int num_threads);  // throws ThreadStartError
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -26,6 +41,7 @@ class ThreadPool {
  private:
   void worker_loop(int thread_index);
   void run_tasks(int thread_index);
+  void stop_and_join();
 
   std::vector<std::thread> workers_;
   std::mutex call_mutex_;  // one parallel_for at a time

@@ -5,7 +5,6 @@ kt-kernel ignores it; our loader validates against it and the converter resumes 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
@@ -13,6 +12,7 @@ from typing import Any
 
 from .digest import DIGEST_NAME
 from .format import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
+from .fsio import atomic_write_text
 
 
 class ManifestError(ValueError):
@@ -169,8 +169,8 @@ def _safe_relative(name: Any) -> bool:
     """A relative path that stays inside the output directory."""
     if not isinstance(name, str) or not name or "\0" in name or "\\" in name:
         return False
-    p = PurePosixPath(name)
-    return not p.is_absolute() and ".." not in p.parts and p.parts[0] != "." and str(p) == name
+    p = PurePosixPath(name)  # "." has no parts
+    return bool(p.parts) and not p.is_absolute() and ".." not in p.parts and str(p) == name
 
 
 def read_manifest(out_dir: Path) -> Manifest | None:
@@ -187,25 +187,3 @@ def read_manifest(out_dir: Path) -> Manifest | None:
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     """Atomic: write a temp file, fsync, rename, fsync the directory."""
     atomic_write_text(Path(out_dir) / MANIFEST_FILE, manifest.to_json())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial temp behind
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
