@@ -13,6 +13,7 @@
 
 #include "moe.hpp"
 #include "thread_pool.hpp"
+#include "tuning.hpp"
 
 namespace py = pybind11;
 
@@ -179,15 +180,12 @@ void bind_moe(py::module_& m) {
   }, py::arg("num_threads") = 0,
   "Starts the MoE engine's pool of num_threads threads now (0: every hardware thread) and returns its size; "
   "ThreadStartError when the system refuses a thread.");
+  // ---- tuning knobs (tuning.hpp): each call gets (value out of range) or sets the knob, returns the old value
   m.def("_moe_amx_min_tokens", [](int v) {
-    const int old = moe::amx::min_tokens();
-    if (v > 0) moe::amx::set_min_tokens(v);
-    return old;
+    return v > 0 ? tuning().amx_min_tokens.exchange(v) : tuning().amx_min_tokens.load();
   }, py::arg("value") = 0, "Get (value=0) or set the smallest expert group sent to the AMX kernel; returns the old value.");
   m.def("_moe_amx_int8_mode", [](int v) {
-    const int old = moe::amx::int8_mode();
-    if (v >= 0) moe::amx::set_int8_mode(v);
-    return old;
+    return v >= 0 ? tuning().amx_int8_mode.exchange(v > 3 ? 1 : v) : tuning().amx_int8_mode.load();
   }, py::arg("value") = -1,
   "Get (value<0) or set how the AMX INT8 kernel reads B (0 in place, 1 prefetched, 2 copied, 3 prefetched "
   "in the first token block); returns the old value. Results are identical in every mode.");
@@ -202,14 +200,21 @@ void bind_moe(py::module_& m) {
   }, py::arg("buf"), py::arg("num_threads") = 0, py::arg("reps") = 3,
   "GB/s of a streaming read of buf by the MoE thread pool (best of reps).");
   m.def("_moe_prefill_min_avg_rows", [](int64_t v) {
-    const int64_t old = moe::prefill_min_avg_rows;
-    if (v >= 0) moe::prefill_min_avg_rows = v;
-    return old;
+    return v >= 0 ? tuning().prefill_min_avg_rows.exchange(v) : tuning().prefill_min_avg_rows.load();
   }, py::arg("value") = -1,
   "Get (value<0) or set the average rows per active expert from which the prefill schedule runs "
   "(0: always; huge: never).");
+  m.def("_moe_per_expert_down_limit", [](int64_t v) {
+    return v >= 0 ? tuning().per_expert_down_limit_bytes.exchange(v) : tuning().per_expert_down_limit_bytes.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the largest rows*H*4 for which the down projection runs per expert without a barrier.");
+  m.def("_moe_spin_us", [](int64_t v) {
+    return v >= 0 ? tuning().spin_us.exchange(v) : tuning().spin_us.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the microseconds the MoE pool's workers spin after a call before sleeping "
+  "(KT_MOE_SPIN_US at start, default 2000); takes effect after the workers' current wait.");
   m.def("_moe_profile", [](int enable) {
-    if (enable >= 0) moe::set_profiling(enable != 0);
+    if (enable >= 0) tuning().profiling.store(enable != 0);
     py::dict d;
     for (const auto& kv : moe::last_profile()) d[py::str(kv.first)] = kv.second;
     return d;
@@ -261,12 +266,6 @@ void bind_moe(py::module_& m) {
     return py::make_tuple(y, y2, o);
   }, py::arg("acc"), py::arg("ad"), py::arg("sd"), py::arg("y0"), py::arg("w"), py::arg("isa") = "auto",
   "Down epilogue: (y first=true, y0 + down, y0 row i += w * that row's first i%32+1 columns).");
-  m.def("_moe_per_expert_down_limit", [](int64_t v) {
-    const int64_t old = moe::per_expert_down_limit_bytes;
-    if (v >= 0) moe::per_expert_down_limit_bytes = v;
-    return old;
-  }, py::arg("value") = -1,
-  "Get (value<0) or set the largest rows*H*4 for which the down projection runs per expert without a barrier.");
 }
 
 }  // namespace kt

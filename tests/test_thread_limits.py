@@ -157,3 +157,34 @@ def test_converter_exits_2_when_packing_threads_are_refused(tiny_checkpoint, tmp
     proc = run_child(CONVERT, "none", *argv, "--cpuinfer-threads", "256")
     assert proc.returncode == 0, proc.stderr
     assert read_json(out / MANIFEST_FILE)["complete"] is True
+
+
+def test_spin_pool_gives_the_same_results_sleeping_or_spinning():
+    """The MoE pool's workers spin tuning().spin_us after a call, then sleep: calls that find them
+    asleep (spin 0, pauses between calls) or spinning give the portable reference's bytes."""
+    import time
+
+    import torch
+
+    from kt_runtime.cpu_moe import CPUMoE
+    from test_cpu_moe import FakeExperts
+
+    w = FakeExperts("int8", hidden=256, inter=256, experts=8, numa=2, seed=4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 256, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(5)]).to(torch.int64)
+    tw = torch.rand(5, 3, generator=g)
+    ref = CPUMoE(w, 0, isa="portable", num_threads=1).forward(x, ids, tw)
+    old = kt_kernels._moe_spin_us(0)
+    try:
+        assert kt_kernels._moe_spin_us() == 0
+        for spin_us in (0, 100000):
+            kt_kernels._moe_spin_us(spin_us)
+            for threads in (2, 5):
+                moe = CPUMoE(w, 0, num_threads=threads)
+                for _ in range(3):
+                    assert torch.equal(moe.forward(x, ids, tw), ref)
+                    time.sleep(0.005)
+    finally:
+        kt_kernels._moe_spin_us(old)
+    assert kt_kernels._moe_spin_us() == old
