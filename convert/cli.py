@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
 import click
+
+from kt_runtime.fsio import UnsafePathError, atomic_write_text
 
 from . import __version__
 from .errors import UserError
@@ -41,7 +45,8 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 @click.option("--layers", "layers_spec", default=None, metavar="SPEC",
               help="Convert only these MoE layers, e.g. 0-3,7; the output is marked partial (default: every MoE layer).")
 @click.option("--allow-nonfinite", is_flag=True, help="Pack NaN/Inf source weights as 0 instead of stopping (listed in the report).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the final report as JSON here.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
+              help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def cli(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
@@ -67,10 +72,62 @@ def cli(input_path, output, input_type, quant_method, threadpool_count, cpuinfer
         click.echo(f"warning: {sum(report.nonfinite.values())} NaN/Inf source values packed as 0 "
                    f"in {len(report.nonfinite)} tensors (see the JSON report)", err=True)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        text = json.dumps(report.to_dict(), indent=2) + "\n"
+        if str(json_path) == "-":
+            click.echo(text, nl=False)
+        else:  # a new file renamed into place: never written through a link
+            atomic_write_text(Path(json_path), text)
+
+
+INTERRUPTED = "interrupted; completed layers are kept; re-run the same command to resume"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C (the layer in progress is aborted, the lock released)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _SignalsUnwind:
+    """Until restore(), SIGINT and SIGTERM raise Interrupted in the main thread, once: a second
+    signal does not cut the clean-up short (it takes one batch write at most)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.previous = {}
+        self.fired = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.fired:
+            self.fired = True
+            raise Interrupted(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(e: BaseException) -> int:
+    signum = getattr(e, "signum", signal.SIGINT)
+    click.echo(INTERRUPTED, err=True)
+    return 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals = _SignalsUnwind()  # also covers the messages below: a second signal never prints a trace
+    try:
+        return _main(argv)
+    finally:
+        signals.restore()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="convert-cpu-weights", standalone_mode=False)
         return EXIT_OK
@@ -79,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     except click.UsageError as e:
         e.show()
         return EXIT_USER
-    except click.Abort:
+    except click.Abort as e:  # click turns KeyboardInterrupt into Abort
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            return _interrupted(e.__cause__)
         click.echo("aborted", err=True)
         return 130
-    except UserError as e:
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    except (UserError, UnsafePathError) as e:
         click.echo(f"error: {e}", err=True)
         return EXIT_USER
     except OSError as e:  # the machine's, not ours: a full disk, a path that cannot be written, ...
@@ -90,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {where}{e.strerror or e}; completed layers are kept, re-run the same command to resume",
                    err=True)
         return EXIT_USER
-    except KeyboardInterrupt:
-        click.echo("interrupted; completed layers are kept, re-run the same command to resume", err=True)
-        return 130
-    except Exception:
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "can't start new thread" in str(e):  # threading under a limit
+            click.echo(f"error: cannot start a thread ({e}): the system limits threads per user (ulimit -u) or "
+                       "address space (ulimit -v); raise the limit or pass a smaller --cpuinfer-threads, then re-run "
+                       "(completed layers are kept)", err=True)
+            return EXIT_USER
         traceback.print_exc()
         click.echo("internal error: this is a bug in convert-cpu-weights; please report it with the trace above",
                    err=True)

@@ -6,10 +6,12 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
+from kt_runtime import fsio
 from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
-from kt_runtime.manifest import Manifest, ManifestError, atomic_write_text, read_manifest
+from kt_runtime.manifest import Manifest, ManifestError, read_manifest
 
 from .errors import UserError
 from .source import COPIED_FILES
@@ -20,7 +22,7 @@ class OutputLock:
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = fsio.open_lock_file(self.path)  # never through a link: a planted one would be truncated
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -49,10 +51,7 @@ def _stale_temporary(path: Path) -> bool:
 
 def _remove(paths: list[Path]) -> None:
     for p in paths:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
+        fsio.remove(p)
 
 
 def _ours(path: Path) -> bool:
@@ -62,21 +61,49 @@ def _ours(path: Path) -> bool:
             or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE) or name in COPIED_FILES)
 
 
-def check_output_location(out_dir: Path, input_root: Path) -> None:
-    """Refuses an output inside the input (or equal to it) or one that is a file: before anything is created."""
-    out_dir = Path(out_dir).expanduser().resolve()
+def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:
+    """The output directory as an absolute path without links (which may not exist yet). Refuses,
+    before anything is created: a link loop or a link to nothing, an output that is a file, and an
+    output inside the input (or equal to it)."""
+    given = Path(out_dir).expanduser()
+    try:
+        resolved = given.resolve(strict=False)
+    except (RuntimeError, OSError) as e:  # Python < 3.13: RuntimeError on a loop; later: OSError ELOOP
+        raise UserError(f"output {given} cannot be resolved ({e}); a symbolic link on that path points back "
+                        "to itself: remove the loop or choose another directory") from None
+    for part in (given, *given.parents):
+        if part.is_symlink() and not part.exists():  # never create directories at the far end of a link
+            raise UserError(f"output {given}: {part} is a symbolic link to {os.readlink(part)}, which does not "
+                            "exist: create that directory first, or pass a directory path that exists or can be "
+                            "created")
     src = Path(input_root).resolve()
-    if out_dir == src or src in out_dir.parents:
-        raise UserError(f"output directory {out_dir} is inside the input {src}: choose a directory outside it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output {out_dir} exists and is not a directory: choose a directory")
+    if resolved == src or src in resolved.parents:
+        raise UserError(f"output directory {resolved} is inside the input {src}: choose a directory outside it")
+    if resolved.exists() and not resolved.is_dir():
+        raise UserError(f"output {resolved} exists and is not a directory: choose a directory")
+    return resolved
+
+
+def check_output_location(out_dir: Path, input_root: Path) -> None:
+    resolve_output_dir(out_dir, input_root)
+
+
+def _check_entries(out_dir: Path) -> None:
+    """Every entry a conversion writes, replaces or removes is a real file or folder: a link or a
+    special file planted under one of our names is refused before anything is read or written."""
+    for p in out_dir.iterdir():
+        if _ours(p) or _stale_temporary(p):
+            if p.name.startswith("_layer_"):
+                fsio.check_tree(p)
+            else:
+                fsio.entry(p, fsio.FILE)
 
 
 def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite: bool) -> Manifest:
-    """Returns the manifest to continue from (a fresh one, or the existing one when resuming)."""
-    check_output_location(out_dir, input_root)
-    out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Returns the manifest to continue from (a fresh one, or the existing one when resuming).
+    out_dir: from resolve_output_dir, existing, locked by us."""
+    out_dir = resolve_output_dir(out_dir, input_root)
+    _check_entries(out_dir)
     try:
         existing = read_manifest(out_dir)
     except ManifestError as e:
@@ -107,21 +134,33 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
 
 def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write_text(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    fsio.atomic_write_text(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
 
 
 def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """Copies the regular files among `names` (links into a hub cache are followed on the input side;
+    a FIFO or device there is skipped, never read)."""
     copied = []
     for name in names:
         src = input_root / name
-        if src.is_file():
+        if not src.is_file():
+            continue
+        src_fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(src_fd, "rb") as fsrc:
+            if not stat.S_ISREG(os.fstat(src_fd).st_mode):  # swapped for something else since is_file()
+                continue
+            dst = out_dir / name
+            fsio.entry(dst, fsio.FILE)
             tmp = out_dir / (name + ".tmp")
-            shutil.copyfile(src, tmp)
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = fsio.create_new(tmp)
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, out_dir / name)
-            copied.append(name)
+                with os.fdopen(fd, "wb") as fdst:
+                    shutil.copyfileobj(fsrc, fdst)
+                    fdst.flush()
+                    fsio.fsync_fd(fdst.fileno(), tmp)
+                fsio.replace(tmp, dst)
+            except BaseException:
+                fsio.discard(tmp)
+                raise
+        copied.append(name)
     return copied

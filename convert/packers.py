@@ -18,6 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from quant.cpu import pack_cpu
 from quant.methods import QuantMethod
 
+from .errors import UserError
+
 CHUNK_BYTES = 8 << 20  # source bytes per GPU chunk: small, so a batch's last chunk (not overlapped) is short
 SLOTS = 4  # chunks in flight: being read (several), on the GPU, being copied out
 PIECE_BYTES = 2 << 20  # one reader task
@@ -27,7 +29,17 @@ class CpuPacker:
     device = "cpu"
 
     def __init__(self, num_threads: int = 0):
+        import kt_kernels
+
         self.num_threads = num_threads
+        try:  # every packing thread is started here, so that a refusal comes before any layer
+            kt_kernels.start_pack_pool(num_threads)
+        except (ValueError, TypeError, OverflowError):
+            raise UserError(f"--cpuinfer-threads {num_threads}: must be between 0 (every core) and "
+                            f"{kt_kernels.MAX_THREADS}") from None
+        except kt_kernels.ThreadStartError as e:
+            raise UserError(f"{e}: the system limits threads per user (ulimit -u) or address space (ulimit -v); "
+                            "pass a smaller --cpuinfer-threads or raise the limit, then re-run") from None
 
     def __call__(self, method: QuantMethod, jobs) -> list[int]:
         return pack_cpu(method, jobs, num_threads=self.num_threads)

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kt_runtime import fsio
 from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
 from kt_runtime.digest import tree_sha256_files
 from kt_runtime.manifest import Manifest, ManifestError, read_manifest, write_manifest
@@ -19,7 +20,7 @@ from quant.numa import shard_slice
 from . import __version__, preflight
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
-from .output_dir import OutputLock, check_output_location, copy_model_files, prepare_output, write_index
+from .output_dir import OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index
 from .packers import make_packer
 from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix, source_slabs
 from .progress import Progress
@@ -206,9 +207,9 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
 def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
     """Drops completed layers whose files are missing or changed, so they are converted again."""
     for layer, rec in sorted(manifest.completed.items()):
-        paths = [out / f for f in rec.files]
-        ok = all(p.is_file() for p in paths) and sum(p.stat().st_size for p in paths) == rec.nbytes \
-            and tree_sha256_files(paths) == rec.sha256
+        sizes = [fsio.regular_size_below(out, f) for f in rec.files]  # never read through a link
+        ok = None not in sizes and sum(sizes) == rec.nbytes \
+            and tree_sha256_files([out / f for f in rec.files]) == rec.sha256
         if not ok:
             progress.note(f"layer {layer}: output missing or damaged; converting it again")
             del manifest.completed[layer]
@@ -251,8 +252,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
 
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
          non_expert: list[tuple[str, str]]) -> ConversionReport:
-    out = Path(opts.output).expanduser()
-    check_output_location(out, ckpt.root)
+    out = resolve_output_dir(opts.output, ckpt.root)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(out)

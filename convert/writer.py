@@ -6,47 +6,23 @@ only when the layer is complete, so a killed run never leaves a file that looks 
 from __future__ import annotations
 
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from kt_runtime import fsio
 from kt_runtime.digest import TreeHasher
 from kt_runtime.format import kt_file_names, layer_dir_name
-from kt_runtime.manifest import LayerRecord, fsync_dir
+from kt_runtime.manifest import LayerRecord
 from kt_runtime.safetensors_file import plan_layout
 
 
 _os_write = os.write  # tests replace it to simulate a full or failing disk
 
 
-def write_all(fd: int, data, path: Path | None = None) -> None:
-    """Writes every byte; an OSError (ENOSPC, EIO, ...) carries the file name for the message."""
-    view = memoryview(data).cast("B")
-    try:
-        while view:
-            written = _os_write(fd, view)
-            view = view[written:]
-    except OSError as e:
-        if path is None or e.filename:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from None
-
-
-def _fsync(fd: int, path: Path) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path)) from None
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _fsync(fd, path)
-    finally:
-        os.close(fd)
+def write_all(fd: int, data, path: Path) -> None:
+    fsio.write_all(fd, data, path, write=_os_write)
 
 
 class MergedShardWriter:
@@ -59,12 +35,18 @@ class MergedShardWriter:
         self.tmp = out_dir / (name + ".tmp")
         header, offsets = plan_layout(entries, metadata)
         self._order = iter([(key, offsets[key]) for key, _, _ in entries])
+        fsio.entry(self.final, fsio.FILE)  # refuse a link or special file under the final name now
         self._digest = TreeHasher(max_pending=4)  # bounds the packed buffers held for hashing
-        self._digest.start_file()
-        self._digest.update(header)
-        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = -1
         self._pos = len(header)
-        write_all(self._fd, header, self.tmp)
+        try:  # an interrupt from here on still removes the temporary
+            self._fd = fsio.create_new(self.tmp)
+            self._digest.start_file()
+            self._digest.update(header)
+            write_all(self._fd, header, self.tmp)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, key: str, data: np.ndarray) -> None:
         want_key, (offset, nbytes) = next(self._order)
@@ -79,11 +61,11 @@ class MergedShardWriter:
     def commit(self) -> LayerRecord:
         if next(self._order, None) is not None:
             raise RuntimeError(f"layer {self.layer}: shard closed before every tensor was written")
-        _fsync(self._fd, self.tmp)
+        fsio.fsync_fd(self._fd, self.tmp)
         os.close(self._fd)
         self._fd = -1
-        os.replace(self.tmp, self.final)
-        fsync_dir(self.out_dir)
+        fsio.replace(self.tmp, self.final)
+        fsio.fsync_dir(self.out_dir)
         return LayerRecord(self.layer, [self.name], self._pos, self._digest.hexdigest())
 
     def abort(self) -> None:
@@ -91,7 +73,7 @@ class MergedShardWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self.tmp.unlink(missing_ok=True)
+        fsio.discard(self.tmp)
 
 
 class KtFolderWriter:
@@ -102,18 +84,25 @@ class KtFolderWriter:
         self.out_dir, self.layer, self.method = out_dir, layer, method
         self.final = out_dir / layer_dir_name(layer)
         self.tmp = out_dir / (layer_dir_name(layer) + ".tmp")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        fsio.entry(self.final, fsio.DIR)  # refuse a link or special file under the final name now
+        self._folders: set[int] = set()
         self._digest = TreeHasher(max_pending=4)
         self._files: list[str] = []
         self._nbytes = 0
+        try:
+            fsio.make_dir_new(self.tmp)
+        except BaseException:
+            self.abort()
+            raise
 
     def write_pair(self, proj: str, expert: int, numa: int, weight: np.ndarray, scale: np.ndarray) -> None:
         folder = self.tmp / f"_numa_{numa}"
-        folder.mkdir(exist_ok=True)
+        if numa not in self._folders:  # created by us inside our fresh folder, once
+            os.mkdir(folder)
+            self._folders.add(numa)
         for name, data in zip(kt_file_names(self.method, proj, expert, weight.nbytes, scale.size), (weight, scale)):
             buf = np.ascontiguousarray(data).view(np.uint8)
-            fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = fsio.create_new(folder / name)
             try:
                 write_all(fd, buf, folder / name)
             finally:
@@ -128,22 +117,22 @@ class KtFolderWriter:
         # concurrent syncs) rather than one by one as they are written.
         paths = [self.tmp / Path(f).relative_to(layer_dir_name(self.layer)) for f in self._files]
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="kt-fsync") as pool:
-            list(pool.map(_fsync_path, paths))
-        for sub in self.tmp.iterdir():
-            fsync_dir(sub)
-        fsync_dir(self.tmp)
-        if self.final.exists():  # an unrecorded earlier copy: moved aside whole, never half-deleted in place
-            old = self.out_dir / (self.final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-            os.replace(self.tmp, self.final)
-            fsync_dir(self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            list(pool.map(fsio.fsync_file, paths))
+        for numa in sorted(self._folders):
+            fsio.fsync_dir(self.tmp / f"_numa_{numa}")
+        fsio.fsync_dir(self.tmp)
+        if fsio.entry(self.final, fsio.DIR) is not None:  # an unrecorded earlier copy: moved aside whole,
+            old = self.out_dir / (self.final.name + ".old")  # never half-deleted in place
+            fsio.remove(old)
+            fsio.replace(self.final, old, fsio.DIR)
+            fsio.replace(self.tmp, self.final, fsio.DIR)
+            fsio.fsync_dir(self.out_dir)
+            fsio.remove(old)
         else:
-            os.replace(self.tmp, self.final)
-        fsync_dir(self.out_dir)
+            fsio.replace(self.tmp, self.final, fsio.DIR)
+        fsio.fsync_dir(self.out_dir)
         return LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest())
 
     def abort(self) -> None:
         self._digest.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        fsio.discard(self.tmp)

@@ -117,7 +117,8 @@ PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
 }
 
 std::vector<int64_t> pack(const std::string& method_name, const py::list& job_list, const std::string& isa_name,
-                          int num_threads) {
+                          int64_t num_threads) {
+  const int threads = kt::checked_thread_count(num_threads);
   const kt::Method method = kt::parse_method(method_name);
   const kt::Isa isa = kt::resolve_isa(isa_name);
   std::vector<PackJob> jobs;
@@ -125,7 +126,7 @@ std::vector<int64_t> pack(const std::string& method_name, const py::list& job_li
   for (size_t i = 0; i < job_list.size(); ++i) jobs.push_back(make_job(method, job_list[i].cast<py::tuple>(), i));
   {
     py::gil_scoped_release release;
-    kt::pack_jobs(method, jobs, isa, num_threads);
+    kt::pack_jobs(method, jobs, isa, threads);
   }
   std::vector<int64_t> nonfinite;
   for (const auto& j : jobs) nonfinite.push_back(j.nonfinite);
@@ -148,6 +149,8 @@ unsigned set_mxcsr(unsigned value) {
 PYBIND11_MODULE(kt_kernels, m) {
   m.doc() = "kt-convert CPU kernels: AMXINT4/AMXINT8 packer and MoE engine";
   py::register_exception<std::invalid_argument>(m, "KernelArgumentError", PyExc_ValueError);
+  py::register_exception<kt::ThreadStartError>(m, "ThreadStartError", PyExc_RuntimeError);
+  m.attr("MAX_THREADS") = kt::kMaxThreads;
 
   m.def("cpu_features", [] {
     const kt::CpuFeatures& f = kt::cpu_features();
@@ -160,6 +163,13 @@ PYBIND11_MODULE(kt_kernels, m) {
   });
   m.def("best_isa", [] { return std::string(kt::isa_name(kt::best_isa())); });
   m.def("hardware_threads", &kt::hardware_threads);
+  m.def("start_pack_pool", [](int64_t num_threads) {
+    const int n = kt::checked_thread_count(num_threads);
+    py::gil_scoped_release release;
+    return kt::shared_pool(n).size();
+  }, py::arg("num_threads") = 0,
+  "Starts the packer's pool of num_threads threads now (0: every hardware thread) and returns its size; "
+  "ThreadStartError when the system refuses a thread.");
   m.def("pack", &pack, py::arg("method"), py::arg("jobs"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
         "Quantize and AMX-tile source matrices. Each job is (kind, weight, scales|None, col0, k, out_weight, "
         "out_scale); returns the count of non-finite source values per job (packed as 0).");

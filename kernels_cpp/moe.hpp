@@ -55,25 +55,21 @@ struct Weights {
 // Throws std::invalid_argument on a bad configuration (alignment, sizes).
 void validate_config(const Config& cfg);
 
+// Creates the forward's persistent pool of num_threads threads (> 0) if it does not exist yet and
+// returns its size; throws ThreadStartError (thread_pool.hpp) when the system refuses a thread.
+int start_pool(int num_threads);
+
 // out[tokens, H] = Σ_j w[t,j] · expert_{ids[t,j]}(x[t]).  x, out: fp32 row-major.
 void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
              int64_t topk, float* out, Isa isa, int num_threads);
 
-// Down-projection scheduling (tests): while rows x H x 4 bytes <= this limit, each (expert, column
-// chunk) is its own task and the calls need no barrier between the stages; above it, one task per
-// 32 columns runs over every expert. Both give identical results.
-extern int64_t per_expert_down_limit_bytes;
+// Two schedules give identical results: decode (moe_decode.cpp) for few rows per expert, prefill
+// (moe_prefill.cpp) from tuning().prefill_min_avg_rows rows per active expert on average. The
+// knobs of both (tuning.hpp) change speed only.
 
-// Prefill schedule: used when rows (tokens x top-k) >= this many times the number of active
-// experts (on average this many rows per expert); tests set 0 (always) or a huge value (never).
-// Activations are quantized once per token and packed per expert into the AMX A-tile layout
-// (ALayout::panel), gate/up tasks cover an expert x several 32-row groups, the down stage runs
-// per column chunk over every expert. Gives results identical to the decode schedule.
-extern int64_t prefill_min_avg_rows;
-
-// Stage profile of the last forward (when enabled): seconds summed over threads per stage, and
-// the wall time of the call. Keys: wall, serial, q, g_dot, g_epi, s, d_dot, d_epi, wait.
-void set_profiling(bool on);
+// Stage profile of the last prefill-schedule forward (when tuning().profiling is on): seconds summed
+// over threads per stage, and the wall time of the call. Keys: wall, serial, q, g_dot, g_epi, s,
+// d_dot, d_epi, wait.
 std::vector<std::pair<const char*, double>> last_profile();
 
 // Layout of an int8 activation block: element (row i, column c), c % 64 == 0 for the start of
@@ -106,14 +102,8 @@ void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t
                   const int32_t* asum, int64_t m, int32_t* out);
 }
 namespace amx {
-// AMX tile kernel for many tokens; falls back to avx512 for m < min_tokens().
-int min_tokens();
-void set_min_tokens(int m);  // tests use 1 to force the tile path on small groups
-// How the INT8 tile kernel reads B (results identical in every mode): 0 tiles loaded in place,
-// 1 in place with software prefetch 8 tile pairs ahead (default), 2 group copied once per call
-// into a per-thread buffer (as INT4 is unpacked), 3 as 1 in the first 32-token block only.
-int int8_mode();
-void set_int8_mode(int mode);
+// AMX tile kernel for many tokens; falls back to avx512 for m < tuning().amx_min_tokens. How it
+// reads INT8 B is tuning().amx_int8_mode (results identical in every mode).
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out);
 }
@@ -135,7 +125,7 @@ double read_bandwidth_gbs(const uint8_t* buf, int64_t bytes, int num_threads, in
 // reference, ref::quantize.)
 float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);
 
-// ---- float stages ("epilogues"). ref:: (moe_epilogue.cpp, baseline x86-64) is the definition;
+// ---- float stages ("epilogues"). ref:: (moe_epilogue_ref.cpp, baseline x86-64) is the definition;
 // avx512:: (moe_epilogue_avx512.cpp) performs the same IEEE operations in the same order per
 // element (no FMA contraction, no reassociation; max/min with the same NaN operand order), so the
 // results are bit-identical. exp is exp_det, a fixed Cephes-style range reduction + polynomial,

@@ -13,6 +13,7 @@
 #include <new>
 
 #include "moe.hpp"
+#include "tuning.hpp"
 
 namespace kt {
 namespace moe {
@@ -183,33 +184,30 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
   }
 }
 
-std::atomic<int> g_int8_mode{1};
-
 }  // namespace
 
 void configure_thread() { configure_tiles(); }
 
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out) {
-  if (m < min_tokens()) return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
+  if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed))
+    return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
   configure_tiles();
   dot_rowgroup_nocfg(method, w, n, k, r0, a, la, asum, m, out);
 }
 
 void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
                         ALayout la, const int32_t* asum, int64_t m, int32_t* out) {
-  if (m < min_tokens()) return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
+  if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed))
+    return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
   if (method == Method::Int4) return run<true, 0>(w, n, k, r0, a, la, m, out);
-  switch (g_int8_mode.load(std::memory_order_relaxed)) {
+  switch (tuning().amx_int8_mode.load(std::memory_order_relaxed)) {
     case 0: return run<false, 0>(w, n, k, r0, a, la, m, out);
     case 2: return run<false, 2>(w, n, k, r0, a, la, m, out);
     case 3: return run<false, 3>(w, n, k, r0, a, la, m, out);
     default: return run<false, 1>(w, n, k, r0, a, la, m, out);
   }
 }
-
-int int8_mode() { return g_int8_mode.load(std::memory_order_relaxed); }
-void set_int8_mode(int mode) { g_int8_mode.store(mode < 0 || mode > 3 ? 1 : mode, std::memory_order_relaxed); }
 
 }  // namespace amx
 }  // namespace moe

@@ -12,6 +12,8 @@
 #include <string>
 
 #include "moe.hpp"
+#include "thread_pool.hpp"
+#include "tuning.hpp"
 
 namespace py = pybind11;
 
@@ -87,10 +89,10 @@ class MoELayer {
   }
 
   py::array_t<float> forward(const py::array& x, const py::array& ids, const py::array& topk_w,
-                             const std::string& isa_name, int num_threads) {
+                             const std::string& isa_name, int64_t num_threads) {
     const moe::Config& cfg = w_.cfg;
     const Isa isa = resolve_isa(isa_name);
-    require(num_threads >= 0, "num_threads must be >= 0");
+    const int threads = checked_thread_count(num_threads);
     require(x.ndim() == 2, "x must be 2-D [tokens, hidden], got shape " + shape_str(x));
     require(is_f32(x), "x must be float32");
     require(x.flags() & py::array::c_style, "x must be C-contiguous");
@@ -129,7 +131,7 @@ class MoELayer {
     float* op = out.mutable_data();
     {
       py::gil_scoped_release release;
-      moe::forward(w_, xp, tokens, id, wp, topk, op, isa, num_threads);
+      moe::forward(w_, xp, tokens, id, wp, topk, op, isa, threads);
     }
     return out;
   }
@@ -163,7 +165,7 @@ void bind_moe(py::module_& m) {
       "moe_forward",
       [](const std::string& method, const py::array& x, const py::array& ids, const py::array& topk_w,
          const py::sequence& weights, int64_t hidden, int64_t intermediate, int64_t numa,
-         std::optional<double> swiglu_limit, const std::string& isa, int num_threads) {
+         std::optional<double> swiglu_limit, const std::string& isa, int64_t num_threads) {
         MoELayer layer(method, weights, hidden, intermediate, numa, swiglu_limit);
         return layer.forward(x, ids, topk_w, isa, num_threads);
       },
@@ -171,36 +173,48 @@ void bind_moe(py::module_& m) {
       py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("numa"), py::arg("swiglu_limit") = py::none(),
       py::arg("isa") = "auto", py::arg("num_threads") = 0,
       "One-shot MoE forward (parses the weights each call; use MoELayer for repeated calls).");
+  m.def("start_moe_pool", [](int64_t num_threads) {
+    const int n = checked_thread_count(num_threads);
+    py::gil_scoped_release release;
+    return moe::start_pool(n);
+  }, py::arg("num_threads") = 0,
+  "Starts the MoE engine's pool of num_threads threads now (0: every hardware thread) and returns its size; "
+  "ThreadStartError when the system refuses a thread.");
+  // ---- tuning knobs (tuning.hpp): each call gets (value out of range) or sets the knob, returns the old value
   m.def("_moe_amx_min_tokens", [](int v) {
-    const int old = moe::amx::min_tokens();
-    if (v > 0) moe::amx::set_min_tokens(v);
-    return old;
+    return v > 0 ? tuning().amx_min_tokens.exchange(v) : tuning().amx_min_tokens.load();
   }, py::arg("value") = 0, "Get (value=0) or set the smallest expert group sent to the AMX kernel; returns the old value.");
   m.def("_moe_amx_int8_mode", [](int v) {
-    const int old = moe::amx::int8_mode();
-    if (v >= 0) moe::amx::set_int8_mode(v);
-    return old;
+    return v >= 0 ? tuning().amx_int8_mode.exchange(v > 3 ? 1 : v) : tuning().amx_int8_mode.load();
   }, py::arg("value") = -1,
   "Get (value<0) or set how the AMX INT8 kernel reads B (0 in place, 1 prefetched, 2 copied, 3 prefetched "
   "in the first token block); returns the old value. Results are identical in every mode.");
-  m.def("_moe_read_bandwidth", [](const py::array& buf, int num_threads, int reps) {
+  m.def("_moe_read_bandwidth", [](const py::array& buf, int64_t num_threads, int reps) {
+    const int threads = checked_thread_count(num_threads);
     require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");
     require(reinterpret_cast<uintptr_t>(buf.data()) % 64 == 0, "buf must be 64-byte aligned");
     const uint8_t* p = static_cast<const uint8_t*>(buf.data());
     const int64_t n = buf.size();
     py::gil_scoped_release release;
-    return moe::read_bandwidth_gbs(p, n, num_threads, reps < 1 ? 1 : reps);
+    return moe::read_bandwidth_gbs(p, n, threads, reps < 1 ? 1 : reps);
   }, py::arg("buf"), py::arg("num_threads") = 0, py::arg("reps") = 3,
   "GB/s of a streaming read of buf by the MoE thread pool (best of reps).");
   m.def("_moe_prefill_min_avg_rows", [](int64_t v) {
-    const int64_t old = moe::prefill_min_avg_rows;
-    if (v >= 0) moe::prefill_min_avg_rows = v;
-    return old;
+    return v >= 0 ? tuning().prefill_min_avg_rows.exchange(v) : tuning().prefill_min_avg_rows.load();
   }, py::arg("value") = -1,
   "Get (value<0) or set the average rows per active expert from which the prefill schedule runs "
   "(0: always; huge: never).");
+  m.def("_moe_per_expert_down_limit", [](int64_t v) {
+    return v >= 0 ? tuning().per_expert_down_limit_bytes.exchange(v) : tuning().per_expert_down_limit_bytes.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the largest rows*H*4 for which the down projection runs per expert without a barrier.");
+  m.def("_moe_spin_us", [](int64_t v) {
+    return v >= 0 ? tuning().spin_us.exchange(v) : tuning().spin_us.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the microseconds the MoE pool's workers spin after a call before sleeping "
+  "(KT_MOE_SPIN_US at start, default 2000); takes effect after the workers' current wait.");
   m.def("_moe_profile", [](int enable) {
-    if (enable >= 0) moe::set_profiling(enable != 0);
+    if (enable >= 0) tuning().profiling.store(enable != 0);
     py::dict d;
     for (const auto& kv : moe::last_profile()) d[py::str(kv.first)] = kv.second;
     return d;
@@ -252,12 +266,6 @@ void bind_moe(py::module_& m) {
     return py::make_tuple(y, y2, o);
   }, py::arg("acc"), py::arg("ad"), py::arg("sd"), py::arg("y0"), py::arg("w"), py::arg("isa") = "auto",
   "Down epilogue: (y first=true, y0 + down, y0 row i += w * that row's first i%32+1 columns).");
-  m.def("_moe_per_expert_down_limit", [](int64_t v) {
-    const int64_t old = moe::per_expert_down_limit_bytes;
-    if (v >= 0) moe::per_expert_down_limit_bytes = v;
-    return old;
-  }, py::arg("value") = -1,
-  "Get (value<0) or set the largest rows*H*4 for which the down projection runs per expert without a barrier.");
 }
 
 }  // namespace kt

@@ -1,5 +1,5 @@
 // AVX-512 MoE float stages: element for element the IEEE operations of the reference in
-// moe_epilogue.cpp, in the same order, so the results are bit-identical.
+// moe_epilogue_ref.cpp, in the same order, so the results are bit-identical.
 // This file is built with -mfma and GCC's default -ffp-contract=fast would fuse a plain
 // _mm512_mul_ps feeding an _mm512_add_ps into an FMA (different rounding). Every float
 // mul/add/sub/div here is therefore the explicit-rounding form (_MM_FROUND_TO_NEAREST_INT |
@@ -24,7 +24,7 @@ inline __m512 sub(__m512 a, __m512 b) { return _mm512_sub_round_ps(a, b, kRnd); 
 inline __m512 div(__m512 a, __m512 b) { return _mm512_div_round_ps(a, b, kRnd); }
 inline __m512 set1(float v) { return _mm512_set1_ps(v); }
 
-// The constants of kt::moe::expc (moe_epilogue.cpp).
+// The constants of kt::moe::expc (moe_epilogue_ref.cpp).
 constexpr float kLo = -87.0f, kHi = 88.0f;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kRound = 12582912.0f;

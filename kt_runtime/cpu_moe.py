@@ -35,7 +35,8 @@ class CPUMoE:
     weights: the object from `kt_runtime.load_experts` (attributes method, threadpool_count,
     num_experts, hidden_size, moe_intermediate_size, layers, activation, swiglu_limit;
     `expert_tensors(layer, expert, proj, numa)`).
-    num_threads: threads of the shared pool (None or 0: every CPU this process may use).
+    num_threads: threads of the shared pool, 0 .. kt_kernels.MAX_THREADS (None or 0: every CPU this process
+    may use); they are started by the constructor (kt_kernels.ThreadStartError when the system refuses one).
     activation / swiglu_limit: override the manifest's ("silu" is the only activation).
     isa: "auto" | "amx" | "avx512" | "avx2" | "portable" (ValueError where the CPU lacks it).
     """
@@ -56,8 +57,10 @@ class CPUMoE:
             limit = float(limit)
             if not (math.isfinite(limit) and limit > 0):
                 raise ValueError(f"swiglu_limit must be a positive finite number, got {limit}")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 0):
-            raise ValueError(f"num_threads must be a non-negative int or None, got {num_threads!r}")
+        if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool)
+                                        or not 0 <= num_threads <= kt_kernels.MAX_THREADS):
+            raise ValueError(f"num_threads must be an int in [0, {kt_kernels.MAX_THREADS}] or None (0, None: every "
+                             f"CPU this process may use), got {num_threads!r}")
         self.layer = layer
         self.method = method
         self.hidden_size = int(weights.hidden_size)
@@ -82,6 +85,9 @@ class CPUMoE:
         self._layer = kt_kernels.MoELayer(method, shards, self.hidden_size, self.intermediate_size, self.numa,
                                           limit)
         kt_kernels.best_isa()  # CPU detection (and the AMX permission request) before the first call
+        # The pool's threads start now: kt_kernels.ThreadStartError (a RuntimeError naming the thread
+        # that failed) here rather than at the first forward.
+        kt_kernels.start_moe_pool(self.num_threads)
         if isa != "auto":
             self._check_isa(isa)
 

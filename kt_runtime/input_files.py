@@ -146,6 +146,9 @@ def open_regular(path: Path, *, what: str = "") -> tuple[int, os.stat_result]:
     return fd, st
 
 
+READ_CHUNK = 16 << 20
+
+
 def read_capped(path: Path, max_bytes: int, *, what: str) -> bytes:
     """The whole content of a regular file of at most max_bytes (named in the message)."""
     fd, st = open_regular(path, what=what)
@@ -156,7 +159,9 @@ def read_capped(path: Path, max_bytes: int, *, what: str) -> bytes:
         chunks, total = [], 0
         while True:
             try:
-                chunk = os.read(fd, max_bytes + 1 - total)
+                # the size fstat gave (+1 to see growth), never the whole cap: the cap can be far
+                # larger than the file, and a buffer that large may not be allocatable
+                chunk = os.read(fd, min(max_bytes + 1 - total, max(st.st_size - total, 0) + 1, READ_CHUNK))
             except OSError as e:
                 raise InputFileError(f"{path}: cannot read {what} ({e.strerror or e})") from None
             if not chunk:

@@ -17,6 +17,7 @@ from .format import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
 from .input_files import (MANIFEST_MAX_BYTES, InputFileError, parse_json, read_capped, relative_name_problem,
                           resolve_inside)
 from .json_fields import describe
+from .fsio import atomic_write_text
 
 
 class ManifestError(ValueError):
@@ -207,25 +208,3 @@ def read_manifest(out_dir: Path) -> Manifest | None:
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     """Atomic: write a temp file, fsync, rename, fsync the directory."""
     atomic_write_text(Path(out_dir) / MANIFEST_FILE, manifest.to_json())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a partial temp behind
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

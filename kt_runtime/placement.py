@@ -16,6 +16,8 @@ from typing import Mapping
 
 import torch
 
+from .fsio import atomic_write_text
+
 STATS_FORMAT = "kt-expert-routing-stats"
 STATS_VERSION = 1
 STRATEGIES = ("uniform", "frequency")
@@ -83,10 +85,7 @@ class ExpertStats:
             raise ValueError(f"malformed routing statistics: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
+        atomic_write_text(Path(path), json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertStats":

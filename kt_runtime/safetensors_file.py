@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, NoReturn
 import numpy as np
 
 from .input_files import InputFileError, open_regular
+from . import fsio
 
 __all__ = [
     "DTYPE_BITS",
@@ -543,13 +544,14 @@ def save_file(
                 f"tensor {name!r}: got {buf.nbytes} bytes of data, dtype/shape need {offsets[name][1]}"
             )
         buffers.append(buf)
+    fsio.entry(path, fsio.FILE)  # never written through a link
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fsio.create_new(tmp), "wb") as f:
             f.write(header)
             for buf in buffers:
                 f.write(buf)
-        os.replace(tmp, path)
+        fsio.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        fsio.discard(tmp)
         raise

@@ -64,8 +64,13 @@ class PackTarget:
 
 def pack_cpu(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, PackTarget]], *, isa: str = "auto",
              num_threads: int = 0) -> list[int]:
-    """Packs columns [col0, col0+k) of each source into its target; returns non-finite counts."""
+    """Packs columns [col0, col0+k) of each source into its target; returns non-finite counts.
+    num_threads: 0 (every CPU) .. kt_kernels.MAX_THREADS, else ValueError."""
     import kt_kernels
+
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or \
+            not 0 <= num_threads <= kt_kernels.MAX_THREADS:
+        raise ValueError(f"num_threads must be an int in [0, {kt_kernels.MAX_THREADS}], got {num_threads!r}")
 
     args = [(src.kind, src.weight, src.scales, col0, k, dst.weight, dst.scales, *src.job_args())
             for src, col0, k, dst in jobs]

@@ -1,0 +1,289 @@
+// Prefill schedule of moe::forward() (many rows per expert; baseline x86-64): activations are
+// quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel),
+// gate/up tasks cover an expert x several 32-row groups, the down stage runs per column chunk over
+// every expert. Results are identical to the decode schedule (moe_decode.cpp); see
+// moe_schedule.hpp for the task stages.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "moe_schedule.hpp"
+#include "tuning.hpp"
+
+namespace kt {
+namespace moe {
+namespace detail {
+
+namespace {
+
+std::mutex g_prof_m;
+std::vector<std::pair<const char*, double>> g_last_prof;
+
+enum Stage { kStSerial, kStQ, kStGDot, kStGEpi, kStS, kStDDot, kStDEpi, kStWait, kStages };
+const char* const kStageNames[kStages] = {"serial", "q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait"};
+
+// Growable 64-byte aligned buffer (contents are not preserved when it grows).
+struct Buf {
+  void* p = nullptr;
+  size_t cap = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  template <typename T>
+  T* get(size_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64));
+    if (bytes > cap) {
+      std::free(p);
+      p = std::aligned_alloc(64, bytes);
+      if (!p) {
+        cap = 0;
+        throw std::bad_alloc();
+      }
+      cap = bytes;
+    }
+    return static_cast<T*>(p);
+  }
+};
+
+// Buffers of one prefill call, kept between calls (no page faults on the hot path); concurrent
+// calls take different workspaces.
+struct Workspace {
+  Buf xpan, xd, xs, act, apan, ad, as, acc, dacc, y, qtmp, prof;
+};
+std::mutex g_ws_m;
+std::vector<std::unique_ptr<Workspace>> g_ws_free;
+
+struct WorkspaceLease {
+  std::unique_ptr<Workspace> ws;
+  WorkspaceLease() {
+    std::lock_guard<std::mutex> l(g_ws_m);
+    if (!g_ws_free.empty()) {
+      ws = std::move(g_ws_free.back());
+      g_ws_free.pop_back();
+    } else {
+      ws.reset(new Workspace);
+    }
+  }
+  ~WorkspaceLease() {
+    std::lock_guard<std::mutex> l(g_ws_m);
+    if (g_ws_free.size() < 4) g_ws_free.push_back(std::move(ws));
+  }
+};
+
+// Groups (32 rows of I_l) per gate/up task: the largest of 8, 4, 2, 1 that still gives >= 8 tasks
+// per thread.
+int64_t gate_groups_per_task(int64_t A, int64_t T, int64_t groups1, int threads) {
+  for (int64_t gc : {8, 4, 2}) {
+    if (gc <= groups1 && A * T * ((groups1 + gc - 1) / gc) >= 8 * threads) return gc;
+  }
+  return 1;
+}
+
+// Columns of H per down task (all experts): the largest of 256, 128, 64 dividing H with >= 4
+// tasks per thread; else 32.
+int64_t down_cols_per_task(int64_t H, int threads) {
+  for (int64_t dc : {256, 128, 64}) {
+    if (H % dc == 0 && H / dc >= 4 * threads) return dc;
+  }
+  return 32;
+}
+
+}  // namespace
+
+void forward_prefill(const Call& call) {
+  const Weights& weights = call.weights;
+  const Config& cfg = weights.cfg;
+  const Routing& rt = call.route;
+  const float* x = call.x;
+  float* out = call.out;
+  const int64_t tokens = call.tokens, topk = call.topk;
+  const DotFn dot = call.dot;
+  const Epilogue& epi = call.epi;
+  const std::vector<int64_t>& active = rt.active;
+  const std::vector<int64_t>& m_of = rt.m_of;
+  const std::vector<int64_t>& row0 = rt.row0;
+  const std::vector<int64_t>& dest = rt.dest;
+  const int64_t H = cfg.hidden, T = cfg.numa, IL = cfg.i_local();
+  const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
+  const int P = call.pool.size();
+  const bool prof = tuning().profiling.load(std::memory_order_relaxed);
+
+  // ---- per-expert panels: rows padded to 16 (the AMX kernel reads whole 16-row tiles)
+  std::vector<int64_t> pan0(A + 1, 0), row_slot(R);
+  for (int64_t a = 0; a < A; ++a) {
+    pan0[a + 1] = pan0[a] + round_up(m_of[a], 16);
+    for (int64_t r = row0[a]; r < row0[a + 1]; ++r) row_slot[r] = a;
+  }
+  const int64_t NP = pan0[A];
+  const ALayout LX = ALayout::panel(H), LA = ALayout::panel(IL);
+
+  WorkspaceLease lease;
+  Workspace& ws = *lease.ws;
+  int8_t* xpan = ws.xpan.get<int8_t>(NP * H);  // expert a: rows pan0[a].., layout LX
+  float* xd = ws.xd.get<float>(R);
+  int32_t* xs = ws.xs.get<int32_t>(R);
+  float* act = ws.act.get<float>(R * T * IL);    // [a][t][m][IL]
+  int8_t* apan = ws.apan.get<int8_t>(NP * T * IL);  // (a, t): rows (pan0[a]*T + t*mpad) .., layout LA
+  float* ad = ws.ad.get<float>(R * T);
+  int32_t* as = ws.as.get<int32_t>(R * T);
+  const int64_t acc_stride = round_up(mmax, 32) * 32;
+  int32_t* acc_all = ws.acc.get<int32_t>(P * 2 * acc_stride);
+  const int64_t DC = down_cols_per_task(H, P), DG = DC / 32;
+  int32_t* dacc_all = ws.dacc.get<int32_t>(P * DG * acc_stride);
+  float* y_all = ws.y.get<float>(T > 1 ? P * DG * acc_stride : 1);
+  const int64_t qstride = round_up(std::max(H, IL), 64);
+  int8_t* qtmp_all = ws.qtmp.get<int8_t>(P * qstride);
+  double* prof_all = ws.prof.get<double>(P * 16);  // 16 doubles = 128 bytes per thread
+  std::fill(prof_all, prof_all + P * 16, 0.0);
+  auto pan_rows = [&](int64_t a) { return pan0[a + 1] - pan0[a]; };
+
+  // ---- tasks, claimed in index order (a task only waits for tasks of lower index)
+  //   Q: quantize kQ tokens once each and scatter them into the panels of their experts
+  //   G: gate/up of (expert a, slice t, gc 32-row groups), a-major; SiLU-gate into act
+  //   S: re-quantize kRows rows of the intermediate of (a, t) into its panel once G of (a, t) is done
+  //   D: DC columns of H over every expert (after every S task): zero out, then out += w * y in
+  //      expert order, the order of the decode schedule.
+  constexpr int64_t kQ = 4;
+  const int64_t nQ = (tokens + kQ - 1) / kQ;
+  const int64_t groups1 = IL / 32;
+  const int64_t gc = gate_groups_per_task(A, T, groups1, P);
+  const int64_t gchunks = (groups1 + gc - 1) / gc;
+  const int64_t nG = A * T * gchunks;
+  const RequantTasks stasks(m_of, T);
+  const int64_t nS = stasks.count();
+  const int64_t nD = H / DC;
+  const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
+
+  std::atomic<int64_t> q_left{nQ}, s_all{nS};
+  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
+  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(gchunks, std::memory_order_relaxed);
+  std::atomic<int64_t> next{0};
+  std::atomic<bool> abort{false};
+
+  auto run_task = [&](int64_t task, int tid) {
+    int32_t* acc = acc_all + static_cast<int64_t>(tid) * 2 * acc_stride;
+    int8_t* qtmp = qtmp_all + static_cast<int64_t>(tid) * qstride;
+    double* pr = prof_all + tid * 16;
+    double tp = prof ? now_s() : 0;
+    auto mark = [&](int stage) {
+      if (prof) {
+        const double t = now_s();
+        pr[stage] += t - tp;
+        tp = t;
+      }
+    };
+    auto wait = [&](const std::atomic<int64_t>& counter) {
+      wait_zero(counter, abort);
+      mark(kStWait);
+    };
+    if (task < q_end) {  // ---- Q
+      const int64_t t1 = std::min(tokens, (task + 1) * kQ);
+      for (int64_t tk = task * kQ; tk < t1; ++tk) {
+        int32_t qs;
+        const float d = epi.quantize(x + tk * H, H, qtmp, &qs);
+        for (int64_t j = 0; j < topk; ++j) {
+          const int64_t r = dest[tk * topk + j];
+          const int64_t a = row_slot[r];
+          int8_t* dst = xpan + pan0[a] * H;
+          const int64_t i = r - row0[a];
+          for (int64_t c = 0; c < H; c += 64) std::memcpy(LX.at(dst, i, c), qtmp + c, 64);
+          xd[r] = d;
+          xs[r] = qs;
+        }
+      }
+      mark(kStQ);
+      q_left.fetch_sub(1, std::memory_order_acq_rel);
+    } else if (task < g_end) {  // ---- G
+      wait(q_left);
+      const int64_t i1 = task - q_end;
+      const int64_t ch = i1 % gchunks, at = i1 / gchunks, t = at % T, a = at / T;
+      const int64_t m = m_of[a];
+      const ExpertShard& sh = weights.shards[active[a] * T + t];
+      int32_t* ag = acc;
+      int32_t* au = acc + acc_stride;
+      const int8_t* xa = xpan + pan0[a] * H;
+      const float* xda = xd + row0[a];
+      const int32_t* xsa = xs + row0[a];
+      float* act_at = act + (row0[a] * T + t * m) * IL;
+      for (int64_t g = ch * gc; g < std::min(groups1, (ch + 1) * gc); ++g) {
+        const int64_t r0 = g * 32;
+        dot(cfg.method, sh.gate.w, IL, H, r0, xa, LX, xsa, m, ag);
+        dot(cfg.method, sh.up.w, IL, H, r0, xa, LX, xsa, m, au);
+        mark(kStGDot);
+        epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
+        mark(kStGEpi);
+      }
+      g_left[at].fetch_sub(1, std::memory_order_acq_rel);
+    } else if (task < s_end) {  // ---- S
+      const RequantTasks::Task s = stasks.task(task - g_end, m_of);
+      wait(g_left[s.a * T + s.t]);
+      const int64_t base = row0[s.a] * T + s.t * m_of[s.a];
+      requantize_rows(epi, act + base * IL, IL, s.i0, s.i1, apan + (pan0[s.a] * T + s.t * pan_rows(s.a)) * IL, LA,
+                      ad + base, as + base, qtmp);
+      mark(kStS);
+      s_all.fetch_sub(1, std::memory_order_acq_rel);
+    } else {  // ---- D: columns c0 .. c0+DC over every expert
+      wait(s_all);
+      const int64_t c0 = (task - s_end) * DC;
+      for (int64_t tk = 0; tk < tokens; ++tk) std::fill(out + tk * H + c0, out + tk * H + c0 + DC, 0.f);
+      // 32-column group g of the chunk: int32 sums at dacc + g*acc_stride, partial sums over the
+      // slices (T > 1) at y + g*acc_stride; out rows are then updated DC contiguous columns at a time.
+      int32_t* dacc = dacc_all + static_cast<int64_t>(tid) * DG * acc_stride;
+      float* y = y_all + static_cast<int64_t>(tid) * DG * acc_stride;
+      for (int64_t a = 0; a < A; ++a) {
+        const int64_t m = m_of[a];
+        // y[i*32+j] = Σ_t down_t rows r0..r0+31, in t order, from zero (as the decode schedule)
+        for (int64_t t = 0; t < T; ++t) {
+          const ExpertShard& sh = weights.shards[active[a] * T + t];
+          const int64_t base = row0[a] * T + t * m;
+          const int8_t* ap = apan + (pan0[a] * T + t * pan_rows(a)) * IL;
+          for (int64_t g = 0; g < DG; ++g)
+            dot(cfg.method, sh.down.w, H, IL, c0 + g * 32, ap, LA, as + base, m, dacc + g * acc_stride);
+          mark(kStDDot);
+          if (t + 1 < T) {
+            for (int64_t g = 0; g < DG; ++g)
+              epi.down(dacc + g * acc_stride, m, ad + base, sh.down.s + c0 + g * 32, y + g * acc_stride, 32, t == 0);
+          } else {  // last slice: fused with out[token] += w * y
+            epi.down_out(dacc, acc_stride, DG, m, ad + base, sh.down.s + c0, t == 0 ? nullptr : y,
+                         rt.row_weight.data() + row0[a], rt.row_token.data() + row0[a], out + c0, H);
+          }
+          mark(kStDEpi);
+        }
+      }
+    }
+  };
+
+  const double t_region = prof ? now_s() : 0;
+  run_tasks_in_order(call.pool, total, call.amx_cfg, next, abort, run_task);
+  if (prof) {
+    const double t_end = now_s();
+    std::vector<std::pair<const char*, double>> r;
+    r.emplace_back("wall", t_end - call.t_call);
+    double sum[kStages] = {};
+    for (int p = 0; p < P; ++p)
+      for (int st = 0; st < kStages; ++st) sum[st] += prof_all[p * 16 + st];
+    sum[kStSerial] = t_region - call.t_call;
+    for (int st = 0; st < kStages; ++st) r.emplace_back(kStageNames[st], sum[st]);
+    r.emplace_back("region", t_end - t_region);
+    r.emplace_back("threads", P);
+    r.emplace_back("gate_groups_per_task", static_cast<double>(gc));
+    r.emplace_back("down_cols_per_task", static_cast<double>(DC));
+    std::lock_guard<std::mutex> l(g_prof_m);
+    g_last_prof = std::move(r);
+  }
+}
+
+}  // namespace detail
+
+std::vector<std::pair<const char*, double>> last_profile() {
+  std::lock_guard<std::mutex> l(detail::g_prof_m);
+  return detail::g_last_prof;
+}
+
+}  // namespace moe
+}  // namespace kt

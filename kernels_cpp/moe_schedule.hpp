@@ -1,0 +1,145 @@
+// What the two schedules of moe::forward() share (internal to moe.cpp, moe_decode.cpp and
+// moe_prefill.cpp): the routing of one call, the in-order task hand-out over the spin pool, the
+// re-quantize (S) step, aligned buffers. Both schedules run one parallel region whose tasks are
+// claimed in index order and wait only for tasks of lower index (dependency counters, no barrier):
+//   Q  quantize the tokens of x          G  gate/up of (expert, NUMA slice, row groups) + SiLU-gate
+//   S  re-quantize the intermediate      D  down, weighted sum into out in expert-id order
+// Every float operation and its order is the same in both schedules and for any thread count.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+#include "moe.hpp"
+#include "thread_pool.hpp"
+
+namespace kt {
+namespace moe {
+namespace detail {
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+template <typename T>
+struct AlignedArray {
+  T* p = nullptr;
+  explicit AlignedArray(size_t n) {
+    const size_t bytes = round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64);
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+  }
+  ~AlignedArray() { std::free(p); }
+  AlignedArray(const AlignedArray&) = delete;
+  AlignedArray& operator=(const AlignedArray&) = delete;
+};
+
+// The rows of one call ((token, top-k slot) pairs) grouped by expert, experts in ascending id order,
+// rows of an expert in token order.
+struct Routing {
+  std::vector<int64_t> active;      // expert ids with rows
+  std::vector<int64_t> m_of;        // rows of active expert a
+  std::vector<int64_t> row0;        // first row of active expert a (A + 1 entries)
+  std::vector<int64_t> row_token;   // token of row r
+  std::vector<float> row_weight;    // top-k weight of row r
+  std::vector<int64_t> dest;        // row of (token t, slot j) at t * topk + j
+  int64_t experts() const { return static_cast<int64_t>(active.size()); }
+  int64_t rows() const { return row0.back(); }
+  int64_t max_rows() const { return *std::max_element(m_of.begin(), m_of.end()); }
+};
+Routing route(const int64_t* ids, const float* topk_w, int64_t tokens, int64_t topk, int64_t experts);
+
+// One forward call as the schedules see it (tokens > 0, topk > 0).
+struct Call {
+  const Weights& weights;
+  const float* x;
+  int64_t tokens, topk;
+  float* out;
+  DotFn dot;
+  const Epilogue& epi;
+  bool amx_cfg;  // configure AMX tiles once per thread and region
+  SpinPool& pool;
+  const Routing& route;
+  double t_call;  // start of the call (profiling only)
+};
+void forward_decode(const Call& call);   // moe_decode.cpp: few rows per expert
+void forward_prefill(const Call& call);  // moe_prefill.cpp: many rows per expert
+
+inline double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// Hands out tasks 0..total-1 in index order to every pool thread (tasks may wait on earlier ones);
+// the first exception stops the hand-out, is flagged in `abort` for waiting tasks, and is rethrown.
+template <class RunTask>
+void run_tasks_in_order(SpinPool& pool, int64_t total, bool amx_cfg, std::atomic<int64_t>& next,
+                        std::atomic<bool>& abort, RunTask& run_task) {
+  pool.run([&](int tid) {
+    if (amx_cfg) amx::configure_thread();
+    try {
+      for (;;) {
+        const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
+        if (task >= total) return;
+        run_task(task, tid);
+      }
+    } catch (...) {
+      abort.store(true, std::memory_order_relaxed);
+      next.store(total, std::memory_order_relaxed);
+      throw;
+    }
+  });
+}
+
+// Waits until a dependency counter reaches 0 (its tasks have lower indices, so they are running).
+inline void wait_zero(const std::atomic<int64_t>& counter, const std::atomic<bool>& abort) {
+  int64_t spins = 0;
+  while (counter.load(std::memory_order_acquire) != 0) {
+    if (abort.load(std::memory_order_relaxed)) throw std::runtime_error("MoE forward aborted");
+    spin_backoff(spins);
+  }
+}
+
+// The S tasks: the intermediate of each (active expert a, NUMA slice t) is re-quantized kRows rows
+// per task, expert-major then slice, once its gate/up groups are done.
+struct RequantTasks {
+  static constexpr int64_t kRows = 16;
+  int64_t T;
+  std::vector<int64_t> first;  // first S task of expert a (A + 1 entries)
+  RequantTasks(const std::vector<int64_t>& m_of, int64_t numa) : T(numa), first(m_of.size() + 1, 0) {
+    for (size_t a = 0; a < m_of.size(); ++a) first[a + 1] = first[a] + T * ((m_of[a] + kRows - 1) / kRows);
+  }
+  int64_t count() const { return first.back(); }
+  int64_t of_expert(int64_t a) const { return first[a + 1] - first[a]; }
+  struct Task {
+    int64_t a, t, i0, i1;  // expert, slice, rows [i0, i1) of its m
+  };
+  Task task(int64_t i, const std::vector<int64_t>& m_of) const {
+    const int64_t a = static_cast<int64_t>(std::upper_bound(first.begin(), first.end(), i) - first.begin()) - 1;
+    const int64_t m = m_of[a], per_t = (m + kRows - 1) / kRows;
+    const int64_t t = (i - first[a]) / per_t, c = (i - first[a]) % per_t;
+    return {a, t, c * kRows, std::min(m, (c + 1) * kRows)};
+  }
+};
+
+// The S step on rows [i0, i1) of one (expert, slice) intermediate: row i (il floats at act + i*il)
+// is quantized like x (epi.quantize: scale ad[i], sum as[i]) into row i of q in layout la. A layout
+// whose rows are contiguous is written in place; any other through qtmp (il bytes), 64 bytes at a time.
+inline void requantize_rows(const Epilogue& epi, const float* act, int64_t il, int64_t i0, int64_t i1, int8_t* q,
+                            ALayout la, float* ad, int32_t* as, int8_t* qtmp) {
+  const bool contiguous = la.ks == 64;
+  for (int64_t i = i0; i < i1; ++i) {
+    if (contiguous) {
+      ad[i] = epi.quantize(act + i * il, il, la.at(q, i, 0), &as[i]);
+    } else {
+      ad[i] = epi.quantize(act + i * il, il, qtmp, &as[i]);
+      for (int64_t c = 0; c < il; c += 64) std::memcpy(la.at(q, i, c), qtmp + c, 64);
+    }
+  }
+}
+
+}  // namespace detail
+}  // namespace moe
+}  // namespace kt

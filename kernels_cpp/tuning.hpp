@@ -1,0 +1,35 @@
+// The MoE engine's tuning knobs, in one place. No value changes a result (bytes, int32 sums and
+// floats are identical for every setting); they trade speed only. Tests and benchmarks set them
+// through kt_kernels._moe_* (moe_bindings.cpp); the kernels read them with relaxed loads.
+#pragma once
+#include <atomic>
+#include <cstdint>
+
+namespace kt {
+
+struct Tuning {
+  // SpinPool: microseconds a worker spins after a call before it sleeps (KT_MOE_SPIN_US, default 2000).
+  std::atomic<int64_t> spin_us{2000};
+  // AMX: the smallest expert group (rows) sent to the tile kernel; smaller ones take the AVX-512 one.
+  std::atomic<int> amx_min_tokens{16};
+  // AMX INT8: how the tile kernel reads B. 0 tiles loaded in place; 1 in place with software prefetch
+  // 8 tile pairs ahead (default); 2 the group copied once per call into a per-thread buffer (as INT4
+  // is unpacked); 3 as 1 in the first 32-token block only.
+  std::atomic<int> amx_int8_mode{1};
+  // forward(): the prefill schedule runs when rows (tokens x top-k) >= this x active experts
+  // (0: always; huge: never); below, the decode schedule.
+  std::atomic<int64_t> prefill_min_avg_rows{8};
+  // Decode schedule: while rows x H x 4 bytes <= this, each (expert, column chunk) of the down stage
+  // is its own task with no barrier after the re-quantize stage; above, a task per 32 columns runs
+  // over every expert.
+  std::atomic<int64_t> per_expert_down_limit_bytes{int64_t(8) << 20};
+  // Prefill schedule: record the stage profile of every call (moe::last_profile()).
+  std::atomic<bool> profiling{false};
+
+  Tuning();  // reads KT_MOE_SPIN_US
+};
+
+// The process's knobs.
+Tuning& tuning();
+
+}  // namespace kt
