@@ -36,7 +36,8 @@ DotFn dot_for(Isa isa) {
   switch (isa) {
     case Isa::Amx: return amx::dot_rowgroup_nocfg;  // tiles configured once per thread and region
     case Isa::Avx512: return avx512::dot_rowgroup;
-    default: return ref::dot_rowgroup;  // no AVX2 kernel: the portable one serves it
+    case Isa::Avx2: return avx2::dot_rowgroup;
+    default: return ref::dot_rowgroup;
   }
 }
 

@@ -10,6 +10,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "moe.hpp"
 
@@ -252,6 +253,44 @@ void bind_moe(py::module_& m) {
     return py::make_tuple(y, y2, o);
   }, py::arg("acc"), py::arg("ad"), py::arg("sd"), py::arg("y0"), py::arg("w"), py::arg("isa") = "auto",
   "Down epilogue: (y first=true, y0 + down, y0 row i += w * that row's first i%32+1 columns).");
+  m.def("_moe_avx2_vnni", [](int v) {
+    const bool old = moe::avx2::vnni();
+    if (v >= 0) moe::avx2::set_vnni(v != 0);
+    return old;
+  }, py::arg("value") = -1,
+  "Get (value<0) or set whether isa='avx2' runs the AVX-VNNI kernel (only possible on CPUs with AVX-VNNI; "
+  "off: the VPMADDUBSW kernel); returns the old value.");
+  m.def("_moe_dot", [](const std::string& method_name, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> w,
+                       int64_t n, int64_t k, py::array_t<int8_t, py::array::c_style | py::array::forcecast> a,
+                       const std::string& isa_name) {
+    const Method method = parse_method(method_name);
+    const Isa isa = resolve_isa(isa_name);
+    require(n > 0 && n % 32 == 0, "n must be a positive multiple of 32");
+    require(k > 0 && k % method_info(method).k_align == 0,
+            "k must be a positive multiple of " + std::to_string(method_info(method).k_align));
+    require(w.size() == packed_weight_bytes(method, n, k), "w: " + std::to_string(w.size()) + " bytes, expected " +
+                                                              std::to_string(packed_weight_bytes(method, n, k)));
+    require(a.ndim() == 2 && a.shape(1) == k, "a must be int8 [m, k]");
+    const int64_t m = a.shape(0);
+    moe::DotFn dot = isa == Isa::Amx ? moe::amx::dot_rowgroup
+                     : isa == Isa::Avx512 ? moe::avx512::dot_rowgroup
+                     : isa == Isa::Avx2   ? moe::avx2::dot_rowgroup
+                                          : moe::ref::dot_rowgroup;
+    std::vector<int8_t> ap((m + 16) * k, 0);  // + 16 rows: the AMX kernel reads whole 16-row tiles
+    std::copy(a.data(), a.data() + m * k, ap.begin());
+    std::vector<int32_t> asum(m, 0), acc(m * 32);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < k; ++c) asum[i] += ap[i * k + c];
+    py::array_t<int32_t> out({m, n});
+    int32_t* o = out.mutable_data();
+    for (int64_t r0 = 0; r0 < n; r0 += 32) {
+      dot(method, w.data(), n, k, r0, ap.data(), moe::ALayout::row_major(k), asum.data(), m, acc.data());
+      for (int64_t i = 0; i < m; ++i) std::copy(acc.begin() + i * 32, acc.begin() + i * 32 + 32, o + i * n + r0);
+    }
+    return out;
+  }, py::arg("method"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("isa") = "auto",
+  "Exact int32 products [m, n] of a packed [n, k] matrix (tiled bytes) with int8 activations a [m, k] on "
+  "that ISA's dot kernel (tests).");
   m.def("_moe_per_expert_down_limit", [](int64_t v) {
     const int64_t old = moe::per_expert_down_limit_bytes;
     if (v >= 0) moe::per_expert_down_limit_bytes = v;
