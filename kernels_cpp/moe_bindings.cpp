@@ -294,9 +294,9 @@ void bind_moe(py::module_& m) {
   }, py::arg("value") = -1,
   "Get (value<0) or set whether isa='avx2' runs the AVX-VNNI kernel (only possible on CPUs with AVX-VNNI; "
   "off: the VPMADDUBSW kernel); returns the old value.");
-  m.def("_moe_dot", [](const std::string& method_name, py::array_t<uint8_t, py::array::c_style | py::array::forcecast> w,
-                       int64_t n, int64_t k, py::array_t<int8_t, py::array::c_style | py::array::forcecast> a,
-                       const std::string& isa_name) {
+  using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+  using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+  m.def("_moe_dot", [](const std::string& method_name, U8 w, int64_t n, int64_t k, I8 a, const std::string& isa_name) {
     const Method method = parse_method(method_name);
     const Isa isa = resolve_isa(isa_name);
     require(n > 0 && n % 32 == 0, "n must be a positive multiple of 32");
