@@ -6,8 +6,9 @@ decode : 1 token, top-k of E experts, H x I experts; cycles over enough layer co
          revisited only after (copies-1) x touched bytes of other traffic). Effective GB/s = packed
          bytes of the touched experts (gate+up+down, scales included) / time, against the DRAM read
          bandwidth measured in the same run (torch sum of a 1 GiB fp32 tensor, and a C++ streaming
-         read of 1 GiB by the engine's own thread pool) and against torch bf16 F.linear over the same
-         expert shapes (bf16 weights cycled the same way).
+         read of 1 GiB by the engine's own thread pool; the C++ read again at the start of every round,
+         for ratios against the bandwidth of the same minute on shared machines) and against torch
+         bf16 F.linear over the same expert shapes (bf16 weights cycled the same way).
 timing : every configuration is built first; then --reps rounds, each round timing every
          configuration in turn (a warm-up pass over all its layer copies, then --min-time seconds);
          the median over rounds is reported (min and max too), so drift and order effects show up
@@ -446,12 +447,17 @@ def main(argv=None):
         cases = [DecodeCase(args, m, args.hidden, I, threads) for I in inters for m in methods]
         tcases = {} if args.skip_torch else {I: TorchDecodeCase(args, args.hidden, I, threads) for I in inters}
         print(f"decode: {len(cases)} configurations built ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        read_buf = aligned_bytes(1 << 30)
+        round_read = []  # C++ read in every round: ratios against the bandwidth of the same minute
         for r in range(args.reps):
+            round_read.append(kt_kernels._moe_read_bandwidth(read_buf, threads, 2))
             for c in tcases.values():
                 c.rep(args.min_time)
             for c in cases:
                 for isa in isas:
                     c.rep(args.min_time, isa)
+        del read_buf
+        res["cpp_stream_read_GBps_by_round"] = round_read
         tb = {I: c.result() for I, c in tcases.items()}
         for I, t in tb.items():
             res.setdefault("decode_torch_bf16", []).append(t)
@@ -462,6 +468,8 @@ def main(argv=None):
                 r = c.result(isa)
                 r["vs_dram"] = r["GBps"] / torch_bw
                 r["vs_cpp_stream"] = r["GBps"] / cpp_bw
+                r["vs_cpp_stream_same_round"] = float(np.median([c.touched / t / 1e9 / rd
+                                                                 for t, rd in zip(c.times[isa], round_read)]))
                 r["weights_per_cycle_core"] = r["weights_per_s"] / threads / (res["core_clock_GHz"] * 1e9)
                 if c.I in tb:
                     r["torch_bf16_us_per_token"] = tb[c.I]["us_per_token"]
@@ -469,7 +477,8 @@ def main(argv=None):
                 res["decode"].append(r)
                 print(f"decode {c.method} {isa} H={args.hidden} I={c.I} top{args.topk}/{args.experts}: "
                       f"{r['us_per_token']:.0f} us/token [{r['us_min']:.0f}-{r['us_max']:.0f}], {r['GBps']:.1f} GB/s = "
-                      f"{r['vs_dram']:.2f} of torch-sum read, {r['vs_cpp_stream']:.2f} of C++ read, "
+                      f"{r['vs_dram']:.2f} of torch-sum read, {r['vs_cpp_stream']:.2f} of C++ read "
+                      f"({r['vs_cpp_stream_same_round']:.2f} against the read of each round), "
                       f"{r['weights_per_cycle_core']:.1f} weights/cycle/core"
                       + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if c.I in tb else "")
                       + f"  (footprint {r['footprint_GB']:.2f} GB, {r['layer_copies']} copies)", flush=True)
