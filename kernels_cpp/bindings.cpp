@@ -155,7 +155,7 @@ PYBIND11_MODULE(kt_kernels, m) {
   m.def("cpu_features", [] {
     const kt::CpuFeatures& f = kt::cpu_features();
     py::dict d;
-    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["avx_vnni"] = f.avx_vnni;
     d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl; d["avx512dq"] = f.avx512dq;
     d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
     d["amx_tile"] = f.amx_tile; d["amx_int8"] = f.amx_int8; d["amx_bf16"] = f.amx_bf16; d["amx_usable"] = f.amx_usable;

@@ -44,6 +44,7 @@ CpuFeatures detect() {
   f.amx_tile = d & (1u << 24);
   f.amx_int8 = d & (1u << 25);
   __cpuid_count(7, 1, a, b, c, d);
+  f.avx_vnni = os_avx && (a & (1u << 4));
   f.avx512bf16 = f.os_avx512 && (a & (1u << 5));
   const bool os_amx = (xcr0 & (3ull << 17)) == (3ull << 17);
   f.amx_usable = f.amx_tile && f.amx_int8 && f.avx512bw && os_amx && request_amx_permission();

@@ -6,6 +6,7 @@ namespace kt {
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
+  bool avx_vnni = false;  // VEX VPDPBUSD on ymm (AVX-VNNI)
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false;
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;

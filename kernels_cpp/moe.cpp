@@ -27,7 +27,7 @@ DotFn dot_for(Isa isa) {
   switch (isa) {
     case Isa::Amx: return amx::dot_rowgroup_nocfg;  // tiles configured once per thread and region
     case Isa::Avx512: return avx512::dot_rowgroup;
-    case Isa::Avx2: return ref::dot_rowgroup;  // slot for the AVX2 kernel (moe_avx2.cpp); portable until then
+    case Isa::Avx2: return avx2::dot_rowgroup;
     default: return ref::dot_rowgroup;
   }
 }

@@ -12,7 +12,7 @@
 //             are summed in t order, then out[token] += w_slot * y in expert-id order.
 //   exp     : exp_det (below), not libm
 // The SIMD kernels return the same int32 sums as the portable reference; the float steps have a
-// scalar reference and an AVX-512 version doing the same IEEE operations in the same order
+// scalar reference and AVX-512 / AVX2 versions doing the same IEEE operations in the same order
 // (Epilogue below), so every ISA path gives bit-identical results.
 #pragma once
 #include <cstdint>
@@ -101,6 +101,17 @@ namespace avx512 {
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out);
 }
+namespace avx2 {
+// Isa::Avx2: the VPDPBUSD kernel (avxvnni::) on CPUs with AVX-VNNI, else VPMADDUBSW.
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
+                  const int32_t* asum, int64_t m, int32_t* out);
+bool vnni();
+void set_vnni(bool on);  // tests, benchmarks: off runs the VPMADDUBSW kernel on an AVX-VNNI CPU
+}
+namespace avxvnni {
+void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
+                  const int32_t* asum, int64_t m, int32_t* out);
+}
 namespace amx {
 // AMX tile kernel for many tokens; falls back to avx512 for m < tuning().amx_min_tokens. How it
 // reads INT8 B is tuning().amx_int8_mode (results identical in every mode).
@@ -126,10 +137,10 @@ double read_bandwidth_gbs(const uint8_t* buf, int64_t bytes, int num_threads, in
 float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);
 
 // ---- float stages ("epilogues"). ref:: (moe_epilogue_ref.cpp, baseline x86-64) is the definition;
-// avx512:: (moe_epilogue_avx512.cpp) performs the same IEEE operations in the same order per
-// element (no FMA contraction, no reassociation; max/min with the same NaN operand order), so the
-// results are bit-identical. exp is exp_det, a fixed Cephes-style range reduction + polynomial,
-// not libm's expf.
+// avx512:: (moe_epilogue_avx512.cpp) and avx2:: (moe_epilogue_avx2.cpp) perform the same IEEE
+// operations in the same order per element (no FMA contraction, no reassociation; max/min with
+// the same NaN operand order), so the results are bit-identical. exp is exp_det, a fixed
+// Cephes-style range reduction + polynomial, not libm's expf.
 //   quantize : see quantize_act
 //   silu_gate: for i < m, j < 32: g = float(ag[i*32+j]) * (xd[i]*sg[j]), u likewise with au, su;
 //              clamp: g = min(g, L), u = min(max(u, -L), L);  act[i*stride + j] = g / (1 + exp(-g)) * u
@@ -152,7 +163,8 @@ struct Epilogue {
 };
 const Epilogue& epilogue_ref();
 const Epilogue& epilogue_avx512();
-const Epilogue& epilogue_for(Isa isa);  // Avx512 / Amx: the AVX-512 one; else the reference
+const Epilogue& epilogue_avx2();
+const Epilogue& epilogue_for(Isa isa);  // Avx512 / Amx: the AVX-512 one; Avx2: the AVX2 one; else the reference
 // Deterministic exp (scalar reference): x clamped to [-87, 88], n = rne(x*log2e) by the 1.5*2^23
 // trick, r = (x - n*C1) - n*C2, Cephes polynomial, times 2^n built in the exponent bits.
 float exp_det(float x);

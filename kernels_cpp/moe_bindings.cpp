@@ -5,11 +5,15 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
+#include <ctime>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "moe.hpp"
 #include "thread_pool.hpp"
@@ -143,6 +147,37 @@ class MoELayer {
   py::list keep_;  // the numpy arrays whose memory the pointers refer to
 };
 
+// The dot kernel of one ISA (Amx: the tile kernel, which configures the tiles on every call).
+moe::DotFn dot_kernel(Isa isa) {
+  switch (isa) {
+    case Isa::Amx: return moe::amx::dot_rowgroup;
+    case Isa::Avx512: return moe::avx512::dot_rowgroup;
+    case Isa::Avx2: return moe::avx2::dot_rowgroup;
+    default: return moe::ref::dot_rowgroup;
+  }
+}
+
+double thread_cpu_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+// Core clock while this thread runs: a chain of dependent register adds (one cycle each; a
+// register operand, since newer cores fold add-immediate chains) over thread CPU time.
+double core_clock_ghz() {
+  const int64_t n = 200000000;
+  int64_t x = 0, y = 1;
+  const double t0 = thread_cpu_seconds();
+  for (int64_t i = 0; i < n / 8; ++i)
+    __asm__ volatile(
+        "add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\t"
+        "add %1, %0\n\tadd %1, %0\n\tadd %1, %0\n\tadd %1, %0"
+        : "+r"(x)
+        : "r"(y));
+  return n / (thread_cpu_seconds() - t0) / 1e9;
+}
+
 }  // namespace
 
 void bind_moe(py::module_& m) {
@@ -266,6 +301,109 @@ void bind_moe(py::module_& m) {
     return py::make_tuple(y, y2, o);
   }, py::arg("acc"), py::arg("ad"), py::arg("sd"), py::arg("y0"), py::arg("w"), py::arg("isa") = "auto",
   "Down epilogue: (y first=true, y0 + down, y0 row i += w * that row's first i%32+1 columns).");
+  m.def("_moe_avx2_vnni", [](int v) {
+    const bool old = moe::avx2::vnni();
+    if (v >= 0) moe::avx2::set_vnni(v != 0);
+    return old;
+  }, py::arg("value") = -1,
+  "Get (value<0) or set whether isa='avx2' runs the AVX-VNNI kernel (only possible on CPUs with AVX-VNNI; "
+  "off: the VPMADDUBSW kernel); returns the old value.");
+  using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+  using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+  m.def("_moe_dot", [](const std::string& method_name, U8 w, int64_t n, int64_t k, I8 a, const std::string& isa_name) {
+    const Method method = parse_method(method_name);
+    const Isa isa = resolve_isa(isa_name);
+    require(n > 0 && n % 32 == 0, "n must be a positive multiple of 32");
+    require(k > 0 && k % method_info(method).k_align == 0,
+            "k must be a positive multiple of " + std::to_string(method_info(method).k_align));
+    require(w.size() == packed_weight_bytes(method, n, k), "w: " + std::to_string(w.size()) + " bytes, expected " +
+                                                              std::to_string(packed_weight_bytes(method, n, k)));
+    require(a.ndim() == 2 && a.shape(1) == k, "a must be int8 [m, k]");
+    const int64_t m = a.shape(0);
+    const moe::DotFn dot = dot_kernel(isa);
+    std::vector<int8_t> ap((m + 16) * k, 0);  // + 16 rows: the AMX kernel reads whole 16-row tiles
+    std::copy(a.data(), a.data() + m * k, ap.begin());
+    std::vector<int32_t> asum(m, 0), acc(m * 32);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < k; ++c) asum[i] += ap[i * k + c];
+    py::array_t<int32_t> out({m, n});
+    int32_t* o = out.mutable_data();
+    for (int64_t r0 = 0; r0 < n; r0 += 32) {
+      dot(method, w.data(), n, k, r0, ap.data(), moe::ALayout::row_major(k), asum.data(), m, acc.data());
+      for (int64_t i = 0; i < m; ++i) std::copy(acc.begin() + i * 32, acc.begin() + i * 32 + 32, o + i * n + r0);
+    }
+    return out;
+  }, py::arg("method"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("isa") = "auto",
+  "Exact int32 products [m, n] of a packed [n, k] matrix (tiled bytes) with int8 activations a [m, k] on "
+  "that ISA's dot kernel (tests).");
+  m.def("_core_clock_ghz", [] {
+    py::gil_scoped_release release;
+    return core_clock_ghz();
+  }, "GHz of this core while it runs (dependent register adds over thread CPU time; benchmarks).");
+  m.def("_moe_dot_stream", [](const std::string& method_name, const py::array& buf, int64_t n, int64_t k, int64_t m,
+                              const std::string& isa_name, int threads, double seconds) {
+    // Benchmark: the dot kernel alone over buf cut into packed [n, k] matrices, every 32-row group
+    // of each with m activation rows (one call per group, as the decode schedule makes them);
+    // thread t streams over its own contiguous share of the matrices until `seconds` have passed.
+    const Method method = parse_method(method_name);
+    const moe::DotFn dot = dot_kernel(resolve_isa(isa_name));
+    require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");
+    require(n > 0 && n % 32 == 0 && k > 0 && k % method_info(method).k_align == 0 && m > 0 && threads > 0,
+            "need n % 32 == 0, k a multiple of the method's K alignment, m > 0, threads > 0");
+    const int64_t mat = packed_weight_bytes(method, n, k);
+    const int64_t per = buf.size() / mat / threads;
+    require(per > 0, "buf holds fewer than `threads` matrices");
+    const uint8_t* w = static_cast<const uint8_t*>(buf.data());
+    std::vector<int8_t> a((m + 16) * k);
+    for (size_t i = 0; i < a.size(); ++i)  // -127..127, as quantize gives for finite inputs
+      a[i] = static_cast<int8_t>(static_cast<int>(((i * 2654435761u) >> 13) % 255) - 127);
+    std::vector<int32_t> asum(m, 0);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < k; ++c) asum[i] += a[i * k + c];
+    std::vector<int64_t> mats(threads, 0);
+    std::vector<double> wall(threads, 0), cpu(threads, 0);
+    {
+      py::gil_scoped_release release;
+      auto body = [&](int t) {
+        std::vector<int32_t> out(m * 32);
+        const auto t0 = std::chrono::steady_clock::now();
+        const double c0 = thread_cpu_seconds();
+        double dt = 0;
+        int64_t done = 0;
+        do {
+          for (int64_t j = t * per; j < (t + 1) * per && dt < seconds; ++j, ++done) {
+            for (int64_t r0 = 0; r0 < n; r0 += 32)
+              dot(method, w + j * mat, n, k, r0, a.data(), moe::ALayout::row_major(k), asum.data(), m, out.data());
+            dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          }
+        } while (dt < seconds);
+        mats[t] = done;
+        wall[t] = dt;
+        cpu[t] = thread_cpu_seconds() - c0;
+      };
+      std::vector<std::thread> pool;
+      for (int t = 1; t < threads; ++t) pool.emplace_back(body, t);
+      body(0);
+      for (auto& th : pool) th.join();
+    }
+    py::dict r;
+    double wps = 0, wps_cpu = 0;
+    for (int t = 0; t < threads; ++t) {
+      wps += static_cast<double>(mats[t]) * n * k / wall[t];
+      wps_cpu += static_cast<double>(mats[t]) * n * k / cpu[t];
+    }
+    r["weights_per_s"] = wps;
+    r["weights_per_cpu_s"] = wps_cpu / threads;  // per thread, per second it actually ran
+    r["GBps"] = wps * mat / (static_cast<double>(n) * k) / 1e9;
+    r["cpu_share"] = [&] {
+      double c = 0, wl = 0;
+      for (int t = 0; t < threads; ++t) c += cpu[t], wl += wall[t];
+      return c / wl;
+    }();
+    return r;
+  }, py::arg("method"), py::arg("buf"), py::arg("n"), py::arg("k"), py::arg("m") = 1, py::arg("isa") = "auto",
+  py::arg("threads") = 1, py::arg("seconds") = 0.5,
+  "Benchmark of a dot kernel alone: weights/s over buf (packed [n, k] matrices, one call per 32-row group).");
 }
 
 }  // namespace kt

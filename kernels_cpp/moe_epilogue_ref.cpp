@@ -122,7 +122,8 @@ const Epilogue& epilogue_ref() {
 }
 
 const Epilogue& epilogue_for(Isa isa) {
-  return isa == Isa::Avx512 || isa == Isa::Amx ? epilogue_avx512() : epilogue_ref();
+  if (isa == Isa::Avx512 || isa == Isa::Amx) return epilogue_avx512();
+  return isa == Isa::Avx2 ? epilogue_avx2() : epilogue_ref();
 }
 
 }  // namespace moe

@@ -6,8 +6,9 @@ decode : 1 token, top-k of E experts, H x I experts; cycles over enough layer co
          revisited only after (copies-1) x touched bytes of other traffic). Effective GB/s = packed
          bytes of the touched experts (gate+up+down, scales included) / time, against the DRAM read
          bandwidth measured in the same run (torch sum of a 1 GiB fp32 tensor, and a C++ streaming
-         read of 1 GiB by the engine's own thread pool) and against torch bf16 F.linear over the same
-         expert shapes (bf16 weights cycled the same way).
+         read of 1 GiB by the engine's own thread pool; the C++ read again at the start of every round,
+         for ratios against the bandwidth of the same minute on shared machines) and against torch
+         bf16 F.linear over the same expert shapes (bf16 weights cycled the same way).
 timing : every configuration is built first; then --reps rounds, each round timing every
          configuration in turn (a warm-up pass over all its layer copies, then --min-time seconds);
          the median over rounds is reported (min and max too), so drift and order effects show up
@@ -15,9 +16,19 @@ timing : every configuration is built first; then --reps rounds, each round timi
 prefill: T tokens, top-k over E experts: TFLOP/s (2*T*k*3*H*I) against torch bf16 matmuls grouped by
          expert, and % of the AMX INT8 peak (cores x max MHz x 2048 ops/cycle) when AMX is present;
          then one profiled call per method: time per engine stage summed over threads (profile_ms).
+kernel : the dot kernel of each ISA alone (kt_kernels._moe_dot_stream, one call per 32-row group,
+         1 activation row): weights per cycle per core, in cache (one 128-row matrix, L2 resident)
+         and streaming (--footprint-gb of matrices, H x I gate shape) on 1 and on all threads, against
+         the C++ streaming read on as many threads. Cycles = thread CPU time x the core clock measured
+         by a chain of dependent register adds (kt_kernels._core_clock_ghz; no PMU needed, so it
+         works in VMs; the TSC runs at the nominal frequency, not the core's).
+--isa takes a comma list (auto, portable, avx2, avx2-novnni, avx512, amx); every ISA runs on the
+same layers in the same rounds. avx2-novnni is isa="avx2" with the AVX-VNNI kernel turned off
+(VPMADDUBSW), on CPUs that have AVX-VNNI.
 
   python scripts/bench_moe.py                      # defaults sized for a small machine
   python scripts/bench_moe.py --footprint-gb 4 --json out.json   # big-L3 hosts
+  python scripts/bench_moe.py --isa avx512,avx2,avx2-novnni,portable --skip-prefill   # ISA paths side by side
 """
 from __future__ import annotations
 
@@ -108,6 +119,13 @@ def read_bandwidth(threads):
     return torch_gbs, cpp_gbs
 
 
+def use_isa(name):
+    """Engine isa string for a bench ISA name (avx2-novnni: avx2 with the AVX-VNNI kernel off)."""
+    if hasattr(kt_kernels, "_moe_avx2_vnni"):
+        kt_kernels._moe_avx2_vnni(0 if name == "avx2-novnni" else 1)
+    return "avx2" if name == "avx2-novnni" else name
+
+
 def packed_bytes(method, n, k):
     return n * k // (2 if method == "int4" else 1) + 4 * n
 
@@ -151,9 +169,9 @@ def bf16_experts(count, H, I, g):
 
 
 class DecodeCase:
-    def __init__(self, args, method, H, I, threads, isa):
+    def __init__(self, args, method, H, I, threads):
         E, k, numa = args.experts, args.topk, args.numa
-        self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, isa
+        self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, "auto"
         layer_bytes = E * 3 * (packed_bytes(method, I // numa, H) + 64) * numa
         self.copies = max(2, int(np.ceil(args.footprint_gb * 1e9 / layer_bytes)))
         rng = np.random.default_rng(0)
@@ -166,25 +184,27 @@ class DecodeCase:
         self.tw = np.full((1, k), 1.0 / k, np.float32)
         self.i = 0
         self.touched = k * 3 * packed_bytes(method, I // numa, H) * numa
+        self.weights = k * 3 * H * I  # weights read per token
         self.info = {"method": method, "H": H, "I": I, "experts": E, "topk": k, "numa": numa,
                      "layer_copies": self.copies, "footprint_GB": self.copies * layer_bytes / 1e9,
                      "touched_MB": self.touched / 1e6,
                      "bytes_between_revisits_MB": (self.copies - 1) * self.touched / 1e6}
-        self.times = []
+        self.times = {}
 
     def step(self):
         self.i += 1
         self.layers[self.i % self.copies].forward(self.x, self.ids[self.i % 64], self.tw, self.isa, self.threads)
 
-    def rep(self, min_time):
+    def rep(self, min_time, isa="auto"):
+        self.isa = use_isa(isa)
         for _ in range(self.copies):  # warm-up: every copy once (pages, pool, frequency)
             self.step()
-        self.times.append(timeit(self.step, min_time=min_time, min_iters=2 * self.copies, warmup=0))
+        self.times.setdefault(isa, []).append(timeit(self.step, min_time=min_time, min_iters=2 * self.copies, warmup=0))
 
-    def result(self):
-        t = summarize(self.times)
-        return dict(self.info, us_per_token=t["median"] * 1e6, us_min=t["min"] * 1e6, us_max=t["max"] * 1e6,
-                    reps=t["reps"], GBps=self.touched / t["median"] / 1e9)
+    def result(self, isa="auto"):
+        t = summarize(self.times[isa])
+        return dict(self.info, isa=isa, us_per_token=t["median"] * 1e6, us_min=t["min"] * 1e6, us_max=t["max"] * 1e6,
+                    reps=t["reps"], GBps=self.touched / t["median"] / 1e9, weights_per_s=self.weights / t["median"])
 
 
 class TorchDecodeCase:
@@ -230,8 +250,8 @@ def prefill_inputs(args):
 
 
 class PrefillCase:
-    def __init__(self, args, method, H, I, threads, isa):
-        self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, isa
+    def __init__(self, args, method, H, I, threads):
+        self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, "auto"
         E, k, T, numa = args.prefill_experts, args.topk, args.prefill_tokens, args.numa
         self.layer = random_layer(np.random.default_rng(2), method, E, H, I, numa)
         x, ids = prefill_inputs(args)
@@ -239,18 +259,20 @@ class PrefillCase:
         self.tw = np.full((T, k), 1.0 / k, np.float32)
         self.flops = 2.0 * T * k * 3 * H * I
         self.info = {"method": method, "tokens": T, "experts": E, "topk": k, "H": H, "I": I}
-        self.times = []
+        self.times = {}
 
     def step(self):
         self.layer.forward(self.x, self.ids, self.tw, self.isa, self.threads)
 
-    def rep(self, min_time):
-        self.times.append(timeit(self.step, min_time=min_time, min_iters=3, warmup=1))
+    def rep(self, min_time, isa="auto"):
+        self.isa = use_isa(isa)
+        self.times.setdefault(isa, []).append(timeit(self.step, min_time=min_time, min_iters=3, warmup=1))
 
-    def profile(self):
+    def profile(self, isa="auto"):
         """One extra call with the engine's stage profile on (seconds summed over threads, wall)."""
         if not hasattr(kt_kernels, "_moe_profile"):
             return None
+        self.isa = use_isa(isa)
         kt_kernels._moe_profile(1)
         try:
             t0 = time.perf_counter()
@@ -264,11 +286,11 @@ class PrefillCase:
         p["python_call"] = call
         return p
 
-    def result(self):
-        t = summarize(self.times)
-        r = dict(self.info, ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3, reps=t["reps"],
-                 TFLOPs=self.flops / t["median"] / 1e12)
-        p = self.profile()
+    def result(self, isa="auto"):
+        t = summarize(self.times[isa])
+        r = dict(self.info, isa=isa, ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3,
+                 reps=t["reps"], TFLOPs=self.flops / t["median"] / 1e12)
+        p = self.profile(isa)
         if p:
             r["profile_ms"] = {k: (v * 1e3 if k not in ("threads", "gate_groups_per_task", "down_cols_per_task")
                                    else v) for k, v in p.items()}
@@ -318,6 +340,45 @@ def call_overhead_us(threads, isa):
     return float(np.median(ts)) * 1e6
 
 
+def kernel_bench(args, isas, methods, threads, ghz, read_gbs):
+    """The dot kernel of each ISA alone: in cache and streaming, 1 thread and `threads` threads; --reps
+    rounds, each over every configuration (interleaved, so load changes spread over all), median."""
+    H, I = args.hidden, int(args.inter.split(",")[0])
+    big = aligned_bytes(int(args.footprint_gb * 1e9) // 4096 * 4096)
+    small = aligned_bytes(threads * 128 * H)  # one 128-row matrix per thread (L2 resident)
+    configs = []
+    for method in methods:
+        per_byte = 2 if method == "int4" else 1
+        mat = I * H // per_byte
+        for isa in isas:
+            for th in sorted({1, threads}):
+                configs.append((method, isa, "L2", th, small[: th * 128 * H // per_byte], 128))
+                configs.append((method, isa, "stream", th, big[: len(big) // mat * mat], I))
+    runs = {c[:4]: [] for c in configs}
+    for _ in range(args.reps):
+        for method, isa, where, th, buf, n in configs:
+            eng = use_isa(isa)
+            kt_kernels._moe_dot_stream(method, buf, n, H, 1, eng, th, 0.05)  # warm-up
+            runs[(method, isa, where, th)].append(kt_kernels._moe_dot_stream(method, buf, n, H, 1, eng, th,
+                                                                             args.kernel_time))
+    out = []
+    for (method, isa, where, th), rs in runs.items():
+        rs = sorted(rs, key=lambda d: d["weights_per_cpu_s"])
+        r = rs[len(rs) // 2]
+        row = {"method": method, "isa": isa, "where": where, "threads": th, "GBps": r["GBps"],
+               "weights_per_cycle_core": r["weights_per_cpu_s"] / (ghz * 1e9),
+               "weights_per_cycle_core_max": rs[-1]["weights_per_cpu_s"] / (ghz * 1e9), "cpu_share": r["cpu_share"]}
+        if where == "stream":
+            row["vs_cpp_read"] = r["GBps"] / read_gbs[th]
+        out.append(row)
+        print(f"kernel {method} {isa:12s} {where:6s} threads={th}: {r['GBps']:6.1f} GB/s, "
+              f"{row['weights_per_cycle_core']:5.1f} weights/cycle/core (max {row['weights_per_cycle_core_max']:.1f})"
+              + (f", {row['vs_cpp_read']:.2f} of the C++ read" if where == "stream" else "")
+              + (f" (ran {100 * r['cpu_share']:.0f}% of the wall time)" if r["cpu_share"] < 0.9 else ""), flush=True)
+    use_isa("auto")
+    return out
+
+
 def amx_peak_tflops(info, threads):
     mhz = info.get("CPU max MHz") or info.get("CPU MHz")  # KVM guests often show only the nominal MHz
     try:
@@ -342,11 +403,13 @@ def main(argv=None):
     ap.add_argument("--prefill-experts", type=int, default=64)
     ap.add_argument("--prefill-inter", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="0 = every CPU of this process")
-    ap.add_argument("--isa", default="auto")
+    ap.add_argument("--isa", default="auto", help="comma list: auto, portable, avx2, avx2-novnni, avx512, amx")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds timed per configuration and round")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--skip-kernel", action="store_true", help="skip the dot-kernel-alone section")
+    ap.add_argument("--kernel-time", type=float, default=0.3, help="seconds per kernel measurement")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -363,45 +426,74 @@ def main(argv=None):
     res["cpp_stream_read_GBps"] = cpp_bw
     print(f"read bandwidth: torch sum of 1 GiB fp32 {torch_bw:.1f} GB/s; C++ streaming read of 1 GiB "
           f"(MoE pool) {cpp_bw:.1f} GB/s", flush=True)
-    res["call_overhead_us"] = call_overhead_us(threads, args.isa)
-    print(f"decode call overhead (tiny layer in cache): {res['call_overhead_us']:.1f} us", flush=True)
+    isas = args.isa.split(",")
+    res["core_clock_GHz"] = kt_kernels._core_clock_ghz()
+    print(f"core clock (dependent adds over thread CPU time): {res['core_clock_GHz']:.2f} GHz", flush=True)
+    res["call_overhead_us"] = call_overhead_us(threads, use_isa(isas[0]))
+    print(f"decode call overhead (tiny layer in cache, {isas[0]}): {res['call_overhead_us']:.1f} us", flush=True)
     methods = args.methods.split(",")
+
+    if not args.skip_kernel:
+        buf = aligned_bytes(1 << 30)
+        read_gbs = {th: kt_kernels._moe_read_bandwidth(buf, th, 5) for th in sorted({1, threads})}
+        del buf
+        res["cpp_stream_read_GBps_by_threads"] = read_gbs
+        print("C++ streaming read: " + ", ".join(f"{v:.1f} GB/s on {th} thread(s)" for th, v in read_gbs.items()),
+              flush=True)
+        res["kernel"] = kernel_bench(args, isas, methods, threads, res["core_clock_GHz"], read_gbs)
 
     if not args.skip_decode:
         inters = [int(v) for v in args.inter.split(",")]
-        cases = [DecodeCase(args, m, args.hidden, I, threads, args.isa) for I in inters for m in methods]
+        cases = [DecodeCase(args, m, args.hidden, I, threads) for I in inters for m in methods]
         tcases = {} if args.skip_torch else {I: TorchDecodeCase(args, args.hidden, I, threads) for I in inters}
         print(f"decode: {len(cases)} configurations built ({time.perf_counter() - t_start:.0f} s)", flush=True)
+        read_buf = aligned_bytes(1 << 30)
+        round_read = []  # C++ read in every round: ratios against the bandwidth of the same minute
         for r in range(args.reps):
-            for c in list(tcases.values()) + cases:
+            round_read.append(kt_kernels._moe_read_bandwidth(read_buf, threads, 2))
+            for c in tcases.values():
                 c.rep(args.min_time)
+            for c in cases:
+                for isa in isas:
+                    c.rep(args.min_time, isa)
+        del read_buf
+        res["cpp_stream_read_GBps_by_round"] = round_read
         tb = {I: c.result() for I, c in tcases.items()}
         for I, t in tb.items():
             res.setdefault("decode_torch_bf16", []).append(t)
             print(f"decode torch bf16 H={args.hidden} I={I}: {t['us_per_token']:.0f} us/token "
                   f"[{t['us_min']:.0f}-{t['us_max']:.0f}] ({t['GBps_bf16']:.1f} GB/s of bf16)", flush=True)
         for c in cases:
-            r = c.result()
-            r["vs_dram"] = r["GBps"] / torch_bw
-            r["vs_cpp_stream"] = r["GBps"] / cpp_bw
-            if c.I in tb:
-                r["torch_bf16_us_per_token"] = tb[c.I]["us_per_token"]
-                r["speedup_vs_torch_bf16"] = tb[c.I]["us_per_token"] / r["us_per_token"]
-            res["decode"].append(r)
-            print(f"decode {c.method} H={args.hidden} I={c.I} top{args.topk}/{args.experts}: "
-                  f"{r['us_per_token']:.0f} us/token [{r['us_min']:.0f}-{r['us_max']:.0f}], {r['GBps']:.1f} GB/s = "
-                  f"{r['vs_dram']:.2f} of torch-sum read, {r['vs_cpp_stream']:.2f} of C++ read"
-                  + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if c.I in tb else "")
-                  + f"  (footprint {r['footprint_GB']:.2f} GB, {r['layer_copies']} copies)", flush=True)
+            for isa in isas:
+                r = c.result(isa)
+                r["vs_dram"] = r["GBps"] / torch_bw
+                r["vs_cpp_stream"] = r["GBps"] / cpp_bw
+                r["vs_cpp_stream_same_round"] = float(np.median([c.touched / t / 1e9 / rd
+                                                                 for t, rd in zip(c.times[isa], round_read)]))
+                r["weights_per_cycle_core"] = r["weights_per_s"] / threads / (res["core_clock_GHz"] * 1e9)
+                if c.I in tb:
+                    r["torch_bf16_us_per_token"] = tb[c.I]["us_per_token"]
+                    r["speedup_vs_torch_bf16"] = tb[c.I]["us_per_token"] / r["us_per_token"]
+                res["decode"].append(r)
+                print(f"decode {c.method} {isa} H={args.hidden} I={c.I} top{args.topk}/{args.experts}: "
+                      f"{r['us_per_token']:.0f} us/token [{r['us_min']:.0f}-{r['us_max']:.0f}], {r['GBps']:.1f} GB/s = "
+                      f"{r['vs_dram']:.2f} of torch-sum read, {r['vs_cpp_stream']:.2f} of C++ read "
+                      f"({r['vs_cpp_stream_same_round']:.2f} against the read of each round), "
+                      f"{r['weights_per_cycle_core']:.1f} weights/cycle/core"
+                      + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if c.I in tb else "")
+                      + f"  (footprint {r['footprint_GB']:.2f} GB, {r['layer_copies']} copies)", flush=True)
         del cases, tcases
 
     if not args.skip_prefill:
         I = args.prefill_inter
-        pcases = [PrefillCase(args, m, args.hidden, I, threads, args.isa) for m in methods]
+        pcases = [PrefillCase(args, m, args.hidden, I, threads) for m in methods]
         tcase = None if args.skip_torch else TorchPrefillCase(args, args.hidden, I, threads)
         for r in range(args.prefill_reps):
-            for c in ([tcase] if tcase else []) + pcases:
-                c.rep(args.min_time)
+            if tcase:
+                tcase.rep(args.min_time)
+            for c in pcases:
+                for isa in isas:
+                    c.rep(args.min_time, isa)
         tb = tcase.result() if tcase else None
         if tb:
             res["prefill_torch_bf16"] = tb
@@ -410,26 +502,29 @@ def main(argv=None):
                   flush=True)
         peak = amx_peak_tflops(info, threads) if info["isa"] == "amx" else None
         for c in pcases:
-            r = c.result()
-            if tb:
-                r["torch_bf16_TFLOPs"] = tb["TFLOPs"]
-                r["speedup_vs_torch_bf16"] = r["TFLOPs"] / tb["TFLOPs"]
-            if peak:
-                r["amx_int8_peak_TFLOPs"] = peak
-                r["pct_amx_peak"] = 100 * r["TFLOPs"] / peak
-            res["prefill"].append(r)
-            print(f"prefill {c.method}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}], "
-                  f"{r['TFLOPs']:.3f} TFLOP/s"
-                  + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if tb else "")
-                  + (f", {r['pct_amx_peak']:.1f}% of AMX INT8 peak ({peak:.1f} TFLOP/s)" if peak else ""), flush=True)
-            if "profile_ms" in r:
-                pm = r["profile_ms"]
-                print("  stage ms summed over threads: " + ", ".join(
-                    f"{k}={pm[k]:.1f}" for k in ("q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait") if k in pm)
-                    + f"; wall {pm['wall']:.1f} ms (region {pm.get('region', 0):.1f}, python call "
-                    f"{pm['python_call']:.1f})", flush=True)
+            for isa in isas:
+                r = c.result(isa)
+                if tb:
+                    r["torch_bf16_TFLOPs"] = tb["TFLOPs"]
+                    r["speedup_vs_torch_bf16"] = r["TFLOPs"] / tb["TFLOPs"]
+                if peak and isa in ("auto", "amx"):
+                    r["amx_int8_peak_TFLOPs"] = peak
+                    r["pct_amx_peak"] = 100 * r["TFLOPs"] / peak
+                res["prefill"].append(r)
+                print(f"prefill {c.method} {isa}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}], "
+                      f"{r['TFLOPs']:.3f} TFLOP/s"
+                      + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if tb else "")
+                      + (f", {r['pct_amx_peak']:.1f}% of AMX INT8 peak ({peak:.1f} TFLOP/s)" if "pct_amx_peak" in r
+                         else ""), flush=True)
+                if "profile_ms" in r:
+                    pm = r["profile_ms"]
+                    print("  stage ms summed over threads: " + ", ".join(
+                        f"{k}={pm[k]:.1f}" for k in ("q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait") if k in pm)
+                        + f"; wall {pm['wall']:.1f} ms (region {pm.get('region', 0):.1f}, python call "
+                        f"{pm['python_call']:.1f})", flush=True)
         # AMX INT8: each way the tile kernel reads B (results identical), same layer and inputs
-        if info["isa"] == "amx" and args.isa in ("auto", "amx") and hasattr(kt_kernels, "_moe_amx_int8_mode"):
+        amx_isa = next((i for i in isas if i in ("auto", "amx")), None)
+        if info["isa"] == "amx" and amx_isa and hasattr(kt_kernels, "_moe_amx_int8_mode"):
             c8 = next((c for c in pcases if c.method == "int8"), None)
             if c8 is not None:
                 default_mode = kt_kernels._moe_amx_int8_mode()
@@ -437,10 +532,10 @@ def main(argv=None):
                 try:
                     for mode in (0, 1, 2, 3):
                         kt_kernels._moe_amx_int8_mode(mode)
-                        c8.times = []
+                        c8.times = {}
                         for _ in range(args.prefill_reps):
-                            c8.rep(args.min_time)
-                        r = c8.result()
+                            c8.rep(args.min_time, amx_isa)
+                        r = c8.result(amx_isa)
                         modes[str(mode)] = {k: r[k] for k in ("ms", "ms_min", "ms_max")}
                         modes[str(mode)]["profile_ms"] = r.get("profile_ms")
                         pm = r.get("profile_ms") or {}
@@ -449,6 +544,7 @@ def main(argv=None):
                 finally:
                     kt_kernels._moe_amx_int8_mode(default_mode)
                 res["prefill_int8_modes"] = {"default": default_mode, "modes": modes}
+    use_isa("auto")  # leave the AVX-VNNI kernel setting at its default
     res["bench_seconds"] = time.perf_counter() - t_start
 
     if args.json:

@@ -1,7 +1,9 @@
 """CPU MoE engine (kernels_cpp/moe*.cpp, kt_runtime/cpu_moe.py).
 
 - Every ISA path this CPU has gives results bit-identical to the portable reference kernel
-  (the int32 sums are exact and every float step is shared code).
+  (the int32 sums are exact and every float step is shared code). isa="avx2" runs on every
+  x86-64-v3 CPU (so on CI); on CPUs with AVX-VNNI it has two kernels (VPDPBUSD and VPMADDUBSW),
+  both tested (avx2_kernel fixture, test_dot_kernels_exact).
 - Against a torch model that quantizes the activations the same way (x per token, the
   intermediate per token and NUMA slice) in float64 on the dequantized weights: relative L2
   error < 1e-4 (only fp32 rounding of the scaling, and rare one-level flips of the intermediate's
@@ -21,11 +23,23 @@ import torch
 import kt_kernels
 from kt_runtime.cpu_moe import CPUMoE
 from quant import get_method
+from quant.amx_tiling import untile
 from quant.reference import dequantize_packed, merge_shards
 
 ISA_ORDER = ["portable", "avx2", "avx512", "amx"]
 BEST = kt_kernels.best_isa()
-SIMD_ISAS = [i for i in ("avx512",) if ISA_ORDER.index(i) <= ISA_ORDER.index(BEST)]
+SIMD_ISAS = [i for i in ("avx2", "avx512") if ISA_ORDER.index(i) <= ISA_ORDER.index(BEST)]
+AVX_VNNI = kt_kernels.cpu_features().get("avx_vnni", False)
+# the kernels behind isa="avx2" on this CPU: VPMADDUBSW always, VPDPBUSD where AVX-VNNI exists
+AVX2_KERNELS = ["maddubs", "vnni"] if AVX_VNNI else ["maddubs"]
+
+
+@pytest.fixture(params=AVX2_KERNELS)
+def avx2_kernel(request):
+    """Runs the test once per AVX2 kernel this CPU has (isa="avx2" picks VPDPBUSD on AVX-VNNI CPUs)."""
+    old = kt_kernels._moe_avx2_vnni(1 if request.param == "vnni" else 0)
+    yield request.param
+    kt_kernels._moe_avx2_vnni(int(old))
 
 
 def _bf16_bits(t: torch.Tensor) -> np.ndarray:
@@ -142,7 +156,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_against_reference_and_float(case):
+def test_against_reference_and_float(case, avx2_kernel):
     method, H, I, E, T, tokens, topk, limit = case
     w = FakeExperts(method, H, I, E, T, topk=topk, swiglu_limit=limit)
     ids, tw = routing(tokens, E, topk)
@@ -155,6 +169,55 @@ def test_against_reference_and_float(case):
     assert rel_err(ref, emu) < 1e-4
     flt = float_moe(w, 0, x, ids, tw, limit)
     assert rel_err(ref, flt) < 0.05
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_dot_kernels_exact(method):
+    """Every dot kernel (portable, AVX2 with and without AVX-VNNI, AVX-512, AMX) returns the exact
+    int32 products of the tiled weights with int8 activations, computed independently in int64 from
+    the untiled levels (INT4 as q*16): random bytes plus the extremes (0x80 / 0x7F INT8 bytes, 0x88 /
+    0xFF INT4 bytes = nibbles -8 and -1 that the packer never writes, activations with and without
+    -128), row counts that hit every row block and tail of the kernels, K-block tails, N-blocks."""
+    rng = np.random.default_rng(7)
+    mt = get_method(method)
+    kernels = ([("portable", None)] + [("avx2", v) for v in AVX2_KERNELS if "avx2" in SIMD_ISAS]
+               + [(i, None) for i in SIMD_ISAS if i != "avx2"])
+    if BEST == "amx":
+        kernels.append(("amx", None))
+    shapes = [(256, 3840), (128, 256)] if method == "int4" else [(192, 3840), (64, 192)]
+    old_vnni, old_min = kt_kernels._moe_avx2_vnni(), kt_kernels._moe_amx_min_tokens(1)
+    try:
+        for n, k in shapes:
+            w = rng.integers(0, 256, n * k // (2 if method == "int4" else 1), dtype=np.uint8)
+            w[:64], w[64:128], w[128:192], w[192:256] = 0x80, 0x88, 0x7F, 0xFF
+            levels = untile(torch.from_numpy(w), n, k, mt).numpy().astype(np.int64) * (16 if method == "int4" else 1)
+            for m, lowest in [(m, -127) for m in (1, 2, 3, 4, 5, 8, 9, 17)] + [(1, -128), (5, -128), (9, -128)]:
+                a = rng.integers(lowest, 128, (m, k), dtype=np.int8)  # -127: AVX2 INT8 takes VPSIGNB
+                a[0, :64], a[-1, 64:128] = lowest, 127  # -128: the exact nibble fallback
+                want = a.astype(np.int64) @ levels.T
+                for isa, vnni in kernels:
+                    if vnni is not None:
+                        kt_kernels._moe_avx2_vnni(1 if vnni == "vnni" else 0)
+                    got = kt_kernels._moe_dot(method, w, n, k, a, isa)
+                    assert got.dtype == np.int32 and got.shape == (m, n)
+                    assert np.array_equal(got, want), f"{isa} {vnni or ''} n={n} k={k} m={m}"
+        with pytest.raises(ValueError, match="bytes, expected"):
+            kt_kernels._moe_dot(method, w[:-1], n, k, a, "portable")
+    finally:
+        kt_kernels._moe_avx2_vnni(int(old_vnni))
+        kt_kernels._moe_amx_min_tokens(old_min)
+
+
+def test_avx2_vnni_setting():
+    old = kt_kernels._moe_avx2_vnni()
+    try:
+        assert old == AVX_VNNI  # the default: VPDPBUSD where the CPU has it
+        kt_kernels._moe_avx2_vnni(1)
+        assert kt_kernels._moe_avx2_vnni() == AVX_VNNI  # cannot be turned on without AVX-VNNI
+        kt_kernels._moe_avx2_vnni(0)
+        assert kt_kernels._moe_avx2_vnni() is False
+    finally:
+        kt_kernels._moe_avx2_vnni(int(old))
 
 
 def test_bf16_input_and_threads():
@@ -337,7 +400,7 @@ PREFILL_CASES = [
 
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_prefill_schedule(case):
+def test_prefill_schedule(case, avx2_kernel):
     """The prefill schedule (per-token quantization scattered into per-expert AMX A panels, gate/up
     tasks over several row groups, down per column chunk over every expert) gives exactly the
     results of the decode schedule, for every ISA and thread count, and matches the float model."""
@@ -458,10 +521,10 @@ def _special_floats(n, seed):
     return v
 
 
-@pytest.mark.skipif(not SIMD_ISAS, reason="needs AVX-512")
+@pytest.mark.skipif(not SIMD_ISAS, reason="needs AVX2")
 def test_epilogues_bit_identical_on_special_values():
-    """Every float stage of the AVX-512 epilogue equals the scalar reference bit for bit, NaN/inf,
-    subnormals, ±0, clamp and rounding ties included, for odd lengths (masked tails)."""
+    """Every float stage of the AVX-512 and AVX2 epilogues equals the scalar reference bit for bit,
+    NaN/inf, subnormals, ±0, clamp and rounding ties included, for odd lengths (masked / scalar tails)."""
     rng = np.random.default_rng(0)
     x = _special_floats(100_003, 1)
     x = np.concatenate([x, np.frombuffer(rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32)
