@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "exp_det.hpp"
 #include "moe.hpp"
 
 namespace kt {
@@ -27,13 +28,7 @@ inline __m256 cvt(const int32_t* p) {
   return _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// The constants of kt::moe::expc (moe_epilogue_ref.cpp).
-constexpr float kLo = -87.0f, kHi = 88.0f;
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kRound = 12582912.0f;
-constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
-constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
-                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+using namespace expc;  // exp_det.hpp
 
 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(set1(kHi), _mm256_max_ps(set1(kLo), x));  // std::min(std::max(x, lo), hi)

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "exp_det.hpp"
 #include "moe.hpp"
 
 namespace kt {
@@ -24,13 +25,7 @@ inline __m512 sub(__m512 a, __m512 b) { return _mm512_sub_round_ps(a, b, kRnd); 
 inline __m512 div(__m512 a, __m512 b) { return _mm512_div_round_ps(a, b, kRnd); }
 inline __m512 set1(float v) { return _mm512_set1_ps(v); }
 
-// The constants of kt::moe::expc (moe_epilogue_ref.cpp).
-constexpr float kLo = -87.0f, kHi = 88.0f;
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kRound = 12582912.0f;
-constexpr float kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
-constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
-                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+using namespace expc;  // exp_det.hpp
 
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(set1(kHi), _mm512_max_ps(set1(kLo), x));  // std::min(std::max(x, lo), hi)
