@@ -1,10 +1,11 @@
 // AMX tile kernel (TDPBSSD) for prefill. Each half of a 2048-byte tile pair IS an AMX B tile
-// (16 K-groups of 4 bytes x 16 output rows, stride 64), so INT8 tiles are loaded in place; INT4
+// (16 K-groups of 4 bytes x 16 output rows, stride 64), so INT8 tiles can be loaded in place; INT4
 // halves are unpacked to two int8 tiles ((b&0x0F)<<4 for K 0..63, b&0xF0 for K 64..127).
 // A tiles are 16 token rows x 64 K-bytes of the activation block (row-major or, for prefill, the
-// contiguous panel layout); C tiles are 16 tokens x 16 rows int32. INT4 groups are unpacked once
-// per call into a per-thread buffer (all of K) and reused by every 32-token block. Few tokens go
-// to the AVX-512 kernel.
+// contiguous panel layout); C tiles are 16 tokens x 16 rows int32, 2 A x 2 B -> 4 C per 64-K step.
+// Loop order: K chunks outside, 32-token blocks inside, so that a chunk of B (unpacked once per
+// call) stays in L1 while every token block uses it; the C tiles are stored after each chunk and
+// loaded for the next. Few tokens go to the AVX-512 kernel.
 #include <immintrin.h>
 
 #include <atomic>
@@ -45,38 +46,39 @@ inline void configure_tiles() {
   __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 
-// Per-thread buffer for the unpacked INT4 row group (grows, never shrinks; threads are long-lived).
-struct UnpackBuf {
-  int8_t* p = nullptr;
+// Per-thread buffer (grows, never shrinks; threads are long-lived).
+template <typename T>
+struct ThreadBuf {
+  T* p = nullptr;
   int64_t cap = 0;
-  ~UnpackBuf() { std::free(p); }
-  int8_t* get(int64_t bytes) {
-    if (bytes > cap) {
+  ~ThreadBuf() { std::free(p); }
+  T* get(int64_t n) {
+    if (n > cap) {
       std::free(p);
-      p = static_cast<int8_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-      if (!p) throw std::bad_alloc();
-      cap = bytes;
+      p = static_cast<T*>(std::aligned_alloc(64, (n * static_cast<int64_t>(sizeof(T)) + 63) / 64 * 64));
+      if (!p) {
+        cap = 0;
+        throw std::bad_alloc();
+      }
+      cap = n;
     }
     return p;
   }
 };
 
-// Unpacks the INT4 32-row group r0 (all of k) into INT8 tile pairs: 64-K step s (s = k0/64) at
-// dst + s*2048, rows 0-15 then 16-31, the layout of an INT8 group; element value nibble*16.
-void unpack_int4_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0, int8_t* dst) {
+// Unpacks INT4 tile pairs [p0, p1) of a K-block chunk (128 K each) into INT8 tile pairs in kernel
+// order: 64-K step s = 2*(p-p0) (low nibbles, K 0..63 of the pair) and s+1 (high nibbles) at
+// dst + s*2048, rows 0-15 then 16-31; element value nibble*16.
+void unpack_int4(const uint8_t* chunk, int64_t p0, int64_t p1, int8_t* dst) {
   const __m512i f0 = _mm512_set1_epi8(static_cast<char>(0xF0));
-  for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
-    const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
-    const uint8_t* chunk = w + chunk_offset(Method::Int4, n, k, r0, kb);
-    for (int64_t p = 0; p < kbs / 128; ++p) {
-      const uint8_t* tp = chunk + p * TILE_PAIR_BYTES;
-      int8_t* lo = dst + (kb + p * 128) / 64 * TILE_PAIR_BYTES;  // K k0..k0+63: low nibbles
-      int8_t* hi = lo + TILE_PAIR_BYTES;                          // K k0+64..k0+127: high nibbles
-      for (int j = 0; j < 32; ++j) {  // 32 rows of 64 bytes: both halves
-        const __m512i b = _mm512_loadu_si512(tp + j * 64);
-        _mm512_store_si512(lo + j * 64, _mm512_and_si512(_mm512_slli_epi16(b, 4), f0));
-        _mm512_store_si512(hi + j * 64, _mm512_and_si512(b, f0));
-      }
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* tp = chunk + p * TILE_PAIR_BYTES;
+    int8_t* lo = dst + (p - p0) * 2 * TILE_PAIR_BYTES;
+    int8_t* hi = lo + TILE_PAIR_BYTES;
+    for (int j = 0; j < 32; ++j) {  // 32 rows of 64 bytes: both halves
+      const __m512i b = _mm512_loadu_si512(tp + j * 64);
+      _mm512_store_si512(lo + j * 64, _mm512_and_si512(_mm512_slli_epi16(b, 4), f0));
+      _mm512_store_si512(hi + j * 64, _mm512_and_si512(b, f0));
     }
   }
   // GCC's tileloadd asm has no memory input: without this barrier the unpack stores above may be
@@ -84,104 +86,164 @@ void unpack_int4_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0, int8_
   __asm__ volatile("" : : "r"(dst) : "memory");
 }
 
-// Copies the INT8 32-row group r0 (all of k) into dst in kernel order: 64-K step s at dst + s*2048
-// (each K-block chunk of the group is kbs*32 contiguous bytes, already in tile-pair order).
-void copy_int8_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0, int8_t* dst) {
-  for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
-    const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
-    const uint8_t* chunk = w + chunk_offset(Method::Int8, n, k, r0, kb);
-    int8_t* d = dst + kb / 64 * TILE_PAIR_BYTES;
-    const int64_t bytes = kbs * 32;
-    for (int64_t o = 0; o < bytes; o += 256) {
-      const __m512i v0 = _mm512_loadu_si512(chunk + o);
-      const __m512i v1 = _mm512_loadu_si512(chunk + o + 64);
-      const __m512i v2 = _mm512_loadu_si512(chunk + o + 128);
-      const __m512i v3 = _mm512_loadu_si512(chunk + o + 192);
-      _mm512_store_si512(d + o, v0);
-      _mm512_store_si512(d + o + 64, v1);
-      _mm512_store_si512(d + o + 128, v2);
-      _mm512_store_si512(d + o + 192, v3);
-    }
+// Copies `bytes` (a multiple of 256) of INT8 tile pairs into dst (same order).
+void copy_int8(const uint8_t* src, int64_t bytes, int8_t* dst) {
+  for (int64_t o = 0; o < bytes; o += 256) {
+    const __m512i v0 = _mm512_loadu_si512(src + o);
+    const __m512i v1 = _mm512_loadu_si512(src + o + 64);
+    const __m512i v2 = _mm512_loadu_si512(src + o + 128);
+    const __m512i v3 = _mm512_loadu_si512(src + o + 192);
+    _mm512_store_si512(dst + o, v0);
+    _mm512_store_si512(dst + o + 64, v1);
+    _mm512_store_si512(dst + o + 128, v2);
+    _mm512_store_si512(dst + o + 192, v3);
   }
-  __asm__ volatile("" : : "r"(dst) : "memory");  // stores feed tile loads (see unpack_int4_group)
+  __asm__ volatile("" : : "r"(dst) : "memory");  // stores feed tile loads (see unpack_int4)
 }
 
-// Tile pairs (64-K steps) the INT8 software prefetch runs ahead of the tile loads.
-constexpr int64_t kPrefetchSteps = 8;
+// Software prefetch of the next chunk of B, spread over the k-steps of the current one (a burst
+// would fill the load buffers and stall the tile instructions behind it): `per` lines a step.
+template <int HINT>
+struct Prefetcher {
+  const char* p = nullptr;
+  int64_t lines = 0, per = 0;
+  void start(const uint8_t* q, int64_t bytes, int64_t steps) {
+    p = reinterpret_cast<const char*>(q);
+    lines = q ? bytes / 64 : 0;
+    per = steps > 0 ? (lines + steps - 1) / steps : lines;
+  }
+  inline void step() {
+    for (int64_t i = 0; i < per && lines > 0; ++i, --lines, p += 64) _mm_prefetch(p, static_cast<_mm_hint>(HINT));
+  }
+};
 
-// B of 64-K step s: INT8 straight from the packed matrix (MODE 0; 1: with software prefetch of
-// step s+kPrefetchSteps in every token block; 3: in the first token block only) or copied once
-// per call into the per-thread buffer (MODE 2); INT4 from the unpacked group. The int32 sums do
-// not depend on the mode.
+// One K chunk (steps 64-K steps of B at b, A columns from k0) for 32 (two) or 16 token rows from
+// row mb: C tiles 0-3 are loaded from c0 / c1 (rows mb.. / mb+16.., stride 32 int32; zeroed when
+// first), accumulated and stored back.
+template <class PF>
+inline void chunk_block(const int8_t* b, int64_t steps, const int8_t* a, ALayout la, int64_t mb, int64_t k0, bool two,
+                        bool first, int32_t* c0, int32_t* c1, PF& pf) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, c0, 128);
+    _tile_loadd(1, c0 + 16, 128);
+    if (two) {
+      _tile_loadd(2, c1, 128);
+      _tile_loadd(3, c1 + 16, 128);
+    }
+  }
+  const int8_t* a0 = la.at(a, mb, k0);
+  if (two) {
+    const int8_t* a1 = la.at(a, mb + 16, k0);
+    for (int64_t s = 0; s < steps; ++s) {
+      const int8_t* bp = b + s * TILE_PAIR_BYTES;
+      _tile_loadd(6, bp, 64);
+      _tile_loadd(7, bp + 1024, 64);
+      _tile_loadd(4, a0 + s * la.ks, la.rs);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_loadd(5, a1 + s * la.ks, la.rs);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+      pf.step();
+    }
+  } else {
+    for (int64_t s = 0; s < steps; ++s) {
+      const int8_t* bp = b + s * TILE_PAIR_BYTES;
+      _tile_loadd(6, bp, 64);
+      _tile_loadd(7, bp + 1024, 64);
+      _tile_loadd(4, a0 + s * la.ks, la.rs);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      pf.step();
+    }
+  }
+  _tile_stored(0, c0, 128);
+  _tile_stored(1, c0 + 16, 128);
+  if (two) {
+    _tile_stored(2, c1, 128);
+    _tile_stored(3, c1 + 16, 128);
+  }
+}
+
+// The group's K runs in chunks of kc (tuning().amx_k_chunk, within K-blocks). Each chunk of B
+// (32 rows x kc) is made ready once (INT4: unpacked into one of two per-thread buffers, which stay
+// in L1; INT8: in place or copied, see MODE) and then used by every 32-token block of A, whose
+// int32 sums are accumulated in out (C tiles stored after each chunk and loaded for the next). The
+// last 16-row block, when m % 16 != 0, accumulates in a per-thread side buffer (out has only m
+// rows). With prefetch on, the packed bytes of the next chunk (the last chunk: the first chunk of
+// the next row group of the same matrix, which the schedules read next) are prefetched while the
+// current one is multiplied, so that memory reads overlap the tile work.
+// MODE (INT8): 0 in place; 1 in place, prefetched; 2 copied; 3 copied, prefetched. INT4: 0 / 1
+// without / with prefetch. The int32 sums do not depend on the mode or the chunk size.
 template <bool INT4, int MODE>
 void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la, int64_t m,
          int32_t* out) {
-  static thread_local UnpackBuf ubuf;
-  constexpr bool BUF = INT4 || MODE == 2;
-  constexpr bool PF = !INT4 && (MODE == 1 || MODE == 3);
-  const int8_t* ub = nullptr;
-  if constexpr (INT4) {
-    int8_t* d = ubuf.get(32 * k);
-    unpack_int4_group(w, n, k, r0, d);
-    ub = d;
-  } else if constexpr (BUF) {
-    int8_t* d = ubuf.get(32 * k);
-    copy_int8_group(w, n, k, r0, d);
-    ub = d;
-  }
-  const int64_t ns = k / 64;
-  auto step_ptr = [&](int64_t s) -> const uint8_t* {
-    const int64_t k0 = s * 64, kb = k0 / K_BLOCK * K_BLOCK;
-    return w + chunk_offset(Method::Int8, n, k, r0, kb) + (k0 - kb) / 64 * TILE_PAIR_BYTES;
-  };
-  alignas(64) int32_t c[32 * 32];
-  const int64_t mp = (m + 15) / 16 * 16;
-  for (int64_t mb = 0; mb < mp; mb += 32) {
-    const bool two = mp - mb >= 32;
-    const bool pf = PF && (MODE == 1 || mb == 0);
-    if (pf) {  // the first steps of the walk
-      for (int64_t s = 0; s < (ns < kPrefetchSteps ? ns : kPrefetchSteps); ++s) {
-        const char* q = reinterpret_cast<const char*>(step_ptr(s));
-        for (int l = 0; l < 32; ++l) _mm_prefetch(q + l * 64, _MM_HINT_T0);
-      }
-    }
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
-      const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
-      const uint8_t* chunk = BUF ? nullptr : w + chunk_offset(Method::Int8, n, k, r0, kb);
-      for (int64_t p = 0; p < kbs / 64; ++p) {
-        const int64_t k0 = kb + p * 64;
-        if (pf && k0 / 64 + kPrefetchSteps < ns) {
-          const char* q = reinterpret_cast<const char*>(step_ptr(k0 / 64 + kPrefetchSteps));
-          for (int l = 0; l < 32; ++l) _mm_prefetch(q + l * 64, _MM_HINT_T0);
+  static thread_local ThreadBuf<int8_t> bbuf;
+  static thread_local ThreadBuf<int32_t> tail;
+  constexpr bool COPY = INT4 || MODE >= 2;
+  constexpr bool PF = MODE & 1;
+  const Method method = INT4 ? Method::Int4 : Method::Int8;
+  constexpr int64_t kPair = INT4 ? 128 : 64;    // K per packed tile pair
+  constexpr int64_t kBytesPerK = INT4 ? 16 : 32;  // packed bytes per K of a 32-row group
+  int64_t kc = tuning().amx_k_chunk.load(std::memory_order_relaxed);
+  kc = kc < 128 ? 128 : kc / 128 * 128;
+  int8_t* buf = COPY ? bbuf.get(2 * 32 * kc) : nullptr;
+  int32_t* tb = tail.get(16 * 32);
+  const int64_t mfull = m / 16 * 16, mp = (m + 15) / 16 * 16, blocks = (mp + 31) / 32;
+  auto cptr = [&](int64_t row) { return row < mfull ? out + row * 32 : tb; };
+  Prefetcher<COPY ? _MM_HINT_T1 : _MM_HINT_T0> pf;
+  bool first = true;
+  int64_t parity = 0;
+  for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
+    const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
+    const uint8_t* chunk = w + chunk_offset(method, n, k, r0, kb);  // kbs * kBytesPerK bytes
+    for (int64_t c = 0; c < kbs; c += kc) {
+      const int64_t kn = (kbs - c) < kc ? (kbs - c) : kc;
+      const uint8_t* src = chunk + c / kPair * TILE_PAIR_BYTES;
+      if constexpr (PF) {  // the chunk after this one: same K-block, next K-block, or next row group
+        const uint8_t* q = nullptr;
+        int64_t qk = 0;
+        if (c + kn < kbs) {
+          q = src + kn / kPair * TILE_PAIR_BYTES;
+          qk = (kbs - c - kn) < kc ? (kbs - c - kn) : kc;
+        } else if (kb + kbs < k) {
+          q = w + chunk_offset(method, n, k, r0, kb + kbs);
+          qk = (k - kb - kbs) < K_BLOCK ? (k - kb - kbs) : K_BLOCK;
+          qk = qk < kc ? qk : kc;
+        } else if (r0 + 32 < n) {
+          q = w + chunk_offset(method, n, k, r0 + 32, 0);
+          qk = k < K_BLOCK ? k : K_BLOCK;
+          qk = qk < kc ? qk : kc;
         }
-        const void* bp = BUF ? static_cast<const void*>(ub + k0 / 64 * TILE_PAIR_BYTES)
-                             : static_cast<const void*>(chunk + p * TILE_PAIR_BYTES);
-        _tile_loadd(6, bp, 64);
-        _tile_loadd(7, static_cast<const uint8_t*>(bp) + 1024, 64);
-        _tile_loadd(4, la.at(a, mb, k0), la.rs);
-        _tile_dpbssd(0, 4, 6);
-        _tile_dpbssd(1, 4, 7);
-        if (two) {
-          _tile_loadd(5, la.at(a, mb + 16, k0), la.rs);
-          _tile_dpbssd(2, 5, 6);
-          _tile_dpbssd(3, 5, 7);
-        }
+        pf.start(q, qk * kBytesPerK, blocks * (kn / 64));
       }
+      const int8_t* b;
+      if constexpr (INT4) {
+        b = buf + parity * 32 * kc;
+        unpack_int4(src, 0, kn / kPair, const_cast<int8_t*>(b));
+      } else if constexpr (COPY) {
+        b = buf + parity * 32 * kc;
+        copy_int8(src, kn * 32, const_cast<int8_t*>(b));
+      } else {
+        b = reinterpret_cast<const int8_t*>(src);
+      }
+      parity ^= 1;
+      for (int64_t mb = 0; mb < mp; mb += 32) {
+        const bool two = mp - mb >= 32;
+        chunk_block(b, kn / 64, a, la, mb, kb + c, two, first, cptr(mb), cptr(mb + 16), pf);
+      }
+      first = false;
     }
-    _tile_stored(0, c, 128);
-    _tile_stored(1, c + 16, 128);
-    if (two) {
-      _tile_stored(2, c + 16 * 32, 128);
-      _tile_stored(3, c + 16 * 32 + 16, 128);
-    }
-    __asm__ volatile("" : : "r"(c) : "memory");
-    const int64_t rows = (m - mb) < 32 ? (m - mb) : 32;
-    std::memcpy(out + mb * 32, c, rows * 32 * sizeof(int32_t));
   }
+  __asm__ volatile("" : : "r"(tb), "r"(out) : "memory");  // tile stores feed the copy below
+  if (mfull < m) std::memcpy(out + mfull * 32, tb, (m - mfull) * 32 * sizeof(int32_t));
 }
 
 }  // namespace
@@ -200,7 +262,10 @@ void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, i
                         ALayout la, const int32_t* asum, int64_t m, int32_t* out) {
   if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed))
     return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
-  if (method == Method::Int4) return run<true, 0>(w, n, k, r0, a, la, m, out);
+  if (method == Method::Int4) {
+    if (tuning().amx_int4_prefetch.load(std::memory_order_relaxed)) return run<true, 1>(w, n, k, r0, a, la, m, out);
+    return run<true, 0>(w, n, k, r0, a, la, m, out);
+  }
   switch (tuning().amx_int8_mode.load(std::memory_order_relaxed)) {
     case 0: return run<false, 0>(w, n, k, r0, a, la, m, out);
     case 2: return run<false, 2>(w, n, k, r0, a, la, m, out);

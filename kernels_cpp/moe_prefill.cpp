@@ -84,6 +84,22 @@ int64_t gate_groups_per_task(int64_t A, int64_t T, int64_t groups1, int threads)
   return 1;
 }
 
+// The token blocks of a gate/up task: expert a's m rows split into nb[a] blocks of `rows` rows
+// (a multiple of 32; the last block shorter) so that a block of the activation panel (rows x H
+// bytes) fits tuning().prefill_a_block_bytes and stays in L2 while the task's row groups use it.
+struct TokenBlocks {
+  std::vector<int64_t> rows, nb;
+  TokenBlocks(const std::vector<int64_t>& m_of, int64_t H) : rows(m_of.size()), nb(m_of.size()) {
+    const int64_t budget = tuning().prefill_a_block_bytes.load(std::memory_order_relaxed);
+    const int64_t cap = std::max<int64_t>(32, budget / H / 32 * 32);
+    for (size_t a = 0; a < m_of.size(); ++a) {
+      const int64_t n = (m_of[a] + cap - 1) / cap;  // balanced blocks, 32-row multiples
+      rows[a] = round_up((m_of[a] + n - 1) / n, 32);
+      nb[a] = (m_of[a] + rows[a] - 1) / rows[a];
+    }
+  }
+};
+
 // Columns of H per down task (all experts): the largest of 256, 128, 64 dividing H with >= 4
 // tasks per thread; else 32.
 int64_t down_cols_per_task(int64_t H, int threads) {
@@ -151,6 +167,7 @@ void forward_prefill(const Call& call) {
   constexpr int64_t kQ = 4;
   const int64_t nQ = (tokens + kQ - 1) / kQ;
   const int64_t groups1 = IL / 32;
+  const TokenBlocks tb(m_of, H);
   const int64_t gc = gate_groups_per_task(A, T, groups1, P);
   const int64_t gchunks = (groups1 + gc - 1) / gc;
   const int64_t nG = A * T * gchunks;
@@ -210,13 +227,20 @@ void forward_prefill(const Call& call) {
       const float* xda = xd + row0[a];
       const int32_t* xsa = xs + row0[a];
       float* act_at = act + (row0[a] * T + t * m) * IL;
-      for (int64_t g = ch * gc; g < std::min(groups1, (ch + 1) * gc); ++g) {
-        const int64_t r0 = g * 32;
-        dot(cfg.method, sh.gate.w, IL, H, r0, xa, LX, xsa, m, ag);
-        dot(cfg.method, sh.up.w, IL, H, r0, xa, LX, xsa, m, au);
-        mark(kStGDot);
-        epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
-        mark(kStGEpi);
+      // token blocks outside, row groups inside: the task's weights (2 x gc groups) are read from
+      // memory for the first block and from L2 for the others; each block's panel stays in L2
+      for (int64_t i0 = 0; i0 < m; i0 += tb.rows[a]) {
+        const int64_t mb = std::min(m - i0, tb.rows[a]);
+        const int8_t* xb = LX.at(xa, i0, 0);  // i0 % 32 == 0: the panel of rows i0..
+        for (int64_t g = ch * gc; g < std::min(groups1, (ch + 1) * gc); ++g) {
+          const int64_t r0 = g * 32;
+          dot(cfg.method, sh.gate.w, IL, H, r0, xb, LX, xsa + i0, mb, ag);
+          dot(cfg.method, sh.up.w, IL, H, r0, xb, LX, xsa + i0, mb, au);
+          mark(kStGDot);
+          epi.silu_gate(ag, au, mb, xda + i0, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit,
+                        act_at + i0 * IL + r0, IL);
+          mark(kStGEpi);
+        }
       }
       g_left[at].fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < s_end) {  // ---- S
@@ -272,6 +296,7 @@ void forward_prefill(const Call& call) {
     r.emplace_back("region", t_end - t_region);
     r.emplace_back("threads", P);
     r.emplace_back("gate_groups_per_task", static_cast<double>(gc));
+    r.emplace_back("rows_per_gate_task", static_cast<double>(*std::max_element(tb.rows.begin(), tb.rows.end())));
     r.emplace_back("down_cols_per_task", static_cast<double>(DC));
     std::lock_guard<std::mutex> l(g_prof_m);
     g_last_prof = std::move(r);
