@@ -172,14 +172,40 @@ inline void chunk_block(const int8_t* b, int64_t steps, const int8_t* a, ALayout
   }
 }
 
+// The row group the calling thread multiplies next (hint_next_group), taken by the next call.
+struct NextGroup {
+  const uint8_t* w = nullptr;
+  int64_t n = 0, k = 0, r0 = 0;
+};
+thread_local NextGroup t_next;
+
+// The K chunks of a 32-row group: K-block by K-block, kc K per chunk (the last of a K-block
+// shorter); chunk j covers K kb + c .. kb + c + kn.
+struct Chunks {
+  int64_t k, kc, per_full, nfull, count;
+  Chunks(int64_t k_, int64_t kc_) : k(k_), kc(kc_) {
+    per_full = (K_BLOCK + kc - 1) / kc;
+    nfull = k / K_BLOCK;
+    const int64_t rest = k - nfull * K_BLOCK;
+    count = nfull * per_full + (rest + kc - 1) / kc;
+  }
+  void at(int64_t j, int64_t* kb, int64_t* c, int64_t* kn) const {
+    const int64_t blk = j < nfull * per_full ? j / per_full : nfull;
+    *kb = blk * K_BLOCK;
+    *c = (j - blk * per_full) * kc;
+    const int64_t kbs = (k - *kb) < K_BLOCK ? (k - *kb) : K_BLOCK;
+    *kn = (kbs - *c) < kc ? (kbs - *c) : kc;
+  }
+};
+
 // The group's K runs in chunks of kc (tuning().amx_k_chunk, within K-blocks). Each chunk of B
 // (32 rows x kc) is made ready once (INT4: unpacked into one of two per-thread buffers, which stay
 // in L1; INT8: in place or copied, see MODE) and then used by every 32-token block of A, whose
 // int32 sums are accumulated in out (C tiles stored after each chunk and loaded for the next). The
 // last 16-row block, when m % 16 != 0, accumulates in a per-thread side buffer (out has only m
-// rows). With prefetch on, the packed bytes of the next chunk (the last chunk: the first chunk of
-// the next row group of the same matrix, which the schedules read next) are prefetched while the
-// current one is multiplied, so that memory reads overlap the tile work.
+// rows). With prefetch on, the packed bytes of the chunk tuning().amx_prefetch_chunks ahead (past
+// the group's end: of the group named by hint_next_group, if any) are prefetched while the current
+// one is multiplied, so that memory reads overlap the tile work.
 // MODE (INT8): 0 in place; 1 in place, prefetched; 2 copied; 3 copied, prefetched. INT4: 0 / 1
 // without / with prefetch. The int32 sums do not depend on the mode or the chunk size.
 template <bool INT4, int MODE>
@@ -190,56 +216,52 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
   constexpr bool COPY = INT4 || MODE >= 2;
   constexpr bool PF = MODE & 1;
   const Method method = INT4 ? Method::Int4 : Method::Int8;
-  constexpr int64_t kPair = INT4 ? 128 : 64;    // K per packed tile pair
+  constexpr int64_t kPair = INT4 ? 128 : 64;      // K per packed tile pair
   constexpr int64_t kBytesPerK = INT4 ? 16 : 32;  // packed bytes per K of a 32-row group
   int64_t kc = tuning().amx_k_chunk.load(std::memory_order_relaxed);
   kc = kc < 128 ? 128 : kc / 128 * 128;
+  const int64_t dist = PF ? tuning().amx_prefetch_chunks.load(std::memory_order_relaxed) : 0;
   int8_t* buf = COPY ? bbuf.get(2 * 32 * kc) : nullptr;
   int32_t* tb = tail.get(16 * 32);
   const int64_t mfull = m / 16 * 16, mp = (m + 15) / 16 * 16, blocks = (mp + 31) / 32;
   auto cptr = [&](int64_t row) { return row < mfull ? out + row * 32 : tb; };
+  const Chunks ch(k, kc);
+  const NextGroup nx = t_next;
+  t_next = NextGroup{};
+  const Chunks chx(nx.w ? nx.k : k, kc);
   Prefetcher<COPY ? _MM_HINT_T1 : _MM_HINT_T0> pf;
-  bool first = true;
-  int64_t parity = 0;
-  for (int64_t kb = 0; kb < k; kb += K_BLOCK) {
-    const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
-    const uint8_t* chunk = w + chunk_offset(method, n, k, r0, kb);  // kbs * kBytesPerK bytes
-    for (int64_t c = 0; c < kbs; c += kc) {
-      const int64_t kn = (kbs - c) < kc ? (kbs - c) : kc;
-      const uint8_t* src = chunk + c / kPair * TILE_PAIR_BYTES;
-      if constexpr (PF) {  // the chunk after this one: same K-block, next K-block, or next row group
-        const uint8_t* q = nullptr;
-        int64_t qk = 0;
-        if (c + kn < kbs) {
-          q = src + kn / kPair * TILE_PAIR_BYTES;
-          qk = (kbs - c - kn) < kc ? (kbs - c - kn) : kc;
-        } else if (kb + kbs < k) {
-          q = w + chunk_offset(method, n, k, r0, kb + kbs);
-          qk = (k - kb - kbs) < K_BLOCK ? (k - kb - kbs) : K_BLOCK;
-          qk = qk < kc ? qk : kc;
-        } else if (r0 + 32 < n) {
-          q = w + chunk_offset(method, n, k, r0 + 32, 0);
-          qk = k < K_BLOCK ? k : K_BLOCK;
-          qk = qk < kc ? qk : kc;
-        }
-        pf.start(q, qk * kBytesPerK, blocks * (kn / 64));
+  for (int64_t j = 0; j < ch.count; ++j) {
+    int64_t kb, c, kn;
+    ch.at(j, &kb, &c, &kn);
+    const uint8_t* src = w + chunk_offset(method, n, k, r0, kb) + c / kPair * TILE_PAIR_BYTES;
+    if (dist > 0) {  // chunk j + dist of this group, or of the next group
+      const int64_t jq = j + dist;
+      const uint8_t* q = nullptr;
+      int64_t qb = 0, qc = 0, qn = 0;
+      if (jq < ch.count) {
+        ch.at(jq, &qb, &qc, &qn);
+        q = w + chunk_offset(method, n, k, r0, qb) + qc / kPair * TILE_PAIR_BYTES;
+      } else if (nx.w && jq - ch.count < chx.count) {
+        chx.at(jq - ch.count, &qb, &qc, &qn);
+        q = nx.w + chunk_offset(method, nx.n, nx.k, nx.r0, qb) + qc / kPair * TILE_PAIR_BYTES;
       }
-      const int8_t* b;
-      if constexpr (INT4) {
-        b = buf + parity * 32 * kc;
-        unpack_int4(src, 0, kn / kPair, const_cast<int8_t*>(b));
-      } else if constexpr (COPY) {
-        b = buf + parity * 32 * kc;
-        copy_int8(src, kn * 32, const_cast<int8_t*>(b));
-      } else {
-        b = reinterpret_cast<const int8_t*>(src);
-      }
-      parity ^= 1;
-      for (int64_t mb = 0; mb < mp; mb += 32) {
-        const bool two = mp - mb >= 32;
-        chunk_block(b, kn / 64, a, la, mb, kb + c, two, first, cptr(mb), cptr(mb + 16), pf);
-      }
-      first = false;
+      pf.start(q, qn * kBytesPerK, blocks * (kn / 64));
+    }
+    const int8_t* b;
+    if constexpr (INT4) {
+      int8_t* d = buf + (j & 1) * 32 * kc;  // two buffers: this chunk's unpack need not wait for the
+      unpack_int4(src, 0, kn / kPair, d);   // last chunk's tile loads
+      b = d;
+    } else if constexpr (COPY) {
+      int8_t* d = buf + (j & 1) * 32 * kc;
+      copy_int8(src, kn * 32, d);
+      b = d;
+    } else {
+      b = reinterpret_cast<const int8_t*>(src);
+    }
+    for (int64_t mb = 0; mb < mp; mb += 32) {
+      const bool two = mp - mb >= 32;
+      chunk_block(b, kn / 64, a, la, mb, kb + c, two, j == 0, cptr(mb), cptr(mb + 16), pf);
     }
   }
   __asm__ volatile("" : : "r"(tb), "r"(out) : "memory");  // tile stores feed the copy below
@@ -249,6 +271,8 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
 }  // namespace
 
 void configure_thread() { configure_tiles(); }
+
+void hint_next_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0) { t_next = NextGroup{w, n, k, r0}; }
 
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out) {
@@ -260,8 +284,10 @@ void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t
 
 void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
                         ALayout la, const int32_t* asum, int64_t m, int32_t* out) {
-  if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed))
+  if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed)) {
+    t_next = NextGroup{};
     return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
+  }
   if (method == Method::Int4) {
     if (tuning().amx_int4_prefetch.load(std::memory_order_relaxed)) return run<true, 1>(w, n, k, r0, a, la, m, out);
     return run<true, 0>(w, n, k, r0, a, la, m, out);

@@ -194,6 +194,11 @@ void bind_moe(py::module_& m) {
   }, py::arg("value") = -1,
   "Get (value<0) or set whether the AMX INT4 kernel prefetches the next chunk of B (1) or not (0); returns the old "
   "value. Results are identical either way.");
+  m.def("_moe_amx_prefetch_chunks", [](int64_t v) {
+    return v >= 0 ? tuning().amx_prefetch_chunks.exchange(v) : tuning().amx_prefetch_chunks.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set how many K chunks ahead the AMX kernel prefetches B (0: none); returns the old value. "
+  "Results are identical for every value.");
   m.def("_moe_amx_k_chunk", [](int64_t v) {
     return v > 0 ? tuning().amx_k_chunk.exchange(v < 128 ? 128 : v / 128 * 128) : tuning().amx_k_chunk.load();
   }, py::arg("value") = 0,

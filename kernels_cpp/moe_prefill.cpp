@@ -162,8 +162,9 @@ void forward_prefill(const Call& call) {
   //   Q: quantize kQ tokens once each and scatter them into the panels of their experts
   //   G: gate/up of (expert a, slice t, gc 32-row groups), a-major; SiLU-gate into act
   //   S: re-quantize kRows rows of the intermediate of (a, t) into its panel once G of (a, t) is done
-  //   D: DC columns of H over every expert (after every S task): zero out, then out += w * y in
-  //      expert order, the order of the decode schedule.
+  //   D: DC columns of H over every expert: zero out, then out += w * y in expert order (the order
+  //      of the decode schedule), each expert once its S tasks are done (no barrier: the first
+  //      experts' down products overlap the last experts' gate/up tasks).
   constexpr int64_t kQ = 4;
   const int64_t nQ = (tokens + kQ - 1) / kQ;
   const int64_t groups1 = IL / 32;
@@ -176,11 +177,19 @@ void forward_prefill(const Call& call) {
   const int64_t nD = H / DC;
   const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
 
-  std::atomic<int64_t> q_left{nQ}, s_all{nS};
+  std::atomic<int64_t> q_left{nQ};
   std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
   for (int64_t i = 0; i < A * T; ++i) g_left[i].store(gchunks, std::memory_order_relaxed);
+  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
+  for (int64_t a = 0; a < A; ++a) s_left[a].store(stasks.of_expert(a), std::memory_order_relaxed);
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
+
+  // AMX: the row group a thread multiplies next, so that its kernel prefetches it (amx::hint_next_group)
+  const bool hints = call.amx_cfg;
+  auto hint = [&](const uint8_t* w, int64_t n, int64_t k, int64_t r0) {
+    if (hints) amx::hint_next_group(w, n, k, r0);
+  };
 
   auto run_task = [&](int64_t task, int tid) {
     int32_t* acc = acc_all + static_cast<int64_t>(tid) * 2 * acc_stride;
@@ -229,12 +238,15 @@ void forward_prefill(const Call& call) {
       float* act_at = act + (row0[a] * T + t * m) * IL;
       // token blocks outside, row groups inside: the task's weights (2 x gc groups) are read from
       // memory for the first block and from L2 for the others; each block's panel stays in L2
+      const int64_t g0 = ch * gc, g1 = std::min(groups1, (ch + 1) * gc);
       for (int64_t i0 = 0; i0 < m; i0 += tb.rows[a]) {
         const int64_t mb = std::min(m - i0, tb.rows[a]);
         const int8_t* xb = LX.at(xa, i0, 0);  // i0 % 32 == 0: the panel of rows i0..
-        for (int64_t g = ch * gc; g < std::min(groups1, (ch + 1) * gc); ++g) {
+        for (int64_t g = g0; g < g1; ++g) {
           const int64_t r0 = g * 32;
+          hint(sh.up.w, IL, H, r0);
           dot(cfg.method, sh.gate.w, IL, H, r0, xb, LX, xsa + i0, mb, ag);
+          if (g + 1 < g1 || i0 + mb < m) hint(sh.gate.w, IL, H, g + 1 < g1 ? r0 + 32 : g0 * 32);
           dot(cfg.method, sh.up.w, IL, H, r0, xb, LX, xsa + i0, mb, au);
           mark(kStGDot);
           epi.silu_gate(ag, au, mb, xda + i0, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit,
@@ -250,24 +262,31 @@ void forward_prefill(const Call& call) {
       requantize_rows(epi, act + base * IL, IL, s.i0, s.i1, apan + (pan0[s.a] * T + s.t * pan_rows(s.a)) * IL, LA,
                       ad + base, as + base, qtmp);
       mark(kStS);
-      s_all.fetch_sub(1, std::memory_order_acq_rel);
-    } else {  // ---- D: columns c0 .. c0+DC over every expert
-      wait(s_all);
+      s_left[s.a].fetch_sub(1, std::memory_order_acq_rel);
+    } else {  // ---- D: columns c0 .. c0+DC over every expert, each once its S tasks are done
       const int64_t c0 = (task - s_end) * DC;
       for (int64_t tk = 0; tk < tokens; ++tk) std::fill(out + tk * H + c0, out + tk * H + c0 + DC, 0.f);
+      mark(kStDEpi);
       // 32-column group g of the chunk: int32 sums at dacc + g*acc_stride, partial sums over the
       // slices (T > 1) at y + g*acc_stride; out rows are then updated DC contiguous columns at a time.
       int32_t* dacc = dacc_all + static_cast<int64_t>(tid) * DG * acc_stride;
       float* y = y_all + static_cast<int64_t>(tid) * DG * acc_stride;
       for (int64_t a = 0; a < A; ++a) {
+        wait(s_left[a]);
         const int64_t m = m_of[a];
         // y[i*32+j] = Σ_t down_t rows r0..r0+31, in t order, from zero (as the decode schedule)
         for (int64_t t = 0; t < T; ++t) {
           const ExpertShard& sh = weights.shards[active[a] * T + t];
           const int64_t base = row0[a] * T + t * m;
           const int8_t* ap = apan + (pan0[a] * T + t * pan_rows(a)) * IL;
-          for (int64_t g = 0; g < DG; ++g)
+          for (int64_t g = 0; g < DG; ++g) {
+            if (g + 1 < DG) {
+              hint(sh.down.w, H, IL, c0 + (g + 1) * 32);
+            } else if (t + 1 < T || a + 1 < A) {  // the next slice's or expert's first group
+              hint(weights.shards[active[t + 1 < T ? a : a + 1] * T + (t + 1 < T ? t + 1 : 0)].down.w, H, IL, c0);
+            }
             dot(cfg.method, sh.down.w, H, IL, c0 + g * 32, ap, LA, as + base, m, dacc + g * acc_stride);
+          }
           mark(kStDDot);
           if (t + 1 < T) {
             for (int64_t g = 0; g < DG; ++g)

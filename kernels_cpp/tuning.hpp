@@ -20,7 +20,9 @@ struct Tuning {
   std::atomic<int> amx_int4_prefetch{1};
   // AMX: K per chunk of B (a multiple of 128, clipped to K-blocks): B's 32 rows x this many bytes stay
   // in L1 while every token block of the call uses them.
-  std::atomic<int64_t> amx_k_chunk{512};
+  std::atomic<int64_t> amx_k_chunk{256};
+  // AMX: how many chunks ahead of the one being multiplied B is prefetched (when prefetch is on).
+  std::atomic<int64_t> amx_prefetch_chunks{2};
   // forward(): the prefill schedule runs when rows (tokens x top-k) >= this x active experts
   // (0: always; huge: never); below, the decode schedule.
   std::atomic<int64_t> prefill_min_avg_rows{8};

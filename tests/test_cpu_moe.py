@@ -415,13 +415,14 @@ def test_amx_prefill_schedule(method, min_tokens):
 @pytest.mark.parametrize("method", ["int4", "int8"])
 def test_amx_prefill_blocking(method):
     """The AMX kernel's K chunks (B unpacked / copied per chunk, C tiles stored and reloaded between
-    chunks, next chunk prefetched or not) and the prefill schedule's token blocks (each gate/up task
+    chunks, next chunks prefetched or not, hinted next row group) and the prefill schedule's token blocks (each gate/up task
     walks its expert's rows in blocks of the activation panel) never change a result: K chunks of
     128 (many reloads), 384 (chunks that do not divide the 3584 K-block), 512 and 4096 (one chunk per
     K-block), token blocks of 32 rows up to all rows, every INT8 read mode and INT4 with and without
     prefetch; rows per expert with 16/32 tails and a K-block tail (H=3840)."""
     knobs = {"k": kt_kernels._moe_amx_k_chunk(), "a": kt_kernels._moe_prefill_a_block_bytes(),
              "pf": kt_kernels._moe_amx_int4_prefetch(), "mode": kt_kernels._moe_amx_int8_mode(),
+             "dist": kt_kernels._moe_amx_prefetch_chunks(),
              "rows": kt_kernels._moe_prefill_min_avg_rows()}
     try:
         w = FakeExperts(method, 3840, 512, 3, 2, topk=2, swiglu_limit=0.5)
@@ -446,6 +447,11 @@ def test_amx_prefill_blocking(method):
                     for threads in (1, 3):
                         y = CPUMoE(w, 0, isa="amx", num_threads=threads).forward(x, ids, tw)
                         assert torch.equal(y, ref), (k_chunk, a_block, mode, threads)
+            for dist in (0, 1, 40):  # prefetch off, one chunk ahead, past the next row group's end
+                kt_kernels._moe_amx_prefetch_chunks(dist)
+                y = CPUMoE(w, 0, isa="amx", num_threads=2).forward(x, ids, tw)
+                assert torch.equal(y, ref), (k_chunk, dist)
+            kt_kernels._moe_amx_prefetch_chunks(knobs["dist"])
         kt_kernels._moe_amx_k_chunk(100)  # rounded to a multiple of 128, at least 128
         assert kt_kernels._moe_amx_k_chunk() == 128
         kt_kernels._moe_amx_k_chunk(1000)
@@ -455,6 +461,7 @@ def test_amx_prefill_blocking(method):
         kt_kernels._moe_prefill_a_block_bytes(knobs["a"])
         kt_kernels._moe_amx_int4_prefetch(knobs["pf"])
         kt_kernels._moe_amx_int8_mode(knobs["mode"])
+        kt_kernels._moe_amx_prefetch_chunks(knobs["dist"])
         kt_kernels._moe_prefill_min_avg_rows(knobs["rows"])
 
 
