@@ -101,19 +101,24 @@ void copy_int8(const uint8_t* src, int64_t bytes, int8_t* dst) {
   __asm__ volatile("" : : "r"(dst) : "memory");  // stores feed tile loads (see unpack_int4)
 }
 
-// Software prefetch of the next chunk of B, spread over the k-steps of the current one (a burst
-// would fill the load buffers and stall the tile instructions behind it): `per` lines a step.
-template <int HINT>
+// Software prefetch, spread over the k-steps of the work it overlaps (a burst would fill the load
+// buffers and stall the tile instructions behind it): `per` lines a step. Two streams: the next
+// chunk of B (restarted every chunk, hint HB) and bytes the schedule named for this call (rows of A
+// it reads next, hint_next_rows; spread over the whole call, into L2).
+template <int HB>
 struct Prefetcher {
-  const char* p = nullptr;
-  int64_t lines = 0, per = 0;
-  void start(const uint8_t* q, int64_t bytes, int64_t steps) {
-    p = reinterpret_cast<const char*>(q);
-    lines = q ? bytes / 64 : 0;
-    per = steps > 0 ? (lines + steps - 1) / steps : lines;
-  }
+  struct Stream {
+    const char* p = nullptr;
+    int64_t lines = 0, per = 0;
+    void start(const void* q, int64_t bytes, int64_t steps) {
+      p = static_cast<const char*>(q);
+      lines = q ? bytes / 64 : 0;
+      per = steps > 0 ? (lines + steps - 1) / steps : lines;
+    }
+  } b, a;
   inline void step() {
-    for (int64_t i = 0; i < per && lines > 0; ++i, --lines, p += 64) _mm_prefetch(p, static_cast<_mm_hint>(HINT));
+    for (int64_t i = 0; i < b.per && b.lines > 0; ++i, --b.lines, b.p += 64) _mm_prefetch(b.p, static_cast<_mm_hint>(HB));
+    for (int64_t i = 0; i < a.per && a.lines > 0; ++i, --a.lines, a.p += 64) _mm_prefetch(a.p, _MM_HINT_T1);
   }
 };
 
@@ -172,12 +177,17 @@ inline void chunk_block(const int8_t* b, int64_t steps, const int8_t* a, ALayout
   }
 }
 
-// The row group the calling thread multiplies next (hint_next_group), taken by the next call.
+// What the calling thread multiplies next (hint_next_group, hint_next_rows), taken by the next call.
 struct NextGroup {
   const uint8_t* w = nullptr;
   int64_t n = 0, k = 0, r0 = 0;
 };
+struct NextRows {
+  const void* p = nullptr;
+  int64_t bytes = 0;
+};
 thread_local NextGroup t_next;
+thread_local NextRows t_next_rows;
 
 // The K chunks of a 32-row group: K-block by K-block, kc K per chunk (the last of a K-block
 // shorter); chunk j covers K kb + c .. kb + c + kn.
@@ -205,7 +215,8 @@ struct Chunks {
 // last 16-row block, when m % 16 != 0, accumulates in a per-thread side buffer (out has only m
 // rows). With prefetch on, the packed bytes of the chunk tuning().amx_prefetch_chunks ahead (past
 // the group's end: of the group named by hint_next_group, if any) are prefetched while the current
-// one is multiplied, so that memory reads overlap the tile work.
+// one is multiplied, so that memory reads overlap the tile work; so are the bytes named by
+// hint_next_rows (in any mode).
 // MODE (INT8): 0 in place; 1 in place, prefetched; 2 copied; 3 copied, prefetched. INT4: 0 / 1
 // without / with prefetch. The int32 sums do not depend on the mode or the chunk size.
 template <bool INT4, int MODE>
@@ -218,8 +229,10 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
   const Method method = INT4 ? Method::Int4 : Method::Int8;
   constexpr int64_t kPair = INT4 ? 128 : 64;      // K per packed tile pair
   constexpr int64_t kBytesPerK = INT4 ? 16 : 32;  // packed bytes per K of a 32-row group
+  // auto: short chunks for few tokens (the weights stream from memory: more chunks to prefetch ahead
+  // in), longer ones for many (each chunk's C tiles are stored and reloaded once per token block)
   int64_t kc = tuning().amx_k_chunk.load(std::memory_order_relaxed);
-  kc = kc < 128 ? 128 : kc / 128 * 128;
+  kc = kc <= 0 ? (m <= 64 ? 256 : 512) : kc < 128 ? 128 : kc / 128 * 128;
   const int64_t dist = PF ? tuning().amx_prefetch_chunks.load(std::memory_order_relaxed) : 0;
   int8_t* buf = COPY ? bbuf.get(2 * 32 * kc) : nullptr;
   int32_t* tb = tail.get(16 * 32);
@@ -230,6 +243,8 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
   t_next = NextGroup{};
   const Chunks chx(nx.w ? nx.k : k, kc);
   Prefetcher<COPY ? _MM_HINT_T1 : _MM_HINT_T0> pf;
+  pf.a.start(t_next_rows.p, t_next_rows.bytes, blocks * (k / 64));
+  t_next_rows = NextRows{};
   for (int64_t j = 0; j < ch.count; ++j) {
     int64_t kb, c, kn;
     ch.at(j, &kb, &c, &kn);
@@ -245,7 +260,7 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
         chx.at(jq - ch.count, &qb, &qc, &qn);
         q = nx.w + chunk_offset(method, nx.n, nx.k, nx.r0, qb) + qc / kPair * TILE_PAIR_BYTES;
       }
-      pf.start(q, qn * kBytesPerK, blocks * (kn / 64));
+      pf.b.start(q, qn * kBytesPerK, blocks * (kn / 64));
     }
     const int8_t* b;
     if constexpr (INT4) {
@@ -274,6 +289,8 @@ void configure_thread() { configure_tiles(); }
 
 void hint_next_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0) { t_next = NextGroup{w, n, k, r0}; }
 
+void hint_next_rows(const void* p, int64_t bytes) { t_next_rows = NextRows{p, bytes}; }
+
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out) {
   if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed))
@@ -286,6 +303,7 @@ void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, i
                         ALayout la, const int32_t* asum, int64_t m, int32_t* out) {
   if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed)) {
     t_next = NextGroup{};
+    t_next_rows = NextRows{};
     return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
   }
   if (method == Method::Int4) {

@@ -200,10 +200,11 @@ void bind_moe(py::module_& m) {
   "Get (value<0) or set how many K chunks ahead the AMX kernel prefetches B (0: none); returns the old value. "
   "Results are identical for every value.");
   m.def("_moe_amx_k_chunk", [](int64_t v) {
-    return v > 0 ? tuning().amx_k_chunk.exchange(v < 128 ? 128 : v / 128 * 128) : tuning().amx_k_chunk.load();
-  }, py::arg("value") = 0,
-  "Get (value=0) or set the K per chunk of B in the AMX kernel (rounded down to a multiple of 128, at least 128); "
-  "returns the old value. Results are identical for every value.");
+    return v >= 0 ? tuning().amx_k_chunk.exchange(v == 0 ? 0 : v < 128 ? 128 : v / 128 * 128)
+                  : tuning().amx_k_chunk.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the K per chunk of B in the AMX kernel (rounded down to a multiple of 128, at least 128; "
+  "0: by the call's tokens); returns the old value. Results are identical for every value.");
   m.def("_moe_read_bandwidth", [](const py::array& buf, int64_t num_threads, int reps) {
     const int threads = checked_thread_count(num_threads);
     require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");

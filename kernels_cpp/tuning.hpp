@@ -19,8 +19,9 @@ struct Tuning {
   // AMX INT4: prefetch the next chunk of B while the current one is multiplied (1, default) or not (0).
   std::atomic<int> amx_int4_prefetch{1};
   // AMX: K per chunk of B (a multiple of 128, clipped to K-blocks): B's 32 rows x this many bytes stay
-  // in L1 while every token block of the call uses them.
-  std::atomic<int64_t> amx_k_chunk{256};
+  // in L1 while every token block of the call uses them. 0 (default): 256 for calls of <= 64 tokens,
+  // 512 above.
+  std::atomic<int64_t> amx_k_chunk{0};
   // AMX: how many chunks ahead of the one being multiplied B is prefetched (when prefetch is on).
   std::atomic<int64_t> amx_prefetch_chunks{2};
   // forward(): the prefill schedule runs when rows (tokens x top-k) >= this x active experts

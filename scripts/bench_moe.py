@@ -235,7 +235,7 @@ def prefill_inputs(args, T):
     return x, ids
 
 
-PROFILE_STAGES = ("q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait")
+PROFILE_STAGES = ("q", "pack", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait")
 
 
 class PrefillCase:

@@ -338,9 +338,9 @@ PREFILL_CASES = [
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_prefill_schedule(case):
-    """The prefill schedule (per-token quantization scattered into per-expert AMX A panels, gate/up
-    tasks over several row groups, down per column chunk over every expert) gives exactly the
-    results of the decode schedule, for every ISA and thread count, and matches the float model."""
+    """The prefill schedule (per-token quantization, per-expert AMX A panels, gate/up tasks over
+    several row groups, down per column chunk over every expert) gives exactly the results of the
+    decode schedule, for every ISA and thread count, and matches the float model."""
     method, H, I, E, T, tokens, topk, limit = case
     w = FakeExperts(method, H, I, E, T, topk=topk, swiglu_limit=limit)
     ids, tw = routing(tokens, E, topk, seed=tokens)
@@ -434,7 +434,7 @@ def test_amx_prefill_blocking(method):
         assert rel_err(ref, float_moe(w, 0, x, ids, tw, 0.5, quant_act=True)) < 5e-4
         kt_kernels._moe_prefill_min_avg_rows(0)
         modes = (0, 1) if method == "int4" else (0, 1, 2, 3)
-        for k_chunk in (128, 384, 512, 4096):
+        for k_chunk in (128, 384, 512, 4096, 0):
             kt_kernels._moe_amx_k_chunk(k_chunk)
             assert kt_kernels._moe_amx_k_chunk() == k_chunk
             for a_block in (1, 3840 * 32, 1 << 30):  # 32-row blocks (the minimum), 32 rows, all rows
