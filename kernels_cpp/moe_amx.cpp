@@ -66,14 +66,14 @@ struct ThreadBuf {
   }
 };
 
-// Unpacks INT4 tile pairs [p0, p1) of a K-block chunk (128 K each) into INT8 tile pairs in kernel
-// order: 64-K step s = 2*(p-p0) (low nibbles, K 0..63 of the pair) and s+1 (high nibbles) at
-// dst + s*2048, rows 0-15 then 16-31; element value nibble*16.
-void unpack_int4(const uint8_t* chunk, int64_t p0, int64_t p1, int8_t* dst) {
+// Unpacks the first `pairs` INT4 tile pairs (128 K each) at src into INT8 tile pairs in kernel
+// order: 64-K step 2p (low nibbles, K 0..63 of pair p) and 2p+1 (high nibbles) at dst + step*2048,
+// rows 0-15 then 16-31; element value nibble*16.
+void unpack_int4(const uint8_t* src, int64_t pairs, int8_t* dst) {
   const __m512i f0 = _mm512_set1_epi8(static_cast<char>(0xF0));
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* tp = chunk + p * TILE_PAIR_BYTES;
-    int8_t* lo = dst + (p - p0) * 2 * TILE_PAIR_BYTES;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint8_t* tp = src + p * TILE_PAIR_BYTES;
+    int8_t* lo = dst + p * 2 * TILE_PAIR_BYTES;
     int8_t* hi = lo + TILE_PAIR_BYTES;
     for (int j = 0; j < 32; ++j) {  // 32 rows of 64 bytes: both halves
       const __m512i b = _mm512_loadu_si512(tp + j * 64);
@@ -117,7 +117,8 @@ struct Prefetcher {
     }
   } b, a;
   inline void step() {
-    for (int64_t i = 0; i < b.per && b.lines > 0; ++i, --b.lines, b.p += 64) _mm_prefetch(b.p, static_cast<_mm_hint>(HB));
+    for (int64_t i = 0; i < b.per && b.lines > 0; ++i, --b.lines, b.p += 64)
+      _mm_prefetch(b.p, static_cast<_mm_hint>(HB));
     for (int64_t i = 0; i < a.per && a.lines > 0; ++i, --a.lines, a.p += 64) _mm_prefetch(a.p, _MM_HINT_T1);
   }
 };
@@ -265,7 +266,7 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
     const int8_t* b;
     if constexpr (INT4) {
       int8_t* d = buf + (j & 1) * 32 * kc;  // two buffers: this chunk's unpack need not wait for the
-      unpack_int4(src, 0, kn / kPair, d);   // last chunk's tile loads
+      unpack_int4(src, kn / kPair, d);      // last chunk's tile loads
       b = d;
     } else if constexpr (COPY) {
       int8_t* d = buf + (j & 1) * 32 * kc;
@@ -293,8 +294,11 @@ void hint_next_rows(const void* p, int64_t bytes) { t_next_rows = NextRows{p, by
 
 void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
                   const int32_t* asum, int64_t m, int32_t* out) {
-  if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed))
+  if (m < tuning().amx_min_tokens.load(std::memory_order_relaxed)) {
+    t_next = NextGroup{};
+    t_next_rows = NextRows{};
     return avx512::dot_rowgroup(method, w, n, k, r0, a, la, asum, m, out);
+  }
   configure_tiles();
   dot_rowgroup_nocfg(method, w, n, k, r0, a, la, asum, m, out);
 }

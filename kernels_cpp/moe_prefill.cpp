@@ -1,8 +1,8 @@
 // Prefill schedule of moe::forward() (many rows per expert; baseline x86-64): activations are
-// quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel),
-// gate/up tasks cover an expert x several 32-row groups, the down stage runs per column chunk over
-// every expert. Results are identical to the decode schedule (moe_decode.cpp); see
-// moe_schedule.hpp for the task stages.
+// quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel) just
+// before that expert's gate/up tasks, which cover an expert x several 32-row groups in token blocks
+// that stay in L2; the down stage runs per column chunk over every expert. Results are identical
+// to the decode schedule (moe_decode.cpp); see moe_schedule.hpp for the task stages.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -84,21 +84,19 @@ int64_t gate_groups_per_task(int64_t A, int64_t T, int64_t groups1, int threads)
   return 1;
 }
 
-// The token blocks of a gate/up task: expert a's m rows split into nb[a] blocks of `rows` rows
-// (a multiple of 32; the last block shorter) so that a block of the activation panel (rows x H
-// bytes) fits tuning().prefill_a_block_bytes and stays in L2 while the task's row groups use it.
-struct TokenBlocks {
-  std::vector<int64_t> rows, nb;
-  TokenBlocks(const std::vector<int64_t>& m_of, int64_t H) : rows(m_of.size()), nb(m_of.size()) {
-    const int64_t budget = tuning().prefill_a_block_bytes.load(std::memory_order_relaxed);
-    const int64_t cap = std::max<int64_t>(32, budget / H / 32 * 32);
-    for (size_t a = 0; a < m_of.size(); ++a) {
-      const int64_t n = (m_of[a] + cap - 1) / cap;  // balanced blocks, 32-row multiples
-      rows[a] = round_up((m_of[a] + n - 1) / n, 32);
-      nb[a] = (m_of[a] + rows[a] - 1) / rows[a];
-    }
+// Rows per token block of expert a's gate/up tasks (a multiple of 32; the last block shorter):
+// m rows in balanced blocks whose activation panel (rows x H bytes) fits
+// tuning().prefill_a_block_bytes, so that it stays in L2 while the task's row groups use it.
+std::vector<int64_t> token_block_rows(const std::vector<int64_t>& m_of, int64_t H) {
+  const int64_t budget = tuning().prefill_a_block_bytes.load(std::memory_order_relaxed);
+  const int64_t cap = std::max<int64_t>(32, budget / H / 32 * 32);
+  std::vector<int64_t> rows(m_of.size());
+  for (size_t a = 0; a < m_of.size(); ++a) {
+    const int64_t n = (m_of[a] + cap - 1) / cap;
+    rows[a] = round_up((m_of[a] + n - 1) / n, 32);
   }
-};
+  return rows;
+}
 
 // Columns of H per down task (all experts): the largest of 256, 128, 64 dividing H with >= 4
 // tasks per thread; else 32.
@@ -117,7 +115,7 @@ void forward_prefill(const Call& call) {
   const Routing& rt = call.route;
   const float* x = call.x;
   float* out = call.out;
-  const int64_t tokens = call.tokens, topk = call.topk;
+  const int64_t tokens = call.tokens;
   const DotFn dot = call.dot;
   const Epilogue& epi = call.epi;
   const std::vector<int64_t>& active = rt.active;
@@ -171,7 +169,7 @@ void forward_prefill(const Call& call) {
   constexpr int64_t kQ = 4;
   const int64_t nQ = (tokens + kQ - 1) / kQ;
   const int64_t groups1 = IL / 32;
-  const TokenBlocks tb(m_of, H);
+  const std::vector<int64_t> block_rows = token_block_rows(m_of, H);
   const int64_t gc = gate_groups_per_task(A, T, groups1, P);
   const int64_t gchunks = (groups1 + gc - 1) / gc;
   constexpr int64_t kPack = 64;
@@ -255,11 +253,11 @@ void forward_prefill(const Call& call) {
       // token blocks outside, row groups inside: the task's weights (2 x gc groups) are read from
       // memory for the first block and from L2 for the others; each block's panel stays in L2
       const int64_t g0 = ch * gc, g1 = std::min(groups1, (ch + 1) * gc);
-      for (int64_t i0 = 0; i0 < m; i0 += tb.rows[a]) {
-        const int64_t mb = std::min(m - i0, tb.rows[a]);
+      for (int64_t i0 = 0; i0 < m; i0 += block_rows[a]) {
+        const int64_t mb = std::min(m - i0, block_rows[a]);
         const int8_t* xb = LX.at(xa, i0, 0);  // i0 % 32 == 0: the panel of rows i0..
         // the next token block's panel, a 1/(2 x groups) piece per product
-        const int64_t nxt = std::min(m - i0 - mb, tb.rows[a]);
+        const int64_t nxt = std::min(m - i0 - mb, block_rows[a]);
         const int64_t piece = round_up(nxt, 16) * H / (2 * (g1 - g0));
         const int8_t* xn = nxt > 0 ? LX.at(xa, i0 + mb, 0) : nullptr;
         for (int64_t g = g0; g < g1; ++g) {
@@ -346,7 +344,8 @@ void forward_prefill(const Call& call) {
     r.emplace_back("region", t_end - t_region);
     r.emplace_back("threads", P);
     r.emplace_back("gate_groups_per_task", static_cast<double>(gc));
-    r.emplace_back("rows_per_gate_task", static_cast<double>(*std::max_element(tb.rows.begin(), tb.rows.end())));
+    r.emplace_back("rows_per_token_block",
+                   static_cast<double>(*std::max_element(block_rows.begin(), block_rows.end())));
     r.emplace_back("down_cols_per_task", static_cast<double>(DC));
     std::lock_guard<std::mutex> l(g_prof_m);
     g_last_prof = std::move(r);

@@ -34,7 +34,7 @@ struct Tuning {
   // Prefill schedule: a gate/up task covers at most this many bytes of its expert's activation panel
   // (rows x H, at least 32 rows; an expert's rows are split into balanced blocks), so that the
   // panel block stays in L2 while the task's row groups use it.
-  std::atomic<int64_t> prefill_a_block_bytes{int64_t(512) << 10};
+  std::atomic<int64_t> prefill_a_block_bytes{int64_t(1) << 20};
   // Prefill schedule: record the stage profile of every call (moe::last_profile()).
   std::atomic<bool> profiling{false};
 

@@ -289,9 +289,8 @@ class PrefillCase:
                  TFLOPs_per_core_min=self.flops / c["max"] / 1e12, TFLOPs_per_core_max=self.flops / c["min"] / 1e12)
         p = self.profile()
         if p:
-            r["profile_ms"] = {k: (v * 1e3 if k not in ("threads", "gate_groups_per_task", "down_cols_per_task",
-                                                        "rows_per_gate_task")
-                                   else v) for k, v in p.items()}
+            counts = ("threads", "gate_groups_per_task", "down_cols_per_task", "rows_per_token_block")
+            r["profile_ms"] = {k: (v if k in counts else v * 1e3) for k, v in p.items()}
             total = sum(r["profile_ms"].get(k, 0.0) for k in PROFILE_STAGES)
             if total > 0:
                 r["stage_share_pct"] = {k: 100 * r["profile_ms"][k] / total for k in PROFILE_STAGES
