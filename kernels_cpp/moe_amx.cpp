@@ -124,11 +124,12 @@ struct Prefetcher {
 };
 
 // One K chunk (steps 64-K steps of B at b, A columns from k0) for 32 (two) or 16 token rows from
-// row mb: C tiles 0-3 are loaded from c0 / c1 (rows mb.. / mb+16.., stride 32 int32; zeroed when
-// first), accumulated and stored back.
+// row mb: C tiles 0-3 are zeroed (first), loaded from c0 / c1 (rows mb.. / mb+16.., stride 32
+// int32; load) or kept from the last chunk (neither: one token block), accumulated, and stored
+// back (store).
 template <class PF>
 inline void chunk_block(const int8_t* b, int64_t steps, const int8_t* a, ALayout la, int64_t mb, int64_t k0, bool two,
-                        bool first, int32_t* c0, int32_t* c1, PF& pf) {
+                        bool first, bool load, bool store, int32_t* c0, int32_t* c1, PF& pf) {
   if (first) {
     _tile_zero(0);
     _tile_zero(1);
@@ -136,7 +137,7 @@ inline void chunk_block(const int8_t* b, int64_t steps, const int8_t* a, ALayout
       _tile_zero(2);
       _tile_zero(3);
     }
-  } else {
+  } else if (load) {
     _tile_loadd(0, c0, 128);
     _tile_loadd(1, c0 + 16, 128);
     if (two) {
@@ -170,6 +171,7 @@ inline void chunk_block(const int8_t* b, int64_t steps, const int8_t* a, ALayout
       pf.step();
     }
   }
+  if (!store) return;
   _tile_stored(0, c0, 128);
   _tile_stored(1, c0 + 16, 128);
   if (two) {
@@ -212,12 +214,12 @@ struct Chunks {
 // The group's K runs in chunks of kc (tuning().amx_k_chunk, within K-blocks). Each chunk of B
 // (32 rows x kc) is made ready once (INT4: unpacked into one of two per-thread buffers, which stay
 // in L1; INT8: in place or copied, see MODE) and then used by every 32-token block of A, whose
-// int32 sums are accumulated in out (C tiles stored after each chunk and loaded for the next). The
-// last 16-row block, when m % 16 != 0, accumulates in a per-thread side buffer (out has only m
-// rows). With prefetch on, the packed bytes of the chunk tuning().amx_prefetch_chunks ahead (past
-// the group's end: of the group named by hint_next_group, if any) are prefetched while the current
-// one is multiplied, so that memory reads overlap the tile work; so are the bytes named by
-// hint_next_rows (in any mode).
+// int32 sums are accumulated in out (C tiles stored after each chunk and loaded for the next; with
+// one token block they stay in the tiles). The last 16-row block, when m % 16 != 0, accumulates in
+// a per-thread side buffer (out has only m rows). With prefetch on, the packed bytes of the chunk
+// tuning().amx_prefetch_chunks ahead (past the group's end: of the group named by hint_next_group,
+// if any) are prefetched while the current one is multiplied, so that memory reads overlap the tile
+// work; so are the bytes named by hint_next_rows (in any mode).
 // MODE (INT8): 0 in place; 1 in place, prefetched; 2 copied; 3 copied, prefetched. INT4: 0 / 1
 // without / with prefetch. The int32 sums do not depend on the mode or the chunk size.
 template <bool INT4, int MODE>
@@ -275,9 +277,12 @@ void run(const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, AL
     } else {
       b = reinterpret_cast<const int8_t*>(src);
     }
+    // one token block (<= 32 rows): its C tiles stay in the tile registers from chunk to chunk
+    const bool spill = blocks > 1;
     for (int64_t mb = 0; mb < mp; mb += 32) {
       const bool two = mp - mb >= 32;
-      chunk_block(b, kn / 64, a, la, mb, kb + c, two, j == 0, cptr(mb), cptr(mb + 16), pf);
+      chunk_block(b, kn / 64, a, la, mb, kb + c, two, j == 0, spill, spill || j + 1 == ch.count, cptr(mb),
+                  cptr(mb + 16), pf);
     }
   }
   __asm__ volatile("" : : "r"(tb), "r"(out) : "memory");  // tile stores feed the copy below
