@@ -174,6 +174,12 @@ namespace amx {
 // configure_thread() once per thread and parallel region (no other code runs on the thread in
 // between), dot_rowgroup configures on every call.
 void configure_thread();
+// Names the row group (of a matrix of the call's method) that this thread multiplies next: the
+// next dot_rowgroup_nocfg call on the thread prefetches its first chunks at its end, then forgets it.
+void hint_next_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0);
+// Names bytes (activation rows) this thread reads soon: the next dot_rowgroup_nocfg call on the
+// thread prefetches them into L2, spread over its tile steps, then forgets them.
+void hint_next_rows(const void* p, int64_t bytes);
 void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
                         ALayout la, const int32_t* asum, int64_t m, int32_t* out);
 }  // namespace amx

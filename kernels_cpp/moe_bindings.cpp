@@ -222,8 +222,24 @@ void bind_moe(py::module_& m) {
   m.def("_moe_amx_int8_mode", [](int v) {
     return v >= 0 ? tuning().amx_int8_mode.exchange(v > 3 ? 1 : v) : tuning().amx_int8_mode.load();
   }, py::arg("value") = -1,
-  "Get (value<0) or set how the AMX INT8 kernel reads B (0 in place, 1 prefetched, 2 copied, 3 prefetched "
-  "in the first token block); returns the old value. Results are identical in every mode.");
+  "Get (value<0) or set how the AMX INT8 kernel reads each K chunk of B (0 in place, 1 in place and the next "
+  "chunk prefetched, 2 copied, 3 copied and prefetched); returns the old value. Results are identical in every mode.");
+  m.def("_moe_amx_int4_prefetch", [](int v) {
+    return v >= 0 ? tuning().amx_int4_prefetch.exchange(v != 0) : tuning().amx_int4_prefetch.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set whether the AMX INT4 kernel prefetches the next chunk of B (1) or not (0); returns the old "
+  "value. Results are identical either way.");
+  m.def("_moe_amx_prefetch_chunks", [](int64_t v) {
+    return v >= 0 ? tuning().amx_prefetch_chunks.exchange(v) : tuning().amx_prefetch_chunks.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set how many K chunks ahead the AMX kernel prefetches B (0: none); returns the old value. "
+  "Results are identical for every value.");
+  m.def("_moe_amx_k_chunk", [](int64_t v) {
+    return v >= 0 ? tuning().amx_k_chunk.exchange(v == 0 ? 0 : v < 128 ? 128 : v / 128 * 128)
+                  : tuning().amx_k_chunk.load();
+  }, py::arg("value") = -1,
+  "Get (value<0) or set the K per chunk of B in the AMX kernel (rounded down to a multiple of 128, at least 128; "
+  "0: by the call's tokens); returns the old value. Results are identical for every value.");
   m.def("_moe_read_bandwidth", [](const py::array& buf, int64_t num_threads, int reps) {
     const int threads = checked_thread_count(num_threads);
     require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");
@@ -239,6 +255,11 @@ void bind_moe(py::module_& m) {
   }, py::arg("value") = -1,
   "Get (value<0) or set the average rows per active expert from which the prefill schedule runs "
   "(0: always; huge: never).");
+  m.def("_moe_prefill_a_block_bytes", [](int64_t v) {
+    return v > 0 ? tuning().prefill_a_block_bytes.exchange(v) : tuning().prefill_a_block_bytes.load();
+  }, py::arg("value") = 0,
+  "Get (value=0) or set the activation-panel bytes (rows x H) one prefill gate/up task covers at most; returns the "
+  "old value. Results are identical for every value.");
   m.def("_moe_per_expert_down_limit", [](int64_t v) {
     return v >= 0 ? tuning().per_expert_down_limit_bytes.exchange(v) : tuning().per_expert_down_limit_bytes.load();
   }, py::arg("value") = -1,

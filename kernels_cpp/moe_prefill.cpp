@@ -1,8 +1,8 @@
 // Prefill schedule of moe::forward() (many rows per expert; baseline x86-64): activations are
-// quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel),
-// gate/up tasks cover an expert x several 32-row groups, the down stage runs per column chunk over
-// every expert. Results are identical to the decode schedule (moe_decode.cpp); see
-// moe_schedule.hpp for the task stages.
+// quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel) just
+// before that expert's gate/up tasks, which cover an expert x several 32-row groups in token blocks
+// that stay in L2; the down stage runs per column chunk over every expert. Results are identical
+// to the decode schedule (moe_decode.cpp); see moe_schedule.hpp for the task stages.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -23,8 +23,8 @@ namespace {
 std::mutex g_prof_m;
 std::vector<std::pair<const char*, double>> g_last_prof;
 
-enum Stage { kStSerial, kStQ, kStGDot, kStGEpi, kStS, kStDDot, kStDEpi, kStWait, kStages };
-const char* const kStageNames[kStages] = {"serial", "q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait"};
+enum Stage { kStSerial, kStQ, kStPack, kStGDot, kStGEpi, kStS, kStDDot, kStDEpi, kStWait, kStages };
+const char* const kStageNames[kStages] = {"serial", "q", "pack", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait"};
 
 // Growable 64-byte aligned buffer (contents are not preserved when it grows).
 struct Buf {
@@ -53,7 +53,7 @@ struct Buf {
 // Buffers of one prefill call, kept between calls (no page faults on the hot path); concurrent
 // calls take different workspaces.
 struct Workspace {
-  Buf xpan, xd, xs, act, apan, ad, as, acc, dacc, y, qtmp, prof;
+  Buf xq, xqd, xqs, xpan, xd, xs, act, apan, ad, as, acc, dacc, y, qtmp, prof;
 };
 std::mutex g_ws_m;
 std::vector<std::unique_ptr<Workspace>> g_ws_free;
@@ -84,6 +84,20 @@ int64_t gate_groups_per_task(int64_t A, int64_t T, int64_t groups1, int threads)
   return 1;
 }
 
+// Rows per token block of expert a's gate/up tasks (a multiple of 32; the last block shorter):
+// m rows in balanced blocks whose activation panel (rows x H bytes) fits
+// tuning().prefill_a_block_bytes, so that it stays in L2 while the task's row groups use it.
+std::vector<int64_t> token_block_rows(const std::vector<int64_t>& m_of, int64_t H) {
+  const int64_t budget = tuning().prefill_a_block_bytes.load(std::memory_order_relaxed);
+  const int64_t cap = std::max<int64_t>(32, budget / H / 32 * 32);
+  std::vector<int64_t> rows(m_of.size());
+  for (size_t a = 0; a < m_of.size(); ++a) {
+    const int64_t n = (m_of[a] + cap - 1) / cap;
+    rows[a] = round_up((m_of[a] + n - 1) / n, 32);
+  }
+  return rows;
+}
+
 // Columns of H per down task (all experts): the largest of 256, 128, 64 dividing H with >= 4
 // tasks per thread; else 32.
 int64_t down_cols_per_task(int64_t H, int threads) {
@@ -101,29 +115,31 @@ void forward_prefill(const Call& call) {
   const Routing& rt = call.route;
   const float* x = call.x;
   float* out = call.out;
-  const int64_t tokens = call.tokens, topk = call.topk;
+  const int64_t tokens = call.tokens;
   const DotFn dot = call.dot;
   const Epilogue& epi = call.epi;
   const std::vector<int64_t>& active = rt.active;
   const std::vector<int64_t>& m_of = rt.m_of;
   const std::vector<int64_t>& row0 = rt.row0;
-  const std::vector<int64_t>& dest = rt.dest;
   const int64_t H = cfg.hidden, T = cfg.numa, IL = cfg.i_local();
   const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
   const int P = call.pool.size();
   const bool prof = tuning().profiling.load(std::memory_order_relaxed);
 
   // ---- per-expert panels: rows padded to 16 (the AMX kernel reads whole 16-row tiles)
-  std::vector<int64_t> pan0(A + 1, 0), row_slot(R);
-  for (int64_t a = 0; a < A; ++a) {
-    pan0[a + 1] = pan0[a] + round_up(m_of[a], 16);
-    for (int64_t r = row0[a]; r < row0[a + 1]; ++r) row_slot[r] = a;
-  }
+  std::vector<int64_t> pan0(A + 1, 0);
+  for (int64_t a = 0; a < A; ++a) pan0[a + 1] = pan0[a] + round_up(m_of[a], 16);
   const int64_t NP = pan0[A];
+  // the first row (in expert order) of each token: where the down stage zeroes the token's out row
+  std::vector<int64_t> first_row(tokens, R);
+  for (int64_t r = 0; r < R; ++r) first_row[rt.row_token[r]] = std::min(first_row[rt.row_token[r]], r);
   const ALayout LX = ALayout::panel(H), LA = ALayout::panel(IL);
 
   WorkspaceLease lease;
   Workspace& ws = *lease.ws;
+  int8_t* xq = ws.xq.get<int8_t>(tokens * H);  // token-major int8 x
+  float* xqd = ws.xqd.get<float>(tokens);
+  int32_t* xqs = ws.xqs.get<int32_t>(tokens);
   int8_t* xpan = ws.xpan.get<int8_t>(NP * H);  // expert a: rows pan0[a].., layout LX
   float* xd = ws.xd.get<float>(R);
   int32_t* xs = ws.xs.get<int32_t>(R);
@@ -136,38 +152,57 @@ void forward_prefill(const Call& call) {
   const int64_t DC = down_cols_per_task(H, P), DG = DC / 32;
   int32_t* dacc_all = ws.dacc.get<int32_t>(P * DG * acc_stride);
   float* y_all = ws.y.get<float>(T > 1 ? P * DG * acc_stride : 1);
-  const int64_t qstride = round_up(std::max(H, IL), 64);
-  int8_t* qtmp_all = ws.qtmp.get<int8_t>(P * qstride);
+  int8_t* qtmp_all = ws.qtmp.get<int8_t>(P * round_up(IL, 64));
   double* prof_all = ws.prof.get<double>(P * 16);  // 16 doubles = 128 bytes per thread
   std::fill(prof_all, prof_all + P * 16, 0.0);
   auto pan_rows = [&](int64_t a) { return pan0[a + 1] - pan0[a]; };
 
   // ---- tasks, claimed in index order (a task only waits for tasks of lower index)
-  //   Q: quantize kQ tokens once each and scatter them into the panels of their experts
-  //   G: gate/up of (expert a, slice t, gc 32-row groups), a-major; SiLU-gate into act
+  //   Q: quantize kQ tokens once each (token-major int8)
+  //   then per expert a: P, copy kPack of its rows (tokens) into its panel, and G, gate/up of
+  //      (a, slice t, gc 32-row groups); SiLU-gate into act. A panel is written just before the G
+  //      tasks that read it (while the previous expert's run), so it is read from cache.
   //   S: re-quantize kRows rows of the intermediate of (a, t) into its panel once G of (a, t) is done
-  //   D: DC columns of H over every expert (after every S task): zero out, then out += w * y in
-  //      expert order, the order of the decode schedule.
+  //   D: DC columns of H over every expert: out = 0, then out += w * y in expert order (the order
+  //      of the decode schedule), each expert once its S tasks are done (no barrier: the first
+  //      experts' down products overlap the last experts' gate/up tasks).
   constexpr int64_t kQ = 4;
   const int64_t nQ = (tokens + kQ - 1) / kQ;
   const int64_t groups1 = IL / 32;
+  const std::vector<int64_t> block_rows = token_block_rows(m_of, H);
   const int64_t gc = gate_groups_per_task(A, T, groups1, P);
   const int64_t gchunks = (groups1 + gc - 1) / gc;
-  const int64_t nG = A * T * gchunks;
+  constexpr int64_t kPack = 64;
+  std::vector<int64_t> seg0(A + 1);  // task index of expert a's first P task; its G tasks follow them
+  seg0[0] = nQ;
+  for (int64_t a = 0; a < A; ++a) seg0[a + 1] = seg0[a] + (m_of[a] + kPack - 1) / kPack + T * gchunks;
   const RequantTasks stasks(m_of, T);
   const int64_t nS = stasks.count();
   const int64_t nD = H / DC;
-  const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
+  const int64_t q_end = nQ, g_end = seg0[A], s_end = g_end + nS, total = s_end + nD;
 
-  std::atomic<int64_t> q_left{nQ}, s_all{nS};
+  std::atomic<int64_t> q_left{nQ};
+  std::unique_ptr<std::atomic<int64_t>[]> p_left(new std::atomic<int64_t>[A]);
+  for (int64_t a = 0; a < A; ++a) p_left[a].store((m_of[a] + kPack - 1) / kPack, std::memory_order_relaxed);
   std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
   for (int64_t i = 0; i < A * T; ++i) g_left[i].store(gchunks, std::memory_order_relaxed);
+  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
+  for (int64_t a = 0; a < A; ++a) s_left[a].store(stasks.of_expert(a), std::memory_order_relaxed);
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
 
+  // AMX: the row group and activation rows a thread multiplies next, so that its kernel prefetches
+  // them while it multiplies the current ones (amx::hint_next_group, amx::hint_next_rows)
+  const bool hints = call.amx_cfg;
+  auto hint = [&](const uint8_t* w, int64_t n, int64_t k, int64_t r0) {
+    if (hints) amx::hint_next_group(w, n, k, r0);
+  };
+  auto hint_rows = [&](const void* p, int64_t bytes) {
+    if (hints) amx::hint_next_rows(p, bytes);
+  };
+
   auto run_task = [&](int64_t task, int tid) {
     int32_t* acc = acc_all + static_cast<int64_t>(tid) * 2 * acc_stride;
-    int8_t* qtmp = qtmp_all + static_cast<int64_t>(tid) * qstride;
     double* pr = prof_all + tid * 16;
     double tp = prof ? now_s() : 0;
     auto mark = [&](int stage) {
@@ -183,25 +218,30 @@ void forward_prefill(const Call& call) {
     };
     if (task < q_end) {  // ---- Q
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
-      for (int64_t tk = task * kQ; tk < t1; ++tk) {
-        int32_t qs;
-        const float d = epi.quantize(x + tk * H, H, qtmp, &qs);
-        for (int64_t j = 0; j < topk; ++j) {
-          const int64_t r = dest[tk * topk + j];
-          const int64_t a = row_slot[r];
-          int8_t* dst = xpan + pan0[a] * H;
-          const int64_t i = r - row0[a];
-          for (int64_t c = 0; c < H; c += 64) std::memcpy(LX.at(dst, i, c), qtmp + c, 64);
-          xd[r] = d;
-          xs[r] = qs;
-        }
-      }
+      for (int64_t tk = task * kQ; tk < t1; ++tk) xqd[tk] = epi.quantize(x + tk * H, H, xq + tk * H, &xqs[tk]);
       mark(kStQ);
       q_left.fetch_sub(1, std::memory_order_acq_rel);
-    } else if (task < g_end) {  // ---- G
-      wait(q_left);
-      const int64_t i1 = task - q_end;
-      const int64_t ch = i1 % gchunks, at = i1 / gchunks, t = at % T, a = at / T;
+    } else if (task < g_end) {
+      const int64_t a = static_cast<int64_t>(std::upper_bound(seg0.begin(), seg0.end(), task) - seg0.begin()) - 1;
+      const int64_t np = (m_of[a] + kPack - 1) / kPack;
+      if (task - seg0[a] < np) {  // ---- P: rows i0 .. i1 of expert a, 64 bytes (one tile row) at a time
+        wait(q_left);
+        const int64_t i0 = (task - seg0[a]) * kPack, i1 = std::min(m_of[a], i0 + kPack);
+        int8_t* dst = xpan + pan0[a] * H;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = row0[a] + i, tk = rt.row_token[r];
+          for (int64_t c = 0; c < H; c += 64) std::memcpy(LX.at(dst, i, c), xq + tk * H + c, 64);
+          xd[r] = xqd[tk];
+          xs[r] = xqs[tk];
+        }
+        mark(kStPack);
+        p_left[a].fetch_sub(1, std::memory_order_acq_rel);
+        return;
+      }
+      // ---- G
+      wait(p_left[a]);
+      const int64_t i1 = task - seg0[a] - np;
+      const int64_t ch = i1 % gchunks, t = i1 / gchunks, at = a * T + t;
       const int64_t m = m_of[a];
       const ExpertShard& sh = weights.shards[active[a] * T + t];
       int32_t* ag = acc;
@@ -210,13 +250,29 @@ void forward_prefill(const Call& call) {
       const float* xda = xd + row0[a];
       const int32_t* xsa = xs + row0[a];
       float* act_at = act + (row0[a] * T + t * m) * IL;
-      for (int64_t g = ch * gc; g < std::min(groups1, (ch + 1) * gc); ++g) {
-        const int64_t r0 = g * 32;
-        dot(cfg.method, sh.gate.w, IL, H, r0, xa, LX, xsa, m, ag);
-        dot(cfg.method, sh.up.w, IL, H, r0, xa, LX, xsa, m, au);
-        mark(kStGDot);
-        epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
-        mark(kStGEpi);
+      // token blocks outside, row groups inside: the task's weights (2 x gc groups) are read from
+      // memory for the first block and from L2 for the others; each block's panel stays in L2
+      const int64_t g0 = ch * gc, g1 = std::min(groups1, (ch + 1) * gc);
+      for (int64_t i0 = 0; i0 < m; i0 += block_rows[a]) {
+        const int64_t mb = std::min(m - i0, block_rows[a]);
+        const int8_t* xb = LX.at(xa, i0, 0);  // i0 % 32 == 0: the panel of rows i0..
+        // the next token block's panel, a 1/(2 x groups) piece per product
+        const int64_t nxt = std::min(m - i0 - mb, block_rows[a]);
+        const int64_t piece = round_up(nxt, 16) * H / (2 * (g1 - g0));
+        const int8_t* xn = nxt > 0 ? LX.at(xa, i0 + mb, 0) : nullptr;
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t r0 = g * 32;
+          hint(sh.up.w, IL, H, r0);
+          if (xn) hint_rows(xn + (2 * (g - g0)) * piece, piece);
+          dot(cfg.method, sh.gate.w, IL, H, r0, xb, LX, xsa + i0, mb, ag);
+          if (g + 1 < g1 || i0 + mb < m) hint(sh.gate.w, IL, H, g + 1 < g1 ? r0 + 32 : g0 * 32);
+          if (xn) hint_rows(xn + (2 * (g - g0) + 1) * piece, piece);
+          dot(cfg.method, sh.up.w, IL, H, r0, xb, LX, xsa + i0, mb, au);
+          mark(kStGDot);
+          epi.silu_gate(ag, au, mb, xda + i0, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit,
+                        act_at + i0 * IL + r0, IL);
+          mark(kStGEpi);
+        }
       }
       g_left[at].fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < s_end) {  // ---- S
@@ -224,27 +280,43 @@ void forward_prefill(const Call& call) {
       wait(g_left[s.a * T + s.t]);
       const int64_t base = row0[s.a] * T + s.t * m_of[s.a];
       requantize_rows(epi, act + base * IL, IL, s.i0, s.i1, apan + (pan0[s.a] * T + s.t * pan_rows(s.a)) * IL, LA,
-                      ad + base, as + base, qtmp);
+                      ad + base, as + base, qtmp_all + static_cast<int64_t>(tid) * round_up(IL, 64));
       mark(kStS);
-      s_all.fetch_sub(1, std::memory_order_acq_rel);
+      s_left[s.a].fetch_sub(1, std::memory_order_acq_rel);
     } else {  // ---- D: columns c0 .. c0+DC over every expert
-      wait(s_all);
       const int64_t c0 = (task - s_end) * DC;
-      for (int64_t tk = 0; tk < tokens; ++tk) std::fill(out + tk * H + c0, out + tk * H + c0 + DC, 0.f);
       // 32-column group g of the chunk: int32 sums at dacc + g*acc_stride, partial sums over the
       // slices (T > 1) at y + g*acc_stride; out rows are then updated DC contiguous columns at a time.
       int32_t* dacc = dacc_all + static_cast<int64_t>(tid) * DG * acc_stride;
       float* y = y_all + static_cast<int64_t>(tid) * DG * acc_stride;
+      auto panel = [&](int64_t a, int64_t t) { return apan + (pan0[a] * T + t * pan_rows(a)) * IL; };
       for (int64_t a = 0; a < A; ++a) {
+        wait(s_left[a]);
         const int64_t m = m_of[a];
         // y[i*32+j] = Σ_t down_t rows r0..r0+31, in t order, from zero (as the decode schedule)
         for (int64_t t = 0; t < T; ++t) {
           const ExpertShard& sh = weights.shards[active[a] * T + t];
           const int64_t base = row0[a] * T + t * m;
-          const int8_t* ap = apan + (pan0[a] * T + t * pan_rows(a)) * IL;
-          for (int64_t g = 0; g < DG; ++g)
-            dot(cfg.method, sh.down.w, H, IL, c0 + g * 32, ap, LA, as + base, m, dacc + g * acc_stride);
+          // the next (expert, slice): its first row group, and its panel, a 1/DG piece per product
+          const bool more = t + 1 < T || a + 1 < A;
+          const int64_t a2 = t + 1 < T ? a : a + 1, t2 = t + 1 < T ? t + 1 : 0;
+          const int64_t piece = more ? pan_rows(a2) * IL / DG : 0;
+          for (int64_t g = 0; g < DG; ++g) {
+            if (g + 1 < DG) {
+              hint(sh.down.w, H, IL, c0 + (g + 1) * 32);
+            } else if (more) {
+              hint(weights.shards[active[a2] * T + t2].down.w, H, IL, c0);
+            }
+            if (more) hint_rows(panel(a2, t2) + g * piece, piece);
+            dot(cfg.method, sh.down.w, H, IL, c0 + g * 32, panel(a, t), LA, as + base, m, dacc + g * acc_stride);
+          }
           mark(kStDDot);
+          if (t == 0) {  // out = 0: a token's row is zeroed (in cache) just before its first expert adds to it
+            for (int64_t r = row0[a]; r < row0[a + 1]; ++r) {
+              float* o = out + rt.row_token[r] * H + c0;
+              if (first_row[rt.row_token[r]] == r) std::fill(o, o + DC, 0.f);
+            }
+          }
           if (t + 1 < T) {
             for (int64_t g = 0; g < DG; ++g)
               epi.down(dacc + g * acc_stride, m, ad + base, sh.down.s + c0 + g * 32, y + g * acc_stride, 32, t == 0);
@@ -272,6 +344,8 @@ void forward_prefill(const Call& call) {
     r.emplace_back("region", t_end - t_region);
     r.emplace_back("threads", P);
     r.emplace_back("gate_groups_per_task", static_cast<double>(gc));
+    r.emplace_back("rows_per_token_block",
+                   static_cast<double>(*std::max_element(block_rows.begin(), block_rows.end())));
     r.emplace_back("down_cols_per_task", static_cast<double>(DC));
     std::lock_guard<std::mutex> l(g_prof_m);
     g_last_prof = std::move(r);

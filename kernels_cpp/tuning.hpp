@@ -12,10 +12,18 @@ struct Tuning {
   std::atomic<int64_t> spin_us{2000};
   // AMX: the smallest expert group (rows) sent to the tile kernel; smaller ones take the AVX-512 one.
   std::atomic<int> amx_min_tokens{16};
-  // AMX INT8: how the tile kernel reads B. 0 tiles loaded in place; 1 in place with software prefetch
-  // 8 tile pairs ahead (default); 2 the group copied once per call into a per-thread buffer (as INT4
-  // is unpacked); 3 as 1 in the first 32-token block only.
+  // AMX INT8: how the tile kernel reads each K chunk of B. 0 tiles loaded in place; 1 in place, the
+  // next chunk prefetched (default); 2 copied into a per-thread buffer (as INT4 is unpacked); 3 copied,
+  // the next chunk prefetched.
   std::atomic<int> amx_int8_mode{1};
+  // AMX INT4: prefetch the next chunk of B while the current one is multiplied (1, default) or not (0).
+  std::atomic<int> amx_int4_prefetch{1};
+  // AMX: K per chunk of B (a multiple of 128, clipped to K-blocks): B's 32 rows x this many bytes stay
+  // in L1 while every token block of the call uses them. 0 (default): 256 for calls of <= 64 tokens,
+  // 512 above.
+  std::atomic<int64_t> amx_k_chunk{0};
+  // AMX: how many chunks ahead of the one being multiplied B is prefetched (when prefetch is on).
+  std::atomic<int64_t> amx_prefetch_chunks{2};
   // forward(): the prefill schedule runs when rows (tokens x top-k) >= this x active experts
   // (0: always; huge: never); below, the decode schedule.
   std::atomic<int64_t> prefill_min_avg_rows{8};
@@ -23,6 +31,10 @@ struct Tuning {
   // is its own task with no barrier after the re-quantize stage; above, a task per 32 columns runs
   // over every expert.
   std::atomic<int64_t> per_expert_down_limit_bytes{int64_t(8) << 20};
+  // Prefill schedule: a gate/up task covers at most this many bytes of its expert's activation panel
+  // (rows x H, at least 32 rows; an expert's rows are split into balanced blocks), so that the
+  // panel block stays in L2 while the task's row groups use it.
+  std::atomic<int64_t> prefill_a_block_bytes{int64_t(1) << 20};
   // Prefill schedule: record the stage profile of every call (moe::last_profile()).
   std::atomic<bool> profiling{false};
 

@@ -13,9 +13,13 @@ timing : every configuration is built first; then --reps rounds, each round timi
          configuration in turn (a warm-up pass over all its layer copies, then --min-time seconds);
          the median over rounds is reported (min and max too), so drift and order effects show up
          as spread instead of bias.
-prefill: T tokens, top-k over E experts: TFLOP/s (2*T*k*3*H*I) against torch bf16 matmuls grouped by
-         expert, and % of the AMX INT8 peak (cores x max MHz x 2048 ops/cycle) when AMX is present;
-         then one profiled call per method: time per engine stage summed over threads (profile_ms).
+prefill: for each of --prefill-tokens (default 512 and 4096) tokens, top-k over E experts: TFLOP/s
+         (2*T*k*3*H*I) against torch bf16 matmuls grouped by expert, and % of the AMX INT8 peak
+         (threads x max MHz x 2048 ops/cycle) when AMX is present; per busy core: flops / CPU seconds
+         of the process per call (spin-waits included; not diluted by other jobs on a shared
+         machine) against one core's peak; then one profiled call per method: time per engine stage
+         summed over threads (profile_ms) and each stage's share (stage_share_pct).
+         --int8-modes also times each way the AMX INT8 kernel reads B (first shape).
 kernel : the dot kernel of each ISA alone (kt_kernels._moe_dot_stream, one call per 32-row group,
          1 activation row): weights per cycle per core, in cache (one 128-row matrix, L2 resident)
          and streaming (--footprint-gb of matrices, H x I gate shape) on 1 and on all threads, against
@@ -29,6 +33,7 @@ same layers in the same rounds. avx2-novnni is isa="avx2" with the AVX-VNNI kern
   python scripts/bench_moe.py                      # defaults sized for a small machine
   python scripts/bench_moe.py --footprint-gb 4 --json out.json   # big-L3 hosts
   python scripts/bench_moe.py --isa avx512,avx2,avx2-novnni,portable --skip-prefill   # ISA paths side by side
+  python scripts/bench_moe.py --threads 2 --skip-decode --skip-torch --prefill-reps 5   # prefill only
 """
 from __future__ import annotations
 
@@ -79,16 +84,17 @@ def cpu_info() -> dict:
     return info
 
 
-def timeit(fn, min_time=0.3, min_iters=3, warmup=2):
+def timeit(fn, min_time=0.3, min_iters=3, warmup=2, cpu=False):
+    """Seconds per call (wall); with cpu=True also the process's CPU seconds per call (every thread)."""
     for _ in range(warmup):
         fn()
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         fn()
         n += 1
         dt = time.perf_counter() - t0
         if n >= min_iters and dt >= min_time:
-            return dt / n
+            return (dt / n, (time.process_time() - c0) / n) if cpu else dt / n
 
 
 def summarize(ts):
@@ -241,32 +247,37 @@ class TorchDecodeCase:
                 "GBps_bf16": self.k * self.expert_bytes / t["median"] / 1e9}
 
 
-def prefill_inputs(args):
-    E, k, T = args.prefill_experts, args.topk, args.prefill_tokens
+def prefill_inputs(args, T):
+    E, k = args.prefill_experts, args.topk
     g = torch.Generator().manual_seed(3)
     x = torch.randn(T, args.hidden, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     return x, ids
 
 
+PROFILE_STAGES = ("q", "pack", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait")
+
+
 class PrefillCase:
-    def __init__(self, args, method, H, I, threads):
+    def __init__(self, args, method, H, I, threads, tokens, layer=None):
         self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, "auto"
-        E, k, T, numa = args.prefill_experts, args.topk, args.prefill_tokens, args.numa
-        self.layer = random_layer(np.random.default_rng(2), method, E, H, I, numa)
-        x, ids = prefill_inputs(args)
+        E, k, T, numa = args.prefill_experts, args.topk, tokens, args.numa
+        self.layer = layer or random_layer(np.random.default_rng(2), method, E, H, I, numa)
+        x, ids = prefill_inputs(args, T)
         self.x, self.ids = x.numpy(), ids.numpy().astype(np.int64)
         self.tw = np.full((T, k), 1.0 / k, np.float32)
         self.flops = 2.0 * T * k * 3 * H * I
         self.info = {"method": method, "tokens": T, "experts": E, "topk": k, "H": H, "I": I}
-        self.times = {}
+        self.times, self.cpu_times = {}, {}
 
     def step(self):
         self.layer.forward(self.x, self.ids, self.tw, self.isa, self.threads)
 
     def rep(self, min_time, isa="auto"):
         self.isa = use_isa(isa)
-        self.times.setdefault(isa, []).append(timeit(self.step, min_time=min_time, min_iters=3, warmup=1))
+        wall, cpu = timeit(self.step, min_time=min_time, min_iters=3, warmup=1, cpu=True)
+        self.times.setdefault(isa, []).append(wall)
+        self.cpu_times.setdefault(isa, []).append(cpu)
 
     def profile(self, isa="auto"):
         """One extra call with the engine's stage profile on (seconds summed over threads, wall)."""
@@ -287,23 +298,35 @@ class PrefillCase:
         return p
 
     def result(self, isa="auto"):
+        """Wall time per call (median [min-max] over rounds) and TFLOP/s; CPU seconds per call of the
+        whole process (every thread, spin-waits included) and TFLOP/s per busy core = flops / CPU
+        seconds, which a machine shared with other jobs does not dilute (a descheduled thread
+        accrues no CPU time); then the stage profile of one more call and each stage's share of
+        the summed stage time."""
         t = summarize(self.times[isa])
+        c = summarize(self.cpu_times[isa])
         r = dict(self.info, isa=isa, ms=t["median"] * 1e3, ms_min=t["min"] * 1e3, ms_max=t["max"] * 1e3,
-                 reps=t["reps"], TFLOPs=self.flops / t["median"] / 1e12)
+                 reps=t["reps"], TFLOPs=self.flops / t["median"] / 1e12, cpu_ms=c["median"] * 1e3,
+                 cpu_ms_min=c["min"] * 1e3, cpu_ms_max=c["max"] * 1e3, TFLOPs_per_core=self.flops / c["median"] / 1e12,
+                 TFLOPs_per_core_min=self.flops / c["max"] / 1e12, TFLOPs_per_core_max=self.flops / c["min"] / 1e12)
         p = self.profile(isa)
         if p:
-            r["profile_ms"] = {k: (v * 1e3 if k not in ("threads", "gate_groups_per_task", "down_cols_per_task")
-                                   else v) for k, v in p.items()}
+            counts = ("threads", "gate_groups_per_task", "down_cols_per_task", "rows_per_token_block")
+            r["profile_ms"] = {k: (v if k in counts else v * 1e3) for k, v in p.items()}
+            total = sum(r["profile_ms"].get(k, 0.0) for k in PROFILE_STAGES)
+            if total > 0:
+                r["stage_share_pct"] = {k: 100 * r["profile_ms"][k] / total for k in PROFILE_STAGES
+                                        if k in r["profile_ms"]}
         return r
 
 
 class TorchPrefillCase:
-    def __init__(self, args, H, I, threads):
+    def __init__(self, args, H, I, threads, tokens):
         self.threads = threads
-        E, k, T = args.prefill_experts, args.topk, args.prefill_tokens
+        E, k, T = args.prefill_experts, args.topk, tokens
         g = torch.Generator().manual_seed(4)
         self.ws = bf16_experts(E, H, I, g)
-        x, ids = prefill_inputs(args)
+        x, ids = prefill_inputs(args, T)
         self.x = x.to(torch.bfloat16)
         self.groups = [(ids == e).nonzero(as_tuple=True) for e in range(E)]
         self.T, self.H = T, H
@@ -399,7 +422,7 @@ def main(argv=None):
                     help="packed bytes cycled over per decode configuration (>> L3; 2 GB = 6.7x a 300 MB L3)")
     ap.add_argument("--reps", type=int, default=5, help="decode rounds (median reported)")
     ap.add_argument("--prefill-reps", type=int, default=3, help="prefill rounds (median reported)")
-    ap.add_argument("--prefill-tokens", type=int, default=512)
+    ap.add_argument("--prefill-tokens", default="512,4096", help="prefill token counts, comma-separated")
     ap.add_argument("--prefill-experts", type=int, default=64)
     ap.add_argument("--prefill-inter", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="0 = every CPU of this process")
@@ -409,6 +432,8 @@ def main(argv=None):
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-kernel", action="store_true", help="skip the dot-kernel-alone section")
+    ap.add_argument("--int8-modes", action="store_true",
+                    help="also time each way the AMX INT8 kernel reads B (first prefill shape)")
     ap.add_argument("--kernel-time", type=float, default=0.3, help="seconds per kernel measurement")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
@@ -486,64 +511,82 @@ def main(argv=None):
 
     if not args.skip_prefill:
         I = args.prefill_inter
-        pcases = [PrefillCase(args, m, args.hidden, I, threads) for m in methods]
-        tcase = None if args.skip_torch else TorchPrefillCase(args, args.hidden, I, threads)
-        for r in range(args.prefill_reps):
-            if tcase:
-                tcase.rep(args.min_time)
+        token_counts = [int(v) for v in str(args.prefill_tokens).split(",")]
+        # one packed layer per method, shared by every token count
+        layers = {m: random_layer(np.random.default_rng(2), m, args.prefill_experts, args.hidden, I, args.numa)
+                  for m in methods}
+        peak = amx_peak_tflops(info, threads) if info["isa"] == "amx" else None
+        core_peak = amx_peak_tflops(info, 1) if info["isa"] == "amx" else None
+        for T in token_counts:
+            pcases = [PrefillCase(args, m, args.hidden, I, threads, T, layers[m]) for m in methods]
+            tcase = None if args.skip_torch else TorchPrefillCase(args, args.hidden, I, threads, T)
+            for r in range(args.prefill_reps):
+                if tcase:
+                    tcase.rep(args.min_time)
+                for c in pcases:
+                    for isa in isas:
+                        c.rep(args.min_time, isa)
+            tb = tcase.result() if tcase else None
+            del tcase
+            if tb:
+                tb["tokens"] = T
+                res.setdefault("prefill_torch_bf16", []).append(tb)
+                print(f"prefill torch bf16 T={T} top{args.topk}/{args.prefill_experts} H={args.hidden} I={I}: "
+                      f"{tb['ms']:.1f} ms [{tb['ms_min']:.1f}-{tb['ms_max']:.1f}], {tb['TFLOPs']:.3f} TFLOP/s",
+                      flush=True)
             for c in pcases:
                 for isa in isas:
-                    c.rep(args.min_time, isa)
-        tb = tcase.result() if tcase else None
-        if tb:
-            res["prefill_torch_bf16"] = tb
-            print(f"prefill torch bf16 T={args.prefill_tokens} top{args.topk}/{args.prefill_experts} H={args.hidden} "
-                  f"I={I}: {tb['ms']:.1f} ms [{tb['ms_min']:.1f}-{tb['ms_max']:.1f}], {tb['TFLOPs']:.3f} TFLOP/s",
-                  flush=True)
-        peak = amx_peak_tflops(info, threads) if info["isa"] == "amx" else None
-        for c in pcases:
-            for isa in isas:
-                r = c.result(isa)
-                if tb:
-                    r["torch_bf16_TFLOPs"] = tb["TFLOPs"]
-                    r["speedup_vs_torch_bf16"] = r["TFLOPs"] / tb["TFLOPs"]
-                if peak and isa in ("auto", "amx"):
-                    r["amx_int8_peak_TFLOPs"] = peak
-                    r["pct_amx_peak"] = 100 * r["TFLOPs"] / peak
-                res["prefill"].append(r)
-                print(f"prefill {c.method} {isa}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}], "
-                      f"{r['TFLOPs']:.3f} TFLOP/s"
-                      + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if tb else "")
-                      + (f", {r['pct_amx_peak']:.1f}% of AMX INT8 peak ({peak:.1f} TFLOP/s)" if "pct_amx_peak" in r
-                         else ""), flush=True)
-                if "profile_ms" in r:
-                    pm = r["profile_ms"]
-                    print("  stage ms summed over threads: " + ", ".join(
-                        f"{k}={pm[k]:.1f}" for k in ("q", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait") if k in pm)
-                        + f"; wall {pm['wall']:.1f} ms (region {pm.get('region', 0):.1f}, python call "
-                        f"{pm['python_call']:.1f})", flush=True)
-        # AMX INT8: each way the tile kernel reads B (results identical), same layer and inputs
-        amx_isa = next((i for i in isas if i in ("auto", "amx")), None)
-        if info["isa"] == "amx" and amx_isa and hasattr(kt_kernels, "_moe_amx_int8_mode"):
-            c8 = next((c for c in pcases if c.method == "int8"), None)
-            if c8 is not None:
-                default_mode = kt_kernels._moe_amx_int8_mode()
-                modes = {}
-                try:
-                    for mode in (0, 1, 2, 3):
-                        kt_kernels._moe_amx_int8_mode(mode)
-                        c8.times = {}
-                        for _ in range(args.prefill_reps):
-                            c8.rep(args.min_time, amx_isa)
-                        r = c8.result(amx_isa)
-                        modes[str(mode)] = {k: r[k] for k in ("ms", "ms_min", "ms_max")}
-                        modes[str(mode)]["profile_ms"] = r.get("profile_ms")
-                        pm = r.get("profile_ms") or {}
-                        print(f"prefill int8 B mode {mode}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}]"
-                              f" g_dot={pm.get('g_dot', 0):.1f} d_dot={pm.get('d_dot', 0):.1f}", flush=True)
-                finally:
-                    kt_kernels._moe_amx_int8_mode(default_mode)
-                res["prefill_int8_modes"] = {"default": default_mode, "modes": modes}
+                    r = c.result(isa)
+                    if tb:
+                        r["torch_bf16_TFLOPs"] = tb["TFLOPs"]
+                        r["speedup_vs_torch_bf16"] = r["TFLOPs"] / tb["TFLOPs"]
+                    if peak and isa in ("auto", "amx"):
+                        r["amx_int8_peak_TFLOPs"] = peak
+                        r["pct_amx_peak"] = 100 * r["TFLOPs"] / peak
+                        r["amx_int8_peak_TFLOPs_per_core"] = core_peak
+                        r["pct_amx_peak_per_core"] = 100 * r["TFLOPs_per_core"] / core_peak
+                    res["prefill"].append(r)
+                    print(f"prefill {c.method} {isa} T={T} top{args.topk}/{args.prefill_experts} H={args.hidden} "
+                          f"I={I}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-{r['ms_max']:.1f}], {r['TFLOPs']:.3f} TFLOP/s"
+                          + (f", {r['speedup_vs_torch_bf16']:.2f}x torch bf16" if tb else "")
+                          + (f", {r['pct_amx_peak']:.1f}% of AMX INT8 peak ({peak:.1f} TFLOP/s)" if "pct_amx_peak" in r
+                             else ""), flush=True)
+                    print(f"  per busy core: {r['cpu_ms']:.1f} CPU-ms per call [{r['cpu_ms_min']:.1f}-"
+                          f"{r['cpu_ms_max']:.1f}], {r['TFLOPs_per_core']:.3f} TFLOP/s [{r['TFLOPs_per_core_min']:.3f}-"
+                          f"{r['TFLOPs_per_core_max']:.3f}]"
+                          + (f" = {r['pct_amx_peak_per_core']:.1f}% of one core's AMX INT8 peak ({core_peak:.2f} "
+                             "TFLOP/s)" if "pct_amx_peak_per_core" in r else ""), flush=True)
+                    if "profile_ms" in r:
+                        pm, sh = r["profile_ms"], r.get("stage_share_pct", {})
+                        print("  stages (ms summed over threads, share): " + ", ".join(
+                            f"{k}={pm[k]:.1f} ({sh.get(k, 0):.0f}%)" for k in PROFILE_STAGES if k in pm)
+                            + f"; wall {pm['wall']:.1f} ms (region {pm.get('region', 0):.1f}, python call "
+                            f"{pm['python_call']:.1f})", flush=True)
+            # AMX INT8: each way the tile kernel reads B (results identical), same layer and inputs; first shape
+            amx_isa = next((i for i in isas if i in ("auto", "amx")), None)
+            if (T == token_counts[0] and args.int8_modes and info["isa"] == "amx" and amx_isa
+                    and hasattr(kt_kernels, "_moe_amx_int8_mode")):
+                c8 = next((c for c in pcases if c.method == "int8"), None)
+                if c8 is not None:
+                    default_mode = kt_kernels._moe_amx_int8_mode()
+                    modes = {}
+                    try:
+                        for mode in (0, 1, 2, 3):
+                            kt_kernels._moe_amx_int8_mode(mode)
+                            c8.times, c8.cpu_times = {}, {}
+                            for _ in range(args.prefill_reps):
+                                c8.rep(args.min_time, amx_isa)
+                            r = c8.result(amx_isa)
+                            modes[str(mode)] = {k: r[k] for k in ("ms", "ms_min", "ms_max", "cpu_ms")}
+                            modes[str(mode)]["profile_ms"] = r.get("profile_ms")
+                            pm = r.get("profile_ms") or {}
+                            print(f"prefill int8 T={T} B mode {mode}: {r['ms']:.1f} ms [{r['ms_min']:.1f}-"
+                                  f"{r['ms_max']:.1f}], {r['cpu_ms']:.1f} CPU-ms; g_dot={pm.get('g_dot', 0):.1f} "
+                                  f"d_dot={pm.get('d_dot', 0):.1f}", flush=True)
+                    finally:
+                        kt_kernels._moe_amx_int8_mode(default_mode)
+                    res["prefill_int8_modes"] = {"tokens": T, "default": default_mode, "modes": modes}
+            del pcases
     use_isa("auto")  # leave the AVX-VNNI kernel setting at its default
     res["bench_seconds"] = time.perf_counter() - t_start
 

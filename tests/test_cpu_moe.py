@@ -401,9 +401,9 @@ PREFILL_CASES = [
 
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_prefill_schedule(case, avx2_kernel):
-    """The prefill schedule (per-token quantization scattered into per-expert AMX A panels, gate/up
-    tasks over several row groups, down per column chunk over every expert) gives exactly the
-    results of the decode schedule, for every ISA and thread count, and matches the float model."""
+    """The prefill schedule (per-token quantization, per-expert AMX A panels, gate/up tasks over
+    several row groups, down per column chunk over every expert) gives exactly the results of the
+    decode schedule, for every ISA and thread count, and matches the float model."""
     method, H, I, E, T, tokens, topk, limit = case
     w = FakeExperts(method, H, I, E, T, topk=topk, swiglu_limit=limit)
     ids, tw = routing(tokens, E, topk, seed=tokens)
@@ -471,6 +471,61 @@ def test_amx_prefill_schedule(method, min_tokens):
     finally:
         kt_kernels._moe_amx_min_tokens(old)
         kt_kernels._moe_prefill_min_avg_rows(old_rows)
+
+
+@pytest.mark.amx
+@pytest.mark.skipif(BEST != "amx", reason="needs a CPU with AMX tiles")
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_amx_prefill_blocking(method):
+    """The AMX kernel's K chunks (B unpacked / copied per chunk, C tiles stored and reloaded between
+    chunks, next chunks prefetched or not, hinted next row group) and the prefill schedule's token blocks (each gate/up task
+    walks its expert's rows in blocks of the activation panel) never change a result: K chunks of
+    128 (many reloads), 384 (chunks that do not divide the 3584 K-block), 512 and 4096 (one chunk per
+    K-block), token blocks of 32 rows up to all rows, every INT8 read mode and INT4 with and without
+    prefetch; rows per expert with 16/32 tails and a K-block tail (H=3840)."""
+    knobs = {"k": kt_kernels._moe_amx_k_chunk(), "a": kt_kernels._moe_prefill_a_block_bytes(),
+             "pf": kt_kernels._moe_amx_int4_prefetch(), "mode": kt_kernels._moe_amx_int8_mode(),
+             "dist": kt_kernels._moe_amx_prefetch_chunks(),
+             "rows": kt_kernels._moe_prefill_min_avg_rows()}
+    try:
+        w = FakeExperts(method, 3840, 512, 3, 2, topk=2, swiglu_limit=0.5)
+        tokens = 83  # rows per expert around 55: two 32-row blocks (the second a 16-row + tail) or 1 block
+        ids, tw = routing(tokens, 3, 2, seed=7)
+        x = make_x(tokens, 3840, seed=7)
+        kt_kernels._moe_prefill_min_avg_rows(1 << 40)
+        ref = CPUMoE(w, 0, isa="portable").forward(x, ids, tw)
+        assert rel_err(ref, float_moe(w, 0, x, ids, tw, 0.5, quant_act=True)) < 5e-4
+        kt_kernels._moe_prefill_min_avg_rows(0)
+        modes = (0, 1) if method == "int4" else (0, 1, 2, 3)
+        for k_chunk in (128, 384, 512, 4096, 0):
+            kt_kernels._moe_amx_k_chunk(k_chunk)
+            assert kt_kernels._moe_amx_k_chunk() == k_chunk
+            for a_block in (1, 3840 * 32, 1 << 30):  # 32-row blocks (the minimum), 32 rows, all rows
+                kt_kernels._moe_prefill_a_block_bytes(a_block)
+                for mode in modes:
+                    if method == "int4":
+                        kt_kernels._moe_amx_int4_prefetch(mode)
+                    else:
+                        kt_kernels._moe_amx_int8_mode(mode)
+                    for threads in (1, 3):
+                        y = CPUMoE(w, 0, isa="amx", num_threads=threads).forward(x, ids, tw)
+                        assert torch.equal(y, ref), (k_chunk, a_block, mode, threads)
+            for dist in (0, 1, 40):  # prefetch off, one chunk ahead, past the next row group's end
+                kt_kernels._moe_amx_prefetch_chunks(dist)
+                y = CPUMoE(w, 0, isa="amx", num_threads=2).forward(x, ids, tw)
+                assert torch.equal(y, ref), (k_chunk, dist)
+            kt_kernels._moe_amx_prefetch_chunks(knobs["dist"])
+        kt_kernels._moe_amx_k_chunk(100)  # rounded to a multiple of 128, at least 128
+        assert kt_kernels._moe_amx_k_chunk() == 128
+        kt_kernels._moe_amx_k_chunk(1000)
+        assert kt_kernels._moe_amx_k_chunk() == 896
+    finally:
+        kt_kernels._moe_amx_k_chunk(knobs["k"])
+        kt_kernels._moe_prefill_a_block_bytes(knobs["a"])
+        kt_kernels._moe_amx_int4_prefetch(knobs["pf"])
+        kt_kernels._moe_amx_int8_mode(knobs["mode"])
+        kt_kernels._moe_amx_prefetch_chunks(knobs["dist"])
+        kt_kernels._moe_prefill_min_avg_rows(knobs["rows"])
 
 
 # ---- float stages (kernels_cpp/moe_epilogue*.cpp): deterministic exp, bit identity on special values
