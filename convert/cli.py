@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from kt_runtime.fsio import UnsafePathError, atomic_write_text
+from kt_runtime.format.errors import UnsafePathError
+from kt_runtime.format.fsio import atomic_write_text
 
 from . import __version__
 from .errors import UserError

@@ -9,9 +9,10 @@ import shutil
 import stat
 from pathlib import Path
 
-from kt_runtime import fsio
-from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
-from kt_runtime.manifest import Manifest, ManifestError, read_manifest
+from kt_runtime.format import fsio
+from kt_runtime.format.errors import ManifestError
+from kt_runtime.format.layout import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
 from .source import COPIED_FILES

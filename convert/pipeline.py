@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kt_runtime import fsio
-from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
-from kt_runtime.digest import tree_sha256_files
-from kt_runtime.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from kt_runtime.format import fsio
+from kt_runtime.format.errors import ManifestError
+from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
+from kt_runtime.format.digest import tree_sha256_files
+from kt_runtime.format.manifest import Manifest, read_manifest, write_manifest
 from quant import get_method
 from quant.cpu import PackTarget
 from quant.numa import shard_slice
@@ -365,7 +366,7 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
                 weight_map[key] = lp.shard_name
                 total += shape[0] * (4 if dtype == "F32" else 1)
         if opts.include_non_expert:
-            from kt_runtime.format import shard_file_name
+            from kt_runtime.format.layout import shard_file_name
 
             count = plan.num_shards
             extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), non_expert)

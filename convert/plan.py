@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kt_runtime.format import layer_tensor_entries, shard_file_name
-from kt_runtime.json_fields import REQUIRED, FieldError, describe, get_dict, get_int, get_int_list, get_number, get_str
+from kt_runtime.format.errors import FieldError
+from kt_runtime.format.layout import layer_tensor_entries, shard_file_name
+from kt_runtime.format.json_fields import REQUIRED, describe, get_dict, get_int, get_int_list, get_number, get_str
 from quant import QuantMethod
 from quant.cpu import SourceMatrix
 from quant.numa import PROJECTIONS, full_shape
@@ -131,7 +132,7 @@ MAX_BLOCK = 1 << 16  # FP8 block and INT4 group sizes
 
 
 class ConfigFields:
-    """Typed reads of config.json (kt_runtime.json_fields): a missing field, a wrong type or a
+    """Typed reads of config.json (kt_runtime.format.json_fields): a missing field, a wrong type or a
     value out of range is exit 2 naming the file and the field."""
 
     def __init__(self, cfg: dict, where: str, path: str = ""):

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from kt_runtime.safetensors_file import plan_layout, tensor_nbytes
+from kt_runtime.format.safetensors_file import plan_layout, tensor_nbytes
 
 __all__ = ["PRESETS", "SyntheticCheckpoint", "make_v4_flash_checkpoint"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kt_runtime.safetensors_file import save_file
+from kt_runtime.format.safetensors_file import save_file
 
 __all__ = ["VARIANTS", "FamilyCheckpoint", "make_family_checkpoint"]
 

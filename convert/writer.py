@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kt_runtime import fsio
-from kt_runtime.digest import TreeHasher
-from kt_runtime.format import kt_file_names, layer_dir_name
-from kt_runtime.manifest import LayerRecord
-from kt_runtime.safetensors_file import plan_layout
+from kt_runtime.format import fsio
+from kt_runtime.format.digest import TreeHasher
+from kt_runtime.format.layout import kt_file_names, layer_dir_name
+from kt_runtime.format.manifest import LayerRecord
+from kt_runtime.format.safetensors_file import plan_layout
 
 
 _os_write = os.write  # tests replace it to simulate a full or failing disk

@@ -9,17 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import (FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
+from .format.layout import (FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO, PROJECTIONS, kt_file_names, kt_file_paths,
                      layer_dir_name, layer_tensor_entries, merged_key, shard_shape, weight_bytes)
-from .digest import tree_sha256_files
-from .input_files import CONFIG_MAX_BYTES, InputFileError, check_regular, containment_root, read_json, resolve_inside
-from .json_fields import FieldError, get_int, get_number
-from .manifest import Manifest, ManifestError, read_manifest
-from .safetensors_file import SafetensorsFile, SafetensorsFormatError
-
-
-class PackedWeightsError(ValueError):
-    """The packed output is missing, damaged, or does not match its manifest."""
+from .format.digest import tree_sha256_files
+from .format.errors import FieldError, InputFileError, ManifestError, PackedWeightsError, SafetensorsFormatError
+from .format.input_files import CONFIG_MAX_BYTES, check_regular, containment_root, read_json, resolve_inside
+from .format.json_fields import get_int, get_number
+from .format.manifest import Manifest, read_manifest
+from .format.safetensors_file import SafetensorsFile
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ def _fail(msg: str) -> PackedWeightsError:
 
 def _checked_file(root: Path, name: str, named_by: str | None = None, missing: str = "",
                   boundary: Path | None = None) -> Path:
-    """root/name after the input rules (kt_runtime.input_files): inside the output folder (or its
+    """root/name after the input rules (kt_runtime.format.input_files): inside the output folder (or its
     hub-cache repo folder: `boundary`, computed once by the caller), a regular file. missing: the
     message tail when it does not exist."""
     try:

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from .fsio import atomic_write_text
+from .format.fsio import atomic_write_text
 
 STATS_FORMAT = "kt-expert-routing-stats"
 STATS_VERSION = 1

@@ -11,8 +11,8 @@ import kt_runtime
 from conftest import read_json
 from convert.cli import main
 from convert.synthetic import make_v4_flash_checkpoint
-from kt_runtime.format import INDEX_FILE, MANIFEST_FILE
-from kt_runtime.safetensors_file import SafetensorsFile, save_file
+from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 W1 = "layers.1.ffn.experts.2.w1"  # gate projection of layer 1, expert 2 (official key style)
 

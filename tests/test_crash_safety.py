@@ -20,7 +20,7 @@ from conftest import ROOT, read_json, tree_hashes
 from convert import writer as writer_mod
 from convert.cli import main
 from convert.synthetic import make_v4_flash_checkpoint
-from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.layout import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_write_failure_is_clean_and_a_rerun_completes(tiny_checkpoint, tmp_path,
 
 def test_write_failure_in_the_manifest_keeps_the_old_one(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """ENOSPC while the manifest itself is rewritten: the previous manifest stays intact."""
-    from kt_runtime import manifest as manifest_mod
+    from kt_runtime.format import manifest as manifest_mod
 
     out = tmp_path / "out"
     real = manifest_mod.atomic_write_text

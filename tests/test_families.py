@@ -221,7 +221,7 @@ def test_per_expert_keys_of_an_unknown_model_type_are_recognised(tmp_path):
 
 
 def test_unknown_family_lists_what_is_supported(tmp_path, capsys):
-    from kt_runtime.safetensors_file import save_file
+    from kt_runtime.format.safetensors_file import save_file
 
     (tmp_path / "ck").mkdir()
     save_file(tmp_path / "ck" / "model.safetensors",

@@ -27,11 +27,11 @@ from convert.cli import main
 from convert.errors import UserError
 from convert.synthetic import make_v4_flash_checkpoint
 from convert.synthetic_families import make_family_checkpoint
-from kt_runtime.format import INDEX_FILE, MANIFEST_FILE
-from kt_runtime.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, InputFileError,
-                                    containment_root, read_json as read_json_file, relative_name_problem,
-                                    resolve_inside)
-from kt_runtime.safetensors_file import SafetensorsChangedError, SafetensorsFile
+from kt_runtime.format.errors import InputFileError, SafetensorsChangedError
+from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, containment_root,
+                                           read_json as read_json_file, relative_name_problem, resolve_inside)
+from kt_runtime.format.safetensors_file import SafetensorsFile
 from test_bad_inputs import assert_nothing_complete
 
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"

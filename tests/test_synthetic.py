@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from convert.synthetic import PRESETS, make_v4_flash_checkpoint
-from kt_runtime.safetensors_file import SafetensorsFile
+from kt_runtime.format.safetensors_file import SafetensorsFile
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,12 +19,10 @@ import shutil
 import stat
 from pathlib import Path
 
+from .errors import UnsafePathError
+
 FILE, DIR = "file", "directory"
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class UnsafePathError(ValueError):
-    """An output entry is a link or a special file (or of the wrong kind): it is left untouched."""
 
 
 def kind_of(st: os.stat_result) -> str:

@@ -29,8 +29,9 @@ from typing import Any, Iterable, Mapping, NoReturn
 
 import numpy as np
 
-from .input_files import InputFileError, open_regular
 from . import fsio
+from .errors import InputFileError, SafetensorsChangedError, SafetensorsFormatError
+from .input_files import open_regular
 
 __all__ = [
     "DTYPE_BITS",
@@ -97,17 +98,6 @@ _NUMPY_VIEW: dict[str, np.dtype] = {
 }
 
 _REDOWNLOAD = "re-download or re-create this file"
-
-
-class SafetensorsFormatError(ValueError):
-    """Malformed, truncated or unreadable safetensors file.
-
-    ``str()`` starts with the file path, says what is wrong (which tensor / offset) and what to do.
-    """
-
-
-class SafetensorsChangedError(SafetensorsFormatError):
-    """The file shrank or was modified after it was opened (another program writes it)."""
 
 
 @dataclass(frozen=True)

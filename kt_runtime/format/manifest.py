@@ -13,15 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .digest import DIGEST_NAME
-from .format import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
-from .input_files import (MANIFEST_MAX_BYTES, InputFileError, parse_json, read_capped, relative_name_problem,
+from .errors import InputFileError, ManifestError
+from .layout import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
+from .input_files import (MANIFEST_MAX_BYTES, parse_json, read_capped, relative_name_problem,
                           resolve_inside)
 from .json_fields import describe
 from .fsio import atomic_write_text
-
-
-class ManifestError(ValueError):
-    pass
 
 
 @dataclass
@@ -29,7 +26,7 @@ class LayerRecord:
     layer: int
     files: list[str]  # paths relative to the output dir (a shard, or a _layer_L folder's files)
     nbytes: int
-    sha256: str  # kt_runtime.digest tree digest of the files' bytes, in the listed order
+    sha256: str  # kt_runtime.format.digest tree digest of the files' bytes, in the listed order
 
 
 @dataclass
@@ -49,7 +46,7 @@ class Manifest:
     options: dict[str, Any] = field(default_factory=dict)
     converter_version: str = ""
     format_version: int = FORMAT_VERSION
-    digest: str = DIGEST_NAME  # how completed[*].sha256 is computed (kt_runtime.digest)
+    digest: str = DIGEST_NAME  # how completed[*].sha256 is computed (kt_runtime.format.digest)
     completed: dict[int, LayerRecord] = field(default_factory=dict)
     complete: bool = False  # every layer, the index and the copied files are written
     # Every MoE layer of the source model (None: not recorded, by converters before this field);
