@@ -12,6 +12,7 @@ import click
 
 from kt_runtime.format.errors import UnsafePathError
 from kt_runtime.format.fsio import atomic_write_text
+from kt_runtime.format.methods import METHODS
 
 from . import __version__
 from .errors import UserError
@@ -28,8 +29,9 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 @click.option("--input-type", default="auto", show_default=True,
               type=click.Choice(["auto", *INPUT_TYPES]),
               help="Source expert format; auto detects it from config.json and the tensor dtypes.")
-@click.option("--quant-method", default="int4", show_default=True, type=click.Choice(["int4", "int8"]),
-              help="int4 = SGLang-KT --kt-method AMXINT4, int8 = AMXINT8.")
+@click.option("--quant-method", default="int4", show_default=True, type=click.Choice(list(METHODS)),
+              help=", ".join(f"{m.name} = {'SGLang-KT --kt-method ' if i == 0 else ''}{m.kt_method}"
+                             for i, m in enumerate(METHODS.values())) + ".")
 @click.option("--threadpool-count", default=2, show_default=True, type=int,
               help="NUMA thread pools the output is split for; must equal --kt-threadpool-count when serving.")
 @click.option("--cpuinfer-threads", default=0, show_default=True, type=int,

@@ -4,14 +4,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
 from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
@@ -40,14 +39,11 @@ class OutputLock:
             self._fd = -1
 
 
-_LAYER_TEMP = re.compile(r"^_layer_\d+\.(tmp|old)$")
-
-
 def _stale_temporary(path: Path) -> bool:
     """Only the temporary names this converter writes (what an interrupted run leaves behind)."""
     name = path.name
     return (name in (MANIFEST_FILE + ".tmp", INDEX_FILE + ".tmp") or name.endswith(".safetensors.tmp")
-            or bool(_LAYER_TEMP.match(name)) or (name.endswith(".tmp") and name[:-4] in COPIED_FILES))
+            or bool(LAYER_DIR_TEMPORARY.match(name)) or (name.endswith(".tmp") and name[:-4] in COPIED_FILES))
 
 
 def _remove(paths: list[Path]) -> None:

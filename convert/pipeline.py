@@ -11,12 +11,11 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
+from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, merged_key, shard_file_name, shard_slice
 from kt_runtime.format.digest import tree_sha256_files
-from kt_runtime.format.manifest import Manifest, read_manifest, write_manifest
-from quant import get_method
+from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
+from kt_runtime.format.methods import get_method
 from quant.cpu import PackTarget
-from quant.numa import shard_slice
 
 from . import __version__, preflight
 from .errors import NonFiniteError, UserError
@@ -127,16 +126,6 @@ def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOption
                     converter_version=__version__, format_version=FORMAT_VERSION)
 
 
-def shard_metadata(manifest: Manifest, layer: int) -> dict[str, str]:
-    facts = {"format": "pt", "kt_format_version": manifest.format_version, "kt_method": manifest.kt_method,
-             "quant_method": manifest.method, "threadpool_count": manifest.threadpool_count,
-             "hidden_size": manifest.hidden_size, "moe_intermediate_size": manifest.moe_intermediate_size,
-             "num_experts": manifest.num_experts, "num_experts_per_tok": manifest.num_experts_per_tok,
-             "layer": layer, "activation": manifest.activation, "swiglu_limit": manifest.swiglu_limit,
-             "source_fingerprint": manifest.source.get("fingerprint"), "converter_version": manifest.converter_version}
-    return {k: "" if v is None else str(v) for k, v in facts.items()}
-
-
 def experts_per_batch(plan: ConversionPlan) -> int:
     per_expert = max(1, plan.layers[0].output_bytes // max(1, plan.num_experts)) if plan.layers else 1
     return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
@@ -157,7 +146,7 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
                   progress: Progress, nonfinite: dict[str, int], packer, source: SourceStream) -> None:
     """packer: from convert.packers.make_packer (CPU or CUDA; the same bytes). source: the stream
     whose next batches are this layer's (layer_batches)."""
-    method, numa = plan.method, plan.threadpool_count
+    method, threadpool_count = plan.method, plan.threadpool_count
     batch = experts_per_batch(plan)
     bytes_per_expert = lp.input_bytes // plan.num_experts
     merged = isinstance(writer, MergedShardWriter)
@@ -180,8 +169,8 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
                     for proj in PROJECTIONS:
                         src_ref = lp.experts[expert][proj]
                         src = read_source_matrix(src_ref, data)
-                        for t in range(numa):
-                            s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, numa, t)
+                        for t in range(threadpool_count):
+                            s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, threadpool_count, t)
                             dst = PackTarget.empty(method, s.n, s.k)
                             jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
                             outputs.append((expert, proj, t, dst))
@@ -289,8 +278,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             for lp in todo:
                 progress.layer_start(lp.layer)
                 if opts.merge:
-                    entries = layer_tensor_entries(lp.layer, plan.method.name, plan.num_experts, plan.hidden_size,
-                                                   plan.moe_intermediate_size, plan.threadpool_count)
+                    entries = plan.spec.layer_entries(lp.layer)
                     writer = MergedShardWriter(out, lp.shard_name, lp.layer, entries, shard_metadata(manifest, lp.layer))
                 else:
                     writer = KtFolderWriter(out, lp.layer, plan.method.name)
@@ -357,17 +345,10 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
     # the index is what kt-kernel loads: it is written last, after every shard and copied file
     copy_model_files(ckpt.root, out, COPIED_FILES)
     if opts.merge:
-        weight_map: dict[str, str] = {}
-        total = 0
-        for lp in plan.layers:
-            for key, dtype, shape in layer_tensor_entries(lp.layer, plan.method.name, plan.num_experts,
-                                                          plan.hidden_size, plan.moe_intermediate_size,
-                                                          plan.threadpool_count):
-                weight_map[key] = lp.shard_name
-                total += shape[0] * (4 if dtype == "F32" else 1)
+        spec = plan.spec
+        weight_map = {key: lp.shard_name for lp in plan.layers for key, _, _ in spec.layer_entries(lp.layer)}
+        total = plan.output_bytes
         if opts.include_non_expert:
-            from kt_runtime.format.layout import shard_file_name
-
             count = plan.num_shards
             extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), non_expert)
             weight_map.update(extra_map)

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kt_runtime.format.errors import FieldError
-from kt_runtime.format.layout import layer_tensor_entries, shard_file_name
+from kt_runtime.format.layout import PROJECTIONS, PackedSpec, full_shape, layer_dir_name, shard_file_name
 from kt_runtime.format.json_fields import REQUIRED, describe, get_dict, get_int, get_int_list, get_number, get_str
-from quant import QuantMethod
+from kt_runtime.format.methods import METHODS, QuantMethod, alignment_problem, working_threadpool_counts
 from quant.cpu import SourceMatrix
-from quant.numa import PROJECTIONS, full_shape
 
 from .errors import UserError
 from .families import Family, describe_unknown, detect_family
@@ -111,6 +110,13 @@ class ConversionPlan:
     def partial(self) -> bool:
         """--layers left out some MoE layers of the model."""
         return [lp.layer for lp in self.layers] != self.model_layers
+
+    @property
+    def spec(self) -> PackedSpec:
+        """What the output holds (the manifest's first fields)."""
+        return PackedSpec(self.method.name, self.threadpool_count, self.hidden_size, self.moe_intermediate_size,
+                          self.num_experts, self.num_experts_per_tok, tuple(lp.layer for lp in self.layers),
+                          self.activation, self.swiglu_limit)
 
     @property
     def num_shards(self) -> int:
@@ -219,34 +225,19 @@ def parse_layer_spec(spec: str) -> list[int]:
     return sorted(layers)
 
 
-def alignment_problem(method: QuantMethod, hidden: int, inter: int, numa: int) -> str | None:
-    """Why (H, I, T) cannot be packed with `method`, or None (research kt_format.md §2, §8)."""
-    a = method.k_align
-    if inter % numa:
-        return f"moe_intermediate_size {inter} is not divisible by --threadpool-count {numa}"
-    if hidden % a:
-        return f"hidden_size {hidden} is not a multiple of {a}, which --quant-method {method.name} needs"
-    if (inter // numa) % a:
-        return (f"moe_intermediate_size / threadpool_count = {inter} / {numa} = {inter // numa} is not a multiple of "
-                f"{a}, which --quant-method {method.name} needs")
-    return None
-
-
-def working_threadpool_counts(method: QuantMethod, hidden: int, inter: int, limit: int = 16) -> list[int]:
-    return [t for t in range(1, limit + 1) if alignment_problem(method, hidden, inter, t) is None]
-
-
-def check_alignment(method: QuantMethod, hidden: int, inter: int, numa: int) -> None:
-    problem = alignment_problem(method, hidden, inter, numa)
+def check_alignment(method: QuantMethod, hidden: int, inter: int, threadpool_count: int) -> None:
+    """Exit 2 when the method cannot hold these dims for this threadpool count, with the counts and
+    methods that would work (the rule: kt_runtime.format.methods.alignment_problem)."""
+    problem = alignment_problem(method, hidden, inter, threadpool_count, flags=True)
     if problem is None:
         return
     ok = working_threadpool_counts(method, hidden, inter)
     hint = f"threadpool counts that work with {method.name}: {', '.join(map(str, ok))}" if ok else \
         f"no threadpool count works with {method.name}"
-    from quant import METHODS
-    others = [m.name for m in METHODS.values() if m is not method and alignment_problem(m, hidden, inter, numa) is None]
+    others = [m.name for m in METHODS.values()
+              if m is not method and alignment_problem(m, hidden, inter, threadpool_count) is None]
     if others:
-        hint += f"; --quant-method {others[0]} works with --threadpool-count {numa}"
+        hint += f"; --quant-method {others[0]} works with --threadpool-count {threadpool_count}"
     raise UserError(f"cannot pack this model: {problem} ({hint})")
 
 
@@ -509,6 +500,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
                           skipped_mtp_layers=[str(x) for x in mtp_layers],
                           routed_keys=routed, extra_shards=extra_shards if layout == "merged" else 0)
     quant = _Quant(fields)
+    out_bytes = plan.spec.layer_data_bytes()  # the same for every layer
     kinds = set()
     for layer in todo:
         by_expert = found[layer]
@@ -539,8 +531,6 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
         kinds.update(src.kind for e in experts for src in e.values())
         layer_keys = {k for e in by_expert.values() for parts in e.values() for k in parts.values()}
         in_bytes = sum(ckpt.info(k).nbytes for k in layer_keys)
-        out_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape in
-                        layer_tensor_entries(layer, method.name, num_experts, hidden, inter, threadpool_count))
         plan.layers.append(LayerPlan(layer, experts, in_bytes, out_bytes))
     by_kind = {v: k for k, v in INPUT_TYPES.items()}
     detected = by_kind[next(iter(kinds))] if len(kinds) == 1 else "mixed (" + ", ".join(sorted(by_kind[k] for k in kinds)) + ")"
@@ -564,9 +554,5 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     if dtype:
         plan.source_info["config_dtype"] = dtype
     for i, lp in enumerate(plan.layers, 1):
-        lp.shard_name = shard_file_name(i, plan.num_shards) if layout == "merged" else f"_layer_{lp.layer}"
+        lp.shard_name = shard_file_name(i, plan.num_shards) if layout == "merged" else layer_dir_name(lp.layer)
     return plan
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return shape[0] * (4 if dtype == "F32" else 1)

@@ -26,6 +26,8 @@ import torch
 
 import kt_kernels
 
+from .format.methods import METHODS
+
 _PROJ = ("gate", "up", "down")
 
 
@@ -47,8 +49,8 @@ class CPUMoE:
         if layer not in layers:
             raise ValueError(f"layer {layer} is not in these weights (layers: {layers})")
         method = str(weights.method).lower()
-        if method not in ("int4", "int8"):
-            raise ValueError(f"unsupported quant method {weights.method!r} (expected int4 or int8)")
+        if method not in METHODS:
+            raise ValueError(f"unsupported quant method {weights.method!r} (expected {' or '.join(METHODS)})")
         act = activation if activation is not None else (getattr(weights, "activation", None) or "silu")
         if act != "silu":
             raise ValueError(f"unsupported activation {act!r} (only 'silu' is implemented)")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .methods import QuantMethod
+from kt_runtime.format.methods import QuantMethod
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kt_runtime.format.methods import FP32_RECIPROCAL, K_BLOCK, QuantMethod
+
 from .cpu import PackTarget, SourceMatrix
-from .methods import INT4, QuantMethod
 
 ALIGN = 64
 META = 12  # int64 fields per job, see triton_kernels.META_FIELDS
@@ -193,11 +194,19 @@ def launch(method: QuantMethod, plan: BatchPlan, dev_in, dev_out) -> None:
     counts = dev_out[plan.counts_offset : plan.counts_offset + 4 * plan.num_jobs].view(torch.int32)
     counts.zero_()
     scales = dev_out[: plan.out_bytes].view(torch.float32)
-    int4 = method is INT4
     for code, first, count in plan.launches:
-        pack_kernel[(count,)](dev_in, dev_out, scales, counts, job_table, task_table, first,
-                              KIND=code, IS_INT4=int4, N_BLOCK=method.n_block, EPB=method.elems_per_byte,
-                              STEP=64 * method.elems_per_byte, num_warps=4)
+        pack_kernel[(count,)](dev_in, dev_out, scales, counts, job_table, task_table, first, KIND=code,
+                              **kernel_constants(method), num_warps=4)
+
+
+def kernel_constants(method: QuantMethod) -> dict:
+    """The method's row as the Triton kernel's compile-time constants (see pack_kernel)."""
+    recip_bits = 0
+    if method.scale_arithmetic == FP32_RECIPROCAL:
+        recip_bits = int(np.float64(np.float32(1) / np.float32(method.levels)).view(np.int64))
+    return dict(IS_INT4=method.bits == 4, N_BLOCK=method.n_block, EPB=method.elems_per_byte,
+                STEP=64 * method.elems_per_byte, K_BLOCK=K_BLOCK, LEVELS=float(method.levels),
+                RECIP_F64_BITS=recip_bits)
 
 
 def scatter_job(plan: BatchPlan, host_out: np.ndarray, i: int, dst: PackTarget) -> int:

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from kt_runtime.format.layout import full_shape, shard_slice
+from kt_runtime.format.methods import QuantMethod
+
 from .amx_tiling import tile, untile
 from .kt_quant import dequantize_rows, quantize_rows
-from .methods import QuantMethod
-from .numa import full_shape, shard_slice
 
 
 def pack_reference(w: torch.Tensor, method: QuantMethod) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -295,10 +295,10 @@ def kernel_throughput(method_name: str, numa: int, experts: int = 16, H: int = 4
     import numpy as np
     import torch
 
-    from quant import get_method
+    from kt_runtime.format.methods import get_method
     from quant.cpu import PackTarget, SourceMatrix
     from quant.gpu import fill_staging, launch, plan_batch
-    from quant.numa import full_shape, shard_slice
+    from kt_runtime.format.layout import full_shape, shard_slice
 
     method = get_method(method_name)
     rng = np.random.default_rng(0)
@@ -348,6 +348,8 @@ def show(name, value) -> None:
 
 
 def main() -> None:
+    from kt_runtime.format.methods import METHODS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="the converter's --device (default cpu); cuda adds the kernel, the CPU comparison, "
@@ -356,7 +358,7 @@ def main() -> None:
                     help="checkpoint (kept and reused) and outputs (removed) (default: %(default)s)")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer (default 32)")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers (default 2)")
-    ap.add_argument("--quant-method", "--method", default="int4", choices=["int4", "int8"])
+    ap.add_argument("--quant-method", "--method", default="int4", choices=list(METHODS))
     ap.add_argument("--threadpool-count", "--numa", type=int, default=2, help="NUMA split T (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="CPU packing threads (0: all cores)")
     ap.add_argument("--repeat", type=int, default=2, help="page-cache conversions on --device; the best is "

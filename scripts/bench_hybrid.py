@@ -115,6 +115,8 @@ def bench(fn, iters: int, warmup: int, sync) -> dict:
 
 
 def main(argv=None) -> int:
+    from kt_runtime.format.methods import METHODS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--gpu-experts", type=int, default=16)
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1, help="tokens per step (1: decode)")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--method", choices=["int4", "int8"], default="int4")
+    ap.add_argument("--method", choices=list(METHODS), default="int4")
     ap.add_argument("--threadpool-count", type=int, default=1, help="NUMA shards of the packed weights")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU engine threads (default: HybridMoE's, every core but one; 0: all)")

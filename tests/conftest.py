@@ -149,7 +149,7 @@ def ftz_window_rows(method):
     0, 2^-126 and the first normals, as the hardware decides them."""
     import numpy as np
 
-    from quant import INT8
+    from kt_runtime.format.methods import INT8
 
     lo = 0x03FD0000 if method is INT8 else 0x03DF0000
     amax = np.arange(lo, lo + 0x20000, 0x40, dtype=np.uint32).view(np.float32)[:2048]

@@ -16,7 +16,7 @@ from convert.pipeline import ConvertOptions, convert
 from convert.synthetic import make_v4_flash_checkpoint
 from kt_runtime.format.layout import merged_key
 from kt_runtime.format.safetensors_file import SafetensorsFile
-from quant import get_method
+from kt_runtime.format.methods import get_method
 from quant.mxfp4 import decode_mxfp4
 from quant.reference import pack_expert_reference
 

@@ -20,7 +20,7 @@ import torch
 
 import kt_kernels
 from kt_runtime.cpu_moe import CPUMoE
-from quant import get_method
+from kt_runtime.format.methods import get_method
 from quant.reference import dequantize_packed, merge_shards
 
 ISA_ORDER = ["portable", "avx2", "avx512", "amx"]

@@ -74,7 +74,7 @@ def load_quietly(out, verify=True):
     (lambda d: d.update(num_experts=1), "num_experts_per_tok 2 exceeds num_experts 1"),
     (lambda d: d.update(num_experts_per_tok=1), "__metadata__ num_experts_per_tok"),
     (lambda d: d.update(activation="gelu"), "__metadata__ activation"),
-    (lambda d: d.update(hidden_size=400), "multiples of 128"),
+    (lambda d: d.update(hidden_size=400), "hidden_size 400 is not a multiple of 128, which int4 needs"),
     (lambda d: d.update(layers=[0, 1, 2], model_layers=[0, 1, 2], complete=False), "layer 2 was never completed"),
     (lambda d: d.update(layers=[0, 1, 2]), "complete is true but not every layer"),
     (lambda d: d.update(layers=[0]), "completed layer 1 is not among the planned layers"),

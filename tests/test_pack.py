@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kt_kernels
-from quant import INT4, INT8
+from kt_runtime.format.methods import INT4, INT8
 from quant.amx_tiling import tile, untile
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.kt_quant import quantize_rows

@@ -115,7 +115,7 @@ def test_thread_counts_out_of_range_are_refused_at_construction(bad):
     experts = FakeExperts("int8", hidden=128, inter=128, experts=4, numa=1)
     with pytest.raises(ValueError, match=r"num_threads must be an int in \[0, 4096\]"):
         CPUMoE(experts, 0, num_threads=bad)
-    from quant import get_method
+    from kt_runtime.format.methods import get_method
     from quant.cpu import pack_cpu
 
     with pytest.raises(ValueError, match=r"\[0, 4096\]"):

@@ -1,6 +1,9 @@
-"""kt_manifest.json: what a packed output holds, how it was made, and which layers are complete.
+"""kt_manifest.json and the shards' __metadata__ (docs/FORMAT.md §5): what a packed output holds, how
+it was made, and which layers are complete.
 
-kt-kernel ignores it; our loader validates against it and the converter resumes from it.
+kt-kernel ignores both; the loader checks an output against them and the converter resumes from the
+manifest. `shard_metadata` is what the converter writes into a merged shard, `shard_metadata_problem`
+what the loader checks it with: the facts come from one function, `shard_facts`.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any
 
 from .digest import DIGEST_NAME
 from .errors import InputFileError, ManifestError
-from .layout import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
+from .layout import FORMAT_VERSION, MANIFEST_FILE, PackedSpec
+from .methods import METHODS, alignment_problem, get_method
 from .input_files import (MANIFEST_MAX_BYTES, parse_json, read_capped, relative_name_problem,
                           resolve_inside)
 from .json_fields import describe
@@ -56,7 +60,13 @@ class Manifest:
 
     @property
     def kt_method(self) -> str:
-        return METHOD_INFO[self.method][0]
+        return get_method(self.method).kt_method
+
+    @property
+    def spec(self) -> PackedSpec:
+        return PackedSpec(self.method, self.threadpool_count, self.hidden_size, self.moe_intermediate_size,
+                          self.num_experts, self.num_experts_per_tok, tuple(self.layers), self.activation,
+                          self.swiglu_limit)
 
     def identity(self) -> dict[str, Any]:
         """The fields that must match for an output directory to be resumed."""
@@ -113,20 +123,18 @@ class Manifest:
         def bad(msg: str):
             raise ManifestError(f"{where}: {msg}")
 
-        if not isinstance(self.method, str) or self.method not in METHOD_INFO:
-            bad(f"unknown method {self.method!r} (this version knows {sorted(METHOD_INFO)})")
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            bad(f"unknown method {self.method!r} (this version knows {sorted(METHODS)})")
         for name in ("threadpool_count", "hidden_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 bad(f"{name} must be a positive integer, got {value!r}")
         if self.num_experts_per_tok > self.num_experts:
             bad(f"num_experts_per_tok {self.num_experts_per_tok} exceeds num_experts {self.num_experts}")
-        if self.moe_intermediate_size % self.threadpool_count:
-            bad(f"moe_intermediate_size {self.moe_intermediate_size} is not divisible by threadpool_count {self.threadpool_count}")
-        align = METHOD_INFO[self.method][4]
-        if self.hidden_size % align or (self.moe_intermediate_size // self.threadpool_count) % align:
-            bad(f"hidden_size {self.hidden_size} and moe_intermediate_size / threadpool_count "
-                f"{self.moe_intermediate_size // self.threadpool_count} must be multiples of {align} for {self.method}")
+        problem = alignment_problem(get_method(self.method), self.hidden_size, self.moe_intermediate_size,
+                                    self.threadpool_count)
+        if problem is not None:
+            bad(problem)
         if not isinstance(self.layers, list) or not all(_is_int(x) and x >= 0 for x in self.layers):
             bad("layers must be a list of non-negative integers")
         if len(set(self.layers)) != len(self.layers):
@@ -205,3 +213,39 @@ def read_manifest(out_dir: Path) -> Manifest | None:
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     """Atomic: write a temp file, fsync, rename, fsync the directory."""
     atomic_write_text(Path(out_dir) / MANIFEST_FILE, manifest.to_json())
+
+
+def shard_facts(spec: PackedSpec, layer: int, manifest: Manifest | None) -> dict[str, str]:
+    """The facts a merged layer shard's __metadata__ carries, as strings, in the order written. Without a
+    manifest (an output inferred from its tensors) only those the tensors determine."""
+    facts = {"kt_format_version": FORMAT_VERSION, "kt_method": spec.quant_method.kt_method,
+             "quant_method": spec.method, "threadpool_count": spec.threadpool_count, "hidden_size": spec.hidden_size,
+             "moe_intermediate_size": spec.moe_intermediate_size, "num_experts": spec.num_experts}
+    if manifest is not None:
+        facts["num_experts_per_tok"] = spec.num_experts_per_tok
+    facts["layer"] = layer
+    if manifest is not None:
+        facts.update(activation=spec.activation, swiglu_limit=spec.swiglu_limit,
+                     source_fingerprint=manifest.source.get("fingerprint"))
+    return {k: "" if v is None else str(v) for k, v in facts.items()}
+
+
+def shard_metadata(manifest: Manifest, layer: int) -> dict[str, str]:
+    """The __metadata__ the converter writes into the merged shard of `layer`."""
+    return {"format": "pt", **shard_facts(manifest.spec, layer, manifest),
+            "converter_version": manifest.converter_version}
+
+
+def shard_metadata_problem(metadata: dict[str, str], spec: PackedSpec, layer: int,
+                           manifest: Manifest | None) -> str | None:
+    """What in a shard's __metadata__ contradicts the manifest (every fact must be there and agree) or,
+    without one, the tensors (the facts present must agree); None if nothing does. The converter's
+    version is not compared: a resumed output holds shards of several versions."""
+    strict = manifest is not None
+    for key, want in shard_facts(spec, layer, manifest).items():
+        got = metadata.get(key)
+        if got is None and not strict:
+            continue
+        if got != want:
+            return f"__metadata__ {key} is {got!r} but the {'manifest says' if strict else 'tensors say'} {want!r}"
+    return None

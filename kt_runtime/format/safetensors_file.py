@@ -40,6 +40,7 @@ __all__ = [
     "SafetensorsFile",
     "SafetensorsFormatError",
     "TensorInfo",
+    "numpy_dtype",
     "plan_layout",
     "save_file",
     "tensor_nbytes",
@@ -96,6 +97,13 @@ _NUMPY_VIEW: dict[str, np.dtype] = {
     "U64": np.dtype("<u8"),
     "F4": np.dtype(np.uint8),  # two E2M1 codes per byte, low nibble first; last dim halved
 }
+
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype SafetensorsFile.array() views a safetensors dtype as (KeyError: none)."""
+    return _NUMPY_VIEW[dtype]
+
 
 _REDOWNLOAD = "re-download or re-create this file"
 
