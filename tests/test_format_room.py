@@ -116,3 +116,18 @@ def test_shard_metadata_is_written_and_checked_by_one_pair():
     # without a manifest: only what the tensors determine, and only where present
     assert shard_metadata_problem({"layer": "1", "activation": "gelu"}, m.spec, 1, None) is None
     assert "tensors say '2'" in shard_metadata_problem({"threadpool_count": "1"}, m.spec, 1, None)
+
+
+def test_kernels_hold_the_same_method_table():
+    """kernels_cpp's method_info (the packer's and the engine's constants) agrees with every row."""
+    import kt_kernels
+
+    from kt_runtime.format.methods import AMX_TILED, FP32_RECIPROCAL, METHODS
+
+    for m in METHODS.values():
+        assert m.layout == AMX_TILED and m.group_size is None and m.scale_dtype == "F32"
+        assert kt_kernels.method_info(m.name) == {
+            "n_block": m.n_block, "k_align": m.k_align, "elems_per_byte": m.elems_per_byte, "levels": m.levels,
+            "fp32_reciprocal": m.scale_arithmetic == FP32_RECIPROCAL}, m.name
+    with pytest.raises(ValueError, match="unknown quant method"):
+        kt_kernels.method_info("int3")
