@@ -13,11 +13,12 @@ import click
 from kt_runtime.format.errors import UnsafePathError
 from kt_runtime.format.fsio import atomic_write_text
 from kt_runtime.format.methods import METHODS
+from quant.source_formats import INPUT_TYPES
 
 from . import __version__
 from .errors import UserError
 from .pipeline import ConvertOptions, convert, max_cpu_threads
-from .plan import INPUT_TYPES, parse_layer_spec
+from .plan import parse_layer_spec
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 

@@ -12,18 +12,15 @@ from kt_runtime.format.layout import PROJECTIONS, PackedSpec, full_shape, layer_
 from kt_runtime.format.json_fields import REQUIRED, describe, get_dict, get_int, get_int_list, get_number, get_str
 from kt_runtime.format.methods import METHODS, QuantMethod, alignment_problem, working_threadpool_counts
 from quant.cpu import SourceMatrix
+from quant.source_formats import FLOAT_KINDS, SUPPORTED, input_type_of
 
 from .errors import UserError
 from .families import Family, describe_unknown, detect_family
 from .source import Checkpoint
 from .source_reader import Slab
 
-# --input-type values and the source kinds (decoders) they cover.
-INPUT_TYPES = {"fp4": "mxfp4", "fp8": "fp8_block", "bf16": "bf16", "fp16": "f16", "int4": "int4_group"}
 FP4_WEIGHT_DTYPES = ("I8", "U8", "F4")
 FP4_SCALE_DTYPES = ("F8_E8M0", "U8")
-FLOAT_KINDS = {"BF16": "bf16", "F16": "f16"}
-SUPPORTED = "MXFP4 (I8/U8/F4 + E8M0), FP8 block (F8_E4M3 + F32 scales), BF16, FP16, compressed-tensors INT4"
 
 
 @dataclass(frozen=True)
@@ -532,8 +529,8 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
         layer_keys = {k for e in by_expert.values() for parts in e.values() for k in parts.values()}
         in_bytes = sum(ckpt.info(k).nbytes for k in layer_keys)
         plan.layers.append(LayerPlan(layer, experts, in_bytes, out_bytes))
-    by_kind = {v: k for k, v in INPUT_TYPES.items()}
-    detected = by_kind[next(iter(kinds))] if len(kinds) == 1 else "mixed (" + ", ".join(sorted(by_kind[k] for k in kinds)) + ")"
+    detected = input_type_of(next(iter(kinds))) if len(kinds) == 1 else \
+        "mixed (" + ", ".join(sorted(input_type_of(k) for k in kinds)) + ")"
     if input_type not in ("auto", detected):
         hint = f"drop --input-type or pass --input-type {detected}" if len(kinds) == 1 else "drop --input-type"
         raise UserError(f"--input-type {input_type} does not match the checkpoint: its routed experts are "

@@ -7,6 +7,8 @@ import numpy as np
 
 from kt_runtime.format.methods import QuantMethod
 
+from .source_formats import SOURCE_FORMATS
+
 
 @dataclass(frozen=True)
 class SourceMatrix:
@@ -33,8 +35,7 @@ class SourceMatrix:
     @property
     def shape(self) -> tuple[int, int]:
         n, cols = self.weight.shape
-        per_item = {"mxfp4": 2, "int4_group": 8}.get(self.kind, 1)
-        return n, cols * per_item
+        return n, cols * SOURCE_FORMATS[self.kind].elements_per_item
 
     def rows(self, row0: int, n: int) -> "SourceMatrix":
         weight = self.weight[row0 : row0 + n]

@@ -17,13 +17,11 @@ import numpy as np
 from kt_runtime.format.methods import FP32_RECIPROCAL, K_BLOCK, QuantMethod
 
 from .cpu import PackTarget, SourceMatrix
+from .source_formats import SOURCE_FORMATS
 
 ALIGN = 64
 META = 12  # int64 fields per job, see triton_kernels.META_FIELDS
 ROWS = 32  # rows per kernel program
-# kind -> kernel KIND code (int4_group: + 1 for float32 scales)
-KIND_CODES = {"bf16": 0, "f32": 1, "f16": 2, "mxfp4": 3, "fp8_block": 4, "int4_group": 5}
-ELEMENT_BITS = {"bf16": 16, "f32": 32, "f16": 16, "mxfp4": 4, "fp8_block": 8, "int4_group": 4}
 
 
 def _align(x: int) -> int:
@@ -68,7 +66,7 @@ class BatchPlan:
 
 def _check_job(method: QuantMethod, i: int, src: SourceMatrix, col0: int, k: int, dst: PackTarget) -> tuple[int, int]:
     where = f"pack job {i}: "
-    if src.kind not in KIND_CODES:
+    if src.kind not in SOURCE_FORMATS:
         raise ValueError(where + f"unknown source kind {src.kind!r}")
     n, ktot = src.shape
     if n <= 0 or k <= 0 or col0 < 0:
@@ -99,7 +97,7 @@ def _check_job(method: QuantMethod, i: int, src: SourceMatrix, col0: int, k: int
         raise ValueError(where + "out_weight has the wrong size or layout")
     if dst.scales.dtype != np.float32 or dst.scales.size != n or not dst.scales.flags.c_contiguous:
         raise ValueError(where + "out_scale has the wrong size or layout")
-    code = KIND_CODES[src.kind] + (1 if src.kind == "int4_group" and src.scales.itemsize == 4 else 0)
+    code = SOURCE_FORMATS[src.kind].gpu_code + (1 if src.kind == "int4_group" and src.scales.itemsize == 4 else 0)
     return n, code
 
 
