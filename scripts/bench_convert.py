@@ -393,7 +393,7 @@ def main() -> None:
     ckpt = work / f"v4-flash-layer-e{a.experts}-l{a.layers}"
     made_s = None
     if not (ckpt / "config.json").exists():
-        from convert.synthetic import make_v4_flash_checkpoint
+        from synthetic.v4_flash import make_v4_flash_checkpoint
 
         shutil.rmtree(ckpt, ignore_errors=True)
         t0 = time.perf_counter()

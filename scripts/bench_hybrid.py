@@ -5,7 +5,7 @@ GPU part alone, in the same run.
     python scripts/bench_hybrid.py                    # H=4096, I=2048, 256 experts, top-6, 16 on the GPU
     python scripts/bench_hybrid.py --experts 64 --gpu-experts 8 --json out.json
 
-Weights: a synthetic DeepSeek-V4-Flash layer (MXFP4, convert.synthetic) converted with the real
+Weights: a synthetic DeepSeek-V4-Flash layer (MXFP4, synthetic.v4_flash) converted with the real
 converter into --workdir (reused by later runs with the same settings). Routing: decode (--tokens 1),
 top-k; per token --gpu-hits of the k experts are GPU experts (the hot ones) and the rest distinct CPU
 experts, drawn at random from --routings pre-drawn routings cycled through, so CPU weights stream
@@ -63,7 +63,7 @@ def packed_layer(args) -> Path:
     """Convert (once) a synthetic V4-Flash layer with --experts experts; returns the packed dir."""
     import kt_runtime
     from convert.pipeline import ConvertOptions, convert
-    from convert.synthetic import make_v4_flash_checkpoint
+    from synthetic.v4_flash import make_v4_flash_checkpoint
 
     work = Path(args.workdir)
     out = work / f"v4-H{args.hidden}-I{args.intermediate}-E{args.experts}-{args.method}-T{args.threadpool_count}"

@@ -71,7 +71,7 @@ def part1(work: Path) -> None:
     import kt_kernels
     import kt_runtime
     from convert.pipeline import ConvertOptions, convert
-    from convert.synthetic import make_v4_flash_checkpoint
+    from synthetic.v4_flash import make_v4_flash_checkpoint
 
     print("== 1. synthetic DeepSeek-V4-Flash (MXFP4) -> AMXINT4 -> CPUMoE")
     t0 = time.perf_counter()

@@ -29,16 +29,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 FIXED_MTIME_NS = 1_700_000_000 * 10**9
 
 
-def _generators():
-    try:
-        from synthetic.families import VARIANTS, make_family_checkpoint
-        from synthetic.v4_flash import make_v4_flash_checkpoint
-    except ImportError:  # before the generators had their own package
-        from convert.synthetic import make_v4_flash_checkpoint
-        from convert.synthetic_families import VARIANTS, make_family_checkpoint
-    return VARIANTS, make_family_checkpoint, make_v4_flash_checkpoint
-
-
 def tree_digests(path: Path) -> dict[str, str]:
     out = {}
     for p in sorted(path.rglob("*")):
@@ -54,7 +44,8 @@ def _pin_mtimes(folder: Path) -> None:
 
 
 def checkpoints(work: Path) -> dict[str, Path]:
-    VARIANTS, make_family_checkpoint, make_v4_flash_checkpoint = _generators()
+    from synthetic import VARIANTS, make_family_checkpoint, make_v4_flash_checkpoint
+
     out = {}
     for name in sorted(VARIANTS):
         out[name] = make_family_checkpoint(work / "src" / name, name).path

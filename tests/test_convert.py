@@ -13,7 +13,7 @@ from conftest import ROOT, read_json, tree_hashes
 from convert import pipeline
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
-from convert.synthetic import make_v4_flash_checkpoint
+from synthetic.v4_flash import make_v4_flash_checkpoint
 from kt_runtime.format.layout import merged_key
 from kt_runtime.format.safetensors_file import SafetensorsFile
 from kt_runtime.format.methods import get_method

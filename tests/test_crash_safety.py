@@ -19,7 +19,7 @@ import kt_runtime
 from conftest import ROOT, read_json, tree_hashes
 from convert import writer as writer_mod
 from convert.cli import main
-from convert.synthetic import make_v4_flash_checkpoint
+from synthetic.v4_flash import make_v4_flash_checkpoint
 from kt_runtime.format.layout import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
 
 

@@ -15,7 +15,7 @@ from convert.families import FAMILIES
 from convert.pipeline import ConvertOptions, convert
 from convert.plan import build_plan
 from convert.source import open_checkpoint
-from convert.synthetic_families import VARIANTS, make_family_checkpoint
+from synthetic.families import VARIANTS, make_family_checkpoint
 from kt_runtime.format.methods import INT4, INT8, get_method
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import (decode_f16, decode_fp8_block, decode_int4_group, e4m3_to_float32, encode_int4_words,

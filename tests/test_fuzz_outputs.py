@@ -13,7 +13,7 @@ import pytest
 
 import kt_runtime
 from convert.pipeline import ConvertOptions, convert
-from convert.synthetic import make_v4_flash_checkpoint
+from synthetic.v4_flash import make_v4_flash_checkpoint
 from kt_runtime import PackedWeightsError
 from kt_runtime.format.layout import MANIFEST_FILE, merged_key
 from kt_runtime.format.safetensors_file import SafetensorsFile, save_file

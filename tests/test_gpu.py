@@ -291,7 +291,7 @@ def _convert(ckpt, out, **kw):
 @pytest.mark.parametrize("storage,method,numa", [("I8", "int4", 2), ("U8", "int8", 2), ("F4", "int4", 4),
                                                  ("I8", "int8", 1), ("I8", "int4", 1), ("U8", "int8", 4)])
 def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, numa):
-    from convert.synthetic import make_v4_flash_checkpoint
+    from synthetic.v4_flash import make_v4_flash_checkpoint
 
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", storage=storage, mtp_layers=1, num_shards=3)
     cpu = _convert(ckpt.path, tmp_path / "cpu", quant_method=method, threadpool_count=numa, device="cpu")
@@ -311,7 +311,7 @@ def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, numa):
 def test_convert_every_family_on_cuda_equals_cpu(tmp_path):
     """Every synthetic family the CPU path converts (BF16, FP16, FP8 block, INT4 group, MXFP4)
     gives the same bytes on the GPU."""
-    families = pytest.importorskip("convert.synthetic_families")
+    families = pytest.importorskip("synthetic.families")
     done = []
     for variant in sorted(families.VARIANTS):
         ckpt = families.make_family_checkpoint(tmp_path / variant / "ckpt", variant)

@@ -25,8 +25,8 @@ import kt_runtime
 from conftest import ROOT, read_json
 from convert.cli import main
 from convert.errors import UserError
-from convert.synthetic import make_v4_flash_checkpoint
-from convert.synthetic_families import make_family_checkpoint
+from synthetic.v4_flash import make_v4_flash_checkpoint
+from synthetic.families import make_family_checkpoint
 from kt_runtime.format.errors import InputFileError, SafetensorsChangedError
 from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
 from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, containment_root,
