@@ -213,6 +213,12 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool) -> None:
                         "damaged; re-convert this layer (delete its files and re-run)")
 
 
+def as_packed_experts(weights) -> PackedExperts:
+    """`weights` itself, or the output at that path loaded (load_experts): what the engine's
+    constructors accept."""
+    return load_experts(weights) if isinstance(weights, (str, Path)) else weights
+
+
 def load_experts(path: str | Path, verify: bool = True) -> PackedExperts:
     """Open a packed output directory.
 

@@ -143,6 +143,8 @@ def main(argv=None) -> int:
 
     import kt_runtime
     from kt_runtime.cpu_moe import CPUMoE
+    from kt_runtime.hybrid.launcher import launcher
+    from kt_runtime.hybrid.routing import cpu_rows
 
     device = torch.device(args.device)
     info = machine_info(device)
@@ -157,8 +159,6 @@ def main(argv=None) -> int:
     capture_s = time.perf_counter() - t0
     threads = h.cpu.num_threads or info["cores"]
     cpu_all = CPUMoE(w, 0, num_threads=h.cpu.num_threads)
-    every_core = CPUMoE(w, 0, num_threads=0)
-    fewer = CPUMoE(w, 0, num_threads=max(1, threads - 2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     g = torch.Generator().manual_seed(0)
@@ -179,12 +179,12 @@ def main(argv=None) -> int:
     def cpu_part(i):
         cp = parts[i % R][0]
         if cp is not None:
-            h._cpu_compute(x_host, cp)
+            h.cpu.forward(cpu_rows(x_host, cp), cp.ids, cp.weights)
 
     def gpu_eager(i):
         gp = parts[i % R][1]
         if gp is not None:
-            h._gpu_compute(x_dev, gp, out)
+            h.gpu.compute(x_dev, gp, out)
 
     def gpu_part(i):  # as the hybrid step runs it
         if decode:
@@ -197,31 +197,23 @@ def main(argv=None) -> int:
         gpu_part(i)
         sync()
 
-    def hybrid_launcher(i):
-        own, h._decode = h._decode, None
-        try:
-            hybrid(i)
-        finally:
-            h._decode = own
+    def with_settings(graphs, engine_threads):
+        def step(i):
+            own = h.cuda_graphs, h.cpu.num_threads
+            h.cuda_graphs, h.cpu.num_threads = graphs, engine_threads
+            try:
+                hybrid(i)
+            finally:
+                h.cuda_graphs, h.cpu.num_threads = own
+        return step
 
-    def hybrid_all_threads(i):
-        own, h.cpu = h.cpu, every_core
-        try:
-            hybrid(i)
-        finally:
-            h.cpu = own
-
-    def hybrid_fewer_threads(i):  # two engine threads fewer (contention between spinning workers and this thread)
-        own, h.cpu = h.cpu, fewer
-        try:
-            hybrid(i)
-        finally:
-            h.cpu = own
-
-    from kt_runtime.hybrid import _launcher
+    hybrid_launcher = with_settings(False, h.cpu.num_threads)
+    hybrid_all_threads = with_settings(h.cuda_graphs, 0)
+    # two engine threads fewer (contention between spinning workers and this thread)
+    hybrid_fewer_threads = with_settings(h.cuda_graphs, max(1, threads - 2))
 
     def handoff(i):
-        _launcher().submit(int).wait()
+        launcher().submit(int).wait()
 
     def all_cpu(i):
         ids, wt = routes[i % R]

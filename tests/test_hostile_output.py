@@ -299,7 +299,7 @@ def test_fsio_replace_remove_and_atomic_write_refuse_links(tmp_path, victim):
 
 def test_unsafe_path_error_is_a_value_error_for_library_callers(tmp_path, victim):
     """kt_runtime writers (routing statistics, safetensors) follow the same rule."""
-    from kt_runtime.placement import ExpertStats
+    from kt_runtime.hybrid.placement import ExpertStats
     from kt_runtime.format.safetensors_file import save_file
 
     f, _ = victim

@@ -62,17 +62,20 @@ POOLS = PRELUDE + textwrap.dedent("""
     x = np.linspace(-1, 1, 2 * 128, dtype=np.float32).reshape(2, 128)
     ids = np.array([[0, 1], [2, 3]], np.int64)
     w = np.full((2, 2), 0.5, np.float32)
-    before = CPUMoE(experts, 0, num_threads=1)._layer.forward(x, ids, w, "portable", 1)
+    shards = [[tuple(np.asarray(a) for p in ("gate", "up", "down") for a in experts.expert_tensors(0, e, p, 0))]
+              for e in range(4)]
+    layer = kt_kernels.MoELayer("int8", shards, 128, 128, 1, None)  # the engine's binding itself
+    before = CPUMoE(experts, 0, num_threads=1, isa="portable").forward_f32(x, ids, w)
     limit(sys.argv[1])
     res = {
         "pack_pool": attempt(lambda: kt_kernels.start_pack_pool(256)),
         "moe_pool": attempt(lambda: kt_kernels.start_moe_pool(256)),
         "cpumoe": attempt(lambda: CPUMoE(experts, 0, num_threads=256) and None),
-        "forward": attempt(lambda: CPUMoE(experts, 0, num_threads=1)._layer.forward(x, ids, w, "auto", 256)),
+        "forward": attempt(lambda: layer.forward(x, ids, w, "auto", 256)),
         # the same process still works with the threads it can have
         "pack_pool_small": attempt(lambda: kt_kernels.start_pack_pool(2)),
         "moe_small": attempt(lambda: bool(np.array_equal(
-            CPUMoE(experts, 0, num_threads=2)._layer.forward(x, ids, w, "auto", 2), before))),
+            CPUMoE(experts, 0, num_threads=2).forward_f32(x, ids, w), before))),
     }
     print(json.dumps(res))
 """)
