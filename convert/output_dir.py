@@ -4,7 +4,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
 from .source import COPIED_FILES
+
+COPY_CHUNK = 1 << 20
 
 
 class OutputLock:
@@ -146,18 +147,10 @@ def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) ->
         with os.fdopen(src_fd, "rb") as fsrc:
             if not stat.S_ISREG(os.fstat(src_fd).st_mode):  # swapped for something else since is_file()
                 continue
-            dst = out_dir / name
-            fsio.entry(dst, fsio.FILE)
-            tmp = out_dir / (name + ".tmp")
-            fd = fsio.create_new(tmp)
-            try:
-                with os.fdopen(fd, "wb") as fdst:
-                    shutil.copyfileobj(fsrc, fdst)
-                    fdst.flush()
-                    fsio.fsync_fd(fdst.fileno(), tmp)
-                fsio.replace(tmp, dst)
-            except BaseException:
-                fsio.discard(tmp)
-                raise
+            def copy(fd: int, tmp: Path) -> None:
+                while chunk := fsrc.read(COPY_CHUNK):
+                    fsio.write_all(fd, chunk, tmp)
+
+            fsio.atomic_write(out_dir / name, copy)
         copied.append(name)
     return copied

@@ -27,6 +27,20 @@ from .format.methods import METHODS
 
 
 
+def check_moe_inputs(x, topk_ids, topk_weights, hidden_size: int) -> None:
+    """The shapes every MoE call takes (ValueError otherwise): torch tensors, x [T, H], topk_ids [T, k],
+    topk_weights of topk_ids' shape."""
+    if not all(isinstance(t, torch.Tensor) for t in (x, topk_ids, topk_weights)):
+        raise ValueError("x, topk_ids and topk_weights must be torch tensors")
+    if x.dim() != 2 or x.shape[1] != hidden_size:
+        raise ValueError(f"x must be [tokens, {hidden_size}], got {tuple(x.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids must be [tokens={x.shape[0]}, k], got {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} differs from topk_ids "
+                         f"{tuple(topk_ids.shape)}")
+
+
 class CPUMoE:
     """One layer's routed experts, run on the CPU.
 
@@ -107,22 +121,13 @@ class CPUMoE:
             raise ValueError(f"this CPU cannot run isa {isa!r} (best available: {best})")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not isinstance(topk_ids, torch.Tensor) or \
-                not isinstance(topk_weights, torch.Tensor):
-            raise ValueError("x, topk_ids and topk_weights must be torch tensors")
-        if x.dim() != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"x must be [tokens, {self.hidden_size}], got {tuple(x.shape)}")
+        check_moe_inputs(x, topk_ids, topk_weights, self.hidden_size)
         if x.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
         if topk_ids.dtype != torch.int64:
             raise ValueError(f"topk_ids must be int64, got {topk_ids.dtype}")
         if topk_weights.dtype != torch.float32:
             raise ValueError(f"topk_weights must be float32, got {topk_weights.dtype}")
-        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"topk_ids must be [tokens={x.shape[0]}, k], got {tuple(topk_ids.shape)}")
-        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-            raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} differs from topk_ids "
-                             f"{tuple(topk_ids.shape)}")
         for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
             if t.device.type != "cpu":
                 raise ValueError(f"{name} must be on the CPU, got {t.device}")

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from kt_runtime.format import fsio
 from kt_runtime.format.safetensors_file import plan_layout, tensor_nbytes
 
 __all__ = ["PRESETS", "SyntheticCheckpoint", "make_v4_flash_checkpoint"]
@@ -350,19 +351,18 @@ def _write_json(path: pathlib.Path, obj: dict) -> None:
 
 def _write_shard(path: pathlib.Path, tensors: list[_Tensor], seed: int, fill_args: dict) -> None:
     header, offsets = plan_layout([(t.key, t.dtype, t.shape) for t in tensors], {"format": "pt"})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for t in tensors:
-                offset, nbytes = offsets[t.key]
-                data = _FILLS[t.fill](_rng(seed, t.seed_key), nbytes, **fill_args.get(t.fill, {}))
-                assert f.tell() == offset and data.nbytes == nbytes, t.key
-                f.write(memoryview(data).cast("B"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(fd: int, tmp: pathlib.Path) -> None:  # one tensor in memory at a time
+        fsio.write_all(fd, header, tmp)
+        pos = len(header)
+        for t in tensors:
+            offset, nbytes = offsets[t.key]
+            data = _FILLS[t.fill](_rng(seed, t.seed_key), nbytes, **fill_args.get(t.fill, {}))
+            assert pos == offset and data.nbytes == nbytes, t.key
+            fsio.write_all(fd, data, tmp)
+            pos += nbytes
+
+    fsio.atomic_write(path, write)
 
 
 def make_v4_flash_checkpoint(

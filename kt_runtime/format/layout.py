@@ -139,7 +139,7 @@ def shard_shape(proj: str, hidden_size: int, intermediate_size: int, threadpool_
 # -- what an output holds --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass
 class PackedSpec:
     """What a packed output holds and how it is computed: the method, the NUMA split, the experts'
     dimensions, the layers, the activation. The manifest's first fields (Manifest.spec); inferred

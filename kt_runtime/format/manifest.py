@@ -33,18 +33,12 @@ class LayerRecord:
     sha256: str  # kt_runtime.format.digest tree digest of the files' bytes, in the listed order
 
 
-@dataclass
-class Manifest:
-    method: str
-    threadpool_count: int
-    hidden_size: int
-    moe_intermediate_size: int
-    num_experts: int
-    num_experts_per_tok: int
-    layers: list[int]
+@dataclass(kw_only=True)
+class Manifest(PackedSpec):
+    """What a packed output holds (the PackedSpec fields), how it was made, and how far it got."""
+
+    layers: list[int]  # (a list in JSON)
     layout: str  # "merged" | "kt-folders"
-    activation: str = "silu"
-    swiglu_limit: float | None = None
     num_shards: int = 0
     source: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -64,9 +58,9 @@ class Manifest:
 
     @property
     def spec(self) -> PackedSpec:
-        return PackedSpec(self.method, self.threadpool_count, self.hidden_size, self.moe_intermediate_size,
-                          self.num_experts, self.num_experts_per_tok, tuple(self.layers), self.activation,
-                          self.swiglu_limit)
+        """The PackedSpec part alone (layers as a tuple)."""
+        values = {f.name: getattr(self, f.name) for f in fields(PackedSpec)}
+        return PackedSpec(**{**values, "layers": tuple(self.layers)})
 
     def identity(self) -> dict[str, Any]:
         """The fields that must match for an output directory to be resumed."""
@@ -82,7 +76,9 @@ class Manifest:
         d = asdict(self)
         d["kt_method"] = self.kt_method
         d["completed"] = {str(k): asdict(v) for k, v in sorted(self.completed.items())}
-        return json.dumps(d, indent=2, sort_keys=False) + "\n"
+        order = list(d)  # format version 1 writes "layout" right after "layers"
+        order.insert(order.index("layers") + 1, order.pop(order.index("layout")))
+        return json.dumps({k: d[k] for k in order}, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> "Manifest":

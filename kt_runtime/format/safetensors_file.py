@@ -526,8 +526,8 @@ def save_file(
 
     `data` is bytes-like or a numpy array whose (little-endian, C-order) bytes are written; its
     length must match dtype/shape (F4: the logical shape, two codes per byte).  `metadata` None
-    writes ``{"format": "pt"}`` (what transformers expects); pass ``{}`` for none.  The file is
-    written to ``<path>.tmp`` and renamed, so a crash never leaves a complete-looking file.
+    writes ``{"format": "pt"}`` (what transformers expects); pass ``{}`` for none.  Written with
+    fsio.atomic_write: a crash never leaves a complete-looking file.
     """
     path = pathlib.Path(path)
     if metadata is None:
@@ -542,14 +542,8 @@ def save_file(
                 f"tensor {name!r}: got {buf.nbytes} bytes of data, dtype/shape need {offsets[name][1]}"
             )
         buffers.append(buf)
-    fsio.entry(path, fsio.FILE)  # never written through a link
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with os.fdopen(fsio.create_new(tmp), "wb") as f:
-            f.write(header)
-            for buf in buffers:
-                f.write(buf)
-        fsio.replace(tmp, path)
-    except BaseException:
-        fsio.discard(tmp)
-        raise
+    def write(fd: int, tmp: pathlib.Path) -> None:
+        for buf in (header, *buffers):
+            fsio.write_all(fd, buf, tmp)
+
+    fsio.atomic_write(path, write)

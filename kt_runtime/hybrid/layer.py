@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..cpu_moe import CPUMoE
+from ..cpu_moe import CPUMoE, check_moe_inputs
 from ..loader import as_packed_experts
 from . import routing
 from .decode_graphs import DecodeGraphs
@@ -234,17 +234,9 @@ class HybridMoE:
 
     # ------------------------------------------------------------------ forward
     def _check(self, x, topk_ids, topk_weights):
-        if not all(isinstance(t, torch.Tensor) for t in (x, topk_ids, topk_weights)):
-            raise ValueError("x, topk_ids and topk_weights must be torch tensors")
-        if x.dim() != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"x must be [tokens, {self.hidden_size}], got {tuple(x.shape)}")
+        check_moe_inputs(x, topk_ids, topk_weights, self.hidden_size)
         if not x.dtype.is_floating_point:
             raise ValueError(f"x must be a floating tensor, got {x.dtype}")
-        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"topk_ids must be [tokens={x.shape[0]}, k], got {tuple(topk_ids.shape)}")
-        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-            raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} differs from topk_ids "
-                             f"{tuple(topk_ids.shape)}")
         if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
             raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
 
