@@ -288,3 +288,31 @@ def test_overwrite_replaces_only_what_a_conversion_writes(tiny_checkpoint, tmp_p
     assert (out / "notes.txt").read_text() == "mine"
     assert not (out / "model-00001-of-00009.safetensors").exists() and not (out / "_layer_7").exists()
     assert kt_runtime.load_experts(out).threadpool_count == 2
+
+
+def test_cli_group_runs_the_conversion_by_default(tiny_checkpoint, tmp_path):
+    """kt's command line is the group's default command: the console script `convert-cpu-weights -i X -o Y`,
+    `python -m convert -i X -o Y` and the named subcommand `convert` write the same bytes; --help is the
+    conversion's own."""
+    from pathlib import Path
+
+    from convert.cli import cli
+    from convert.cli.conversion import convert_command
+
+    assert cli.default == "convert" and cli.commands == {"convert": convert_command}
+    script = Path(sys.executable).parent / "convert-cpu-weights"
+    flags = ["-i", str(tiny_checkpoint.path), "--threadpool-count", "2", "--quant-method", "int8", "--no-progress"]
+    outs = [tmp_path / name for name in ("script", "module", "subcommand")]
+    runs = [[sys.executable, "-m", "convert", *flags, "-o", str(outs[1])]]
+    if script.exists():  # installed (pip install -e .)
+        runs.append([str(script), *flags, "-o", str(outs[0])])
+    for cmd in runs:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert main(["convert", *flags, "-o", str(outs[2])]) == 0
+    assert tree_hashes(outs[1]) == tree_hashes(outs[2])
+    if script.exists():
+        assert tree_hashes(outs[0]) == tree_hashes(outs[1])
+        helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+        assert helped.returncode == 0 and helped.stdout.startswith("Usage: convert-cpu-weights [OPTIONS]")
+        assert "--input-path" in helped.stdout and "--threadpool-count" in helped.stdout

@@ -36,7 +36,7 @@ def test_every_format_error_derives_from_one_base(name):
 # -- the method table -------------------------------------------------------------------------------
 
 def test_method_rows_and_what_reads_them():
-    from convert.cli import cli
+    from convert.cli.conversion import convert_command as cli
     from kt_runtime.format.methods import INT4, INT8, METHODS, get_method
 
     assert (INT4.bits, INT4.levels, INT4.n_block, INT4.k_align, INT4.kt_method, INT4.kt_file_prefix) == \

@@ -213,7 +213,7 @@ def test_one_name_per_source_format():
     --input-type choices name the same formats."""
     import re
 
-    from convert.cli import cli
+    from convert.cli.conversion import convert_command as cli
     from quant.source_formats import INPUT_TYPES, SOURCE_FORMATS
 
     with pytest.raises(ValueError, match="unknown source kind") as e:
