@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, merged_key, shard_file_name, shard_slice
+from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, shard_file_name, shard_slice
 from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
 from kt_runtime.format.methods import get_method
@@ -22,10 +22,11 @@ from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .output_dir import OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index
 from .packers import make_packer
-from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix, source_slabs
+from .layer_io import LayerOutput, LayerReader
+from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
-from .source_reader import Slab, SourceStream, default_read_threads
+from .source_reader import default_read_threads
 from .writer import KtFolderWriter, MergedShardWriter
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
@@ -131,51 +132,40 @@ def experts_per_batch(plan: ConversionPlan) -> int:
     return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
 
 
-def layer_batches(plan: ConversionPlan, lp: LayerPlan) -> list[list[Slab]]:
-    """The source slabs of each pack batch of a layer, in order (what the SourceStream reads)."""
-    batch = experts_per_batch(plan)
-    out = []
-    for e0 in range(0, plan.num_experts, batch):
-        slabs = {s: None for e in range(e0, min(plan.num_experts, e0 + batch))
-                 for proj in PROJECTIONS for s in source_slabs(lp.experts[e][proj])}
-        out.append(list(slabs))
-    return out
-
-
-def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer, opts: ConvertOptions,
-                  progress: Progress, nonfinite: dict[str, int], packer, source: SourceStream) -> None:
-    """packer: from convert.packers.make_packer (CPU or CUDA; the same bytes). source: the stream
-    whose next batches are this layer's (layer_batches)."""
-    method, threadpool_count = plan.method, plan.threadpool_count
-    batch = experts_per_batch(plan)
+def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outputs: list[LayerOutput],
+                  opts: ConvertOptions, progress: Progress, nonfinite: dict[str, int], packer) -> None:
+    """Reads layer `lp` once, batch by batch (reader), packs every batch for each output (packer: from
+    convert.packers.make_packer, CPU or CUDA, the same bytes) and hands the packed pairs to each output's
+    writer on a writer thread while the next batch is packed. NaN/Inf counts come from the first output
+    (every output reads the same source values)."""
+    H, I = plan.hidden_size, plan.moe_intermediate_size
     bytes_per_expert = lp.input_bytes // plan.num_experts
-    merged = isinstance(writer, MergedShardWriter)
 
-    def write_batch(outputs):
-        for expert, proj, t, dst in outputs:
-            if merged:
-                writer.write(merged_key(lp.layer, proj, expert, t, "weight"), dst.weight)
-                writer.write(merged_key(lp.layer, proj, expert, t, "scale"), dst.scales)
-            else:
-                writer.write_pair(proj, expert, t, dst.weight, dst.scales)
+    def write_batch(packed):
+        for out, pairs in zip(outputs, packed):
+            for expert, proj, t, dst in pairs:
+                out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-writer") as io:
         pending = None
-        for e0 in range(0, plan.num_experts, batch):
-            data = source.next()
+        for experts, data in reader.batches(lp):
             try:
-                jobs, outputs, keys = [], [], []
-                for expert in range(e0, min(plan.num_experts, e0 + batch)):
+                jobs = [[] for _ in outputs]
+                packed = [[] for _ in outputs]
+                keys = []
+                for expert in experts:
                     for proj in PROJECTIONS:
                         src_ref = lp.experts[expert][proj]
                         src = read_source_matrix(src_ref, data)
-                        for t in range(threadpool_count):
-                            s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, threadpool_count, t)
-                            dst = PackTarget.empty(method, s.n, s.k)
-                            jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
-                            outputs.append((expert, proj, t, dst))
-                            keys.append(src_ref.weight_key)
-                counts = packer(method, jobs)
+                        for out, out_jobs, out_pairs in zip(outputs, jobs, packed):
+                            T = out.threadpool_count
+                            for t in range(T):
+                                s = shard_slice(proj, H, I, T, t)
+                                dst = PackTarget.empty(out.method, s.n, s.k)
+                                out_jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
+                                out_pairs.append((expert, proj, t, dst))
+                        keys += [src_ref.weight_key] * outputs[0].threadpool_count
+                counts = [packer(out.method, out_jobs) for out, out_jobs in zip(outputs, jobs)][0]  # the first's
             finally:
                 data.release()  # the packer is done with the source buffer: the stream refills it
             for key, count in zip(keys, counts):
@@ -183,15 +173,23 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
                     nonfinite[key] = nonfinite.get(key, 0) + count
                     if not opts.allow_nonfinite:
                         raise NonFiniteError(
-                            f"{ckpt.where(key)}: tensor {key} holds {nonfinite[key]} NaN/Inf values (layer {lp.layer}); "
+                            f"{reader.where(key)}: tensor {key} holds {nonfinite[key]} NaN/Inf values (layer {lp.layer}); "
                             "the checkpoint is damaged: re-download that file, or pass --allow-nonfinite to pack "
                             "them as 0 (they are listed in the report)")
             if pending is not None:
                 pending.result()
-            pending = io.submit(write_batch, outputs)
-            progress.advance(bytes_per_expert * (min(plan.num_experts, e0 + batch) - e0))
+            pending = io.submit(write_batch, packed)
+            progress.advance(bytes_per_expert * len(experts))
         if pending is not None:
             pending.result()
+
+
+def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerPlan):
+    """The writer of one layer in the run's layout (MergedShardWriter or KtFolderWriter)."""
+    if plan.layout == "merged":
+        return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
+                                 shard_metadata(manifest, lp.layer))
+    return KtFolderWriter(out, lp.layer, plan.method.name)
 
 
 def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
@@ -269,7 +267,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
         packer = make_packer(device, opts.cpuinfer_threads)
-        source = SourceStream(ckpt, [b for lp in todo for b in layer_batches(plan, lp)], threads=default_read_threads())
+        reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads())
         # A layer's fsync, rename and manifest update run on this thread while the next layer is
         # packed; one at a time and in order, so the manifest only ever lists committed layers.
         committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-commit")
@@ -277,13 +275,10 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
-                if opts.merge:
-                    entries = plan.spec.layer_entries(lp.layer)
-                    writer = MergedShardWriter(out, lp.shard_name, lp.layer, entries, shard_metadata(manifest, lp.layer))
-                else:
-                    writer = KtFolderWriter(out, lp.layer, plan.method.name)
+                writer = layer_writer(out, plan, manifest, lp)
                 try:
-                    convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite, packer=packer, source=source)
+                    convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)], opts,
+                                  progress, nonfinite, packer)
                 except BaseException:
                     writer.abort()
                     raise
@@ -296,7 +291,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             _finish(ckpt, plan, out, manifest, opts, non_expert)
         finally:
             committer.shutdown(wait=True)  # never leave a commit running past the lock
-            source.close()
+            reader.close()
             packer.close()
             progress.close()
     except OSError as e:

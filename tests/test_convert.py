@@ -143,12 +143,12 @@ def test_interrupted_run_resumes_to_identical_bytes(tiny_checkpoint, tmp_path, m
     real = pipeline.convert_layer
     calls = []
 
-    def crash_on_second_layer(ckpt, plan, lp, writer, *a, **kw):
+    def crash_on_second_layer(reader, plan, lp, outputs, *a, **kw):
         calls.append(lp.layer)
         if len(calls) == 2:
-            real(ckpt, plan, lp, writer, *a, **kw)
+            real(reader, plan, lp, outputs, *a, **kw)
             raise KeyboardInterrupt  # after the data, before the shard is committed
-        return real(ckpt, plan, lp, writer, *a, **kw)
+        return real(reader, plan, lp, outputs, *a, **kw)
 
     monkeypatch.setattr(pipeline, "convert_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
@@ -316,3 +316,47 @@ def test_cli_group_runs_the_conversion_by_default(tiny_checkpoint, tmp_path):
         helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
         assert helped.returncode == 0 and helped.stdout.startswith("Usage: convert-cpu-weights [OPTIONS]")
         assert "--input-path" in helped.stdout and "--threadpool-count" in helped.stdout
+
+
+def test_one_read_of_a_layer_feeds_several_outputs(tiny_checkpoint, tmp_path):
+    """The per-layer loop's seams (convert.layer_io): convert_layer packs every batch the LayerReader reads
+    into each LayerOutput; two outputs of one read hold the bytes of two separate runs."""
+    from convert.layer_io import LayerOutput, LayerReader
+    from convert.packers import make_packer
+    from convert.plan import build_plan
+    from convert.progress import Progress
+    from convert.source import open_checkpoint
+    from kt_runtime.format.methods import INT4, INT8
+
+    refs = {(INT4, 2): tmp_path / "int4", (INT8, 1): tmp_path / "int8"}
+    for (method, t), out in refs.items():
+        run(tiny_checkpoint.path, out, quant_method=method.name, threadpool_count=t, merge=method is INT4)
+
+    class Recorder:
+        def __init__(self):
+            self.pairs = {}
+
+        def write_pair(self, proj, expert, numa, weight, scale):
+            self.pairs[(expert, proj, numa)] = (weight.copy(), scale.copy())
+
+    ckpt = open_checkpoint(str(tiny_checkpoint.path))
+    try:
+        plan = build_plan(ckpt, INT4, 2, "merged")
+        reader = LayerReader(ckpt, plan, plan.layers, pipeline.experts_per_batch(plan), threads=2)
+        packer = make_packer("cpu")
+        opts = ConvertOptions(input_path=str(tiny_checkpoint.path), output=tmp_path / "unused")
+        for lp in plan.layers:
+            outputs = [LayerOutput(m, t, Recorder()) for m, t in refs]
+            pipeline.convert_layer(reader, plan, lp, outputs, opts, Progress(0, 0, False), {}, packer)
+            for out, path in zip(outputs, refs.values()):
+                w = kt_runtime.load_experts(path)
+                assert len(out.writer.pairs) == w.num_experts * 3 * out.threadpool_count
+                for (expert, proj, t), (weight, scale) in out.writer.pairs.items():
+                    ref_w, ref_s = w.expert_tensors(lp.layer, expert, proj, t)
+                    assert np.array_equal(weight, ref_w) and np.array_equal(scale, ref_s), (path, expert, proj, t)
+        with pytest.raises(RuntimeError, match="out of order"):
+            next(reader.batches(plan.layers[0]))
+        reader.close()
+        packer.close()
+    finally:
+        ckpt.close()

@@ -739,10 +739,10 @@ from convert import pipeline
 from convert.cli import main
 pipeline.BATCH_BYTES = 1  # one expert per batch: reads are still in flight when the file changes
 real, calls = pipeline.convert_layer, []
-def hook(ckpt, plan, lp, *a, **kw):
+def hook(reader, plan, lp, *a, **kw):
     calls.append(lp.layer)
     if len(calls) == 2:  # the second layer: cut or rewrite the shard holding its experts
-        path = ckpt.file_of(lp.experts[0]["gate"].weight_key).path
+        path = reader.ckpt.file_of(lp.experts[0]["gate"].weight_key).path
         if {mode!r} == "shrink":
             os.truncate(path, os.path.getsize(path) // 2)
         else:
@@ -750,7 +750,7 @@ def hook(ckpt, plan, lp, *a, **kw):
                 f.seek(os.path.getsize(path) - 64)
                 f.write(bytes(64))
             os.utime(path, ns=(0, 10**18))
-    return real(ckpt, plan, lp, *a, **kw)
+    return real(reader, plan, lp, *a, **kw)
 pipeline.convert_layer = hook
 sys.exit(main(sys.argv[1:]))
 """
