@@ -158,9 +158,8 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
                         src_ref = lp.experts[expert][proj]
                         src = read_source_matrix(src_ref, data)
                         for out, out_jobs, out_pairs in zip(outputs, jobs, packed):
-                            T = out.threadpool_count
-                            for t in range(T):
-                                s = shard_slice(proj, H, I, T, t)
+                            for t in range(out.threadpool_count):
+                                s = shard_slice(proj, H, I, out.threadpool_count, t)
                                 dst = PackTarget.empty(out.method, s.n, s.k)
                                 out_jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
                                 out_pairs.append((expert, proj, t, dst))

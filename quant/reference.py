@@ -21,14 +21,14 @@ def dequantize_packed(weight: torch.Tensor, scales: torch.Tensor, n: int, k: int
     return dequantize_rows(untile(weight, n, k, method), torch.as_tensor(scales).reshape(-1), method)
 
 
-def pack_expert_reference(w: torch.Tensor, proj: str, hidden_size: int, intermediate_size: int, numa_count: int,
+def pack_expert_reference(w: torch.Tensor, proj: str, hidden_size: int, intermediate_size: int, threadpool_count: int,
                           method: QuantMethod) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One projection's full bf16 matrix -> per-NUMA-shard (bytes, scales)."""
     if tuple(w.shape) != full_shape(proj, hidden_size, intermediate_size):
         raise ValueError(f"{proj} has shape {tuple(w.shape)}, expected {full_shape(proj, hidden_size, intermediate_size)}")
     out = []
-    for t in range(numa_count):
-        s = shard_slice(proj, hidden_size, intermediate_size, numa_count, t)
+    for t in range(threadpool_count):
+        s = shard_slice(proj, hidden_size, intermediate_size, threadpool_count, t)
         weight, scales, _ = pack_reference(w[s.row0 : s.row0 + s.n, s.col0 : s.col0 + s.k], method)
         out.append((weight, scales))
     return out

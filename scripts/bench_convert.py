@@ -254,7 +254,7 @@ def child(args: dict) -> dict:
     pipeline.make_packer, pipeline.convert_layer = make_packer, convert_layer
     t0 = time.perf_counter()
     report = convert(ConvertOptions(input_path=args["ckpt"], output=Path(args["out"]), quant_method=args["method"],
-                                    threadpool_count=args["numa"], cpuinfer_threads=args["threads"],
+                                    threadpool_count=args["threadpool_count"], cpuinfer_threads=args["threads"],
                                     device=args["device"], progress=False, overwrite=True))
     wall = time.perf_counter() - t0
     stop.set()
@@ -270,10 +270,10 @@ def child(args: dict) -> dict:
     return out
 
 
-def run_child(ckpt: Path, out: Path, device: str, method: str, numa: int, threads: int) -> dict:
+def run_child(ckpt: Path, out: Path, device: str, method: str, threadpool_count: int, threads: int) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    args = {"ckpt": str(ckpt), "out": str(out), "device": device, "method": method, "numa": numa, "threads": threads}
+    args = {"ckpt": str(ckpt), "out": str(out), "device": device, "method": method, "threadpool_count": threadpool_count, "threads": threads}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -291,7 +291,7 @@ def layer_checksums(out: Path) -> dict:
 # -- the kernel alone -----------------------------------------------------------------------------
 
 
-def kernel_throughput(method_name: str, numa: int, experts: int = 16, H: int = 4096, I: int = 2048) -> dict:
+def kernel_throughput(method_name: str, threadpool_count: int, experts: int = 16, H: int = 4096, I: int = 2048) -> dict:
     import numpy as np
     import torch
 
@@ -308,8 +308,8 @@ def kernel_throughput(method_name: str, numa: int, experts: int = 16, H: int = 4
             n, k = full_shape(proj, H, I)
             src = SourceMatrix("mxfp4", rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8),
                                rng.integers(118, 133, size=(n, k // 32), dtype=np.uint8))
-            for t in range(numa):
-                s = shard_slice(proj, H, I, numa, t)
+            for t in range(threadpool_count):
+                s = shard_slice(proj, H, I, threadpool_count, t)
                 jobs.append((src.rows(s.row0, s.n), s.col0, s.k, PackTarget.empty(method, s.n, s.k)))
     plan = plan_batch(method, jobs)
     staging = torch.empty(plan.in_bytes, dtype=torch.uint8, pin_memory=True)

@@ -36,35 +36,35 @@ def run(ckpt, out, **kw):
     return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
 
 
-def assert_matches_reference(ckpt_path, out, method_name, numa, experts=None):
+def assert_matches_reference(ckpt_path, out, method_name, threadpool_count, experts=None):
     method = get_method(method_name)
     w = kt_runtime.load_experts(out)
     H, I = w.hidden_size, w.moe_intermediate_size
     for layer in w.layers:
         for expert in experts if experts is not None else range(w.num_experts):
             for proj in ("gate", "up", "down"):
-                ref = pack_expert_reference(source_bf16(ckpt_path, layer, expert, proj), proj, H, I, numa, method)
+                ref = pack_expert_reference(source_bf16(ckpt_path, layer, expert, proj), proj, H, I, threadpool_count, method)
                 for t, (ref_w, ref_s) in enumerate(ref):
                     got_w, got_s = w.expert_tensors(layer, expert, proj, t)
                     assert np.array_equal(got_w, ref_w.numpy()), (layer, expert, proj, t)
                     assert np.array_equal(got_s, ref_s.numpy()), (layer, expert, proj, t)
 
 
-@pytest.mark.parametrize("method,numa", [("int4", 1), ("int4", 2), ("int4", 4), ("int8", 1), ("int8", 2), ("int8", 4)])
-def test_merged_output_matches_reference(tiny_checkpoint, tmp_path, method, numa):
-    report = run(tiny_checkpoint.path, tmp_path / "out", quant_method=method, threadpool_count=numa)
+@pytest.mark.parametrize("method,threadpool_count", [("int4", 1), ("int4", 2), ("int4", 4), ("int8", 1), ("int8", 2), ("int8", 4)])
+def test_merged_output_matches_reference(tiny_checkpoint, tmp_path, method, threadpool_count):
+    report = run(tiny_checkpoint.path, tmp_path / "out", quant_method=method, threadpool_count=threadpool_count)
     assert report.layers_converted == 2 and report.mtp_tensors_skipped == 48
-    assert_matches_reference(tiny_checkpoint.path, tmp_path / "out", method, numa,
-                             experts=None if numa == 2 else [0, 7])
+    assert_matches_reference(tiny_checkpoint.path, tmp_path / "out", method, threadpool_count,
+                             experts=None if threadpool_count == 2 else [0, 7])
     out = tmp_path / "out"
     manifest = read_json(out / "kt_manifest.json")
     assert manifest["kt_method"] == ("AMXINT4" if method == "int4" else "AMXINT8")
-    assert manifest["threadpool_count"] == numa and manifest["complete"] is True
+    assert manifest["threadpool_count"] == threadpool_count and manifest["complete"] is True
     index = read_json(out / "model.safetensors.index.json")
     assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
                                                          "model-00002-of-00002.safetensors"]
     shard = SafetensorsFile(out / "model-00002-of-00002.safetensors")
-    assert shard.metadata["layer"] == "1" and shard.metadata["threadpool_count"] == str(numa)
+    assert shard.metadata["layer"] == "1" and shard.metadata["threadpool_count"] == str(threadpool_count)
     assert index["metadata"]["total_size"] == sum(i.nbytes for i in shard.tensors.values()) * 2
     assert all(i.offset % 64 == 0 for i in shard.tensors.values())
     assert (out / "config.json").read_bytes() == (tiny_checkpoint.path / "config.json").read_bytes()

@@ -144,7 +144,7 @@ def _convert(ck, out, **kw):
     return convert(ConvertOptions(input_path=str(ck.path), output=out, progress=False, **kw))
 
 
-def assert_family_matches_reference(ck, out, method_name, numa):
+def assert_family_matches_reference(ck, out, method_name, threadpool_count):
     method = get_method(method_name)
     w = kt_runtime.load_experts(out)
     assert w.layers == ck.layers
@@ -154,7 +154,7 @@ def assert_family_matches_reference(ck, out, method_name, numa):
         for expert in range(ck.num_experts):
             for proj in ("gate", "up", "down"):
                 ref = pack_expert_reference(ck.reference(layer, expert, proj), proj, ck.hidden_size,
-                                            ck.intermediate_size, numa, method)
+                                            ck.intermediate_size, threadpool_count, method)
                 for t, (ref_w, ref_s) in enumerate(ref):
                     got_w, got_s = w.expert_tensors(layer, expert, proj, t)
                     assert np.array_equal(got_w, ref_w.numpy()), (layer, expert, proj, t)

@@ -58,7 +58,7 @@ POOLS = PRELUDE + textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from test_cpu_moe import FakeExperts
 
-    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, numa=1)
+    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, threadpool_count=1)
     x = np.linspace(-1, 1, 2 * 128, dtype=np.float32).reshape(2, 128)
     ids = np.array([[0, 1], [2, 3]], np.int64)
     w = np.full((2, 2), 0.5, np.float32)
@@ -115,7 +115,7 @@ def test_thread_counts_out_of_range_are_refused_at_construction(bad):
     from kt_runtime.cpu_moe import CPUMoE
     from test_cpu_moe import FakeExperts
 
-    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, numa=1)
+    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, threadpool_count=1)
     with pytest.raises(ValueError, match=r"num_threads must be an int in \[0, 4096\]"):
         CPUMoE(experts, 0, num_threads=bad)
     from kt_runtime.format.methods import get_method
@@ -172,7 +172,7 @@ def test_spin_pool_gives_the_same_results_sleeping_or_spinning():
     from kt_runtime.cpu_moe import CPUMoE
     from test_cpu_moe import FakeExperts
 
-    w = FakeExperts("int8", hidden=256, inter=256, experts=8, numa=2, seed=4)
+    w = FakeExperts("int8", hidden=256, inter=256, experts=8, threadpool_count=2, seed=4)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 256, generator=g)
     ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(5)]).to(torch.int64)
