@@ -5,8 +5,8 @@ One LayerReader serves a whole run: every read of routed-expert bytes goes throu
 plan order, one batch ahead (convert.source_reader.SourceStream). A step that must wait for a layer's
 source files (a download in progress) waits here, before the layer's first read.
 
-A layer is read once and packed into every LayerOutput given for it (today one: the method, NUMA split
-and layout of the command line).
+A layer is read once and packed into every LayerOutput given for it (a run of the command line gives
+one: its method, NUMA split and layout).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-// CPU MoE engine over the kt AMXINT4 / AMXINT8 tiled layout (see docs/FORMAT.md and
-// shared/research/kt_format.md §2-§3): per-token int8 activations, gate/up products, SiLU-gate
+// CPU MoE engine over the kt AMXINT4 / AMXINT8 tiled layout (docs/FORMAT.md §2-§4):
+// per-token int8 activations, gate/up products, SiLU-gate
 // with optional clamp, per-(token, NUMA slice) int8 re-quantization of the intermediate, down
 // product, weighted sum over top-k. Weights are read in place (no repacking).
 //

@@ -1,4 +1,4 @@
-"""AMX BufferB tiling (research kt_format.md §2): the byte order of a packed matrix.
+"""AMX BufferB tiling (docs/FORMAT.md §3): the byte order of a packed matrix.
 
 The quantized [N, K] matrix is cut into N-blocks (128 rows INT4 / 64 INT8), each into K-blocks of
 3584 elements, each into groups of 32 rows and steps of 64 bytes; every (32 rows x 64 bytes) step

@@ -1,4 +1,4 @@
-"""kt-kernel's per-row symmetric quantization (research kt_format.md §1), in readable torch.
+"""kt-kernel's per-row symmetric quantization (docs/FORMAT.md §2), in readable torch.
 
 kt-kernel is compiled with -ffast-math: GCC turns its INT8 ``amax / 127`` into ``amax * fl32(1/127)``,
 and crtfastmath.o turns on FTZ and DAZ for the process. So, as kt's users get it:

@@ -3,7 +3,7 @@
 One program packs one group of 32 rows of one job (a source matrix slice) over its whole K:
 pass 1 decodes the rows and takes their amax; pass 2 decodes them again, quantizes with kt's
 exact fp32 rounding and stores each (32 rows x 64 bytes) step as one 2048-byte AMX tile pair at
-its closed-form offset (research kt_format.md §2). Only packed bytes and scales are written.
+its closed-form offset (docs/FORMAT.md §3). Only packed bytes and scales are written.
 
 Numerics match quant.kt_quant / kernels_cpp bit for bit: kt's DAZ on the quantizer's inputs and FTZ
 on the scale written out by hand, the scale in fp64 (libdevice div_rn, never Triton's approximate '/',

@@ -16,7 +16,7 @@ GPU launch, CPU engine and sum (decode: the CUDA-graph path); cpu = the CPU engi
 rows; gpu = the GPU experts alone as the hybrid step runs them (decode: input copies + graph replays),
 gpu_eager = the same experts launched op by op; cpu_all = every top-k expert on the CPU (what the GPU
 experts save); serial = cpu then gpu without overlap; hybrid_launcher = the step through the launcher thread
-(the path before the decode graphs); hybrid_all_threads = the hybrid step with a CPU engine on every core; hybrid_fewer_threads = with two
+(cuda_graphs off); hybrid_all_threads = the hybrid step with a CPU engine on every core; hybrid_fewer_threads = with two
 engine threads fewer;
 handoff_us = a no-op job through the GPU launcher thread and back; stages_us = median host time per stage of
 the hybrid step (HybridMoE.profile) and tail_sync (waiting for the GPU after the call returns).

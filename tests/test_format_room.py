@@ -131,3 +131,14 @@ def test_kernels_hold_the_same_method_table():
             "fp32_reciprocal": m.scale_arithmetic == FP32_RECIPROCAL}, m.name
     with pytest.raises(ValueError, match="unknown quant method"):
         kt_kernels.method_info("int3")
+
+
+def test_the_converter_and_the_generators_never_import_the_engine():
+    """convert (the CLI and the pipeline) and synthetic read and write through kt_runtime.format only: no
+    CPU/GPU engine, no loader, no torch."""
+    code = ("import sys, convert.cli, convert.pipeline, synthetic\n"
+            "bad = sorted(m for m in ('torch', 'triton', 'kt_runtime.cpu_moe', 'kt_runtime.hybrid', "
+            "'kt_runtime.loader', 'kt_runtime.reference', 'kt_runtime.integrations') if m in sys.modules)\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the converter imported {out.stdout.strip()}"

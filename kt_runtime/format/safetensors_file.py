@@ -1,6 +1,6 @@
 """Strict, small, zero-copy safetensors reader and a layout writer.
 
-The format (huggingface/safetensors, see research/formats.md §1.1):
+The format (huggingface/safetensors; docs/FORMAT.md §8):
 
     [8 bytes: N, little-endian u64] [N bytes: UTF-8 JSON header] [data buffer]
 
