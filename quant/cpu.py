@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kt_runtime.format.methods import QuantMethod
+from kt_runtime.format.safetensors_file import numpy_dtype
 
 from .source_formats import SOURCE_FORMATS
 
@@ -60,7 +61,8 @@ class PackTarget:
 
     @classmethod
     def empty(cls, method: QuantMethod, n: int, k: int) -> "PackTarget":
-        return cls(np.empty(method.weight_bytes(n, k), dtype=np.uint8), np.empty(n, dtype=np.float32))
+        return cls(np.empty(method.weight_bytes(n, k), dtype=np.uint8),
+                   np.empty(method.scale_count(n, k), dtype=numpy_dtype(method.scale_dtype)))
 
 
 def pack_cpu(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, PackTarget]], *, isa: str = "auto",
