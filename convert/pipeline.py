@@ -132,6 +132,16 @@ def experts_per_batch(plan: ConversionPlan) -> int:
     return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
 
 
+def started_executor(name: str) -> ThreadPoolExecutor:
+    """A one-thread executor whose thread already runs. ThreadPoolExecutor starts its thread inside the
+    first submit() and registers it only after start() returns; an interrupt (SIGINT/SIGTERM unwinding)
+    that lands in between leaves a thread shutdown() cannot wait for, still writing or committing
+    while the run unwinds (and closes the files it writes). So the thread is started with a no-op."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    executor.submit(int).result()
+    return executor
+
+
 def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outputs: list[LayerOutput],
                   opts: ConvertOptions, progress: Progress, nonfinite: dict[str, int], packer) -> None:
     """Reads layer `lp` once, batch by batch (reader), packs every batch for each output (packer: from
@@ -146,7 +156,7 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
             for expert, proj, t, dst in pairs:
                 out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-writer") as io:
+    with started_executor("kt-writer") as io:
         pending = None
         for experts, data in reader.batches(lp):
             try:
@@ -269,7 +279,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads())
         # A layer's fsync, rename and manifest update run on this thread while the next layer is
         # packed; one at a time and in order, so the manifest only ever lists committed layers.
-        committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-commit")
+        committer = started_executor("kt-commit")
         pending = None
         try:
             for lp in todo:
