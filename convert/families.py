@@ -5,7 +5,7 @@ its expert keys (named groups: layer, expert (per-expert layouts only), proj, pa
 uses for projections and tensor parts, its layout, the config keys that hold its dimensions, and
 the activation the runtime must apply. Adding a family = one entry in FAMILIES plus one test.
 
-Layouts (research/formats.md §6.2; orientation always comes from here, never from shapes):
+Layouts (docs/FORMAT.md §6; orientation always comes from here, never from shapes):
 
 * ``per-expert``: one tensor per expert and projection, ``[N, K]`` (gate/up ``[I, H]``, down ``[H, I]``);
 * ``fused``: ``gate_up_proj [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up) and ``down_proj [E, H, I]``;

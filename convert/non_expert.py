@@ -18,12 +18,12 @@ get one name (kt would keep one of them silently) stop the conversion.
 """
 from __future__ import annotations
 
-import re
+
+from kt_runtime.format.layout import parse_merged_key
 
 from .errors import UserError
 
 V4_FAMILY = "deepseek_v4"  # converted by kt's convert_cpu_weights_ds4.py
-_PACKED_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.\d+\.numa\.\d+\.(weight|scale)$")
 
 
 def kt_loaded_key(key: str) -> str:
@@ -61,7 +61,7 @@ def non_expert_tensors(keys, family: str, routed: set[str], where: str) -> list[
                             f"name, {name!r} (kt's naming drops 'language_model.' and 'model.' and maps "
                             "'model.layers.' to 'blk.'); remove one of them from the checkpoint, or convert "
                             "without --include-non-expert")
-        if _PACKED_NAME.match(name):
+        if parse_merged_key(name) is not None:
             raise UserError(f"{where}: --include-non-expert would copy {key!r} as {name!r}, a packed expert tensor "
                             "name; convert without --include-non-expert")
         out[name] = key

@@ -4,17 +4,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
-import shutil
 import stat
 from pathlib import Path
 
-from kt_runtime import fsio
-from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
-from kt_runtime.manifest import Manifest, ManifestError, read_manifest
+from kt_runtime.format import fsio
+from kt_runtime.format.errors import ManifestError
+from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
 from .source import COPIED_FILES
+
+COPY_CHUNK = 1 << 20
 
 
 class OutputLock:
@@ -39,14 +40,11 @@ class OutputLock:
             self._fd = -1
 
 
-_LAYER_TEMP = re.compile(r"^_layer_\d+\.(tmp|old)$")
-
-
 def _stale_temporary(path: Path) -> bool:
     """Only the temporary names this converter writes (what an interrupted run leaves behind)."""
     name = path.name
     return (name in (MANIFEST_FILE + ".tmp", INDEX_FILE + ".tmp") or name.endswith(".safetensors.tmp")
-            or bool(_LAYER_TEMP.match(name)) or (name.endswith(".tmp") and name[:-4] in COPIED_FILES))
+            or bool(LAYER_DIR_TEMPORARY.match(name)) or (name.endswith(".tmp") and name[:-4] in COPIED_FILES))
 
 
 def _remove(paths: list[Path]) -> None:
@@ -149,18 +147,10 @@ def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) ->
         with os.fdopen(src_fd, "rb") as fsrc:
             if not stat.S_ISREG(os.fstat(src_fd).st_mode):  # swapped for something else since is_file()
                 continue
-            dst = out_dir / name
-            fsio.entry(dst, fsio.FILE)
-            tmp = out_dir / (name + ".tmp")
-            fd = fsio.create_new(tmp)
-            try:
-                with os.fdopen(fd, "wb") as fdst:
-                    shutil.copyfileobj(fsrc, fdst)
-                    fdst.flush()
-                    fsio.fsync_fd(fdst.fileno(), tmp)
-                fsio.replace(tmp, dst)
-            except BaseException:
-                fsio.discard(tmp)
-                raise
+            def copy(fd: int, tmp: Path) -> None:
+                while chunk := fsrc.read(COPY_CHUNK):
+                    fsio.write_all(fd, chunk, tmp)
+
+            fsio.atomic_write(out_dir / name, copy)
         copied.append(name)
     return copied

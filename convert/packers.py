@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 
 from quant.cpu import pack_cpu
-from quant.methods import QuantMethod
+from kt_runtime.format.methods import QuantMethod
 
 from .errors import UserError
 

@@ -9,23 +9,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kt_runtime import fsio
-from kt_runtime.format import FORMAT_VERSION, PROJECTIONS, layer_tensor_entries, merged_key
-from kt_runtime.digest import tree_sha256_files
-from kt_runtime.manifest import Manifest, ManifestError, read_manifest, write_manifest
-from quant import get_method
+from kt_runtime.format import fsio
+from kt_runtime.format.errors import ManifestError
+from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, shard_file_name, shard_slice
+from kt_runtime.format.digest import tree_sha256_files
+from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
+from kt_runtime.format.methods import get_method
 from quant.cpu import PackTarget
-from quant.numa import shard_slice
 
 from . import __version__, preflight
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .output_dir import OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index
 from .packers import make_packer
-from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix, source_slabs
+from .layer_io import LayerOutput, LayerReader
+from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
-from .source_reader import Slab, SourceStream, default_read_threads
+from .source_reader import default_read_threads
 from .writer import KtFolderWriter, MergedShardWriter
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
@@ -126,66 +127,54 @@ def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOption
                     converter_version=__version__, format_version=FORMAT_VERSION)
 
 
-def shard_metadata(manifest: Manifest, layer: int) -> dict[str, str]:
-    facts = {"format": "pt", "kt_format_version": manifest.format_version, "kt_method": manifest.kt_method,
-             "quant_method": manifest.method, "threadpool_count": manifest.threadpool_count,
-             "hidden_size": manifest.hidden_size, "moe_intermediate_size": manifest.moe_intermediate_size,
-             "num_experts": manifest.num_experts, "num_experts_per_tok": manifest.num_experts_per_tok,
-             "layer": layer, "activation": manifest.activation, "swiglu_limit": manifest.swiglu_limit,
-             "source_fingerprint": manifest.source.get("fingerprint"), "converter_version": manifest.converter_version}
-    return {k: "" if v is None else str(v) for k, v in facts.items()}
-
-
 def experts_per_batch(plan: ConversionPlan) -> int:
     per_expert = max(1, plan.layers[0].output_bytes // max(1, plan.num_experts)) if plan.layers else 1
     return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
 
 
-def layer_batches(plan: ConversionPlan, lp: LayerPlan) -> list[list[Slab]]:
-    """The source slabs of each pack batch of a layer, in order (what the SourceStream reads)."""
-    batch = experts_per_batch(plan)
-    out = []
-    for e0 in range(0, plan.num_experts, batch):
-        slabs = {s: None for e in range(e0, min(plan.num_experts, e0 + batch))
-                 for proj in PROJECTIONS for s in source_slabs(lp.experts[e][proj])}
-        out.append(list(slabs))
-    return out
+def started_executor(name: str) -> ThreadPoolExecutor:
+    """A one-thread executor whose thread already runs. ThreadPoolExecutor starts its thread inside the
+    first submit() and registers it only after start() returns; an interrupt (SIGINT/SIGTERM unwinding)
+    that lands in between leaves a thread shutdown() cannot wait for, still writing or committing
+    while the run unwinds (and closes the files it writes). So the thread is started with a no-op."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    executor.submit(int).result()
+    return executor
 
 
-def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer, opts: ConvertOptions,
-                  progress: Progress, nonfinite: dict[str, int], packer, source: SourceStream) -> None:
-    """packer: from convert.packers.make_packer (CPU or CUDA; the same bytes). source: the stream
-    whose next batches are this layer's (layer_batches)."""
-    method, numa = plan.method, plan.threadpool_count
-    batch = experts_per_batch(plan)
+def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outputs: list[LayerOutput],
+                  opts: ConvertOptions, progress: Progress, nonfinite: dict[str, int], packer) -> None:
+    """Reads layer `lp` once, batch by batch (reader), packs every batch for each output (packer: from
+    convert.packers.make_packer, CPU or CUDA, the same bytes) and hands the packed pairs to each output's
+    writer on a writer thread while the next batch is packed. NaN/Inf counts come from the first output
+    (every output reads the same source values)."""
+    H, I = plan.hidden_size, plan.moe_intermediate_size
     bytes_per_expert = lp.input_bytes // plan.num_experts
-    merged = isinstance(writer, MergedShardWriter)
 
-    def write_batch(outputs):
-        for expert, proj, t, dst in outputs:
-            if merged:
-                writer.write(merged_key(lp.layer, proj, expert, t, "weight"), dst.weight)
-                writer.write(merged_key(lp.layer, proj, expert, t, "scale"), dst.scales)
-            else:
-                writer.write_pair(proj, expert, t, dst.weight, dst.scales)
+    def write_batch(packed):
+        for out, pairs in zip(outputs, packed):
+            for expert, proj, t, dst in pairs:
+                out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-writer") as io:
+    with started_executor("kt-writer") as io:
         pending = None
-        for e0 in range(0, plan.num_experts, batch):
-            data = source.next()
+        for experts, data in reader.batches(lp):
             try:
-                jobs, outputs, keys = [], [], []
-                for expert in range(e0, min(plan.num_experts, e0 + batch)):
+                jobs = [[] for _ in outputs]
+                packed = [[] for _ in outputs]
+                keys = []
+                for expert in experts:
                     for proj in PROJECTIONS:
                         src_ref = lp.experts[expert][proj]
                         src = read_source_matrix(src_ref, data)
-                        for t in range(numa):
-                            s = shard_slice(proj, plan.hidden_size, plan.moe_intermediate_size, numa, t)
-                            dst = PackTarget.empty(method, s.n, s.k)
-                            jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
-                            outputs.append((expert, proj, t, dst))
-                            keys.append(src_ref.weight_key)
-                counts = packer(method, jobs)
+                        for out, out_jobs, out_pairs in zip(outputs, jobs, packed):
+                            for t in range(out.threadpool_count):
+                                s = shard_slice(proj, H, I, out.threadpool_count, t)
+                                dst = PackTarget.empty(out.method, s.n, s.k)
+                                out_jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
+                                out_pairs.append((expert, proj, t, dst))
+                        keys += [src_ref.weight_key] * outputs[0].threadpool_count
+                counts = [packer(out.method, out_jobs) for out, out_jobs in zip(outputs, jobs)][0]  # the first's
             finally:
                 data.release()  # the packer is done with the source buffer: the stream refills it
             for key, count in zip(keys, counts):
@@ -193,15 +182,23 @@ def convert_layer(ckpt: Checkpoint, plan: ConversionPlan, lp: LayerPlan, writer,
                     nonfinite[key] = nonfinite.get(key, 0) + count
                     if not opts.allow_nonfinite:
                         raise NonFiniteError(
-                            f"{ckpt.where(key)}: tensor {key} holds {nonfinite[key]} NaN/Inf values (layer {lp.layer}); "
+                            f"{reader.where(key)}: tensor {key} holds {nonfinite[key]} NaN/Inf values (layer {lp.layer}); "
                             "the checkpoint is damaged: re-download that file, or pass --allow-nonfinite to pack "
                             "them as 0 (they are listed in the report)")
             if pending is not None:
                 pending.result()
-            pending = io.submit(write_batch, outputs)
-            progress.advance(bytes_per_expert * (min(plan.num_experts, e0 + batch) - e0))
+            pending = io.submit(write_batch, packed)
+            progress.advance(bytes_per_expert * len(experts))
         if pending is not None:
             pending.result()
+
+
+def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerPlan):
+    """The writer of one layer in the run's layout (MergedShardWriter or KtFolderWriter)."""
+    if plan.layout == "merged":
+        return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
+                                 shard_metadata(manifest, lp.layer))
+    return KtFolderWriter(out, lp.layer, plan.method.name)
 
 
 def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
@@ -279,22 +276,18 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
         packer = make_packer(device, opts.cpuinfer_threads)
-        source = SourceStream(ckpt, [b for lp in todo for b in layer_batches(plan, lp)], threads=default_read_threads())
+        reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads())
         # A layer's fsync, rename and manifest update run on this thread while the next layer is
         # packed; one at a time and in order, so the manifest only ever lists committed layers.
-        committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-commit")
+        committer = started_executor("kt-commit")
         pending = None
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
-                if opts.merge:
-                    entries = layer_tensor_entries(lp.layer, plan.method.name, plan.num_experts, plan.hidden_size,
-                                                   plan.moe_intermediate_size, plan.threadpool_count)
-                    writer = MergedShardWriter(out, lp.shard_name, lp.layer, entries, shard_metadata(manifest, lp.layer))
-                else:
-                    writer = KtFolderWriter(out, lp.layer, plan.method.name)
+                writer = layer_writer(out, plan, manifest, lp)
                 try:
-                    convert_layer(ckpt, plan, lp, writer, opts, progress, nonfinite, packer=packer, source=source)
+                    convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)], opts,
+                                  progress, nonfinite, packer)
                 except BaseException:
                     writer.abort()
                     raise
@@ -307,7 +300,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             _finish(ckpt, plan, out, manifest, opts, non_expert)
         finally:
             committer.shutdown(wait=True)  # never leave a commit running past the lock
-            source.close()
+            reader.close()
             packer.close()
             progress.close()
     except OSError as e:
@@ -356,17 +349,10 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
     # the index is what kt-kernel loads: it is written last, after every shard and copied file
     copy_model_files(ckpt.root, out, COPIED_FILES)
     if opts.merge:
-        weight_map: dict[str, str] = {}
-        total = 0
-        for lp in plan.layers:
-            for key, dtype, shape in layer_tensor_entries(lp.layer, plan.method.name, plan.num_experts,
-                                                          plan.hidden_size, plan.moe_intermediate_size,
-                                                          plan.threadpool_count):
-                weight_map[key] = lp.shard_name
-                total += shape[0] * (4 if dtype == "F32" else 1)
+        spec = plan.spec
+        weight_map = {key: lp.shard_name for lp in plan.layers for key, _, _ in spec.layer_entries(lp.layer)}
+        total = plan.output_bytes
         if opts.include_non_expert:
-            from kt_runtime.format import shard_file_name
-
             count = plan.num_shards
             extra_map, extra_bytes = _write_non_expert_shard(ckpt, out, shard_file_name(count, count), non_expert)
             weight_map.update(extra_map)

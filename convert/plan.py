@@ -7,23 +7,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kt_runtime.format import layer_tensor_entries, shard_file_name
-from kt_runtime.json_fields import REQUIRED, FieldError, describe, get_dict, get_int, get_int_list, get_number, get_str
-from quant import QuantMethod
+from kt_runtime.format.errors import FieldError
+from kt_runtime.format.layout import PROJECTIONS, PackedSpec, full_shape, layer_dir_name, shard_file_name
+from kt_runtime.format.json_fields import REQUIRED, describe, get_dict, get_int, get_int_list, get_number, get_str
+from kt_runtime.format.methods import METHODS, QuantMethod, alignment_problem, working_threadpool_counts
 from quant.cpu import SourceMatrix
-from quant.numa import PROJECTIONS, full_shape
+from quant.source_formats import FLOAT_KINDS, SUPPORTED, input_type_of
 
 from .errors import UserError
 from .families import Family, describe_unknown, detect_family
 from .source import Checkpoint
 from .source_reader import Slab
 
-# --input-type values and the source kinds (decoders) they cover.
-INPUT_TYPES = {"fp4": "mxfp4", "fp8": "fp8_block", "bf16": "bf16", "fp16": "f16", "int4": "int4_group"}
 FP4_WEIGHT_DTYPES = ("I8", "U8", "F4")
 FP4_SCALE_DTYPES = ("F8_E8M0", "U8")
-FLOAT_KINDS = {"BF16": "bf16", "F16": "f16"}
-SUPPORTED = "MXFP4 (I8/U8/F4 + E8M0), FP8 block (F8_E4M3 + F32 scales), BF16, FP16, compressed-tensors INT4"
 
 
 @dataclass(frozen=True)
@@ -112,6 +109,13 @@ class ConversionPlan:
         return [lp.layer for lp in self.layers] != self.model_layers
 
     @property
+    def spec(self) -> PackedSpec:
+        """What the output holds (the manifest's first fields)."""
+        return PackedSpec(self.method.name, self.threadpool_count, self.hidden_size, self.moe_intermediate_size,
+                          self.num_experts, self.num_experts_per_tok, tuple(lp.layer for lp in self.layers),
+                          self.activation, self.swiglu_limit)
+
+    @property
     def num_shards(self) -> int:
         return len(self.layers) + self.extra_shards if self.layout == "merged" else 0
 
@@ -131,7 +135,7 @@ MAX_BLOCK = 1 << 16  # FP8 block and INT4 group sizes
 
 
 class ConfigFields:
-    """Typed reads of config.json (kt_runtime.json_fields): a missing field, a wrong type or a
+    """Typed reads of config.json (kt_runtime.format.json_fields): a missing field, a wrong type or a
     value out of range is exit 2 naming the file and the field."""
 
     def __init__(self, cfg: dict, where: str, path: str = ""):
@@ -218,34 +222,19 @@ def parse_layer_spec(spec: str) -> list[int]:
     return sorted(layers)
 
 
-def alignment_problem(method: QuantMethod, hidden: int, inter: int, numa: int) -> str | None:
-    """Why (H, I, T) cannot be packed with `method`, or None (research kt_format.md §2, §8)."""
-    a = method.k_align
-    if inter % numa:
-        return f"moe_intermediate_size {inter} is not divisible by --threadpool-count {numa}"
-    if hidden % a:
-        return f"hidden_size {hidden} is not a multiple of {a}, which --quant-method {method.name} needs"
-    if (inter // numa) % a:
-        return (f"moe_intermediate_size / threadpool_count = {inter} / {numa} = {inter // numa} is not a multiple of "
-                f"{a}, which --quant-method {method.name} needs")
-    return None
-
-
-def working_threadpool_counts(method: QuantMethod, hidden: int, inter: int, limit: int = 16) -> list[int]:
-    return [t for t in range(1, limit + 1) if alignment_problem(method, hidden, inter, t) is None]
-
-
-def check_alignment(method: QuantMethod, hidden: int, inter: int, numa: int) -> None:
-    problem = alignment_problem(method, hidden, inter, numa)
+def check_alignment(method: QuantMethod, hidden: int, inter: int, threadpool_count: int) -> None:
+    """Exit 2 when the method cannot hold these dims for this threadpool count, with the counts and
+    methods that would work (the rule: kt_runtime.format.methods.alignment_problem)."""
+    problem = alignment_problem(method, hidden, inter, threadpool_count, flags=True)
     if problem is None:
         return
     ok = working_threadpool_counts(method, hidden, inter)
     hint = f"threadpool counts that work with {method.name}: {', '.join(map(str, ok))}" if ok else \
         f"no threadpool count works with {method.name}"
-    from quant import METHODS
-    others = [m.name for m in METHODS.values() if m is not method and alignment_problem(m, hidden, inter, numa) is None]
+    others = [m.name for m in METHODS.values()
+              if m is not method and alignment_problem(m, hidden, inter, threadpool_count) is None]
     if others:
-        hint += f"; --quant-method {others[0]} works with --threadpool-count {numa}"
+        hint += f"; --quant-method {others[0]} works with --threadpool-count {threadpool_count}"
     raise UserError(f"cannot pack this model: {problem} ({hint})")
 
 
@@ -508,6 +497,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
                           skipped_mtp_layers=[str(x) for x in mtp_layers],
                           routed_keys=routed, extra_shards=extra_shards if layout == "merged" else 0)
     quant = _Quant(fields)
+    out_bytes = plan.spec.layer_data_bytes()  # the same for every layer
     kinds = set()
     for layer in todo:
         by_expert = found[layer]
@@ -538,11 +528,9 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
         kinds.update(src.kind for e in experts for src in e.values())
         layer_keys = {k for e in by_expert.values() for parts in e.values() for k in parts.values()}
         in_bytes = sum(ckpt.info(k).nbytes for k in layer_keys)
-        out_bytes = sum(_nbytes(dtype, shape) for _, dtype, shape in
-                        layer_tensor_entries(layer, method.name, num_experts, hidden, inter, threadpool_count))
         plan.layers.append(LayerPlan(layer, experts, in_bytes, out_bytes))
-    by_kind = {v: k for k, v in INPUT_TYPES.items()}
-    detected = by_kind[next(iter(kinds))] if len(kinds) == 1 else "mixed (" + ", ".join(sorted(by_kind[k] for k in kinds)) + ")"
+    detected = input_type_of(next(iter(kinds))) if len(kinds) == 1 else \
+        "mixed (" + ", ".join(sorted(input_type_of(k) for k in kinds)) + ")"
     if input_type not in ("auto", detected):
         hint = f"drop --input-type or pass --input-type {detected}" if len(kinds) == 1 else "drop --input-type"
         raise UserError(f"--input-type {input_type} does not match the checkpoint: its routed experts are "
@@ -563,9 +551,5 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     if dtype:
         plan.source_info["config_dtype"] = dtype
     for i, lp in enumerate(plan.layers, 1):
-        lp.shard_name = shard_file_name(i, plan.num_shards) if layout == "merged" else f"_layer_{lp.layer}"
+        lp.shard_name = shard_file_name(i, plan.num_shards) if layout == "merged" else layer_dir_name(lp.layer)
     return plan
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return shape[0] * (4 if dtype == "F32" else 1)

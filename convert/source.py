@@ -1,7 +1,7 @@
 """Finding and opening a checkpoint: local dir, single .safetensors file, or a hub id resolved
 offline through the Hugging Face cache. Only headers are read here (tensors are read later with
 pread, convert.source_reader). Every file the checkpoint names stays inside it and must be a
-regular file (kt_runtime.input_files); JSON files are read with a size cap and typed checks."""
+regular file (kt_runtime.format.input_files); JSON files are read with a size cap and typed checks."""
 from __future__ import annotations
 
 import hashlib
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kt_runtime.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, InputFileError, check_regular, file_kind,
-                                    read_json, resolve_inside, size_text)
-from kt_runtime.json_fields import FieldError, describe, get_dict
-from kt_runtime.safetensors_file import (SafetensorsChangedError, SafetensorsFile, SafetensorsFormatError,
-                                         TensorInfo)
+from kt_runtime.format.errors import FieldError, InputFileError, SafetensorsChangedError, SafetensorsFormatError
+from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, check_regular, file_kind, read_json,
+                                           resolve_inside, size_text)
+from kt_runtime.format.json_fields import describe, get_dict
+from kt_runtime.format.safetensors_file import SafetensorsFile, TensorInfo
 
 from .errors import UserError
 

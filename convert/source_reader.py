@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kt_runtime.safetensors_file import SafetensorsFile, SafetensorsFormatError
+from kt_runtime.format.errors import SafetensorsFormatError
+from kt_runtime.format.safetensors_file import SafetensorsFile
 
 from .source import Checkpoint, source_changed
 

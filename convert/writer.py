@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kt_runtime import fsio
-from kt_runtime.digest import TreeHasher
-from kt_runtime.format import kt_file_names, layer_dir_name
-from kt_runtime.manifest import LayerRecord
-from kt_runtime.safetensors_file import plan_layout
+from kt_runtime.format import fsio
+from kt_runtime.format.digest import TreeHasher
+from kt_runtime.format.layout import kt_file_names, layer_dir_name, merged_key, numa_dir_name
+from kt_runtime.format.manifest import LayerRecord
+from kt_runtime.format.safetensors_file import plan_layout
 
 
 _os_write = os.write  # tests replace it to simulate a full or failing disk
@@ -47,6 +47,11 @@ class MergedShardWriter:
         except BaseException:
             self.abort()
             raise
+
+    def write_pair(self, proj: str, expert: int, numa: int, weight: np.ndarray, scale: np.ndarray) -> None:
+        """One NUMA shard of one expert's projection: its weight then its scale tensor."""
+        self.write(merged_key(self.layer, proj, expert, numa, "weight"), weight)
+        self.write(merged_key(self.layer, proj, expert, numa, "scale"), scale)
 
     def write(self, key: str, data: np.ndarray) -> None:
         want_key, (offset, nbytes) = next(self._order)
@@ -96,7 +101,7 @@ class KtFolderWriter:
             raise
 
     def write_pair(self, proj: str, expert: int, numa: int, weight: np.ndarray, scale: np.ndarray) -> None:
-        folder = self.tmp / f"_numa_{numa}"
+        folder = self.tmp / numa_dir_name(numa)
         if numa not in self._folders:  # created by us inside our fresh folder, once
             os.mkdir(folder)
             self._folders.add(numa)
@@ -119,7 +124,7 @@ class KtFolderWriter:
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="kt-fsync") as pool:
             list(pool.map(fsio.fsync_file, paths))
         for numa in sorted(self._folders):
-            fsio.fsync_dir(self.tmp / f"_numa_{numa}")
+            fsio.fsync_dir(self.tmp / numa_dir_name(numa))
         fsio.fsync_dir(self.tmp)
         if fsio.entry(self.final, fsio.DIR) is not None:  # an unrecorded earlier copy: moved aside whole,
             old = self.out_dir / (self.final.name + ".old")  # never half-deleted in place

@@ -173,6 +173,13 @@ PYBIND11_MODULE(kt_kernels, m) {
   m.def("pack", &pack, py::arg("method"), py::arg("jobs"), py::arg("isa") = "auto", py::arg("num_threads") = 0,
         "Quantize and AMX-tile source matrices. Each job is (kind, weight, scales|None, col0, k, out_weight, "
         "out_scale); returns the count of non-finite source values per job (packed as 0).");
+  m.def("method_info", [](const std::string& name) {
+    const kt::MethodInfo info = kt::method_info(kt::parse_method(name));
+    py::dict d;
+    d["n_block"] = info.n_block; d["k_align"] = info.k_align; d["elems_per_byte"] = info.elems_per_byte;
+    d["levels"] = info.levels; d["fp32_reciprocal"] = info.fp32_reciprocal;
+    return d;
+  }, py::arg("method"), "The kernels' constants of a quant method (int4 | int8); ValueError for another name.");
   m.def("_set_mxcsr", &set_mxcsr, py::arg("value"),
         "Test hook: sets the calling thread's MXCSR (x86) and returns the previous value; threads the "
         "packer creates afterwards inherit it.");

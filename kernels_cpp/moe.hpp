@@ -1,5 +1,5 @@
-// CPU MoE engine over the kt AMXINT4 / AMXINT8 tiled layout (see docs/FORMAT.md and
-// shared/research/kt_format.md §2-§3): per-token int8 activations, gate/up products, SiLU-gate
+// CPU MoE engine over the kt AMXINT4 / AMXINT8 tiled layout (docs/FORMAT.md §2-§4):
+// per-token int8 activations, gate/up products, SiLU-gate
 // with optional clamp, per-(token, NUMA slice) int8 re-quantization of the intermediate, down
 // product, weighted sum over top-k. Weights are read in place (no repacking).
 //
@@ -121,12 +121,12 @@ void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t
 
 // Byte offset of chunk (row group r0, K-block kb) inside a packed [n,k] matrix and its size.
 inline int64_t chunk_offset(Method method, int64_t n, int64_t k, int64_t r0, int64_t kb) {
-  const int64_t nb_rows = method == Method::Int4 ? 128 : 64;
+  const int64_t nb_rows = method_info(method).n_block;
   const int64_t nb = r0 / nb_rows * nb_rows;
   const int64_t nbs = (n - nb) < nb_rows ? (n - nb) : nb_rows;
   const int64_t kbs = (k - kb) < K_BLOCK ? (k - kb) : K_BLOCK;
   const int64_t elems = nb * k + kb * nbs + (r0 - nb) * kbs;
-  return method == Method::Int4 ? elems / 2 : elems;
+  return elems / method_info(method).elems_per_byte;
 }
 
 // GB/s of a multi-threaded streaming read of buf (64-byte aligned; whole MiB chunks), best of reps.

@@ -69,7 +69,6 @@ inline bool is_finite_bits(float f) { return (f32_to_bits(f) & 0x7F800000u) != 0
 // not depend on the MXCSR it finds (MxcsrGuard sets the IEEE default); these functions write kt's
 // flushing out explicitly instead (docs/FORMAT.md §2).
 inline constexpr uint32_t kFltMinBits = 0x00800000u;   // smallest normal float, 2^-126
-inline constexpr uint32_t kInt8RecipBits = 0x3c010204u;  // fl32(1/127), the constant GCC substitutes
 
 // DAZ: a subnormal input reads as zero (the quantizer's inputs; source decoding stays IEEE).
 inline float flush_subnormal(float x) { return abs_bits(x) < kFltMinBits ? 0.f : x; }
@@ -85,12 +84,14 @@ inline float ftz_to_f32(double x) {
   return static_cast<float>(x);
 }
 
-// kt's per-row scale from amax (normal or 0): INT8 fl32(amax * fl32(1/127)), the fp64 product being
-// exact; INT4 fl32((double)amax / 112.0). Both with FTZ: a scale that would be subnormal is 0.
+// kt's per-row scale from amax (normal or 0), as method_info says: INT8 fl32(amax * fl32(1/127))
+// (fl32(1/127) = 0x3c010204; the fp64 product is exact); INT4 fl32((double)amax / 112.0). Both with
+// FTZ: a scale that would be subnormal is 0.
 inline float row_scale(Method method, float amax) {
+  const MethodInfo m = method_info(method);
   const double a = static_cast<double>(amax);
-  if (method == Method::Int8) return ftz_to_f32(a * static_cast<double>(bits_to_f32(kInt8RecipBits)));
-  return ftz_to_f32(a / 112.0);
+  if (m.fp32_reciprocal) return ftz_to_f32(a * static_cast<double>(1.0f / static_cast<float>(m.levels)));
+  return ftz_to_f32(a / static_cast<double>(m.levels));
 }
 
 // cvtps2dq under MxcsrGuard: round half to even; NaN or out of range -> INT32_MIN.

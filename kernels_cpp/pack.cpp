@@ -11,11 +11,6 @@
 
 namespace kt {
 
-MethodInfo method_info(Method m) {
-  if (m == Method::Int4) return {128, 128, 2};
-  return {64, 64, 1};
-}
-
 Method parse_method(const std::string& name) {
   if (name == "int4") return Method::Int4;
   if (name == "int8") return Method::Int8;

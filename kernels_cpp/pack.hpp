@@ -12,12 +12,18 @@ namespace kt {
 
 enum class Method { Int4, Int8 };
 
+// The C++ side of the method table (kt_runtime/format/methods.py; tests/test_format_room.py checks
+// that both hold the same numbers).
 struct MethodInfo {
-  int n_block;       // rows per N-block (128 for INT4, 64 for INT8)
-  int k_align;       // K must be a multiple of this (128 / 64)
+  int n_block;           // rows per N-block
+  int k_align;           // K (and the NUMA slice of I) must be a multiple of this
   int elems_per_byte;
+  int levels;            // d = amax / levels
+  bool fp32_reciprocal;  // d = fl32(amax * fl32(1/levels)) (INT8); else fl32((double)amax / levels) (INT4)
 };
-MethodInfo method_info(Method m);
+inline constexpr MethodInfo method_info(Method m) {
+  return m == Method::Int4 ? MethodInfo{128, 128, 2, 112, false} : MethodInfo{64, 64, 1, 127, true};
+}
 Method parse_method(const std::string& name);  // "int4" | "int8"
 
 constexpr int K_BLOCK = 3584;   // K elements per K-block

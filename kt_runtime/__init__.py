@@ -1,18 +1,18 @@
 """Load kt packed experts and run them on the CPU (and GPU) beside a model.
 
-Names are imported on first use, so that `import kt_runtime.format` (used by the converter)
-does not pull in torch.
+Names are imported on first use, so that `import kt_runtime.format` (the on-disk format, which the
+converter uses) does not pull in torch.
 """
 from importlib import import_module
 
 _EXPORTS = {
     "load_experts": ".loader",
     "PackedExperts": ".loader",
-    "PackedWeightsError": ".loader",
+    "PackedWeightsError": ".format.errors",
     "CPUMoE": ".cpu_moe",
     "HybridMoE": ".hybrid",
-    "ExpertStats": ".placement",
-    "gpu_expert_mask": ".placement",
+    "ExpertStats": ".hybrid.placement",
+    "gpu_expert_mask": ".hybrid.placement",
     "inject": ".integrations.transformers",
     "record_routing": ".integrations.transformers",
     "hybrid_layers": ".integrations.transformers",

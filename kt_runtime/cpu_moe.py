@@ -1,21 +1,17 @@
-"""CPU MoE engine over kt AMXINT4/AMXINT8 packed experts (read in place, no repacking).
+"""CPU MoE engine over packed experts (read in place, no repacking).
 
     w = kt_runtime.load_experts(path)
     moe = CPUMoE(w, layer)
-    y = moe.forward(x, topk_ids, topk_weights)   # x [T,H] bf16/fp32 -> [T,H] same dtype
+    y = moe.forward(x, topk_ids, topk_weights)          # torch: x [T,H] bf16/fp32 -> [T,H] same dtype
+    y = moe.forward_f32(x_np, ids_np, weights_np)       # numpy float32 buffers, no torch
 
-The kernels (kernels_cpp/moe*.cpp) quantize each token to int8 (symmetric, amax/127, as kt's
-BufferA), run gate/up, SiLU-gate with the optional clamp (gate <= L, |up| <= L), re-quantize the
-intermediate per token and NUMA slice, run down and sum the top-k experts weighted. Paths: AMX
-tiles (TDPBSSD) for expert groups of >= 16 tokens where the CPU has AMX, AVX-512 VNNI otherwise,
-and a portable C++ reference; the float stages (quantization, SiLU-gate, down scaling and the
-weighted sum) have an AVX-512 version beside their scalar reference, and exp is a fixed polynomial
-(exp_det, max relative error 8e-8) rather than libm's: all paths give bit-identical results. The
-GIL is released while computing.
-One forward is one parallel region over a persistent pool (quantize -> gate/up -> re-quantize ->
-down, ordered by dependency counters instead of barriers); the pool's workers spin for
-KT_MOE_SPIN_US microseconds (default 2000) after a call, so back-to-back decode calls pay no
-thread wake-ups (KT_MOE_SPIN_US=0: they sleep at once).
+Contract (kernels_cpp/moe.hpp): each token is quantized to int8 (symmetric, amax/127, as kt's BufferA);
+gate/up; SiLU-gate with the optional clamp (gate <= L, |up| <= L); the intermediate re-quantized per
+token and NUMA slice; down; the top-k experts summed with their weights. Every ISA path (AMX tiles,
+AVX-512 VNNI, portable C++) gives bit-identical results; exp is the fixed polynomial exp_det, not
+libm's. The GIL is released while computing. One forward is one parallel region over a persistent
+pool whose workers spin for KT_MOE_SPIN_US microseconds (default 2000) after a call before they sleep
+(0: at once).
 """
 from __future__ import annotations
 
@@ -26,7 +22,23 @@ import torch
 
 import kt_kernels
 
-_PROJ = ("gate", "up", "down")
+from .format.layout import PROJECTIONS
+from .format.methods import METHODS
+
+
+
+def check_moe_inputs(x, topk_ids, topk_weights, hidden_size: int) -> None:
+    """The shapes every MoE call takes (ValueError otherwise): torch tensors, x [T, H], topk_ids [T, k],
+    topk_weights of topk_ids' shape."""
+    if not all(isinstance(t, torch.Tensor) for t in (x, topk_ids, topk_weights)):
+        raise ValueError("x, topk_ids and topk_weights must be torch tensors")
+    if x.dim() != 2 or x.shape[1] != hidden_size:
+        raise ValueError(f"x must be [tokens, {hidden_size}], got {tuple(x.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids must be [tokens={x.shape[0]}, k], got {tuple(topk_ids.shape)}")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} differs from topk_ids "
+                         f"{tuple(topk_ids.shape)}")
 
 
 class CPUMoE:
@@ -47,8 +59,8 @@ class CPUMoE:
         if layer not in layers:
             raise ValueError(f"layer {layer} is not in these weights (layers: {layers})")
         method = str(weights.method).lower()
-        if method not in ("int4", "int8"):
-            raise ValueError(f"unsupported quant method {weights.method!r} (expected int4 or int8)")
+        if method not in METHODS:
+            raise ValueError(f"unsupported quant method {weights.method!r} (expected {' or '.join(METHODS)})")
         act = activation if activation is not None else (getattr(weights, "activation", None) or "silu")
         if act != "silu":
             raise ValueError(f"unsupported activation {act!r} (only 'silu' is implemented)")
@@ -57,39 +69,47 @@ class CPUMoE:
             limit = float(limit)
             if not (math.isfinite(limit) and limit > 0):
                 raise ValueError(f"swiglu_limit must be a positive finite number, got {limit}")
-        if num_threads is not None and (not isinstance(num_threads, int) or isinstance(num_threads, bool)
-                                        or not 0 <= num_threads <= kt_kernels.MAX_THREADS):
-            raise ValueError(f"num_threads must be an int in [0, {kt_kernels.MAX_THREADS}] or None (0, None: every "
-                             f"CPU this process may use), got {num_threads!r}")
         self.layer = layer
         self.method = method
         self.hidden_size = int(weights.hidden_size)
         self.intermediate_size = int(weights.moe_intermediate_size)
         self.num_experts = int(weights.num_experts)
-        self.numa = int(weights.threadpool_count)
+        self.threadpool_count = int(weights.threadpool_count)
         self.activation = act
         self.swiglu_limit = limit
-        self.num_threads = num_threads or 0
         self.isa = isa
         shards = []
         for e in range(self.num_experts):
             per_numa = []
-            for t in range(self.numa):
+            for t in range(self.threadpool_count):
                 six = []
-                for p in _PROJ:
+                for p in PROJECTIONS:
                     w, s = weights.expert_tensors(layer, e, p, t)
                     six += [np.asarray(w), np.asarray(s)]
                 per_numa.append(tuple(six))
             shards.append(per_numa)
         # Validates alignment, sizes and dtypes of every shard (ValueError otherwise).
-        self._layer = kt_kernels.MoELayer(method, shards, self.hidden_size, self.intermediate_size, self.numa,
-                                          limit)
+        self._layer = kt_kernels.MoELayer(method, shards, self.hidden_size, self.intermediate_size,
+                                          self.threadpool_count, limit)
         kt_kernels.best_isa()  # CPU detection (and the AMX permission request) before the first call
-        # The pool's threads start now: kt_kernels.ThreadStartError (a RuntimeError naming the thread
-        # that failed) here rather than at the first forward.
-        kt_kernels.start_moe_pool(self.num_threads)
+        self.num_threads = num_threads
         if isa != "auto":
             self._check_isa(isa)
+
+    @property
+    def num_threads(self) -> int:
+        """Threads of the engine's pool for this layer (0: every CPU this process may use)."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, n: int | None) -> None:
+        """Validated; the pool's threads start now: kt_kernels.ThreadStartError (a RuntimeError naming the
+        thread that failed) here rather than at the next forward."""
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= kt_kernels.MAX_THREADS):
+            raise ValueError(f"num_threads must be an int in [0, {kt_kernels.MAX_THREADS}] or None (0, None: every "
+                             f"CPU this process may use), got {n!r}")
+        kt_kernels.start_moe_pool(n or 0)
+        self._num_threads = n or 0
 
     @staticmethod
     def _check_isa(isa: str) -> None:
@@ -101,35 +121,31 @@ class CPUMoE:
             raise ValueError(f"this CPU cannot run isa {isa!r} (best available: {best})")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not isinstance(topk_ids, torch.Tensor) or \
-                not isinstance(topk_weights, torch.Tensor):
-            raise ValueError("x, topk_ids and topk_weights must be torch tensors")
-        if x.dim() != 2 or x.shape[1] != self.hidden_size:
-            raise ValueError(f"x must be [tokens, {self.hidden_size}], got {tuple(x.shape)}")
+        check_moe_inputs(x, topk_ids, topk_weights, self.hidden_size)
         if x.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")
         if topk_ids.dtype != torch.int64:
             raise ValueError(f"topk_ids must be int64, got {topk_ids.dtype}")
         if topk_weights.dtype != torch.float32:
             raise ValueError(f"topk_weights must be float32, got {topk_weights.dtype}")
-        if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"topk_ids must be [tokens={x.shape[0]}, k], got {tuple(topk_ids.shape)}")
-        if tuple(topk_weights.shape) != tuple(topk_ids.shape):
-            raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} differs from topk_ids "
-                             f"{tuple(topk_ids.shape)}")
         for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
             if t.device.type != "cpu":
                 raise ValueError(f"{name} must be on the CPU, got {t.device}")
         xf = x.detach().to(torch.float32).contiguous()
         ids = topk_ids.detach().contiguous()
         tw = topk_weights.detach().contiguous()
-        out = self._layer.forward(xf.numpy(), ids.numpy(), tw.numpy(), self.isa, self.num_threads)
-        y = torch.from_numpy(out)
+        y = torch.from_numpy(self.forward_f32(xf.numpy(), ids.numpy(), tw.numpy()))
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     __call__ = forward
 
+    def forward_f32(self, x: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray) -> np.ndarray:
+        """The engine on host buffers, without torch: x float32 [T, H], topk_ids int64 [T, k], topk_weights
+        float32 [T, k], all C-contiguous -> a new float32 [T, H]. ValueError (kt_kernels.KernelArgumentError)
+        naming the argument on a wrong shape, dtype, layout, id out of range or non-finite value."""
+        return self._layer.forward(x, topk_ids, topk_weights, self.isa, self._num_threads)
+
     def __repr__(self) -> str:
         return (f"CPUMoE(layer={self.layer}, method={self.method}, experts={self.num_experts}, "
-                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, numa={self.numa}, "
+                f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, threadpool_count={self.threadpool_count}, "
                 f"swiglu_limit={self.swiglu_limit}, isa={self.isa})")

@@ -1,4 +1,5 @@
-"""Numerics only: source decoders, kt AMXINT4/AMXINT8 quantization, AMX tiling, NUMA split."""
-from .methods import INT4, INT8, METHODS, QuantMethod, get_method
+"""Numerics only: source decoders, kt's per-row quantization, AMX tiling, the CPU and GPU packers.
 
-__all__ = ["INT4", "INT8", "METHODS", "QuantMethod", "get_method"]
+The methods they implement are rows of kt_runtime.format.methods; the NUMA split is
+kt_runtime.format.layout's. No file I/O here.
+"""

@@ -1,4 +1,4 @@
-"""AMX BufferB tiling (research kt_format.md §2): the byte order of a packed matrix.
+"""AMX BufferB tiling (docs/FORMAT.md §3): the byte order of a packed matrix.
 
 The quantized [N, K] matrix is cut into N-blocks (128 rows INT4 / 64 INT8), each into K-blocks of
 3584 elements, each into groups of 32 rows and steps of 64 bytes; every (32 rows x 64 bytes) step
@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .methods import INT4, TILE_BYTES, TILE_ROWS, QuantMethod
+from kt_runtime.format.methods import TILE_BYTES, TILE_ROWS, QuantMethod
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def tile_permutation(n: int, kbytes: int, n_block: int, k_block_bytes: int) -> t
 
 def tile(q: torch.Tensor, method: QuantMethod) -> torch.Tensor:
     """Quantized int8 [N, K] (INT4: levels -7..7) -> tiled uint8 bytes (1-D)."""
-    rows = pack_nibbles(q) if method is INT4 else q.view(torch.uint8)
+    rows = pack_nibbles(q) if method.bits == 4 else q.view(torch.uint8)
     n, kbytes = rows.shape
     perm = tile_permutation(n, kbytes, method.n_block, method.k_block_bytes)
     return rows.contiguous().reshape(-1)[perm]
@@ -66,4 +66,4 @@ def untile(tiled: torch.Tensor, n: int, k: int, method: QuantMethod) -> torch.Te
     rows = torch.empty(n * kbytes, dtype=torch.uint8)
     rows[perm] = tiled.reshape(-1).view(torch.uint8)
     rows = rows.reshape(n, kbytes)
-    return unpack_nibbles(rows) if method is INT4 else rows.view(torch.int8)
+    return unpack_nibbles(rows) if method.bits == 4 else rows.view(torch.int8)

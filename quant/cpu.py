@@ -5,7 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .methods import QuantMethod
+from kt_runtime.format.methods import QuantMethod
+from kt_runtime.format.safetensors_file import numpy_dtype
+
+from .source_formats import SOURCE_FORMATS
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,7 @@ class SourceMatrix:
     @property
     def shape(self) -> tuple[int, int]:
         n, cols = self.weight.shape
-        per_item = {"mxfp4": 2, "int4_group": 8}.get(self.kind, 1)
-        return n, cols * per_item
+        return n, cols * SOURCE_FORMATS[self.kind].elements_per_item
 
     def rows(self, row0: int, n: int) -> "SourceMatrix":
         weight = self.weight[row0 : row0 + n]
@@ -59,7 +61,8 @@ class PackTarget:
 
     @classmethod
     def empty(cls, method: QuantMethod, n: int, k: int) -> "PackTarget":
-        return cls(np.empty(method.weight_bytes(n, k), dtype=np.uint8), np.empty(n, dtype=np.float32))
+        return cls(np.empty(method.weight_bytes(n, k), dtype=np.uint8),
+                   np.empty(method.scale_count(n, k), dtype=numpy_dtype(method.scale_dtype)))
 
 
 def pack_cpu(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, PackTarget]], *, isa: str = "auto",

@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kt_runtime.format.methods import FP32_RECIPROCAL, K_BLOCK, QuantMethod
+
 from .cpu import PackTarget, SourceMatrix
-from .methods import INT4, QuantMethod
+from .source_formats import SOURCE_FORMATS
 
 ALIGN = 64
 META = 12  # int64 fields per job, see triton_kernels.META_FIELDS
 ROWS = 32  # rows per kernel program
-# kind -> kernel KIND code (int4_group: + 1 for float32 scales)
-KIND_CODES = {"bf16": 0, "f32": 1, "f16": 2, "mxfp4": 3, "fp8_block": 4, "int4_group": 5}
-ELEMENT_BITS = {"bf16": 16, "f32": 32, "f16": 16, "mxfp4": 4, "fp8_block": 8, "int4_group": 4}
 
 
 def _align(x: int) -> int:
@@ -67,7 +66,7 @@ class BatchPlan:
 
 def _check_job(method: QuantMethod, i: int, src: SourceMatrix, col0: int, k: int, dst: PackTarget) -> tuple[int, int]:
     where = f"pack job {i}: "
-    if src.kind not in KIND_CODES:
+    if src.kind not in SOURCE_FORMATS:
         raise ValueError(where + f"unknown source kind {src.kind!r}")
     n, ktot = src.shape
     if n <= 0 or k <= 0 or col0 < 0:
@@ -98,7 +97,7 @@ def _check_job(method: QuantMethod, i: int, src: SourceMatrix, col0: int, k: int
         raise ValueError(where + "out_weight has the wrong size or layout")
     if dst.scales.dtype != np.float32 or dst.scales.size != n or not dst.scales.flags.c_contiguous:
         raise ValueError(where + "out_scale has the wrong size or layout")
-    code = KIND_CODES[src.kind] + (1 if src.kind == "int4_group" and src.scales.itemsize == 4 else 0)
+    code = SOURCE_FORMATS[src.kind].gpu_code + (1 if src.kind == "int4_group" and src.scales.itemsize == 4 else 0)
     return n, code
 
 
@@ -193,11 +192,19 @@ def launch(method: QuantMethod, plan: BatchPlan, dev_in, dev_out) -> None:
     counts = dev_out[plan.counts_offset : plan.counts_offset + 4 * plan.num_jobs].view(torch.int32)
     counts.zero_()
     scales = dev_out[: plan.out_bytes].view(torch.float32)
-    int4 = method is INT4
     for code, first, count in plan.launches:
-        pack_kernel[(count,)](dev_in, dev_out, scales, counts, job_table, task_table, first,
-                              KIND=code, IS_INT4=int4, N_BLOCK=method.n_block, EPB=method.elems_per_byte,
-                              STEP=64 * method.elems_per_byte, num_warps=4)
+        pack_kernel[(count,)](dev_in, dev_out, scales, counts, job_table, task_table, first, KIND=code,
+                              **kernel_constants(method), num_warps=4)
+
+
+def kernel_constants(method: QuantMethod) -> dict:
+    """The method's row as the Triton kernel's compile-time constants (see pack_kernel)."""
+    recip_bits = 0
+    if method.scale_arithmetic == FP32_RECIPROCAL:
+        recip_bits = int(np.float64(np.float32(1) / np.float32(method.levels)).view(np.int64))
+    return dict(IS_INT4=method.bits == 4, N_BLOCK=method.n_block, EPB=method.elems_per_byte,
+                STEP=64 * method.elems_per_byte, K_BLOCK=K_BLOCK, LEVELS=float(method.levels),
+                RECIP_F64_BITS=recip_bits)
 
 
 def scatter_job(plan: BatchPlan, host_out: np.ndarray, i: int, dst: PackTarget) -> int:

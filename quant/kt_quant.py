@@ -1,4 +1,4 @@
-"""kt-kernel's per-row symmetric quantization (research kt_format.md §1), in readable torch.
+"""kt-kernel's per-row symmetric quantization (docs/FORMAT.md §2), in readable torch.
 
 kt-kernel is compiled with -ffast-math: GCC turns its INT8 ``amax / 127`` into ``amax * fl32(1/127)``,
 and crtfastmath.o turns on FTZ and DAZ for the process. So, as kt's users get it:
@@ -14,13 +14,12 @@ on the FTZ/DAZ state of this process. Source decoding stays IEEE (docs/FORMAT.md
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .methods import INT4, INT8, QuantMethod
+from kt_runtime.format.methods import FP32_RECIPROCAL, QuantMethod
 
 FLT_MIN = 2.0**-126
-INT8_RECIP_BITS = 0x3C010204  # fl32(1/127): the constant GCC -ffast-math multiplies by
-INT8_RECIP = torch.tensor(INT8_RECIP_BITS, dtype=torch.int32).view(torch.float32).item()
 # A result below this is flushed to zero: rounded to 24 bits with an unbounded exponent it is below
 # 2^-126 (tininess after rounding, as x86 FTZ does; the midpoint itself rounds up, to even).
 FTZ_BELOW = FLT_MIN * (1.0 - 2.0**-25)
@@ -45,13 +44,19 @@ def ftz_to_float32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < FTZ_BELOW, torch.zeros_like(rounded), rounded)
 
 
+def fp32_reciprocal(levels: int) -> float:
+    """fl32(1 / levels), the constant GCC -ffast-math multiplies by (INT8: 0x3c010204)."""
+    return float(np.float32(1) / np.float32(levels))
+
+
 def row_scales(amax: torch.Tensor, method: QuantMethod) -> torch.Tensor:
-    """amax (float32, zero or normal) -> kt's scales. The INT8 product is exact in float64, so one
-    rounding to float32 gives fl32(amax * fl32(1/127))."""
+    """amax (float32, zero or normal) -> kt's scales d = amax / method.levels, computed as the method's
+    row says: FP32_RECIPROCAL, fl32(amax * fl32(1/levels)) (the product is exact in float64, so one
+    rounding gives it); FP64_DIVIDE, fl32((double)amax / levels)."""
     a = amax.to(torch.float64)
-    if method is INT8:
-        return ftz_to_float32(a * INT8_RECIP)
-    return ftz_to_float32(a / 112.0)
+    if method.scale_arithmetic == FP32_RECIPROCAL:
+        return ftz_to_float32(a * fp32_reciprocal(method.levels))
+    return ftz_to_float32(a / float(method.levels))
 
 
 def cvt_rne_int32(y: torch.Tensor) -> torch.Tensor:
@@ -67,19 +72,17 @@ def round_4bit(v: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(w: torch.Tensor, method: QuantMethod) -> tuple[torch.Tensor, torch.Tensor, int]:
     """[N, K] bf16/fp32 -> (q int8 [N, K] with INT4 levels -7..7, d float32 [N], non-finite count)."""
-    if method not in (INT4, INT8):
-        raise ValueError(f"unsupported method {method}")
     x, nonfinite = zero_nonfinite(w.to(torch.float32))
     x = flush_subnormal(x)
     d = row_scales(x.abs().amax(dim=1), method)
     # d is 0 or normal, so 1/d is normal and exact IEEE whatever the FTZ state
     inv = torch.where(d != 0, torch.tensor(1.0, dtype=torch.float32) / torch.where(d != 0, d, 1.0), 0.0)
     v = cvt_rne_int32(x * inv[:, None]).clamp(-128, 127)
-    if method is INT4:
+    if method.bits == 4:
         v = round_4bit(v)
     return v.to(torch.int8), d, nonfinite
 
 
 def dequantize_rows(q: torch.Tensor, d: torch.Tensor, method: QuantMethod) -> torch.Tensor:
-    step = d * 16 if method is INT4 else d
+    step = d * (1 << (8 - method.bits))  # INT4 levels -7..7 stand for multiples of 16 of the int8 grid
     return q.to(torch.float32) * step[:, None]

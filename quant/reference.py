@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from kt_runtime.format.layout import full_shape, shard_slice
+from kt_runtime.format.methods import QuantMethod
+
 from .amx_tiling import tile, untile
 from .kt_quant import dequantize_rows, quantize_rows
-from .methods import QuantMethod
-from .numa import full_shape, shard_slice
 
 
 def pack_reference(w: torch.Tensor, method: QuantMethod) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -20,14 +21,14 @@ def dequantize_packed(weight: torch.Tensor, scales: torch.Tensor, n: int, k: int
     return dequantize_rows(untile(weight, n, k, method), torch.as_tensor(scales).reshape(-1), method)
 
 
-def pack_expert_reference(w: torch.Tensor, proj: str, hidden_size: int, intermediate_size: int, numa_count: int,
+def pack_expert_reference(w: torch.Tensor, proj: str, hidden_size: int, intermediate_size: int, threadpool_count: int,
                           method: QuantMethod) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One projection's full bf16 matrix -> per-NUMA-shard (bytes, scales)."""
     if tuple(w.shape) != full_shape(proj, hidden_size, intermediate_size):
         raise ValueError(f"{proj} has shape {tuple(w.shape)}, expected {full_shape(proj, hidden_size, intermediate_size)}")
     out = []
-    for t in range(numa_count):
-        s = shard_slice(proj, hidden_size, intermediate_size, numa_count, t)
+    for t in range(threadpool_count):
+        s = shard_slice(proj, hidden_size, intermediate_size, threadpool_count, t)
         weight, scales, _ = pack_reference(w[s.row0 : s.row0 + s.n, s.col0 : s.col0 + s.k], method)
         out.append((weight, scales))
     return out

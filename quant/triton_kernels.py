@@ -3,7 +3,7 @@
 One program packs one group of 32 rows of one job (a source matrix slice) over its whole K:
 pass 1 decodes the rows and takes their amax; pass 2 decodes them again, quantizes with kt's
 exact fp32 rounding and stores each (32 rows x 64 bytes) step as one 2048-byte AMX tile pair at
-its closed-form offset (research kt_format.md §2). Only packed bytes and scales are written.
+its closed-form offset (docs/FORMAT.md §3). Only packed bytes and scales are written.
 
 Numerics match quant.kt_quant / kernels_cpp bit for bit: kt's DAZ on the quantizer's inputs and FTZ
 on the scale written out by hand, the scale in fp64 (libdevice div_rn, never Triton's approximate '/',
@@ -174,9 +174,12 @@ def _quantize(x, inv, IS_INT4: tl.constexpr):
 @triton.jit
 def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task_base,
                 KIND: tl.constexpr, IS_INT4: tl.constexpr, N_BLOCK: tl.constexpr, EPB: tl.constexpr,
-                STEP: tl.constexpr):
-    """N_BLOCK: rows per N-block (128 / 64); EPB: elements per byte (2 / 1); STEP = 64 * EPB
-    elements per 64-byte step of a tile pair. Programs: one per (job, 32-row group) task."""
+                STEP: tl.constexpr, K_BLOCK: tl.constexpr, LEVELS: tl.constexpr, RECIP_F64_BITS: tl.constexpr):
+    """The method's row (kt_runtime.format.methods) as constants: IS_INT4: 4-bit weights; N_BLOCK: rows per
+    N-block; EPB: elements per byte; STEP = 64 * EPB elements per 64-byte step of a tile pair; K_BLOCK:
+    elements per K-block; LEVELS: d = amax / LEVELS; RECIP_F64_BITS: the fp64 bits of fl32(1 / LEVELS) when
+    the method multiplies by it (FP32_RECIPROCAL), 0 when it divides in fp64 (FP64_DIVIDE).
+    Programs: one per (job, 32-row group) task."""
 
     task = tl.program_id(0).to(tl.int64) + task_base
     job = tl.load(tasks_ptr + 2 * task)
@@ -215,10 +218,10 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
 
     # kt's scale (FTZ): INT8 fl32(amax * fl32(1/127)); INT4 fl32((double)amax / 112.0); id = fl32(1 / d)
     amax = amax_bits.to(tl.float32, bitcast=True).to(tl.float64)  # 0 or normal: exact
-    if IS_INT4:
-        d = _ftz_to_f32(_div_rn(amax, tl.zeros_like(amax) + 112.0))
+    if RECIP_F64_BITS == 0:
+        d = _ftz_to_f32(_div_rn(amax, tl.zeros_like(amax) + LEVELS))
     else:
-        d = _ftz_to_f32(amax * _f64_bits(amax, 0x3F80204080000000))  # fl32(1/127) = 0x3c010204, exact product
+        d = _ftz_to_f32(amax * _f64_bits(amax, RECIP_F64_BITS))  # INT8: fl32(1/127) = 0x3c010204, exact product
     nz = d != 0.0
     inv = _div_rn(tl.zeros_like(amax) + 1.0, tl.where(nz, d, 1.0).to(tl.float64)).to(tl.float32)
     inv = tl.where(nz, inv, 0.0)
@@ -231,8 +234,8 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
     ns = row0 - nb
     inner = (ri // 16) * 1024 + (cj // 4) * 64 + (ri % 16) * 4 + (cj % 4)  # [32, 64] in the tile pair
     for kk in range(0, k, STEP):
-        kb = (kk // 3584) * 3584  # K-block of 3584 elements
-        kbs = tl.minimum(k - kb, 3584)
+        kb = (kk // K_BLOCK) * K_BLOCK
+        kbs = tl.minimum(k - kb, K_BLOCK)
         base = out_off + (nb * k + kb * nbs + ns * kbs + (kk - kb) * 32) // EPB
         x0 = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, col0 + kk + cj, KIND)
         q0 = _quantize(_quantizer_input(x0), inv2, IS_INT4)

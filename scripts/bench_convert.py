@@ -254,7 +254,7 @@ def child(args: dict) -> dict:
     pipeline.make_packer, pipeline.convert_layer = make_packer, convert_layer
     t0 = time.perf_counter()
     report = convert(ConvertOptions(input_path=args["ckpt"], output=Path(args["out"]), quant_method=args["method"],
-                                    threadpool_count=args["numa"], cpuinfer_threads=args["threads"],
+                                    threadpool_count=args["threadpool_count"], cpuinfer_threads=args["threads"],
                                     device=args["device"], progress=False, overwrite=True))
     wall = time.perf_counter() - t0
     stop.set()
@@ -270,10 +270,10 @@ def child(args: dict) -> dict:
     return out
 
 
-def run_child(ckpt: Path, out: Path, device: str, method: str, numa: int, threads: int) -> dict:
+def run_child(ckpt: Path, out: Path, device: str, method: str, threadpool_count: int, threads: int) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    args = {"ckpt": str(ckpt), "out": str(out), "device": device, "method": method, "numa": numa, "threads": threads}
+    args = {"ckpt": str(ckpt), "out": str(out), "device": device, "method": method, "threadpool_count": threadpool_count, "threads": threads}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -291,14 +291,14 @@ def layer_checksums(out: Path) -> dict:
 # -- the kernel alone -----------------------------------------------------------------------------
 
 
-def kernel_throughput(method_name: str, numa: int, experts: int = 16, H: int = 4096, I: int = 2048) -> dict:
+def kernel_throughput(method_name: str, threadpool_count: int, experts: int = 16, H: int = 4096, I: int = 2048) -> dict:
     import numpy as np
     import torch
 
-    from quant import get_method
+    from kt_runtime.format.methods import get_method
     from quant.cpu import PackTarget, SourceMatrix
     from quant.gpu import fill_staging, launch, plan_batch
-    from quant.numa import full_shape, shard_slice
+    from kt_runtime.format.layout import full_shape, shard_slice
 
     method = get_method(method_name)
     rng = np.random.default_rng(0)
@@ -308,8 +308,8 @@ def kernel_throughput(method_name: str, numa: int, experts: int = 16, H: int = 4
             n, k = full_shape(proj, H, I)
             src = SourceMatrix("mxfp4", rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8),
                                rng.integers(118, 133, size=(n, k // 32), dtype=np.uint8))
-            for t in range(numa):
-                s = shard_slice(proj, H, I, numa, t)
+            for t in range(threadpool_count):
+                s = shard_slice(proj, H, I, threadpool_count, t)
                 jobs.append((src.rows(s.row0, s.n), s.col0, s.k, PackTarget.empty(method, s.n, s.k)))
     plan = plan_batch(method, jobs)
     staging = torch.empty(plan.in_bytes, dtype=torch.uint8, pin_memory=True)
@@ -348,6 +348,8 @@ def show(name, value) -> None:
 
 
 def main() -> None:
+    from kt_runtime.format.methods import METHODS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="the converter's --device (default cpu); cuda adds the kernel, the CPU comparison, "
@@ -356,7 +358,7 @@ def main() -> None:
                     help="checkpoint (kept and reused) and outputs (removed) (default: %(default)s)")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer (default 32)")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers (default 2)")
-    ap.add_argument("--quant-method", "--method", default="int4", choices=["int4", "int8"])
+    ap.add_argument("--quant-method", "--method", default="int4", choices=list(METHODS))
     ap.add_argument("--threadpool-count", "--numa", type=int, default=2, help="NUMA split T (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="CPU packing threads (0: all cores)")
     ap.add_argument("--repeat", type=int, default=2, help="page-cache conversions on --device; the best is "
@@ -391,7 +393,7 @@ def main() -> None:
     ckpt = work / f"v4-flash-layer-e{a.experts}-l{a.layers}"
     made_s = None
     if not (ckpt / "config.json").exists():
-        from convert.synthetic import make_v4_flash_checkpoint
+        from synthetic.v4_flash import make_v4_flash_checkpoint
 
         shutil.rmtree(ckpt, ignore_errors=True)
         t0 = time.perf_counter()

@@ -5,7 +5,7 @@ GPU part alone, in the same run.
     python scripts/bench_hybrid.py                    # H=4096, I=2048, 256 experts, top-6, 16 on the GPU
     python scripts/bench_hybrid.py --experts 64 --gpu-experts 8 --json out.json
 
-Weights: a synthetic DeepSeek-V4-Flash layer (MXFP4, convert.synthetic) converted with the real
+Weights: a synthetic DeepSeek-V4-Flash layer (MXFP4, synthetic.v4_flash) converted with the real
 converter into --workdir (reused by later runs with the same settings). Routing: decode (--tokens 1),
 top-k; per token --gpu-hits of the k experts are GPU experts (the hot ones) and the rest distinct CPU
 experts, drawn at random from --routings pre-drawn routings cycled through, so CPU weights stream
@@ -16,7 +16,7 @@ GPU launch, CPU engine and sum (decode: the CUDA-graph path); cpu = the CPU engi
 rows; gpu = the GPU experts alone as the hybrid step runs them (decode: input copies + graph replays),
 gpu_eager = the same experts launched op by op; cpu_all = every top-k expert on the CPU (what the GPU
 experts save); serial = cpu then gpu without overlap; hybrid_launcher = the step through the launcher thread
-(the path before the decode graphs); hybrid_all_threads = the hybrid step with a CPU engine on every core; hybrid_fewer_threads = with two
+(cuda_graphs off); hybrid_all_threads = the hybrid step with a CPU engine on every core; hybrid_fewer_threads = with two
 engine threads fewer;
 handoff_us = a no-op job through the GPU launcher thread and back; stages_us = median host time per stage of
 the hybrid step (HybridMoE.profile) and tail_sync (waiting for the GPU after the call returns).
@@ -63,7 +63,7 @@ def packed_layer(args) -> Path:
     """Convert (once) a synthetic V4-Flash layer with --experts experts; returns the packed dir."""
     import kt_runtime
     from convert.pipeline import ConvertOptions, convert
-    from convert.synthetic import make_v4_flash_checkpoint
+    from synthetic.v4_flash import make_v4_flash_checkpoint
 
     work = Path(args.workdir)
     out = work / f"v4-H{args.hidden}-I{args.intermediate}-E{args.experts}-{args.method}-T{args.threadpool_count}"
@@ -115,6 +115,8 @@ def bench(fn, iters: int, warmup: int, sync) -> dict:
 
 
 def main(argv=None) -> int:
+    from kt_runtime.format.methods import METHODS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--gpu-experts", type=int, default=16)
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1, help="tokens per step (1: decode)")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--method", choices=["int4", "int8"], default="int4")
+    ap.add_argument("--method", choices=list(METHODS), default="int4")
     ap.add_argument("--threadpool-count", type=int, default=1, help="NUMA shards of the packed weights")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU engine threads (default: HybridMoE's, every core but one; 0: all)")
@@ -141,6 +143,8 @@ def main(argv=None) -> int:
 
     import kt_runtime
     from kt_runtime.cpu_moe import CPUMoE
+    from kt_runtime.hybrid.launcher import launcher
+    from kt_runtime.hybrid.routing import cpu_rows
 
     device = torch.device(args.device)
     info = machine_info(device)
@@ -155,8 +159,6 @@ def main(argv=None) -> int:
     capture_s = time.perf_counter() - t0
     threads = h.cpu.num_threads or info["cores"]
     cpu_all = CPUMoE(w, 0, num_threads=h.cpu.num_threads)
-    every_core = CPUMoE(w, 0, num_threads=0)
-    fewer = CPUMoE(w, 0, num_threads=max(1, threads - 2))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     g = torch.Generator().manual_seed(0)
@@ -177,12 +179,12 @@ def main(argv=None) -> int:
     def cpu_part(i):
         cp = parts[i % R][0]
         if cp is not None:
-            h._cpu_compute(x_host, cp)
+            h.cpu.forward(cpu_rows(x_host, cp), cp.ids, cp.weights)
 
     def gpu_eager(i):
         gp = parts[i % R][1]
         if gp is not None:
-            h._gpu_compute(x_dev, gp, out)
+            h.gpu.compute(x_dev, gp, out)
 
     def gpu_part(i):  # as the hybrid step runs it
         if decode:
@@ -195,31 +197,23 @@ def main(argv=None) -> int:
         gpu_part(i)
         sync()
 
-    def hybrid_launcher(i):
-        own, h._decode = h._decode, None
-        try:
-            hybrid(i)
-        finally:
-            h._decode = own
+    def with_settings(graphs, engine_threads):
+        def step(i):
+            own = h.cuda_graphs, h.cpu.num_threads
+            h.cuda_graphs, h.cpu.num_threads = graphs, engine_threads
+            try:
+                hybrid(i)
+            finally:
+                h.cuda_graphs, h.cpu.num_threads = own
+        return step
 
-    def hybrid_all_threads(i):
-        own, h.cpu = h.cpu, every_core
-        try:
-            hybrid(i)
-        finally:
-            h.cpu = own
-
-    def hybrid_fewer_threads(i):  # two engine threads fewer (contention between spinning workers and this thread)
-        own, h.cpu = h.cpu, fewer
-        try:
-            hybrid(i)
-        finally:
-            h.cpu = own
-
-    from kt_runtime.hybrid import _launcher
+    hybrid_launcher = with_settings(False, h.cpu.num_threads)
+    hybrid_all_threads = with_settings(h.cuda_graphs, 0)
+    # two engine threads fewer (contention between spinning workers and this thread)
+    hybrid_fewer_threads = with_settings(h.cuda_graphs, max(1, threads - 2))
 
     def handoff(i):
-        _launcher().submit(int).wait()
+        launcher().submit(int).wait()
 
     def all_cpu(i):
         ids, wt = routes[i % R]

@@ -136,14 +136,14 @@ def packed_bytes(method, n, k):
     return n * k // (2 if method == "int4" else 1) + 4 * n
 
 
-def random_layer(rng, method, E, H, I, numa, pool=None):
+def random_layer(rng, method, E, H, I, threadpool_count, pool=None):
     """pool: a big pre-filled byte buffer the weights are sliced from (fast for multi-GB footprints)."""
-    il = I // numa
+    il = I // threadpool_count
     experts = []
     off = 0
     for _ in range(E):
         per = []
-        for _t in range(numa):
+        for _t in range(threadpool_count):
             six = []
             for n, k in ((il, H), (il, H), (H, il)):
                 nb = n * k // (2 if method == "int4" else 1)
@@ -156,7 +156,7 @@ def random_layer(rng, method, E, H, I, numa, pool=None):
                 six += [w, s]
             per.append(tuple(six))
         experts.append(per)
-    return kt_kernels.MoELayer(method, experts, H, I, numa)
+    return kt_kernels.MoELayer(method, experts, H, I, threadpool_count)
 
 
 def bf16_experts(count, H, I, g):
@@ -176,22 +176,22 @@ def bf16_experts(count, H, I, g):
 
 class DecodeCase:
     def __init__(self, args, method, H, I, threads):
-        E, k, numa = args.experts, args.topk, args.numa
+        E, k, threadpool_count = args.experts, args.topk, args.threadpool_count
         self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, "auto"
-        layer_bytes = E * 3 * (packed_bytes(method, I // numa, H) + 64) * numa
+        layer_bytes = E * 3 * (packed_bytes(method, I // threadpool_count, H) + 64) * threadpool_count
         self.copies = max(2, int(np.ceil(args.footprint_gb * 1e9 / layer_bytes)))
         rng = np.random.default_rng(0)
         self.pool = aligned_bytes(self.copies * layer_bytes, rng)
-        self.layers = [random_layer(rng, method, E, H, I, numa, self.pool[c * layer_bytes:(c + 1) * layer_bytes])
+        self.layers = [random_layer(rng, method, E, H, I, threadpool_count, self.pool[c * layer_bytes:(c + 1) * layer_bytes])
                        for c in range(self.copies)]
         self.x = np.random.default_rng(1).standard_normal((1, H)).astype(np.float32)
         self.ids = [np.sort(np.random.default_rng(i).permutation(E)[:k]).reshape(1, k).astype(np.int64)
                     for i in range(64)]
         self.tw = np.full((1, k), 1.0 / k, np.float32)
         self.i = 0
-        self.touched = k * 3 * packed_bytes(method, I // numa, H) * numa
+        self.touched = k * 3 * packed_bytes(method, I // threadpool_count, H) * threadpool_count
         self.weights = k * 3 * H * I  # weights read per token
-        self.info = {"method": method, "H": H, "I": I, "experts": E, "topk": k, "numa": numa,
+        self.info = {"method": method, "H": H, "I": I, "experts": E, "topk": k, "threadpool_count": threadpool_count,
                      "layer_copies": self.copies, "footprint_GB": self.copies * layer_bytes / 1e9,
                      "touched_MB": self.touched / 1e6,
                      "bytes_between_revisits_MB": (self.copies - 1) * self.touched / 1e6}
@@ -261,8 +261,8 @@ PROFILE_STAGES = ("q", "pack", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait")
 class PrefillCase:
     def __init__(self, args, method, H, I, threads, tokens, layer=None):
         self.method, self.H, self.I, self.threads, self.isa = method, H, I, threads, "auto"
-        E, k, T, numa = args.prefill_experts, args.topk, tokens, args.numa
-        self.layer = layer or random_layer(np.random.default_rng(2), method, E, H, I, numa)
+        E, k, T = args.prefill_experts, args.topk, tokens
+        self.layer = layer or random_layer(np.random.default_rng(2), method, E, H, I, args.threadpool_count)
         x, ids = prefill_inputs(args, T)
         self.x, self.ids = x.numpy(), ids.numpy().astype(np.int64)
         self.tw = np.full((T, k), 1.0 / k, np.float32)
@@ -417,7 +417,7 @@ def main(argv=None):
     ap.add_argument("--inter", default="1024,2048", help="decode intermediate sizes")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--numa", type=int, default=1, help="threadpool_count of the packed layout")
+    ap.add_argument("--threadpool-count", "--numa", type=int, default=1, help="NUMA pools of the packed layout (T)")
     ap.add_argument("--footprint-gb", type=float, default=2.0,
                     help="packed bytes cycled over per decode configuration (>> L3; 2 GB = 6.7x a 300 MB L3)")
     ap.add_argument("--reps", type=int, default=5, help="decode rounds (median reported)")
@@ -513,7 +513,7 @@ def main(argv=None):
         I = args.prefill_inter
         token_counts = [int(v) for v in str(args.prefill_tokens).split(",")]
         # one packed layer per method, shared by every token count
-        layers = {m: random_layer(np.random.default_rng(2), m, args.prefill_experts, args.hidden, I, args.numa)
+        layers = {m: random_layer(np.random.default_rng(2), m, args.prefill_experts, args.hidden, I, args.threadpool_count)
                   for m in methods}
         peak = amx_peak_tflops(info, threads) if info["isa"] == "amx" else None
         core_peak = amx_peak_tflops(info, 1) if info["isa"] == "amx" else None

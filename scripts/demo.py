@@ -48,30 +48,14 @@ def rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def float_moe(w, layer, x, ids, tw):
-    """Σ w · down(silu(clamp(gate x)) · clamp(up x)) in float64 on the dequantized packed weights."""
-    import torch
-    import torch.nn.functional as F
-
-    lim = w.swiglu_limit
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for e in ids.unique().tolist():
-        g, u, d = (w.dequantize(layer, e, p).double() for p in ("gate", "up", "down"))
-        t, j = (ids == e).nonzero(as_tuple=True)
-        gate, up = x[t].double() @ g.T, x[t].double() @ u.T
-        if lim is not None:
-            gate, up = gate.clamp(max=lim), up.clamp(-lim, lim)
-        out.index_add_(0, t, (F.silu(gate) * up) @ d.T * tw[t, j, None].double())
-    return out.float()
-
-
 def part1(work: Path) -> None:
     import torch
 
     import kt_kernels
     import kt_runtime
     from convert.pipeline import ConvertOptions, convert
-    from convert.synthetic import make_v4_flash_checkpoint
+    from kt_runtime.reference import moe_reference
+    from synthetic import make_v4_flash_checkpoint
 
     print("== 1. synthetic DeepSeek-V4-Flash (MXFP4) -> AMXINT4 -> CPUMoE")
     t0 = time.perf_counter()
@@ -93,7 +77,7 @@ def part1(work: Path) -> None:
     for layer in w.layers:
         moe = kt_runtime.CPUMoE(w, layer)
         y = moe.forward(x, ids, tw)
-        e = rel(y, float_moe(w, layer, x, ids, tw))
+        e = rel(y, moe_reference(w, layer, x, ids, tw))
         check(bool(torch.isfinite(y).all()) and e < 0.08,
               f"layer {layer}: CPUMoE ({kt_kernels.best_isa()}) vs float MoE on the dequantized weights: "
               f"relative error {e:.4f} (< 0.08; int8 activations)")

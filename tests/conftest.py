@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A v4-flash-tiny checkpoint (2 layers, 8 experts, H=384, I=512) with one MTP layer, 3 shards."""
-    from convert.synthetic import make_v4_flash_checkpoint
+    from synthetic.v4_flash import make_v4_flash_checkpoint
 
     return make_v4_flash_checkpoint(tmp_path_factory.mktemp("ckpt") / "v4", "v4-flash-tiny", mtp_layers=1, num_shards=3)
 
@@ -149,7 +149,7 @@ def ftz_window_rows(method):
     0, 2^-126 and the first normals, as the hardware decides them."""
     import numpy as np
 
-    from quant import INT8
+    from kt_runtime.format.methods import INT8
 
     lo = 0x03FD0000 if method is INT8 else 0x03DF0000
     amax = np.arange(lo, lo + 0x20000, 0x40, dtype=np.uint32).view(np.float32)[:2048]

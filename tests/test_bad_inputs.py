@@ -10,9 +10,9 @@ import pytest
 import kt_runtime
 from conftest import read_json
 from convert.cli import main
-from convert.synthetic import make_v4_flash_checkpoint
-from kt_runtime.format import INDEX_FILE, MANIFEST_FILE
-from kt_runtime.safetensors_file import SafetensorsFile, save_file
+from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 W1 = "layers.1.ffn.experts.2.w1"  # gate projection of layer 1, expert 2 (official key style)
 
@@ -366,7 +366,7 @@ def test_unwritable_report_path_is_a_user_error(base_checkpoint, tmp_path, capsy
 
 @pytest.mark.parametrize("bits,name", [(0x7FC0, "NaN"), (0xFF80, "-Inf")])
 def test_nonfinite_bf16_source_weights(tmp_path, capsys, bits, name):
-    from convert.synthetic_families import make_family_checkpoint
+    from synthetic.families import make_family_checkpoint
 
     ck = make_family_checkpoint(tmp_path / "q", "qwen3_moe_bf16", num_experts=2, mtp_layers=0).path
     key = "model.layers.1.mlp.experts.1.down_proj.weight"

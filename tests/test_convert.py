@@ -13,10 +13,10 @@ from conftest import ROOT, read_json, tree_hashes
 from convert import pipeline
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
-from convert.synthetic import make_v4_flash_checkpoint
-from kt_runtime.format import merged_key
-from kt_runtime.safetensors_file import SafetensorsFile
-from quant import get_method
+from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_runtime.format.layout import merged_key
+from kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_runtime.format.methods import get_method
 from quant.mxfp4 import decode_mxfp4
 from quant.reference import pack_expert_reference
 
@@ -36,35 +36,35 @@ def run(ckpt, out, **kw):
     return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
 
 
-def assert_matches_reference(ckpt_path, out, method_name, numa, experts=None):
+def assert_matches_reference(ckpt_path, out, method_name, threadpool_count, experts=None):
     method = get_method(method_name)
     w = kt_runtime.load_experts(out)
     H, I = w.hidden_size, w.moe_intermediate_size
     for layer in w.layers:
         for expert in experts if experts is not None else range(w.num_experts):
             for proj in ("gate", "up", "down"):
-                ref = pack_expert_reference(source_bf16(ckpt_path, layer, expert, proj), proj, H, I, numa, method)
+                ref = pack_expert_reference(source_bf16(ckpt_path, layer, expert, proj), proj, H, I, threadpool_count, method)
                 for t, (ref_w, ref_s) in enumerate(ref):
                     got_w, got_s = w.expert_tensors(layer, expert, proj, t)
                     assert np.array_equal(got_w, ref_w.numpy()), (layer, expert, proj, t)
                     assert np.array_equal(got_s, ref_s.numpy()), (layer, expert, proj, t)
 
 
-@pytest.mark.parametrize("method,numa", [("int4", 1), ("int4", 2), ("int4", 4), ("int8", 1), ("int8", 2), ("int8", 4)])
-def test_merged_output_matches_reference(tiny_checkpoint, tmp_path, method, numa):
-    report = run(tiny_checkpoint.path, tmp_path / "out", quant_method=method, threadpool_count=numa)
+@pytest.mark.parametrize("method,threadpool_count", [("int4", 1), ("int4", 2), ("int4", 4), ("int8", 1), ("int8", 2), ("int8", 4)])
+def test_merged_output_matches_reference(tiny_checkpoint, tmp_path, method, threadpool_count):
+    report = run(tiny_checkpoint.path, tmp_path / "out", quant_method=method, threadpool_count=threadpool_count)
     assert report.layers_converted == 2 and report.mtp_tensors_skipped == 48
-    assert_matches_reference(tiny_checkpoint.path, tmp_path / "out", method, numa,
-                             experts=None if numa == 2 else [0, 7])
+    assert_matches_reference(tiny_checkpoint.path, tmp_path / "out", method, threadpool_count,
+                             experts=None if threadpool_count == 2 else [0, 7])
     out = tmp_path / "out"
     manifest = read_json(out / "kt_manifest.json")
     assert manifest["kt_method"] == ("AMXINT4" if method == "int4" else "AMXINT8")
-    assert manifest["threadpool_count"] == numa and manifest["complete"] is True
+    assert manifest["threadpool_count"] == threadpool_count and manifest["complete"] is True
     index = read_json(out / "model.safetensors.index.json")
     assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
                                                          "model-00002-of-00002.safetensors"]
     shard = SafetensorsFile(out / "model-00002-of-00002.safetensors")
-    assert shard.metadata["layer"] == "1" and shard.metadata["threadpool_count"] == str(numa)
+    assert shard.metadata["layer"] == "1" and shard.metadata["threadpool_count"] == str(threadpool_count)
     assert index["metadata"]["total_size"] == sum(i.nbytes for i in shard.tensors.values()) * 2
     assert all(i.offset % 64 == 0 for i in shard.tensors.values())
     assert (out / "config.json").read_bytes() == (tiny_checkpoint.path / "config.json").read_bytes()
@@ -143,12 +143,12 @@ def test_interrupted_run_resumes_to_identical_bytes(tiny_checkpoint, tmp_path, m
     real = pipeline.convert_layer
     calls = []
 
-    def crash_on_second_layer(ckpt, plan, lp, writer, *a, **kw):
+    def crash_on_second_layer(reader, plan, lp, outputs, *a, **kw):
         calls.append(lp.layer)
         if len(calls) == 2:
-            real(ckpt, plan, lp, writer, *a, **kw)
+            real(reader, plan, lp, outputs, *a, **kw)
             raise KeyboardInterrupt  # after the data, before the shard is committed
-        return real(ckpt, plan, lp, writer, *a, **kw)
+        return real(reader, plan, lp, outputs, *a, **kw)
 
     monkeypatch.setattr(pipeline, "convert_layer", crash_on_second_layer)
     with pytest.raises(KeyboardInterrupt):
@@ -288,3 +288,75 @@ def test_overwrite_replaces_only_what_a_conversion_writes(tiny_checkpoint, tmp_p
     assert (out / "notes.txt").read_text() == "mine"
     assert not (out / "model-00001-of-00009.safetensors").exists() and not (out / "_layer_7").exists()
     assert kt_runtime.load_experts(out).threadpool_count == 2
+
+
+def test_cli_group_runs_the_conversion_by_default(tiny_checkpoint, tmp_path):
+    """kt's command line is the group's default command: the console script `convert-cpu-weights -i X -o Y`,
+    `python -m convert -i X -o Y` and the named subcommand `convert` write the same bytes; --help is the
+    conversion's own."""
+    from pathlib import Path
+
+    from convert.cli import cli
+    from convert.cli.conversion import convert_command
+
+    assert cli.default == "convert" and cli.commands == {"convert": convert_command}
+    script = Path(sys.executable).parent / "convert-cpu-weights"
+    flags = ["-i", str(tiny_checkpoint.path), "--threadpool-count", "2", "--quant-method", "int8", "--no-progress"]
+    outs = [tmp_path / name for name in ("script", "module", "subcommand")]
+    runs = [[sys.executable, "-m", "convert", *flags, "-o", str(outs[1])]]
+    if script.exists():  # installed (pip install -e .)
+        runs.append([str(script), *flags, "-o", str(outs[0])])
+    for cmd in runs:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert main(["convert", *flags, "-o", str(outs[2])]) == 0
+    assert tree_hashes(outs[1]) == tree_hashes(outs[2])
+    if script.exists():
+        assert tree_hashes(outs[0]) == tree_hashes(outs[1])
+        helped = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+        assert helped.returncode == 0 and helped.stdout.startswith("Usage: convert-cpu-weights [OPTIONS]")
+        assert "--input-path" in helped.stdout and "--threadpool-count" in helped.stdout
+
+
+def test_one_read_of_a_layer_feeds_several_outputs(tiny_checkpoint, tmp_path):
+    """The per-layer loop's seams (convert.layer_io): convert_layer packs every batch the LayerReader reads
+    into each LayerOutput; two outputs of one read hold the bytes of two separate runs."""
+    from convert.layer_io import LayerOutput, LayerReader
+    from convert.packers import make_packer
+    from convert.plan import build_plan
+    from convert.progress import Progress
+    from convert.source import open_checkpoint
+    from kt_runtime.format.methods import INT4, INT8
+
+    refs = {(INT4, 2): tmp_path / "int4", (INT8, 1): tmp_path / "int8"}
+    for (method, t), out in refs.items():
+        run(tiny_checkpoint.path, out, quant_method=method.name, threadpool_count=t, merge=method is INT4)
+
+    class Recorder:
+        def __init__(self):
+            self.pairs = {}
+
+        def write_pair(self, proj, expert, numa, weight, scale):
+            self.pairs[(expert, proj, numa)] = (weight.copy(), scale.copy())
+
+    ckpt = open_checkpoint(str(tiny_checkpoint.path))
+    try:
+        plan = build_plan(ckpt, INT4, 2, "merged")
+        reader = LayerReader(ckpt, plan, plan.layers, pipeline.experts_per_batch(plan), threads=2)
+        packer = make_packer("cpu")
+        opts = ConvertOptions(input_path=str(tiny_checkpoint.path), output=tmp_path / "unused")
+        for lp in plan.layers:
+            outputs = [LayerOutput(m, t, Recorder()) for m, t in refs]
+            pipeline.convert_layer(reader, plan, lp, outputs, opts, Progress(0, 0, False), {}, packer)
+            for out, path in zip(outputs, refs.values()):
+                w = kt_runtime.load_experts(path)
+                assert len(out.writer.pairs) == w.num_experts * 3 * out.threadpool_count
+                for (expert, proj, t), (weight, scale) in out.writer.pairs.items():
+                    ref_w, ref_s = w.expert_tensors(lp.layer, expert, proj, t)
+                    assert np.array_equal(weight, ref_w) and np.array_equal(scale, ref_s), (path, expert, proj, t)
+        with pytest.raises(RuntimeError, match="out of order"):
+            next(reader.batches(plan.layers[0]))
+        reader.close()
+        packer.close()
+    finally:
+        ckpt.close()

@@ -22,7 +22,7 @@ import torch
 
 import kt_kernels
 from kt_runtime.cpu_moe import CPUMoE
-from quant import get_method
+from kt_runtime.format.methods import get_method
 from quant.amx_tiling import untile
 from quant.reference import dequantize_packed, merge_shards
 
@@ -49,14 +49,14 @@ def _bf16_bits(t: torch.Tensor) -> np.ndarray:
 class FakeExperts:
     """Stand-in for kt_runtime.load_experts(): same attributes and methods, packed with kt_kernels.pack."""
 
-    def __init__(self, method="int4", hidden=256, inter=256, experts=4, numa=1, layers=(0,), topk=2,
+    def __init__(self, method="int4", hidden=256, inter=256, experts=4, threadpool_count=1, layers=(0,), topk=2,
                  swiglu_limit=None, seed=0):
-        self.method, self.threadpool_count = method, numa
+        self.method, self.threadpool_count = method, threadpool_count
         self.hidden_size, self.moe_intermediate_size = hidden, inter
         self.num_experts, self.num_experts_per_tok = experts, topk
         self.layers, self.activation, self.swiglu_limit = list(layers), "silu", swiglu_limit
         g = torch.Generator().manual_seed(seed)
-        il = inter // numa
+        il = inter // threadpool_count
         nbytes = 1 if method == "int8" else 2
         self._t = {}
         for layer in layers:
@@ -67,7 +67,7 @@ class FakeExperts:
                 jobs, keys = [], []
                 for p, w in mats.items():
                     bits = _bf16_bits(w)
-                    for t in range(numa):
+                    for t in range(threadpool_count):
                         if p == "down":
                             src, col0, n, k = bits, t * il, hidden, il
                         else:
@@ -143,7 +143,7 @@ def make_x(tokens, hidden, seed=2):
 
 
 CASES = [
-    # method, hidden, inter, experts, numa, tokens, topk, limit
+    # method, hidden, inter, experts, threadpool_count, tokens, topk, limit
     ("int4", 256, 256, 4, 1, 1, 2, None),
     ("int8", 256, 256, 4, 1, 1, 2, None),
     ("int4", 256, 512, 4, 2, 5, 2, None),
@@ -391,7 +391,7 @@ def test_bad_weights():
 
 
 PREFILL_CASES = [
-    # method, hidden, inter, experts, numa, tokens, topk, limit: rows per expert with 8/16/32 tails
+    # method, hidden, inter, experts, threadpool_count, tokens, topk, limit: rows per expert with 8/16/32 tails
     ("int4", 3840, 256, 4, 2, 37, 3, 0.5),   # K-block tail, numa 2
     ("int8", 3840, 128, 3, 1, 45, 2, None),
     ("int4", 256, 512, 5, 4, 70, 3, None),

@@ -19,8 +19,8 @@ import kt_runtime
 from conftest import ROOT, read_json, tree_hashes
 from convert import writer as writer_mod
 from convert.cli import main
-from convert.synthetic import make_v4_flash_checkpoint
-from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,9 @@ def spawn(ck, out, layout):
 
 
 def is_temporary(rel: str) -> bool:
-    return any(part.endswith(".tmp") for part in Path(rel).parts)
+    """The temporary names of docs/FORMAT.md §5 (a kill between KtFolderWriter.commit's two renames leaves
+    a whole earlier copy as _layer_L.old/)."""
+    return any(part.endswith(".tmp") or LAYER_DIR_TEMPORARY.match(part) for part in Path(rel).parts)
 
 
 def check_never_looks_complete(out: Path, reference: dict[str, str]) -> str:
@@ -241,7 +243,7 @@ def test_write_failure_is_clean_and_a_rerun_completes(tiny_checkpoint, tmp_path,
 
 def test_write_failure_in_the_manifest_keeps_the_old_one(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """ENOSPC while the manifest itself is rewritten: the previous manifest stays intact."""
-    from kt_runtime import manifest as manifest_mod
+    from kt_runtime.format import manifest as manifest_mod
 
     out = tmp_path / "out"
     real = manifest_mod.atomic_write_text

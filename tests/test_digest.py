@@ -4,8 +4,8 @@ import hashlib
 
 import numpy as np
 
-from kt_runtime import digest
-from kt_runtime.digest import TreeHasher, tree_sha256_files
+from kt_runtime.format import digest
+from kt_runtime.format.digest import TreeHasher, tree_sha256_files
 
 
 def manual(files: list[bytes], block: int) -> str:

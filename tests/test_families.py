@@ -15,8 +15,8 @@ from convert.families import FAMILIES
 from convert.pipeline import ConvertOptions, convert
 from convert.plan import build_plan
 from convert.source import open_checkpoint
-from convert.synthetic_families import VARIANTS, make_family_checkpoint
-from quant import INT4, INT8, get_method
+from synthetic.families import VARIANTS, make_family_checkpoint
+from kt_runtime.format.methods import INT4, INT8, get_method
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import (decode_f16, decode_fp8_block, decode_int4_group, e4m3_to_float32, encode_int4_words,
                             unpack_int4_words)
@@ -144,7 +144,7 @@ def _convert(ck, out, **kw):
     return convert(ConvertOptions(input_path=str(ck.path), output=out, progress=False, **kw))
 
 
-def assert_family_matches_reference(ck, out, method_name, numa):
+def assert_family_matches_reference(ck, out, method_name, threadpool_count):
     method = get_method(method_name)
     w = kt_runtime.load_experts(out)
     assert w.layers == ck.layers
@@ -154,7 +154,7 @@ def assert_family_matches_reference(ck, out, method_name, numa):
         for expert in range(ck.num_experts):
             for proj in ("gate", "up", "down"):
                 ref = pack_expert_reference(ck.reference(layer, expert, proj), proj, ck.hidden_size,
-                                            ck.intermediate_size, numa, method)
+                                            ck.intermediate_size, threadpool_count, method)
                 for t, (ref_w, ref_s) in enumerate(ref):
                     got_w, got_s = w.expert_tensors(layer, expert, proj, t)
                     assert np.array_equal(got_w, ref_w.numpy()), (layer, expert, proj, t)
@@ -221,7 +221,7 @@ def test_per_expert_keys_of_an_unknown_model_type_are_recognised(tmp_path):
 
 
 def test_unknown_family_lists_what_is_supported(tmp_path, capsys):
-    from kt_runtime.safetensors_file import save_file
+    from kt_runtime.format.safetensors_file import save_file
 
     (tmp_path / "ck").mkdir()
     save_file(tmp_path / "ck" / "model.safetensors",

@@ -13,10 +13,10 @@ import pytest
 
 import kt_runtime
 from convert.pipeline import ConvertOptions, convert
-from convert.synthetic import make_v4_flash_checkpoint
+from synthetic.v4_flash import make_v4_flash_checkpoint
 from kt_runtime import PackedWeightsError
-from kt_runtime.format import MANIFEST_FILE, merged_key
-from kt_runtime.safetensors_file import SafetensorsFile, save_file
+from kt_runtime.format.layout import MANIFEST_FILE, merged_key
+from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 SHARD0, SHARD1 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
@@ -74,7 +74,7 @@ def load_quietly(out, verify=True):
     (lambda d: d.update(num_experts=1), "num_experts_per_tok 2 exceeds num_experts 1"),
     (lambda d: d.update(num_experts_per_tok=1), "__metadata__ num_experts_per_tok"),
     (lambda d: d.update(activation="gelu"), "__metadata__ activation"),
-    (lambda d: d.update(hidden_size=400), "multiples of 128"),
+    (lambda d: d.update(hidden_size=400), "hidden_size 400 is not a multiple of 128, which int4 needs"),
     (lambda d: d.update(layers=[0, 1, 2], model_layers=[0, 1, 2], complete=False), "layer 2 was never completed"),
     (lambda d: d.update(layers=[0, 1, 2]), "complete is true but not every layer"),
     (lambda d: d.update(layers=[0]), "completed layer 1 is not among the planned layers"),

@@ -13,13 +13,13 @@ import torch
 
 from conftest import (fp8_subnormal_decode_rows, ftz_window_rows, kt_special_rows, random_bf16,
                       tree_hashes)
-from quant import INT4, INT8
+from kt_runtime.format.methods import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import encode_int4_words
 from quant.amx_tiling import untile
 from quant.gpu import pack_gpu, plan_batch
 from quant.mxfp4 import decode_mxfp4
-from quant.numa import full_shape, shard_slice
+from kt_runtime.format.layout import full_shape, shard_slice
 from quant.reference import pack_reference
 
 DEVICE = os.environ.get("KT_GPU_TEST_DEVICE", "cuda")
@@ -214,32 +214,32 @@ def _expert_sources(kind, H, I, seed):
 
 
 @gpu
-@pytest.mark.parametrize("numa", [1, 2, 4])
+@pytest.mark.parametrize("threadpool_count", [1, 2, 4])
 @pytest.mark.parametrize("method", [INT4, INT8])
 @pytest.mark.parametrize("kind", ["mxfp4", "bf16"])
-def test_gpu_numa_batches_match_cpu(kind, method, numa):
+def test_gpu_numa_batches_match_cpu(kind, method, threadpool_count):
     """A batch as convert_layer builds it: gate/up split by rows, down by columns, T shards."""
     H, I = (384, 512) if INTERPRETED else (1024, 1536)
     jobs = []
     for expert in range(2):
         srcs = _expert_sources(kind, H, I, seed=expert)
         for proj in ("gate", "up", "down"):
-            for t in range(numa):
-                s = shard_slice(proj, H, I, numa, t)
+            for t in range(threadpool_count):
+                s = shard_slice(proj, H, I, threadpool_count, t)
                 jobs.append((srcs[proj].rows(s.row0, s.n), s.col0, s.k))
     _assert_gpu_equals_cpu(method, jobs)
 
 
 def test_plan_stages_shared_sources_once_and_validates():
-    H, I, numa = 384, 512, 4
+    H, I, threadpool_count = 384, 512, 4
     srcs = _expert_sources("mxfp4", H, I, seed=1)
     jobs = []
-    for t in range(numa):
-        s = shard_slice("down", H, I, numa, t)
+    for t in range(threadpool_count):
+        s = shard_slice("down", H, I, threadpool_count, t)
         jobs.append((srcs["down"].rows(s.row0, s.n), s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
     plan = plan_batch(INT4, jobs)
     assert plan.input_bytes == srcs["down"].weight.nbytes + srcs["down"].scales.nbytes
-    assert plan.num_tasks == numa * H // 32 and plan.out_bytes % 64 == 0
+    assert plan.num_tasks == threadpool_count * H // 32 and plan.out_bytes % 64 == 0
     bad = [((SourceMatrix("bf16", np.zeros((48, 128), np.uint16)), 0, 128), "multiple of 32"),
            ((SourceMatrix("bf16", np.zeros((64, 192), np.uint16)), 0, 96), "multiple of 128"),
            ((SourceMatrix("mxfp4", np.zeros((64, 128), np.uint8), np.full((64, 8), 127, np.uint8)), 16, 128),
@@ -259,7 +259,7 @@ def test_plan_stages_shared_sources_once_and_validates():
 def test_streaming_packer_matches_cpu_across_chunks_and_calls(slots):
     from convert.packers import CudaPacker
 
-    H, I, numa = 1024, 1536, 2
+    H, I, threadpool_count = 1024, 1536, 2
     packer = CudaPacker(chunk_bytes=1 << 20, slots=slots, threads=4)  # many chunks: every slot is reused
     try:
         for experts in (5, 1, 3):  # buffers grow and shrink between calls
@@ -267,8 +267,8 @@ def test_streaming_packer_matches_cpu_across_chunks_and_calls(slots):
             for expert in range(experts):
                 srcs = _expert_sources("mxfp4" if expert % 2 else "bf16", H, I, seed=10 * experts + expert)
                 for proj in ("gate", "up", "down"):
-                    for t in range(numa):
-                        s = shard_slice(proj, H, I, numa, t)
+                    for t in range(threadpool_count):
+                        s = shard_slice(proj, H, I, threadpool_count, t)
                         src = srcs[proj].rows(s.row0, s.n)
                         jobs_cpu.append((src, s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
                         jobs_gpu.append((src, s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
@@ -288,19 +288,19 @@ def _convert(ckpt, out, **kw):
 
 @gpu
 @real_gpu
-@pytest.mark.parametrize("storage,method,numa", [("I8", "int4", 2), ("U8", "int8", 2), ("F4", "int4", 4),
+@pytest.mark.parametrize("storage,method,threadpool_count", [("I8", "int4", 2), ("U8", "int8", 2), ("F4", "int4", 4),
                                                  ("I8", "int8", 1), ("I8", "int4", 1), ("U8", "int8", 4)])
-def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, numa):
-    from convert.synthetic import make_v4_flash_checkpoint
+def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_count):
+    from synthetic.v4_flash import make_v4_flash_checkpoint
 
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", storage=storage, mtp_layers=1, num_shards=3)
-    cpu = _convert(ckpt.path, tmp_path / "cpu", quant_method=method, threadpool_count=numa, device="cpu")
-    gpu_report = _convert(ckpt.path, tmp_path / "gpu", quant_method=method, threadpool_count=numa, device="cuda")
+    cpu = _convert(ckpt.path, tmp_path / "cpu", quant_method=method, threadpool_count=threadpool_count, device="cpu")
+    gpu_report = _convert(ckpt.path, tmp_path / "gpu", quant_method=method, threadpool_count=threadpool_count, device="cuda")
     assert (cpu.device, gpu_report.device) == ("cpu", "cuda")
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
-    kt = _convert(ckpt.path, tmp_path / "gpu_kt", quant_method=method, threadpool_count=numa, device="cuda",
+    kt = _convert(ckpt.path, tmp_path / "gpu_kt", quant_method=method, threadpool_count=threadpool_count, device="cuda",
                   merge=False)
-    ref = _convert(ckpt.path, tmp_path / "cpu_kt", quant_method=method, threadpool_count=numa, device="cpu",
+    ref = _convert(ckpt.path, tmp_path / "cpu_kt", quant_method=method, threadpool_count=threadpool_count, device="cpu",
                    merge=False)
     assert kt.layers_converted == ref.layers_converted
     assert tree_hashes(tmp_path / "gpu_kt") == tree_hashes(tmp_path / "cpu_kt")
@@ -311,7 +311,7 @@ def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, numa):
 def test_convert_every_family_on_cuda_equals_cpu(tmp_path):
     """Every synthetic family the CPU path converts (BF16, FP16, FP8 block, INT4 group, MXFP4)
     gives the same bytes on the GPU."""
-    families = pytest.importorskip("convert.synthetic_families")
+    families = pytest.importorskip("synthetic.families")
     done = []
     for variant in sorted(families.VARIANTS):
         ckpt = families.make_family_checkpoint(tmp_path / variant / "ckpt", variant)

@@ -25,13 +25,13 @@ import kt_runtime
 from conftest import ROOT, read_json
 from convert.cli import main
 from convert.errors import UserError
-from convert.synthetic import make_v4_flash_checkpoint
-from convert.synthetic_families import make_family_checkpoint
-from kt_runtime.format import INDEX_FILE, MANIFEST_FILE
-from kt_runtime.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, InputFileError,
-                                    containment_root, read_json as read_json_file, relative_name_problem,
-                                    resolve_inside)
-from kt_runtime.safetensors_file import SafetensorsChangedError, SafetensorsFile
+from synthetic.v4_flash import make_v4_flash_checkpoint
+from synthetic.families import make_family_checkpoint
+from kt_runtime.format.errors import InputFileError, SafetensorsChangedError
+from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, containment_root,
+                                           read_json as read_json_file, relative_name_problem, resolve_inside)
+from kt_runtime.format.safetensors_file import SafetensorsFile
 from test_bad_inputs import assert_nothing_complete
 
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -739,10 +739,10 @@ from convert import pipeline
 from convert.cli import main
 pipeline.BATCH_BYTES = 1  # one expert per batch: reads are still in flight when the file changes
 real, calls = pipeline.convert_layer, []
-def hook(ckpt, plan, lp, *a, **kw):
+def hook(reader, plan, lp, *a, **kw):
     calls.append(lp.layer)
     if len(calls) == 2:  # the second layer: cut or rewrite the shard holding its experts
-        path = ckpt.file_of(lp.experts[0]["gate"].weight_key).path
+        path = reader.ckpt.file_of(lp.experts[0]["gate"].weight_key).path
         if {mode!r} == "shrink":
             os.truncate(path, os.path.getsize(path) // 2)
         else:
@@ -750,7 +750,7 @@ def hook(ckpt, plan, lp, *a, **kw):
                 f.seek(os.path.getsize(path) - 64)
                 f.write(bytes(64))
             os.utime(path, ns=(0, 10**18))
-    return real(ckpt, plan, lp, *a, **kw)
+    return real(reader, plan, lp, *a, **kw)
 pipeline.convert_layer = hook
 sys.exit(main(sys.argv[1:]))
 """

@@ -17,9 +17,10 @@ import pytest
 import kt_runtime
 from conftest import read_json, tree_hashes
 from convert.cli import main
-from kt_runtime import fsio
-from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
-from kt_runtime.fsio import UnsafePathError
+from kt_runtime.format import fsio
+from kt_runtime.format.errors import UnsafePathError
+from kt_runtime.format.layout import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+
 
 SHARD0 = "model-00001-of-00002.safetensors"
 
@@ -248,7 +249,7 @@ def test_output_reached_through_a_link_to_a_directory_works(tiny_checkpoint, tmp
     assert read_json(real / MANIFEST_FILE)["complete"] is True
 
 
-# --- the helpers themselves (kt_runtime.fsio): links planted at the moment of writing ---
+# --- the helpers themselves (kt_runtime.format.fsio): links planted at the moment of writing ---
 
 def test_fsio_create_new_replaces_a_stale_file_and_refuses_a_link(tmp_path, victim):
     f, d = victim
@@ -298,8 +299,8 @@ def test_fsio_replace_remove_and_atomic_write_refuse_links(tmp_path, victim):
 
 def test_unsafe_path_error_is_a_value_error_for_library_callers(tmp_path, victim):
     """kt_runtime writers (routing statistics, safetensors) follow the same rule."""
-    from kt_runtime.placement import ExpertStats
-    from kt_runtime.safetensors_file import save_file
+    from kt_runtime.hybrid.placement import ExpertStats
+    from kt_runtime.format.safetensors_file import save_file
 
     f, _ = victim
     before = snapshot(f)

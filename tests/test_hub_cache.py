@@ -10,7 +10,7 @@ import kt_runtime
 from convert.cli import main
 from convert.errors import UserError
 from convert.source import hub_cache_dir, open_checkpoint, resolve_input
-from convert.synthetic_families import make_family_checkpoint
+from synthetic.families import make_family_checkpoint
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 OTHER_SHA = "fedcba9876543210fedcba9876543210fedcba98"

@@ -1,4 +1,4 @@
-"""HybridMoE (kt_runtime/hybrid.py) and placement (kt_runtime/placement.py).
+"""HybridMoE and placement (kt_runtime/hybrid/).
 
 Weights: the v4-flash-tiny synthetic checkpoint (H=384, I=512, 8 experts, 2 layers, swiglu_limit)
 converted to int8 and int4 with 2 NUMA shards. The "GPU" experts run on device="cpu" here (same
@@ -17,11 +17,12 @@ import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import kt_runtime
 from kt_runtime import ExpertStats, HybridMoE, gpu_expert_mask
 from kt_runtime.cpu_moe import CPUMoE
+from kt_runtime.hybrid import routing as split_module
+from kt_runtime.reference import moe_reference
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
@@ -42,23 +43,21 @@ def routing(T, E, k, seed=0):
     return x, ids, w
 
 
-def float_moe(w, layer, x, ids, tw):
-    """Σ w · down(silu(clamp(gate x)) · clamp(up x)) on the dequantized packed weights, float64."""
-    L = w.swiglu_limit
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for e in ids.unique().tolist():
-        g, u, d = (w.dequantize(layer, e, p).double() for p in ("gate", "up", "down"))
-        t, j = (ids == e).nonzero(as_tuple=True)
-        xs = x[t].double()
-        gate, up = xs @ g.T, xs @ u.T
-        if L is not None:
-            gate, up = gate.clamp(max=L), up.clamp(-L, L)
-        out.index_add_(0, t, (F.silu(gate) * up) @ d.T * tw[t, j, None].double())
-    return out.float()
+float_moe = moe_reference
 
 
 def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_library_reference_moe(packed):
+    """kt_runtime.reference.moe_reference against test_cpu_moe's float model (written separately)."""
+    from test_cpu_moe import float_moe as separate_float_moe
+
+    x, ids, w = routing(5, 8, 2, seed=13)
+    ref = moe_reference(packed, 1, x, ids, w)
+    assert ref.dtype == torch.float32 and ref.shape == (5, 384) and packed.swiglu_limit is not None
+    assert rel(ref, separate_float_moe(packed, 1, x, ids, w, limit=packed.swiglu_limit)) < 1e-6
 
 
 def test_no_gpu_experts_is_cpumoe_exactly(packed):
@@ -136,7 +135,7 @@ def test_gpu_part_overlaps_cpu_part(packed, monkeypatch):
     """The GPU experts are queued by the launcher thread while the calling thread runs the CPU engine."""
     h = HybridMoE(packed, 0, num_gpu_experts=[0, 1, 2, 3], device="cpu", gpu_dtype=torch.float32)
     seen = {}
-    orig_cpu, orig_gpu = h.cpu.forward, h._gpu_compute
+    orig_cpu, orig_gpu = h.cpu.forward_f32, h.gpu.compute
     cpu_started, gpu_started = threading.Event(), threading.Event()
 
     def cpu_forward(*a):
@@ -151,8 +150,8 @@ def test_gpu_part_overlaps_cpu_part(packed, monkeypatch):
         assert cpu_started.wait(5), "the CPU part did not start while the GPU part ran"
         return orig_gpu(*a)
 
-    monkeypatch.setattr(h.cpu, "forward", cpu_forward)
-    monkeypatch.setattr(h, "_gpu_compute", gpu_compute)
+    monkeypatch.setattr(h.cpu, "forward_f32", cpu_forward)
+    monkeypatch.setattr(h.gpu, "compute", gpu_compute)
     x, ids, w = routing(6, 8, 2, seed=4)
     ids[:, 0] = 0  # every token has a GPU expert
     ids[:, 1] = 5  # and a CPU one
@@ -168,8 +167,8 @@ def test_all_gpu_rows_run_inline(packed, monkeypatch):
     """No CPU rows: the GPU part runs in the calling thread (no hand-off)."""
     h = HybridMoE(packed, 0, num_gpu_experts=[0, 1], device="cpu", gpu_dtype=torch.float32)
     seen = []
-    orig = h._gpu_compute
-    monkeypatch.setattr(h, "_gpu_compute", lambda *a: seen.append(threading.current_thread().name) or orig(*a))
+    orig = h.gpu.compute
+    monkeypatch.setattr(h.gpu, "compute", lambda *a: seen.append(threading.current_thread().name) or orig(*a))
     x, _, w = routing(3, 8, 2, seed=6)
     ids = torch.tensor([[0, 1], [1, 0], [0, 1]])
     assert rel(h(x, ids, w), float_moe(packed, 0, x, ids, w)) < 1e-5
@@ -198,7 +197,7 @@ def test_gpu_errors_propagate_and_launcher_survives(packed, monkeypatch):
     def boom(*a):
         raise RuntimeError("gpu part failed")
 
-    monkeypatch.setattr(h, "_gpu_compute", boom)
+    monkeypatch.setattr(h.gpu, "compute", boom)
     with pytest.raises(RuntimeError, match="gpu part failed"):
         h(x, ids, w)
     monkeypatch.undo()
@@ -221,7 +220,7 @@ def test_cpu_errors_propagate(packed, monkeypatch):
     def boom(*a):
         raise RuntimeError("cpu engine failed")
 
-    monkeypatch.setattr(h.cpu, "forward", boom)
+    monkeypatch.setattr(h.cpu, "forward_f32", boom)
     x, ids, w = routing(3, 8, 2)
     with pytest.raises(RuntimeError, match="cpu engine failed"):
         h(x, ids, w)
@@ -344,9 +343,11 @@ def test_split_paths_agree_and_prefill(packed):
     """The Python (decode) and numpy (prefill) routing splits give the same result."""
     h = HybridMoE(packed, 1, num_gpu_experts=[1, 4, 6], device="cpu", gpu_dtype=torch.float32)
     x, ids, w = routing(40, 8, 3, seed=9)
-    for a, b in zip(h._split_small(ids, w), h.split(ids, w)):
+    small = split_module.split_python(ids, w, h.slots.slot_list)
+    assert len(ids.reshape(-1)) > split_module.SMALL  # h.split takes numpy here
+    for a, b in zip(small, h.split(ids, w)):
         assert a[:2] is not None and all(torch.equal(u, v) for u, v in zip(a[:2], b[:2]))
-    assert h._split_small(ids, w)[1][2] == h.split(ids, w)[1][2]
+    assert small[1].groups == h.split(ids, w)[1].groups == split_module.split_numpy(ids, w, h.slots.slot_np)[1].groups
     on_gpu = torch.isin(ids, torch.tensor([1, 4, 6]))
     expect = CPUMoE(packed, 1).forward(x, ids, torch.where(on_gpu, 0.0, w)) + \
         float_moe(packed, 1, x, ids, torch.where(on_gpu, w, 0.0))
@@ -403,7 +404,7 @@ def test_decode_path_equals_launcher_path(packed):
                 assert torch.equal(y, cpu.forward(x, i, w))
     assert dec.calls == eager.calls and torch.equal(dec.counts, eager.counts)
     # the per-slot bodies that ran: (slot, first) keys only for the hits seen
-    assert set(dec._decode.graphs) <= {(s, f) for s in range(3) for f in (True, False)}
+    assert set(dec.decode_graphs.graphs) <= {(s, f) for s in range(3) for f in (True, False)}
     assert dec.capture_decode_graphs() == 6 and eager.capture_decode_graphs() == 0
 
 
@@ -411,16 +412,16 @@ def test_decode_path_runs_gpu_part_first_in_the_calling_thread(packed, monkeypat
     """Decode: the GPU part is queued by the calling thread before the CPU engine starts; no launcher job."""
     _, dec = _decode_pair(packed, layer=0, gpu=(0, 1, 2, 3), gpu_dtype=torch.float32)
     seen = []
-    orig_launch, orig_cpu = dec._decode.launch, dec.cpu.forward
-    monkeypatch.setattr(dec._decode, "launch",
+    orig_launch, orig_cpu = dec.decode_graphs.launch, dec.cpu.forward_f32
+    monkeypatch.setattr(dec.decode_graphs, "launch",
                         lambda *a: seen.append(("gpu", threading.current_thread().name)) or orig_launch(*a))
-    monkeypatch.setattr(dec.cpu, "forward",
+    monkeypatch.setattr(dec.cpu, "forward_f32",
                         lambda *a: seen.append(("cpu", threading.current_thread().name)) or orig_cpu(*a))
 
     def no_launcher():
         raise AssertionError("the decode path must not use the launcher thread")
 
-    monkeypatch.setattr(kt_runtime.hybrid, "_launcher", no_launcher)
+    monkeypatch.setattr(kt_runtime.hybrid.layer, "launcher", no_launcher)
     x, _, w = routing(1, 8, 3, seed=22)
     ids = torch.tensor([[5, 2, 0]])
     y = dec(x, ids, w)
@@ -446,7 +447,7 @@ def test_decode_profile_stages_and_errors(packed, monkeypatch):
     def boom(*a):
         raise RuntimeError("cpu engine failed")
 
-    monkeypatch.setattr(dec.cpu, "forward", boom)
+    monkeypatch.setattr(dec.cpu, "forward_f32", boom)
     with pytest.raises(RuntimeError, match="cpu engine failed"):
         dec(x, ids, w)
     monkeypatch.undo()
@@ -485,7 +486,7 @@ def test_cuda_graph_decode(packed):
     ye = [he(xd[t:t + 1], idd[t:t + 1], wd[t:t + 1]) for t in range(n)]
     torch.cuda.synchronize()
     assert all(y.device.type == "cuda" and y.dtype == torch.bfloat16 and y.shape == (1, 384) for y in yg)
-    assert len(hg._decode.graphs) >= 3 and hg._decode.captured == len(hg._decode.graphs)
+    assert len(hg.decode_graphs.graphs) >= 3 and hg.decode_graphs.captured == len(hg.decode_graphs.graphs)
     y_cpu = hc(xs, ids, ws).float()
     for t in range(n):
         assert rel(yg[t].float().cpu(), ye[t].float().cpu()) < 2e-3, t

@@ -16,8 +16,8 @@ import kt_runtime
 from conftest import ROOT, read_json, tree_hashes
 from convert import writer as writer_mod
 from convert.cli import INTERRUPTED, main
-from convert.synthetic import make_v4_flash_checkpoint
-from kt_runtime.format import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_runtime.format.layout import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 WRITES_PER_LAYER = 16 * 3 * 2 * 2  # merged shard: experts x projections x NUMA slices x (weight, scale)

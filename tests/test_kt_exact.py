@@ -15,7 +15,7 @@ import torch
 
 import kt_kernels
 from conftest import INT8_RECIP_BITS, fp8_subnormal_decode_rows, ftz_window_rows, int8_recip_mantissas, kt_special_rows
-from quant import INT4, INT8
+from kt_runtime.format.methods import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.kt_quant import quantize_rows, row_scales
 from quant.reference import pack_reference

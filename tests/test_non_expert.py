@@ -10,9 +10,9 @@ from convert.cli import main
 from convert.errors import UserError
 from convert.non_expert import non_expert_tensors
 from convert.pipeline import ConvertOptions, convert
-from convert.synthetic import make_v4_flash_checkpoint
-from convert.synthetic_families import VARIANTS, make_family_checkpoint
-from kt_runtime.safetensors_file import SafetensorsFile, save_file
+from synthetic.v4_flash import make_v4_flash_checkpoint
+from synthetic.families import VARIANTS, make_family_checkpoint
+from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 ROUTED_OR_MTP_EXPERT = re.compile(r"(?<!shared_)experts\.")  # shared_experts. / shared_expert. are not
 

@@ -1,11 +1,13 @@
 """Packer numerics: the torch reference against an element-wise oracle, and the C++ packer
 (every ISA available here, several thread counts) against the reference, byte for byte."""
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
 import kt_kernels
-from quant import INT4, INT8
+from kt_runtime.format.methods import INT4, INT8
 from quant.amx_tiling import tile, untile
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.kt_quant import quantize_rows
@@ -19,7 +21,7 @@ AVAILABLE_ISAS = [i for i in ISAS if LEVEL[i] <= LEVEL[kt_kernels.best_isa()]]
 
 
 def oracle_tiled_offset(r, c, n, k, method):
-    """Closed-form byte offset and nibble of element (r, c) (research kt_format.md §2)."""
+    """Closed-form byte offset and nibble of element (r, c) (docs/FORMAT.md §3)."""
     nb_size = method.n_block
     nb = r // nb_size * nb_size
     nbs = min(nb_size, n - nb)
@@ -204,3 +206,28 @@ def test_cpu_packer_rejects_wrong_output_size():
     dst = PackTarget(np.empty(10, np.uint8), np.empty(64, np.float32))
     with pytest.raises(ValueError, match="out_weight"):
         pack_cpu(INT8, [(src, 0, 128, dst)])
+
+
+def test_one_name_per_source_format():
+    """The source-format table, the C++ packer's SourceKind, the Triton kernel's KIND codes and the CLI's
+    --input-type choices name the same formats."""
+    import re
+
+    from convert.cli.conversion import convert_command as cli
+    from quant.source_formats import INPUT_TYPES, SOURCE_FORMATS
+
+    with pytest.raises(ValueError, match="unknown source kind") as e:
+        pack_cpu(INT8, [(SourceMatrix("nope", np.zeros((32, 64), np.uint16)), 0, 64, PackTarget.empty(INT8, 32, 64))])
+    cpp_kinds = re.split(r", | or ", re.search(r"\(expected (.*)\)", str(e.value))[1])
+    assert sorted(cpp_kinds) == sorted(SOURCE_FORMATS)
+    option = next(p for p in cli.params if p.name == "input_type")
+    assert list(option.type.choices) == ["auto", "fp4", "fp8", "bf16", "fp16", "int4"] == ["auto", *INPUT_TYPES]
+    for kind, f in SOURCE_FORMATS.items():
+        assert SourceMatrix(kind, np.zeros((32, 4), np.uint8)).shape == (32, 4 * f.elements_per_item)
+    if importlib.util.find_spec("triton") is not None:
+        from quant import triton_kernels
+
+        codes = {k: getattr(triton_kernels, "KIND_" + k.upper()) for k in SOURCE_FORMATS if k != "int4_group"}
+        codes["int4_group"] = triton_kernels.KIND_INT4_GROUP_BF16
+        assert codes == {k: f.gpu_code for k, f in SOURCE_FORMATS.items()}
+        assert triton_kernels.KIND_INT4_GROUP_F32 == SOURCE_FORMATS["int4_group"].gpu_code + 1

@@ -1,4 +1,4 @@
-"""convert.synthetic: DeepSeek-V4-Flash-shaped checkpoints with the real keys, dtypes and shapes."""
+"""synthetic.v4_flash: DeepSeek-V4-Flash-shaped checkpoints with the real keys, dtypes and shapes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from convert.synthetic import PRESETS, make_v4_flash_checkpoint
-from kt_runtime.safetensors_file import SafetensorsFile
+from synthetic.v4_flash import PRESETS, make_v4_flash_checkpoint
+from kt_runtime.format.safetensors_file import SafetensorsFile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -264,3 +264,50 @@ def test_cli(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "make_synthetic_checkpoint.py"),
                           str(tmp_path / "bad"), "--hidden-size", "100"], capture_output=True, text=True)
     assert bad.returncode == 2 and "multiple of 32" in bad.stderr
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint",
+                                                  REPO / "scripts" / "make_synthetic_checkpoint.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_offers_every_family(tmp_path, capsys):
+    """--list names every converter family and variant; --family F writes a checkpoint the converter
+    detects as F; options of the other generator are refused (exit 2)."""
+    import synthetic
+    from convert.families import FAMILIES, detect_family
+    from kt_runtime.format.safetensors_file import SafetensorsFile
+
+    script = _script()
+    assert script.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f.name in listed for f in FAMILIES)
+    assert all(name in listed for name in [*synthetic.VARIANTS, synthetic.V4_FLASH_VARIANT])
+    assert set(synthetic.variants_by_family()) == {f.name for f in FAMILIES}
+    for family in synthetic.variants_by_family():
+        out = tmp_path / family
+        args = [str(out), "--family", family, "--experts", "2", "--layers", "2"]
+        if family == "deepseek_v4":
+            args += ["--experts-only"]
+        assert script.main(args) == 0, family
+        cfg = json.loads((out / "config.json").read_text())
+        keys = [k for f in out.glob("*.safetensors") for k in SafetensorsFile(f).keys()]
+        model_type = cfg.get("model_type") if "text_config" not in cfg else cfg["text_config"]["model_type"]
+        assert detect_family(model_type, keys).name == family
+    assert script.main([str(tmp_path / "k"), "--family", "deepseek_v3", "--variant", "kimi_k2_int4",
+                        "--experts", "2", "--group", "64"]) == 0
+    cfg = json.loads((tmp_path / "k" / "config.json").read_text())
+    assert cfg["model_type"] == "kimi_k2"
+    assert cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    capsys.readouterr()
+    for bad, why in ((["--family", "deepseek_v3", "--storage", "U8"], "--storage does not apply"),
+                     (["--family", "nope"], "unknown family 'nope'"),
+                     (["--family", "mixtral", "--variant", "kimi_k2_int4"], "mixtral has no variant"),
+                     (["--group", "64"], "--group does not apply")):
+        assert script.main([str(tmp_path / "bad"), *bad]) == 2, bad
+        assert why in capsys.readouterr().err

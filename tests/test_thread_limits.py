@@ -15,7 +15,7 @@ import pytest
 
 import kt_kernels
 from conftest import ROOT, read_json
-from kt_runtime.format import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
 
 TIMEOUT = 120
 
@@ -58,21 +58,24 @@ POOLS = PRELUDE + textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from test_cpu_moe import FakeExperts
 
-    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, numa=1)
+    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, threadpool_count=1)
     x = np.linspace(-1, 1, 2 * 128, dtype=np.float32).reshape(2, 128)
     ids = np.array([[0, 1], [2, 3]], np.int64)
     w = np.full((2, 2), 0.5, np.float32)
-    before = CPUMoE(experts, 0, num_threads=1)._layer.forward(x, ids, w, "portable", 1)
+    shards = [[tuple(np.asarray(a) for p in ("gate", "up", "down") for a in experts.expert_tensors(0, e, p, 0))]
+              for e in range(4)]
+    layer = kt_kernels.MoELayer("int8", shards, 128, 128, 1, None)  # the engine's binding itself
+    before = CPUMoE(experts, 0, num_threads=1, isa="portable").forward_f32(x, ids, w)
     limit(sys.argv[1])
     res = {
         "pack_pool": attempt(lambda: kt_kernels.start_pack_pool(256)),
         "moe_pool": attempt(lambda: kt_kernels.start_moe_pool(256)),
         "cpumoe": attempt(lambda: CPUMoE(experts, 0, num_threads=256) and None),
-        "forward": attempt(lambda: CPUMoE(experts, 0, num_threads=1)._layer.forward(x, ids, w, "auto", 256)),
+        "forward": attempt(lambda: layer.forward(x, ids, w, "auto", 256)),
         # the same process still works with the threads it can have
         "pack_pool_small": attempt(lambda: kt_kernels.start_pack_pool(2)),
         "moe_small": attempt(lambda: bool(np.array_equal(
-            CPUMoE(experts, 0, num_threads=2)._layer.forward(x, ids, w, "auto", 2), before))),
+            CPUMoE(experts, 0, num_threads=2).forward_f32(x, ids, w), before))),
     }
     print(json.dumps(res))
 """)
@@ -112,10 +115,10 @@ def test_thread_counts_out_of_range_are_refused_at_construction(bad):
     from kt_runtime.cpu_moe import CPUMoE
     from test_cpu_moe import FakeExperts
 
-    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, numa=1)
+    experts = FakeExperts("int8", hidden=128, inter=128, experts=4, threadpool_count=1)
     with pytest.raises(ValueError, match=r"num_threads must be an int in \[0, 4096\]"):
         CPUMoE(experts, 0, num_threads=bad)
-    from quant import get_method
+    from kt_runtime.format.methods import get_method
     from quant.cpu import pack_cpu
 
     with pytest.raises(ValueError, match=r"\[0, 4096\]"):
@@ -169,7 +172,7 @@ def test_spin_pool_gives_the_same_results_sleeping_or_spinning():
     from kt_runtime.cpu_moe import CPUMoE
     from test_cpu_moe import FakeExperts
 
-    w = FakeExperts("int8", hidden=256, inter=256, experts=8, numa=2, seed=4)
+    w = FakeExperts("int8", hidden=256, inter=256, experts=8, threadpool_count=2, seed=4)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 256, generator=g)
     ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(5)]).to(torch.int64)

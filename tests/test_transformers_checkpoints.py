@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 import kt_runtime  # noqa: E402
 from conftest import read_json  # noqa: E402
 from convert.pipeline import ConvertOptions, convert  # noqa: E402
-from quant import get_method  # noqa: E402
+from kt_runtime.format.methods import get_method  # noqa: E402
 from quant.reference import pack_expert_reference  # noqa: E402
 
 H, I, E = 384, 128, 4  # H not in {I, 2I}; int4-aligned with threadpool count 1

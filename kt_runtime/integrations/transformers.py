@@ -28,8 +28,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..hybrid import HybridMoE, _load_weights
-from ..placement import ExpertStats, resolve_stats
+from ..hybrid import HybridMoE
+from ..hybrid.placement import ExpertStats, resolve_stats
+from ..loader import as_packed_experts
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -175,7 +176,7 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
     The original expert weights are released. Returns {layer: HybridExperts}.
     Raises ValueError when the model and the weights do not match (layers, experts, dims, activation clamp).
     """
-    weights = _load_weights(weights)
+    weights = as_packed_experts(weights)
     modules = find_expert_modules(model)
     _check_match(model, weights, modules)
     if check_values:

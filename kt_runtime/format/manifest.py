@@ -1,6 +1,9 @@
-"""kt_manifest.json: what a packed output holds, how it was made, and which layers are complete.
+"""kt_manifest.json and the shards' __metadata__ (docs/FORMAT.md §5): what a packed output holds, how
+it was made, and which layers are complete.
 
-kt-kernel ignores it; our loader validates against it and the converter resumes from it.
+kt-kernel ignores both; the loader checks an output against them and the converter resumes from the
+manifest. `shard_metadata` is what the converter writes into a merged shard, `shard_metadata_problem`
+what the loader checks it with: the facts come from one function, `shard_facts`.
 """
 from __future__ import annotations
 
@@ -13,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .digest import DIGEST_NAME
-from .format import FORMAT_VERSION, MANIFEST_FILE, METHOD_INFO
-from .input_files import (MANIFEST_MAX_BYTES, InputFileError, parse_json, read_capped, relative_name_problem,
+from .errors import InputFileError, ManifestError
+from .layout import FORMAT_VERSION, MANIFEST_FILE, PackedSpec
+from .methods import METHODS, alignment_problem, get_method
+from .input_files import (MANIFEST_MAX_BYTES, parse_json, read_capped, relative_name_problem,
                           resolve_inside)
 from .json_fields import describe
 from .fsio import atomic_write_text
-
-
-class ManifestError(ValueError):
-    pass
 
 
 @dataclass
@@ -29,27 +30,21 @@ class LayerRecord:
     layer: int
     files: list[str]  # paths relative to the output dir (a shard, or a _layer_L folder's files)
     nbytes: int
-    sha256: str  # kt_runtime.digest tree digest of the files' bytes, in the listed order
+    sha256: str  # kt_runtime.format.digest tree digest of the files' bytes, in the listed order
 
 
-@dataclass
-class Manifest:
-    method: str
-    threadpool_count: int
-    hidden_size: int
-    moe_intermediate_size: int
-    num_experts: int
-    num_experts_per_tok: int
-    layers: list[int]
+@dataclass(kw_only=True)
+class Manifest(PackedSpec):
+    """What a packed output holds (the PackedSpec fields), how it was made, and how far it got."""
+
+    layers: list[int]  # (a list in JSON)
     layout: str  # "merged" | "kt-folders"
-    activation: str = "silu"
-    swiglu_limit: float | None = None
     num_shards: int = 0
     source: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     converter_version: str = ""
     format_version: int = FORMAT_VERSION
-    digest: str = DIGEST_NAME  # how completed[*].sha256 is computed (kt_runtime.digest)
+    digest: str = DIGEST_NAME  # how completed[*].sha256 is computed (kt_runtime.format.digest)
     completed: dict[int, LayerRecord] = field(default_factory=dict)
     complete: bool = False  # every layer, the index and the copied files are written
     # Every MoE layer of the source model (None: not recorded, by converters before this field);
@@ -59,7 +54,13 @@ class Manifest:
 
     @property
     def kt_method(self) -> str:
-        return METHOD_INFO[self.method][0]
+        return get_method(self.method).kt_method
+
+    @property
+    def spec(self) -> PackedSpec:
+        """The PackedSpec part alone (layers as a tuple)."""
+        values = {f.name: getattr(self, f.name) for f in fields(PackedSpec)}
+        return PackedSpec(**{**values, "layers": tuple(self.layers)})
 
     def identity(self) -> dict[str, Any]:
         """The fields that must match for an output directory to be resumed."""
@@ -75,7 +76,9 @@ class Manifest:
         d = asdict(self)
         d["kt_method"] = self.kt_method
         d["completed"] = {str(k): asdict(v) for k, v in sorted(self.completed.items())}
-        return json.dumps(d, indent=2, sort_keys=False) + "\n"
+        order = list(d)  # format version 1 writes "layout" right after "layers"
+        order.insert(order.index("layers") + 1, order.pop(order.index("layout")))
+        return json.dumps({k: d[k] for k in order}, indent=2, sort_keys=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str, where: str = MANIFEST_FILE) -> "Manifest":
@@ -116,20 +119,18 @@ class Manifest:
         def bad(msg: str):
             raise ManifestError(f"{where}: {msg}")
 
-        if not isinstance(self.method, str) or self.method not in METHOD_INFO:
-            bad(f"unknown method {self.method!r} (this version knows {sorted(METHOD_INFO)})")
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            bad(f"unknown method {self.method!r} (this version knows {sorted(METHODS)})")
         for name in ("threadpool_count", "hidden_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 bad(f"{name} must be a positive integer, got {value!r}")
         if self.num_experts_per_tok > self.num_experts:
             bad(f"num_experts_per_tok {self.num_experts_per_tok} exceeds num_experts {self.num_experts}")
-        if self.moe_intermediate_size % self.threadpool_count:
-            bad(f"moe_intermediate_size {self.moe_intermediate_size} is not divisible by threadpool_count {self.threadpool_count}")
-        align = METHOD_INFO[self.method][4]
-        if self.hidden_size % align or (self.moe_intermediate_size // self.threadpool_count) % align:
-            bad(f"hidden_size {self.hidden_size} and moe_intermediate_size / threadpool_count "
-                f"{self.moe_intermediate_size // self.threadpool_count} must be multiples of {align} for {self.method}")
+        problem = alignment_problem(get_method(self.method), self.hidden_size, self.moe_intermediate_size,
+                                    self.threadpool_count)
+        if problem is not None:
+            bad(problem)
         if not isinstance(self.layers, list) or not all(_is_int(x) and x >= 0 for x in self.layers):
             bad("layers must be a list of non-negative integers")
         if len(set(self.layers)) != len(self.layers):
@@ -208,3 +209,39 @@ def read_manifest(out_dir: Path) -> Manifest | None:
 def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     """Atomic: write a temp file, fsync, rename, fsync the directory."""
     atomic_write_text(Path(out_dir) / MANIFEST_FILE, manifest.to_json())
+
+
+def shard_facts(spec: PackedSpec, layer: int, manifest: Manifest | None) -> dict[str, str]:
+    """The facts a merged layer shard's __metadata__ carries, as strings, in the order written. Without a
+    manifest (an output inferred from its tensors) only those the tensors determine."""
+    facts = {"kt_format_version": FORMAT_VERSION, "kt_method": spec.quant_method.kt_method,
+             "quant_method": spec.method, "threadpool_count": spec.threadpool_count, "hidden_size": spec.hidden_size,
+             "moe_intermediate_size": spec.moe_intermediate_size, "num_experts": spec.num_experts}
+    if manifest is not None:
+        facts["num_experts_per_tok"] = spec.num_experts_per_tok
+    facts["layer"] = layer
+    if manifest is not None:
+        facts.update(activation=spec.activation, swiglu_limit=spec.swiglu_limit,
+                     source_fingerprint=manifest.source.get("fingerprint"))
+    return {k: "" if v is None else str(v) for k, v in facts.items()}
+
+
+def shard_metadata(manifest: Manifest, layer: int) -> dict[str, str]:
+    """The __metadata__ the converter writes into the merged shard of `layer`."""
+    return {"format": "pt", **shard_facts(manifest.spec, layer, manifest),
+            "converter_version": manifest.converter_version}
+
+
+def shard_metadata_problem(metadata: dict[str, str], spec: PackedSpec, layer: int,
+                           manifest: Manifest | None) -> str | None:
+    """What in a shard's __metadata__ contradicts the manifest (every fact must be there and agree) or,
+    without one, the tensors (the facts present must agree); None if nothing does. The converter's
+    version is not compared: a resumed output holds shards of several versions."""
+    strict = manifest is not None
+    for key, want in shard_facts(spec, layer, manifest).items():
+        got = metadata.get(key)
+        if got is None and not strict:
+            continue
+        if got != want:
+            return f"__metadata__ {key} is {got!r} but the {'manifest says' if strict else 'tensors say'} {want!r}"
+    return None

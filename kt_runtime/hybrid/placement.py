@@ -1,4 +1,5 @@
-"""Which routed experts of a layer live on the GPU: placement strategies and routing statistics.
+"""Which routed experts of a layer live on the GPU: placement strategies, routing statistics, the slot
+table of a HybridMoE and the counts that move experts between the slots and the CPU.
 
     stats = ExpertStats(num_experts=256)
     stats.record(layer, topk_ids)               # during a calibration pass (or kt_runtime.record_routing)
@@ -6,7 +7,8 @@
     mask = gpu_expert_mask(256, 16, "frequency", counts=stats.counts(layer))   # bool [256]
 
 Strategies: "uniform" (experts 0..N-1), "frequency" (the N most often routed, ties to the lower id),
-or an explicit bool mask / list of expert ids.
+or an explicit bool mask / list of expert ids. Dynamic placement: every `update_interval` calls, the
+hottest CPU experts by a decayed window of counts replace the coldest GPU ones (RoutingCounts.promotions).
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
-from .fsio import atomic_write_text
+from ..format.fsio import atomic_write_text
 
 STATS_FORMAT = "kt-expert-routing-stats"
 STATS_VERSION = 1
@@ -179,3 +182,71 @@ def mask_of_top(scores: torch.Tensor, n: int) -> torch.Tensor:
     mask = torch.zeros(e, dtype=torch.bool)
     mask[order[:n]] = True
     return mask
+
+
+class SlotTable:
+    """Which expert sits in which GPU slot. slot_of[e] is e's slot or -1 (a CPU expert), kept as a torch
+    tensor, a numpy view of the same memory (the batch split) and a list (one-token calls)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.experts = mask.nonzero().flatten().tolist()  # slot -> expert
+        self.slot_of = torch.full((mask.numel(),), -1, dtype=torch.int64)
+        self.slot_np = self.slot_of.numpy()
+        for s, e in enumerate(self.experts):
+            self.slot_of[e] = s
+        self.slot_list = self.slot_np.tolist()
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool [E]: the experts in a slot."""
+        return self.slot_of >= 0
+
+    def move(self, promote: int, demote: int) -> int:
+        """Gives `demote`'s slot to `promote` (the caller reloads it) and returns it."""
+        slot = int(self.slot_of[demote])
+        self.slot_of[demote] = -1
+        self.slot_of[promote] = slot
+        self.slot_list[demote] = -1
+        self.slot_list[promote] = slot
+        self.experts[slot] = promote
+        return slot
+
+
+class RoutingCounts:
+    """How often each expert was routed to: `counts` since construction, `window` decayed at every
+    rebalance; the window picks the experts to promote (dynamic placement)."""
+
+    def __init__(self, num_experts: int):
+        self.counts = torch.zeros(num_experts, dtype=torch.int64)
+        self.window = torch.zeros(num_experts, dtype=torch.float64)
+        self.counts_np, self.window_np = self.counts.numpy(), self.window.numpy()
+
+    def observe(self, topk_ids: np.ndarray) -> None:
+        c = np.bincount(topk_ids.reshape(-1), minlength=self.counts_np.size)
+        self.counts_np += c
+        self.window_np += c
+
+    def observe_list(self, ids: list[int]) -> None:
+        """observe() for one token's few ids, without numpy's fixed costs."""
+        cn, wn = self.counts_np, self.window_np
+        for e in ids:
+            cn[e] += 1
+            wn[e] += 1
+
+    def promotions(self, on_gpu: torch.Tensor, limit: int, hysteresis: float) -> list[tuple[int, int]]:
+        """(CPU expert, GPU expert) pairs, hottest CPU against coldest GPU expert by the window, while the
+        CPU one is hotter by the factor 1 + hysteresis; at most `limit`."""
+        score = self.window
+        cpu_ids = (~on_gpu).nonzero().flatten()
+        gpu_ids = on_gpu.nonzero().flatten()
+        hot = cpu_ids[torch.sort(-score[cpu_ids], stable=True).indices].tolist()
+        cold = gpu_ids[torch.sort(score[gpu_ids], stable=True).indices].tolist()
+        pairs = []
+        for a, b in zip(hot, cold):
+            if len(pairs) >= limit or not score[a] > score[b] * (1.0 + hysteresis):
+                break
+            pairs.append((a, b))
+        return pairs
+
+    def decay(self, factor: float) -> None:
+        self.window *= factor

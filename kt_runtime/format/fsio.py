@@ -19,12 +19,10 @@ import shutil
 import stat
 from pathlib import Path
 
+from .errors import UnsafePathError
+
 FILE, DIR = "file", "directory"
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class UnsafePathError(ValueError):
-    """An output entry is a link or a special file (or of the wrong kind): it is left untouched."""
 
 
 def kind_of(st: os.stat_result) -> str:
@@ -161,39 +159,45 @@ def fsync_fd(fd: int, path: Path) -> None:
         raise OSError(e.errno, e.strerror, str(path)) from None
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         fsync_fd(fd, path)
     finally:
         os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    _fsync_path(path, os.O_NOFOLLOW)
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fsync_fd(fd, path)
-    finally:
-        os.close(fd)
+    _fsync_path(path, os.O_DIRECTORY)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """path.tmp (new, exclusive) -> write -> fsync -> rename over path -> fsync the directory."""
+def atomic_write(path: Path, write) -> None:
+    """The one crash-safe way to write a whole file: path.tmp (new, exclusive) -> write(fd, tmp) -> fsync
+    -> rename over path -> fsync the directory. A full disk or an interrupt removes the temporary; a
+    link or special file at `path` is refused before anything is written."""
     path = Path(path)
     entry(path, FILE)
     tmp = path.with_name(path.name + ".tmp")
     fd = create_new(tmp)
     try:
         try:
-            write_all(fd, data, tmp)
+            write(fd, tmp)
             fsync_fd(fd, tmp)
         finally:
             os.close(fd)
         replace(tmp, path)
     except BaseException:
-        discard(tmp)  # a full disk or an interrupt must not leave a partial temporary behind
+        discard(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data) -> None:
+    atomic_write(path, lambda fd, tmp: write_all(fd, data, tmp))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

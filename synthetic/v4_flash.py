@@ -1,11 +1,12 @@
-"""Synthetic DeepSeek-V4-Flash-shaped checkpoints (research/formats.md §2.1–2.4).
+"""Synthetic DeepSeek-V4-Flash-shaped checkpoints (docs/FORMAT.md §6: MXFP4 routed experts).
 
 Real key names and dtypes, small or layer-sized dimensions, random but deterministic contents:
 
 * routed experts: MXFP4 — packed E2M1 nibbles (``I8``/``U8`` ``[N, K/2]`` or ``F4`` with the
   logical shape ``[N, K]``) + ``F8_E8M0`` scales ``[N, K/32]`` drawn from 118..132 (never the
   0x00/0xFF edge bytes on which decoders disagree);
-* everything else (embed/head/norms/hc/attention/gate/shared experts) as in §2.4, FP8 linears with
+* everything else (embed/head/norms/hc/attention/gate/shared experts) as the official release stores
+  them, FP8 linears with
   128x128 ``F8_E8M0`` block scales.
 
 Each tensor's bytes depend only on ``seed`` and its *official* key, so the same seed gives the same
@@ -29,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from kt_runtime.safetensors_file import plan_layout, tensor_nbytes
+from kt_runtime.format import fsio
+from kt_runtime.format.safetensors_file import plan_layout, tensor_nbytes
 
 __all__ = ["PRESETS", "SyntheticCheckpoint", "make_v4_flash_checkpoint"]
 
@@ -51,7 +53,7 @@ MXFP4_GROUP = 32
 FP8_BLOCK = 128
 DEFAULT_SHARD_BYTES = 2_000_000_000
 
-# Small fixed attention geometry (formats.md §2.4); only the expert dims follow the preset.
+# Small fixed attention geometry; only the expert dims follow the preset.
 _ATTN = dict(
     num_attention_heads=2, num_key_value_heads=1, head_dim=128, qk_rope_head_dim=64,
     q_lora_rank=128, o_lora_rank=128, o_groups=2, index_n_heads=2, index_head_dim=128,
@@ -156,7 +158,7 @@ _HF_ALIAS_RENAMES = (
 
 
 def _to_hf_alias(key: str, num_layers: int) -> str:
-    """sglang's remap_weight_name_to_dpsk_hf_format naming (formats.md §2.3 item 2)."""
+    """sglang's remap_weight_name_to_dpsk_hf_format naming (the HF alias of FORMAT.md §6)."""
     special = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight",
                "norm.weight": "model.norm.weight"}
     if key in special:
@@ -349,19 +351,18 @@ def _write_json(path: pathlib.Path, obj: dict) -> None:
 
 def _write_shard(path: pathlib.Path, tensors: list[_Tensor], seed: int, fill_args: dict) -> None:
     header, offsets = plan_layout([(t.key, t.dtype, t.shape) for t in tensors], {"format": "pt"})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            for t in tensors:
-                offset, nbytes = offsets[t.key]
-                data = _FILLS[t.fill](_rng(seed, t.seed_key), nbytes, **fill_args.get(t.fill, {}))
-                assert f.tell() == offset and data.nbytes == nbytes, t.key
-                f.write(memoryview(data).cast("B"))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    def write(fd: int, tmp: pathlib.Path) -> None:  # one tensor in memory at a time
+        fsio.write_all(fd, header, tmp)
+        pos = len(header)
+        for t in tensors:
+            offset, nbytes = offsets[t.key]
+            data = _FILLS[t.fill](_rng(seed, t.seed_key), nbytes, **fill_args.get(t.fill, {}))
+            assert pos == offset and data.nbytes == nbytes, t.key
+            fsio.write_all(fd, data, tmp)
+            pos += nbytes
+
+    fsio.atomic_write(path, write)
 
 
 def make_v4_flash_checkpoint(

@@ -1,14 +1,15 @@
-"""Synthetic checkpoints of every supported MoE family (research/formats.md §3-§7), with the real
+"""Synthetic checkpoints of every supported MoE family (docs/FORMAT.md §6), with the real
 key names, dtypes, prefixes and config.json fields, small random contents, and the traps:
 dense first layers, shared experts, routers with correction biases, MTP layers, ``text_config``
 nesting, fused / transposed / interleaved expert tensors, FP8 block grids with partial blocks.
 
-Each routed-expert matrix is drawn in its *source encoding* (BF16 bits, FP16, FP8 + block scales,
-compressed-tensors INT4 words + scales, MXFP4 nibbles + E8M0) and then laid out the way the family
+Each routed-expert matrix is drawn in its *source encoding* (a source format of
+quant.source_formats: BF16 bits, FP16, FP8 + block scales, compressed-tensors INT4 words + scales,
+MXFP4 nibbles + E8M0) and then laid out the way the family
 stores it. :meth:`FamilyCheckpoint.reference` decodes the per-expert encoding with the torch
 reference decoders, without any of the converter's layout code: the test oracle.
 
-DeepSeek-V4-Flash MXFP4 checkpoints come from :mod:`convert.synthetic`.
+DeepSeek-V4-Flash MXFP4 checkpoints come from :mod:`synthetic.v4_flash`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kt_runtime.safetensors_file import save_file
+from kt_runtime.format.safetensors_file import save_file
+from quant.source_formats import input_type_of
 
 __all__ = ["VARIANTS", "FamilyCheckpoint", "make_family_checkpoint"]
 
@@ -30,7 +32,7 @@ PROJS = {"gate": 0, "up": 1, "down": 2}
 class Variant:
     family: str  # converter family it must be detected as
     model_type: str
-    encoding: str  # bf16 | f16 | fp8 | int4 | mxfp4
+    encoding: str  # a quant.source_formats kind: bf16 | f16 | fp8_block | int4_group | mxfp4
     layout: str  # per-expert | fused | fused-transposed | gpt-oss-interleaved
     keys: str  # key style: hf (mlp.experts.E.gate_proj) | w123 (block_sparse_moe.experts.E.w1) | v4 | fused | gpt_oss
     prefix: str = "model."
@@ -43,15 +45,15 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "deepseek_v3_fp8": Variant("deepseek_v3", "deepseek_v3", "fp8", "per-expert", "hf", dense_first=True,
+    "deepseek_v3_fp8": Variant("deepseek_v3", "deepseek_v3", "fp8_block", "per-expert", "hf", dense_first=True,
                                shared="shared_experts", mtp="index"),
-    "deepseek_v31_fp8": Variant("deepseek_v3", "deepseek_v3", "fp8", "per-expert", "hf", dense_first=True,
+    "deepseek_v31_fp8": Variant("deepseek_v3", "deepseek_v3", "fp8_block", "per-expert", "hf", dense_first=True,
                                 shared="shared_experts", ue8m0=True),
-    "kimi_k2_fp8": Variant("deepseek_v3", "kimi_k2", "fp8", "per-expert", "hf", dense_first=True, shared="shared_experts"),
-    "kimi_k2_int4": Variant("deepseek_v3", "kimi_k2", "int4", "per-expert", "hf", dense_first=True,
+    "kimi_k2_fp8": Variant("deepseek_v3", "kimi_k2", "fp8_block", "per-expert", "hf", dense_first=True, shared="shared_experts"),
+    "kimi_k2_int4": Variant("deepseek_v3", "kimi_k2", "int4_group", "per-expert", "hf", dense_first=True,
                             shared="shared_experts"),
-    "minimax_m2_fp8": Variant("minimax_m2", "minimax_m2", "fp8", "per-expert", "w123", per_expert_intermediate=True),
-    "deepseek_v4_fp8": Variant("deepseek_v4", "deepseek_v4", "fp8", "per-expert", "v4", prefix="", ue8m0=True),
+    "minimax_m2_fp8": Variant("minimax_m2", "minimax_m2", "fp8_block", "per-expert", "w123", per_expert_intermediate=True),
+    "deepseek_v4_fp8": Variant("deepseek_v4", "deepseek_v4", "fp8_block", "per-expert", "v4", prefix="", ue8m0=True),
     "deepseek_v3_bf16": Variant("deepseek_v3", "deepseek_v3", "bf16", "per-expert", "hf", dense_first=True,
                                 shared="shared_experts", mtp="index"),
     "qwen3_moe_bf16": Variant("qwen3_moe", "qwen3_moe", "bf16", "per-expert", "hf"),
@@ -70,7 +72,6 @@ VARIANTS: dict[str, Variant] = {
                             per_expert_intermediate=True),
 }
 
-INPUT_TYPE = {"bf16": "bf16", "f16": "fp16", "fp8": "fp8", "int4": "int4", "mxfp4": "fp4"}
 _DTYPE = {"bf16": "BF16", "f16": "F16"}
 _HF = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 _W = {"gate": "w1", "up": "w3", "down": "w2"}
@@ -92,7 +93,7 @@ class FamilyCheckpoint:
 
     @property
     def input_type(self) -> str:
-        return INPUT_TYPE[self.variant.encoding]
+        return input_type_of(self.variant.encoding)
 
     def reference(self, layer: int, expert: int, proj: str):
         """bf16 [N, K] torch tensor: the per-expert source encoding through the reference decoders."""
@@ -107,9 +108,9 @@ class FamilyCheckpoint:
             return torch.from_numpy(enc["weight"].view(np.int16).copy()).view(torch.bfloat16)
         if kind == "f16":
             return decode_f16(enc["weight"])
-        if kind == "fp8":
+        if kind == "fp8_block":
             return decode_fp8_block(enc["weight"], enc["scale"], self.block)
-        if kind == "int4":
+        if kind == "int4_group":
             return decode_int4_group(enc["packed"], enc["scale"], self.group, "BF16")
         return decode_mxfp4(enc["weight"], enc["scale"])
 
@@ -131,7 +132,7 @@ def _encode(rng, encoding: str, n: int, k: int, block, group, ue8m0: bool = Fals
         w = (rng.standard_normal((n, k)) * 0.02).astype("<f2")
         w[0, :3] = np.array([3e-7, -6e-5, 1.0001], dtype="<f2")  # subnormals and a bf16 tie region
         return {"weight": w}
-    if encoding == "fp8":
+    if encoding == "fp8_block":
         bn, bk = block
         w = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
         w[(w & 0x7F) == 0x7F] = 0x38  # no E4M3 NaN codes
@@ -140,7 +141,7 @@ def _encode(rng, encoding: str, n: int, k: int, block, group, ue8m0: bool = Fals
         scale = (2.0 ** rng.integers(-14, -8, size=grid) * (1.0 if ue8m0 else rng.uniform(1.0, 2.0, size=grid)))
         scale = scale.astype("<f4")
         return {"weight": w, "scale": scale}
-    if encoding == "int4":
+    if encoding == "int4_group":
         from quant.decoders import encode_int4_words
 
         u = rng.integers(0, 16, size=(n, k))
@@ -178,12 +179,12 @@ def _config(v: Variant, H: int, I: int, E: int, L: int, block, group, mtp: int) 
         inner.update(swiglu_limit=7.0, layer_types=["sliding_attention", "full_attention"] * L, sliding_window=128)
     if v.model_type == "deepseek_v4":
         inner.update(expert_dtype="fp8", swiglu_limit=10.0, num_hash_layers=0)
-    if v.encoding == "fp8":
+    if v.encoding == "fp8_block":
         inner["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                         "weight_block_size": list(block)}
         if v.ue8m0:
             inner["quantization_config"]["scale_fmt"] = "ue8m0"
-    if v.encoding == "int4":
+    if v.encoding == "int4_group":
         inner["quantization_config"] = {
             "config_groups": {"group_0": {"input_activations": None, "output_activations": None, "targets": ["Linear"],
                                           "weights": {"actorder": None, "block_structure": None, "dynamic": False,
@@ -228,15 +229,15 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
         raise ValueError(f"{variant}: fused layouts are BF16/FP16/MXFP4 here")
     cfg = _config(v, H, I, E, L, block, group, mtp_layers if v.mtp else 0)
     tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
-    ckpt = FamilyCheckpoint(pathlib.Path(out_dir), v, cfg, H, I, E, [], tuple(block) if v.encoding == "fp8" else None,
-                            group if v.encoding == "int4" else None)
+    ckpt = FamilyCheckpoint(pathlib.Path(out_dir), v, cfg, H, I, E, [], tuple(block) if v.encoding == "fp8_block" else None,
+                            group if v.encoding == "int4_group" else None)
     p = v.prefix
     dt = _DTYPE.get(v.encoding, "BF16")
 
     def dense(name, n, k, fp8=False):
         r = _rng(seed, name)
-        if fp8 and v.encoding == "fp8":  # FP8 checkpoints quantize every linear (with cdiv block scales)
-            enc = _encode(r, "fp8", n, k, block, group, v.ue8m0)
+        if fp8 and v.encoding == "fp8_block":  # FP8 checkpoints quantize every linear (with cdiv block scales)
+            enc = _encode(r, "fp8_block", n, k, block, group, v.ue8m0)
             tensors[name + ".weight"] = ("F8_E4M3", (n, k), enc["weight"])
             tensors[name + (".scale" if v.keys == "v4" else ".weight_scale_inv")] = ("F32", enc["scale"].shape, enc["scale"])
         else:
@@ -245,10 +246,10 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
     def expert_tensors(base: str, enc: dict[str, np.ndarray]):
         if v.encoding in ("bf16", "f16"):
             tensors[base + ".weight"] = (dt, enc["weight"].shape, enc["weight"])
-        elif v.encoding == "fp8":
+        elif v.encoding == "fp8_block":
             tensors[base + ".weight"] = ("F8_E4M3", enc["weight"].shape, enc["weight"])
             tensors[base + (".scale" if v.keys == "v4" else ".weight_scale_inv")] = ("F32", enc["scale"].shape, enc["scale"])
-        elif v.encoding == "int4":
+        elif v.encoding == "int4_group":
             tensors[base + ".weight_packed"] = ("I32", enc["packed"].shape, enc["packed"])
             tensors[base + ".weight_scale"] = ("BF16", enc["scale"].shape, enc["scale"])
             tensors[base + ".weight_shape"] = ("I64", (2,), enc["shape"])

@@ -1,9 +1,8 @@
 """Layer digests: sha256 over the sha256 of every 64 MiB block of each file, in order.
 
-A plain sha256 runs on one core (about 1.2 GB/s on the Intel host), slower than the disk; block
-digests are computed on several cores while a shard is written, and again in parallel when an
-output is verified. Blocks restart at each file's beginning, so the digest depends only on the
-files' bytes and their order.
+Unlike one plain sha256 (one core), block digests are computed on several cores while a shard is
+written, and again in parallel when an output is verified. Blocks restart at each file's beginning,
+so the digest depends only on the files' bytes and their order (docs/FORMAT.md §5).
 """
 from __future__ import annotations
 

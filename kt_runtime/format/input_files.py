@@ -28,6 +28,8 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .errors import InputFileError
+
 MiB = 1 << 20
 # Caps for the JSON files read whole; generous for real models (the biggest seen: an index of
 # ~200k tensor names is ~25 MB, a kt-folders manifest of 1M files ~70 MB; configs are < 1 MB).
@@ -37,10 +39,6 @@ MANIFEST_MAX_BYTES = 256 * MiB  # kt_manifest.json
 
 _HUB_REPO = re.compile(r"^models--[^/]+$")
 _BLOB_NAME = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
-
-
-class InputFileError(ValueError):
-    """A file an input names is outside its folder, not a regular file, too big, or unreadable."""
 
 
 def size_text(n: int) -> str:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .errors import FieldError
+
 REQUIRED = object()
-
-
-class FieldError(ValueError):
-    """A JSON field is missing, of the wrong type, or out of range."""
 
 
 def describe(value: Any) -> str:

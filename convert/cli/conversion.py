@@ -1,34 +1,30 @@
-"""convert-cpu-weights: the command line (kt-compatible flags plus our own)."""
+"""The conversion command: kt-kernel's convert_cpu_weights.py flags plus our own (the group's default)."""
 from __future__ import annotations
 
 import json
-import signal
-import sys
-import threading
-import traceback
 from pathlib import Path
 
 import click
 
-from kt_runtime.fsio import UnsafePathError, atomic_write_text
+from kt_runtime.format.fsio import atomic_write_text
+from kt_runtime.format.methods import METHODS
+from quant.source_formats import INPUT_TYPES
 
-from . import __version__
-from .errors import UserError
-from .pipeline import ConvertOptions, convert, max_cpu_threads
-from .plan import INPUT_TYPES, parse_layer_spec
-
-EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+from .. import __version__
+from ..pipeline import ConvertOptions, convert, max_cpu_threads
+from ..plan import parse_layer_spec
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("convert", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--input-path", "-i", required=True,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--input-type", default="auto", show_default=True,
               type=click.Choice(["auto", *INPUT_TYPES]),
               help="Source expert format; auto detects it from config.json and the tensor dtypes.")
-@click.option("--quant-method", default="int4", show_default=True, type=click.Choice(["int4", "int8"]),
-              help="int4 = SGLang-KT --kt-method AMXINT4, int8 = AMXINT8.")
+@click.option("--quant-method", default="int4", show_default=True, type=click.Choice(list(METHODS)),
+              help=", ".join(f"{m.name} = {'SGLang-KT --kt-method ' if i == 0 else ''}{m.kt_method}"
+                             for i, m in enumerate(METHODS.values())) + ".")
 @click.option("--threadpool-count", default=2, show_default=True, type=int,
               help="NUMA thread pools the output is split for; must equal --kt-threadpool-count when serving.")
 @click.option("--cpuinfer-threads", default=0, show_default=True, type=int,
@@ -49,7 +45,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
               help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @click.version_option(__version__, prog_name="convert-cpu-weights")
-def cli(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
+def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
@@ -77,91 +73,3 @@ def cli(input_path, output, input_type, quant_method, threadpool_count, cpuinfer
             click.echo(text, nl=False)
         else:  # a new file renamed into place: never written through a link
             atomic_write_text(Path(json_path), text)
-
-
-INTERRUPTED = "interrupted; completed layers are kept; re-run the same command to resume"
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM: unwinds like Ctrl-C (the layer in progress is aborted, the lock released)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _SignalsUnwind:
-    """Until restore(), SIGINT and SIGTERM raise Interrupted in the main thread, once: a second
-    signal does not cut the clean-up short (it takes one batch write at most)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.previous = {}
-        self.fired = False
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if not self.fired:
-            self.fired = True
-            raise Interrupted(signum)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def _interrupted(e: BaseException) -> int:
-    signum = getattr(e, "signum", signal.SIGINT)
-    click.echo(INTERRUPTED, err=True)
-    return 128 + signum
-
-
-def main(argv: list[str] | None = None) -> int:
-    signals = _SignalsUnwind()  # also covers the messages below: a second signal never prints a trace
-    try:
-        return _main(argv)
-    finally:
-        signals.restore()
-
-
-def _main(argv: list[str] | None) -> int:
-    try:
-        cli.main(args=argv, prog_name="convert-cpu-weights", standalone_mode=False)
-        return EXIT_OK
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.UsageError as e:
-        e.show()
-        return EXIT_USER
-    except click.Abort as e:  # click turns KeyboardInterrupt into Abort
-        if isinstance(e.__cause__, KeyboardInterrupt):
-            return _interrupted(e.__cause__)
-        click.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt as e:
-        return _interrupted(e)
-    except (UserError, UnsafePathError) as e:
-        click.echo(f"error: {e}", err=True)
-        return EXIT_USER
-    except OSError as e:  # the machine's, not ours: a full disk, a path that cannot be written, ...
-        where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{e.strerror or e}; completed layers are kept, re-run the same command to resume",
-                   err=True)
-        return EXIT_USER
-    except Exception as e:
-        if isinstance(e, RuntimeError) and "can't start new thread" in str(e):  # threading under a limit
-            click.echo(f"error: cannot start a thread ({e}): the system limits threads per user (ulimit -u) or "
-                       "address space (ulimit -v); raise the limit or pass a smaller --cpuinfer-threads, then re-run "
-                       "(completed layers are kept)", err=True)
-            return EXIT_USER
-        traceback.print_exc()
-        click.echo("internal error: this is a bug in convert-cpu-weights; please report it with the trace above",
-                   err=True)
-        return EXIT_INTERNAL
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Strict, small, zero-copy safetensors reader and a layout writer.
 
-The format (huggingface/safetensors, see research/formats.md §1.1):
+The format (huggingface/safetensors; docs/FORMAT.md §8):
 
     [8 bytes: N, little-endian u64] [N bytes: UTF-8 JSON header] [data buffer]
 
@@ -29,8 +29,9 @@ from typing import Any, Iterable, Mapping, NoReturn
 
 import numpy as np
 
-from .input_files import InputFileError, open_regular
 from . import fsio
+from .errors import InputFileError, SafetensorsChangedError, SafetensorsFormatError
+from .input_files import open_regular
 
 __all__ = [
     "DTYPE_BITS",
@@ -39,6 +40,7 @@ __all__ = [
     "SafetensorsFile",
     "SafetensorsFormatError",
     "TensorInfo",
+    "numpy_dtype",
     "plan_layout",
     "save_file",
     "tensor_nbytes",
@@ -96,18 +98,14 @@ _NUMPY_VIEW: dict[str, np.dtype] = {
     "F4": np.dtype(np.uint8),  # two E2M1 codes per byte, low nibble first; last dim halved
 }
 
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype SafetensorsFile.array() views a safetensors dtype as (KeyError: none)."""
+    return _NUMPY_VIEW[dtype]
+
+
 _REDOWNLOAD = "re-download or re-create this file"
-
-
-class SafetensorsFormatError(ValueError):
-    """Malformed, truncated or unreadable safetensors file.
-
-    ``str()`` starts with the file path, says what is wrong (which tensor / offset) and what to do.
-    """
-
-
-class SafetensorsChangedError(SafetensorsFormatError):
-    """The file shrank or was modified after it was opened (another program writes it)."""
 
 
 @dataclass(frozen=True)
@@ -528,8 +526,8 @@ def save_file(
 
     `data` is bytes-like or a numpy array whose (little-endian, C-order) bytes are written; its
     length must match dtype/shape (F4: the logical shape, two codes per byte).  `metadata` None
-    writes ``{"format": "pt"}`` (what transformers expects); pass ``{}`` for none.  The file is
-    written to ``<path>.tmp`` and renamed, so a crash never leaves a complete-looking file.
+    writes ``{"format": "pt"}`` (what transformers expects); pass ``{}`` for none.  Written with
+    fsio.atomic_write: a crash never leaves a complete-looking file.
     """
     path = pathlib.Path(path)
     if metadata is None:
@@ -544,14 +542,8 @@ def save_file(
                 f"tensor {name!r}: got {buf.nbytes} bytes of data, dtype/shape need {offsets[name][1]}"
             )
         buffers.append(buf)
-    fsio.entry(path, fsio.FILE)  # never written through a link
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with os.fdopen(fsio.create_new(tmp), "wb") as f:
-            f.write(header)
-            for buf in buffers:
-                f.write(buf)
-        fsio.replace(tmp, path)
-    except BaseException:
-        fsio.discard(tmp)
-        raise
+    def write(fd: int, tmp: pathlib.Path) -> None:
+        for buf in (header, *buffers):
+            fsio.write_all(fd, buf, tmp)
+
+    fsio.atomic_write(path, write)

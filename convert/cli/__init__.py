@@ -1,0 +1,129 @@
+"""convert-cpu-weights: the command line. A click group whose default command is the conversion with
+kt's flags: `convert-cpu-weights -i X -o Y` (and `python -m convert ...`, scripts/convert_cpu_weights.py)
+run it exactly as kt's script, `convert-cpu-weights convert -i X -o Y` names it. Further subcommands
+live in their own modules here and are added to COMMANDS. main() maps errors to exit codes: 0 done,
+2 a problem the user can fix (the message says how), 1 a bug; 128 + N on signal N.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import traceback
+
+import click
+
+from kt_runtime.format.errors import UnsafePathError
+
+from ..errors import UserError
+from .conversion import convert_command
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs its default command when the first argument names no subcommand, exactly as if
+    that command were the program (its usage line, help and errors unchanged)."""
+
+    def __init__(self, *args, default: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def main(self, args=None, prog_name=None, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if not args or args[0] not in self.commands:
+            return self.commands[self.default].main(args, prog_name=prog_name, **extra)
+        return super().main(args, prog_name=prog_name, **extra)
+
+
+COMMANDS = (convert_command,)
+cli = DefaultCommandGroup(name="convert-cpu-weights", commands=COMMANDS, default=convert_command.name,
+                          context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+
+INTERRUPTED = "interrupted; completed layers are kept; re-run the same command to resume"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C (the layer in progress is aborted, the lock released)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _SignalsUnwind:
+    """Until restore(), SIGINT and SIGTERM raise Interrupted in the main thread, once: a second
+    signal does not cut the clean-up short (it takes one batch write at most)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.previous = {}
+        self.fired = False
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.fired:
+            self.fired = True
+            raise Interrupted(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupted(e: BaseException) -> int:
+    signum = getattr(e, "signum", signal.SIGINT)
+    click.echo(INTERRUPTED, err=True)
+    return 128 + signum
+
+
+def main(argv: list[str] | None = None) -> int:
+    signals = _SignalsUnwind()  # also covers the messages below: a second signal never prints a trace
+    try:
+        return _main(argv)
+    finally:
+        signals.restore()
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        cli.main(args=argv, prog_name="convert-cpu-weights", standalone_mode=False)
+        return EXIT_OK
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.UsageError as e:
+        e.show()
+        return EXIT_USER
+    except click.Abort as e:  # click turns KeyboardInterrupt into Abort
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            return _interrupted(e.__cause__)
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    except (UserError, UnsafePathError) as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USER
+    except OSError as e:  # the machine's, not ours: a full disk, a path that cannot be written, ...
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; completed layers are kept, re-run the same command to resume",
+                   err=True)
+        return EXIT_USER
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "can't start new thread" in str(e):  # threading under a limit
+            click.echo(f"error: cannot start a thread ({e}): the system limits threads per user (ulimit -u) or "
+                       "address space (ulimit -v); raise the limit or pass a smaller --cpuinfer-threads, then re-run "
+                       "(completed layers are kept)", err=True)
+            return EXIT_USER
+        traceback.print_exc()
+        click.echo("internal error: this is a bug in convert-cpu-weights; please report it with the trace above",
+                   err=True)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

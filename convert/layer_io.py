@@ -1,0 +1,69 @@
+"""The two seams of the per-layer loop (convert.pipeline.convert_layer): where a layer's source bytes come
+from (LayerReader) and where its packed tensors go (LayerOutput).
+
+One LayerReader serves a whole run: every read of routed-expert bytes goes through it, layer by layer in
+plan order, one batch ahead (convert.source_reader.SourceStream). A step that must wait for a layer's
+source files (a download in progress) waits here, before the layer's first read.
+
+A layer is read once and packed into every LayerOutput given for it (a run of the command line gives
+one: its method, NUMA split and layout).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from kt_runtime.format.layout import PROJECTIONS
+from kt_runtime.format.methods import QuantMethod
+
+from .plan import ConversionPlan, LayerPlan, source_slabs
+from .source import Checkpoint
+from .source_reader import ReadBatch, Slab, SourceStream
+
+
+@dataclass
+class LayerOutput:
+    """One packed output of a layer: the method and NUMA split its tensors are packed for, and the writer
+    (convert.writer: MergedShardWriter or KtFolderWriter) that takes them pair by pair (write_pair)."""
+
+    method: QuantMethod
+    threadpool_count: int
+    writer: object
+
+
+class LayerReader:
+    """The source bytes of `layers` (in this order), in batches of `experts_per_batch` experts."""
+
+    def __init__(self, ckpt: Checkpoint, plan: ConversionPlan, layers: list[LayerPlan], experts_per_batch: int,
+                 threads: int):
+        self.ckpt = ckpt
+        self.num_experts = plan.num_experts
+        self.experts_per_batch = experts_per_batch
+        self._order = [lp.layer for lp in layers]
+        self._stream = SourceStream(ckpt, [b for lp in layers for b in self.batch_slabs(lp)], threads=threads)
+
+    def batch_ranges(self) -> list[range]:
+        """The experts of each pack batch of a layer."""
+        step = self.experts_per_batch
+        return [range(e0, min(self.num_experts, e0 + step)) for e0 in range(0, self.num_experts, step)]
+
+    def batch_slabs(self, lp: LayerPlan) -> list[list[Slab]]:
+        """The source slabs of each pack batch of a layer, in order (what the stream reads)."""
+        return [list({s: None for e in experts for proj in PROJECTIONS for s in source_slabs(lp.experts[e][proj])})
+                for experts in self.batch_ranges()]
+
+    def batches(self, lp: LayerPlan) -> Iterator[tuple[range, ReadBatch]]:
+        """(experts, their source slabs) of each pack batch of `lp`; the caller releases each batch when
+        packed. Layers must be asked for in the order given."""
+        if not self._order or self._order[0] != lp.layer:
+            raise RuntimeError(f"layer {lp.layer} read out of order (next: {self._order[:1]})")
+        self._order.pop(0)
+        for experts in self.batch_ranges():
+            yield experts, self._stream.next()
+
+    def where(self, key: str) -> str:
+        """The source file holding tensor `key` (for messages)."""
+        return self.ckpt.where(key)
+
+    def close(self) -> None:
+        self._stream.close()

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""sha256 of every file a set of conversions writes: a fingerprint of the converter's bytes.
+
+    python scripts/output_digests.py OUT.json [--workdir DIR]
+    python scripts/output_digests.py NEW.json --compare OLD.json
+
+Converts the synthetic checkpoint of every family variant and the DeepSeek-V4-Flash MXFP4 one (I8 / U8 / F4
+storage, three key styles) to int4 and int8, threadpool count 1 and 2, merged and kt folders (and a few runs
+with --include-non-expert and --layers), on the CPU. Source files get a fixed modification time and live at
+fixed paths under --workdir, so the manifests and the shards' __metadata__ are reproducible too: two runs of
+the same converter give the same JSON, and a refactor that changes no byte keeps it. Exit 1 on a difference
+with --compare.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+FIXED_MTIME_NS = 1_700_000_000 * 10**9
+
+
+def tree_digests(path: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name != ".kt_convert.lock":
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _pin_mtimes(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            os.utime(p, ns=(FIXED_MTIME_NS, FIXED_MTIME_NS))
+
+
+def checkpoints(work: Path) -> dict[str, Path]:
+    from synthetic import VARIANTS, make_family_checkpoint, make_v4_flash_checkpoint
+
+    out = {}
+    for name in sorted(VARIANTS):
+        out[name] = make_family_checkpoint(work / "src" / name, name).path
+    for storage, style in (("I8", "official"), ("U8", "model"), ("F4", "hf_alias")):
+        name = f"v4_flash_{storage}_{style}"
+        out[name] = make_v4_flash_checkpoint(work / "src" / name, "v4-flash-tiny", storage=storage, key_style=style,
+                                             mtp_layers=1, num_shards=3).path
+    for path in out.values():
+        _pin_mtimes(path)
+    return out
+
+
+def runs(sources: dict[str, Path]):
+    for name, src in sources.items():
+        for method in ("int4", "int8"):
+            for t in (1, 2):
+                for merge in (True, False):
+                    yield f"{name}/{method}-T{t}-{'merged' if merge else 'kt'}", src, dict(
+                        quant_method=method, threadpool_count=t, merge=merge)
+    v4 = sources["v4_flash_I8_official"]
+    yield "v4_flash_I8_official/int4-T2-merged-non-expert", v4, dict(quant_method="int4", threadpool_count=2,
+                                                                      include_non_expert=True)
+    yield "v4_flash_I8_official/int8-T1-merged-layer1", v4, dict(quant_method="int8", threadpool_count=1, layers=[1])
+    yield "deepseek_v3_fp8/int4-T2-merged-non-expert", sources["deepseek_v3_fp8"], dict(
+        quant_method="int4", threadpool_count=2, include_non_expert=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out", type=Path, help="write the digests here (JSON)")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/kt-output-digests"))
+    ap.add_argument("--compare", type=Path, help="a JSON written earlier: report every difference")
+    args = ap.parse_args(argv)
+
+    from convert.pipeline import ConvertOptions, convert
+
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    sources = checkpoints(args.workdir)
+    digests = {}
+    for run, src, kw in runs(sources):
+        out = args.workdir / "out" / run
+        convert(ConvertOptions(input_path=str(src), output=out, device="cpu", progress=False, **kw))
+        digests[run] = tree_digests(out)
+        shutil.rmtree(out)
+    args.out.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    files = sum(len(v) for v in digests.values())
+    print(f"{len(digests)} conversions, {files} files -> {args.out}")
+    if args.compare is None:
+        return 0
+    old = json.loads(args.compare.read_text())
+    diff = [r for r in sorted(old.keys() | digests.keys()) if old.get(r) != digests.get(r)]
+    for r in diff[:20]:
+        a, b = old.get(r) or {}, digests.get(r) or {}
+        files = [f for f in sorted(a.keys() | b.keys()) if a.get(f) != b.get(f)]
+        print(f"DIFFERENT {r}: {', '.join(files[:5])}")
+    print(f"{len(digests) - len(diff)} of {len(digests)} conversions byte-identical to {args.compare}")
+    return 1 if diff else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""kt_runtime.format, the on-disk format's own package: torch-free, one error base class."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_importing_the_format_loads_no_engine():
+    code = ("import sys, kt_runtime.format, kt_runtime.format.layout, kt_runtime.format.manifest, "
+            "kt_runtime.format.safetensors_file, kt_runtime.format.fsio, kt_runtime.format.input_files, "
+            "kt_runtime.format.json_fields, kt_runtime.format.digest\n"
+            "bad = sorted(m for m in ('torch', 'triton', 'kt_kernels', 'convert', 'quant', 'kt_runtime.cpu_moe', "
+            "'kt_runtime.loader', 'kt_runtime.hybrid') if m in sys.modules)\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing kt_runtime.format loaded {out.stdout.strip()}"
+
+
+@pytest.mark.parametrize("name", ["SafetensorsFormatError", "SafetensorsChangedError", "ManifestError",
+                                  "PackedWeightsError", "UnsafePathError", "InputFileError", "FieldError"])
+def test_every_format_error_derives_from_one_base(name):
+    import kt_runtime
+    from kt_runtime import format as room
+
+    cls = getattr(room, name)
+    assert issubclass(cls, room.PackedFormatError) and issubclass(cls, ValueError)
+    if name == "PackedWeightsError":
+        assert kt_runtime.PackedWeightsError is cls
+
+
+# -- the method table -------------------------------------------------------------------------------
+
+def test_method_rows_and_what_reads_them():
+    from convert.cli.conversion import convert_command as cli
+    from kt_runtime.format.methods import INT4, INT8, METHODS, get_method
+
+    assert (INT4.bits, INT4.levels, INT4.n_block, INT4.k_align, INT4.kt_method, INT4.kt_file_prefix) == \
+        (4, 112, 128, 128, "AMXINT4", "INT4")
+    assert (INT8.bits, INT8.levels, INT8.n_block, INT8.k_align, INT8.kt_method, INT8.kt_file_prefix) == \
+        (8, 127, 64, 64, "AMXINT8", "INT8")
+    assert INT4.weight_bytes(128, 256) == 128 * 128 and INT8.weight_bytes(64, 64) == 64 * 64
+    assert INT4.k_block_bytes == 1792 and INT8.k_block_bytes == 3584
+    assert len({m.kt_file_prefix for m in METHODS.values()}) == len({m.kt_method for m in METHODS.values()}) == \
+        len(METHODS)
+    assert get_method("INT8") is INT8
+    with pytest.raises(ValueError, match="unknown quant method 'int3'"):
+        get_method("int3")
+    option = next(p for p in cli.params if p.name == "quant_method")
+    assert list(option.type.choices) == list(METHODS)
+
+
+@pytest.mark.parametrize("H,I,T,method,problem", [
+    (384, 512, 2, "int4", None), (384, 512, 4, "int4", None), (384, 512, 8, "int4", "512 / 8 = 64 is not a multiple of 128"),
+    (384, 512, 8, "int8", None), (384, 512, 3, "int8", "not divisible by threadpool_count 3"),
+    (320, 512, 1, "int4", "hidden_size 320 is not a multiple of 128"), (320, 512, 1, "int8", None),
+])
+def test_one_alignment_rule(H, I, T, method, problem):
+    from kt_runtime.format.methods import alignment_problem, get_method, working_threadpool_counts
+
+    got = alignment_problem(get_method(method), H, I, T)
+    assert (got is None) if problem is None else (problem in got)
+    assert (T in working_threadpool_counts(get_method(method), H, I)) == (problem is None)
+
+
+def test_names_and_their_parsers_agree():
+    from kt_runtime.format.layout import (KtFileName, MergedKey, kt_file_names, merged_key, parse_kt_file_name,
+                                          parse_merged_key)
+    from kt_runtime.format.methods import INT4, INT8
+
+    assert merged_key(3, "down", 17, 1, "scale") == "blk.3.ffn_down_exps.17.numa.1.scale"
+    assert parse_merged_key("blk.3.ffn_down_exps.17.numa.1.scale") == MergedKey(3, "down", 17, 1, "scale")
+    assert parse_merged_key("blk.3.ffn_down_exps.17.numa.1.bias") is None
+    quant, scale = kt_file_names("int4", "gate", 5, 32768, 256)
+    assert (quant, scale) == ("INT4_gate_5_32768Byte_quant_.kt", "INT4_gate_5_1024Byte_scale_.kt")
+    assert parse_kt_file_name(quant) == KtFileName(INT4, "gate", 5, 32768, "quant")
+    assert parse_kt_file_name("INT8_up_0_64Byte_scale_.kt") == KtFileName(INT8, "up", 0, 64, "scale")
+    assert parse_kt_file_name("INT3_up_0_64Byte_scale_.kt") is None
+
+
+@pytest.mark.parametrize("method,T", [("int4", 1), ("int4", 2), ("int8", 4)])
+def test_layer_sizes_one_way(method, T):
+    """layer_data_bytes (computed) equals the tensors of layer_entries, and the sum written out by hand."""
+    from kt_runtime.format.layout import PackedSpec
+    from kt_runtime.format.safetensors_file import tensor_nbytes
+
+    H, I, E = 384, 512, 3
+    spec = PackedSpec(method, T, H, I, E, 2, (0, 1))
+    entries = spec.layer_entries(1)
+    assert len(entries) == E * 3 * T * 2 and len(spec.kt_layer_files(1)) == len(entries)
+    per_byte = 2 if method == "int4" else 1
+    by_hand = E * T * ((2 * (I // T) * H + H * (I // T)) // per_byte + 4 * (2 * (I // T) + H))
+    assert spec.layer_data_bytes() == sum(tensor_nbytes(d, s) for _, d, s in entries) == by_hand
+
+
+def test_shard_metadata_is_written_and_checked_by_one_pair():
+    from kt_runtime.format.manifest import Manifest, shard_metadata, shard_metadata_problem
+
+    m = Manifest(method="int8", threadpool_count=2, hidden_size=384, moe_intermediate_size=512, num_experts=4,
+                 num_experts_per_tok=2, layers=[0, 1], layout="merged", swiglu_limit=7.0,
+                 source={"fingerprint": "f" * 64}, converter_version="9.9")
+    meta = shard_metadata(m, 1)
+    assert list(meta) == ["format", "kt_format_version", "kt_method", "quant_method", "threadpool_count", "hidden_size",
+                          "moe_intermediate_size", "num_experts", "num_experts_per_tok", "layer", "activation",
+                          "swiglu_limit", "source_fingerprint", "converter_version"]
+    assert meta["kt_method"] == "AMXINT8" and meta["layer"] == "1" and meta["swiglu_limit"] == "7.0"
+    assert shard_metadata_problem(meta, m.spec, 1, m) is None
+    assert shard_metadata_problem({**meta, "converter_version": "0.0"}, m.spec, 1, m) is None
+    assert "layer is '1' but the manifest says '0'" in shard_metadata_problem(meta, m.spec, 0, m)
+    no_limit = {k: v for k, v in meta.items() if k != "swiglu_limit"}
+    assert "swiglu_limit is None" in shard_metadata_problem(no_limit, m.spec, 1, m)
+    # without a manifest: only what the tensors determine, and only where present
+    assert shard_metadata_problem({"layer": "1", "activation": "gelu"}, m.spec, 1, None) is None
+    assert "tensors say '2'" in shard_metadata_problem({"threadpool_count": "1"}, m.spec, 1, None)
+
+
+def test_kernels_hold_the_same_method_table():
+    """kernels_cpp's method_info (the packer's and the engine's constants) agrees with every row."""
+    import kt_kernels
+
+    from kt_runtime.format.methods import AMX_TILED, FP32_RECIPROCAL, METHODS
+
+    for m in METHODS.values():
+        assert m.layout == AMX_TILED and m.group_size is None and m.scale_dtype == "F32"
+        assert kt_kernels.method_info(m.name) == {
+            "n_block": m.n_block, "k_align": m.k_align, "elems_per_byte": m.elems_per_byte, "levels": m.levels,
+            "fp32_reciprocal": m.scale_arithmetic == FP32_RECIPROCAL}, m.name
+    with pytest.raises(ValueError, match="unknown quant method"):
+        kt_kernels.method_info("int3")
+
+
+def test_the_converter_and_the_generators_never_import_the_engine():
+    """convert (the CLI and the pipeline) and synthetic read and write through kt_runtime.format only: no
+    CPU/GPU engine, no loader, no torch."""
+    code = ("import sys, convert.cli, convert.pipeline, synthetic\n"
+            "bad = sorted(m for m in ('torch', 'triton', 'kt_runtime.cpu_moe', 'kt_runtime.hybrid', "
+            "'kt_runtime.loader', 'kt_runtime.reference', 'kt_runtime.integrations') if m in sys.modules)\n"
+            "print(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"the converter imported {out.stdout.strip()}"
