@@ -37,11 +37,11 @@ DotFn dot_for(Isa isa) {
 void validate_config(const Config& cfg) {
   const MethodInfo info = method_info(cfg.method);
   auto fail = [](const std::string& m) { throw std::invalid_argument(m); };
-  if (cfg.hidden <= 0 || cfg.intermediate <= 0 || cfg.numa <= 0 || cfg.experts <= 0)
-    fail("hidden, intermediate, numa and experts must be positive");
-  if (cfg.intermediate % cfg.numa != 0)
+  if (cfg.hidden <= 0 || cfg.intermediate <= 0 || cfg.threadpool_count <= 0 || cfg.experts <= 0)
+    fail("hidden, intermediate, threadpool_count and experts must be positive");
+  if (cfg.intermediate % cfg.threadpool_count != 0)
     fail("intermediate size " + std::to_string(cfg.intermediate) + " is not divisible by threadpool_count " +
-         std::to_string(cfg.numa));
+         std::to_string(cfg.threadpool_count));
   const int64_t il = cfg.i_local();
   if (cfg.hidden % info.k_align != 0 || cfg.hidden % TILE_ROWS != 0)
     fail("hidden size " + std::to_string(cfg.hidden) + " must be a multiple of " + std::to_string(info.k_align));

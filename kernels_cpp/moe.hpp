@@ -37,16 +37,16 @@ struct ExpertShard {
 
 struct Config {
   Method method = Method::Int4;
-  int64_t hidden = 0;        // H
-  int64_t intermediate = 0;  // I (all NUMA slices)
-  int64_t numa = 1;          // T (threadpool_count of the file)
-  int64_t experts = 0;       // E
-  bool clamp = false;        // swiglu_limit given
+  int64_t hidden = 0;             // H
+  int64_t intermediate = 0;       // I (all NUMA slices)
+  int64_t threadpool_count = 1;   // T: NUMA pools the packed file is split into
+  int64_t experts = 0;            // E
+  bool clamp = false;             // swiglu_limit given
   float limit = 0.f;
-  int64_t i_local() const { return intermediate / numa; }
+  int64_t i_local() const { return intermediate / threadpool_count; }
 };
 
-// shards[e * numa + t]
+// shards[e * threadpool_count + t]
 struct Weights {
   Config cfg;
   std::vector<ExpertShard> shards;

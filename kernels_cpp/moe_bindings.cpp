@@ -40,12 +40,12 @@ class MoELayer {
  public:
   // weights[e][t] = (gate_w, gate_s, up_w, up_s, down_w, down_s)
   MoELayer(const std::string& method, const py::sequence& weights, int64_t hidden, int64_t intermediate,
-           int64_t numa, std::optional<double> swiglu_limit) {
+           int64_t threadpool_count, std::optional<double> swiglu_limit) {
     moe::Config& cfg = w_.cfg;
     cfg.method = parse_method(method);
     cfg.hidden = hidden;
     cfg.intermediate = intermediate;
-    cfg.numa = numa;
+    cfg.threadpool_count = threadpool_count;
     cfg.experts = static_cast<int64_t>(py::len(weights));
     require(cfg.experts > 0, "weights: no experts given");
     if (swiglu_limit) {
@@ -54,17 +54,17 @@ class MoELayer {
     }
     moe::validate_config(cfg);
     const int64_t il = cfg.i_local();
-    w_.shards.resize(cfg.experts * numa);
+    w_.shards.resize(cfg.experts * threadpool_count);
     for (int64_t e = 0; e < cfg.experts; ++e) {
-      const py::sequence per_numa = weights[e].cast<py::sequence>();
-      require(static_cast<int64_t>(py::len(per_numa)) == numa,
-              "weights[" + std::to_string(e) + "]: expected " + std::to_string(numa) + " NUMA shards, got " +
-                  std::to_string(py::len(per_numa)));
-      for (int64_t t = 0; t < numa; ++t) {
-        const py::sequence six = per_numa[t].cast<py::sequence>();
+      const py::sequence per_pool = weights[e].cast<py::sequence>();
+      require(static_cast<int64_t>(py::len(per_pool)) == threadpool_count,
+              "weights[" + std::to_string(e) + "]: expected " + std::to_string(threadpool_count) + " NUMA shards, got " +
+                  std::to_string(py::len(per_pool)));
+      for (int64_t t = 0; t < threadpool_count; ++t) {
+        const py::sequence six = per_pool[t].cast<py::sequence>();
         const std::string where = "weights[" + std::to_string(e) + "][" + std::to_string(t) + "]";
         require(py::len(six) == 6, where + ": expected (gate_w, gate_s, up_w, up_s, down_w, down_s)");
-        moe::ExpertShard& sh = w_.shards[e * numa + t];
+        moe::ExpertShard& sh = w_.shards[e * threadpool_count + t];
         static const char* names[3] = {"gate", "up", "down"};
         moe::PackedMat* mats[3] = {&sh.gate, &sh.up, &sh.down};
         for (int p = 0; p < 3; ++p) {
@@ -185,7 +185,7 @@ void bind_moe(py::module_& m) {
                        "One MoE layer's routed experts in the AMXINT4/AMXINT8 packed format, read in place.")
       .def(py::init<const std::string&, const py::sequence&, int64_t, int64_t, int64_t, std::optional<double>>(),
            py::arg("method"), py::arg("weights"), py::arg("hidden_size"), py::arg("intermediate_size"),
-           py::arg("numa"), py::arg("swiglu_limit") = py::none(),
+           py::arg("threadpool_count"), py::arg("swiglu_limit") = py::none(),
            "weights[e][t] = (gate_w, gate_s, up_w, up_s, down_w, down_s): uint8 tiled bytes and float32 scales "
            "of NUMA shard t of expert e (gate/up: [I/T, H], down: [H, I/T]).")
       .def("forward", &MoELayer::forward, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"),
@@ -194,18 +194,18 @@ void bind_moe(py::module_& m) {
       .def_property_readonly("num_experts", [](const MoELayer& l) { return l.config().experts; })
       .def_property_readonly("hidden_size", [](const MoELayer& l) { return l.config().hidden; })
       .def_property_readonly("intermediate_size", [](const MoELayer& l) { return l.config().intermediate; })
-      .def_property_readonly("numa", [](const MoELayer& l) { return l.config().numa; });
+      .def_property_readonly("threadpool_count", [](const MoELayer& l) { return l.config().threadpool_count; });
 
   m.def(
       "moe_forward",
       [](const std::string& method, const py::array& x, const py::array& ids, const py::array& topk_w,
-         const py::sequence& weights, int64_t hidden, int64_t intermediate, int64_t numa,
+         const py::sequence& weights, int64_t hidden, int64_t intermediate, int64_t threadpool_count,
          std::optional<double> swiglu_limit, const std::string& isa, int64_t num_threads) {
-        MoELayer layer(method, weights, hidden, intermediate, numa, swiglu_limit);
+        MoELayer layer(method, weights, hidden, intermediate, threadpool_count, swiglu_limit);
         return layer.forward(x, ids, topk_w, isa, num_threads);
       },
       py::arg("method"), py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("weights"),
-      py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("numa"), py::arg("swiglu_limit") = py::none(),
+      py::arg("hidden_size"), py::arg("intermediate_size"), py::arg("threadpool_count"), py::arg("swiglu_limit") = py::none(),
       py::arg("isa") = "auto", py::arg("num_threads") = 0,
       "One-shot MoE forward (parses the weights each call; use MoELayer for repeated calls).");
   m.def("start_moe_pool", [](int64_t num_threads) {

@@ -34,7 +34,7 @@ void forward_decode(const Call& call) {
   const int64_t tokens = call.tokens, topk = call.topk;
   const DotFn dot = call.dot;
   const Epilogue& epi = call.epi;
-  const int64_t H = cfg.hidden, T = cfg.numa, IL = cfg.i_local();
+  const int64_t H = cfg.hidden, T = cfg.threadpool_count, IL = cfg.i_local();
   const int P = call.pool.size();
   const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
   const std::vector<int64_t>& active = rt.active;

@@ -121,7 +121,7 @@ void forward_prefill(const Call& call) {
   const std::vector<int64_t>& active = rt.active;
   const std::vector<int64_t>& m_of = rt.m_of;
   const std::vector<int64_t>& row0 = rt.row0;
-  const int64_t H = cfg.hidden, T = cfg.numa, IL = cfg.i_local();
+  const int64_t H = cfg.hidden, T = cfg.threadpool_count, IL = cfg.i_local();
   const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
   const int P = call.pool.size();
   const bool prof = tuning().profiling.load(std::memory_order_relaxed);

@@ -108,7 +108,7 @@ struct RequantTasks {
   static constexpr int64_t kRows = 16;
   int64_t T;
   std::vector<int64_t> first;  // first S task of expert a (A + 1 entries)
-  RequantTasks(const std::vector<int64_t>& m_of, int64_t numa) : T(numa), first(m_of.size() + 1, 0) {
+  RequantTasks(const std::vector<int64_t>& m_of, int64_t threadpool_count) : T(threadpool_count), first(m_of.size() + 1, 0) {
     for (size_t a = 0; a < m_of.size(); ++a) first[a + 1] = first[a] + T * ((m_of[a] + kRows - 1) / kRows);
   }
   int64_t count() const { return first.back(); }
