@@ -38,7 +38,7 @@ def plan_lines(plan, source: Path, out: Path, device: str) -> list[str]:
     lines.append(f"source: {source}: family {plan.family}, {fmt} routed experts")
     lines.append(f"model: {scope}, {plural(plan.num_experts, 'expert')} each (top-{plan.num_experts_per_tok}), "
                  f"hidden {plan.hidden_size}, expert intermediate {plan.moe_intermediate_size}"
-                 + (f"; {plan.skipped_mtp_keys} MTP expert tensors skipped" if plan.skipped_mtp_keys else ""))
+                 + (f"; {plan.skipped_mtp_keys} MTP expert tensors skipped (not routed experts of the main model)" if plan.skipped_mtp_keys else ""))
     layout = "one safetensors shard per layer" if plan.layout == "merged" else "kt's _layer_L/_numa_T .kt folders"
     lines.append(f"output: {plan.method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
                  f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}")

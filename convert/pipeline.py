@@ -286,8 +286,6 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                                  preflight.non_expert_bytes(ckpt, non_expert))
         preflight.check(est, out, preflight.copied_bytes(ckpt.root, COPIED_FILES))
         progress.note(est.describe())
-        if plan.skipped_mtp_keys:
-            progress.note(f"skipping {plan.skipped_mtp_keys} MTP expert tensors (not routed experts of the main model)")
         write_manifest(out, manifest)
         progress.close()
         progress = Progress(sum(lp.input_bytes for lp in todo), len(plan.layers), opts.progress,

@@ -356,7 +356,7 @@ def test_preflight_estimate_is_bounded_whatever_the_model_size(base_checkpoint, 
         assert est.peak_memory_bytes < preflight.BASE_MEMORY + 4 * BATCH_BYTES + (128 << 20)
     assert max(peaks) - min(peaks) < 4 * BATCH_BYTES  # independent of the number of layers
     assert main(["-i", str(base_checkpoint), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert "pre-flight: writing 0.00 GB, peak memory about" in capsys.readouterr().err
+    assert "pre-flight: writing 2.42 MB, peak memory about" in capsys.readouterr().err
 
 
 def test_unwritable_report_path_is_a_user_error(base_checkpoint, tmp_path, capsys):
