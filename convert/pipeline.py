@@ -19,6 +19,7 @@ from quant.cpu import PackTarget
 
 from . import __version__, preflight
 from .announce import plan_lines, resume_line
+from .kt_resume import adopt_kt_layers, kt_started_layout
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .output_dir import (OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
@@ -272,6 +273,9 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         for line in plan_lines(plan, ckpt.root, out, device):
             progress.note(line)
         planned = planned_manifest(plan, ckpt, opts)
+        adopted = opts.resume_layer is not None and not opts.overwrite and kt_started_layout(out) is not None
+        if adopted:  # kt's own script started this output: keep its layers if they are ours byte for byte
+            _adopt_kt_layers(ckpt, plan, out, planned, opts, device, progress)
         _refuse_changed_source(out, planned, opts.overwrite)
         manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
         _verify_completed(out, manifest, progress)
@@ -279,7 +283,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         done = [lp.layer for lp in plan.layers if lp.layer in manifest.completed]
         if resume_line(done, len(plan.layers)):
             progress.note(resume_line(done, len(plan.layers)))
-        if opts.resume_layer is not None:
+        if opts.resume_layer is not None and not adopted:
             progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
                           "every missing layer is converted")
         est = preflight.estimate(plan, todo, experts_per_batch(plan), opts.cpuinfer_threads,
@@ -333,6 +337,16 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
         seconds=time.perf_counter() - start, nonfinite=nonfinite, partial=plan.partial,
         model_layers=len(plan.model_layers))
+
+
+def _adopt_kt_layers(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,
+                     device: str, progress: Progress) -> None:
+    packer = make_packer(device, opts.cpuinfer_threads)
+    try:
+        adopt_kt_layers(out, plan, manifest, opts.resume_layer, convert_layer, opts, progress, packer,
+                        default_read_threads(), experts_per_batch(plan), ckpt)
+    finally:
+        packer.close()
 
 
 def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> None:

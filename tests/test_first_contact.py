@@ -276,3 +276,100 @@ def test_reported_seconds_leave_the_device_probe_out(ckpt, tmp_path, monkeypatch
     report = pipeline.convert(pipeline.ConvertOptions(input_path=str(ckpt), output=tmp_path / "out", progress=False))
     assert report.startup_seconds >= 0.5 and report.seconds < report.startup_seconds + 5
     assert report.to_dict()["startup_seconds"] == report.startup_seconds
+
+
+# --- kt's scripts and flags ---
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--profile"], "--profile (a torch profiler trace"),
+    (["--save-backward-weights"], "--save-backward-weights (transposed *_bwd_* weights"),
+    (["--input-type", "awq"], "AWQ checkpoints are not supported (supported: MXFP4"),
+    (["--quant-method", "awq"], "--quant-method awq (kt's AWQ repacking"),
+    (["--quant-method=moe_int4"], "moe_int4 is kt-kernel's ARM (KML) backend"),
+    (["--quant-method", "moe_int8"], "use --quant-method int8 (AMXINT8)"),
+    (["convert", "--profile"], "--profile (a torch profiler trace"),
+])
+def test_kt_flags_that_are_not_supported_say_what_to_use(ckpt, tmp_path, capsys, flags, needle):
+    head = flags[:1] if flags[0] == "convert" else []
+    code, _, err = cli(capsys, *head, "-i", ckpt, "-o", tmp_path / "out", *flags[len(head):])
+    assert code == 2 and err.startswith("error: ") and needle in err, err
+    assert "No such option" not in err and "Did you mean" not in err and "invalid choice" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ds4_script_runs_kt_tutorial_command_with_gpu_flag(ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_cpu_weights_ds4.py"), "--input-path",
+                           str(ckpt), "--input-type", "fp4", "--output", str(tmp_path / "out"), "--quant-method", "int4",
+                           "--cpuinfer-threads", "2", "--threadpool-count", "2", "--gpu"],
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("note: --gpu (kt's flag) is accepted: --device auto")
+    assert "2 layers converted" in proc.stderr and (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_help_names_kt_flags_and_an_example(capsys):
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0
+    assert "convert-cpu-weights -i /models/DeepSeek-V4-Flash -o" in out and "are detected" in out
+    text = " ".join(out.split())
+    assert "Not supported, each with a message saying what to use instead: --profile" in text
+    assert "keeps its layers before L if they match a fresh conversion" in text
+
+
+def kt_started_output(ckpt, out, capsys, done_layers):
+    """What kt's script leaves when stopped after `done_layers` layers with --no-merge-safetensor: its
+    _layer_L folders (this converter writes kt's names and bytes), no manifest, no copied files."""
+    import shutil
+
+    assert cli(capsys, "-i", ckpt, "-o", out, "--no-progress", "--no-merge-safetensor")[0] == 0
+    for p in out.iterdir():
+        if p.is_file() or int(p.name.split("_")[-1]) >= done_layers:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def test_resume_layer_keeps_layers_of_kts_script_that_match(ckpt, tmp_path, capsys):
+    from conftest import tree_hashes
+
+    ref = tmp_path / "ref"
+    assert cli(capsys, "-i", ckpt, "-o", ref, "--no-progress", "--no-merge-safetensor")[0] == 0
+    out = tmp_path / "kt"
+    kt_started_output(ckpt, out, capsys, done_layers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["_layer_0"]
+    kept = (out / "_layer_0" / "_numa_0").stat().st_ino
+    code, _, err = cli(capsys, "-i", ckpt, "-o", out, "--no-progress", "--no-merge-safetensor", "--resume-layer", "1")
+    assert code == 0, err
+    assert "--resume-layer 1: kt's layer 0 matches a fresh conversion byte for byte: kept" in err
+    assert "1 layer converted, 1 already done" in err
+    assert (out / "_layer_0" / "_numa_0").stat().st_ino == kept  # kept, not written again
+    assert tree_hashes(out) == tree_hashes(ref) and not (out / ".kt_resume_check").exists()
+
+
+def test_resume_layer_says_why_kts_layers_cannot_be_kept(ckpt, tmp_path, capsys):
+    out = tmp_path / "kt"
+    kt_started_output(ckpt, out, capsys, done_layers=2)
+    victim = sorted((out / "_layer_1" / "_numa_1").iterdir())[3]
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    args = ["-i", ckpt, "-o", out, "--no-progress", "--no-merge-safetensor"]
+    code, _, err = cli(capsys, *args, "--resume-layer", "2")
+    assert code == 2
+    assert (f"layer 1 in {out} cannot be kept: the bytes of _layer_1/_numa_1/{victim.name} differ from a fresh "
+            "conversion's") in err and "pass --overwrite" in err
+    assert not (out / MANIFEST_FILE).exists() and not (out / ".kt_resume_check").exists()
+    import shutil
+
+    shutil.rmtree(out / "_layer_0")
+    code, _, err = cli(capsys, *args, "--resume-layer", "2")
+    assert code == 2 and f"says the layers before 2 are done, but {out} has no _layer_L folder for layer(s) 0" in err
+    code, _, err = cli(capsys, "-i", ckpt, "-o", out, "--no-progress", "--resume-layer", "1")
+    assert code == 2 and "add --no-merge-safetensor to resume them" in err
+
+
+def test_resume_layer_explains_kts_merged_shards(ckpt, tmp_path, capsys):
+    out = tmp_path / "kt"
+    out.mkdir()
+    (out / "model-00001-of-PLACEHOLDER.safetensors").write_bytes(b"\0" * 16)
+    code, _, err = cli(capsys, "-i", ckpt, "-o", out, "--no-progress", "--resume-layer", "1")
+    assert code == 2 and "numbers them from 1 again" in err and "pass --overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-PLACEHOLDER.safetensors"]
