@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE, VERIFIED_FILE
 from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
@@ -99,7 +99,7 @@ def _ours(path: Path) -> bool:
     """What a conversion writes; --overwrite replaces these and leaves any other file alone."""
     name = path.name
     return (name.endswith((".safetensors", ".tmp")) or name.startswith("_layer_")
-            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE) or name in COPIED_FILES)
+            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE) or name in COPIED_FILES)
 
 
 def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:

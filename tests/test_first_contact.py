@@ -373,3 +373,91 @@ def test_resume_layer_explains_kts_merged_shards(ckpt, tmp_path, capsys):
     code, _, err = cli(capsys, "-i", ckpt, "-o", out, "--no-progress", "--resume-layer", "1")
     assert code == 2 and "numbers them from 1 again" in err and "pass --overwrite" in err
     assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-PLACEHOLDER.safetensors"]
+
+
+# --- loading: cheap and safe by default ---
+
+@pytest.fixture
+def converted(ckpt, tmp_path):
+    from convert.pipeline import ConvertOptions, convert
+
+    out = tmp_path / "out"
+    convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False))
+    return out
+
+
+def count_hashing(monkeypatch):
+    from kt_runtime import loader
+
+    calls = []
+    real = loader.tree_sha256_files
+    monkeypatch.setattr(loader, "tree_sha256_files", lambda paths, *a: calls.append(len(paths)) or real(paths, *a))
+    return calls
+
+
+def test_load_hashes_each_layer_once_then_trusts_unchanged_files(converted, monkeypatch):
+    import kt_runtime
+
+    calls = count_hashing(monkeypatch)
+    kt_runtime.load_experts(converted)
+    assert len(calls) == 2 and (converted / ".kt_verified.json").exists()  # both layers hashed, recorded
+    calls.clear()
+    kt_runtime.load_experts(converted)
+    assert calls == []  # the same files: nothing hashed again
+    kt_runtime.load_experts(converted, verify=True)
+    assert len(calls) == 2  # verify=True always hashes
+    calls.clear()
+    kt_runtime.load_experts(converted, verify=False)
+    assert calls == []
+    shard = converted / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x10  # a packed byte, in place: the file's mtime changes
+    with open(shard, "r+b") as f:
+        f.write(data)
+    with pytest.raises(kt_runtime.PackedWeightsError, match="layer 1 files do not match their sha256"):
+        kt_runtime.load_experts(converted)
+    assert len(calls) == 1  # layer 0 still trusted, layer 1 hashed again
+
+
+def test_large_outputs_are_not_hashed_by_default(converted, monkeypatch):
+    import kt_runtime
+    from kt_runtime import loader
+
+    monkeypatch.setattr(loader, "AUTO_VERIFY_BYTES", 1000)
+    calls = count_hashing(monkeypatch)
+    kt_runtime.load_experts(converted)
+    assert calls == [] and not (converted / ".kt_verified.json").exists()
+    kt_runtime.load_experts(converted, verify=True)
+    assert len(calls) == 2
+    calls.clear()
+    kt_runtime.load_experts(converted)  # hashed by verify=True: recorded, not hashed again
+    assert calls == []
+
+
+def test_a_damaged_or_unwritable_record_only_costs_a_hash(converted, monkeypatch):
+    import kt_runtime
+    from kt_runtime.format import fsio
+
+    (converted / ".kt_verified.json").write_text('{"version": 1, "layers": {"0": "garbage"}}')
+    calls = count_hashing(monkeypatch)
+    kt_runtime.load_experts(converted)
+    assert len(calls) == 2
+    (converted / ".kt_verified.json").unlink()
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Read-only file system")
+
+    monkeypatch.setattr(fsio, "atomic_write_text", refuse)
+    calls.clear()
+    w = kt_runtime.load_experts(converted)
+    assert w.num_experts == 4 and len(calls) == 2 and not (converted / ".kt_verified.json").exists()
+
+
+def test_overwrite_removes_the_record_and_a_rerun_keeps_it(ckpt, converted, capsys):
+    import kt_runtime
+
+    kt_runtime.load_experts(converted)
+    assert cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")[0] == 0  # nothing to do: kept
+    assert (converted / ".kt_verified.json").exists()
+    assert cli(capsys, "-i", ckpt, "-o", converted, "--no-progress", "--overwrite", "--quant-method", "int8")[0] == 0
+    assert not (converted / ".kt_verified.json").exists()
