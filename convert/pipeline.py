@@ -94,7 +94,9 @@ class ConversionReport:
         return (f"{plural(self.layers_converted, 'layer')} converted, {self.layers_resumed} already done, "
                 f"{plural(self.experts_per_layer, 'expert')} each ({self.method}, threadpool count {self.threadpool_count}, "
                 f"{self.device}): {size(self.input_bytes)} in, {size(self.output_bytes)} out, "
-                f"{self.seconds:.1f} s, {rate(self.input_bytes, self.seconds)} -> {self.output}" + partial)
+                f"{self.seconds:.1f} s, {rate(self.input_bytes, self.seconds)} -> {self.output}"
+                + (f" (and {self.startup_seconds:.1f} s finding the device)" if self.startup_seconds >= 0.5 else "")
+                + partial)
 
 
 def max_cpu_threads() -> int:

@@ -28,13 +28,20 @@ class Progress:
         self.total_layers = total_layers
         self.tty = self.stream.isatty() if enabled is None else enabled
         self.bar = None
-        if self.tty and total_bytes and terminal_columns(self.stream) >= MIN_BAR_COLUMNS:
+        narrow = self._isatty() and terminal_columns(self.stream) < MIN_BAR_COLUMNS  # (--progress into a pipe: a bar)
+        if self.tty and total_bytes and not narrow:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, file=self.stream,
                             dynamic_ncols=True, smoothing=0.1)
         self._layer_start = time.perf_counter()
         self._done = done_layers
+
+    def _isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
 
     def layer_start(self, layer: int) -> None:
         self._layer_start = time.perf_counter()

@@ -276,6 +276,15 @@ def test_reported_seconds_leave_the_device_probe_out(ckpt, tmp_path, monkeypatch
     report = pipeline.convert(pipeline.ConvertOptions(input_path=str(ckpt), output=tmp_path / "out", progress=False))
     assert report.startup_seconds >= 0.5 and report.seconds < report.startup_seconds + 5
     assert report.to_dict()["startup_seconds"] == report.startup_seconds
+    assert f"(and {report.startup_seconds:.1f} s finding the device)" in report.summary()
+
+
+def test_progress_forced_into_a_pipe_still_draws_a_bar():
+    from convert.progress import Progress
+
+    p = Progress(1000, 2, enabled=True, stream=io.StringIO())  # --progress 2>&1 | tee log
+    assert p.bar is not None
+    p.close()
 
 
 # --- kt's scripts and flags ---
