@@ -82,7 +82,11 @@ def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, conv
     finally:
         reader.close()
         fsio.discard(scratch)
-    for layer in sorted(present - {lp.layer for lp in wanted}):  # kt would convert these again too
+    again = sorted(present - {lp.layer for lp in wanted})
+    if again:  # kt's own --resume-layer converts these again too
+        progress.note(f"--resume-layer {resume_layer}: removing kt's _layer_L folders of layers {layer_ranges(again)} "
+                      "(from the resume layer on, converted again)")
+    for layer in again:
         fsio.remove(out / f"_layer_{layer}")
     write_manifest(out, manifest)
     progress.note(f"--resume-layer {resume_layer}: kt's {_layers(wanted)} {'match' if len(wanted) != 1 else 'matches'} "

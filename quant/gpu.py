@@ -30,8 +30,9 @@ def _align(x: int) -> int:
     return (x + ALIGN - 1) // ALIGN * ALIGN
 
 
-# Device nodes a GPU driver creates: NVIDIA (/dev/nvidia0, ...), AMD ROCm (/dev/kfd), WSL (/dev/dxg).
-GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+# What a GPU driver creates: NVIDIA (/dev/nvidia0, /dev/nvidiactl, /proc/driver/nvidia/gpus/BUS), AMD ROCm
+# (/dev/kfd), WSL (/dev/dxg). None of them: torch cannot see a GPU.
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/nvidiactl", "/proc/driver/nvidia/gpus/*", "/dev/kfd", "/dev/dxg")
 
 
 def no_gpu_device_reason(nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> str | None:

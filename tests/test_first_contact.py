@@ -342,11 +342,12 @@ def test_resume_layer_keeps_layers_of_kts_script_that_match(ckpt, tmp_path, caps
     ref = tmp_path / "ref"
     assert cli(capsys, "-i", ckpt, "-o", ref, "--no-progress", "--no-merge-safetensor")[0] == 0
     out = tmp_path / "kt"
-    kt_started_output(ckpt, out, capsys, done_layers=1)
-    assert sorted(p.name for p in out.iterdir()) == ["_layer_0"]
+    kt_started_output(ckpt, out, capsys, done_layers=2)
+    assert sorted(p.name for p in out.iterdir()) == ["_layer_0", "_layer_1"]
     kept = (out / "_layer_0" / "_numa_0").stat().st_ino
     code, _, err = cli(capsys, "-i", ckpt, "-o", out, "--no-progress", "--no-merge-safetensor", "--resume-layer", "1")
     assert code == 0, err
+    assert "removing kt's _layer_L folders of layers 1 (from the resume layer on, converted again)" in err
     assert "--resume-layer 1: kt's layer 0 matches a fresh conversion byte for byte: kept" in err
     assert "1 layer converted, 1 already done" in err
     assert (out / "_layer_0" / "_numa_0").stat().st_ino == kept  # kept, not written again
