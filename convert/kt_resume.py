@@ -43,7 +43,8 @@ def _fix() -> str:
 def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, convert_layer, opts, progress,
                     packer, reader_threads: int, batch_experts: int, ckpt) -> None:
     """Records in `manifest` (and writes it) the layers before `resume_layer` that kt's script left
-    in `out`, after checking each against a fresh conversion; UserError naming what differs."""
+    in `out`, after checking each against a fresh conversion; UserError naming what differs.
+    convert_layer, packer: the pipeline's (passed in, as the pipeline imports this module)."""
     layout = kt_started_layout(out)
     if layout == "merged":
         raise UserError(

@@ -3,7 +3,6 @@ device probe, download hints, kt's flags and scripts, and the README's commands 
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
