@@ -57,9 +57,15 @@ def test_python_example_runs_on_a_converted_synthetic_model(tmp_path):
     assert error(ids) < 0.1  # int8 activations (as kt's), bf16 output
     assert error((ids + 1) % w.num_experts) > 0.5  # other experts: far off
     compile(hybrid_example, "README hybrid example", "exec")
-    if torch.cuda.is_available():  # pragma: no cover - GPU hosts
-        exec(hybrid_example, scope)
-        assert scope["y"].shape == (4, 384)
+    assert "num_gpu_experts=32" in hybrid_example
+    if torch.cuda.is_available():  # GPU hosts: the same call with as many GPU experts as the tiny model has
+        y_cpu = y
+        exec(hybrid_example.replace("num_gpu_experts=32", "num_gpu_experts=3"), scope)
+        assert scope["y"].shape == (4, 384) and scope["y"].dtype == torch.bfloat16
+        y_gpu = scope["y"].float().cpu()
+        ref = moe_reference(w, scope["layer"], x.float(), ids, tw)
+        assert ((y_gpu - ref).norm() / ref.norm()).item() < 0.1
+        assert ((y_gpu - y_cpu.float()).norm() / ref.norm()).item() < 0.1
 
 
 def test_public_names_are_listed_and_documented():
