@@ -18,15 +18,19 @@ from kt_runtime.format.methods import get_method
 from quant.cpu import PackTarget
 
 from . import __version__, preflight
+from .announce import plan_lines, resume_line
+from .kt_resume import adopt_kt_layers, kt_started_layout
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
-from .output_dir import OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index
+from .output_dir import (OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
+                         resolve_output_dir, write_index)
 from .packers import make_packer
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
 from .source_reader import default_read_threads
+from .units import plural, rate, size
 from .writer import KtFolderWriter, MergedShardWriter
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
@@ -70,6 +74,7 @@ class ConversionReport:
     nonfinite: dict[str, int] = field(default_factory=dict)
     partial: bool = False  # --layers left out MoE layers of the model
     model_layers: int = 0  # MoE layers of the whole model
+    startup_seconds: float = 0.0  # finding the device (--device auto), not counted in `seconds`
 
     @property
     def input_gb_per_s(self) -> float:
@@ -81,12 +86,17 @@ class ConversionReport:
         return d
 
     def summary(self) -> str:
-        return (f"{self.layers_converted} layers converted, {self.layers_resumed} already done, "
-                f"{self.experts_per_layer} experts each ({self.method}, threadpool count {self.threadpool_count}, "
-                f"{self.device}): {self.input_bytes / 1e9:.2f} GB in, {self.output_bytes / 1e9:.2f} GB out, "
-                f"{self.seconds:.1f} s, {self.input_gb_per_s:.2f} GB/s -> {self.output}"
-                + (f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
-                   "(--layers); kt_manifest.json says so" if self.partial else ""))
+        partial = (f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
+                   "(--layers); kt_manifest.json says so" if self.partial else "")
+        if not self.layers_converted:
+            return (f"nothing to convert: all {plural(self.layers, 'layer')} were converted by an earlier run "
+                    f"-> {self.output}" + partial)
+        return (f"{plural(self.layers_converted, 'layer')} converted, {self.layers_resumed} already done, "
+                f"{plural(self.experts_per_layer, 'expert')} each ({self.method}, threadpool count {self.threadpool_count}, "
+                f"{self.device}): {size(self.input_bytes)} in, {size(self.output_bytes)} out, "
+                f"{self.seconds:.1f} s, {rate(self.input_bytes, self.seconds)} -> {self.output}"
+                + (f" (and {self.startup_seconds:.1f} s finding the device)" if self.startup_seconds >= 0.5 else "")
+                + partial)
 
 
 def max_cpu_threads() -> int:
@@ -228,9 +238,10 @@ def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
 
 
 def convert(opts: ConvertOptions) -> ConversionReport:
-    start = time.perf_counter()
+    probe = time.perf_counter()
     check_cpu_threads(opts.cpuinfer_threads)
     device = resolve_device(opts.device)
+    start = time.perf_counter()  # the report's seconds are the conversion's, not the device probe's
     try:
         method = get_method(opts.quant_method)
     except ValueError as e:
@@ -242,7 +253,9 @@ def convert(opts: ConvertOptions) -> ConversionReport:
                           extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
         non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
                       if opts.include_non_expert and opts.merge else [])
-        return _run(ckpt, plan, opts, device, start, non_expert)
+        report = _run(ckpt, plan, opts, device, start, non_expert)
+        report.startup_seconds = start - probe
+        return report
     finally:
         ckpt.close()
 
@@ -250,30 +263,39 @@ def convert(opts: ConvertOptions) -> ConversionReport:
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
          non_expert: list[tuple[str, str]]) -> ConversionReport:
     out = resolve_output_dir(opts.output, ckpt.root)
+    created = created_dirs(out)  # removed again if the run is refused before it writes anything
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(out)
-    except OSError as e:
-        raise _os_error(e, out) from None
+    except (OSError, UserError) as e:
+        remove_if_empty(created)
+        raise _os_error(e, out) if isinstance(e, OSError) else e from None
     try:
+        progress = Progress(0, len(plan.layers), opts.progress)
+        for line in plan_lines(plan, ckpt.root, out, device):
+            progress.note(line)
         planned = planned_manifest(plan, ckpt, opts)
+        adopted = opts.resume_layer is not None and not opts.overwrite and kt_started_layout(out) is not None
+        if adopted:  # kt's own script started this output: keep its layers if they are ours byte for byte
+            _adopt_kt_layers(ckpt, plan, out, planned, opts, device, progress)
         _refuse_changed_source(out, planned, opts.overwrite)
         manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
-        progress = Progress(0, len(plan.layers), opts.progress)
         _verify_completed(out, manifest, progress)
         todo = [lp for lp in plan.layers if lp.layer not in manifest.completed]
-        if opts.resume_layer is not None:
+        done = [lp.layer for lp in plan.layers if lp.layer in manifest.completed]
+        if resume_line(done, len(plan.layers)):
+            progress.note(resume_line(done, len(plan.layers)))
+        if opts.resume_layer is not None and not adopted:
             progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
                           "every missing layer is converted")
         est = preflight.estimate(plan, todo, experts_per_batch(plan), opts.cpuinfer_threads,
                                  preflight.non_expert_bytes(ckpt, non_expert))
         preflight.check(est, out, preflight.copied_bytes(ckpt.root, COPIED_FILES))
         progress.note(est.describe())
-        if plan.skipped_mtp_keys:
-            progress.note(f"skipping {plan.skipped_mtp_keys} MTP expert tensors (not routed experts of the main model)")
         write_manifest(out, manifest)
         progress.close()
-        progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
+        progress = Progress(sum(lp.input_bytes for lp in todo), len(plan.layers), opts.progress,
+                            done_layers=len(done))
         nonfinite: dict[str, int] = {}
         packer = make_packer(device, opts.cpuinfer_threads)
         reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads())
@@ -295,6 +317,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                     pending.result()
                 pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest)
                 progress.layer_done(lp.layer, lp.input_bytes)
+            progress.stage("finishing: fsync of the last layer, model files, index")
             if pending is not None:
                 pending.result()
             _finish(ckpt, plan, out, manifest, opts, non_expert)
@@ -307,6 +330,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         raise _os_error(e, out) from None
     finally:
         lock.release()
+        remove_if_empty(created)  # only folders still empty: a run that wrote anything keeps them
     return ConversionReport(
         output=str(out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
         kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=device,
@@ -315,6 +339,16 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
         seconds=time.perf_counter() - start, nonfinite=nonfinite, partial=plan.partial,
         model_layers=len(plan.model_layers))
+
+
+def _adopt_kt_layers(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,
+                     device: str, progress: Progress) -> None:
+    packer = make_packer(device, opts.cpuinfer_threads)
+    try:
+        adopt_kt_layers(out, plan, manifest, opts.resume_layer, convert_layer, opts, progress, packer,
+                        default_read_threads(), experts_per_batch(plan), ckpt)
+    finally:
+        packer.close()
 
 
 def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> None:
