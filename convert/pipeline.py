@@ -467,6 +467,7 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float,
             for job in jobs:
                 if job.lock is not None:
                     _finish(ckpt, job.plan, job.out, job.manifest, job.opts, job.non_expert)
+                    fsio.remove(job.out / SHARD_DIR)  # records of --shard runs it resumed, now in the manifest
                     job.complete = True
                 elif job.shared is not None:
                     job.complete = finalize_shared(ckpt, job, progress) is None
