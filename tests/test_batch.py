@@ -232,35 +232,60 @@ def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
     assert "--overwrite cannot be combined with --shard" in capsys.readouterr().err
 
 
-def _shard_cmd(ckpt, out, i, n):
-    return [sys.executable, "-m", "convert", *args(ckpt, "-o", str(out), "--threadpool-count", "2",
-                                                  "--cpuinfer-threads", "1", "--shard", f"{i}/{n}",
-                                                  "--json", str(out.parent / f"r{i}.json"))]
+SLOW_DISK = ("import os, sys, time; import convert.writer as w; "
+             "w._os_write = lambda fd, d: (time.sleep(0.002), os.write(fd, d))[1]; "
+             "from convert.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _start_shard(ckpt, out, i, n, slow=False):
+    cmd = ["-c", SLOW_DISK] if slow else ["-m", "convert"]
+    cmd += args(ckpt, "-o", str(out), "--threadpool-count", "2", "--cpuinfer-threads", "1", "--shard", f"{i}/{n}",
+                "--json", str(out.parent / f"r{i}.json"))
+    return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.002)
 
 
 def test_concurrent_shards_with_kills_give_the_single_run_bytes(ckpt, single, tmp_path):
-    """4 processes on one directory at once; two are SIGKILLed in the middle (claims and temporaries left
-    behind), the four run again at once: the result is the single run's, byte for byte."""
+    """4 processes on one directory at once; two (their disk slowed to ~2 ms per write) are SIGKILLed: one
+    in the middle of its first layer, one in its second after its first is recorded, leaving their claims
+    and temporaries behind. The four then run again at once: the killed shards' layers are taken over and
+    redone, the others' not, the output is completed once, byte for byte the single run's."""
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(_shard_cmd(ckpt, out, i, 4), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(out.glob("*.safetensors*")):
-        time.sleep(0.005)
-    for i in (1, 3):
-        procs[i].send_signal(signal.SIGKILL)
-    codes = [p.wait(timeout=120) for p in procs]
+    procs = [_start_shard(ckpt, out, i, 4, slow=i in (1, 3)) for i in range(4)]
+    try:
+        _wait_for(out / "model-00003-of-00008.safetensors.tmp", procs[1])  # shard 1 = layers 2, 3
+        procs[1].send_signal(signal.SIGKILL)
+        _wait_for(out / SHARD_DIR / "done" / "layer_6.json", procs[3])  # shard 3 = layers 6, 7
+        _wait_for(out / "model-00008-of-00008.safetensors.tmp", procs[3])
+        procs[3].send_signal(signal.SIGKILL)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert codes[1] == codes[3] == -signal.SIGKILL
     assert codes[0] == codes[2] == 0, [p.stderr.read() for p in procs]
-    assert not (out / INDEX_FILE).exists()
-    procs = [subprocess.Popen(_shard_cmd(ckpt, out, i, 4), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
+    assert not (out / INDEX_FILE).exists() and read_json(out / MANIFEST_FILE)["complete"] is False
+    assert (out / "model-00003-of-00008.safetensors.tmp").exists()
+    claims = out / SHARD_DIR / "claims"
+    for layer, proc in ((2, procs[1]), (7, procs[3])):  # a dead process's claims, unlocked, still naming it
+        assert Owner.parse((claims / f"layer_{layer}.claim").read_bytes()).pid == proc.pid
+    assert sorted(os.listdir(out / SHARD_DIR / "done")) == [f"layer_{x}.json" for x in (0, 1, 4, 5, 6)]
+
+    procs = [_start_shard(ckpt, out, i, 4) for i in range(4)]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errs
     reports = [read_json(tmp_path / f"r{i}.json") for i in range(4)]
-    assert [r["layers_converted"] for r in reports][0::2] == [0, 0]  # finished shards redo nothing
-    assert all(r["layers_converted"] + r["layers_resumed"] == 2 for r in reports)
+    assert [r["layers_converted"] for r in reports] == [0, 2, 0, 1]  # only the unfinished layers
     assert sum("is complete" in e for e in errs) == 1  # completed exactly once
     assert tree_hashes(out) == single["int4", 2]
     assert not (out / SHARD_DIR).exists()
