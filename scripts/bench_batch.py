@@ -38,9 +38,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 GB = 1e9
 
-CHILD = ("import json, sys; from convert.cli import main; rc = main(sys.argv[2:]); "
-         "io = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines()); "
-         "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, **{k: int(v) for k, v in io.items()}})); sys.exit(rc)")
+CHILD = ("import json, os, sys; from convert.cli import main; rc = main(sys.argv[2:]); "
+         "io = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines()); t = os.times(); "
+         "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'cpu_seconds': t.user + t.system, "
+         "**{k: int(v) for k, v in io.items()}})); sys.exit(rc)")
 
 
 def drop_source_pages(ckpt: Path) -> None:
@@ -71,8 +72,13 @@ def run_one(ckpt: Path, work: Path, tag: str, conv_args: list[str]) -> dict:
     drop_source_pages(ckpt)
     t0 = time.perf_counter()
     io = finish_child(*start_child(ckpt, work, tag, conv_args))
-    return {"seconds": time.perf_counter() - t0, "read_bytes": io["read_bytes"], "rchar": io["rchar"],
-            "write_bytes": io["write_bytes"]}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": io["cpu_seconds"], "read_bytes": io["read_bytes"],
+            "rchar": io["rchar"], "write_bytes": io["write_bytes"]}
+
+
+def best(runs: list[dict]) -> dict:
+    """The run of least wall time (the machine is shared: the others were slowed by someone else)."""
+    return min(runs, key=lambda r: r["seconds"])
 
 
 def tree_digests(path: Path) -> dict[str, str]:
@@ -81,7 +87,7 @@ def tree_digests(path: Path) -> dict[str, str]:
 
 
 def show(name: str, r: dict) -> None:
-    print(f"{name:44s} {r['seconds']:7.2f} s   read_bytes {r['read_bytes'] / GB:6.3f} GB   "
+    print(f"{name:44s} {r['seconds']:7.2f} s  cpu {r['cpu_seconds']:7.2f} s  read_bytes {r['read_bytes'] / GB:6.3f} GB   "
           f"rchar {r['rchar'] / GB:6.3f} GB", flush=True)
 
 
@@ -93,6 +99,7 @@ def main() -> None:
     ap.add_argument("--threadpool-counts", default="1,2")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each, interleaved; the fastest counts")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
@@ -115,42 +122,56 @@ def main() -> None:
     outs = work / "runs"
     shutil.rmtree(outs, ignore_errors=True)
     outs.mkdir()
-    separate = []
-    for m in methods:
-        for t in counts:
-            r = run_one(ckpt, work, f"sep-{m}-{t}",
-                        ["-o", str(outs / "separate" / f"{m}-T{t}"), "--quant-method", m, "--threadpool-count", t])
-            show(f"separate run {m} T={t}", r)
-            separate.append(r)
-    multi = run_one(ckpt, work, "multi", ["--output-template", str(outs / "multi" / "{method}-T{threadpool_count}"),
-                                          "--quant-method", a.methods, "--threadpool-count", a.threadpool_counts])
-    show(f"one pass, {len(separate)} outputs", multi)
+    separate_runs: dict[str, list[dict]] = {}
+    multi_runs = []
+    for rep in range(a.repeat):  # interleaved, so that a busy spell of the machine hits both sides
+        for m in methods:
+            for t in counts:
+                d = outs / "separate" / f"{m}-T{t}"
+                shutil.rmtree(d, ignore_errors=True)
+                r = run_one(ckpt, work, f"sep-{m}-{t}", ["-o", str(d), "--quant-method", m, "--threadpool-count", t])
+                show(f"separate run {m} T={t}", r)
+                separate_runs.setdefault(f"{m}-T{t}", []).append(r)
+        shutil.rmtree(outs / "multi", ignore_errors=True)
+        multi = run_one(ckpt, work, "multi", ["--output-template", str(outs / "multi" / "{method}-T{threadpool_count}"),
+                                              "--quant-method", a.methods, "--threadpool-count", a.threadpool_counts])
+        show(f"one pass, {len(separate_runs)} outputs", multi)
+        multi_runs.append(multi)
+    separate = [best(rs) for rs in separate_runs.values()]
+    multi = best(multi_runs)
     identical = all(tree_digests(outs / "multi" / d.name) == tree_digests(d) for d in (outs / "separate").iterdir())
-    total = {k: sum(r[k] for r in separate) for k in ("seconds", "read_bytes", "rchar", "write_bytes")}
+    total = {k: sum(r[k] for r in separate) for k in ("seconds", "cpu_seconds", "read_bytes", "rchar", "write_bytes")}
     report["multi_output"] = {"outputs": len(separate), "separate": separate, "separate_total": total, "one_pass": multi,
                               "identical": identical,
                               "wall_ratio": round(total["seconds"] / multi["seconds"], 3),
+                              "cpu_ratio": round(total["cpu_seconds"] / multi["cpu_seconds"], 3),
                               "read_bytes_ratio": round(total["read_bytes"] / max(1, multi["read_bytes"]), 3),
                               "rchar_ratio": round(total["rchar"] / max(1, multi["rchar"]), 3)}
     print(f"multi-output: {len(separate)} separate runs / one pass: wall {report['multi_output']['wall_ratio']:.2f}x, "
-          f"disk reads {report['multi_output']['read_bytes_ratio']:.2f}x, read calls "
+          f"cpu {report['multi_output']['cpu_ratio']:.2f}x, disk reads {report['multi_output']['read_bytes_ratio']:.2f}x, read calls "
           f"{report['multi_output']['rchar_ratio']:.2f}x; outputs identical: {identical}", flush=True)
 
     # 2. shard processes on one output directory
     m, t = methods[0], counts[-1]
-    single = run_one(ckpt, work, "single", ["-o", str(outs / "single"), "--quant-method", m, "--threadpool-count", t])
-    show(f"single process ({m} T={t})", single)
+    single_runs, sharded_runs = [], []
     threads = max(1, (os.cpu_count() or 1) // a.shards)
-    drop_source_pages(ckpt)
-    t0 = time.perf_counter()
-    procs = [start_child(ckpt, work, f"shard{i}", ["-o", str(outs / "sharded"), "--quant-method", m,
-                                                   "--threadpool-count", t, "--shard", f"{i}/{a.shards}",
-                                                   "--cpuinfer-threads", str(threads)])
-             for i in range(a.shards)]
-    ios = [finish_child(*p) for p in procs]
-    sharded = {"seconds": time.perf_counter() - t0, "read_bytes": sum(x["read_bytes"] for x in ios),
-               "rchar": sum(x["rchar"] for x in ios), "write_bytes": sum(x["write_bytes"] for x in ios)}
-    show(f"{a.shards} shard processes at once", sharded)
+    for rep in range(a.repeat):
+        shutil.rmtree(outs / "single", ignore_errors=True)
+        single_runs.append(run_one(ckpt, work, "single", ["-o", str(outs / "single"), "--quant-method", m,
+                                                          "--threadpool-count", t]))
+        show(f"single process ({m} T={t})", single_runs[-1])
+        shutil.rmtree(outs / "sharded", ignore_errors=True)
+        drop_source_pages(ckpt)
+        t0 = time.perf_counter()
+        procs = [start_child(ckpt, work, f"shard{i}", ["-o", str(outs / "sharded"), "--quant-method", m,
+                                                       "--threadpool-count", t, "--shard", f"{i}/{a.shards}",
+                                                       "--cpuinfer-threads", str(threads)])
+                 for i in range(a.shards)]
+        ios = [finish_child(*p) for p in procs]
+        sharded_runs.append({"seconds": time.perf_counter() - t0, **{k: sum(x[k] for x in ios) for k in
+                             ("cpu_seconds", "read_bytes", "rchar", "write_bytes")}})
+        show(f"{a.shards} shard processes at once", sharded_runs[-1])
+    single, sharded = best(single_runs), best(sharded_runs)
     same = tree_digests(outs / "sharded") == tree_digests(outs / "single")
     report["sharded"] = {"shards": a.shards, "threads_per_shard": threads, "single": single, "sharded": sharded,
                          "identical": same, "wall_ratio": round(single["seconds"] / sharded["seconds"], 3)}

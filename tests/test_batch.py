@@ -227,6 +227,18 @@ def test_single_run_resumes_what_shards_started_and_refuses_live_claims(ckpt, si
     assert tree_hashes(out) == single["int4", 1]
 
 
+def test_shards_of_several_outputs(ckpt, single, tmp_path):
+    """--shard with --output-template: each output gets its own claims, records and completion."""
+    cmd = ["--output-template", str(tmp_path / "{method}-T{threadpool_count}"), "--quant-method", "int4,int8",
+           "--threadpool-count", "1", "--json", str(tmp_path / "r.json")]
+    assert main(args(ckpt, *cmd, "--shard", "1/2")) == 0
+    assert [r["complete"] for r in read_json(tmp_path / "r.json")] == [False, False]
+    assert main(args(ckpt, *cmd, "--shard", "0/2")) == 0
+    assert [r["complete"] for r in read_json(tmp_path / "r.json")] == [True, True]
+    for method in ("int4", "int8"):
+        assert tree_hashes(tmp_path / f"{method}-T1") == single[method, 1]
+
+
 def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
     assert main(args(ckpt, "-o", str(tmp_path / "o"), "--shard", "0/2", "--overwrite")) == 2
     assert "--overwrite cannot be combined with --shard" in capsys.readouterr().err
