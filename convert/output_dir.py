@@ -106,8 +106,11 @@ def _check_entries(out_dir: Path, shared: bool = False) -> None:
             if dir_like and not shared:
                 fsio.check_tree(p)
             elif dir_like:
-                st = fsio._lstat(p)
-                if st is not None and not stat.S_ISDIR(st.st_mode) and not stat.S_ISREG(st.st_mode):
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:  # renamed into place by a shard meanwhile
+                    continue
+                if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
                     fsio.check_tree(p)  # refuses it with the usual message
             else:
                 fsio.entry(p, fsio.FILE)
