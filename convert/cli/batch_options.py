@@ -21,6 +21,7 @@ class CommaList(click.ParamType):
 
     def __init__(self, item: click.ParamType, name: str):
         self.item, self.name = item, name
+        self.choices = getattr(item, "choices", None)  # a list of choices still names them (help, tests)
 
     def convert(self, value, param, ctx):
         if isinstance(value, list):
