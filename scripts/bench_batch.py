@@ -93,6 +93,9 @@ def show(name: str, r: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default="v4-flash-layer",
+                    help="v4-flash-layer (MXFP4), or a synthetic family variant (e.g. deepseek_v3_fp8, qwen3_moe_bf16) "
+                         "made with H=4096, I=2048")
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--methods", default="int4,int8")
@@ -104,18 +107,23 @@ def main() -> None:
     a = ap.parse_args()
 
     from bench_convert import machine_info
+    from synthetic.families import make_family_checkpoint
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_batch_"))
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"v4-flash-layer-E{a.experts}-L{a.layers}"
+    ckpt = work / f"{a.source}-E{a.experts}-L{a.layers}"
     if not (ckpt / "config.json").exists():
-        make_v4_flash_checkpoint(ckpt, "v4-flash-layer", num_experts=a.experts, num_layers=a.layers)
+        if a.source == "v4-flash-layer":
+            make_v4_flash_checkpoint(ckpt, "v4-flash-layer", num_experts=a.experts, num_layers=a.layers)
+        else:  # dense-first families get one more layer: a.layers MoE layers either way
+            make_family_checkpoint(ckpt, a.source, hidden_size=4096, intermediate_size=2048, num_experts=a.experts,
+                                   num_layers=a.layers + 1, mtp_layers=0, num_shards=3)
     source = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    report = {"machine": machine_info("cpu"), "checkpoint": {"experts": a.experts, "layers": a.layers,
-                                                              "source_bytes": source}}
+    report = {"machine": machine_info("cpu"), "checkpoint": {"source": a.source, "experts": a.experts,
+                                                              "layers": a.layers, "source_bytes": source}}
     print(json.dumps(report["machine"]), flush=True)
-    print(f"source: {source / GB:.3f} GB ({a.experts} experts x {a.layers} layers, H=4096, I=2048, MXFP4)", flush=True)
+    print(f"source: {source / GB:.3f} GB ({a.source}, {a.experts} experts x {a.layers} layers, H=4096, I=2048)", flush=True)
 
     # 1. one read, many outputs
     methods, counts = a.methods.split(","), a.threadpool_counts.split(",")
