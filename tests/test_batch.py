@@ -98,6 +98,28 @@ def test_multi_output_reads_the_source_once(ckpt, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["AMXINT4_2", "AMXINT8_2"]
 
 
+def test_job_file_lists_the_outputs(ckpt, single, tmp_path, capsys):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"outputs": [{"output": "a", "quant_method": "int8", "threadpool_count": 1},
+                                           {"output": str(tmp_path / "b"), "quant_method": "int4",
+                                            "threadpool_count": 2}]}))
+    assert main(args(ckpt, "--job-file", str(job))) == 0
+    assert tree_hashes(tmp_path / "a") == single["int8", 1]
+    assert tree_hashes(tmp_path / "b") == single["int4", 2]
+    for body, message in [({"outputs": []}, "expected {\"outputs\""),
+                          ({"outputs": [{"output": "c", "quant_method": "int3"}]}, "outputs[0]: quant_method 'int3'"),
+                          ({"outputs": [{"output": "c", "threadpool_count": 0}]}, "positive integer, got 0"),
+                          ({"outputs": [{"output": "c", "method": "int4"}]}, "output, quant_method and threadpool_count only"),
+                          ({"outputs": [{"output": "c"}, {"output": "c"}]}, "is named twice")]:
+        job.write_text(json.dumps(body))
+        assert main(args(ckpt, "--job-file", str(job))) == 2
+        assert message in capsys.readouterr().err, message
+    job.write_text("{not json")
+    assert main(args(ckpt, "--job-file", str(job))) == 2
+    assert str(job) in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--quant-method", "int4,int8", "-o", "OUT"], "name them with --output-template"),
     (["--output-template", "OUT/{method}", "--threadpool-count", "1,2"], "same directory: use {threadpool_count}"),

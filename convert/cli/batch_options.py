@@ -1,5 +1,5 @@
 """The conversion command's batch options: several outputs from one read (--output-template with comma
-lists of --quant-method and --threadpool-count) and array jobs (--shard, --shard-count)."""
+lists of --quant-method and --threadpool-count, or --job-file) and array jobs (--shard, --shard-count)."""
 from __future__ import annotations
 
 import os
@@ -8,12 +8,15 @@ from pathlib import Path
 
 import click
 
+from kt_runtime.format.errors import InputFileError
+from kt_runtime.format.input_files import parse_json, read_capped
 from kt_runtime.format.methods import METHODS, get_method
 
 from ..errors import UserError
 from ..shards import ShardSpec, resolve_shard
 
 TEMPLATE_FIELDS = ("method", "kt_method", "threadpool_count")
+JOB_FILE_MAX_BYTES = 1 << 20
 
 
 class CommaList(click.ParamType):
@@ -48,6 +51,10 @@ def batch_options(command):
                      help="One output per --quant-method x --threadpool-count (comma lists), all from one read "
                           "of the source: e.g. 'out/{method}-T{threadpool_count}' (also {kt_method}). "
                           "Instead of --output."),
+        click.option("--job-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="A JSON file listing the outputs, all from one read of the source: {\"outputs\": "
+                          "[{\"output\": DIR, \"quant_method\": \"int4\", \"threadpool_count\": 2}, ...]}. "
+                          "Instead of --output."),
         click.option("--shard", "shard_flag", default=None, metavar="I/N",
                      help="Convert shard I (from 0) of N of the layers into the shared output beside the other "
                           "shards' processes; the last to finish completes the output. Default: from "
@@ -60,12 +67,40 @@ def batch_options(command):
     return command
 
 
+def read_job_file(path: Path) -> list[tuple[Path, str, int]]:
+    """The outputs a job file lists (relative output paths are relative to the job file's folder)."""
+    try:
+        d = parse_json(read_capped(path, JOB_FILE_MAX_BYTES, what="job file"), path, "job file")
+    except InputFileError as e:
+        raise UserError(str(e).removesuffix("; re-download it")) from None
+    outputs = d.get("outputs") if isinstance(d, dict) else None
+    if not isinstance(outputs, list) or not outputs:
+        raise UserError(f"{path}: expected {{\"outputs\": [{{\"output\": DIR, \"quant_method\": ..., "
+                        "\"threadpool_count\": ...}, ...]}")
+    found = []
+    for i, o in enumerate(outputs):
+        where = f"{path}: outputs[{i}]"
+        if not isinstance(o, dict) or set(o) - {"output", "quant_method", "threadpool_count"}:
+            raise UserError(f"{where}: an object with output, quant_method and threadpool_count only")
+        out, method, count = o.get("output"), o.get("quant_method", "int4"), o.get("threadpool_count", 2)
+        if not isinstance(out, str) or not out:
+            raise UserError(f"{where}: output must be a directory path")
+        if method not in METHODS:
+            raise UserError(f"{where}: quant_method {method!r} is not one of {', '.join(METHODS)}")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise UserError(f"{where}: threadpool_count must be a positive integer, got {count!r}")
+        found.append((path.parent / Path(out).expanduser(), method, count))
+    return found
+
+
 def expand_outputs(output: Path | None, template: str | None, methods: list[str],
-                   counts: list[int]) -> list[tuple[Path, str, int]]:
+                   counts: list[int], job_file: Path | None = None) -> list[tuple[Path, str, int]]:
     """(output directory, method, threadpool count) of every output the command line asks for."""
-    if (output is None) == (template is None):
-        raise click.UsageError("pass either --output (one output) or --output-template (one per method and "
-                               "threadpool count)")
+    if sum(x is not None for x in (output, template, job_file)) != 1:
+        raise click.UsageError("pass either --output (one output), --output-template (one per method and "
+                               "threadpool count) or --job-file")
+    if job_file is not None:
+        return read_job_file(job_file)
     if output is not None:
         if len(methods) > 1 or len(counts) > 1:
             raise click.UsageError("several --quant-method or --threadpool-count values make several outputs: "

@@ -50,7 +50,7 @@ from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs,
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
-        output_template, shard_flag, shard_count):
+        output_template, job_file, shard_flag, shard_count):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
     The output loads unchanged in SGLang-KT (--kt-method AMXINT4|AMXINT8 --kt-weight-path OUTPUT
@@ -62,7 +62,7 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
             layers = parse_layer_spec(layers_spec)
         except ValueError as e:
             raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers")
-    outputs = expand_outputs(output, output_template, quant_method, threadpool_count)
+    outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
     shard = shard_spec(shard_flag, shard_count)
     reports = convert_outputs([
         ConvertOptions(input_path=input_path, output=out, input_type=input_type, quant_method=method,
