@@ -24,7 +24,7 @@ from .claims import Claim, Held
 from .output_dir import SHARD_DIR, OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index
 from .packers import make_packer
 from .layer_io import LayerOutput, LayerReader
-from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
+from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
 from .shards import ShardSpec, shard_layers
 from .shared_output import SharedOutput, check_no_live_shards, read_records
@@ -350,6 +350,7 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
     finally:
         lock.release()
     mine = shard_layers([lp.layer for lp in job.plan.layers], shard)
+    progress.note(f"{job.out}: shard {shard} (from {shard.origin}): layers {layer_spec(mine) or 'none'}")
     if job.manifest.complete:
         job.complete, job.resumed = True, len(mine)
         return

@@ -67,7 +67,8 @@ def shard_from_env(env: Mapping[str, str], shard_count: int | None) -> ShardSpec
         if shard_count is not None and shard_count != count:
             raise UserError(f"--shard-count {shard_count} contradicts SLURM_ARRAY_TASK_COUNT={count}: drop "
                             "--shard-count (SLURM says how many tasks the array has)")
-        return _check((task - low) // step, count, f"{origin} (SLURM array {low}..{low + (count - 1) * step})")
+        return _check((task - low) // step, count,
+                      f"{origin} {task} of the array {low}..{low + (count - 1) * step}")
     if "JOB_COMPLETION_INDEX" in env:
         if shard_count is None:
             raise UserError("JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job) but the shard count is not: "
