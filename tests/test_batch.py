@@ -150,7 +150,8 @@ def test_shard_layers_split_contiguously_and_cover_every_layer_once():
 
 def test_shard_from_the_environment():
     slurm = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert resolve_shard(None, None, slurm) == ShardSpec(2, 4, resolve_shard(None, None, slurm).origin)
+    spec = resolve_shard(None, None, slurm)  # --array=5-8, task 7: the third of four
+    assert (spec.index, spec.count, spec.origin) == (2, 4, "SLURM_ARRAY_TASK_ID 7 of the array 5..8")
     stepped = {**slurm, "SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_STEP": "2"}  # --array=5-11:2
     assert (resolve_shard(None, None, stepped).index, resolve_shard(None, None, stepped).count) == (2, 4)
     k8s = {"JOB_COMPLETION_INDEX": "3"}
