@@ -137,8 +137,11 @@ def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOption
                     converter_version=__version__, format_version=FORMAT_VERSION)
 
 
-def experts_per_batch(plan: ConversionPlan) -> int:
-    per_expert = max(1, plan.layers[0].output_bytes // max(1, plan.num_experts)) if plan.layers else 1
+def experts_per_batch(plan: ConversionPlan, others: tuple[ConversionPlan, ...] = ()) -> int:
+    """Experts per pack batch: BATCH_BYTES of packed bytes, over every output packed from the batch."""
+    if not plan.layers:
+        return 1
+    per_expert = sum(max(1, p.layers[0].output_bytes // max(1, plan.num_experts)) for p in (plan, *others))
     return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
 
 
@@ -243,8 +246,9 @@ SHARED_OPTIONS = ("input_path", "input_type", "device", "cpuinfer_threads", "all
 
 
 def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = None) -> list[ConversionReport]:
-    """Converts one checkpoint into every output of opts_list (each exactly what convert() alone would write)
-    reading and decoding each layer once; shard: only that part of the layers, beside other processes."""
+    """Converts one checkpoint into every output of opts_list (each exactly what convert() alone would write),
+    reading each layer once (the decode runs fused into each output's pack call); shard: only that part of
+    the layers, beside other processes."""
     start = time.perf_counter()
     first = opts_list[0]
     for o in opts_list[1:]:
@@ -382,13 +386,6 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
         progress.note(f"layer {layer}: skipped, {held.describe()}")
 
 
-def _batch_experts(jobs: list[OutputJob]) -> int:
-    """Experts per pack batch: BATCH_BYTES of packed bytes over every output together."""
-    plan = jobs[0].plan
-    per_expert = sum(max(1, j.plan.layers[0].output_bytes // max(1, plan.num_experts)) for j in jobs) if plan.layers else 1
-    return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
-
-
 def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, progress: Progress) -> None:
     """Disk per output directory (outputs on one filesystem add up), memory for every output's batch."""
     estimates = []
@@ -430,7 +427,7 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float,
                           "every missing layer is converted")
         needed = {layer: [job for job in jobs if layer in job.todo] for layer in (lp.layer for lp in plan.layers)}
         todo = [lp for lp in plan.layers if needed[lp.layer]]
-        batch_experts = _batch_experts(jobs)
+        batch_experts = experts_per_batch(plan, tuple(job.plan for job in jobs[1:]))
         _preflight(ckpt, jobs, batch_experts, progress)
         if plan.skipped_mtp_keys:
             progress.note(f"skipping {plan.skipped_mtp_keys} MTP expert tensors (not routed experts of the main model)")
