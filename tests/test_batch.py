@@ -80,6 +80,16 @@ def test_multi_output_pass_equals_separate_runs_and_resumes_each_output(ckpt, si
     assert tree_hashes(tmp_path / "int8-T2") == single["int8", 2]
 
 
+@pytest.mark.gpu
+def test_multi_output_pass_on_the_gpu_equals_cpu_runs(ckpt, single, tmp_path):
+    """--device cuda packs every output of the pass (one upload per output and batch): the CPU's bytes."""
+    argv = ["-i", str(ckpt), "--no-progress", "--device", "cuda", "--output-template",
+            str(tmp_path / "{method}-T{threadpool_count}"), "--quant-method", "int4,int8", "--threadpool-count", "1,2"]
+    assert main(argv) == 0
+    for method, count in single:
+        assert tree_hashes(tmp_path / f"{method}-T{count}") == single[method, count], (method, count)
+
+
 def test_multi_output_reads_the_source_once(ckpt, tmp_path, monkeypatch):
     """Every source batch is read once for all outputs: the reader is asked for each layer once."""
     from convert import layer_io
@@ -260,6 +270,16 @@ def test_shards_of_several_outputs(ckpt, single, tmp_path):
     assert [r["complete"] for r in read_json(tmp_path / "r.json")] == [True, True]
     for method in ("int4", "int8"):
         assert tree_hashes(tmp_path / f"{method}-T1") == single[method, 1]
+
+
+@pytest.mark.parametrize("extra", [["--no-merge-safetensor"], ["--include-non-expert"], ["--layers", "1-6"]],
+                         ids=["kt-folders", "non-expert", "partial"])
+def test_shards_match_a_single_run_in_every_layout(ckpt, tmp_path, extra):
+    flags = ["--threadpool-count", "2", *extra]
+    assert main(args(ckpt, "-o", str(tmp_path / "single"), *flags)) == 0
+    for i in (2, 0, 1):
+        assert main(args(ckpt, "-o", str(tmp_path / "sharded"), *flags, "--shard", f"{i}/3")) == 0
+    assert tree_hashes(tmp_path / "sharded") == tree_hashes(tmp_path / "single")
 
 
 def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
