@@ -5,6 +5,7 @@ import fcntl
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 from kt_runtime.format import fsio
@@ -16,23 +17,30 @@ from .errors import UserError
 from .source import COPIED_FILES
 
 COPY_CHUNK = 1 << 20
+SHARD_DIR = ".kt_shards"  # --shard runs: per-layer claims and completion records (convert/shared_output.py)
 
 
 class OutputLock:
     """flock on OUT/.kt_convert.lock: released by the kernel even when the process is killed.
+    wait_s: how long to wait for a holder (--shard processes hold it for moments: setup, finalize).
 
-    The file is removed when the run ends, so a finished output holds only its own files. Removing a
-    lock file races with a converter that opened it just before: that one then holds a lock on a
-    file no longer in the folder, so after flock the name must still lead to the locked file, else
-    it tries again on the new one."""
+    The file is removed when the lock is released, so a finished output holds only its own files.
+    Removing a lock file races with a converter that opened it just before: that one then holds a
+    lock on a file no longer in the folder, so after flock the name must still lead to the locked
+    file, else it tries again on the new one."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, wait_s: float = 0.0):
         self.path = out_dir / LOCK_FILE
+        deadline = time.monotonic() + wait_s
         while True:
             self._fd = fsio.open_lock_file(self.path)  # never through a link: a planted one would be truncated
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if time.monotonic() < deadline:
+                    os.close(self._fd)
+                    time.sleep(0.05)
+                    continue
                 holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(self._fd)
                 raise UserError(f"{out_dir} is being written by another converter (pid {holder}); wait for it to "
@@ -99,7 +107,7 @@ def _ours(path: Path) -> bool:
     """What a conversion writes; --overwrite replaces these and leaves any other file alone."""
     name = path.name
     return (name.endswith((".safetensors", ".tmp")) or name.startswith("_layer_")
-            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE) or name in COPIED_FILES)
+            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE, SHARD_DIR) or name in COPIED_FILES)
 
 
 def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:
@@ -129,22 +137,35 @@ def check_output_location(out_dir: Path, input_root: Path) -> None:
     resolve_output_dir(out_dir, input_root)
 
 
-def _check_entries(out_dir: Path) -> None:
+def _check_entries(out_dir: Path, shared: bool = False) -> None:
     """Every entry a conversion writes, replaces or removes is a real file or folder: a link or a
-    special file planted under one of our names is refused before anything is read or written."""
+    special file planted under one of our names is refused before anything is read or written.
+    shared: --shard processes are writing beside us: their folders are checked at the top only (their
+    contents change while we look)."""
     for p in out_dir.iterdir():
         if _ours(p) or _stale_temporary(p):
-            if p.name.startswith("_layer_"):
+            dir_like = p.name.startswith("_layer_") or p.name == SHARD_DIR
+            if dir_like and not shared:
                 fsio.check_tree(p)
+            elif dir_like:
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:  # renamed into place by a shard meanwhile
+                    continue
+                if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                    fsio.check_tree(p)  # refuses it with the usual message
             else:
                 fsio.entry(p, fsio.FILE)
 
 
-def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite: bool) -> Manifest:
+def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite: bool,
+                   shared: bool = False) -> Manifest:
     """Returns the manifest to continue from (a fresh one, or the existing one when resuming).
-    out_dir: from resolve_output_dir, existing, locked by us."""
+    out_dir: from resolve_output_dir, existing, locked by us. shared: --shard processes write layers
+    beside us (their temporaries are alive: only the manifest's and index's, written under the lock,
+    are stale here)."""
     out_dir = resolve_output_dir(out_dir, input_root)
-    _check_entries(out_dir)
+    _check_entries(out_dir, shared)
     try:
         existing = read_manifest(out_dir)
     except ManifestError as e:
@@ -152,8 +173,9 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
             raise UserError(f"{e}; pass --overwrite to replace the output") from None
         existing = None
     # under our lock: temporaries here are an interrupted run's, never a running converter's
-    stale = [p for p in out_dir.iterdir() if _stale_temporary(p)]
-    others = [p for p in out_dir.iterdir() if p.name != LOCK_FILE and p not in stale]
+    stale = [p for p in out_dir.iterdir() if _stale_temporary(p)
+             and (not shared or p.name in (MANIFEST_FILE + ".tmp", INDEX_FILE + ".tmp"))]
+    others = [p for p in out_dir.iterdir() if p.name != LOCK_FILE and p not in stale and not _stale_temporary(p)]
     if existing is not None and not overwrite:
         ours, theirs = existing.identity(), planned.identity()
         diff = [k for k in theirs if ours.get(k) != theirs.get(k)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, shard_file_name, shard_slice
+from kt_runtime.format.layout import FORMAT_VERSION, MANIFEST_FILE, PROJECTIONS, shard_file_name, shard_slice
 from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
 from kt_runtime.format.methods import get_method
@@ -22,12 +22,15 @@ from .announce import plan_lines, resume_line
 from .kt_resume import adopt_kt_layers, kt_started_layout
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
-from .output_dir import (OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
+from .claims import Claim, Held
+from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
                          resolve_output_dir, write_index)
 from .packers import make_packer
 from .layer_io import LayerOutput, LayerReader
-from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
+from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
+from .shards import ShardSpec, shard_layers
+from .shared_output import SharedOutput, check_no_live_shards, read_records
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
 from .source_reader import default_read_threads
 from .units import plural, rate, size
@@ -75,6 +78,9 @@ class ConversionReport:
     partial: bool = False  # --layers left out MoE layers of the model
     model_layers: int = 0  # MoE layers of the whole model
     startup_seconds: float = 0.0  # finding the device (--device auto), not counted in `seconds`
+    shard: str = ""  # --shard i/N: this process converted shard i's layers only
+    layers_held: list[int] = field(default_factory=list)  # of our shard, being converted by other processes
+    complete: bool = True  # the output is complete (a --shard run: once every shard's layers are)
 
     @property
     def input_gb_per_s(self) -> float:
@@ -86,17 +92,21 @@ class ConversionReport:
         return d
 
     def summary(self) -> str:
-        partial = (f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
-                   "(--layers); kt_manifest.json says so" if self.partial else "")
+        tail = ((f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
+                 "(--layers); kt_manifest.json says so" if self.partial else "")
+                + (f"\nshard {self.shard}: layers {', '.join(map(str, self.layers_held))} of this shard are being "
+                   "converted by other processes" if self.layers_held else "")
+                + ("\nnot complete yet: other shards' layers are missing; the last shard to finish (or "
+                   f"`convert-cpu-weights finalize {self.output}`) completes it" if not self.complete else ""))
         if not self.layers_converted:
-            return (f"nothing to convert: all {plural(self.layers, 'layer')} were converted by an earlier run "
-                    f"-> {self.output}" + partial)
+            return (f"nothing to convert: all {plural(self.layers_resumed, 'layer')} were converted by an earlier run "
+                    f"-> {self.output}" + tail)
         return (f"{plural(self.layers_converted, 'layer')} converted, {self.layers_resumed} already done, "
                 f"{plural(self.experts_per_layer, 'expert')} each ({self.method}, threadpool count {self.threadpool_count}, "
                 f"{self.device}): {size(self.input_bytes)} in, {size(self.output_bytes)} out, "
                 f"{self.seconds:.1f} s, {rate(self.input_bytes, self.seconds)} -> {self.output}"
                 + (f" (and {self.startup_seconds:.1f} s finding the device)" if self.startup_seconds >= 0.5 else "")
-                + partial)
+                + tail)
 
 
 def max_cpu_threads() -> int:
@@ -137,8 +147,11 @@ def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOption
                     converter_version=__version__, format_version=FORMAT_VERSION)
 
 
-def experts_per_batch(plan: ConversionPlan) -> int:
-    per_expert = max(1, plan.layers[0].output_bytes // max(1, plan.num_experts)) if plan.layers else 1
+def experts_per_batch(plan: ConversionPlan, others: tuple[ConversionPlan, ...] = ()) -> int:
+    """Experts per pack batch: BATCH_BYTES of packed bytes, over every output packed from the batch."""
+    if not plan.layers:
+        return 1
+    per_expert = sum(max(1, p.layers[0].output_bytes // max(1, plan.num_experts)) for p in (plan, *others))
     return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
 
 
@@ -214,10 +227,7 @@ def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerP
 def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
     """Drops completed layers whose files are missing or changed, so they are converted again."""
     for layer, rec in sorted(manifest.completed.items()):
-        sizes = [fsio.regular_size_below(out, f) for f in rec.files]  # never read through a link
-        ok = None not in sizes and sum(sizes) == rec.nbytes \
-            and tree_sha256_files([out / f for f in rec.files]) == rec.sha256
-        if not ok:
+        if not _layer_intact(out, rec):
             progress.note(f"layer {layer}: output missing or damaged; converting it again")
             del manifest.completed[layer]
 
@@ -237,68 +247,228 @@ def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
     return {new: name for _, new in tensors}, sum(ckpt.info(src).nbytes for src, _ in tensors)
 
 
-def convert(opts: ConvertOptions) -> ConversionReport:
+def convert(opts: ConvertOptions, shard: ShardSpec | None = None) -> ConversionReport:
+    return convert_outputs([opts], shard)[0]
+
+
+# What every output of one run shares: they are made from one read of the source.
+SHARED_OPTIONS = ("input_path", "input_type", "device", "cpuinfer_threads", "allow_nonfinite", "progress", "layers")
+
+
+def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = None) -> list[ConversionReport]:
+    """Converts one checkpoint into every output of opts_list (each exactly what convert() alone would write),
+    reading each layer once (the decode runs fused into each output's pack call); shard: only that part of
+    the layers, beside other processes."""
     probe = time.perf_counter()
-    check_cpu_threads(opts.cpuinfer_threads)
-    device = resolve_device(opts.device)
-    start = time.perf_counter()  # the report's seconds are the conversion's, not the device probe's
+    first = opts_list[0]
+    for o in opts_list[1:]:
+        differ = [k for k in SHARED_OPTIONS if getattr(o, k) != getattr(first, k)]
+        if differ:
+            raise UserError(f"the outputs of one run share {', '.join(differ)}; run separately to change them")
+    check_cpu_threads(first.cpuinfer_threads)
+    device = resolve_device(first.device)
+    start = time.perf_counter()  # the reports' seconds are the conversion's, not the device probe's
+    ckpt = open_checkpoint(first.input_path)
     try:
-        method = get_method(opts.quant_method)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    ckpt = open_checkpoint(opts.input_path)
-    try:
-        layout = "merged" if opts.merge else "kt-folders"
-        plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
-                          extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
-        non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
-                      if opts.include_non_expert and opts.merge else [])
-        report = _run(ckpt, plan, opts, device, start, non_expert)
-        report.startup_seconds = start - probe
-        return report
+        jobs = [plan_output(ckpt, o) for o in opts_list]
+        seen: dict[Path, int] = {}
+        for i, job in enumerate(jobs):
+            job.out = resolve_output_dir(job.opts.output, ckpt.root)
+            if job.out in seen:
+                raise UserError(f"output {job.out} is named twice (outputs {seen[job.out] + 1} and {i + 1}): "
+                                "give each output its own directory (e.g. a template with {method} and "
+                                "{threadpool_count})")
+            seen[job.out] = i
+        for job in jobs[1:]:
+            if [(lp.layer, lp.experts) for lp in job.plan.layers] != [(lp.layer, lp.experts) for lp in jobs[0].plan.layers]:
+                raise RuntimeError("the outputs of one run planned different source layers")
+        reports = _run(ckpt, jobs, device, start, shard)
+        for report in reports:
+            report.startup_seconds = start - probe
+        return reports
     finally:
         ckpt.close()
 
 
-def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
-         non_expert: list[tuple[str, str]]) -> ConversionReport:
-    out = resolve_output_dir(opts.output, ckpt.root)
-    created = created_dirs(out)  # removed again if the run is refused before it writes anything
+@dataclass
+class OutputJob:
+    """One output of a run: its options and plan, then its directory and where it stands."""
+
+    opts: ConvertOptions
+    plan: ConversionPlan
+    non_expert: list[tuple[str, str]]
+    out: Path | None = None
+    manifest: Manifest | None = None
+    lock: OutputLock | None = None  # a single process: held for the whole run
+    shared: SharedOutput | None = None  # --shard: per-layer claims instead
+    todo: list[int] = field(default_factory=list)
+    claims: dict[int, Claim] = field(default_factory=dict)
+    held: dict[int, Held] = field(default_factory=dict)  # layers of our shard other processes are converting
+    resumed: int = 0
+    complete: bool = False
+    adopted: bool = False  # --resume-layer: layers of kt's own script kept (byte-identical to ours)
+    created: list[Path] = field(default_factory=list)  # folders this run made: removed again if still empty
+
+    def layer_plan(self, layer: int) -> LayerPlan:
+        return next(lp for lp in self.plan.layers if lp.layer == layer)
+
+    def release(self) -> None:
+        for claim in self.claims.values():
+            claim.release()
+        self.claims.clear()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def plan_output(ckpt: Checkpoint, opts: ConvertOptions) -> OutputJob:
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock(out)
-    except (OSError, UserError) as e:
-        remove_if_empty(created)
-        raise _os_error(e, out) if isinstance(e, OSError) else e from None
+        method = get_method(opts.quant_method)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    layout = "merged" if opts.merge else "kt-folders"
+    plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
+                      extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
+    non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
+                  if opts.include_non_expert and opts.merge else [])
+    return OutputJob(opts, plan, non_expert)
+
+
+SHARED_LOCK_WAIT_S = 600.0  # --shard processes hold the output's lock for moments; a single run for its whole length
+
+
+def _open_single(ckpt: Checkpoint, job: OutputJob, device: str, progress: Progress) -> None:
+    """The run-long lock, the manifest to continue from, the layers still to do."""
+    out, opts = job.out, job.opts
+    job.lock = OutputLock(out)
+    planned = planned_manifest(job.plan, ckpt, opts)
+    job.adopted = opts.resume_layer is not None and not opts.overwrite and kt_started_layout(out) is not None
+    if job.adopted:  # kt's own script started this output: keep its layers if they are ours byte for byte
+        _adopt_kt_layers(ckpt, job.plan, out, planned, opts, device, progress)
+    _refuse_changed_source(out, planned, opts.overwrite)
+    check_no_live_shards(out)
+    job.manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
+    job.manifest.completed.update(read_records(out, job.manifest))  # layers --shard processes finished here
+    _verify_completed(out, job.manifest, progress)
+    job.todo = [lp.layer for lp in job.plan.layers if lp.layer not in job.manifest.completed]
+    job.resumed = len(job.plan.layers) - len(job.todo)
+
+
+def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: Progress) -> None:
+    """Sets the shared directory up (once, under the lock held for a moment), then claims the layers of
+    our shard that are neither recorded done nor claimed by a live process."""
+    out, opts = job.out, job.opts
+    if opts.overwrite:
+        raise UserError("--overwrite cannot be combined with --shard (each process would erase the others' "
+                        "layers): empty the output directory before starting the shards")
+    planned = planned_manifest(job.plan, ckpt, opts)
+    lock = OutputLock(out, wait_s=SHARED_LOCK_WAIT_S)
     try:
-        progress = Progress(0, len(plan.layers), opts.progress)
-        for line in plan_lines(plan, ckpt.root, out, device):
-            progress.note(line)
-        planned = planned_manifest(plan, ckpt, opts)
-        adopted = opts.resume_layer is not None and not opts.overwrite and kt_started_layout(out) is not None
-        if adopted:  # kt's own script started this output: keep its layers if they are ours byte for byte
-            _adopt_kt_layers(ckpt, plan, out, planned, opts, device, progress)
-        _refuse_changed_source(out, planned, opts.overwrite)
-        manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
-        _verify_completed(out, manifest, progress)
-        todo = [lp for lp in plan.layers if lp.layer not in manifest.completed]
-        done = [lp.layer for lp in plan.layers if lp.layer in manifest.completed]
-        if resume_line(done, len(plan.layers)):
-            progress.note(resume_line(done, len(plan.layers)))
-        if opts.resume_layer is not None and not adopted:
+        _refuse_changed_source(out, planned, False)
+        job.manifest = prepare_output(out, ckpt.root, planned, False, shared=True)
+        if job.manifest is planned:
+            write_manifest(out, planned)
+        elif job.manifest.complete:
+            fsio.remove(out / SHARD_DIR)  # a finalize that stopped just before this
+    finally:
+        lock.release()
+    mine = shard_layers([lp.layer for lp in job.plan.layers], shard)
+    progress.note(f"{job.out}: shard {shard} (from {shard.origin}): layers {layer_spec(mine) or 'none'}")
+    if job.manifest.complete:
+        job.complete, job.resumed = True, len(mine)
+        return
+    job.shared = SharedOutput(out)
+    job.manifest.completed.update(job.shared.records(job.manifest))
+    for layer in mine:
+        rec = job.manifest.completed.get(layer)
+        if rec is not None and _layer_intact(out, rec):
+            job.resumed += 1
+            continue
+        claim = job.shared.claim(layer)
+        if isinstance(claim, Held):
+            job.held[layer] = claim
+            continue
+        job.claims[layer] = claim
+    # a layer recorded between our look and our claim is done: give its claim back
+    job.manifest.completed.update(job.shared.records(job.manifest))
+    for layer in list(job.claims):
+        rec = job.manifest.completed.get(layer)
+        if rec is not None and _layer_intact(out, rec):
+            job.claims.pop(layer).release()
+            job.resumed += 1
+        elif rec is not None:
+            progress.note(f"layer {layer}: output missing or damaged; converting it again")
+            job.shared.drop_record(layer)
+            del job.manifest.completed[layer]
+    job.todo = [layer for layer in mine if layer in job.claims]
+    for layer, held in sorted(job.held.items()):
+        progress.note(f"layer {layer}: skipped, {held.describe()}")
+
+
+def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, progress: Progress) -> None:
+    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch."""
+    estimates = []
+    by_device: dict[int, list] = {}
+    for job in jobs:
+        todo = [job.layer_plan(layer) for layer in job.todo]
+        est = preflight.estimate(job.plan, todo, batch_experts, job.opts.cpuinfer_threads,
+                                 preflight.non_expert_bytes(ckpt, job.non_expert) if not job.shared else 0)
+        copied = preflight.copied_bytes(ckpt.root, COPIED_FILES)
+        estimates.append(est)
+        by_device.setdefault(os.stat(job.out).st_dev, []).append((job.out, est.disk_bytes + copied))
+    for outs in by_device.values():
+        need = sum(n for _, n in outs)
+        preflight.check(preflight.Estimate(need, need, 0, 0), outs[0][0])
+    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes for e in estimates[1:])
+    combined = preflight.Estimate(sum(e.output_bytes for e in estimates), 0, sum(e.batch_bytes for e in estimates),
+                                  peak, estimates[0].source_batch_bytes)
+    preflight.check(combined, jobs[0].out)
+    progress.note(combined.describe())
+
+
+def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float,
+         shard: ShardSpec | None) -> list[ConversionReport]:
+    opts = jobs[0].opts  # the options every output shares (SHARED_OPTIONS)
+    plan = jobs[0].plan  # the source side: the same for every output
+    progress = Progress(0, len(plan.layers), opts.progress)
+    shown: set[str] = set()
+    try:
+        for job in jobs:
+            for line in plan_lines(job.plan, ckpt.root, job.out, device):
+                if line not in shown:  # several outputs: the source and model lines once
+                    shown.add(line)
+                    progress.note(line)
+            try:
+                job.created = created_dirs(job.out)
+                job.out.mkdir(parents=True, exist_ok=True)
+                if shard is None:
+                    _open_single(ckpt, job, device, progress)
+                else:
+                    _open_shared(ckpt, job, shard, progress)
+            except OSError as e:
+                raise _os_error(e, job.out) from None
+            if shard is None:
+                done = [lp.layer for lp in job.plan.layers if lp.layer not in job.todo]
+                if resume_line(done, len(job.plan.layers)):
+                    progress.note((f"{job.out}: " if len(jobs) > 1 else "") + resume_line(done, len(job.plan.layers)))
+        if opts.resume_layer is not None and not any(job.adopted for job in jobs):
             progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
                           "every missing layer is converted")
-        est = preflight.estimate(plan, todo, experts_per_batch(plan), opts.cpuinfer_threads,
-                                 preflight.non_expert_bytes(ckpt, non_expert))
-        preflight.check(est, out, preflight.copied_bytes(ckpt.root, COPIED_FILES))
-        progress.note(est.describe())
-        write_manifest(out, manifest)
+        needed = {layer: [job for job in jobs if layer in job.todo] for layer in (lp.layer for lp in plan.layers)}
+        todo = [lp for lp in plan.layers if needed[lp.layer]]
+        batch_experts = experts_per_batch(plan, tuple(job.plan for job in jobs[1:]))
+        _preflight(ckpt, jobs, batch_experts, progress)
+        for job in jobs:
+            if job.lock is not None:
+                write_manifest(job.out, job.manifest)
         progress.close()
-        progress = Progress(sum(lp.input_bytes for lp in todo), len(plan.layers), opts.progress,
-                            done_layers=len(done))
+        # a resumed single run counts layers over the whole model; a shard over its own layers to do
+        progress = (Progress(sum(lp.input_bytes for lp in todo), len(plan.layers), opts.progress,
+                             done_layers=len(plan.layers) - len(todo)) if shard is None else
+                    Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress))
         nonfinite: dict[str, int] = {}
         packer = make_packer(device, opts.cpuinfer_threads)
-        reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads())
+        reader = LayerReader(ckpt, plan, todo, batch_experts, threads=default_read_threads())
         # A layer's fsync, rename and manifest update run on this thread while the next layer is
         # packed; one at a time and in order, so the manifest only ever lists committed layers.
         committer = started_executor("kt-commit")
@@ -306,39 +476,96 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
-                writer = layer_writer(out, plan, manifest, lp)
+                writers = []
                 try:
-                    convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)], opts,
-                                  progress, nonfinite, packer)
+                    for job in needed[lp.layer]:
+                        writers.append((job, layer_writer(job.out, job.plan, job.manifest, job.layer_plan(lp.layer))))
+                    convert_layer(reader, plan, lp, [LayerOutput(job.plan.method, job.plan.threadpool_count, w)
+                                                     for job, w in writers], opts, progress, nonfinite, packer)
                 except BaseException:
-                    writer.abort()
+                    for _, w in writers:
+                        w.abort()
                     raise
                 if pending is not None:
                     pending.result()
-                pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest)
+                pending = committer.submit(_commit_layer, writers, lp.layer)
                 progress.layer_done(lp.layer, lp.input_bytes)
             progress.stage("finishing: fsync of the last layer, model files, index")
             if pending is not None:
                 pending.result()
-            _finish(ckpt, plan, out, manifest, opts, non_expert)
+            for job in jobs:
+                if job.lock is not None:
+                    _finish(ckpt, job.plan, job.out, job.manifest, job.opts, job.non_expert)
+                    fsio.remove(job.out / SHARD_DIR)  # records of --shard runs it resumed, now in the manifest
+                    job.complete = True
+                elif job.shared is not None:
+                    job.complete = finalize_shared(ckpt, job, progress) is None
         finally:
             committer.shutdown(wait=True)  # never leave a commit running past the lock
             reader.close()
             packer.close()
             progress.close()
     except OSError as e:
-        raise _os_error(e, out) from None
+        raise _os_error(e, jobs[0].out) from None
+    finally:
+        for job in jobs:
+            job.release()
+            remove_if_empty(job.created)  # only folders still empty: a run that wrote anything keeps them
+    seconds = time.perf_counter() - start
+    return [_report(job, device, nonfinite, seconds, shard) for job in jobs]
+
+
+def _report(job: OutputJob, device: str, nonfinite: dict[str, int], seconds: float,
+            shard: ShardSpec | None) -> ConversionReport:
+    plan, done = job.plan, set(job.todo)
+    lps = [lp for lp in plan.layers if lp.layer in done]
+    return ConversionReport(
+        output=str(job.out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
+        kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=device,
+        layers=len(plan.layers), layers_converted=len(lps), layers_resumed=job.resumed,
+        experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
+        input_bytes=sum(lp.input_bytes for lp in lps), output_bytes=sum(lp.output_bytes for lp in lps),
+        seconds=seconds, nonfinite=nonfinite, partial=plan.partial, model_layers=len(plan.model_layers),
+        shard=str(shard) if shard else "", layers_held=sorted(job.held), complete=job.complete)
+
+
+def _layer_intact(out: Path, rec) -> bool:
+    sizes = [fsio.regular_size_below(out, f) for f in rec.files]  # never read through a link
+    return None not in sizes and sum(sizes) == rec.nbytes and tree_sha256_files([out / f for f in rec.files]) == rec.sha256
+
+
+def finalize_shared(ckpt: Checkpoint, job: OutputJob, progress: Progress | None = None) -> list[int] | None:
+    """Completes a shared output once every layer is recorded: merges the records into the manifest, writes
+    the copied files, the non-expert shard and the index, marks it complete, removes OUT/.kt_shards.
+    Idempotent and exclusive (under the output's lock): None when the output is (now or already)
+    complete, else the layers still missing (nothing written)."""
+    out = job.out
+    lock = OutputLock(out, wait_s=SHARED_LOCK_WAIT_S)
+    try:
+        manifest = read_manifest(out)
+        if manifest is None:
+            raise UserError(f"{out}: no {MANIFEST_FILE}; this is not a conversion output")
+        if not manifest.complete:
+            manifest.completed.update(read_records(out, manifest))
+            missing = [layer for layer in manifest.layers if layer not in manifest.completed]
+            if missing:
+                return missing
+            for layer, rec in sorted(manifest.completed.items()):
+                sizes = [fsio.regular_size_below(out, f) for f in rec.files]
+                if None in sizes or sum(sizes) != rec.nbytes:
+                    raise UserError(f"{out}: layer {layer} is recorded done but its files are missing or of the "
+                                    "wrong size; re-run its shard (it converts the layer again), then finalize")
+            planned = planned_manifest(job.plan, ckpt, job.opts)
+            _refuse_changed_source(out, planned, False)
+            prepare_output(out, ckpt.root, planned, False)  # no layer is being written: every temporary is stale
+            write_manifest(out, manifest)  # the records are in the manifest before their folder goes
+            _finish(ckpt, job.plan, out, manifest, job.opts, job.non_expert)
+            if progress is not None:
+                progress.note(f"every layer is converted: {out} is complete")
+        fsio.remove(out / SHARD_DIR)
+        return None
     finally:
         lock.release()
-        remove_if_empty(created)  # only folders still empty: a run that wrote anything keeps them
-    return ConversionReport(
-        output=str(out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
-        kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=device,
-        layers=len(plan.layers), layers_converted=len(todo), layers_resumed=len(plan.layers) - len(todo),
-        experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
-        input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
-        seconds=time.perf_counter() - start, nonfinite=nonfinite, partial=plan.partial,
-        model_layers=len(plan.model_layers))
 
 
 def _adopt_kt_layers(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,
@@ -368,14 +595,22 @@ def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> Non
                     "another output directory")
 
 
-def _commit_layer(writer, layer: int, out: Path, manifest: Manifest) -> None:
-    try:
-        record = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    manifest.completed[layer] = record
-    write_manifest(out, manifest)
+def _commit_layer(writers: list, layer: int) -> None:
+    """Commits layer `layer` in each output (job, writer) and records it there: in the manifest (a single
+    process) or in its own record file, releasing its claim (--shard)."""
+    for i, (job, writer) in enumerate(writers):
+        try:
+            record = writer.commit()
+        except BaseException:
+            for _, w in writers[i:]:
+                w.abort()
+            raise
+        job.manifest.completed[layer] = record
+        if job.shared is not None:
+            job.shared.record(record)
+            job.claims.pop(layer).release()
+        else:
+            write_manifest(job.out, job.manifest)
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,

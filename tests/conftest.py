@@ -25,6 +25,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_amx)
 
 
+@pytest.fixture(autouse=True)
+def _outside_array_jobs(monkeypatch):
+    """Tests run as plain processes even inside a SLURM array or a Kubernetes Indexed Job (whose index
+    would otherwise make every conversion a --shard; tests/test_batch.py sets them where it means to)."""
+    for name in ("SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A v4-flash-tiny checkpoint (2 layers, 8 experts, H=384, I=512) with one MTP layer, 3 shards."""

@@ -64,11 +64,12 @@ def stop_before_committing(monkeypatch, layer):
 
     commit = pipeline._commit_layer
 
-    def commit_or_fail(writer, lay, out, manifest):
+    def commit_or_fail(writers, lay):
         if lay == layer:
-            writer.abort()
-            raise OSError(28, "No space left on device", str(out))
-        return commit(writer, lay, out, manifest)
+            for job, writer in writers:
+                writer.abort()
+            raise OSError(28, "No space left on device", str(writers[0][0].out))
+        return commit(writers, lay)
 
     monkeypatch.setattr(pipeline, "_commit_layer", commit_or_fail)
 

@@ -18,6 +18,7 @@ from kt_runtime.format.errors import UnsafePathError
 from ..errors import UserError
 from .conversion import convert_command
 from .kt_flags import check_kt_flags
+from .finalize import finalize_command
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
@@ -40,7 +41,7 @@ class DefaultCommandGroup(click.Group):
         return super().main(args, prog_name=prog_name, **extra)
 
 
-COMMANDS = (convert_command,)
+COMMANDS = (convert_command, finalize_command)
 cli = DefaultCommandGroup(name="convert-cpu-weights", commands=COMMANDS, default=convert_command.name,
                           context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 

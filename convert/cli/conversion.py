@@ -11,9 +11,10 @@ from kt_runtime.format.methods import METHODS
 from quant.source_formats import INPUT_TYPES
 
 from .. import __version__
-from ..pipeline import ConvertOptions, convert, max_cpu_threads
+from ..pipeline import ConvertOptions, convert_outputs, max_cpu_threads
 from ..plan import parse_layer_spec
 from .kt_flags import GPU_NOTE
+from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
 
 KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py arguments work unchanged (--gpu "
@@ -25,14 +26,15 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
                epilog=KT_EPILOG)
 @click.option("--input-path", "-i", required=True,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
+              help="Output directory (or --output-template).")
 @click.option("--input-type", default="auto", show_default=True,
               type=click.Choice(["auto", *INPUT_TYPES]),
               help="Source expert format; auto detects it from config.json and the tensor dtypes.")
-@click.option("--quant-method", default="int4", show_default=True, type=click.Choice(list(METHODS)),
+@click.option("--quant-method", default="int4", show_default=True, type=METHOD_LIST,
               help=", ".join(f"{m.name} = {'SGLang-KT --kt-method ' if i == 0 else ''}{m.kt_method}"
                              for i, m in enumerate(METHODS.values())) + ".")
-@click.option("--threadpool-count", default=2, show_default=True, type=int,
+@click.option("--threadpool-count", default="2", show_default=True, type=INT_LIST,
               help="NUMA thread pools the output is split for; must equal --kt-threadpool-count when serving.")
 @click.option("--cpuinfer-threads", default=0, show_default=True, type=int,
               help=f"CPU threads for packing (0: all cores; at most {max_cpu_threads()} here).")
@@ -52,9 +54,11 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
               help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@batch_options
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
-        device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress):
+        device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
+        output_template, job_file, shard_flag, shard_count):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
     \b
@@ -74,17 +78,23 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
             layers = parse_layer_spec(layers_spec)
         except ValueError as e:
             raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers")
-    opts = ConvertOptions(input_path=input_path, output=output, input_type=input_type, quant_method=quant_method,
-                          threadpool_count=threadpool_count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
-                          device=device, include_non_expert=include_non_expert, overwrite=overwrite,
-                          allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers)
-    report = convert(opts)
-    click.echo(report.summary(), err=True)
+    outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
+    shard = shard_spec(shard_flag, shard_count)
+    reports = convert_outputs([
+        ConvertOptions(input_path=input_path, output=out, input_type=input_type, quant_method=method,
+                       threadpool_count=count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
+                       device=device, include_non_expert=include_non_expert, overwrite=overwrite,
+                       allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers)
+        for out, method, count in outputs], shard)
+    for report in reports:
+        click.echo(report.summary(), err=True)
+    report = reports[0]  # every output packs the same source values
     if report.nonfinite:
         click.echo(f"warning: {sum(report.nonfinite.values())} NaN/Inf source values packed as 0 "
                    f"in {len(report.nonfinite)} tensors (see the JSON report)", err=True)
-    if json_path is not None:
-        text = json.dumps(report.to_dict(), indent=2) + "\n"
+    if json_path is not None:  # one output: its report; several: a list of them
+        body = report.to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
+        text = json.dumps(body, indent=2) + "\n"
         if str(json_path) == "-":
             click.echo(text, nl=False)
         else:  # a new file renamed into place: never written through a link

@@ -1,0 +1,97 @@
+"""One output directory written by several --shard processes at once (on one host or many).
+
+Instead of the run-long lock of a single conversion:
+- OUT/.kt_convert.lock is held for moments only: to set the directory up (the planned manifest, written
+  once, by the first process) and to finalize it;
+- each layer is converted under its claim (convert/claims.py: OUT/.kt_shards/claims/layer_L.claim);
+- a committed layer is recorded in its own file, OUT/.kt_shards/done/layer_L.json (its LayerRecord, written
+  atomically after the layer's files are renamed into place), never by rewriting the shared manifest;
+- finalizing (the last shard to finish, or `convert-cpu-weights finalize OUT`) merges the records into
+  kt_manifest.json, writes the index and the copied files, marks the manifest complete and removes
+  OUT/.kt_shards: the directory then holds exactly what one process would have written.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from kt_runtime.format import fsio
+from kt_runtime.format.errors import InputFileError, ManifestError
+from kt_runtime.format.input_files import parse_json, read_capped
+from kt_runtime.format.manifest import LayerRecord, Manifest
+
+from .claims import Claim, ClaimDir, Held
+from .errors import UserError
+from .output_dir import SHARD_DIR
+
+RECORD = re.compile(r"^layer_(\d+)\.json$")
+RECORD_MAX_BYTES = 1 << 24  # a kt-folders layer lists a few thousand file names
+
+
+class SharedOutput:
+    def __init__(self, out: Path):
+        self.out = out
+        self.root = out / SHARD_DIR
+        self.done_dir = self.root / "done"
+        fsio.entry(self.root, fsio.DIR)  # never through a planted link
+        self.done_dir.mkdir(parents=True, exist_ok=True)
+        self.claims = ClaimDir(self.root / "claims")
+
+    def claim(self, layer: int) -> Claim | Held:
+        return self.claims.acquire(layer)
+
+    def record(self, rec: LayerRecord) -> None:
+        fsio.atomic_write_text(self.done_dir / f"layer_{rec.layer}.json", json.dumps(asdict(rec)) + "\n")
+
+    def drop_record(self, layer: int) -> None:
+        fsio.remove(self.done_dir / f"layer_{layer}.json")
+
+    def records(self, manifest: Manifest) -> dict[int, LayerRecord]:
+        return read_records(self.out, manifest)
+
+
+def read_records(out: Path, manifest: Manifest) -> dict[int, LayerRecord]:
+    """The layers recorded done under OUT/.kt_shards (none when there is no such folder), each checked as
+    the manifest checks its own records."""
+    done_dir = out / SHARD_DIR / "done"
+    if fsio.entry(done_dir, fsio.DIR) is None:
+        return {}
+    found = {}
+    for path in sorted(done_dir.iterdir()):
+        m = RECORD.match(path.name)
+        if m is None:
+            continue
+        try:
+            d = parse_json(read_capped(path, RECORD_MAX_BYTES, what=path.name), path, path.name)
+            rec = LayerRecord(**d)
+        except (TypeError, ValueError, OSError, InputFileError) as e:
+            raise UserError(f"{path}: not a layer record ({e}); delete it (that layer is converted again)") from None
+        if rec.layer != int(m[1]):
+            raise UserError(f"{path}: a record of layer {rec.layer}; delete it (that layer is converted again)")
+        found[rec.layer] = rec
+    probe = Manifest(**{**manifest.__dict__, "completed": {**manifest.completed, **found}, "complete": False})
+    try:
+        probe.check(str(done_dir))
+    except ManifestError as e:
+        raise UserError(f"{e}; delete the record named (that layer is converted again)") from None
+    return found
+
+
+def check_no_live_shards(out: Path) -> None:
+    """A single-process run refuses a directory while --shard processes hold claims there (it may resume
+    one they started: their recorded layers count as completed, convert.pipeline)."""
+    claims = out / SHARD_DIR / "claims"
+    if fsio.entry(out / SHARD_DIR, fsio.DIR) is None or fsio.entry(claims, fsio.DIR) is None:
+        return
+    held = ClaimDir(claims).live_holders()
+    if held:
+        raise UserError(f"{out} is being written by --shard processes ({held[0].path.name}: {held[0].describe()}); "
+                        "run this with --shard too, or wait for them to finish")
+
+
+def missing_layers_message(out: Path, missing: list[int]) -> str:
+    shown = ", ".join(str(x) for x in missing[:20]) + (", ..." if len(missing) > 20 else "")
+    return (f"{out} is not complete: {len(missing)} layer(s) not converted yet ({shown}); their shards are still "
+            "running or were stopped: re-run those shards (a re-run converts only unfinished layers), then finalize")

@@ -1,0 +1,400 @@
+"""Batch conversion jobs: several outputs from one read of the source (--output-template), and --shard
+processes writing one output directory at once (claims, records, finalize), against single runs."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, read_json, tree_hashes
+from convert import claims as claims_mod
+from convert import pipeline
+from convert.claims import Claim, ClaimDir, Held, Owner, process_start_time
+from convert.cli import main
+from convert.errors import UserError
+from convert.output_dir import SHARD_DIR
+from convert.shards import ShardSpec, parse_shard, resolve_shard, shard_layers
+from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from synthetic.v4_flash import make_v4_flash_checkpoint
+
+LAYERS = 8
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """8 layers x 16 experts (H=384, I=512), 3 source shards."""
+    return make_v4_flash_checkpoint(tmp_path_factory.mktemp("batch") / "ck", "v4-flash-tiny", num_layers=LAYERS,
+                                    num_experts=16, num_shards=3).path
+
+
+@pytest.fixture(scope="module")
+def single(ckpt, tmp_path_factory):
+    """One uninterrupted single-process run per (method, threadpool count): the reference bytes."""
+    refs = {}
+    for method in ("int4", "int8"):
+        for count in (1, 2):
+            out = tmp_path_factory.mktemp("single") / f"{method}-T{count}"
+            assert main(args(ckpt, "-o", str(out), "--quant-method", method, "--threadpool-count", str(count))) == 0
+            refs[method, count] = tree_hashes(out)
+    return refs
+
+
+def args(ckpt, *extra):
+    return ["-i", str(ckpt), "--no-progress", "--device", "cpu", *extra]
+
+
+# --- one read, many outputs ------------------------------------------------------------------------
+
+
+def test_multi_output_pass_equals_separate_runs_and_resumes_each_output(ckpt, single, tmp_path, capsys):
+    template = str(tmp_path / "{method}-T{threadpool_count}")
+    report = tmp_path / "report.json"
+    assert main(args(ckpt, "--output-template", template, "--quant-method", "int4,int8", "--threadpool-count", "1,2",
+                     "--json", str(report))) == 0
+    reports = json.loads(report.read_text())
+    assert [(r["method"], r["threadpool_count"]) for r in reports] == [("int4", 1), ("int4", 2), ("int8", 1), ("int8", 2)]
+    for method, count in single:
+        out = tmp_path / f"{method}-T{count}"
+        assert tree_hashes(out) == single[method, count], (method, count)
+        manifest = read_json(out / MANIFEST_FILE)
+        assert (manifest["method"], manifest["threadpool_count"], manifest["complete"]) == (method, count, True)
+    # int8 packs a byte per weight, int4 half a byte: the int8 shards are about twice as large
+    int4 = (tmp_path / "int4-T1" / "model-00001-of-00008.safetensors").stat().st_size
+    int8 = (tmp_path / "int8-T1" / "model-00001-of-00008.safetensors").stat().st_size
+    assert 1.8 < int8 / int4 < 2.1
+
+    # each output resumes on its own: damage one layer of one output, re-run the same command
+    damaged = tmp_path / "int8-T2" / "model-00003-of-00008.safetensors"
+    damaged.write_bytes(b"x" * damaged.stat().st_size)
+    capsys.readouterr()
+    assert main(args(ckpt, "--output-template", template, "--quant-method", "int4,int8", "--threadpool-count", "1,2",
+                     "--json", str(report))) == 0
+    reports = {(r["method"], r["threadpool_count"]): r for r in json.loads(report.read_text())}
+    assert reports["int8", 2]["layers_converted"] == 1 and reports["int8", 2]["layers_resumed"] == LAYERS - 1
+    assert all(r["layers_converted"] == 0 for k, r in reports.items() if k != ("int8", 2))
+    assert reports["int8", 2]["input_bytes"] == reports["int8", 2]["input_bytes"] > 0
+    assert tree_hashes(tmp_path / "int8-T2") == single["int8", 2]
+
+
+@pytest.mark.gpu
+def test_multi_output_pass_on_the_gpu_equals_cpu_runs(ckpt, single, tmp_path):
+    """--device cuda packs every output of the pass (one upload per output and batch): the CPU's bytes."""
+    argv = ["-i", str(ckpt), "--no-progress", "--device", "cuda", "--output-template",
+            str(tmp_path / "{method}-T{threadpool_count}"), "--quant-method", "int4,int8", "--threadpool-count", "1,2"]
+    assert main(argv) == 0
+    for method, count in single:
+        assert tree_hashes(tmp_path / f"{method}-T{count}") == single[method, count], (method, count)
+
+
+def test_multi_output_reads_the_source_once(ckpt, tmp_path, monkeypatch):
+    """Every source batch is read once for all outputs: the reader is asked for each layer once."""
+    from convert import layer_io
+
+    asked = []
+    real = layer_io.LayerReader.batches
+
+    def batches(self, lp):
+        asked.append(lp.layer)
+        return real(self, lp)
+
+    monkeypatch.setattr(layer_io.LayerReader, "batches", batches)
+    assert main(args(ckpt, "--output-template", str(tmp_path / "{kt_method}_{threadpool_count}"),
+                     "--quant-method", "int4,int8", "--threadpool-count", "2")) == 0
+    assert asked == list(range(LAYERS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["AMXINT4_2", "AMXINT8_2"]
+
+
+def test_job_file_lists_the_outputs(ckpt, single, tmp_path, capsys):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"outputs": [{"output": "a", "quant_method": "int8", "threadpool_count": 1},
+                                           {"output": str(tmp_path / "b"), "quant_method": "int4",
+                                            "threadpool_count": 2}]}))
+    assert main(args(ckpt, "--job-file", str(job))) == 0
+    assert tree_hashes(tmp_path / "a") == single["int8", 1]
+    assert tree_hashes(tmp_path / "b") == single["int4", 2]
+    for body, message in [({"outputs": []}, "expected {\"outputs\""),
+                          ({"outputs": [{"output": "c", "quant_method": "int3"}]}, "outputs[0]: quant_method 'int3'"),
+                          ({"outputs": [{"output": "c", "threadpool_count": 0}]}, "positive integer, got 0"),
+                          ({"outputs": [{"output": "c", "method": "int4"}]}, "output, quant_method and threadpool_count only"),
+                          ({"outputs": [{"output": "c"}, {"output": "c"}]}, "is named twice")]:
+        job.write_text(json.dumps(body))
+        assert main(args(ckpt, "--job-file", str(job))) == 2
+        assert message in capsys.readouterr().err, message
+    job.write_text("{not json")
+    assert main(args(ckpt, "--job-file", str(job))) == 2
+    assert str(job) in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--quant-method", "int4,int8", "-o", "OUT"], "name them with --output-template"),
+    (["--output-template", "OUT/{method}", "--threadpool-count", "1,2"], "same directory: use {threadpool_count}"),
+    (["--output-template", "OUT/{meth}"], "unknown field {meth}"),
+    (["--quant-method", "int4,int4", "-o", "OUT"], "names a value twice"),
+    ([], "pass either --output"),
+    (["-o", "OUT", "--output-template", "OUT/{method}"], "pass either --output"),
+])
+def test_bad_output_lists_exit_2(ckpt, tmp_path, capsys, extra, message):
+    extra = [e.replace("OUT", str(tmp_path / "o")) for e in extra]
+    assert main(args(ckpt, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# --- shards: which layers, from where --------------------------------------------------------------
+
+
+def test_shard_layers_split_contiguously_and_cover_every_layer_once():
+    layers = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]
+    parts = [shard_layers(layers, ShardSpec(i, 4)) for i in range(4)]
+    assert parts == [[1, 2, 3], [5, 8, 13], [21, 34], [55, 89]]
+    for n in range(1, 13):
+        parts = [shard_layers(layers, ShardSpec(i, n)) for i in range(n)]
+        assert sum(parts, []) == layers  # every layer once, in order
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_shard_from_the_environment():
+    slurm = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
+    spec = resolve_shard(None, None, slurm)  # --array=5-8, task 7: the third of four
+    assert (spec.index, spec.count, spec.origin) == (2, 4, "SLURM_ARRAY_TASK_ID 7 of the array 5..8")
+    stepped = {**slurm, "SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_STEP": "2"}  # --array=5-11:2
+    assert (resolve_shard(None, None, stepped).index, resolve_shard(None, None, stepped).count) == (2, 4)
+    k8s = {"JOB_COMPLETION_INDEX": "3"}
+    spec = resolve_shard(None, 8, k8s)
+    assert (spec.index, spec.count, spec.origin) == (3, 8, "JOB_COMPLETION_INDEX")
+    assert resolve_shard(None, None, {}) is None
+    flag = resolve_shard("1/3", None, slurm)  # the flag wins over the environment
+    assert (flag.index, flag.count) == (1, 3)
+    for flag, count, env, message in [
+        (None, None, k8s, "pass --shard-count"),
+        (None, 8, {}, "no array index is set"),
+        (None, 3, slurm, "contradicts SLURM_ARRAY_TASK_COUNT=4"),
+        (None, None, {"SLURM_ARRAY_TASK_ID": "1"}, "SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT not"),
+        (None, None, {**slurm, "SLURM_ARRAY_TASK_ID": "x"}, "not a non-negative integer"),
+        (None, None, {**slurm, "SLURM_ARRAY_TASK_ID": "9"}, "outside 0..3"),
+        (None, None, {**stepped, "SLURM_ARRAY_TASK_ID": "8"}, "not MIN 5 plus a multiple of STEP 2"),
+        (None, 2, {"JOB_COMPLETION_INDEX": "2"}, "outside 0..1"),
+        ("4/4", None, {}, "outside 0..3"),
+        ("1/0", None, {}, "between 1 and"),
+        ("1-4", None, {}, "write INDEX/COUNT"),
+        ("1/4", 3, {}, "disagree"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            resolve_shard(flag, count, env)
+    assert parse_shard(" 0 / 1 ") == ShardSpec(0, 1)
+
+
+def test_shard_index_from_slurm_environment_on_the_command_line(ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "11")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert main(args(ckpt, "-o", str(out), "--json", str(tmp_path / "r.json"))) == 0
+    report = read_json(tmp_path / "r.json")
+    assert report["shard"] == "1/4" and report["layers_converted"] == 2 and report["complete"] is False
+    assert sorted(os.listdir(out / SHARD_DIR / "done")) == ["layer_2.json", "layer_3.json"]
+
+
+# --- shards: one output directory, several processes ------------------------------------------------
+
+
+def test_finalize_before_every_shard_is_done_exits_2_naming_the_missing_layers(ckpt, single, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "1/4")) == 0
+    assert main(["finalize", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "6 layer(s) not converted yet (0, 1, 4, 5, 6, 7)" in err, err
+    assert not (out / INDEX_FILE).exists() and read_json(out / MANIFEST_FILE)["complete"] is False
+    for i in (0, 2):
+        assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", f"{i}/4")) == 0
+    assert main(["finalize", str(out)]) == 2
+    assert "(6, 7)" in capsys.readouterr().err
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "3/4")) == 0  # the last completes
+    assert "is complete" in capsys.readouterr().err
+    assert tree_hashes(out) == single["int4", 1]
+    assert main(["finalize", str(out)]) == 0  # idempotent
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "0/4")) == 0
+    assert tree_hashes(out) == single["int4", 1]
+    assert main(["finalize", str(tmp_path / "nothing")]) == 2
+
+
+def test_killed_shard_rerun_redoes_only_its_unfinished_layers(ckpt, single, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shard = ["-o", str(out), "--threadpool-count", "2", "--json", str(tmp_path / "r.json")]
+    real, calls = pipeline.convert_layer, []
+
+    def crash_on_third_layer(reader, plan, lp, outputs, *a, **kw):
+        calls.append(lp.layer)
+        real(reader, plan, lp, outputs, *a, **kw)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after the data, before the shard is committed
+
+    monkeypatch.setattr(pipeline, "convert_layer", crash_on_third_layer)
+    assert main(args(ckpt, *shard, "--shard", "1/2")) == 130
+    monkeypatch.setattr(pipeline, "convert_layer", real)
+    assert sorted(os.listdir(out / SHARD_DIR / "done")) == ["layer_4.json", "layer_5.json"]
+    assert main(args(ckpt, *shard, "--shard", "1/2")) == 0
+    report = read_json(tmp_path / "r.json")
+    assert (report["layers_converted"], report["layers_resumed"]) == (2, 2)
+    assert main(args(ckpt, *shard, "--shard", "0/2")) == 0
+    assert read_json(tmp_path / "r.json")["complete"] is True
+    assert tree_hashes(out) == single["int4", 2]
+
+
+def test_single_run_resumes_what_shards_started_and_refuses_live_claims(ckpt, single, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "0/2")) == 0
+    held = ClaimDir(out / SHARD_DIR / "claims").acquire(6)  # as if a shard process were converting layer 6
+    assert isinstance(held, Claim)
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1")) == 2
+    assert "being written by --shard processes (layer_6.claim" in capsys.readouterr().err
+    held.release()
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--json", str(tmp_path / "r.json"))) == 0
+    report = read_json(tmp_path / "r.json")
+    assert (report["layers_converted"], report["layers_resumed"]) == (4, 4)
+    assert tree_hashes(out) == single["int4", 1]
+
+
+def test_shards_of_several_outputs(ckpt, single, tmp_path):
+    """--shard with --output-template: each output gets its own claims, records and completion."""
+    cmd = ["--output-template", str(tmp_path / "{method}-T{threadpool_count}"), "--quant-method", "int4,int8",
+           "--threadpool-count", "1", "--json", str(tmp_path / "r.json")]
+    assert main(args(ckpt, *cmd, "--shard", "1/2")) == 0
+    assert [r["complete"] for r in read_json(tmp_path / "r.json")] == [False, False]
+    assert main(args(ckpt, *cmd, "--shard", "0/2")) == 0
+    assert [r["complete"] for r in read_json(tmp_path / "r.json")] == [True, True]
+    for method in ("int4", "int8"):
+        assert tree_hashes(tmp_path / f"{method}-T1") == single[method, 1]
+
+
+@pytest.mark.parametrize("extra", [["--no-merge-safetensor"], ["--include-non-expert"], ["--layers", "1-6"]],
+                         ids=["kt-folders", "non-expert", "partial"])
+def test_shards_match_a_single_run_in_every_layout(ckpt, tmp_path, extra):
+    flags = ["--threadpool-count", "2", *extra]
+    assert main(args(ckpt, "-o", str(tmp_path / "single"), *flags)) == 0
+    for i in (2, 0, 1):
+        assert main(args(ckpt, "-o", str(tmp_path / "sharded"), *flags, "--shard", f"{i}/3")) == 0
+    assert tree_hashes(tmp_path / "sharded") == tree_hashes(tmp_path / "single")
+
+
+def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
+    assert main(args(ckpt, "-o", str(tmp_path / "o"), "--shard", "0/2", "--overwrite")) == 2
+    assert "--overwrite cannot be combined with --shard" in capsys.readouterr().err
+
+
+SLOW_DISK = ("import os, sys, time; import convert.writer as w; "
+             "w._os_write = lambda fd, d: (time.sleep(0.002), os.write(fd, d))[1]; "
+             "from convert.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _start_shard(ckpt, out, i, n, slow=False):
+    cmd = ["-c", SLOW_DISK] if slow else ["-m", "convert"]
+    cmd += args(ckpt, "-o", str(out), "--threadpool-count", "2", "--cpuinfer-threads", "1", "--shard", f"{i}/{n}",
+                "--json", str(out.parent / f"r{i}.json"))
+    return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.002)
+
+
+def test_concurrent_shards_with_kills_give_the_single_run_bytes(ckpt, single, tmp_path):
+    """4 processes on one directory at once; two (their disk slowed to ~2 ms per write) are SIGKILLed: one
+    in the middle of its first layer, one in its second after its first is recorded, leaving their claims
+    and temporaries behind. The four then run again at once: the killed shards' layers are taken over and
+    redone, the others' not, the output is completed once, byte for byte the single run's."""
+    out = tmp_path / "out"
+    procs = [_start_shard(ckpt, out, i, 4, slow=i in (1, 3)) for i in range(4)]
+    try:
+        _wait_for(out / "model-00003-of-00008.safetensors.tmp", procs[1])  # shard 1 = layers 2, 3
+        procs[1].send_signal(signal.SIGKILL)
+        _wait_for(out / SHARD_DIR / "done" / "layer_6.json", procs[3])  # shard 3 = layers 6, 7
+        _wait_for(out / "model-00008-of-00008.safetensors.tmp", procs[3])
+        procs[3].send_signal(signal.SIGKILL)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes[1] == codes[3] == -signal.SIGKILL
+    assert codes[0] == codes[2] == 0, [p.stderr.read() for p in procs]
+    assert not (out / INDEX_FILE).exists() and read_json(out / MANIFEST_FILE)["complete"] is False
+    assert (out / "model-00003-of-00008.safetensors.tmp").exists()
+    claims = out / SHARD_DIR / "claims"
+    for layer, proc in ((2, procs[1]), (7, procs[3])):  # a dead process's claims, unlocked, still naming it
+        assert Owner.parse((claims / f"layer_{layer}.claim").read_bytes()).pid == proc.pid
+    assert sorted(os.listdir(out / SHARD_DIR / "done")) == [f"layer_{x}.json" for x in (0, 1, 4, 5, 6)]
+
+    procs = [_start_shard(ckpt, out, i, 4) for i in range(4)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errs
+    reports = [read_json(tmp_path / f"r{i}.json") for i in range(4)]
+    assert [r["layers_converted"] for r in reports] == [0, 2, 0, 1]  # only the unfinished layers
+    assert sum("is complete" in e for e in errs) == 1  # completed exactly once
+    assert tree_hashes(out) == single["int4", 2]
+    assert not (out / SHARD_DIR).exists()
+
+
+# --- claims ---------------------------------------------------------------------------------------
+
+
+def test_claim_is_exclusive_and_released(tmp_path):
+    claims = ClaimDir(tmp_path)
+    first = claims.acquire(3)
+    assert isinstance(first, Claim)
+    again = ClaimDir(tmp_path).acquire(3)  # another open file description: another holder
+    assert isinstance(again, Held) and again.owner.pid == os.getpid() and again.checked
+    first.release()
+    assert (tmp_path / "layer_3.claim").read_bytes() == b""  # a released claim reads free
+    second = claims.acquire(3)
+    assert isinstance(second, Claim)
+    second.release()
+
+
+def test_claim_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "layer_0.claim").write_bytes(Owner(socket.gethostname(), dead.pid, "", "1").to_bytes())
+    claim = ClaimDir(tmp_path).acquire(0)
+    assert isinstance(claim, Claim)
+    assert Owner.parse((tmp_path / "layer_0.claim").read_bytes()).pid == os.getpid()
+    claim.release()
+
+
+def test_claims_without_flock_judge_by_owner_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims_mod, "_try_flock", lambda fd: None)  # a filesystem without flock
+    here = Owner.me()
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while not process_start_time(live.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cases = {
+            0: (Owner(here.host, live.pid, here.boot_id, process_start_time(live.pid)), "held"),
+            1: (Owner(here.host, live.pid, here.boot_id, "1"), "taken"),  # the pid was recycled
+            2: (Owner(here.host, live.pid, "another-boot", process_start_time(live.pid)), "taken"),  # rebooted
+            3: (Owner("another-host", live.pid, "b", "1"), "unknown"),
+        }
+        for layer, (owner, want) in cases.items():
+            (tmp_path / f"layer_{layer}.claim").write_bytes(owner.to_bytes())
+            got = ClaimDir(tmp_path).acquire(layer)
+            if want == "taken":
+                assert isinstance(got, Claim), layer
+                got.release()
+            else:
+                assert isinstance(got, Held) and got.checked == (want == "held"), layer
+        assert "delete " + str(tmp_path / "layer_3.claim") in ClaimDir(tmp_path).acquire(3).describe()
+    finally:
+        live.kill()
+        live.wait()
