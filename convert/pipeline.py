@@ -2,10 +2,11 @@
 pack -> write), resuming from the manifest of an earlier run into the same output directory."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
 from .source_reader import default_read_threads
+from .timings import Timings
 from .writer import KtFolderWriter, MergedShardWriter
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
@@ -70,6 +72,7 @@ class ConversionReport:
     nonfinite: dict[str, int] = field(default_factory=dict)
     partial: bool = False  # --layers left out MoE layers of the model
     model_layers: int = 0  # MoE layers of the whole model
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (convert.timings.STAGES)
 
     @property
     def input_gb_per_s(self) -> float:
@@ -85,6 +88,9 @@ class ConversionReport:
                 f"{self.experts_per_layer} experts each ({self.method}, threadpool count {self.threadpool_count}, "
                 f"{self.device}): {self.input_bytes / 1e9:.2f} GB in, {self.output_bytes / 1e9:.2f} GB out, "
                 f"{self.seconds:.1f} s, {self.input_gb_per_s:.2f} GB/s -> {self.output}"
+                + (f"\nGPU start-up {self.timings['device_init_s']:.1f} s on a background thread (the CPU packed "
+                   f"{self.timings.get('cpu_batches_while_device_starts', 0):.0f} batches meanwhile; main thread waited "
+                   f"{self.timings.get('device_init_wait_s', 0):.1f} s)" if "device_init_s" in self.timings else "")
                 + (f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
                    "(--layers); kt_manifest.json says so" if self.partial else ""))
 
@@ -143,21 +149,35 @@ def started_executor(name: str) -> ThreadPoolExecutor:
 
 
 def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outputs: list[LayerOutput],
-                  opts: ConvertOptions, progress: Progress, nonfinite: dict[str, int], packer) -> None:
+                  opts: ConvertOptions, progress: Progress, nonfinite: dict[str, int], packer,
+                  timings: Timings | None = None, io: ThreadPoolExecutor | None = None,
+                  pending: Future | None = None) -> Future | None:
     """Reads layer `lp` once, batch by batch (reader), packs every batch for each output (packer: from
     convert.packers.make_packer, CPU or CUDA, the same bytes) and hands the packed pairs to each output's
     writer on a writer thread while the next batch is packed. NaN/Inf counts come from the first output
-    (every output reads the same source values)."""
+    (every output reads the same source values).
+
+    Without `io`, the layer's writes are done when this returns. With `io` (the run's writer thread) and
+    `pending` (the previous layer's last write, still running), the last write of this layer is returned
+    still running, so the next layer is packed while it is written: one batch is written while the next
+    is packed, across layers too."""
+    if io is None:
+        with started_executor("kt-writer") as own_io:
+            last = convert_layer(reader, plan, lp, outputs, opts, progress, nonfinite, packer, timings, own_io)
+            if last is not None:
+                last.result()
+        return None
+    timings = timings or Timings()
     H, I = plan.hidden_size, plan.moe_intermediate_size
     bytes_per_expert = lp.input_bytes // plan.num_experts
 
     def write_batch(packed):
-        for out, pairs in zip(outputs, packed):
-            for expert, proj, t, dst in pairs:
-                out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
+        with timings.timed("write_s"):
+            for out, pairs in zip(outputs, packed):
+                for expert, proj, t, dst in pairs:
+                    out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
 
-    with started_executor("kt-writer") as io:
-        pending = None
+    try:
         for experts, data in reader.batches(lp):
             try:
                 jobs = [[] for _ in outputs]
@@ -174,7 +194,8 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
                                 out_jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
                                 out_pairs.append((expert, proj, t, dst))
                         keys += [src_ref.weight_key] * outputs[0].threadpool_count
-                counts = [packer(out.method, out_jobs) for out, out_jobs in zip(outputs, jobs)][0]  # the first's
+                with timings.timed("pack_s"):
+                    counts = [packer(out.method, out_jobs) for out, out_jobs in zip(outputs, jobs)][0]  # the first's
             finally:
                 data.release()  # the packer is done with the source buffer: the stream refills it
             for key, count in zip(keys, counts):
@@ -186,11 +207,18 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
                             "the checkpoint is damaged: re-download that file, or pass --allow-nonfinite to pack "
                             "them as 0 (they are listed in the report)")
             if pending is not None:
-                pending.result()
+                with timings.timed("write_wait_s"):
+                    pending.result()
             pending = io.submit(write_batch, packed)
             progress.advance(bytes_per_expert * len(experts))
-        if pending is not None:
-            pending.result()
+    except BaseException:
+        if pending is not None:  # never abort a writer (close its file) under a write in flight
+            try:
+                pending.result()
+            except BaseException:  # noqa: S110 - the first error is already propagating
+                pass
+        raise
+    return pending
 
 
 def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerPlan):
@@ -235,20 +263,27 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         method = get_method(opts.quant_method)
     except ValueError as e:
         raise UserError(str(e)) from None
-    ckpt = open_checkpoint(opts.input_path)
+    timings = Timings()
+    # --device cuda: the GPU starts on a background thread now, while the plan is made and the first
+    # batch is read (convert.packers.StartingPacker)
+    packer = make_packer(device, opts.cpuinfer_threads, timings, start)
     try:
-        layout = "merged" if opts.merge else "kt-folders"
-        plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
-                          extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
-        non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
-                      if opts.include_non_expert and opts.merge else [])
-        return _run(ckpt, plan, opts, device, start, non_expert)
+        ckpt = open_checkpoint(opts.input_path)
+        try:
+            layout = "merged" if opts.merge else "kt-folders"
+            plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
+                              extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
+            non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
+                          if opts.include_non_expert and opts.merge else [])
+            return _run(ckpt, plan, opts, device, start, non_expert, packer, timings)
+        finally:
+            ckpt.close()
     finally:
-        ckpt.close()
+        packer.close()
 
 
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
-         non_expert: list[tuple[str, str]]) -> ConversionReport:
+         non_expert: list[tuple[str, str]], packer, timings: Timings) -> ConversionReport:
     out = resolve_output_dir(opts.output, ckpt.root)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -275,33 +310,46 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         progress.close()
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
-        packer = make_packer(device, opts.cpuinfer_threads)
-        reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads())
-        # A layer's fsync, rename and manifest update run on this thread while the next layer is
-        # packed; one at a time and in order, so the manifest only ever lists committed layers.
+        reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads(),
+                             timings=timings)
+        reader.start()  # the first batch is read while the GPU (if any) is still starting
+        timings.add("plan_s", time.perf_counter() - start)
+        # One writer thread for the run: a layer's last batch is written while the next layer is packed.
+        # A layer's fsync, rename and manifest update run on the commit thread, after its last write,
+        # while the next layers are packed; one at a time and in order, so the manifest only ever lists
+        # committed layers.
+        io = started_executor("kt-writer")
         committer = started_executor("kt-commit")
-        pending = None
+        pending = None  # the previous layer's commit
+        last_write = None
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
                 writer = layer_writer(out, plan, manifest, lp)
                 try:
-                    convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)], opts,
-                                  progress, nonfinite, packer)
+                    last_write = convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)],
+                                               opts, progress, nonfinite, packer, timings, io, last_write)
                 except BaseException:
+                    io.submit(int).result()  # the writes in flight end before the writer closes its file
                     writer.abort()
                     raise
+                # handed to the commit thread at once (it commits after the layer's last write), then
+                # the previous layer's commit is awaited: an interrupt there finds the writer committing
+                commit = committer.submit(_commit_layer, writer, lp.layer, out, manifest, last_write, timings)
                 if pending is not None:
-                    pending.result()
-                pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest)
+                    with timings.timed("commit_wait_s"):
+                        pending.result()
+                pending = commit
                 progress.layer_done(lp.layer, lp.input_bytes)
             if pending is not None:
-                pending.result()
-            _finish(ckpt, plan, out, manifest, opts, non_expert)
+                with timings.timed("commit_wait_s"):
+                    pending.result()
+            with timings.timed("finish_s"):
+                _finish(ckpt, plan, out, manifest, opts, non_expert)
         finally:
-            committer.shutdown(wait=True)  # never leave a commit running past the lock
+            io.shutdown(wait=True)  # never leave a write or commit running past the lock
+            committer.shutdown(wait=True)
             reader.close()
-            packer.close()
             progress.close()
     except OSError as e:
         raise _os_error(e, out) from None
@@ -314,7 +362,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
         input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
         seconds=time.perf_counter() - start, nonfinite=nonfinite, partial=plan.partial,
-        model_layers=len(plan.model_layers))
+        model_layers=len(plan.model_layers), timings=timings.to_dict())
 
 
 def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> None:
@@ -334,14 +382,20 @@ def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> Non
                     "another output directory")
 
 
-def _commit_layer(writer, layer: int, out: Path, manifest: Manifest) -> None:
+def _commit_layer(writer, layer: int, out: Path, manifest: Manifest, last_write: Future | None = None,
+                  timings: Timings | None = None) -> None:
+    """Commits a layer once its last write (on the writer thread) is done; a failed write aborts it."""
     try:
-        record = writer.commit()
+        if last_write is not None:
+            last_write.result()
+        with timings.timed("commit_s") if timings is not None else contextlib.nullcontext():
+            record = writer.commit()
+            manifest.completed[layer] = record
+            write_manifest(out, manifest)
     except BaseException:
-        writer.abort()
+        if layer not in manifest.completed:
+            writer.abort()
         raise
-    manifest.completed[layer] = record
-    write_manifest(out, manifest)
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,

@@ -12,6 +12,7 @@ from quant.source_formats import INPUT_TYPES
 
 from .. import __version__
 from ..pipeline import ConvertOptions, convert, max_cpu_threads
+from ..timings import describe as describe_timings
 from ..plan import parse_layer_spec
 
 
@@ -44,9 +45,12 @@ from ..plan import parse_layer_spec
 @click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
               help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@click.option("--timings", "show_timings", is_flag=True,
+              help="Print where the time went, stage by stage (always in the --json report).")
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
-        device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress):
+        device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
+        show_timings):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
     The output loads unchanged in SGLang-KT (--kt-method AMXINT4|AMXINT8 --kt-weight-path OUTPUT
@@ -64,6 +68,8 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
                           allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers)
     report = convert(opts)
     click.echo(report.summary(), err=True)
+    if show_timings:
+        click.echo(describe_timings(report.timings, report.seconds), err=True)
     if report.nonfinite:
         click.echo(f"warning: {sum(report.nonfinite.values())} NaN/Inf source values packed as 0 "
                    f"in {len(report.nonfinite)} tensors (see the JSON report)", err=True)
