@@ -1,0 +1,193 @@
+"""The conversion's stages, testable without a GPU: per-stage timings (report, --json, --timings), the
+device start-up on a background thread with the CPU packing until it is ready (a stand-in GPU packer
+that packs with the C++ packer), and the writer running across layer boundaries."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import tree_hashes
+from convert import packers, pipeline
+from convert import writer as writer_mod
+from convert.cli import main
+from convert.pipeline import ConvertOptions, convert
+from convert.timings import STAGES
+from quant.cpu import pack_cpu
+
+
+def run(ckpt, out, **kw):
+    return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
+
+
+def test_report_times_every_stage_of_a_cpu_run(tiny_checkpoint, tmp_path):
+    report = run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
+    t = report.timings
+    for stage in ("plan_s", "read_s", "read_wait_s", "pack_s", "write_s", "commit_s", "finish_s"):
+        assert t.get(stage, 0) > 0, (stage, t)
+        assert t[stage] < 10 * report.seconds, (stage, t)  # seconds, not a count or nanoseconds
+    assert not any(k.startswith(("device_", "gpu_")) for k in t), t  # no GPU stage on --device cpu
+    assert list(t) == [k for k in STAGES if k in t]  # the documented order
+    assert t["plan_s"] < report.seconds
+
+
+def test_cli_timings_table_and_json(tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert main(["-i", str(tiny_checkpoint.path), "-o", str(tmp_path / "out"), "--no-progress", "--timings",
+                 "--json", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "where the time went" in err
+    timings = json.loads(path.read_text())["timings"]
+    for stage in ("pack", "write", "commit", "read"):
+        line = next(x for x in err.splitlines() if x.strip().startswith(stage + " "))
+        assert f"{timings[stage + '_s']:.2f} s" in line, (line, timings)
+
+
+class _StandInGpu:
+    """Stands in for CudaPacker: starts when `go` is set, packs with the C++ packer, records its calls."""
+
+    instances = []
+
+    def __init__(self, timings=None):
+        self.go = _StandInGpu.go
+        assert self.go.wait(30), "the CPU never packed its batches"
+        self.calls, self.warmed_on = 0, []
+        self.warmed = threading.Event()
+        self.closed = False
+        _StandInGpu.instances.append(self)
+
+    def __call__(self, method, jobs):
+        self.calls += 1
+        return pack_cpu(method, jobs)
+
+    def warm_up(self, method, sources):
+        self.warmed_on = [(src.kind, src.shape[0], src.weight.flags.owndata) for src, _, _ in sources]
+        self.warmed.set()
+
+    def close(self):
+        self.closed = True
+
+
+def test_device_starts_in_the_background_while_the_cpu_packs(tiny_checkpoint, tmp_path, monkeypatch):
+    """--device cuda without a GPU here: the start-up runs on its own thread; the CPU packs the first
+    batches, the stand-in GPU every batch after its warm-up; the bytes equal a CPU run's."""
+    run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2)
+    _StandInGpu.go, _StandInGpu.instances = threading.Event(), []
+    real_cpu_call = packers.CpuPacker.__call__
+    cpu_calls = []
+
+    def cpu_call(self, method, jobs):
+        cpu_calls.append(threading.current_thread().name)
+        if len(cpu_calls) == 2:  # the GPU may start now; this batch waits until its kernel is "compiled"
+            _StandInGpu.go.set()
+            assert _StandInGpu.instances or _wait(lambda: _StandInGpu.instances)
+            assert _StandInGpu.instances[0].warmed.wait(30)
+        return real_cpu_call(self, method, jobs)
+
+    monkeypatch.setattr(packers, "CudaPacker", _StandInGpu)
+    monkeypatch.setattr(packers.CpuPacker, "__call__", cpu_call)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: 16 batches
+    report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
+    gpu = _StandInGpu.instances[0]
+    assert report.device == "cuda"
+    assert len(cpu_calls) == 2 and set(cpu_calls) == {"MainThread"}
+    assert gpu.calls == 16 - 2 and gpu.closed
+    assert gpu.warmed_on == [("mxfp4", 32, True)]  # one kind, 32 rows, copied out of the read buffer
+    t = report.timings
+    assert t["cpu_batches_while_device_starts"] == 2
+    assert 0 < t["device_init_s"] < report.seconds
+    assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+
+
+def _wait(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_device_start_up_failure_is_raised_not_hidden(tiny_checkpoint, tmp_path, monkeypatch):
+    class Broken:
+        def __init__(self, timings=None):
+            raise RuntimeError("CUDA context could not be made")
+
+    monkeypatch.setattr(packers, "CudaPacker", Broken)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
+    with pytest.raises(RuntimeError, match="CUDA context"):
+        run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2, device="cuda")
+    assert not list((tmp_path / "out").glob("*.safetensors"))  # nothing committed
+
+
+def test_next_layer_is_packed_while_the_last_batch_of_a_layer_is_written(tiny_checkpoint, tmp_path, monkeypatch):
+    """One writer thread for the run: layer 1's first batch is packed while layer 0's last batch is still
+    being written (the write is slowed down), and the layer is committed only after that write."""
+    events = []
+    real_write = writer_mod.MergedShardWriter.write_pair
+    real_commit = writer_mod.MergedShardWriter.commit
+    real_pack = packers.CpuPacker.__call__
+    writes = {"n": 0}
+    pairs_per_layer = 8 * 3 * 2  # experts x projections x NUMA shards of v4-flash-tiny
+
+    def slow_write(self, proj, expert, numa, weight, scale):
+        writes["n"] += 1
+        if writes["n"] == pairs_per_layer:  # layer 0's last pair
+            time.sleep(0.5)
+            events.append(("last write of layer 0 done", self.layer))
+        return real_write(self, proj, expert, numa, weight, scale)
+
+    def commit(self):
+        events.append(("commit", self.layer))
+        return real_commit(self)
+
+    def pack(self, method, jobs):
+        events.append(("pack", len(events)))
+        return real_pack(self, method, jobs)
+
+    monkeypatch.setattr(writer_mod.MergedShardWriter, "write_pair", slow_write)
+    monkeypatch.setattr(writer_mod.MergedShardWriter, "commit", commit)
+    monkeypatch.setattr(packers.CpuPacker, "__call__", pack)
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: 8 per layer
+    run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
+    names = [e[0] for e in events]
+    done = names.index("last write of layer 0 done")
+    assert names[:8] == ["pack"] * 8 and names[8] == "pack"  # layer 1's first pack did not wait for it
+    assert names.index("commit") > done and events[names.index("commit")] == ("commit", 0)
+    assert names.count("pack") == 16 and [e for e in events if e[0] == "commit"] == [("commit", 0), ("commit", 1)]
+    assert tree_hashes(tmp_path / "out")  # and the run completed
+
+
+def test_bench_convert_copy_floor_and_cache_labels(tmp_path):
+    """scripts/bench_convert.py's copy floor (cp + fsync of the input files) and its cache labels:
+    without --drop-caches a 'cold' measurement is labelled as not cold."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    src = tmp_path / "in"
+    src.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    for i in range(2):
+        (src / f"m-{i}.safetensors").write_bytes(data)
+    files = sorted(src.glob("*.safetensors"))
+    floor = bench.copy_floor(files, tmp_path / "copy", cold=True, drop=False)
+    assert floor["cache"] == "not cold (page cache kept: no --drop-caches)"
+    assert floor["bytes"] == 2 * len(data) and floor["seconds"] > 0
+    assert not (tmp_path / "copy").exists()  # the copies are removed
+    warm = bench.copy_floor(files, tmp_path / "copy", cold=False, drop=False)
+    assert warm["cache"] == "warm"
+    dropped = []
+    monkey = bench.drop_caches
+    bench.drop_caches = lambda: dropped.append(1) or True
+    try:
+        assert bench.copy_floor(files, tmp_path / "copy", cold=True, drop=True)["cache"] == "cold"
+        assert dropped
+    finally:
+        bench.drop_caches = monkey
