@@ -72,8 +72,6 @@ class _Slot:
         self.uploaded = torch.cuda.Event(blocking=True)  # pin_in may be refilled
         self.computed = torch.cuda.Event(blocking=True)  # dev_in may be overwritten
         self.downloaded = torch.cuda.Event(blocking=True)  # dev_out may be overwritten, pin_out holds the results
-        # the stages of the chunk last run on this slot, timed on the GPU: h2d, kernel, d2h start/end
-        self.marks = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
 
 
 class CudaPacker:
@@ -135,11 +133,10 @@ class CudaPacker:
         self.slots = []
         self.slots = [_Slot(torch, self.device, in_cap, out_cap) for _ in range(self.num_slots)]
 
-    def _gpu_times(self, slot: _Slot) -> None:
-        """Adds the GPU stage times of the chunk that last ran on `slot` (its download is complete)."""
-        m = slot.marks
+    def _gpu_times(self, marks) -> None:
+        """Adds a chunk's GPU stage times (its six events, recorded around h2d, kernel, d2h: complete)."""
         for stage, a, b in (("gpu_h2d_s", 0, 1), ("gpu_kernel_s", 2, 3), ("gpu_d2h_s", 4, 5)):
-            self.timings.add(stage, m[a].elapsed_time(m[b]) / 1e3)
+            self.timings.add(stage, marks[a].elapsed_time(marks[b]) / 1e3)
 
     def __call__(self, method: QuantMethod, jobs) -> list[int]:
         from quant.gpu import copy_piece, copy_pieces, launch, plan_batch, scatter_job
@@ -154,7 +151,7 @@ class CudaPacker:
         counts = [0] * len(jobs)
         reads: dict[int, list[Future]] = {}
         copyouts: dict[int, list[Future]] = {}
-        timed_slots: dict[int, _Slot] = {}  # chunk -> slot whose stage events still need reading
+        marks: list[list] = []  # per chunk: events around its h2d, kernel and d2h (read when all is done)
 
         def timed(stage, fn, *args):
             t0 = time.perf_counter()
@@ -185,44 +182,43 @@ class CudaPacker:
                 submit_reads(c)
             for c, plan in enumerate(plans):
                 slot = self.slots[c % S]
+                m = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
+                marks.append(m)
                 for f in reads.pop(c):
                     f.result()
                 with torch.cuda.stream(self.h2d):
                     self.h2d.wait_event(slot.computed)  # the previous kernel on this slot is done with dev_in
-                    slot.marks[0].record(self.h2d)
+                    m[0].record(self.h2d)
                     slot.dev_in[: plan.in_bytes].copy_(slot.pin_in[: plan.in_bytes], non_blocking=True)
-                    slot.marks[1].record(self.h2d)
+                    m[1].record(self.h2d)
                     slot.uploaded.record(self.h2d)
                 with torch.cuda.stream(self.compute):
                     self.compute.wait_event(slot.uploaded)
                     self.compute.wait_event(slot.downloaded)  # dev_out of the previous chunk is downloaded
-                    slot.marks[2].record(self.compute)
+                    m[2].record(self.compute)
                     launch(method, plan, slot.dev_in, slot.dev_out)
-                    slot.marks[3].record(self.compute)
+                    m[3].record(self.compute)
                     slot.computed.record(self.compute)
                 for f in copyouts.pop(c - S, []):  # pin_out of the previous chunk is copied out
                     f.result()
-                if c - S in timed_slots:
-                    self._gpu_times(timed_slots.pop(c - S))  # before this chunk's d2h marks are re-recorded
                 with torch.cuda.stream(self.d2h):
                     self.d2h.wait_event(slot.computed)
-                    slot.marks[4].record(self.d2h)
+                    m[4].record(self.d2h)
                     slot.pin_out[: plan.out_bytes].copy_(slot.dev_out[: plan.out_bytes], non_blocking=True)
-                    slot.marks[5].record(self.d2h)
+                    m[5].record(self.d2h)
                     slot.downloaded.record(self.d2h)
                 if c + S < len(plans):
                     submit_reads(c + S)  # after this slot's upload was recorded: its readers wait for it
                 gate = self.pool.submit(slot.downloaded.synchronize)
                 copyouts[c] = [gate] + [self.pool.submit(copy_out, gate, slot, c, j) for j in range(len(chunks[c]))]
-                timed_slots[c] = slot
                 self.stats["chunks"] += 1
                 self.stats["input_bytes"] += plan.input_bytes
                 self.stats["output_bytes"] += sum(o[1] + 4 * o[3] for o in plan.outputs)
             for c in sorted(copyouts):
                 for f in copyouts[c]:
                     f.result()
-            for c in sorted(timed_slots):
-                self._gpu_times(timed_slots[c])
+            for m in marks:  # every download is complete: so is every event
+                self._gpu_times(m)
         except BaseException:
             for fs in list(reads.values()) + list(copyouts.values()):
                 for f in fs:

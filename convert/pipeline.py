@@ -221,12 +221,13 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
     return pending
 
 
-def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerPlan):
+def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerPlan, timings: Timings | None = None):
     """The writer of one layer in the run's layout (MergedShardWriter or KtFolderWriter)."""
+    on_hashed = (lambda seconds: timings.add("digest_s", seconds)) if timings is not None else None
     if plan.layout == "merged":
         return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
-                                 shard_metadata(manifest, lp.layer))
-    return KtFolderWriter(out, lp.layer, plan.method.name)
+                                 shard_metadata(manifest, lp.layer), on_hashed)
+    return KtFolderWriter(out, lp.layer, plan.method.name, on_hashed)
 
 
 def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
@@ -325,7 +326,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
-                writer = layer_writer(out, plan, manifest, lp)
+                writer = layer_writer(out, plan, manifest, lp, timings)
                 try:
                     last_write = convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)],
                                                opts, progress, nonfinite, packer, timings, io, last_write)

@@ -25,9 +25,10 @@ STAGES = {
     "gpu_d2h_s": "CUDA: device -> host copies (CUDA events)",
     "gpu_stage_out_s": "CUDA: copying packed bytes out of pinned memory (helper threads)",
     "cpu_batches_while_device_starts": "batches packed on the CPU while the device was starting (count)",
-    "write_s": "writing packed bytes to the output files (writer thread, page cache)",
+    "write_s": "writing packed bytes to the output files (writer thread: page cache, waits for the digest)",
+    "digest_s": "sha256 of the output blocks for the layer digests (hashing threads)",
     "write_wait_s": "main thread waiting for the writer",
-    "commit_s": "fsync + rename + layer digest + manifest (commit thread)",
+    "commit_s": "fsync + rename + the layer digest's last blocks + manifest (commit thread)",
     "commit_wait_s": "main thread waiting for a layer's commit",
     "finish_s": "model files, index and the final manifest",
 }

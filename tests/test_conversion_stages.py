@@ -24,7 +24,7 @@ def run(ckpt, out, **kw):
 def test_report_times_every_stage_of_a_cpu_run(tiny_checkpoint, tmp_path):
     report = run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
     t = report.timings
-    for stage in ("plan_s", "read_s", "read_wait_s", "pack_s", "write_s", "commit_s", "finish_s"):
+    for stage in ("plan_s", "read_s", "read_wait_s", "pack_s", "write_s", "digest_s", "commit_s", "finish_s"):
         assert t.get(stage, 0) > 0, (stage, t)
         assert t[stage] < 10 * report.seconds, (stage, t)  # seconds, not a count or nanoseconds
     assert not any(k.startswith(("device_", "gpu_")) for k in t), t  # no GPU stage on --device cpu
