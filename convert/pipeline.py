@@ -266,8 +266,8 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         raise UserError(str(e)) from None
     timings = Timings()
     # --device cuda: the GPU starts on a background thread now, while the plan is made and the first
-    # batch is read (convert.packers.StartingPacker)
-    packer = make_packer(device, opts.cpuinfer_threads, timings, start)
+    # batch is read (convert.packers.StartingPacker); the CPU packer is made by _run, after pre-flight
+    packer = make_packer(device, opts.cpuinfer_threads, timings, start) if device == "cuda" else None
     try:
         ckpt = open_checkpoint(opts.input_path)
         try:
@@ -280,11 +280,13 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         finally:
             ckpt.close()
     finally:
-        packer.close()
+        if packer is not None:
+            packer.close()
 
 
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
          non_expert: list[tuple[str, str]], packer, timings: Timings) -> ConversionReport:
+    """The run itself; `packer` is the one started by convert() (--device cuda) or None (made here)."""
     out = resolve_output_dir(opts.output, ckpt.root)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -311,6 +313,9 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         progress.close()
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
+        own_packer = packer is None
+        if own_packer:
+            packer = make_packer(device, opts.cpuinfer_threads, timings, start)
         reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads(),
                              timings=timings)
         reader.start()  # the first batch is read while the GPU (if any) is still starting
@@ -351,6 +356,8 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             io.shutdown(wait=True)  # never leave a write or commit running past the lock
             committer.shutdown(wait=True)
             reader.close()
+            if own_packer:
+                packer.close()
             progress.close()
     except OSError as e:
         raise _os_error(e, out) from None
