@@ -276,12 +276,14 @@ def convert(opts: ConvertOptions) -> ConversionReport:
                               extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
             non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
                           if opts.include_non_expert and opts.merge else [])
-            return _run(ckpt, plan, opts, device, start, non_expert, packer, timings)
+            report = _run(ckpt, plan, opts, device, start, non_expert, packer, timings)
         finally:
             ckpt.close()
     finally:
         if packer is not None:
-            packer.close()
+            packer.close()  # waits for a GPU start-up still running (a run shorter than it)
+    report.timings = timings.to_dict()  # with the start-up's time, whenever it ended
+    return report
 
 
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,

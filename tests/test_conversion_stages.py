@@ -24,9 +24,10 @@ def run(ckpt, out, **kw):
 def test_report_times_every_stage_of_a_cpu_run(tiny_checkpoint, tmp_path):
     report = run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
     t = report.timings
-    for stage in ("plan_s", "read_s", "read_wait_s", "pack_s", "write_s", "digest_s", "commit_s", "finish_s"):
+    for stage in ("plan_s", "read_s", "pack_s", "write_s", "digest_s", "commit_s", "finish_s"):
         assert t.get(stage, 0) > 0, (stage, t)
         assert t[stage] < 10 * report.seconds, (stage, t)  # seconds, not a count or nanoseconds
+    assert 0 <= t["read_wait_s"] < report.seconds and 0 <= t["commit_wait_s"] < report.seconds  # may round to 0
     assert not any(k.startswith(("device_", "gpu_")) for k in t), t  # no GPU stage on --device cpu
     assert list(t) == [k for k in STAGES if k in t]  # the documented order
     assert t["plan_s"] < report.seconds
@@ -92,11 +93,12 @@ def test_device_starts_in_the_background_while_the_cpu_packs(tiny_checkpoint, tm
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     gpu = _StandInGpu.instances[0]
     assert report.device == "cuda"
-    assert len(cpu_calls) == 2 and set(cpu_calls) == {"MainThread"}
-    assert gpu.calls == 16 - 2 and gpu.closed
+    # the warm-up's future completes just after its event: a third batch may still go to the CPU
+    assert len(cpu_calls) in (2, 3) and set(cpu_calls) == {"MainThread"}
+    assert gpu.calls == 16 - len(cpu_calls) and gpu.closed
     assert gpu.warmed_on == [("mxfp4", 32, True)]  # one kind, 32 rows, copied out of the read buffer
     t = report.timings
-    assert t["cpu_batches_while_device_starts"] == 2
+    assert t["cpu_batches_while_device_starts"] == len(cpu_calls)
     assert 0 < t["device_init_s"] < report.seconds
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
 
