@@ -347,3 +347,42 @@ def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, 
     if not cpu_while_starting:
         assert "cpu_batches_while_device_starts" not in t and t["gpu_kernel_s"] > 0, t
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+
+
+def test_bench_convert_table_puts_cpu_gpu_and_copy_side_by_side():
+    """The one table the GPU host prints: copy floor, GPU and CPU conversions, warm and cold, ratios
+    against the copy of the same cache state, and the stages of every run in columns."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def conv(seconds, cache, timings):
+        return {"process_s": seconds, "input_gb_s": 10.0 / seconds, "cpu_s": 3.0, "cache": cache,
+                "report": {"timings": timings}}
+
+    res = {"machine": {"cpu": "Xeon", "cores": 16, "isa": "amx", "memory_gb": 128, "load_average": "0.1 0.1 0.1",
+                       "gpu": "H200", "python": "3.12", "torch": "2.x", "triton": "3.x", "date": "2026-11-29"},
+           "checkpoint": {"experts": 256, "layers": 3, "file_bytes": 10e9},
+           "settings": {"quant_method": "int4", "threadpool_count": 2},
+           "copy_warm": {"seconds": 8.0, "cpu_s": 2.0, "cache": "warm"},
+           "copy_cold": {"seconds": 10.0, "cpu_s": 2.0, "cache": "cold"},
+           "cuda_warm": conv(9.0, "warm", {"device_init_s": 3.0, "gpu_kernel_s": 0.4, "pack_s": 2.0}),
+           "cpu_warm": conv(9.6, "warm", {"pack_s": 5.0}),
+           "cuda_cold": conv(12.0, "cold", {"device_init_s": 3.1, "pack_s": 2.5})}
+    table = bench.summary_table(res, ["cuda", "cpu"], 16)
+    lines = table.splitlines()
+    assert "H200" in lines[0] and "load average" in lines[0]
+    gpu_warm = next(x for x in lines if x.strip().startswith("GPU conversion") and " warm " in x)
+    assert "1.12" in gpu_warm and "(target <= 1.15: met)" in gpu_warm  # 9.0 / 8.0
+    cpu_warm = next(x for x in lines if x.strip().startswith("CPU conversion (16 threads)"))
+    assert "1.20" in cpu_warm and "not met" in cpu_warm  # 9.6 / 8.0
+    gpu_cold = next(x for x in lines if x.strip().startswith("GPU conversion") and " cold " in x)
+    assert "1.20" in gpu_cold  # 12.0 / 10.0: cold against the cold copy
+    header = next(x for x in lines if "stage (busy seconds" in x)
+    assert header.split()[-6:] == ["GPU", "warm", "CPU", "warm", "GPU", "cold"]
+    init = next(x for x in lines if x.strip().startswith("device_init_s"))
+    assert init.split()[1:] == ["3.00", "-", "3.10"]
