@@ -144,14 +144,22 @@ class CudaPacker:
         if not jobs:
             return []
         torch = self.torch
+        t_plan = time.perf_counter()
         chunks = self._chunks(jobs)
         plans = [plan_batch(method, [jobs[i] for i in chunk]) for chunk in chunks]
+        self.timings.add("gpu_plan_s", time.perf_counter() - t_plan)
         self._ensure_slots(max(p.in_bytes for p in plans), max(p.out_bytes for p in plans))
         S = self.num_slots
         counts = [0] * len(jobs)
         reads: dict[int, list[Future]] = {}
         copyouts: dict[int, list[Future]] = {}
         marks: list[list] = []  # per chunk: events around its h2d, kernel and d2h (read when all is done)
+
+        def wait(futures) -> None:
+            t0 = time.perf_counter()
+            for f in futures:
+                f.result()
+            self.timings.add("gpu_wait_s", time.perf_counter() - t0)
 
         def timed(stage, fn, *args):
             t0 = time.perf_counter()
@@ -184,8 +192,8 @@ class CudaPacker:
                 slot = self.slots[c % S]
                 m = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
                 marks.append(m)
-                for f in reads.pop(c):
-                    f.result()
+                wait(reads.pop(c))
+                t_issue = time.perf_counter()
                 with torch.cuda.stream(self.h2d):
                     self.h2d.wait_event(slot.computed)  # the previous kernel on this slot is done with dev_in
                     m[0].record(self.h2d)
@@ -199,8 +207,9 @@ class CudaPacker:
                     launch(method, plan, slot.dev_in, slot.dev_out)
                     m[3].record(self.compute)
                     slot.computed.record(self.compute)
-                for f in copyouts.pop(c - S, []):  # pin_out of the previous chunk is copied out
-                    f.result()
+                self.timings.add("gpu_issue_s", time.perf_counter() - t_issue)
+                wait(copyouts.pop(c - S, []))  # pin_out of the previous chunk is copied out
+                t_issue = time.perf_counter()
                 with torch.cuda.stream(self.d2h):
                     self.d2h.wait_event(slot.computed)
                     m[4].record(self.d2h)
@@ -211,12 +220,12 @@ class CudaPacker:
                     submit_reads(c + S)  # after this slot's upload was recorded: its readers wait for it
                 gate = self.pool.submit(slot.downloaded.synchronize)
                 copyouts[c] = [gate] + [self.pool.submit(copy_out, gate, slot, c, j) for j in range(len(chunks[c]))]
+                self.timings.add("gpu_issue_s", time.perf_counter() - t_issue)
                 self.stats["chunks"] += 1
                 self.stats["input_bytes"] += plan.input_bytes
                 self.stats["output_bytes"] += sum(o[1] + 4 * o[3] for o in plan.outputs)
             for c in sorted(copyouts):
-                for f in copyouts[c]:
-                    f.result()
+                wait(copyouts[c])
             for m in marks:  # every download is complete: so is every event
                 self._gpu_times(m)
         except BaseException:

@@ -319,6 +319,7 @@ def test_cuda_packer_stream_logic_on_a_stand_in_device(monkeypatch):
         t = packer.timings
         assert t.get("gpu_kernel_s") == pytest.approx(0.25e-3 * chunks) and t.get("gpu_stage_in_s") > 0
         assert t.get("gpu_h2d_s") == t.get("gpu_d2h_s") == t.get("gpu_kernel_s") and t.get("gpu_stage_out_s") > 0
+        assert t.get("gpu_plan_s") > 0 and t.get("gpu_issue_s") > 0 and t.get("gpu_wait_s") >= 0
         packer.warm_up(INT4, packers._warm_up_sources(jobs_gpu))
         assert packer.stats["chunks"] == chunks + 1
     finally:
