@@ -19,6 +19,7 @@ from kt_runtime.format.methods import QuantMethod
 from .plan import ConversionPlan, LayerPlan, source_slabs
 from .source import Checkpoint
 from .source_reader import ReadBatch, Slab, SourceStream
+from .timings import Timings
 
 
 @dataclass
@@ -35,12 +36,18 @@ class LayerReader:
     """The source bytes of `layers` (in this order), in batches of `experts_per_batch` experts."""
 
     def __init__(self, ckpt: Checkpoint, plan: ConversionPlan, layers: list[LayerPlan], experts_per_batch: int,
-                 threads: int):
+                 threads: int, timings: Timings | None = None):
         self.ckpt = ckpt
         self.num_experts = plan.num_experts
         self.experts_per_batch = experts_per_batch
         self._order = [lp.layer for lp in layers]
-        self._stream = SourceStream(ckpt, [b for lp in layers for b in self.batch_slabs(lp)], threads=threads)
+        self.timings = timings or Timings()
+        self._stream = SourceStream(ckpt, [b for lp in layers for b in self.batch_slabs(lp)], threads=threads,
+                                    timings=self.timings)
+
+    def start(self) -> None:
+        """Starts reading the first batches now (else the first batches() call does)."""
+        self._stream.start()
 
     def batch_ranges(self) -> list[range]:
         """The experts of each pack batch of a layer."""
@@ -59,7 +66,9 @@ class LayerReader:
             raise RuntimeError(f"layer {lp.layer} read out of order (next: {self._order[:1]})")
         self._order.pop(0)
         for experts in self.batch_ranges():
-            yield experts, self._stream.next()
+            with self.timings.timed("read_wait_s"):
+                batch = self._stream.next()
+            yield experts, batch
 
     def where(self, key: str) -> str:
         """The source file holding tensor `key` (for messages)."""

@@ -2,10 +2,11 @@
 pack -> write), resuming from the manifest of an earlier run into the same output directory."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .shards import ShardSpec, shard_layers
 from .shared_output import SharedOutput, check_no_live_shards, read_records
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
 from .source_reader import default_read_threads
+from .timings import Timings
 from .units import plural, rate, size
 from .writer import KtFolderWriter, MergedShardWriter
 
@@ -81,6 +83,7 @@ class ConversionReport:
     shard: str = ""  # --shard i/N: this process converted shard i's layers only
     layers_held: list[int] = field(default_factory=list)  # of our shard, being converted by other processes
     complete: bool = True  # the output is complete (a --shard run: once every shard's layers are)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (convert.timings.STAGES)
 
     @property
     def input_gb_per_s(self) -> float:
@@ -106,6 +109,9 @@ class ConversionReport:
                 f"{self.device}): {size(self.input_bytes)} in, {size(self.output_bytes)} out, "
                 f"{self.seconds:.1f} s, {rate(self.input_bytes, self.seconds)} -> {self.output}"
                 + (f" (and {self.startup_seconds:.1f} s finding the device)" if self.startup_seconds >= 0.5 else "")
+                + (f"\nGPU start-up {self.timings['device_init_s']:.1f} s on a background thread (the CPU packed "
+                   f"{self.timings.get('cpu_batches_while_device_starts', 0):.0f} batches meanwhile; main thread waited "
+                   f"{self.timings.get('device_init_wait_s', 0):.1f} s)" if "device_init_s" in self.timings else "")
                 + tail)
 
 
@@ -166,21 +172,35 @@ def started_executor(name: str) -> ThreadPoolExecutor:
 
 
 def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outputs: list[LayerOutput],
-                  opts: ConvertOptions, progress: Progress, nonfinite: dict[str, int], packer) -> None:
+                  opts: ConvertOptions, progress: Progress, nonfinite: dict[str, int], packer,
+                  timings: Timings | None = None, io: ThreadPoolExecutor | None = None,
+                  pending: Future | None = None) -> Future | None:
     """Reads layer `lp` once, batch by batch (reader), packs every batch for each output (packer: from
     convert.packers.make_packer, CPU or CUDA, the same bytes) and hands the packed pairs to each output's
     writer on a writer thread while the next batch is packed. NaN/Inf counts come from the first output
-    (every output reads the same source values)."""
+    (every output reads the same source values).
+
+    Without `io`, the layer's writes are done when this returns. With `io` (the run's writer thread) and
+    `pending` (the previous layer's last write, still running), the last write of this layer is returned
+    still running, so the next layer is packed while it is written: one batch is written while the next
+    is packed, across layers too."""
+    if io is None:
+        with started_executor("kt-writer") as own_io:
+            last = convert_layer(reader, plan, lp, outputs, opts, progress, nonfinite, packer, timings, own_io)
+            if last is not None:
+                last.result()
+        return None
+    timings = timings or Timings()
     H, I = plan.hidden_size, plan.moe_intermediate_size
     bytes_per_expert = lp.input_bytes // plan.num_experts
 
     def write_batch(packed):
-        for out, pairs in zip(outputs, packed):
-            for expert, proj, t, dst in pairs:
-                out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
+        with timings.timed("write_s"):
+            for out, pairs in zip(outputs, packed):
+                for expert, proj, t, dst in pairs:
+                    out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
 
-    with started_executor("kt-writer") as io:
-        pending = None
+    try:
         for experts, data in reader.batches(lp):
             try:
                 jobs = [[] for _ in outputs]
@@ -197,7 +217,8 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
                                 out_jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
                                 out_pairs.append((expert, proj, t, dst))
                         keys += [src_ref.weight_key] * outputs[0].threadpool_count
-                counts = [packer(out.method, out_jobs) for out, out_jobs in zip(outputs, jobs)][0]  # the first's
+                with timings.timed("pack_s"):
+                    counts = [packer(out.method, out_jobs) for out, out_jobs in zip(outputs, jobs)][0]  # the first's
             finally:
                 data.release()  # the packer is done with the source buffer: the stream refills it
             for key, count in zip(keys, counts):
@@ -209,19 +230,27 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
                             "the checkpoint is damaged: re-download that file, or pass --allow-nonfinite to pack "
                             "them as 0 (they are listed in the report)")
             if pending is not None:
-                pending.result()
+                with timings.timed("write_wait_s"):
+                    pending.result()
             pending = io.submit(write_batch, packed)
             progress.advance(bytes_per_expert * len(experts))
-        if pending is not None:
-            pending.result()
+    except BaseException:
+        if pending is not None:  # never abort a writer (close its file) under a write in flight
+            try:
+                pending.result()
+            except BaseException:  # noqa: S110 - the first error is already propagating
+                pass
+        raise
+    return pending
 
 
-def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerPlan):
+def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerPlan, timings: Timings | None = None):
     """The writer of one layer in the run's layout (MergedShardWriter or KtFolderWriter)."""
+    on_hashed = (lambda seconds: timings.add("digest_s", seconds)) if timings is not None else None
     if plan.layout == "merged":
         return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
-                                 shard_metadata(manifest, lp.layer))
-    return KtFolderWriter(out, lp.layer, plan.method.name)
+                                 shard_metadata(manifest, lp.layer), on_hashed)
+    return KtFolderWriter(out, lp.layer, plan.method.name, on_hashed)
 
 
 def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
@@ -268,7 +297,22 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
     check_cpu_threads(first.cpuinfer_threads)
     device = resolve_device(first.device)
     start = time.perf_counter()  # the reports' seconds are the conversion's, not the device probe's
-    ckpt = open_checkpoint(first.input_path)
+    timings = Timings()
+    # --device cuda: the GPU starts on a background thread now, while the plan is made and the first
+    # batch is read (convert.packers.StartingPacker); the CPU packer is made by _run, after pre-flight
+    packer = make_packer(device, first.cpuinfer_threads, timings, start) if device == "cuda" else None
+    try:
+        reports = _convert_outputs(opts_list, shard, device, probe, start, packer, timings)
+    finally:
+        if packer is not None:
+            packer.close()  # waits for a GPU start-up still running (a run shorter than it)
+    for report in reports:
+        report.timings = timings.to_dict()  # with the start-up's time, whenever it ended
+    return reports
+
+
+def _convert_outputs(opts_list, shard, device, probe, start, packer, timings) -> list[ConversionReport]:
+    ckpt = open_checkpoint(opts_list[0].input_path)
     try:
         jobs = [plan_output(ckpt, o) for o in opts_list]
         seen: dict[Path, int] = {}
@@ -282,7 +326,7 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
         for job in jobs[1:]:
             if [(lp.layer, lp.experts) for lp in job.plan.layers] != [(lp.layer, lp.experts) for lp in jobs[0].plan.layers]:
                 raise RuntimeError("the outputs of one run planned different source layers")
-        reports = _run(ckpt, jobs, device, start, shard)
+        reports = _run(ckpt, jobs, device, start, shard, packer, timings)
         for report in reports:
             report.startup_seconds = start - probe
         return reports
@@ -426,8 +470,9 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
     progress.note(combined.describe())
 
 
-def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float,
-         shard: ShardSpec | None) -> list[ConversionReport]:
+def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, shard: ShardSpec | None,
+         packer, timings: Timings) -> list[ConversionReport]:
+    """The run itself; `packer` is the one started by convert_outputs() (--device cuda) or None (made here)."""
     opts = jobs[0].opts  # the options every output shares (SHARED_OPTIONS)
     plan = jobs[0].plan  # the source side: the same for every output
     progress = Progress(0, len(plan.layers), opts.progress)
@@ -467,43 +512,61 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float,
                              done_layers=len(plan.layers) - len(todo)) if shard is None else
                     Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress))
         nonfinite: dict[str, int] = {}
-        packer = make_packer(device, opts.cpuinfer_threads)
-        reader = LayerReader(ckpt, plan, todo, batch_experts, threads=default_read_threads())
-        # A layer's fsync, rename and manifest update run on this thread while the next layer is
-        # packed; one at a time and in order, so the manifest only ever lists committed layers.
+        own_packer = packer is None
+        if own_packer:
+            packer = make_packer(device, opts.cpuinfer_threads, timings, start)
+        reader = LayerReader(ckpt, plan, todo, batch_experts, threads=default_read_threads(), timings=timings)
+        reader.start()  # the first batch is read while the GPU (if any) is still starting
+        timings.add("plan_s", time.perf_counter() - start)
+        # One writer thread for the run: a layer's last batch is written while the next layer is packed.
+        # A layer's fsync, rename and manifest update run on the commit thread, after its last write,
+        # while the next layers are packed; one at a time and in order, so the manifest only ever lists
+        # committed layers.
+        io = started_executor("kt-writer")
         committer = started_executor("kt-commit")
-        pending = None
+        pending = None  # the previous layer's commit
+        last_write = None
         try:
             for lp in todo:
                 progress.layer_start(lp.layer)
                 writers = []
                 try:
                     for job in needed[lp.layer]:
-                        writers.append((job, layer_writer(job.out, job.plan, job.manifest, job.layer_plan(lp.layer))))
-                    convert_layer(reader, plan, lp, [LayerOutput(job.plan.method, job.plan.threadpool_count, w)
-                                                     for job, w in writers], opts, progress, nonfinite, packer)
+                        writers.append((job, layer_writer(job.out, job.plan, job.manifest, job.layer_plan(lp.layer), timings)))
+                    last_write = convert_layer(
+                        reader, plan, lp, [LayerOutput(job.plan.method, job.plan.threadpool_count, w) for job, w in writers],
+                        opts, progress, nonfinite, packer, timings, io, last_write)
                 except BaseException:
+                    io.submit(int).result()  # the writes in flight end before the writers close their files
                     for _, w in writers:
                         w.abort()
                     raise
+                # handed to the commit thread at once (it commits after the layer's last write), then
+                # the previous layer's commit is awaited: an interrupt there finds the writers committing
+                commit = committer.submit(_commit_layer, writers, lp.layer, last_write, timings)
                 if pending is not None:
-                    pending.result()
-                pending = committer.submit(_commit_layer, writers, lp.layer)
+                    with timings.timed("commit_wait_s"):
+                        pending.result()
+                pending = commit
                 progress.layer_done(lp.layer, lp.input_bytes)
             progress.stage("finishing: fsync of the last layer, model files, index")
             if pending is not None:
-                pending.result()
-            for job in jobs:
-                if job.lock is not None:
-                    _finish(ckpt, job.plan, job.out, job.manifest, job.opts, job.non_expert)
-                    fsio.remove(job.out / SHARD_DIR)  # records of --shard runs it resumed, now in the manifest
-                    job.complete = True
-                elif job.shared is not None:
-                    job.complete = finalize_shared(ckpt, job, progress) is None
+                with timings.timed("commit_wait_s"):
+                    pending.result()
+            with timings.timed("finish_s"):
+                for job in jobs:
+                    if job.lock is not None:
+                        _finish(ckpt, job.plan, job.out, job.manifest, job.opts, job.non_expert)
+                        fsio.remove(job.out / SHARD_DIR)  # records of --shard runs it resumed, now in the manifest
+                        job.complete = True
+                    elif job.shared is not None:
+                        job.complete = finalize_shared(ckpt, job, progress) is None
         finally:
-            committer.shutdown(wait=True)  # never leave a commit running past the lock
+            io.shutdown(wait=True)  # never leave a write or commit running past the lock
+            committer.shutdown(wait=True)
             reader.close()
-            packer.close()
+            if own_packer:
+                packer.close()
             progress.close()
     except OSError as e:
         raise _os_error(e, jobs[0].out) from None
@@ -512,11 +575,11 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float,
             job.release()
             remove_if_empty(job.created)  # only folders still empty: a run that wrote anything keeps them
     seconds = time.perf_counter() - start
-    return [_report(job, device, nonfinite, seconds, shard) for job in jobs]
+    return [_report(job, device, nonfinite, seconds, shard, timings) for job in jobs]
 
 
 def _report(job: OutputJob, device: str, nonfinite: dict[str, int], seconds: float,
-            shard: ShardSpec | None) -> ConversionReport:
+            shard: ShardSpec | None, timings: Timings) -> ConversionReport:
     plan, done = job.plan, set(job.todo)
     lps = [lp for lp in plan.layers if lp.layer in done]
     return ConversionReport(
@@ -526,7 +589,8 @@ def _report(job: OutputJob, device: str, nonfinite: dict[str, int], seconds: flo
         experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
         input_bytes=sum(lp.input_bytes for lp in lps), output_bytes=sum(lp.output_bytes for lp in lps),
         seconds=seconds, nonfinite=nonfinite, partial=plan.partial, model_layers=len(plan.model_layers),
-        shard=str(shard) if shard else "", layers_held=sorted(job.held), complete=job.complete)
+        shard=str(shard) if shard else "", layers_held=sorted(job.held), complete=job.complete,
+        timings=timings.to_dict())
 
 
 def _layer_intact(out: Path, rec) -> bool:
@@ -595,12 +659,21 @@ def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> Non
                     "another output directory")
 
 
-def _commit_layer(writers: list, layer: int) -> None:
-    """Commits layer `layer` in each output (job, writer) and records it there: in the manifest (a single
-    process) or in its own record file, releasing its claim (--shard)."""
+def _commit_layer(writers: list, layer: int, last_write: Future | None = None, timings: Timings | None = None) -> None:
+    """Commits layer `layer` in each output (job, writer) once its last write (on the writer thread) is
+    done, and records it there: in the manifest (a single process) or in its own record file, releasing
+    its claim (--shard). A failed write or commit aborts the writers not yet committed."""
+    try:
+        if last_write is not None:
+            last_write.result()
+    except BaseException:
+        for _, w in writers:
+            w.abort()
+        raise
     for i, (job, writer) in enumerate(writers):
         try:
-            record = writer.commit()
+            with timings.timed("commit_s") if timings is not None else contextlib.nullcontext():
+                record = writer.commit()
         except BaseException:
             for _, w in writers[i:]:
                 w.abort()

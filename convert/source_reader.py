@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from kt_runtime.format.errors import SafetensorsFormatError
 from kt_runtime.format.safetensors_file import SafetensorsFile
 
 from .source import Checkpoint, source_changed
+from .timings import Timings
 
 READ_THREADS = 8  # at most: enough preads in flight for an NVMe drive when the pages are not cached
 PIECE_BYTES = 4 << 20  # one pread task
@@ -79,8 +81,10 @@ class SourceStream:
     exist). Errors (a file that shrank or changed, a read error) are raised by next() as UserError.
     """
 
-    def __init__(self, ckpt: Checkpoint, schedule: list[list[Slab]], ahead: int = 1, threads: int = READ_THREADS):
+    def __init__(self, ckpt: Checkpoint, schedule: list[list[Slab]], ahead: int = 1, threads: int = READ_THREADS,
+                 timings: Timings | None = None):
         self.ckpt = ckpt
+        self.timings = timings or Timings()
         self._schedule = schedule
         self._next = 0
         self._pending: list[Future] = []
@@ -96,6 +100,11 @@ class SourceStream:
         while len(self._pending) <= self._ahead and self._next + len(self._pending) < len(self._schedule):
             slabs = self._schedule[self._next + len(self._pending)]
             self._pending.append(self._coordinator.submit(self._read, slabs))
+
+    def start(self) -> None:
+        """Starts the reads of the first batches (next() does it otherwise)."""
+        if not self._closed:
+            self._fill()
 
     def next(self) -> ReadBatch:
         if self._closed:
@@ -121,6 +130,7 @@ class SourceStream:
         buffer = self._free.get()  # a buffer the packer is done with (None: the stream was closed)
         if buffer is None or self._closed:
             raise RuntimeError("source stream is closed")
+        t0 = time.perf_counter()
         if buffer.nbytes < total:
             buffer = np.empty(total + total // 8, np.uint8)  # headroom: batches differ a little
         tasks = []
@@ -135,6 +145,7 @@ class SourceStream:
                 t.result()
             except BaseException as e:  # noqa: PERF203
                 errors.append(e)
+        self.timings.add("read_s", time.perf_counter() - t0)
         try:
             if errors:
                 raise errors[0]

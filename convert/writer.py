@@ -29,14 +29,14 @@ class MergedShardWriter:
     """One layer -> one safetensors shard, tensors streamed in layout order."""
 
     def __init__(self, out_dir: Path, name: str, layer: int, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str]):
+                 metadata: dict[str, str], on_hashed=None):
         self.out_dir, self.name, self.layer = out_dir, name, layer
         self.final = out_dir / name
         self.tmp = out_dir / (name + ".tmp")
         header, offsets = plan_layout(entries, metadata)
         self._order = iter([(key, offsets[key]) for key, _, _ in entries])
         fsio.entry(self.final, fsio.FILE)  # refuse a link or special file under the final name now
-        self._digest = TreeHasher(max_pending=4)  # bounds the packed buffers held for hashing
+        self._digest = TreeHasher(max_pending=4, on_hashed=on_hashed)  # bounds the packed buffers held for hashing
         self._fd = -1
         self._pos = len(header)
         try:  # an interrupt from here on still removes the temporary
@@ -85,13 +85,13 @@ class KtFolderWriter:
     """One layer -> `_layer_L/_numa_t/*.kt` files (kt's --no-merge-safetensor layout), built in
     `_layer_L.tmp/` and renamed when complete."""
 
-    def __init__(self, out_dir: Path, layer: int, method: str):
+    def __init__(self, out_dir: Path, layer: int, method: str, on_hashed=None):
         self.out_dir, self.layer, self.method = out_dir, layer, method
         self.final = out_dir / layer_dir_name(layer)
         self.tmp = out_dir / (layer_dir_name(layer) + ".tmp")
         fsio.entry(self.final, fsio.DIR)  # refuse a link or special file under the final name now
         self._folders: set[int] = set()
-        self._digest = TreeHasher(max_pending=4)
+        self._digest = TreeHasher(max_pending=4, on_hashed=on_hashed)
         self._files: list[str] = []
         self._nbytes = 0
         try:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Conversion benchmark: the converter against the time to read the same files, measured in the same run.
+"""Conversion benchmark: the converter against the physical floor of the same job, measured in the same run.
 
-    python scripts/bench_convert.py [--json OUT.json]                      # CPU path (any machine)
-    python scripts/bench_convert.py --device cuda --experts 256 --layers 3 [--skip-cpu] [--json OUT.json]
+    python scripts/bench_convert.py [--json OUT.json]                                  # CPU path (any machine)
+    python3 scripts/bench_convert.py --device cuda,cpu --experts 256 --layers 3 [--drop-caches] [--json OUT.json]
 
 Makes a v4-flash-layer checkpoint (DeepSeek-V4-Flash expert shapes, H=4096, I=2048, MXFP4; E=32 x 2
 layers is about 0.86 GB, E=256 x 3 layers about 10 GB) under --workdir unless one is there, then
@@ -10,24 +10,25 @@ measures, in this order:
 
   1. reads of the input files from the page cache: `cat` to /dev/null, one Python stream, 16 threads;
   2. the writer floor: what one thread does here (sha256, os.write to the output disk, + fsync);
-  3. --device cuda only: the fused kernel alone on device-resident batches, and PCIe H2D / D2H;
-  4. the conversion on --device (page cache; best of --repeat);
-  5. --device cuda only, unless --skip-cpu: the CPU path on --threads (default every core) for
-     comparison, and GPU output == CPU output through the manifests' per-layer sha256;
-  6. where `echo 3 > /proc/sys/vm/drop_caches` works (root) and not --skip-cold: cold reads and a
-     cold conversion on --device.
+  3. the copy floor: `cp` of the input files to the output disk + `sync` of the copies (fsync), warm
+     (inputs in the page cache) -- what any converter that reads these bytes and writes as many durably
+     must pay;
+  4. with cuda: the fused kernel alone on device-resident batches, and PCIe H2D / D2H;
+  5. the conversion on each --device (page cache; best of --repeat), with the converter's own
+     per-stage timings (read, pack = decode + quantize + tile, write, commit = fsync + rename + digest,
+     GPU start-up and its stages); cuda and cpu together: GPU output == CPU output (layer sha256);
+  6. unless --skip-cold: the same copy and conversions "cold". The page cache is dropped
+     (`echo 3 > /proc/sys/vm/drop_caches`, root) only with --drop-caches: never by default, since it
+     slows every other job on a shared host; without it these rows are labelled "not cold".
 
 Each conversion runs in a child process (this script with a hidden --child), so its peak RSS is
-its own; the child samples RSS every 10 ms, records it after each layer (RSS must not grow with
-the number of layers) and times the packer, MergedShardWriter.write and .commit (busy seconds;
-commit runs on its own thread, overlapped with packing). A conversion's `process_s` is the child
-process's wall time, start-up included, as a user of the converter sees it: rates and ratios use it;
-`wall_s` is the convert() call inside it (torch/triton import and packer start-up included).
-With --device cpu neither this script nor its children import triton (nor torch); the GPU-only
-measurements are skipped with a note.
+its own; the child samples RSS every 10 ms and records it after each layer (RSS must not grow with
+the number of layers). A conversion's `process_s` is the child process's wall time, start-up included,
+as a user of the converter sees it: rates and ratios use it; `wall_s` is the convert() call inside it.
+With --device cpu neither this script nor its children import triton (nor torch).
 
-Prints one line per measurement as it is taken, then the ratios, then the JSON report (written to
---json instead when that is given).
+Prints one line per measurement as it is taken, then one table (machine; copy floor, each device, warm
+and cold; conversion / copy, target <= 1.15) and the JSON report (written to --json when given).
 """
 from __future__ import annotations
 
@@ -85,10 +86,12 @@ def machine_info(device: str) -> dict:
 
         gpu = torch.cuda.get_device_name(0)
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": kt_kernels.best_isa(), "memory_gb": round(mem / GB, 1),
+            "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
             "python": platform.python_version(), **versions, "gpu": gpu, "date": time.strftime("%Y-%m-%d")}
 
 
 def drop_caches() -> bool:
+    """Drops the page cache (root only). Called only under --drop-caches."""
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -142,12 +145,27 @@ def read_parallel(paths: list[Path], threads: int = READ_THREADS, piece: int = 6
     return time.perf_counter() - t0, total
 
 
-def time_reads(files: list[Path], cold: bool) -> dict:
+NOT_COLD = "not cold (page cache kept: no --drop-caches)"
+
+
+def cache_state(cold: bool, drop: bool) -> str:
+    """Drops the page cache when a cold measurement is asked for and --drop-caches was given; returns
+    the label of what the next measurement sees."""
+    if not cold:
+        return "warm"
+    if not drop:
+        return NOT_COLD
+    return "cold" if drop_caches() else "not cold (drop_caches failed: needs root)"
+
+
+def time_reads(files: list[Path], cold: bool, drop: bool = False) -> dict:
     """cat, one stream, 16 threads; warm: the files are read into the page cache first and cat is
-    the best of two; cold: the page cache is dropped before each."""
+    the best of two; cold: the page cache is dropped before each (with drop only)."""
+    labels = []
+
     def prepare():
         if cold:
-            drop_caches()
+            labels.append(cache_state(True, drop))
 
     if not cold:
         time_cat(files)
@@ -157,7 +175,33 @@ def time_reads(files: list[Path], cold: bool) -> dict:
     seq_s, _ = read_sequential(files)
     prepare()
     par_s, _ = read_parallel(files)
-    return {"cat_s": cat_s, "seq_s": seq_s, "par_s": par_s, "fastest_s": min(cat_s, seq_s, par_s)}
+    return {"cat_s": cat_s, "seq_s": seq_s, "par_s": par_s, "fastest_s": min(cat_s, seq_s, par_s),
+            "cache": labels[0] if labels else "warm"}
+
+
+def copy_floor(files: list[Path], dest: Path, cold: bool, drop: bool) -> dict:
+    """The physical floor of a conversion: `cp` of the input files into `dest` (on the output disk),
+    then `sync` of the copies (fsync of each), as one user would do it. warm: the inputs are read into
+    the page cache first; cold: the page cache is dropped first (only with drop). The copies are
+    removed afterwards."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    if not cold:
+        time_cat(files)
+    cache = cache_state(cold, drop)
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(["cp", *map(str, files), str(dest)], check=True)
+    cp_s = time.perf_counter() - t0
+    subprocess.run(["sync", *(str(dest / f.name) for f in files)], check=True)
+    total = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    copied = sum((dest / f.name).stat().st_size for f in files)
+    shutil.rmtree(dest)
+    return {"seconds": total, "cp_s": cp_s, "sync_s": total - cp_s, "bytes": copied, "cache": cache,
+            "cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
 
 
 # -- writing ------------------------------------------------------------------------------------------
@@ -198,9 +242,10 @@ def rss_bytes() -> int:
 
 
 def child(args: dict) -> dict:
+    """One conversion in this process: the report (with the converter's per-stage timings), peak RSS
+    (sampled every 10 ms) and RSS after each layer."""
     from convert import pipeline
     from convert.pipeline import ConvertOptions, convert
-    from convert.writer import MergedShardWriter
 
     peak = {"rss": rss_bytes()}
     stop = threading.Event()
@@ -211,47 +256,15 @@ def child(args: dict) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    busy = {"pack_s": 0.0, "write_s": 0.0, "commit_s": 0.0}
-    layer_peaks, packers = [], []
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                busy[name] += time.perf_counter() - t0
-        return wrapper
-
-    MergedShardWriter.write = timed("write_s", MergedShardWriter.write)
-    MergedShardWriter.commit = timed("commit_s", MergedShardWriter.commit)
-    real_make, real_layer = pipeline.make_packer, pipeline.convert_layer
-
-    def make_packer(device, threads=0):
-        t = time.perf_counter()
-        busy["start_to_packer_s"] = t - t0
-        p = real_make(device, threads)
-        busy["make_packer_s"] = time.perf_counter() - t
-        packers.append(p)
-
-        class Timed:
-            def __call__(self, method, jobs):
-                t1 = time.perf_counter()
-                try:
-                    return p(method, jobs)
-                finally:
-                    busy["pack_s"] += time.perf_counter() - t1
-                    busy.setdefault("first_pack_s", time.perf_counter() - t1)
-
-            def close(self):
-                p.close()
-        return Timed()
+    layer_peaks = []
+    real_layer = pipeline.convert_layer
 
     def convert_layer(*a, **kw):
-        real_layer(*a, **kw)
+        last_write = real_layer(*a, **kw)
         layer_peaks.append(max(peak["rss"], rss_bytes()))
+        return last_write
 
-    pipeline.make_packer, pipeline.convert_layer = make_packer, convert_layer
+    pipeline.convert_layer = convert_layer
     t0 = time.perf_counter()
     report = convert(ConvertOptions(input_path=args["ckpt"], output=Path(args["out"]), quant_method=args["method"],
                                     threadpool_count=args["threadpool_count"], cpuinfer_threads=args["threads"],
@@ -261,13 +274,11 @@ def child(args: dict) -> dict:
     sampler.join()
     import resource
 
-    out = {"wall_s": wall, "report": report.to_dict(), "peak_rss_bytes": max(peak["rss"], rss_bytes()),
-           "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "rss_after_each_layer": layer_peaks, **busy,
-           "imported": {m: m in sys.modules for m in ("torch", "triton")}}
-    if packers and hasattr(packers[0], "stats"):
-        out["gpu_packer"] = packers[0].stats
-    return out
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall_s": wall, "report": report.to_dict(), "peak_rss_bytes": max(peak["rss"], rss_bytes()),
+            "ru_maxrss_bytes": ru.ru_maxrss * 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "rss_after_each_layer": layer_peaks,
+            "imported": {m: m in sys.modules for m in ("torch", "triton")}}
 
 
 def run_child(ckpt: Path, out: Path, device: str, method: str, threadpool_count: int, threads: int) -> dict:
@@ -286,6 +297,51 @@ def run_child(ckpt: Path, out: Path, device: str, method: str, threadpool_count:
 def layer_checksums(out: Path) -> dict:
     m = json.loads((out / "kt_manifest.json").read_text())
     return {k: v.get("sha256") for k, v in sorted(m.get("completed", {}).items())}
+
+
+# -- decode vs quantize + tile ----------------------------------------------------------------------
+
+
+def pack_split(method_name: str, threadpool_count: int, threads: int, experts: int = 4, H: int = 4096,
+               I: int = 2048, reps: int = 3) -> dict:
+    """The C++ packer fuses decode, quantize and tile; to see what the MXFP4 decode costs, the same
+    batch (the same values) is packed from MXFP4 and from bf16 (no decode, but 3.8x the bytes read).
+    Best of `reps` each, on `threads` threads."""
+    import numpy as np
+
+    from kt_runtime.format.layout import full_shape, shard_slice
+    from kt_runtime.format.methods import get_method
+    from quant.cpu import PackTarget, SourceMatrix, pack_cpu
+
+    method = get_method(method_name)
+    rng = np.random.default_rng(0)
+    e2m1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                    np.float32)
+    jobs = {"mxfp4": [], "bf16": []}
+    for _ in range(experts):
+        for proj in ("gate", "up", "down"):
+            n, k = full_shape(proj, H, I)
+            blocks = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+            scales = rng.integers(118, 133, size=(n, k // 32), dtype=np.uint8)
+            codes = np.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(n, k)
+            values = e2m1[codes] * np.exp2(scales.astype(np.float32) - 127).repeat(32, axis=1)
+            bf16 = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact: E2M1 x 2^e fits bf16
+            for kind, src in (("mxfp4", SourceMatrix("mxfp4", blocks, scales)), ("bf16", SourceMatrix("bf16", bf16))):
+                for t in range(threadpool_count):
+                    sl = shard_slice(proj, H, I, threadpool_count, t)
+                    jobs[kind].append((src.rows(sl.row0, sl.n), sl.col0, sl.k, PackTarget.empty(method, sl.n, sl.k)))
+    out = {"experts": experts, "threads": threads}
+    for kind, js in jobs.items():
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            pack_cpu(method, js, num_threads=threads)
+            times.append(time.perf_counter() - t0)
+        out[f"{kind}_s"] = min(times)
+    same = all(np.array_equal(a[3].weight, b[3].weight) for a, b in zip(jobs["mxfp4"], jobs["bf16"]))
+    out["same_bytes"] = same
+    out["decode_share"] = max(0.0, 1 - out["bf16_s"] / out["mxfp4_s"])
+    return out
 
 
 # -- the kernel alone -----------------------------------------------------------------------------
@@ -347,24 +403,88 @@ def show(name, value) -> None:
     print(f"{name:<46} {value}", flush=True)
 
 
+TARGET = 1.15  # conversion / copy floor
+LABEL = {"cpu": "CPU", "cuda": "GPU"}
+
+
+def parse_devices(text: str) -> list[str]:
+    devices = list(dict.fromkeys(d.strip() for d in text.split(",") if d.strip()))
+    if not devices or any(d not in LABEL for d in devices):
+        raise argparse.ArgumentTypeError(f"--device: a comma list of cpu and cuda, got {text!r}")
+    return devices
+
+
+def stage_table(runs: dict[str, dict]) -> list[str]:
+    """Rows: the converter's stages (convert.timings.STAGES order); columns: the runs."""
+    from convert.timings import STAGES
+
+    names = list(runs)
+    stages = [k for k in STAGES if any(k in r["report"]["timings"] for r in runs.values())]
+    lines = [f"  {'stage (busy seconds, summed over threads)':<44}" + "".join(f"{n:>16}" for n in names)]
+    for k in stages:
+        cells = []
+        for r in runs.values():
+            v = r["report"]["timings"].get(k)
+            cells.append("-" if v is None else (f"{v:.2f}" if k.endswith("_s") else f"{v:.0f}"))
+        lines.append(f"  {k:<44}" + "".join(f"{c:>16}" for c in cells))
+    lines.append(f"  {'process wall time (start-up included)':<44}" + "".join(f"{r['process_s']:>16.2f}"
+                                                                           for r in runs.values()))
+    return lines
+
+
+def summary_table(res: dict, devices: list[str], threads: int) -> str:
+    m, ck = res["machine"], res["checkpoint"]
+    gb = ck["file_bytes"] / GB
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['isa']}), {m['memory_gb']} GB, load average "
+             f"{m['load_average']}"
+             + (f", {m['gpu']}" if m.get("gpu") else "") + f"; python {m['python']}, torch {m['torch']}, "
+             f"triton {m['triton']}; {m['date']}",
+             f"input: E={ck['experts']} x {ck['layers']} layers, {gb:.2f} GB; output {res['settings']['quant_method']}, "
+             f"threadpool count {res['settings']['threadpool_count']}, CPU threads {threads}",
+             f"  {'':<34}{'cache':<44}{'seconds':>9}{'GB/s in':>9}{'CPU s':>8}{'/ copy':>8}"]
+    for when in ("warm", "cold"):
+        floor = res.get(f"copy_{when}")
+        if floor is None:
+            continue
+        lines.append(f"  {'copy floor (cp + sync)':<34}{floor['cache']:<44}{floor['seconds']:>9.2f}"
+                     f"{gb / floor['seconds']:>9.2f}{floor['cpu_s']:>8.2f}{1.0:>8.2f}")
+        for dev in devices:
+            r = res.get(f"{dev}_{when}")
+            if r is None:
+                continue
+            name = f"{LABEL[dev]} conversion" + (f" ({threads} threads)" if dev == "cpu" else "")
+            ratio = r["process_s"] / floor["seconds"]
+            verdict = "met" if ratio <= TARGET else "not met"
+            lines.append(f"  {name:<34}{r['cache']:<44}{r['process_s']:>9.2f}{r['input_gb_s']:>9.2f}"
+                         f"{r['cpu_s']:>8.2f}{ratio:>8.2f}  (target <= {TARGET}: {verdict})")
+    runs = {f"{LABEL[d]} {res[f'{d}_{w}']['cache'].split(' (')[0]}": res[f"{d}_{w}"]
+            for w in ("warm", "cold") for d in devices if f"{d}_{w}" in res}
+    lines.append("where the time goes:")
+    lines += stage_table(runs)
+    return "\n".join(lines)
+
+
 def main() -> None:
     from kt_runtime.format.methods import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="the converter's --device (default cpu); cuda adds the kernel, the CPU comparison, "
-                         "GPU == CPU")
+    ap.add_argument("--device", default=["cpu"], type=parse_devices,
+                    help="the converter's --device, or several: cpu, cuda, cuda,cpu (default cpu); cuda adds "
+                         "the kernel alone and PCIe; cuda,cpu adds GPU == CPU")
     ap.add_argument("--workdir", "--work", type=Path, default=Path(tempfile.gettempdir()) / "kt_bench_convert",
-                    help="checkpoint (kept and reused) and outputs (removed) (default: %(default)s)")
+                    help="checkpoint (kept and reused) and outputs (removed), on the disk the output is "
+                         "meant for (default: %(default)s)")
     ap.add_argument("--experts", type=int, default=32, help="routed experts per layer (default 32)")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers (default 2)")
     ap.add_argument("--quant-method", "--method", default="int4", choices=list(METHODS))
     ap.add_argument("--threadpool-count", "--numa", type=int, default=2, help="NUMA split T (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="CPU packing threads (0: all cores)")
-    ap.add_argument("--repeat", type=int, default=2, help="page-cache conversions on --device; the best is "
+    ap.add_argument("--repeat", type=int, default=2, help="page-cache conversions per device; the best is "
                                                           "reported (default 2)")
-    ap.add_argument("--skip-cpu", action="store_true", help="--device cuda: no CPU conversion for comparison")
-    ap.add_argument("--skip-cold", action="store_true", help="no cold reads or cold conversion")
+    ap.add_argument("--skip-cold", action="store_true", help="no cold (or not-cold first-touch) measurements")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="drop the page cache (root) before each cold measurement; never done otherwise, as it "
+                         "slows every job on the host; without it the cold rows are labelled not cold")
     ap.add_argument("--json", type=Path, default=None, help="write the JSON report here (else it is printed)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -372,19 +492,20 @@ def main() -> None:
         print(json.dumps(child(json.loads(a.child))))
         return
 
-    gpu = a.device == "cuda"
+    devices = a.device
+    gpu = "cuda" in devices
     if gpu:
         from quant.gpu import gpu_unavailable_reason  # imports neither triton nor the kernels
 
         if why := gpu_unavailable_reason():
-            print(f"--device cuda: {why}; run without --device cuda for the CPU path", file=sys.stderr)
+            print(f"--device cuda: {why}; run with --device cpu for the CPU path", file=sys.stderr)
             sys.exit(2)
     notes: list[str] = []
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
     threads = a.threads or os.cpu_count()
-    res: dict = {"machine": machine_info(a.device),
-                 "settings": {"device": a.device, "quant_method": a.quant_method,
+    res: dict = {"machine": machine_info("cuda" if gpu else "cpu"),
+                 "settings": {"devices": devices, "quant_method": a.quant_method, "drop_caches": a.drop_caches,
                               "threadpool_count": a.threadpool_count, "cpu_threads": threads, "repeat": a.repeat}}
     m = res["machine"]
     show("machine", f"{m['cpu']}, {m['cores']} cores, {m['isa']}, {m['memory_gb']} GB; python {m['python']}, "
@@ -411,98 +532,110 @@ def main() -> None:
     show("checkpoint (v4-flash-layer, MXFP4)", f"E={a.experts} x {a.layers} layers, H={H} I={I}: "
          f"{file_bytes / GB:.2f} GB, {params / 1e9:.2f} G params" + (f" (made in {made_s:.0f} s)" if made_s else ""))
 
-    def show_reads(r: dict, when: str) -> None:
-        show(f"read, {when} (cat / 1 stream / {READ_THREADS} threads)",
+    def show_reads(r: dict) -> None:
+        show(f"read, {r['cache']} (cat / 1 stream / {READ_THREADS} threads)",
              f"{r['cat_s']:.2f} / {r['seq_s']:.2f} / {r['par_s']:.2f} s = "
              f"{file_bytes / r['cat_s'] / GB:.2f} / {file_bytes / r['seq_s'] / GB:.2f} / "
              f"{file_bytes / r['par_s'] / GB:.2f} GB/s")
 
+    def show_copy(r: dict, of: int = 1) -> None:
+        show(f"copy floor, {r['cache']} (cp + sync" + (f", best of {of})" if of > 1 else ")"),
+             f"{r['seconds']:.2f} s (cp {r['cp_s']:.2f} + sync "
+             f"{r['sync_s']:.2f}) = {r['bytes'] / r['seconds'] / GB:.2f} GB/s")
+
     res["read_warm"] = rw = time_reads(files, cold=False)
-    show_reads(rw, "page cache")
+    show_reads(rw)
     res["writer_floor"] = w = writer_floor(work)
     show("one thread: sha256 / write / write+fsync", f"{w['sha256_gb_s']:.2f} / {w['write_gb_s']:.2f} / "
          f"{w['write_fsync_gb_s']:.2f} GB/s")
+    copies = [copy_floor(files, work / "copy", cold=False, drop=False) for _ in range(max(1, a.repeat))]
+    res["copy_warm"] = min(copies, key=lambda r: r["seconds"])
+    res["copy_warm"]["all_seconds"] = [r["seconds"] for r in copies]
+    show_copy(res["copy_warm"], len(copies))
+    res["pack_split"] = ps = pack_split(a.quant_method, a.threadpool_count, threads)
+    show(f"C++ pack of {ps['experts']} experts: from MXFP4 / from bf16", f"{ps['mxfp4_s']:.3f} / {ps['bf16_s']:.3f} s "
+         f"(same bytes: {ps['same_bytes']}; decode about {100 * ps['decode_share']:.0f}% of packing)")
     if gpu:
         res["kernel"] = k = kernel_throughput(a.quant_method, a.threadpool_count)
         show("kernel: source GB/s, weights/s", f"{k['kernel_input_gb_s']:.0f} GB/s, "
              f"{k['kernel_weights_per_s'] / 1e9:.0f} G/s")
         show("PCIe H2D / D2H", f"{k['h2d_gb_s']:.1f} / {k['d2h_gb_s']:.1f} GB/s")
     else:
-        notes.append("--device cpu: GPU kernel throughput, PCIe H2D/D2H, the CPU comparison and the GPU == CPU "
-                     "check are GPU-only and were skipped (run with --device cuda on a GPU host)")
-        show("GPU kernel, PCIe, GPU == CPU", "skipped (--device cpu)")
+        notes.append("no cuda in --device: GPU kernel throughput, PCIe H2D/D2H and the GPU == CPU check were skipped")
 
-    def add_rates(r: dict, cpu_path: bool) -> dict:
+    def add_rates(r: dict, dev: str, cache: str) -> dict:
+        r["cache"] = cache
         r["input_gb_s"] = r["report"]["input_bytes"] / r["process_s"] / GB
         r["g_params_s"] = params / r["process_s"] / 1e9
-        if cpu_path:
+        if dev == "cpu":
             r["g_params_s_per_core"] = r["g_params_s"] / threads
         return r
 
-    def show_run(name: str, r: dict, cpu_path: bool) -> None:
-        per_core = f", {r['g_params_s_per_core']:.3f} G params/s per core" if cpu_path else ""
+    def show_run(name: str, r: dict) -> None:
+        per_core = f", {r['g_params_s_per_core']:.3f} G params/s per core" if "g_params_s_per_core" in r else ""
         show(name, f"{r['process_s']:.2f} s ({r['wall_s']:.2f} s in convert()), {r['input_gb_s']:.2f} GB/s in, "
              f"{r['g_params_s']:.2f} G params/s{per_core}, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB")
-        show("  busy: pack / write / commit", f"{r['pack_s']:.2f} / {r['write_s']:.2f} / {r['commit_s']:.2f} s")
-        show("  start: to packer / make packer / 1st pack", f"{r.get('start_to_packer_s', 0):.2f} / "
-             f"{r.get('make_packer_s', 0):.2f} / {r.get('first_pack_s', 0):.2f} s")
+        t = r["report"]["timings"]
+        show("  read / pack / write / digest / commit (busy s)", " / ".join(
+            f"{t.get(k, 0):.2f}" for k in ("read_s", "pack_s", "write_s", "digest_s", "commit_s")))
+        if "device_init_s" in t:
+            show("  GPU start-up (background) / waited / CPU batches",
+                 f"{t['device_init_s']:.2f} / {t.get('device_init_wait_s', 0):.2f} s / "
+                 f"{t.get('cpu_batches_while_device_starts', 0):.0f}")
         show("  peak RSS after each layer (GiB)", " / ".join(f"{b / GIB:.2f}" for b in r["rss_after_each_layer"]))
 
-    dev, label = ("gpu", "GPU") if gpu else ("cpu", "CPU")
-    out_dev, out_cpu = work / f"out-{dev}", work / "out-cpu"
-    runs = [run_child(ckpt, out_dev, a.device, a.quant_method, a.threadpool_count, a.threads)
-            for _ in range(max(1, a.repeat))]
-    res[f"{dev}_warm"] = g = add_rates(min(runs, key=lambda r: r["process_s"]), not gpu)
-    g["all_process_s"] = [r["process_s"] for r in runs]
-    show_run(f"{label} conversion, page cache (best of {len(runs)})", g, not gpu)
-    if not gpu and g["imported"]["triton"]:
-        notes.append("warning: the CPU conversion imported triton")
-    if gpu:
-        gpu_sums = layer_checksums(out_dev)
-        if not a.skip_cpu:
-            res["cpu_warm"] = c = add_rates(run_child(ckpt, out_cpu, "cpu", a.quant_method, a.threadpool_count,
-                                                      a.threads), True)
-            show_run(f"CPU conversion ({threads} threads), page cache", c, True)
-            res["gpu_equals_cpu"] = gpu_sums == layer_checksums(out_cpu)
-            show("GPU output == CPU output (per-layer sha256)", res["gpu_equals_cpu"])
-            shutil.rmtree(out_cpu)
-        else:
-            notes.append("--skip-cpu: no CPU conversion, no GPU == CPU check")
-    shutil.rmtree(out_dev)
+    def convert_on(dev: str, cold: bool) -> dict:
+        cache = cache_state(cold, a.drop_caches)
+        return add_rates(run_child(ckpt, work / f"out-{dev}", dev, a.quant_method, a.threadpool_count, a.threads),
+                         dev, cache)
+
+    sums = {}
+    for dev in devices:
+        runs = [convert_on(dev, cold=False) for _ in range(max(1, a.repeat))]
+        res[f"{dev}_warm"] = best = min(runs, key=lambda r: r["process_s"])
+        best["all_process_s"] = [r["process_s"] for r in runs]
+        show_run(f"{LABEL[dev]} conversion, page cache (best of {len(runs)})", best)
+        if dev == "cpu" and best["imported"]["triton"]:
+            notes.append("warning: the CPU conversion imported triton")
+        sums[dev] = layer_checksums(work / f"out-{dev}")
+        shutil.rmtree(work / f"out-{dev}")
+    if len(sums) == 2:
+        res["gpu_equals_cpu"] = sums["cuda"] == sums["cpu"]
+        show("GPU output == CPU output (per-layer sha256)", res["gpu_equals_cpu"])
 
     if a.skip_cold:
-        res["cold"] = "skipped (--skip-cold)"
-    elif drop_caches():
-        res["read_cold"] = rc = time_reads(files, cold=True)
-        show_reads(rc, "cold")
-        drop_caches()
-        res[f"{dev}_cold"] = gc = add_rates(run_child(ckpt, out_dev, a.device, a.quant_method, a.threadpool_count,
-                                                      a.threads), not gpu)
-        show_run(f"{label} conversion, cold", gc, not gpu)
-        shutil.rmtree(out_dev)
+        notes.append("--skip-cold: no cold measurements")
     else:
-        res["cold"] = "drop_caches not permitted (needs root): page-cache numbers only"
-    if isinstance(res.get("cold"), str):
-        notes.append(f"cold: {res['cold']}")
+        res["read_cold"] = rc = time_reads(files, cold=True, drop=a.drop_caches)
+        show_reads(rc)
+        res["copy_cold"] = copy_floor(files, work / "copy", cold=True, drop=a.drop_caches)
+        show_copy(res["copy_cold"])
+        for dev in devices:
+            res[f"{dev}_cold"] = r = convert_on(dev, cold=True)
+            show_run(f"{LABEL[dev]} conversion, {r['cache']}", r)
+            shutil.rmtree(work / f"out-{dev}")
+        if not a.drop_caches:
+            notes.append(f"the cold rows are {NOT_COLD}: pass --drop-caches (root) for cold numbers")
 
-    ratios = {f"{dev}_warm_over_read_warm": g["process_s"] / rw["fastest_s"],
-              f"{dev}_warm_over_cat_warm": g["process_s"] / rw["cat_s"],
-              f"{dev}_warm_over_read_seq_warm": g["process_s"] / rw["seq_s"]}
-    if "cpu_warm" in res and gpu:
-        ratios["cpu_warm_over_gpu_warm"] = res["cpu_warm"]["process_s"] / g["process_s"]
-        ratios["cpu_warm_over_read_warm"] = res["cpu_warm"]["process_s"] / rw["fastest_s"]
-    if f"{dev}_cold" in res:
-        ratios[f"{dev}_cold_over_read_cold"] = res[f"{dev}_cold"]["process_s"] / res["read_cold"]["fastest_s"]
-        ratios[f"{dev}_cold_over_cat_cold"] = res[f"{dev}_cold"]["process_s"] / res["read_cold"]["cat_s"]
-    peaks = g["rss_after_each_layer"]
-    if peaks:
-        ratios["peak_rss_last_over_first_layer"] = peaks[-1] / peaks[0]
+    ratios = {}
+    for dev in devices:
+        for when in ("warm", "cold"):
+            if f"{dev}_{when}" in res:
+                ratios[f"{dev}_{when}_over_copy_{when}"] = res[f"{dev}_{when}"]["process_s"] / res[f"copy_{when}"]["seconds"]
+        ratios[f"{dev}_warm_over_read_warm"] = res[f"{dev}_warm"]["process_s"] / rw["fastest_s"]
+        peaks = res[f"{dev}_warm"]["rss_after_each_layer"]
+        if peaks:
+            ratios[f"{dev}_peak_rss_last_over_first_layer"] = peaks[-1] / peaks[0]
+    if len(sums) == 2:
+        ratios["cpu_warm_over_gpu_warm"] = res["cpu_warm"]["process_s"] / res["cuda_warm"]["process_s"]
     res["ratios"] = ratios
     res["notes"] = notes
     for name, value in ratios.items():
         show(name, f"{value:.3f}")
     for note in notes:
         print(f"note: {note}", flush=True)
+    print()
+    print(summary_table(res, devices, threads), flush=True)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text + "\n")

@@ -230,9 +230,10 @@ def test_killed_shard_rerun_redoes_only_its_unfinished_layers(ckpt, single, tmp_
 
     def crash_on_third_layer(reader, plan, lp, outputs, *a, **kw):
         calls.append(lp.layer)
-        real(reader, plan, lp, outputs, *a, **kw)
+        last_write = real(reader, plan, lp, outputs, *a, **kw)
         if len(calls) == 3:
             raise KeyboardInterrupt  # after the data, before the shard is committed
+        return last_write
 
     monkeypatch.setattr(pipeline, "convert_layer", crash_on_third_layer)
     assert main(args(ckpt, *shard, "--shard", "1/2")) == 130

@@ -64,12 +64,12 @@ def stop_before_committing(monkeypatch, layer):
 
     commit = pipeline._commit_layer
 
-    def commit_or_fail(writers, lay):
+    def commit_or_fail(writers, lay, *rest):
         if lay == layer:
             for job, writer in writers:
                 writer.abort()
             raise OSError(28, "No space left on device", str(writers[0][0].out))
-        return commit(writers, lay)
+        return commit(writers, lay, *rest)
 
     monkeypatch.setattr(pipeline, "_commit_layer", commit_or_fail)
 

@@ -262,6 +262,7 @@ def test_streaming_packer_matches_cpu_across_chunks_and_calls(slots):
     H, I, threadpool_count = 1024, 1536, 2
     packer = CudaPacker(chunk_bytes=1 << 20, slots=slots, threads=4)  # many chunks: every slot is reused
     try:
+        allocations = []
         for experts in (5, 1, 3):  # buffers grow and shrink between calls
             jobs_cpu, jobs_gpu = [], []
             for expert in range(experts):
@@ -275,7 +276,12 @@ def test_streaming_packer_matches_cpu_across_chunks_and_calls(slots):
             assert packer(INT4, jobs_gpu) == pack_cpu(INT4, jobs_cpu)
             for a, b in zip(jobs_cpu, jobs_gpu):
                 assert np.array_equal(a[3].weight, b[3].weight) and _equal_bits(a[3].scales, b[3].scales)
+            allocations.append(packer.stats["slot_allocations"])
         assert packer.stats["chunks"] > 3 * slots
+        assert allocations[0] <= 2 and allocations[0] == allocations[-1]  # made at start, grown once, reused
+        t = packer.timings.to_dict()
+        for stage in ("gpu_stage_in_s", "gpu_h2d_s", "gpu_kernel_s", "gpu_d2h_s", "gpu_stage_out_s"):
+            assert 0 < t[stage] < 60, (stage, t)
     finally:
         packer.close()
 
@@ -286,17 +292,28 @@ def _convert(ckpt, out, **kw):
     return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
 
 
+@pytest.fixture
+def gpu_packs_every_batch(monkeypatch):
+    """--device cuda packs every batch on the GPU (not on the CPU while the GPU starts): the tests
+    below compare GPU bytes with CPU bytes."""
+    from convert import packers
+
+    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
+
+
 @gpu
 @real_gpu
 @pytest.mark.parametrize("storage,method,threadpool_count", [("I8", "int4", 2), ("U8", "int8", 2), ("F4", "int4", 4),
                                                  ("I8", "int8", 1), ("I8", "int4", 1), ("U8", "int8", 4)])
-def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_count):
+def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_count, gpu_packs_every_batch):
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", storage=storage, mtp_layers=1, num_shards=3)
     cpu = _convert(ckpt.path, tmp_path / "cpu", quant_method=method, threadpool_count=threadpool_count, device="cpu")
     gpu_report = _convert(ckpt.path, tmp_path / "gpu", quant_method=method, threadpool_count=threadpool_count, device="cuda")
     assert (cpu.device, gpu_report.device) == ("cpu", "cuda")
+    t = gpu_report.timings
+    assert "cpu_batches_while_device_starts" not in t and t["gpu_kernel_s"] > 0 and t["device_init_s"] > 0, t
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
     kt = _convert(ckpt.path, tmp_path / "gpu_kt", quant_method=method, threadpool_count=threadpool_count, device="cuda",
                   merge=False)
@@ -308,7 +325,7 @@ def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_co
 
 @gpu
 @real_gpu
-def test_convert_every_family_on_cuda_equals_cpu(tmp_path):
+def test_convert_every_family_on_cuda_equals_cpu(tmp_path, gpu_packs_every_batch):
     """Every synthetic family the CPU path converts (BF16, FP16, FP8 block, INT4 group, MXFP4)
     gives the same bytes on the GPU."""
     families = pytest.importorskip("synthetic.families")
@@ -324,6 +341,42 @@ def test_convert_every_family_on_cuda_equals_cpu(tmp_path):
         done.append(variant)
     print("families converted on cuda:", done)
     assert done
+
+
+@gpu
+@real_gpu
+def test_cpu_packs_while_the_gpu_starts_same_bytes(tmp_path, monkeypatch):
+    """The default --device cuda run: the GPU starts on a background thread while the CPU packs; every
+    batch after its start-up goes to the GPU; the bytes equal a CPU run's whoever packed which batch."""
+    from convert import pipeline
+    from synthetic.v4_flash import make_v4_flash_checkpoint
+
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: many batches
+    ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
+    _convert(ckpt.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
+    report = _convert(ckpt.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
+    t = report.timings
+    assert t["device_init_s"] > 0 and t.get("device_init_wait_s", 0) < t["device_init_s"], t
+    print("timings:", t)
+    assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+
+
+@gpu
+@real_gpu
+def test_warm_up_compiles_on_a_slice(tmp_path):
+    from convert.packers import CudaPacker, _warm_up_sources
+
+    H, I = 512, 768
+    srcs = _expert_sources("mxfp4", H, I, seed=3)
+    jobs = [(srcs["gate"], 0, H, PackTarget.empty(INT4, I, H)), (srcs["down"], 0, I, PackTarget.empty(INT4, H, I))]
+    sources = _warm_up_sources(jobs)
+    assert [(s.kind, s.shape[0], s.weight.flags.owndata) for s, _, _ in sources] == [("mxfp4", 32, True)]
+    packer = CudaPacker()
+    try:
+        packer.warm_up(INT4, sources)
+        assert packer.stats["chunks"] == 1
+    finally:
+        packer.close()
 
 
 def test_device_selection_without_a_gpu(tiny_checkpoint, tmp_path, capsys):

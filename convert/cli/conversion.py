@@ -13,6 +13,7 @@ from quant.source_formats import INPUT_TYPES
 from .. import __version__
 from ..pipeline import ConvertOptions, convert_outputs, max_cpu_threads
 from ..plan import parse_layer_spec
+from ..timings import describe as describe_timings
 from .kt_flags import GPU_NOTE
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
@@ -54,11 +55,13 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
               help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@click.option("--timings", "show_timings", is_flag=True,
+              help="Print where the time went, stage by stage (always in the --json report).")
 @batch_options
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
-        output_template, job_file, shard_flag, shard_count):
+        show_timings, output_template, job_file, shard_flag, shard_count):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
     \b
@@ -88,6 +91,8 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
         for out, method, count in outputs], shard)
     for report in reports:
         click.echo(report.summary(), err=True)
+    if show_timings:  # one run: the stages are shared by its outputs
+        click.echo(describe_timings(reports[0].timings, reports[0].seconds), err=True)
     report = reports[0]  # every output packs the same source values
     if report.nonfinite:
         click.echo(f"warning: {sum(report.nonfinite.values())} NaN/Inf source values packed as 0 "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,11 +31,13 @@ class TreeHasher:
     """Streaming digest of files written front to back; full blocks are hashed on a thread pool.
 
     The buffers given to update() must stay unchanged until their block is hashed (they are kept
-    referenced until then); at most `max_pending` blocks are in flight.
+    referenced until then); at most `max_pending` blocks are in flight. `on_hashed(seconds)`, when
+    given, is called from the hashing threads with the time each block took.
     """
 
-    def __init__(self, threads: int | None = None, max_pending: int | None = None):
+    def __init__(self, threads: int | None = None, max_pending: int | None = None, on_hashed=None):
         self._pool = ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="kt-hash")
+        self._on_hashed = on_hashed
         self._max_pending = max_pending or 2 * (threads or default_threads())
         self._digests: list[Future] = []
         self._pieces: list[memoryview] = []
@@ -61,7 +64,16 @@ class TreeHasher:
         pending = [f for f in self._digests if not f.done()]
         if len(pending) >= self._max_pending:
             pending[0].result()
-        self._digests.append(self._pool.submit(_hash_pieces, pieces))
+        self._digests.append(self._pool.submit(self._hash, pieces))
+
+    def _hash(self, pieces: list[memoryview]) -> bytes:
+        if self._on_hashed is None:
+            return _hash_pieces(pieces)
+        t0 = time.perf_counter()
+        try:
+            return _hash_pieces(pieces)
+        finally:
+            self._on_hashed(time.perf_counter() - t0)
 
     def hexdigest(self) -> str:
         self._flush_block()

@@ -1,0 +1,389 @@
+"""The conversion's stages, testable without a GPU: per-stage timings (report, --json, --timings), the
+device start-up on a background thread with the CPU packing until it is ready (a stand-in GPU packer
+that packs with the C++ packer), and the writer running across layer boundaries."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import tree_hashes
+from convert import packers, pipeline
+from convert import writer as writer_mod
+from convert.cli import main
+from convert.pipeline import ConvertOptions, convert
+from convert.timings import STAGES
+from quant.cpu import pack_cpu
+
+
+def run(ckpt, out, **kw):
+    return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
+
+
+def test_report_times_every_stage_of_a_cpu_run(tiny_checkpoint, tmp_path):
+    report = run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
+    t = report.timings
+    for stage in ("plan_s", "read_s", "pack_s", "write_s", "digest_s", "commit_s", "finish_s"):
+        assert t.get(stage, 0) > 0, (stage, t)
+        assert t[stage] < 10 * report.seconds, (stage, t)  # seconds, not a count or nanoseconds
+    assert 0 <= t["read_wait_s"] < report.seconds and 0 <= t["commit_wait_s"] < report.seconds  # may round to 0
+    assert not any(k.startswith(("device_", "gpu_")) for k in t), t  # no GPU stage on --device cpu
+    assert list(t) == [k for k in STAGES if k in t]  # the documented order
+    assert t["plan_s"] < report.seconds
+
+
+def test_cli_timings_table_and_json(tiny_checkpoint, tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert main(["-i", str(tiny_checkpoint.path), "-o", str(tmp_path / "out"), "--no-progress", "--timings",
+                 "--json", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "where the time went" in err
+    timings = json.loads(path.read_text())["timings"]
+    for stage in ("pack", "write", "commit", "read"):
+        line = next(x for x in err.splitlines() if x.strip().startswith(stage + " "))
+        assert f"{timings[stage + '_s']:.2f} s" in line, (line, timings)
+
+
+class _StandInGpu:
+    """Stands in for CudaPacker: starts when `go` is set, packs with the C++ packer, records its calls."""
+
+    instances = []
+
+    def __init__(self, timings=None):
+        self.go = _StandInGpu.go
+        assert self.go.wait(30), "the CPU never packed its batches"
+        self.calls, self.warmed_on = 0, []
+        self.warmed = threading.Event()
+        self.closed = False
+        _StandInGpu.instances.append(self)
+
+    def __call__(self, method, jobs):
+        self.calls += 1
+        return pack_cpu(method, jobs)
+
+    def warm_up(self, method, sources):
+        self.warmed_on = [(src.kind, src.shape[0], src.weight.flags.owndata) for src, _, _ in sources]
+        self.warmed.set()
+
+    def close(self):
+        self.closed = True
+
+
+def test_device_starts_in_the_background_while_the_cpu_packs(tiny_checkpoint, tmp_path, monkeypatch):
+    """--device cuda without a GPU here: the start-up runs on its own thread; the CPU packs the first
+    batches, the stand-in GPU every batch after its warm-up; the bytes equal a CPU run's."""
+    run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2)
+    _StandInGpu.go, _StandInGpu.instances = threading.Event(), []
+    real_cpu_call = packers.CpuPacker.__call__
+    cpu_calls = []
+
+    def cpu_call(self, method, jobs):
+        cpu_calls.append(threading.current_thread().name)
+        if len(cpu_calls) == 2:  # the GPU may start now; this batch waits until its kernel is "compiled"
+            _StandInGpu.go.set()
+            assert _StandInGpu.instances or _wait(lambda: _StandInGpu.instances)
+            assert _StandInGpu.instances[0].warmed.wait(30)
+        return real_cpu_call(self, method, jobs)
+
+    monkeypatch.setattr(packers, "CudaPacker", _StandInGpu)
+    monkeypatch.setattr(packers.CpuPacker, "__call__", cpu_call)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: 16 batches
+    report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
+    gpu = _StandInGpu.instances[0]
+    assert report.device == "cuda"
+    # the warm-up's future completes just after its event: a third batch may still go to the CPU
+    assert len(cpu_calls) in (2, 3) and set(cpu_calls) == {"MainThread"}
+    assert gpu.calls == 16 - len(cpu_calls) and gpu.closed
+    assert gpu.warmed_on == [("mxfp4", 32, True)]  # one kind, 32 rows, copied out of the read buffer
+    t = report.timings
+    assert t["cpu_batches_while_device_starts"] == len(cpu_calls)
+    assert 0 < t["device_init_s"] < report.seconds
+    assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+
+
+def _wait(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_device_start_up_failure_is_raised_not_hidden(tiny_checkpoint, tmp_path, monkeypatch):
+    class Broken:
+        def __init__(self, timings=None):
+            raise RuntimeError("CUDA context could not be made")
+
+    monkeypatch.setattr(packers, "CudaPacker", Broken)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
+    with pytest.raises(RuntimeError, match="CUDA context"):
+        run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2, device="cuda")
+    assert not list((tmp_path / "out").glob("*.safetensors"))  # nothing committed
+
+
+def test_next_layer_is_packed_while_the_last_batch_of_a_layer_is_written(tiny_checkpoint, tmp_path, monkeypatch):
+    """One writer thread for the run: layer 1's first batch is packed while layer 0's last batch is still
+    being written (the write is slowed down), and the layer is committed only after that write."""
+    events = []
+    real_write = writer_mod.MergedShardWriter.write_pair
+    real_commit = writer_mod.MergedShardWriter.commit
+    real_pack = packers.CpuPacker.__call__
+    writes = {"n": 0}
+    pairs_per_layer = 8 * 3 * 2  # experts x projections x NUMA shards of v4-flash-tiny
+
+    def slow_write(self, proj, expert, numa, weight, scale):
+        writes["n"] += 1
+        if writes["n"] == pairs_per_layer:  # layer 0's last pair
+            time.sleep(0.5)
+            events.append(("last write of layer 0 done", self.layer))
+        return real_write(self, proj, expert, numa, weight, scale)
+
+    def commit(self):
+        events.append(("commit", self.layer))
+        return real_commit(self)
+
+    def pack(self, method, jobs):
+        events.append(("pack", len(events)))
+        return real_pack(self, method, jobs)
+
+    monkeypatch.setattr(writer_mod.MergedShardWriter, "write_pair", slow_write)
+    monkeypatch.setattr(writer_mod.MergedShardWriter, "commit", commit)
+    monkeypatch.setattr(packers.CpuPacker, "__call__", pack)
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: 8 per layer
+    run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
+    names = [e[0] for e in events]
+    done = names.index("last write of layer 0 done")
+    assert names[:8] == ["pack"] * 8 and names[8] == "pack"  # layer 1's first pack did not wait for it
+    assert names.index("commit") > done and events[names.index("commit")] == ("commit", 0)
+    assert names.count("pack") == 16 and [e for e in events if e[0] == "commit"] == [("commit", 0), ("commit", 1)]
+    assert tree_hashes(tmp_path / "out")  # and the run completed
+
+
+def test_bench_convert_copy_floor_and_cache_labels(tmp_path):
+    """scripts/bench_convert.py's copy floor (cp + fsync of the input files) and its cache labels:
+    without --drop-caches a 'cold' measurement is labelled as not cold."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    src = tmp_path / "in"
+    src.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    for i in range(2):
+        (src / f"m-{i}.safetensors").write_bytes(data)
+    files = sorted(src.glob("*.safetensors"))
+    floor = bench.copy_floor(files, tmp_path / "copy", cold=True, drop=False)
+    assert floor["cache"] == "not cold (page cache kept: no --drop-caches)"
+    assert floor["bytes"] == 2 * len(data) and floor["seconds"] > 0
+    assert not (tmp_path / "copy").exists()  # the copies are removed
+    warm = bench.copy_floor(files, tmp_path / "copy", cold=False, drop=False)
+    assert warm["cache"] == "warm"
+    dropped = []
+    monkey = bench.drop_caches
+    bench.drop_caches = lambda: dropped.append(1) or True
+    try:
+        assert bench.copy_floor(files, tmp_path / "copy", cold=True, drop=True)["cache"] == "cold"
+        assert dropped
+    finally:
+        bench.drop_caches = monkey
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for convert.packers.CudaPacker on the CPU: streams and events that are
+    already complete (copies are synchronous), CPU tensors for pinned and device memory."""
+
+    def __init__(self):
+        self.synchronizations = 0
+
+    def init(self):
+        pass
+
+    def Stream(self, device=None):  # noqa: N802 - torch's name
+        return _FakeStream()
+
+    def Event(self, blocking=False, enable_timing=False):  # noqa: N802
+        cuda = self
+
+        class Event:
+            def record(self, stream=None):
+                pass
+
+            def synchronize(self):
+                cuda.synchronizations += 1
+
+            def elapsed_time(self, other):
+                return 0.25  # ms
+
+        return Event()
+
+    def stream(self, s):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def synchronize(self, device=None):
+        pass
+
+
+class _FakeStream:
+    def wait_event(self, event):
+        pass
+
+
+def _fake_torch():
+    import types
+
+    import torch
+
+    fake = types.SimpleNamespace(cuda=_FakeCuda(), uint8=torch.uint8, device=lambda d: d)
+    fake.empty = lambda n, dtype, pin_memory=False, device=None: torch.empty(n, dtype=dtype)
+    return fake
+
+
+def _fake_launch(method, plan, dev_in, dev_out):
+    """The kernel's contract, run by the C++ packer: every job is read back from the staging bytes through
+    the job table (offsets, row strides) and packed into the output layout (weights, scales, counts)."""
+    from quant.cpu import PackTarget, SourceMatrix
+    from quant.source_formats import SOURCE_FORMATS
+
+    staging, out = dev_in.numpy(), dev_out.numpy()
+    kinds = {f.gpu_code: f.kind for f in SOURCE_FORMATS.values()}
+    table = plan.tables[: plan.num_jobs * 12].reshape(plan.num_jobs, 12)
+    tasks = plan.tables[plan.num_jobs * 12:].reshape(-1, 2)
+    for code, first, count in plan.launches:
+        for i in sorted({int(j) for j in tasks[first:first + count, 0]}):
+            w_off, w_row, s_off, s_row, row0, bn, bk, n, k, col0, o_off, s_out = (int(x) for x in table[i])
+            assert kinds[code] in ("mxfp4", "bf16"), kinds[code]
+            w = staging[w_off:w_off + n * w_row].reshape(n, w_row)
+            if kinds[code] == "bf16":
+                src = SourceMatrix("bf16", w.view(np.uint16))
+            else:
+                src = SourceMatrix("mxfp4", w, staging[s_off:s_off + n * s_row].reshape(n, s_row))
+            dst = PackTarget(out[o_off:o_off + method.weight_bytes(n, k)], out[4 * s_out:4 * s_out + 4 * n].view(np.float32))
+            bad = pack_cpu(method, [(src, col0, k, dst)])[0]
+            out[plan.counts_offset + 4 * i:plan.counts_offset + 4 * i + 4].view(np.int32)[0] = bad
+
+
+def test_cuda_packer_stream_logic_on_a_stand_in_device(monkeypatch):
+    """convert.packers.CudaPacker's host side (chunks, slots reused, staging copies, one wait per chunk
+    and stage, scatter, counts, stage timings) on CPU tensors with the kernel's contract run by the C++
+    packer: the bytes equal pack_cpu's, across calls that grow and shrink."""
+    import sys
+    import types
+
+    from kt_runtime.format.layout import full_shape, shard_slice
+    from kt_runtime.format.methods import INT4
+    from quant import gpu as quant_gpu
+    from quant.cpu import PackTarget, SourceMatrix
+
+    fake = _fake_torch()
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setattr(quant_gpu, "launch", _fake_launch)
+    rng = np.random.default_rng(5)
+    H, I, T = 512, 768, 2
+    packer = packers.CudaPacker(device="cuda", chunk_bytes=1 << 19, slots=3, threads=3)
+    try:
+        allocations = []
+        for experts in (4, 1, 3):
+            jobs_gpu, jobs_cpu = [], []
+            for e in range(experts):
+                for proj in ("gate", "up", "down"):
+                    n, k = full_shape(proj, H, I)
+                    if e % 2:
+                        src = SourceMatrix("mxfp4", rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
+                                           rng.integers(118, 133, (n, k // 32), dtype=np.uint8))
+                    else:
+                        src = SourceMatrix("bf16", (rng.standard_normal((n, k), dtype=np.float32)
+                                                    .view(np.uint32) >> 16).astype(np.uint16))
+                    for t in range(T):
+                        s = shard_slice(proj, H, I, T, t)
+                        for jobs in (jobs_gpu, jobs_cpu):
+                            jobs.append((src.rows(s.row0, s.n), s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
+            assert packer(INT4, jobs_gpu) == pack_cpu(INT4, jobs_cpu)
+            for a, b in zip(jobs_gpu, jobs_cpu):
+                assert np.array_equal(a[3].weight, b[3].weight) and np.array_equal(a[3].scales, b[3].scales)
+            allocations.append(packer.stats["slot_allocations"])
+        chunks = packer.stats["chunks"]
+        assert chunks > 3 * 3  # every slot reused
+        assert allocations[0] <= 2 and allocations[0] == allocations[-1]
+        # one wait per chunk for its upload and one for its download, never one per tensor
+        assert fake.cuda.synchronizations == 2 * chunks, (fake.cuda.synchronizations, chunks)
+        t = packer.timings
+        assert t.get("gpu_kernel_s") == pytest.approx(0.25e-3 * chunks) and t.get("gpu_stage_in_s") > 0
+        assert t.get("gpu_h2d_s") == t.get("gpu_d2h_s") == t.get("gpu_kernel_s") and t.get("gpu_stage_out_s") > 0
+        assert t.get("gpu_plan_s") > 0 and t.get("gpu_issue_s") > 0 and t.get("gpu_wait_s") >= 0
+        packer.warm_up(INT4, packers._warm_up_sources(jobs_gpu))
+        assert packer.stats["chunks"] == chunks + 1
+    finally:
+        packer.close()
+
+
+@pytest.mark.parametrize("cpu_while_starting", [False, True])
+def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, monkeypatch, cpu_while_starting):
+    """A whole --device cuda conversion through StartingPacker and CudaPacker's host side (stand-in
+    device as above): the same files as the CPU run, GPU stages in the report."""
+    import sys
+    import types
+
+    from quant import gpu as quant_gpu
+
+    run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2)
+    monkeypatch.setitem(sys.modules, "torch", _fake_torch())
+    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setattr(quant_gpu, "launch", _fake_launch)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", cpu_while_starting)
+    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)
+    report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
+    t = report.timings
+    assert t["device_init_s"] > 0
+    if not cpu_while_starting:
+        assert "cpu_batches_while_device_starts" not in t and t["gpu_kernel_s"] > 0, t
+    assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+
+
+def test_bench_convert_table_puts_cpu_gpu_and_copy_side_by_side():
+    """The one table the GPU host prints: copy floor, GPU and CPU conversions, warm and cold, ratios
+    against the copy of the same cache state, and the stages of every run in columns."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def conv(seconds, cache, timings):
+        return {"process_s": seconds, "input_gb_s": 10.0 / seconds, "cpu_s": 3.0, "cache": cache,
+                "report": {"timings": timings}}
+
+    res = {"machine": {"cpu": "Xeon", "cores": 16, "isa": "amx", "memory_gb": 128, "load_average": "0.1 0.1 0.1",
+                       "gpu": "H200", "python": "3.12", "torch": "2.x", "triton": "3.x", "date": "2026-11-29"},
+           "checkpoint": {"experts": 256, "layers": 3, "file_bytes": 10e9},
+           "settings": {"quant_method": "int4", "threadpool_count": 2},
+           "copy_warm": {"seconds": 8.0, "cpu_s": 2.0, "cache": "warm"},
+           "copy_cold": {"seconds": 10.0, "cpu_s": 2.0, "cache": "cold"},
+           "cuda_warm": conv(9.0, "warm", {"device_init_s": 3.0, "gpu_kernel_s": 0.4, "pack_s": 2.0}),
+           "cpu_warm": conv(9.6, "warm", {"pack_s": 5.0}),
+           "cuda_cold": conv(12.0, "cold", {"device_init_s": 3.1, "pack_s": 2.5})}
+    table = bench.summary_table(res, ["cuda", "cpu"], 16)
+    lines = table.splitlines()
+    assert "H200" in lines[0] and "load average" in lines[0]
+    gpu_warm = next(x for x in lines if x.strip().startswith("GPU conversion") and " warm " in x)
+    assert "1.12" in gpu_warm and "(target <= 1.15: met)" in gpu_warm  # 9.0 / 8.0
+    cpu_warm = next(x for x in lines if x.strip().startswith("CPU conversion (16 threads)"))
+    assert "1.20" in cpu_warm and "not met" in cpu_warm  # 9.6 / 8.0
+    gpu_cold = next(x for x in lines if x.strip().startswith("GPU conversion") and " cold " in x)
+    assert "1.20" in gpu_cold  # 12.0 / 10.0: cold against the cold copy
+    header = next(x for x in lines if "stage (busy seconds" in x)
+    assert header.split()[-6:] == ["GPU", "warm", "CPU", "warm", "GPU", "cold"]
+    init = next(x for x in lines if x.strip().startswith("device_init_s"))
+    assert init.split()[1:] == ["3.00", "-", "3.10"]
