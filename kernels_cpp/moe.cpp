@@ -50,6 +50,8 @@ void validate_config(const Config& cfg) {
          std::to_string(info.k_align));
   if (cfg.clamp && !(cfg.limit > 0.f && std::isfinite(cfg.limit)))
     fail("swiglu_limit must be a positive finite number");
+  if (cfg.gpt_oss && !(std::isfinite(cfg.alpha) && std::isfinite(cfg.up_offset)))
+    fail("the gpt_oss activation's alpha and up_offset must be finite numbers");
 }
 
 namespace detail {

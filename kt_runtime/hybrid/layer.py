@@ -58,7 +58,8 @@ class HybridMoE:
         `max_swaps` per update, only when hotter by the factor 1 + `hysteresis`); the window of counts then
         decays by `decay` (placement.RoutingCounts).
     num_threads: CPU engine threads (None: default_cpu_threads(), every usable CPU but one; 0: all of them).
-    activation, swiglu_limit, isa: passed to CPUMoE (activation / limit override the manifest).
+    activation, swiglu_limit, isa, biases: passed to CPUMoE (activation / limit override the manifest; biases:
+        expert_activation.ExpertBiases, gpt-oss) and used alike by the GPU experts.
     gpu_dtype: dtype of the GPU-resident experts and of their matmuls (bfloat16).
     cuda_graphs: one-token calls through the decode path: None = on CUDA devices; True on a CPU device runs
         the same path eagerly (tests); False = every call through the launcher thread. Settable later.
@@ -72,7 +73,7 @@ class HybridMoE:
                  max_swaps: int | None = None, hysteresis: float = 0.25, decay: float = 0.5,
                  num_threads: int | None = None, activation: str | None = None,
                  swiglu_limit: float | None = None, isa: str = "auto", gpu_dtype: torch.dtype = torch.bfloat16,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, biases=None):
         weights = as_packed_experts(weights)
         self.weights = weights
         self.layer = layer
@@ -84,7 +85,7 @@ class HybridMoE:
         if num_threads is None:
             num_threads = default_cpu_threads()
         self.cpu = CPUMoE(weights, layer, num_threads=num_threads, activation=activation,
-                          swiglu_limit=swiglu_limit, isa=isa)
+                          swiglu_limit=swiglu_limit, isa=isa, biases=biases)
         self.num_experts = self.cpu.num_experts
         self.hidden_size = self.cpu.hidden_size
         self.intermediate_size = self.cpu.intermediate_size
@@ -104,7 +105,7 @@ class HybridMoE:
         self.num_gpu_experts = G = int(mask.sum())
         self.slots = SlotTable(mask)
         self.gpu = GpuExperts(weights, layer, G, self.hidden_size, self.intermediate_size, self.device, gpu_dtype,
-                              self.swiglu_limit)
+                              self.swiglu_limit, self.cpu.act, self.cpu.biases)
         for s, e in enumerate(self.slots.experts):
             self.gpu.load(s, e)
         self.routing_counts = RoutingCounts(E)
