@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moe.hpp"
+#include "moe_host_job.hpp"
 #include "thread_pool.hpp"
 #include "tuning.hpp"
 
@@ -124,10 +125,10 @@ class MoELayer {
     require(topk_w.flags() & py::array::c_style, "topk_weights must be C-contiguous");
     const int64_t* id = static_cast<const int64_t*>(ids.data());
     for (int64_t i = 0; i < tokens * topk; ++i)
-      if (id[i] < 0 || id[i] >= cfg.experts)
+      if (id[i] < -1 || id[i] >= cfg.experts)
         throw std::invalid_argument("topk_ids[" + std::to_string(i / topk) + ", " + std::to_string(i % topk) +
                                     "] = " + std::to_string(id[i]) + " is out of range [0, " +
-                                    std::to_string(cfg.experts) + ")");
+                                    std::to_string(cfg.experts) + ") (-1: a skipped slot)");
     const float* xp = static_cast<const float*>(x.data());
     const float* wp = static_cast<const float*>(topk_w.data());
     for (int64_t i = 0; i < tokens * topk; ++i)
@@ -151,6 +152,7 @@ class MoELayer {
   }
 
   const moe::Config& config() const { return w_.cfg; }
+  const moe::Weights& weights() const { return w_; }
   bool has_biases() const { return !w_.gate_bias.empty() || !w_.up_bias.empty() || !w_.down_bias.empty(); }
 
  private:
@@ -174,6 +176,46 @@ class MoELayer {
 
   moe::Weights w_;
   py::list keep_;  // the numpy arrays whose memory the pointers refer to
+};
+
+// A stream-ordered job of one MoELayer over fixed buffers (moe_host_job.hpp); keeps the layer and the
+// buffers alive while it exists.
+class PyHostJob {
+ public:
+  PyHostJob(py::object layer, py::array x, py::array ids, py::array w, py::array out, const std::string& isa_name,
+            int64_t num_threads)
+      : layer_(layer), x_(x), ids_(ids), w_(w), out_(out) {
+    const MoELayer& l = layer.cast<const MoELayer&>();
+    const int64_t H = l.config().hidden;
+    require(x.ndim() == 2 && x.shape(1) == H && is_f32(x) && (x.flags() & py::array::c_style),
+            "x must be a C-contiguous float32 [tokens, " + std::to_string(H) + "] array, got " + shape_str(x));
+    const int64_t T = x.shape(0);
+    require(ids.ndim() == 2 && ids.shape(0) == T && ids.dtype().kind() == 'i' && ids.itemsize() == 8 &&
+                (ids.flags() & py::array::c_style),
+            "topk_ids must be a C-contiguous int64 [tokens, k] array, got " + shape_str(ids));
+    const int64_t k = ids.shape(1);
+    require(w.ndim() == 2 && w.shape(0) == T && w.shape(1) == k && is_f32(w) && (w.flags() & py::array::c_style),
+            "topk_weights must be a C-contiguous float32 array of topk_ids' shape, got " + shape_str(w));
+    require(out.ndim() == 2 && out.shape(0) == T && out.shape(1) == H && is_f32(out) &&
+                (out.flags() & py::array::c_style) && out.writeable(),
+            "out must be a writable C-contiguous float32 [tokens, hidden] array, got " + shape_str(out));
+    job_.weights = &l.weights();
+    job_.x = static_cast<const float*>(x.data());
+    job_.ids = static_cast<const int64_t*>(ids.data());
+    job_.w = static_cast<const float*>(w.data());
+    job_.out = static_cast<float*>(out.mutable_data());
+    job_.tokens = T;
+    job_.topk = k;
+    job_.isa = resolve_isa(isa_name);
+    job_.threads = checked_thread_count(num_threads);
+  }
+  uintptr_t address() { return reinterpret_cast<uintptr_t>(&job_); }
+  moe::HostJob& job() { return job_; }
+
+ private:
+  py::object layer_;
+  py::array x_, ids_, w_, out_;
+  moe::HostJob job_;
 };
 
 // The dot kernel of one ISA (Amx: the tile kernel, which configures the tiles on every call).
@@ -229,8 +271,34 @@ void bind_moe(py::module_& m) {
       .def_property_readonly("intermediate_size", [](const MoELayer& l) { return l.config().intermediate; })
       .def_property_readonly("threadpool_count", [](const MoELayer& l) { return l.config().threadpool_count; })
       .def_property_readonly("activation", [](const MoELayer& l) { return l.config().gpt_oss ? "gpt_oss" : "silu"; })
+      .def("host_job", [](py::object self, py::array x, py::array ids, py::array w, py::array out,
+                          const std::string& isa, int64_t num_threads) {
+             return new PyHostJob(self, x, ids, w, out, isa, num_threads);
+           }, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("out"), py::arg("isa") = "auto",
+           py::arg("num_threads") = 0, py::return_value_policy::take_ownership,
+           "A stream-ordered job over these fixed buffers (HostJob): forward(x, topk_ids, topk_weights) into out "
+           "each time it is submitted, on the submission thread. The buffers are read when the job runs, not "
+           "checked then: ids outside [-1, E) fail the run (out filled with NaN, counted in failures, last_error); "
+           "non-finite x or weights give non-finite rows.")
       .def_property_readonly("has_biases", &MoELayer::has_biases);
 
+  py::class_<PyHostJob>(m, "HostJob", "A MoELayer's stream-ordered job (MoELayer.host_job).")
+      .def_property_readonly("address", &PyHostJob::address, "the job's address: the host functions' argument")
+      .def("submit", [](PyHostJob& j) { moe::host_submit(&j.job()); }, "queue one run (what the stream's host "
+           "function does)")
+      .def("wait", [](PyHostJob& j) {
+             py::gil_scoped_release release;
+             moe::host_wait(&j.job());
+           }, "block until every submission so far has run")
+      .def_property_readonly("submitted", [](PyHostJob& j) { return j.job().submitted.load(); })
+      .def_property_readonly("done", [](PyHostJob& j) { return j.job().done.load(); })
+      .def_property_readonly("failures", [](PyHostJob& j) { return j.job().failures.load(); })
+      .def_property_readonly("last_error", [](PyHostJob& j) {
+        return j.job().failures.load() ? j.job().last_error : std::string();
+      });
+  m.def("_host_functions", [] {
+    return py::make_tuple(reinterpret_cast<uintptr_t>(&moe::host_submit), reinterpret_cast<uintptr_t>(&moe::host_wait));
+  }, "(submit, wait) addresses of the host functions that take a HostJob's address (cudaLaunchHostFunc's shape)");
   m.def(
       "moe_forward",
       [](const std::string& method, const py::array& x, const py::array& ids, const py::array& topk_w,

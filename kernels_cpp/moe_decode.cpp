@@ -107,10 +107,14 @@ void forward_decode(const Call& call) {
     if (task < q_end) {  // ---- Q
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
       for (int64_t tk = task * kQ; tk < t1; ++tk) {
-        const int64_t r = rt.dest[tk * topk];
+        int64_t j0 = 0;  // the token's first slot that is not skipped (id -1)
+        while (j0 < topk && rt.dest[tk * topk + j0] < 0) ++j0;
+        if (j0 == topk) continue;
+        const int64_t r = rt.dest[tk * topk + j0];
         xd[r] = epi.quantize(x + tk * H, H, xq.p + r * H, &xs[r]);
-        for (int64_t j = 1; j < topk; ++j) {
+        for (int64_t j = j0 + 1; j < topk; ++j) {
           const int64_t r2 = rt.dest[tk * topk + j];
+          if (r2 < 0) continue;
           std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
           xd[r2] = xd[r];
           xs[r2] = xs[r];

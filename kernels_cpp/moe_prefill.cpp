@@ -133,6 +133,8 @@ void forward_prefill(const Call& call) {
   // the first row (in expert order) of each token: where the down stage zeroes the token's out row
   std::vector<int64_t> first_row(tokens, R);
   for (int64_t r = 0; r < R; ++r) first_row[rt.row_token[r]] = std::min(first_row[rt.row_token[r]], r);
+  for (int64_t t = 0; t < tokens; ++t)  // a token whose every slot is skipped (id -1) gets no rows: zero now
+    if (first_row[t] == R) std::fill(call.out + t * cfg.hidden, call.out + (t + 1) * cfg.hidden, 0.f);
   const ALayout LX = ALayout::panel(H), LA = ALayout::panel(IL);
 
   WorkspaceLease lease;

@@ -96,3 +96,23 @@ class GpuExperts:
                 return self.run(x, gpu_part, None)
         out = torch.zeros((x.shape[0], self.hidden_size), dtype=torch.float32, device=self.device)
         return self.compute(x.to(self.device, non_blocking=True), gpu_part, out)
+
+    def dense_forward(self, x: torch.Tensor, slot: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The GPU part without the routing on the host (capturable: fixed shapes, no sync): every slot's
+        expert on every token, weighted by the token's routing weight of that slot (0 where not routed).
+        x [T,H], slot int64 [T,k] (-1: not a GPU expert), w [T,k] -> float32 [T,H]. Reads all G slots' weights
+        each call: for decode steps (T small) that is the cost of the GPU part."""
+        G, I = self.w13.shape[0], self.intermediate_size
+        T = x.shape[0]
+        gw = torch.zeros((T, G + 1), dtype=torch.float32, device=x.device)
+        gw.scatter_add_(1, torch.where(slot >= 0, slot, G), w.to(torch.float32))  # column G: the CPU slots
+        h = torch.matmul(x.to(self.dtype).unsqueeze(0), self.w13.transpose(1, 2))  # [G, T, 2I]
+        if self.b13 is not None:
+            h = h + self.b13[:, None, :]
+        if self.clamp_lo is not None:
+            h = torch.minimum(torch.maximum(h, self.clamp_lo), self.clamp_hi)
+        a = self.act.apply(h[..., :I], h[..., I:])
+        o = torch.matmul(a, self.w2.transpose(1, 2))  # [G, T, H]
+        if self.b2 is not None:
+            o = o + self.b2[:, None, :]
+        return (o.float() * gw[:, :G].T[:, :, None]).sum(0)

@@ -48,9 +48,12 @@ class HybridExperts(nn.Module):
         self.hidden_dim = hybrid.hidden_size
         self.intermediate_dim = hybrid.intermediate_size
         self.layer_idx = hybrid.layer
+        self.stream_ordered = False
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 **_) -> torch.Tensor:
+        if self.stream_ordered:  # no host sync: a CUDA graph of the model step captures it
+            return self.hybrid.forward_stream(hidden_states, top_k_index, top_k_weights)
         return self.hybrid.forward(hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
@@ -194,7 +197,8 @@ def _default_device() -> str:
 
 def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.device | None = None,
            placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
-           check_values: bool = True, **hybrid_kwargs) -> dict[int, HybridExperts]:
+           check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
+           **hybrid_kwargs) -> dict[int, HybridExperts]:
     """Replace every routed-experts module of `model` with hybrid experts over packed `weights`.
 
     weights: a packed output directory or a PackedExperts (kt_runtime.load_experts).
@@ -203,6 +207,11 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
     placement: "uniform" | "frequency" (with stats: ExpertStats, a stats file, {layer: counts}) | mask.
     dynamic, hybrid_kwargs (update_interval, max_swaps, hysteresis, decay, isa, gpu_dtype): see HybridMoE.
     check_values: compare expert 0 of the first layer with the model's weights (if not on meta).
+    stream_ordered: decode-sized calls (<= stream_max_tokens tokens) take HybridMoE.forward_stream, which queues
+        the CPU experts on the CUDA stream (host functions) with no host sync, so model.generate with a static
+        cache and CUDA graphs captures whole steps. None: on CUDA devices where host functions can be queued.
+    defer: CPU experts per token whose output is added one MoE layer later (HybridMoE defer; the last MoE
+        layer defers none).
     The original expert weights are released. Returns {layer: HybridExperts}.
     Raises ValueError when the model and the weights do not match (layers, experts, dims, activation clamp).
     """
@@ -214,6 +223,14 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
         _check_values(weights, first, modules[first][1])
     device = torch.device(device if device is not None else _default_device())
     stats = resolve_stats(stats, weights.num_experts)
+    if stream_ordered is None:
+        from ..hybrid import stream_ops
+        stream_ordered = device.type == "cuda" and stream_ops.available()
+    chain = None
+    if defer:
+        from ..hybrid.stream_path import DeferralChain
+        chain = DeferralChain()
+    last_layer = max(modules)
     built: dict[int, HybridExperts] = {}
     for layer, (name, module) in modules.items():
         n = num_gpu_experts.get(layer, 0) if isinstance(num_gpu_experts, dict) else num_gpu_experts
@@ -224,8 +241,12 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
                                  "first (the packed output does not hold them)")
             biases = ExpertBiases.from_gpt_oss(module.gate_up_proj_bias, module.down_proj_bias)
         hybrid = HybridMoE(weights, layer, num_gpu_experts=n, device=device, placement=placement, stats=stats,
-                           dynamic=dynamic, num_threads=num_threads, biases=biases, **hybrid_kwargs)
+                           dynamic=dynamic, num_threads=num_threads, biases=biases,
+                           defer=defer if layer != last_layer else 0, **hybrid_kwargs)
+        hybrid.deferral = chain
+        hybrid.defer_carry = layer != last_layer
         built[layer] = HybridExperts(hybrid)
+        built[layer].stream_ordered = bool(stream_ordered)
     for layer, (name, module) in modules.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
