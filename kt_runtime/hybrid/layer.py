@@ -394,12 +394,16 @@ class HybridMoE:
         return step
 
     @torch.no_grad()
-    def forward_stream(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def forward_stream(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       parts: str = "both") -> torch.Tensor:
         """forward without host syncs, everything queued on the current stream (stream_path.py), so that a CUDA
         graph can capture it inside a whole model step. Taken when x and the routing are on `device` and
         T <= stream_max_tokens; otherwise forward. Routing ids are checked by the CPU engine at run time (an
         out-of-range id makes that run's CPU rows NaN and is reported by stream_failures), not here. Routing
-        counts (dynamic placement) are not observed on this path."""
+        counts (dynamic placement) are not observed on this path. parts (benchmarks): "cpu" or "gpu" computes that
+        part alone, "serial" the CPU part and then the GPU part (queued after the wait: no overlap)."""
+        if parts not in ("both", "cpu", "gpu", "serial"):
+            raise ValueError(f"parts must be 'both', 'cpu', 'gpu' or 'serial', got {parts!r}")
         ok = (x.device == self.slot_of_dev.device and topk_ids.device == x.device and topk_weights.device == x.device
               and x.dim() == 2 and x.shape[0] <= self.stream_max_tokens and topk_ids.dim() == 2)
         if not ok:
@@ -408,8 +412,8 @@ class HybridMoE:
         step = self.stream_step(x.shape[0], topk_ids.shape[1])
         chain = self.deferral if self.defer_carry else None
         if self.deferral is not None and not self.defer_carry:  # the last layer: takes, never carries
-            return step.run(x, topk_ids.to(torch.int64), topk_weights, self.defer, _TakeOnly(self.deferral))
-        return step.run(x, topk_ids.to(torch.int64), topk_weights, self.defer, chain)
+            return step.run(x, topk_ids.to(torch.int64), topk_weights, self.defer, _TakeOnly(self.deferral), parts)
+        return step.run(x, topk_ids.to(torch.int64), topk_weights, self.defer, chain, parts)
 
     def stream_failures(self) -> list[str]:
         """Errors of the CPU engine in stream-ordered runs so far (empty when none)."""

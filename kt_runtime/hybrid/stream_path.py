@@ -104,9 +104,13 @@ class StreamStep:
         y_d.copy_(y_h, non_blocking=True)
         return y_d
 
-    def run(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, defer: int, chain: DeferralChain | None):
+    def run(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, defer: int, chain: DeferralChain | None,
+            parts: str = "both"):
         h = self.hybrid
         slot = h.slot_of_dev[ids]  # [T,k], -1: CPU expert
+        if parts == "gpu":
+            return (h.gpu.dense_forward(x, slot, w) if h.num_gpu_experts else
+                    torch.zeros(x.shape, dtype=torch.float32, device=x.device)).to(x.dtype)
         on_cpu = slot < 0
         deferred = deferral_mask(on_cpu, w, defer) if defer > 0 else None
         now = on_cpu if deferred is None else on_cpu & ~deferred
@@ -119,9 +123,12 @@ class StreamStep:
         self._host(self.submit_fn, self.jobs[0][0])
         if deferred is not None:
             self._host(self.submit_fn, self.jobs[1][0])
-        out = h.gpu.dense_forward(x, slot, w) if h.num_gpu_experts else None
         prev = chain.take() if chain is not None else None
-        y = self._collect(0)
+        if parts == "serial":
+            y = self._collect(0)
+        out = h.gpu.dense_forward(x, slot, w) if h.num_gpu_experts and parts != "cpu" else None
+        if parts != "serial":
+            y = self._collect(0)
         out = y.clone() if out is None else out + y
         if prev is not None:
             out = out + pending_result(prev).to(out.device)
