@@ -194,3 +194,35 @@ def test_deferral_moves_experts_one_layer_later(packed, stream):
 def test_bad_defer(packed):
     with pytest.raises(ValueError, match="defer must be an int >= 0"):
         HybridMoE(packed, 0, device="cpu", defer=-1)
+
+
+DEFER_FAMILIES = [("qwen3_moe", 3), ("deepseek_v4", 3)]
+
+
+@pytest.mark.parametrize("family,gpu", DEFER_FAMILIES)
+def test_deferral_accuracy_on_tiny_models(tmp_path, family, gpu):
+    """The accuracy effect of deferral, measured: logits of tiny random models (test_inject's) with int8 experts
+    injected, defer = 0, 1, 2 CPU experts per token (top-2 routing: at most 2 CPU experts), against the
+    original model, in units of the error of dropping the routed experts altogether (zero_err). Deferral
+    feeds each layer's input without the deferred experts' output, so it costs accuracy; it must stay well
+    below dropping them. (The numbers go to docs/BENCHMARKS.md.)"""
+    pytest.importorskip("transformers")
+    import copy
+
+    from test_inject import err, logits, make_model, save_and_convert, tokens, zeroed_copy
+
+    model = make_model(family)
+    packed = save_and_convert(model, tmp_path, "int8")
+    ids = tokens()
+    ref = logits(model, ids)
+    zero_err = err(logits(zeroed_copy(model), ids), ref)
+    errs = {}
+    for d in (0, 1, 2):
+        m = copy.deepcopy(model)
+        kt_runtime.inject(m, packed, num_gpu_experts=gpu, device="cpu", defer=d)
+        errs[d] = err(logits(m, ids), ref)
+    print(f"\n{family}: zero_err {zero_err:.3f}; err vs original with defer 0/1/2: "
+          + " / ".join(f"{errs[d]:.4f} ({errs[d] / zero_err:.3f} x zero_err)" for d in (0, 1, 2)))
+    assert errs[0] < 0.2 * zero_err
+    assert errs[1] > errs[0] and errs[2] >= errs[1] * 0.5  # deferral changes the result
+    assert errs[1] < 0.6 * zero_err and errs[2] < zero_err
