@@ -209,6 +209,14 @@ class PyHostJob {
     job_.isa = resolve_isa(isa_name);
     job_.threads = checked_thread_count(num_threads);
   }
+  // Runs already submitted must finish before the buffers and the job go away. (Host functions still queued
+  // on a stream, or a CUDA graph that captured the address, must not outlive the job: HybridMoE keeps it.)
+  ~PyHostJob() {
+    if (job_.done.load() < job_.submitted.load()) {
+      py::gil_scoped_release release;
+      moe::host_wait(&job_);
+    }
+  }
   uintptr_t address() { return reinterpret_cast<uintptr_t>(&job_); }
   moe::HostJob& job() { return job_; }
 

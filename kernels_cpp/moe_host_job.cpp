@@ -38,7 +38,7 @@ class SubmissionThread {
   void wait(HostJob* job, uint64_t target) {
     int64_t spins = 0;
     while (job->done.load(std::memory_order_acquire) < target) {
-      if (++spins < 20000) {
+      if (++spins < 4000) {
         spin_backoff(spins);
         continue;
       }

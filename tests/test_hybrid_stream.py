@@ -226,3 +226,17 @@ def test_deferral_accuracy_on_tiny_models(tmp_path, family, gpu):
     assert errs[0] < 0.2 * zero_err
     assert errs[1] > errs[0] and errs[2] >= errs[1] * 0.5  # deferral changes the result
     assert errs[1] < 0.6 * zero_err and errs[2] < zero_err
+
+
+def test_host_job_outlived_by_nothing(packed):
+    """Dropping a job right after a submit waits for that run (its buffers are still being written)."""
+    import gc
+
+    moe = CPUMoE(packed, 0)
+    x, ids, w = (a.numpy().copy() for a in routing(64, seed=4))
+    out = np.zeros((64, H), np.float32)
+    job = moe._layer.host_job(x, ids, w, out, "auto", 0)
+    job.submit()
+    del job
+    gc.collect()
+    assert np.array_equal(bits(out), bits(moe.forward_f32(x, ids, w)))
