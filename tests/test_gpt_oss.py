@@ -156,6 +156,8 @@ def test_gpu_experts_code_on_the_cpu_device(packed, source):
         moe_reference(packed, 1, x, ids, torch.where(on_gpu, w, 0.0), biases=b)
     assert rel(mix(x, ids, w), expect) < 1e-5
     assert rel(mix(x, ids, w), ref) < 0.03
+    assert rel(mix.forward_stream(x, ids, w), expect) < 1e-5  # the stream-ordered step (dense GPU part)
+    assert rel(h.forward_stream(x[:1], ids[:1], w[:1]), ref[:1]) < 1e-5
 
 
 def test_bad_biases_and_activation(packed):

@@ -291,7 +291,9 @@ def test_whole_decode_step_captured_in_one_cuda_graph(tmp_path, defer):
     got = decode(m_graph, prompt, 6, "cuda", capture=True)
     eager = decode(m_eager, prompt, 6, "cuda", capture=False)
     assert rel(got, eager) < 1e-4
-    assert rel(got, ref) < 0.1
-    assert not any(h.stream_failures() for h in kt_runtime.integrations.hybrid_layers(m_graph).values())
+    assert rel(got, ref) < (0.1 if defer == 0 else 0.5)  # deferral's own error: docs/BENCHMARKS.md
+    from kt_runtime.integrations import hybrid_layers
+
+    assert not any(h.stream_failures() for h in hybrid_layers(m_graph).values())
     if defer == 0:
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
