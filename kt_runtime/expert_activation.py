@@ -132,7 +132,12 @@ def read_expert_biases(source_dir, weights, layer: int) -> ExpertBiases:
     root = Path(source_dir)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (ValueError, AttributeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must be an object of file names")
     elif (root / "model.safetensors").is_file():
         with SafetensorsFile(root / "model.safetensors") as sf:
             weight_map = {k: "model.safetensors" for k in sf.keys()}
@@ -144,7 +149,12 @@ def read_expert_biases(source_dir, weights, layer: int) -> ExpertBiases:
         keys = [k for k in weight_map if k == suffix or k.endswith("." + suffix)]
         if len(keys) != 1:
             raise ValueError(f"{root}: expected one tensor ending in {suffix}, found {keys or 'none'}")
-        with SafetensorsFile(root / weight_map[keys[0]]) as sf:
+        name = weight_map[keys[0]]
+        if Path(name).name != name:
+            raise ValueError(f"{index}: {keys[0]} is in {name!r}, not a file beside the index")
+        with SafetensorsFile(root / name) as sf:
+            if keys[0] not in sf:
+                raise ValueError(f"{root / name}: no tensor {keys[0]} (the index says it is there)")
             found[part] = _bias_array(sf, keys[0])
     b = ExpertBiases.from_gpt_oss(torch.from_numpy(found["gate_up"]), torch.from_numpy(found["down"]))
     return b.check(int(weights.num_experts), int(weights.hidden_size), int(weights.moe_intermediate_size))

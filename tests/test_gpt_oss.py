@@ -174,7 +174,8 @@ def test_bad_biases_and_activation(packed):
                             gate_bias=np.zeros((E, 3), np.float32))
 
 
-def test_inject_gpt_oss_model(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_inject_gpt_oss_model(tmp_path, device):
     """A tiny GptOssForCausalLM (random weights rounded to bf16), saved, converted to int8 and injected: its
     logits stay close to the original model's, far closer than without the routed experts or without the
     biases, which come from the model (they are not in the packed output)."""
@@ -215,14 +216,17 @@ def test_inject_gpt_oss_model(tmp_path):
         bias_err = rel(nobias(ids).logits.float(), ref)
     assert zero_err > 0.05 and bias_err > 0.05, (zero_err, bias_err)
     for n in (0, 3, 8):
-        m = copy.deepcopy(model)
-        kt_runtime.inject(m, tmp_path / "int8", num_gpu_experts=n, device="cpu")
+        m = copy.deepcopy(model).to(device)
+        kt_runtime.inject(m, tmp_path / "int8", num_gpu_experts=n, device=device)
         h = hybrid_layers(m)
         assert sorted(h) == [0, 1] and all(x.cpu.activation == "gpt_oss" and x.cpu.biases is not None
                                           for x in h.values())
         assert not any(k.endswith("_bias") and ".experts." in k for k in m.state_dict())
         with torch.no_grad():
-            got = m(ids).logits.float()
+            got = m(ids.to(device)).logits.float().cpu()
+            if device == "cuda":  # one token at a time: the stream-ordered path (inject's default on CUDA)
+                out = m.generate(ids[:1, :5].cuda(), max_new_tokens=4, do_sample=False)
+                assert out.shape == (1, 9)
         # (test_inject's bounds: int8 activations and the routing flips they cause in a random tiny model;
         # measured 0.155 with every expert on the CPU engine, whose layer error is 1.5 %, 0.016 all in float)
         assert rel(got, ref) < min(0.2 * zero_err, 0.5 * bias_err), (n, rel(got, ref), zero_err, bias_err)
@@ -232,3 +236,17 @@ def test_inject_gpt_oss_model(tmp_path):
     w.spec.activation = "silu"
     with pytest.raises(ValueError, match="gpt-oss"):
         kt_runtime.inject(m, w, device="cpu")
+
+
+def test_read_expert_biases_bad_sources(packed, source, tmp_path):
+    with pytest.raises(ValueError, match="no model.safetensors.index.json or model.safetensors"):
+        read_expert_biases(tmp_path, packed, 0)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(ValueError, match="weight_map must be an object"):
+        read_expert_biases(tmp_path, packed, 0)
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"model.layers.0.mlp.experts.gate_up_proj_bias": "../x.safetensors"}}')
+    with pytest.raises(ValueError, match="not a file beside the index"):
+        read_expert_biases(tmp_path, packed, 0)
+    with pytest.raises(ValueError, match=r"layers.5.mlp.experts.gate_up_proj_bias, found none"):
+        read_expert_biases(source.path, packed, 5)
