@@ -50,6 +50,8 @@ void validate_config(const Config& cfg) {
          std::to_string(info.k_align));
   if (cfg.clamp && !(cfg.limit > 0.f && std::isfinite(cfg.limit)))
     fail("swiglu_limit must be a positive finite number");
+  if (cfg.gpt_oss && !(std::isfinite(cfg.alpha) && std::isfinite(cfg.up_offset)))
+    fail("the gpt_oss activation's alpha and up_offset must be finite numbers");
 }
 
 namespace detail {
@@ -57,7 +59,8 @@ namespace detail {
 Routing route(const int64_t* ids, const float* topk_w, int64_t tokens, int64_t topk, int64_t E) {
   Routing rt;
   std::vector<int64_t> count(E, 0);
-  for (int64_t i = 0; i < tokens * topk; ++i) ++count[ids[i]];
+  for (int64_t i = 0; i < tokens * topk; ++i)
+    if (ids[i] >= 0) ++count[ids[i]];  // id -1: a slot computed elsewhere (the GPU experts), skipped
   std::vector<int64_t> slot_of(E, -1);
   for (int64_t e = 0; e < E; ++e)
     if (count[e]) {
@@ -78,6 +81,10 @@ Routing route(const int64_t* ids, const float* topk_w, int64_t tokens, int64_t t
   std::vector<int64_t> fill(A, 0);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t j = 0; j < topk; ++j) {
+      if (ids[t * topk + j] < 0) {
+        rt.dest[t * topk + j] = -1;
+        continue;
+      }
       const int64_t a = slot_of[ids[t * topk + j]];
       const int64_t r = rt.row0[a] + fill[a]++;
       rt.row_token[r] = t;
@@ -101,6 +108,10 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   }
   SpinPool& pool = spin_pool(num_threads);
   const detail::Routing rt = detail::route(ids, topk_w, tokens, topk, weights.cfg.experts);
+  if (rt.experts() == 0) {  // every slot skipped
+    std::fill(out, out + tokens * weights.cfg.hidden, 0.f);
+    return;
+  }
   const detail::Call call{weights, x, tokens, topk, out, dot_for(isa), epilogue_for(isa), isa == Isa::Amx, pool, rt,
                           t_call};
   if (rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {

@@ -7,9 +7,11 @@
 //   x row   : d = amax/127, q = rne(x * fl32(1/d))              (kt BufferA)
 //   product : acc = Σ qa·qw exactly in int32 (INT4: qw = nibble<<4 = q*16, as kt feeds it)
 //             y = float(acc) * (da * dw)   (so INT4 dequantizes as q*16*dw)
-//   act     : g = min(g, L), u = clamp(u, -L, L) when a limit is set; a = g/(1+exp(-g)) * u
-//   down    : per NUMA slice t the intermediate slice is re-quantized like x; the T partials
-//             are summed in t order, then out[token] += w_slot * y in expert-id order.
+//   act     : g += bg, u += bu (gate/up biases, when given); g = min(g, L), u = clamp(u, -L, L)
+//             when a limit is set; silu: a = g/(1+exp(-g)) * u;
+//             gpt_oss: a = g/(1+exp(-(g*alpha))) * (u + up_offset)  (= (u+1) * g*sigmoid(1.702 g))
+//   down    : per NUMA slice t the intermediate slice is re-quantized like x; y = down bias (or 0)
+//             plus the T partials in t order, then out[token] += w_slot * y in expert-id order.
 //   exp     : exp_det (below), not libm
 // The SIMD kernels return the same int32 sums as the portable reference; the float steps have a
 // scalar reference and AVX-512 / AVX2 versions doing the same IEEE operations in the same order
@@ -43,13 +45,42 @@ struct Config {
   int64_t experts = 0;            // E
   bool clamp = false;             // swiglu_limit given
   float limit = 0.f;
+  bool gpt_oss = false;           // gpt-oss activation (alpha, up_offset) instead of SiLU
+  float alpha = 1.702f;
+  float up_offset = 1.0f;
   int64_t i_local() const { return intermediate / threadpool_count; }
 };
 
-// shards[e * threadpool_count + t]
+// shards[e * threadpool_count + t]; biases (gpt-oss), each empty or full: gate_bias / up_bias
+// [E, I] (column t*I_local + i of expert e is NUMA slice t's row i), down_bias [E, H].
 struct Weights {
   Config cfg;
   std::vector<ExpertShard> shards;
+  std::vector<float> gate_bias, up_bias, down_bias;
+  const float* gate_b(int64_t e, int64_t t, int64_t r0) const {
+    return gate_bias.empty() ? nullptr : gate_bias.data() + e * cfg.intermediate + t * cfg.i_local() + r0;
+  }
+  const float* up_b(int64_t e, int64_t t, int64_t r0) const {
+    return up_bias.empty() ? nullptr : up_bias.data() + e * cfg.intermediate + t * cfg.i_local() + r0;
+  }
+  const float* down_b(int64_t e, int64_t c0) const {
+    return down_bias.empty() ? nullptr : down_bias.data() + e * cfg.hidden + c0;
+  }
+};
+
+// The activation of one 32-row gate/up group: the layer's clamp and activation, and the group's 32
+// gate and up biases (nullptr: none).
+struct GateAct {
+  bool clamp = false;
+  float limit = 0.f;
+  bool gpt_oss = false;
+  float alpha = 1.702f, up_offset = 1.0f;
+  const float* bg = nullptr;
+  const float* bu = nullptr;
+  static GateAct of(const Weights& w, int64_t e, int64_t t, int64_t r0) {
+    const Config& c = w.cfg;
+    return {c.clamp, c.limit, c.gpt_oss, c.alpha, c.up_offset, w.gate_b(e, t, r0), w.up_b(e, t, r0)};
+  }
 };
 
 // Throws std::invalid_argument on a bad configuration (alignment, sizes).
@@ -143,21 +174,25 @@ float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);
 // Cephes-style range reduction + polynomial, not libm's expf.
 //   quantize : see quantize_act
 //   silu_gate: for i < m, j < 32: g = float(ag[i*32+j]) * (xd[i]*sg[j]), u likewise with au, su;
-//              clamp: g = min(g, L), u = min(max(u, -L), L);  act[i*stride + j] = g / (1 + exp(-g)) * u
-//   down     : y[i*ys + j] = (first ? 0 : y[i*ys + j]) + float(acc[i*32+j]) * (ad[i]*sd[j])
+//              bias (p.bg / p.bu given): g = g + bg[j], u = u + bu[j];
+//              clamp: g = min(g, L), u = min(max(u, -L), L);
+//              silu: act[i*stride + j] = g / (1 + exp(-g)) * u;
+//              gpt_oss: act[i*stride + j] = g / (1 + exp(-(g * alpha))) * (u + up_offset)
+//   down     : y[i*ys + j] = (first ? (b ? b[j] : 0) : y[i*ys + j]) + float(acc[i*32+j]) * (ad[i]*sd[j])
 //   down_out : the last down step fused with the weighted sum over ng 32-column groups (group g:
-//              acc + g*gs, y + g*gs, sd + g*32, columns g*32..), for i < m, j < 32:
-//              v = (y ? y[g*gs + i*32+j] : 0) + float(acc[g*gs + i*32+j]) * (ad[i]*sd[g*32+j]);
+//              acc + g*gs, y + g*gs, sd + g*32, b + g*32, columns g*32..), for i < m, j < 32:
+//              v = (y ? y[g*gs + i*32+j] : b ? b[g*32+j] : 0) + float(acc[g*gs + i*32+j]) * (ad[i]*sd[g*32+j]);
 //              out[tok[i]*os + g*32 + j] += w[i] * v      (= down then axpy, the same operations)
 //   axpy     : o[j] += w * y[j], j < n
 //   exp      : y[i] = exp_det(x[i])  (tests)
 struct Epilogue {
   float (*quantize)(const float* x, int64_t k, int8_t* q, int32_t* qsum);
   void (*silu_gate)(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg,
-                    const float* su, bool clamp, float limit, float* act, int64_t stride);
-  void (*down)(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first);
+                    const float* su, const GateAct& p, float* act, int64_t stride);
+  void (*down)(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first,
+               const float* b);
   void (*down_out)(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float* ad, const float* sd,
-                   const float* y, const float* w, const int64_t* tok, float* out, int64_t os);
+                   const float* y, const float* b, const float* w, const int64_t* tok, float* out, int64_t os);
   void (*axpy)(float* o, float w, const float* y, int64_t n);
   void (*exp)(const float* x, int64_t n, float* y);
 };

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moe.hpp"
+#include "moe_host_job.hpp"
 #include "thread_pool.hpp"
 #include "tuning.hpp"
 
@@ -40,7 +41,9 @@ class MoELayer {
  public:
   // weights[e][t] = (gate_w, gate_s, up_w, up_s, down_w, down_s)
   MoELayer(const std::string& method, const py::sequence& weights, int64_t hidden, int64_t intermediate,
-           int64_t threadpool_count, std::optional<double> swiglu_limit) {
+           int64_t threadpool_count, std::optional<double> swiglu_limit, const std::string& activation = "silu",
+           double alpha = 1.702, double up_offset = 1.0, const py::object& gate_bias = py::none(),
+           const py::object& up_bias = py::none(), const py::object& down_bias = py::none()) {
     moe::Config& cfg = w_.cfg;
     cfg.method = parse_method(method);
     cfg.hidden = hidden;
@@ -52,7 +55,15 @@ class MoELayer {
       cfg.clamp = true;
       cfg.limit = static_cast<float>(*swiglu_limit);
     }
+    require(activation == "silu" || activation == "gpt_oss",
+            "activation must be 'silu' or 'gpt_oss', got '" + activation + "'");
+    cfg.gpt_oss = activation == "gpt_oss";
+    cfg.alpha = static_cast<float>(alpha);
+    cfg.up_offset = static_cast<float>(up_offset);
     moe::validate_config(cfg);
+    read_bias(gate_bias, "gate_bias", cfg.intermediate, w_.gate_bias);
+    read_bias(up_bias, "up_bias", cfg.intermediate, w_.up_bias);
+    read_bias(down_bias, "down_bias", cfg.hidden, w_.down_bias);
     const int64_t il = cfg.i_local();
     w_.shards.resize(cfg.experts * threadpool_count);
     for (int64_t e = 0; e < cfg.experts; ++e) {
@@ -114,10 +125,10 @@ class MoELayer {
     require(topk_w.flags() & py::array::c_style, "topk_weights must be C-contiguous");
     const int64_t* id = static_cast<const int64_t*>(ids.data());
     for (int64_t i = 0; i < tokens * topk; ++i)
-      if (id[i] < 0 || id[i] >= cfg.experts)
+      if (id[i] < -1 || id[i] >= cfg.experts)
         throw std::invalid_argument("topk_ids[" + std::to_string(i / topk) + ", " + std::to_string(i % topk) +
                                     "] = " + std::to_string(id[i]) + " is out of range [0, " +
-                                    std::to_string(cfg.experts) + ")");
+                                    std::to_string(cfg.experts) + ") (-1: a skipped slot)");
     const float* xp = static_cast<const float*>(x.data());
     const float* wp = static_cast<const float*>(topk_w.data());
     for (int64_t i = 0; i < tokens * topk; ++i)
@@ -141,10 +152,78 @@ class MoELayer {
   }
 
   const moe::Config& config() const { return w_.cfg; }
+  const moe::Weights& weights() const { return w_; }
+  bool has_biases() const { return !w_.gate_bias.empty() || !w_.up_bias.empty() || !w_.down_bias.empty(); }
 
  private:
+  // A bias: None, or a finite float32 C-contiguous [experts, n] array, copied.
+  void read_bias(const py::object& o, const std::string& name, int64_t n, std::vector<float>& dst) {
+    if (o.is_none()) return;
+    require(py::isinstance<py::array>(o), name + ": must be a numpy array or None");
+    const py::array a = o.cast<py::array>();
+    const int64_t E = w_.cfg.experts;
+    require(is_f32(a), name + ": dtype must be float32");
+    require(a.flags() & py::array::c_style, name + ": must be C-contiguous");
+    require(a.ndim() == 2 && a.shape(0) == E && a.shape(1) == n,
+            name + ": expected shape (" + std::to_string(E) + ", " + std::to_string(n) + "), got " + shape_str(a));
+    const float* p = static_cast<const float*>(a.data());
+    for (int64_t i = 0; i < E * n; ++i)
+      if (!std::isfinite(p[i]))
+        throw std::invalid_argument(name + ": non-finite value at expert " + std::to_string(i / n) + ", column " +
+                                    std::to_string(i % n));
+    dst.assign(p, p + E * n);
+  }
+
   moe::Weights w_;
   py::list keep_;  // the numpy arrays whose memory the pointers refer to
+};
+
+// A stream-ordered job of one MoELayer over fixed buffers (moe_host_job.hpp); keeps the layer and the
+// buffers alive while it exists.
+class PyHostJob {
+ public:
+  PyHostJob(py::object layer, py::array x, py::array ids, py::array w, py::array out, const std::string& isa_name,
+            int64_t num_threads)
+      : layer_(layer), x_(x), ids_(ids), w_(w), out_(out) {
+    const MoELayer& l = layer.cast<const MoELayer&>();
+    const int64_t H = l.config().hidden;
+    require(x.ndim() == 2 && x.shape(1) == H && is_f32(x) && (x.flags() & py::array::c_style),
+            "x must be a C-contiguous float32 [tokens, " + std::to_string(H) + "] array, got " + shape_str(x));
+    const int64_t T = x.shape(0);
+    require(ids.ndim() == 2 && ids.shape(0) == T && ids.dtype().kind() == 'i' && ids.itemsize() == 8 &&
+                (ids.flags() & py::array::c_style),
+            "topk_ids must be a C-contiguous int64 [tokens, k] array, got " + shape_str(ids));
+    const int64_t k = ids.shape(1);
+    require(w.ndim() == 2 && w.shape(0) == T && w.shape(1) == k && is_f32(w) && (w.flags() & py::array::c_style),
+            "topk_weights must be a C-contiguous float32 array of topk_ids' shape, got " + shape_str(w));
+    require(out.ndim() == 2 && out.shape(0) == T && out.shape(1) == H && is_f32(out) &&
+                (out.flags() & py::array::c_style) && out.writeable(),
+            "out must be a writable C-contiguous float32 [tokens, hidden] array, got " + shape_str(out));
+    job_.weights = &l.weights();
+    job_.x = static_cast<const float*>(x.data());
+    job_.ids = static_cast<const int64_t*>(ids.data());
+    job_.w = static_cast<const float*>(w.data());
+    job_.out = static_cast<float*>(out.mutable_data());
+    job_.tokens = T;
+    job_.topk = k;
+    job_.isa = resolve_isa(isa_name);
+    job_.threads = checked_thread_count(num_threads);
+  }
+  // Runs already submitted must finish before the buffers and the job go away. (Host functions still queued
+  // on a stream, or a CUDA graph that captured the address, must not outlive the job: HybridMoE keeps it.)
+  ~PyHostJob() {
+    if (job_.done.load() < job_.submitted.load()) {
+      py::gil_scoped_release release;
+      moe::host_wait(&job_);
+    }
+  }
+  uintptr_t address() { return reinterpret_cast<uintptr_t>(&job_); }
+  moe::HostJob& job() { return job_; }
+
+ private:
+  py::object layer_;
+  py::array x_, ids_, w_, out_;
+  moe::HostJob job_;
 };
 
 // The dot kernel of one ISA (Amx: the tile kernel, which configures the tiles on every call).
@@ -183,19 +262,51 @@ double core_clock_ghz() {
 void bind_moe(py::module_& m) {
   py::class_<MoELayer>(m, "MoELayer",
                        "One MoE layer's routed experts in the AMXINT4/AMXINT8 packed format, read in place.")
-      .def(py::init<const std::string&, const py::sequence&, int64_t, int64_t, int64_t, std::optional<double>>(),
+      .def(py::init<const std::string&, const py::sequence&, int64_t, int64_t, int64_t, std::optional<double>,
+                    const std::string&, double, double, const py::object&, const py::object&, const py::object&>(),
            py::arg("method"), py::arg("weights"), py::arg("hidden_size"), py::arg("intermediate_size"),
-           py::arg("threadpool_count"), py::arg("swiglu_limit") = py::none(),
+           py::arg("threadpool_count"), py::arg("swiglu_limit") = py::none(), py::kw_only(),
+           py::arg("activation") = "silu", py::arg("alpha") = 1.702, py::arg("up_offset") = 1.0,
+           py::arg("gate_bias") = py::none(), py::arg("up_bias") = py::none(), py::arg("down_bias") = py::none(),
            "weights[e][t] = (gate_w, gate_s, up_w, up_s, down_w, down_s): uint8 tiled bytes and float32 scales "
-           "of NUMA shard t of expert e (gate/up: [I/T, H], down: [H, I/T]).")
+           "of NUMA shard t of expert e (gate/up: [I/T, H], down: [H, I/T]). activation 'silu' or 'gpt_oss' "
+           "(g*sigmoid(alpha*g) * (u + up_offset)); gate_bias / up_bias float32 [E, I], down_bias [E, H] or None.")
       .def("forward", &MoELayer::forward, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"),
            py::arg("isa") = "auto", py::arg("num_threads") = 0,
            "x float32 [T, H], topk_ids int64 [T, k], topk_weights float32 [T, k] -> float32 [T, H]")
       .def_property_readonly("num_experts", [](const MoELayer& l) { return l.config().experts; })
       .def_property_readonly("hidden_size", [](const MoELayer& l) { return l.config().hidden; })
       .def_property_readonly("intermediate_size", [](const MoELayer& l) { return l.config().intermediate; })
-      .def_property_readonly("threadpool_count", [](const MoELayer& l) { return l.config().threadpool_count; });
+      .def_property_readonly("threadpool_count", [](const MoELayer& l) { return l.config().threadpool_count; })
+      .def_property_readonly("activation", [](const MoELayer& l) { return l.config().gpt_oss ? "gpt_oss" : "silu"; })
+      .def("host_job", [](py::object self, py::array x, py::array ids, py::array w, py::array out,
+                          const std::string& isa, int64_t num_threads) {
+             return new PyHostJob(self, x, ids, w, out, isa, num_threads);
+           }, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("out"), py::arg("isa") = "auto",
+           py::arg("num_threads") = 0, py::return_value_policy::take_ownership,
+           "A stream-ordered job over these fixed buffers (HostJob): forward(x, topk_ids, topk_weights) into out "
+           "each time it is submitted, on the submission thread. The buffers are read when the job runs, not "
+           "checked then: ids outside [-1, E) fail the run (out filled with NaN, counted in failures, last_error); "
+           "non-finite x or weights give non-finite rows.")
+      .def_property_readonly("has_biases", &MoELayer::has_biases);
 
+  py::class_<PyHostJob>(m, "HostJob", "A MoELayer's stream-ordered job (MoELayer.host_job).")
+      .def_property_readonly("address", &PyHostJob::address, "the job's address: the host functions' argument")
+      .def("submit", [](PyHostJob& j) { moe::host_submit(&j.job()); }, "queue one run (what the stream's host "
+           "function does)")
+      .def("wait", [](PyHostJob& j) {
+             py::gil_scoped_release release;
+             moe::host_wait(&j.job());
+           }, "block until every submission so far has run")
+      .def_property_readonly("submitted", [](PyHostJob& j) { return j.job().submitted.load(); })
+      .def_property_readonly("done", [](PyHostJob& j) { return j.job().done.load(); })
+      .def_property_readonly("failures", [](PyHostJob& j) { return j.job().failures.load(); })
+      .def_property_readonly("last_error", [](PyHostJob& j) {
+        return j.job().failures.load() ? j.job().last_error : std::string();
+      });
+  m.def("_host_functions", [] {
+    return py::make_tuple(reinterpret_cast<uintptr_t>(&moe::host_submit), reinterpret_cast<uintptr_t>(&moe::host_wait));
+  }, "(submit, wait) addresses of the host functions that take a HostJob's address (cudaLaunchHostFunc's shape)");
   m.def(
       "moe_forward",
       [](const std::string& method, const py::array& x, const py::array& ids, const py::array& topk_w,
@@ -298,30 +409,55 @@ void bind_moe(py::module_& m) {
     return py::make_tuple(q, d, qs);
   }, py::arg("x"), py::arg("isa") = "auto", "Per-row int8 quantization: (q, d, Σq).");
   m.def("_moe_silu_gate", [](I32 ag, I32 au, F32 xd, F32 sg, F32 su, std::optional<double> limit,
-                             const std::string& isa) {
+                             const std::string& isa, bool gpt_oss, double alpha, double up_offset,
+                             std::optional<F32> bg, std::optional<F32> bu) {
     const int64_t mm = xd.size();
     require(ag.size() == mm * 32 && au.size() == mm * 32 && sg.size() == 32 && su.size() == 32,
             "ag, au: [m, 32]; xd: [m]; sg, su: [32]");
+    require((!bg || bg->size() == 32) && (!bu || bu->size() == 32), "bg, bu: [32]");
     const moe::Epilogue& e = moe::epilogue_for(resolve_isa(isa));
     F32 act({mm, int64_t(32)});
-    e.silu_gate(ag.data(), au.data(), mm, xd.data(), sg.data(), su.data(), limit.has_value(),
-                limit ? static_cast<float>(*limit) : 0.f, act.mutable_data(), 32);
+    moe::GateAct p;
+    p.clamp = limit.has_value();
+    p.limit = limit ? static_cast<float>(*limit) : 0.f;
+    p.gpt_oss = gpt_oss;
+    p.alpha = static_cast<float>(alpha);
+    p.up_offset = static_cast<float>(up_offset);
+    p.bg = bg ? bg->data() : nullptr;
+    p.bu = bu ? bu->data() : nullptr;
+    e.silu_gate(ag.data(), au.data(), mm, xd.data(), sg.data(), su.data(), p, act.mutable_data(), 32);
     return act;
   }, py::arg("ag"), py::arg("au"), py::arg("xd"), py::arg("sg"), py::arg("su"), py::arg("limit") = py::none(),
-  py::arg("isa") = "auto", "SiLU-gate epilogue of one 32-row group -> act [m, 32].");
-  m.def("_moe_down", [](I32 acc, F32 ad, F32 sd, F32 y0, float w, const std::string& isa) {
+  py::arg("isa") = "auto", py::arg("gpt_oss") = false, py::arg("alpha") = 1.702, py::arg("up_offset") = 1.0,
+  py::arg("bg") = py::none(), py::arg("bu") = py::none(),
+  "Gate/up activation epilogue of one 32-row group -> act [m, 32] (SiLU, or gpt-oss with gpt_oss=True; biases "
+  "bg, bu [32] or None).");
+  m.def("_moe_down", [](I32 acc, F32 ad, F32 sd, F32 y0, float w, const std::string& isa, std::optional<F32> b) {
     const int64_t mm = ad.size();
     require(acc.size() == mm * 32 && sd.size() == 32 && y0.size() == mm * 32, "acc, y0: [m, 32]; ad: [m]; sd: [32]");
+    require(!b || b->size() == 32, "b: [32]");
+    const float* bp = b ? b->data() : nullptr;
     const moe::Epilogue& e = moe::epilogue_for(resolve_isa(isa));
-    F32 y({mm, int64_t(32)}), y2({mm, int64_t(32)}), o({mm, int64_t(32)});
-    e.down(acc.data(), mm, ad.data(), sd.data(), y.mutable_data(), 32, true);
+    F32 y({mm, int64_t(32)}), y2({mm, int64_t(32)}), o({mm, int64_t(32)}), o1({mm, int64_t(32)}), o2({mm, int64_t(32)});
+    e.down(acc.data(), mm, ad.data(), sd.data(), y.mutable_data(), 32, true, bp);
     std::copy(y0.data(), y0.data() + mm * 32, y2.mutable_data());
-    e.down(acc.data(), mm, ad.data(), sd.data(), y2.mutable_data(), 32, false);
+    e.down(acc.data(), mm, ad.data(), sd.data(), y2.mutable_data(), 32, false, bp);
     std::copy(y0.data(), y0.data() + mm * 32, o.mutable_data());
     for (int64_t i = 0; i < mm; ++i) e.axpy(o.mutable_data() + i * 32, w, y2.data() + i * 32, i % 32 + 1);
-    return py::make_tuple(y, y2, o);
+    // down_out into zeroed rows (token i = row i, weight w): from nothing (bias) and after y2. (Zero, not y0:
+    // which NaN payload o + NaN keeps is the compiler's operand order in the scalar reference.)
+    std::vector<float> wv(mm, w);
+    std::vector<int64_t> tok(mm);
+    for (int64_t i = 0; i < mm; ++i) tok[i] = i;
+    std::fill(o1.mutable_data(), o1.mutable_data() + mm * 32, 0.f);
+    e.down_out(acc.data(), 32 * mm, 1, mm, ad.data(), sd.data(), nullptr, bp, wv.data(), tok.data(), o1.mutable_data(), 32);
+    std::fill(o2.mutable_data(), o2.mutable_data() + mm * 32, 0.f);
+    e.down_out(acc.data(), 32 * mm, 1, mm, ad.data(), sd.data(), y2.data(), bp, wv.data(), tok.data(), o2.mutable_data(), 32);
+    return py::make_tuple(y, y2, o, o1, o2);
   }, py::arg("acc"), py::arg("ad"), py::arg("sd"), py::arg("y0"), py::arg("w"), py::arg("isa") = "auto",
-  "Down epilogue: (y first=true, y0 + down, y0 row i += w * that row's first i%32+1 columns).");
+  py::arg("b") = py::none(),
+  "Down epilogue: (y first=true (from bias b or 0), y0 + down, y0 row i += w * that row's first i%32+1 columns, "
+  "0 + w * down_out from b, 0 + w * down_out after y0 + down).");
   m.def("_moe_avx2_vnni", [](int v) {
     const bool old = moe::avx2::vnni();
     if (v >= 0) moe::avx2::set_vnni(v != 0);

@@ -91,14 +91,14 @@ void forward_decode(const Call& call) {
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
 
-  // y[i*32+j] (i < m) = Σ_t down_t(expert a) rows r0..r0+31, in t order, from zero.
+  // y[i*32+j] (i < m) = down bias (or zero) + Σ_t down_t(expert a) rows r0..r0+31, in t order.
   auto down_rows = [&](int64_t a, int64_t r0, int32_t* acc, float* y, int64_t ystride) {
     const int64_t m = m_of[a];
     for (int64_t t = 0; t < T; ++t) {
       const ExpertShard& sh = weights.shards[active[a] * T + t];
       const int64_t base = row0[a] * T + t * m;
       dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, ALayout::row_major(IL), as.data() + base, m, acc);
-      epi.down(acc, m, ad.data() + base, sh.down.s + r0, y, ystride, t == 0);
+      epi.down(acc, m, ad.data() + base, sh.down.s + r0, y, ystride, t == 0, weights.down_b(active[a], r0));
     }
   };
 
@@ -107,10 +107,14 @@ void forward_decode(const Call& call) {
     if (task < q_end) {  // ---- Q
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
       for (int64_t tk = task * kQ; tk < t1; ++tk) {
-        const int64_t r = rt.dest[tk * topk];
+        int64_t j0 = 0;  // the token's first slot that is not skipped (id -1)
+        while (j0 < topk && rt.dest[tk * topk + j0] < 0) ++j0;
+        if (j0 == topk) continue;
+        const int64_t r = rt.dest[tk * topk + j0];
         xd[r] = epi.quantize(x + tk * H, H, xq.p + r * H, &xs[r]);
-        for (int64_t j = 1; j < topk; ++j) {
+        for (int64_t j = j0 + 1; j < topk; ++j) {
           const int64_t r2 = rt.dest[tk * topk + j];
+          if (r2 < 0) continue;
           std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
           xd[r2] = xd[r];
           xs[r2] = xs[r];
@@ -130,7 +134,7 @@ void forward_decode(const Call& call) {
       dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);
       dot(cfg.method, sh.up.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, au);
       float* act_at = act.p + (row0[a] * T + t * m) * IL;
-      epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
+      epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, GateAct::of(weights, active[a], t, r0), act_at + r0, IL);
       g_left[at].fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < s_end) {  // ---- S
       const RequantTasks::Task s = stasks.task(task - g_end, m_of);

@@ -102,38 +102,45 @@ float quantize(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
 }
 
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
-               bool clamp, float limit, float* act, int64_t stride) {
-  const __m256 L = set1(limit), nL = set1(-limit), one = set1(1.0f);
+               const GateAct& p, float* act, int64_t stride) {
+  const __m256 L = set1(p.limit), nL = set1(-p.limit), one = set1(1.0f);
+  const __m256 alpha = set1(p.alpha), off = set1(p.up_offset);
   const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+  auto neg = [&](__m256 v) { return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), sign)); };
   for (int64_t i = 0; i < m; ++i) {
     const __m256 xs = set1(xd[i]);
     for (int c = 0; c < 4; ++c) {
       __m256 g = mul(cvt(ag + i * 32 + c * 8), mul(xs, _mm256_loadu_ps(sg + c * 8)));
       __m256 u = mul(cvt(au + i * 32 + c * 8), mul(xs, _mm256_loadu_ps(su + c * 8)));
-      if (clamp) {
+      if (p.bg) g = add(g, _mm256_loadu_ps(p.bg + c * 8));
+      if (p.bu) u = add(u, _mm256_loadu_ps(p.bu + c * 8));
+      if (p.clamp) {
         g = _mm256_min_ps(L, g);                     // std::min(g, L)
         u = _mm256_min_ps(L, _mm256_max_ps(nL, u));  // std::min(std::max(u, -L), L)
       }
-      const __m256 ng = _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(g), sign));  // -g
-      _mm256_storeu_ps(act + i * stride + c * 8, mul(div(g, add(one, exp8(ng))), u));
+      const __m256 a = p.gpt_oss ? mul(div(g, add(one, exp8(neg(mul(g, alpha))))), add(u, off))
+                                 : mul(div(g, add(one, exp8(neg(g)))), u);
+      _mm256_storeu_ps(act + i * stride + c * 8, a);
     }
   }
 }
 
-void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first) {
+void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first,
+          const float* b) {
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t i = 0; i < m; ++i) {
     const __m256 as = set1(ad[i]);
     float* yr = y + i * ys;
     for (int c = 0; c < 4; ++c) {
       const __m256 v = mul(cvt(acc + i * 32 + c * 8), mul(as, _mm256_loadu_ps(sd + c * 8)));
-      _mm256_storeu_ps(yr + c * 8, add(first ? zero : _mm256_loadu_ps(yr + c * 8), v));
+      const __m256 y0 = first ? (b ? _mm256_loadu_ps(b + c * 8) : zero) : _mm256_loadu_ps(yr + c * 8);
+      _mm256_storeu_ps(yr + c * 8, add(y0, v));
     }
   }
 }
 
 void down_out(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float* ad, const float* sd,
-              const float* y, const float* w, const int64_t* tok, float* out, int64_t os) {
+              const float* y, const float* b, const float* w, const int64_t* tok, float* out, int64_t os) {
   const __m256 zero = _mm256_setzero_ps();
   for (int64_t i = 0; i < m; ++i) {
     const __m256 as = set1(ad[i]), vw = set1(w[i]);
@@ -143,7 +150,8 @@ void down_out(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float
       float* o = orow + g * 32;
       for (int c = 0; c < 4; ++c) {
         const __m256 v = mul(cvt(acc + e + c * 8), mul(as, _mm256_loadu_ps(sd + g * 32 + c * 8)));
-        const __m256 yv = add(y ? _mm256_loadu_ps(y + e + c * 8) : zero, v);
+        const __m256 y0 = y ? _mm256_loadu_ps(y + e + c * 8) : b ? _mm256_loadu_ps(b + g * 32 + c * 8) : zero;
+        const __m256 yv = add(y0, v);
         _mm256_storeu_ps(o + c * 8, add(_mm256_loadu_ps(o + c * 8), mul(vw, yv)));
       }
     }

@@ -92,11 +92,15 @@ float quantize(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
 }
 
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
-               bool clamp, float limit, float* act, int64_t stride) {
+               const GateAct& p, float* act, int64_t stride) {
   const __m512 sg0 = _mm512_loadu_ps(sg), sg1 = _mm512_loadu_ps(sg + 16);
   const __m512 su0 = _mm512_loadu_ps(su), su1 = _mm512_loadu_ps(su + 16);
-  const __m512 L = set1(limit), nL = set1(-limit), one = set1(1.0f);
+  const __m512 L = set1(p.limit), nL = set1(-p.limit), one = set1(1.0f);
+  const __m512 alpha = set1(p.alpha), off = set1(p.up_offset), zero = _mm512_setzero_ps();
+  const __m512 bgv[2] = {p.bg ? _mm512_loadu_ps(p.bg) : zero, p.bg ? _mm512_loadu_ps(p.bg + 16) : zero};
+  const __m512 buv[2] = {p.bu ? _mm512_loadu_ps(p.bu) : zero, p.bu ? _mm512_loadu_ps(p.bu + 16) : zero};
   const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+  auto neg = [&](__m512 v) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign)); };
   for (int64_t i = 0; i < m; ++i) {
     const __m512 xs = set1(xd[i]);
     const __m512 sgv[2] = {mul(xs, sg0), mul(xs, sg1)};
@@ -104,32 +108,36 @@ void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd,
     for (int h = 0; h < 2; ++h) {
       __m512 g = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(ag + i * 32 + h * 16)), sgv[h]);
       __m512 u = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(au + i * 32 + h * 16)), suv[h]);
-      if (clamp) {
+      if (p.bg) g = add(g, bgv[h]);
+      if (p.bu) u = add(u, buv[h]);
+      if (p.clamp) {
         g = _mm512_min_ps(L, g);                         // std::min(g, L)
         u = _mm512_min_ps(L, _mm512_max_ps(nL, u));      // std::min(std::max(u, -L), L)
       }
-      const __m512 ng = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign));  // -g
-      const __m512 a = mul(div(g, add(one, exp16(ng))), u);
+      const __m512 a = p.gpt_oss ? mul(div(g, add(one, exp16(neg(mul(g, alpha))))), add(u, off))
+                                 : mul(div(g, add(one, exp16(neg(g)))), u);
       _mm512_storeu_ps(act + i * stride + h * 16, a);
     }
   }
 }
 
-void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first) {
+void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first,
+          const float* b) {
   const __m512 sd0 = _mm512_loadu_ps(sd), sd1 = _mm512_loadu_ps(sd + 16);
   const __m512 zero = _mm512_setzero_ps();
+  const __m512 b0 = b ? _mm512_loadu_ps(b) : zero, b1 = b ? _mm512_loadu_ps(b + 16) : zero;
   for (int64_t i = 0; i < m; ++i) {
     const __m512 as = set1(ad[i]);
     const __m512 v0 = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + i * 32)), mul(as, sd0));
     const __m512 v1 = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + i * 32 + 16)), mul(as, sd1));
     float* yr = y + i * ys;
-    _mm512_storeu_ps(yr, add(first ? zero : _mm512_loadu_ps(yr), v0));
-    _mm512_storeu_ps(yr + 16, add(first ? zero : _mm512_loadu_ps(yr + 16), v1));
+    _mm512_storeu_ps(yr, add(first ? b0 : _mm512_loadu_ps(yr), v0));
+    _mm512_storeu_ps(yr + 16, add(first ? b1 : _mm512_loadu_ps(yr + 16), v1));
   }
 }
 
 void down_out(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float* ad, const float* sd,
-              const float* y, const float* w, const int64_t* tok, float* out, int64_t os) {
+              const float* y, const float* b, const float* w, const int64_t* tok, float* out, int64_t os) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t i = 0; i < m; ++i) {
     const __m512 as = set1(ad[i]), vw = set1(w[i]);
@@ -139,8 +147,10 @@ void down_out(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float
       const __m512 v0 = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + e)), mul(as, _mm512_loadu_ps(sd + g * 32)));
       const __m512 v1 =
           mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc + e + 16)), mul(as, _mm512_loadu_ps(sd + g * 32 + 16)));
-      const __m512 y0 = add(y ? _mm512_loadu_ps(y + e) : zero, v0);
-      const __m512 y1 = add(y ? _mm512_loadu_ps(y + e + 16) : zero, v1);
+      const __m512 i0 = y ? _mm512_loadu_ps(y + e) : b ? _mm512_loadu_ps(b + g * 32) : zero;
+      const __m512 i1 = y ? _mm512_loadu_ps(y + e + 16) : b ? _mm512_loadu_ps(b + g * 32 + 16) : zero;
+      const __m512 y0 = add(i0, v0);
+      const __m512 y1 = add(i1, v1);
       float* o = orow + g * 32;
       _mm512_storeu_ps(o, add(_mm512_loadu_ps(o), mul(vw, y0)));
       _mm512_storeu_ps(o + 16, add(_mm512_loadu_ps(o + 16), mul(vw, y1)));

@@ -61,37 +61,45 @@ namespace ref {
 namespace {
 
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
-               bool clamp, float limit, float* act, int64_t stride) {
+               const GateAct& p, float* act, int64_t stride) {
   for (int64_t i = 0; i < m; ++i) {
     float* dst = act + i * stride;
     for (int j = 0; j < 32; ++j) {
       float gv = static_cast<float>(ag[i * 32 + j]) * (xd[i] * sg[j]);
       float uv = static_cast<float>(au[i * 32 + j]) * (xd[i] * su[j]);
-      if (clamp) {
-        gv = std::min(gv, limit);
-        uv = std::min(std::max(uv, -limit), limit);
+      if (p.bg) gv = gv + p.bg[j];
+      if (p.bu) uv = uv + p.bu[j];
+      if (p.clamp) {
+        gv = std::min(gv, p.limit);
+        uv = std::min(std::max(uv, -p.limit), p.limit);
       }
-      dst[j] = gv / (1.0f + exp_det(-gv)) * uv;
+      if (p.gpt_oss) {
+        dst[j] = gv / (1.0f + exp_det(-(gv * p.alpha))) * (uv + p.up_offset);
+      } else {
+        dst[j] = gv / (1.0f + exp_det(-gv)) * uv;
+      }
     }
   }
 }
 
-void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first) {
+void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first,
+          const float* b) {
   for (int64_t i = 0; i < m; ++i)
     for (int j = 0; j < 32; ++j) {
       const float v = static_cast<float>(acc[i * 32 + j]) * (ad[i] * sd[j]);
-      y[i * ys + j] = (first ? 0.0f : y[i * ys + j]) + v;
+      y[i * ys + j] = (first ? (b ? b[j] : 0.0f) : y[i * ys + j]) + v;
     }
 }
 
 void down_out(const int32_t* acc, int64_t gs, int64_t ng, int64_t m, const float* ad, const float* sd,
-              const float* y, const float* w, const int64_t* tok, float* out, int64_t os) {
+              const float* y, const float* b, const float* w, const int64_t* tok, float* out, int64_t os) {
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < ng; ++g) {
       float* o = out + tok[i] * os + g * 32;
       const int64_t e = g * gs + i * 32;
       for (int j = 0; j < 32; ++j) {
-        const float v = (y ? y[e + j] : 0.0f) + static_cast<float>(acc[e + j]) * (ad[i] * sd[g * 32 + j]);
+        const float y0 = y ? y[e + j] : b ? b[g * 32 + j] : 0.0f;
+        const float v = y0 + static_cast<float>(acc[e + j]) * (ad[i] * sd[g * 32 + j]);
         o[j] += w[i] * v;
       }
     }

@@ -133,6 +133,8 @@ void forward_prefill(const Call& call) {
   // the first row (in expert order) of each token: where the down stage zeroes the token's out row
   std::vector<int64_t> first_row(tokens, R);
   for (int64_t r = 0; r < R; ++r) first_row[rt.row_token[r]] = std::min(first_row[rt.row_token[r]], r);
+  for (int64_t t = 0; t < tokens; ++t)  // a token whose every slot is skipped (id -1) gets no rows: zero now
+    if (first_row[t] == R) std::fill(call.out + t * cfg.hidden, call.out + (t + 1) * cfg.hidden, 0.f);
   const ALayout LX = ALayout::panel(H), LA = ALayout::panel(IL);
 
   WorkspaceLease lease;
@@ -269,7 +271,7 @@ void forward_prefill(const Call& call) {
           if (xn) hint_rows(xn + (2 * (g - g0) + 1) * piece, piece);
           dot(cfg.method, sh.up.w, IL, H, r0, xb, LX, xsa + i0, mb, au);
           mark(kStGDot);
-          epi.silu_gate(ag, au, mb, xda + i0, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit,
+          epi.silu_gate(ag, au, mb, xda + i0, sh.gate.s + r0, sh.up.s + r0, GateAct::of(weights, active[a], t, r0),
                         act_at + i0 * IL + r0, IL);
           mark(kStGEpi);
         }
@@ -293,7 +295,7 @@ void forward_prefill(const Call& call) {
       for (int64_t a = 0; a < A; ++a) {
         wait(s_left[a]);
         const int64_t m = m_of[a];
-        // y[i*32+j] = Σ_t down_t rows r0..r0+31, in t order, from zero (as the decode schedule)
+        // y[i*32+j] = down bias (or zero) + Σ_t down_t rows r0..r0+31, in t order (as the decode schedule)
         for (int64_t t = 0; t < T; ++t) {
           const ExpertShard& sh = weights.shards[active[a] * T + t];
           const int64_t base = row0[a] * T + t * m;
@@ -319,9 +321,11 @@ void forward_prefill(const Call& call) {
           }
           if (t + 1 < T) {
             for (int64_t g = 0; g < DG; ++g)
-              epi.down(dacc + g * acc_stride, m, ad + base, sh.down.s + c0 + g * 32, y + g * acc_stride, 32, t == 0);
+              epi.down(dacc + g * acc_stride, m, ad + base, sh.down.s + c0 + g * 32, y + g * acc_stride, 32, t == 0,
+                       weights.down_b(active[a], c0 + g * 32));
           } else {  // last slice: fused with out[token] += w * y
             epi.down_out(dacc, acc_stride, DG, m, ad + base, sh.down.s + c0, t == 0 ? nullptr : y,
+                         weights.down_b(active[a], c0),
                          rt.row_weight.data() + row0[a], rt.row_token.data() + row0[a], out + c0, H);
           }
           mark(kStDEpi);

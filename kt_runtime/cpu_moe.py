@@ -6,8 +6,8 @@
     y = moe.forward_f32(x_np, ids_np, weights_np)       # numpy float32 buffers, no torch
 
 Contract (kernels_cpp/moe.hpp): each token is quantized to int8 (symmetric, amax/127, as kt's BufferA);
-gate/up; SiLU-gate with the optional clamp (gate <= L, |up| <= L); the intermediate re-quantized per
-token and NUMA slice; down; the top-k experts summed with their weights. Every ISA path (AMX tiles,
+gate/up (+ biases); SiLU-gate (or gpt-oss's activation) with the optional clamp (gate <= L, |up| <= L); the
+intermediate re-quantized per token and NUMA slice; down (+ bias); the top-k experts summed with their weights. Every ISA path (AMX tiles,
 AVX-512 VNNI, portable C++) gives bit-identical results; exp is the fixed polynomial exp_det, not
 libm's. The GIL is released while computing. One forward is one parallel region over a persistent
 pool whose workers spin for KT_MOE_SPIN_US microseconds (default 2000) after a call before they sleep
@@ -22,6 +22,7 @@ import torch
 
 import kt_kernels
 
+from .expert_activation import Activation, ExpertBiases
 from .format.layout import PROJECTIONS
 from .format.methods import METHODS
 
@@ -49,21 +50,21 @@ class CPUMoE:
     `expert_tensors(layer, expert, proj, numa)`).
     num_threads: threads of the shared pool, 0 .. kt_kernels.MAX_THREADS (None or 0: every CPU this process
     may use); they are started by the constructor (kt_kernels.ThreadStartError when the system refuses one).
-    activation / swiglu_limit: override the manifest's ("silu" is the only activation).
+    activation / swiglu_limit: override the manifest's ("silu", or "gpt_oss" with the manifest's
+    activation_params; expert_activation.Activation).
+    biases: expert_activation.ExpertBiases of this layer (gpt-oss: read_expert_biases or the model's), or None.
     isa: "auto" | "amx" | "avx512" | "avx2" | "portable" (ValueError where the CPU lacks it).
     """
 
     def __init__(self, weights, layer: int, num_threads: int | None = None, activation: str | None = None,
-                 swiglu_limit: float | None = None, isa: str = "auto"):
+                 swiglu_limit: float | None = None, isa: str = "auto", biases: ExpertBiases | None = None):
         layers = list(weights.layers)
         if layer not in layers:
             raise ValueError(f"layer {layer} is not in these weights (layers: {layers})")
         method = str(weights.method).lower()
         if method not in METHODS:
             raise ValueError(f"unsupported quant method {weights.method!r} (expected {' or '.join(METHODS)})")
-        act = activation if activation is not None else (getattr(weights, "activation", None) or "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported activation {act!r} (only 'silu' is implemented)")
+        act = Activation.of(weights, activation)
         limit = swiglu_limit if swiglu_limit is not None else getattr(weights, "swiglu_limit", None)
         if limit is not None:
             limit = float(limit)
@@ -75,7 +76,12 @@ class CPUMoE:
         self.intermediate_size = int(weights.moe_intermediate_size)
         self.num_experts = int(weights.num_experts)
         self.threadpool_count = int(weights.threadpool_count)
-        self.activation = act
+        self.activation = act.kind
+        self.act = act
+        if biases is not None and not isinstance(biases, ExpertBiases):
+            raise ValueError(f"biases must be an ExpertBiases or None, got {type(biases).__name__}")
+        self.biases = biases.check(self.num_experts, self.hidden_size, self.intermediate_size) \
+            if biases is not None and biases.any() else None
         self.swiglu_limit = limit
         self.isa = isa
         shards = []
@@ -89,8 +95,11 @@ class CPUMoE:
                 per_numa.append(tuple(six))
             shards.append(per_numa)
         # Validates alignment, sizes and dtypes of every shard (ValueError otherwise).
+        extra = act.engine_kwargs()
+        if self.biases is not None:
+            extra.update(self.biases.engine_kwargs())
         self._layer = kt_kernels.MoELayer(method, shards, self.hidden_size, self.intermediate_size,
-                                          self.threadpool_count, limit)
+                                          self.threadpool_count, limit, **extra)
         kt_kernels.best_isa()  # CPU detection (and the AMX permission request) before the first call
         self.num_threads = num_threads
         if isa != "auto":
@@ -157,4 +166,5 @@ class CPUMoE:
     def __repr__(self) -> str:
         return (f"CPUMoE(layer={self.layer}, method={self.method}, experts={self.num_experts}, "
                 f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, threadpool_count={self.threadpool_count}, "
-                f"swiglu_limit={self.swiglu_limit}, isa={self.isa})")
+                f"activation={self.activation}, swiglu_limit={self.swiglu_limit}, biases={self.biases is not None}, "
+                f"isa={self.isa})")

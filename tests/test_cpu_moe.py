@@ -342,7 +342,7 @@ def test_bad_inputs():
     tw = torch.ones(2, 2)
     bad = [
         (x, torch.tensor([[0, 4], [2, 3]]), tw, "out of range"),
-        (x, torch.tensor([[0, -1], [2, 3]]), tw, "out of range"),
+        (x, torch.tensor([[0, -2], [2, 3]]), tw, "out of range"),
         (x, ids.int(), tw, "int64"),
         (x, ids, tw.double(), "float32"),
         (x.half(), ids, tw, "bfloat16 or float32"),
@@ -606,18 +606,51 @@ def test_epilogues_bit_identical_on_special_values():
     xd[5] = np.inf
     xd[6] = np.nan
     sg, su = np.abs(_special_floats(32, 4)) * 1e-3, np.abs(_special_floats(32, 5)) * 1e-3
+    bg, bu = _special_floats(32, 7), _special_floats(32, 8)
     for limit in (None, 0.5, 7.0):
-        r = kt_kernels._moe_silu_gate(ag, au, xd, sg, su, limit, "portable")
-        for isa in SIMD_ISAS:
-            assert np.array_equal(_bits(kt_kernels._moe_silu_gate(ag, au, xd, sg, su, limit, isa)), _bits(r)), limit
+        for act in ({}, {"gpt_oss": True}, {"gpt_oss": True, "alpha": 1.0, "up_offset": 0.0},
+                    {"bg": bg, "bu": bu}, {"gpt_oss": True, "bg": bg, "bu": bu}, {"gpt_oss": True, "bu": bu}):
+            r = kt_kernels._moe_silu_gate(ag, au, xd, sg, su, limit, "portable", **act)
+            for isa in SIMD_ISAS:
+                s = kt_kernels._moe_silu_gate(ag, au, xd, sg, su, limit, isa, **act)
+                assert np.array_equal(_bits(s), _bits(r)), (limit, isa, sorted(act))
     acc = ag
     y0 = _special_floats(m * 32, 6).reshape(m, 32)
     for w in (0.25, -1.5, 0.0):
-        r = kt_kernels._moe_down(acc, xd, sg, y0, w, "portable")
-        for isa in SIMD_ISAS:
-            s = kt_kernels._moe_down(acc, xd, sg, y0, w, isa)
-            for a, b in zip(s, r):
-                assert np.array_equal(_bits(a), _bits(b))
+        for b in (None, _special_floats(32, 9)):
+            r = kt_kernels._moe_down(acc, xd, sg, y0, w, "portable", b)
+            for isa in SIMD_ISAS:
+                s = kt_kernels._moe_down(acc, xd, sg, y0, w, isa, b)
+                for a, c in zip(s, r):
+                    assert np.array_equal(_bits(a), _bits(c))
+
+
+def test_gpt_oss_epilogue_values():
+    """The gpt-oss activation and the biases, computed independently in float64: g = acc*xd*sg + bg,
+    u likewise, g <= L, |u| <= L, a = g*sigmoid(alpha g)*(u + 1); down: y = b + acc*ad*sd (first), and
+    the SiLU path without biases stays g*sigmoid(g)*u."""
+    rng = np.random.default_rng(3)
+    m = 5
+    ag = rng.integers(-3000, 3000, (m, 32)).astype(np.int32)
+    au = rng.integers(-3000, 3000, (m, 32)).astype(np.int32)
+    xd = rng.uniform(1e-3, 4e-3, m).astype(np.float32)
+    sg, su = rng.uniform(0.5, 1.5, 32).astype(np.float32), rng.uniform(0.5, 1.5, 32).astype(np.float32)
+    bg, bu = rng.standard_normal(32).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+    g = ag * (xd[:, None].astype(np.float64) * sg) + bg
+    u = au * (xd[:, None].astype(np.float64) * su) + bu
+    assert g.max() > 7.0 and u.min() < -7.0 and u.max() > 7.0  # the clamp is exercised
+    g, u = np.minimum(g, 7.0), np.clip(u, -7.0, 7.0)
+    want = g / (1 + np.exp(-1.702 * g)) * (u + 1.0)
+    for isa in ["portable"] + SIMD_ISAS:
+        got = kt_kernels._moe_silu_gate(ag, au, xd, sg, su, 7.0, isa, gpt_oss=True, bg=bg, bu=bu)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+    g0, u0 = ag * (xd[:, None].astype(np.float64) * sg), au * (xd[:, None].astype(np.float64) * su)
+    np.testing.assert_allclose(kt_kernels._moe_silu_gate(ag, au, xd, sg, su, None, "portable"),
+                               g0 / (1 + np.exp(-g0)) * u0, rtol=2e-6, atol=2e-6)
+    b = rng.standard_normal(32).astype(np.float32)
+    y, _, _, o1, _ = kt_kernels._moe_down(ag, xd, sg, np.zeros((m, 32), np.float32), 0.5, "portable", b)
+    np.testing.assert_allclose(y, b + ag * (xd[:, None].astype(np.float64) * sg), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(o1, 0.5 * y, rtol=1e-6, atol=1e-6)
 
 
 def test_amx_int8_mode_setting():

@@ -35,6 +35,7 @@ from .decode_graphs import DecodeGraphs
 from .gpu_experts import GpuExperts
 from .launcher import launcher
 from .placement import RoutingCounts, SlotTable, gpu_expert_mask, resolve_stats
+from .stream_path import DeferralChain, StreamStep, deferral_mask, pending_result
 
 
 def default_cpu_threads() -> int:
@@ -58,10 +59,15 @@ class HybridMoE:
         `max_swaps` per update, only when hotter by the factor 1 + `hysteresis`); the window of counts then
         decays by `decay` (placement.RoutingCounts).
     num_threads: CPU engine threads (None: default_cpu_threads(), every usable CPU but one; 0: all of them).
-    activation, swiglu_limit, isa: passed to CPUMoE (activation / limit override the manifest).
+    activation, swiglu_limit, isa, biases: passed to CPUMoE (activation / limit override the manifest; biases:
+        expert_activation.ExpertBiases, gpt-oss) and used alike by the GPU experts.
     gpu_dtype: dtype of the GPU-resident experts and of their matmuls (bfloat16).
     cuda_graphs: one-token calls through the decode path: None = on CUDA devices; True on a CPU device runs
         the same path eagerly (tests); False = every call through the launcher thread. Settable later.
+    defer: per token, how many of its CPU experts (the smallest routing weights) are deferred: their output is
+        added by the next MoE layer called on the same `deferral` chain (DeferralChain; inject sets one per
+        model and `defer_carry` False on the last layer, which adds its own). 0: none.
+    stream_max_tokens: forward_stream takes the stream-ordered path up to this many tokens.
 
     Parts, public for tests and benchmarks: `cpu` (CPUMoE), `gpu` (GpuExperts), `slots` (SlotTable),
     `routing_counts` (RoutingCounts), `decode_graphs` (DecodeGraphs, or None off the decode path).
@@ -72,7 +78,7 @@ class HybridMoE:
                  max_swaps: int | None = None, hysteresis: float = 0.25, decay: float = 0.5,
                  num_threads: int | None = None, activation: str | None = None,
                  swiglu_limit: float | None = None, isa: str = "auto", gpu_dtype: torch.dtype = torch.bfloat16,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, biases=None, defer: int = 0, stream_max_tokens: int = 16):
         weights = as_packed_experts(weights)
         self.weights = weights
         self.layer = layer
@@ -84,7 +90,7 @@ class HybridMoE:
         if num_threads is None:
             num_threads = default_cpu_threads()
         self.cpu = CPUMoE(weights, layer, num_threads=num_threads, activation=activation,
-                          swiglu_limit=swiglu_limit, isa=isa)
+                          swiglu_limit=swiglu_limit, isa=isa, biases=biases)
         self.num_experts = self.cpu.num_experts
         self.hidden_size = self.cpu.hidden_size
         self.intermediate_size = self.cpu.intermediate_size
@@ -104,7 +110,7 @@ class HybridMoE:
         self.num_gpu_experts = G = int(mask.sum())
         self.slots = SlotTable(mask)
         self.gpu = GpuExperts(weights, layer, G, self.hidden_size, self.intermediate_size, self.device, gpu_dtype,
-                              self.swiglu_limit)
+                              self.swiglu_limit, self.cpu.act, self.cpu.biases)
         for s, e in enumerate(self.slots.experts):
             self.gpu.load(s, e)
         self.routing_counts = RoutingCounts(E)
@@ -126,6 +132,14 @@ class HybridMoE:
         self.decode_graphs: DecodeGraphs | None = None
         self._graphs_off: DecodeGraphs | None = None  # kept while cuda_graphs is False
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if isinstance(defer, bool) or not isinstance(defer, int) or defer < 0:
+            raise ValueError(f"defer must be an int >= 0, got {defer!r}")
+        self.defer = defer
+        self.deferral: DeferralChain | None = None
+        self.defer_carry = True
+        self.stream_max_tokens = int(stream_max_tokens)
+        self.slot_of_dev = torch.from_numpy(self.slots.slot_np.copy()).to(self.device)
+        self._streams: dict[tuple[int, int], StreamStep] = {}
 
     # ------------------------------------------------------------------ placement
     @property
@@ -158,6 +172,8 @@ class HybridMoE:
             raise ValueError(f"expert {promote} is already on the GPU")
         self.gpu.load(slot, promote)
         self.slots.move(promote, demote)
+        self.slot_of_dev[demote] = -1  # in place: captured stream steps read it at replay
+        self.slot_of_dev[promote] = slot
         self.swaps.append((self.calls, promote, demote))
 
     def rebalance(self, max_swaps: int | None = None) -> list[tuple[int, int]]:
@@ -334,6 +350,77 @@ class HybridMoE:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if self.defer or self.deferral is not None:
+            return self._forward_deferring(x, topk_ids, topk_weights)
+        return self._forward(x, topk_ids, topk_weights)
+
+    def _forward_deferring(self, x, topk_ids, topk_weights):
+        """forward with deferral, eagerly (the order of the stream path, computed at once): this call's
+        result without its deferred experts, plus the deferred result the previous layer on the chain left."""
+        self._check(x, topk_ids, topk_weights)
+        chain = self.deferral
+        prev = chain.take() if chain is not None else None
+        y_def = None
+        if self.defer:
+            ids = topk_ids.detach().to(self.slot_of_dev.device, torch.int64)
+            w = topk_weights.detach().to(self.slot_of_dev.device, torch.float32)
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
+                raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
+            deferred = deferral_mask(self.slot_of_dev[ids] < 0, w, self.defer)
+            if bool(deferred.any()):
+                w_now = torch.where(deferred, 0.0, w)
+                ids_def = torch.where(deferred, ids, -1).cpu()
+                x_h = x.detach().to("cpu", torch.float32)
+                y_def = torch.from_numpy(self.cpu.forward_f32(x_h.contiguous().numpy(), ids_def.contiguous().numpy(),
+                                                              w.cpu().contiguous().numpy()))
+                topk_weights = w_now.to(topk_weights.device)
+        out = self._forward(x, topk_ids, topk_weights).float()
+        if prev is not None:
+            out = out + pending_result(prev).to(out.device)
+        if y_def is not None:
+            if chain is not None and self.defer_carry:
+                chain.put(y_def)
+            else:
+                out = out + y_def.to(out.device)
+        return out.to(x.dtype)
+
+    # ------------------------------------------------------------------ stream-ordered path
+    def stream_step(self, tokens: int, topk: int) -> StreamStep:
+        """The fixed buffers and CPU-engine jobs of calls with `tokens` tokens of `topk` experts (made once)."""
+        key = (tokens, topk)
+        step = self._streams.get(key)
+        if step is None:
+            step = self._streams[key] = StreamStep(self, tokens, topk)
+        return step
+
+    @torch.no_grad()
+    def forward_stream(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                       parts: str = "both") -> torch.Tensor:
+        """forward without host syncs, everything queued on the current stream (stream_path.py), so that a CUDA
+        graph can capture it inside a whole model step. Taken when x and the routing are on `device` and
+        T <= stream_max_tokens; otherwise forward. Routing ids are checked by the CPU engine at run time (an
+        out-of-range id makes that run's CPU rows NaN and is reported by stream_failures), not here. Routing
+        counts (dynamic placement) are not observed on this path. parts (benchmarks): "cpu" or "gpu" computes that
+        part alone, "serial" the CPU part and then the GPU part (queued after the wait: no overlap)."""
+        if parts not in ("both", "cpu", "gpu", "serial"):
+            raise ValueError(f"parts must be 'both', 'cpu', 'gpu' or 'serial', got {parts!r}")
+        ok = (x.device == self.slot_of_dev.device and topk_ids.device == x.device and topk_weights.device == x.device
+              and x.dim() == 2 and x.shape[0] <= self.stream_max_tokens and topk_ids.dim() == 2)
+        if not ok:
+            return self.forward(x, topk_ids, topk_weights)
+        self._check(x, topk_ids, topk_weights)
+        step = self.stream_step(x.shape[0], topk_ids.shape[1])
+        chain = self.deferral if self.defer_carry else None
+        if self.deferral is not None and not self.defer_carry:  # the last layer: takes, never carries
+            return step.run(x, topk_ids.to(torch.int64), topk_weights, self.defer, _TakeOnly(self.deferral), parts)
+        return step.run(x, topk_ids.to(torch.int64), topk_weights, self.defer, chain, parts)
+
+    def stream_failures(self) -> list[str]:
+        """Errors of the CPU engine in stream-ordered runs so far (empty when none)."""
+        return [e for step in self._streams.values() for e in step.failures()]
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
         self._check(x, topk_ids, topk_weights)
         ids, w, x_host = self._routing_to_host(x, topk_ids, topk_weights)
@@ -416,3 +503,14 @@ class HybridMoE:
         return (f"HybridMoE(layer={self.layer}, method={self.cpu.method}, experts={self.num_experts}, "
                 f"gpu_experts={self.num_gpu_experts} on {self.device}, hidden={self.hidden_size}, "
                 f"intermediate={self.intermediate_size}, dynamic={self.dynamic})")
+
+
+class _TakeOnly:
+    """A chain view for the last layer: takes what the previous layer deferred; what it defers itself is added
+    in the same call (put is refused, so StreamStep adds it)."""
+
+    def __init__(self, chain: DeferralChain):
+        self.chain = chain
+
+    def take(self):
+        return self.chain.take()

@@ -10,7 +10,9 @@ fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`), called by its block as
 replaces exactly that module with a `HybridExperts` (same call), so routers (top-k, grouped, hash),
 shared experts and everything else stay as they are. Covered: DeepseekV4, DeepseekV3, Qwen3Moe,
 Mixtral, and any model whose experts module follows that convention (`num_experts`, `hidden_dim`,
-`intermediate_dim`, `gate_up_proj`/`down_proj`, SiLU).
+`intermediate_dim`, `gate_up_proj`/`down_proj`, SiLU); and GptOss (`GptOssExperts`: `gate_up_proj
+[E, H, 2I]` with interleaved gate/up, `down_proj [E, I, H]`, their biases, which are taken from the module
+into the hybrid experts, and the activation g * sigmoid(alpha g) * (u + 1)).
 
 Calibration for frequency placement:
 
@@ -28,6 +30,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..expert_activation import Activation, ExpertBiases
 from ..hybrid import HybridMoE
 from ..hybrid.placement import ExpertStats, resolve_stats
 from ..loader import as_packed_experts
@@ -45,9 +48,12 @@ class HybridExperts(nn.Module):
         self.hidden_dim = hybrid.hidden_size
         self.intermediate_dim = hybrid.intermediate_size
         self.layer_idx = hybrid.layer
+        self.stream_ordered = False
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 **_) -> torch.Tensor:
+        if self.stream_ordered:  # no host sync: a CUDA graph of the model step captures it
+            return self.hybrid.forward_stream(hidden_states, top_k_index, top_k_weights)
         return self.hybrid.forward(hidden_states, top_k_index, top_k_weights)
 
     def extra_repr(self) -> str:
@@ -87,8 +93,21 @@ def _text_config(model: nn.Module):
     return get() if callable(get) else cfg
 
 
+def _is_gpt_oss(module: nn.Module) -> bool:
+    """transformers' GptOssExperts: [E, H, 2I] interleaved gate/up, [E, I, H] down, biases, alpha and limit."""
+    return all(isinstance(getattr(module, p, None), torch.Tensor) for p in ("gate_up_proj_bias", "down_proj_bias")) \
+        and hasattr(module, "alpha")
+
+
 def _module_dims(module: nn.Module) -> tuple[int, int, int]:
-    """(num_experts, hidden, intermediate) of a transformers experts module ([E, 2I, H] / [E, H, I])."""
+    """(num_experts, hidden, intermediate) of a transformers experts module ([E, 2I, H] / [E, H, I]; gpt-oss
+    [E, H, 2I] / [E, I, H])."""
+    if _is_gpt_oss(module):
+        gu, dn = module.gate_up_proj, module.down_proj
+        if gu.dim() != 3 or dn.dim() != 3 or gu.shape[2] != 2 * dn.shape[1] or gu.shape[1] != dn.shape[2]:
+            raise ValueError(f"{type(module).__name__}: expected gate_up_proj [E, H, 2I] and down_proj [E, I, H], "
+                             f"got {tuple(gu.shape)} / {tuple(dn.shape)}")
+        return int(gu.shape[0]), int(gu.shape[1]), int(dn.shape[1])
     if getattr(module, "is_transposed", False):
         raise ValueError(f"{type(module).__name__} stores transposed expert weights ([E, H, 2I]); not supported")
     if getattr(module, "is_concatenated", True) is False:
@@ -117,9 +136,21 @@ def _check_match(model, weights, modules: dict[int, tuple[str, nn.Module]]) -> N
                          + (": a partial output, converted with --layers; convert every layer"
                             if getattr(weights, "partial", False) else ""))
     cfg = _text_config(model)
-    act = getattr(cfg, "hidden_act", "silu") if cfg is not None else "silu"
-    if act not in ("silu", "swish"):
-        raise ValueError(f"model/weights mismatch: the model's expert activation is {act!r}; only SiLU is supported")
+    gpt_oss = {_is_gpt_oss(m) for _, m in modules.values() if not isinstance(m, HybridExperts)}
+    if gpt_oss == {True}:
+        alpha = float(next(iter(modules.values()))[1].alpha)
+        wa = Activation.of(weights)
+        if wa.kind != "gpt_oss" or abs(wa.alpha - alpha) > 1e-6:
+            raise ValueError(f"model/weights mismatch: the model's experts are gpt-oss's (alpha {alpha}, up + 1), the "
+                             f"{src} say activation {wa.kind!r} (alpha {wa.alpha})")
+    else:
+        act = getattr(cfg, "hidden_act", "silu") if cfg is not None else "silu"
+        if act not in ("silu", "swish"):
+            raise ValueError(f"model/weights mismatch: the model's expert activation is {act!r}; only SiLU is "
+                             "supported")
+        if getattr(weights, "activation", "silu") not in (None, "silu"):
+            raise ValueError(f"model/weights mismatch: the model's experts use SiLU, the {src} say activation "
+                             f"{weights.activation!r}")
     for layer, (name, module) in modules.items():
         if isinstance(module, HybridExperts):
             raise ValueError(f"{name} already holds hybrid experts (inject was called twice)")
@@ -147,6 +178,8 @@ def _check_values(weights, layer: int, module: nn.Module, max_rel: float = 0.5) 
     if gu.device.type == "meta":
         return
     ref = gu.detach()[0].float().cpu()
+    if _is_gpt_oss(module):  # [H, 2I] interleaved -> [gate; up] [2I, H]
+        ref = torch.cat([ref.T[0::2], ref.T[1::2]], 0)
     got = torch.cat([weights.dequantize(layer, 0, "gate"), weights.dequantize(layer, 0, "up")], 0)
     denom = float(ref.norm())
     if denom == 0.0:
@@ -164,7 +197,8 @@ def _default_device() -> str:
 
 def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.device | None = None,
            placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
-           check_values: bool = True, **hybrid_kwargs) -> dict[int, HybridExperts]:
+           check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
+           **hybrid_kwargs) -> dict[int, HybridExperts]:
     """Replace every routed-experts module of `model` with hybrid experts over packed `weights`.
 
     weights: a packed output directory or a PackedExperts (kt_runtime.load_experts).
@@ -173,6 +207,11 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
     placement: "uniform" | "frequency" (with stats: ExpertStats, a stats file, {layer: counts}) | mask.
     dynamic, hybrid_kwargs (update_interval, max_swaps, hysteresis, decay, isa, gpu_dtype): see HybridMoE.
     check_values: compare expert 0 of the first layer with the model's weights (if not on meta).
+    stream_ordered: decode-sized calls (<= stream_max_tokens tokens) take HybridMoE.forward_stream, which queues
+        the CPU experts on the CUDA stream (host functions) with no host sync, so model.generate with a static
+        cache and CUDA graphs captures whole steps. None: on CUDA devices where host functions can be queued.
+    defer: CPU experts per token whose output is added one MoE layer later (HybridMoE defer; the last MoE
+        layer defers none).
     The original expert weights are released. Returns {layer: HybridExperts}.
     Raises ValueError when the model and the weights do not match (layers, experts, dims, activation clamp).
     """
@@ -184,18 +223,36 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
         _check_values(weights, first, modules[first][1])
     device = torch.device(device if device is not None else _default_device())
     stats = resolve_stats(stats, weights.num_experts)
+    if stream_ordered is None:
+        from ..hybrid import stream_ops
+        stream_ordered = device.type == "cuda" and stream_ops.available()
+    chain = None
+    if defer:
+        from ..hybrid.stream_path import DeferralChain
+        chain = DeferralChain()
+    last_layer = max(modules)
     built: dict[int, HybridExperts] = {}
     for layer, (name, module) in modules.items():
         n = num_gpu_experts.get(layer, 0) if isinstance(num_gpu_experts, dict) else num_gpu_experts
+        biases = None
+        if _is_gpt_oss(module):
+            if module.gate_up_proj_bias.device.type == "meta":
+                raise ValueError(f"{name}: the gpt-oss expert biases are on the meta device; load the model's weights "
+                                 "first (the packed output does not hold them)")
+            biases = ExpertBiases.from_gpt_oss(module.gate_up_proj_bias, module.down_proj_bias)
         hybrid = HybridMoE(weights, layer, num_gpu_experts=n, device=device, placement=placement, stats=stats,
-                           dynamic=dynamic, num_threads=num_threads, **hybrid_kwargs)
+                           dynamic=dynamic, num_threads=num_threads, biases=biases,
+                           defer=defer if layer != last_layer else 0, **hybrid_kwargs)
+        hybrid.deferral = chain
+        hybrid.defer_carry = layer != last_layer
         built[layer] = HybridExperts(hybrid)
+        built[layer].stream_ordered = bool(stream_ordered)
     for layer, (name, module) in modules.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, built[layer])
         # release the original fused weights now, even if something else still holds the module
-        for p in ("gate_up_proj", "down_proj"):
+        for p in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
             if isinstance(getattr(module, p, None), nn.Parameter):
                 setattr(module, p, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
     del modules, module
