@@ -48,6 +48,11 @@ class ConvertOptions:
     progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
     resume_layer: int | None = None
     layers: list[int] | None = None  # --layers: convert only these MoE layers (the output says it is partial)
+    # a hub id not (fully) in the cache: convert while downloading (convert.download)
+    download: bool = False
+    delete_source_after_use: bool = False  # remove shards this run downloaded once converted
+    max_source_disk: int | None = None  # bytes of downloaded source on disk at once (implies deletion)
+    dry_run: bool = False  # plan only: print it, write nothing
 
 
 @dataclass
@@ -227,24 +232,54 @@ def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
     return {new: name for _, new in tensors}, sum(ckpt.info(src).nbytes for src, _ in tensors)
 
 
-def convert(opts: ConvertOptions) -> ConversionReport:
-    start = time.perf_counter()
-    check_cpu_threads(opts.cpuinfer_threads)
-    device = resolve_device(opts.device)
+def open_source(opts: ConvertOptions, note=print):
+    """(checkpoint, download plan or None): a hub id with --download through convert.download, else
+    a local folder, file or fully cached hub id."""
+    if opts.download or opts.dry_run:
+        from .download import open_hub_checkpoint
+        from .source import HUB_ID
+
+        m = HUB_ID.match(opts.input_path)
+        if m and not Path(opts.input_path).expanduser().exists() and not opts.input_path.startswith((".", "/", "~")):
+            if not opts.download:  # a dry run of a cached hub id reads the cache only
+                return open_checkpoint(opts.input_path), None
+            return open_hub_checkpoint(m["repo"], m["rev"], include_non_expert=opts.include_non_expert,
+                                       delete_after_use=opts.delete_source_after_use,
+                                       max_source_disk=opts.max_source_disk, dry_run=opts.dry_run, note=note)
+    return open_checkpoint(opts.input_path), None
+
+
+def plan_conversion(ckpt: Checkpoint, opts: ConvertOptions) -> tuple[ConversionPlan, list[tuple[str, str]]]:
     try:
         method = get_method(opts.quant_method)
     except ValueError as e:
         raise UserError(str(e)) from None
-    ckpt = open_checkpoint(opts.input_path)
+    layout = "merged" if opts.merge else "kt-folders"
+    plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
+                      extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
+    non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
+                  if opts.include_non_expert and opts.merge else [])
+    return plan, non_expert
+
+
+def convert(opts: ConvertOptions) -> ConversionReport:
+    start = time.perf_counter()
+    check_cpu_threads(opts.cpuinfer_threads)
+    device = resolve_device(opts.device)
+    get_method_or_exit(opts.quant_method)
+    ckpt, downloads = open_source(opts, note=lambda m: Progress(0, 0, False).note(m))
     try:
-        layout = "merged" if opts.merge else "kt-folders"
-        plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
-                          extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
-        non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
-                      if opts.include_non_expert and opts.merge else [])
+        plan, non_expert = plan_conversion(ckpt, opts)
         return _run(ckpt, plan, opts, device, start, non_expert)
     finally:
         ckpt.close()
+
+
+def get_method_or_exit(name: str):
+    try:
+        return get_method(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
@@ -260,8 +295,14 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         _refuse_changed_source(out, planned, opts.overwrite)
         manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
         progress = Progress(0, len(plan.layers), opts.progress)
+        progress.note(detected_line(plan))
         _verify_completed(out, manifest, progress)
         todo = [lp for lp in plan.layers if lp.layer not in manifest.completed]
+        gate = getattr(ckpt, "gate", None)  # a hub download in progress (convert.download)
+        if gate is not None:
+            layer_files = ckpt.layer_files(todo)
+            pinned = {ckpt.key_file[src] for src, _ in non_expert}
+            gate.check_cap(layer_files)
         if opts.resume_layer is not None:
             progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
                           "every missing layer is converted")
@@ -269,9 +310,15 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                                  preflight.non_expert_bytes(ckpt, non_expert))
         preflight.check(est, out, preflight.copied_bytes(ckpt.root, COPIED_FILES))
         progress.note(est.describe())
+        if gate is not None:
+            source_peak = gate.peak_source_bytes(layer_files)
+            preflight.check_source_disk(source_peak, gate.cache, out, est.disk_bytes)
+            progress.note(preflight.describe_source(source_peak, gate))
         if plan.skipped_mtp_keys:
             progress.note(f"skipping {plan.skipped_mtp_keys} MTP expert tensors (not routed experts of the main model)")
         write_manifest(out, manifest)
+        if gate is not None:
+            gate.schedule(layer_files, pinned)
         progress.close()
         progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
         nonfinite: dict[str, int] = {}
@@ -293,13 +340,16 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                     raise
                 if pending is not None:
                     pending.result()
-                pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest)
+                pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest,
+                                           gate.layer_committed if gate is not None else None)
                 progress.layer_done(lp.layer, lp.input_bytes)
             if pending is not None:
                 pending.result()
             _finish(ckpt, plan, out, manifest, opts, non_expert)
         finally:
             committer.shutdown(wait=True)  # never leave a commit running past the lock
+            if gate is not None:
+                gate.close()  # wakes a read waiting for a download before the reader waits for it
             reader.close()
             packer.close()
             progress.close()
@@ -334,7 +384,7 @@ def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> Non
                     "another output directory")
 
 
-def _commit_layer(writer, layer: int, out: Path, manifest: Manifest) -> None:
+def _commit_layer(writer, layer: int, out: Path, manifest: Manifest, on_commit=None) -> None:
     try:
         record = writer.commit()
     except BaseException:
@@ -342,6 +392,15 @@ def _commit_layer(writer, layer: int, out: Path, manifest: Manifest) -> None:
         raise
     manifest.completed[layer] = record
     write_manifest(out, manifest)
+    if on_commit is not None:  # the layer is safe on disk: its source may go
+        on_commit(layer)
+
+
+def detected_line(plan: ConversionPlan) -> str:
+    """The first line of a run: what the checkpoint was recognised as."""
+    return (f"detected {plan.family}, source format {plan.input_type}: {len(plan.layers)} MoE layers, "
+            f"{plan.num_experts} experts, H={plan.hidden_size} I={plan.moe_intermediate_size} "
+            f"-> {plan.method.name} T={plan.threadpool_count}")
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,

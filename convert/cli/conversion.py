@@ -13,6 +13,7 @@ from quant.source_formats import INPUT_TYPES
 from .. import __version__
 from ..pipeline import ConvertOptions, convert, max_cpu_threads
 from ..plan import parse_layer_spec
+from .download_options import download_kwargs, download_options
 
 
 @click.command("convert", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -44,9 +45,10 @@ from ..plan import parse_layer_spec
 @click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
               help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@download_options
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
-        device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress):
+        device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress, **hub):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
     The output loads unchanged in SGLang-KT (--kt-method AMXINT4|AMXINT8 --kt-weight-path OUTPUT
@@ -61,7 +63,13 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
     opts = ConvertOptions(input_path=input_path, output=output, input_type=input_type, quant_method=quant_method,
                           threadpool_count=threadpool_count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
                           device=device, include_non_expert=include_non_expert, overwrite=overwrite,
-                          allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers)
+                          allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers,
+                          **download_kwargs(**hub))
+    if opts.dry_run:
+        from ..dry_run import describe_plan
+
+        click.echo(describe_plan(opts))
+        return
     report = convert(opts)
     click.echo(report.summary(), err=True)
     if report.nonfinite:
