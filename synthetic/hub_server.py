@@ -116,9 +116,11 @@ class LocalHub:
         self.stop()
 
     def lfs_downloads(self, name: str) -> list[str | None]:
-        """The Range headers of every GET of an LFS file's bytes (None: the whole file)."""
+        """The Range headers of every download of an LFS file's bytes: None (the whole file) or an
+        open range "bytes=N-" (a resume); bounded ranges (header reads) are not downloads."""
         sha = self.files[name].sha256
-        return [rng for method, path, rng in self.requests if method == "GET" and path == f"/_lfs/{sha}"]
+        return [rng for method, path, rng in self.requests
+                if method == "GET" and path == f"/_lfs/{sha}" and (rng is None or rng.endswith("-"))]
 
     def model_info(self) -> dict:
         siblings = []
@@ -247,4 +249,4 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _starts_at_zero(headers) -> bool:
     m = _RANGE.match(headers.get("Range", "") or "")
-    return bool(m) and int(m[1]) == 0
+    return bool(m) and int(m[1]) == 0 and not m[2]
