@@ -318,8 +318,31 @@ class ShardDownloader:
                 self.downloaded_bytes += self.files[name].size
                 self._cond.notify_all()
 
+    def _remove_stale_partials(self, etag: str) -> None:
+        """Partial downloads of a file kt-convert fetches, left by a killed run: huggingface_hub writes
+        each download to a process-unique <etag>.<id>.incomplete and never reuses one, so they only
+        hold disk. Removed under huggingface_hub's own lock of that file (skipped while another
+        process holds it: that one is downloading)."""
+        blobs = self.repo_dir / "blobs"
+        partials = [*blobs.glob(f"{etag}.*.incomplete"), *blobs.glob(f"{etag}.incomplete")]
+        if not partials:
+            return
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.cache / ".locks" / self.repo_dir.name / f"{etag}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):
+            return
+        try:
+            for p in partials:
+                _remove_cached(p.parent, p.parent, p.name, p.name)
+        finally:
+            lock.release()
+
     def _download_verified(self, name: str) -> None:
         rf = self.remote.files[name]
+        self._remove_stale_partials(rf.etag)
         for attempt in (1, 2):
             path = hub.download_file(self.remote, name, self.cache)
             if rf.sha256 is None or rf.sha256 in self.state.verified:

@@ -76,6 +76,7 @@ class LocalHub:
         self.bytes_per_s = bytes_per_s
         self.corrupt: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []
+        self.sent: dict[str, int] = {}  # LFS body bytes sent, by file name
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
         self.port = 0
@@ -241,6 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
                         block = bytes(b ^ 0x5A for b in block)
                     self.wfile.write(block)
                     left -= len(block)
+                    with self.hub._lock:
+                        self.hub.sent[f.name] = self.hub.sent.get(f.name, 0) + len(block)
                     if throttle:
                         time.sleep(len(block) / throttle)
         except (BrokenPipeError, ConnectionResetError):
