@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class LocalHub:
         self.sent: dict[str, int] = {}  # LFS body bytes sent, by file name
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
+        self._connections: set = set()  # open client sockets, cut by stop()
         self.port = 0
         self.cdn_port = 0
 
@@ -108,6 +110,13 @@ class LocalHub:
             server.shutdown()
             server.server_close()
         self._servers = []
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for conn in connections:  # keep-alive connections and bodies in flight end too
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> LocalHub:
         self.start()
@@ -144,6 +153,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.hub._lock:
+            self.hub._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.hub._lock:
+            self.hub._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
 
     def do_HEAD(self) -> None:
         self._serve(head=True)
@@ -246,7 +268,7 @@ class _Handler(BaseHTTPRequestHandler):
                         self.hub.sent[f.name] = self.hub.sent.get(f.name, 0) + len(block)
                     if throttle:
                         time.sleep(len(block) / throttle)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the client went away, or stop() cut the connection
             pass
 
 
