@@ -4,6 +4,7 @@ huggingface_hub calls, so that the real huggingface_hub code runs against it (se
 HF_ENDPOINT). No Xet headers are ever sent: downloads take the plain HTTP path.
 
     GET  /api/models/{repo}[/revision/{rev}]     model_info, siblings with size / blobId / lfs.sha256
+    GET  /api/models/{repo}/tree/{rev}           list_repo_tree (snapshot_download, `hf download`)
     HEAD|GET /{repo}/resolve/{rev}/{file}        small files: 200 with ETag (git blob id) and
                                                  X-Repo-Commit; LFS files (*.safetensors): 302 to
                                                  /_lfs/{sha256} with X-Linked-Etag / X-Linked-Size
@@ -132,6 +133,15 @@ class LocalHub:
         return [rng for method, path, rng in self.requests
                 if method == "GET" and path == f"/_lfs/{sha}" and (rng is None or rng.endswith("-"))]
 
+    def tree(self) -> list[dict]:
+        entries = []
+        for f in self.files.values():
+            entry = {"type": "file", "oid": f.git_sha1, "size": f.size, "path": f.name}
+            if f.lfs:
+                entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
+            entries.append(entry)
+        return entries
+
     def model_info(self) -> dict:
         siblings = []
         for f in self.files.values():
@@ -194,6 +204,11 @@ class _Handler(BaseHTTPRequestHandler):
             hub.requests.append(("HEAD" if head else "GET", path, self.headers.get("Range")))
         repo = hub.repo_id
         revs = (hub.commit, "main")
+        if path.startswith(f"/api/models/{repo}/tree/"):  # list_repo_tree (snapshot_download)
+            rev = path[len(f"/api/models/{repo}/tree/"):].split("/")[0]
+            if rev not in revs:
+                return self._error(404, "RevisionNotFound", "Invalid rev id", head)
+            return self._send(200, {"Content-Type": "application/json"}, json.dumps(hub.tree()).encode(), head)
         if path.startswith(f"/api/models/{repo}"):
             rest = path[len(f"/api/models/{repo}"):]
             if rest not in ("", "/") and not (rest.startswith("/revision/") and rest[len("/revision/"):] in revs):
