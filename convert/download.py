@@ -258,6 +258,12 @@ class ShardDownloader:
                         self._maybe_delete(name)
             self._cond.notify_all()
 
+    def finished(self) -> None:
+        """The output is complete: shards kept for its last step (non-expert tensors) may go too."""
+        with self._cond:
+            for name in list(self.files):
+                self._maybe_delete(name)
+
     def _maybe_delete(self, name: str) -> None:
         f = self.files[name]
         if not self.delete_after_use or not f.present or not self.ours(name):
@@ -291,8 +297,10 @@ class ShardDownloader:
                     name = self._next()
                     if name is not None:
                         size = self.files[name].size
+                        # a shard the reader waits for waits for the cap too: the layer before
+                        # it commits on its own thread, and its shards' removal frees the room
                         fits = self.max_source_disk is None or self._held == 0 \
-                            or self._held + size <= self.max_source_disk or name in self._demanded
+                            or self._held + size <= self.max_source_disk
                         if fits:
                             break
                     self._cond.wait(1.0)

@@ -346,6 +346,8 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             if pending is not None:
                 pending.result()
             _finish(ckpt, plan, out, manifest, opts, non_expert)
+            if gate is not None:
+                gate.finished()
         finally:
             committer.shutdown(wait=True)  # never leave a commit running past the lock
             if gate is not None:

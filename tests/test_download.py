@@ -371,3 +371,17 @@ def test_needed_shards_skip_shards_without_routed_experts():
     assert needed_shards(config, wm, [], include_non_expert=False) == ["b.safetensors", "c.safetensors"]
     assert needed_shards(config, wm, [], include_non_expert=True) == ["a.safetensors", "b.safetensors",
                                                                       "c.safetensors", "d.safetensors"]
+
+
+def test_include_non_expert_downloads_every_shard_and_removes_them_at_the_end(served, source, tmp_path):
+    cache, out, ref = tmp_path / "hub", tmp_path / "out", tmp_path / "ref"
+    r = cli(hub_env(served.endpoint, cache), "--download", "--include-non-expert", "--delete-source-after-use",
+            out=out)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(ref), "--threadpool-count", "1",
+                        "--no-progress", "--include-non-expert"], cwd=ROOT, capture_output=True, text=True,
+                       env=_base_env())
+    assert r.returncode == 0, r.stderr
+    last = "model-00005-of-00005.safetensors"  # the non-expert tensors, kt's last shard
+    assert (out / last).read_bytes() == (ref / last).read_bytes()
+    assert not any((repo_dir(cache) / "blobs" / served.files[n].sha256).exists() for n in SHARDS)
