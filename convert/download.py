@@ -8,9 +8,12 @@ huggingface_hub in the order the layers need them, a layer read as soon as its s
 - A shard not yet on disk is a PendingFile: a SafetensorsFile built from the header the hub serves
   (two range requests); reading it waits for its download, then reads the real file, whose header
   must match.
-- Downloads are huggingface_hub's hf_hub_download into the normal cache (blobs/, snapshots/, refs/;
-  an interrupted download is its own .incomplete blob, resumed with a Range request), one at a time
-  on a background thread, ahead of the conversion as far as the disk cap allows.
+- Downloads are huggingface_hub's hf_hub_download into the normal cache (blobs/, snapshots/, refs/),
+  DOWNLOAD_WORKERS at a time on background threads, in layer order, ahead of the conversion as far
+  as the disk cap allows. huggingface_hub resumes a broken connection within a download (Range);
+  a download killed with its process is started again by the next run (huggingface_hub 2.x writes
+  each download to a process-private partial file that it never reuses: those of killed runs are
+  removed here).
 - An LFS shard this run downloads is hashed (sha256) against the hub's record: a mismatch is
   downloaded once more, then the run stops (exit 2) naming the file. A shard once verified is
   recorded and never hashed or fetched again.
@@ -39,6 +42,9 @@ from .families import detect_family
 from .source import COPIED_FILES, INDEX_NAME, Checkpoint, _check_copied_files, _read_json_object, hub_cache_dir
 
 STATE_NAME = "kt-convert-downloads.json"
+# shards downloaded at once by default, in layer order (`hf download` also fetches several files at
+# once); the disk cap bounds them together
+DOWNLOAD_WORKERS = 4
 HASH_CHUNK = 8 << 20
 
 
@@ -153,12 +159,12 @@ class _State:
 
 
 class ShardDownloader:
-    """Fetches the shards of a HubCheckpoint on one background thread, in the order of the layers
+    """Fetches the shards of a HubCheckpoint on `workers` background threads, in the order of the layers
     still to convert (schedule), a shard someone waits for first (wait_for); deletes a shard this
     tool downloaded once every layer needing it is committed (layer_committed), when asked to."""
 
     def __init__(self, remote: hub.RemoteRepo, cache: Path, snapshot: Path, delete_after_use: bool,
-                 max_source_disk: int | None, note=print):
+                 max_source_disk: int | None, note=print, workers: int = DOWNLOAD_WORKERS):
         self.remote = remote
         self.cache = cache
         self.snapshot = snapshot
@@ -166,6 +172,7 @@ class ShardDownloader:
         self.delete_after_use = delete_after_use or max_source_disk is not None
         self.max_source_disk = max_source_disk
         self.note = note
+        self.workers = max(1, workers)
         self.files: dict[str, PendingFile] = {}
         self.state = _State.load(self.repo_dir / STATE_NAME)
         self._cond = threading.Condition()
@@ -176,7 +183,8 @@ class ShardDownloader:
         self._held = 0  # bytes of shards this tool downloaded that are on disk now
         self._error: UserError | None = None
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._active: set[str] = set()  # being downloaded now
         self.peak_held = 0
         self.downloaded_bytes = 0
 
@@ -226,9 +234,11 @@ class ShardDownloader:
                                 f"{-(-need // 10**7) / 100:.2f}")
 
     def _start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="kt-download", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            for i in range(self.workers):
+                t = threading.Thread(target=self._run, name=f"kt-download-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     # -- the conversion's side ------------------------------------------------------------------
 
@@ -284,7 +294,8 @@ class ShardDownloader:
     def _next(self) -> str | None:
         for name in self._demanded + self._order:
             f = self.files.get(name)
-            if f is not None and not f.present and not f.deleted and (name in self._demanded or self._users.get(name)):
+            if f is not None and not f.present and not f.deleted and name not in self._active \
+                    and (name in self._demanded or self._users.get(name)):
                 return name
         return None
 
@@ -309,18 +320,21 @@ class ShardDownloader:
                     self.state.downloaded[etag] = name
                     self.state.save()  # recorded before the first byte: a killed run's blob is still ours
                 self._held += size
+                self._active.add(name)
                 self.peak_held = max(self.peak_held, self._held)
             try:
                 self._download_verified(name)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
                 with self._cond:
                     self._held -= size
+                    self._active.discard(name)
                     self._error = e if isinstance(e, UserError) else UserError(
                         f"{self.remote.spec}: downloading {name} failed ({type(e).__name__}: {e}); downloaded files "
                         "and converted layers are kept: re-run the same command to resume")
                     self._cond.notify_all()
                 return
             with self._cond:
+                self._active.discard(name)
                 if name in self._demanded:
                     self._demanded.remove(name)
                 self.downloaded_bytes += self.files[name].size
@@ -446,7 +460,8 @@ def needed_shards(config: dict, weight_map: dict[str, str] | None, shard_names: 
 
 
 def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_expert: bool, delete_after_use: bool,
-                        max_source_disk: int | None, dry_run: bool, note) -> tuple[HubCheckpoint, DownloadPlan]:
+                        max_source_disk: int | None, dry_run: bool, note,
+                        workers: int = DOWNLOAD_WORKERS) -> tuple[HubCheckpoint, DownloadPlan]:
     """The checkpoint of a hub model: small files fetched into the cache (a temporary one for a dry
     run), shard headers from the cache or the hub, a ShardDownloader for the shards still missing."""
     cache = hub_cache_dir()
@@ -483,7 +498,7 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         needed = needed_shards(config, wm, shard_names, include_non_expert)
         if not needed:
             raise UserError(f"{remote.spec}: no .safetensors files in the repository")
-        gate = ShardDownloader(remote, cache, snapshot, delete_after_use, max_source_disk, note)
+        gate = ShardDownloader(remote, cache, snapshot, delete_after_use, max_source_disk, note, workers)
         files = {}
         present, todo = [], []
         try:

@@ -53,6 +53,7 @@ class ConvertOptions:
     delete_source_after_use: bool = False  # remove shards this run downloaded once converted
     max_source_disk: int | None = None  # bytes of downloaded source on disk at once (implies deletion)
     dry_run: bool = False  # plan only: print it, write nothing
+    download_workers: int = 4  # shards downloaded at once
 
 
 @dataclass
@@ -245,7 +246,8 @@ def open_source(opts: ConvertOptions, note=print):
                 return open_checkpoint(opts.input_path), None
             return open_hub_checkpoint(m["repo"], m["rev"], include_non_expert=opts.include_non_expert,
                                        delete_after_use=opts.delete_source_after_use,
-                                       max_source_disk=opts.max_source_disk, dry_run=opts.dry_run, note=note)
+                                       max_source_disk=opts.max_source_disk, dry_run=opts.dry_run, note=note,
+                                       workers=opts.download_workers)
     return open_checkpoint(opts.input_path), None
 
 

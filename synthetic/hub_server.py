@@ -13,7 +13,8 @@ HF_ENDPOINT). No Xet headers are ever sent: downloads take the plain HTTP path.
                                                  so huggingface_hub reads the metadata off the 302)
 
 Test hooks: `corrupt[name] = n` serves wrong bytes (same length) for the next n downloads of that
-LFS file; `bytes_per_s` throttles LFS bodies; `requests` logs (method, path, Range header).
+LFS file; `bytes_per_s` throttles LFS bodies (one link: the total over all connections);
+`requests` logs (method, path, Range header); `sent` counts LFS body bytes per file.
 """
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ class LocalHub:
         self.corrupt: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.sent: dict[str, int] = {}  # LFS body bytes sent, by file name
+        self._link_free = 0.0  # when the throttled link is free again (time.monotonic)
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
         self._connections: set = set()  # open client sockets, cut by stop()
@@ -281,8 +283,11 @@ class _Handler(BaseHTTPRequestHandler):
                     left -= len(block)
                     with self.hub._lock:
                         self.hub.sent[f.name] = self.hub.sent.get(f.name, 0) + len(block)
-                    if throttle:
-                        time.sleep(len(block) / throttle)
+                    if throttle:  # one link shared by every connection: a slot of its time per block
+                        with self.hub._lock:
+                            start = max(time.monotonic(), self.hub._link_free)
+                            self.hub._link_free = done = start + len(block) / throttle
+                        time.sleep(max(0.0, done - time.monotonic()))
         except OSError:  # the client went away, or stop() cut the connection
             pass
 

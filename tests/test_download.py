@@ -174,15 +174,15 @@ def _kill_and_resume(served, tmp_path):
     cache, out = tmp_path / "hub", tmp_path / "out"
     env = hub_env(served.endpoint, cache)
     served.requests.clear()
-    served.bytes_per_s = 15e6  # ~1.3 s per shard
+    served.bytes_per_s = 15e6  # ~1.3 s per shard, one shard at a time
     # 1: killed while the first shard is half downloaded, before any layer
-    proc = start_cli(env, out)
+    proc = start_cli(env, out, "--download-workers", "1")
     assert wait_until(lambda: incomplete_bytes(cache) > 0, proc), proc.communicate()
     proc.kill()
     proc.wait()
     assert completed_layers(out) == 0
     # 2: killed after a layer is committed, while a later shard downloads
-    proc = start_cli(env, out)
+    proc = start_cli(env, out, "--download-workers", "1")
     assert wait_until(lambda: completed_layers(out) >= 1 and incomplete_bytes(cache) > 0, proc), \
         proc.communicate()
     proc.kill()
