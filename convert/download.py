@@ -28,6 +28,7 @@ import json
 import os
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +43,11 @@ from .families import detect_family
 from .source import COPIED_FILES, INDEX_NAME, Checkpoint, _check_copied_files, _read_json_object, hub_cache_dir
 
 STATE_NAME = "kt-convert-downloads.json"
-# shards downloaded at once by default, in layer order (`hf download` also fetches several files at
-# once); the disk cap bounds them together
-DOWNLOAD_WORKERS = 4
+# shards downloaded at once by default. One: in layer order the first layer's shards arrive first
+# (parallel downloads share the link and all finish late; measured in scripts/bench_download.py),
+# and hf_xet already fetches one file over several connections. More help where each connection is
+# slow; the disk cap bounds them together.
+DOWNLOAD_WORKERS = 1
 HASH_CHUNK = 8 << 20
 
 
@@ -322,6 +325,7 @@ class ShardDownloader:
                 self._held += size
                 self._active.add(name)
                 self.peak_held = max(self.peak_held, self._held)
+            started = time.perf_counter()
             try:
                 self._download_verified(name)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
@@ -333,6 +337,8 @@ class ShardDownloader:
                         "and converted layers are kept: re-run the same command to resume")
                     self._cond.notify_all()
                 return
+            self.note(f"downloaded {name} ({self.files[name].size / 1e9:.2f} GB, "
+                      f"{time.perf_counter() - started:.1f} s)")
             with self._cond:
                 self._active.discard(name)
                 if name in self._demanded:

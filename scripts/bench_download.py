@@ -6,14 +6,16 @@ own download code on the client side).
     python scripts/bench_download.py [--layers 8] [--experts 32] [--bandwidth-mb 200] [--json OUT.json]
 
 Makes a v4-flash-layer checkpoint (H=4096, I=2048, MXFP4; 32 experts x 8 layers is about 3.4 GB in
-8 shards) under --workdir unless one is there, serves it (throttled to --bandwidth-mb MB/s per
-connection when given: a network link; loopback alone is not one), then measures, each with a fresh
+8 shards) under --workdir unless one is there, serves it (throttled to --bandwidth-mb MB/s in all,
+one shared link, when given; loopback alone is not a network), then measures, each with a fresh
 cache and output and wall time from the first request to the complete output:
 
   1. download then convert: huggingface_hub's snapshot_download of the files the conversion needs
      (what `hf download` does), then the conversion of the cached model;
-  2. --download: conversion while downloading, the cache keeping the shards;
-  3. --download --max-source-disk CAP: shards removed once converted (CAP: --cap-gb, default two
+  2. --download: conversion while downloading, the cache keeping the shards (one shard at a time,
+     the default);
+  3. --download --download-workers 4: four shards at once;
+  4. --download --max-source-disk CAP: shards removed once converted (CAP: --cap-gb, default two
      shards).
 
 Peak disk is sampled every 20 ms over the cache and the output (allocated blocks). Prints one line
@@ -152,7 +154,15 @@ def main() -> int:
         print(f"--download: {t:.1f} s, peak disk {disk.peak / 1e9:.2f} GB", flush=True)
         same = _same_layers(ref_out, out)
 
-        # 3. convert while downloading under a disk cap, shards removed after use
+        # 3. four shards at once
+        cache, out, env = fresh("overlap4")
+        with DiskSampler([cache, out]) as disk:
+            t = run(convert_cmd(out, "--download", "--download-workers", "4"), env)
+        report["runs"]["download_while_converting_4_workers"] = {"wall_s": t, "peak_disk_bytes": disk.peak}
+        print(f"--download --download-workers 4: {t:.1f} s, peak disk {disk.peak / 1e9:.2f} GB", flush=True)
+        same = same and _same_layers(ref_out, out)
+
+        # 4. convert while downloading under a disk cap, shards removed after use
         cache, out, env = fresh("capped")
         with DiskSampler([cache, out]) as disk:
             t = run(convert_cmd(out, "--download", "--max-source-disk", f"{cap / 1e9:.3f}"), env)
