@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import stat
 import threading
 import time
@@ -187,9 +188,11 @@ class ShardDownloader:
         self._error: UserError | None = None
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self._active: set[str] = set()  # being downloaded now
+        self._active: set[str] = set()  # being downloaded or checked now
+        self._checks: queue.Queue = queue.Queue()  # downloaded, to be hashed and opened
         self.peak_held = 0
         self.downloaded_bytes = 0
+        self.dry_run = False  # --dry-run: nothing may be downloaded
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -238,6 +241,9 @@ class ShardDownloader:
 
     def _start(self) -> None:
         if not self._threads:
+            checker = threading.Thread(target=self._check_loop, name="kt-download-check", daemon=True)
+            checker.start()
+            self._threads.append(checker)
             for i in range(self.workers):
                 t = threading.Thread(target=self._run, name=f"kt-download-{i}", daemon=True)
                 t.start()
@@ -248,6 +254,9 @@ class ShardDownloader:
     def wait_for(self, f: PendingFile) -> None:
         """Blocks until `f` is downloaded (asking for it first), or raises the download's error."""
         name = f.path.name
+        if self.dry_run:
+            raise UserError(f"--dry-run: planning {self.remote.spec} reads tensor data from {name}, which is not in "
+                            "the cache; run without --dry-run (or download that file first)")
         with self._cond:
             if not f.present and name not in self._demanded:
                 self._demanded.append(name)
@@ -282,8 +291,12 @@ class ShardDownloader:
         if not self.delete_after_use or not f.present or not self.ours(name):
             return
         f.drop()
-        _remove_cached(self.snapshot, self.repo_dir, name, self.remote.files[name].etag)
+        etag = self.remote.files[name].etag
+        _remove_cached(self.snapshot, self.repo_dir, name, etag)
         self._held -= f.size
+        if etag in self.state.verified:  # a later download of it is checked again
+            self.state.verified.remove(etag)
+            self.state.save()
 
     def close(self) -> None:
         with self._cond:
@@ -327,15 +340,31 @@ class ShardDownloader:
                 self.peak_held = max(self.peak_held, self._held)
             started = time.perf_counter()
             try:
-                self._download_verified(name)
+                self._remove_stale_partials(etag)
+                path = hub.download_file(self.remote, name, self.cache)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
-                with self._cond:
-                    self._held -= size
-                    self._active.discard(name)
-                    self._error = e if isinstance(e, UserError) else UserError(
-                        f"{self.remote.spec}: downloading {name} failed ({type(e).__name__}: {e}); downloaded files "
-                        "and converted layers are kept: re-run the same command to resume")
-                    self._cond.notify_all()
+                self._failed(name, e)
+                return
+            # hashed on the checker thread while this one fetches the next shard: the link stays busy
+            self._checks.put((name, path, started))
+
+    def _failed(self, name: str, e: BaseException) -> None:
+        with self._cond:
+            self._held -= self.files[name].size
+            self._active.discard(name)
+            if self._error is None:
+                self._error = e if isinstance(e, UserError) else UserError(
+                    f"{self.remote.spec}: downloading {name} failed ({type(e).__name__}: {e}); downloaded files "
+                    "and converted layers are kept: re-run the same command to resume")
+            self._cond.notify_all()
+
+    def _check_loop(self) -> None:
+        while True:
+            name, path, started = self._checks.get()
+            try:
+                self._verify_and_attach(name, path)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
+                self._failed(name, e)
                 return
             self.note(f"downloaded {name} ({self.files[name].size / 1e9:.2f} GB, "
                       f"{time.perf_counter() - started:.1f} s)")
@@ -368,11 +397,13 @@ class ShardDownloader:
         finally:
             lock.release()
 
-    def _download_verified(self, name: str) -> None:
+    def _verify_and_attach(self, name: str, path: Path) -> None:
+        """Checks a downloaded shard's sha256 against the hub's record (a mismatch: removed, downloaded
+        once more, then refused), then opens it for the reader."""
         rf = self.remote.files[name]
-        self._remove_stale_partials(rf.etag)
         for attempt in (1, 2):
-            path = hub.download_file(self.remote, name, self.cache)
+            if attempt == 2:
+                path = hub.download_file(self.remote, name, self.cache)
             if rf.sha256 is None or rf.sha256 in self.state.verified:
                 break
             got = _sha256(path)
@@ -505,6 +536,7 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         if not needed:
             raise UserError(f"{remote.spec}: no .safetensors files in the repository")
         gate = ShardDownloader(remote, cache, snapshot, delete_after_use, max_source_disk, note, workers)
+        gate.dry_run = dry_run
         files = {}
         present, todo = [], []
         try:

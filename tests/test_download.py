@@ -385,3 +385,12 @@ def test_include_non_expert_downloads_every_shard_and_removes_them_at_the_end(se
     last = "model-00005-of-00005.safetensors"  # the non-expert tensors, kt's last shard
     assert (out / last).read_bytes() == (ref / last).read_bytes()
     assert not any((repo_dir(cache) / "blobs" / served.files[n].sha256).exists() for n in SHARDS)
+
+
+def test_unknown_repository_and_options_without_download(served, tmp_path):
+    env = hub_env(served.endpoint, tmp_path / "hub")
+    r = subprocess.run([sys.executable, "-m", "convert", "-i", "org/not-there", "-o", str(tmp_path / "out"),
+                        "--download"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "no such repository" in r.stderr and served.endpoint in r.stderr, r.stderr
+    r = cli(env, "--max-source-disk", "1", out=tmp_path / "out")
+    assert r.returncode == 2 and "only with --download" in r.stderr, r.stderr
