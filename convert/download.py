@@ -44,11 +44,11 @@ from .families import detect_family
 from .source import COPIED_FILES, INDEX_NAME, Checkpoint, _check_copied_files, _read_json_object, hub_cache_dir
 
 STATE_NAME = "kt-convert-downloads.json"
-# shards downloaded at once by default. One: in layer order the first layer's shards arrive first
-# (parallel downloads share the link and all finish late; measured in scripts/bench_download.py),
-# and hf_xet already fetches one file over several connections. More help where each connection is
-# slow; the disk cap bounds them together.
-DOWNLOAD_WORKERS = 1
+# shards downloaded at once by default, in layer order (`hf download` runs 8 files at once). One
+# stream alone did not fill a 100 MB/s link beside the packer on 2 busy cores; four did
+# (docs/BENCHMARKS.md). The first layer then waits for its shard's share of the link; the disk cap
+# bounds the shards in flight together.
+DOWNLOAD_WORKERS = 4
 HASH_CHUNK = 8 << 20
 
 

@@ -53,7 +53,7 @@ class ConvertOptions:
     delete_source_after_use: bool = False  # remove shards this run downloaded once converted
     max_source_disk: int | None = None  # bytes of downloaded source on disk at once (implies deletion)
     dry_run: bool = False  # plan only: print it, write nothing
-    download_workers: int = 1  # shards downloaded at once (convert.download.DOWNLOAD_WORKERS)
+    download_workers: int = 4  # shards downloaded at once (convert.download.DOWNLOAD_WORKERS)
 
 
 @dataclass

@@ -19,9 +19,8 @@ def download_options(command):
         click.option("--delete-source-after-use", is_flag=True,
                      help="With --download: remove each shard this run downloaded from the cache once every layer "
                           "reading it is converted (files already in the cache are never removed)."),
-        click.option("--download-workers", type=click.IntRange(1, 64), default=1, show_default=True,
-                     help="With --download: shards downloaded at once (in layer order, within the disk cap); "
-                          "more help only where one connection cannot fill the link."),
+        click.option("--download-workers", type=click.IntRange(1, 64), default=4, show_default=True,
+                     help="With --download: shards downloaded at once (in layer order, within the disk cap)."),
         click.option("--dry-run", is_flag=True,
                      help="Print the plan (family, format, layers, sizes, peak memory and disk, files to download) "
                           "and exit without writing anything."),
