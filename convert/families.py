@@ -242,10 +242,26 @@ def detect_family(model_type: str | None, keys) -> Family | None:
 _EXPERTISH = re.compile(r"expert")
 
 
+def detection_note(model_type: str | None, family: Family) -> str | None:
+    """Said at the start of a run whose family came from the tensor names, not from config.json."""
+    if family_for(model_type) is family:
+        return None
+    named = f"model_type {model_type!r} is not a known family" if model_type else "config.json names no model_type"
+    return (f"{named}; its routed-expert keys match the {family.name} table ({family.note}): converting with "
+            "that table")
+
+
+def families_table() -> str:
+    """The supported families, one per line: name, config model types, what they hold."""
+    rows = [(f.name, "/".join(f.model_types), f.note) for f in FAMILIES]
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    return "\n".join(f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
 def describe_unknown(model_type: str | None, keys) -> str:
     """What was found, for the error when no family fits."""
     sample = sorted(k for k in keys if _EXPERTISH.search(k))[:3]
     found = f"expert-like keys such as {', '.join(sample)}" if sample else "no expert-like keys"
-    listing = "; ".join(f"{f.name} (model_type {'/'.join(f.model_types)}): {f.note}" for f in FAMILIES)
     return (f"model_type {model_type!r} is not a supported MoE family and its routed-expert keys were not "
-            f"recognised ({found}). Supported: {listing}")
+            f"recognised ({found}). Supported families (name, config.json model_type, routed experts):\n"
+            f"{families_table()}")

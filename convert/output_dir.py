@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE, VERIFIED_FILE
 from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
@@ -19,25 +19,68 @@ COPY_CHUNK = 1 << 20
 
 
 class OutputLock:
-    """flock on OUT/.kt_convert.lock: released by the kernel even when the process is killed."""
+    """flock on OUT/.kt_convert.lock: released by the kernel even when the process is killed.
+
+    The file is removed when the run ends, so a finished output holds only its own files. Removing a
+    lock file races with a converter that opened it just before: that one then holds a lock on a
+    file no longer in the folder, so after flock the name must still lead to the locked file, else
+    it tries again on the new one."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_FILE
-        self._fd = fsio.open_lock_file(self.path)  # never through a link: a planted one would be truncated
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self._fd)
-            raise UserError(f"{out_dir} is being written by another converter (pid {holder}); wait for it to "
-                            "finish or stop it, then re-run") from None
+        while True:
+            self._fd = fsio.open_lock_file(self.path)  # never through a link: a planted one would be truncated
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(self._fd)
+                raise UserError(f"{out_dir} is being written by another converter (pid {holder}); wait for it to "
+                                "finish or stop it, then re-run") from None
+            if self._still_named():
+                break
+            os.close(self._fd)  # the previous holder removed it as we locked it: take the new one
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
+    def _still_named(self) -> bool:
+        try:
+            named = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(self._fd)
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
     def release(self) -> None:
+        """Removes the lock file (still holding the lock, so no one waits on a removed file), then unlocks."""
         if self._fd >= 0:
+            try:
+                if self._still_named():
+                    os.unlink(self.path)
+            except OSError:
+                pass  # a read-only or vanished folder: the next run takes the lock over
             os.close(self._fd)
             self._fd = -1
+
+
+def created_dirs(path: Path) -> list[Path]:
+    """The folders that mkdir(parents=True) will create for `path`, deepest first."""
+    missing = []
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            break
+        missing.append(p)
+    return missing
+
+
+def remove_if_empty(dirs: list[Path]) -> None:
+    """Undoes the mkdir of a run refused before it wrote anything (deepest first; a folder that now
+    holds anything, or cannot be removed, is kept)."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 def _stale_temporary(path: Path) -> bool:
@@ -56,7 +99,7 @@ def _ours(path: Path) -> bool:
     """What a conversion writes; --overwrite replaces these and leaves any other file alone."""
     name = path.name
     return (name.endswith((".safetensors", ".tmp")) or name.startswith("_layer_")
-            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE) or name in COPIED_FILES)
+            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE) or name in COPIED_FILES)
 
 
 def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:

@@ -18,15 +18,19 @@ from kt_runtime.format.methods import get_method
 from quant.cpu import PackTarget
 
 from . import __version__, preflight
+from .announce import plan_lines, resume_line
+from .kt_resume import adopt_kt_layers, kt_started_layout
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
-from .output_dir import OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index
+from .output_dir import (OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
+                         resolve_output_dir, write_index)
 from .packers import make_packer
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
 from .progress import Progress
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
 from .source_reader import default_read_threads
+from .units import plural, rate, size
 from .writer import KtFolderWriter, MergedShardWriter
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
@@ -76,6 +80,7 @@ class ConversionReport:
     nonfinite: dict[str, int] = field(default_factory=dict)
     partial: bool = False  # --layers left out MoE layers of the model
     model_layers: int = 0  # MoE layers of the whole model
+    startup_seconds: float = 0.0  # finding the device (--device auto), not counted in `seconds`
 
     @property
     def input_gb_per_s(self) -> float:
@@ -87,12 +92,17 @@ class ConversionReport:
         return d
 
     def summary(self) -> str:
-        return (f"{self.layers_converted} layers converted, {self.layers_resumed} already done, "
-                f"{self.experts_per_layer} experts each ({self.method}, threadpool count {self.threadpool_count}, "
-                f"{self.device}): {self.input_bytes / 1e9:.2f} GB in, {self.output_bytes / 1e9:.2f} GB out, "
-                f"{self.seconds:.1f} s, {self.input_gb_per_s:.2f} GB/s -> {self.output}"
-                + (f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
-                   "(--layers); kt_manifest.json says so" if self.partial else ""))
+        partial = (f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
+                   "(--layers); kt_manifest.json says so" if self.partial else "")
+        if not self.layers_converted:
+            return (f"nothing to convert: all {plural(self.layers, 'layer')} were converted by an earlier run "
+                    f"-> {self.output}" + partial)
+        return (f"{plural(self.layers_converted, 'layer')} converted, {self.layers_resumed} already done, "
+                f"{plural(self.experts_per_layer, 'expert')} each ({self.method}, threadpool count {self.threadpool_count}, "
+                f"{self.device}): {size(self.input_bytes)} in, {size(self.output_bytes)} out, "
+                f"{self.seconds:.1f} s, {rate(self.input_bytes, self.seconds)} -> {self.output}"
+                + (f" (and {self.startup_seconds:.1f} s finding the device)" if self.startup_seconds >= 0.5 else "")
+                + partial)
 
 
 def max_cpu_threads() -> int:
@@ -265,14 +275,17 @@ def plan_conversion(ckpt: Checkpoint, opts: ConvertOptions) -> tuple[ConversionP
 
 
 def convert(opts: ConvertOptions) -> ConversionReport:
-    start = time.perf_counter()
+    probe = time.perf_counter()
     check_cpu_threads(opts.cpuinfer_threads)
     device = resolve_device(opts.device)
+    start = time.perf_counter()  # the report's seconds are the conversion's, not the device probe's
     get_method_or_exit(opts.quant_method)
     ckpt, downloads = open_source(opts, note=lambda m: Progress(0, 0, False).note(m))
     try:
         plan, non_expert = plan_conversion(ckpt, opts)
-        return _run(ckpt, plan, opts, device, start, non_expert)
+        report = _run(ckpt, plan, opts, device, start, non_expert)
+        report.startup_seconds = start - probe
+        return report
     finally:
         ckpt.close()
 
@@ -287,25 +300,34 @@ def get_method_or_exit(name: str):
 def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: str, start: float,
          non_expert: list[tuple[str, str]]) -> ConversionReport:
     out = resolve_output_dir(opts.output, ckpt.root)
+    created = created_dirs(out)  # removed again if the run is refused before it writes anything
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = OutputLock(out)
-    except OSError as e:
-        raise _os_error(e, out) from None
+    except (OSError, UserError) as e:
+        remove_if_empty(created)
+        raise _os_error(e, out) if isinstance(e, OSError) else e from None
     try:
+        progress = Progress(0, len(plan.layers), opts.progress)
+        for line in plan_lines(plan, ckpt.root, out, device):
+            progress.note(line)
         planned = planned_manifest(plan, ckpt, opts)
+        adopted = opts.resume_layer is not None and not opts.overwrite and kt_started_layout(out) is not None
+        if adopted:  # kt's own script started this output: keep its layers if they are ours byte for byte
+            _adopt_kt_layers(ckpt, plan, out, planned, opts, device, progress)
         _refuse_changed_source(out, planned, opts.overwrite)
         manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
-        progress = Progress(0, len(plan.layers), opts.progress)
-        progress.note(detected_line(plan))
         _verify_completed(out, manifest, progress)
         todo = [lp for lp in plan.layers if lp.layer not in manifest.completed]
+        done = [lp.layer for lp in plan.layers if lp.layer in manifest.completed]
+        if resume_line(done, len(plan.layers)):
+            progress.note(resume_line(done, len(plan.layers)))
         gate = getattr(ckpt, "gate", None)  # a hub download in progress (convert.download)
         if gate is not None:
             layer_files = ckpt.layer_files(todo)
             pinned = {ckpt.key_file[src] for src, _ in non_expert}
             gate.check_cap(layer_files)
-        if opts.resume_layer is not None:
+        if opts.resume_layer is not None and not adopted:
             progress.note("--resume-layer is not needed: completed layers are found in kt_manifest.json; "
                           "every missing layer is converted")
         est = preflight.estimate(plan, todo, experts_per_batch(plan), opts.cpuinfer_threads,
@@ -316,13 +338,12 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
             source_peak = gate.peak_source_bytes(layer_files)
             preflight.check_source_disk(source_peak, gate.cache, out, est.disk_bytes)
             progress.note(preflight.describe_source(source_peak, gate))
-        if plan.skipped_mtp_keys:
-            progress.note(f"skipping {plan.skipped_mtp_keys} MTP expert tensors (not routed experts of the main model)")
         write_manifest(out, manifest)
         if gate is not None:
             gate.schedule(layer_files, pinned)
         progress.close()
-        progress = Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress)
+        progress = Progress(sum(lp.input_bytes for lp in todo), len(plan.layers), opts.progress,
+                            done_layers=len(done))
         nonfinite: dict[str, int] = {}
         packer = make_packer(device, opts.cpuinfer_threads)
         reader = LayerReader(ckpt, plan, todo, experts_per_batch(plan), threads=default_read_threads())
@@ -345,6 +366,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                 pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest,
                                            gate.layer_committed if gate is not None else None)
                 progress.layer_done(lp.layer, lp.input_bytes)
+            progress.stage("finishing: fsync of the last layer, model files, index")
             if pending is not None:
                 pending.result()
             _finish(ckpt, plan, out, manifest, opts, non_expert)
@@ -361,6 +383,7 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         raise _os_error(e, out) from None
     finally:
         lock.release()
+        remove_if_empty(created)  # only folders still empty: a run that wrote anything keeps them
     return ConversionReport(
         output=str(out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
         kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=device,
@@ -369,6 +392,16 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
         input_bytes=sum(lp.input_bytes for lp in todo), output_bytes=sum(lp.output_bytes for lp in todo),
         seconds=time.perf_counter() - start, nonfinite=nonfinite, partial=plan.partial,
         model_layers=len(plan.model_layers))
+
+
+def _adopt_kt_layers(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,
+                     device: str, progress: Progress) -> None:
+    packer = make_packer(device, opts.cpuinfer_threads)
+    try:
+        adopt_kt_layers(out, plan, manifest, opts.resume_layer, convert_layer, opts, progress, packer,
+                        default_read_threads(), experts_per_batch(plan), ckpt)
+    finally:
+        packer.close()
 
 
 def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> None:
@@ -399,12 +432,6 @@ def _commit_layer(writer, layer: int, out: Path, manifest: Manifest, on_commit=N
     if on_commit is not None:  # the layer is safe on disk: its source may go
         on_commit(layer)
 
-
-def detected_line(plan: ConversionPlan) -> str:
-    """The first line of a run: what the checkpoint was recognised as."""
-    return (f"detected {plan.family}, source format {plan.input_type}: {len(plan.layers)} MoE layers, "
-            f"{plan.num_experts} experts, H={plan.hidden_size} I={plan.moe_intermediate_size} "
-            f"-> {plan.method.name} T={plan.threadpool_count}")
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,

@@ -15,7 +15,7 @@ from quant.cpu import SourceMatrix
 from quant.source_formats import FLOAT_KINDS, SUPPORTED, input_type_of
 
 from .errors import UserError
-from .families import Family, describe_unknown, detect_family
+from .families import Family, describe_unknown, detect_family, detection_note
 from .source import Checkpoint
 from .source_reader import Slab
 
@@ -102,6 +102,7 @@ class ConversionPlan:
     # facts the runtime needs that are not packed (manifest `source`): expert layout, activation
     # parameters, expert tensors left unpacked (gpt-oss biases), config dtype
     source_info: dict = field(default_factory=dict)
+    family_note: str | None = None  # the family came from the tensor names (convert.families.detection_note)
 
     @property
     def partial(self) -> bool:
@@ -495,7 +496,8 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
                           family.activation, swiglu if swiglu is not None else family.default_swiglu_limit, layout,
                           model_layers=model_layers, skipped_mtp_keys=skipped_mtp,
                           skipped_mtp_layers=[str(x) for x in mtp_layers],
-                          routed_keys=routed, extra_shards=extra_shards if layout == "merged" else 0)
+                          routed_keys=routed, extra_shards=extra_shards if layout == "merged" else 0,
+                          family_note=detection_note(model_type, family))
     quant = _Quant(fields)
     out_bytes = plan.spec.layer_data_bytes()  # the same for every layer
     kinds = set()

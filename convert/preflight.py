@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import units
 from .errors import UserError
 
 BASE_MEMORY = 256 << 20  # interpreter, numpy, the extension, mapped headers: measured ~150 MB
@@ -28,11 +29,11 @@ class Estimate:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return units.size(n)
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
+    return units.memory(n)
 
 
 def mem_available() -> int | None:

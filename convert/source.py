@@ -5,9 +5,12 @@ regular file (kt_runtime.format.input_files); JSON files are read with a size ca
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import itertools
 import json
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +138,31 @@ def hub_cache_dir() -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
+HF_CLI_SINCE = (0, 34)  # huggingface_hub 0.34 added the `hf` command; 1.0 removed `huggingface-cli`
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def hub_download_command() -> str:
+    """The download command of the huggingface_hub here: `hf download`, or `huggingface-cli download`
+    where only that one is on PATH (or, with neither on PATH, where huggingface_hub predates `hf`)."""
+    if shutil.which("hf"):
+        return "hf download"
+    if shutil.which("huggingface-cli"):
+        return "huggingface-cli download"
+    try:
+        installed = _version_tuple(importlib.metadata.version("huggingface_hub"))
+    except importlib.metadata.PackageNotFoundError:
+        return "hf download"
+    return "hf download" if installed >= HF_CLI_SINCE else "huggingface-cli download"
+
+
 def resolve_hub_id(repo: str, revision: str | None) -> Path:
     """The snapshot folder of a cached model, offline: never downloads. The snapshot's files are
     symlinks into blobs/ (or plain files where symlinks are unavailable); both are read through."""
@@ -148,9 +176,9 @@ def resolve_hub_id(repo: str, revision: str | None) -> Path:
         raise UserError(f"{repo}{'@' + revision if revision else ''} is neither a local path nor in the Hugging Face "
                         f"cache {cache} ({type(e).__name__}). Convert it while downloading with --download, or "
                         f"download it first:\n"
-                        f"  huggingface-cli download {repo}{rev}\n"
-                        "(or `hf download`; HF_HOME / HF_HUB_CACHE select the cache; add --local-dir DIR to get a "
-                        "plain folder and pass that folder)") from None
+                        f"  {hub_download_command()} {repo}{rev}\n"
+                        "(HF_HOME / HF_HUB_CACHE select the cache; add --local-dir DIR to get a plain folder and "
+                        "pass that folder)") from None
 
 
 def _read_json_object(root: Path, name: str, what: str, max_bytes: int) -> dict:

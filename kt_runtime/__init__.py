@@ -3,7 +3,7 @@
 Names are imported on first use, so that `import kt_runtime.format` (the on-disk format, which the
 converter uses) does not pull in torch.
 """
-from importlib import import_module
+from importlib import import_module as _import_module
 
 _EXPORTS = {
     "load_experts": ".loader",
@@ -23,5 +23,10 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name):
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name], __name__), name)
+        return getattr(_import_module(_EXPORTS[name], __name__), name)
     raise AttributeError(f"module 'kt_runtime' has no attribute {name!r}")
+
+
+def __dir__():
+    """The public names too (they are imported on first use, so they are not in globals() yet)."""
+    return sorted(set(globals()) | set(__all__))

@@ -121,6 +121,15 @@ class CPUMoE:
             raise ValueError(f"this CPU cannot run isa {isa!r} (best available: {best})")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts of this layer for T tokens, on the CPU.
+
+        x: hidden states [T, H] (H = hidden_size), bfloat16 or float32; topk_ids: the router's experts
+        [T, k], int64 in [0, num_experts); topk_weights: their weights [T, k], float32 (applied as given:
+        normalize them first if the model does). All CPU tensors. Returns [T, H] in x's dtype:
+        y[t] = sum_j topk_weights[t, j] * down(silu(gate x[t]) * up x[t]) of expert topk_ids[t, j]
+        (with the swiglu clamp where the model has one), shared experts not included. ValueError naming
+        the argument on a wrong shape, dtype, device, id out of range or non-finite value.
+        """
         check_moe_inputs(x, topk_ids, topk_weights, self.hidden_size)
         if x.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"x must be bfloat16 or float32, got {x.dtype}")

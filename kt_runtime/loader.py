@@ -14,6 +14,7 @@ from .format.errors import FieldError, InputFileError, ManifestError, PackedWeig
 from .format.input_files import CONFIG_MAX_BYTES, check_regular, containment_root, read_json, resolve_inside
 from .format.json_fields import get_int, get_number
 from .format.manifest import Manifest, read_manifest, shard_metadata_problem
+from .format.verified import is_verified, read_verified, record_verified
 from .format.methods import METHODS, alignment_problem
 from .format.safetensors_file import SafetensorsFile, numpy_dtype
 
@@ -198,8 +199,14 @@ def _check_layer_records(path: Path, m: Manifest, spec: PackedSpec) -> None:
                 "the manifest does not match the output")
 
 
-def _verify_layer_files(path: Path, m: Manifest, verify: bool) -> None:
+AUTO_VERIFY_BYTES = 1 << 30  # verify=None hashes layers not hashed before up to this much (about a second)
+
+
+def _verify_layer_files(path: Path, m: Manifest, verify: bool | None) -> None:
+    """Sizes always; sha256: every layer (verify=True), none (False), or (None) the layers not hashed
+    before with these very files (format/verified.py) when they are at most AUTO_VERIFY_BYTES."""
     boundary = containment_root(path)
+    layer_paths = {}
     for layer in m.layers:
         rec = m.completed[layer]
         paths = [_checked_file(path, f, f"{path / MANIFEST_FILE}: completed[{layer}].files",
@@ -208,9 +215,21 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool) -> None:
         if size != rec.nbytes:
             raise PackedWeightsError(f"{path}: layer {layer} files hold {size} bytes, the manifest says {rec.nbytes}: "
                         "the output is damaged; re-convert this layer (delete its files and re-run)")
-        if verify and tree_sha256_files(paths) != rec.sha256:
+        layer_paths[layer] = paths
+    if verify is False:
+        return
+    entries = read_verified(path)
+    todo = [layer for layer in m.layers if verify or not is_verified(
+        entries, layer, m.completed[layer].sha256, m.completed[layer].files, layer_paths[layer])]
+    if verify is None and sum(m.completed[layer].nbytes for layer in todo) > AUTO_VERIFY_BYTES:
+        return  # too much to hash on every load by default: sizes, headers and the manifest are checked
+    for layer in todo:
+        if tree_sha256_files(layer_paths[layer]) != m.completed[layer].sha256:
             raise PackedWeightsError(f"{path}: layer {layer} files do not match their sha256 in the manifest: the output is "
                         "damaged; re-convert this layer (delete its files and re-run)")
+    if todo:
+        record_verified(path, entries, {layer: (m.completed[layer].sha256, m.completed[layer].files,
+                                                layer_paths[layer]) for layer in todo})
 
 
 def as_packed_experts(weights) -> PackedExperts:
@@ -219,12 +238,18 @@ def as_packed_experts(weights) -> PackedExperts:
     return load_experts(weights) if isinstance(weights, (str, Path)) else weights
 
 
-def load_experts(path: str | Path, verify: bool = True) -> PackedExperts:
-    """Open a packed output directory.
+def load_experts(path: str | Path, verify: bool | None = None) -> PackedExperts:
+    """Open a packed output directory (memory-mapped; nothing is copied).
 
-    With a kt_manifest.json, everything is checked against it (sizes always, sha256 unless
-    verify=False). A kt-kernel output without one is loaded with parameters inferred from its
-    tensors and a warning.
+    With a kt_manifest.json, the output is checked against it before use: every file's size, every
+    shard's header (names, dtypes, shapes, offsets) and metadata (method, threadpool count,
+    dimensions, layer). The sha256 of the files is checked as well:
+      verify=None (default): for the layers not already hashed with these very files (same size,
+        mtime and inode; recorded in OUT/.kt_verified.json), when they hold at most 1 GiB;
+      verify=True: for every layer (a full read of the output; seconds per GB);
+      verify=False: never.
+    A kt-kernel output without a manifest is loaded with parameters inferred from its tensors and a
+    warning.
     """
     path = Path(path)
     if not path.is_dir():

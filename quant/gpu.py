@@ -9,7 +9,9 @@ all four synchronously; convert.packers streams them. triton is imported only by
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,11 +30,31 @@ def _align(x: int) -> int:
     return (x + ALIGN - 1) // ALIGN * ALIGN
 
 
+# What a GPU driver creates: NVIDIA (/dev/nvidia0, /dev/nvidiactl, /proc/driver/nvidia/gpus/BUS), AMD ROCm
+# (/dev/kfd), WSL (/dev/dxg). None of them: torch cannot see a GPU.
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/nvidiactl", "/proc/driver/nvidia/gpus/*", "/dev/kfd", "/dev/dxg")
+
+
+def no_gpu_device_reason(nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> str | None:
+    """Why torch cannot see a GPU, found without importing torch (a CUDA build takes seconds and
+    hundreds of MB to import only to find none), or None when one may be there."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    if not any(glob.glob(pattern) for pattern in nodes):
+        return f"no GPU device here (none of {', '.join(nodes)})"
+    return None
+
+
 def gpu_unavailable_reason() -> str | None:
     """None when the GPU packer can run here, else why not (without importing triton; torch is
-    imported only when triton is there, which keeps CPU-only runs from paying its import)."""
+    imported only when triton and a GPU device are there, which keeps CPU-only runs from paying
+    its import)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
+    why = no_gpu_device_reason()
+    if why:
+        return why
     try:
         import torch
     except ImportError:

@@ -32,7 +32,7 @@ FIXED_MTIME_NS = 1_700_000_000 * 10**9
 def tree_digests(path: Path) -> dict[str, str]:
     out = {}
     for p in sorted(path.rglob("*")):
-        if p.is_file() and p.name != ".kt_convert.lock":
+        if p.is_file() and p.name not in (".kt_convert.lock", ".kt_verified.json"):
             out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

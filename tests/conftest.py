@@ -34,12 +34,12 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def tree_hashes(path: Path) -> dict[str, str]:
-    """sha256 of every file under path (except the lock), by relative name."""
+    """sha256 of every file under path (except the lock and the loader's record of hashed layers), by relative name."""
     import hashlib
 
     out = {}
     for p in sorted(Path(path).rglob("*")):
-        if p.is_file() and p.name != ".kt_convert.lock":
+        if p.is_file() and p.name not in (".kt_convert.lock", ".kt_verified.json"):
             out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
 

@@ -138,8 +138,8 @@ def test_download_converts_like_a_local_checkpoint(served, reference, tmp_path):
     cache, out = tmp_path / "hub", tmp_path / "out"
     r = cli(hub_env(served.endpoint, cache), "--download", out=out)
     assert r.returncode == 0, r.stderr
-    first = r.stderr.splitlines()[0]
-    assert first.startswith("detected deepseek_v4, source format fp4: 4 MoE layers, 8 experts, H=384 I=512"), first
+    first = r.stderr.splitlines()[0]  # the detected family and format, first
+    assert "family deepseek_v4" in first and "MXFP4" in first, first
     assert same_tensors(out, reference)
     # a valid huggingface_hub cache: refs/main names the commit, snapshot files link to sha256 blobs
     assert (repo_dir(cache) / "refs" / "main").read_text() == served.commit
@@ -154,7 +154,7 @@ def test_download_converts_like_a_local_checkpoint(served, reference, tmp_path):
     # a second run finds the output complete and fetches nothing
     r = cli(hub_env(served.endpoint, cache), "--download", out=out)
     assert r.returncode == 0, r.stderr
-    assert "0 layers converted, 4 already done" in r.stderr
+    assert "all 4 layers were converted by an earlier run" in r.stderr
     assert all(len(served.lfs_downloads(n)) == 1 for n in SHARDS)
 
 
@@ -194,7 +194,8 @@ def _kill_and_resume(served, tmp_path):
     served.bytes_per_s = None
     r = cli(env, "--download", out=out)
     assert r.returncode == 0, r.stderr
-    assert f"{4 - done} layers converted, {done} already done" in r.stderr
+    left = 4 - done
+    assert f"{left} layer{'s' if left != 1 else ''} converted, {done} already done" in r.stderr
     assert file_digests(out) == want  # byte-identical to an uninterrupted run
     # huggingface_hub (2.x) restarts an interrupted file (its partial is process-private): the first
     # shard was fetched twice (killed, then whole in run 2), never again once complete and verified

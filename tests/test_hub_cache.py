@@ -76,16 +76,43 @@ def test_hf_home_selects_the_cache_and_plain_files_work(tiny, tmp_path, monkeypa
     ck.close()
 
 
+def fake_path_with(tmp_path, monkeypatch, *commands):
+    """PATH holding only these (empty, executable) commands."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in commands:
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
 def test_revision_not_in_cache_and_missing_repo_say_how_to_download(tiny, tmp_path, monkeypatch, capsys):
     cache = tmp_path / "hub"
     build_cache(cache, "org/tiny-moe", tiny.path)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    with pytest.raises(UserError, match=r"huggingface-cli download org/tiny-moe --revision " + OTHER_SHA):
+    fake_path_with(tmp_path, monkeypatch, "hf")
+    with pytest.raises(UserError, match=r"\n  hf download org/tiny-moe --revision " + OTHER_SHA):
         resolve_input(f"org/tiny-moe@{OTHER_SHA}")
     assert main(["-i", "deepseek-ai/Not-Downloaded", "-o", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "huggingface-cli download deepseek-ai/Not-Downloaded" in err and str(cache) in err
+    assert "  hf download deepseek-ai/Not-Downloaded\n" in err and str(cache) in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("on_path,version,expected", [
+    (("hf", "huggingface-cli"), "0.36.0", "hf download"),  # both: the current name
+    (("huggingface-cli",), "0.30.2", "huggingface-cli download"),  # an older hub: only the old name works
+    ((), "1.2.0", "hf download"),  # neither on PATH: the name this huggingface_hub installs
+    ((), "0.33.1", "huggingface-cli download"),
+])
+def test_download_hint_names_the_command_that_exists(tmp_path, monkeypatch, on_path, version, expected):
+    import importlib.metadata
+
+    from convert import source
+
+    fake_path_with(tmp_path, monkeypatch, *on_path)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    assert source.hub_download_command() == expected
 
 
 def test_local_dir_download_folder_ignores_its_cache_metadata(tiny, tmp_path):

@@ -47,7 +47,11 @@ def args(ckpt, out, layout):
 
 
 def lock_is_free(out) -> bool:
-    fd = os.open(out / LOCK_FILE, os.O_RDWR)
+    """Nobody holds the output's lock; a run that ended removes the lock file with its lock."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True

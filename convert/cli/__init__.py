@@ -18,6 +18,7 @@ from kt_runtime.format.errors import UnsafePathError
 from ..errors import UserError
 from .conversion import convert_command
 from .families import families_command
+from .kt_flags import check_kt_flags
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
@@ -33,7 +34,10 @@ class DefaultCommandGroup(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
         if not args or args[0] not in self.commands:
+            check_kt_flags(args)
             return self.commands[self.default].main(args, prog_name=prog_name, **extra)
+        if args[0] == self.default:
+            check_kt_flags(args[1:])
         return super().main(args, prog_name=prog_name, **extra)
 
 

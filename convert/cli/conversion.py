@@ -14,9 +14,16 @@ from .. import __version__
 from ..pipeline import ConvertOptions, convert, max_cpu_threads
 from ..plan import parse_layer_spec
 from .download_options import download_kwargs, download_options
+from .kt_flags import GPU_NOTE
 
 
-@click.command("convert", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py arguments work unchanged (--gpu "
+             "too). Not supported, each with a message saying what to use instead: --profile, "
+             "--save-backward-weights, --input-type awq, --quant-method awq|moe_int4|moe_int8.")
+
+
+@click.command("convert", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+               epilog=KT_EPILOG)
 @click.option("--input-path", "-i", required=True,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Output directory.")
@@ -32,8 +39,9 @@ from .download_options import download_kwargs, download_options
               help=f"CPU threads for packing (0: all cores; at most {max_cpu_threads()} here).")
 @click.option("--no-merge-safetensor", "no_merge", is_flag=True,
               help="Write kt's _layer_L/_numa_t/*.kt folders instead of one safetensors shard per layer.")
-@click.option("--resume-layer", type=int, default=None,
-              help="Accepted for kt compatibility; completed layers are resumed automatically.")
+@click.option("--resume-layer", type=int, default=None, metavar="L",
+              help="Not needed here: completed layers are resumed automatically. On an output of kt's own script "
+                   "(with --no-merge-safetensor), keeps its layers before L if they match a fresh conversion.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to dequantize and pack.")
 @click.option("--gpu", "legacy_gpu", is_flag=True, hidden=True, help="kt compatibility: same as --device auto.")
@@ -51,9 +59,17 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress, **hub):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
-    The output loads unchanged in SGLang-KT (--kt-method AMXINT4|AMXINT8 --kt-weight-path OUTPUT
-    --kt-threadpool-count T) and in kt_runtime.load_experts. Re-running the same command resumes.
+    \b
+      convert-cpu-weights -i /models/DeepSeek-V4-Flash -o /models/V4-Flash-AMXINT4 --threadpool-count 2
+
+    The family (DeepSeek-V4/V3/R1, Kimi-K2, GLM-4.5+, Qwen2/3-MoE, Qwen3.5, Mixtral, MiniMax,
+    gpt-oss) and the source format (MXFP4, FP8, BF16, FP16, INT4) are detected; the first lines of
+    the run say what was found. The output loads unchanged in SGLang-KT (--kt-method
+    AMXINT4|AMXINT8 --kt-weight-path OUTPUT --kt-threadpool-count T) and in kt_runtime.load_experts.
+    Re-running the same command resumes.
     """
+    if legacy_gpu:
+        click.echo(GPU_NOTE, err=True)
     layers = None
     if layers_spec is not None:
         try:

@@ -18,6 +18,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "kt_manifest.json"
 INDEX_FILE = "model.safetensors.index.json"
 LOCK_FILE = ".kt_convert.lock"
+VERIFIED_FILE = ".kt_verified.json"  # the loader's record of layers it hashed (format/verified.py)
 PROJECTIONS = ("gate", "up", "down")
 PARTS = ("weight", "scale")
 ALIGN = 64  # merged shards: data section and every tensor start on a 64-byte boundary

@@ -1,0 +1,60 @@
+"""The loader's record of the layers whose files it hashed and found equal to the manifest's sha256,
+each file keyed by (size, mtime_ns, inode, device): a later load whose files have the same keys
+skips hashing them again. Any write through the file system changes mtime (a replaced file, its
+inode too), so a changed file is hashed again. The record lives in the output folder
+(VERIFIED_FILE), is replaced atomically (fsio), and is only a cache: unreadable, foreign or stale
+entries are ignored, and a folder that cannot be written just goes without it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import fsio
+from .errors import UnsafePathError
+from .layout import VERIFIED_FILE
+
+VERSION = 1
+MAX_BYTES = 64 << 20
+
+
+def file_key(path: Path) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def read_verified(out: Path) -> dict[str, dict]:
+    """layer (as a string) -> {"sha256": ..., "files": {name: key}}; {} when absent or not ours."""
+    path = Path(out) / VERIFIED_FILE
+    try:
+        if fsio.entry(path, fsio.FILE) is None or path.stat().st_size > MAX_BYTES:
+            return {}
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnsafePathError):
+        return {}
+    layers = data.get("layers") if isinstance(data, dict) and data.get("version") == VERSION else None
+    return layers if isinstance(layers, dict) else {}
+
+
+def is_verified(entries: dict, layer: int, sha256: str, files: list[str], paths: list[Path]) -> bool:
+    entry = entries.get(str(layer))
+    if not isinstance(entry, dict) or entry.get("sha256") != sha256:
+        return False
+    keys = entry.get("files")
+    if not isinstance(keys, dict) or list(keys) != list(files):
+        return False
+    try:
+        return all(keys[name] == file_key(p) for name, p in zip(files, paths))
+    except OSError:
+        return False
+
+
+def record_verified(out: Path, entries: dict, layers: dict[int, tuple[str, list[str], list[Path]]]) -> None:
+    """Adds the layers just hashed ({layer: (sha256, files, paths)}) to `entries` and writes them;
+    a read-only folder (or any write error) leaves the record as it was."""
+    try:
+        for layer, (sha256, files, paths) in layers.items():
+            entries[str(layer)] = {"sha256": sha256, "files": {n: file_key(p) for n, p in zip(files, paths)}}
+        fsio.atomic_write_text(Path(out) / VERIFIED_FILE, json.dumps({"version": VERSION, "layers": entries}) + "\n")
+    except (OSError, UnsafePathError):
+        pass
