@@ -363,8 +363,8 @@ def _run(ckpt: Checkpoint, plan: ConversionPlan, opts: ConvertOptions, device: s
                     raise
                 if pending is not None:
                     pending.result()
-                pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest,
-                                           gate.layer_committed if gate is not None else None)
+                after = (gate.layer_committed,) if gate is not None else ()  # the layer's source may go
+                pending = committer.submit(_commit_layer, writer, lp.layer, out, manifest, *after)
                 progress.layer_done(lp.layer, lp.input_bytes)
             progress.stage("finishing: fsync of the last layer, model files, index")
             if pending is not None:
