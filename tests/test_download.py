@@ -8,7 +8,6 @@ corrupted download; the server going away; offline mode; --dry-run; the families
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
