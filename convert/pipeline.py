@@ -57,6 +57,12 @@ class ConvertOptions:
     progress: bool | None = None  # None: a bar on a terminal, plain lines otherwise
     resume_layer: int | None = None
     layers: list[int] | None = None  # --layers: convert only these MoE layers (the output says it is partial)
+    # a hub id not (fully) in the cache: convert while downloading (convert.download)
+    download: bool = False
+    delete_source_after_use: bool = False  # remove shards this run downloaded once converted
+    max_source_disk: int | None = None  # bytes of downloaded source on disk at once (implies deletion)
+    dry_run: bool = False  # plan only: print it, write nothing
+    download_workers: int = 4  # shards downloaded at once (convert.download.DOWNLOAD_WORKERS)
 
 
 @dataclass
@@ -276,12 +282,48 @@ def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
     return {new: name for _, new in tensors}, sum(ckpt.info(src).nbytes for src, _ in tensors)
 
 
+def open_source(opts: ConvertOptions, note=print):
+    """(checkpoint, download plan or None): a hub id with --download through convert.download, else
+    a local folder, file or fully cached hub id."""
+    if opts.download or opts.dry_run:
+        from .download import open_hub_checkpoint
+        from .source import HUB_ID
+
+        m = HUB_ID.match(opts.input_path)
+        if m and not Path(opts.input_path).expanduser().exists() and not opts.input_path.startswith((".", "/", "~")):
+            if not opts.download:  # a dry run of a cached hub id reads the cache only
+                return open_checkpoint(opts.input_path), None
+            return open_hub_checkpoint(m["repo"], m["rev"], include_non_expert=opts.include_non_expert,
+                                       delete_after_use=opts.delete_source_after_use,
+                                       max_source_disk=opts.max_source_disk, dry_run=opts.dry_run, note=note,
+                                       workers=opts.download_workers)
+    return open_checkpoint(opts.input_path), None
+
+
+def method_or_exit(name: str):
+    try:
+        return get_method(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def plan_conversion(ckpt: Checkpoint, opts: ConvertOptions) -> tuple[ConversionPlan, list[tuple[str, str]]]:
+    method = method_or_exit(opts.quant_method)
+    layout = "merged" if opts.merge else "kt-folders"
+    plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
+                      extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
+    non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
+                  if opts.include_non_expert and opts.merge else [])
+    return plan, non_expert
+
+
 def convert(opts: ConvertOptions, shard: ShardSpec | None = None) -> ConversionReport:
     return convert_outputs([opts], shard)[0]
 
 
 # What every output of one run shares: they are made from one read of the source.
-SHARED_OPTIONS = ("input_path", "input_type", "device", "cpuinfer_threads", "allow_nonfinite", "progress", "layers")
+SHARED_OPTIONS = ("input_path", "input_type", "device", "cpuinfer_threads", "allow_nonfinite", "progress", "layers",
+                  "download", "delete_source_after_use", "max_source_disk", "dry_run", "download_workers")
 
 
 def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = None) -> list[ConversionReport]:
@@ -295,6 +337,8 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
         if differ:
             raise UserError(f"the outputs of one run share {', '.join(differ)}; run separately to change them")
     check_cpu_threads(first.cpuinfer_threads)
+    for o in opts_list:
+        method_or_exit(o.quant_method)  # before a download starts
     device = resolve_device(first.device)
     start = time.perf_counter()  # the reports' seconds are the conversion's, not the device probe's
     timings = Timings()
@@ -312,7 +356,7 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
 
 
 def _convert_outputs(opts_list, shard, device, probe, start, packer, timings) -> list[ConversionReport]:
-    ckpt = open_checkpoint(opts_list[0].input_path)
+    ckpt, _ = open_source(opts_list[0], note=lambda m: Progress(0, 0, False).note(m))
     try:
         jobs = [plan_output(ckpt, o) for o in opts_list]
         seen: dict[Path, int] = {}
@@ -366,16 +410,7 @@ class OutputJob:
 
 
 def plan_output(ckpt: Checkpoint, opts: ConvertOptions) -> OutputJob:
-    try:
-        method = get_method(opts.quant_method)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    layout = "merged" if opts.merge else "kt-folders"
-    plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
-                      extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
-    non_expert = (non_expert_tensors(ckpt.key_file, plan.family, plan.routed_keys, str(ckpt.root))
-                  if opts.include_non_expert and opts.merge else [])
-    return OutputJob(opts, plan, non_expert)
+    return OutputJob(opts, *plan_conversion(ckpt, opts))
 
 
 SHARED_LOCK_WAIT_S = 600.0  # --shard processes hold the output's lock for moments; a single run for its whole length
@@ -449,8 +484,10 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
         progress.note(f"layer {layer}: skipped, {held.describe()}")
 
 
-def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, progress: Progress) -> None:
-    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch."""
+def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, progress: Progress,
+               gate=None, layer_files=None) -> None:
+    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch;
+    with a download in progress (gate, convert.download), the source's disk beside the outputs."""
     estimates = []
     by_device: dict[int, list] = {}
     for job in jobs:
@@ -468,6 +505,10 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
                                   peak, estimates[0].source_batch_bytes)
     preflight.check(combined, jobs[0].out)
     progress.note(combined.describe())
+    if gate is not None:
+        source_peak = gate.peak_source_bytes(layer_files)
+        preflight.check_source_disk(source_peak, gate.cache, jobs[0].out, sum(e.disk_bytes for e in estimates))
+        progress.note(preflight.describe_source(source_peak, gate))
 
 
 def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, shard: ShardSpec | None,
@@ -502,10 +543,17 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
         needed = {layer: [job for job in jobs if layer in job.todo] for layer in (lp.layer for lp in plan.layers)}
         todo = [lp for lp in plan.layers if needed[lp.layer]]
         batch_experts = experts_per_batch(plan, tuple(job.plan for job in jobs[1:]))
-        _preflight(ckpt, jobs, batch_experts, progress)
+        gate = getattr(ckpt, "gate", None)  # a hub download in progress (convert.download)
+        if gate is not None:
+            layer_files = ckpt.layer_files(todo)
+            pinned = {ckpt.key_file[src] for job in jobs for src, _ in job.non_expert}
+            gate.check_cap(layer_files)
+        _preflight(ckpt, jobs, batch_experts, progress, gate, layer_files if gate is not None else None)
         for job in jobs:
             if job.lock is not None:
                 write_manifest(job.out, job.manifest)
+        if gate is not None:
+            gate.schedule(layer_files, pinned)
         progress.close()
         # a resumed single run counts layers over the whole model; a shard over its own layers to do
         progress = (Progress(sum(lp.input_bytes for lp in todo), len(plan.layers), opts.progress,
@@ -543,7 +591,8 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
                     raise
                 # handed to the commit thread at once (it commits after the layer's last write), then
                 # the previous layer's commit is awaited: an interrupt there finds the writers committing
-                commit = committer.submit(_commit_layer, writers, lp.layer, last_write, timings)
+                commit = committer.submit(_commit_layer, writers, lp.layer, last_write, timings,
+                                          gate.layer_committed if gate is not None else None)
                 if pending is not None:
                     with timings.timed("commit_wait_s"):
                         pending.result()
@@ -561,9 +610,13 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
                         job.complete = True
                     elif job.shared is not None:
                         job.complete = finalize_shared(ckpt, job, progress) is None
+            if gate is not None:
+                gate.finished()
         finally:
             io.shutdown(wait=True)  # never leave a write or commit running past the lock
             committer.shutdown(wait=True)
+            if gate is not None:
+                gate.close()  # wakes a read waiting for a download before the reader waits for it
             reader.close()
             if own_packer:
                 packer.close()
@@ -659,10 +712,12 @@ def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> Non
                     "another output directory")
 
 
-def _commit_layer(writers: list, layer: int, last_write: Future | None = None, timings: Timings | None = None) -> None:
+def _commit_layer(writers: list, layer: int, last_write: Future | None = None, timings: Timings | None = None,
+                  on_commit=None) -> None:
     """Commits layer `layer` in each output (job, writer) once its last write (on the writer thread) is
     done, and records it there: in the manifest (a single process) or in its own record file, releasing
-    its claim (--shard). A failed write or commit aborts the writers not yet committed."""
+    its claim (--shard). A failed write or commit aborts the writers not yet committed. on_commit(layer): called once the
+    layer is safe on disk in every output (a downloaded source may go)."""
     try:
         if last_write is not None:
             last_write.result()
@@ -684,6 +739,8 @@ def _commit_layer(writers: list, layer: int, last_write: Future | None = None, t
             job.claims.pop(layer).release()
         else:
             write_manifest(job.out, job.manifest)
+    if on_commit is not None:  # the layer is safe on disk: its source may go
+        on_commit(layer)
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,

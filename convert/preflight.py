@@ -92,3 +92,29 @@ def non_expert_bytes(ckpt, tensors) -> int:
 
 def copied_bytes(root: Path, names: tuple[str, ...]) -> int:
     return sum((root / n).stat().st_size for n in names if (root / n).is_file())
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_source_disk(source_bytes: int, cache: Path, out: Path, out_bytes: int) -> None:
+    """Refuses a download whose source shards cannot fit beside the output (one disk or two)."""
+    where = _existing(cache)
+    same = os.stat(where).st_dev == os.stat(out).st_dev
+    need = source_bytes + (out_bytes if same else 0)
+    free = disk_free(where)
+    if need > free:
+        both = f" plus the output's {_gb(out_bytes)} on the same disk" if same else ""
+        raise UserError(f"not enough disk space in the Hugging Face cache {cache}: the download needs up to "
+                        f"{_gb(source_bytes)}{both}, {_gb(free)} are free; pass --max-source-disk GB (with "
+                        "--delete-source-after-use the converted shards are removed), free space, or set "
+                        "HF_HUB_CACHE to another disk, then re-run")
+
+
+def describe_source(source_bytes: int, gate) -> str:
+    cap = f" (cap --max-source-disk {_gb(gate.max_source_disk)})" if gate.max_source_disk is not None else ""
+    gone = ", each removed once its layers are converted" if gate.delete_after_use else ""
+    return f"pre-flight: downloading into {gate.cache}, peak source on disk about {_gb(source_bytes)}{cap}{gone}"

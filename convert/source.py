@@ -174,7 +174,8 @@ def resolve_hub_id(repo: str, revision: str | None) -> Path:
     except Exception as e:  # LocalEntryNotFoundError and friends: the hub's error classes vary by version
         rev = f" --revision {revision}" if revision else ""
         raise UserError(f"{repo}{'@' + revision if revision else ''} is neither a local path nor in the Hugging Face "
-                        f"cache {cache} ({type(e).__name__}). Download it first:\n"
+                        f"cache {cache} ({type(e).__name__}). Convert it while downloading with --download, or "
+                        f"download it first:\n"
                         f"  {hub_download_command()} {repo}{rev}\n"
                         "(HF_HOME / HF_HUB_CACHE select the cache; add --local-dir DIR to get a plain folder and "
                         "pass that folder)") from None

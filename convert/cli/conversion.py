@@ -14,6 +14,7 @@ from .. import __version__
 from ..pipeline import ConvertOptions, convert_outputs, max_cpu_threads
 from ..plan import parse_layer_spec
 from ..timings import describe as describe_timings
+from .download_options import download_kwargs, download_options
 from .kt_flags import GPU_NOTE
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
@@ -58,10 +59,11 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @click.option("--timings", "show_timings", is_flag=True,
               help="Print where the time went, stage by stage (always in the --json report).")
 @batch_options
+@download_options
 @click.version_option(__version__, prog_name="convert-cpu-weights")
 def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
-        show_timings, output_template, job_file, shard_flag, shard_count):
+        show_timings, output_template, job_file, shard_flag, shard_count, **hub):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
 
     \b
@@ -83,12 +85,21 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
             raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers")
     outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
     shard = shard_spec(shard_flag, shard_count)
-    reports = convert_outputs([
+    hub_options = download_kwargs(**hub)
+    opts_list = [
         ConvertOptions(input_path=input_path, output=out, input_type=input_type, quant_method=method,
                        threadpool_count=count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
                        device=device, include_non_expert=include_non_expert, overwrite=overwrite,
-                       allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers)
-        for out, method, count in outputs], shard)
+                       allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers,
+                       **hub_options)
+        for out, method, count in outputs]
+    if hub_options["dry_run"]:
+        from ..dry_run import describe_plan
+
+        for opts in opts_list:
+            click.echo(describe_plan(opts))
+        return
+    reports = convert_outputs(opts_list, shard)
     for report in reports:
         click.echo(report.summary(), err=True)
     if show_timings:  # one run: the stages are shared by its outputs
