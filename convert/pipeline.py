@@ -14,13 +14,14 @@ from kt_runtime.format.errors import ManifestError
 from kt_runtime.format.layout import FORMAT_VERSION, PROJECTIONS, shard_file_name, shard_slice
 from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
-from kt_runtime.format.methods import get_method
+from kt_runtime.format.methods import method_for
 from quant.cpu import PackTarget
 
 from . import __version__, preflight
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
-from .output_dir import OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index
+from .output_dir import (OutputLock, copy_model_files, prepare_output, resolve_output_dir, write_index,
+                         write_quantization_config)
 from .packers import make_packer
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, read_source_matrix
@@ -38,6 +39,7 @@ class ConvertOptions:
     output: Path
     input_type: str = "auto"
     quant_method: str = "int4"
+    group_size: int | None = None  # --group-size of a group-wise method (None: its default)
     threadpool_count: int = 2
     cpuinfer_threads: int = 0  # 0: every core
     merge: bool = True
@@ -197,7 +199,7 @@ def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerP
     """The writer of one layer in the run's layout (MergedShardWriter or KtFolderWriter)."""
     if plan.layout == "merged":
         return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
-                                 shard_metadata(manifest, lp.layer))
+                                 shard_metadata(manifest, lp.layer), plan.spec)
     return KtFolderWriter(out, lp.layer, plan.method.name)
 
 
@@ -232,7 +234,7 @@ def convert(opts: ConvertOptions) -> ConversionReport:
     check_cpu_threads(opts.cpuinfer_threads)
     device = resolve_device(opts.device)
     try:
-        method = get_method(opts.quant_method)
+        method = method_for(opts.quant_method, opts.group_size)
     except ValueError as e:
         raise UserError(str(e)) from None
     ckpt = open_checkpoint(opts.input_path)
@@ -348,6 +350,8 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
             non_expert: list[tuple[str, str]]) -> None:
     # the index is what kt-kernel loads: it is written last, after every shard and copied file
     copy_model_files(ckpt.root, out, COPIED_FILES)
+    if not plan.method.numa_split:
+        write_quantization_config(out, plan.method)
     if opts.merge:
         spec = plan.spec
         weight_map = {key: lp.shard_name for lp in plan.layers for key, _, _ in spec.layer_entries(lp.layer)}

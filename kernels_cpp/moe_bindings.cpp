@@ -34,6 +34,15 @@ std::string shape_str(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// The methods the engine runs (the packer knows more: the group-wise RAWINT4 rows are served by kt-kernel).
+Method engine_method(const std::string& name) {
+  const Method m = parse_method(name);
+  if (is_grouped(m))
+    throw std::invalid_argument("the CPU engine does not run group-wise INT4 (" + name +
+                                ") yet: serve it with kt-kernel --kt-method RAWINT4, or convert with int4/int8");
+  return m;
+}
+
 bool is_f32(const py::array& a) { return a.dtype().kind() == 'f' && a.itemsize() == 4; }
 
 class MoELayer {
@@ -42,7 +51,7 @@ class MoELayer {
   MoELayer(const std::string& method, const py::sequence& weights, int64_t hidden, int64_t intermediate,
            int64_t threadpool_count, std::optional<double> swiglu_limit) {
     moe::Config& cfg = w_.cfg;
-    cfg.method = parse_method(method);
+    cfg.method = engine_method(method);
     cfg.hidden = hidden;
     cfg.intermediate = intermediate;
     cfg.threadpool_count = threadpool_count;
@@ -332,7 +341,7 @@ void bind_moe(py::module_& m) {
   using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
   using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
   m.def("_moe_dot", [](const std::string& method_name, U8 w, int64_t n, int64_t k, I8 a, const std::string& isa_name) {
-    const Method method = parse_method(method_name);
+    const Method method = engine_method(method_name);
     const Isa isa = resolve_isa(isa_name);
     require(n > 0 && n % 32 == 0, "n must be a positive multiple of 32");
     require(k > 0 && k % method_info(method).k_align == 0,
@@ -366,7 +375,7 @@ void bind_moe(py::module_& m) {
     // Benchmark: the dot kernel alone over buf cut into packed [n, k] matrices, every 32-row group
     // of each with m activation rows (one call per group, as the decode schedule makes them);
     // thread t streams over its own contiguous share of the matrices until `seconds` have passed.
-    const Method method = parse_method(method_name);
+    const Method method = engine_method(method_name);
     const moe::DotFn dot = dot_kernel(resolve_isa(isa_name));
     require(buf.itemsize() == 1 && (buf.flags() & py::array::c_style), "buf must be a C-contiguous byte array");
     require(n > 0 && n % 32 == 0 && k > 0 && k % method_info(method).k_align == 0 && m > 0 && threads > 0,
