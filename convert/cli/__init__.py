@@ -17,6 +17,7 @@ from kt_runtime.format.errors import UnsafePathError
 
 from ..errors import UserError
 from .conversion import convert_command
+from .verify import verify_command
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
@@ -36,7 +37,7 @@ class DefaultCommandGroup(click.Group):
         return super().main(args, prog_name=prog_name, **extra)
 
 
-COMMANDS = (convert_command,)
+COMMANDS = (convert_command, verify_command)
 cli = DefaultCommandGroup(name="convert-cpu-weights", commands=COMMANDS, default=convert_command.name,
                           context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 
