@@ -66,16 +66,27 @@ class Sums:
         return {"rel_rms": self.rel_rms, "max_abs": self.max_abs, "cosine": self.cosine, "snr_db": self.snr_db}
 
 
+CHUNK = 1 << 20  # elements per float64 step: exact products, bounded memory per thread
+
+
 def tensor_sums(packed, ref) -> Sums:
-    """Sums of one packed matrix against its reference (torch tensors of one shape; float64 sums)."""
+    """Sums of one packed matrix against its reference (torch tensors of one shape), in float64 (the
+    products of float32 values are exact there), a chunk of elements at a time."""
     import torch
 
-    p = packed.to(torch.float32).reshape(-1)
-    r = ref.to(torch.float32).reshape(-1)
-    e = p - r  # exact: both are float32 and close
-    return Sums(err2=float(torch.sum(e * e, dtype=torch.float64)), ref2=float(torch.sum(r * r, dtype=torch.float64)),
-                packed2=float(torch.sum(p * p, dtype=torch.float64)), dot=float(torch.sum(p * r, dtype=torch.float64)),
-                max_abs=float(e.abs().max()) if e.numel() else 0.0, count=e.numel())
+    p_all = packed.reshape(-1)
+    r_all = ref.reshape(-1)
+    out = Sums(count=p_all.numel())
+    for i in range(0, p_all.numel(), CHUNK):
+        p = p_all[i : i + CHUNK].to(torch.float64)
+        r = r_all[i : i + CHUNK].to(torch.float64)
+        e = p - r
+        out.err2 += float(torch.dot(e, e))
+        out.ref2 += float(torch.dot(r, r))
+        out.packed2 += float(torch.dot(p, p))
+        out.dot += float(torch.dot(p, r))
+        out.max_abs = max(out.max_abs, float(e.abs().max()))
+    return out
 
 
 @dataclass
@@ -260,9 +271,8 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
     start = time.perf_counter()
     ckpt = open_checkpoint(source)
     try:
-        layout = weights.manifest.layout if weights.manifest is not None else "merged"
-        try:
-            plan = build_plan(ckpt, method, spec.threadpool_count, layout, layers=layers)
+        try:  # one pool: the source is read whole; its dimensions are compared below, in the output's words
+            plan = build_plan(ckpt, method, 1, "merged", layers=layers)
         except UserError as e:
             raise UserError(f"--source {source}: {e}") from None
         if (plan.hidden_size, plan.moe_intermediate_size, plan.num_experts) != \
