@@ -101,9 +101,11 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   }
   SpinPool& pool = spin_pool(num_threads);
   const detail::Routing rt = detail::route(ids, topk_w, tokens, topk, weights.cfg.experts);
-  const detail::Call call{weights, x, tokens, topk, out, dot_for(isa), epilogue_for(isa), isa == Isa::Amx, pool, rt,
-                          t_call};
-  if (rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {
+  // group-wise INT4 runs the decode schedule at every size, its AMX kernel configuring its own tiles
+  const bool grouped = is_grouped(weights.cfg.method);
+  const detail::Call call{weights, x, tokens, topk, out, dot_for(isa), epilogue_for(isa),
+                          isa == Isa::Amx && !grouped, pool, rt, t_call, grouped ? group_dot_for(isa) : nullptr};
+  if (!grouped && rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {
     detail::forward_prefill(call);
   } else {
     detail::forward_decode(call);

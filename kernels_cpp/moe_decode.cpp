@@ -34,6 +34,8 @@ void forward_decode(const Call& call) {
   const int64_t tokens = call.tokens, topk = call.topk;
   const DotFn dot = call.dot;
   const Epilogue& epi = call.epi;
+  const GroupDotFn gdot = call.gdot;
+  const int64_t group = method_info(cfg.method).group_size;
   const int64_t H = cfg.hidden, T = cfg.threadpool_count, IL = cfg.i_local();
   const int P = call.pool.size();
   const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
@@ -97,6 +99,12 @@ void forward_decode(const Call& call) {
     for (int64_t t = 0; t < T; ++t) {
       const ExpertShard& sh = weights.shards[active[a] * T + t];
       const int64_t base = row0[a] * T + t * m;
+      if (gdot) {
+        float* p = reinterpret_cast<float*>(acc);
+        group_product(gdot, sh.down.w, sh.down.gs, IL, group, r0, aq.p + base * IL, IL, m, p);
+        group_down(p, m, ad.data() + base, y, ystride, t == 0);
+        continue;
+      }
       dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, ALayout::row_major(IL), as.data() + base, m, acc);
       epi.down(acc, m, ad.data() + base, sh.down.s + r0, y, ystride, t == 0);
     }
@@ -127,10 +135,18 @@ void forward_decode(const Call& call) {
       int32_t* au = acc + acc_stride;
       const int8_t* xa = xq.p + row0[a] * H;
       const float* xda = xd.data() + row0[a];
-      dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);
-      dot(cfg.method, sh.up.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, au);
       float* act_at = act.p + (row0[a] * T + t * m) * IL;
-      epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
+      if (gdot) {
+        float* pg = reinterpret_cast<float*>(ag);
+        float* pu = reinterpret_cast<float*>(au);
+        group_product(gdot, sh.gate.w, sh.gate.gs, H, group, r0, xa, H, m, pg);
+        group_product(gdot, sh.up.w, sh.up.gs, H, group, r0, xa, H, m, pu);
+        group_silu_gate(pg, pu, m, xda, cfg.clamp, cfg.limit, act_at + r0, IL);
+      } else {
+        dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);
+        dot(cfg.method, sh.up.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, au);
+        epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, cfg.clamp, cfg.limit, act_at + r0, IL);
+      }
       g_left[at].fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < s_end) {  // ---- S
       const RequantTasks::Task s = stasks.task(task - g_end, m_of);
