@@ -90,8 +90,8 @@ float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
 void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
 // RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even
-// column) and k/group bf16 scales, each group's scale the better of bf16(amax/7) and bf16(amax/8)
-// (docs/FORMAT.md §7). One portable implementation: it is the only one, so nothing to match.
+// column) and k/group bf16 scales, each group's scale bf16(amax/8) where it clips no weight and gives the
+// smaller squared error, else bf16(amax/7) (docs/FORMAT.md §7). One portable implementation: it is the only one, so nothing to match.
 void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
 }  // namespace ref
 

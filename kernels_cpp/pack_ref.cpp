@@ -110,18 +110,24 @@ void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock
 }
 
 namespace {
-// Quantizes one group with scale bits `sb` (bf16); returns the squared error, fills q (-8..7).
+// Quantizes one group with scale bits `sb` (bf16); returns the squared error (infinite when a weight falls
+// outside -8..7 and would be clipped), fills q (-8..7).
 double quantize_group(const float* x, int64_t g, uint16_t sb, int8_t* q) {
   const float d = bf16_to_f32(sb);
   double err = 0.0;
+  bool clipped = false;
   for (int64_t j = 0; j < g; ++j) {
     int32_t v = 0;
-    if (d != 0.f) v = std::clamp(cvt_rne_i32(x[j] / d), -8, 7);  // |x/d| <= 8.1: never out of int32
+    if (d != 0.f) {
+      const int32_t r = cvt_rne_i32(x[j] / d);  // |x/d| <= 8.1: never out of int32
+      clipped |= r > 7 || r < -8;
+      v = std::clamp(r, -8, 7);
+    }
     q[j] = static_cast<int8_t>(v);
     const double e = static_cast<double>(x[j]) - static_cast<double>(v) * static_cast<double>(d);
     err += e * e;
   }
-  return err;
+  return clipped ? HUGE_VAL : err;
 }
 }  // namespace
 

@@ -3,7 +3,9 @@ pack-quantized): the C++ packer (kernels_cpp/pack_ref.cpp:quantize_groups_row) w
 
 Per group of `group` columns of a row: amax = max |w|; the candidate scales d7 = bf16(fl32(amax / 7)) and
 d8 = bf16(fl32(amax / 8)) (round to nearest even); q = clamp(rint_even(fl32(w / d)), -8, 7) (0 where d is
-0); the group keeps the candidate with the smaller squared error sum((w - q d)^2) (float64; ties: d7).
+0); the group keeps d8 when no weight falls outside -8..7 with it (none is clipped) and its squared error
+sum((w - q d)^2) (float64) is the smaller, else d7. So every weight is within half a step, and d8 (a step
+1/8 finer) is taken where the group's extreme is negative or has room below 7.5 d8.
 Stored: u = q + 8, two per byte, the even column in the low nibble; the scale as bf16 bits.
 Dequantized: (u - 8) * d, exact in float32.
 """
@@ -13,10 +15,13 @@ import torch
 
 
 def _quantize_with(x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float32 [N, G, g], d float32 [N, G, 1] -> (q int32, squared error float64 [N, G])."""
+    """x float32 [N, G, g], d float32 [N, G, 1] -> (q int32, squared error float64 [N, G]; inf where a weight
+    would be clipped)."""
     safe = torch.where(d == 0, torch.ones_like(d), d)
-    q = torch.where(d == 0, torch.zeros_like(x), torch.round(x / safe)).clamp(-8, 7)
+    r = torch.where(d == 0, torch.zeros_like(x), torch.round(x / safe))
+    q = r.clamp(-8, 7)
     err = (x.double() - q.double() * d.double()).pow(2).sum(-1)
+    err = torch.where(((r > 7) | (r < -8)).any(-1), torch.full_like(err, float("inf")), err)
     return q.to(torch.int32), err
 
 
