@@ -369,7 +369,8 @@ void bind_moe(py::module_& m) {
   }, py::arg("method"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("isa") = "auto",
   "Exact int32 products [m, n] of a packed [n, k] matrix (tiled bytes) with int8 activations a [m, k] on "
   "that ISA's dot kernel (tests).");
-  m.def("_moe_group_dot", [](U8 w, int64_t n, int64_t k, int64_t group, I8 a, const std::string& isa_name) {
+  m.def("_moe_group_dot", [](U8 w, int64_t n, int64_t k, int64_t group, I8 a, const std::string& isa_name,
+                             bool prepared) {
     const Isa isa = resolve_isa(isa_name);
     require(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
     require(n > 0 && n % 32 == 0 && k > 0 && k % group == 0, "n must be a multiple of 32 and k of the group");
@@ -379,9 +380,12 @@ void bind_moe(py::module_& m) {
     require(m >= 1 && m <= 16, "a must have 1 to 16 rows");
     const moe::GroupDotFn dot = moe::group_dot_for(isa);
     py::array_t<int32_t> out({m, G, n});
-    std::vector<int32_t> gsum(m * G * 32);
+    std::vector<int32_t> gsum(m * G * 32), corr(m * G);
+    std::vector<int8_t> split(m * k);
+    if (prepared) moe::group_prepare(a.data(), k, m, k, group, split.data(), corr.data());
     for (int64_t r0 = 0; r0 < n; r0 += 32) {
-      dot(w.data(), k, group, r0, a.data(), k, m, gsum.data(), false);
+      dot(w.data(), k, group, r0, a.data(), k, prepared ? split.data() : nullptr, prepared ? corr.data() : nullptr, m,
+          gsum.data(), false);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t g = 0; g < G; ++g)
           std::copy(gsum.begin() + (i * G + g) * 32, gsum.begin() + (i * G + g) * 32 + 32,
@@ -389,8 +393,10 @@ void bind_moe(py::module_& m) {
     }
     return out;
   }, py::arg("w"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("a"), py::arg("isa") = "auto",
+  py::arg("prepared") = false,
   "Exact int32 group sums [m, k/group, n] of a row-major group-wise INT4 matrix (n x k/2 bytes) with int8 "
-  "activations a [m <= 16, k] on that ISA's kernel (tests).");
+  "activations a [m <= 16, k] on that ISA's kernel; prepared: the rows split by group_prepare first, as the "
+  "engine does, else the kernel prepares them (tests).");
   m.def("_core_clock_ghz", [] {
     py::gil_scoped_release release;
     return core_clock_ghz();

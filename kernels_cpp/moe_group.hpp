@@ -22,33 +22,39 @@ namespace moe {
 // Exact group sums of rows r0..r0+31 of a row-major [n, k] group-wise INT4 matrix w (k/2 bytes per row)
 // with m <= 16 int8 activation rows (row i contiguous at a + i * lda): gsum[(i * G + g) * 32 + j], G = k / group.
 // same_rows: the previous call on this thread had the same (w, k, r0) (a kernel may keep what it unpacked).
+// split, corr: the rows prepared by group_prepare (row i at split + i * k, corr + i * G), or null (the
+// kernel prepares what it needs itself).
 using GroupDotFn = void (*)(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
-                            int64_t m, int32_t* gsum, bool same_rows);
+                            const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
 
 namespace ref {
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool same_rows);
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
 }
 namespace avx2 {
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool same_rows);
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
 }
 namespace avx512 {
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool same_rows);
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
 }
 namespace amx {
 // AMX tiles for 16+ rows (tuning().amx_min_tokens), else the AVX-512 kernel. Loads its own tile
 // configuration on every call.
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool same_rows);
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
 }
 GroupDotFn group_dot_for(Isa isa);
+
+// Per activation row (k columns at a + i * lda): its even then its odd columns (k/2 each) at split + i * k, and
+// 8 · Σa over each group at corr + i * (k / group): what the SIMD kernels need, made once per row.
+void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr);
 
 // P[i * 32 + j] (i < m, any m) of rows r0..r0+31 of matrix (w, bf16 scales s [n, k/group]) against the
 // row-major activations a (lda): group sums by `dot`, 16 rows at a time, then the float product above.
 void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t k, int64_t group, int64_t r0,
-                   const int8_t* a, int64_t lda, int64_t m, float* P);
+                   const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P);
 
 // The float stages of the group-wise path (see above), one implementation for every ISA.
 void group_silu_gate(const float* pg, const float* pu, int64_t m, const float* xd, bool clamp, float limit, float* act,

@@ -80,11 +80,11 @@ const uint8_t* unpack(const uint8_t* w, int64_t k, int64_t r0, bool same_rows) {
 
 }  // namespace
 
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool same_rows) {
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows) {
   if (m < 16 || m < tuning().amx_min_tokens.load(std::memory_order_relaxed)) {
     t_unpacked.valid = false;
-    return avx512::group_dot(w, k, group, r0, a, lda, m, gsum, same_rows);
+    return avx512::group_dot(w, k, group, r0, a, lda, split, corr, m, gsum, same_rows);
   }
   const int64_t G = k / group;
   const int gk = group < 64 ? static_cast<int>(group) : 64;
@@ -105,12 +105,17 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
     _tile_stored(0, c0, 64);
     _tile_stored(1, c1, 64);
     for (int i = 0; i < 16; ++i) {
-      int32_t s = 0;  // 8 · Σa over the group
-      for (int64_t c = g * group; c < (g + 1) * group; ++c) s += a[i * lda + c];
+      int32_t s8 = 0;  // 8 · Σa over the group
+      if (corr) {
+        s8 = corr[i * G + g];
+      } else {
+        for (int64_t c = g * group; c < (g + 1) * group; ++c) s8 += a[i * lda + c];
+        s8 *= 8;
+      }
       int32_t* o = gsum + (i * G + g) * 32;
       for (int j = 0; j < 16; ++j) {
-        o[j] = c0[i * 16 + j] - 8 * s;
-        o[16 + j] = c1[i * 16 + j] - 8 * s;
+        o[j] = c0[i * 16 + j] - s8;
+        o[16 + j] = c1[i * 16 + j] - s8;
       }
     }
   }

@@ -83,25 +83,15 @@ inline void transpose8(const __m256i* r, __m256i* t) {
   }
 }
 
-}  // namespace
-
-// As the AVX-512 kernel, 8 rows and 64 columns at a time: the 8 x 8 dwords are transposed so that a lane holds
-// a row, the nibbles split into even and odd columns, and each activation row, split likewise, is broadcast
-// 4 bytes at a time into VPMADDUBSW + VPMADDWD; a group of 128 spans two 64-column chunks.
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool /*same_rows*/) {
-  if (k % 64) return group_dot_rows(w, k, group, r0, a, lda, m, gsum);
+// (the preparation group_prepare does, with AVX2)
+void prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
   const int64_t G = k / group, half = k / 2;
-  thread_local std::vector<int8_t> split;  // [i][even k/2 | odd k/2]
-  thread_local std::vector<int32_t> corr;  // [i][G]: 8 · Σa over the group
-  split.resize(static_cast<size_t>(m * k));
-  corr.resize(static_cast<size_t>(m * G));
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1), x0f = _mm256_set1_epi8(0x0F);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                               0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t i = 0; i < m; ++i) {
     const int8_t* ai = a + i * lda;
-    int8_t* e = split.data() + i * k;
+    int8_t* e = split + i * k;
     int8_t* o = e + half;
     for (int64_t c = 0; c < k; c += 32) {  // [e0-7 o0-7 | e8-15 o8-15] -> [e0-15 | o0-15]
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai + c));
@@ -115,13 +105,34 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
       corr[i * G + g] = 8 * hsum(s);
     }
   }
+}
+
+}  // namespace
+
+// As the AVX-512 kernel, 8 rows and 64 columns at a time: the 8 x 8 dwords are transposed so that a lane holds
+// a row, the nibbles split into even and odd columns, and each activation row, split likewise, is broadcast
+// 4 bytes at a time into VPMADDUBSW + VPMADDWD; a group of 128 spans two 64-column chunks.
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool /*same_rows*/) {
+  if (k % 64) return group_dot_rows(w, k, group, r0, a, lda, m, gsum);
+  const int64_t G = k / group, half = k / 2;
+  thread_local std::vector<int8_t> split_own;  // [i][even k/2 | odd k/2], when not given
+  thread_local std::vector<int32_t> corr_own;  // [i][G]: 8 · Σa over the group
+  if (!split || !corr) {
+    split_own.resize(static_cast<size_t>(m * k));
+    corr_own.resize(static_cast<size_t>(m * G));
+    prepare(a, lda, m, k, group, split_own.data(), corr_own.data());
+    split = split_own.data();
+    corr = corr_own.data();
+  }
+  const __m256i ones16 = _mm256_set1_epi16(1), x0f = _mm256_set1_epi8(0x0F);
   const int qpg = static_cast<int>(group / 8);  // dwords (of 8 columns) per group: 4, 8 or 16
   __m256i r[8], t[8];
   for (int h = 0; h < 4; ++h) {
     const uint8_t* rows = w + (r0 + 8 * h) * half;
     int32_t* gs = gsum + 8 * h;
     for (int64_t i = 0; i < m; ++i) {
-      const int8_t* ae = split.data() + i * k;
+      const int8_t* ae = split + i * k;
       const int8_t* ao = ae + half;
       __m256i acc = _mm256_setzero_si256();
       for (int64_t c0 = 0; c0 < k; c0 += 64) {

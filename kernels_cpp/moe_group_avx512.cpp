@@ -160,24 +160,13 @@ inline void chunk_rows(const __m512i* t, const int8_t* const* ae, const int8_t* 
   }
 }
 
-}  // namespace
-
-// The 32 rows are taken 16 at a time and 128 columns (64 bytes a row) at a time: the 16 x 16 dwords are
-// transposed so that a lane holds a row (8 columns per dword), the nibbles split into even and odd
-// columns, and each activation row, split likewise, is broadcast 4 bytes at a time into VPDPBUSD: the
-// lanes accumulate the rows' sums of a group with no horizontal step.
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool /*same_rows*/) {
-  if (k % 128) return group_dot_rows(w, k, group, r0, a, lda, m, gsum);
+// (the preparation group_prepare does, with AVX-512)
+void prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
   const int64_t G = k / group, half = k / 2;
-  thread_local std::vector<int8_t> split;  // [i][even k/2 | odd k/2]
-  thread_local std::vector<int32_t> corr;  // [i][G]: 8 · Σa over the group
-  split.resize(static_cast<size_t>(m * k));
-  corr.resize(static_cast<size_t>(m * G));
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t i = 0; i < m; ++i) {  // even and odd columns apart (VPMOVWB of the words and of the words >> 8)
     const int8_t* ai = a + i * lda;
-    int8_t* e = split.data() + i * k;
+    int8_t* e = split + i * k;
     int8_t* o = e + half;
     for (int64_t c = 0; c < k; c += 64) {
       const __m512i v = _mm512_loadu_si512(ai + c);
@@ -194,6 +183,27 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
       }
       corr[i * G + g] = 8 * hsum512(acc);
     }
+  }
+}
+
+}  // namespace
+
+// The 32 rows are taken 16 at a time and 128 columns (64 bytes a row) at a time: the 16 x 16 dwords are
+// transposed so that a lane holds a row (8 columns per dword), the nibbles split into even and odd
+// columns, and each activation row, split likewise, is broadcast 4 bytes at a time into VPDPBUSD: the
+// lanes accumulate the rows' sums of a group with no horizontal step.
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool /*same_rows*/) {
+  if (k % 128) return group_dot_rows(w, k, group, r0, a, lda, m, gsum);
+  const int64_t G = k / group, half = k / 2;
+  thread_local std::vector<int8_t> split_own;  // [i][even k/2 | odd k/2], when not given
+  thread_local std::vector<int32_t> corr_own;  // [i][G]: 8 · Σa over the group
+  if (!split || !corr) {
+    split_own.resize(static_cast<size_t>(m * k));
+    corr_own.resize(static_cast<size_t>(m * G));
+    prepare(a, lda, m, k, group, split_own.data(), corr_own.data());
+    split = split_own.data();
+    corr = corr_own.data();
   }
   const int qpg = static_cast<int>(group / 8);
   __m512i r[16], t[16];
@@ -215,14 +225,14 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
         const int8_t* ae[4];
         const int8_t* ao[4];
         for (int i = 0; i < 4 && i0 + i < m; ++i) {
-          ae[i] = split.data() + (i0 + i) * k + c0 / 2;
+          ae[i] = split + (i0 + i) * k + c0 / 2;
           ao[i] = ae[i] + half;
         }
         switch (m - i0 < 4 ? m - i0 : 4) {
-          case 1: chunk_rows<1>(t, ae, ao, qpg, g0, G, corr.data(), gs, i0); break;
-          case 2: chunk_rows<2>(t, ae, ao, qpg, g0, G, corr.data(), gs, i0); break;
-          case 3: chunk_rows<3>(t, ae, ao, qpg, g0, G, corr.data(), gs, i0); break;
-          default: chunk_rows<4>(t, ae, ao, qpg, g0, G, corr.data(), gs, i0); break;
+          case 1: chunk_rows<1>(t, ae, ao, qpg, g0, G, corr, gs, i0); break;
+          case 2: chunk_rows<2>(t, ae, ao, qpg, g0, G, corr, gs, i0); break;
+          case 3: chunk_rows<3>(t, ae, ao, qpg, g0, G, corr, gs, i0); break;
+          default: chunk_rows<4>(t, ae, ao, qpg, g0, G, corr, gs, i0); break;
         }
       }
     }

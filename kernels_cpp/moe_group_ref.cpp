@@ -12,8 +12,8 @@ namespace kt {
 namespace moe {
 namespace ref {
 
-void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda, int64_t m,
-               int32_t* gsum, bool /*same_rows*/) {
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool /*same_rows*/) {
   const int64_t G = k / group;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < G; ++g)
@@ -39,8 +39,25 @@ GroupDotFn group_dot_for(Isa isa) {
   }
 }
 
+void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
+  const int64_t G = k / group;
+  for (int64_t i = 0; i < m; ++i) {
+    const int8_t* ai = a + i * lda;
+    int8_t* e = split + i * k;
+    for (int64_t c = 0; c < k / 2; ++c) {
+      e[c] = ai[2 * c];
+      e[k / 2 + c] = ai[2 * c + 1];
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t sum = 0;
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) sum += ai[c];
+      corr[i * G + g] = 8 * sum;
+    }
+  }
+}
+
 void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t k, int64_t group, int64_t r0,
-                   const int8_t* a, int64_t lda, int64_t m, float* P) {
+                   const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P) {
   const int64_t G = k / group;
   thread_local std::vector<int32_t> gsum;
   thread_local std::vector<float> sc;
@@ -50,7 +67,8 @@ void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t 
     for (int64_t g = 0; g < G; ++g) sc[g * 32 + j] = bf16_to_f32(s[(r0 + j) * G + g]);
   for (int64_t i0 = 0; i0 < m; i0 += 16) {
     const int64_t mb = std::min<int64_t>(16, m - i0);
-    dot(w, k, group, r0, a + i0 * lda, lda, mb, gsum.data(), i0 > 0);
+    dot(w, k, group, r0, a + i0 * lda, lda, split ? split + i0 * k : nullptr, corr ? corr + i0 * G : nullptr, mb,
+        gsum.data(), i0 > 0);
     for (int64_t i = 0; i < mb; ++i) {
       float acc[32];
       for (int j = 0; j < 32; ++j) acc[j] = 0.0f;

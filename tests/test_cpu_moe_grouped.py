@@ -37,7 +37,8 @@ def test_group_sums_exact_on_every_isa(group, k, m):
     want = np.einsum("mgc,ngc->mgn", a.astype(np.int64).reshape(m, k // group, group), u.reshape(64, k // group, group))
     assert want[0, 0, 0] == 8 * 128 * group
     for isa in ISAS:
-        assert np.array_equal(kt_kernels._moe_group_dot(w, 64, k, group, a, isa), want), isa
+        for prepared in (False, True):  # the kernel splits the rows itself / the engine's group_prepare did
+            assert np.array_equal(kt_kernels._moe_group_dot(w, 64, k, group, a, isa, prepared), want), (isa, prepared)
 
 
 @pytest.fixture(scope="module", params=[32, 128])
