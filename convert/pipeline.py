@@ -237,6 +237,11 @@ def convert(opts: ConvertOptions) -> ConversionReport:
         method = method_for(opts.quant_method, opts.group_size)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if device == "cuda" and not method.numa_split:  # the Triton packer writes the AMX-tiled layout only
+        if opts.device == "cuda":
+            raise UserError(f"--device cuda: --quant-method {method.choice} is packed on the CPU only; use --device "
+                            "cpu or auto")
+        device = "cpu"
     ckpt = open_checkpoint(opts.input_path)
     try:
         layout = "merged" if opts.merge else "kt-folders"

@@ -177,3 +177,14 @@ def test_layout_group_and_alignment_refusals(tmp_path, capsys):
     assert main(args + ["rawint4", "--threadpool-count", "4"]) == 2
     assert "256 / 4 = 64 is not a multiple of 128" in capsys.readouterr().err
     assert main(args + ["rawint4", "--group-size", "64", "--threadpool-count", "4"]) == 0
+
+
+def test_rawint4_packs_on_the_cpu_whatever_the_device(tmp_path, capsys, monkeypatch):
+    import convert.pipeline as pipeline
+
+    ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_bf16", num_layers=1)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")  # as on a GPU host
+    report = _convert(ck, tmp_path / "auto", quant_method="rawint4", device="auto")
+    assert report.device == "cpu"
+    with pytest.raises(Exception, match="packed on the CPU only"):
+        _convert(ck, tmp_path / "cuda", quant_method="rawint4", device="cuda")
