@@ -94,3 +94,21 @@ def test_bad_group_scales_are_refused(grouped):
     shards[1][0] = tuple(six)
     with pytest.raises(ValueError, match=r"up scales: 100 values, expected"):
         kt_kernels.MoELayer(w.method, shards, w.hidden_size, w.moe_intermediate_size, 1, None)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hybrid_layer_on_group_wise_weights(grouped, device):
+    """HybridMoE: its GPU experts come from the loader's dequantize, its CPU part is CPUMoE on the group-wise
+    weights; none, all and some experts on the "GPU" side."""
+    from kt_runtime import HybridMoE
+
+    w = grouped
+    layer = w.layers[-1]
+    ids, tw = routing(11, w.num_experts, 2, seed=4)
+    x = torch.randn(11, w.hidden_size, generator=torch.Generator().manual_seed(4))
+    cpu = CPUMoE(w, layer).forward(x, ids, tw)
+    assert torch.equal(HybridMoE(w, layer, num_gpu_experts=0, device=device)(x, ids, tw).cpu(), cpu)
+    full = HybridMoE(w, layer, num_gpu_experts=w.num_experts, device=device, gpu_dtype=torch.float32)
+    assert rel_err(full(x, ids, tw).cpu(), moe_reference(w, layer, x, ids, tw)) < 1e-5
+    mixed = HybridMoE(w, layer, num_gpu_experts=3, device=device)(x, ids, tw).cpu()
+    assert rel_err(mixed, cpu) < 0.05
