@@ -1,5 +1,6 @@
 """`verify`: integrity and error against the source for every family's synthetic checkpoints, its numbers
-against an independent numpy float64 computation, damaged outputs caught, thresholds, JSON and HTML."""
+against an independent numpy float64 computation (to 1e-6 relative: verify rounds p - r to float32),
+damaged outputs caught, thresholds, JSON and HTML."""
 import json
 import math
 
@@ -27,7 +28,7 @@ def _independent(packed: np.ndarray, ref: np.ndarray) -> dict:
 
 def _close(got: dict, want: dict):
     for key in ("rel_rms", "max_abs", "cosine", "snr_db"):
-        assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-12), key
 
 
 def _convert(ck, out, **kw):
