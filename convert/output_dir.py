@@ -219,3 +219,36 @@ def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) ->
             fsio.atomic_write(out_dir / name, copy)
         copied.append(name)
     return copied
+
+
+def compressed_tensors_config(method) -> dict:
+    """config.json's quantization_config for a group-wise INT4 output, as compressed-tensors writes it
+    (symmetric int4, group strategy, pack-quantized), targeting the routed experts' projections only."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {
+            "targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                        "group_size": method.group_size, "dynamic": False, "actorder": None,
+                        "block_structure": None, "observer": "minmax", "observer_kwargs": {}},
+            "input_activations": None, "output_activations": None}},
+        "ignore": [],
+        "kv_cache_scheme": None,
+    }
+
+
+def write_quantization_config(out_dir: Path, method) -> None:
+    """Puts the output's quantization_config into its copied config.json (the source's, if any, is kept as
+    source_quantization_config): what describes the expert tensors of this directory."""
+    path = out_dir / "config.json"
+    if fsio.entry(path, fsio.FILE) is None:
+        return
+    cfg = json.loads(path.read_text())
+    if not isinstance(cfg, dict):
+        return
+    if "quantization_config" in cfg:
+        cfg["source_quantization_config"] = cfg.pop("quantization_config")
+    cfg["quantization_config"] = compressed_tensors_config(method)
+    fsio.atomic_write_text(path, json.dumps(cfg, indent=2) + "\n")

@@ -15,7 +15,7 @@ from kt_runtime.format.errors import ManifestError
 from kt_runtime.format.layout import FORMAT_VERSION, MANIFEST_FILE, PROJECTIONS, shard_file_name, shard_slice
 from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
-from kt_runtime.format.methods import get_method
+from kt_runtime.format.methods import method_for
 from quant.cpu import PackTarget
 
 from . import __version__, preflight
@@ -25,7 +25,7 @@ from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .claims import Claim, Held
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
-                         resolve_output_dir, write_index)
+                         resolve_output_dir, write_index, write_quantization_config)
 from .packers import make_packer
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
@@ -47,6 +47,7 @@ class ConvertOptions:
     output: Path
     input_type: str = "auto"
     quant_method: str = "int4"
+    group_size: int | None = None  # --group-size of a group-wise method (None: its default)
     threadpool_count: int = 2
     cpuinfer_threads: int = 0  # 0: every core
     merge: bool = True
@@ -255,7 +256,7 @@ def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerP
     on_hashed = (lambda seconds: timings.add("digest_s", seconds)) if timings is not None else None
     if plan.layout == "merged":
         return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
-                                 shard_metadata(manifest, lp.layer), on_hashed)
+                                 shard_metadata(manifest, lp.layer), spec=plan.spec, on_hashed=on_hashed)
     return KtFolderWriter(out, lp.layer, plan.method.name, on_hashed)
 
 
@@ -300,15 +301,16 @@ def open_source(opts: ConvertOptions, note=print):
     return open_checkpoint(opts.input_path), None
 
 
-def method_or_exit(name: str):
+def method_or_exit(opts: ConvertOptions):
+    """The method row of --quant-method and --group-size (exit 2 naming what is accepted)."""
     try:
-        return get_method(name)
+        return method_for(opts.quant_method, opts.group_size)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def plan_conversion(ckpt: Checkpoint, opts: ConvertOptions) -> tuple[ConversionPlan, list[tuple[str, str]]]:
-    method = method_or_exit(opts.quant_method)
+    method = method_or_exit(opts)
     layout = "merged" if opts.merge else "kt-folders"
     plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
                       extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
@@ -337,9 +339,14 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
         if differ:
             raise UserError(f"the outputs of one run share {', '.join(differ)}; run separately to change them")
     check_cpu_threads(first.cpuinfer_threads)
-    for o in opts_list:
-        method_or_exit(o.quant_method)  # before a download starts
+    methods = [method_or_exit(o) for o in opts_list]  # before a download starts
     device = resolve_device(first.device)
+    if device == "cuda" and not all(m.numa_split for m in methods):  # the Triton packer writes AMX tiles only
+        if first.device == "cuda":
+            choice = next(m.choice for m in methods if not m.numa_split)
+            raise UserError(f"--device cuda: --quant-method {choice} is packed on the CPU only; use --device "
+                            "cpu or auto")
+        device = "cpu"
     start = time.perf_counter()  # the reports' seconds are the conversion's, not the device probe's
     timings = Timings()
     # --device cuda: the GPU starts on a background thread now, while the plan is made and the first
@@ -747,6 +754,8 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
             non_expert: list[tuple[str, str]]) -> None:
     # the index is what kt-kernel loads: it is written last, after every shard and copied file
     copy_model_files(ckpt.root, out, COPIED_FILES)
+    if not plan.method.numa_split:
+        write_quantization_config(out, plan.method)
     if opts.merge:
         spec = plan.spec
         weight_map = {key: lp.shard_name for lp in plan.layers for key, _, _ in spec.layer_entries(lp.layer)}

@@ -223,6 +223,21 @@ def parse_layer_spec(spec: str) -> list[int]:
     return sorted(layers)
 
 
+def _whole_matrix_output(method: QuantMethod, layout: str, swiglu_limit: float | None, where: str) -> int:
+    """The group-wise INT4 output (kt's RAWINT4): whole matrices (kt splits them per NUMA pool in RAM, so the
+    output holds one "pool", after the alignment check for the --threadpool-count it will be served with),
+    safetensors only, and no SwiGLU clamp (kt applies it to MXFP4/MXFP8 only and refuses it with RAWINT4)."""
+    if swiglu_limit is not None:
+        raise UserError(f"{where}: this model clamps its SwiGLU (swiglu_limit {swiglu_limit}), which "
+                        f"kt-kernel refuses with --kt-method {method.kt_method}: convert with --quant-method int4 "
+                        "or int8 (AMXINT4/AMXINT8 apply the clamp), or serve the checkpoint's MXFP4 experts "
+                        "natively with --kt-method MXFP4")
+    if layout != "merged":
+        raise UserError(f"--no-merge-safetensor: --quant-method {method.choice} writes safetensors only (kt's "
+                        f"{method.kt_method} loader reads no .kt folders); drop --no-merge-safetensor")
+    return 1
+
+
 def check_alignment(method: QuantMethod, hidden: int, inter: int, threadpool_count: int) -> None:
     """Exit 2 when the method cannot hold these dims for this threadpool count, with the counts and
     methods that would work (the rule: kt_runtime.format.methods.alignment_problem)."""
@@ -465,6 +480,9 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     if threadpool_count < 1:
         raise UserError(f"--threadpool-count must be at least 1, got {threadpool_count}")
     check_alignment(method, hidden, inter, threadpool_count)
+    if not method.numa_split:
+        threadpool_count = _whole_matrix_output(method, layout, swiglu if swiglu is not None else
+                                                family.default_swiglu_limit, f"{where} ({family.name})")
 
     # layer -> expert (None: fused over experts) -> gate|up|down|gate_up -> part -> key
     found: dict[int, dict[int | None, dict[str, dict[str, str]]]] = {}

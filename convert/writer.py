@@ -13,7 +13,7 @@ import numpy as np
 
 from kt_runtime.format import fsio
 from kt_runtime.format.digest import TreeHasher
-from kt_runtime.format.layout import kt_file_names, layer_dir_name, merged_key, numa_dir_name
+from kt_runtime.format.layout import kt_file_names, layer_dir_name, numa_dir_name
 from kt_runtime.format.manifest import LayerRecord
 from kt_runtime.format.safetensors_file import plan_layout
 
@@ -29,8 +29,9 @@ class MergedShardWriter:
     """One layer -> one safetensors shard, tensors streamed in layout order."""
 
     def __init__(self, out_dir: Path, name: str, layer: int, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str], on_hashed=None):
+                 metadata: dict[str, str], spec=None, on_hashed=None):
         self.out_dir, self.name, self.layer = out_dir, name, layer
+        self.spec = spec  # PackedSpec: the tensors of a pair (write_pair); None: only write() is used
         self.final = out_dir / name
         self.tmp = out_dir / (name + ".tmp")
         header, offsets = plan_layout(entries, metadata)
@@ -49,9 +50,9 @@ class MergedShardWriter:
             raise
 
     def write_pair(self, proj: str, expert: int, numa: int, weight: np.ndarray, scale: np.ndarray) -> None:
-        """One NUMA shard of one expert's projection: its weight then its scale tensor."""
-        self.write(merged_key(self.layer, proj, expert, numa, "weight"), weight)
-        self.write(merged_key(self.layer, proj, expert, numa, "scale"), scale)
+        """One NUMA shard of one expert's projection: its tensors in the spec's order (PackedSpec.pair_arrays)."""
+        for key, data in self.spec.pair_arrays(self.layer, proj, expert, numa, weight, scale):
+            self.write(key, data)
 
     def write(self, key: str, data: np.ndarray) -> None:
         want_key, (offset, nbytes) = next(self._order)

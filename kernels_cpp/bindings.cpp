@@ -108,11 +108,17 @@ PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
   py::array out_s = t[6].cast<py::array>();
   require(out_w.writeable() && out_s.writeable(), where, "outputs must be writable");
   require(out_w.nbytes() == kt::packed_weight_bytes(method, job.n, job.k), where, "out_weight has the wrong size");
-  require(out_s.itemsize() == 4 && out_s.size() == job.n && (out_s.flags() & py::array::c_style), where,
-          "out_scale must be n contiguous float32");
+  const kt::MethodInfo info = kt::method_info(method);
+  if (info.group_size) {
+    require(out_s.itemsize() == 2 && out_s.size() == job.n * (job.k / info.group_size) &&
+            (out_s.flags() & py::array::c_style), where, "out_scale must be n * k / group contiguous bf16 (uint16)");
+  } else {
+    require(out_s.itemsize() == 4 && out_s.size() == job.n && (out_s.flags() & py::array::c_style), where,
+            "out_scale must be n contiguous float32");
+  }
   require(out_w.flags() & py::array::c_style, where, "out_weight must be contiguous");
   job.out_weight = static_cast<uint8_t*>(out_w.mutable_data());
-  job.out_scale = static_cast<float*>(out_s.mutable_data());
+  job.out_scale = out_s.mutable_data();
   return job;
 }
 
@@ -177,9 +183,9 @@ PYBIND11_MODULE(kt_kernels, m) {
     const kt::MethodInfo info = kt::method_info(kt::parse_method(name));
     py::dict d;
     d["n_block"] = info.n_block; d["k_align"] = info.k_align; d["elems_per_byte"] = info.elems_per_byte;
-    d["levels"] = info.levels; d["fp32_reciprocal"] = info.fp32_reciprocal;
+    d["levels"] = info.levels; d["fp32_reciprocal"] = info.fp32_reciprocal; d["group_size"] = info.group_size;
     return d;
-  }, py::arg("method"), "The kernels' constants of a quant method (int4 | int8); ValueError for another name.");
+  }, py::arg("method"), "The kernels' constants of a quant method (int4 | int8 | rawint4-gG); ValueError for another name.");
   m.def("_set_mxcsr", &set_mxcsr, py::arg("value"),
         "Test hook: sets the calling thread's MXCSR (x86) and returns the previous value; threads the "
         "packer creates afterwards inherit it.");

@@ -52,6 +52,8 @@ void validate_config(const Config& cfg) {
     fail("swiglu_limit must be a positive finite number");
   if (cfg.gpt_oss && !(std::isfinite(cfg.alpha) && std::isfinite(cfg.up_offset)))
     fail("the gpt_oss activation's alpha and up_offset must be finite numbers");
+  if (cfg.gpt_oss && is_grouped(cfg.method))  // kt-kernel's RAWINT4 has no gpt-oss activation either
+    fail("group-wise INT4 layers run the SiLU activation only, not gpt_oss; use int4 or int8 weights");
 }
 
 namespace detail {
@@ -112,9 +114,13 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
     std::fill(out, out + tokens * weights.cfg.hidden, 0.f);
     return;
   }
-  const detail::Call call{weights, x, tokens, topk, out, dot_for(isa), epilogue_for(isa), isa == Isa::Amx, pool, rt,
-                          t_call};
-  if (rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {
+  // group-wise INT4 runs the decode schedule at every size, its AMX kernel configuring its own tiles
+  const bool grouped = is_grouped(weights.cfg.method);
+  if (grouped && !(weights.gate_bias.empty() && weights.up_bias.empty() && weights.down_bias.empty()))
+    throw std::invalid_argument("group-wise INT4 layers take no expert biases; use int4 or int8 weights");
+  const detail::Call call{weights, x, tokens, topk, out, dot_for(isa), epilogue_for(isa),
+                          isa == Isa::Amx && !grouped, pool, rt, t_call, grouped ? group_dot_for(isa) : nullptr};
+  if (!grouped && rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {
     detail::forward_prefill(call);
   } else {
     detail::forward_decode(call);

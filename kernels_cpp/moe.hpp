@@ -29,8 +29,9 @@ namespace moe {
 
 // One packed matrix (one NUMA shard of one projection): n rows of k columns.
 struct PackedMat {
-  const uint8_t* w = nullptr;  // tiled bytes: n*k (INT8) or n*k/2 (INT4)
-  const float* s = nullptr;    // n per-row scales
+  const uint8_t* w = nullptr;   // tiled bytes: n*k (INT8) or n*k/2 (INT4); group-wise INT4: row-major n*k/2
+  const float* s = nullptr;     // n per-row scales (AMX-tiled methods)
+  const uint16_t* gs = nullptr; // group-wise INT4: bf16 scales [n, k / group] (moe_group.hpp)
 };
 
 struct ExpertShard {

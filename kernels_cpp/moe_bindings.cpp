@@ -17,6 +17,7 @@
 
 #include "moe.hpp"
 #include "moe_host_job.hpp"
+#include "moe_group.hpp"
 #include "thread_pool.hpp"
 #include "tuning.hpp"
 
@@ -34,6 +35,7 @@ std::string shape_str(const py::array& a) {
   for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
+
 
 bool is_f32(const py::array& a) { return a.dtype().kind() == 'f' && a.itemsize() == 4; }
 
@@ -91,11 +93,20 @@ class MoELayer {
           require(wa.size() == want, wh + " weight: " + std::to_string(wa.size()) + " bytes, expected " +
                                          std::to_string(want) + " for " + method + " [" + std::to_string(n) + ", " +
                                          std::to_string(k) + "]");
-          require(is_f32(sa), wh + " scales: dtype must be float32");
           require(sa.flags() & py::array::c_style, wh + " scales: must be C-contiguous");
-          require(sa.size() == n, wh + " scales: " + std::to_string(sa.size()) + " values, expected " + std::to_string(n));
           mats[p]->w = static_cast<const uint8_t*>(wa.data());
-          mats[p]->s = static_cast<const float*>(sa.data());
+          if (const int64_t group = method_info(cfg.method).group_size) {
+            require(sa.itemsize() == 2 && sa.dtype().kind() != 'f',
+                    wh + " scales: dtype must be uint16 (bf16 bits) for " + method);
+            require(sa.size() == n * (k / group), wh + " scales: " + std::to_string(sa.size()) + " values, expected " +
+                                                      std::to_string(n * (k / group)) + " (" + std::to_string(n) +
+                                                      " rows x " + std::to_string(k / group) + " groups)");
+            mats[p]->gs = static_cast<const uint16_t*>(sa.data());
+          } else {
+            require(is_f32(sa), wh + " scales: dtype must be float32");
+            require(sa.size() == n, wh + " scales: " + std::to_string(sa.size()) + " values, expected " + std::to_string(n));
+            mats[p]->s = static_cast<const float*>(sa.data());
+          }
           keep_.append(wa);
           keep_.append(sa);
         }
@@ -470,6 +481,7 @@ void bind_moe(py::module_& m) {
   m.def("_moe_dot", [](const std::string& method_name, U8 w, int64_t n, int64_t k, I8 a, const std::string& isa_name) {
     const Method method = parse_method(method_name);
     const Isa isa = resolve_isa(isa_name);
+    require(!is_grouped(method), "group-wise methods: use _moe_group_dot");
     require(n > 0 && n % 32 == 0, "n must be a positive multiple of 32");
     require(k > 0 && k % method_info(method).k_align == 0,
             "k must be a positive multiple of " + std::to_string(method_info(method).k_align));
@@ -493,6 +505,34 @@ void bind_moe(py::module_& m) {
   }, py::arg("method"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("isa") = "auto",
   "Exact int32 products [m, n] of a packed [n, k] matrix (tiled bytes) with int8 activations a [m, k] on "
   "that ISA's dot kernel (tests).");
+  m.def("_moe_group_dot", [](U8 w, int64_t n, int64_t k, int64_t group, I8 a, const std::string& isa_name,
+                             bool prepared) {
+    const Isa isa = resolve_isa(isa_name);
+    require(group == 32 || group == 64 || group == 128, "group must be 32, 64 or 128");
+    require(n > 0 && n % 32 == 0 && k > 0 && k % group == 0, "n must be a multiple of 32 and k of the group");
+    require(w.size() == n * k / 2, "w must hold n * k / 2 bytes");
+    require(a.ndim() == 2 && a.shape(1) == k, "a must be int8 [m, k]");
+    const int64_t m = a.shape(0), G = k / group;
+    require(m >= 1 && m <= 16, "a must have 1 to 16 rows");
+    const moe::GroupDotFn dot = moe::group_dot_for(isa);
+    py::array_t<int32_t> out({m, G, n});
+    std::vector<int32_t> gsum(m * G * 32), corr(m * G);
+    std::vector<int8_t> split(m * k);
+    if (prepared) moe::group_prepare(a.data(), k, m, k, group, split.data(), corr.data());
+    for (int64_t r0 = 0; r0 < n; r0 += 32) {
+      dot(w.data(), k, group, r0, a.data(), k, prepared ? split.data() : nullptr, prepared ? corr.data() : nullptr, m,
+          gsum.data(), false);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t g = 0; g < G; ++g)
+          std::copy(gsum.begin() + (i * G + g) * 32, gsum.begin() + (i * G + g) * 32 + 32,
+                    out.mutable_data() + (i * G + g) * n + r0);
+    }
+    return out;
+  }, py::arg("w"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("a"), py::arg("isa") = "auto",
+  py::arg("prepared") = false,
+  "Exact int32 group sums [m, k/group, n] of a row-major group-wise INT4 matrix (n x k/2 bytes) with int8 "
+  "activations a [m <= 16, k] on that ISA's kernel; prepared: the rows split by group_prepare first, as the "
+  "engine does, else the kernel prepares them (tests).");
   m.def("_core_clock_ghz", [] {
     py::gil_scoped_release release;
     return core_clock_ghz();

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "moe.hpp"
+#include "moe_group.hpp"
 #include "thread_pool.hpp"
 
 namespace kt {
@@ -64,6 +65,7 @@ struct Call {
   SpinPool& pool;
   const Routing& route;
   double t_call;  // start of the call (profiling only)
+  GroupDotFn gdot = nullptr;  // group-wise INT4 (decode schedule only): its group sums; dot and epi's products unused
 };
 void forward_decode(const Call& call);   // moe_decode.cpp: few rows per expert
 void forward_prefill(const Call& call);  // moe_prefill.cpp: many rows per expert

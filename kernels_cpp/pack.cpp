@@ -14,7 +14,11 @@ namespace kt {
 Method parse_method(const std::string& name) {
   if (name == "int4") return Method::Int4;
   if (name == "int8") return Method::Int8;
-  throw std::invalid_argument("unknown quant method '" + name + "' (expected int4 or int8)");
+  if (name == "rawint4-g32") return Method::RawInt4G32;
+  if (name == "rawint4-g64") return Method::RawInt4G64;
+  if (name == "rawint4-g128") return Method::RawInt4G128;
+  throw std::invalid_argument("unknown quant method '" + name +
+                              "' (expected int4, int8, rawint4-g32, rawint4-g64 or rawint4-g128)");
 }
 
 int64_t packed_weight_bytes(Method method, int64_t n, int64_t k) { return n * k / method_info(method).elems_per_byte; }
@@ -25,7 +29,7 @@ void validate(Method method, const PackJob& job, size_t index) {
   const MethodInfo info = method_info(method);
   const std::string where = "pack job " + std::to_string(index) + ": ";
   if (job.n <= 0 || job.k <= 0) throw std::invalid_argument(where + "empty matrix");
-  if (job.n % TILE_ROWS != 0) throw std::invalid_argument(where + "rows (" + std::to_string(job.n) + ") must be a multiple of 32");
+  if (!is_grouped(method) && job.n % TILE_ROWS != 0) throw std::invalid_argument(where + "rows (" + std::to_string(job.n) + ") must be a multiple of 32");
   if (job.k % info.k_align != 0)
     throw std::invalid_argument(where + "columns (" + std::to_string(job.k) + ") must be a multiple of " + std::to_string(info.k_align));
   if (!job.weight || !job.out_weight || !job.out_scale) throw std::invalid_argument(where + "null buffer");
@@ -67,9 +71,10 @@ struct Scratch {
 void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threads) {
   const MethodInfo info = method_info(method);
   std::vector<Task> tasks;
+  const int64_t rows_per_task = is_grouped(method) ? TILE_ROWS : info.n_block;  // row-major: any split
   for (size_t i = 0; i < jobs.size(); ++i) {
     validate(method, jobs[i], i);
-    for (int64_t r = 0; r < jobs[i].n; r += info.n_block) tasks.push_back({i, r});
+    for (int64_t r = 0; r < jobs[i].n; r += rows_per_task) tasks.push_back({i, r});
   }
   const Kernels kern = kernels_for(isa);
   ThreadPool& pool = shared_pool(num_threads);
@@ -81,10 +86,21 @@ void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threa
     const MxcsrGuard ieee;  // same bytes whatever FTZ/DAZ/rounding state this thread was left in
     const Task task = tasks[t];
     const PackJob& job = jobs[task.job];
-    const int64_t nbs = std::min<int64_t>(info.n_block, job.n - task.row0);
+    const int64_t nbs = std::min<int64_t>(rows_per_task, job.n - task.row0);
     const int64_t kbytes = job.k / info.elems_per_byte;
     Scratch& s = scratch[tid];
     s.row.resize(job.k);
+    if (is_grouped(method)) {
+      int64_t bad = 0;
+      const int64_t groups = job.k / info.group_size;
+      for (int64_t row = task.row0; row < task.row0 + nbs; ++row) {
+        bad += kern.decode_row(job, row, s.row.data());
+        ref::quantize_groups_row(s.row.data(), job.k, info.group_size, job.out_weight + row * kbytes,
+                                 static_cast<uint16_t*>(job.out_scale) + row * groups);
+      }
+      if (bad) nonfinite[task.job] += bad;
+      return;
+    }
     s.q.resize(job.k);
     s.block.resize(nbs * kbytes);
     int64_t bad = 0;
@@ -93,9 +109,9 @@ void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threa
       bad += kern.decode_row(job, row, s.row.data());
       uint8_t* packed_row = s.block.data() + r * kbytes;
       if (method == Method::Int8) {
-        job.out_scale[row] = kern.quantize_row(method, s.row.data(), job.k, reinterpret_cast<int8_t*>(packed_row));
+        static_cast<float*>(job.out_scale)[row] = kern.quantize_row(method, s.row.data(), job.k, reinterpret_cast<int8_t*>(packed_row));
       } else {
-        job.out_scale[row] = kern.quantize_row(method, s.row.data(), job.k, s.q.data());
+        static_cast<float*>(job.out_scale)[row] = kern.quantize_row(method, s.row.data(), job.k, s.q.data());
         kern.pack_nibbles(s.q.data(), job.k, packed_row);
       }
     }

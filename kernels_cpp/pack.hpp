@@ -10,7 +10,9 @@
 
 namespace kt {
 
-enum class Method { Int4, Int8 };
+// RawInt4G*: kt's RAWINT4 (compressed-tensors pack-quantized, row-major, bf16 scale per group of K);
+// packed here only (the engine refuses them: moe_bindings.cpp).
+enum class Method { Int4, Int8, RawInt4G32, RawInt4G64, RawInt4G128 };
 
 // The C++ side of the method table (kt_runtime/format/methods.py; tests/test_format_room.py checks
 // that both hold the same numbers).
@@ -20,11 +22,20 @@ struct MethodInfo {
   int elems_per_byte;
   int levels;            // d = amax / levels
   bool fp32_reciprocal;  // d = fl32(amax * fl32(1/levels)) (INT8); else fl32((double)amax / levels) (INT4)
+  int group_size;        // 0: one fp32 scale per row (AMX-tiled); else K elements per bf16 scale, row-major
 };
 inline constexpr MethodInfo method_info(Method m) {
-  return m == Method::Int4 ? MethodInfo{128, 128, 2, 112, false} : MethodInfo{64, 64, 1, 127, true};
+  switch (m) {
+    case Method::Int4: return MethodInfo{128, 128, 2, 112, false, 0};
+    case Method::Int8: return MethodInfo{64, 64, 1, 127, true, 0};
+    case Method::RawInt4G32: return MethodInfo{1, 32, 2, 7, false, 32};
+    case Method::RawInt4G64: return MethodInfo{1, 64, 2, 7, false, 64};
+    case Method::RawInt4G128: return MethodInfo{1, 128, 2, 7, false, 128};
+  }
+  return MethodInfo{0, 0, 0, 0, false, 0};
 }
-Method parse_method(const std::string& name);  // "int4" | "int8"
+inline constexpr bool is_grouped(Method m) { return method_info(m).group_size != 0; }
+Method parse_method(const std::string& name);  // "int4" | "int8" | "rawint4-g32" | "rawint4-g64" | "rawint4-g128"
 
 constexpr int K_BLOCK = 3584;   // K elements per K-block
 constexpr int TILE_ROWS = 32;   // rows per tile pair
@@ -57,8 +68,8 @@ struct PackJob {
   int64_t row_offset = 0;    // FP8_BLOCK: index of row 0 in the scale grid (row slices of a matrix)
   int64_t n = 0, k = 0;  // rows and columns of the packed matrix
   int64_t col0 = 0;      // first source column (NUMA slice of down)
-  uint8_t* out_weight = nullptr;  // tiled bytes, n*k (INT8) or n*k/2 (INT4)
-  float* out_scale = nullptr;     // n fp32 scales
+  uint8_t* out_weight = nullptr;  // tiled bytes, n*k (INT8) or n*k/2 (INT4); RAWINT4: row-major n*k/2
+  void* out_scale = nullptr;      // n fp32 scales; RAWINT4: n*k/group bf16 bits, row-major
   int64_t nonfinite = 0;          // out: NaN/Inf source values found (packed as 0)
 };
 
@@ -78,6 +89,10 @@ float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
 // INT4: packs pairs (k0+j, k0+64+j) of each 128-wide step into one byte.
 void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
+// RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even
+// column) and k/group bf16 scales, each group's scale bf16(amax/8) where it clips no weight and gives the
+// smaller squared error, else bf16(amax/7) (docs/FORMAT.md §7). One portable implementation: it is the only one, so nothing to match.
+void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
 }  // namespace ref
 
 namespace avx512 {

@@ -113,7 +113,7 @@ def _check_entry(st: SafetensorsFile, key: str, dtype: str, shape: tuple[int, ..
         raise PackedWeightsError(f"{st.path}: tensor {key} is {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}: "
                     "the file does not match the manifest (was it converted with other settings?)")
     arr = st.array(key)
-    return arr.view(np.uint8) if dtype == "I8" else arr
+    return arr.view(np.uint8) if dtype in ("I8", "I32") else arr
 
 
 def _check_metadata(st: SafetensorsFile, spec: PackedSpec, layer: int, manifest: Manifest | None) -> None:
@@ -140,8 +140,13 @@ def _merged_tensors(path: Path, spec: PackedSpec, files: dict[int, list[str]], m
         for expert in range(spec.num_experts):
             for proj in PROJECTIONS:
                 for t in range(spec.threadpool_count):
-                    tensors[(layer, expert, proj, t)] = (by_key[merged_key(layer, proj, expert, t, "weight")],
-                                                         by_key[merged_key(layer, proj, expert, t, "scale")])
+                    pair = spec.pair_entries(layer, proj, expert, t)
+                    if len(pair) == 3:  # compressed-tensors: the recorded shape must be the matrix's
+                        shape = tuple(int(v) for v in by_key[pair[2][0]])
+                        if shape != spec.shard_shape(proj):
+                            raise PackedWeightsError(f"{where.path}: tensor {pair[2][0]} says {list(shape)}, expected "
+                                                     f"{list(spec.shard_shape(proj))}: the output is damaged; re-convert")
+                    tensors[(layer, expert, proj, t)] = (by_key[pair[0][0]], by_key[pair[1][0]])
     return tensors
 
 

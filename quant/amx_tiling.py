@@ -26,9 +26,11 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of pack_nibbles: uint8 [N, K/2] -> int8 [N, K] sign-extended 4-bit levels."""
     n, half = packed.shape
-    b = packed.to(torch.int16).reshape(n, half // 64, 1, 64)
-    nib = torch.cat((b & 0x0F, b >> 4), dim=2)
-    return torch.where(nib >= 8, nib - 16, nib).to(torch.int8).reshape(n, half * 2)
+    b = packed.contiguous().numpy().reshape(n, half // 64, 1, 64)
+    # arithmetic shifts of the int8 view sign-extend: (b << 4) >> 4 is the low nibble, b >> 4 the high one
+    s = b.view(np.int8)
+    nib = np.concatenate(((s << 4) >> 4, s >> 4), axis=2)
+    return torch.from_numpy(nib.reshape(n, half * 2))
 
 
 @lru_cache(maxsize=16)
@@ -58,12 +60,24 @@ def tile(q: torch.Tensor, method: QuantMethod) -> torch.Tensor:
 
 
 def untile(tiled: torch.Tensor, n: int, k: int, method: QuantMethod) -> torch.Tensor:
-    """Tiled bytes (1-D uint8) -> int8 [N, K] quantized levels."""
+    """Tiled bytes (1-D uint8) -> int8 [N, K] quantized levels. The inverse of tile's permutation, block by
+    block as numpy reshapes and transposes (no index arrays)."""
     kbytes = k // method.elems_per_byte
     if tiled.numel() != n * kbytes:
         raise ValueError(f"tiled weight has {tiled.numel()} bytes, expected {n * kbytes} for {n}x{k} {method.name}")
-    perm = tile_permutation(n, kbytes, method.n_block, method.k_block_bytes)
-    rows = torch.empty(n * kbytes, dtype=torch.uint8)
-    rows[perm] = tiled.reshape(-1).view(torch.uint8)
-    rows = rows.reshape(n, kbytes)
-    return unpack_nibbles(rows) if method.bits == 4 else rows.view(torch.int8)
+    if n % TILE_ROWS or kbytes % TILE_BYTES:
+        raise ValueError(f"cannot untile a {n}x{kbytes}-byte matrix: rows must be a multiple of 32, bytes of 64")
+    src = tiled.reshape(-1).view(torch.uint8).numpy().view(np.uint32)  # 4-byte words move whole
+    rows = np.empty((n, kbytes // 4), dtype=np.uint32)
+    off = 0
+    for nb in range(0, n, method.n_block):
+        nbs = min(method.n_block, n - nb)
+        for kb in range(0, kbytes, method.k_block_bytes):
+            kbs = min(method.k_block_bytes, kbytes - kb)
+            seg = src[off : off + nbs * kbs // 4].reshape(nbs // 32, kbs // 64, 2, 16, 16)
+            # (row group, step, half, word, row) -> (row group, half, row, step, word)
+            rows[nb : nb + nbs, kb // 4 : (kb + kbs) // 4] = seg.transpose(0, 2, 4, 1, 3).reshape(nbs, kbs // 4)
+            off += nbs * kbs // 4
+    rows = rows.view(np.uint8)
+    rows_t = torch.from_numpy(rows)
+    return unpack_nibbles(rows_t) if method.bits == 4 else rows_t.view(torch.int8)

@@ -92,3 +92,25 @@ def encode_int4_words(u: np.ndarray) -> np.ndarray:
     for j in range(8):
         words |= u[:, j::8] << np.uint32(4 * j)
     return words.view(np.int32)
+
+
+def decode_source(src) -> torch.Tensor:
+    """A quant.cpu.SourceMatrix (any kind) -> bf16 [N, K]: the matrix the packers quantize, through the
+    reference decoders above (what `verify` compares a packed output with)."""
+    kind = src.kind
+    if kind == "bf16":
+        return _tensor(np.ascontiguousarray(src.weight)).view(torch.int16).view(torch.bfloat16)
+    if kind == "f32":
+        return _tensor(np.ascontiguousarray(src.weight)).to(torch.bfloat16)
+    if kind == "f16":
+        return decode_f16(np.ascontiguousarray(src.weight))
+    if kind == "fp8_block":
+        return decode_fp8_block(np.ascontiguousarray(src.weight), src.scales, src.block, src.row0)
+    if kind == "int4_group":
+        dtype = "BF16" if src.scales.dtype.itemsize == 2 else "F32"
+        return decode_int4_group(np.ascontiguousarray(src.weight), np.ascontiguousarray(src.scales), src.block[1], dtype)
+    if kind == "mxfp4":
+        from .mxfp4 import decode_mxfp4
+
+        return decode_mxfp4(src.weight, src.scales)
+    raise ValueError(f"unknown source kind {kind!r}")

@@ -34,6 +34,9 @@ same layers in the same rounds. avx2-novnni is isa="avx2" with the AVX-VNNI kern
   python scripts/bench_moe.py --footprint-gb 4 --json out.json   # big-L3 hosts
   python scripts/bench_moe.py --isa avx512,avx2,avx2-novnni,portable --skip-prefill   # ISA paths side by side
   python scripts/bench_moe.py --threads 2 --skip-decode --skip-torch --prefill-reps 5   # prefill only
+  python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-prefill --skip-kernel   # RAWINT4 vs AMXINT4
+--methods takes method rows (kt_runtime/format/methods.py): int4, int8, rawint4-g32/-g64/-g128 (kt's RAWINT4,
+group-wise; the kernel section covers the tiled methods only).
 """
 from __future__ import annotations
 
@@ -132,8 +135,16 @@ def use_isa(name):
     return "avx2" if name == "avx2-novnni" else name
 
 
+def method_row(method):
+    from kt_runtime.format.methods import get_method
+
+    return get_method(method)
+
+
 def packed_bytes(method, n, k):
-    return n * k // (2 if method == "int4" else 1) + 4 * n
+    """Weight and scale bytes of one packed [n, k] matrix (group-wise methods: bf16 scales per group)."""
+    m = method_row(method)
+    return m.weight_bytes(n, k) + m.scale_count(n, k) * (2 if m.scale_dtype == "BF16" else 4)
 
 
 def random_layer(rng, method, E, H, I, threadpool_count, pool=None):
@@ -146,13 +157,16 @@ def random_layer(rng, method, E, H, I, threadpool_count, pool=None):
         for _t in range(threadpool_count):
             six = []
             for n, k in ((il, H), (il, H), (H, il)):
-                nb = n * k // (2 if method == "int4" else 1)
+                row = method_row(method)
+                nb = row.weight_bytes(n, k)
                 if pool is None:
                     w = np.frombuffer(rng.bytes(nb), np.uint8)
                 else:
                     w = pool[off:off + nb]
                     off += (nb + 63) // 64 * 64
-                s = (rng.random(n, dtype=np.float32) * 1e-3 + 1e-4).astype(np.float32)
+                s = (rng.random(row.scale_count(n, k), dtype=np.float32) * 1e-3 + 1e-4).astype(np.float32)
+                if row.scale_dtype == "BF16":  # group-wise: bf16 bits
+                    s = (s.view(np.uint32) >> 16).astype(np.uint16)
                 six += [w, s]
             per.append(tuple(six))
         experts.append(per)
@@ -370,8 +384,8 @@ def kernel_bench(args, isas, methods, threads, ghz, read_gbs):
     big = aligned_bytes(int(args.footprint_gb * 1e9) // 4096 * 4096)
     small = aligned_bytes(threads * 128 * H)  # one 128-row matrix per thread (L2 resident)
     configs = []
-    for method in methods:
-        per_byte = 2 if method == "int4" else 1
+    for method in [m for m in methods if method_row(m).numa_split]:  # the tiled dot kernels (not group-wise)
+        per_byte = method_row(method).elems_per_byte
         mat = I * H // per_byte
         for isa in isas:
             for th in sorted({1, threads}):

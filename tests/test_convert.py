@@ -299,7 +299,7 @@ def test_cli_group_runs_the_conversion_by_default(tiny_checkpoint, tmp_path):
     from convert.cli import cli
     from convert.cli.conversion import convert_command
 
-    assert cli.default == "convert" and cli.commands["convert"] is convert_command  # beside other verbs
+    assert cli.default == "convert" and cli.commands["convert"] is convert_command and "verify" in cli.commands
     script = Path(sys.executable).parent / "convert-cpu-weights"
     flags = ["-i", str(tiny_checkpoint.path), "--threadpool-count", "2", "--quant-method", "int8", "--no-progress"]
     outs = [tmp_path / name for name in ("script", "module", "subcommand")]

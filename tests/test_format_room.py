@@ -37,7 +37,7 @@ def test_every_format_error_derives_from_one_base(name):
 
 def test_method_rows_and_what_reads_them():
     from convert.cli.conversion import convert_command as cli
-    from kt_runtime.format.methods import INT4, INT8, METHODS, get_method
+    from kt_runtime.format.methods import CHOICES, INT4, INT8, METHODS, get_method
 
     assert (INT4.bits, INT4.levels, INT4.n_block, INT4.k_align, INT4.kt_method, INT4.kt_file_prefix) == \
         (4, 112, 128, 128, "AMXINT4", "INT4")
@@ -45,13 +45,13 @@ def test_method_rows_and_what_reads_them():
         (8, 127, 64, 64, "AMXINT8", "INT8")
     assert INT4.weight_bytes(128, 256) == 128 * 128 and INT8.weight_bytes(64, 64) == 64 * 64
     assert INT4.k_block_bytes == 1792 and INT8.k_block_bytes == 3584
-    assert len({m.kt_file_prefix for m in METHODS.values()}) == len({m.kt_method for m in METHODS.values()}) == \
-        len(METHODS)
+    tiled = [m for m in METHODS.values() if m.numa_split]  # the rest are not written as .kt files
+    assert len({m.kt_file_prefix for m in tiled}) == len({m.kt_method for m in tiled}) == len(tiled)
     assert get_method("INT8") is INT8
     with pytest.raises(ValueError, match="unknown quant method 'int3'"):
         get_method("int3")
     option = next(p for p in cli.params if p.name == "quant_method")
-    assert list(option.type.choices) == list(METHODS)
+    assert list(option.type.choices) == list(CHOICES) == ["int4", "int8", "rawint4"]
 
 
 @pytest.mark.parametrize("H,I,T,method,problem", [
@@ -125,10 +125,10 @@ def test_kernels_hold_the_same_method_table():
     from kt_runtime.format.methods import AMX_TILED, FP32_RECIPROCAL, METHODS
 
     for m in METHODS.values():
-        assert m.layout == AMX_TILED and m.group_size is None and m.scale_dtype == "F32"
+        assert (m.layout == AMX_TILED) == (m.group_size is None) == (m.scale_dtype == "F32")
         assert kt_kernels.method_info(m.name) == {
             "n_block": m.n_block, "k_align": m.k_align, "elems_per_byte": m.elems_per_byte, "levels": m.levels,
-            "fp32_reciprocal": m.scale_arithmetic == FP32_RECIPROCAL}, m.name
+            "fp32_reciprocal": m.scale_arithmetic == FP32_RECIPROCAL, "group_size": m.group_size or 0}, m.name
     with pytest.raises(ValueError, match="unknown quant method"):
         kt_kernels.method_info("int3")
 

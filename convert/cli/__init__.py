@@ -20,6 +20,7 @@ from .conversion import convert_command
 from .families import families_command
 from .kt_flags import check_kt_flags
 from .finalize import finalize_command
+from .verify import verify_command
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
@@ -42,7 +43,7 @@ class DefaultCommandGroup(click.Group):
         return super().main(args, prog_name=prog_name, **extra)
 
 
-COMMANDS = (convert_command, finalize_command, families_command)
+COMMANDS = (convert_command, verify_command, finalize_command, families_command)
 cli = DefaultCommandGroup(name="convert-cpu-weights", commands=COMMANDS, default=convert_command.name,
                           context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 

@@ -10,7 +10,7 @@ import click
 
 from kt_runtime.format.errors import InputFileError
 from kt_runtime.format.input_files import parse_json, read_capped
-from kt_runtime.format.methods import METHODS, get_method
+from kt_runtime.format.methods import CHOICES, method_for
 
 from ..errors import UserError
 from ..shards import ShardSpec, resolve_shard
@@ -41,7 +41,7 @@ class CommaList(click.ParamType):
         return f"{self.name}[,{self.name}...]"
 
 
-METHOD_LIST = CommaList(click.Choice(list(METHODS)), "|".join(METHODS))
+METHOD_LIST = CommaList(click.Choice(list(CHOICES)), "|".join(CHOICES))
 INT_LIST = CommaList(click.INT, "N")
 
 
@@ -85,8 +85,8 @@ def read_job_file(path: Path) -> list[tuple[Path, str, int]]:
         out, method, count = o.get("output"), o.get("quant_method", "int4"), o.get("threadpool_count", 2)
         if not isinstance(out, str) or not out:
             raise UserError(f"{where}: output must be a directory path")
-        if method not in METHODS:
-            raise UserError(f"{where}: quant_method {method!r} is not one of {', '.join(METHODS)}")
+        if method not in CHOICES:
+            raise UserError(f"{where}: quant_method {method!r} is not one of {', '.join(CHOICES)}")
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise UserError(f"{where}: threadpool_count must be a positive integer, got {count!r}")
         found.append((path.parent / Path(out).expanduser(), method, count))
@@ -117,7 +117,7 @@ def expand_outputs(output: Path | None, template: str | None, methods: list[str]
     outs = []
     for method in methods:
         for count in counts:
-            path = template.format(method=method, kt_method=get_method(method).kt_method, threadpool_count=count)
+            path = template.format(method=method, kt_method=method_for(method).kt_method, threadpool_count=count)
             outs.append((Path(path), method, count))
     if len({p for p, _, _ in outs}) != len(outs):
         raise click.BadParameter(f"{template!r} gives several outputs the same directory: use "

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kt_runtime.format.fsio import atomic_write_text
-from kt_runtime.format.methods import METHODS
+from kt_runtime.format.methods import CHOICES, DEFAULT_GROUP_SIZE, METHODS
 from quant.source_formats import INPUT_TYPES
 
 from .. import __version__
@@ -34,8 +34,12 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
               type=click.Choice(["auto", *INPUT_TYPES]),
               help="Source expert format; auto detects it from config.json and the tensor dtypes.")
 @click.option("--quant-method", default="int4", show_default=True, type=METHOD_LIST,
-              help=", ".join(f"{m.name} = {'SGLang-KT --kt-method ' if i == 0 else ''}{m.kt_method}"
-                             for i, m in enumerate(METHODS.values())) + ".")
+              help=", ".join(f"{name} = {'SGLang-KT --kt-method ' if i == 0 else ''}"
+                             f"{next(m.kt_method for m in METHODS.values() if m.choice == name)}"
+                             f"{' (group-wise, --group-size)' if CHOICES[name] else ''}"
+                             for i, name in enumerate(CHOICES)) + ".")
+@click.option("--group-size", type=click.Choice(sorted({str(g) for gs in CHOICES.values() for g in gs}, key=int)),
+              default=None, help=f"K elements per scale of a group-wise method (default {DEFAULT_GROUP_SIZE}).")
 @click.option("--threadpool-count", default="2", show_default=True, type=INT_LIST,
               help="NUMA thread pools the output is split for; must equal --kt-threadpool-count when serving.")
 @click.option("--cpuinfer-threads", default=0, show_default=True, type=int,
@@ -61,7 +65,7 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @batch_options
 @download_options
 @click.version_option(__version__, prog_name="convert-cpu-weights")
-def convert_command(input_path, output, input_type, quant_method, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
+def convert_command(input_path, output, input_type, quant_method, group_size, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
         show_timings, output_template, job_file, shard_flag, shard_count, **hub):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
@@ -88,6 +92,7 @@ def convert_command(input_path, output, input_type, quant_method, threadpool_cou
     hub_options = download_kwargs(**hub)
     opts_list = [
         ConvertOptions(input_path=input_path, output=out, input_type=input_type, quant_method=method,
+                       group_size=None if group_size is None else int(group_size),
                        threadpool_count=count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
                        device=device, include_non_expert=include_non_expert, overwrite=overwrite,
                        allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers,

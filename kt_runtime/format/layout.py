@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from .methods import METHODS, QuantMethod, get_method
 from .safetensors_file import tensor_nbytes
 
@@ -44,6 +46,17 @@ MERGED_KEY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.numa\.(\d
 def parse_merged_key(key: str) -> MergedKey | None:
     m = MERGED_KEY.match(key)
     return MergedKey(int(m[1]), m[2], int(m[3]), int(m[4]), m[5]) if m else None
+
+
+def ct_key(layer: int, proj: str, expert: int, part: str) -> str:
+    """compressed-tensors expert keys (the group-wise INT4 layout): what kt's RAWINT4 loader
+    (CompressedSafeTensorLoader) finds under base `model.layers.{L}`, the first prefix it tries, for every
+    family (docs/FORMAT.md §7). part: weight_packed | weight_scale | weight_shape."""
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.{part}"
+
+
+CT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\."
+                    r"(weight_packed|weight_scale|weight_shape)$")
 
 
 def shard_file_name(index: int, count: int) -> str:
@@ -82,7 +95,7 @@ def kt_file_names(method: str, proj: str, expert: int, weight_bytes: int, scale_
             f"{m.kt_file_prefix}_{proj}_{expert}_{scale_bytes}Byte_scale_.kt")
 
 
-KT_FILE = re.compile(r"^(" + "|".join(re.escape(m.kt_file_prefix) for m in METHODS.values())
+KT_FILE = re.compile(r"^(" + "|".join(re.escape(m.kt_file_prefix) for m in METHODS.values() if m.kt_file_prefix)
                      + r")_(gate|up|down)_(\d+)_(\d+)Byte_(quant|scale)_\.kt$")
 
 
@@ -169,27 +182,44 @@ class PackedSpec:
         m = self.quant_method
         return m.weight_bytes(n, k), m.scale_count(n, k)
 
+    def pair_entries(self, layer: int, proj: str, expert: int, numa: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(key, dtype, shape) of the tensors of one NUMA shard of one expert's projection, in file order:
+        AMX-tiled weight bytes and scales; or (NUMA-free) compressed-tensors weight_packed int32 [N, K/8],
+        weight_scale bf16 [N, K/group] and weight_shape int64 [2]."""
+        m = self.quant_method
+        if m.numa_split:
+            weight, scales = self.shard_sizes(proj)
+            return [(merged_key(layer, proj, expert, numa, "weight"), "I8", (weight,)),
+                    (merged_key(layer, proj, expert, numa, "scale"), m.scale_dtype, (scales,))]
+        n, k = self.shard_shape(proj)
+        return [(ct_key(layer, proj, expert, "weight_packed"), "I32", (n, k // 8)),
+                (ct_key(layer, proj, expert, "weight_scale"), m.scale_dtype, (n, k // m.group_size)),
+                (ct_key(layer, proj, expert, "weight_shape"), "I64", (2,))]
+
+    def pair_arrays(self, layer: int, proj: str, expert: int, numa: int, weight: np.ndarray,
+                    scale: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """The packer's (weight bytes, scales) of one pair as the tensors pair_entries names."""
+        entries = self.pair_entries(layer, proj, expert, numa)
+        if self.quant_method.numa_split:
+            return [(entries[0][0], weight), (entries[1][0], scale)]
+        n, k = self.shard_shape(proj)
+        return [(entries[0][0], weight), (entries[1][0], scale), (entries[2][0], np.array([n, k], dtype=np.int64))]
+
     def layer_entries(self, layer: int) -> list[tuple[str, str, tuple[int, ...]]]:
         """(key, dtype, shape) of every tensor of one merged layer shard, in file order."""
-        scale_dtype = self.quant_method.scale_dtype
         entries = []
         for expert in range(self.num_experts):
             for proj in PROJECTIONS:
-                weight, scales = self.shard_sizes(proj)
                 for t in range(self.threadpool_count):
-                    entries.append((merged_key(layer, proj, expert, t, "weight"), "I8", (weight,)))
-                    entries.append((merged_key(layer, proj, expert, t, "scale"), scale_dtype, (scales,)))
+                    entries += self.pair_entries(layer, proj, expert, t)
         return entries
 
     def layer_data_bytes(self) -> int:
-        """Packed bytes of one layer's tensors (weights + scales), without headers or padding; the
-        same in both layouts. (Computed, not summed over layer_entries: a damaged manifest may claim
-        any number of experts.)"""
-        scale_dtype = self.quant_method.scale_dtype
-        per_expert = 0
-        for proj in PROJECTIONS:
-            weight, scales = self.shard_sizes(proj)
-            per_expert += tensor_nbytes("I8", (weight,)) + tensor_nbytes(scale_dtype, (scales,))
+        """Packed bytes of one layer's tensors, without headers or padding; the same in both layouts.
+        (Computed per expert, not summed over layer_entries: a damaged manifest may claim any number of
+        experts.)"""
+        per_expert = sum(tensor_nbytes(dtype, shape) for proj in PROJECTIONS
+                         for _, dtype, shape in self.pair_entries(0, proj, 0, 0))
         return self.num_experts * self.threadpool_count * per_expert
 
     def kt_layer_files(self, layer: int) -> list[str]:

@@ -137,6 +137,9 @@ class Manifest(PackedSpec):
             bad("layers lists a layer twice")
         if not isinstance(self.layout, str) or self.layout not in ("merged", "kt-folders"):
             bad(f"unknown layout {self.layout!r}")
+        if not get_method(self.method).numa_split and (self.layout != "merged" or self.threadpool_count != 1):
+            bad(f"method {self.method} is stored as whole matrices in safetensors shards: layout must be merged "
+                f"and threadpool_count 1, got {self.layout!r} and {self.threadpool_count}")
         if not isinstance(self.activation, str):
             bad(f"activation must be a string, got {self.activation!r}")
         if self.swiglu_limit is not None and (isinstance(self.swiglu_limit, bool)

@@ -16,10 +16,17 @@ TILE_ROWS = 32
 TILE_BYTES = 64
 
 AMX_TILED = "amx-tiled"  # kt's BufferB: N-blocks x K-blocks of tile pairs, per NUMA shard, per-row scales
-LAYOUTS = (AMX_TILED,)
+# compressed-tensors pack-quantized, what kt's RAWINT4 loads: whole row-major matrices under the model's
+# own expert keys (kt splits them in RAM, so there is no NUMA split on disk), int32 words of 8 offset-binary
+# nibbles (element j at bits 4j), bf16 scales per group of K (docs/FORMAT.md §7)
+COMPRESSED_TENSORS = "compressed-tensors"
+LAYOUTS = (AMX_TILED, COMPRESSED_TENSORS)
 FP32_RECIPROCAL = "fp32-reciprocal"  # d = fl32(amax * fl32(1 / levels)) (what GCC -ffast-math makes of amax / levels)
 FP64_DIVIDE = "fp64-divide"  # d = fl32((double)amax / levels)
-SCALE_ARITHMETIC = (FP32_RECIPROCAL, FP64_DIVIDE)
+# per group: d = bf16(amax / 7) or bf16(amax / 8), whichever gives the smaller squared error on that group
+# (q = clamp(rint(w / d), -8, 7); amax / 8 wins when the extreme weight is negative and -8 can hold it)
+BF16_BEST_OF_7_8 = "bf16-best-of-7-8"
+SCALE_ARITHMETIC = (FP32_RECIPROCAL, FP64_DIVIDE, BF16_BEST_OF_7_8)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class QuantMethod:
     k_align: int  # K, and the NUMA slice of I, must be multiples of this
     group_size: int | None = None  # None: one scale per output row; else K elements per scale
     scale_dtype: str = "F32"  # safetensors dtype of the scales
+    cli_name: str = ""  # --quant-method value when rows differ only in group_size ("" : name)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -44,6 +52,19 @@ class QuantMethod:
                              f"{SCALE_ARITHMETIC}")
         if 8 % self.bits:
             raise ValueError(f"method {self.name}: {self.bits} bits do not divide a byte")
+        if self.group_size is not None and self.k_align % self.group_size:
+            raise ValueError(f"method {self.name}: k_align {self.k_align} is not a multiple of group_size "
+                             f"{self.group_size}")
+
+    @property
+    def choice(self) -> str:
+        """The --quant-method value that selects this row (with --group-size when several rows share it)."""
+        return self.cli_name or self.name
+
+    @property
+    def numa_split(self) -> bool:
+        """Split on disk per NUMA pool (kt's BufferB); False: whole matrices, split by kt in RAM."""
+        return self.layout == AMX_TILED
 
     @property
     def elems_per_byte(self) -> int:
@@ -64,7 +85,43 @@ INT4 = QuantMethod("int4", "AMXINT4", "INT4", bits=4, levels=112, scale_arithmet
                    n_block=128, k_align=128)
 INT8 = QuantMethod("int8", "AMXINT8", "INT8", bits=8, levels=127, scale_arithmetic=FP32_RECIPROCAL, layout=AMX_TILED,
                    n_block=64, k_align=64)
-METHODS: dict[str, QuantMethod] = {m.name: m for m in (INT4, INT8)}
+
+def _rawint4(group: int) -> QuantMethod:
+    return QuantMethod(f"rawint4-g{group}", "RAWINT4", "", bits=4, levels=7, scale_arithmetic=BF16_BEST_OF_7_8,
+                       layout=COMPRESSED_TENSORS, n_block=1, k_align=group, group_size=group, scale_dtype="BF16",
+                       cli_name="rawint4")
+
+
+RAWINT4_G32, RAWINT4_G64, RAWINT4_G128 = _rawint4(32), _rawint4(64), _rawint4(128)
+METHODS: dict[str, QuantMethod] = {m.name: m for m in (INT4, INT8, RAWINT4_G32, RAWINT4_G64, RAWINT4_G128)}
+# --quant-method values, in table order, and the group sizes each takes (() : none)
+CHOICES: dict[str, tuple[int, ...]] = {}
+for _m in METHODS.values():
+    CHOICES.setdefault(_m.choice, ())
+    if _m.group_size is not None:
+        CHOICES[_m.choice] += (_m.group_size,)
+DEFAULT_GROUP_SIZE = 128
+
+
+def method_for(choice: str, group_size: int | None = None) -> QuantMethod:
+    """The row of a --quant-method value and --group-size (None: the default where the choice takes one).
+    ValueError naming what is accepted."""
+    c = str(choice).lower()
+    if c in METHODS and c not in CHOICES and group_size is None:  # a row's own name (manifests, scripts)
+        return METHODS[c]
+    if c not in CHOICES:
+        raise ValueError(f"unknown quant method {choice!r}; expected one of {sorted(CHOICES)}")
+    groups = CHOICES[c]
+    if not groups:
+        if group_size is not None:
+            raise ValueError(f"--group-size applies to {', '.join(k for k, g in CHOICES.items() if g)}, "
+                             f"not to {c} (one scale per row)")
+        return METHODS[c]
+    g = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    for m in METHODS.values():
+        if m.choice == c and m.group_size == g:
+            return m
+    raise ValueError(f"--group-size {g} is not available for {c}; expected one of {list(groups)}")
 
 
 def get_method(name: str) -> QuantMethod:

@@ -1,0 +1,59 @@
+"""`convert-cpu-weights verify OUT [--source SRC]`: integrity of a packed output and, with the source, its
+error against the source weights (convert/verify.py). Exit 0 when intact (and within --max-rel-error),
+2 when damaged, not matching the source, or above the threshold."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kt_runtime.format.fsio import atomic_write_text
+
+from ..errors import UserError
+from ..plan import parse_layer_spec
+
+
+@click.command("verify", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--source", "-s", default=None,
+              help="The checkpoint it was converted from (directory, .safetensors file or hub id): compare every "
+                   "layer, expert and projection with it. Without it: integrity only (manifest, sizes, digests).")
+@click.option("--max-rel-error", type=float, default=None, metavar="X",
+              help="Exit 2 when a tensor's relative RMS error exceeds X (e.g. 0.1), naming the tensors.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
+              help="Write the report as JSON here (-: standard output), every tensor's measures included.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None,
+              help="Write a self-contained HTML page with a heat map of the error by layer x projection.")
+@click.option("--layers", "layers_spec", default=None, metavar="SPEC", help="Only these layers, e.g. 0-3,7.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0, 4096),
+              help="Threads comparing tensors (0: every core).")
+@click.option("--no-digests", is_flag=True, help="Skip the sha256 of the layer files (sizes are still checked).")
+def verify_command(output, source, max_rel_error, json_path, html_path, layers_spec, threads, no_digests):
+    """Check a packed output: intact, and (with --source) how close to the source weights it is."""
+    from ..verify import html_report, verify
+
+    if html_path is not None and source is None:
+        raise click.BadParameter("the picture needs --source (it shows the error against the source)",
+                                 param_hint="--html")
+    layers = None
+    if layers_spec is not None:
+        try:
+            layers = parse_layer_spec(layers_spec)
+        except ValueError as e:
+            raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers")
+    report = verify(output, source, layers=layers, threads=threads, max_rel_error=max_rel_error,
+                    digests=not no_digests)
+    click.echo(report.table(), err=json_path is not None and str(json_path) == "-")
+    if json_path is not None:
+        text = json.dumps(report.to_dict(), indent=1) + "\n"
+        if str(json_path) == "-":
+            click.echo(text, nl=False)
+        else:
+            atomic_write_text(Path(json_path), text)
+    if html_path is not None:
+        atomic_write_text(Path(html_path), html_report(report))
+    if not report.ok:
+        bad = report.exceeding()
+        raise UserError(f"{len(bad)} tensors exceed --max-rel-error {max_rel_error}: "
+                        + ", ".join(f"{t.name} ({t.rel_rms:.4g})" for t in bad[:10]) + (" ..." if len(bad) > 10 else ""))

@@ -1,0 +1,65 @@
+// The engine on group-wise INT4 (kt's RAWINT4: row-major offset-binary nibbles, even column in the low
+// nibble, one bf16 scale per `group` columns of a row; docs/FORMAT.md §7). Weights are read in place.
+//
+// Numerics (identical on every ISA path):
+//   group sum : gsum[i][g][j] = Σ_{c in group g} (u[r0+j][c] - 8) · a[i][c], exact in int32
+//               (the ISA kernels below; |gsum| <= 128·8·128 < 2^24, so float(gsum) is exact)
+//   product   : P[i][j] = (((0 + float(gsum[i][0][j]) · s[j][0]) + float(gsum[i][1][j]) · s[j][1]) + ...)
+//               each product and sum rounded to float, groups in order (group_product, one shared
+//               implementation)
+//   gate/up   : g = P_gate[i][j] · xd[i], u = P_up[i][j] · xd[i]; the clamp and SiLU-gate as moe.hpp says
+//   down      : y = (first ? 0 : y) + P[i][j] · ad[i]
+// The float steps run in one baseline implementation shared by every ISA (moe_group_ref.cpp), so the
+// results are bit-identical whatever kernel produced the exact group sums.
+#pragma once
+#include <cstdint>
+
+#include "moe.hpp"
+
+namespace kt {
+namespace moe {
+
+// Exact group sums of rows r0..r0+31 of a row-major [n, k] group-wise INT4 matrix w (k/2 bytes per row)
+// with m <= 16 int8 activation rows (row i contiguous at a + i * lda): gsum[(i * G + g) * 32 + j], G = k / group.
+// same_rows: the previous call on this thread had the same (w, k, r0) (a kernel may keep what it unpacked).
+// split, corr: the rows prepared by group_prepare (row i at split + i * k, corr + i * G), or null (the
+// kernel prepares what it needs itself).
+using GroupDotFn = void (*)(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+                            const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
+
+namespace ref {
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
+}
+namespace avx2 {
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
+}
+namespace avx512 {
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
+}
+namespace amx {
+// AMX tiles for 16+ rows (tuning().amx_min_tokens), else the AVX-512 kernel. Loads its own tile
+// configuration on every call.
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool same_rows);
+}
+GroupDotFn group_dot_for(Isa isa);
+
+// Per activation row (k columns at a + i * lda): its even then its odd columns (k/2 each) at split + i * k, and
+// 8 · Σa over each group at corr + i * (k / group): what the SIMD kernels need, made once per row.
+void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr);
+
+// P[i * 32 + j] (i < m, any m) of rows r0..r0+31 of matrix (w, bf16 scales s [n, k/group]) against the
+// row-major activations a (lda): group sums by `dot`, 16 rows at a time, then the float product above.
+void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t k, int64_t group, int64_t r0,
+                   const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P);
+
+// The float stages of the group-wise path (see above), one implementation for every ISA.
+void group_silu_gate(const float* pg, const float* pu, int64_t m, const float* xd, bool clamp, float limit, float* act,
+                     int64_t stride);
+void group_down(const float* p, int64_t m, const float* ad, float* y, int64_t ys, bool first);
+
+}  // namespace moe
+}  // namespace kt

@@ -1,0 +1,107 @@
+// Group-wise INT4 engine pieces for the baseline x86-64: the reference group-sum kernel (the definition
+// the SIMD kernels are tested against, exact int32 equality), the dispatch, and the float stages that
+// every ISA shares (moe_group.hpp). Built without FMA, so a*b+c is never contracted.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "moe_group.hpp"
+#include "numerics.hpp"
+
+namespace kt {
+namespace moe {
+namespace ref {
+
+void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int8_t* a, int64_t lda,
+               const int8_t* split, const int32_t* corr, int64_t m, int32_t* gsum, bool /*same_rows*/) {
+  const int64_t G = k / group;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t g = 0; g < G; ++g)
+      for (int j = 0; j < 32; ++j) {
+        const uint8_t* row = w + (r0 + j) * (k / 2);
+        int32_t s = 0;
+        for (int64_t c = g * group; c < (g + 1) * group; ++c) {
+          const int32_t u = (c & 1) ? (row[c >> 1] >> 4) : (row[c >> 1] & 0x0F);
+          s += (u - 8) * a[i * lda + c];
+        }
+        gsum[(i * G + g) * 32 + j] = s;
+      }
+}
+
+}  // namespace ref
+
+GroupDotFn group_dot_for(Isa isa) {
+  switch (isa) {
+    case Isa::Amx: return amx::group_dot;
+    case Isa::Avx512: return avx512::group_dot;
+    case Isa::Avx2: return avx2::group_dot;
+    default: return ref::group_dot;
+  }
+}
+
+void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
+  const int64_t G = k / group;
+  for (int64_t i = 0; i < m; ++i) {
+    const int8_t* ai = a + i * lda;
+    int8_t* e = split + i * k;
+    for (int64_t c = 0; c < k / 2; ++c) {
+      e[c] = ai[2 * c];
+      e[k / 2 + c] = ai[2 * c + 1];
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t sum = 0;
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) sum += ai[c];
+      corr[i * G + g] = 8 * sum;
+    }
+  }
+}
+
+void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t k, int64_t group, int64_t r0,
+                   const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P) {
+  const int64_t G = k / group;
+  thread_local std::vector<int32_t> gsum;
+  thread_local std::vector<float> sc;
+  gsum.resize(static_cast<size_t>(16 * G * 32));
+  sc.resize(static_cast<size_t>(G * 32));
+  for (int j = 0; j < 32; ++j)  // [g][j]: the loop below runs along j
+    for (int64_t g = 0; g < G; ++g) sc[g * 32 + j] = bf16_to_f32(s[(r0 + j) * G + g]);
+  for (int64_t i0 = 0; i0 < m; i0 += 16) {
+    const int64_t mb = std::min<int64_t>(16, m - i0);
+    dot(w, k, group, r0, a + i0 * lda, lda, split ? split + i0 * k : nullptr, corr ? corr + i0 * G : nullptr, mb,
+        gsum.data(), i0 > 0);
+    for (int64_t i = 0; i < mb; ++i) {
+      float acc[32];
+      for (int j = 0; j < 32; ++j) acc[j] = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int32_t* gs = gsum.data() + (i * G + g) * 32;
+        const float* sg = sc.data() + g * 32;
+        for (int j = 0; j < 32; ++j) acc[j] = acc[j] + static_cast<float>(gs[j]) * sg[j];
+      }
+      std::memcpy(P + (i0 + i) * 32, acc, sizeof(acc));
+    }
+  }
+}
+
+void group_silu_gate(const float* pg, const float* pu, int64_t m, const float* xd, bool clamp, float limit, float* act,
+                     int64_t stride) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* dst = act + i * stride;
+    for (int j = 0; j < 32; ++j) {
+      float gv = pg[i * 32 + j] * xd[i];
+      float uv = pu[i * 32 + j] * xd[i];
+      if (clamp) {
+        gv = std::min(gv, limit);
+        uv = std::min(std::max(uv, -limit), limit);
+      }
+      dst[j] = gv / (1.0f + exp_det(-gv)) * uv;
+    }
+  }
+}
+
+void group_down(const float* p, int64_t m, const float* ad, float* y, int64_t ys, bool first) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int j = 0; j < 32; ++j) y[i * ys + j] = (first ? 0.0f : y[i * ys + j]) + p[i * 32 + j] * ad[i];
+}
+
+}  // namespace moe
+}  // namespace kt
