@@ -248,6 +248,8 @@ def test_capture_replay_equals_eager_steps(packed, defer):
     inputs = _standin_inputs()
     static_in = inputs[0].cuda()
     graph, static_out = _capture(step_g, static_in)
+    jobs = [j for h in step_g.layers for st in h._streams.values() for j, *_ in st.jobs[:2 if h.defer else 1]]
+    assert len(jobs) == 2 + defer and all(j.submitted == j.done == 1 for j in jobs)  # the warm-up's: capture ran none
     moved, changed = 0, 0.0
     for i, x in enumerate(inputs):
         static_in.copy_(x.cuda())
@@ -262,6 +264,7 @@ def test_capture_replay_equals_eager_steps(packed, defer):
             changed = max(changed, rel(ref, plain_step(x.cuda())))
             assert rel(y_eager, ref) < 1e-5, (i, deferred.tolist())
     assert all(not h.stream_failures() for h in step_g.layers + step_e.layers)
+    assert [j.submitted for j in jobs] == [1 + len(inputs)] * len(jobs)  # each replay ran each job once
     assert not defer or (moved > 0 and changed > 0.01)  # the reference tells deferral from none
 
 
