@@ -154,7 +154,7 @@ def test_stream_path_cuda(packed, gpu, dtype):
 class StandInStep:
     """A decode step on the device: per layer a stand-in attention (a matmul and a tanh), a router (top-k of a
     linear, softmax weights) and the MoE layer (stream-ordered), residual adds; fixed buffers throughout.
-    (The synthetic experts amplify their input about 1e4 times: the MoE output dominates the residual stream.)"""
+    (The synthetic experts amplify their input about 4e4 times: the MoE output dominates the residual stream.)"""
 
     def __init__(self, layers, k=3, seed=0, device="cuda"):
         g = torch.Generator().manual_seed(seed)
@@ -176,8 +176,9 @@ class StandInStep:
         return x
 
     def deferred_reference(self, packed, x, plain, defer=1):
-        """The step with `defer` CPU experts of layer 0 moved to layer 1, computed independently of the
-        deferral code: layer 0 by a plain HybridMoE with the deferred slots' weights zeroed, the deferred
+        """The step with `defer` CPU experts of layer 0 moved to layer 1, computed without the deferral path
+        (only its choice of slots, deferral_mask, which test_hybrid_stream.py checks against values by hand):
+        layer 0 by a plain HybridMoE with the deferred slots' weights zeroed, the deferred
         experts by the CPU engine alone (the other slots' weights zeroed), added to layer 1's output.
         plain: HybridMoE layers without deferral, same placement (their stream path: the same GPU-part numerics
         as the deferring layers'). Returns (output, deferred slots of layer 0)."""
