@@ -9,7 +9,7 @@ HF_ENDPOINT). No Xet headers are ever sent: downloads take the plain HTTP path.
                                                  X-Repo-Commit; LFS files (*.safetensors): 302 to
                                                  /_lfs/{sha256} with X-Linked-Etag / X-Linked-Size
     HEAD|GET /_lfs/{sha256}                      the bytes, with Range (206 + Content-Range), on a
-                                                 second port (a CDN: another origin, as on the hub,
+                                                 second port named localhost (a CDN: another host, as on the hub,
                                                  so huggingface_hub reads the metadata off the 302)
 
 Test hooks: `corrupt[name] = n` serves wrong bytes (same length) for the next n downloads of that
@@ -229,7 +229,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, "EntryNotFound", "Entry not found", head)
             common = {"X-Repo-Commit": hub.commit, "Accept-Ranges": "bytes"}
             if f.lfs:
-                location = f"http://127.0.0.1:{hub.cdn_port}/_lfs/{f.sha256}"
+                # another host name, not only another port: huggingface_hub 1.x compares host names when
+                # it decides whether to follow a redirect (the hub's CDN is another host)
+                location = f"http://localhost:{hub.cdn_port}/_lfs/{f.sha256}"
                 return self._send(302, {**common, "Location": location, "ETag": f'"{f.git_sha1}"',
                                         "X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)},
                                   b"", head)

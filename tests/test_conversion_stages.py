@@ -18,6 +18,7 @@ from quant.cpu import pack_cpu
 
 
 def run(ckpt, out, **kw):
+    kw.setdefault("device", "cpu")  # the CPU path, also on a machine with a GPU
     return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
 
 
