@@ -13,6 +13,7 @@
 #include <cstring>
 #include <new>
 
+#include "amx_tile_config.hpp"
 #include "moe.hpp"
 #include "tuning.hpp"
 
@@ -21,29 +22,13 @@ namespace moe {
 namespace amx {
 namespace {
 
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Tiles 0-3: C (16x16 int32); 4,5: A (16 x 64 B); 6,7: B (16 x 64 B). Loaded on every call of
 // dot_rowgroup (other code on this thread, oneDNN, may have changed the configuration); forward()
 // loads it once per thread and parallel region (configure_thread) and calls dot_rowgroup_nocfg.
 inline void configure_tiles() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int i = 0; i < 8; ++i) {
-    cfg.rows[i] = 16;
-    cfg.colsb[i] = 64;
-  }
-  // Not _tile_loadconfig: GCC 12's version declares only the first 8 bytes as read, so the
-  // compiler drops the rows/colsb stores and the tiles stay unconfigured (tile ops then #UD).
-  __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
+  amx_tiles::TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.set(i, 16, 64);
+  amx_tiles::load(cfg);
 }
 
 // Per-thread buffer (grows, never shrinks; threads are long-lived).

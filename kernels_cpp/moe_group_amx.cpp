@@ -10,6 +10,7 @@
 #include <new>
 #include <vector>
 
+#include "amx_tile_config.hpp"
 #include "moe_group.hpp"
 #include "tuning.hpp"
 
@@ -18,26 +19,15 @@ namespace moe {
 namespace amx {
 namespace {
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // Tiles 0,1: C (16 x 16 int32); 2: A (16 rows x gk bytes); 3,4: B (gk/4 rows x 64 bytes), gk = min(group, 64).
 void configure(int gk) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  cfg.rows[0] = cfg.rows[1] = 16;
-  cfg.colsb[0] = cfg.colsb[1] = 64;
-  cfg.rows[2] = 16;
-  cfg.colsb[2] = static_cast<uint16_t>(gk);
-  cfg.rows[3] = cfg.rows[4] = static_cast<uint8_t>(gk / 4);
-  cfg.colsb[3] = cfg.colsb[4] = 64;
-  __asm__ volatile("ldtilecfg %0" ::"m"(cfg));  // not _tile_loadconfig (moe_amx.cpp says why)
+  amx_tiles::TileConfig cfg;
+  cfg.set(0, 16, 64);
+  cfg.set(1, 16, 64);
+  cfg.set(2, 16, gk);
+  cfg.set(3, gk / 4, 64);
+  cfg.set(4, gk / 4, 64);
+  amx_tiles::load(cfg);
 }
 
 struct Unpacked {  // the B tiles of the last rows this thread unpacked (valid for calls with same_rows)

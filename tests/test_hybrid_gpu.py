@@ -26,28 +26,7 @@ from kt_runtime.hybrid import stream_ops
 from kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
 from kt_runtime.reference import moe_reference
 
-H, E = 384, 8
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_checkpoint, tmp_path_factory):
-    from convert.pipeline import ConvertOptions, convert
-
-    out = tmp_path_factory.mktemp("gpu_stream_int8") / "out"
-    convert(ConvertOptions(input_path=str(tiny_checkpoint.path), output=out, quant_method="int8",
-                           threadpool_count=2, progress=False))
-    return kt_runtime.load_experts(out)
-
-
-def routing(T, k=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    w = torch.rand(T, k, generator=g)
-    return torch.randn(T, H, generator=g), ids, w
-
-
-def rel(a, b):
-    return float((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm())
+from stream_support import E, H, packed, rel, routing  # noqa: F401 (packed: a fixture)
 
 
 @pytest.mark.gpu

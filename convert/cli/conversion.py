@@ -19,6 +19,16 @@ from .kt_flags import GPU_NOTE
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
 
+def layers_option(spec: str | None) -> list[int] | None:
+    """--layers SPEC (e.g. 0-3,7) as layer numbers; None: every layer."""
+    if spec is None:
+        return None
+    try:
+        return parse_layer_spec(spec)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers") from None
+
+
 KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py arguments work unchanged (--gpu "
              "too). Not supported, each with a message saying what to use instead: --profile, "
              "--save-backward-weights, --input-type awq, --quant-method awq|moe_int4|moe_int8.")
@@ -81,12 +91,7 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
     """
     if legacy_gpu:
         click.echo(GPU_NOTE, err=True)
-    layers = None
-    if layers_spec is not None:
-        try:
-            layers = parse_layer_spec(layers_spec)
-        except ValueError as e:
-            raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers")
+    layers = layers_option(layers_spec)
     outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
     shard = shard_spec(shard_flag, shard_count)
     hub_options = download_kwargs(**hub)

@@ -11,7 +11,7 @@ import click
 from kt_runtime.format.fsio import atomic_write_text
 
 from ..errors import UserError
-from ..plan import parse_layer_spec
+from .conversion import layers_option
 
 
 @click.command("verify", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -36,12 +36,7 @@ def verify_command(output, source, max_rel_error, json_path, html_path, layers_s
     if html_path is not None and source is None:
         raise click.BadParameter("the picture needs --source (it shows the error against the source)",
                                  param_hint="--html")
-    layers = None
-    if layers_spec is not None:
-        try:
-            layers = parse_layer_spec(layers_spec)
-        except ValueError as e:
-            raise click.BadParameter(f"{e} (write layer numbers and ranges, e.g. 0-3,7)", param_hint="--layers")
+    layers = layers_option(layers_spec)
     report = verify(output, source, layers=layers, threads=threads, max_rel_error=max_rel_error,
                     digests=not no_digests)
     click.echo(report.table(), err=json_path is not None and str(json_path) == "-")
