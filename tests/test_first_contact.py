@@ -444,17 +444,26 @@ def test_a_converted_output_is_trusted_until_a_file_changes(converted, monkeypat
     assert calls == [1]  # layer 0 still trusted, layer 1 hashed again
 
 
-def test_a_touched_file_is_hashed_again_then_trusted(converted, monkeypatch):
+def touch(path):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same bytes, another mtime
+
+
+def test_a_touched_file_is_hashed_again_then_trusted(ckpt, converted, monkeypatch, capsys):
     import kt_runtime
 
-    shard = converted / "model-00001-of-00002.safetensors"
-    st = os.stat(shard)
-    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same bytes, another mtime
+    touch(converted / "model-00001-of-00002.safetensors")
     calls = count_hashing(monkeypatch)
     kt_runtime.load_experts(converted)
     assert calls == [1]  # layer 0 hashed (equal to its digest) and recorded again; layer 1 trusted
     kt_runtime.load_experts(converted)
     assert calls == [1]
+    touch(converted / "model-00002-of-00002.safetensors")  # the converter's re-run: the same
+    code, out, err = cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")
+    assert code == 0 and calls == [1, 1] and "converting it again" not in out + err
+    calls.clear()
+    kt_runtime.load_experts(converted)
+    assert calls == []
 
 
 def test_a_resumed_finished_output_is_not_hashed_again(ckpt, converted, monkeypatch, capsys):
