@@ -16,6 +16,7 @@ from kt_runtime.format.layout import FORMAT_VERSION, MANIFEST_FILE, PROJECTIONS,
 from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
 from kt_runtime.format.methods import method_for
+from kt_runtime.format.verified import add_verified, is_verified, read_verified, record_verified
 from quant.cpu import PackTarget
 
 from . import __version__, preflight
@@ -260,12 +261,21 @@ def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerP
     return KtFolderWriter(out, lp.layer, plan.method.name, on_hashed)
 
 
-def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> None:
-    """Drops completed layers whose files are missing or changed, so they are converted again."""
+def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> dict:
+    """Drops completed layers whose files are missing or changed, so they are converted again. Layers
+    whose files are the ones recorded as verified (format/verified.py: same size, mtime, inode, device)
+    are not hashed again; those hashed here and found intact are recorded. Returns the record's entries."""
+    entries = read_verified(out)
+    hashed = {}
     for layer, rec in sorted(manifest.completed.items()):
-        if not _layer_intact(out, rec):
+        if not _layer_intact(out, rec, entries):
             progress.note(f"layer {layer}: output missing or damaged; converting it again")
             del manifest.completed[layer]
+        elif not _recorded(out, rec, entries):
+            hashed[layer] = (rec.sha256, rec.files, [out / f for f in rec.files])
+    if hashed:
+        record_verified(out, entries, hashed)
+    return entries
 
 
 def _write_non_expert_shard(ckpt: Checkpoint, out: Path, name: str,
@@ -396,6 +406,7 @@ class OutputJob:
     manifest: Manifest | None = None
     lock: OutputLock | None = None  # a single process: held for the whole run
     shared: SharedOutput | None = None  # --shard: per-layer claims instead
+    verified: dict = field(default_factory=dict)  # a single process: the record of verified layers (format/verified.py)
     todo: list[int] = field(default_factory=list)
     claims: dict[int, Claim] = field(default_factory=dict)
     held: dict[int, Held] = field(default_factory=dict)  # layers of our shard other processes are converting
@@ -435,7 +446,7 @@ def _open_single(ckpt: Checkpoint, job: OutputJob, device: str, progress: Progre
     check_no_live_shards(out)
     job.manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
     job.manifest.completed.update(read_records(out, job.manifest))  # layers --shard processes finished here
-    _verify_completed(out, job.manifest, progress)
+    job.verified = _verify_completed(out, job.manifest, progress)
     job.todo = [lp.layer for lp in job.plan.layers if lp.layer not in job.manifest.completed]
     job.resumed = len(job.plan.layers) - len(job.todo)
 
@@ -465,9 +476,10 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
         return
     job.shared = SharedOutput(out)
     job.manifest.completed.update(job.shared.records(job.manifest))
+    verified = read_verified(out)  # read only: a shard writes the record under the lock (_record_verified)
     for layer in mine:
         rec = job.manifest.completed.get(layer)
-        if rec is not None and _layer_intact(out, rec):
+        if rec is not None and _layer_intact(out, rec, verified):
             job.resumed += 1
             continue
         claim = job.shared.claim(layer)
@@ -479,7 +491,7 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
     job.manifest.completed.update(job.shared.records(job.manifest))
     for layer in list(job.claims):
         rec = job.manifest.completed.get(layer)
-        if rec is not None and _layer_intact(out, rec):
+        if rec is not None and _layer_intact(out, rec, read_verified(out)):
             job.claims.pop(layer).release()
             job.resumed += 1
         elif rec is not None:
@@ -653,9 +665,39 @@ def _report(job: OutputJob, device: str, nonfinite: dict[str, int], seconds: flo
         timings=timings.to_dict())
 
 
-def _layer_intact(out: Path, rec) -> bool:
+def _recorded(out: Path, rec, entries: dict) -> bool:
+    """The layer's files are those recorded as verified with this sha256 (nothing to hash)."""
+    return is_verified(entries, rec.layer, rec.sha256, rec.files, [out / f for f in rec.files])
+
+
+def _layer_intact(out: Path, rec, entries: dict) -> bool:
+    """Sizes always; sha256 unless the files are the ones recorded as verified (`entries`)."""
     sizes = [fsio.regular_size_below(out, f) for f in rec.files]  # never read through a link
-    return None not in sizes and sum(sizes) == rec.nbytes and tree_sha256_files([out / f for f in rec.files]) == rec.sha256
+    return None not in sizes and sum(sizes) == rec.nbytes and (
+        _recorded(out, rec, entries) or tree_sha256_files([out / f for f in rec.files]) == rec.sha256)
+
+
+RECORD_LOCK_WAIT_S = 2.0  # a --shard process waits this long for the output's lock to record a layer verified
+
+
+def _record_verified(job: OutputJob, record) -> None:
+    """Records a committed layer as verified (its digest was computed from the bytes as they were written):
+    a single process adds it to the entries it holds, under its run-long lock; a --shard process merges it
+    into the record on disk under the output's lock, so concurrent shards never lose each other's layers.
+    When that lock stays taken (another process finalizing), the layer goes unrecorded: the record is a
+    cache, and the loader or a later run hashes that layer instead."""
+    layers = {record.layer: (record.sha256, record.files, [job.out / f for f in record.files])}
+    if job.shared is None:
+        record_verified(job.out, job.verified, layers)
+        return
+    try:
+        lock = OutputLock(job.out, wait_s=RECORD_LOCK_WAIT_S)
+    except (UserError, OSError):
+        return
+    try:
+        add_verified(job.out, layers)
+    finally:
+        lock.release()
 
 
 def finalize_shared(ckpt: Checkpoint, job: OutputJob, progress: Progress | None = None) -> list[int] | None:
@@ -746,6 +788,7 @@ def _commit_layer(writers: list, layer: int, last_write: Future | None = None, t
             job.claims.pop(layer).release()
         else:
             write_manifest(job.out, job.manifest)
+        _record_verified(job, record)
     if on_commit is not None:  # the layer is safe on disk: its source may go
         on_commit(layer)
 

@@ -6,7 +6,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,7 +20,9 @@ from convert.cli import main
 from convert.errors import UserError
 from convert.output_dir import SHARD_DIR
 from convert.shards import ShardSpec, parse_shard, resolve_shard, shard_layers
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
+from kt_runtime.format.manifest import LayerRecord
+from kt_runtime.format.verified import is_verified, read_verified
 from synthetic.v4_flash import make_v4_flash_checkpoint
 
 LAYERS = 8
@@ -281,6 +285,45 @@ def test_shards_match_a_single_run_in_every_layout(ckpt, tmp_path, extra):
     for i in (2, 0, 1):
         assert main(args(ckpt, "-o", str(tmp_path / "sharded"), *flags, "--shard", f"{i}/3")) == 0
     assert tree_hashes(tmp_path / "sharded") == tree_hashes(tmp_path / "single")
+    assert recorded_layers(tmp_path / "sharded") == recorded_layers(tmp_path / "single") == \
+        sorted(int(k) for k in read_json(tmp_path / "single" / MANIFEST_FILE)["completed"])
+
+
+def recorded_layers(out):
+    """The layers the verified record holds, each checked against the manifest and the files as they are."""
+    completed = read_json(out / MANIFEST_FILE)["completed"]
+    entries = read_verified(out)
+    for key in entries:
+        rec = completed[key]
+        assert is_verified(entries, int(key), rec["sha256"], rec["files"], [out / f for f in rec["files"]]), key
+    return sorted(int(k) for k in entries)
+
+
+def test_concurrent_shard_records_lose_no_layer(ckpt, tmp_path):
+    """--shard processes merge their layers into the one record under the output's lock: eight writers at
+    once (threads: the lock is an flock per open file, as between processes) leave all eight layers."""
+    out = tmp_path / "out"
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1")) == 0
+    completed = read_json(out / MANIFEST_FILE)["completed"]
+    (out / VERIFIED_FILE).unlink()
+    job = SimpleNamespace(out=out, shared=True, verified={})
+    start = threading.Barrier(LAYERS)
+    errors = []
+
+    def record(key):
+        try:
+            start.wait()
+            pipeline._record_verified(job, LayerRecord(**completed[key]))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=record, args=(key,)) for key in completed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and recorded_layers(out) == list(range(LAYERS))
+    assert not (out / (VERIFIED_FILE + ".tmp")).exists()
 
 
 def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
@@ -345,6 +388,9 @@ def test_concurrent_shards_with_kills_give_the_single_run_bytes(ckpt, single, tm
     assert sum("is complete" in e for e in errs) == 1  # completed exactly once
     assert tree_hashes(out) == single["int4", 2]
     assert not (out / SHARD_DIR).exists()
+    # the record is whole and every entry true; the layers of the first round's surviving shards are in it
+    # (later ones too unless a finalize held the lock past RECORD_LOCK_WAIT_S, or their process was killed)
+    assert set(recorded_layers(out)) >= {0, 1, 4, 5}
 
 
 # --- claims ---------------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, read_json, tree_hashes
 from convert.cli import main
 from convert.families import FAMILIES
 from kt_runtime.format.layout import LOCK_FILE, MANIFEST_FILE
@@ -397,36 +398,103 @@ def converted(ckpt, tmp_path):
 
 
 def count_hashing(monkeypatch):
+    """Counts the layers hashed, by the loader and by the converter (one call per layer)."""
+    from convert import pipeline
     from kt_runtime import loader
 
     calls = []
     real = loader.tree_sha256_files
-    monkeypatch.setattr(loader, "tree_sha256_files", lambda paths, *a: calls.append(len(paths)) or real(paths, *a))
+    counted = lambda paths, *a: calls.append(len(paths)) or real(paths, *a)  # noqa: E731
+    monkeypatch.setattr(loader, "tree_sha256_files", counted)
+    monkeypatch.setattr(pipeline, "tree_sha256_files", counted)
     return calls
 
 
-def test_load_hashes_each_layer_once_then_trusts_unchanged_files(converted, monkeypatch):
+def flip_in_place(path, offset=-5):
+    """Changes one byte without changing the size, as an editor or a bad copy would, a moment after the
+    conversion (file mtimes have a granularity of a clock tick: a write in the same tick keeps the time)."""
+    time.sleep(0.05)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+def test_a_converted_output_is_trusted_until_a_file_changes(converted, monkeypatch):
     import kt_runtime
 
+    manifest = read_json(converted / "kt_manifest.json")
+    record = read_json(converted / ".kt_verified.json")["layers"]  # written by the converter as it committed
+    assert sorted(record) == ["0", "1"]
+    for layer, rec in manifest["completed"].items():
+        assert record[layer]["sha256"] == rec["sha256"] and list(record[layer]["files"]) == rec["files"]
+        st = os.stat(converted / rec["files"][0])
+        assert record[layer]["files"][rec["files"][0]] == [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
     calls = count_hashing(monkeypatch)
-    kt_runtime.load_experts(converted)
-    assert len(calls) == 2 and (converted / ".kt_verified.json").exists()  # both layers hashed, recorded
-    calls.clear()
-    kt_runtime.load_experts(converted)
-    assert calls == []  # the same files: nothing hashed again
+    assert kt_runtime.load_experts(converted).num_experts == 4
+    assert calls == []  # the first load: the converter's digests, nothing hashed
     kt_runtime.load_experts(converted, verify=True)
     assert len(calls) == 2  # verify=True always hashes
     calls.clear()
     kt_runtime.load_experts(converted, verify=False)
     assert calls == []
-    shard = converted / "model-00002-of-00002.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-5] ^= 0x10  # a packed byte, in place: the file's mtime changes
-    with open(shard, "r+b") as f:
-        f.write(data)
+    flip_in_place(converted / "model-00002-of-00002.safetensors")  # a packed byte: the mtime changes
     with pytest.raises(kt_runtime.PackedWeightsError, match="layer 1 files do not match their sha256"):
         kt_runtime.load_experts(converted)
-    assert len(calls) == 1  # layer 0 still trusted, layer 1 hashed again
+    assert calls == [1]  # layer 0 still trusted, layer 1 hashed again
+
+
+def touch(path):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same bytes, another mtime
+
+
+def test_a_touched_file_is_hashed_again_then_trusted(ckpt, converted, monkeypatch, capsys):
+    import kt_runtime
+
+    touch(converted / "model-00001-of-00002.safetensors")
+    calls = count_hashing(monkeypatch)
+    kt_runtime.load_experts(converted)
+    assert calls == [1]  # layer 0 hashed (equal to its digest) and recorded again; layer 1 trusted
+    kt_runtime.load_experts(converted)
+    assert calls == [1]
+    touch(converted / "model-00002-of-00002.safetensors")  # the converter's re-run: the same
+    code, out, err = cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")
+    assert code == 0 and calls == [1, 1] and "converting it again" not in out + err
+    calls.clear()
+    kt_runtime.load_experts(converted)
+    assert calls == []
+
+
+def test_a_resumed_finished_output_is_not_hashed_again(ckpt, converted, monkeypatch, capsys):
+    calls = count_hashing(monkeypatch)
+    before = tree_hashes(converted)
+    code, out, err = cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")
+    assert code == 0 and calls == []  # both layers recorded at commit: nothing hashed, nothing converted
+    assert tree_hashes(converted) == before
+    record = read_json(converted / ".kt_verified.json")["layers"]
+    flip_in_place(converted / "model-00002-of-00002.safetensors")
+    code, out, err = cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")
+    assert code == 0 and calls == [1]  # layer 1 hashed, found changed, converted again; layer 0 trusted
+    assert "layer 1: output missing or damaged; converting it again" in out + err
+    assert tree_hashes(converted) == before
+    after = read_json(converted / ".kt_verified.json")["layers"]
+    assert after["0"] == record["0"] and after["1"] != record["1"]  # the new file, recorded at its commit
+    assert after["1"]["sha256"] == record["1"]["sha256"]
+    calls.clear()
+    assert cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")[0] == 0 and calls == []
+
+
+def test_a_resume_hashes_the_unrecorded_layers_and_records_them(ckpt, converted, monkeypatch, capsys):
+    (converted / ".kt_verified.json").unlink()  # e.g. an output written before the converter recorded
+    calls = count_hashing(monkeypatch)
+    assert cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")[0] == 0
+    assert calls == [1, 1]
+    assert sorted(read_json(converted / ".kt_verified.json")["layers"]) == ["0", "1"]
+    calls.clear()
+    import kt_runtime
+    kt_runtime.load_experts(converted)
+    assert calls == []
 
 
 def test_large_outputs_are_not_hashed_by_default(converted, monkeypatch):
@@ -434,6 +502,7 @@ def test_large_outputs_are_not_hashed_by_default(converted, monkeypatch):
     from kt_runtime import loader
 
     monkeypatch.setattr(loader, "AUTO_VERIFY_BYTES", 1000)
+    (converted / ".kt_verified.json").unlink()  # no record (an output written before the converter made one)
     calls = count_hashing(monkeypatch)
     kt_runtime.load_experts(converted)
     assert calls == [] and not (converted / ".kt_verified.json").exists()
@@ -469,5 +538,9 @@ def test_overwrite_removes_the_record_and_a_rerun_keeps_it(ckpt, converted, caps
     kt_runtime.load_experts(converted)
     assert cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")[0] == 0  # nothing to do: kept
     assert (converted / ".kt_verified.json").exists()
+    old = read_json(converted / ".kt_verified.json")["layers"]
     assert cli(capsys, "-i", ckpt, "-o", converted, "--no-progress", "--overwrite", "--quant-method", "int8")[0] == 0
-    assert not (converted / ".kt_verified.json").exists()
+    new = read_json(converted / ".kt_verified.json")["layers"]  # removed, then written by the new conversion
+    completed = read_json(converted / "kt_manifest.json")["completed"]
+    assert {k: v["sha256"] for k, v in new.items()} == {k: v["sha256"] for k, v in completed.items()}
+    assert all(new[k]["sha256"] != old[k]["sha256"] for k in old)

@@ -1,6 +1,7 @@
-"""The loader's record of the layers whose files it hashed and found equal to the manifest's sha256,
-each file keyed by (size, mtime_ns, inode, device): a later load whose files have the same keys
-skips hashing them again. Any write through the file system changes mtime (a replaced file, its
+"""The record of the layers whose files are known equal to the manifest's sha256, each file keyed by
+(size, mtime_ns, inode, device): a later load (or converter run) whose files have the same keys skips
+hashing them again. Two writers: the loader, for the layers it hashed, and the converter, for each
+layer it commits (hashed as it was written) and each it hashed when resuming. Any write through the file system changes mtime (a replaced file, its
 inode too), so a changed file is hashed again. The record lives in the output folder
 (VERIFIED_FILE), is replaced atomically (fsio), and is only a cache: unreadable, foreign or stale
 entries are ignored, and a folder that cannot be written just goes without it."""
@@ -58,3 +59,10 @@ def record_verified(out: Path, entries: dict, layers: dict[int, tuple[str, list[
         fsio.atomic_write_text(Path(out) / VERIFIED_FILE, json.dumps({"version": VERSION, "layers": entries}) + "\n")
     except (OSError, UnsafePathError):
         pass
+
+
+def add_verified(out: Path, layers: dict[int, tuple[str, list[str], list[Path]]]) -> None:
+    """record_verified on the record as it is now on disk: for a writer that holds no entries read
+    before (a --shard process, under the output's lock, so that concurrent writers never lose each
+    other's layers)."""
+    record_verified(out, read_verified(out), layers)
