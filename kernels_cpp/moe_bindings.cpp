@@ -101,7 +101,9 @@ class MoELayer {
             require(sa.size() == n * (k / group), wh + " scales: " + std::to_string(sa.size()) + " values, expected " +
                                                       std::to_string(n * (k / group)) + " (" + std::to_string(n) +
                                                       " rows x " + std::to_string(k / group) + " groups)");
-            mats[p]->gs = static_cast<const uint16_t*>(sa.data());
+            std::vector<uint16_t>& st = w_.group_scales.emplace_back(static_cast<size_t>(sa.size()));
+            moe::group_scales_by_rowgroup(static_cast<const uint16_t*>(sa.data()), n, k / group, st.data());
+            mats[p]->gs = st.data();
           } else {
             require(is_f32(sa), wh + " scales: dtype must be float32");
             require(sa.size() == n, wh + " scales: " + std::to_string(sa.size()) + " values, expected " + std::to_string(n));

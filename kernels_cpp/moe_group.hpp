@@ -51,9 +51,15 @@ GroupDotFn group_dot_for(Isa isa);
 // 8 · Σa over each group at corr + i * (k / group): what the SIMD kernels need, made once per row.
 void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr);
 
-// P[i * 32 + j] (i < m, any m) of rows r0..r0+31 of matrix (w, bf16 scales s [n, k/group]) against the
-// row-major activations a (lda): group sums by `dot`, 16 rows at a time, then the float product above.
-void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t k, int64_t group, int64_t r0,
+// The engine's copy of a matrix's bf16 group scales s [n, G] (n a multiple of 32), in row-group order:
+// out[((r / 32) * G + g) * 32 + r % 32] = s[r * G + g]. Made once when the layer is built, so that the float
+// product reads the 32 scales of a (row group, group) contiguously instead of transposing them per call.
+void group_scales_by_rowgroup(const uint16_t* s, int64_t n, int64_t G, uint16_t* out);
+
+// P[i * 32 + j] (i < m, any m) of rows r0..r0+31 of matrix (w, bf16 scales st in row-group order, see
+// group_scales_by_rowgroup) against the row-major activations a (lda): group sums by `dot`, 16 rows at a time,
+// then the float product above.
+void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0,
                    const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P);
 
 // The float stages of the group-wise path (see above), one implementation for every ISA.
