@@ -535,6 +535,17 @@ void bind_moe(py::module_& m) {
   "Exact int32 group sums [m, k/group, n] of a row-major group-wise INT4 matrix (n x k/2 bytes) with int8 "
   "activations a [m <= 16, k] on that ISA's kernel; prepared: the rows split by group_prepare first, as the "
   "engine does, else the kernel prepares them (tests).");
+  m.def("_moe_group_scale", [](I32 gsum, py::array_t<uint16_t, py::array::c_style | py::array::forcecast> st,
+                               const std::string& isa_name) {
+    const Isa isa = resolve_isa(isa_name);
+    require(gsum.ndim() == 2 && gsum.shape(1) == 32 && gsum.shape(0) >= 1, "gsum must be int32 [G, 32]");
+    require(st.ndim() == 2 && st.shape(0) == gsum.shape(0) && st.shape(1) == 32, "st must be uint16 [G, 32]");
+    py::array_t<float> out(32);
+    moe::group_scale_for(isa)(gsum.data(), st.data(), gsum.shape(0), out.mutable_data());
+    return out;
+  }, py::arg("gsum"), py::arg("st"), py::arg("isa") = "auto",
+  "The float product [32] of one row's group sums gsum [G, 32] and bf16 scales st [G, 32] on that ISA's "
+  "implementation (tests).");
   m.def("_core_clock_ghz", [] {
     py::gil_scoped_release release;
     return core_clock_ghz();
