@@ -110,7 +110,7 @@ class MoELayer {
             mats[p]->s = static_cast<const float*>(sa.data());
           }
           keep_.append(wa);
-          keep_.append(sa);
+          if (!mats[p]->gs) keep_.append(sa);  // group-wise scales: the engine reads its own copy
         }
       }
     }

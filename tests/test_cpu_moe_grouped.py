@@ -98,6 +98,33 @@ def test_amx_unpacked_tiles_never_serve_other_weights(grouped):
             assert torch.equal(CPUMoE(w, layer, num_threads=1).forward(x, ids, tw), want[layer])
 
 
+def test_layer_reads_its_own_copy_of_the_scales(grouped):
+    # MoELayer copies the bf16 group scales (into row-group order) when it is built: overwriting the caller's
+    # arrays afterwards changes nothing, and the result is CPUMoE's on the same weights
+    w = grouped
+    layer = w.layers[0]
+    shards, scales = [], []
+    for e in range(w.num_experts):
+        six = []
+        for p in ("gate", "up", "down"):
+            wt, s = w.expert_tensors(layer, e, p, 0)
+            scales.append(np.array(s, copy=True))
+            six += [np.asarray(wt), scales[-1]]
+        shards.append([tuple(six)])
+    moe = kt_kernels.MoELayer(w.method, shards, w.hidden_size, w.moe_intermediate_size, 1, None)
+    ids, tw = routing(3, w.num_experts, 2, seed=7)
+    x = torch.randn(3, w.hidden_size, generator=torch.Generator().manual_seed(7))
+    args = (x.numpy(), ids.numpy().astype(np.int64), tw.numpy().astype(np.float32), "auto", 1)
+    before = moe.forward(*args)
+    for s in scales:
+        s[...] = 0x7FC0  # bf16 NaN
+    after = moe.forward(*args)
+    want = CPUMoE(w, layer, num_threads=1).forward(x, ids, tw).numpy()
+    assert np.isfinite(after).all() and np.abs(after).max() > 0
+    assert np.array_equal(after.view(np.uint32), before.view(np.uint32))
+    assert np.array_equal(after.view(np.uint32), want.view(np.uint32))
+
+
 def test_bad_group_scales_are_refused(grouped):
     w = grouped
     layer = w.layers[0]
