@@ -119,7 +119,8 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
   if (grouped && !(weights.gate_bias.empty() && weights.up_bias.empty() && weights.down_bias.empty()))
     throw std::invalid_argument("group-wise INT4 layers take no expert biases; use int4 or int8 weights");
   const detail::Call call{weights, x, tokens, topk, out, dot_for(isa), epilogue_for(isa),
-                          isa == Isa::Amx && !grouped, pool, rt, t_call, grouped ? group_dot_for(isa) : nullptr};
+                          isa == Isa::Amx && !grouped, pool, rt, t_call, grouped ? group_dot_for(isa) : nullptr,
+                          grouped ? group_scale_for(isa) : nullptr};
   if (!grouped && rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {
     detail::forward_prefill(call);
   } else {

@@ -31,7 +31,7 @@ namespace moe {
 struct PackedMat {
   const uint8_t* w = nullptr;   // tiled bytes: n*k (INT8) or n*k/2 (INT4); group-wise INT4: row-major n*k/2
   const float* s = nullptr;     // n per-row scales (AMX-tiled methods)
-  const uint16_t* gs = nullptr; // group-wise INT4: bf16 scales [n, k / group] (moe_group.hpp)
+  const uint16_t* gs = nullptr; // group-wise INT4: bf16 scales in row-group order (group_scales_by_rowgroup)
 };
 
 struct ExpertShard {
@@ -58,6 +58,7 @@ struct Weights {
   Config cfg;
   std::vector<ExpertShard> shards;
   std::vector<float> gate_bias, up_bias, down_bias;
+  std::vector<std::vector<uint16_t>> group_scales;  // group-wise INT4: the storage of the PackedMat::gs copies
   const float* gate_b(int64_t e, int64_t t, int64_t r0) const {
     return gate_bias.empty() ? nullptr : gate_bias.data() + e * cfg.intermediate + t * cfg.i_local() + r0;
   }

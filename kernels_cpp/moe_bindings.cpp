@@ -101,14 +101,16 @@ class MoELayer {
             require(sa.size() == n * (k / group), wh + " scales: " + std::to_string(sa.size()) + " values, expected " +
                                                       std::to_string(n * (k / group)) + " (" + std::to_string(n) +
                                                       " rows x " + std::to_string(k / group) + " groups)");
-            mats[p]->gs = static_cast<const uint16_t*>(sa.data());
+            std::vector<uint16_t>& st = w_.group_scales.emplace_back(static_cast<size_t>(sa.size()));
+            moe::group_scales_by_rowgroup(static_cast<const uint16_t*>(sa.data()), n, k / group, st.data());
+            mats[p]->gs = st.data();
           } else {
             require(is_f32(sa), wh + " scales: dtype must be float32");
             require(sa.size() == n, wh + " scales: " + std::to_string(sa.size()) + " values, expected " + std::to_string(n));
             mats[p]->s = static_cast<const float*>(sa.data());
           }
           keep_.append(wa);
-          keep_.append(sa);
+          if (!mats[p]->gs) keep_.append(sa);  // group-wise scales: the engine reads its own copy
         }
       }
     }
@@ -533,6 +535,17 @@ void bind_moe(py::module_& m) {
   "Exact int32 group sums [m, k/group, n] of a row-major group-wise INT4 matrix (n x k/2 bytes) with int8 "
   "activations a [m <= 16, k] on that ISA's kernel; prepared: the rows split by group_prepare first, as the "
   "engine does, else the kernel prepares them (tests).");
+  m.def("_moe_group_scale", [](I32 gsum, py::array_t<uint16_t, py::array::c_style | py::array::forcecast> st,
+                               const std::string& isa_name) {
+    const Isa isa = resolve_isa(isa_name);
+    require(gsum.ndim() == 2 && gsum.shape(1) == 32 && gsum.shape(0) >= 1, "gsum must be int32 [G, 32]");
+    require(st.ndim() == 2 && st.shape(0) == gsum.shape(0) && st.shape(1) == 32, "st must be uint16 [G, 32]");
+    py::array_t<float> out(32);
+    moe::group_scale_for(isa)(gsum.data(), st.data(), gsum.shape(0), out.mutable_data());
+    return out;
+  }, py::arg("gsum"), py::arg("st"), py::arg("isa") = "auto",
+  "The float product [32] of one row's group sums gsum [G, 32] and bf16 scales st [G, 32] on that ISA's "
+  "implementation (tests).");
   m.def("_core_clock_ghz", [] {
     py::gil_scoped_release release;
     return core_clock_ghz();

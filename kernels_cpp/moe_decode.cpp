@@ -35,6 +35,7 @@ void forward_decode(const Call& call) {
   const DotFn dot = call.dot;
   const Epilogue& epi = call.epi;
   const GroupDotFn gdot = call.gdot;
+  const GroupScaleFn gscale = call.gscale;
   const int64_t group = method_info(cfg.method).group_size;
   const int64_t H = cfg.hidden, T = cfg.threadpool_count, IL = cfg.i_local();
   const int P = call.pool.size();
@@ -108,8 +109,8 @@ void forward_decode(const Call& call) {
       const int64_t base = row0[a] * T + t * m;
       if (gdot) {
         float* p = reinterpret_cast<float*>(acc);
-        group_product(gdot, sh.down.w, sh.down.gs, IL, group, r0, aq.p + base * IL, IL, asp.p + base * IL,
-                      aco.data() + base * GI, m, p);
+        group_product(gdot, gscale, sh.down.w, sh.down.gs, IL, group, r0, aq.p + base * IL, IL,
+                      asp.p + base * IL, aco.data() + base * GI, m, p);
         group_down(p, m, ad.data() + base, y, ystride, t == 0);
         continue;
       }
@@ -158,8 +159,8 @@ void forward_decode(const Call& call) {
         float* pu = reinterpret_cast<float*>(au);
         const int8_t* xs_a = xsp.p + row0[a] * H;
         const int32_t* xc_a = xco.data() + row0[a] * GH;
-        group_product(gdot, sh.gate.w, sh.gate.gs, H, group, r0, xa, H, xs_a, xc_a, m, pg);
-        group_product(gdot, sh.up.w, sh.up.gs, H, group, r0, xa, H, xs_a, xc_a, m, pu);
+        group_product(gdot, gscale, sh.gate.w, sh.gate.gs, H, group, r0, xa, H, xs_a, xc_a, m, pg);
+        group_product(gdot, gscale, sh.up.w, sh.up.gs, H, group, r0, xa, H, xs_a, xc_a, m, pu);
         group_silu_gate(pg, pu, m, xda, cfg.clamp, cfg.limit, act_at + r0, IL);
       } else {
         dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);

@@ -9,8 +9,9 @@
 //               implementation)
 //   gate/up   : g = P_gate[i][j] · xd[i], u = P_up[i][j] · xd[i]; the clamp and SiLU-gate as moe.hpp says
 //   down      : y = (first ? 0 : y) + P[i][j] · ad[i]
-// The float steps run in one baseline implementation shared by every ISA (moe_group_ref.cpp), so the
-// results are bit-identical whatever kernel produced the exact group sums.
+// The product runs per ISA (group_scale: the same IEEE operations in the same order, no FMA); gate/up and
+// down run in one baseline implementation shared by every ISA (moe_group_ref.cpp). So the results are
+// bit-identical whatever kernels ran.
 #pragma once
 #include <cstdint>
 
@@ -47,13 +48,35 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
 }
 GroupDotFn group_dot_for(Isa isa);
 
+// The float product of one activation row from its exact group sums gsum [G][32] and the 32 rows' bf16
+// scales st [G][32] (row-group order): P[j] = (((0 + float(gsum[0][j]) · s[0][j]) + float(gsum[1][j]) · s[1][j])
+// + ...). One implementation per ISA, every one the same IEEE roundings in the same order (no FMA), so the
+// results are bit-identical whichever runs.
+using GroupScaleFn = void (*)(const int32_t* gsum, const uint16_t* st, int64_t G, float* P);
+namespace ref {
+void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P);
+}
+namespace avx2 {
+void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P);
+}
+namespace avx512 {
+void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P);  // also the AMX path's
+}
+GroupScaleFn group_scale_for(Isa isa);
+
 // Per activation row (k columns at a + i * lda): its even then its odd columns (k/2 each) at split + i * k, and
 // 8 · Σa over each group at corr + i * (k / group): what the SIMD kernels need, made once per row.
 void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr);
 
-// P[i * 32 + j] (i < m, any m) of rows r0..r0+31 of matrix (w, bf16 scales s [n, k/group]) against the
-// row-major activations a (lda): group sums by `dot`, 16 rows at a time, then the float product above.
-void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t k, int64_t group, int64_t r0,
+// The engine's copy of a matrix's bf16 group scales s [n, G] (n a multiple of 32), in row-group order:
+// out[((r / 32) * G + g) * 32 + r % 32] = s[r * G + g]. Made once when the layer is built, so that the float
+// product reads the 32 scales of a (row group, group) contiguously instead of transposing them per call.
+void group_scales_by_rowgroup(const uint16_t* s, int64_t n, int64_t G, uint16_t* out);
+
+// P[i * 32 + j] (i < m, any m) of rows r0..r0+31 of matrix (w, bf16 scales st in row-group order, see
+// group_scales_by_rowgroup) against the row-major activations a (lda): group sums by `dot`, 16 rows at a time,
+// then the float product above by `scale`.
+void group_product(GroupDotFn dot, GroupScaleFn scale, const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0,
                    const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P);
 
 // The float stages of the group-wise path (see above), one implementation for every ISA.

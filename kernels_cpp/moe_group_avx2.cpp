@@ -159,6 +159,21 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
   }
 }
 
+// (ref::group_scale; this file is built with -ffp-contract=off: mul and add stay apart)
+void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P) {
+  __m256 acc[4];
+  for (int h = 0; h < 4; ++h) acc[h] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g)
+    for (int h = 0; h < 4; ++h) {
+      const int64_t e = g * 32 + 8 * h;
+      const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st + e)));
+      const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));  // bf16 -> float, exact
+      const __m256 x = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gsum + e)));
+      acc[h] = _mm256_add_ps(acc[h], _mm256_mul_ps(x, s));
+    }
+  for (int h = 0; h < 4; ++h) _mm256_storeu_ps(P + 8 * h, acc[h]);
+}
+
 }  // namespace avx2
 }  // namespace moe
 }  // namespace kt

@@ -239,6 +239,22 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
   }
 }
 
+// (ref::group_scale; explicit-rounding mul/add so that -mfma never contracts them, moe_epilogue_avx512.cpp)
+void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P) {
+  constexpr int kRnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t g = 0; g < G; ++g)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t e = g * 32 + 16 * h;
+      const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + e)));
+      const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));  // bf16 -> float, exact
+      const __m512 x = _mm512_cvtepi32_ps(_mm512_loadu_si512(gsum + e));  // |gsum| < 2^24: exact
+      acc[h] = _mm512_add_round_ps(acc[h], _mm512_mul_round_ps(x, s, kRnd), kRnd);
+    }
+  _mm512_storeu_ps(P, acc[0]);
+  _mm512_storeu_ps(P + 16, acc[1]);
+}
+
 }  // namespace avx512
 }  // namespace moe
 }  // namespace kt

@@ -28,7 +28,24 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
       }
 }
 
+void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P) {
+  float acc[32];
+  for (int j = 0; j < 32; ++j) acc[j] = 0.0f;
+  for (int64_t g = 0; g < G; ++g)
+    for (int j = 0; j < 32; ++j) acc[j] = acc[j] + static_cast<float>(gsum[g * 32 + j]) * bf16_to_f32(st[g * 32 + j]);
+  std::memcpy(P, acc, sizeof(acc));
+}
+
 }  // namespace ref
+
+GroupScaleFn group_scale_for(Isa isa) {
+  switch (isa) {
+    case Isa::Amx:
+    case Isa::Avx512: return avx512::group_scale;
+    case Isa::Avx2: return avx2::group_scale;
+    default: return ref::group_scale;
+  }
+}
 
 GroupDotFn group_dot_for(Isa isa) {
   switch (isa) {
@@ -56,29 +73,23 @@ void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t g
   }
 }
 
-void group_product(GroupDotFn dot, const uint8_t* w, const uint16_t* s, int64_t k, int64_t group, int64_t r0,
-                   const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P) {
+void group_scales_by_rowgroup(const uint16_t* s, int64_t n, int64_t G, uint16_t* out) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t g = 0; g < G; ++g) out[((r / 32) * G + g) * 32 + r % 32] = s[r * G + g];
+}
+
+void group_product(GroupDotFn dot, GroupScaleFn scale, const uint8_t* w, const uint16_t* st, int64_t k, int64_t group,
+                   int64_t r0, const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m,
+                   float* P) {
   const int64_t G = k / group;
   thread_local std::vector<int32_t> gsum;
-  thread_local std::vector<float> sc;
   gsum.resize(static_cast<size_t>(16 * G * 32));
-  sc.resize(static_cast<size_t>(G * 32));
-  for (int j = 0; j < 32; ++j)  // [g][j]: the loop below runs along j
-    for (int64_t g = 0; g < G; ++g) sc[g * 32 + j] = bf16_to_f32(s[(r0 + j) * G + g]);
+  const uint16_t* sr = st + (r0 / 32) * G * 32;
   for (int64_t i0 = 0; i0 < m; i0 += 16) {
     const int64_t mb = std::min<int64_t>(16, m - i0);
     dot(w, k, group, r0, a + i0 * lda, lda, split ? split + i0 * k : nullptr, corr ? corr + i0 * G : nullptr, mb,
         gsum.data(), i0 > 0);
-    for (int64_t i = 0; i < mb; ++i) {
-      float acc[32];
-      for (int j = 0; j < 32; ++j) acc[j] = 0.0f;
-      for (int64_t g = 0; g < G; ++g) {
-        const int32_t* gs = gsum.data() + (i * G + g) * 32;
-        const float* sg = sc.data() + g * 32;
-        for (int j = 0; j < 32; ++j) acc[j] = acc[j] + static_cast<float>(gs[j]) * sg[j];
-      }
-      std::memcpy(P + (i0 + i) * 32, acc, sizeof(acc));
-    }
+    for (int64_t i = 0; i < mb; ++i) scale(gsum.data() + i * G * 32, sr, G, P + (i0 + i) * 32);
   }
 }
 

@@ -66,6 +66,7 @@ struct Call {
   const Routing& route;
   double t_call;  // start of the call (profiling only)
   GroupDotFn gdot = nullptr;  // group-wise INT4 (decode schedule only): its group sums; dot and epi's products unused
+  GroupScaleFn gscale = nullptr;  // group-wise INT4: its float product of the group sums
 };
 void forward_decode(const Call& call);   // moe_decode.cpp: few rows per expert
 void forward_prefill(const Call& call);  // moe_prefill.cpp: many rows per expert

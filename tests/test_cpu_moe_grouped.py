@@ -1,8 +1,10 @@
 """The CPU engine on group-wise INT4 (rawint4-gG, kernels_cpp/moe_group*.cpp).
 
 - The exact int32 group sums of every ISA kernel equal an independent numpy int64 computation.
+- The float product of the group sums (one implementation per ISA) equals an independent float32 numpy
+  computation with the same roundings in the same order, bit for bit, on every ISA.
 - CPUMoE.forward is bit-identical on every ISA this CPU has (portable, avx2, avx512, amx) and for any
-  thread count: the float steps are one shared implementation.
+  thread count.
 - Against the float MoE on the dequantized weights (kt_runtime.reference, float64): relative L2 error
   < 0.05 (the int8 activation quantization, as for int4/int8); against the same model quantizing the
   activations as the engine does: < 1e-4.
@@ -41,6 +43,25 @@ def test_group_sums_exact_on_every_isa(group, k, m):
             assert np.array_equal(kt_kernels._moe_group_dot(w, 64, k, group, a, isa, prepared), want), (isa, prepared)
 
 
+@pytest.mark.parametrize("G", [1, 3, 128])
+def test_group_scale_same_roundings_on_every_isa(G):
+    # the float product, computed here independently in float32 (each product and sum rounded, groups in order)
+    rng = np.random.default_rng(G)
+    gsum = rng.integers(-(2**17), 2**17, size=(G, 32), dtype=np.int32)
+    gsum[0, 0] = 8 * 128 * 128  # the largest group sum (group 128)
+    scale = (rng.standard_normal((G, 32)) * np.float32(1e-3)).astype(np.float32)
+    scale[0, 1] = 1e-40  # a subnormal scale
+    st = (scale.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated)
+    sf = (st.astype(np.uint32) << 16).view(np.float32)
+    want = np.zeros(32, np.float32)
+    for g in range(G):
+        want = want + gsum[g].astype(np.float32) * sf[g]
+    assert want.dtype == np.float32 and np.isfinite(want).all() and want[1] != 0
+    for isa in ISAS:
+        got = kt_kernels._moe_group_scale(gsum, st, isa)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), isa
+
+
 @pytest.fixture(scope="module", params=[32, 128])
 def grouped(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"g{request.param}")
@@ -75,6 +96,33 @@ def test_amx_unpacked_tiles_never_serve_other_weights(grouped):
     for _ in range(2):
         for layer in w.layers:
             assert torch.equal(CPUMoE(w, layer, num_threads=1).forward(x, ids, tw), want[layer])
+
+
+def test_layer_reads_its_own_copy_of_the_scales(grouped):
+    # MoELayer copies the bf16 group scales (into row-group order) when it is built: overwriting the caller's
+    # arrays afterwards changes nothing, and the result is CPUMoE's on the same weights
+    w = grouped
+    layer = w.layers[0]
+    shards, scales = [], []
+    for e in range(w.num_experts):
+        six = []
+        for p in ("gate", "up", "down"):
+            wt, s = w.expert_tensors(layer, e, p, 0)
+            scales.append(np.array(s, copy=True))
+            six += [np.asarray(wt), scales[-1]]
+        shards.append([tuple(six)])
+    moe = kt_kernels.MoELayer(w.method, shards, w.hidden_size, w.moe_intermediate_size, 1, None)
+    ids, tw = routing(3, w.num_experts, 2, seed=7)
+    x = torch.randn(3, w.hidden_size, generator=torch.Generator().manual_seed(7))
+    args = (x.numpy(), ids.numpy().astype(np.int64), tw.numpy().astype(np.float32), "auto", 1)
+    before = moe.forward(*args)
+    for s in scales:
+        s[...] = 0x7FC0  # bf16 NaN
+    after = moe.forward(*args)
+    want = CPUMoE(w, layer, num_threads=1).forward(x, ids, tw).numpy()
+    assert np.isfinite(after).all() and np.abs(after).max() > 0
+    assert np.array_equal(after.view(np.uint32), before.view(np.uint32))
+    assert np.array_equal(after.view(np.uint32), want.view(np.uint32))
 
 
 def test_bad_group_scales_are_refused(grouped):

@@ -95,9 +95,10 @@ def repo_dir(cache: Path) -> Path:
 
 def file_digests(out: Path) -> dict[str, str]:
     """Every output file's sha256; of the manifest, its layer records (it also names the source path,
-    here a different cache per run); the lock file holds nothing."""
+    here a different cache per run); the lock file holds nothing; the verification record is a cache
+    keyed by inodes and times."""
     digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())
-               if p.is_file() and p.name not in ("kt_manifest.json", ".kt_convert.lock")}
+               if p.is_file() and p.name not in ("kt_manifest.json", ".kt_convert.lock", ".kt_verified.json")}
     manifest = json.loads((out / "kt_manifest.json").read_text())
     digests["completed"] = json.dumps(manifest["completed"], sort_keys=True)
     digests["complete"] = manifest["complete"]
