@@ -372,7 +372,9 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
     return reports
 
 
-def _convert_outputs(opts_list, shard, device, probe, start, packer, timings) -> list[ConversionReport]:
+def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, device: str, probe: float,
+                     start: float, packer, timings: Timings) -> list[ConversionReport]:
+    """Opens the source once (a hub download starts here), plans every output from it and runs them."""
     ckpt, _ = open_source(opts_list[0], note=lambda m: Progress(0, 0, False).note(m))
     try:
         jobs = [plan_output(ckpt, o) for o in opts_list]
