@@ -53,5 +53,8 @@ def dequantize_groups(packed: torch.Tensor, scales: torch.Tensor, n: int, k: int
     """Packed bytes + bf16 scales (bfloat16 or uint16 bits, [N, K/group] or flat) -> float32 [N, K], exact."""
     s = scales if scales.dtype == torch.bfloat16 else scales.contiguous().view(torch.int16).view(torch.bfloat16)
     s = s.reshape(n, k // group).to(torch.float32)
-    u = unpack_nibbles(packed, n, k)
-    return (u - 8).to(torch.float32) * s.repeat_interleave(group, dim=1)
+    # one float32 product per element, in place over groups (no repeated scale matrix, no int32 copies);
+    # u - 8 is exact in float32
+    b = packed.reshape(n, k // 2).view(torch.uint8)
+    x = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(n, k).to(torch.float32).sub_(8)
+    return x.view(n, k // group, group).mul_(s[:, :, None]).view(n, k)

@@ -44,5 +44,7 @@ def pack_expert_reference(w: torch.Tensor, proj: str, hidden_size: int, intermed
 
 
 def merge_shards(proj: str, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Per-NUMA dequantized float matrices -> the unsharded matrix."""
+    """Per-NUMA dequantized float matrices -> the unsharded matrix (one shard: that matrix, not a copy)."""
+    if len(shards) == 1:
+        return shards[0]
     return torch.cat(shards, dim=1 if proj == "down" else 0)

@@ -142,3 +142,26 @@ def test_same_weights_give_zero_error(tmp_path):
     # the INT4-group source decodes to bf16(q d); requantizing finds the same grid for most groups
     assert report.model.rel_rms < 0.02 and report.model.cosine > 0.9998
     assert html_report(report).count("<title>") >= 3
+
+
+def test_tensor_sums_against_float64_across_chunks_and_a_partial_row():
+    """tensor_sums (float32 row sums into float64 totals) against exact float64 sums, on a size that spans
+    chunks and ends in a partial row, with a bf16 torch reference; identical inputs give exactly 0 error."""
+    import torch
+
+    from convert.verify import CHUNK, ROW, tensor_sums
+
+    size = 2 * CHUNK + 5 * ROW + 37
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(size, generator=g).to(torch.bfloat16)
+    packed = ref.to(torch.float32) + 0.05 * torch.randn(size, generator=g)
+    p, r = packed.double().numpy(), ref.double().numpy()
+    e = (packed - ref.to(torch.float32)).double().numpy()  # verify's e: p - r rounded to float32
+    s = tensor_sums(packed, ref)
+    assert s.count == size
+    for got, want in ((s.err2, e @ e), (s.ref2, r @ r), (s.packed2, p @ p), (s.dot, p @ r)):
+        assert got == pytest.approx(want, rel=1e-7)
+    assert s.max_abs == float(np.abs(e).max())
+    same = tensor_sums(packed, packed.numpy())
+    assert same.err2 == 0 and same.max_abs == 0 and same.rel_rms == 0
+    assert same.packed2 == pytest.approx(p @ p, rel=1e-7) and same.cosine == pytest.approx(1, abs=1e-12)
