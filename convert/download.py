@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kt_runtime.format import fsio
+from kt_runtime.format.digest import file_sha256
 from kt_runtime.format.errors import SafetensorsFormatError
 from kt_runtime.format.input_files import CONFIG_MAX_BYTES
 from kt_runtime.format.safetensors_file import SafetensorsFile
@@ -49,7 +50,6 @@ STATE_NAME = "kt-convert-downloads.json"
 # (docs/BENCHMARKS.md). The first layer then waits for its shard's share of the link; the disk cap
 # bounds the shards in flight together.
 DOWNLOAD_WORKERS = 4
-HASH_CHUNK = 8 << 20
 
 
 class PendingFile(SafetensorsFile):
@@ -406,7 +406,7 @@ class ShardDownloader:
                 path = hub.download_file(self.remote, name, self.cache)
             if rf.sha256 is None or rf.sha256 in self.state.verified:
                 break
-            got = _sha256(path)
+            got = file_sha256(path)
             if got == rf.sha256:
                 with self._cond:
                     self.state.verified.append(rf.sha256)
@@ -435,14 +435,6 @@ def _remove_cached(snapshot: Path, repo_dir: Path, name: str, etag: str) -> None
             continue
         if stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode):
             os.unlink(path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- opening ------------------------------------------------------------------------------------

@@ -13,18 +13,6 @@ namespace kt {
 namespace moe {
 namespace detail {
 
-namespace {
-
-// Rows of H per down task when each (expert, column chunk) is its own task.
-int64_t down_chunk_rows(int64_t H, int64_t A, int threads) {
-  for (int64_t dr : {128, 64}) {
-    if (H % dr == 0 && A * (H / dr) >= 8 * threads) return dr;
-  }
-  return 32;
-}
-
-}  // namespace
-
 void forward_decode(const Call& call) {
   const Weights& weights = call.weights;
   const Config& cfg = weights.cfg;
@@ -84,7 +72,7 @@ void forward_decode(const Call& call) {
   const int64_t nS = stasks.count();
   const bool per_expert =
       R * H * static_cast<int64_t>(sizeof(float)) <= tuning().per_expert_down_limit_bytes.load(std::memory_order_relaxed);
-  const int64_t DR = per_expert ? down_chunk_rows(H, A, P) : 32;
+  const int64_t DR = per_expert ? down_chunk(H, {128, 64}, A, 8 * P) : 32;  // (expert, chunk) tasks, >= 8 a thread
   const int64_t chunks = H / DR;
   const int64_t nD = per_expert ? A * chunks : chunks;
   const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;

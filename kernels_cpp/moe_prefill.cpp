@@ -98,15 +98,6 @@ std::vector<int64_t> token_block_rows(const std::vector<int64_t>& m_of, int64_t 
   return rows;
 }
 
-// Columns of H per down task (all experts): the largest of 256, 128, 64 dividing H with >= 4
-// tasks per thread; else 32.
-int64_t down_cols_per_task(int64_t H, int threads) {
-  for (int64_t dc : {256, 128, 64}) {
-    if (H % dc == 0 && H / dc >= 4 * threads) return dc;
-  }
-  return 32;
-}
-
 }  // namespace
 
 void forward_prefill(const Call& call) {
@@ -151,7 +142,7 @@ void forward_prefill(const Call& call) {
   int32_t* as = ws.as.get<int32_t>(R * T);
   const int64_t acc_stride = round_up(mmax, 32) * 32;
   int32_t* acc_all = ws.acc.get<int32_t>(P * 2 * acc_stride);
-  const int64_t DC = down_cols_per_task(H, P), DG = DC / 32;
+  const int64_t DC = down_chunk(H, {256, 128, 64}, 1, 4 * P), DG = DC / 32;  // all experts a task, >= 4 a thread
   int32_t* dacc_all = ws.dacc.get<int32_t>(P * DG * acc_stride);
   float* y_all = ws.y.get<float>(T > 1 ? P * DG * acc_stride : 1);
   int8_t* qtmp_all = ws.qtmp.get<int8_t>(P * round_up(IL, 64));

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <new>
 #include <stdexcept>
 #include <vector>
@@ -24,6 +25,14 @@ namespace moe {
 namespace detail {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Columns of H per down-stage task: the first of `sizes` (largest first) that divides H and leaves
+// at least `min_tasks` tasks when every chunk makes `tasks_per_chunk` of them; else 32 (a tile row group).
+inline int64_t down_chunk(int64_t H, std::initializer_list<int64_t> sizes, int64_t tasks_per_chunk, int64_t min_tasks) {
+  for (int64_t c : sizes)
+    if (H % c == 0 && tasks_per_chunk * (H / c) >= min_tasks) return c;
+  return 32;
+}
 
 template <typename T>
 struct AlignedArray {

@@ -29,6 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from kt_runtime.format.digest import file_sha256
+
 CHUNK = 1 << 20
 
 
@@ -50,20 +52,12 @@ def _git_blob_sha1(data_path: Path, size: int) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def describe_folder(folder: Path) -> dict[str, RepoFile]:
     files = {}
     for p in sorted(folder.iterdir()):
         if p.is_file():
             size = p.stat().st_size
-            files[p.name] = RepoFile(p.name, p, size, _sha256(p), _git_blob_sha1(p, size),
+            files[p.name] = RepoFile(p.name, p, size, file_sha256(p), _git_blob_sha1(p, size),
                                      lfs=p.suffix == ".safetensors")
     return files
 

@@ -174,13 +174,28 @@ def _kill_and_resume(served, tmp_path):
     cache, out = tmp_path / "hub", tmp_path / "out"
     env = hub_env(served.endpoint, cache)
     served.requests.clear()
-    served.bytes_per_s = 15e6  # ~1.3 s per shard, one shard at a time
-    # 1: killed while the first shard is half downloaded, before any layer
+    # 1: killed while the first shard is half downloaded, before any layer (a slow link: the kill lands
+    # mid-download even when this machine is slow to notice the partial file)
+    served.bytes_per_s = 2e6
     proc = start_cli(env, out, "--download-workers", "1")
-    assert wait_until(lambda: incomplete_bytes(cache) > 0, proc), proc.communicate()
+    # the first shard's own partial blob has bytes (not a small file's partial, nor a header read)
+    first = served.files[SHARDS[0]].sha256
+
+    def first_shard_partial() -> bool:
+        for p in (repo_dir(cache) / "blobs").glob(first + ".*.incomplete"):
+            try:
+                if os.stat(p).st_size > 0:
+                    return True
+            except FileNotFoundError:  # renamed into place meanwhile
+                pass
+        return False
+
+    assert wait_until(lambda: (repo_dir(cache) / "blobs").is_dir() and first_shard_partial(), proc), \
+        proc.communicate()
     proc.kill()
     proc.wait()
     assert completed_layers(out) == 0
+    served.bytes_per_s = 15e6  # ~1.3 s per shard, one shard at a time
     # 2: killed after a layer is committed, while a later shard downloads
     proc = start_cli(env, out, "--download-workers", "1")
     assert wait_until(lambda: completed_layers(out) >= 1 and incomplete_bytes(cache) > 0, proc), \

@@ -118,6 +118,14 @@ def atime_works(tmp_path) -> bool:
     return os.stat(probe).st_atime > 1
 
 
+def link_to_outside_copy(tmp_path, path: Path) -> Path:
+    """Replaces `path` of the checkpoint by a symlink to an outside copy of it (outside_copy), returned."""
+    outside = outside_copy(tmp_path, path)
+    path.unlink()
+    path.symlink_to(outside)
+    return outside
+
+
 def outside_copy(tmp_path, src: Path) -> Path:
     """A regular file outside the checkpoint, its access time set to 1970: any read moves it."""
     other = tmp_path / "other"
@@ -170,9 +178,7 @@ def test_shard_symlinked_to_a_fifo_outside_is_refused(ck, tmp_path, capsys):
 
 
 def test_shard_symlinked_to_a_valid_copy_outside_is_neither_read_nor_converted(ck, tmp_path, capsys):
-    outside = outside_copy(tmp_path, ck / SHARD2)
-    (ck / SHARD2).unlink()
-    (ck / SHARD2).symlink_to(outside)
+    outside = link_to_outside_copy(tmp_path, ck / SHARD2)
     convert_fails(ck, tmp_path / "out", capsys, SHARD2, "symlink", "outside")
     assert_never_read(outside, tmp_path)
 
@@ -180,18 +186,14 @@ def test_shard_symlinked_to_a_valid_copy_outside_is_neither_read_nor_converted(c
 def test_globbed_shard_symlinked_outside_is_refused(ck, tmp_path, capsys):
     # no index: the *.safetensors of the folder are read; a link among them must not lead out
     (ck / INDEX_FILE).unlink()
-    outside = outside_copy(tmp_path, ck / SHARD2)
-    (ck / SHARD2).unlink()
-    (ck / SHARD2).symlink_to(outside)
+    outside = link_to_outside_copy(tmp_path, ck / SHARD2)
     convert_fails(ck, tmp_path / "out", capsys, SHARD2, "outside")
     assert_never_read(outside, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["config.json", INDEX_FILE, "tokenizer.json", "generation_config.json"])
 def test_json_file_symlinked_outside_is_refused(ck, tmp_path, capsys, name):
-    outside = outside_copy(tmp_path, ck / name)
-    (ck / name).unlink()
-    (ck / name).symlink_to(outside)
+    outside = link_to_outside_copy(tmp_path, ck / name)
     convert_fails(ck, tmp_path / "out", capsys, name, "symlink", "outside")
     assert_never_read(outside, tmp_path)
 

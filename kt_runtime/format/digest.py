@@ -16,6 +16,15 @@ BLOCK = 64 << 20
 DIGEST_NAME = "sha256-tree-64MiB"
 
 
+def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
+    """The plain sha256 of one file's bytes (hex): what the Hugging Face hub records as an LFS file's oid."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def default_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
