@@ -88,7 +88,7 @@ class ConversionReport:
     partial: bool = False  # --layers left out MoE layers of the model
     model_layers: int = 0  # MoE layers of the whole model
     startup_seconds: float = 0.0  # finding the device (--device auto), not counted in `seconds`
-    shard: str = ""  # --shard i/N: this process converted shard i's layers only
+    shard: str = ""  # --shard I/N: this process converted shard I's layers only (I from 1)
     layers_held: list[int] = field(default_factory=list)  # of our shard, being converted by other processes
     complete: bool = True  # the output is complete (a --shard run: once every shard's layers are)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (convert.timings.STAGES)
@@ -477,6 +477,7 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
         job.complete, job.resumed = True, len(mine)
         return
     job.shared = SharedOutput(out)
+    job.shared.record_split(shard)
     job.manifest.completed.update(job.shared.records(job.manifest))
     verified = read_verified(out)  # read only: a shard writes the record under the lock (_record_verified)
     for layer in mine:

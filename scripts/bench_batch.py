@@ -172,7 +172,7 @@ def main() -> None:
         drop_source_pages(ckpt)
         t0 = time.perf_counter()
         procs = [start_child(ckpt, work, f"shard{i}", ["-o", str(outs / "sharded"), "--quant-method", m,
-                                                       "--threadpool-count", t, "--shard", f"{i}/{a.shards}",
+                                                       "--threadpool-count", t, "--shard", f"{i + 1}/{a.shards}",
                                                        "--cpuinfer-threads", str(threads)])
                  for i in range(a.shards)]
         ios = [finish_child(*p) for p in procs]
