@@ -326,6 +326,40 @@ def test_help_names_kt_flags_and_an_example(capsys):
     assert "keeps its layers before L if they match a fresh conversion" in text
 
 
+def test_help_lists_every_command_near_its_head(capsys):
+    from convert.cli import COMMANDS
+
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[:2] == ["Usage: convert-cpu-weights [OPTIONS]", "       convert-cpu-weights COMMAND [ARGS]..."]
+    start = lines.index("Commands (convert-cpu-weights COMMAND --help for each):")
+    assert start < lines.index("Options:") and start < 20  # before the options, within a screen
+    listed = [line.split()[0] for line in lines[start + 1:lines.index("Options:")] if line.startswith("  ") and
+              not line.startswith("   ")]
+    assert listed == [c.name for c in COMMANDS if c.name != "convert"] and {"verify", "finalize", "families"} <= set(listed)
+    assert "  families  List the supported checkpoint families and source formats." in lines
+    assert cli(capsys, "-h")[1] == out and cli(capsys, "convert", "--help")[1].count("COMMAND --help for each") == 1
+
+
+@pytest.mark.parametrize("word, needle", [
+    ("verfiy", "no such command 'verfiy'; did you mean 'verify'?"),
+    ("finalise", "did you mean 'finalize'?"),
+    ("family", "did you mean 'families'?"),
+    ("Verify", "did you mean 'verify'?"),
+    ("/models/DeepSeek-V3", "'/models/DeepSeek-V3' is not a command (the commands: convert, verify, finalize, families"),
+    ("hello", "'hello' is not a command"),
+])
+def test_a_word_that_names_no_command_suggests_the_nearest(ckpt, tmp_path, capsys, word, needle):
+    code, out, err = cli(capsys, word, "-i", ckpt, "-o", tmp_path / "out")
+    assert code == 2 and needle in err, err
+    assert "Missing option" not in err and not (tmp_path / "out").exists()
+    if word.startswith("/"):
+        assert "pass it with -i: convert-cpu-weights -i /models/DeepSeek-V3 -o OUT" in err
+    elif word == "hello":
+        assert "a conversion takes options only: convert-cpu-weights -i SRC -o OUT; --help lists the options" in err
+
+
 def kt_started_output(ckpt, out, capsys, done_layers):
     """What kt's script leaves when stopped after `done_layers` layers with --no-merge-safetensor: its
     _layer_L folders (this converter writes kt's names and bytes), no manifest, no copied files."""

@@ -16,6 +16,7 @@ from ..plan import parse_layer_spec
 from ..timings import describe as describe_timings
 from .download_options import download_kwargs, download_options
 from .kt_flags import GPU_NOTE
+from .verbs import DefaultCommand
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
 
@@ -34,8 +35,8 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
              "--save-backward-weights, --input-type awq, --quant-method awq|moe_int4|moe_int8.")
 
 
-@click.command("convert", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-               epilog=KT_EPILOG)
+@click.command("convert", cls=DefaultCommand, epilog=KT_EPILOG,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--input-path", "-i", required=True,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path),

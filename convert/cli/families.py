@@ -16,7 +16,8 @@ def families_table() -> str:
     return "\n".join(lines) + f"\nsource formats: {SUPPORTED}"
 
 
-@click.command("families", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("families", short_help="List the supported checkpoint families and source formats.",
+               context_settings={"help_option_names": ["-h", "--help"]})
 def families_command():
     """List the supported MoE checkpoint families and source formats."""
     click.echo(families_table())

@@ -16,7 +16,8 @@ from ..shared_output import missing_layers_message, read_splits
 from ..source import open_checkpoint
 
 
-@click.command("finalize", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("finalize", short_help="Complete an output that --shard processes wrote.",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False))
 def finalize_command(output: Path):
     """Complete OUTPUT once every shard's layers are converted (index, copied files, complete manifest).

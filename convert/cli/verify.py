@@ -14,7 +14,8 @@ from ..errors import UserError
 from .conversion import layers_option
 
 
-@click.command("verify", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("verify", short_help="Check a packed output; with --source, its error against the source.",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--source", "-s", default=None,
               help="The checkpoint it was converted from (directory, .safetensors file or hub id): compare every "
