@@ -56,7 +56,7 @@ class SharedOutput:
             fsio.atomic_write_text(path, json.dumps({"count": spec.count, "tasks": tasks}) + "\n")
 
     def record(self, rec: LayerRecord) -> None:
-        fsio.atomic_write_text(self.done_dir / f"layer_{rec.layer}.json", json.dumps(asdict(rec)) + "\n")
+        fsio.atomic_write_text(self.done_dir / f"layer_{rec.layer}.json", json.dumps(rec.to_dict()) + "\n")
 
     def drop_record(self, layer: int) -> None:
         fsio.remove(self.done_dir / f"layer_{layer}.json")

@@ -67,7 +67,8 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @click.option("--overwrite", is_flag=True, help="Replace an existing output made with other settings.")
 @click.option("--layers", "layers_spec", default=None, metavar="SPEC",
               help="Convert only these MoE layers, e.g. 0-3,7; the output is marked partial (default: every MoE layer).")
-@click.option("--allow-nonfinite", is_flag=True, help="Pack NaN/Inf source weights as 0 instead of stopping (listed in the report).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Pack NaN/Inf source weights as 0 instead of stopping (listed at the end and in kt_manifest.json).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
               help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
@@ -117,8 +118,7 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
         click.echo(describe_timings(reports[0].timings, reports[0].seconds), err=True)
     report = reports[0]  # every output packs the same source values
     if report.nonfinite:
-        click.echo(f"warning: {sum(report.nonfinite.values())} NaN/Inf source values packed as 0 "
-                   f"in {len(report.nonfinite)} tensors (see the JSON report)", err=True)
+        click.echo(report.nonfinite_warning(), err=True)
     if json_path is not None:  # one output: its report; several: a list of them
         body = report.to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
         text = json.dumps(body, indent=2) + "\n"
