@@ -255,13 +255,48 @@ def test_no_gpu_device_nodes(tmp_path, monkeypatch):
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nodes = (str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "kfd"))
-    assert no_gpu_device_reason(nodes) == f"no GPU device here (none of {nodes[0]}, {nodes[1]})"
+    assert no_gpu_device_reason(nodes) == f"there is no CUDA device here (none of {nodes[0]}, {nodes[1]})"
     (tmp_path / "nvidia0").touch()
     assert no_gpu_device_reason(nodes) is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert no_gpu_device_reason(nodes) == "CUDA_VISIBLE_DEVICES='-1' hides every GPU"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert no_gpu_device_reason(nodes) is None
+
+
+@pytest.mark.parametrize("damage", ["bit", "truncate"])
+def test_a_damaged_layer_is_repaired_by_a_rerun_as_the_loader_says(ckpt, tmp_path, capsys, damage):
+    import kt_runtime
+    from kt_runtime.format.errors import PackedWeightsError
+
+    out = tmp_path / "out"
+    assert cli(capsys, "-i", ckpt, "-o", out, "--no-progress")[0] == 0
+    before = tree_hashes(out)
+    shard = out / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 1
+    shard.write_bytes(bytes(data) if damage == "bit" else bytes(data[:-10]))
+    with pytest.raises(PackedWeightsError, match=r"layer 1 .*the output is damaged; re-run the conversion command that "
+                                                 r"wrote it \(it converts this layer again\)"):
+        kt_runtime.load_experts(out, verify=True)
+    code, _, err = cli(capsys, "-i", ckpt, "-o", out, "--no-progress")  # the same command, nothing deleted
+    assert code == 0 and "1 layer converted, 1 already done" in err, err
+    assert tree_hashes(out) == before
+    kt_runtime.load_experts(out, verify=True)
+
+
+def test_device_cuda_without_a_gpu_says_so_before_triton(ckpt, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from quant import gpu
+
+    nodes = (str(tmp_path / "nvidia[0-9]*"),)  # none there: no GPU, whatever this machine has
+    monkeypatch.setattr(gpu, "no_gpu_device_reason", lambda real=gpu.no_gpu_device_reason: real(nodes))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # triton absent as well
+    code, _, err = cli(capsys, "-i", ckpt, "-o", tmp_path / "out", "--device", "cuda")
+    assert code == 2 and err.startswith("error: --device cuda: there is no CUDA device here (none of "), err
+    assert "triton" not in err and not (tmp_path / "out").exists()
 
 
 def test_reported_seconds_leave_the_device_probe_out(ckpt, tmp_path, monkeypatch):
