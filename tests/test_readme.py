@@ -91,6 +91,13 @@ def test_demo_explains_a_generation_that_leaves_the_original_at_once():
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     assert demo.same_prefix(16, 16) == "all 16 tokens as the original model's"
-    line = demo.same_prefix(0, 16)
-    assert line.startswith("the original's for the first 0 of 16 tokens; from the first that differs")
-    assert "teacher-forced checks below compare every position" in line
+    line = demo.same_prefix(0, 16, 0.0213, 0.31, "int4")
+    assert line.startswith("token 1 of 16 differs: there the original model preferred its token by only 0.021 "
+                           "logits, and int4 moves the logits by up to 0.310 (a tiny random model's logits are "
+                           "nearly flat)"), line
+    assert "teacher-forced checks below, which compare every position on the same tokens, are the measure" in line
+    assert "first 0" not in line
+    cpu = demo.placement_line([0, 1, 2], 8, "cpu", "AMXINT4")
+    assert cpu == ("no GPU here, so experts [0, 1, 2] of 8 per layer run where a GPU would run them through torch "
+                   "(bf16) on the CPU; the other 5 on the CPU engine (kt_kernels, AMXINT4)")
+    assert "on the GPU (bf16, torch)" in demo.placement_line([0], 8, "cuda", "AMXINT8")
