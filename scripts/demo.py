@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -199,25 +197,18 @@ def same_prefix(same: int, new: int, gap: float | None = None, moved: float | No
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, help="keep the checkpoints and outputs here (default: a temp dir)")
+    ap.add_argument("--workdir", type=Path, help="keep the checkpoints and outputs here, in new folders (default: a "
+                    "temporary folder, removed at the end)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    if args.workdir:
-        work = args.workdir
+    from synthetic.scratch import Scratch
+
+    with Scratch(args.workdir, "kt-demo-", keep=args.workdir is not None) as scratch:
         for name in ("v4-flash-tiny", "v4-flash-tiny-AMXINT4", "tiny-deepseek-v4", "tiny-deepseek-v4-AMXINT8",
                      "tiny-deepseek-v4-AMXINT4"):
-            shutil.rmtree(work / name, ignore_errors=True)  # a fresh run every time
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = None
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="kt-demo-")
-        work = Path(tmp.name)
-    try:
-        part1(work)
-        part2(work)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+            scratch.new(name)  # refused if there (an earlier run's: remove it, or choose another --workdir)
+        part1(scratch.root)
+        part2(scratch.root)
     print(f"== {'all checks passed' if not FAILED else f'{len(FAILED)} check(s) FAILED'} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 1 if FAILED else 0
