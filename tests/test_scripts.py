@@ -1,4 +1,4 @@
-"""The helper and benchmark scripts as a user meets them: they remove only what they made (or say where it
+"""The scripts (output digests, benchmarks, demo data) as a user meets them: they remove only what they made (or say where it
 is, with --keep), skip an ISA the CPU lacks with a line, and compare what a user loads."""
 import importlib.util
 import os
