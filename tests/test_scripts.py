@@ -1,5 +1,5 @@
-"""The scripts (output digests, benchmarks, demo data) as a user meets them: they remove only what they made (or say where it
-is, with --keep), skip an ISA the CPU lacks with a line, and compare what a user loads."""
+"""The scripts (output digests, benchmarks) as a user meets them: they remove only what they made (or say
+where it is, with --keep), skip an ISA the CPU lacks with a line, and compare what a user loads."""
 import importlib.util
 import os
 import subprocess
