@@ -39,7 +39,7 @@ from kt_runtime.format.errors import SafetensorsFormatError
 from kt_runtime.format.input_files import CONFIG_MAX_BYTES
 from kt_runtime.format.safetensors_file import SafetensorsFile
 
-from . import hub
+from . import hub, units
 from .errors import UserError
 from .families import detect_family
 from .source import COPIED_FILES, INDEX_NAME, Checkpoint, _check_copied_files, _read_json_object, hub_cache_dir
@@ -366,7 +366,7 @@ class ShardDownloader:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
                 self._failed(name, e)
                 return
-            self.note(f"downloaded {name} ({self.files[name].size / 1e9:.2f} GB, "
+            self.note(f"downloaded {name} ({units.size(self.files[name].size)}, "
                       f"{time.perf_counter() - started:.1f} s)")
             with self._cond:
                 self._active.discard(name)
@@ -456,10 +456,16 @@ class DownloadPlan:
 
     def describe(self) -> str:
         lines = [f"download from {self.repo.endpoint}: {self.repo.repo_id} at {self.repo.commit[:12]}: "
-                 f"{len(self.to_download)} of {len(self.needed)} shards to fetch ({self.download_bytes / 1e9:.2f} GB), "
+                 f"{len(self.to_download)} of {len(self.needed)} shards to fetch ({units.size(self.download_bytes)}), "
                  f"{len(self.present)} already in the cache"]
-        lines += [f"  {n} ({self.repo.files[n].size / 1e9:.3f} GB)" for n in self.to_download]
+        lines += [f"  {n} ({units.size(self.repo.files[n].size)})" for n in self.to_download]
         return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"endpoint": self.repo.endpoint, "repo": self.repo.repo_id, "revision": self.repo.revision,
+                "commit": self.repo.commit, "needed": list(self.needed), "present": list(self.present),
+                "to_download": [{"name": n, "size": self.repo.files[n].size} for n in self.to_download],
+                "download_bytes": self.download_bytes}
 
 
 def _weight_map(root: Path, names: set[str]) -> dict[str, str] | None:

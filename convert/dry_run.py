@@ -1,48 +1,104 @@
-"""--dry-run: the plan of a conversion, printed, nothing written (for a hub input the small files are
-fetched into a temporary cache and the shard headers read with range requests)."""
+"""--dry-run: the plan of a conversion, printed (or as a JSON object), nothing written (for a hub input
+the small files are fetched into a temporary cache and the shard headers read with range requests)."""
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 from kt_runtime.format.methods import working_threadpool_counts
 
 from . import preflight
 from .pipeline import ConvertOptions, experts_per_batch, open_source, plan_conversion
 from .plan import layer_spec
+from .units import memory, size
 
 
-def describe_plan(opts: ConvertOptions) -> str:
+@dataclass
+class PlanSummary:
+    """What a conversion would do: the source, the model as found, the output, the bytes."""
+
+    source: str
+    family: str
+    source_format: str
+    layers: list[int]  # the MoE layers to convert
+    model_layers: list[int]  # every MoE layer of the model
+    partial: bool
+    mtp_tensors_skipped: int
+    mtp_layers: list[str]
+    num_experts: int
+    num_experts_per_tok: int
+    hidden_size: int
+    moe_intermediate_size: int
+    method: str
+    kt_method: str
+    threadpool_count: int
+    layout: str
+    working_threadpool_counts: list[int]
+    input_bytes: int
+    output_bytes: int
+    peak_memory_bytes: int
+    peak_disk_bytes: int
+    peak_source_bytes: int | None = None  # --download: downloaded shards in the cache at once
+    delete_source_after_use: bool = False
+    download: dict | None = None  # --download: convert.download.DownloadPlan.to_dict()
+    download_text: str = ""
+
+    def to_dict(self) -> dict:
+        d = {"dry_run": True, **asdict(self)}
+        del d["download_text"]
+        return d
+
+    def text(self) -> str:
+        lines = [
+            "dry run: nothing is written",
+            f"source        {self.source}",
+            f"family        {self.family}",
+            f"source format {self.source_format}",
+            f"layers        {len(self.layers)} MoE layers ({layer_spec(self.layers)})"
+            + (f" of the model's {len(self.model_layers)}" if self.partial else ""),
+            f"MTP           {self.mtp_tensors_skipped} expert tensors skipped"
+            + (f" (layers {', '.join(self.mtp_layers)})" if self.mtp_layers else ""),
+            f"experts       {self.num_experts} per layer, {self.num_experts_per_tok} per token",
+            f"H / I         {self.hidden_size} / {self.moe_intermediate_size}",
+            f"output        {self.method} ({self.kt_method}), threadpool count T={self.threadpool_count}, {self.layout}",
+            f"T that work   {', '.join(map(str, self.working_threadpool_counts))}",
+            f"input         {size(self.input_bytes)} of routed experts",
+            f"output        {size(self.output_bytes)}",
+            f"peak memory   about {memory(self.peak_memory_bytes)}",
+            f"peak disk     {size(self.peak_disk_bytes)} for the output",
+        ]
+        if self.peak_source_bytes is not None:
+            lines.append(f"peak source   {size(self.peak_source_bytes)} of downloaded shards in the cache"
+                         + (" (removed after use)" if self.delete_source_after_use else ""))
+        if self.download_text:
+            lines.append(self.download_text)
+        return "\n".join(lines)
+
+
+def plan_summary(opts: ConvertOptions) -> PlanSummary:
     ckpt, downloads = open_source(opts, note=lambda m: None)
     try:
         plan, non_expert = plan_conversion(ckpt, opts)
         est = preflight.estimate(plan, plan.layers, experts_per_batch(plan), opts.cpuinfer_threads,
                                  preflight.non_expert_bytes(ckpt, non_expert))
-        source = "hub " + downloads.repo.spec if downloads is not None else str(ckpt.root)
-        lines = [
-            f"dry run: nothing is written",
-            f"source        {source}",
-            f"family        {plan.family}",
-            f"source format {plan.input_type}",
-            f"layers        {len(plan.layers)} MoE layers ({layer_spec([lp.layer for lp in plan.layers])})"
-            + (f" of the model's {len(plan.model_layers)}" if plan.partial else ""),
-            f"MTP           {plan.skipped_mtp_keys} expert tensors skipped"
-            + (f" (layers {', '.join(map(str, plan.skipped_mtp_layers))})" if plan.skipped_mtp_layers else ""),
-            f"experts       {plan.num_experts} per layer, {plan.num_experts_per_tok} per token",
-            f"H / I         {plan.hidden_size} / {plan.moe_intermediate_size}",
-            f"output        {plan.method.name} ({plan.method.kt_method}), threadpool count T={plan.threadpool_count}, "
-            f"{plan.layout}",
-            f"T that work   {', '.join(map(str, working_threadpool_counts(plan.method, plan.hidden_size, plan.moe_intermediate_size)))}",
-            f"input         {plan.input_bytes / 1e9:.3f} GB of routed experts",
-            f"output        {est.output_bytes / 1e9:.3f} GB",
-            f"peak memory   about {est.peak_memory_bytes / 2**20:.0f} MiB",
-            f"peak disk     {est.disk_bytes / 1e9:.3f} GB for the output",
-        ]
+        summary = PlanSummary(
+            source="hub " + downloads.repo.spec if downloads is not None else str(ckpt.root),
+            family=plan.family, source_format=plan.input_type, layers=[lp.layer for lp in plan.layers],
+            model_layers=list(plan.model_layers), partial=plan.partial, mtp_tensors_skipped=plan.skipped_mtp_keys,
+            mtp_layers=list(plan.skipped_mtp_layers), num_experts=plan.num_experts,
+            num_experts_per_tok=plan.num_experts_per_tok, hidden_size=plan.hidden_size,
+            moe_intermediate_size=plan.moe_intermediate_size, method=plan.method.name,
+            kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, layout=plan.layout,
+            working_threadpool_counts=working_threadpool_counts(plan.method, plan.hidden_size,
+                                                                plan.moe_intermediate_size),
+            input_bytes=plan.input_bytes, output_bytes=est.output_bytes, peak_memory_bytes=est.peak_memory_bytes,
+            peak_disk_bytes=est.disk_bytes)
         if downloads is not None and ckpt.gate is not None:
             gate = ckpt.gate
             layer_files = ckpt.layer_files(plan.layers)
             gate.check_cap(layer_files)
-            src = gate.peak_source_bytes(layer_files)
-            lines.append(f"peak source   {src / 1e9:.3f} GB of downloaded shards in the cache"
-                         + (" (removed after use)" if gate.delete_after_use else ""))
-            lines.append(downloads.describe())
-        return "\n".join(lines)
+            summary.peak_source_bytes = gate.peak_source_bytes(layer_files)
+            summary.delete_source_after_use = gate.delete_after_use
+            summary.download, summary.download_text = downloads.to_dict(), downloads.describe()
+        return summary
     finally:
         ckpt.close()

@@ -71,9 +71,11 @@ def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, conv
         for lp in wanted:
             writer = KtFolderWriter(scratch, lp.layer, plan.method.name)
             try:
+                nonfinite: dict[str, int] = {}
                 convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)], opts,
-                              progress, {}, packer)
+                              progress, nonfinite, packer)
                 fresh = writer.commit()
+                fresh.nonfinite = nonfinite
             except BaseException:
                 writer.abort()
                 raise

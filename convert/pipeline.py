@@ -88,7 +88,7 @@ class ConversionReport:
     partial: bool = False  # --layers left out MoE layers of the model
     model_layers: int = 0  # MoE layers of the whole model
     startup_seconds: float = 0.0  # finding the device (--device auto), not counted in `seconds`
-    shard: str = ""  # --shard i/N: this process converted shard i's layers only
+    shard: str = ""  # --shard I/N: this process converted shard I's layers only (I from 1)
     layers_held: list[int] = field(default_factory=list)  # of our shard, being converted by other processes
     complete: bool = True  # the output is complete (a --shard run: once every shard's layers are)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (convert.timings.STAGES)
@@ -101,6 +101,19 @@ class ConversionReport:
         d = asdict(self)
         d["input_gb_per_s"] = round(self.input_gb_per_s, 4)
         return d
+
+    def nonfinite_warning(self, shown: int = 10) -> str:
+        """The NaN/Inf source values the output holds as 0 (--allow-nonfinite), the first `shown` tensors named."""
+        if not self.nonfinite:
+            return ""
+        items = list(self.nonfinite.items())
+        lines = [f"warning: {sum(self.nonfinite.values())} NaN/Inf source values packed as 0 (--allow-nonfinite) in "
+                 f"{plural(len(items), 'tensor')}; kt_manifest.json keeps the list:"]
+        lines += [f"  {key}: {n}" for key, n in items[:shown]]
+        if len(items) > shown:
+            lines.append(f"  ... and {len(items) - shown} more tensors (every one in kt_manifest.json and the --json "
+                         "report)")
+        return "\n".join(lines)
 
     def summary(self) -> str:
         tail = ((f"\nthis output is partial: {self.layers} of the model's {self.model_layers} MoE layers "
@@ -477,6 +490,7 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
         job.complete, job.resumed = True, len(mine)
         return
     job.shared = SharedOutput(out)
+    job.shared.record_split(shard)
     job.manifest.completed.update(job.shared.records(job.manifest))
     verified = read_verified(out)  # read only: a shard writes the record under the lock (_record_verified)
     for layer in mine:
@@ -580,7 +594,6 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
         progress = (Progress(sum(lp.input_bytes for lp in todo), len(plan.layers), opts.progress,
                              done_layers=len(plan.layers) - len(todo)) if shard is None else
                     Progress(sum(lp.input_bytes for lp in todo), len(todo), opts.progress))
-        nonfinite: dict[str, int] = {}
         own_packer = packer is None
         if own_packer:
             packer = make_packer(device, opts.cpuinfer_threads, timings, start)
@@ -599,6 +612,7 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
             for lp in todo:
                 progress.layer_start(lp.layer)
                 writers = []
+                nonfinite: dict[str, int] = {}  # of this layer's tensors, recorded with the layer
                 try:
                     for job in needed[lp.layer]:
                         writers.append((job, layer_writer(job.out, job.plan, job.manifest, job.layer_plan(lp.layer), timings)))
@@ -613,7 +627,7 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
                 # handed to the commit thread at once (it commits after the layer's last write), then
                 # the previous layer's commit is awaited: an interrupt there finds the writers committing
                 commit = committer.submit(_commit_layer, writers, lp.layer, last_write, timings,
-                                          gate.layer_committed if gate is not None else None)
+                                          gate.layer_committed if gate is not None else None, nonfinite)
                 if pending is not None:
                     with timings.timed("commit_wait_s"):
                         pending.result()
@@ -649,12 +663,13 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
             job.release()
             remove_if_empty(job.created)  # only folders still empty: a run that wrote anything keeps them
     seconds = time.perf_counter() - start
-    return [_report(job, device, nonfinite, seconds, shard, timings) for job in jobs]
+    return [_report(job, device, seconds, shard, timings) for job in jobs]
 
 
-def _report(job: OutputJob, device: str, nonfinite: dict[str, int], seconds: float,
-            shard: ShardSpec | None, timings: Timings) -> ConversionReport:
+def _report(job: OutputJob, device: str, seconds: float, shard: ShardSpec | None, timings: Timings) -> ConversionReport:
     plan, done = job.plan, set(job.todo)
+    # the output's NaN/Inf values packed as 0: of this run's layers and of those an earlier run converted
+    nonfinite = {key: n for _, rec in sorted(job.manifest.completed.items()) for key, n in rec.nonfinite.items()}
     lps = [lp for lp in plan.layers if lp.layer in done]
     return ConversionReport(
         output=str(job.out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
@@ -764,11 +779,12 @@ def _refuse_changed_source(out: Path, planned: Manifest, overwrite: bool) -> Non
 
 
 def _commit_layer(writers: list, layer: int, last_write: Future | None = None, timings: Timings | None = None,
-                  on_commit=None) -> None:
+                  on_commit=None, nonfinite: dict[str, int] | None = None) -> None:
     """Commits layer `layer` in each output (job, writer) once its last write (on the writer thread) is
     done, and records it there: in the manifest (a single process) or in its own record file, releasing
     its claim (--shard). A failed write or commit aborts the writers not yet committed. on_commit(layer): called once the
-    layer is safe on disk in every output (a downloaded source may go)."""
+    layer is safe on disk in every output (a downloaded source may go). nonfinite: the layer's NaN/Inf
+    counts, kept in its record."""
     try:
         if last_write is not None:
             last_write.result()
@@ -780,6 +796,7 @@ def _commit_layer(writers: list, layer: int, last_write: Future | None = None, t
         try:
             with timings.timed("commit_s") if timings is not None else contextlib.nullcontext():
                 record = writer.commit()
+            record.nonfinite = dict(nonfinite or {})
         except BaseException:
             for _, w in writers[i:]:
                 w.abort()

@@ -238,10 +238,12 @@ def _whole_matrix_output(method: QuantMethod, layout: str, swiglu_limit: float |
     return 1
 
 
-def check_alignment(method: QuantMethod, hidden: int, inter: int, threadpool_count: int) -> None:
+def check_alignment(method: QuantMethod, hidden: int, inter: int, threadpool_count: int,
+                    inter_key: str = "moe_intermediate_size") -> None:
     """Exit 2 when the method cannot hold these dims for this threadpool count, with the counts and
-    methods that would work (the rule: kt_runtime.format.methods.alignment_problem)."""
-    problem = alignment_problem(method, hidden, inter, threadpool_count, flags=True)
+    methods that would work (the rule: kt_runtime.format.methods.alignment_problem); inter_key: the
+    config.json key the intermediate size came from."""
+    problem = alignment_problem(method, hidden, inter, threadpool_count, flags=True, intermediate_key=inter_key)
     if problem is None:
         return
     ok = working_threadpool_counts(method, hidden, inter)
@@ -479,7 +481,8 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     swiglu = fields.number("swiglu_limit", positive=True, default=None)
     if threadpool_count < 1:
         raise UserError(f"--threadpool-count must be at least 1, got {threadpool_count}")
-    check_alignment(method, hidden, inter, threadpool_count)
+    check_alignment(method, hidden, inter, threadpool_count,
+                    next(k for k in family.intermediate_keys if fields.cfg.get(k) is not None))
     if not method.numa_split:
         threadpool_count = _whole_matrix_output(method, layout, swiglu if swiglu is not None else
                                                 family.default_swiglu_limit, f"{where} ({family.name})")

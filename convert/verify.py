@@ -26,6 +26,7 @@ from pathlib import Path
 from kt_runtime.format.layout import PROJECTIONS
 
 from .errors import UserError
+from .units import size
 
 
 @dataclass
@@ -182,7 +183,7 @@ class VerifyReport:
         """The terminal report."""
         lines = [f"{self.output}: {self.method} ({self.kt_method}), {len(self.layers)} layers x "
                  f"{self.num_experts} experts; integrity ok ({self.integrity['files']} files, "
-                 f"{self.integrity['bytes'] / 1e9:.2f} GB, digests {'checked' if self.integrity['digests'] else 'skipped'})"]
+                 f"{size(self.integrity['bytes'])}, digests {'checked' if self.integrity['digests'] else 'skipped'})"]
         if self.source is None:
             lines.append("no --source: weights not compared")
             return "\n".join(lines)
@@ -201,16 +202,18 @@ class VerifyReport:
                      + f"  {min(min_snr.values(), default=math.inf):10.2f}")
         m = self.model
         lines.append(f"model: rel RMS {100 * m.rel_rms:.3f}%, SNR {m.snr_db:.2f} dB, cosine {m.cosine:.6f}, "
-                     f"max |error| {m.max_abs:.4g}; {self.source_bytes / 1e9:.2f} GB of source in {self.seconds:.1f} s")
+                     f"max |error| {m.max_abs:.4g}; {size(self.source_bytes)} of source in {self.seconds:.1f} s")
         lines.append("worst: " + "; ".join(f"{t.name} {100 * t.rel_rms:.3f}% ({t.snr_db:.1f} dB)"
                                            for t in self.worst(3)))
-        if self.max_rel_error is not None:
-            bad = self.exceeding()
-            lines.append(f"--max-rel-error {self.max_rel_error}: " + (
-                "every tensor within" if not bad else
-                f"{len(bad)} tensors above: " + ", ".join(f"{t.name} ({t.rel_rms:.4g})" for t in bad[:10])
-                + (" ..." if len(bad) > 10 else "")))
+        if self.max_rel_error is not None and self.ok:  # else the error names them
+            lines.append(f"--max-rel-error {self.max_rel_error}: every tensor within")
         return "\n".join(lines)
+
+    def exceeding_problem(self, shown: int = 10) -> str:
+        """The error when tensors exceed --max-rel-error: how many, the worst `shown` named."""
+        bad = self.exceeding()
+        return (f"{len(bad)} tensors exceed --max-rel-error {self.max_rel_error}: "
+                + ", ".join(f"{t.name} ({t.rel_rms:.4g})" for t in bad[:shown]) + (" ..." if len(bad) > shown else ""))
 
 
 def _finite(x: float):
@@ -273,7 +276,7 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
 
     from .layer_io import LayerReader
     from .pipeline import experts_per_batch
-    from .plan import build_plan, read_source_matrix
+    from .plan import build_plan, layer_spec, read_source_matrix
     from .source import open_checkpoint
     from .source_reader import default_read_threads
 
@@ -282,15 +285,25 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
     start = time.perf_counter()
     ckpt = open_checkpoint(source)
     try:
-        try:  # one pool: the source is read whole; its dimensions are compared below, in the output's words
-            plan = build_plan(ckpt, method, 1, "merged", layers=layers)
+        try:  # one pool, every MoE layer: its dimensions and layers are compared below, in the output's words
+            plan = build_plan(ckpt, method, 1, "merged")
         except UserError as e:
             raise UserError(f"--source {source}: {e}") from None
+        recorded = (weights.manifest.source.get("family") if weights.manifest is not None else None)
+        origin = f" ({report.output} was converted from a {recorded} checkpoint)" if recorded not in (None, plan.family) else ""
         if (plan.hidden_size, plan.moe_intermediate_size, plan.num_experts) != \
                 (spec.hidden_size, spec.moe_intermediate_size, spec.num_experts):
-            raise UserError(f"--source {source} has hidden {plan.hidden_size}, intermediate "
+            raise UserError(f"--source {source} ({plan.family}) has hidden {plan.hidden_size}, intermediate "
                             f"{plan.moe_intermediate_size}, {plan.num_experts} experts; {report.output} holds "
-                            f"{spec.hidden_size}, {spec.moe_intermediate_size}, {spec.num_experts}: not its source")
+                            f"{spec.hidden_size}, {spec.moe_intermediate_size}, {spec.num_experts}: not its source"
+                            + origin)
+        source_layers = [lp.layer for lp in plan.layers]
+        absent = [x for x in layers if x not in source_layers]
+        if absent:
+            raise UserError(f"--source {source} ({plan.family}) has no MoE {'layer' if len(absent) == 1 else 'layers'} "
+                            f"{layer_spec(absent)} (its MoE layers: {layer_spec(source_layers)}), which {report.output} "
+                            "holds: not its source" + origin)
+        plan.layers = [lp for lp in plan.layers if lp.layer in layers]
         report.source, report.family, report.input_type = str(ckpt.root), plan.family, plan.input_type
         workers = threads or os.cpu_count() or 1
         reader = LayerReader(ckpt, plan, plan.layers, experts_per_batch(plan), threads=default_read_threads())
@@ -350,7 +363,9 @@ def html_report(report: VerifyReport) -> str:
     if hi <= lo:
         lo, hi = lo / 2, hi * 2
     cw, ch, left, top = 120, 18, 70, 40
-    width, height = left + cw * len(PROJECTIONS) + 170, top + ch * len(layers) + 30
+    steps, step_h = 11, 16  # the legend: as tall as the map or taller (a few layers), never cut off
+    width = left + cw * len(PROJECTIONS) + 170
+    height = top + max(ch * len(layers), step_h * steps) + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
              'font-size="12">']
     for j, p in enumerate(PROJECTIONS):
@@ -367,10 +382,10 @@ def html_report(report: VerifyReport) -> str:
             parts.append(f'<text x="{left + j * cw + cw / 2}" y="{y + ch - 5}" text-anchor="middle">'
                          f'{100 * s.rel_rms:.3f}%</text>')
     lx = left + cw * len(PROJECTIONS) + 20
-    for k in range(11):
-        v = lo * (hi / lo) ** (k / 10)
-        parts.append(f'<rect x="{lx}" y="{top + k * 16}" width="20" height="14" fill="{_color(v, lo, hi)}"/>')
-        parts.append(f'<text x="{lx + 26}" y="{top + k * 16 + 11}">{100 * v:.3f}%</text>')
+    for k in range(steps):
+        v = lo * (hi / lo) ** (k / (steps - 1))
+        parts.append(f'<rect x="{lx}" y="{top + k * step_h}" width="20" height="{step_h - 2}" fill="{_color(v, lo, hi)}"/>')
+        parts.append(f'<text x="{lx + 26}" y="{top + k * step_h + 11}">{100 * v:.3f}%</text>')
     parts.append(f'<text x="{left}" y="{height - 8}">layer (rows) x projection: relative RMS error</text></svg>')
     m = report.model
     worst = "".join(f"<li>{escape(t.name)}: {100 * t.rel_rms:.4f}% ({t.snr_db:.2f} dB)</li>" for t in report.worst())

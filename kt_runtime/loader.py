@@ -219,7 +219,7 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool | None) -> None:
         size = sum(p.stat().st_size for p in paths)
         if size != rec.nbytes:
             raise PackedWeightsError(f"{path}: layer {layer} files hold {size} bytes, the manifest says {rec.nbytes}: "
-                        "the output is damaged; re-convert this layer (delete its files and re-run)")
+                        "the output is damaged; re-run the conversion command that wrote it (it converts this layer again)")
         layer_paths[layer] = paths
     if verify is False:
         return
@@ -231,7 +231,7 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool | None) -> None:
     for layer in todo:
         if tree_sha256_files(layer_paths[layer]) != m.completed[layer].sha256:
             raise PackedWeightsError(f"{path}: layer {layer} files do not match their sha256 in the manifest: the output is "
-                        "damaged; re-convert this layer (delete its files and re-run)")
+                        "damaged; re-run the conversion command that wrote it (it converts this layer again)")
     if todo:
         record_verified(path, entries, {layer: (m.completed[layer].sha256, m.completed[layer].files,
                                                 layer_paths[layer]) for layer in todo})

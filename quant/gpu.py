@@ -42,7 +42,7 @@ def no_gpu_device_reason(nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> str | Non
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
     if not any(glob.glob(pattern) for pattern in nodes):
-        return f"no GPU device here (none of {', '.join(nodes)})"
+        return f"there is no CUDA device here (none of {', '.join(nodes)})"
     return None
 
 
@@ -50,11 +50,11 @@ def gpu_unavailable_reason() -> str | None:
     """None when the GPU packer can run here, else why not (without importing triton; torch is
     imported only when triton and a GPU device are there, which keeps CPU-only runs from paying
     its import)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    why = no_gpu_device_reason()
+    why = no_gpu_device_reason()  # first: without a GPU, installing triton would not help
     if why:
         return why
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
     try:
         import torch
     except ImportError:

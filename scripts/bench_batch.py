@@ -5,7 +5,8 @@ each against its baseline measured in the same run.
     python scripts/bench_batch.py [--experts 8] [--layers 4] [--shards 4] [--json OUT.json]
 
 Makes a v4-flash-layer checkpoint (DeepSeek-V4-Flash expert shapes, H=4096, I=2048, MXFP4; 8 experts x
-4 layers is about 0.43 GB) under --workdir unless one is there, then measures:
+4 layers is about 0.43 GB) in a new temporary folder or --workdir (reusing one that an earlier --keep run left
+there), then measures:
 
   1. multi-output: one process writing every output of --methods x --threadpool-counts
      (--output-template) against one process per output, run one after the other;
@@ -16,19 +17,19 @@ Every conversion runs as a child process (`python -m convert`); its wall time is
 included. Before each child the source files' pages are dropped from the page cache
 (posix_fadvise DONTNEED), so every run reads its source from the disk: `read_bytes` (from the child's
 /proc/self/io: bytes the block layer read for it) is what it cost the disk, `rchar` what it asked the
-kernel for. Outputs are compared file by file (sha256): multi-output vs the separate runs, sharded vs
-the single process. Prints one line per measurement, the ratios, then the JSON report.
+kernel for. Outputs are compared file by file (sha256 of what a user loads: the shards, index, manifest
+and copied files; not the lock or .kt_verified.json, the record of which files were hashed, keyed by inode
+and mtime): multi-output vs the separate runs, sharded vs the single process. Prints one line per
+measurement, the ratios, then the JSON report. Everything it made is removed at the end unless --keep.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,11 +82,6 @@ def best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["seconds"])
 
 
-def tree_digests(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".kt_convert.lock"}
-
-
 def show(name: str, r: dict) -> None:
     print(f"{name:44s} {r['seconds']:7.2f} s  cpu {r['cpu_seconds']:7.2f} s  read_bytes {r['read_bytes'] / GB:6.3f} GB   "
           f"rchar {r['rchar'] / GB:6.3f} GB", flush=True)
@@ -101,19 +97,33 @@ def main() -> None:
     ap.add_argument("--methods", default="int4,int8")
     ap.add_argument("--threadpool-counts", default="1,2")
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where the checkpoint and outputs go (default: a new temporary folder)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the checkpoint and outputs (named at the end); a later run with this --workdir reuses "
+                         "the checkpoint")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each, interleaved; the fastest counts")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
+    from synthetic.scratch import Scratch
+
+    with Scratch(a.workdir, "bench_batch_", keep=a.keep) as scratch:
+        run(a, scratch)
+
+
+def run(a, scratch) -> None:
     from bench_convert import machine_info
+    from output_digests import tree_digests
     from synthetic.families import make_family_checkpoint
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
-    work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_batch_"))
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"{a.source}-E{a.experts}-L{a.layers}"
-    if not (ckpt / "config.json").exists():
+    name = f"{a.source}-E{a.experts}-L{a.layers}"
+    ckpt = scratch.reused(name)
+    if ckpt is not None and not (ckpt / "config.json").is_file():
+        raise SystemExit(f"{ckpt} is not a checkpoint of an earlier --keep run: remove it or choose another --workdir")
+    if ckpt is None:
+        ckpt = scratch.new(name)
         if a.source == "v4-flash-layer":
             make_v4_flash_checkpoint(ckpt, "v4-flash-layer", num_experts=a.experts, num_layers=a.layers)
         else:  # dense-first families get one more layer: a.layers MoE layers either way
@@ -127,9 +137,9 @@ def main() -> None:
 
     # 1. one read, many outputs
     methods, counts = a.methods.split(","), a.threadpool_counts.split(",")
-    outs = work / "runs"
-    shutil.rmtree(outs, ignore_errors=True)
+    outs = scratch.new("runs")
     outs.mkdir()
+    work = outs  # the children's I/O statistics go here too
     separate_runs: dict[str, list[dict]] = {}
     multi_runs = []
     for rep in range(a.repeat):  # interleaved, so that a busy spell of the machine hits both sides
@@ -172,7 +182,7 @@ def main() -> None:
         drop_source_pages(ckpt)
         t0 = time.perf_counter()
         procs = [start_child(ckpt, work, f"shard{i}", ["-o", str(outs / "sharded"), "--quant-method", m,
-                                                       "--threadpool-count", t, "--shard", f"{i}/{a.shards}",
+                                                       "--threadpool-count", t, "--shard", f"{i + 1}/{a.shards}",
                                                        "--cpuinfer-threads", str(threads)])
                  for i in range(a.shards)]
         ios = [finish_child(*p) for p in procs]
@@ -190,8 +200,6 @@ def main() -> None:
         a.json.write_text(text + "\n")
     else:
         print(text)
-    if not a.workdir:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

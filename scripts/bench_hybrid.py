@@ -6,7 +6,8 @@ GPU part alone, in the same run.
     python scripts/bench_hybrid.py --experts 64 --gpu-experts 8 --json out.json
 
 Weights: a synthetic DeepSeek-V4-Flash layer (MXFP4, synthetic.v4_flash) converted with the real
-converter into --workdir (reused by later runs with the same settings). Routing: decode (--tokens 1),
+converter into a new temporary folder, or --workdir, and removed at the end; with --keep it stays (its path is
+printed) and later runs with the same --workdir and settings reuse it. Routing: decode (--tokens 1),
 top-k; per token --gpu-hits of the k experts are GPU experts (the hot ones) and the rest distinct CPU
 experts, drawn at random from --routings pre-drawn routings cycled through, so CPU weights stream
 from DRAM. x, top-k ids and weights start on the GPU, as the router leaves them in a model.
@@ -40,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -72,29 +72,32 @@ def machine_info(device: torch.device) -> dict:
 
 
 def packed_layer(args) -> Path:
-    """Convert (once) a synthetic V4-Flash layer with --experts experts; returns the packed dir."""
+    """Convert (once) a synthetic V4-Flash layer with --experts experts into args.scratch (or reuse the one an
+    earlier --keep run left there); returns the packed dir."""
     import kt_runtime
     from convert.pipeline import ConvertOptions, convert
+    from convert.units import size
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
-    work = Path(args.workdir)
-    out = work / f"v4-H{args.hidden}-I{args.intermediate}-E{args.experts}-{args.method}-T{args.threadpool_count}"
-    try:
-        w = kt_runtime.load_experts(out, verify=False)
-        if (w.num_experts, w.hidden_size, w.moe_intermediate_size) == (args.experts, args.hidden, args.intermediate):
-            return out
-    except Exception:  # noqa: BLE001 - absent or unfinished: (re)build it
-        pass
-    src = work / "src"
-    shutil.rmtree(src, ignore_errors=True)
-    shutil.rmtree(out, ignore_errors=True)
+    name = f"v4-H{args.hidden}-I{args.intermediate}-E{args.experts}-{args.method}-T{args.threadpool_count}"
+    out = args.scratch.reused(name)
+    if out is not None:
+        try:
+            w = kt_runtime.load_experts(out, verify=False)
+        except Exception as e:  # noqa: BLE001 - unfinished or damaged: not ours to replace
+            raise SystemExit(f"{out} does not load ({e}): remove it or choose another --workdir") from None
+        if (w.num_experts, w.hidden_size, w.moe_intermediate_size) != (args.experts, args.hidden, args.intermediate):
+            raise SystemExit(f"{out} holds other experts: remove it or choose another --workdir")
+        print(f"# reusing {out}", file=sys.stderr)
+        return out
+    out, src = args.scratch.new(name), args.scratch.new(name + "-source")
     t0 = time.perf_counter()
     make_v4_flash_checkpoint(src, "v4-flash-layer", num_experts=args.experts, num_layers=1, hidden_size=args.hidden,
                              moe_intermediate_size=args.intermediate, include_non_expert=False)
     r = convert(ConvertOptions(input_path=str(src), output=out, quant_method=args.method,
                                threadpool_count=args.threadpool_count, progress=False))
-    shutil.rmtree(src, ignore_errors=True)
-    print(f"# built {out} in {time.perf_counter() - t0:.1f} s ({r.output_bytes / 1e9:.2f} GB packed)", file=sys.stderr)
+    args.scratch.discard(src)
+    print(f"# built {out} in {time.perf_counter() - t0:.1f} s ({size(r.output_bytes)} packed)", file=sys.stderr)
     return out
 
 
@@ -147,16 +150,24 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--routings", type=int, default=64)
-    ap.add_argument("--workdir", default="/tmp/kt-bench-hybrid")
+    ap.add_argument("--workdir", default=None,
+                    help="where the packed layer goes (default: a new temporary folder); removed at the end unless --keep")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the packed layer (its path is printed); a later run with this --workdir reuses it")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     ap.add_argument("--layers", type=int, default=0, help="> 0: the multi-layer decode step with this many MoE layers")
     args = ap.parse_args(argv)
     if not 0 <= args.gpu_hits <= min(args.topk, args.gpu_experts) or args.topk - args.gpu_hits > args.experts - args.gpu_experts:
         ap.error("need 0 <= gpu-hits <= min(topk, gpu-experts) and topk - gpu-hits <= experts - gpu-experts")
 
-    if args.layers > 0:
-        return multi_layer(args)
+    from synthetic.scratch import Scratch
 
+    with Scratch(args.workdir, "bench_hybrid_", keep=args.keep) as scratch:
+        args.scratch = scratch
+        return multi_layer(args) if args.layers > 0 else one_layer(args)
+
+
+def one_layer(args) -> int:
     import kt_runtime
     from kt_runtime.cpu_moe import CPUMoE
     from kt_runtime.hybrid.launcher import launcher

@@ -27,11 +27,16 @@ kernel : the dot kernel of each ISA alone (kt_kernels._moe_dot_stream, one call 
          by a chain of dependent register adds (kt_kernels._core_clock_ghz; no PMU needed, so it
          works in VMs; the TSC runs at the nominal frequency, not the core's).
 --isa takes a comma list (auto, portable, avx2, avx2-novnni, avx512, amx); every ISA runs on the
-same layers in the same rounds. avx2-novnni is isa="avx2" with the AVX-VNNI kernel turned off
-(VPMADDUBSW), on CPUs that have AVX-VNNI.
+same layers in the same rounds; an ISA this CPU lacks is skipped with a line saying so. avx2-novnni is
+isa="avx2" with the AVX-VNNI kernel turned off (VPMADDUBSW), on CPUs that have AVX-VNNI.
 
-  python scripts/bench_moe.py                      # defaults sized for a small machine
-  python scripts/bench_moe.py --footprint-gb 4 --json out.json   # big-L3 hosts
+Sizes: the defaults finish in about a minute on 2 cores (decode at I=2048 over 0.5 GB, prefill at 512
+tokens, 3 rounds); --full gives the sizes docs/BENCHMARKS.md reports (decode at I=1024 and 2048 over 2 GB
+each, prefill at 512 and 4096 tokens, 5 decode rounds). A flag given explicitly wins over either.
+
+  python scripts/bench_moe.py                      # about a minute on 2 cores
+  python scripts/bench_moe.py --full --json out.json               # the sizes of docs/BENCHMARKS.md
+  python scripts/bench_moe.py --full --footprint-gb 4 --json out.json   # big-L3 hosts
   python scripts/bench_moe.py --isa avx512,avx2,avx2-novnni,portable --skip-prefill   # ISA paths side by side
   python scripts/bench_moe.py --threads 2 --skip-decode --skip-torch --prefill-reps 5   # prefill only
   python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-prefill --skip-kernel   # RAWINT4 vs AMXINT4
@@ -126,6 +131,31 @@ def read_bandwidth(threads):
     cpp_gbs = kt_kernels._moe_read_bandwidth(buf, threads, 5)
     del buf
     return torch_gbs, cpp_gbs
+
+
+# (option, default, --full): the default finishes in about a minute on 2 cores; --full is docs/BENCHMARKS.md's
+SIZES = (("inter", "2048", "1024,2048"), ("footprint_gb", 0.5, 2.0), ("reps", 3, 5), ("prefill_reps", 2, 3),
+         ("prefill_tokens", "512", "512,4096"))
+ISA_ORDER = ("portable", "avx2", "avx512", "amx")  # each runs where the ones after it run
+
+
+def runnable_isas(names: list[str], ap) -> list[str]:
+    """The --isa names this CPU runs; a line for each one it lacks (skipped)."""
+    best = kt_kernels.best_isa()
+    out = []
+    for name in names:
+        base = "avx2" if name == "avx2-novnni" else name
+        if name != "auto" and base not in ISA_ORDER:
+            ap.error(f"--isa {name}: not one of auto, {', '.join(ISA_ORDER)}, avx2-novnni")
+        if name != "auto" and ISA_ORDER.index(base) > ISA_ORDER.index(best):
+            print(f"skipping --isa {name}: this CPU has no {base.upper()} (the best here is {best})", flush=True)
+        elif name == "avx2-novnni" and not kt_kernels.cpu_features().get("avx_vnni"):
+            print("skipping --isa avx2-novnni: this CPU has no AVX-VNNI, so it is the avx2 kernel", flush=True)
+        else:
+            out.append(name)
+    if not out:
+        ap.error(f"--isa {','.join(names)}: none of these runs on this CPU (the best here is {best})")
+    return out
 
 
 def use_isa(name):
@@ -428,15 +458,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="int4,int8")
     ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", default="1024,2048", help="decode intermediate sizes")
+    ap.add_argument("--inter", default=None, help="decode intermediate sizes (default 2048; --full: 1024,2048)")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--topk", type=int, default=8)
     ap.add_argument("--threadpool-count", "--numa", type=int, default=1, help="NUMA pools of the packed layout (T)")
-    ap.add_argument("--footprint-gb", type=float, default=2.0,
-                    help="packed bytes cycled over per decode configuration (>> L3; 2 GB = 6.7x a 300 MB L3)")
-    ap.add_argument("--reps", type=int, default=5, help="decode rounds (median reported)")
-    ap.add_argument("--prefill-reps", type=int, default=3, help="prefill rounds (median reported)")
-    ap.add_argument("--prefill-tokens", default="512,4096", help="prefill token counts, comma-separated")
+    ap.add_argument("--footprint-gb", type=float, default=None,
+                    help="packed bytes cycled over per decode configuration (>> L3; default 0.5; --full: 2 GB = 6.7x "
+                         "a 300 MB L3)")
+    ap.add_argument("--reps", type=int, default=None, help="decode rounds (median reported; default 3, --full 5)")
+    ap.add_argument("--prefill-reps", type=int, default=None, help="prefill rounds (median reported; default 2, "
+                    "--full 3)")
+    ap.add_argument("--prefill-tokens", default=None, help="prefill token counts, comma-separated (default 512; "
+                    "--full 512,4096)")
+    ap.add_argument("--full", action="store_true", help="the sizes docs/BENCHMARKS.md reports (see above)")
     ap.add_argument("--prefill-experts", type=int, default=64)
     ap.add_argument("--prefill-inter", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="0 = every CPU of this process")
@@ -451,12 +485,16 @@ def main(argv=None):
     ap.add_argument("--kernel-time", type=float, default=0.3, help="seconds per kernel measurement")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    for name, quick, full in SIZES:  # a flag given explicitly wins
+        if getattr(args, name) is None:
+            setattr(args, name, full if args.full else quick)
+    isas = runnable_isas(args.isa.split(","), ap)
 
     info = cpu_info()
     threads = args.threads or info["cores"]
     print(f"CPU: {info['cpu']}  cores={info['cores']}  ISA={info['isa']}  L3={info.get('L3 cache', '?')}  "
           f"max MHz={info.get('CPU max MHz', info.get('CPU MHz', '?'))}  threads={threads}", flush=True)
-    res = {"machine": info, "threads": threads, "isa": args.isa, "reps": args.reps, "min_time": args.min_time,
+    res = {"machine": info, "threads": threads, "isa": ",".join(isas), "reps": args.reps, "min_time": args.min_time,
            "footprint_GB_per_config": args.footprint_gb, "spin_us": os.environ.get("KT_MOE_SPIN_US", "2000"),
            "decode": [], "prefill": []}
     t_start = time.perf_counter()
@@ -465,7 +503,6 @@ def main(argv=None):
     res["cpp_stream_read_GBps"] = cpp_bw
     print(f"read bandwidth: torch sum of 1 GiB fp32 {torch_bw:.1f} GB/s; C++ streaming read of 1 GiB "
           f"(MoE pool) {cpp_bw:.1f} GB/s", flush=True)
-    isas = args.isa.split(",")
     res["core_clock_GHz"] = kt_kernels._core_clock_ghz()
     print(f"core clock (dependent adds over thread CPU time): {res['core_clock_GHz']:.2f} GHz", flush=True)
     res["call_overhead_us"] = call_overhead_us(threads, use_isa(isas[0]))

@@ -11,6 +11,7 @@ Each round times all three in turn; ratios are medians over rounds of (read time
 bytes: compare against reading source + packed, integrity against reading the packed shards.
 
   python scripts/bench_verify.py                         # small, a few seconds
+The checkpoint and output go to a new temporary folder (or --workdir) and are removed at the end, unless --keep.
   python scripts/bench_verify.py --hidden 4096 --inter 1536 --experts 32 --layers 4 --method rawint4-g128
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,21 +65,28 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="int4", help="int4, int8, rawint4-g32/-g64/-g128")
     ap.add_argument("--threads", type=int, default=0, help="verify threads (0: every core)")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--workdir", default=None, help="where the checkpoint and output go (default: a temp dir)")
+    ap.add_argument("--workdir", default=None, help="where the checkpoint and output go (default: a new temporary "
+                    "folder); they are removed at the end unless --keep")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and output (their folder is printed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    from kt_runtime.format.methods import get_method
+    from synthetic.scratch import Scratch
+
+    method = get_method(args.method)
+    with Scratch(args.workdir, "bench_verify_", keep=args.keep) as scratch:
+        return run(args, method, scratch.new("ck"), scratch.new("out"))
+
+
+def run(args, method, ck_dir: Path, out: Path) -> int:
     from convert.pipeline import ConvertOptions, convert
     from convert.verify import verify
-    from kt_runtime.format.methods import get_method
     from synthetic.families import make_family_checkpoint
 
     threads = args.threads or len(os.sched_getaffinity(0))
-    method = get_method(args.method)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_verify_"))
-    ck = make_family_checkpoint(work / "ck", "qwen3_moe_bf16", hidden_size=args.hidden, intermediate_size=args.inter,
+    ck = make_family_checkpoint(ck_dir, "qwen3_moe_bf16", hidden_size=args.hidden, intermediate_size=args.inter,
                                 num_experts=args.experts, num_layers=args.layers, num_shards=args.layers)
-    out = work / "out"
     choice, group = (method.choice, method.group_size) if method.group_size else (method.name, None)
     convert(ConvertOptions(input_path=str(ck.path), output=out, quant_method=choice, group_size=group,
                            threadpool_count=1 if not method.numa_split else 2, overwrite=True, progress=False))

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -141,8 +139,8 @@ def part2(work: Path) -> None:
         hybrid = copy.deepcopy(model)
         kt_runtime.inject(hybrid, out, num_gpu_experts=3, device=device)
         hs = hybrid_layers(hybrid)
-        print(f"  {report.kt_method}: {report.layers_converted} layers converted and injected; experts "
-              f"{hs[1].gpu_experts} of {hs[1].num_experts} per layer on {device} (bf16), the rest on the CPU engine")
+        print(f"  {report.kt_method}: {report.layers_converted} layers converted and injected; "
+              + placement_line(hs[1].gpu_experts, hs[1].num_experts, device, report.kt_method))
         with torch.no_grad():
             hyb_out = hybrid.generate(prompt, max_new_tokens=new, do_sample=False)
             lh = hybrid(ref_out).logits.float()
@@ -155,10 +153,15 @@ def part2(work: Path) -> None:
                     mod.down_proj[e].copy_(w.dequantize(layer, e, "down"))
             ld = deq(ref_out).logits
         same = next((i for i in range(new) if ref_out[0, p0 + i] != hyb_out[0, p0 + i]), new)
+        gap = moved = None
+        if same < new:  # the same prefix up to there: the teacher-forced logits are the ones greedy decoding saw
+            t = p0 - 1 + same
+            gap = float(lr[0, t, ref_out[0, p0 + same]] - lr[0, t, hyb_out[0, p0 + same]])
+            moved = float((lh[0, t] - lr[0, t]).abs().max())
         err, derr = rel(lh, lr), rel(lh, ld)
         match = float((lh[0, pos].argmax(-1) == lr[0, pos].argmax(-1)).float().mean())
         dmatch = float((lh[0, pos].argmax(-1) == ld[0, pos].argmax(-1)).float().mean())
-        print(f"    hybrid generates {hyb_out[0, p0:].tolist()}: {same_prefix(same, new)}")
+        print(f"    hybrid generates {hyb_out[0, p0:].tolist()}: {same_prefix(same, new, gap, moved, method)}")
         check(hyb_out.shape == ref_out.shape and err < max_ratio * zerr,
               f"{method}: vs the original model: logits error {err:.3f} = {err / zerr:.2f} x dropping the experts "
               f"(< {max_ratio}), teacher-forced top-1 match {match:.0%}")
@@ -170,37 +173,42 @@ def part2(work: Path) -> None:
     print(f"  part 2: {time.perf_counter() - t0:.1f} s")
 
 
-def same_prefix(same: int, new: int) -> str:
-    """How long greedy generation stays on the original model's tokens, said so that 0 reads right:
-    after the first token that differs, each step continues from other tokens, so the rest differs
-    too; the teacher-forced checks that follow compare every position on the same tokens."""
+def placement_line(gpu_experts: list[int], num_experts: int, device: str, kt_method: str) -> str:
+    """Where each layer's experts run, said plainly on a machine without a GPU too."""
+    rest = f"the other {num_experts - len(gpu_experts)} on the CPU engine (kt_kernels, {kt_method})"
+    if device == "cuda":
+        return f"experts {gpu_experts} of {num_experts} per layer on the GPU (bf16, torch), {rest}"
+    return (f"no GPU here, so experts {gpu_experts} of {num_experts} per layer run where a GPU would run them "
+            f"through torch (bf16) on the CPU; {rest}")
+
+
+def same_prefix(same: int, new: int, gap: float | None = None, moved: float | None = None, method: str = "") -> str:
+    """How long greedy generation stays on the original model's tokens, and why it leaves them: at the
+    first token that differs, the original preferred its token by `gap` logits while the packed experts
+    moved the logits by up to `moved`; every later token then continues another prefix, so the
+    teacher-forced checks that follow (every position on the same tokens) are the measure."""
     if same == new:
         return f"all {new} tokens as the original model's"
-    return (f"the original's for the first {same} of {new} tokens; from the first that differs, greedy decoding "
-            "continues from other tokens (the teacher-forced checks below compare every position)")
+    why = (f": there the original model preferred its token by only {gap:.3f} logits, and {method} moves the "
+           f"logits by up to {moved:.3f} (a tiny random model's logits are nearly flat)" if gap is not None else "")
+    return (f"token {same + 1} of {new} differs{why}; each later token continues another prefix, so the "
+            "teacher-forced checks below, which compare every position on the same tokens, are the measure")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", type=Path, help="keep the checkpoints and outputs here (default: a temp dir)")
+    ap.add_argument("--workdir", type=Path, help="keep the checkpoints and outputs here, in new folders (default: a "
+                    "temporary folder, removed at the end)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    if args.workdir:
-        work = args.workdir
+    from synthetic.scratch import Scratch
+
+    with Scratch(args.workdir, "kt-demo-", keep=args.workdir is not None) as scratch:
         for name in ("v4-flash-tiny", "v4-flash-tiny-AMXINT4", "tiny-deepseek-v4", "tiny-deepseek-v4-AMXINT8",
                      "tiny-deepseek-v4-AMXINT4"):
-            shutil.rmtree(work / name, ignore_errors=True)  # a fresh run every time
-        work.mkdir(parents=True, exist_ok=True)
-        tmp = None
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="kt-demo-")
-        work = Path(tmp.name)
-    try:
-        part1(work)
-        part2(work)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+            scratch.new(name)  # refused if there (an earlier run's: remove it, or choose another --workdir)
+        part1(scratch.root)
+        part2(scratch.root)
     print(f"== {'all checks passed' if not FAILED else f'{len(FAILED)} check(s) FAILED'} "
           f"({time.perf_counter() - t0:.1f} s)")
     return 1 if FAILED else 0

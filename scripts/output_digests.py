@@ -9,7 +9,8 @@ storage, three key styles) to int4 and int8, threadpool count 1 and 2, merged an
 with --include-non-expert and --layers), on the CPU. Source files get a fixed modification time and live at
 fixed paths under --workdir, so the manifests and the shards' __metadata__ are reproducible too: two runs of
 the same converter give the same JSON, and a refactor that changes no byte keeps it. Exit 1 on a difference
-with --compare.
+with --compare. The script makes --workdir/src and --workdir/out and removes them at the end (refusing to
+start where either exists); nothing else in --workdir is touched.
 """
 from __future__ import annotations
 
@@ -43,15 +44,15 @@ def _pin_mtimes(folder: Path) -> None:
             os.utime(p, ns=(FIXED_MTIME_NS, FIXED_MTIME_NS))
 
 
-def checkpoints(work: Path) -> dict[str, Path]:
+def checkpoints(src: Path) -> dict[str, Path]:
     from synthetic import VARIANTS, make_family_checkpoint, make_v4_flash_checkpoint
 
     out = {}
     for name in sorted(VARIANTS):
-        out[name] = make_family_checkpoint(work / "src" / name, name).path
+        out[name] = make_family_checkpoint(src / name, name).path
     for storage, style in (("I8", "official"), ("U8", "model"), ("F4", "hf_alias")):
         name = f"v4_flash_{storage}_{style}"
-        out[name] = make_v4_flash_checkpoint(work / "src" / name, "v4-flash-tiny", storage=storage, key_style=style,
+        out[name] = make_v4_flash_checkpoint(src / name, "v4-flash-tiny", storage=storage, key_style=style,
                                              mtp_layers=1, num_shards=3).path
     for path in out.values():
         _pin_mtimes(path)
@@ -76,20 +77,23 @@ def runs(sources: dict[str, Path]):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="write the digests here (JSON)")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/kt-output-digests"))
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/kt-output-digests"),
+                    help="a fixed folder (manifests record the source path): its src/ and out/ are made and removed")
     ap.add_argument("--compare", type=Path, help="a JSON written earlier: report every difference")
     args = ap.parse_args(argv)
 
     from convert.pipeline import ConvertOptions, convert
+    from synthetic.scratch import Scratch
 
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    sources = checkpoints(args.workdir)
-    digests = {}
-    for run, src, kw in runs(sources):
-        out = args.workdir / "out" / run
-        convert(ConvertOptions(input_path=str(src), output=out, device="cpu", progress=False, **kw))
-        digests[run] = tree_digests(out)
-        shutil.rmtree(out)
+    with Scratch(args.workdir, "kt-output-digests") as scratch:
+        src, out_root = scratch.new("src"), scratch.new("out")
+        sources = checkpoints(src)
+        digests = {}
+        for run, source, kw in runs(sources):
+            out = out_root / run
+            convert(ConvertOptions(input_path=str(source), output=out, device="cpu", progress=False, **kw))
+            digests[run] = tree_digests(out)
+            shutil.rmtree(out)
     args.out.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
     files = sum(len(v) for v in digests.values())
     print(f"{len(digests)} conversions, {files} files -> {args.out}")

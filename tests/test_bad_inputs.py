@@ -296,13 +296,55 @@ def test_nonfinite_allowed_goes_on_and_reports(base_checkpoint, tmp_path, capsys
     code = main(["-i", str(ck), "-o", str(out), "--no-progress", "--allow-nonfinite", "--json", str(tmp_path / "r.json")])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "NaN/Inf source values packed as 0" in err
+    listing = ("warning: 32 NaN/Inf source values packed as 0 (--allow-nonfinite) in 1 tensor; kt_manifest.json "
+               f"keeps the list:\n  {W1}.weight: 32\n")
+    assert listing in err, err
     report = read_json(tmp_path / "r.json")
     assert report["nonfinite"] == {W1 + ".weight": 32}
+    completed = read_json(out / "kt_manifest.json")["completed"]
+    assert completed["1"]["nonfinite"] == {W1 + ".weight": 32} and "nonfinite" not in completed["0"]
+    # a re-run converts nothing and still says what the output holds
+    assert main(["-i", str(ck), "-o", str(out), "--no-progress", "--allow-nonfinite"]) == 0
+    err = capsys.readouterr().err
+    assert "nothing to convert" in err and listing in err, err
     w = kt_runtime.load_experts(out)
     gate = w.dequantize(1, 2, "gate")
     assert bool(gate.isfinite().all())
     assert np.count_nonzero(gate[0, :32].numpy()) == 0 and np.count_nonzero(gate[0, 32:].numpy()) > 0
+
+
+def test_nonfinite_listing_is_capped_with_a_count():
+    from convert.pipeline import ConversionReport
+
+    counts = {f"model.layers.{i}.mlp.experts.0.up_proj.weight": i + 1 for i in range(13)}
+    report = ConversionReport(output="o", family="f", input_type="bf16", method="int4", kt_method="AMXINT4",
+                              threadpool_count=1, device="cpu", layers=13, layers_converted=13, layers_resumed=0,
+                              experts_per_layer=1, mtp_tensors_skipped=0, input_bytes=0, output_bytes=0, seconds=1.0,
+                              nonfinite=counts)
+    lines = report.nonfinite_warning().splitlines()
+    assert lines[0] == ("warning: 91 NaN/Inf source values packed as 0 (--allow-nonfinite) in 13 tensors; "
+                        "kt_manifest.json keeps the list:")
+    assert lines[1:11] == [f"  model.layers.{i}.mlp.experts.0.up_proj.weight: {i + 1}" for i in range(10)]
+    assert lines[11] == "  ... and 3 more tensors (every one in kt_manifest.json and the --json report)"
+    assert len(lines) == 12
+    report.nonfinite = {}
+    assert report.nonfinite_warning() == ""
+
+
+def test_manifest_refuses_a_malformed_nonfinite_record(base_checkpoint, tmp_path):
+    import json
+
+    from kt_runtime.format.errors import ManifestError
+    from kt_runtime.format.manifest import read_manifest
+
+    out = tmp_path / "out"
+    assert main(["-i", str(base_checkpoint), "-o", str(out), "--no-progress"]) == 0
+    d = read_json(out / "kt_manifest.json")
+    for bad in ([1], {"k": 0}, {"k": "3"}, {"k": True}):
+        d["completed"]["0"]["nonfinite"] = bad
+        (out / "kt_manifest.json").write_text(json.dumps(d))
+        with pytest.raises(ManifestError, match=r"completed\[0\].nonfinite must map tensor names to positive counts"):
+            read_manifest(out)
 
 
 def test_output_below_a_file(base_checkpoint, tmp_path, capsys):

@@ -165,32 +165,38 @@ def test_shard_layers_split_contiguously_and_cover_every_layer_once():
 def test_shard_from_the_environment():
     slurm = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
     spec = resolve_shard(None, None, slurm)  # --array=5-8, task 7: the third of four
-    assert (spec.index, spec.count, spec.origin) == (2, 4, "SLURM_ARRAY_TASK_ID 7 of the array 5..8")
+    assert (str(spec), spec.index, spec.origin) == ("3/4", 2, "SLURM_ARRAY_TASK_ID 7 of the array 5..8")
     stepped = {**slurm, "SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_STEP": "2"}  # --array=5-11:2
-    assert (resolve_shard(None, None, stepped).index, resolve_shard(None, None, stepped).count) == (2, 4)
-    k8s = {"JOB_COMPLETION_INDEX": "3"}
+    assert str(resolve_shard(None, None, stepped)) == "3/4"
+    assert resolve_shard(None, None, stepped).tasks.of([0, 3]) == "SLURM array task 5, 11"
+    k8s = {"JOB_COMPLETION_INDEX": "3"}  # Kubernetes numbers its pods from 0: the fourth shard
     spec = resolve_shard(None, 8, k8s)
-    assert (spec.index, spec.count, spec.origin) == (3, 8, "JOB_COMPLETION_INDEX")
+    assert (str(spec), spec.index, spec.origin) == ("4/8", 3, "JOB_COMPLETION_INDEX 3")
+    assert str(resolve_shard(None, 8, {"JOB_COMPLETION_INDEX": "0"})) == "1/8"
+    assert str(resolve_shard(None, None, {**slurm, "SLURM_ARRAY_TASK_ID": "5"})) == "1/4"  # the array's first task
     assert resolve_shard(None, None, {}) is None
-    flag = resolve_shard("1/3", None, slurm)  # the flag wins over the environment
-    assert (flag.index, flag.count) == (1, 3)
+    flag = resolve_shard("1/3", None, slurm)  # the flag wins over the environment; it counts from 1
+    assert (str(flag), flag.index, flag.count, flag.tasks) == ("1/3", 0, 3, None)
+    assert [str(parse_shard(f"{i}/2")) for i in (1, 2)] == ["1/2", "2/2"]
     for flag, count, env, message in [
         (None, None, k8s, "pass --shard-count"),
         (None, 8, {}, "no array index is set"),
         (None, 3, slurm, "contradicts SLURM_ARRAY_TASK_COUNT=4"),
         (None, None, {"SLURM_ARRAY_TASK_ID": "1"}, "SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT not"),
         (None, None, {**slurm, "SLURM_ARRAY_TASK_ID": "x"}, "not a non-negative integer"),
-        (None, None, {**slurm, "SLURM_ARRAY_TASK_ID": "9"}, "outside 0..3"),
+        (None, None, {**slurm, "SLURM_ARRAY_TASK_ID": "9"}, "the task is outside the array"),
         (None, None, {**stepped, "SLURM_ARRAY_TASK_ID": "8"}, "not MIN 5 plus a multiple of STEP 2"),
         (None, 2, {"JOB_COMPLETION_INDEX": "2"}, "outside 0..1"),
-        ("4/4", None, {}, "outside 0..3"),
+        ("5/4", None, {}, "there are 4 shards, numbered 1 to 4"),
+        ("0/4", None, {}, "shards are numbered from 1: the first of 4 is --shard 1/4, the last --shard 4/4"),
+        ("0/1", None, {}, "numbered from 1"),
         ("1/0", None, {}, "between 1 and"),
-        ("1-4", None, {}, "write INDEX/COUNT"),
+        ("1-4", None, {}, "write NUMBER/COUNT with NUMBER counted from 1"),
         ("1/4", 3, {}, "disagree"),
     ]:
         with pytest.raises(UserError, match=message):
             resolve_shard(flag, count, env)
-    assert parse_shard(" 0 / 1 ") == ShardSpec(0, 1)
+    assert parse_shard(" 1 / 1 ") == ShardSpec(0, 1)
 
 
 def test_shard_index_from_slurm_environment_on_the_command_line(ckpt, tmp_path, monkeypatch):
@@ -200,8 +206,29 @@ def test_shard_index_from_slurm_environment_on_the_command_line(ckpt, tmp_path, 
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     assert main(args(ckpt, "-o", str(out), "--json", str(tmp_path / "r.json"))) == 0
     report = read_json(tmp_path / "r.json")
-    assert report["shard"] == "1/4" and report["layers_converted"] == 2 and report["complete"] is False
+    assert report["shard"] == "2/4" and report["layers_converted"] == 2 and report["complete"] is False
     assert sorted(os.listdir(out / SHARD_DIR / "done")) == ["layer_2.json", "layer_3.json"]
+
+
+def test_shard_zero_is_refused_with_the_numbering_rule(ckpt, tmp_path, capsys):
+    assert main(args(ckpt, "-o", str(tmp_path / "out"), "--shard", "0/2")) == 2
+    err = capsys.readouterr().err
+    assert "--shard 0/2: shards are numbered from 1: the first of 2 is --shard 1/2, the last --shard 2/2" in err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_finalize_names_the_slurm_tasks_of_the_missing_shards(ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # sbatch --array=1-4: task ids are the shard numbers
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    for task in ("2", "4"):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1")) == 0
+    assert sorted(os.listdir(out / SHARD_DIR / "done")) == [f"layer_{x}.json" for x in (2, 3, 6, 7)]
+    capsys.readouterr()
+    assert main(["finalize", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "4 layers not converted yet (0, 1, 4, 5); re-run --shard 1/4, --shard 3/4 (SLURM array task 1, 3)" in err
 
 
 # --- shards: one output directory, several processes ------------------------------------------------
@@ -209,20 +236,20 @@ def test_shard_index_from_slurm_environment_on_the_command_line(ckpt, tmp_path, 
 
 def test_finalize_before_every_shard_is_done_exits_2_naming_the_missing_layers(ckpt, single, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "1/4")) == 0
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "2/4")) == 0
     assert main(["finalize", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "6 layer(s) not converted yet (0, 1, 4, 5, 6, 7)" in err, err
+    assert "6 layers not converted yet (0, 1, 4, 5, 6, 7); re-run --shard 1/4, --shard 3/4, --shard 4/4 " in err, err
     assert not (out / INDEX_FILE).exists() and read_json(out / MANIFEST_FILE)["complete"] is False
-    for i in (0, 2):
+    for i in (1, 3):
         assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", f"{i}/4")) == 0
     assert main(["finalize", str(out)]) == 2
-    assert "(6, 7)" in capsys.readouterr().err
-    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "3/4")) == 0  # the last completes
+    assert "2 layers not converted yet (6, 7); re-run --shard 4/4 " in capsys.readouterr().err
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "4/4")) == 0  # the last completes
     assert "is complete" in capsys.readouterr().err
     assert tree_hashes(out) == single["int4", 1]
     assert main(["finalize", str(out)]) == 0  # idempotent
-    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "0/4")) == 0
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "1/4")) == 0
     assert tree_hashes(out) == single["int4", 1]
     assert main(["finalize", str(tmp_path / "nothing")]) == 2
 
@@ -240,20 +267,20 @@ def test_killed_shard_rerun_redoes_only_its_unfinished_layers(ckpt, single, tmp_
         return last_write
 
     monkeypatch.setattr(pipeline, "convert_layer", crash_on_third_layer)
-    assert main(args(ckpt, *shard, "--shard", "1/2")) == 130
+    assert main(args(ckpt, *shard, "--shard", "2/2")) == 130
     monkeypatch.setattr(pipeline, "convert_layer", real)
     assert sorted(os.listdir(out / SHARD_DIR / "done")) == ["layer_4.json", "layer_5.json"]
-    assert main(args(ckpt, *shard, "--shard", "1/2")) == 0
+    assert main(args(ckpt, *shard, "--shard", "2/2")) == 0
     report = read_json(tmp_path / "r.json")
     assert (report["layers_converted"], report["layers_resumed"]) == (2, 2)
-    assert main(args(ckpt, *shard, "--shard", "0/2")) == 0
+    assert main(args(ckpt, *shard, "--shard", "1/2")) == 0
     assert read_json(tmp_path / "r.json")["complete"] is True
     assert tree_hashes(out) == single["int4", 2]
 
 
 def test_single_run_resumes_what_shards_started_and_refuses_live_claims(ckpt, single, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "0/2")) == 0
+    assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1", "--shard", "1/2")) == 0
     held = ClaimDir(out / SHARD_DIR / "claims").acquire(6)  # as if a shard process were converting layer 6
     assert isinstance(held, Claim)
     assert main(args(ckpt, "-o", str(out), "--threadpool-count", "1")) == 2
@@ -269,9 +296,9 @@ def test_shards_of_several_outputs(ckpt, single, tmp_path):
     """--shard with --output-template: each output gets its own claims, records and completion."""
     cmd = ["--output-template", str(tmp_path / "{method}-T{threadpool_count}"), "--quant-method", "int4,int8",
            "--threadpool-count", "1", "--json", str(tmp_path / "r.json")]
-    assert main(args(ckpt, *cmd, "--shard", "1/2")) == 0
+    assert main(args(ckpt, *cmd, "--shard", "2/2")) == 0
     assert [r["complete"] for r in read_json(tmp_path / "r.json")] == [False, False]
-    assert main(args(ckpt, *cmd, "--shard", "0/2")) == 0
+    assert main(args(ckpt, *cmd, "--shard", "1/2")) == 0
     assert [r["complete"] for r in read_json(tmp_path / "r.json")] == [True, True]
     for method in ("int4", "int8"):
         assert tree_hashes(tmp_path / f"{method}-T1") == single[method, 1]
@@ -282,7 +309,7 @@ def test_shards_of_several_outputs(ckpt, single, tmp_path):
 def test_shards_match_a_single_run_in_every_layout(ckpt, tmp_path, extra):
     flags = ["--threadpool-count", "2", *extra]
     assert main(args(ckpt, "-o", str(tmp_path / "single"), *flags)) == 0
-    for i in (2, 0, 1):
+    for i in (3, 1, 2):
         assert main(args(ckpt, "-o", str(tmp_path / "sharded"), *flags, "--shard", f"{i}/3")) == 0
     assert tree_hashes(tmp_path / "sharded") == tree_hashes(tmp_path / "single")
     assert recorded_layers(tmp_path / "sharded") == recorded_layers(tmp_path / "single") == \
@@ -327,7 +354,7 @@ def test_concurrent_shard_records_lose_no_layer(ckpt, tmp_path):
 
 
 def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
-    assert main(args(ckpt, "-o", str(tmp_path / "o"), "--shard", "0/2", "--overwrite")) == 2
+    assert main(args(ckpt, "-o", str(tmp_path / "o"), "--shard", "1/2", "--overwrite")) == 2
     assert "--overwrite cannot be combined with --shard" in capsys.readouterr().err
 
 
@@ -338,7 +365,7 @@ SLOW_DISK = ("import os, sys, time; import convert.writer as w; "
 
 def _start_shard(ckpt, out, i, n, slow=False):
     cmd = ["-c", SLOW_DISK] if slow else ["-m", "convert"]
-    cmd += args(ckpt, "-o", str(out), "--threadpool-count", "2", "--cpuinfer-threads", "1", "--shard", f"{i}/{n}",
+    cmd += args(ckpt, "-o", str(out), "--threadpool-count", "2", "--cpuinfer-threads", "1", "--shard", f"{i + 1}/{n}",
                 "--json", str(out.parent / f"r{i}.json"))
     return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -368,6 +368,51 @@ def test_dry_run_prints_the_plan_and_writes_nothing(served, source, tmp_path):
     assert "to fetch" not in r.stdout and not out.exists()
 
 
+def test_dry_run_json_is_a_plan_object(served, source, tmp_path):
+    """--dry-run --json -: one JSON object on standard output (the text plan on standard error), for a local
+    and a hub source; several outputs give a list."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(out), "--dry-run", "--json", "-",
+                        "--quant-method", "int8", "--threadpool-count", "2"], cwd=ROOT, capture_output=True, text=True,
+                       env=_base_env())
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["dry_run"] is True and plan["family"] == "deepseek_v4" and plan["source_format"] == "fp4"
+    assert (plan["layers"], plan["method"], plan["kt_method"], plan["threadpool_count"]) == ([0, 1, 2, 3], "int8",
+                                                                                             "AMXINT8", 2)
+    assert (plan["hidden_size"], plan["moe_intermediate_size"], plan["num_experts"]) == (384, 512, 8)
+    weights = 4 * 8 * 3 * 384 * 512  # int8: a byte per weight of 4 layers x 8 experts x 3 projections
+    assert weights < plan["output_bytes"] < weights * 1.02 and plan["input_bytes"] > 0 and plan["download"] is None
+    assert "family        deepseek_v4" in r.stderr and "0.00 GB" not in r.stderr and not out.exists()
+    template = str(tmp_path / "{method}")
+    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "--output-template", template, "--dry-run",
+                        "--json", "-", "--quant-method", "int4,int8"], cwd=ROOT, capture_output=True, text=True,
+                       env=_base_env())
+    assert r.returncode == 0, r.stderr
+    assert [p["method"] for p in json.loads(r.stdout)] == ["int4", "int8"]
+    cache = tmp_path / "hub"
+    r = cli(hub_env(served.endpoint, cache), "--download", "--dry-run", "--json", "-", out=out)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["source"] == f"hub {REPO}" and plan["peak_source_bytes"] > 0
+    assert [f["name"] for f in plan["download"]["to_download"]] == SHARDS and plan["download"]["repo"] == REPO
+    assert plan["download"]["download_bytes"] == sum(f["size"] for f in plan["download"]["to_download"])
+    assert not out.exists() and not cache.exists()
+
+
+def test_families_json():
+    r = subprocess.run([sys.executable, "-m", "convert", "families", "--json", "-"], cwd=ROOT, capture_output=True,
+                       text=True, env=_base_env())
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    from convert.families import FAMILIES
+
+    assert [f["name"] for f in doc["families"]] == [f.name for f in FAMILIES]
+    assert {"name": "gpt_oss", "model_types": ["gpt_oss"], "layout": "gpt-oss-interleaved"}.items() <= \
+        next(f for f in doc["families"] if f["name"] == "gpt_oss").items()
+    assert [f["input_type"] for f in doc["source_formats"]] == ["fp4", "fp8", "bf16", "fp16", "int4"]
+
+
 def test_families_command_and_flag():
     for args in (["families"], ["-i", "x", "-o", "y", "--list-families"], ["--list-families"]):
         r = subprocess.run([sys.executable, "-m", "convert", *args], cwd=ROOT, capture_output=True, text=True,

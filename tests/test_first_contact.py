@@ -255,13 +255,48 @@ def test_no_gpu_device_nodes(tmp_path, monkeypatch):
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nodes = (str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "kfd"))
-    assert no_gpu_device_reason(nodes) == f"no GPU device here (none of {nodes[0]}, {nodes[1]})"
+    assert no_gpu_device_reason(nodes) == f"there is no CUDA device here (none of {nodes[0]}, {nodes[1]})"
     (tmp_path / "nvidia0").touch()
     assert no_gpu_device_reason(nodes) is None
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert no_gpu_device_reason(nodes) == "CUDA_VISIBLE_DEVICES='-1' hides every GPU"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert no_gpu_device_reason(nodes) is None
+
+
+@pytest.mark.parametrize("damage", ["bit", "truncate"])
+def test_a_damaged_layer_is_repaired_by_a_rerun_as_the_loader_says(ckpt, tmp_path, capsys, damage):
+    import kt_runtime
+    from kt_runtime.format.errors import PackedWeightsError
+
+    out = tmp_path / "out"
+    assert cli(capsys, "-i", ckpt, "-o", out, "--no-progress")[0] == 0
+    before = tree_hashes(out)
+    shard = out / "model-00002-of-00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 1
+    shard.write_bytes(bytes(data) if damage == "bit" else bytes(data[:-10]))
+    with pytest.raises(PackedWeightsError, match=r"layer 1 .*the output is damaged; re-run the conversion command that "
+                                                 r"wrote it \(it converts this layer again\)"):
+        kt_runtime.load_experts(out, verify=True)
+    code, _, err = cli(capsys, "-i", ckpt, "-o", out, "--no-progress")  # the same command, nothing deleted
+    assert code == 0 and "1 layer converted, 1 already done" in err, err
+    assert tree_hashes(out) == before
+    kt_runtime.load_experts(out, verify=True)
+
+
+def test_device_cuda_without_a_gpu_says_so_before_triton(ckpt, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from quant import gpu
+
+    nodes = (str(tmp_path / "nvidia[0-9]*"),)  # none there: no GPU, whatever this machine has
+    monkeypatch.setattr(gpu, "no_gpu_device_reason", lambda real=gpu.no_gpu_device_reason: real(nodes))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # triton absent as well
+    code, _, err = cli(capsys, "-i", ckpt, "-o", tmp_path / "out", "--device", "cuda")
+    assert code == 2 and err.startswith("error: --device cuda: there is no CUDA device here (none of "), err
+    assert "triton" not in err and not (tmp_path / "out").exists()
 
 
 def test_reported_seconds_leave_the_device_probe_out(ckpt, tmp_path, monkeypatch):
@@ -324,6 +359,40 @@ def test_help_names_kt_flags_and_an_example(capsys):
     text = " ".join(out.split())
     assert "Not supported, each with a message saying what to use instead: --profile" in text
     assert "keeps its layers before L if they match a fresh conversion" in text
+
+
+def test_help_lists_every_command_near_its_head(capsys):
+    from convert.cli import COMMANDS
+
+    code, out, _ = cli(capsys, "--help")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[:2] == ["Usage: convert-cpu-weights [OPTIONS]", "       convert-cpu-weights COMMAND [ARGS]..."]
+    start = lines.index("Commands (convert-cpu-weights COMMAND --help for each):")
+    assert start < lines.index("Options:") and start < 20  # before the options, within a screen
+    listed = [line.split()[0] for line in lines[start + 1:lines.index("Options:")] if line.startswith("  ") and
+              not line.startswith("   ")]
+    assert listed == [c.name for c in COMMANDS if c.name != "convert"] and {"verify", "finalize", "families"} <= set(listed)
+    assert "  families  List the supported checkpoint families and source formats." in lines
+    assert cli(capsys, "-h")[1] == out and cli(capsys, "convert", "--help")[1].count("COMMAND --help for each") == 1
+
+
+@pytest.mark.parametrize("word, needle", [
+    ("verfiy", "no such command 'verfiy'; did you mean 'verify'?"),
+    ("finalise", "did you mean 'finalize'?"),
+    ("family", "did you mean 'families'?"),
+    ("Verify", "did you mean 'verify'?"),
+    ("/models/DeepSeek-V3", "'/models/DeepSeek-V3' is not a command (the commands: convert, verify, finalize, families"),
+    ("hello", "'hello' is not a command"),
+])
+def test_a_word_that_names_no_command_suggests_the_nearest(ckpt, tmp_path, capsys, word, needle):
+    code, out, err = cli(capsys, word, "-i", ckpt, "-o", tmp_path / "out")
+    assert code == 2 and needle in err, err
+    assert "Missing option" not in err and not (tmp_path / "out").exists()
+    if word.startswith("/"):
+        assert "pass it with -i: convert-cpu-weights -i /models/DeepSeek-V3 -o OUT" in err
+    elif word == "hello":
+        assert "a conversion takes options only: convert-cpu-weights -i SRC -o OUT; --help lists the options" in err
 
 
 def kt_started_output(ckpt, out, capsys, done_layers):

@@ -250,3 +250,16 @@ def test_read_expert_biases_bad_sources(packed, source, tmp_path):
         read_expert_biases(tmp_path, packed, 0)
     with pytest.raises(ValueError, match=r"layers.5.mlp.experts.gate_up_proj_bias, found none"):
         read_expert_biases(source.path, packed, 5)
+
+
+@pytest.mark.parametrize("count, needle", [
+    (3, "intermediate_size 256 is not divisible by --threadpool-count 3"),
+    (4, "intermediate_size / threadpool_count = 256 / 4 = 64 is not a multiple of 128"),
+])
+def test_alignment_messages_name_gpt_oss_config_key(source, tmp_path, capsys, count, needle):
+    """gpt-oss's config.json calls the expert width intermediate_size: the message names that key."""
+    from convert.cli import main
+
+    assert main(["-i", str(source.path), "-o", str(tmp_path / "out"), "--threadpool-count", str(count)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot pack this model: {needle}" in err and "moe_intermediate_size" not in err, err

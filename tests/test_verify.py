@@ -132,6 +132,113 @@ def test_source_mismatch_and_bad_arguments(converted, tmp_path, capsys):
         verify(out, str(ck.path), layers=[7])
 
 
+def test_another_familys_source_is_not_blamed_on_layers(converted, tmp_path, capsys):
+    """A source of another family whose MoE layers differ (V3: layer 0 dense) is named as not the output's
+    source, with its layers, never as a --layers problem the user did not pass."""
+    ck, out = converted
+    v3 = make_family_checkpoint(tmp_path / "v3", "deepseek_v3_bf16", hidden_size=ck.hidden_size,
+                                intermediate_size=ck.intermediate_size, num_experts=ck.num_experts)
+    assert main(["verify", str(out), "-s", str(v3.path)]) == 2
+    err = capsys.readouterr().err
+    assert "--layers" not in err, err
+    assert (f"--source {v3.path} (deepseek_v3) has no MoE layer 0 (its MoE layers: 1), which {out} holds: not its "
+            f"source ({out} was converted from a qwen3_moe checkpoint)") in err, err
+
+
+def test_sizes_in_adaptive_units_and_the_threshold_list_printed_once(converted, capsys):
+    ck, out = converted
+    assert main(["verify", str(out), "-s", str(ck.path), "--max-rel-error", "0.01"]) == 2
+    captured = capsys.readouterr()
+    assert "0.00 GB" not in captured.out + captured.err
+    packed = sum(f.stat().st_size for f in out.glob("model-*.safetensors"))
+    assert packed < 10**7 and f"2 files, {packed / 1e6:.3g} MB, digests checked" in captured.out, captured.out
+    assert " MB of source in " in captured.out
+    first = "layer 0 expert" if "layer 0 expert" in captured.err else "layer 1 expert"
+    assert captured.err.count("tensors exceed --max-rel-error 0.01") == 1
+    named = captured.err.split("error:")[1].split(",")[0].split(" (")[0].strip()  # the worst tensor, named once
+    assert first in captured.err and (captured.out + captured.err).count(named + " (") == 1
+
+
+def _png_pixels(path):
+    """RGB(A) pixels of an 8-bit, non-interlaced PNG (what Chromium writes), as uint8 [h, w, channels]."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunks.setdefault(kind, []).append(data[pos + 8:pos + 8 + n])
+        pos += 12 + n
+    w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    assert depth == 8 and color in (2, 6) and interlace == 0
+    ch = 3 if color == 2 else 4
+    raw = zlib.decompress(b"".join(chunks[b"IDAT"]))
+    rows, prev, stride = [], np.zeros(w * ch, dtype=np.int32), w * ch
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], np.frombuffer(raw, np.uint8, stride, y * (stride + 1) + 1).astype(np.int32)
+        out = np.zeros(stride, dtype=np.int32)
+        for i in range(stride):  # PNG's five filters (None, Sub, Up, Average, Paeth)
+            a = out[i - ch] if i >= ch else 0
+            b, c = prev[i], (prev[i - ch] if i >= ch else 0)
+            if f == 0:
+                pred = 0
+            elif f == 1:
+                pred = a
+            elif f == 2:
+                pred = b
+            elif f == 3:
+                pred = (a + b) // 2
+            else:
+                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+            out[i] = (line[i] + pred) & 0xFF
+        rows.append(out)
+        prev = out
+    return np.array(rows, dtype=np.uint8).reshape(h, w, ch)
+
+
+def test_html_legend_fits_its_picture(converted):
+    """The legend (11 steps, 16 px each) lies inside the SVG's height for any number of layers."""
+    import re
+
+    ck, out = converted
+    report = verify(out, str(ck.path), layers=[ck.layers[0]])  # one layer: the map is shorter than the legend
+    page = html_report(report)
+    height = int(re.search(r'<svg [^>]*height="(\d+)"', page)[1])
+    bottoms = [float(y) + float(hh) for y, hh in re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="20" height="([\d.]+)"',
+                                                              page)]
+    assert len(bottoms) == 11 and max(bottoms) < height
+    caption = float(re.search(r'<text x="[\d.]+" y="([\d.]+)">layer \(rows\)', page)[1])
+    assert max(bottoms) < caption <= height
+
+
+def test_html_page_in_headless_chromium_shows_the_whole_legend(converted, tmp_path):
+    """Rendered by a real browser: every legend step's colour is on the screenshot as a whole swatch."""
+    import re
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium)")
+    ck, out = converted
+    page = html_report(verify(out, str(ck.path), layers=[ck.layers[0]]))
+    (tmp_path / "r.html").write_text(page)
+    png = tmp_path / "r.png"
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           "--force-color-profile=srgb", "--force-device-scale-factor=1", "--window-size=900,700",
+                           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}",
+                           (tmp_path / "r.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and png.exists(), proc.stderr[-2000:]
+    pixels = _png_pixels(png)[..., :3].reshape(-1, 3)
+    swatches = re.findall(r'width="20" height="14" fill="rgb\((\d+),(\d+),(\d+)\)"', page)
+    assert len(swatches) == 11
+    for rgb in swatches:  # a 20 x 14 swatch: at least 200 pixels of its exact colour (the map's cells add more)
+        assert int((pixels == np.array(rgb, dtype=np.uint8)).all(axis=1).sum()) >= 200, rgb
+
+
 def test_same_weights_give_zero_error(tmp_path):
     """A BF16 checkpoint of values already on the int8 grid of each row verifies with no error: the output of
     int8 re-verified against a checkpoint made of its own dequantized weights."""

@@ -20,6 +20,7 @@ from .conversion import convert_command
 from .families import families_command
 from .kt_flags import check_kt_flags
 from .finalize import finalize_command
+from .verbs import DefaultCommand, unknown_verb_problem
 from .verify import verify_command
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
@@ -27,14 +28,19 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 
 class DefaultCommandGroup(click.Group):
     """A group that runs its default command when the first argument names no subcommand, exactly as if
-    that command were the program (its usage line, help and errors unchanged)."""
+    that command were the program (its usage line and errors unchanged; its help lists the other commands).
+    A first argument that is a word, not an option, must name a command."""
 
     def __init__(self, *args, default: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.default = default
+        assert isinstance(self.commands[default], DefaultCommand)
+        self.commands[default].group = self
 
     def main(self, args=None, prog_name=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            raise click.UsageError(unknown_verb_problem(args[0], list(self.commands)))
         if not args or args[0] not in self.commands:
             check_kt_flags(args)
             return self.commands[self.default].main(args, prog_name=prog_name, **extra)

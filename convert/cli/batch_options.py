@@ -56,9 +56,9 @@ def batch_options(command):
                           "[{\"output\": DIR, \"quant_method\": \"int4\", \"threadpool_count\": 2}, ...]}. "
                           "Instead of --output."),
         click.option("--shard", "shard_flag", default=None, metavar="I/N",
-                     help="Convert shard I (from 0) of N of the layers into the shared output beside the other "
-                          "shards' processes; the last to finish completes the output. Default: from "
-                          "SLURM_ARRAY_TASK_ID/_MIN/_COUNT or JOB_COMPLETION_INDEX (with --shard-count)."),
+                     help="Convert shard I of N (I from 1: --shard 1/2, --shard 2/2) of the layers into the shared "
+                          "output beside the other shards' processes; the last to finish completes the output. "
+                          "Default: from SLURM_ARRAY_TASK_ID/_MIN/_COUNT or JOB_COMPLETION_INDEX (with --shard-count)."),
         click.option("--shard-count", type=click.IntRange(min=1), default=None,
                      help="The shard count of a Kubernetes Indexed Job (its completions): the index comes "
                           "from JOB_COMPLETION_INDEX."),

@@ -1,12 +1,10 @@
 """The conversion command: kt-kernel's convert_cpu_weights.py flags plus our own (the group's default)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from kt_runtime.format.fsio import atomic_write_text
 from kt_runtime.format.methods import CHOICES, DEFAULT_GROUP_SIZE, METHODS
 from quant.source_formats import INPUT_TYPES
 
@@ -15,7 +13,9 @@ from ..pipeline import ConvertOptions, convert_outputs, max_cpu_threads
 from ..plan import parse_layer_spec
 from ..timings import describe as describe_timings
 from .download_options import download_kwargs, download_options
+from .json_out import to_stdout, write_json
 from .kt_flags import GPU_NOTE
+from .verbs import DefaultCommand
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
 
@@ -34,8 +34,8 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
              "--save-backward-weights, --input-type awq, --quant-method awq|moe_int4|moe_int8.")
 
 
-@click.command("convert", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
-               epilog=KT_EPILOG)
+@click.command("convert", cls=DefaultCommand, epilog=KT_EPILOG,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--input-path", "-i", required=True,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
 @click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
@@ -66,9 +66,10 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @click.option("--overwrite", is_flag=True, help="Replace an existing output made with other settings.")
 @click.option("--layers", "layers_spec", default=None, metavar="SPEC",
               help="Convert only these MoE layers, e.g. 0-3,7; the output is marked partial (default: every MoE layer).")
-@click.option("--allow-nonfinite", is_flag=True, help="Pack NaN/Inf source weights as 0 instead of stopping (listed in the report).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Pack NaN/Inf source weights as 0 instead of stopping (listed at the end and in kt_manifest.json).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
-              help="Write the final report as JSON here (-: standard output).")
+              help="Write the final report (with --dry-run: the plan) as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @click.option("--timings", "show_timings", is_flag=True,
               help="Print where the time went, stage by stage (always in the --json report).")
@@ -103,11 +104,14 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
                        allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers,
                        **hub_options)
         for out, method, count in outputs]
-    if hub_options["dry_run"]:
-        from ..dry_run import describe_plan
+    if hub_options["dry_run"]:  # the plan of each output: as text, or as JSON objects with --json
+        from ..dry_run import plan_summary
 
-        for opts in opts_list:
-            click.echo(describe_plan(opts))
+        plans = [plan_summary(opts) for opts in opts_list]
+        for plan in plans:
+            click.echo(plan.text(), err=to_stdout(json_path))
+        if json_path is not None:
+            write_json(json_path, plans[0].to_dict() if len(plans) == 1 else [p.to_dict() for p in plans])
         return
     reports = convert_outputs(opts_list, shard)
     for report in reports:
@@ -116,12 +120,6 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
         click.echo(describe_timings(reports[0].timings, reports[0].seconds), err=True)
     report = reports[0]  # every output packs the same source values
     if report.nonfinite:
-        click.echo(f"warning: {sum(report.nonfinite.values())} NaN/Inf source values packed as 0 "
-                   f"in {len(report.nonfinite)} tensors (see the JSON report)", err=True)
+        click.echo(report.nonfinite_warning(), err=True)
     if json_path is not None:  # one output: its report; several: a list of them
-        body = report.to_dict() if len(reports) == 1 else [r.to_dict() for r in reports]
-        text = json.dumps(body, indent=2) + "\n"
-        if str(json_path) == "-":
-            click.echo(text, nl=False)
-        else:  # a new file renamed into place: never written through a link
-            atomic_write_text(Path(json_path), text)
+        write_json(json_path, report.to_dict() if len(reports) == 1 else [r.to_dict() for r in reports])

@@ -1,11 +1,14 @@
 """`convert-cpu-weights families` (and `--list-families`): the supported checkpoint families."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from quant.source_formats import SUPPORTED
+from quant.source_formats import SOURCE_FORMATS, SUPPORTED
 
 from ..families import FAMILIES
+from .json_out import write_json
 
 
 def families_table() -> str:
@@ -16,10 +19,23 @@ def families_table() -> str:
     return "\n".join(lines) + f"\nsource formats: {SUPPORTED}"
 
 
-@click.command("families", context_settings={"help_option_names": ["-h", "--help"]})
-def families_command():
+@click.command("families", short_help="List the supported checkpoint families and source formats.",
+               context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
+              help="Write the list as JSON here (-: standard output) instead of the table.")
+def families_command(json_path):
     """List the supported MoE checkpoint families and source formats."""
-    click.echo(families_table())
+    if json_path is None:
+        click.echo(families_table())
+    else:
+        write_json(json_path, families_document())
+
+
+def families_document() -> dict:
+    return {"families": [{"name": f.name, "model_types": list(f.model_types), "layout": f.layout, "note": f.note}
+                         for f in FAMILIES],
+            "source_formats": [{"input_type": f.input_type, "kind": f.kind, "description": f.description}
+                               for f in SOURCE_FORMATS.values() if f.input_type]}
 
 
 def list_families_callback(ctx, param, value):

@@ -1,6 +1,6 @@
 """`convert-cpu-weights finalize OUT`: completes an output that --shard processes wrote (what the last shard
 does by itself), for a job that runs after every shard: exit 0 when the output is complete (now or
-already), 2 naming the layers still missing."""
+already), 2 naming the layers still missing and the shards to re-run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +12,12 @@ from kt_runtime.format.manifest import read_manifest
 
 from ..errors import UserError
 from ..pipeline import ConvertOptions, finalize_shared, plan_output
-from ..shared_output import missing_layers_message
+from ..shared_output import missing_layers_message, read_splits
 from ..source import open_checkpoint
 
 
-@click.command("finalize", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("finalize", short_help="Complete an output that --shard processes wrote.",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("output", type=click.Path(path_type=Path, file_okay=False))
 def finalize_command(output: Path):
     """Complete OUTPUT once every shard's layers are converted (index, copied files, complete manifest).
@@ -42,5 +43,5 @@ def finalize_command(output: Path):
     finally:
         ckpt.close()
     if missing:
-        raise UserError(missing_layers_message(out, missing))
+        raise UserError(missing_layers_message(out, missing, list(manifest.layers), read_splits(out)))
     click.echo(f"{out} is complete", err=True)

@@ -3,7 +3,6 @@ error against the source weights (convert/verify.py). Exit 0 when intact (and wi
 2 when damaged, not matching the source, or above the threshold."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -12,9 +11,11 @@ from kt_runtime.format.fsio import atomic_write_text
 
 from ..errors import UserError
 from .conversion import layers_option
+from .json_out import to_stdout, write_json
 
 
-@click.command("verify", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("verify", short_help="Check a packed output; with --source, its error against the source.",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--source", "-s", default=None,
               help="The checkpoint it was converted from (directory, .safetensors file or hub id): compare every "
@@ -39,16 +40,10 @@ def verify_command(output, source, max_rel_error, json_path, html_path, layers_s
     layers = layers_option(layers_spec)
     report = verify(output, source, layers=layers, threads=threads, max_rel_error=max_rel_error,
                     digests=not no_digests)
-    click.echo(report.table(), err=json_path is not None and str(json_path) == "-")
+    click.echo(report.table(), err=to_stdout(json_path))
     if json_path is not None:
-        text = json.dumps(report.to_dict(), indent=1) + "\n"
-        if str(json_path) == "-":
-            click.echo(text, nl=False)
-        else:
-            atomic_write_text(Path(json_path), text)
+        write_json(json_path, report.to_dict(), indent=1)
     if html_path is not None:
         atomic_write_text(Path(html_path), html_report(report))
     if not report.ok:
-        bad = report.exceeding()
-        raise UserError(f"{len(bad)} tensors exceed --max-rel-error {max_rel_error}: "
-                        + ", ".join(f"{t.name} ({t.rel_rms:.4g})" for t in bad[:10]) + (" ..." if len(bad) > 10 else ""))
+        raise UserError(report.exceeding_problem())

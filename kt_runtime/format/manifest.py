@@ -31,6 +31,14 @@ class LayerRecord:
     files: list[str]  # paths relative to the output dir (a shard, or a _layer_L folder's files)
     nbytes: int
     sha256: str  # kt_runtime.format.digest tree digest of the files' bytes, in the listed order
+    # source tensor -> NaN/Inf values packed as 0 (--allow-nonfinite); written only when there are any
+    nonfinite: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not self.nonfinite:
+            del d["nonfinite"]
+        return d
 
 
 @dataclass(kw_only=True)
@@ -75,7 +83,7 @@ class Manifest(PackedSpec):
     def to_json(self) -> str:
         d = asdict(self)
         d["kt_method"] = self.kt_method
-        d["completed"] = {str(k): asdict(v) for k, v in sorted(self.completed.items())}
+        d["completed"] = {str(k): v.to_dict() for k, v in sorted(self.completed.items())}
         order = list(d)  # format version 1 writes "layout" right after "layers"
         order.insert(order.index("layers") + 1, order.pop(order.index("layout")))
         return json.dumps({k: d[k] for k in order}, indent=2, sort_keys=False) + "\n"
@@ -168,6 +176,9 @@ class Manifest(PackedSpec):
                 bad(f"completed[{layer}].nbytes must be a non-negative integer, got {rec.nbytes!r}")
             if not isinstance(rec.sha256, str) or not _SHA256.fullmatch(rec.sha256):
                 bad(f"completed[{layer}].sha256 is not a sha256 hex digest")
+            if not isinstance(rec.nonfinite, dict) or not all(isinstance(k, str) and _is_int(v) and v > 0
+                                                              for k, v in rec.nonfinite.items()):
+                bad(f"completed[{layer}].nonfinite must map tensor names to positive counts")
         if self.complete and len(self.completed) != len(self.layers):
             bad("complete is true but not every layer is completed")
         if self.model_layers is not None:

@@ -133,19 +133,20 @@ def get_method(name: str) -> QuantMethod:
 
 
 def alignment_problem(method: QuantMethod, hidden_size: int, intermediate_size: int, threadpool_count: int,
-                      *, flags: bool = False) -> str | None:
+                      *, flags: bool = False, intermediate_key: str = "moe_intermediate_size") -> str | None:
     """Why `method` cannot hold experts of hidden size H and intermediate size I split over T NUMA
     pools, or None: the rule is I % T == 0, H % k_align == 0 and (I / T) % k_align == 0
-    (docs/FORMAT.md §1). flags: name T and the method as the command line does."""
+    (docs/FORMAT.md §1). flags: name T and the method as the command line does; intermediate_key: I's
+    name in the model's config.json (gpt-oss: intermediate_size)."""
     a, H, I, T = method.k_align, hidden_size, intermediate_size, threadpool_count
     pools = "--threadpool-count" if flags else "threadpool_count"
     needs = f"which {'--quant-method ' if flags else ''}{method.name} needs"
     if I % T:
-        return f"moe_intermediate_size {I} is not divisible by {pools} {T}"
+        return f"{intermediate_key} {I} is not divisible by {pools} {T}"
     if H % a:
         return f"hidden_size {H} is not a multiple of {a}, {needs}"
     if (I // T) % a:
-        return f"moe_intermediate_size / threadpool_count = {I} / {T} = {I // T} is not a multiple of {a}, {needs}"
+        return f"{intermediate_key} / threadpool_count = {I} / {T} = {I // T} is not a multiple of {a}, {needs}"
     return None
 
 

@@ -1,0 +1,22 @@
+"""--json PATH of every command: the document to a file (a new file renamed into place, never written
+through a link) or, for `-`, to standard output (the command's words then go to standard error)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kt_runtime.format.fsio import atomic_write_text
+
+
+def to_stdout(path) -> bool:
+    return path is not None and str(path) == "-"
+
+
+def write_json(path, body, indent: int = 2) -> None:
+    text = json.dumps(body, indent=indent) + "\n"
+    if to_stdout(path):
+        click.echo(text, nl=False)
+    else:
+        atomic_write_text(Path(path), text)
