@@ -9,10 +9,13 @@ the one being packed, so a cold read overlaps packing; a warm one costs one memc
 cache, which the mapping paid in page faults inside the packer.
 
 A slab is what one batch needs of one tensor: the whole tensor (per-expert layouts), or one
-expert's part of a fused [E, ...] tensor (contiguous in the file).
+expert's part of a fused [E, ...] tensor (contiguous in the file). Each slab's sha256 is taken from the
+buffer once it is read (on the reader threads, while the previous batch is packed): the layer's source
+identity (kt_runtime.format.digest.source_digest) costs no second pass over the data.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import time
@@ -58,10 +61,13 @@ def slab_extent(ckpt: Checkpoint, slab: Slab) -> _Extent:
 
 
 class ReadBatch:
-    """The slabs of one batch as typed read-only arrays over a buffer; release() hands it back."""
+    """The slabs of one batch as typed read-only arrays over a buffer, and the sha256 (hex) of each slab's
+    bytes; release() hands the buffer back."""
 
-    def __init__(self, arrays: dict[Slab, np.ndarray], buffer: np.ndarray, free: queue.Queue):
+    def __init__(self, arrays: dict[Slab, np.ndarray], buffer: np.ndarray, free: queue.Queue,
+                 sha256: dict[Slab, str] | None = None):
         self.arrays = arrays
+        self.sha256 = sha256 or {}
         self._buffer, self._free = buffer, free
 
     def __getitem__(self, slab: Slab) -> np.ndarray:
@@ -154,12 +160,20 @@ class SourceStream:
         except BaseException:
             self._free.put(buffer)
             raise
+        t0 = time.perf_counter()
+        views = {slab: buffer[offsets[slab]: offsets[slab] + ext.nbytes] for slab, ext in extents.items()}
+        try:
+            sums = dict(zip(views, self._io.map(_sha256_hex, views.values())))  # hashlib releases the GIL
+        except BaseException:
+            self._free.put(buffer)
+            raise
+        self.timings.add("source_digest_s", time.perf_counter() - t0)
         arrays = {}
         for slab, ext in extents.items():
-            a = buffer[offsets[slab]: offsets[slab] + ext.nbytes].view(ext.dtype).reshape(ext.shape)
+            a = views[slab].view(ext.dtype).reshape(ext.shape)
             a.flags.writeable = False
             arrays[slab] = a
-        return ReadBatch(arrays, buffer, self._free)
+        return ReadBatch(arrays, buffer, self._free, sums)
 
     def close(self) -> None:
         """Stops reading ahead and waits for the reads in flight."""
@@ -173,6 +187,10 @@ class SourceStream:
         self._coordinator.shutdown(wait=True)
         self._io.shutdown(wait=True)
         self._pending = []
+
+
+def _sha256_hex(data: np.ndarray) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def default_read_threads() -> int:
