@@ -52,6 +52,19 @@ def tree_hashes(path: Path) -> dict[str, str]:
     return out
 
 
+def published_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every file a user publishes or loads from an output (all but kt_manifest.json, which names
+    the source's location and stat, and dot-files), by relative name."""
+    import hashlib
+
+    out = {}
+    for p in sorted(Path(path).rglob("*")):
+        rel = p.relative_to(path)
+        if p.is_file() and rel.name != "kt_manifest.json" and not any(part.startswith(".") for part in rel.parts):
+            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
 def random_bf16(n, k, seed, scale=1.0):
     """A random bf16 matrix with an all-zero row and an outlier (packer test input)."""
     import torch
