@@ -55,14 +55,9 @@ def tree_hashes(path: Path) -> dict[str, str]:
 def published_hashes(path: Path) -> dict[str, str]:
     """sha256 of every file a user publishes or loads from an output (all but kt_manifest.json, which names
     the source's location and stat, and dot-files), by relative name."""
-    import hashlib
+    from kt_runtime.format.layout import is_published
 
-    out = {}
-    for p in sorted(Path(path).rglob("*")):
-        rel = p.relative_to(path)
-        if p.is_file() and rel.name != "kt_manifest.json" and not any(part.startswith(".") for part in rel.parts):
-            out[str(rel)] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return {name: digest for name, digest in tree_hashes(path).items() if is_published(name)}
 
 
 def random_bf16(n, k, seed, scale=1.0):

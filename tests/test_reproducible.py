@@ -306,3 +306,28 @@ def test_cuda_run_of_a_copy_equals_a_cpu_run(tmp_path, monkeypatch):
                                      overwrite=True, **kw))
         assert (cpu.device, gpu.device) == ("cpu", "cuda")
         assert published_hashes(tmp_path / "gpu") == published_hashes(tmp_path / "cpu"), kw
+
+
+def test_output_digests_one_prints_the_same_lines_from_any_folder(tmp_path, capsys):
+    """scripts/output_digests.py --one (what two machines compare): the same output lines from two folders."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("output_digests", ROOT / "scripts" / "output_digests.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    printed = []
+    for parent in (tmp_path / "a", tmp_path / "b" / "deeper"):
+        assert script.main(["--one", "--workdir", str(parent)]) == 0
+        printed.append(capsys.readouterr().out.splitlines())
+        assert list(parent.iterdir()) == []  # its scratch folder is gone, nothing else touched
+    assert printed[0] == printed[1]
+    lines = printed[0]
+    outputs = [line for line in lines[:-1] if not line.split("  ", 1)[1].startswith("source/")]
+    assert [line.split("  ", 1)[1] for line in outputs] == [
+        "config.json", "generation_config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"]
+    assert "(all 8 output files, converted on cpu" in lines[-1]
+    assert lines[-1].split()[0] == hashlib.sha256("\n".join(outputs).encode()).hexdigest()
+    assert not any("kt_manifest" in line or "/." in line for line in lines[:-1])
