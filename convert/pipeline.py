@@ -524,7 +524,7 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
     for outs in by_device.values():
         need = sum(n for _, n in outs)
         preflight.check(preflight.Estimate(need, need, 0, 0), outs[0][0])
-    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes for e in estimates[1:])
+    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
     combined = preflight.Estimate(sum(e.output_bytes for e in estimates), 0, sum(e.batch_bytes for e in estimates),
                                   peak, estimates[0].source_batch_bytes)
     preflight.check(combined, jobs[0].out)
