@@ -68,12 +68,13 @@ class LayerReader:
         if not self._order or self._order[0] != lp.layer:
             raise RuntimeError(f"layer {lp.layer} read out of order (next: {self._order[:1]})")
         self._order.pop(0)
-        sums: dict[Slab, str] = {}
+        batches = []
         for experts in self.batch_ranges():
             with self.timings.timed("read_wait_s"):
                 batch = self._stream.next()
-            sums.update(batch.sha256)
+            batches.append(batch)
             yield experts, batch
+        sums = {slab: sha for batch in batches for slab, sha in batch.sha256().items()}
         self._source_sha256[lp.layer] = source_digest(self._slab_row(slab, sha) for slab, sha in sums.items())
 
     def _slab_row(self, slab: Slab, sha256: str) -> tuple:

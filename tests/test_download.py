@@ -403,6 +403,7 @@ def test_include_non_expert_downloads_every_shard_and_removes_them_at_the_end(se
     assert r.returncode == 0, r.stderr
     last = "model-00005-of-00005.safetensors"  # the non-expert tensors, kt's last shard
     assert (out / last).read_bytes() == (ref / last).read_bytes()
+    assert published_hashes(out) == published_hashes(ref)  # every shard, the index and the copied files too
     assert not any((repo_dir(cache) / "blobs" / served.files[n].sha256).exists() for n in SHARDS)
 
 

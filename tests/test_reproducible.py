@@ -331,3 +331,42 @@ def test_output_digests_one_prints_the_same_lines_from_any_folder(tmp_path, caps
     assert "(all 8 output files, converted on cpu" in lines[-1]
     assert lines[-1].split()[0] == hashlib.sha256("\n".join(outputs).encode()).hexdigest()
     assert not any("kt_manifest" in line or "/." in line for line in lines[:-1])
+
+
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_slab_sha256_is_taken_before_the_buffer_is_reused(tmp_path, monkeypatch, ahead):
+    """Each batch's slab sha256 equals hashlib's over the file's bytes, though the batch is released (its
+    buffer handed back) before they are asked for and hashing is slow; with ahead=0 every batch reuses the
+    one buffer."""
+    import time
+
+    from convert.source import open_checkpoint
+    from convert.source_reader import Slab, SourceStream
+
+    take = SourceStream._sha256
+
+    def slow(self, raw):
+        time.sleep(0.02)  # a read into a buffer handed back too early would land before this hash
+        return take(self, raw)
+
+    monkeypatch.setattr(SourceStream, "_sha256", slow)
+
+    ck = make_family_checkpoint(tmp_path / "ck", "qwen3_5_moe_bf16")  # fused tensors: per-expert slabs
+    c = open_checkpoint(str(ck.path))
+    try:
+        keys = sorted(k for k in c.key_file if ".experts." in k)
+        schedule = [[Slab(k, e)] for k in keys for e in range(4)]
+        stream = SourceStream(c, schedule, ahead=ahead, threads=2)
+        batches = []
+        for _ in schedule:
+            batch = stream.next()
+            batch.release()
+            batches.append(batch)
+        for slabs, batch in zip(schedule, batches):
+            (slab,) = slabs
+            raw = _tensors(c.files[c.key_file[slab.key]].path)[slab.key][2]
+            per = len(raw) // 4
+            assert batch.sha256() == {slab: hashlib.sha256(raw[slab.expert * per:(slab.expert + 1) * per]).hexdigest()}
+        stream.close()
+    finally:
+        c.close()
