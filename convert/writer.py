@@ -114,7 +114,7 @@ class MergedShardWriter:
         fsio.replace(self.tmp, self.final)
         fsio.fsync_dir(self.out_dir)
         return LayerRecord(self.layer, [self.name], self._pos, self._digest.hexdigest(header),
-                           self.source_sha256)
+                           source_sha256=self.source_sha256)
 
     def abort(self) -> None:
         self._digest.close()
@@ -184,7 +184,8 @@ class KtFolderWriter:
         else:
             fsio.replace(self.tmp, self.final, fsio.DIR)
         fsio.fsync_dir(self.out_dir)
-        return LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest(), self.source_sha256)
+        return LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest(),
+                           source_sha256=self.source_sha256)
 
     def abort(self) -> None:
         self._digest.close()

@@ -109,7 +109,7 @@ def test_shard_metadata_is_written_and_checked_by_one_pair():
                           "swiglu_limit", "source_sha256", "converter_version"]
     assert meta["kt_method"] == "AMXINT8" and meta["layer"] == "1" and meta["swiglu_limit"] == "7.0"
     assert meta["source_sha256"] == "a" * 64 and "f" * 64 not in meta.values()  # the content, not the stat
-    m.completed[1] = LayerRecord(1, ["x.safetensors"], 0, "0" * 64, "a" * 64)
+    m.completed[1] = LayerRecord(1, ["x.safetensors"], 0, "0" * 64, source_sha256="a" * 64)
     assert shard_metadata_problem(meta, m.spec, 1, m) is None
     m.completed[1].source_sha256 = "b" * 64
     assert "source_sha256 is " + repr("a" * 64) + " but the manifest says " + repr("b" * 64) in \
