@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from kt_runtime.format.digest import source_digest
 from kt_runtime.format.layout import PROJECTIONS
 from kt_runtime.format.methods import QuantMethod
 
@@ -25,7 +26,8 @@ from .timings import Timings
 @dataclass
 class LayerOutput:
     """One packed output of a layer: the method and NUMA split its tensors are packed for, and the writer
-    (convert.writer: MergedShardWriter or KtFolderWriter) that takes them pair by pair (write_pair)."""
+    (convert.writer: MergedShardWriter or KtFolderWriter) that takes them pair by pair (write_pair), then the
+    layer's source identity (set_source) before it commits."""
 
     method: QuantMethod
     threadpool_count: int
@@ -42,6 +44,7 @@ class LayerReader:
         self.experts_per_batch = experts_per_batch
         self._order = [lp.layer for lp in layers]
         self.timings = timings or Timings()
+        self._source_sha256: dict[int, str] = {}
         self._stream = SourceStream(ckpt, [b for lp in layers for b in self.batch_slabs(lp)], threads=threads,
                                     timings=self.timings)
 
@@ -65,10 +68,24 @@ class LayerReader:
         if not self._order or self._order[0] != lp.layer:
             raise RuntimeError(f"layer {lp.layer} read out of order (next: {self._order[:1]})")
         self._order.pop(0)
+        batches = []
         for experts in self.batch_ranges():
             with self.timings.timed("read_wait_s"):
                 batch = self._stream.next()
+            batches.append(batch)
             yield experts, batch
+        sums = {slab: sha for batch in batches for slab, sha in batch.sha256().items()}
+        self._source_sha256[lp.layer] = source_digest(self._slab_row(slab, sha) for slab, sha in sums.items())
+
+    def _slab_row(self, slab: Slab, sha256: str) -> tuple:
+        info = self.ckpt.info(slab.key)
+        shape = tuple(info.shape) if slab.expert is None else tuple(info.shape[1:])
+        return slab.key, slab.expert, info.dtype, shape, sha256
+
+    def source_sha256(self, layer: int) -> str:
+        """The source identity of a layer whose batches() were all read: the digest of the sha256 of every
+        source slab it read (kt_runtime.format.digest.source_digest), whatever the batching."""
+        return self._source_sha256[layer]
 
     def where(self, key: str) -> str:
         """The source file holding tensor `key` (for messages)."""

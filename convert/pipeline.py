@@ -255,6 +255,8 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
                     pending.result()
             pending = io.submit(write_batch, packed)
             progress.advance(bytes_per_expert * len(experts))
+        for out in outputs:  # every batch is read: the layer's source identity is known (read at commit)
+            out.writer.set_source(reader.source_sha256(lp.layer))
     except BaseException:
         if pending is not None:  # never abort a writer (close its file) under a write in flight
             try:
@@ -270,7 +272,8 @@ def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerP
     on_hashed = (lambda seconds: timings.add("digest_s", seconds)) if timings is not None else None
     if plan.layout == "merged":
         return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
-                                 shard_metadata(manifest, lp.layer), spec=plan.spec, on_hashed=on_hashed)
+                                 lambda source_sha256: shard_metadata(manifest, lp.layer, source_sha256),
+                                 spec=plan.spec, on_hashed=on_hashed)
     return KtFolderWriter(out, lp.layer, plan.method.name, on_hashed)
 
 
@@ -535,7 +538,7 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
     for outs in by_device.values():
         need = sum(n for _, n in outs)
         preflight.check(preflight.Estimate(need, need, 0, 0), outs[0][0])
-    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes for e in estimates[1:])
+    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
     combined = preflight.Estimate(sum(e.output_bytes for e in estimates), 0, sum(e.batch_bytes for e in estimates),
                                   peak, estimates[0].source_batch_bytes)
     preflight.check(combined, jobs[0].out)

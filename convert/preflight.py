@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from kt_runtime.format.digest import BLOCK
+
 from . import units
 from .errors import UserError
 
@@ -22,6 +24,7 @@ class Estimate:
     batch_bytes: int  # packed bytes of one pack call
     peak_memory_bytes: int  # a bound on this process's resident memory, independent of model size
     source_batch_bytes: int = 0  # source bytes of one pack call (read into a buffer)
+    held_bytes: int = 0  # packed bytes held for the digests of shard headers completed at commit
 
     def describe(self) -> str:
         return (f"pre-flight: writing {_gb(self.output_bytes)}, peak memory about {_mb(self.peak_memory_bytes)} "
@@ -63,10 +66,14 @@ def estimate(plan, todo, batch_experts: int, threads: int, extra_bytes: int = 0)
     # per packing thread: one source row as float32, its int8 codes and one tile block (kernels_cpp Scratch)
     k = max(plan.hidden_size, plan.moe_intermediate_size)
     scratch = threads * (k * 4 + k + 128 * k)
+    # merged shards: the first digest block of the layer being written and of the one committing, held
+    # until the shard's header names the layer's source (convert.writer.MergedShardWriter)
+    largest = max((lp.output_bytes for lp in plan.layers), default=0)
+    held = 2 * min(BLOCK, largest) if plan.layout == "merged" else 0
     # the batch being packed and the previous one being written, both held until written; the
     # source buffers of the batch being packed and of the next one being read (convert.source_reader)
-    peak = BASE_MEMORY + 2 * batch + 2 * source_batch + scratch
-    return Estimate(output, output + DISK_MARGIN, batch, peak, source_batch)
+    peak = BASE_MEMORY + 2 * batch + 2 * source_batch + scratch + held
+    return Estimate(output, output + DISK_MARGIN, batch, peak, source_batch, held)
 
 
 def check(est: Estimate, out: Path, copied_bytes: int = 0) -> None:

@@ -9,12 +9,17 @@ the one being packed, so a cold read overlaps packing; a warm one costs one memc
 cache, which the mapping paid in page faults inside the packer.
 
 A slab is what one batch needs of one tensor: the whole tensor (per-expert layouts), or one
-expert's part of a fused [E, ...] tensor (contiguous in the file).
+expert's part of a fused [E, ...] tensor (contiguous in the file). Each slab's sha256 is taken from the
+buffer once it is read, on the reader threads while the batch is packed (the buffer goes back for reuse
+when both are done): the layer's source identity (kt_runtime.format.digest.source_digest) costs no second
+read of the data and does not hold back the batch.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,20 +63,41 @@ def slab_extent(ckpt: Checkpoint, slab: Slab) -> _Extent:
 
 
 class ReadBatch:
-    """The slabs of one batch as typed read-only arrays over a buffer; release() hands it back."""
+    """The slabs of one batch as typed read-only arrays over a buffer, and the sha256 of each slab's bytes
+    being taken (sha256()); release() hands the buffer back once those are taken too."""
 
-    def __init__(self, arrays: dict[Slab, np.ndarray], buffer: np.ndarray, free: queue.Queue):
+    def __init__(self, arrays: dict[Slab, np.ndarray], buffer: np.ndarray, free: queue.Queue,
+                 sums: dict[Slab, Future] | None = None):
         self.arrays = arrays
+        self._sums = sums or {}
         self._buffer, self._free = buffer, free
 
     def __getitem__(self, slab: Slab) -> np.ndarray:
         return self.arrays[slab]
 
+    def sha256(self) -> dict[Slab, str]:
+        """The sha256 (hex) of each slab's bytes (waits for those still being taken)."""
+        return {slab: f.result() for slab, f in self._sums.items()}
+
     def release(self) -> None:
-        if self._buffer is not None:
-            self.arrays = {}
-            self._free.put(self._buffer)
-            self._buffer = None
+        if self._buffer is None:
+            return
+        self.arrays = {}
+        buffer, self._buffer = self._buffer, None
+        left = [len(self._sums)]
+        lock = threading.Lock()
+
+        def hashed(_future) -> None:  # the last slab hashed hands the buffer back
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._free.put(buffer)
+
+        if not self._sums:
+            self._free.put(buffer)
+        for f in self._sums.values():
+            f.add_done_callback(hashed)
 
 
 class SourceStream:
@@ -154,12 +180,20 @@ class SourceStream:
         except BaseException:
             self._free.put(buffer)
             raise
-        arrays = {}
+        arrays, sums = {}, {}
         for slab, ext in extents.items():
-            a = buffer[offsets[slab]: offsets[slab] + ext.nbytes].view(ext.dtype).reshape(ext.shape)
+            raw = buffer[offsets[slab]: offsets[slab] + ext.nbytes]
+            sums[slab] = self._io.submit(self._sha256, raw)
+            a = raw.view(ext.dtype).reshape(ext.shape)
             a.flags.writeable = False
             arrays[slab] = a
-        return ReadBatch(arrays, buffer, self._free)
+        return ReadBatch(arrays, buffer, self._free, sums)
+
+    def _sha256(self, raw: np.ndarray) -> str:
+        t0 = time.perf_counter()
+        digest = hashlib.sha256(raw).hexdigest()  # hashlib releases the GIL
+        self.timings.add("source_digest_s", time.perf_counter() - t0)
+        return digest
 
     def close(self) -> None:
         """Stops reading ahead and waits for the reads in flight."""

@@ -17,6 +17,7 @@ STAGES = {
     "device_init_wait_s": "main thread waiting for the device start-up",
     "plan_s": "open the checkpoint, plan, prepare the output, pre-flight",
     "read_s": "source reads (pread into the batch buffer, reader threads)",
+    "source_digest_s": "sha256 of the source slabs for the layers' source identity (reader threads)",
     "read_wait_s": "main thread waiting for a batch to be read",
     "pack_s": "decode + quantize + tile (CPU: the C++ packer, fused; CUDA: the whole streamed call)",
     "gpu_plan_s": "CUDA: laying out each chunk's staging and job tables (main thread, Python)",

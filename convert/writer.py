@@ -25,19 +25,41 @@ def write_all(fd: int, data, path: Path) -> None:
     fsio.write_all(fd, data, path, write=_os_write)
 
 
+def write_all_at(fd: int, data, offset: int, path: Path) -> None:
+    """write_all at a file offset (pwrite), the file position unchanged."""
+    def pwrite(fd: int, view) -> int:
+        nonlocal offset
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        return n
+
+    fsio.write_all(fd, data, path, write=pwrite)
+
+
+SOURCE_PLACEHOLDER = "0" * 64  # as long as the sha256 hex digest written over it at commit
+
+
 class MergedShardWriter:
-    """One layer -> one safetensors shard, tensors streamed in layout order."""
+    """One layer -> one safetensors shard, tensors streamed in layout order.
+
+    metadata: the header's __metadata__, or a function of the layer's source identity (given by set_source()
+    once every batch is read) giving it: then the header is written with a placeholder of the same length and
+    rewritten in place at commit, and the digest's first block is held until then."""
 
     def __init__(self, out_dir: Path, name: str, layer: int, entries: list[tuple[str, str, tuple[int, ...]]],
-                 metadata: dict[str, str], spec=None, on_hashed=None):
+                 metadata, spec=None, on_hashed=None):
         self.out_dir, self.name, self.layer = out_dir, name, layer
         self.spec = spec  # PackedSpec: the tensors of a pair (write_pair); None: only write() is used
         self.final = out_dir / name
         self.tmp = out_dir / (name + ".tmp")
-        header, offsets = plan_layout(entries, metadata)
+        self._entries = entries
+        self._metadata_for = metadata if callable(metadata) else None
+        self.source_sha256: str | None = None
+        header, offsets = plan_layout(entries, metadata(SOURCE_PLACEHOLDER) if callable(metadata) else metadata)
         self._order = iter([(key, offsets[key]) for key, _, _ in entries])
         fsio.entry(self.final, fsio.FILE)  # refuse a link or special file under the final name now
-        self._digest = TreeHasher(max_pending=4, on_hashed=on_hashed)  # bounds the packed buffers held for hashing
+        self._digest = TreeHasher(max_pending=4, on_hashed=on_hashed,  # bounds the packed buffers held for hashing
+                                  first_piece_later=callable(metadata))
         self._fd = -1
         self._pos = len(header)
         try:  # an interrupt from here on still removes the temporary
@@ -64,15 +86,35 @@ class MergedShardWriter:
         self._digest.update(buf)
         self._pos += nbytes
 
+    def set_source(self, source_sha256: str) -> None:
+        """The identity of the source bytes the layer was packed from (before commit)."""
+        self.source_sha256 = source_sha256
+
+    def _final_header(self) -> bytes | None:
+        """The header naming the source, to be written over the placeholder (None: it was final already)."""
+        if self._metadata_for is None:
+            return None
+        if self.source_sha256 is None:
+            raise RuntimeError(f"layer {self.layer}: shard committed before its source identity was set")
+        header, _ = plan_layout(self._entries, self._metadata_for(self.source_sha256))
+        placeholder, _ = plan_layout(self._entries, self._metadata_for(SOURCE_PLACEHOLDER))
+        if len(header) != len(placeholder):
+            raise RuntimeError(f"layer {self.layer}: source identity {self.source_sha256!r} is not a sha256 hex digest")
+        return header
+
     def commit(self) -> LayerRecord:
         if next(self._order, None) is not None:
             raise RuntimeError(f"layer {self.layer}: shard closed before every tensor was written")
+        header = self._final_header()
+        if header is not None:
+            write_all_at(self._fd, header, 0, self.tmp)
         fsio.fsync_fd(self._fd, self.tmp)
         os.close(self._fd)
         self._fd = -1
         fsio.replace(self.tmp, self.final)
         fsio.fsync_dir(self.out_dir)
-        return LayerRecord(self.layer, [self.name], self._pos, self._digest.hexdigest())
+        return LayerRecord(self.layer, [self.name], self._pos, self._digest.hexdigest(header),
+                           source_sha256=self.source_sha256)
 
     def abort(self) -> None:
         self._digest.close()
@@ -93,6 +135,7 @@ class KtFolderWriter:
         fsio.entry(self.final, fsio.DIR)  # refuse a link or special file under the final name now
         self._folders: set[int] = set()
         self._digest = TreeHasher(max_pending=4, on_hashed=on_hashed)
+        self.source_sha256: str | None = None
         self._files: list[str] = []
         self._nbytes = 0
         try:
@@ -118,6 +161,10 @@ class KtFolderWriter:
             self._nbytes += buf.nbytes
             self._files.append(f"{layer_dir_name(self.layer)}/{folder.name}/{name}")
 
+    def set_source(self, source_sha256: str) -> None:
+        """The identity of the source bytes the layer was packed from (recorded in the manifest)."""
+        self.source_sha256 = source_sha256
+
     def commit(self) -> LayerRecord:
         # Thousands of small files: fsynced together on a few threads (the journal batches
         # concurrent syncs) rather than one by one as they are written.
@@ -137,7 +184,8 @@ class KtFolderWriter:
         else:
             fsio.replace(self.tmp, self.final, fsio.DIR)
         fsio.fsync_dir(self.out_dir)
-        return LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest())
+        return LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest(),
+                           source_sha256=self.source_sha256)
 
     def abort(self) -> None:
         self._digest.close()

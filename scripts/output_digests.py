@@ -3,6 +3,13 @@
 
     python scripts/output_digests.py OUT.json [--workdir DIR]
     python scripts/output_digests.py NEW.json --compare OLD.json
+    python scripts/output_digests.py --one [--device cpu|cuda] [--workdir PARENT]
+
+--one: one fixed conversion (the synthetic DeepSeek-V4-Flash MXFP4 checkpoint, int4, threadpool count 2,
+with the non-expert shard), its source files left with the times and path they get here; prints the
+sha256 of every source file and of every output file a user publishes or loads (all but kt_manifest.json
+and dot-files, docs/FORMAT.md §5 Reproducibility), then one sha256 over the output lines. The same
+converter gives the same lines on every machine, device, path and thread count.
 
 Converts the synthetic checkpoint of every family variant and the DeepSeek-V4-Flash MXFP4 one (I8 / U8 / F4
 storage, three key styles) to int4 and int8, threadpool count 1 and 2, merged and kt folders (and a few runs
@@ -20,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,13 +82,47 @@ def runs(sources: dict[str, Path]):
         quant_method="int4", threadpool_count=2, include_non_expert=True)
 
 
+def one_conversion(parent: Path | None, device: str) -> int:
+    """--one, in a new folder under `parent` (default: the temporary directory), removed at the end."""
+    from convert.pipeline import ConvertOptions, convert
+    from kt_runtime.format.layout import is_published
+    from synthetic import make_v4_flash_checkpoint
+
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="kt-output-digests-", dir=parent))
+    src = work / "src" / "v4-flash-tiny"
+    make_v4_flash_checkpoint(src, "v4-flash-tiny", num_experts=8, mtp_layers=1, num_shards=3)
+    out = work / "out"
+    try:
+        report = convert(ConvertOptions(input_path=str(src), output=out, device=device, quant_method="int4",
+                                        threadpool_count=2, include_non_expert=True, progress=False))
+        lines = [f"{digest}  source/{name}" for name, digest in tree_digests(src).items()]
+        output = [f"{digest}  {name}" for name, digest in tree_digests(out).items() if is_published(name)]
+    finally:
+        shutil.rmtree(work)
+    print("\n".join(lines + output))
+    print(f"{hashlib.sha256(chr(10).join(output).encode()).hexdigest()}  (all {len(output)} output files, "
+          f"converted on {report.device}; kt_manifest.json and dot-files excepted)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", type=Path, help="write the digests here (JSON)")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/kt-output-digests"),
-                    help="a fixed folder (manifests record the source path): its src/ and out/ are made and removed")
+    ap.add_argument("out", type=Path, nargs="?", help="write the digests here (JSON)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="a fixed folder (manifests record the source path; default /tmp/kt-output-digests): its "
+                         "src/ and out/ are made and removed; with --one: a new folder inside it (default the "
+                         "temporary directory)")
     ap.add_argument("--compare", type=Path, help="a JSON written earlier: report every difference")
+    ap.add_argument("--one", action="store_true", help="print the sha256 of one fixed conversion's files")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="for --one (default cpu)")
     args = ap.parse_args(argv)
+    if args.one:
+        return one_conversion(args.workdir, args.device)
+    if args.out is None:
+        ap.error("give OUT.json, or --one")
+    args.workdir = args.workdir or Path("/tmp/kt-output-digests")
 
     from convert.pipeline import ConvertOptions, convert
     from synthetic.scratch import Scratch

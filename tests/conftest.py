@@ -52,6 +52,14 @@ def tree_hashes(path: Path) -> dict[str, str]:
     return out
 
 
+def published_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every file a user publishes or loads from an output (all but kt_manifest.json, which names
+    the source's location and stat, and dot-files), by relative name."""
+    from kt_runtime.format.layout import is_published
+
+    return {name: digest for name, digest in tree_hashes(path).items() if is_published(name)}
+
+
 def random_bf16(n, k, seed, scale=1.0):
     """A random bf16 matrix with an all-zero row and an outlier (packer test input)."""
     import torch

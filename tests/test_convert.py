@@ -339,6 +339,9 @@ def test_one_read_of_a_layer_feeds_several_outputs(tiny_checkpoint, tmp_path):
         def write_pair(self, proj, expert, numa, weight, scale):
             self.pairs[(expert, proj, numa)] = (weight.copy(), scale.copy())
 
+        def set_source(self, source_sha256):
+            self.source_sha256 = source_sha256
+
     ckpt = open_checkpoint(str(tiny_checkpoint.path))
     try:
         plan = build_plan(ckpt, INT4, 2, "merged")
@@ -351,6 +354,7 @@ def test_one_read_of_a_layer_feeds_several_outputs(tiny_checkpoint, tmp_path):
             for out, path in zip(outputs, refs.values()):
                 w = kt_runtime.load_experts(path)
                 assert len(out.writer.pairs) == w.num_experts * 3 * out.threadpool_count
+                assert out.writer.source_sha256 == w.manifest.completed[lp.layer].source_sha256
                 for (expert, proj, t), (weight, scale) in out.writer.pairs.items():
                     ref_w, ref_s = w.expert_tensors(lp.layer, expert, proj, t)
                     assert np.array_equal(weight, ref_w) and np.array_equal(scale, ref_s), (path, expert, proj, t)

@@ -3,6 +3,7 @@ with any byte, with file order and with where files start."""
 import hashlib
 
 import numpy as np
+import pytest
 
 from kt_runtime.format import digest
 from kt_runtime.format.digest import TreeHasher, tree_sha256_files
@@ -48,3 +49,28 @@ def test_single_small_file_is_sha256_of_sha256(tmp_path):
     p = tmp_path / "x"
     p.write_bytes(b"abc")
     assert tree_sha256_files([p]) == hashlib.sha256(hashlib.sha256(b"abc").digest()).hexdigest()
+
+
+def test_first_piece_given_at_the_end(tmp_path, monkeypatch):
+    """A header written with a placeholder and completed after the data: the first block is held, hashed with
+    the final header, and the digest is the file's as it ends up (blocks of one file and of several)."""
+    monkeypatch.setattr(digest, "BLOCK", 1000)
+    rng = np.random.default_rng(1)
+    for size in (300, 2500):
+        data = rng.bytes(size)
+        placeholder, final = b"H" * 40, b"header:" + b"x" * 33
+        hasher = TreeHasher(threads=2, first_piece_later=True)
+        hasher.start_file()
+        hasher.update(placeholder)
+        for a in range(0, size, 700):
+            hasher.update(np.frombuffer(data[a:a + 700], np.uint8))
+        p = tmp_path / f"f{size}"
+        p.write_bytes(final + data)
+        got = hasher.hexdigest(final)
+        assert got == manual([final + data], 1000) == tree_sha256_files([p])
+        assert got != manual([placeholder + data], 1000)
+    hasher = TreeHasher(first_piece_later=True)
+    hasher.update(b"abc")
+    with pytest.raises(ValueError, match="placeholder's length"):
+        hasher.hexdigest(b"abcd")
+    hasher.close()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import kt_runtime
+from conftest import published_hashes
 from synthetic import make_v4_flash_checkpoint
 from synthetic.hub_server import LocalHub
 
@@ -141,6 +142,8 @@ def test_download_converts_like_a_local_checkpoint(served, reference, tmp_path):
     first = r.stderr.splitlines()[0]  # the detected family and format, first
     assert "family deepseek_v4" in first and "MXFP4" in first, first
     assert same_tensors(out, reference)
+    # the files of a conversion of the local copy, byte for byte (only the manifest names the source)
+    assert published_hashes(out) == published_hashes(reference.path)
     # a valid huggingface_hub cache: refs/main names the commit, snapshot files link to sha256 blobs
     assert (repo_dir(cache) / "refs" / "main").read_text() == served.commit
     snap = repo_dir(cache) / "snapshots" / served.commit
@@ -445,6 +448,7 @@ def test_include_non_expert_downloads_every_shard_and_removes_them_at_the_end(se
     assert r.returncode == 0, r.stderr
     last = "model-00005-of-00005.safetensors"  # the non-expert tensors, kt's last shard
     assert (out / last).read_bytes() == (ref / last).read_bytes()
+    assert published_hashes(out) == published_hashes(ref)  # every shard, the index and the copied files too
     assert not any((repo_dir(cache) / "blobs" / served.files[n].sha256).exists() for n in SHARDS)
 
 

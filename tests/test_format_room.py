@@ -98,17 +98,28 @@ def test_layer_sizes_one_way(method, T):
 
 
 def test_shard_metadata_is_written_and_checked_by_one_pair():
-    from kt_runtime.format.manifest import Manifest, shard_metadata, shard_metadata_problem
+    from kt_runtime.format.manifest import LayerRecord, Manifest, shard_metadata, shard_metadata_problem
 
     m = Manifest(method="int8", threadpool_count=2, hidden_size=384, moe_intermediate_size=512, num_experts=4,
                  num_experts_per_tok=2, layers=[0, 1], layout="merged", swiglu_limit=7.0,
                  source={"fingerprint": "f" * 64}, converter_version="9.9")
-    meta = shard_metadata(m, 1)
+    meta = shard_metadata(m, 1, "a" * 64)
     assert list(meta) == ["format", "kt_format_version", "kt_method", "quant_method", "threadpool_count", "hidden_size",
                           "moe_intermediate_size", "num_experts", "num_experts_per_tok", "layer", "activation",
-                          "swiglu_limit", "source_fingerprint", "converter_version"]
+                          "swiglu_limit", "source_sha256", "converter_version"]
     assert meta["kt_method"] == "AMXINT8" and meta["layer"] == "1" and meta["swiglu_limit"] == "7.0"
+    assert meta["source_sha256"] == "a" * 64 and "f" * 64 not in meta.values()  # the content, not the stat
+    m.completed[1] = LayerRecord(1, ["x.safetensors"], 0, "0" * 64, source_sha256="a" * 64)
     assert shard_metadata_problem(meta, m.spec, 1, m) is None
+    m.completed[1].source_sha256 = "b" * 64
+    assert "source_sha256 is " + repr("a" * 64) + " but the manifest says " + repr("b" * 64) in \
+        shard_metadata_problem(meta, m.spec, 1, m)
+    # a layer recorded by a converter before source_sha256: its shard carried the manifest's source fingerprint
+    m.completed[1].source_sha256 = None
+    legacy = {**{k: v for k, v in meta.items() if k != "source_sha256"}, "source_fingerprint": "f" * 64}
+    assert shard_metadata_problem(legacy, m.spec, 1, m) is None
+    assert "source_fingerprint is None" in shard_metadata_problem(meta, m.spec, 1, m)
+    m.completed[1].source_sha256 = "a" * 64
     assert shard_metadata_problem({**meta, "converter_version": "0.0"}, m.spec, 1, m) is None
     assert "layer is '1' but the manifest says '0'" in shard_metadata_problem(meta, m.spec, 0, m)
     no_limit = {k: v for k, v in meta.items() if k != "swiglu_limit"}

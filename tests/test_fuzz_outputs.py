@@ -82,6 +82,12 @@ def load_quietly(out, verify=True):
     (lambda d: d["completed"]["1"].update(nbytes=d["completed"]["1"]["nbytes"] + 1), "the manifest says"),
     (lambda d: d["completed"]["1"].update(sha256="0" * 64), "sha256"),
     (lambda d: d["completed"]["1"].update(sha256="abc"), "not a sha256"),
+    (lambda d: d["completed"]["1"].update(source_sha256="f" * 64), "__metadata__ source_sha256"),
+    (lambda d: d["completed"]["1"].update(source_sha256="F" * 64), r"completed\[1\].source_sha256 is not a sha256"),
+    (lambda d: d["completed"]["1"].update(source_sha256=5), "source_sha256 is not a sha256 hex digest"),
+    (lambda d: d["completed"]["1"].update(source_sha256=["x"]), "source_sha256 is not a sha256 hex digest"),
+    (lambda d: d["completed"]["1"].pop("source_sha256"), "__metadata__ source_fingerprint is None"),
+    (lambda d: d["completed"]["1"].update(source_sha256=None), "__metadata__ source_fingerprint is None"),
     (lambda d: d["completed"]["1"].update(files=["../../etc/passwd"]), "inside the output directory"),
     (lambda d: d["completed"]["1"].update(files=[]), "non-empty list"),
     (lambda d: d["completed"]["1"].update(files=[SHARD0]), "sha256"),
@@ -109,13 +115,13 @@ def test_swapped_shards_are_caught_without_hashing(merged):
 
 
 def test_shard_from_another_conversion_is_caught(merged, tmp_path):
-    """Same dims, other source: sizes match, the fingerprint in __metadata__ does not."""
+    """Same dims, other source: sizes match, the source identity in __metadata__ does not."""
     st = SafetensorsFile(merged / SHARD1)
-    meta = dict(st.metadata, source_fingerprint="f" * 64)
+    meta = dict(st.metadata, source_sha256="f" * 64)
     tensors = {k: (st.tensors[k].dtype, st.tensors[k].shape, bytes(st.raw(k))) for k in st.keys()}
     st.close()
     save_file(merged / SHARD1, tensors, meta)
-    with pytest.raises(PackedWeightsError, match="source_fingerprint"):
+    with pytest.raises(PackedWeightsError, match="source_sha256"):
         kt_runtime.load_experts(merged, verify=False)
 
 
@@ -329,7 +335,7 @@ def mutate_header(data, rng):
     elif r < 0.9:
         meta = h.setdefault("__metadata__", {})
         field = rng.choice(["layer", "quant_method", "num_experts", "hidden_size", "threadpool_count", "format",
-                            "kt_format_version", "source_fingerprint"])
+                            "kt_format_version", "source_sha256"])
         meta[field] = rng.choice(["", "0", "1", "int8", "x", "999"])
         if rng.random() < 0.1:
             h["__metadata__"] = rng.choice([[], {"a": 1}, None])

@@ -7,6 +7,7 @@ so the digest depends only on the files' bytes and their order (docs/FORMAT.md ย
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,15 +43,21 @@ class TreeHasher:
     The buffers given to update() must stay unchanged until their block is hashed (they are kept
     referenced until then); at most `max_pending` blocks are in flight. `on_hashed(seconds)`, when
     given, is called from the hashing threads with the time each block took.
+
+    first_piece_later: the first update() holds a placeholder (a file header completed after its data
+    is written); the first block is kept, not hashed, until hexdigest() is given the final bytes.
     """
 
-    def __init__(self, threads: int | None = None, max_pending: int | None = None, on_hashed=None):
+    def __init__(self, threads: int | None = None, max_pending: int | None = None, on_hashed=None,
+                 first_piece_later: bool = False):
         self._pool = ThreadPoolExecutor(max_workers=threads or default_threads(), thread_name_prefix="kt-hash")
         self._on_hashed = on_hashed
         self._max_pending = max_pending or 2 * (threads or default_threads())
-        self._digests: list[Future] = []
+        self._digests: list[Future | None] = []
         self._pieces: list[memoryview] = []
         self._filled = 0
+        self._first_later = first_piece_later
+        self._first: list[memoryview] = []  # the held first block (first_piece_later)
 
     def start_file(self) -> None:
         """Ends the previous file's last (partial) block: blocks never span two files."""
@@ -70,7 +77,11 @@ class TreeHasher:
         if not self._pieces:
             return
         pieces, self._pieces, self._filled = self._pieces, [], 0
-        pending = [f for f in self._digests if not f.done()]
+        if self._first_later and not self._digests:
+            self._first = pieces
+            self._digests.append(None)  # hashed in hexdigest(), with the final first piece
+            return
+        pending = [f for f in self._digests if f is not None and not f.done()]
         if len(pending) >= self._max_pending:
             pending[0].result()
         self._digests.append(self._pool.submit(self._hash, pieces))
@@ -84,8 +95,15 @@ class TreeHasher:
         finally:
             self._on_hashed(time.perf_counter() - t0)
 
-    def hexdigest(self) -> str:
+    def hexdigest(self, first_piece=None) -> str:
+        """first_piece: with first_piece_later, the final bytes of the first update() (the same length)."""
         self._flush_block()
+        if self._first_later:
+            final = memoryview(first_piece).cast("B")
+            if not self._first or len(final) != len(self._first[0]):
+                raise ValueError("the final first piece must have the placeholder's length")
+            self._digests[0] = self._pool.submit(self._hash, [final, *self._first[1:]])
+            self._first = []
         top = hashlib.sha256()
         for f in self._digests:
             top.update(f.result())
@@ -94,6 +112,16 @@ class TreeHasher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def source_digest(slabs) -> str:
+    """The identity of the source bytes a layer was converted from (docs/FORMAT.md ยง5): the sha256 of the
+    compact JSON list of [key, expert, dtype, shape, sha256 of the bytes] of every slab read (expert null for
+    a whole tensor, else the index along dim 0 of a fused tensor; dtype and shape as the source header
+    gives them, shape without that dim), sorted by key then expert."""
+    rows = sorted(([key, expert, dtype, list(shape), sha] for key, expert, dtype, shape, sha in slabs),
+                  key=lambda r: (r[0], -1 if r[1] is None else r[1]))
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
 def _read_block(path: Path, offset: int, size: int) -> bytes:

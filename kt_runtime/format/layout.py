@@ -21,6 +21,14 @@ MANIFEST_FILE = "kt_manifest.json"
 INDEX_FILE = "model.safetensors.index.json"
 LOCK_FILE = ".kt_convert.lock"
 VERIFIED_FILE = ".kt_verified.json"  # the loader's record of layers it hashed (format/verified.py)
+
+
+def is_published(relative_name: str) -> bool:
+    """A file of an output that users publish or load, and so the same bytes from the same source contents
+    and options whatever the run (docs/FORMAT.md §5, Reproducibility): every file but the manifest (it says
+    where the source was read) and dot-files (the lock, the verified record, the --shard folder)."""
+    parts = relative_name.split("/")
+    return parts[-1] != MANIFEST_FILE and not any(part.startswith(".") for part in parts)
 PROJECTIONS = ("gate", "up", "down")
 PARTS = ("weight", "scale")
 ALIGN = 64  # merged shards: data section and every tensor start on a 64-byte boundary

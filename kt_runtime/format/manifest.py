@@ -31,6 +31,9 @@ class LayerRecord:
     files: list[str]  # paths relative to the output dir (a shard, or a _layer_L folder's files)
     nbytes: int
     sha256: str  # kt_runtime.format.digest tree digest of the files' bytes, in the listed order
+    # kt_runtime.format.digest.source_digest of the source bytes the layer was converted from (also in a merged
+    # shard's __metadata__); None: recorded by a converter before this field
+    source_sha256: str | None = None
     # source tensor -> NaN/Inf values packed as 0 (--allow-nonfinite); written only when there are any
     nonfinite: dict[str, int] = field(default_factory=dict)
 
@@ -179,6 +182,9 @@ class Manifest(PackedSpec):
             if not isinstance(rec.nonfinite, dict) or not all(isinstance(k, str) and _is_int(v) and v > 0
                                                               for k, v in rec.nonfinite.items()):
                 bad(f"completed[{layer}].nonfinite must map tensor names to positive counts")
+            if rec.source_sha256 is not None and (not isinstance(rec.source_sha256, str)
+                                                  or not _SHA256.fullmatch(rec.source_sha256)):
+                bad(f"completed[{layer}].source_sha256 is not a sha256 hex digest")
         if self.complete and len(self.completed) != len(self.layers):
             bad("complete is true but not every layer is completed")
         if self.model_layers is not None:
@@ -225,9 +231,12 @@ def write_manifest(out_dir: Path, manifest: Manifest) -> None:
     atomic_write_text(Path(out_dir) / MANIFEST_FILE, manifest.to_json())
 
 
-def shard_facts(spec: PackedSpec, layer: int, manifest: Manifest | None) -> dict[str, str]:
+def shard_facts(spec: PackedSpec, layer: int, manifest: Manifest | None,
+                source_sha256: str | None = None) -> dict[str, str]:
     """The facts a merged layer shard's __metadata__ carries, as strings, in the order written. Without a
-    manifest (an output inferred from its tensors) only those the tensors determine."""
+    manifest (an output inferred from its tensors) only those the tensors determine. The source is named by
+    its contents (source_sha256: given, else the layer's record), never by where or when it was read; a
+    layer recorded without it (an older converter) carried the manifest's source fingerprint instead."""
     facts = {"kt_format_version": FORMAT_VERSION, "kt_method": spec.quant_method.kt_method,
              "quant_method": spec.method, "threadpool_count": spec.threadpool_count, "hidden_size": spec.hidden_size,
              "moe_intermediate_size": spec.moe_intermediate_size, "num_experts": spec.num_experts}
@@ -235,14 +244,20 @@ def shard_facts(spec: PackedSpec, layer: int, manifest: Manifest | None) -> dict
         facts["num_experts_per_tok"] = spec.num_experts_per_tok
     facts["layer"] = layer
     if manifest is not None:
-        facts.update(activation=spec.activation, swiglu_limit=spec.swiglu_limit,
-                     source_fingerprint=manifest.source.get("fingerprint"))
+        facts.update(activation=spec.activation, swiglu_limit=spec.swiglu_limit)
+        record = manifest.completed.get(layer)
+        source_sha256 = source_sha256 or (record.source_sha256 if record is not None else None)
+        if source_sha256 is not None:
+            facts["source_sha256"] = source_sha256
+        else:
+            facts["source_fingerprint"] = manifest.source.get("fingerprint")
     return {k: "" if v is None else str(v) for k, v in facts.items()}
 
 
-def shard_metadata(manifest: Manifest, layer: int) -> dict[str, str]:
-    """The __metadata__ the converter writes into the merged shard of `layer`."""
-    return {"format": "pt", **shard_facts(manifest.spec, layer, manifest),
+def shard_metadata(manifest: Manifest, layer: int, source_sha256: str) -> dict[str, str]:
+    """The __metadata__ the converter writes into the merged shard of `layer`, converted from the source bytes
+    whose identity is source_sha256 (kt_runtime.format.digest.source_digest)."""
+    return {"format": "pt", **shard_facts(manifest.spec, layer, manifest, source_sha256),
             "converter_version": manifest.converter_version}
 
 
