@@ -159,6 +159,7 @@ PARSE_ONLY = {
         "writes 0.8 GB",
     "python scripts/output_digests.py out.json [--compare old.json]":
         "155 conversions, a minute or more (tests/test_scripts.py checks what it removes)",
+    "python scripts/output_digests.py --one": "tests/test_reproducible.py runs it from two folders",
     "python scripts/bench_convert.py --json bench.json": BENCHMARK,
     "python3 scripts/bench_convert.py --device cuda,cpu --experts 256 --layers 3": GPU,
     "python scripts/bench_moe.py": "a minute of timing (tests/test_scripts.py checks its --isa handling)",
