@@ -49,8 +49,7 @@ class ExpertsProbe(nn.Module):
         super().__init__()
         self.inner = inner
         self.routes: list[torch.Tensor] = []
-        # a plain attribute: the reference module stays where the model holds it, not a child of the probe too
-        self.__dict__["compare"] = compare
+        self.compare = compare
         self.stats = stats
 
     def forward(self, hidden_states, top_k_index, top_k_weights, **kwargs):

@@ -137,14 +137,12 @@ def _model_dir(model: str):
     accept (contained, regular, sane sizes); returns (directory, config dict)."""
     from .source import open_checkpoint
 
+    if Path(model).suffix == ".safetensors" and Path(model).is_file():
+        raise UserError(f"--model {model}: eval needs the model's directory (config.json, tokenizer and weights), "
+                        "not one .safetensors file")
     ckpt = open_checkpoint(model)
-    try:
-        root, config = ckpt.root, ckpt.config
-        if Path(model).suffix == ".safetensors" and not Path(model).is_dir():
-            raise UserError(f"--model {model}: eval needs the model's directory (config.json, tokenizer and weights), "
-                            "not one .safetensors file")
-    finally:
-        ckpt.close()
+    root, config = ckpt.root, ckpt.config
+    ckpt.close()
     if not any(os.path.lexists(root / name) for name in TOKENIZER_FILES):
         raise UserError(f"--model {root} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the original model's "
                         "tokenizer files into it")
@@ -211,6 +209,9 @@ def evaluate(output: str | Path, model: str, text: str | Path, *, ctx: int = 512
     root, config = _model_dir(model)
     _check_family(transformers, root, config)
     dev = _resolve_device(device)
+    if gpu_experts and dev.type != "cuda":
+        raise UserError(f"--gpu-experts {gpu_experts} needs --device cuda (on the CPU every expert runs in the CPU "
+                        "engine)")
     import torch
 
     import kt_runtime
@@ -221,16 +222,18 @@ def evaluate(output: str | Path, model: str, text: str | Path, *, ctx: int = 512
             packed = kt_runtime.load_experts(output)
     except PackedFormatError as e:
         raise UserError(str(e)) from None
+    net_config = _load(lambda: transformers.AutoConfig.from_pretrained(root, local_files_only=True),
+                       f"the config of {root}")
+    limit = getattr(net_config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(limit, int) and ctx > limit:
+        raise UserError(f"--ctx {ctx} is longer than the model's max_position_embeddings {limit}")
     tokenizer = _load(lambda: transformers.AutoTokenizer.from_pretrained(root, local_files_only=True),
                       f"the tokenizer of {root}")
     ids = tokenizer(body, add_special_tokens=False, verbose=False)["input_ids"]
     windows = windows_of(ids, ctx, max_tokens, _bos_prefix(tokenizer), f"--text {text}")
     net = _load(lambda: transformers.AutoModelForCausalLM.from_pretrained(
-        root, dtype=getattr(torch, dtype), local_files_only=True), f"the model {root}")
+        root, config=net_config, dtype=getattr(torch, dtype), local_files_only=True), f"the model {root}")
     net.eval().to(dev)
-    limit = getattr(net.config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(limit, int) and ctx > limit:
-        raise UserError(f"--ctx {ctx} is longer than the model's max_position_embeddings {limit}")
     originals, candidates = _expert_modules(net, packed, root, output, dev, gpu_experts, threads)
     from .eval_windows import compare_on_windows
 

@@ -208,10 +208,28 @@ def test_cli_report_and_json(outputs, tmp_path, capsys):
     assert [x["expert_output_rel_error"] for x in d["layers"]] == [None] * 4  # --no-per-layer
     assert all(0 < x["route_agreement"] <= 1 for x in d["layers"])
     code, out, err = cli(capsys, "eval", outputs["int8"], "-m", MODEL, "-t", TEXT, "--ctx", CTX, "--max-tokens", 128,
-                         "--device", "cpu", "--json", "-", "--no-progress")
+                         "--device", "cpu", "--json", "-", "--no-progress", "--dtype", "bfloat16")
     assert code == 0, err
-    assert json.loads(out)["summary"]["kld_mean"] > 0 and "KL divergence" in err
+    d = json.loads(out)
+    assert d["summary"]["kld_mean"] > 0 and d["dtype"] == "bfloat16" and "KL divergence" in err
     assert "window 1/" not in err  # --no-progress
+
+
+def test_the_readme_commands_run_as_printed(tmp_path):
+    """README's eval block, in a shell from the repository root, its output paths moved into tmp_path."""
+    import re
+    import subprocess
+    import sys
+
+    root = MODEL.parent.parent.parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"### What it does to the model: `eval`\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    script = block.replace("/tmp/tiny-int4", str(tmp_path / "tiny-int4")).replace("eval.json", str(tmp_path / "e.json"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "-ec", script], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["method"] == "int4" and report["windows"] == 16 and report["summary"]["kld_mean"] > 0
 
 
 # --- refusals ---
@@ -304,6 +322,25 @@ def test_bad_options(outputs, capsys):
     if not torch.cuda.is_available():
         err = _refused(capsys, outputs["int8"], "-m", MODEL, "-t", TEXT, "--device", "cuda")
         assert "--device cuda: no CUDA device" in err
+    err = _refused(capsys, outputs["int8"], "-m", MODEL, "-t", TEXT, "--device", "cpu", "--gpu-experts", 2)
+    assert "--gpu-experts 2 needs --device cuda" in err
+    err = _refused(capsys, outputs["int8"], "-m", MODEL / "model.safetensors", "-t", TEXT)
+    assert "eval needs the model's directory" in err
+
+
+def test_a_checkpoint_transformers_cannot_load(outputs, tmp_path, capsys):
+    """An FP8 checkpoint: transformers needs accelerate to load (and dequantize) it; without it, exit 2 naming
+    what to install."""
+    try:
+        import accelerate  # noqa: F401
+        pytest.skip("accelerate is installed: transformers loads FP8 checkpoints")
+    except ImportError:
+        pass
+    from synthetic.encode import requantize_checkpoint
+
+    requantize_checkpoint(MODEL, tmp_path / "fp8", tmp_path / "fp8-decoded", "fp8_block")
+    err = _refused(capsys, outputs["int8"], "-m", tmp_path / "fp8", "-t", TEXT, "--ctx", CTX, "--max-tokens", 128)
+    assert f"transformers could not load the model {tmp_path / 'fp8'}" in err and "accelerate" in err
 
 
 # --- hostile inputs: the text, the model folder, the report path ---
