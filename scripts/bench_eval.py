@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     import transformers
 
     from convert.evaluate import evaluate
+    from kt_runtime.format.fsio import atomic_write_text
     from synthetic.encode import requantize_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -141,8 +142,8 @@ def main(argv=None) -> int:
           "worst layer's expert-output error |\n|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
-                                         "results": results}, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},
+                                                 "results": results}, indent=1) + "\n")
     return 0
 
 

@@ -3,15 +3,16 @@
 `convert-cpu-weights eval` measures something real (KL divergence, top-1 agreement, perplexity) in tests
 and docs/BENCHMARKS.md.
 
-    python scripts/train_tiny_moe.py OUT [--steps 700] [--seed 0] [--threads 2]
+    python scripts/train_tiny_moe.py OUT [--steps 800] [--batch 16] [--lr 0.003] [--seed 0] [--threads 1]
 
 The corpus is the CPython standard library's top-level modules (Lib/*.py of the running interpreter, on
 every machine, offline), without the held-out modules of HELD_OUT, which are the evaluation text. A
 byte-level BPE tokenizer (the `tokenizers` library, VOCAB entries) is trained on the same corpus. The model:
 4 layers, every one MoE with 8 experts (top 2) of H = I = 128, so that every quant method's alignment holds
 with --threadpool-count 1 (AMXINT4: 128 | H and 128 | I; AMXINT8: 64; RAWINT4 groups 32..128); about 2 M
-parameters, saved in bf16 with the tokenizer and recipe.json (versions, corpus digest, losses).
-Deterministic for a given interpreter, torch version and --threads. OUT must not exist; nothing else is written.
+parameters, saved in bf16 with the tokenizer and recipe.json (versions, corpus digest, losses). The defaults
+are the recipe of the kept model (about 25 minutes on one core). Seeded: two runs with the same interpreter
+(its Lib/), torch version and --threads write the same bytes. OUT must not exist; nothing else is written.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # Modules kept out of training: the evaluation text (present in CPython 3.10 to 3.14).
 HELD_OUT = ("textwrap.py", "shlex.py", "fractions.py", "calendar.py", "difflib.py", "statistics.py")
@@ -59,11 +62,11 @@ def train_tokenizer(texts: list[str]):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="output directory (must not exist)")
-    ap.add_argument("--steps", type=int, default=700)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch", type=int, default=16, help="sequences of 256 tokens per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if args.out.exists() or args.out.is_symlink():
         print(f"error: {args.out} exists; name a new directory", file=sys.stderr)
@@ -73,11 +76,14 @@ def main(argv=None) -> int:
     import transformers
     from transformers import PreTrainedTokenizerFast
 
+    from kt_runtime.format.fsio import atomic_write_text
+    from kt_runtime.format.input_files import read_capped
+
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = corpus_files(stdlib)
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+    texts = [read_capped(p, 16 << 20, what="standard-library module").decode("utf-8", errors="replace") for p in files]
     digest = hashlib.sha256()
     for p, t in zip(files, texts):
         digest.update(p.name.encode() + b"\0" + t.encode() + b"\0")
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
         "loss_first": losses[0], "loss_last_25_mean": sum(losses[-25:]) / len(losses[-25:]),
         "train_seconds": round(time.time() - start, 1),
     }
-    (args.out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    atomic_write_text(args.out / "recipe.json", json.dumps(recipe, indent=1) + "\n")
     print(json.dumps(recipe, indent=1))
     return 0
 

@@ -169,7 +169,7 @@ def _check_match(model, weights, modules: dict[int, tuple[str, nn.Module]]) -> N
     k = getattr(cfg, "num_experts_per_tok", None) if cfg is not None else None
     if k is not None and k != weights.num_experts_per_tok:
         warnings.warn(f"the model routes {k} experts per token, the {src} were converted for "
-                      f"{weights.num_experts_per_tok}; using the model's router", stacklevel=3)
+                      f"{weights.num_experts_per_tok}; using the model's router", stacklevel=4)
 
 
 MAX_EXPERT_REL_DIFF = 0.5  # per-row INT4 of Gaussian weights gives ~0.12; another model's weights ~1.4
