@@ -17,6 +17,7 @@ from kt_runtime.format.errors import UnsafePathError
 
 from ..errors import UserError
 from .conversion import convert_command
+from .evaluate import eval_command
 from .families import families_command
 from .kt_flags import check_kt_flags
 from .finalize import finalize_command
@@ -49,7 +50,7 @@ class DefaultCommandGroup(click.Group):
         return super().main(args, prog_name=prog_name, **extra)
 
 
-COMMANDS = (convert_command, verify_command, finalize_command, families_command)
+COMMANDS = (convert_command, verify_command, finalize_command, families_command, eval_command)
 cli = DefaultCommandGroup(name="convert-cpu-weights", commands=COMMANDS, default=convert_command.name,
                           context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 

@@ -169,23 +169,31 @@ def _check_match(model, weights, modules: dict[int, tuple[str, nn.Module]]) -> N
     k = getattr(cfg, "num_experts_per_tok", None) if cfg is not None else None
     if k is not None and k != weights.num_experts_per_tok:
         warnings.warn(f"the model routes {k} experts per token, the {src} were converted for "
-                      f"{weights.num_experts_per_tok}; using the model's router", stacklevel=3)
+                      f"{weights.num_experts_per_tok}; using the model's router", stacklevel=4)
 
 
-def _check_values(weights, layer: int, module: nn.Module, max_rel: float = 0.5) -> None:
-    """Same dims can still be another model: compare one expert's weights when the module still has them."""
+MAX_EXPERT_REL_DIFF = 0.5  # per-row INT4 of Gaussian weights gives ~0.12; another model's weights ~1.4
+
+
+def expert_difference(weights, layer: int, module: nn.Module) -> float | None:
+    """Relative difference ||packed - model|| / ||model|| of expert 0's gate and up weights in one layer: the
+    same dims can still be another model. None when the module's weights are not there (meta) or zero."""
     gu = module.gate_up_proj
     if gu.device.type == "meta":
-        return
+        return None
     ref = gu.detach()[0].float().cpu()
     if _is_gpt_oss(module):  # [H, 2I] interleaved -> [gate; up] [2I, H]
         ref = torch.cat([ref.T[0::2], ref.T[1::2]], 0)
     got = torch.cat([weights.dequantize(layer, 0, "gate"), weights.dequantize(layer, 0, "up")], 0)
     denom = float(ref.norm())
     if denom == 0.0:
-        return
-    rel = float((got - ref).norm()) / denom
-    if not rel <= max_rel:
+        return None
+    return float((got - ref).norm()) / denom
+
+
+def _check_values(weights, layer: int, module: nn.Module) -> None:
+    rel = expert_difference(weights, layer, module)
+    if rel is not None and not rel <= MAX_EXPERT_REL_DIFF:
         raise ValueError(f"model/weights mismatch: layer {layer} expert 0 gate/up of the packed weights differ from "
                          f"the model's by {rel:.2f} (relative; quantization alone gives < 0.2) — were they converted "
                          f"from this model? (pass check_values=False to skip this check)")
@@ -195,26 +203,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.device | None = None,
-           placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
-           check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
-           **hybrid_kwargs) -> dict[int, HybridExperts]:
-    """Replace every routed-experts module of `model` with hybrid experts over packed `weights`.
-
-    weights: a packed output directory or a PackedExperts (kt_runtime.load_experts).
-    num_gpu_experts: per layer — an int, a bool mask / list of ids, or {layer: int | mask | ids}.
-    device: where the GPU experts live and compute ("cuda" when available, else "cpu").
-    placement: "uniform" | "frequency" (with stats: ExpertStats, a stats file, {layer: counts}) | mask.
-    dynamic, hybrid_kwargs (update_interval, max_swaps, hysteresis, decay, isa, gpu_dtype): see HybridMoE.
-    check_values: compare expert 0 of the first layer with the model's weights (if not on meta).
-    stream_ordered: decode-sized calls (<= stream_max_tokens tokens) take HybridMoE.forward_stream, which queues
-        the CPU experts on the CUDA stream (host functions) with no host sync, so model.generate with a static
-        cache and CUDA graphs captures whole steps. None: on CUDA devices where host functions can be queued.
-    defer: CPU experts per token whose output is added one MoE layer later (HybridMoE defer; the last MoE
-        layer defers none).
-    The original expert weights are released. Returns {layer: HybridExperts}.
-    Raises ValueError when the model and the weights do not match (layers, experts, dims, activation clamp).
-    """
+def hybrid_experts(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.device | None = None,
+                   placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
+                   check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
+                   **hybrid_kwargs) -> dict[int, HybridExperts]:
+    """{layer: HybridExperts} for every routed-experts module of `model`, checked against it; the model is left
+    as it is (see inject for the arguments; swap_experts puts them in)."""
     weights = as_packed_experts(weights)
     modules = find_expert_modules(model)
     _check_match(model, weights, modules)
@@ -247,15 +241,51 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
         hybrid.defer_carry = layer != last_layer
         built[layer] = HybridExperts(hybrid)
         built[layer].stream_ordered = bool(stream_ordered)
-    for layer, (name, module) in modules.items():
+    return built
+
+
+def swap_experts(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Put each modules[qualified name] in place of the model's module of that name (a layer's routed experts);
+    returns the modules it replaced, by name, so that swapping them back restores the model."""
+    replaced = {}
+    for name, module in modules.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, built[layer])
+        replaced[name] = getattr(parent, attr)
+        setattr(parent, attr, module)
+    return replaced
+
+
+def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.device | None = None,
+           placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
+           check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
+           **hybrid_kwargs) -> dict[int, HybridExperts]:
+    """Replace every routed-experts module of `model` with hybrid experts over packed `weights`.
+
+    weights: a packed output directory or a PackedExperts (kt_runtime.load_experts).
+    num_gpu_experts: per layer — an int, a bool mask / list of ids, or {layer: int | mask | ids}.
+    device: where the GPU experts live and compute ("cuda" when available, else "cpu").
+    placement: "uniform" | "frequency" (with stats: ExpertStats, a stats file, {layer: counts}) | mask.
+    dynamic, hybrid_kwargs (update_interval, max_swaps, hysteresis, decay, isa, gpu_dtype): see HybridMoE.
+    check_values: compare expert 0 of the first layer with the model's weights (if not on meta).
+    stream_ordered: decode-sized calls (<= stream_max_tokens tokens) take HybridMoE.forward_stream, which queues
+        the CPU experts on the CUDA stream (host functions) with no host sync, so model.generate with a static
+        cache and CUDA graphs captures whole steps. None: on CUDA devices where host functions can be queued.
+    defer: CPU experts per token whose output is added one MoE layer later (HybridMoE defer; the last MoE
+        layer defers none).
+    The original expert weights are released. Returns {layer: HybridExperts}.
+    Raises ValueError when the model and the weights do not match (layers, experts, dims, activation clamp).
+    """
+    built = hybrid_experts(model, weights, num_gpu_experts, device, placement, stats, dynamic, num_threads,
+                           check_values, stream_ordered, defer, **hybrid_kwargs)
+    names = {layer: name for layer, (name, _) in find_expert_modules(model).items()}
+    replaced = swap_experts(model, {names[layer]: module for layer, module in built.items()})
+    for module in replaced.values():
         # release the original fused weights now, even if something else still holds the module
         for p in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
             if isinstance(getattr(module, p, None), nn.Parameter):
                 setattr(module, p, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
-    del modules, module
+    del replaced
     gc.collect()
     return built
 
