@@ -194,8 +194,13 @@ PARSE_ONLY = {
     "--skip-kernel --skip-torch --hidden 7168 --inter 2048 --experts 64 --topk 8 --footprint-gb 2 --reps 3": BENCHMARK,
     "python scripts/bench_verify.py --reps 5 [--method rawint4-g128]": BENCHMARK,
     "python3 scripts/bench_hybrid.py --json bench_hybrid.json": BENCHMARK,
+    "python scripts/bench_eval.py --json eval.json": BENCHMARK,
+    "python3 scripts/bench_eval.py --device cpu --json eval_cpu.json": BENCHMARK,
+    "python3 scripts/bench_eval.py --device cuda --gpu-experts 4 --json eval_cuda.json": GPU,
+    "python scripts/train_tiny_moe.py /tmp/tiny-moe": "trains for about 25 minutes on one core",
     "python3 scripts/bench_hybrid.py --layers 8 --iters 100 --json bench_hybrid_layers.json": BENCHMARK,
 }
+EVAL_BLOCK = "README's eval block: tests/test_eval.py runs it in a shell as printed"
 # Commands not run here at all, and why.
 SKIPPED = {
     'pip install -e ".[test]" && python scripts/demo.py':
@@ -214,6 +219,12 @@ SKIPPED = {
     "kubectl wait --for=condition=complete --timeout=6h job/kt-convert || kubectl wait --for=condition=failed "
     "--timeout=1s job/kt-convert": "needs a Kubernetes cluster",
     "kubectl apply -f finalize-job.yaml": "needs a Kubernetes cluster",
+    "convert-cpu-weights -i tests/data/tiny-qwen3-moe -o /tmp/tiny-int4 --threadpool-count 1": EVAL_BLOCK,
+    "convert-cpu-weights eval /tmp/tiny-int4 --model tests/data/tiny-qwen3-moe --text \"$(python -c 'import difflib; "
+    "print(difflib.__file__)')\" --ctx 256 --max-tokens 4096 --json eval.json": EVAL_BLOCK,
+    "convert-cpu-weights eval": "the command's name in prose",
+    "convert-cpu-weights eval OUT --model SRC --text difflib.py --ctx 256 --max-tokens 8192 --device cpu":
+        "the form of the commands bench_eval.py runs (tests/test_eval.py runs eval on the trained model)",
     "kubectl wait --for=condition=complete --timeout=1h job/kt-finalize": "needs a Kubernetes cluster",
 }
 V4_CONVERT = ("convert-cpu-weights -i /models/DeepSeek-V4-Flash -o /models/DeepSeek-V4-Flash-CPU-NUMA2-AMXINT4 "

@@ -27,7 +27,8 @@ def _check_report_path(json_path: Path, output: Path, model: str, text: Path) ->
             raise UserError(f"--json {json_path} is inside {what} {folder}; write the report elsewhere")
 
 
-@click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("eval", short_help="Score a converted model against the original: KL divergence, top-1, perplexity.",
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--model", "-m", "model", required=True, metavar="SRC",
               help="The original checkpoint OUT was converted from, as transformers loads it (directory or hub id "
