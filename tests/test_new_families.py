@@ -69,3 +69,83 @@ def test_kimi_k3_records_both_widths(tmp_path):
     assert w.hidden_size == 256 and ck.config["text_config"]["hidden_size"] == 512
     assert w.manifest.source["model_hidden_size"] == 512
     assert w.manifest.source["activation_params"] == {"beta": 4.0, "linear_beta": 25.0}
+
+
+# -- detection is strict: the config and the tensors must agree (exit 2 naming the file and the fix) -------------
+
+def _refused(tmp_path, capsys, variant, edit=None, drop=(), *needles):
+    from conftest import read_json
+    from convert.cli import main
+    import json
+
+    ck = make_family_checkpoint(tmp_path / "ck", variant, hidden_size=256, intermediate_size=256, num_layers=2,
+                                num_experts=2)
+    cfg = read_json(ck.path / "config.json")
+    if edit is not None:
+        edit(cfg.get("text_config", cfg))
+        (ck.path / "config.json").write_text(json.dumps(cfg))
+    for name in drop:
+        (ck.path / name).unlink()
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()
+
+
+def test_nvfp4_is_never_guessed_without_its_config(tmp_path, capsys):
+    _refused(tmp_path, capsys, "qwen3_moe_nvfp4_modelopt", lambda c: c.pop("quantization_config"),
+             ("hf_quant_config.json",), "NVFP4", "declares no quantization_config", "quant_algo 'NVFP4'")
+
+
+def test_nvfp4_tensors_with_an_mxfp4_config_are_refused(tmp_path, capsys):
+    def to_mxfp4(c):
+        c["quantization_config"]["format"] = "mxfp4-pack-quantized"
+    _refused(tmp_path, capsys, "qwen3_moe_nvfp4_ct", to_mxfp4, (), "stored as NVFP4", "mxfp4-pack-quantized")
+
+
+def test_mxfp4_tensors_with_an_nvfp4_config_are_refused(tmp_path, capsys):
+    def to_nvfp4(c):
+        c["quantization_config"]["format"] = "nvfp4-pack-quantized"
+    _refused(tmp_path, capsys, "kimi_k3_mxfp4", to_nvfp4, (), "stored as MXFP4", "nvfp4-pack-quantized")
+
+
+def test_modelopt_layout_with_a_compressed_tensors_config_is_refused(tmp_path, capsys):
+    """The layout decides whether the per-tensor scale multiplies or divides: it must match the declaration."""
+    def to_ct(c):
+        c["quantization_config"] = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}
+    _refused(tmp_path, capsys, "glm5_nvfp4", to_ct, ("hf_quant_config.json",), "stored as NVFP4",
+             "compressed-tensors format 'nvfp4-pack-quantized'")
+
+
+def test_quant_algo_and_hf_quant_config_must_agree(tmp_path, capsys):
+    def to_fp8(c):
+        c["quantization_config"]["quant_algo"] = "FP8"
+    _refused(tmp_path, capsys, "qwen3_moe_nvfp4_modelopt", to_fp8, (), "disagree", "hf_quant_config.json")
+
+
+def test_nvfp4_group_size_must_be_16(tmp_path, capsys):
+    def group32(c):
+        c["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 32
+    _refused(tmp_path, capsys, "qwen4_exp_nvfp4", group32, (), "group_size is 32")
+
+
+def test_a_zero_per_tensor_scale_stops_the_conversion(tmp_path, capsys):
+    import json
+
+    from convert.cli import main
+    from kt_runtime.format.safetensors_file import SafetensorsFile
+
+    ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_nvfp4_ct", hidden_size=256, intermediate_size=256,
+                                num_layers=1, num_experts=2, num_shards=1)
+    key = "model.layers.0.mlp.experts.1.up_proj.weight_global_scale"
+    f = SafetensorsFile(ck.path / "model.safetensors")
+    offset = f.tensors[key].offset
+    f.close()
+    with open(ck.path / "model.safetensors", "r+b") as fh:  # the test's own file
+        fh.seek(offset)
+        fh.write(np.zeros(1, "<f4").tobytes())
+    assert main(["-i", str(ck.path), "-o", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "positive finite" in err
+    assert json.loads((tmp_path / "o" / "kt_manifest.json").read_text()).get("complete") is not True
