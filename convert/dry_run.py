@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from kt_runtime.format.methods import working_threadpool_counts
 
+from kt_runtime.format.layout import state_dir
+
 from . import preflight
+from .announce import clamp_note, kt_sft_line
 from .pipeline import ConvertOptions, experts_per_batch, open_source, plan_conversion
 from .plan import layer_spec
 
@@ -35,6 +38,11 @@ def describe_plan(opts: ConvertOptions) -> str:
             f"peak memory   about {est.peak_memory_bytes / 2**20:.0f} MiB",
             f"peak disk     {est.disk_bytes / 1e9:.3f} GB for the output",
         ]
+        if opts.kt_sft_manifest:
+            lines.append(kt_sft_line(opts.output, state_dir(opts.output)))
+        note = clamp_note(plan, opts.kt_sft_manifest)
+        if note:
+            lines.append(note)
         if downloads is not None and ckpt.gate is not None:
             gate = ckpt.gate
             layer_files = ckpt.layer_files(plan.layers)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 from kt_runtime.format import fsio
@@ -43,7 +42,7 @@ class SharedOutput:
         return self.claims.acquire(layer)
 
     def record(self, rec: LayerRecord) -> None:
-        fsio.atomic_write_text(self.done_dir / f"layer_{rec.layer}.json", json.dumps(asdict(rec)) + "\n")
+        fsio.atomic_write_text(self.done_dir / f"layer_{rec.layer}.json", json.dumps(rec.to_dict()) + "\n")
 
     def drop_record(self, layer: int) -> None:
         fsio.remove(self.done_dir / f"layer_{layer}.json")

@@ -31,6 +31,12 @@ class LayerRecord:
     files: list[str]  # paths relative to the output dir (a shard, or a _layer_L folder's files)
     nbytes: int
     sha256: str  # kt_runtime.format.digest tree digest of the files' bytes, in the listed order
+    # the plain sha256 of each file, in `files` order: kept for --kt-sft-manifest outputs only (kt's manifest
+    # lists them); absent (None, not written) otherwise
+    file_sha256: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k != "file_sha256"}
 
 
 @dataclass(kw_only=True)
@@ -75,7 +81,7 @@ class Manifest(PackedSpec):
     def to_json(self) -> str:
         d = asdict(self)
         d["kt_method"] = self.kt_method
-        d["completed"] = {str(k): asdict(v) for k, v in sorted(self.completed.items())}
+        d["completed"] = {str(k): v.to_dict() for k, v in sorted(self.completed.items())}
         order = list(d)  # format version 1 writes "layout" right after "layers"
         order.insert(order.index("layers") + 1, order.pop(order.index("layout")))
         return json.dumps({k: d[k] for k in order}, indent=2, sort_keys=False) + "\n"
@@ -168,6 +174,10 @@ class Manifest(PackedSpec):
                 bad(f"completed[{layer}].nbytes must be a non-negative integer, got {rec.nbytes!r}")
             if not isinstance(rec.sha256, str) or not _SHA256.fullmatch(rec.sha256):
                 bad(f"completed[{layer}].sha256 is not a sha256 hex digest")
+            if rec.file_sha256 is not None and (
+                    not isinstance(rec.file_sha256, list) or len(rec.file_sha256) != len(rec.files)
+                    or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in rec.file_sha256)):
+                bad(f"completed[{layer}].file_sha256 must list one sha256 hex digest per file")
         if self.complete and len(self.completed) != len(self.layers):
             bad("complete is true but not every layer is completed")
         if self.model_layers is not None:
