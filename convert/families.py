@@ -237,8 +237,7 @@ KIMI_K3 = Family(
     # a = beta*tanh(g/beta)*sigmoid(g) * linear_beta*tanh(u/linear_beta)
     activation_params={"beta": 4.0, "linear_beta": 25.0},
     activation_param_keys={"beta": "activation_situ_beta", "linear_beta": "activation_situ_linear_beta"},
-    note="Kimi K3 (compressed-tensors MXFP4, experts at routed_expert_hidden_size, SiTU): "
-         "block_sparse_moe.experts.E.w1/w3/w2",
+    note="Kimi K3 (MXFP4 at routed_expert_hidden_size, SiTU): block_sparse_moe.experts.E.w1/w3/w2",
     moe_layer_rule="first_k_dense",
 )
 
