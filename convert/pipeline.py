@@ -396,11 +396,12 @@ def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, d
         for i, job in enumerate(jobs):
             job.out = resolve_output_dir(job.opts.output, ckpt.root)
             job.state = records_dir(job.out, ckpt.root) if job.opts.kt_sft_manifest else job.out
-            if job.out in seen:
-                raise UserError(f"output {job.out} is named twice (outputs {seen[job.out] + 1} and {i + 1}): "
-                                "give each output its own directory (e.g. a template with {method} and "
-                                "{threadpool_count})")
-            seen[job.out] = i
+            for folder in dict.fromkeys((job.out, job.state)):  # an output, or the records folder of one
+                if folder in seen:
+                    raise UserError(f"output {folder} is named twice (outputs {seen[folder] + 1} and {i + 1}): "
+                                    "give each output its own directory (e.g. a template with {method} and "
+                                    "{threadpool_count})")
+                seen[folder] = i
         for job in jobs[1:]:
             if [(lp.layer, lp.experts) for lp in job.plan.layers] != [(lp.layer, lp.experts) for lp in jobs[0].plan.layers]:
                 raise RuntimeError("the outputs of one run planned different source layers")

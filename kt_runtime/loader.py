@@ -243,7 +243,8 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool | None, state: Pat
 def records_folder(path: Path) -> Path:
     """The folder holding the manifest of the output at `path`: path itself, or, when it holds none (an output
     made with --kt-sft-manifest: kt's SFT tree alone), the real directory beside it, PATH.kt-convert."""
-    state = state_dir(path) if path.name else path
+    whole = Path(os.path.abspath(path))  # "." and ".." name no folder to put a suffix on
+    state = state_dir(whole) if whole.name else whole
     if os.path.lexists(path / MANIFEST_FILE) or not os.path.lexists(state):
         return path
     try:

@@ -453,3 +453,43 @@ def test_the_dry_run_names_both_folders(src, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kt-kernel SFT:")]
     assert len(lines) == 1 and f"{out}/{KT_MANIFEST}" in lines[0] and str(records(out)) in lines[0]
     assert os.listdir(tmp_path) == []
+
+
+def test_an_output_in_the_records_folder_of_another_is_refused(src, tmp_path, capsys):
+    """Two outputs of one run (a job file): the second is the first's records folder."""
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"outputs": [{"output": str(tmp_path / "a"), "quant_method": "int8", "threadpool_count": 2},
+                                           {"output": str(tmp_path / "a.kt-convert"), "quant_method": "int8",
+                                            "threadpool_count": 1}]}))
+    argv = ["-i", str(src), "--job-file", str(job), "--no-merge-safetensor", "--kt-sft-manifest", "--no-progress",
+            "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"output {tmp_path / 'a.kt-convert'} is named twice" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["job.json"]
+
+
+@pytest.mark.parametrize("kind", ["link", "fifo", "directory"])
+def test_a_planted_kt_manifest_is_never_written_through(src, tmp_path, capsys, kind):
+    target = tmp_path / "target.json"
+    target.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    planted = out / KT_MANIFEST
+    if kind == "link":
+        planted.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(planted)
+    else:
+        planted.mkdir()
+    assert main(args(src, out, "--kt-sft-manifest", "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert str(planted) in err and "Traceback" not in err, err
+    assert target.read_text() == "keep" and sorted(os.listdir(out)) == [KT_MANIFEST]
+
+
+def test_load_experts_from_a_relative_path(converted, monkeypatch):
+    monkeypatch.chdir(converted)
+    assert kt_runtime.load_experts(".").manifest.options["kt_sft_manifest"] is True
+    monkeypatch.chdir(converted / "_layer_1")
+    assert kt_runtime.load_experts("..").layers == MOE_LAYERS
