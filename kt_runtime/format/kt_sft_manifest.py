@@ -40,7 +40,10 @@ def weight_manifest(spec: PackedSpec, records: dict[int, LayerRecord], producer:
         rec = records[layer]
         if rec.file_sha256 is None:
             raise ValueError(f"layer {layer}: no per-file sha256 recorded")
-        sizes = [parse_kt_file_name(Path(f).name).nbytes for f in rec.files]
+        names = [parse_kt_file_name(Path(f).name) for f in rec.files]
+        if None in names:
+            raise ValueError(f"layer {layer}: a file that is not a .kt name is recorded")
+        sizes = [name.nbytes for name in names]
         if sum(sizes) != rec.nbytes:
             raise ValueError(f"layer {layer}: the file names add up to {sum(sizes)} bytes, the record says {rec.nbytes}")
         files = [{"path": f, "size_bytes": n, "sha256": h} for f, n, h in zip(rec.files, sizes, rec.file_sha256)]
