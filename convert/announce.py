@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kt_runtime.format.kt_sft_manifest import LAYOUT as KT_SFT_LAYOUT
+from kt_runtime.format.layout import KT_SFT_MANIFEST_FILE
 from quant.source_formats import SOURCE_FORMATS
 
 from .units import plural
 
 _FORMAT_NAMES = {f.input_type: f.description for f in SOURCE_FORMATS.values() if f.input_type}
+# the kt methods whose wrapper takes a SwiGLU clamp: kt-kernel 95009ea experts.py raises for any other method
+# with swiglu_limit != 0, and for every method in its SFT mode
+KT_CLAMP_METHODS = ("MXFP4", "MXFP8")
 
 
 def layer_ranges(layers) -> str:
@@ -26,8 +31,22 @@ def layer_ranges(layers) -> str:
     return ",".join(out)
 
 
-def plan_lines(plan, source: Path, out: Path, device: str) -> list[str]:
-    """plan: convert.plan.ConversionPlan."""
+def clamp_note(plan, kt_sft: bool = False) -> str | None:
+    """Which runtimes apply the SwiGLU clamp of a clamped model (GLM-5.3-Flash, DeepSeek-V4, gpt-oss) to this
+    output; None for a model without one."""
+    if plan.swiglu_limit is None:
+        return None
+    limit = f"{plan.swiglu_limit:g}"
+    return (f"note: this model clamps its SwiGLU (swiglu_limit {limit}: gate <= {limit}, |up| <= {limit}), recorded "
+            f"in kt_manifest.json and applied by kt_runtime (CPUMoE, HybridMoE); kt-kernel 95009ea takes a clamp only "
+            f"with --kt-method {' or '.join(KT_CLAMP_METHODS)} and refuses it with {plan.method.kt_method}: serve "
+            "this output with kt_runtime, or the checkpoint's own experts with a kt method that takes the clamp"
+            + ("; kt-kernel's SFT mode takes no clamp with any method" if kt_sft else ""))
+
+
+def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None = None) -> list[str]:
+    """plan: convert.plan.ConversionPlan. records: where this converter's files go when that is not `out`
+    (--kt-sft-manifest)."""
     fmt = _FORMAT_NAMES.get(plan.input_type, plan.input_type)
     layers = [lp.layer for lp in plan.layers]
     scope = (f"{plural(len(layers), 'MoE layer')} ({layer_ranges(layers)})" if not plan.partial else
@@ -42,7 +61,17 @@ def plan_lines(plan, source: Path, out: Path, device: str) -> list[str]:
     layout = "one safetensors shard per layer" if plan.layout == "merged" else "kt's _layer_L/_numa_T .kt folders"
     lines.append(f"output: {plan.method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
                  f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}")
+    if records is not None:
+        lines.append(kt_sft_line(out, records))
+    note = clamp_note(plan, records is not None)
+    if note:
+        lines.append(note)
     return lines
+
+
+def kt_sft_line(out: Path, records: Path) -> str:
+    return (f"kt-kernel SFT: {out}/{KT_SFT_MANIFEST_FILE} (schema 2, layout {KT_SFT_LAYOUT}) is written once every "
+            f"layer is; this converter's manifest and records go to {records}")
 
 
 def resume_line(done: list[int], total: int) -> str | None:

@@ -2,11 +2,13 @@
 the small files are fetched into a temporary cache and the shard headers read with range requests)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from kt_runtime.format.layout import state_dir
 from kt_runtime.format.methods import working_threadpool_counts
 
 from . import preflight
+from .announce import clamp_note, kt_sft_line
 from .pipeline import ConvertOptions, experts_per_batch, open_source, plan_conversion
 from .plan import layer_spec
 from .units import memory, size
@@ -41,6 +43,7 @@ class PlanSummary:
     delete_source_after_use: bool = False
     download: dict | None = None  # --download: convert.download.DownloadPlan.to_dict()
     download_text: str = ""
+    notes: list[str] = field(default_factory=list)  # what the output means for kt's runtimes (SFT folder, clamp)
 
     def to_dict(self) -> dict:
         d = {"dry_run": True, **asdict(self)}
@@ -66,6 +69,7 @@ class PlanSummary:
             f"peak memory   about {memory(self.peak_memory_bytes)}",
             f"peak disk     {size(self.peak_disk_bytes)} for the output",
         ]
+        lines += self.notes
         if self.peak_source_bytes is not None:
             lines.append(f"peak source   {size(self.peak_source_bytes)} of downloaded shards in the cache"
                          + (" (removed after use)" if self.delete_source_after_use else ""))
@@ -92,6 +96,11 @@ def plan_summary(opts: ConvertOptions) -> PlanSummary:
                                                                 plan.moe_intermediate_size),
             input_bytes=plan.input_bytes, output_bytes=est.output_bytes, peak_memory_bytes=est.peak_memory_bytes,
             peak_disk_bytes=est.disk_bytes)
+        if opts.kt_sft_manifest:
+            summary.notes.append(kt_sft_line(opts.output, state_dir(opts.output)))
+        note = clamp_note(plan, opts.kt_sft_manifest)
+        if note:
+            summary.notes.append(note)
         if downloads is not None and ckpt.gate is not None:
             gate = ckpt.gate
             layer_files = ckpt.layer_files(plan.layers)

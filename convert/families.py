@@ -18,7 +18,7 @@ Layouts (docs/FORMAT.md §6; orientation always comes from here, never from shap
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 
@@ -35,10 +35,11 @@ _MTP = (re.compile(r"^(?:model\.language_model\.|language_model\.|model\.)?mtp\.
 _HF_PROJ = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _W_PROJ = {"w1": "gate", "w3": "up", "w2": "down"}
 _FUSED_PROJ = {"gate_up_proj": "gate_up", "down_proj": "down"}
-# Tensor parts: weight (BF16/FP16/FP8/packed FP4), scale (E8M0, FP8 block or INT4 group scales),
-# packed/shape (compressed-tensors INT4), bias (gpt-oss; not packed).
+# Tensor parts: weight (BF16/FP16/FP8/packed FP4), scale (E8M0, E4M3, FP8 block or INT4 group scales),
+# packed/shape (compressed-tensors INT4 and FP4), global (NVFP4's per-tensor F32 scale: ModelOpt
+# weight_scale_2, compressed-tensors weight_global_scale), bias (gpt-oss; not packed).
 _HF_PARTS = {"weight": "weight", "weight_scale_inv": "scale", "weight_packed": "packed", "weight_scale": "scale",
-             "weight_shape": "shape"}
+             "weight_shape": "shape", "weight_scale_2": "global", "weight_global_scale": "global"}
 
 
 def _per_expert(block: str, parts: tuple[str, ...], projs: str = _PROJ) -> re.Pattern:
@@ -60,8 +61,11 @@ class Family:
     mtp_keys: tuple[re.Pattern, ...] = _MTP
     expert_count_keys: tuple[str, ...] = ("n_routed_experts", "num_experts", "num_local_experts")
     intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
+    # the routed experts' input width: Kimi K3 runs them on a latent routed_expert_hidden_size, not hidden_size
+    hidden_keys: tuple[str, ...] = ("hidden_size",)
     activation: str = "silu"
     activation_params: dict = field(default_factory=dict)  # for the runtime, recorded in the plan
+    activation_param_keys: dict = field(default_factory=dict)  # parameter -> config.json key that overrides it
     default_swiglu_limit: float | None = None  # when config.json has no swiglu_limit
     note: str = ""  # what the user sees in the list of supported families
     # Which decoder layers are MoE, by transformers' rule for the family (convert.plan.config_moe_layers):
@@ -208,8 +212,37 @@ GPT_OSS = Family(
     note="gpt-oss (MXFP4 _blocks/_scales, interleaved gate/up; biases not packed)",
 )
 
-FAMILIES: tuple[Family, ...] = (DEEPSEEK_V4, DEEPSEEK_V3, GLM4_MOE, QWEN3_MOE, MIXTRAL, MINIMAX_M2, QWEN3_5_MOE,
-                                QWEN3_VL_MOE, GPT_OSS)
+# DeepSeek-V4.1-Flash: routed experts FP4 in groups of 32 like V4-Flash; its own key names are not
+# published, so the V4 table is followed (docs/FORMAT.md §6 says so) and every key is checked against it.
+DEEPSEEK_V41 = replace(DEEPSEEK_V4, name="deepseek_v41", model_types=("deepseek_v41",),
+                       note="DeepSeek-V4.1-Flash (MXFP4, V4's keys): layers.L.ffn.experts.E.w1/w3/w2")
+
+# GLM-5.x (GlmMoeDsa): GLM-4.5's expert keys; GLM-5.3-Flash's FP8 experts clamp their SwiGLU (swiglu_limit)
+GLM5 = replace(GLM4_MOE, name="glm5", model_types=("glm_moe_dsa",),
+               note="GLM-5/5.1/5.2/5.3-Flash (FP8 block, NVFP4, BF16; swiglu_limit recorded): mlp.experts.E.*_proj")
+
+# Qwen3.8-Flash-Next (Qwen4-Exp preview): per-expert keys as Qwen3-Next, under model.language_model.
+QWEN4_EXP = replace(QWEN3_MOE, name="qwen4_exp", model_types=("qwen4_exp", "qwen4_exp_text"),
+                    note="Qwen3.8-Flash-Next (FP8 block, NVFP4): mlp.experts.E.*_proj")
+
+# Kimi K3: compressed-tensors MXFP4 experts on the latent width routed_expert_hidden_size, SiTU activation
+KIMI_K3 = Family(
+    name="kimi_k3",
+    model_types=("kimi_k3",),
+    expert_keys=(_per_expert(r"block_sparse_moe", ("weight_packed", "weight_scale"), r"(?P<proj>w[123])"),),
+    proj_names=_W_PROJ,
+    part_names={"weight_packed": "packed", "weight_scale": "scale"},
+    hidden_keys=("routed_expert_hidden_size",),
+    activation="situ",
+    # a = beta*tanh(g/beta)*sigmoid(g) * linear_beta*tanh(u/linear_beta)
+    activation_params={"beta": 4.0, "linear_beta": 25.0},
+    activation_param_keys={"beta": "activation_situ_beta", "linear_beta": "activation_situ_linear_beta"},
+    note="Kimi K3 (MXFP4 at routed_expert_hidden_size, SiTU): block_sparse_moe.experts.E.w1/w3/w2",
+    moe_layer_rule="first_k_dense",
+)
+
+FAMILIES: tuple[Family, ...] = (DEEPSEEK_V4, DEEPSEEK_V41, DEEPSEEK_V3, GLM4_MOE, GLM5, QWEN3_MOE, QWEN4_EXP, MIXTRAL,
+                                MINIMAX_M2, QWEN3_5_MOE, QWEN3_VL_MOE, GPT_OSS, KIMI_K3)
 
 
 def family_for(model_type: str | None) -> Family | None:

@@ -23,7 +23,7 @@ from kt_runtime.format.layout import parse_merged_key
 
 from .errors import UserError
 
-V4_FAMILY = "deepseek_v4"  # converted by kt's convert_cpu_weights_ds4.py
+V4_FAMILIES = ("deepseek_v4", "deepseek_v41")  # V4 key names: kt's convert_cpu_weights_ds4.py (V4.1 keeps V4's keys)
 
 
 def kt_loaded_key(key: str) -> str:
@@ -33,14 +33,14 @@ def kt_loaded_key(key: str) -> str:
 
 def is_kt_expert(key: str, family: str) -> bool:
     """kt's expert test on a loaded key."""
-    return ".mlp.experts." in key or (family == V4_FAMILY and ".ffn.experts." in key)
+    return ".mlp.experts." in key or (family in V4_FAMILIES and ".ffn.experts." in key)
 
 
 def kt_output_name(key: str, family: str) -> str:
     """kt's name for a copied (loaded) key."""
     if key.startswith("model."):
         return key.replace("model.layers.", "blk.").replace("model.", "")
-    if family == V4_FAMILY and key.startswith("layers."):
+    if family in V4_FAMILIES and key.startswith("layers."):
         return "blk." + key[len("layers."):]
     return key
 

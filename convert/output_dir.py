@@ -10,7 +10,8 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE, VERIFIED_FILE
+from kt_runtime.format.layout import (INDEX_FILE, KT_SFT_MANIFEST_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE,
+                                      VERIFIED_FILE, layer_dir_name, state_dir)
 from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
@@ -107,7 +108,8 @@ def _ours(path: Path) -> bool:
     """What a conversion writes; --overwrite replaces these and leaves any other file alone."""
     name = path.name
     return (name.endswith((".safetensors", ".tmp")) or name.startswith("_layer_")
-            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE, SHARD_DIR) or name in COPIED_FILES)
+            or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE, SHARD_DIR, KT_SFT_MANIFEST_FILE)
+            or name in COPIED_FILES)
 
 
 def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:
@@ -131,6 +133,17 @@ def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:
     if resolved.exists() and not resolved.is_dir():
         raise UserError(f"output {resolved} exists and is not a directory: choose a directory")
     return resolved
+
+
+def records_dir(out_dir: Path, input_root: Path) -> Path:
+    """--kt-sft-manifest: the folder beside the resolved output, OUT.kt-convert, for this converter's own files.
+    Its name is derived, not given, so a link or anything but a real folder planted there is refused."""
+    if not out_dir.name:
+        raise UserError(f"--kt-sft-manifest: the output {out_dir} has no folder beside it for this converter's "
+                        "records; choose a directory below it")
+    state = state_dir(out_dir)
+    fsio.entry(state, fsio.DIR)
+    return resolve_output_dir(state, input_root)
 
 
 def check_output_location(out_dir: Path, input_root: Path) -> None:
@@ -158,24 +171,50 @@ def _check_entries(out_dir: Path, shared: bool = False) -> None:
                 fsio.entry(p, fsio.FILE)
 
 
+def _kt_root_problem(out_dir: Path, planned: Manifest, overwrite: bool) -> str | None:
+    """--kt-sft-manifest: what in out_dir would stay beside kt's tree (kt's SFT loader refuses any other entry
+    at the root): anything but the planned _layer_L folders, kt's manifest and our temporaries, unless
+    --overwrite removes it as ours."""
+    allowed = {KT_SFT_MANIFEST_FILE, *(layer_dir_name(layer) for layer in planned.layers)}
+    foreign = sorted(p.name for p in out_dir.iterdir()
+                     if p.name not in allowed and not _stale_temporary(p) and not (overwrite and _ours(p)))
+    if not foreign:
+        return None
+    return (f"{out_dir} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which kt-kernel's SFT "
+            f"loader refuses beside its weights (only {KT_SFT_MANIFEST_FILE} and the _layer_L folders may be "
+            "there): move them away or choose an empty directory"
+            + ("" if overwrite else "; --overwrite removes what an earlier conversion wrote there"))
+
+
 def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite: bool,
-                   shared: bool = False) -> Manifest:
+                   shared: bool = False, state: Path | None = None) -> Manifest:
     """Returns the manifest to continue from (a fresh one, or the existing one when resuming).
     out_dir: from resolve_output_dir, existing, locked by us. shared: --shard processes write layers
     beside us (their temporaries are alive: only the manifest's and index's, written under the lock,
-    are stale here)."""
+    are stale here). state: where the manifest is (out_dir, or OUT.kt-convert with --kt-sft-manifest, whose
+    out_dir then holds kt's tree and nothing else)."""
     out_dir = resolve_output_dir(out_dir, input_root)
-    _check_entries(out_dir, shared)
+    state = out_dir if state is None else resolve_output_dir(state, input_root)
+    dirs = [out_dir] if state == out_dir else [out_dir, state]
+    for d in dirs:
+        _check_entries(d, shared)
+    if state != out_dir:
+        problem = _kt_root_problem(out_dir, planned, overwrite)
+        if problem:
+            raise UserError(problem)
+        if os.path.lexists(out_dir / LOCK_FILE):  # an earlier conversion's without the flag: unless it still runs
+            OutputLock(out_dir).release()
     try:
-        existing = read_manifest(out_dir)
+        existing = read_manifest(state)
     except ManifestError as e:
         if not overwrite:
             raise UserError(f"{e}; pass --overwrite to replace the output") from None
         existing = None
     # under our lock: temporaries here are an interrupted run's, never a running converter's
-    stale = [p for p in out_dir.iterdir() if _stale_temporary(p)
+    entries = [p for d in dirs for p in d.iterdir()]
+    stale = [p for p in entries if _stale_temporary(p)
              and (not shared or p.name in (MANIFEST_FILE + ".tmp", INDEX_FILE + ".tmp"))]
-    others = [p for p in out_dir.iterdir() if p.name != LOCK_FILE and p not in stale and not _stale_temporary(p)]
+    others = [p for p in entries if p.name != LOCK_FILE and p not in stale and not _stale_temporary(p)]
     if existing is not None and not overwrite:
         ours, theirs = existing.identity(), planned.identity()
         diff = [k for k in theirs if ours.get(k) != theirs.get(k)]
@@ -189,8 +228,11 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
         _remove(stale)
         return existing
     if others and not overwrite:
+        elsewhere = state == out_dir and os.path.lexists(state_dir(out_dir) / MANIFEST_FILE)
         raise UserError(f"{out_dir} is not empty and holds no kt_manifest.json; choose an empty directory "
-                        "or pass --overwrite")
+                        "or pass --overwrite" + (f" (its records are in {state_dir(out_dir)}: a conversion made "
+                                                  "with --kt-sft-manifest, which resumes with that flag)"
+                                                  if elsewhere else ""))
     _remove(stale + [p for p in others if _ours(p)])
     return planned
 

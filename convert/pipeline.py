@@ -12,21 +12,22 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import FORMAT_VERSION, MANIFEST_FILE, PROJECTIONS, shard_file_name, shard_slice
+from kt_runtime.format.layout import (FORMAT_VERSION, KT_SFT_MANIFEST_FILE, MANIFEST_FILE, PROJECTIONS, shard_file_name,
+                                      shard_slice)
 from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
 from kt_runtime.format.methods import method_for
 from kt_runtime.format.verified import add_verified, is_verified, read_verified, record_verified
 from quant.cpu import PackTarget
 
-from . import __version__, preflight
+from . import __version__, kt_sft_output, preflight
 from .announce import plan_lines, resume_line
 from .kt_resume import adopt_kt_layers, kt_started_layout
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .claims import Claim, Held
-from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
-                         resolve_output_dir, write_index, write_quantization_config)
+from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, records_dir,
+                         remove_if_empty, resolve_output_dir, write_index, write_quantization_config)
 from .packers import make_packer
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
@@ -65,6 +66,7 @@ class ConvertOptions:
     max_source_disk: int | None = None  # bytes of downloaded source on disk at once (implies deletion)
     dry_run: bool = False  # plan only: print it, write nothing
     download_workers: int = 4  # shards downloaded at once (convert.download.DOWNLOAD_WORKERS)
+    kt_sft_manifest: bool = False  # kt's SFT input: kt-weight-manifest.json, our files in OUT.kt-convert
 
 
 @dataclass
@@ -92,6 +94,7 @@ class ConversionReport:
     layers_held: list[int] = field(default_factory=list)  # of our shard, being converted by other processes
     complete: bool = True  # the output is complete (a --shard run: once every shard's layers are)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (convert.timings.STAGES)
+    records: str = ""  # --kt-sft-manifest: the folder of this converter's manifest and records (OUT.kt-convert)
 
     @property
     def input_gb_per_s(self) -> float:
@@ -121,7 +124,9 @@ class ConversionReport:
                 + (f"\nshard {self.shard}: layers {', '.join(map(str, self.layers_held))} of this shard are being "
                    "converted by other processes" if self.layers_held else "")
                 + ("\nnot complete yet: other shards' layers are missing; the last shard to finish (or "
-                   f"`convert-cpu-weights finalize {self.output}`) completes it" if not self.complete else ""))
+                   f"`convert-cpu-weights finalize {self.output}`) completes it" if not self.complete else "")
+                + (f"\nkt-kernel SFT: kt_weight_path {self.output} ({KT_SFT_MANIFEST_FILE}); this converter's "
+                   f"manifest and records: {self.records}" if self.records and self.complete else ""))
         if not self.layers_converted:
             return (f"nothing to convert: all {plural(self.layers_resumed, 'layer')} were converted by an earlier run "
                     f"-> {self.output}" + tail)
@@ -170,7 +175,8 @@ def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOption
                     layout="merged" if opts.merge else "kt-folders", activation=plan.activation,
                     swiglu_limit=plan.swiglu_limit, num_shards=plan.num_shards,
                     model_layers=list(plan.model_layers), partial=plan.partial,
-                    source=source, options={"include_non_expert": opts.include_non_expert},
+                    source=source, options={"include_non_expert": opts.include_non_expert,
+                                            **({"kt_sft_manifest": True} if opts.kt_sft_manifest else {})},
                     converter_version=__version__, format_version=FORMAT_VERSION)
 
 
@@ -274,14 +280,15 @@ def layer_writer(out: Path, plan: ConversionPlan, manifest: Manifest, lp: LayerP
         return MergedShardWriter(out, lp.shard_name, lp.layer, plan.spec.layer_entries(lp.layer),
                                  lambda source_sha256: shard_metadata(manifest, lp.layer, source_sha256),
                                  spec=plan.spec, on_hashed=on_hashed)
-    return KtFolderWriter(out, lp.layer, plan.method.name, on_hashed)
+    return KtFolderWriter(out, lp.layer, plan.method.name, on_hashed,
+                          file_digests=bool(manifest.options.get("kt_sft_manifest")))
 
 
-def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> dict:
+def _verify_completed(out: Path, state: Path, manifest: Manifest, progress: Progress) -> dict:
     """Drops completed layers whose files are missing or changed, so they are converted again. Layers
-    whose files are the ones recorded as verified (format/verified.py: same size, mtime, inode, device)
-    are not hashed again; those hashed here and found intact are recorded. Returns the record's entries."""
-    entries = read_verified(out)
+    whose files are the ones recorded as verified (format/verified.py, in `state`: same size, mtime, inode,
+    device) are not hashed again; those hashed here and found intact are recorded. Returns the record's entries."""
+    entries = read_verified(state)
     hashed = {}
     for layer, rec in sorted(manifest.completed.items()):
         if not _layer_intact(out, rec, entries):
@@ -290,7 +297,7 @@ def _verify_completed(out: Path, manifest: Manifest, progress: Progress) -> dict
         elif not _recorded(out, rec, entries):
             hashed[layer] = (rec.sha256, rec.files, [out / f for f in rec.files])
     if hashed:
-        record_verified(out, entries, hashed)
+        record_verified(state, entries, hashed)
     return entries
 
 
@@ -328,11 +335,16 @@ def open_source(opts: ConvertOptions, note=print):
 
 
 def method_or_exit(opts: ConvertOptions):
-    """The method row of --quant-method and --group-size (exit 2 naming what is accepted)."""
+    """The method row of --quant-method and --group-size (exit 2 naming what is accepted), after the
+    options it needs (--kt-sft-manifest: AMXINT8 .kt folders of every layer)."""
     try:
-        return method_for(opts.quant_method, opts.group_size)
+        method = method_for(opts.quant_method, opts.group_size)
     except ValueError as e:
         raise UserError(str(e)) from None
+    why = kt_sft_output.refusal(method, opts.merge, opts.layers, opts.resume_layer) if opts.kt_sft_manifest else None
+    if why:
+        raise UserError(why)
+    return method
 
 
 def plan_conversion(ckpt: Checkpoint, opts: ConvertOptions) -> tuple[ConversionPlan, list[tuple[str, str]]]:
@@ -366,6 +378,8 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
             raise UserError(f"the outputs of one run share {', '.join(differ)}; run separately to change them")
     check_cpu_threads(first.cpuinfer_threads)
     methods = [method_or_exit(o) for o in opts_list]  # before a download starts
+    if shard is not None and any(o.kt_sft_manifest for o in opts_list):
+        raise UserError(kt_sft_output.refusal(methods[0], False, None, None, shard=True))
     device = resolve_device(first.device)
     if device == "cuda" and not all(m.numa_split for m in methods):  # the Triton packer writes AMX tiles only
         if first.device == "cuda":
@@ -397,11 +411,13 @@ def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, d
         seen: dict[Path, int] = {}
         for i, job in enumerate(jobs):
             job.out = resolve_output_dir(job.opts.output, ckpt.root)
-            if job.out in seen:
-                raise UserError(f"output {job.out} is named twice (outputs {seen[job.out] + 1} and {i + 1}): "
-                                "give each output its own directory (e.g. a template with {method} and "
-                                "{threadpool_count})")
-            seen[job.out] = i
+            job.state = records_dir(job.out, ckpt.root) if job.opts.kt_sft_manifest else job.out
+            for folder in dict.fromkeys((job.out, job.state)):  # an output, or the records folder of one
+                if folder in seen:
+                    raise UserError(f"output {folder} is named twice (outputs {seen[folder] + 1} and {i + 1}): "
+                                    "give each output its own directory (e.g. a template with {method} and "
+                                    "{threadpool_count})")
+                seen[folder] = i
         for job in jobs[1:]:
             if [(lp.layer, lp.experts) for lp in job.plan.layers] != [(lp.layer, lp.experts) for lp in jobs[0].plan.layers]:
                 raise RuntimeError("the outputs of one run planned different source layers")
@@ -421,6 +437,7 @@ class OutputJob:
     plan: ConversionPlan
     non_expert: list[tuple[str, str]]
     out: Path | None = None
+    state: Path | None = None  # where the manifest, lock and records go: `out`, or OUT.kt-convert (--kt-sft-manifest)
     manifest: Manifest | None = None
     lock: OutputLock | None = None  # a single process: held for the whole run
     shared: SharedOutput | None = None  # --shard: per-layer claims instead
@@ -454,17 +471,17 @@ SHARED_LOCK_WAIT_S = 600.0  # --shard processes hold the output's lock for momen
 
 def _open_single(ckpt: Checkpoint, job: OutputJob, device: str, progress: Progress) -> None:
     """The run-long lock, the manifest to continue from, the layers still to do."""
-    out, opts = job.out, job.opts
-    job.lock = OutputLock(out)
+    out, state, opts = job.out, job.state, job.opts
+    job.lock = OutputLock(state)
     planned = planned_manifest(job.plan, ckpt, opts)
     job.adopted = opts.resume_layer is not None and not opts.overwrite and kt_started_layout(out) is not None
     if job.adopted:  # kt's own script started this output: keep its layers if they are ours byte for byte
         _adopt_kt_layers(ckpt, job.plan, out, planned, opts, device, progress)
-    _refuse_changed_source(out, planned, opts.overwrite)
-    check_no_live_shards(out)
-    job.manifest = prepare_output(out, ckpt.root, planned, opts.overwrite)
-    job.manifest.completed.update(read_records(out, job.manifest))  # layers --shard processes finished here
-    job.verified = _verify_completed(out, job.manifest, progress)
+    _refuse_changed_source(state, planned, opts.overwrite)
+    check_no_live_shards(state)
+    job.manifest = prepare_output(out, ckpt.root, planned, opts.overwrite, state=state)
+    job.manifest.completed.update(read_records(state, job.manifest))  # layers --shard processes finished here
+    job.verified = _verify_completed(out, state, job.manifest, progress)
     job.todo = [lp.layer for lp in job.plan.layers if lp.layer not in job.manifest.completed]
     job.resumed = len(job.plan.layers) - len(job.todo)
 
@@ -558,13 +575,16 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
     shown: set[str] = set()
     try:
         for job in jobs:
-            for line in plan_lines(job.plan, ckpt.root, job.out, device):
+            for line in plan_lines(job.plan, ckpt.root, job.out, device, job.state if job.state != job.out else None):
                 if line not in shown:  # several outputs: the source and model lines once
                     shown.add(line)
                     progress.note(line)
             try:
                 job.created = created_dirs(job.out)
                 job.out.mkdir(parents=True, exist_ok=True)
+                if job.state != job.out:  # removed first if still empty
+                    job.created[:0] = created_dirs(job.state)
+                    job.state.mkdir(exist_ok=True)
                 if shard is None:
                     _open_single(ckpt, job, device, progress)
                 else:
@@ -589,7 +609,9 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
         _preflight(ckpt, jobs, batch_experts, progress, gate, layer_files if gate is not None else None)
         for job in jobs:
             if job.lock is not None:
-                write_manifest(job.out, job.manifest)
+                write_manifest(job.state, job.manifest)
+                if job.todo and job.state != job.out:  # kt must not load a tree whose layers are being replaced
+                    fsio.remove(job.out / KT_SFT_MANIFEST_FILE)
         if gate is not None:
             gate.schedule(layer_files, pinned)
         progress.close()
@@ -643,8 +665,8 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
             with timings.timed("finish_s"):
                 for job in jobs:
                     if job.lock is not None:
-                        _finish(ckpt, job.plan, job.out, job.manifest, job.opts, job.non_expert)
-                        fsio.remove(job.out / SHARD_DIR)  # records of --shard runs it resumed, now in the manifest
+                        _finish(ckpt, job.plan, job.out, job.manifest, job.opts, job.non_expert, job.state)
+                        fsio.remove(job.state / SHARD_DIR)  # records of --shard runs it resumed, now in the manifest
                         job.complete = True
                     elif job.shared is not None:
                         job.complete = finalize_shared(ckpt, job, progress) is None
@@ -682,7 +704,7 @@ def _report(job: OutputJob, device: str, seconds: float, shard: ShardSpec | None
         input_bytes=sum(lp.input_bytes for lp in lps), output_bytes=sum(lp.output_bytes for lp in lps),
         seconds=seconds, nonfinite=nonfinite, partial=plan.partial, model_layers=len(plan.model_layers),
         shard=str(shard) if shard else "", layers_held=sorted(job.held), complete=job.complete,
-        timings=timings.to_dict())
+        timings=timings.to_dict(), records=str(job.state) if job.state != job.out else "")
 
 
 def _recorded(out: Path, rec, entries: dict) -> bool:
@@ -708,7 +730,7 @@ def _record_verified(job: OutputJob, record) -> None:
     cache, and the loader or a later run hashes that layer instead."""
     layers = {record.layer: (record.sha256, record.files, [job.out / f for f in record.files])}
     if job.shared is None:
-        record_verified(job.out, job.verified, layers)
+        record_verified(job.state, job.verified, layers)
         return
     try:
         lock = OutputLock(job.out, wait_s=RECORD_LOCK_WAIT_S)
@@ -809,18 +831,20 @@ def _commit_layer(writers: list, layer: int, last_write: Future | None = None, t
             job.shared.record(record)
             job.claims.pop(layer).release()
         else:
-            write_manifest(job.out, job.manifest)
+            write_manifest(job.state, job.manifest)
         _record_verified(job, record)
     if on_commit is not None:  # the layer is safe on disk: its source may go
         on_commit(layer)
 
 
 def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifest, opts: ConvertOptions,
-            non_expert: list[tuple[str, str]]) -> None:
-    # the index is what kt-kernel loads: it is written last, after every shard and copied file
-    copy_model_files(ckpt.root, out, COPIED_FILES)
+            non_expert: list[tuple[str, str]], state: Path | None = None) -> None:
+    """state: where the manifest and the copied model files go (OUT.kt-convert with --kt-sft-manifest)."""
+    # the index (kt's SFT manifest) is what kt-kernel loads: it is written last, after every shard and copied file
+    state = state or out
+    copy_model_files(ckpt.root, state, COPIED_FILES)
     if not plan.method.numa_split:
-        write_quantization_config(out, plan.method)
+        write_quantization_config(state, plan.method)
     if opts.merge:
         spec = plan.spec
         weight_map = {key: lp.shard_name for lp in plan.layers for key, _, _ in spec.layer_entries(lp.layer)}
@@ -833,8 +857,10 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
     ckpt.check_unchanged()  # every byte converted was read from the source files as they were when opened
     if opts.merge:
         write_index(out, weight_map, total)
+    if opts.kt_sft_manifest:
+        kt_sft_output.write_weight_manifest(out, manifest)
     manifest.complete = True
-    write_manifest(out, manifest)
+    write_manifest(state, manifest)
 
 
 def _os_error(e: OSError, out: Path) -> UserError:

@@ -15,22 +15,24 @@ from quant.cpu import SourceMatrix
 from quant.source_formats import FLOAT_KINDS, SUPPORTED, input_type_of
 
 from .errors import UserError
-from .families import Family, describe_unknown, detect_family, detection_note
-from .source import Checkpoint
+from .families import Family, describe_unknown, detect_family, detection_note, family_for
+from .source import HF_QUANT_CONFIG, Checkpoint
 from .source_reader import Slab
 
 FP4_WEIGHT_DTYPES = ("I8", "U8", "F4")
-FP4_SCALE_DTYPES = ("F8_E8M0", "U8")
+FP4_SCALE_DTYPES = ("F8_E8M0", "U8")  # one-byte E8M0 scales (MXFP4, MXFP8)
+NVFP4_GROUP = 16
 
 
 @dataclass(frozen=True)
 class ProjectionSource:
     """Where one expert's projection lives and how to decode it.
 
-    kind: decoder (mxfp4 | fp8_block | bf16 | f16 | int4_group). For fused tensors, expert indexes
+    kind: decoder (a quant.source_formats kind). For fused tensors, expert indexes
     dim 0; rows = (start, count, step) picks this projection's N rows out of the fused N axis; and
     transposed means the tensor stores [K, N] per expert (rows are its columns). block: FP8 scale
-    block (bn, bk), or (1, group) for INT4.
+    block (bn, bk), or (1, group) for INT4. global_key: nvfp4's per-tensor F32 scale, which divides
+    the group scales when global_divides (compressed-tensors) and multiplies them otherwise (ModelOpt).
     """
 
     kind: str
@@ -40,11 +42,23 @@ class ProjectionSource:
     rows: tuple[int, int, int] | None = None
     transposed: bool = False
     block: tuple[int, int] | None = None
+    global_key: str | None = None
+    global_divides: bool = False
 
 
 def source_slabs(src: ProjectionSource) -> list[Slab]:
     """The byte ranges read_source_matrix needs: one expert's part of a fused tensor, or the tensor."""
-    return [Slab(k, src.expert) for k in (src.weight_key, src.scale_key) if k is not None]
+    return [Slab(k, src.expert) for k in (src.weight_key, src.scale_key, src.global_key) if k is not None]
+
+
+def _global_scale(src: ProjectionSource, batch) -> float:
+    """nvfp4's per-tensor scale, as read: a positive finite float32, else exit 2 naming the tensor."""
+    g = np.asarray(batch[Slab(src.global_key, src.expert)], dtype=np.float32).reshape(-1)
+    value = float(g[0])
+    if not (np.isfinite(value) and value > 0):
+        raise UserError(f"tensor {src.global_key} holds {value}, not a positive finite per-tensor scale: the "
+                        "checkpoint is damaged; re-download it")
+    return value
 
 
 def read_source_matrix(src: ProjectionSource, batch) -> SourceMatrix:
@@ -68,6 +82,11 @@ def read_source_matrix(src: ProjectionSource, batch) -> SourceMatrix:
         s = s[start : start + count * step : step] if s is not None else None
     if src.kind == "f16":
         w = w.view(np.uint16)
+    if src.kind in ("nvfp4", "mxfp8"):
+        w, s = w.view(np.uint8), s.view(np.uint8)
+    if src.kind == "nvfp4":
+        return SourceMatrix(src.kind, w, s, src.block, global_scale=_global_scale(src, batch),
+                            global_divides=src.global_divides)
     return SourceMatrix(src.kind, w, s, src.block)
 
 
@@ -275,11 +294,63 @@ def _cdiv(a: int, b: int) -> int:
 
 
 class _Quant:
-    """Block sizes from config.json's quantization_config, read once and only when needed."""
+    """What config.json's quantization_config (and a ModelOpt hf_quant_config.json) declare: block sizes,
+    and the routed experts' format, which must agree with the tensors (docs/FORMAT.md §6)."""
 
-    def __init__(self, cfg: ConfigFields):
+    def __init__(self, cfg: ConfigFields, hf_quant_config: dict | None = None, hf_where: str = ""):
         self.qc = cfg.object("quantization_config") or ConfigFields({}, cfg.where, "quantization_config.")
         self.where = cfg.where
+        self.hf = None
+        if hf_quant_config is not None:
+            self.hf = ConfigFields(hf_quant_config, hf_where).object("quantization") or \
+                ConfigFields({}, hf_where, "quantization.")
+
+    def declared(self) -> tuple[str | None, str]:
+        """(format, how it is declared): nvfp4-modelopt | nvfp4-ct | mxfp4-ct | mxfp8 | int4 | mxfp4 | fp8 |
+        another method's name | None (nothing declared)."""
+        method = self.qc.str("quant_method", default=None)
+        algo = self.qc.str("quant_algo", default=None)
+        fmt = self.qc.str("format", default=None)
+        hf_algo = self.hf.str("quant_algo", default=None) if self.hf is not None else None
+        if method == "modelopt" or (method is None and hf_algo is not None):
+            algo = algo or hf_algo
+            if hf_algo is not None and algo != hf_algo:
+                raise UserError(f"{self.where}: quantization_config.quant_algo {algo!r} and hf_quant_config.json's "
+                                f"quantization.quant_algo {hf_algo!r} disagree: the files come from different "
+                                "checkpoints; re-download them")
+            how = f"ModelOpt quant_algo {algo!r}"
+            return ("nvfp4-modelopt" if algo == "NVFP4" else f"modelopt {algo}"), how
+        if method == "compressed-tensors":
+            kinds = {"nvfp4-pack-quantized": "nvfp4-ct", "mxfp4-pack-quantized": "mxfp4-ct",
+                     "mxfp8-quantized": "mxfp8", "pack-quantized": "int4"}
+            return kinds.get(fmt, f"compressed-tensors {fmt}"), f"compressed-tensors format {fmt!r}"
+        if method is None:
+            return None, "no quantization_config"
+        return method, f"quant_method {method!r}"
+
+    def expect(self, kind: str, allowed: tuple, key: str, ckpt: Checkpoint) -> None:
+        """Exit 2 unless the declared format is one of `allowed` (None: nothing declared is allowed)."""
+        declared, how = self.declared()
+        if declared in allowed:
+            return
+        want = " or ".join(DECLARATIONS[a] for a in allowed if a is not None)
+        raise UserError(f"{ckpt.where(key)}: tensor {key} is stored as {kind}, but {self.where} declares {how}: "
+                        f"the config and the weights disagree (a {kind} checkpoint declares {want}); fix "
+                        "config.json or use the matching files")
+
+    def nvfp4_group(self) -> None:
+        """The declared NVFP4 group size, where declared, must be 16."""
+        sizes = []
+        if self.hf is not None and self.hf.cfg.get("group_size") is not None:
+            sizes.append(("hf_quant_config.json quantization.group_size", self.hf.int("group_size", hi=MAX_BLOCK)))
+        groups = self.qc.object("config_groups")
+        for name in (groups.cfg if groups is not None else {}):
+            w = groups.object(name).object("weights") if groups.object(name) is not None else None
+            if w is not None and w.cfg.get("group_size") is not None:
+                sizes.append((f"config_groups.{name}.weights.group_size", w.int("group_size", hi=MAX_BLOCK)))
+        for where, g in sizes:
+            if g != NVFP4_GROUP:
+                raise UserError(f"{self.where}: {where} is {g}; NVFP4 has one scale per {NVFP4_GROUP} weights")
 
     def fp8_block(self) -> tuple[int, int]:
         if self.qc.cfg.get("weight_block_size") is None:
@@ -310,9 +381,52 @@ class _Quant:
         raise UserError(f"{self.where}: quantization_config.config_groups has no 4-bit weight group")
 
 
+# How each format is declared in config.json (for the messages of _Quant.expect).
+DECLARATIONS = {
+    "nvfp4-modelopt": "quantization_config quant_method 'modelopt' with quant_algo 'NVFP4' (or hf_quant_config.json)",
+    "nvfp4-ct": "quant_method 'compressed-tensors' with format 'nvfp4-pack-quantized'",
+    "mxfp4-ct": "quant_method 'compressed-tensors' with format 'mxfp4-pack-quantized'",
+    "mxfp4": "quant_method 'mxfp4'", "mxfp8": "quant_method 'mxfp8' or compressed-tensors 'mxfp8-quantized'",
+    "fp8": "quant_method 'fp8'", "int4": "compressed-tensors 'pack-quantized'",
+}
+
+
+def _scalar_f32(ckpt: Checkpoint, key: str, what: str) -> None:
+    info = ckpt.info(key)
+    if info.dtype != "F32" or tuple(info.shape) not in ((), (1,)):
+        raise UserError(f"{ckpt.where(key)}: tensor {key} is {info.dtype} {list(info.shape)}, expected one F32 value "
+                        f"({what})")
+
+
+def _classify_fp4_packed(ckpt: Checkpoint, parts: dict[str, str], n: int, k: int, quant: _Quant) -> ProjectionSource:
+    """compressed-tensors FP4 (U8 weight_packed): NVFP4 (F8_E4M3 per 16 + weight_global_scale, a divisor) or
+    MXFP4 (E8M0 per 32), told apart by the scale dtype and the config's format, which must agree."""
+    key, scale = parts["packed"], parts.get("scale")
+    _require(ckpt, key, ("U8", "I8"), (n, k // 2), f"packed FP4 of a {n}x{k} matrix")
+    if scale is None:
+        raise UserError(f"{ckpt.root}: FP4 tensor {key} has no weight_scale; the checkpoint is incomplete")
+    if ckpt.info(scale).dtype == "F8_E4M3":
+        quant.expect("NVFP4", ("nvfp4-ct",), key, ckpt)
+        quant.nvfp4_group()
+        _require(ckpt, scale, ("F8_E4M3",), (n, k // NVFP4_GROUP), "NVFP4 scales (one F8_E4M3 per 16 weights)")
+        g = parts.get("global")
+        if g is None or not g.endswith("weight_global_scale"):
+            raise UserError(f"{ckpt.root}: NVFP4 tensor {key} has no weight_global_scale; the checkpoint is incomplete")
+        _scalar_f32(ckpt, g, "the NVFP4 per-tensor scale")
+        return ProjectionSource("nvfp4", key, scale, block=(1, NVFP4_GROUP), global_key=g, global_divides=True)
+    quant.expect("MXFP4", ("mxfp4-ct",), key, ckpt)
+    _require(ckpt, scale, FP4_SCALE_DTYPES, (n, k // 32), "MXFP4 scales (one E8M0 scale per 32 weights)")
+    if "global" in parts:
+        raise UserError(f"{ckpt.where(parts['global'])}: MXFP4 tensor {key} has a per-tensor scale "
+                        f"{parts['global']}; MXFP4 has none (is the checkpoint NVFP4 with E8M0 scales?)")
+    return ProjectionSource("mxfp4", key, scale)
+
+
 def _classify(ckpt: Checkpoint, parts: dict[str, str], shape: tuple[int, int], quant: _Quant) -> ProjectionSource:
     """One per-expert projection: its decoder, checked against dtypes and the config dims."""
     n, k = shape
+    if "packed" in parts and ckpt.info(parts["packed"]).dtype in ("U8", "I8"):
+        return _classify_fp4_packed(ckpt, parts, n, k, quant)
     if "packed" in parts:
         key, group = parts["packed"], quant.int4_group()
         _require(ckpt, key, ("I32",), (n, _cdiv(k, 8)), f"compressed-tensors INT4 of a {n}x{k} matrix")
@@ -337,11 +451,31 @@ def _classify(ckpt: Checkpoint, parts: dict[str, str], shape: tuple[int, int], q
     w = ckpt.info(weight_key)
     if w.dtype in FP4_WEIGHT_DTYPES:
         _require(ckpt, weight_key, FP4_WEIGHT_DTYPES, (n, k) if w.dtype == "F4" else (n, k // 2),
-                 f"packed MXFP4 of a {n}x{k} matrix")
+                 f"packed FP4 of a {n}x{k} matrix")
         if scale_key is None:
-            raise UserError(f"{ckpt.root}: MXFP4 tensor {weight_key} has no scale tensor; the checkpoint is incomplete")
+            raise UserError(f"{ckpt.root}: FP4 tensor {weight_key} has no scale tensor; the checkpoint is incomplete")
+        if ckpt.info(scale_key).dtype == "F8_E4M3":  # ModelOpt NVFP4: weight_scale per 16, weight_scale_2 multiplies
+            quant.expect("NVFP4", ("nvfp4-modelopt",), weight_key, ckpt)
+            quant.nvfp4_group()
+            _require(ckpt, weight_key, ("U8", "I8"), (n, k // 2), f"packed NVFP4 of a {n}x{k} matrix")
+            _require(ckpt, scale_key, ("F8_E4M3",), (n, k // NVFP4_GROUP), "NVFP4 scales (one F8_E4M3 per 16 weights)")
+            g = parts.get("global")
+            if g is None or not g.endswith("weight_scale_2"):
+                raise UserError(f"{ckpt.root}: NVFP4 tensor {weight_key} has no weight_scale_2; the checkpoint is "
+                                "incomplete")
+            _scalar_f32(ckpt, g, "the NVFP4 per-tensor scale")
+            return ProjectionSource("nvfp4", weight_key, scale_key, block=(1, NVFP4_GROUP), global_key=g)
+        quant.expect("MXFP4", (None, "mxfp4", "fp8", "mxfp4-ct"), weight_key, ckpt)
         _require(ckpt, scale_key, FP4_SCALE_DTYPES, (n, k // 32), "MXFP4 scales (one E8M0 scale per 32 weights)")
+        if "global" in parts:
+            raise UserError(f"{ckpt.where(parts['global'])}: MXFP4 tensor {weight_key} has a per-tensor scale "
+                            f"{parts['global']}; MXFP4 has none (is the checkpoint NVFP4 with E8M0 scales?)")
         return ProjectionSource("mxfp4", weight_key, scale_key)
+    if w.dtype == "F8_E4M3" and scale_key is not None and ckpt.info(scale_key).dtype in FP4_SCALE_DTYPES:
+        quant.expect("MXFP8", (None, "mxfp8"), weight_key, ckpt)
+        _require(ckpt, weight_key, ("F8_E4M3",), (n, k), f"MXFP8 weights of a {n}x{k} matrix")
+        _require(ckpt, scale_key, FP4_SCALE_DTYPES, (n, k // 32), "MXFP8 scales (one E8M0 scale per 32 weights)")
+        return ProjectionSource("mxfp8", weight_key, scale_key)
     if w.dtype == "F8_E4M3":
         bn, bk = quant.fp8_block()
         _require(ckpt, weight_key, ("F8_E4M3",), (n, k), f"FP8 weights of a {n}x{k} matrix")
@@ -467,10 +601,13 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     where = str(ckpt.root / "config.json")
     fields = ConfigFields(text_config(ckpt.config, where), where)
     model_type = fields.str("model_type", default=None)
+    outer = ConfigFields(ckpt.config, where).str("model_type", default=None)
+    if family_for(outer) is not None:  # Kimi K3: kimi_k3 outside, its text_config says kimi_linear
+        model_type = outer
     family = detect_family(model_type, ckpt.key_file)
     if family is None:
         raise UserError(f"{where}: {describe_unknown(model_type, ckpt.key_file)}")
-    hidden = fields.int("hidden_size", hi=MAX_DIM)
+    hidden = fields.first_int(family.hidden_keys, "routed-expert hidden size", hi=MAX_DIM)
     inter = fields.first_int(family.intermediate_keys, "routed-expert intermediate size", hi=MAX_DIM)
     num_experts = fields.first_int(family.expert_count_keys, "routed expert count", hi=MAX_EXPERTS)
     top_k_keys = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token")
@@ -519,7 +656,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
                           skipped_mtp_layers=[str(x) for x in mtp_layers],
                           routed_keys=routed, extra_shards=extra_shards if layout == "merged" else 0,
                           family_note=detection_note(model_type, family))
-    quant = _Quant(fields)
+    quant = _Quant(fields, ckpt.hf_quant_config, str(ckpt.root / HF_QUANT_CONFIG))
     out_bytes = plan.spec.layer_data_bytes()  # the same for every layer
     kinds = set()
     for layer in todo:
@@ -566,7 +703,13 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     plan.input_type = detected
     plan.source_info = {"expert_layout": family.layout}
     if family.activation_params:
-        plan.source_info["activation_params"] = dict(family.activation_params)
+        params = dict(family.activation_params)
+        for name, key in family.activation_param_keys.items():
+            params[name] = fields.number(key, positive=True, default=params[name])
+        plan.source_info["activation_params"] = params
+    model_hidden = fields.int("hidden_size", hi=MAX_DIM, default=hidden)
+    if model_hidden != hidden:  # the experts run on a latent width (Kimi K3); the runtime takes `hidden_size`
+        plan.source_info["model_hidden_size"] = model_hidden
     kept_biases = sorted(k for k, layer in biases.items() if layer in set(todo))
     if kept_biases:
         plan.source_info["unpacked_expert_tensors"] = kept_biases

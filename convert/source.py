@@ -27,6 +27,7 @@ from .errors import UserError
 
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 INDEX_NAME = "model.safetensors.index.json"
+HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's quantization record beside config.json (optional)
 # Files copied next to the packed experts so the output directory describes its model.
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
@@ -42,6 +43,7 @@ class Checkpoint:
     key_file: dict[str, str]  # tensor key -> file name
     # .safetensors files in the folder that the index does not name (a hint when tensors are missing)
     unindexed: list[str] = field(default_factory=list)
+    hf_quant_config: dict | None = None  # hf_quant_config.json where the checkpoint has one
 
     def info(self, key: str) -> TensorInfo:
         return self.files[self.key_file[key]].tensors[key]
@@ -283,6 +285,8 @@ def open_checkpoint(spec: str) -> Checkpoint:
     else:
         raise UserError(f"{path} is {file_kind(st.st_mode)}; pass a checkpoint directory or a .safetensors file")
     config = _read_json_object(root, "config.json", "config.json", CONFIG_MAX_BYTES)
+    hf_quant_config = (_read_json_object(root, HF_QUANT_CONFIG, HF_QUANT_CONFIG, CONFIG_MAX_BYTES)
+                       if os.path.lexists(root / HF_QUANT_CONFIG) else None)
     _check_copied_files(root)
     files: dict[str, SafetensorsFile] = {}
     try:
@@ -312,4 +316,4 @@ def open_checkpoint(spec: str) -> Checkpoint:
             raise UserError(f"{root / INDEX_NAME} says tensor {key} is in {name}, but {where} "
                             f"({len(wrong)} such entries): the index and the shards come from different downloads; "
                             "re-download them")
-    return Checkpoint(root, config, files, key_file, unindexed)
+    return Checkpoint(root, config, files, key_file, unindexed, hf_quant_config)

@@ -231,9 +231,27 @@ def _json_tensor(t: TensorError) -> dict:
 def _integrity(weights, digests: bool) -> dict:
     m = weights.manifest
     files = sorted({f for rec in m.completed.values() for f in rec.files}) if m is not None else []
+    kt_sft = m is not None and bool(m.options.get("kt_sft_manifest"))
+    if kt_sft:
+        _check_kt_sft(weights, digests)
     return {"manifest": m is not None, "complete": bool(m is not None and m.complete), "digests": digests and m is not None,
             "files": len(files), "bytes": sum(rec.nbytes for rec in m.completed.values()) if m is not None else 0,
-            "partial": weights.partial}
+            "partial": weights.partial, "kt_sft_manifest": kt_sft}
+
+
+def _check_kt_sft(weights, digests: bool) -> None:
+    """kt's SFT manifest and the tree beside it, as kt-kernel's validator sees them, against our records; with
+    digests, the records' per-file sha256 against the layer digests the loader has checked."""
+    from kt_runtime.format.kt_sft_manifest import record_digests_problem, weight_manifest_problem
+
+    m = weights.manifest
+    problem = weight_manifest_problem(weights.path, m.spec, m.completed)
+    if problem is None and digests:
+        problem = next(filter(None, (record_digests_problem(weights.path, m.completed[layer]) for layer in m.layers)),
+                       None)
+    if problem is not None:
+        raise UserError(f"{weights.path} is not what kt-kernel's SFT path accepts: {problem}; re-run the same "
+                        "convert command (it rewrites kt-weight-manifest.json and converts damaged layers again)")
 
 
 def verify(output: str | Path, source: str | None = None, *, layers: list[int] | None = None, threads: int = 0,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from kt_runtime.format import fsio
-from kt_runtime.format.digest import TreeHasher
+from kt_runtime.format.digest import TreeHasher, file_sha256
 from kt_runtime.format.layout import kt_file_names, layer_dir_name, numa_dir_name
 from kt_runtime.format.manifest import LayerRecord
 from kt_runtime.format.safetensors_file import plan_layout
@@ -128,8 +128,9 @@ class KtFolderWriter:
     """One layer -> `_layer_L/_numa_t/*.kt` files (kt's --no-merge-safetensor layout), built in
     `_layer_L.tmp/` and renamed when complete."""
 
-    def __init__(self, out_dir: Path, layer: int, method: str, on_hashed=None):
-        self.out_dir, self.layer, self.method = out_dir, layer, method
+    def __init__(self, out_dir: Path, layer: int, method: str, on_hashed=None, file_digests: bool = False):
+        """file_digests: also record each file's plain sha256 (LayerRecord.file_sha256; kt's SFT manifest)."""
+        self.out_dir, self.layer, self.method, self.file_digests = out_dir, layer, method, file_digests
         self.final = out_dir / layer_dir_name(layer)
         self.tmp = out_dir / (layer_dir_name(layer) + ".tmp")
         fsio.entry(self.final, fsio.DIR)  # refuse a link or special file under the final name now
@@ -184,8 +185,12 @@ class KtFolderWriter:
         else:
             fsio.replace(self.tmp, self.final, fsio.DIR)
         fsio.fsync_dir(self.out_dir)
-        return LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest(),
-                           source_sha256=self.source_sha256)
+        record = LayerRecord(self.layer, self._files, self._nbytes, self._digest.hexdigest(),
+                             source_sha256=self.source_sha256)
+        if self.file_digests:  # a file of one 64 MiB block has its block's digest; a longer one is read back
+            record.file_sha256 = [h or file_sha256(self.out_dir / f)
+                                  for h, f in zip(self._digest.file_digests(), self._files)]
+        return record
 
     def abort(self) -> None:
         self._digest.close()

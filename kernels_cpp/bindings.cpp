@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <stdexcept>
 #include <string>
 #if defined(__x86_64__) || defined(__i386__)
@@ -31,8 +32,10 @@ SourceKind parse_kind(const std::string& s) {
   if (s == "f16") return SourceKind::F16;
   if (s == "fp8_block") return SourceKind::FP8_BLOCK;
   if (s == "int4_group") return SourceKind::INT4_GROUP;
+  if (s == "nvfp4") return SourceKind::NVFP4;
+  if (s == "mxfp8") return SourceKind::MXFP8;
   throw std::invalid_argument("unknown source kind '" + s +
-                              "' (expected bf16, f32, mxfp4, f16, fp8_block or int4_group)");
+                              "' (expected bf16, f32, mxfp4, f16, fp8_block, int4_group, nvfp4 or mxfp8)");
 }
 
 int64_t element_bits(SourceKind kind) {
@@ -43,6 +46,8 @@ int64_t element_bits(SourceKind kind) {
     case SourceKind::F16: return 16;
     case SourceKind::FP8_BLOCK: return 8;
     case SourceKind::INT4_GROUP: return 4;
+    case SourceKind::NVFP4: return 4;
+    case SourceKind::MXFP8: return 8;
   }
   return 0;
 }
@@ -52,12 +57,14 @@ void require(bool ok, const std::string& where, const std::string& what) {
 }
 
 // A job tuple: (kind, weight[n, row_bytes...], scales or None, col0, k, out_weight, out_scale
-// [, (row_offset, block_n, block_k)]). The block tuple is needed by fp8_block (the scale grid and
-// where row 0 sits in it) and int4_group (block_k = group size).
+// [, (row_offset, block_n, block_k) | (global_scale, global_divides)]). The block tuple is needed by
+// fp8_block (the scale grid and where row 0 sits in it) and int4_group (block_k = group size); nvfp4
+// takes its per-tensor scale and whether it divides the group scales.
 PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
   const std::string where = "pack job " + std::to_string(index) + ": ";
   require(t.size() == 7 || t.size() == 8, where,
-          "expected (kind, weight, scales, col0, k, out_weight, out_scale[, (row_offset, block_n, block_k)])");
+          "expected (kind, weight, scales, col0, k, out_weight, out_scale[, (row_offset, block_n, block_k) | "
+          "(global_scale, global_divides)])");
   PackJob job;
   job.kind = parse_kind(t[0].cast<std::string>());
   const py::array weight = t[1].cast<py::array>();
@@ -71,14 +78,24 @@ PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
   require(job.col0 >= 0 && job.k > 0, where, "bad column range");
   const int64_t row_bytes = weight.shape(1) * weight.itemsize();
   require((job.col0 + job.k) * element_bits(job.kind) <= row_bytes * 8, where, "column range exceeds the source row");
-  if (job.kind == SourceKind::MXFP4) {
-    require(!t[2].is_none(), where, "MXFP4 needs scales");
+  if (job.kind == SourceKind::MXFP4 || job.kind == SourceKind::MXFP8 || job.kind == SourceKind::NVFP4) {
+    const int64_t group = job.kind == SourceKind::NVFP4 ? 16 : 32;  // columns per one-byte scale
+    require(!t[2].is_none(), where, "MXFP4/MXFP8/NVFP4 need scales");
     const py::array scales = t[2].cast<py::array>();
     require(scales.ndim() == 2 && scales.itemsize() == 1 && scales.strides(1) == 1, where, "scales must be 2-D uint8 rows");
     require(scales.shape(0) == job.n, where, "scales rows differ from weight rows");
-    require(scales.shape(1) * 32 >= job.col0 + job.k, where, "scales do not cover the column range");
+    require(scales.shape(1) * group >= job.col0 + job.k, where, "scales do not cover the column range");
     job.scales = static_cast<const uint8_t*>(scales.data());
     job.scale_row_bytes = scales.strides(0);
+  }
+  if (job.kind == SourceKind::NVFP4) {
+    require(t.size() == 8, where, "nvfp4 needs (global_scale, global_divides)");
+    const py::tuple g = t[7].cast<py::tuple>();
+    require(g.size() == 2, where, "nvfp4: expected (global_scale, global_divides)");
+    job.global_scale = g[0].cast<float>();
+    job.global_divides = g[1].cast<bool>();
+    require(std::isfinite(job.global_scale) && job.global_scale > 0.f, where,
+            "nvfp4 global_scale must be a positive finite number");
   }
   if (job.kind == SourceKind::FP8_BLOCK || job.kind == SourceKind::INT4_GROUP) {
     const bool fp8 = job.kind == SourceKind::FP8_BLOCK;

@@ -54,6 +54,10 @@ void validate_config(const Config& cfg) {
     fail("the gpt_oss activation's alpha and up_offset must be finite numbers");
   if (cfg.gpt_oss && is_grouped(cfg.method))  // kt-kernel's RAWINT4 has no gpt-oss activation either
     fail("group-wise INT4 layers run the SiLU activation only, not gpt_oss; use int4 or int8 weights");
+  if (cfg.situ && !(cfg.beta > 0.f && std::isfinite(cfg.beta) && cfg.linear_beta > 0.f && std::isfinite(cfg.linear_beta)))
+    fail("the situ activation's beta and linear_beta must be positive finite numbers");
+  if (cfg.situ && is_grouped(cfg.method))
+    fail("group-wise INT4 layers run the SiLU activation only, not situ; use int4 or int8 weights");
 }
 
 namespace detail {

@@ -49,6 +49,9 @@ struct Config {
   bool gpt_oss = false;           // gpt-oss activation (alpha, up_offset) instead of SiLU
   float alpha = 1.702f;
   float up_offset = 1.0f;
+  bool situ = false;              // Kimi K3's SiTU: beta*tanh(g/beta)*sigmoid(g) * linear_beta*tanh(u/linear_beta)
+  float beta = 4.0f;
+  float linear_beta = 25.0f;
   int64_t i_local() const { return intermediate / threadpool_count; }
 };
 
@@ -79,9 +82,12 @@ struct GateAct {
   float alpha = 1.702f, up_offset = 1.0f;
   const float* bg = nullptr;
   const float* bu = nullptr;
+  bool situ = false;
+  float beta = 4.0f, linear_beta = 25.0f;
   static GateAct of(const Weights& w, int64_t e, int64_t t, int64_t r0) {
     const Config& c = w.cfg;
-    return {c.clamp, c.limit, c.gpt_oss, c.alpha, c.up_offset, w.gate_b(e, t, r0), w.up_b(e, t, r0)};
+    return {c.clamp, c.limit, c.gpt_oss, c.alpha, c.up_offset, w.gate_b(e, t, r0), w.up_b(e, t, r0), c.situ, c.beta,
+            c.linear_beta};
   }
 };
 

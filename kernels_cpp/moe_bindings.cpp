@@ -45,7 +45,8 @@ class MoELayer {
   MoELayer(const std::string& method, const py::sequence& weights, int64_t hidden, int64_t intermediate,
            int64_t threadpool_count, std::optional<double> swiglu_limit, const std::string& activation = "silu",
            double alpha = 1.702, double up_offset = 1.0, const py::object& gate_bias = py::none(),
-           const py::object& up_bias = py::none(), const py::object& down_bias = py::none()) {
+           const py::object& up_bias = py::none(), const py::object& down_bias = py::none(), double beta = 4.0,
+           double linear_beta = 25.0) {
     moe::Config& cfg = w_.cfg;
     cfg.method = parse_method(method);
     cfg.hidden = hidden;
@@ -57,9 +58,12 @@ class MoELayer {
       cfg.clamp = true;
       cfg.limit = static_cast<float>(*swiglu_limit);
     }
-    require(activation == "silu" || activation == "gpt_oss",
-            "activation must be 'silu' or 'gpt_oss', got '" + activation + "'");
+    require(activation == "silu" || activation == "gpt_oss" || activation == "situ",
+            "activation must be 'silu', 'gpt_oss' or 'situ', got '" + activation + "'");
     cfg.gpt_oss = activation == "gpt_oss";
+    cfg.situ = activation == "situ";
+    cfg.beta = static_cast<float>(beta);
+    cfg.linear_beta = static_cast<float>(linear_beta);
     cfg.alpha = static_cast<float>(alpha);
     cfg.up_offset = static_cast<float>(up_offset);
     moe::validate_config(cfg);
@@ -276,14 +280,17 @@ void bind_moe(py::module_& m) {
   py::class_<MoELayer>(m, "MoELayer",
                        "One MoE layer's routed experts in the AMXINT4/AMXINT8 packed format, read in place.")
       .def(py::init<const std::string&, const py::sequence&, int64_t, int64_t, int64_t, std::optional<double>,
-                    const std::string&, double, double, const py::object&, const py::object&, const py::object&>(),
+                    const std::string&, double, double, const py::object&, const py::object&, const py::object&, double,
+                    double>(),
            py::arg("method"), py::arg("weights"), py::arg("hidden_size"), py::arg("intermediate_size"),
            py::arg("threadpool_count"), py::arg("swiglu_limit") = py::none(), py::kw_only(),
            py::arg("activation") = "silu", py::arg("alpha") = 1.702, py::arg("up_offset") = 1.0,
            py::arg("gate_bias") = py::none(), py::arg("up_bias") = py::none(), py::arg("down_bias") = py::none(),
+           py::arg("beta") = 4.0, py::arg("linear_beta") = 25.0,
            "weights[e][t] = (gate_w, gate_s, up_w, up_s, down_w, down_s): uint8 tiled bytes and float32 scales "
-           "of NUMA shard t of expert e (gate/up: [I/T, H], down: [H, I/T]). activation 'silu' or 'gpt_oss' "
-           "(g*sigmoid(alpha*g) * (u + up_offset)); gate_bias / up_bias float32 [E, I], down_bias [E, H] or None.")
+           "of NUMA shard t of expert e (gate/up: [I/T, H], down: [H, I/T]). activation 'silu', 'gpt_oss' "
+           "(g*sigmoid(alpha*g) * (u + up_offset)) or 'situ' (beta*tanh(g/beta)*sigmoid(g) * "
+           "linear_beta*tanh(u/linear_beta)); gate_bias / up_bias float32 [E, I], down_bias [E, H] or None.")
       .def("forward", &MoELayer::forward, py::arg("x"), py::arg("topk_ids"), py::arg("topk_weights"),
            py::arg("isa") = "auto", py::arg("num_threads") = 0,
            "x float32 [T, H], topk_ids int64 [T, k], topk_weights float32 [T, k] -> float32 [T, H]")
@@ -291,7 +298,9 @@ void bind_moe(py::module_& m) {
       .def_property_readonly("hidden_size", [](const MoELayer& l) { return l.config().hidden; })
       .def_property_readonly("intermediate_size", [](const MoELayer& l) { return l.config().intermediate; })
       .def_property_readonly("threadpool_count", [](const MoELayer& l) { return l.config().threadpool_count; })
-      .def_property_readonly("activation", [](const MoELayer& l) { return l.config().gpt_oss ? "gpt_oss" : "silu"; })
+      .def_property_readonly("activation", [](const MoELayer& l) {
+        return l.config().gpt_oss ? "gpt_oss" : l.config().situ ? "situ" : "silu";
+      })
       .def("host_job", [](py::object self, py::array x, py::array ids, py::array w, py::array out,
                           const std::string& isa, int64_t num_threads) {
              return new PyHostJob(self, x, ids, w, out, isa, num_threads);

@@ -103,6 +103,10 @@ float quantize(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
 
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
                const GateAct& p, float* act, int64_t stride) {
+  if (p.situ) {  // SiTU has no SIMD version: the scalar definition
+    epilogue_ref().silu_gate(ag, au, m, xd, sg, su, p, act, stride);
+    return;
+  }
   const __m256 L = set1(p.limit), nL = set1(-p.limit), one = set1(1.0f);
   const __m256 alpha = set1(p.alpha), off = set1(p.up_offset);
   const __m256i sign = _mm256_set1_epi32(INT32_MIN);

@@ -93,6 +93,10 @@ float quantize(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
 
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
                const GateAct& p, float* act, int64_t stride) {
+  if (p.situ) {  // SiTU has no SIMD version: the scalar definition
+    epilogue_ref().silu_gate(ag, au, m, xd, sg, su, p, act, stride);
+    return;
+  }
   const __m512 sg0 = _mm512_loadu_ps(sg), sg1 = _mm512_loadu_ps(sg + 16);
   const __m512 su0 = _mm512_loadu_ps(su), su1 = _mm512_loadu_ps(su + 16);
   const __m512 L = set1(p.limit), nL = set1(-p.limit), one = set1(1.0f);

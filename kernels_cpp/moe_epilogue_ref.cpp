@@ -73,7 +73,9 @@ void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd,
         gv = std::min(gv, p.limit);
         uv = std::min(std::max(uv, -p.limit), p.limit);
       }
-      if (p.gpt_oss) {
+      if (p.situ) {  // scalar on every ISA (the SIMD epilogues call this one), so bit-identical by construction
+        dst[j] = p.beta * std::tanh(gv / p.beta) / (1.0f + exp_det(-gv)) * (p.linear_beta * std::tanh(uv / p.linear_beta));
+      } else if (p.gpt_oss) {
         dst[j] = gv / (1.0f + exp_det(-(gv * p.alpha))) * (uv + p.up_offset);
       } else {
         dst[j] = gv / (1.0f + exp_det(-gv)) * uv;

@@ -54,6 +54,9 @@ enum class SourceKind {
   FP8_BLOCK,   // uint8 F8_E4M3FN [n, ktot] * float32 block scales [cdiv(N,block_n), cdiv(ktot,block_k)]
   INT4_GROUP,  // int32 words [n, ktot/8] (element j of a word at bits 4j, stored q+8) * scales
                // [n, ktot/block_k] as bf16 (scale_bits 16) or float32 (32): (u - 8) * scale
+  NVFP4,       // uint8 [n, ktot/2] E2M1 nibbles (as MXFP4) * uint8 F8_E4M3 [n, ktot/16] group scales, each
+               // times (or divided by: global_divides) the per-tensor global_scale: v * fl32(s * g | s / g)
+  MXFP8,       // uint8 F8_E4M3FN [n, ktot] * uint8 E8M0 [n, ktot/32] (as MXFP4's scales)
 };
 
 struct PackJob {
@@ -66,6 +69,8 @@ struct PackJob {
   int64_t block_n = 1;       // FP8_BLOCK: rows per scale block
   int64_t block_k = 32;      // FP8_BLOCK: columns per scale block; INT4_GROUP: group size
   int64_t row_offset = 0;    // FP8_BLOCK: index of row 0 in the scale grid (row slices of a matrix)
+  float global_scale = 1.f;  // NVFP4: the per-tensor scale
+  bool global_divides = false;  // NVFP4: group scale / global_scale (compressed-tensors), else * (ModelOpt)
   int64_t n = 0, k = 0;  // rows and columns of the packed matrix
   int64_t col0 = 0;      // first source column (NUMA slice of down)
   uint8_t* out_weight = nullptr;  // tiled bytes, n*k (INT8) or n*k/2 (INT4); RAWINT4: row-major n*k/2
@@ -82,6 +87,11 @@ int64_t packed_weight_bytes(Method method, int64_t n, int64_t k);
 namespace ref {
 // INT4_GROUP: the scale of `group` in `row`, as float.
 float int4_group_scale(const PackJob& job, int64_t row, int64_t group);
+// NVFP4: the multiplier of 16-column group `group` in `row`: fl32(e4m3 * g) or fl32(e4m3 / g).
+float nvfp4_group_scale(const PackJob& job, int64_t row, int64_t group);
+// NVFP4 / MXFP8: the value of column c of `row` before the bf16 rounding.
+float nvfp4_value(const PackJob& job, int64_t row, int64_t c);
+float mxfp8_value(const PackJob& job, int64_t row, int64_t c);
 // Decodes columns [col0, col0+k) of `row` into fp32; non-finite values become 0 and are counted.
 int64_t decode_row(const PackJob& job, int64_t row, float* out);
 // kt's per-row quantization; writes k int8 values (INT4: the 4-bit value -7..7) and returns d.

@@ -43,6 +43,41 @@ inline __m512 e4m3x16(const uint8_t* p) {
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
 }
 
+// 16 E2M1 codes (8 bytes, low nibble = even column) -> float.
+inline __m512 e2m1x16(const uint8_t* p) {
+  const __m512i byte_of = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m512i nib = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(byte_of, b), shift),
+                                       _mm512_set1_epi32(0x0F));
+  return _mm512_permutexvar_ps(nib, _mm512_loadu_ps(kE2M1));
+}
+
+// NVFP4: one 16-column group per step (its scale from ref::nvfp4_group_scale, the same fp32 operation).
+inline int64_t decode_nvfp4_row(const PackJob& job, int64_t row, float* out) {
+  const uint8_t* src = job.weight + row * job.weight_row_bytes;
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 16) {
+    const int64_t c = job.col0 + j;
+    const __m512 v = _mm512_mul_ps(e2m1x16(src + c / 2), _mm512_set1_ps(ref::nvfp4_group_scale(job, row, c / 16)));
+    _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
+  }
+  return nonfinite;
+}
+
+// MXFP8: 16 E4M3 codes times their E8M0 scale (16 columns never straddle a 32-column group).
+inline int64_t decode_mxfp8_row(const PackJob& job, int64_t row, float* out) {
+  const uint8_t* src = job.weight + row * job.weight_row_bytes;
+  const uint8_t* scales = job.scales + row * job.scale_row_bytes;
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 16) {
+    const int64_t c = job.col0 + j;
+    const __m512 v = _mm512_mul_ps(e4m3x16(src + c), _mm512_set1_ps(e8m0_to_f32(scales[c / 32])));
+    _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
+  }
+  return nonfinite;
+}
+
 }  // namespace
 
 int64_t decode_row(const PackJob& job, int64_t row, float* out) {
@@ -116,6 +151,12 @@ int64_t decode_row(const PackJob& job, int64_t row, float* out) {
       }
       return nonfinite;
     }
+    case SourceKind::NVFP4:
+      if (job.col0 % 16) break;  // a 16-lane step is one scale group
+      return decode_nvfp4_row(job, row, out);
+    case SourceKind::MXFP8:
+      if (job.col0 % 16) break;
+      return decode_mxfp8_row(job, row, out);
   }
   return ref::decode_row(job, row, out);
 }

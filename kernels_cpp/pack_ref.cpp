@@ -21,6 +21,22 @@ float int4_group_scale(const PackJob& job, int64_t row, int64_t group) {
   return s;
 }
 
+float nvfp4_group_scale(const PackJob& job, int64_t row, int64_t group) {
+  const float s = e4m3_to_f32(job.scales[row * job.scale_row_bytes + group]);
+  return job.global_divides ? s / job.global_scale : s * job.global_scale;
+}
+
+float nvfp4_value(const PackJob& job, int64_t row, int64_t c) {
+  const uint8_t byte = job.weight[row * job.weight_row_bytes + (c >> 1)];
+  const uint8_t nib = (c & 1) ? (byte >> 4) : (byte & 0x0F);
+  return kE2M1[nib] * nvfp4_group_scale(job, row, c >> 4);
+}
+
+float mxfp8_value(const PackJob& job, int64_t row, int64_t c) {
+  const uint8_t e = job.scales[row * job.scale_row_bytes + (c >> 5)];
+  return e4m3_to_f32(job.weight[row * job.weight_row_bytes + c]) * e8m0_to_f32(e);
+}
+
 int64_t decode_row(const PackJob& job, int64_t row, float* out) {
   const uint8_t* src = job.weight + row * job.weight_row_bytes;
   int64_t nonfinite = 0;
@@ -63,6 +79,12 @@ int64_t decode_row(const PackJob& job, int64_t row, float* out) {
         v = round_to_bf16(static_cast<float>(u - 8) * int4_group_scale(job, row, c / job.block_k));
         break;
       }
+      case SourceKind::NVFP4:
+        v = round_to_bf16(nvfp4_value(job, row, c));
+        break;
+      case SourceKind::MXFP8:
+        v = round_to_bf16(mxfp8_value(job, row, c));
+        break;
       default:
         v = 0.f;
     }

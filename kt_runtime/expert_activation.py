@@ -21,31 +21,40 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gpt_oss")
+ACTIVATIONS = ("silu", "gpt_oss", "situ")
 GPT_OSS_PARAMS = {"alpha": 1.702, "up_offset": 1.0}  # gpt-oss's constants (convert/families.py records them)
+SITU_PARAMS = {"beta": 4.0, "linear_beta": 25.0}  # Kimi K3's activation_situ_beta / _linear_beta
 
 
 @dataclass(frozen=True)
 class Activation:
-    """silu: a = silu(g) * u.  gpt_oss: a = g * sigmoid(alpha g) * (u + up_offset)."""
+    """silu: a = silu(g) * u.  gpt_oss: a = g * sigmoid(alpha g) * (u + up_offset).
+    situ (Kimi K3): a = beta tanh(g / beta) sigmoid(g) * linear_beta tanh(u / linear_beta)."""
 
     kind: str = "silu"
     alpha: float = 1.0
     up_offset: float = 0.0
+    beta: float = 4.0
+    linear_beta: float = 25.0
 
     def __post_init__(self):
         if self.kind not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.kind!r} (expected one of {', '.join(ACTIVATIONS)})")
-        for name in ("alpha", "up_offset"):
+        for name in ("alpha", "up_offset", "beta", "linear_beta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"activation {name} must be a finite number, got {v!r}")
+        if self.beta <= 0 or self.linear_beta <= 0:
+            raise ValueError(f"situ beta and linear_beta must be positive, got {self.beta}, {self.linear_beta}")
 
     @classmethod
     def named(cls, kind: str, params: dict | None = None) -> "Activation":
         if kind == "gpt_oss":
             p = {**GPT_OSS_PARAMS, **(params or {})}
             return cls("gpt_oss", float(p["alpha"]), float(p["up_offset"]))
+        if kind == "situ":
+            p = {**SITU_PARAMS, **(params or {})}
+            return cls("situ", beta=float(p["beta"]), linear_beta=float(p["linear_beta"]))
         return cls(kind)
 
     @classmethod
@@ -62,12 +71,17 @@ class Activation:
 
     def engine_kwargs(self) -> dict:
         """The CPU engine's arguments (kt_kernels.MoELayer)."""
+        if self.kind == "situ":
+            return {"activation": "situ", "beta": self.beta, "linear_beta": self.linear_beta}
         return {"activation": self.kind, "alpha": self.alpha, "up_offset": self.up_offset}
 
     def apply(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The activation of clamped gate / up (any float dtype, any device)."""
         if self.kind == "silu":
             return F.silu(gate) * up
+        if self.kind == "situ":
+            return (self.beta * torch.tanh(gate / self.beta) * torch.sigmoid(gate)
+                    * (self.linear_beta * torch.tanh(up / self.linear_beta)))
         return gate * torch.sigmoid(gate * self.alpha) * (up + self.up_offset)
 
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .format.layout import (LAYER_DIR, MANIFEST_FILE, NUMA_DIR, PROJECTIONS, PackedSpec, kt_file_paths, merged_key,
-                            parse_kt_file_name, parse_merged_key)
+from .format.layout import (KT_SFT_MANIFEST_FILE, LAYER_DIR, MANIFEST_FILE, NUMA_DIR, PROJECTIONS, STATE_DIR_SUFFIX,
+                            PackedSpec, kt_file_paths, merged_key, parse_kt_file_name, parse_merged_key, state_dir)
 from .format.digest import tree_sha256_files
 from .format.errors import FieldError, InputFileError, ManifestError, PackedWeightsError, SafetensorsFormatError
 from .format.input_files import CONFIG_MAX_BYTES, check_regular, containment_root, read_json, resolve_inside
@@ -207,14 +208,16 @@ def _check_layer_records(path: Path, m: Manifest, spec: PackedSpec) -> None:
 AUTO_VERIFY_BYTES = 1 << 30  # verify=None hashes layers not hashed before up to this much (about a second)
 
 
-def _verify_layer_files(path: Path, m: Manifest, verify: bool | None) -> None:
+def _verify_layer_files(path: Path, m: Manifest, verify: bool | None, state: Path | None = None) -> None:
     """Sizes always; sha256: every layer (verify=True), none (False), or (None) the layers not hashed
-    before with these very files (format/verified.py) when they are at most AUTO_VERIFY_BYTES."""
+    before with these very files (format/verified.py, kept in `state`, the manifest's folder) when they are at
+    most AUTO_VERIFY_BYTES."""
+    state = state or path
     boundary = containment_root(path)
     layer_paths = {}
     for layer in m.layers:
         rec = m.completed[layer]
-        paths = [_checked_file(path, f, f"{path / MANIFEST_FILE}: completed[{layer}].files",
+        paths = [_checked_file(path, f, f"{state / MANIFEST_FILE}: completed[{layer}].files",
                                f" although the manifest lists layer {layer} as complete", boundary) for f in rec.files]
         size = sum(p.stat().st_size for p in paths)
         if size != rec.nbytes:
@@ -223,7 +226,7 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool | None) -> None:
         layer_paths[layer] = paths
     if verify is False:
         return
-    entries = read_verified(path)
+    entries = read_verified(state)
     todo = [layer for layer in m.layers if verify or not is_verified(
         entries, layer, m.completed[layer].sha256, m.completed[layer].files, layer_paths[layer])]
     if verify is None and sum(m.completed[layer].nbytes for layer in todo) > AUTO_VERIFY_BYTES:
@@ -233,8 +236,25 @@ def _verify_layer_files(path: Path, m: Manifest, verify: bool | None) -> None:
             raise PackedWeightsError(f"{path}: layer {layer} files do not match their sha256 in the manifest: the output is "
                         "damaged; re-run the conversion command that wrote it (it converts this layer again)")
     if todo:
-        record_verified(path, entries, {layer: (m.completed[layer].sha256, m.completed[layer].files,
+        record_verified(state, entries, {layer: (m.completed[layer].sha256, m.completed[layer].files,
                                                 layer_paths[layer]) for layer in todo})
+
+
+def records_folder(path: Path) -> Path:
+    """The folder holding the manifest of the output at `path`: path itself, or, when it holds none (an output
+    made with --kt-sft-manifest: kt's SFT tree alone), the real directory beside it, PATH.kt-convert."""
+    whole = Path(os.path.abspath(path))  # "." and ".." name no folder to put a suffix on
+    state = state_dir(whole) if whole.name else whole
+    if os.path.lexists(path / MANIFEST_FILE) or not os.path.lexists(state):
+        return path
+    try:
+        mode = os.lstat(state).st_mode
+    except OSError:
+        return path
+    if not stat.S_ISDIR(mode):  # a derived name: never read through a link planted there
+        raise PackedWeightsError(f"{state} is not a real directory; the records of {path} are read from a folder of "
+                                 "that name only: remove it, then re-run the same conversion to rewrite them")
+    return state if os.path.lexists(state / MANIFEST_FILE) else path
 
 
 def as_packed_experts(weights) -> PackedExperts:
@@ -254,18 +274,28 @@ def load_experts(path: str | Path, verify: bool | None = None) -> PackedExperts:
       verify=True: for every layer (a full read of the output; seconds per GB);
       verify=False: never.
     A kt-kernel output without a manifest is loaded with parameters inferred from its tensors and a
-    warning.
+    warning. An output made with --kt-sft-manifest is loaded from its folder (kt's weight path), with its
+    manifest and records from the folder beside it (records_folder).
     """
     path = Path(path)
     if not path.is_dir():
         raise PackedWeightsError(f"{path}: not a directory of packed experts")
+    state = records_folder(path)
     try:
-        manifest = read_manifest(path)
+        manifest = read_manifest(state)
     except ManifestError as e:
         raise PackedWeightsError(str(e)) from None
+    kt_sft = manifest is not None and bool(manifest.options.get("kt_sft_manifest"))
+    if kt_sft and state == path:
+        raise PackedWeightsError(f"{path} holds the converter's records of a --kt-sft-manifest output, not its "
+                                 f"weights: load {path.with_name(path.name.removesuffix(STATE_DIR_SUFFIX))}")
+    if manifest is not None and state != path and not kt_sft:
+        raise PackedWeightsError(f"{state / MANIFEST_FILE} does not describe a --kt-sft-manifest output, so it is "
+                                 f"not the record of {path}: remove or rename {state}")
     try:
         if manifest is None:
-            warnings.warn(f"{path}: no kt_manifest.json; parameters are inferred from the tensors "
+            beside = f" (nor {state_dir(path)}/{MANIFEST_FILE})" if os.path.lexists(path / KT_SFT_MANIFEST_FILE) else ""
+            warnings.warn(f"{path}: no kt_manifest.json{beside}; parameters are inferred from the tensors "
                           "and nothing can be checked against the source", stacklevel=2)
             spec, tensors = _infer_kt_output(path)
             return PackedExperts(path, spec, None, tensors)
@@ -277,7 +307,7 @@ def load_experts(path: str | Path, verify: bool | None = None) -> PackedExperts:
                           "so serve it only beside another source of those layers", stacklevel=2)
         files = _layer_files(path, manifest)
         _check_layer_records(path, manifest, spec)
-        _verify_layer_files(path, manifest, verify)
+        _verify_layer_files(path, manifest, verify, state)
         if manifest.layout == "merged":
             tensors = _merged_tensors(path, spec, files, manifest)
         else:

@@ -24,7 +24,11 @@ class SourceMatrix:
       decoded as bf16(fp32(w) * scale);
     * "int4_group": int32 words [N, K/8] (compressed-tensors pack-quantized: element j of a word
       at bits 4j, stored q + 8) + bf16 (uint16 bits) or float32 scales [N, K/g] with block = (1, g);
-      decoded as bf16(fp32(u - 8) * fp32(scale)).
+      decoded as bf16(fp32(u - 8) * fp32(scale));
+    * "nvfp4": uint8 [N, K/2] E2M1 codes (as mxfp4) + F8_E4M3 uint8 scales [N, K/16] and the per-tensor
+      float32 global_scale, which multiplies each group scale (ModelOpt) or divides it (global_divides,
+      compressed-tensors): bf16(fl32(v * fl32(s * g))) or bf16(fl32(v * fl32(s / g)));
+    * "mxfp8": uint8 F8_E4M3 [N, K] + E8M0 uint8 scales [N, K/32]: bf16(fp32(w) * 2^(e-127)).
     """
 
     kind: str
@@ -32,6 +36,8 @@ class SourceMatrix:
     scales: np.ndarray | None = None
     block: tuple[int, int] | None = None
     row0: int = 0
+    global_scale: float = 1.0  # nvfp4: the per-tensor scale (a float32 value)
+    global_divides: bool = False  # nvfp4: the group scale is divided by global_scale (else multiplied)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -43,12 +49,15 @@ class SourceMatrix:
         if self.kind == "fp8_block":  # the block grid is indexed by absolute row
             return SourceMatrix(self.kind, weight, self.scales, self.block, self.row0 + row0)
         scales = None if self.scales is None else self.scales[row0 : row0 + n]
-        return SourceMatrix(self.kind, weight, scales, self.block, 0)
+        return SourceMatrix(self.kind, weight, scales, self.block, 0, self.global_scale, self.global_divides)
 
     def job_args(self) -> tuple:
-        """The block tuple the C++ packer takes for fp8_block / int4_group, else ()."""
+        """The block tuple the C++ packer takes for fp8_block / int4_group, the per-tensor scale of nvfp4,
+        else ()."""
         if self.kind in ("fp8_block", "int4_group"):
             return ((self.row0, self.block[0], self.block[1]),)
+        if self.kind == "nvfp4":
+            return ((float(self.global_scale), bool(self.global_divides)),)
         return ()
 
 

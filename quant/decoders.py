@@ -10,7 +10,13 @@ after the fp32 decode are rounded once, to nearest even (torch's ``.to(torch.bfl
 * compressed-tensors pack-quantized INT4: ``bf16(fp32(u - 8) * fp32(scale[n, k // g]))``. With the
   usual BF16 scales the fp32 product is exact (4-bit times 8-bit mantissas), so this equals the
   bf16 multiply ktransformers' ``(w - 8).to(bf16) * scale`` does; for F32 scales we define the
-  single rounding of the fp32 product.
+  single rounding of the fp32 product;
+* NVFP4 (E2M1 codes, one F8_E4M3 scale per 16 columns, one F32 per-tensor scale g):
+  ``bf16(fl32(v * t))`` with the group's ``t = fl32(s * g)`` (ModelOpt ``weight_scale_2``, a
+  multiplier: modelopt NVFP4QTensor.dequantize) or ``t = fl32(s / g)`` (compressed-tensors
+  ``weight_global_scale``, a divisor: compressed_tensors forward_helpers._dequantize);
+* MXFP8 (F8_E4M3 codes, one E8M0 scale per 32 columns): ``bf16(fp32(w) * 2^(e-127))`` with the
+  scale byte placed in the fp32 exponent field as kt-kernel reads it (0 -> 0, 255 -> inf).
 """
 from __future__ import annotations
 
@@ -81,6 +87,39 @@ def decode_int4_group(packed: np.ndarray | torch.Tensor, scale: np.ndarray | tor
     return ((u - 8).to(torch.float32) * s[:, cols]).to(torch.bfloat16)
 
 
+def nvfp4_group_scales(scale: np.ndarray | torch.Tensor, global_scale: float, divides: bool) -> torch.Tensor:
+    """F8_E4M3 bytes [N, K/16] and the per-tensor F32 scale -> the fp32 multiplier of each group."""
+    s = e4m3_to_float32(scale)
+    g = torch.tensor(global_scale, dtype=torch.float32)
+    return s / g if divides else s * g
+
+
+def decode_nvfp4(packed: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor, global_scale: float,
+                 divides: bool) -> torch.Tensor:
+    """uint8 [N, K/2] E2M1 codes (low nibble = even column) + F8_E4M3 [N, K/16] + per-tensor scale -> bf16."""
+    from .mxfp4 import E2M1_VALUES
+
+    b = _tensor(packed).view(torch.uint8)
+    n, k = b.shape[0], 2 * b.shape[1]
+    t = nvfp4_group_scales(scale, global_scale, divides)
+    if tuple(t.shape) != (n, k // 16):
+        raise ValueError(f"NVFP4 scales have shape {tuple(t.shape)}, expected {(n, k // 16)}")
+    codes = torch.stack((b & 0x0F, b >> 4), dim=-1).reshape(n, k).long()
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32)[codes]
+    return (values * t.repeat_interleave(16, dim=1)).to(torch.bfloat16)
+
+
+def decode_mxfp8(w: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 F8_E4M3 [N, K] + E8M0 bytes [N, K/32] -> bf16 [N, K]."""
+    from .mxfp4 import GROUP, e8m0_to_float32
+
+    x = e4m3_to_float32(w)
+    s = e8m0_to_float32(_tensor(scale).view(torch.uint8))
+    if tuple(s.shape) != (x.shape[0], x.shape[1] // GROUP):
+        raise ValueError(f"MXFP8 scales have shape {tuple(s.shape)}, expected {(x.shape[0], x.shape[1] // GROUP)}")
+    return (x * s.repeat_interleave(GROUP, dim=1)).to(torch.bfloat16)
+
+
 # -- encoders for synthetic checkpoints and tests -------------------------------------------------
 
 
@@ -113,4 +152,9 @@ def decode_source(src) -> torch.Tensor:
         from .mxfp4 import decode_mxfp4
 
         return decode_mxfp4(src.weight, src.scales)
+    if kind == "nvfp4":
+        return decode_nvfp4(np.ascontiguousarray(src.weight), np.ascontiguousarray(src.scales), src.global_scale,
+                            src.global_divides)
+    if kind == "mxfp8":
+        return decode_mxfp8(np.ascontiguousarray(src.weight), np.ascontiguousarray(src.scales))
     raise ValueError(f"unknown source kind {kind!r}")

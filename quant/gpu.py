@@ -22,7 +22,7 @@ from .cpu import PackTarget, SourceMatrix
 from .source_formats import SOURCE_FORMATS
 
 ALIGN = 64
-META = 12  # int64 fields per job, see triton_kernels.META_FIELDS
+META = 13  # int64 fields per job, see triton_kernels.META_FIELDS
 ROWS = 32  # rows per kernel program
 
 
@@ -99,11 +99,14 @@ def _check_job(method: QuantMethod, i: int, src: SourceMatrix, col0: int, k: int
         raise ValueError(where + f"columns ({k}) must be a multiple of {method.k_align}")
     if col0 + k > ktot:
         raise ValueError(where + "column range exceeds the source row")
-    if src.kind == "mxfp4":
-        if src.scales is None or col0 % 32:
-            raise ValueError(where + "MXFP4 needs scales and a first column aligned to 32")
-        if src.scales.shape[0] != n or src.scales.shape[1] * 32 < col0 + k:
-            raise ValueError(where + "MXFP4 scales do not cover the matrix")
+    if src.kind in ("mxfp4", "mxfp8", "nvfp4"):
+        group = 16 if src.kind == "nvfp4" else 32
+        if src.scales is None or src.scales.itemsize != 1 or col0 % group:
+            raise ValueError(where + f"{src.kind} needs one-byte scales and a first column aligned to {group}")
+        if src.scales.shape[0] != n or src.scales.shape[1] * group < col0 + k:
+            raise ValueError(where + f"{src.kind} scales do not cover the matrix")
+    if src.kind == "nvfp4" and not (np.isfinite(src.global_scale) and src.global_scale > 0):
+        raise ValueError(where + "nvfp4 global_scale must be a positive finite number")
     if src.kind in ("fp8_block", "int4_group"):
         if src.scales is None or src.block is None:
             raise ValueError(where + "fp8_block/int4_group need scales and a block")
@@ -119,7 +122,8 @@ def _check_job(method: QuantMethod, i: int, src: SourceMatrix, col0: int, k: int
         raise ValueError(where + "out_weight has the wrong size or layout")
     if dst.scales.dtype != np.float32 or dst.scales.size != n or not dst.scales.flags.c_contiguous:
         raise ValueError(where + "out_scale has the wrong size or layout")
-    code = SOURCE_FORMATS[src.kind].gpu_code + (1 if src.kind == "int4_group" and src.scales.itemsize == 4 else 0)
+    variant = (src.kind == "int4_group" and src.scales.itemsize == 4) or (src.kind == "nvfp4" and src.global_divides)
+    code = SOURCE_FORMATS[src.kind].gpu_code + (1 if variant else 0)
     return n, code
 
 
@@ -151,6 +155,7 @@ def plan_batch(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, Pac
         s_off, s_row = stage(src.scales) if src.scales is not None else (0, 0)
         block_n, block_k = src.block if src.block is not None else (1, 32)
         table[i, :10] = (w_off, w_row, s_off, s_row, src.row0, block_n, block_k, n, k, col0)
+        table[i, 12] = int(np.float32(src.global_scale).view(np.uint32))  # nvfp4's per-tensor scale, as fp32 bits
         wbytes = method.weight_bytes(n, k)
         outputs.append([out, wbytes, 0, n])
         table[i, 10] = out

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 class SourceFormat:
     kind: str
     input_type: str | None  # --input-type value; None: not a checkpoint format (f32 is the packers' test input)
-    elements_per_item: int  # matrix elements per stored array item (mxfp4: 2 per byte; int4_group: 8 per int32)
-    gpu_code: int  # quant.triton_kernels KIND code (int4_group with float32 scales: + 1)
+    elements_per_item: int  # matrix elements per stored array item (mxfp4, nvfp4: 2 per byte; int4_group: 8 per int32)
+    gpu_code: int  # quant.triton_kernels KIND code (int4_group with float32 scales, nvfp4 whose global scale divides: + 1)
     description: str  # what the user is told is supported
     float_dtype: str | None = None  # safetensors dtype of a plain float format (stored as is)
 
@@ -26,6 +26,8 @@ SOURCE_FORMATS: dict[str, SourceFormat] = {f.kind: f for f in (
     SourceFormat("bf16", "bf16", 1, 0, "BF16", float_dtype="BF16"),
     SourceFormat("f16", "fp16", 1, 2, "FP16", float_dtype="F16"),
     SourceFormat("int4_group", "int4", 8, 5, "compressed-tensors INT4"),
+    SourceFormat("nvfp4", "nvfp4", 2, 7, "NVFP4 (U8 E2M1 + F8_E4M3 per 16 + F32 per-tensor scale)"),
+    SourceFormat("mxfp8", "mxfp8", 1, 9, "MXFP8 (F8_E4M3 + E8M0 per 32)"),
     SourceFormat("f32", None, 1, 1, "float32 holding bf16 values"),
 )}
 # --input-type value -> kind, in the table's order

@@ -31,10 +31,13 @@ KIND_MXFP4 = 3
 KIND_FP8_BLOCK = 4
 KIND_INT4_GROUP_BF16 = 5
 KIND_INT4_GROUP_F32 = 6
+KIND_NVFP4 = 7  # ModelOpt: group scale * global scale
+KIND_NVFP4_DIV = 8  # compressed-tensors: group scale / global scale
+KIND_MXFP8 = 9
 
 # Per-job metadata (int64), in this order.
 META_FIELDS = ("w_off", "w_row", "s_off", "s_row", "s_row0", "block_n", "block_k", "n", "k", "col0", "out_off",
-               "scale_off")
+               "scale_off", "g_bits")
 META = len(META_FIELDS)
 
 ROWS = 32  # rows per program: one AMX row group
@@ -101,8 +104,30 @@ def _nibble(in_ptr, w_off, w_row, rows, cols):
 
 
 @triton.jit
-def _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, cols, KIND: tl.constexpr):
-    """fp32 values of source rows `rows` ([R, 1], job-local) at source columns `cols` ([1, C])."""
+def _e2m1(nib):
+    """E2M1 code (bit 3 sign) -> fp32, exact."""
+    mag = nib & 7
+    ex = mag >> 1
+    m = mag & 1
+    vbits = tl.where(ex == 0, m * (126 << 23), ((ex + 126) << 23) | (m << 22))
+    return _bits_to_f32(vbits | ((nib & 8) << 28))
+
+
+@triton.jit
+def _e4m3(byte):
+    """F8_E4M3FN byte (int32) -> fp32, exact (0x7F/0xFF -> NaN)."""
+    mag = byte & 0x7F
+    normal = _bits_to_f32((mag << 20) + (120 << 23))
+    sub = mag.to(tl.float32) * 0.001953125  # mag * 2^-9, exact
+    v = tl.where((mag >> 3) == 0, sub, normal)
+    v = tl.where(mag == 0x7F, _bits_to_f32(tl.zeros_like(mag) + 0x7FC00000), v)
+    return tl.where((byte & 0x80) != 0, -v, v)
+
+
+@triton.jit
+def _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, g_bits, rows, cols, KIND: tl.constexpr):
+    """fp32 values of source rows `rows` ([R, 1], job-local) at source columns `cols` ([1, C]);
+    g_bits: nvfp4's per-tensor scale as fp32 bits."""
     if KIND == 0:  # bf16 bits
         p = (in_ptr + w_off).to(tl.pointer_type(tl.uint16))
         bits = tl.load(p + rows * (w_row // 2) + cols).to(tl.int32)
@@ -114,22 +139,25 @@ def _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, 
         p = (in_ptr + w_off).to(tl.pointer_type(tl.float16))
         x = _round_to_bf16(tl.load(p + rows * (w_row // 2) + cols).to(tl.float32))
     elif KIND == 3:  # MXFP4: E2M1 code * E8M0 scale (byte in the fp32 exponent field)
-        nib = _nibble(in_ptr, w_off, w_row, rows, cols)
-        mag = nib & 7
-        ex = mag >> 1
-        m = mag & 1
-        vbits = tl.where(ex == 0, m * (126 << 23), ((ex + 126) << 23) | (m << 22))
-        v = _bits_to_f32(vbits | ((nib & 8) << 28))
+        v = _e2m1(_nibble(in_ptr, w_off, w_row, rows, cols))
         e = tl.load(in_ptr + s_off + rows * s_row + (cols >> 5)).to(tl.int32)
         x = v * _bits_to_f32(e << 23)
+    elif KIND == 7 or KIND == 8:  # NVFP4: E2M1 * fl32(E4M3 group scale * or / the per-tensor scale), to bf16
+        v = _e2m1(_nibble(in_ptr, w_off, w_row, rows, cols))
+        s = _e4m3(tl.load(in_ptr + s_off + rows * s_row + (cols >> 4)).to(tl.int32))
+        g = _bits_to_f32((tl.zeros_like(s).to(tl.int64) + g_bits).to(tl.int32))
+        if KIND == 7:
+            t = s * g
+        else:
+            t = _div_rn(s, g)
+        x = _round_to_bf16(v * t)
+    elif KIND == 9:  # MXFP8: E4M3FN * E8M0 (byte in the fp32 exponent field), to bf16
+        v = _e4m3(tl.load(in_ptr + w_off + rows * w_row + cols).to(tl.int32))
+        e = tl.load(in_ptr + s_off + rows * s_row + (cols >> 5)).to(tl.int32)
+        x = _round_to_bf16(v * _bits_to_f32(e << 23))
     elif KIND == 4:  # FP8 E4M3FN * float32 block scale, rounded to bf16
         byte = tl.load(in_ptr + w_off + rows * w_row + cols).to(tl.int32)
-        mag = byte & 0x7F
-        normal = _bits_to_f32((mag << 20) + (120 << 23))
-        sub = mag.to(tl.float32) * 0.001953125  # mag * 2^-9, exact
-        v = tl.where((mag >> 3) == 0, sub, normal)
-        v = tl.where(mag == 0x7F, _bits_to_f32(tl.zeros_like(mag) + 0x7FC00000), v)
-        v = tl.where((byte & 0x80) != 0, -v, v)
+        v = _e4m3(byte)
         sp = (in_ptr + s_off).to(tl.pointer_type(tl.float32))
         s = tl.load(sp + ((s_row0 + rows) // block_n) * (s_row // 4) + cols // block_k)
         x = _round_to_bf16(v * s)
@@ -184,7 +212,7 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
     task = tl.program_id(0).to(tl.int64) + task_base
     job = tl.load(tasks_ptr + 2 * task)
     row0 = tl.load(tasks_ptr + 2 * task + 1)
-    meta = jobs_ptr + job * 12
+    meta = jobs_ptr + job * 13  # len(META_FIELDS)
     w_off = tl.load(meta + 0)
     w_row = tl.load(meta + 1)
     s_off = tl.load(meta + 2)
@@ -197,6 +225,7 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
     col0 = tl.load(meta + 9)
     out_off = tl.load(meta + 10)
     scale_off = tl.load(meta + 11)
+    g_bits = tl.load(meta + 12)
 
     r = tl.arange(0, 32)
     ri = r[:, None]
@@ -208,7 +237,7 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
     amax_bits = tl.zeros([32], dtype=tl.int32)
     bad = tl.zeros([32, 64], dtype=tl.int32)
     for kk in range(0, k, 64):
-        x = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, col0 + kk + cj, KIND)
+        x = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, g_bits, rows, col0 + kk + cj, KIND)
         fin = _finite(x)
         bad += tl.where(fin, 0, 1)
         abs_bits = tl.where(fin, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
@@ -237,11 +266,11 @@ def pack_kernel(in_ptr, out_ptr, scale_ptr, count_ptr, jobs_ptr, tasks_ptr, task
         kb = (kk // K_BLOCK) * K_BLOCK
         kbs = tl.minimum(k - kb, K_BLOCK)
         base = out_off + (nb * k + kb * nbs + ns * kbs + (kk - kb) * 32) // EPB
-        x0 = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, col0 + kk + cj, KIND)
+        x0 = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, g_bits, rows, col0 + kk + cj, KIND)
         q0 = _quantize(_quantizer_input(x0), inv2, IS_INT4)
         if IS_INT4:  # byte j of a 128-wide step holds elements j (low nibble) and 64 + j (high)
-            x1 = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, rows, col0 + kk + 64 + cj,
-                         KIND)
+            x1 = _decode(in_ptr, w_off, w_row, s_off, s_row, s_row0, block_n, block_k, g_bits, rows,
+                         col0 + kk + 64 + cj, KIND)
             q1 = _quantize(_quantizer_input(x1), inv2, IS_INT4)
             byte = (q0 & 0xF) | ((q1 & 0xF) << 4)
         else:

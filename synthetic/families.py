@@ -42,6 +42,8 @@ class Variant:
     text_config: bool = False  # dims nested under text_config (VL / Qwen3.5 wrappers)
     per_expert_intermediate: bool = False  # Mixtral-style intermediate_size per expert
     ue8m0: bool = False  # FP8 scale_fmt ue8m0 (V3.1, V4): F32 scales that are powers of two
+    quant: str = ""  # nvfp4: "modelopt" (weight_scale_2 multiplies) | "ct" (weight_global_scale divides)
+    latent: bool = False  # experts on routed_expert_hidden_size = hidden_size / 2 (Kimi K3)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -70,6 +72,20 @@ VARIANTS: dict[str, Variant] = {
                              per_expert_intermediate=True),
     "gpt_oss_bf16": Variant("gpt_oss", "gpt_oss", "bf16", "gpt-oss-interleaved", "gpt_oss",
                             per_expert_intermediate=True),
+    "qwen3_moe_nvfp4_modelopt": Variant("qwen3_moe", "qwen3_moe", "nvfp4", "per-expert", "hf", quant="modelopt"),
+    "qwen3_moe_nvfp4_ct": Variant("qwen3_moe", "qwen3_moe", "nvfp4", "per-expert", "hf", quant="ct"),
+    "minimax_m2_mxfp8": Variant("minimax_m2", "minimax_m2", "mxfp8", "per-expert", "w123", per_expert_intermediate=True),
+    "deepseek_v41_mxfp4": Variant("deepseek_v41", "deepseek_v41", "mxfp4", "per-expert", "v4", prefix=""),
+    "glm5_fp8": Variant("glm5", "glm_moe_dsa", "fp8_block", "per-expert", "hf", dense_first=True,
+                        shared="shared_experts", mtp="index"),
+    "glm5_nvfp4": Variant("glm5", "glm_moe_dsa", "nvfp4", "per-expert", "hf", dense_first=True,
+                          shared="shared_experts", quant="modelopt"),
+    "qwen4_exp_fp8": Variant("qwen4_exp", "qwen4_exp", "fp8_block", "per-expert", "hf", prefix="model.language_model.",
+                             text_config=True, shared="shared_expert"),
+    "qwen4_exp_nvfp4": Variant("qwen4_exp", "qwen4_exp", "nvfp4", "per-expert", "hf", prefix="model.language_model.",
+                               text_config=True, shared="shared_expert", quant="ct"),
+    "kimi_k3_mxfp4": Variant("kimi_k3", "kimi_k3", "mxfp4", "per-expert", "k3", prefix="language_model.model.",
+                             dense_first=True, shared="shared_experts", text_config=True, quant="ct", latent=True),
 }
 
 _DTYPE = {"bf16": "BF16", "f16": "F16"}
@@ -99,7 +115,7 @@ class FamilyCheckpoint:
         """bf16 [N, K] torch tensor: the per-expert source encoding through the reference decoders."""
         import torch
 
-        from quant.decoders import decode_f16, decode_fp8_block, decode_int4_group
+        from quant.decoders import decode_f16, decode_fp8_block, decode_int4_group, decode_mxfp8, decode_nvfp4
         from quant.mxfp4 import decode_mxfp4
 
         enc = self.encoded[(layer, expert, proj)]
@@ -112,6 +128,10 @@ class FamilyCheckpoint:
             return decode_fp8_block(enc["weight"], enc["scale"], self.block)
         if kind == "int4_group":
             return decode_int4_group(enc["packed"], enc["scale"], self.group, "BF16")
+        if kind == "nvfp4":
+            return decode_nvfp4(enc["weight"], enc["scale"], float(enc["global"].reshape(-1)[0]), self.variant.quant == "ct")
+        if kind == "mxfp8":
+            return decode_mxfp8(enc["weight"], enc["scale"])
         return decode_mxfp4(enc["weight"], enc["scale"])
 
 
@@ -150,6 +170,16 @@ def _encode(rng, encoding: str, n: int, k: int, block, group, ue8m0: bool = Fals
     if encoding == "mxfp4":
         return {"weight": np.frombuffer(rng.bytes(n * k // 2), np.uint8).reshape(n, k // 2),
                 "scale": rng.integers(118, 133, size=(n, k // 32), dtype=np.uint8)}
+    if encoding == "nvfp4":
+        # any byte is two E2M1 codes; E4M3 group scales 0x20..0x57 (2^-4 .. 1.875 * 2^3, no NaN code); the
+        # per-tensor scale as ModelOpt writes it, amax / (6 * 448) (its inverse for compressed-tensors: the caller)
+        return {"weight": np.frombuffer(rng.bytes(n * k // 2), np.uint8).reshape(n, k // 2),
+                "scale": rng.integers(0x20, 0x58, size=(n, k // 16), dtype=np.uint8),
+                "global": np.array(rng.uniform(0.5, 2.0) / (6 * 448), dtype="<f4")}
+    if encoding == "mxfp8":
+        w = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
+        w[(w & 0x7F) == 0x7F] = 0x30  # no E4M3 NaN codes
+        return {"weight": w, "scale": rng.integers(115, 132, size=(n, k // 32), dtype=np.uint8)}
     raise ValueError(f"unknown encoding {encoding!r}")
 
 
@@ -166,7 +196,8 @@ def _config(v: Variant, H: int, I: int, E: int, L: int, block, group, mtp: int) 
     else:
         inner["moe_intermediate_size"] = I
         inner["intermediate_size"] = 3 * H  # dense MLP size: a different number, so mix-ups fail
-        inner["n_routed_experts" if v.family in ("deepseek_v3", "glm4_moe", "deepseek_v4") else "num_experts"] = E
+        inner["n_routed_experts" if v.family in ("deepseek_v3", "glm4_moe", "deepseek_v4", "deepseek_v41", "glm5")
+              else "num_experts"] = E
     if v.dense_first:
         inner["first_k_dense_replace"] = 1
     if v.shared == "shared_experts":
@@ -177,8 +208,33 @@ def _config(v: Variant, H: int, I: int, E: int, L: int, block, group, mtp: int) 
         inner["num_nextn_predict_layers" if v.mtp == "index" else "mtp_num_hidden_layers"] = mtp
     if v.model_type == "gpt_oss":
         inner.update(swiglu_limit=7.0, layer_types=["sliding_attention", "full_attention"] * L, sliding_window=128)
-    if v.model_type == "deepseek_v4":
-        inner.update(expert_dtype="fp8", swiglu_limit=10.0, num_hash_layers=0)
+    if v.model_type in ("deepseek_v4", "deepseek_v41"):
+        inner.update(expert_dtype="fp8" if v.encoding == "fp8_block" else "fp4", swiglu_limit=10.0, num_hash_layers=0)
+    if v.family == "glm5":
+        inner["swiglu_limit"] = 10.0
+    if v.latent:  # Kimi K3: the experts run on routed_expert_hidden_size; top-k is num_experts_per_token
+        inner.update(hidden_size=2 * H, routed_expert_hidden_size=H, hidden_act="situ", activation_situ_beta=4.0,
+                     activation_situ_linear_beta=25.0, num_shared_experts=1, latent_moe_use_norm=True)
+        inner["num_experts_per_token"] = inner.pop("num_experts_per_tok")
+    if v.encoding == "nvfp4" and v.quant == "modelopt":
+        inner["quantization_config"] = {
+            "config_groups": {"group_0": {"input_activations": {"dynamic": False, "num_bits": 4, "type": "float",
+                                                                "group_size": 16},
+                                          "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16},
+                                          "targets": ["Linear"]}},
+            "ignore": ["lm_head"], "quant_algo": "NVFP4", "producer": {"name": "modelopt", "version": "0.37.0"},
+            "quant_method": "modelopt"}
+    if v.encoding in ("nvfp4", "mxfp4") and v.quant == "ct":
+        group = 16 if v.encoding == "nvfp4" else 32
+        inner["quantization_config"] = {
+            "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
+                                          "weights": {"num_bits": 4, "type": "float", "symmetric": True,
+                                                      "group_size": group, "dynamic": False,
+                                                      "strategy": "tensor_group" if group == 16 else "group"}}},
+            "format": f"{v.encoding}-pack-quantized", "ignore": ["lm_head"], "quant_method": "compressed-tensors",
+            "quantization_status": "compressed"}
+    if v.encoding == "mxfp8":  # assumed: MiniMax-M3's config is not published; "mxfp8" as sglang names it
+        inner["quantization_config"] = {"quant_method": "mxfp8"}
     if v.encoding == "fp8_block":
         inner["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                         "weight_block_size": list(block)}
@@ -200,7 +256,7 @@ def _config(v: Variant, H: int, I: int, E: int, L: int, block, group, mtp: int) 
                                         "quant_method": "mxfp4"}
     dtype = {"f16": "float16"}.get(v.encoding, "bfloat16")
     if v.text_config:
-        inner["model_type"] = v.model_type + "_text"
+        inner["model_type"] = "kimi_linear" if v.latent else v.model_type + "_text"
         inner["dtype"] = dtype
         return {"architectures": [], "model_type": v.model_type, "text_config": inner,
                 "vision_config": {"hidden_size": 32, "depth": 1}, "tie_word_embeddings": False}
@@ -253,6 +309,25 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
             tensors[base + ".weight_packed"] = ("I32", enc["packed"].shape, enc["packed"])
             tensors[base + ".weight_scale"] = ("BF16", enc["scale"].shape, enc["scale"])
             tensors[base + ".weight_shape"] = ("I64", (2,), enc["shape"])
+        elif v.encoding == "nvfp4" and v.quant == "modelopt":  # weight, weight_scale, weight_scale_2 (scalar)
+            tensors[base + ".weight"] = ("U8", enc["weight"].shape, enc["weight"])
+            tensors[base + ".weight_scale"] = ("F8_E4M3", enc["scale"].shape, enc["scale"])
+            tensors[base + ".weight_scale_2"] = ("F32", (), enc["global"].reshape(()))
+            tensors[base + ".input_scale"] = ("F32", (), np.array(0.01, "<f4"))
+        elif v.encoding == "nvfp4":  # compressed-tensors: the global scale is the divisor 1 / weight_scale_2
+            tensors[base + ".weight_packed"] = ("U8", enc["weight"].shape, enc["weight"])
+            tensors[base + ".weight_scale"] = ("F8_E4M3", enc["scale"].shape, enc["scale"])
+            tensors[base + ".weight_global_scale"] = ("F32", (1,), enc["global"].reshape(1))
+            tensors[base + ".input_global_scale"] = ("F32", (1,), np.array([100.0], "<f4"))
+        elif v.encoding == "mxfp8":
+            tensors[base + ".weight"] = ("F8_E4M3", enc["weight"].shape, enc["weight"])
+            tensors[base + ".weight_scale_inv"] = ("U8", enc["scale"].shape, enc["scale"])
+        elif v.encoding == "mxfp4" and v.quant == "ct":
+            tensors[base + ".weight_packed"] = ("U8", enc["weight"].shape, enc["weight"])
+            tensors[base + ".weight_scale"] = ("U8", enc["scale"].shape, enc["scale"])
+        elif v.encoding == "mxfp4":  # DeepSeek-V4 style: I8 codes, F8_E8M0 scales
+            tensors[base + ".weight"] = ("I8", enc["weight"].shape, enc["weight"])
+            tensors[base + ".scale"] = ("F8_E8M0", enc["scale"].shape, enc["scale"])
 
     def moe_block(lp: str, layer: int, record: bool):
         encs = {}
@@ -260,11 +335,13 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
             for proj in PROJS:
                 n, k = (H, I) if proj == "down" else (I, H)
                 encs[(e, proj)] = _encode(_rng(seed, layer, e, proj), v.encoding, n, k, block, group, v.ue8m0)
+                if v.encoding == "nvfp4" and v.quant == "ct":
+                    encs[(e, proj)]["global"] = (1.0 / encs[(e, proj)]["global"]).astype("<f4")
                 if record:
                     ckpt.encoded[(layer, e, proj)] = encs[(e, proj)]
         if v.layout == "per-expert":
-            block_name = "block_sparse_moe" if v.keys == "w123" else ("ffn" if v.keys == "v4" else "mlp")
-            names = _W if v.keys in ("w123", "v4") else _HF
+            block_name = "block_sparse_moe" if v.keys in ("w123", "k3") else ("ffn" if v.keys == "v4" else "mlp")
+            names = _W if v.keys in ("w123", "v4", "k3") else _HF
             for e in range(E):
                 for proj in PROJS:
                     expert_tensors(f"{lp}{block_name}.experts.{e}.{names[proj]}", encs[(e, proj)])
@@ -310,13 +387,16 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
             tensors[lp + "mlp.router.weight"] = ("BF16", (E, H), _bf16(_rng(seed, lp, "r"), (E, H)))
             tensors[lp + "mlp.router.bias"] = ("BF16", (E,), _bf16(_rng(seed, lp, "rb"), (E,)))
             return
-        moe = "block_sparse_moe" if v.keys == "w123" else ("ffn" if v.keys == "v4" else "mlp")
+        moe = "block_sparse_moe" if v.keys in ("w123", "k3") else ("ffn" if v.keys == "v4" else "mlp")
         tensors[f"{lp}{moe}.gate.weight"] = ("BF16", (E, H), _bf16(_rng(seed, lp, "g"), (E, H)))
-        if v.family in ("deepseek_v3", "glm4_moe"):
+        if v.latent:  # the latent projections around the routed experts (not expert tensors)
+            tensors[f"{lp}{moe}.routed_expert_down_proj.weight"] = ("BF16", (H, 2 * H), _bf16(_rng(seed, lp, "ld"), (H, 2 * H)))
+            tensors[f"{lp}{moe}.routed_expert_up_proj.weight"] = ("BF16", (2 * H, H), _bf16(_rng(seed, lp, "lu"), (2 * H, H)))
+        if v.family in ("deepseek_v3", "glm4_moe", "glm5"):
             tensors[f"{lp}mlp.gate.e_score_correction_bias"] = ("F32", (E,), np.zeros(E, "<f4"))
         if v.model_type == "minimax_m2":
             tensors[f"{lp}block_sparse_moe.e_score_correction_bias"] = ("F32", (E,), np.zeros(E, "<f4"))
-        if v.model_type == "deepseek_v4":
+        if v.keys == "v4":
             tensors[f"{lp}ffn.gate.bias"] = ("F32", (E,), np.zeros(E, "<f4"))
 
     def layer_block(layer: int, lp: str, moe: bool, record: bool):
@@ -371,4 +451,9 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": dict(sorted(ckpt.weight_map.items()))}, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if v.encoding == "nvfp4" and v.quant == "modelopt":  # ModelOpt's own record beside config.json
+        (out / "hf_quant_config.json").write_text(json.dumps({
+            "producer": {"name": "modelopt", "version": "0.37.0"},
+            "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+                             "exclude_modules": ["lm_head"]}}, indent=2) + "\n")
     return ckpt

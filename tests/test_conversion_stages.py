@@ -256,11 +256,13 @@ def _fake_launch(method, plan, dev_in, dev_out):
 
     staging, out = dev_in.numpy(), dev_out.numpy()
     kinds = {f.gpu_code: f.kind for f in SOURCE_FORMATS.values()}
-    table = plan.tables[: plan.num_jobs * 12].reshape(plan.num_jobs, 12)
-    tasks = plan.tables[plan.num_jobs * 12:].reshape(-1, 2)
+    from quant.gpu import META
+
+    table = plan.tables[: plan.num_jobs * META].reshape(plan.num_jobs, META)
+    tasks = plan.tables[plan.num_jobs * META:].reshape(-1, 2)
     for code, first, count in plan.launches:
         for i in sorted({int(j) for j in tasks[first:first + count, 0]}):
-            w_off, w_row, s_off, s_row, row0, bn, bk, n, k, col0, o_off, s_out = (int(x) for x in table[i])
+            w_off, w_row, s_off, s_row, row0, bn, bk, n, k, col0, o_off, s_out, _ = (int(x) for x in table[i])
             assert kinds[code] in ("mxfp4", "bf16"), kinds[code]
             w = staging[w_off:w_off + n * w_row].reshape(n, w_row)
             if kinds[code] == "bf16":

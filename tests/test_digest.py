@@ -74,3 +74,22 @@ def test_first_piece_given_at_the_end(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="placeholder's length"):
         hasher.hexdigest(b"abcd")
     hasher.close()
+
+
+def test_file_digests_are_the_plain_sha256_of_one_block_files(monkeypatch):
+    """Files of one block (or empty) get their plain sha256 for free; longer ones None (the caller hashes them);
+    the tree digest of one-block files follows from their sha256s."""
+    monkeypatch.setattr(digest, "BLOCK", 1000)
+    rng = np.random.default_rng(1)
+    files = [rng.bytes(n) for n in (1000, 0, 2500, 1, 999)]
+    hasher = TreeHasher(threads=2)
+    for data in files:
+        hasher.start_file()
+        for a in range(0, len(data), 300):  # writes that straddle the block boundary
+            hasher.update(np.frombuffer(data[a:a + 300], np.uint8))
+    hasher.hexdigest()
+    sums = hasher.file_digests()
+    assert sums == [hashlib.sha256(files[0]).hexdigest(), hashlib.sha256(b"").hexdigest(), None,
+                    hashlib.sha256(files[3]).hexdigest(), hashlib.sha256(files[4]).hexdigest()]
+    one_block = [files[0], files[3], files[4]]
+    assert digest.tree_sha256_of_files([hashlib.sha256(d).hexdigest() for d in one_block]) == manual(one_block, 1000)

@@ -413,7 +413,7 @@ def test_families_json():
     assert [f["name"] for f in doc["families"]] == [f.name for f in FAMILIES]
     assert {"name": "gpt_oss", "model_types": ["gpt_oss"], "layout": "gpt-oss-interleaved"}.items() <= \
         next(f for f in doc["families"] if f["name"] == "gpt_oss").items()
-    assert [f["input_type"] for f in doc["source_formats"]] == ["fp4", "fp8", "bf16", "fp16", "int4"]
+    assert [f["input_type"] for f in doc["source_formats"]] == ["fp4", "fp8", "bf16", "fp16", "int4", "nvfp4", "mxfp8"]
 
 
 def test_families_command_and_flag():

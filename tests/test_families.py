@@ -161,7 +161,10 @@ def assert_family_matches_reference(ck, out, method_name, threadpool_count):
                     assert np.array_equal(got_s.view(np.uint32), ref_s.numpy().view(np.uint32)), (layer, expert, proj, t)
 
 
-MTP_SKIPPED = {"deepseek_v3_fp8": 24, "deepseek_v3_bf16": 12, "glm4_moe_bf16": 12, "qwen3_5_moe_bf16": 2}
+MTP_SKIPPED = {"deepseek_v3_fp8": 24, "deepseek_v3_bf16": 12, "glm4_moe_bf16": 12, "qwen3_5_moe_bf16": 2,
+               "glm5_fp8": 24}
+ACTIVATION = {"gpt_oss": "gpt_oss", "kimi_k3": "situ"}
+SWIGLU_LIMIT = {"gpt_oss": 7.0, "deepseek_v4": 10.0, "deepseek_v41": 10.0, "glm5": 10.0}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -172,8 +175,8 @@ def test_every_family_converts_byte_identically_to_the_reference(tmp_path, varia
     assert report.mtp_tensors_skipped == MTP_SKIPPED.get(variant, 0)
     assert_family_matches_reference(ck, tmp_path / "out", "int4", 2)
     manifest = read_json(tmp_path / "out" / "kt_manifest.json")
-    assert manifest["activation"] == ("gpt_oss" if ck.variant.family == "gpt_oss" else "silu")
-    assert manifest["swiglu_limit"] == {"gpt_oss": 7.0, "deepseek_v4": 10.0}.get(ck.variant.family)
+    assert manifest["activation"] == ACTIVATION.get(ck.variant.family, "silu")
+    assert manifest["swiglu_limit"] == SWIGLU_LIMIT.get(ck.variant.family)
 
 
 @pytest.mark.parametrize("variant", ["deepseek_v3_fp8", "minimax_m2_fp8", "deepseek_v4_fp8"])

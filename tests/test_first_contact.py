@@ -42,12 +42,40 @@ def test_first_lines_say_family_format_layers_experts_and_output(ckpt, tmp_path,
                         "24 MTP expert tensors skipped (not routed experts of the main model)")
     assert lines[2] == (f"output: AMXINT4 for 2 NUMA pools (--kt-threadpool-count 2), one safetensors shard per "
                         f"layer, packed on the cpu -> {out}")
-    assert lines[3].startswith("pre-flight: writing 2.42 MB, peak memory about ")
-    assert "packing batches of 1.15 MiB from 1.2 MiB of source" in lines[3]
-    assert lines[4].startswith("layer 0 done (1/2): 1.25 MB in ") and lines[5].startswith("layer 1 done (2/2)")
-    assert lines[6].startswith("2 layers converted, 0 already done, 4 experts each (int4, threadpool count 2, cpu): "
+    # V4 clamps its SwiGLU: which runtimes apply the clamp to this output
+    assert lines[3] == ("note: this model clamps its SwiGLU (swiglu_limit 10: gate <= 10, |up| <= 10), recorded in "
+                        "kt_manifest.json and applied by kt_runtime (CPUMoE, HybridMoE); kt-kernel 95009ea takes a "
+                        "clamp only with --kt-method MXFP4 or MXFP8 and refuses it with AMXINT4: serve this output "
+                        "with kt_runtime, or the checkpoint's own experts with a kt method that takes the clamp")
+    assert lines[4].startswith("pre-flight: writing 2.42 MB, peak memory about ")
+    assert "packing batches of 1.15 MiB from 1.2 MiB of source" in lines[4]
+    assert lines[5].startswith("layer 0 done (1/2): 1.25 MB in ") and lines[6].startswith("layer 1 done (2/2)")
+    assert lines[7].startswith("2 layers converted, 0 already done, 4 experts each (int4, threadpool count 2, cpu): "
                                "2.51 MB in, 2.42 MB out, ")
-    assert len(lines) == 7
+    assert len(lines) == 8
+
+
+@pytest.mark.parametrize("variant,limit", [("glm5_fp8", "10"), ("gpt_oss_bf16", "7"), ("qwen3_moe_bf16", None)])
+def test_the_plan_says_which_runtimes_apply_a_swiglu_clamp(tmp_path, capsys, variant, limit):
+    """GLM-5.3-Flash's and gpt-oss's clamps, to AMXINT8 and with --kt-sft-manifest; none for a model without one."""
+    from synthetic.families import make_family_checkpoint
+
+    src = make_family_checkpoint(tmp_path / "src", variant, num_layers=2).path
+    code, out, err = cli(capsys, "-i", src, "-o", tmp_path / "out", "--quant-method", "int8", "--dry-run")
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "clamp" in line]
+    if limit is None:
+        assert notes == []
+        return
+    assert len(notes) == 1 and f"swiglu_limit {limit}: gate <= {limit}, |up| <= {limit}" in notes[0]
+    assert "applied by kt_runtime" in notes[0] and "MXFP4 or MXFP8 and refuses it with AMXINT8" in notes[0]
+    assert "SFT" not in notes[0]
+    code, _, err = cli(capsys, "-i", src, "-o", tmp_path / "sft", "--quant-method", "int8", "--no-merge-safetensor",
+                       "--kt-sft-manifest", "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    note = next(line for line in err.splitlines() if "clamp" in line)
+    assert note.endswith("; kt-kernel's SFT mode takes no clamp with any method")
+    assert err.splitlines().index(note) < next(i for i, x in enumerate(err.splitlines()) if x.startswith("pre-flight"))
 
 
 def test_one_layer_reads_singular_and_small_sizes_keep_their_digits(ckpt, tmp_path, capsys):

@@ -200,6 +200,30 @@ def test_gpu_f16_fp8_int4_group_sources(method):
     assert sum(bad) == 6  # the two NaN codes in the three fp8 jobs whose rows hold them
 
 
+@gpu
+@pytest.mark.parametrize("method", [INT4, INT8])
+def test_gpu_nvfp4_mxfp8_sources(method):
+    """NVFP4 with a multiplying (ModelOpt) and a dividing (compressed-tensors) per-tensor scale, MXFP8; whole
+    matrices, column slices (NUMA shards of down), row slices; NaN scales counted like the CPU's."""
+    rng = np.random.default_rng(11)
+    n, ktot = 64, 512
+    w4 = np.frombuffer(rng.bytes(n * ktot // 2), np.uint8).reshape(n, ktot // 2)
+    s4 = rng.integers(0x20, 0x58, size=(n, ktot // 16), dtype=np.uint8)
+    s4[5, 3] = 0x7F  # an E4M3 NaN group scale: 16 non-finite values
+    w8 = rng.integers(0, 256, size=(n, ktot), dtype=np.uint8)
+    w8[(w8 & 0x7F) == 0x7F] = 0x30
+    s8 = rng.integers(115, 132, size=(n, ktot // 32), dtype=np.uint8)
+    s8[2, 0] = 0
+    jobs = []
+    for g, divides in ((0.0123, False), (0.0123, True), (3.0, True)):
+        src = SourceMatrix("nvfp4", w4, s4, global_scale=float(np.float32(g)), global_divides=divides)
+        jobs += [(src, 0, ktot), (src, 128, 256), (src.rows(32, 32), 0, ktot)]
+    src8 = SourceMatrix("mxfp8", w8, s8)
+    jobs += [(src8, 0, ktot), (src8, 256, 256), (src8.rows(32, 32), 0, ktot)]
+    bad = _assert_gpu_equals_cpu(method, jobs)
+    assert sum(bad) == 3 * 16  # the NaN scale's group, in the whole-matrix job of each nvfp4 source
+
+
 def _expert_sources(kind, H, I, seed):
     rng = np.random.default_rng(seed)
     out = {}

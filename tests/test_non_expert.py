@@ -117,7 +117,7 @@ def _check_last_shard(out, source, expected):
 def _family_expectations(variant, num_layers):
     v = VARIANTS[variant]
     moe_layer = 1 if v.dense_first else 0
-    router = {"w123": "block_sparse_moe.gate.weight", "v4": "ffn.gate.weight",
+    router = {"w123": "block_sparse_moe.gate.weight", "k3": "block_sparse_moe.gate.weight", "v4": "ffn.gate.weight",
               "gpt_oss": "mlp.router.weight"}.get(v.keys, "mlp.gate.weight")
     out = {"embed.weight" if v.keys == "v4" else "embed_tokens.weight": "embed",
            "norm.weight": "norm", "head.weight" if v.keys == "v4" else "lm_head.weight": "head",

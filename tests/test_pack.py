@@ -221,7 +221,8 @@ def test_one_name_per_source_format():
     cpp_kinds = re.split(r", | or ", re.search(r"\(expected (.*)\)", str(e.value))[1])
     assert sorted(cpp_kinds) == sorted(SOURCE_FORMATS)
     option = next(p for p in cli.params if p.name == "input_type")
-    assert list(option.type.choices) == ["auto", "fp4", "fp8", "bf16", "fp16", "int4"] == ["auto", *INPUT_TYPES]
+    assert list(option.type.choices) == ["auto", "fp4", "fp8", "bf16", "fp16", "int4", "nvfp4", "mxfp8"] == \
+        ["auto", *INPUT_TYPES]
     for kind, f in SOURCE_FORMATS.items():
         assert SourceMatrix(kind, np.zeros((32, 4), np.uint8)).shape == (32, 4 * f.elements_per_item)
     if importlib.util.find_spec("triton") is not None:
@@ -231,3 +232,4 @@ def test_one_name_per_source_format():
         codes["int4_group"] = triton_kernels.KIND_INT4_GROUP_BF16
         assert codes == {k: f.gpu_code for k, f in SOURCE_FORMATS.items()}
         assert triton_kernels.KIND_INT4_GROUP_F32 == SOURCE_FORMATS["int4_group"].gpu_code + 1
+        assert triton_kernels.KIND_NVFP4_DIV == SOURCE_FORMATS["nvfp4"].gpu_code + 1

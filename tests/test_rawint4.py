@@ -22,7 +22,7 @@ from quant.reference import pack_reference
 from synthetic.families import VARIANTS, make_family_checkpoint
 
 GROUPED = [RAWINT4_G32, RAWINT4_G64, RAWINT4_G128]
-CLAMPED = {"gpt_oss", "deepseek_v4"}  # families with a SwiGLU clamp: refused
+CLAMPED = {"gpt_oss", "deepseek_v4", "deepseek_v41", "glm5"}  # families with a SwiGLU clamp: refused
 SUPPORTED = sorted(v for v, row in VARIANTS.items() if row.family not in CLAMPED)
 
 

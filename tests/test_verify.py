@@ -16,7 +16,7 @@ from kt_runtime.format.layout import ct_key
 from kt_runtime.format.safetensors_file import SafetensorsFile
 from synthetic import V4_FLASH_VARIANT, VARIANTS, make_family_checkpoint
 
-CLAMPED = {"gpt_oss", "deepseek_v4"}
+CLAMPED = {"gpt_oss", "deepseek_v4", "deepseek_v41", "glm5"}
 
 
 def _independent(packed: np.ndarray, ref: np.ndarray) -> dict:

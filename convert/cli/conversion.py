@@ -56,6 +56,9 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
               help=f"CPU threads for packing (0: all cores; at most {max_cpu_threads()} here).")
 @click.option("--no-merge-safetensor", "no_merge", is_flag=True,
               help="Write kt's _layer_L/_numa_t/*.kt folders instead of one safetensors shard per layer.")
+@click.option("--kt-sft-manifest", is_flag=True,
+              help="With --quant-method int8 --no-merge-safetensor: also write kt-weight-manifest.json, which "
+                   "kt-kernel's SFT path requires; this converter's own files then go to OUTPUT.kt-convert.")
 @click.option("--resume-layer", type=int, default=None, metavar="L",
               help="Not needed here: completed layers are resumed automatically. On an output of kt's own script "
                    "(with --no-merge-safetensor), keeps its layers before L if they match a fresh conversion.")
@@ -76,7 +79,8 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @batch_options
 @download_options
 @click.version_option(__version__, prog_name="convert-cpu-weights")
-def convert_command(input_path, output, input_type, quant_method, group_size, threadpool_count, cpuinfer_threads, no_merge, resume_layer,
+def convert_command(input_path, output, input_type, quant_method, group_size, threadpool_count, cpuinfer_threads, no_merge,
+        kt_sft_manifest, resume_layer,
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
         show_timings, output_template, job_file, shard_flag, shard_count, **hub):
     """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
@@ -102,7 +106,7 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
                        threadpool_count=count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
                        device=device, include_non_expert=include_non_expert, overwrite=overwrite,
                        allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers,
-                       **hub_options)
+                       kt_sft_manifest=kt_sft_manifest, **hub_options)
         for out, method, count in outputs]
     if hub_options["dry_run"]:  # the plan of each output: as text, or as JSON objects with --json
         from ..dry_run import plan_summary

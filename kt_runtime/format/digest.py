@@ -54,6 +54,7 @@ class TreeHasher:
         self._on_hashed = on_hashed
         self._max_pending = max_pending or 2 * (threads or default_threads())
         self._digests: list[Future | None] = []
+        self._file_starts: list[int] = []  # index of each file's first block in _digests
         self._pieces: list[memoryview] = []
         self._filled = 0
         self._first_later = first_piece_later
@@ -62,6 +63,7 @@ class TreeHasher:
     def start_file(self) -> None:
         """Ends the previous file's last (partial) block: blocks never span two files."""
         self._flush_block()
+        self._file_starts.append(len(self._digests))
 
     def update(self, data) -> None:
         view = memoryview(data).cast("B")
@@ -110,6 +112,13 @@ class TreeHasher:
         self._pool.shutdown()
         return top.hexdigest()
 
+    def file_digests(self) -> list[str | None]:
+        """After hexdigest(): the plain sha256 of each file started, for free where the file was one block (its
+        block's digest) or empty; None for a file of several blocks (hash it whole: file_sha256)."""
+        ends = self._file_starts[1:] + [len(self._digests)]
+        return [self._digests[a].result().hex() if b - a == 1 else hashlib.sha256().hexdigest() if a == b else None
+                for a, b in zip(self._file_starts, ends)]
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -122,6 +131,14 @@ def source_digest(slabs) -> str:
     rows = sorted(([key, expert, dtype, list(shape), sha] for key, expert, dtype, shape, sha in slabs),
                   key=lambda r: (r[0], -1 if r[1] is None else r[1]))
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def tree_sha256_of_files(file_sha256: list[str]) -> str:
+    """The tree digest of non-empty files of at most one block each, from their plain sha256s (no read)."""
+    top = hashlib.sha256()
+    for h in file_sha256:
+        top.update(bytes.fromhex(h))
+    return top.hexdigest()
 
 
 def _read_block(path: Path, offset: int, size: int) -> bytes:

@@ -21,6 +21,11 @@ MANIFEST_FILE = "kt_manifest.json"
 INDEX_FILE = "model.safetensors.index.json"
 LOCK_FILE = ".kt_convert.lock"
 VERIFIED_FILE = ".kt_verified.json"  # the loader's record of layers it hashed (format/verified.py)
+# --kt-sft-manifest: kt-kernel's SFT loader accepts nothing at the root of its weight folder but its own
+# manifest and the _layer_L folders, so this converter's files (MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE, the
+# copied model files) go to the sibling folder state_dir(OUT) (docs/FORMAT.md §5)
+KT_SFT_MANIFEST_FILE = "kt-weight-manifest.json"
+STATE_DIR_SUFFIX = ".kt-convert"
 
 
 def is_published(relative_name: str) -> bool:
@@ -29,6 +34,8 @@ def is_published(relative_name: str) -> bool:
     where the source was read) and dot-files (the lock, the verified record, the --shard folder)."""
     parts = relative_name.split("/")
     return parts[-1] != MANIFEST_FILE and not any(part.startswith(".") for part in parts)
+
+
 PROJECTIONS = ("gate", "up", "down")
 PARTS = ("weight", "scale")
 ALIGN = 64  # merged shards: data section and every tensor start on a 64-byte boundary
@@ -65,6 +72,12 @@ def ct_key(layer: int, proj: str, expert: int, part: str) -> str:
 
 CT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\."
                     r"(weight_packed|weight_scale|weight_shape)$")
+
+
+def state_dir(root: Path) -> Path:
+    """Where the converter keeps its own files for an output whose folder holds kt's SFT tree only."""
+    root = Path(root)
+    return root.with_name(root.name + STATE_DIR_SUFFIX)
 
 
 def shard_file_name(index: int, count: int) -> str:

@@ -36,11 +36,16 @@ class LayerRecord:
     source_sha256: str | None = None
     # source tensor -> NaN/Inf values packed as 0 (--allow-nonfinite); written only when there are any
     nonfinite: dict[str, int] = field(default_factory=dict)
+    # the plain sha256 of each file, in `files` order: kept for --kt-sft-manifest outputs only (kt's manifest
+    # lists them); absent (None, not written) otherwise
+    file_sha256: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if not self.nonfinite:
             del d["nonfinite"]
+        if self.file_sha256 is None:
+            del d["file_sha256"]
         return d
 
 
@@ -185,6 +190,10 @@ class Manifest(PackedSpec):
             if rec.source_sha256 is not None and (not isinstance(rec.source_sha256, str)
                                                   or not _SHA256.fullmatch(rec.source_sha256)):
                 bad(f"completed[{layer}].source_sha256 is not a sha256 hex digest")
+            if rec.file_sha256 is not None and (
+                    not isinstance(rec.file_sha256, list) or len(rec.file_sha256) != len(rec.files)
+                    or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in rec.file_sha256)):
+                bad(f"completed[{layer}].file_sha256 must list one sha256 hex digest per file")
         if self.complete and len(self.completed) != len(self.layers):
             bad("complete is true but not every layer is completed")
         if self.model_layers is not None:
