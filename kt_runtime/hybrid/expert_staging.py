@@ -63,18 +63,19 @@ def _region(a: np.ndarray, roots: dict, regions: list) -> tuple[int, int]:
         root = root.base
     if isinstance(root, memoryview) and root.obj is not None:
         root = root.obj  # np.frombuffer wraps the mapping in a new memoryview each time
-    key = id(root)
-    if key not in roots:
+    index = roots.get(id(root))
+    if index is None:
         view = root.reshape(-1).view(np.uint8) if isinstance(root, np.ndarray) else np.frombuffer(root, np.uint8)
-        roots[key] = len(regions)
-        regions.append((root, view))
-    index = roots[key]
-    view = regions[index][1]
+    else:
+        view = regions[index][1]
     offset = a.__array_interface__["data"][0] - view.__array_interface__["data"][0]
     if not a.flags.c_contiguous or offset < 0 or offset + a.nbytes > view.nbytes:
-        # not a plain range of its root: a region of its own (a copy of its bytes)
+        # not a plain range of its root (a strided view): a region of its own, a copy of its bytes
         regions.append((a, np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
         return len(regions) - 1, 0
+    if index is None:
+        index = roots[id(root)] = len(regions)
+        regions.append((root, view))
     return index, offset
 
 
