@@ -18,7 +18,8 @@ Per chunk of T tokens (--tokens, default 512, 2048, 4096, 8192), median ms of --
   floor  packed bytes of the experts the chunk touches / the measured host-to-device rate of pinned memory:
          what PCIe alone costs. gpu_of_floor = floor / gpu (1.0: PCIe-bound with nothing else showing).
 Stage breakdown of one traced GPU call: uploads (sum of the copy-stream intervals), compute (dequantization and
-GEMMs, sum of the compute-stream intervals), and the gather rate of the copy threads (mapped file -> pinned).
+GEMMs, sum of the compute-stream intervals), and the gather rate of the copy threads (mapped file -> pinned);
+a diagnostic beside it: the mapped shard registered with CUDA and copied without the gather (mapped_h2d).
 Stack (--layers, default 8; 0: skip): that many HybridMoE layers over the same packed layer, each input the
 previous output (tanh(x + y)), routing on the device: tokens/s for the CPU path, the GPU path and the floor.
 Crossover: the chunk size where the GPU path overtakes the CPU path, interpolated between the measured sizes.
@@ -39,10 +40,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "scripts"):  # the project, and bench_hybrid beside this script
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
-from bench_hybrid import machine_info, packed_layer  # noqa: E402  (scripts/ is this script's folder)
+from bench_hybrid import machine_info, packed_layer  # noqa: E402
 
 V4_FLASH = {"hidden": 4096, "intermediate": 2048, "experts": 256, "topk": 6}
 SMALL = {"hidden": 1024, "intermediate": 512, "experts": 64, "topk": 6}
@@ -106,6 +108,40 @@ def gather_rate(prefill, experts) -> float:
         for f in [pool.submit(np.copyto, slot[off:off + a.size], a) for a, off in copy_pieces(g, prefill.sources.regions)]:
             f.result()
     return sum(g.nbytes for g in groups) / (time.perf_counter() - t0) / 1e9
+
+
+def mapped_rate(prefill, device) -> dict:
+    """Diagnostic: the layer's mapped shard registered with CUDA (cudaHostRegister, read-only) and copied to the
+    device straight from the mapping, without the copy threads' gather: GB/s and the registration's seconds, or
+    the error (e.g. where the driver refuses file-backed memory)."""
+    import warnings
+
+    view = max(prefill.sources.regions, key=lambda v: v.nbytes)
+    nbytes = min(view.nbytes, 1 << 30)
+    cudart = torch.cuda.cudart()
+    ptr = view.__array_interface__["data"][0]
+    t0 = time.perf_counter()
+    try:
+        torch.cuda.check_error(cudart.cudaHostRegister(ptr, view.nbytes, 8))  # cudaHostRegisterReadOnly
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        return {"error": str(e)}
+    register_s = time.perf_counter() - t0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only mapping: only read here
+            src = torch.from_numpy(view[:nbytes])
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dst.copy_(src, non_blocking=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        return {"gbps": round(nbytes / (a.elapsed_time(b) / 1e3) / 1e9, 2), "register_s": round(register_s, 3),
+                "pinned": src.is_pinned(), "bytes": nbytes}
+    finally:
+        torch.cuda.synchronize(device)
+        cudart.cudaHostUnregister(ptr)
 
 
 def routing(T: int, E: int, k: int, seed: int, device):
@@ -233,8 +269,11 @@ def run(args, chunks: list[int]) -> int:
                          "memory_budget": ws.memory, "group_experts": p.group_experts, "pair_block": p.pair_block,
                          "slot_mb": round(p.slot_bytes / 1e6, 1),
                          "gather_gbps": round(gather_rate(gpu.prefill, range(w.num_experts)), 2)}
+        if ws.cuda:
+            result["gpu"]["mapped_h2d"] = mapped_rate(gpu.prefill, device)
         print(f"# pinned host-to-device {rate:.1f} GB/s; copy threads gather {result['gpu']['gather_gbps']} GB/s; "
-              f"{p.group_experts} experts per transfer group; GEMM {result['gpu']['gemm']}", file=sys.stderr)
+              f"{p.group_experts} experts per transfer group; GEMM {result['gpu']['gemm']}; mapped file registered "
+              f"and copied: {result['gpu'].get('mapped_h2d')}", file=sys.stderr)
     gpu_mask = cpu.gpu_mask
     rows = []
     for T in chunks:
