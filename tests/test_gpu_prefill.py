@@ -19,7 +19,8 @@ from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.hybrid import gpu_prefill, routing
 from kt_runtime.hybrid.expert_staging import LayerSources, Piece, copy_pieces, stage_group
-from kt_runtime.hybrid.gpu_prefill import PrefillWorkspace
+from kt_runtime.expert_activation import Activation
+from kt_runtime.hybrid.gpu_prefill import GpuPrefill, PrefillWorkspace
 from kt_runtime.hybrid.prefill_plan import (ALIGN, MIN_PAIR_BLOCK, TABLE_SHARE, ExpertSizes, check_memory,
                                             check_threshold, pair_activation_bytes, pair_slices, plan_budget,
                                             prefill_applies, transfer_groups)
@@ -360,6 +361,15 @@ def test_plain_arrays_and_strided_views_are_staged_too(cases):
             doubled = np.repeat(np.asarray(s), 2)[::2]  # a strided view of a bigger array
             return np.array(wt), doubled
 
+    class Truncated(Copied):
+        def expert_tensors(self, layer, e, proj, numa):
+            wt, s = self.w.expert_tensors(layer, e, proj, numa)
+            return (wt[:-64] if (e, proj, numa) == (5, "down", 1) else wt), s
+
+    with pytest.raises(ValueError, match=r"layer 1 expert 5 down NUMA shard 1: the weight has 98240 bytes, int8 "
+                                         r"needs 98304"):
+        GpuPrefill(Truncated(real), c.layer, cpu_workspace(), real.hidden_size, real.moe_intermediate_size,
+                   torch.float32, real.swiglu_limit, Activation())
     src = LayerSources(Copied(real), c.layer)
     assert len(src.regions) == real.num_experts * 3 * 2 * 2
     x, ids, w = c.routing(16, seed=6)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..format.layout import PROJECTIONS, shard_shape
 from ..format.methods import get_method
 from .expert_staging import LayerSources, copy_pieces, stage_group
 from .gpu_experts import clamp_bounds, gated_activation
@@ -204,6 +205,7 @@ class GpuPrefill:
         self.H, self.I, self.T = hidden_size, intermediate_size, int(weights.threadpool_count)
         check_dims(self.method, self.H, self.I, self.T)
         self.sources = LayerSources(weights, layer)
+        self._check_sizes(layer)
         dev = workspace.device
         item = torch.empty(0, dtype=dtype).element_size()
         self.job_bytes = 3 * self.T * 6 * 8
@@ -222,6 +224,22 @@ class GpuPrefill:
                     if t is not None)
         self.fixed_bytes = fixed
         self.plan = workspace.plan(self.sizes, fixed)  # a budget too small is refused here, not mid-prefill
+
+    def _check_sizes(self, layer: int) -> None:
+        """Every tensor has the size the dequantization jobs read (ValueError naming the first that does not):
+        a kernel must never read past a tensor into its neighbour or out of the staging slot."""
+        from quant.staged_dequant import scale_nbytes
+
+        want = {}
+        for proj in PROJECTIONS:
+            n, k = shard_shape(proj, self.H, self.I, self.T)
+            want[(proj, "weight")] = self.method.weight_bytes(n, k)
+            want[(proj, "scale")] = scale_nbytes(self.method, n, k)
+        for e, pieces in enumerate(self.sources.pieces):
+            for p in pieces:
+                if p.nbytes != want[(p.proj, p.part)]:
+                    raise ValueError(f"layer {layer} expert {e} {p.proj} NUMA shard {p.numa}: the {p.part} has "
+                                     f"{p.nbytes} bytes, {self.method.name} needs {want[(p.proj, p.part)]}")
 
     def _jobs(self, capacity: int):
         from quant.staged_dequant import expert_jobs
@@ -246,6 +264,12 @@ class GpuPrefill:
     def run(self, x: torch.Tensor, part, out: torch.Tensor, meanwhile=None) -> None:
         """x [T, H] on the device; part: routing.PrefillPart; out float32 [T, H] on the device (added into).
         meanwhile(): called once the first gathers are under way (HybridMoE queues its GPU experts there)."""
+        if self.ws.cuda:
+            with torch.cuda.device(self.ws.device):  # Triton and new streams use the current device
+                return self._run(x, part, out, meanwhile)
+        return self._run(x, part, out, meanwhile)
+
+    def _run(self, x, part, out, meanwhile) -> None:
         from quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, job_tiles,
                                           scratch_views)
 
