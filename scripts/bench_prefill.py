@@ -93,19 +93,16 @@ def h2d_rate(device, nbytes: int = 256 << 20, reps: int = 5) -> float:
 def gather_rate(prefill, experts) -> float:
     """GB/s of the copy threads gathering these experts' packed bytes from the mappings into one pinned slot,
     group by group as a prefill call does (no upload)."""
-    from kt_runtime.hybrid.expert_staging import copy_pieces, stage_group
+    from kt_runtime.hybrid.expert_staging import stage_group
     from kt_runtime.hybrid.prefill_plan import transfer_groups
-
-    import numpy as np
 
     plan, ws = prefill.plan, prefill.ws
     slot = torch.empty(plan.slot_bytes, dtype=torch.uint8, pin_memory=ws.cuda).numpy()
-    pool = ws.pool()
     groups = [stage_group(g, [prefill.sources.pieces[e] for e in g], prefill._jobs(plan.group_experts))
               for g in transfer_groups(experts, plan.group_experts)]
     t0 = time.perf_counter()
     for g in groups:
-        for f in [pool.submit(np.copyto, slot[off:off + a.size], a) for a, off in copy_pieces(g, prefill.sources.regions)]:
+        for f in ws.gather(g, prefill.sources.regions, slot):
             f.result()
     return sum(g.nbytes for g in groups) / (time.perf_counter() - t0) / 1e9
 

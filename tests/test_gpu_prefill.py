@@ -18,7 +18,7 @@ import torch
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.hybrid import gpu_prefill, routing
-from kt_runtime.hybrid.expert_staging import LayerSources, Piece, copy_pieces, stage_group
+from kt_runtime.hybrid.expert_staging import LayerSources, Piece, copy_tasks, stage_group
 from kt_runtime.expert_activation import Activation
 from kt_runtime.hybrid.gpu_prefill import GpuPrefill, PrefillWorkspace
 from kt_runtime.hybrid.prefill_plan import (ALIGN, MIN_PAIR_BLOCK, TABLE_SHARE, ExpertSizes, check_memory,
@@ -335,8 +335,12 @@ def test_layer_sources_are_the_mapped_tensors(cases):
         g = stage_group([0, 1, 2], [src.pieces[e] for e in range(3)], lambda j, off: np.zeros((0, 6), np.int64))
         assert len(g.runs) == (1 if name == "v4-int4" else 9)
         staged = np.zeros(g.nbytes, np.uint8)
-        for a, off in copy_pieces(g, src.regions, piece_bytes=4096):
+        tasks = copy_tasks(g, src.regions, 5, min_bytes=4096)
+        sizes = [sum(a.size for a, _ in t) for t in tasks]
+        assert len(tasks) == 5 and max(sizes) - min(sizes) <= 5 and sum(sizes) == g.weight_bytes + g.jobs.nbytes
+        for a, off in (piece for t in tasks for piece in t):
             staged[off:off + a.size] = a
+        assert len(copy_tasks(g, src.regions, 64, min_bytes=sum(sizes) // 3)) == 3  # no share below min_bytes
         for j in range(3):
             for p in src.pieces[j]:
                 at = g.offsets[(j, p.proj, p.numa, p.part)]

@@ -22,7 +22,7 @@ import torch
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.format.methods import INT4, INT8, RAWINT4_G32
-from kt_runtime.hybrid.expert_staging import LayerSources, copy_pieces, stage_group
+from kt_runtime.hybrid.expert_staging import LayerSources, copy_tasks, stage_group
 from kt_runtime.hybrid.gpu_prefill import PrefillWorkspace
 from quant.amx_tiling import tile
 from quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, expert_jobs, job_tiles,
@@ -63,8 +63,9 @@ def test_triton_dequant_equals_the_reference(cases, name):
     cap = len(experts) + 1  # one scratch slot left unwritten
     g = stage_group(experts, [src.pieces[e] for e in experts], lambda j, off: expert_jobs(m, H, I, T, j, cap, off))
     staging = np.zeros(g.nbytes, np.uint8)
-    for a, off in copy_pieces(g, src.regions):
-        staging[off:off + a.size] = a
+    for pieces in copy_tasks(g, src.regions, 1):
+        for a, off in pieces:
+            staging[off:off + a.size] = a
     for dtype in (torch.float32, torch.bfloat16):
         ref = torch.full((scratch_elements(cap, H, I),), float("nan"), dtype=dtype)
         dequantize_staged_reference(torch.from_numpy(staging), g.jobs, m, ref)
@@ -176,12 +177,15 @@ def test_cuda_prefill_memory_stays_under_the_budget(cases):
     beyond its float32 output and the result in x's dtype, stays under gpu_prefill_memory."""
     c = cases["v4-int8"]
     budget = 6 << 20
+    x, ids, w = c.routing(512, k=3, seed=13)
+    xd, idd, wd = x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
+    # a first call on another workspace: the kernels compiled, cuBLAS's workspace for this stream made
+    HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+              prefill_workspace=PrefillWorkspace("cuda", memory=budget))(xd, idd, wd)
     ws = PrefillWorkspace("cuda", memory=budget)
     h = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2, prefill_workspace=ws)
     plan = h.prefill.plan
     assert plan.group_experts == 1 and plan.pair_block == 128 and plan.device_bytes(h.prefill.sizes) <= budget
-    x, ids, w = c.routing(512, k=3, seed=13)
-    xd, idd, wd = x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -5,8 +5,8 @@ staging buffer (the GPU prefill's pinned and device slots).
 as byte ranges of the mappings the loader made (no copy). `stage_group` lays a group out: tensors that are
 adjacent in a file stay adjacent, so a group of consecutive experts of a merged shard is one or a few
 copies; each copy keeps its file offset modulo ALIGN (typed loads stay aligned); the group's dequantization
-jobs (quant/staged_dequant.py) follow, so that one host-to-device copy moves both. `copy_pieces` cuts the
-copies into pieces for the copy threads.
+jobs (quant/staged_dequant.py) follow, so that one host-to-device copy moves both. `copy_tasks` shares the
+copies out among the copy threads.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 from ..format.layout import PROJECTIONS
 from .prefill_plan import ALIGN
 
-PIECE_BYTES = 4 << 20  # one copy task
+MIN_TASK_BYTES = 1 << 20  # a copy thread's share of a group, at least (smaller ones cost more than they save)
 
 
 class Piece(NamedTuple):
@@ -135,13 +135,25 @@ def stage_group(experts: Sequence[int], pieces: Sequence[Sequence[Piece]], make_
                        np.ascontiguousarray(jobs, dtype=np.int64), jobs_offset, jobs_offset + jobs.nbytes)
 
 
-def copy_pieces(group: StagedGroup, regions: Sequence[np.ndarray], piece_bytes: int = PIECE_BYTES):
-    """(source uint8 array, staging offset) pieces of at most piece_bytes that fill a slot with the group."""
-    out = []
-    for r in group.runs:
-        src = regions[r.region]
-        for a in range(0, r.nbytes, piece_bytes):
-            b = min(r.nbytes, a + piece_bytes)
-            out.append((src[r.src + a:r.src + b], r.dst + a))
-    out.append((group.jobs.reshape(-1).view(np.uint8), group.jobs_offset))
+def copy_tasks(group: StagedGroup, regions: Sequence[np.ndarray], tasks: int,
+               min_bytes: int = MIN_TASK_BYTES) -> list[list[tuple[np.ndarray, int]]]:
+    """The copies that fill a slot with the group, as (source uint8 array, staging offset) pieces, cut into at
+    most `tasks` lists of about equal bytes (each at least min_bytes), one per copy thread."""
+    copies = [(regions[r.region][r.src:r.src + r.nbytes], r.dst) for r in group.runs]
+    copies.append((group.jobs.reshape(-1).view(np.uint8), group.jobs_offset))
+    total = sum(a.size for a, _ in copies)
+    count = max(1, min(tasks, total // max(1, min_bytes)))
+    share = -(-total // count)
+    out: list[list[tuple[np.ndarray, int]]] = [[]]
+    room = share
+    for a, off in copies:
+        at = 0
+        while at < a.size:
+            if room == 0:
+                out.append([])
+                room = share
+            n = min(room, a.size - at)
+            out[-1].append((a[at:at + n], off + at))
+            at += n
+            room -= n
     return out

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..format.layout import PROJECTIONS, shard_shape
 from ..format.methods import get_method
-from .expert_staging import LayerSources, copy_pieces, stage_group
+from .expert_staging import LayerSources, copy_tasks, stage_group
 from .gpu_experts import clamp_bounds, gated_activation
 from .prefill_plan import (DEFAULT_GROUP_BYTES, DEFAULT_SLOTS, BudgetPlan, ExpertSizes, check_memory, check_tables,
                            pair_activation_bytes, pair_slices, plan_budget, transfer_groups)
@@ -165,6 +165,12 @@ class PrefillWorkspace:
             torch.cuda.synchronize(self.device)
         self._buffers = None
 
+    def gather(self, group, regions, dst: np.ndarray, gate=None) -> list:
+        """Futures of the copy threads filling dst (a slot's pinned bytes) with a staged group, each waiting for
+        `gate` (a future) first."""
+        pool = self.pool()
+        return [pool.submit(_copy, gate, dst, pieces) for pieces in copy_tasks(group, regions, self.copy_threads)]
+
     def grouped_gemm_ok(self, dtype: torch.dtype) -> bool:
         """Whether the grouped GEMM is used for this dtype (gemm "auto": tried once on this device)."""
         if self.gemm != "auto":
@@ -184,10 +190,11 @@ class PrefillWorkspace:
         return self._gemm_ok[dtype]
 
 
-def _copy(gate, dst: np.ndarray, src: np.ndarray, offset: int) -> None:
+def _copy(gate, dst: np.ndarray, pieces) -> None:
     if gate is not None:
         gate.result()  # the slot's previous upload is complete
-    np.copyto(dst[offset:offset + src.size], src)
+    for src, offset in pieces:
+        np.copyto(dst[offset:offset + src.size], src)
 
 
 class GpuPrefill:
@@ -285,16 +292,15 @@ class GpuPrefill:
         w13, w2 = scratch_views(scratch, cap, self.H, self.I)
         grouped = ws.grouped_gemm_ok(self.dtype)
         use_triton = ws.dequant == "triton" or (ws.dequant == "auto" and ws.cuda)
-        cuda, S, pool = ws.cuda, len(slots), ws.pool()
+        cuda, S = ws.cuda, len(slots)
         stream = torch.cuda.current_stream(ws.device) if cuda else None
         regions = self.sources.regions
         reads: dict[int, list] = {}
 
         def submit(k: int) -> None:
             slot = slots[k % S]
-            gate = pool.submit(slot.uploaded.synchronize) if cuda else None
-            reads[k] = ([gate] if gate is not None else []) + \
-                [pool.submit(_copy, gate, slot.pinned_np, src, off) for src, off in copy_pieces(staged[k], regions)]
+            gate = ws.pool().submit(slot.uploaded.synchronize) if cuda else None
+            reads[k] = ([gate] if gate is not None else []) + ws.gather(staged[k], regions, slot.pinned_np, gate)
 
         try:
             for k in range(min(S, len(staged))):
