@@ -343,6 +343,17 @@ class HybridMoE:
             torch.cuda.synchronize()
         return host[0], host[1], host[2] if with_x else None
 
+    def _count_routing(self, ids: torch.Tensor, w: torch.Tensor):
+        """The call's routing on the host as int64 ids (checked against the expert count) and float32 weights;
+        the call counted and its experts observed (dynamic placement)."""
+        ids = ids.to(torch.int64).contiguous()
+        w = w.to(torch.float32).contiguous()
+        if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
+            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
+        self.calls += 1
+        self.observe(ids)
+        return ids, w
+
     def _stage(self, name: str, t0: float) -> float:
         t = time.perf_counter()
         prof = self.profile
@@ -489,12 +500,7 @@ class HybridMoE:
                 if self.dynamic and self.calls % self.update_interval == 0:
                     self.rebalance()
                 return res
-        ids = ids.to(torch.int64).contiguous()
-        w = w.to(torch.float32).contiguous()
-        if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
-            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
-        self.calls += 1
-        self.observe(ids)
+        ids, w = self._count_routing(ids, w)
         cpu_part, gpu_part = self.split(ids, w)
         t = self._stage("split", t)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -560,12 +566,7 @@ class HybridMoE:
         GpuPrefill, the GPU-resident ones to GpuExperts, queued on the current stream into one float32 sum."""
         ids, w, _ = self._routing_to_host(x, topk_ids, topk_weights, with_x=False)
         t = self._stage("routing", t)
-        ids = ids.to(torch.int64).contiguous()
-        w = w.to(torch.float32).contiguous()
-        if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
-            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
-        self.calls += 1
-        self.observe(ids)
+        ids, w = self._count_routing(ids, w)
         part, gpu_part = routing.split_prefill(ids, w, self.slots.slot_np)
         t = self._stage("split", t)
         dev = self.prefill.ws.device
