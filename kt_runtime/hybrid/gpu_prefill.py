@@ -13,7 +13,8 @@ One call, for the experts the chunk routes to (PrefillPart), in transfer groups 
                    record `consumed`; grouped GEMMs of its (token, expert) pairs, added into the output
 
 So group k + 1 crosses PCIe while group k is computed, and group k + 2 is gathered meanwhile; the calling
-thread waits only for gathers (host work), never for the device. The overlap is within a layer: the next
+thread waits only for gathers (host work), never for the device (past the first call, which compiles the
+kernels, tries the grouped GEMM once and allocates the buffers). The overlap is within a layer: the next
 layer's experts are not known before its router has run, so each layer starts with one group's transfer that
 nothing hides (groups are small for that reason: DEFAULT_GROUP_BYTES).
 
