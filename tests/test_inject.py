@@ -290,3 +290,42 @@ def test_inject_cuda(built):
     assert err(got, ref) < 0.05
     out = m.generate(tokens(batch=1, length=5).cuda(), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 9)
+
+
+def test_inject_gpu_prefill_threshold_without_cuda(built, monkeypatch):
+    """On the CPU the threshold is ignored with one warning for the whole model, and nothing changes."""
+    from kt_runtime.hybrid import gpu_prefill
+
+    monkeypatch.setattr(gpu_prefill, "_WARNED", set())
+    model, packed = built["qwen3_moe"]
+    ids = tokens()
+    plain = copy.deepcopy(model)
+    kt_runtime.inject(plain, packed["int8"], num_gpu_experts=2, device="cpu")
+    m = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kt_runtime.inject(m, packed["int8"], num_gpu_experts=2, device="cpu", gpu_prefill_token_threshold=4)
+    assert len([c for c in caught if "gpu_prefill_token_threshold=4 is ignored" in str(c.message)]) == 1
+    assert all(h.prefill is None for h in hybrid_layers(m).values())
+    assert torch.equal(logits(m, ids), logits(plain, ids))
+
+
+@pytest.mark.gpu
+def test_inject_cuda_gpu_prefill(built):
+    """Prompt calls (24 tokens >= 8) take the GPU prefill in every layer, through one shared workspace; decode
+    calls (1 token) do not."""
+    model, packed = built["qwen3_moe"]
+    ids = tokens()
+    ref = logits(dequantized_copy(model, packed["int8"]), ids)
+    m = copy.deepcopy(model).cuda()
+    kt_runtime.inject(m, packed["int8"], num_gpu_experts=2, device="cuda", gpu_prefill_token_threshold=8,
+                      gpu_prefill_memory=64 << 20)
+    layers = hybrid_layers(m)
+    ws = {id(h.prefill.ws) for h in layers.values()}
+    assert len(ws) == 1 and next(iter(layers.values())).prefill.ws.memory == 64 << 20
+    got = logits(m, ids.cuda()).cpu()
+    stats = next(iter(layers.values())).prefill.ws.stats
+    assert stats["calls"] == len(layers)
+    assert err(got, ref) < 0.05
+    out = m.generate(tokens(batch=1, length=9).cuda(), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 13) and stats["calls"] == 2 * len(layers)  # the 9-token prompt, not the 1-token steps

@@ -111,6 +111,28 @@ def test_bench_hybrid_cleans_up_or_keeps_and_reuses(tmp_path):
     assert [p.name for p in (tmp_path / "w").iterdir()] == ["v4-H512-I256-E8-int4-T1"]  # not this run's to remove
 
 
+def test_bench_prefill_runs_both_paths_and_cleans_up(tmp_path):
+    """Without a GPU: the CPU path alone, said so; --cpu-prefill runs the GPU path's code on the CPU (so the script
+    itself is tested here): every table filled, the crossover computed, nothing left behind."""
+    import json
+
+    small = ["--hidden", "256", "--intermediate", "256", "--experts", "8", "--topk", "2", "--tokens", "16,32",
+             "--layers", "2", "--iters", "1", "--warmup", "0"]
+    r = run_script("bench_prefill", *small, tmp=tmp_path / "tmp")
+    assert r.returncode == 0, r.stderr
+    assert "# CPU path only" in r.stderr and list((tmp_path / "tmp").iterdir()) == []
+    d = json.loads(r.stdout)
+    assert d["cpu_only"] and [row["tokens"] for row in d["one_layer"]] == [16, 32] and "gpu_ms" not in d["one_layer"][0]
+    r = run_script("bench_prefill", *small, "--cpu-prefill", "--json", tmp_path / "p.json", tmp=tmp_path / "tmp")
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert json.loads(r.stdout) == d and list((tmp_path / "tmp").iterdir()) == []
+    for row in d["one_layer"] + d["stack"]:
+        assert row["gpu_ms"] > 0 and row["cpu_ms"] > 0 and row["floor_ms"] > 0 and 0 < row["gpu_of_floor"]
+    assert d["one_layer"][0]["experts_touched"] == 8 and d["gpu"]["group_experts"] >= 1
+    assert "tokens" in d["crossover"] and "# crossover" in r.stderr
+
+
 # --- bench_moe -----------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,24 @@ from ..expert_activation import Activation, ExpertBiases
 from .routing import GpuPart
 
 
+def clamp_bounds(swiglu_limit: float | None, intermediate_size: int, device, dtype):
+    """(lo, hi) [2I] bounds of one in-place clamp of [gate | up]: gate <= L, -L <= up <= L (in dtype, as a
+    scalar clamp); (None, None) without a limit."""
+    if swiglu_limit is None:
+        return None, None
+    L, I = swiglu_limit, intermediate_size
+    lo = torch.cat([torch.full((I,), float("-inf")), torch.full((I,), -L)]).to(device=device, dtype=dtype)
+    return lo, torch.full((2 * I,), L).to(device=device, dtype=dtype)
+
+
+def gated_activation(h: torch.Tensor, clamp_lo, clamp_hi, act: Activation, intermediate_size: int) -> torch.Tensor:
+    """act(clamp(gate), clamp(up)) of h = [gate | up] [m, 2I] (clamped in place)."""
+    if clamp_lo is not None:
+        h.clamp_(clamp_lo, clamp_hi)
+    I = intermediate_size
+    return act.apply(h[:, :I], h[:, I:])
+
+
 class GpuExperts:
     def __init__(self, weights, layer: int, num_slots: int, hidden_size: int, intermediate_size: int,
                  device: torch.device, dtype: torch.dtype, swiglu_limit: float | None,
@@ -29,12 +47,7 @@ class GpuExperts:
         self.b13 = torch.zeros((G, 2 * I), dtype=dtype, device=device) if self.biases is not None else None
         self.b2 = torch.zeros((G, H), dtype=dtype, device=device) if self.biases is not None else None
         # one in-place clamp of [gate | up]: gate <= L, -L <= up <= L (bounds in dtype, as a scalar clamp)
-        self.clamp_lo = self.clamp_hi = None
-        if swiglu_limit is not None and G:
-            L = swiglu_limit
-            self.clamp_lo = torch.cat([torch.full((I,), float("-inf")), torch.full((I,), -L)]).to(device=device,
-                                                                                                   dtype=dtype)
-            self.clamp_hi = torch.full((2 * I,), L).to(device=device, dtype=dtype)
+        self.clamp_lo, self.clamp_hi = clamp_bounds(swiglu_limit if G else None, I, device, dtype)
 
     def load(self, slot: int, expert: int) -> None:
         """Dequantize `expert` of the packed weights into `slot` (in place: graphs keep their pointers)."""
@@ -55,11 +68,8 @@ class GpuExperts:
     def expert_forward(self, xs: torch.Tensor, slot: int) -> torch.Tensor:
         """down(act(clamp(gate xs + bg), clamp(up xs + bu))) + bd of the expert in `slot`, xs [m, H] in `dtype`
         (act: silu(g) * u, or gpt-oss's g * sigmoid(alpha g) * (u + 1); biases when the layer has them)."""
-        I = self.intermediate_size
         h = F.linear(xs, self.w13[slot], None if self.b13 is None else self.b13[slot])
-        if self.clamp_lo is not None:
-            h.clamp_(self.clamp_lo, self.clamp_hi)
-        h = self.act.apply(h[:, :I], h[:, I:])
+        h = gated_activation(h, self.clamp_lo, self.clamp_hi, self.act, self.intermediate_size)
         return F.linear(h, self.w2[slot], None if self.b2 is None else self.b2[slot])
 
     def compute(self, x_dev: torch.Tensor, gpu_part: GpuPart, out: torch.Tensor) -> torch.Tensor:

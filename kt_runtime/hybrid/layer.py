@@ -10,6 +10,10 @@ the routing is copied to the host (asynchronous copies into pinned memory, one w
 - Every other call (prefill, cuda_graphs=False, a GPU expert twice): the GPU part is handed to the launcher
   thread (launcher.py), which queues it on the caller's stream, while the calling thread runs CPUMoE.
 - No GPU hit: the CPU engine alone, bit-identical to CPUMoE.
+- T >= gpu_prefill_token_threshold (prefill chunks; None/0: never): no CPU engine and no x on the host. The
+  CPU-resident experts the call routes to are streamed to the GPU from the packed files, dequantized and
+  computed there (gpu_prefill.py), the GPU-resident ones as above, both on the caller's stream. Without CUDA
+  or triton the threshold is ignored (one warning).
 
 The CPU engine gets one core fewer than the process may use by default (default_cpu_threads): its workers
 spin between calls and the calling or launcher thread needs a core. A HybridMoE is not meant to be called
@@ -17,7 +21,8 @@ from several threads at once (the decode path uses static buffers).
 
 Profiling: set `moe.profile = {}` and each call appends per-stage host times (seconds) to profile[stage]:
 routing (copy to the host + wait), split (checks, observe, split), gpu_launch (decode: input copies and
-graph replays; otherwise the hand-off), cpu_engine, join (waiting for the launcher), final_add.
+graph replays; otherwise the hand-off), cpu_engine, join (waiting for the launcher), gpu_prefill (queueing the
+GPU prefill, its gathers included), final_add.
 """
 from __future__ import annotations
 
@@ -33,8 +38,10 @@ from ..loader import as_packed_experts
 from . import routing
 from .decode_graphs import DecodeGraphs
 from .gpu_experts import GpuExperts
+from .gpu_prefill import GpuPrefill, PrefillWorkspace, unavailable_reason, warn_ignored
 from .launcher import launcher
 from .placement import RoutingCounts, SlotTable, gpu_expert_mask, resolve_stats
+from .prefill_plan import check_memory, check_threshold, prefill_applies
 from .stream_path import DeferralChain, StreamStep, deferral_mask, pending_result
 
 
@@ -68,9 +75,16 @@ class HybridMoE:
         added by the next MoE layer called on the same `deferral` chain (DeferralChain; inject sets one per
         model and `defer_carry` False on the last layer, which adds its own). 0: none.
     stream_max_tokens: forward_stream takes the stream-ordered path up to this many tokens.
+    gpu_prefill_token_threshold: calls of at least this many tokens run their CPU-resident experts on the GPU
+        (streamed from the packed files; kt's --kt-gpu-prefill-token-threshold). None or 0: never. Ignored, with
+        one warning, without CUDA or triton. Settable later.
+    gpu_prefill_memory: the GPU prefill's device memory budget in bytes (None: 2 GiB; prefill_plan.py says what
+        it covers). prefill_workspace: a gpu_prefill.PrefillWorkspace shared by a model's layers (inject makes
+        one; give it instead of gpu_prefill_memory); one on a CPU device runs the path on the CPU (tests).
 
     Parts, public for tests and benchmarks: `cpu` (CPUMoE), `gpu` (GpuExperts), `slots` (SlotTable),
-    `routing_counts` (RoutingCounts), `decode_graphs` (DecodeGraphs, or None off the decode path).
+    `routing_counts` (RoutingCounts), `decode_graphs` (DecodeGraphs, or None off the decode path), `prefill`
+    (GpuPrefill, or None without a threshold or where it cannot run).
     """
 
     def __init__(self, weights, layer: int, num_gpu_experts=0, device: str | torch.device = "cuda",
@@ -78,7 +92,9 @@ class HybridMoE:
                  max_swaps: int | None = None, hysteresis: float = 0.25, decay: float = 0.5,
                  num_threads: int | None = None, activation: str | None = None,
                  swiglu_limit: float | None = None, isa: str = "auto", gpu_dtype: torch.dtype = torch.bfloat16,
-                 cuda_graphs: bool | None = None, biases=None, defer: int = 0, stream_max_tokens: int = 16):
+                 cuda_graphs: bool | None = None, biases=None, defer: int = 0, stream_max_tokens: int = 16,
+                 gpu_prefill_token_threshold: int | None = None, gpu_prefill_memory: int | None = None,
+                 prefill_workspace: PrefillWorkspace | None = None):
         weights = as_packed_experts(weights)
         self.weights = weights
         self.layer = layer
@@ -140,6 +156,43 @@ class HybridMoE:
         self.stream_max_tokens = int(stream_max_tokens)
         self.slot_of_dev = torch.from_numpy(self.slots.slot_np.copy()).to(self.device)
         self._streams: dict[tuple[int, int], StreamStep] = {}
+        if prefill_workspace is not None and gpu_prefill_memory is not None:
+            raise ValueError("give gpu_prefill_memory or prefill_workspace, not both (the workspace has its budget)")
+        if prefill_workspace is not None and prefill_workspace.device.type != self.device.type:
+            raise ValueError(f"prefill_workspace is on {prefill_workspace.device}, the GPU experts on {self.device}")
+        self._prefill_memory = check_memory(gpu_prefill_memory)
+        self.prefill_workspace = prefill_workspace
+        self.prefill: GpuPrefill | None = None
+        self._prefill_threshold: int | None = None
+        self.gpu_prefill_token_threshold = gpu_prefill_token_threshold
+
+    # ------------------------------------------------------------------ GPU prefill
+    @property
+    def gpu_prefill_token_threshold(self) -> int | None:
+        """Calls of at least this many tokens take the GPU prefill (None: never)."""
+        return self._prefill_threshold
+
+    @gpu_prefill_token_threshold.setter
+    def gpu_prefill_token_threshold(self, value) -> None:
+        threshold = check_threshold(value)
+        if threshold is not None and self.prefill is None:
+            self.prefill = self._make_prefill(threshold)
+        self._prefill_threshold = threshold
+
+    def _make_prefill(self, threshold: int) -> GpuPrefill | None:
+        ws = self.prefill_workspace
+        reason = unavailable_reason(self.device) if ws is None or ws.cuda else None
+        if reason is not None:
+            warn_ignored(threshold, reason)
+            return None
+        if ws is None:
+            ws = self.prefill_workspace = PrefillWorkspace(self.device, self._prefill_memory)
+        return GpuPrefill(self.weights, self.layer, ws, self.hidden_size, self.intermediate_size, self.gpu_dtype,
+                          self.swiglu_limit, self.cpu.act, self.cpu.biases)
+
+    def takes_prefill(self, tokens: int) -> bool:
+        """Whether a call of `tokens` tokens runs its CPU-resident experts on the GPU."""
+        return self.prefill is not None and prefill_applies(tokens, self._prefill_threshold)
 
     # ------------------------------------------------------------------ placement
     @property
@@ -264,13 +317,15 @@ class HybridMoE:
             self._pinned[key] = bufs
         return bufs
 
-    def _routing_to_host(self, x, topk_ids, topk_weights):
+    def _routing_to_host(self, x, topk_ids, topk_weights, with_x: bool = True):
         """(ids, weights, x on the host or None): no wait when the routing is already on the CPU; else
-        asynchronous copies into pinned memory and one wait (on an event after them)."""
-        if not (topk_ids.is_cuda or topk_weights.is_cuda or x.is_cuda):
+        asynchronous copies into pinned memory and one wait (on an event after them). with_x False: x stays."""
+        if not (topk_ids.is_cuda or topk_weights.is_cuda or (with_x and x.is_cuda)):
             return topk_ids.detach(), topk_weights.detach(), None
         ts = (topk_ids.detach(), topk_weights.detach(), x.detach())
-        if x.shape[0] == 1 and all(t.is_cuda and t.device == x.device for t in ts):
+        if not with_x:
+            ts = ts[:2]
+        elif x.shape[0] == 1 and all(t.is_cuda and t.device == x.device for t in ts):
             # decode: static pinned buffers (no host allocations), one wait on the stream (which also tells
             # the decode buffers that the last step on this stream is done)
             bufs = self._pinned_for(*ts)
@@ -281,12 +336,23 @@ class HybridMoE:
             if self.decode_graphs is not None:
                 self.decode_graphs.drained = stream
             return bufs
-        # three async copies into pinned memory, one wait (instead of one sync each)
-        ids, w, x_host = (t.to("cpu", non_blocking=True) for t in ts)
+        # async copies into pinned memory, one wait (instead of one sync each)
+        host = [t.to("cpu", non_blocking=True) for t in ts]
         torch.cuda.current_stream(x.device if x.is_cuda else None).synchronize()
         if not (topk_ids.is_cuda and topk_weights.is_cuda and x.is_cuda):
             torch.cuda.synchronize()
-        return ids, w, x_host
+        return host[0], host[1], host[2] if with_x else None
+
+    def _count_routing(self, ids: torch.Tensor, w: torch.Tensor):
+        """The call's routing on the host as int64 ids (checked against the expert count) and float32 weights;
+        the call counted and its experts observed (dynamic placement)."""
+        ids = ids.to(torch.int64).contiguous()
+        w = w.to(torch.float32).contiguous()
+        if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
+            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
+        self.calls += 1
+        self.observe(ids)
+        return ids, w
 
     def _stage(self, name: str, t0: float) -> float:
         t = time.perf_counter()
@@ -361,7 +427,7 @@ class HybridMoE:
         chain = self.deferral
         prev = chain.take() if chain is not None else None
         y_def = None
-        if self.defer:
+        if self.defer and not self.takes_prefill(x.shape[0]):  # a GPU prefill call defers nothing
             ids = topk_ids.detach().to(self.slot_of_dev.device, torch.int64)
             w = topk_weights.detach().to(self.slot_of_dev.device, torch.float32)
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
@@ -405,7 +471,8 @@ class HybridMoE:
         if parts not in ("both", "cpu", "gpu", "serial"):
             raise ValueError(f"parts must be 'both', 'cpu', 'gpu' or 'serial', got {parts!r}")
         ok = (x.device == self.slot_of_dev.device and topk_ids.device == x.device and topk_weights.device == x.device
-              and x.dim() == 2 and x.shape[0] <= self.stream_max_tokens and topk_ids.dim() == 2)
+              and x.dim() == 2 and x.shape[0] <= self.stream_max_tokens and topk_ids.dim() == 2
+              and not self.takes_prefill(x.shape[0]))
         if not ok:
             return self.forward(x, topk_ids, topk_weights)
         self._check(x, topk_ids, topk_weights)
@@ -423,6 +490,8 @@ class HybridMoE:
     def _forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         t = time.perf_counter()
         self._check(x, topk_ids, topk_weights)
+        if self.takes_prefill(x.shape[0]):
+            return self._forward_prefill(x, topk_ids, topk_weights, t)
         ids, w, x_host = self._routing_to_host(x, topk_ids, topk_weights)
         t = self._stage("routing", t)
         if self.decode_graphs is not None and x.shape[0] == 1:
@@ -431,12 +500,7 @@ class HybridMoE:
                 if self.dynamic and self.calls % self.update_interval == 0:
                     self.rebalance()
                 return res
-        ids = ids.to(torch.int64).contiguous()
-        w = w.to(torch.float32).contiguous()
-        if ids.numel() and (ids.numpy().min() < 0 or ids.numpy().max() >= self.num_experts):
-            raise ValueError(f"topk_ids must be in [0, {self.num_experts})")
-        self.calls += 1
-        self.observe(ids)
+        ids, w = self._count_routing(ids, w)
         cpu_part, gpu_part = self.split(ids, w)
         t = self._stage("split", t)
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
@@ -497,12 +561,36 @@ class HybridMoE:
             self.rebalance()
         return out
 
+    def _forward_prefill(self, x, topk_ids, topk_weights, t):
+        """The GPU prefill call (see the module doc): routing to the host, the CPU-resident experts' pairs to
+        GpuPrefill, the GPU-resident ones to GpuExperts, queued on the current stream into one float32 sum."""
+        ids, w, _ = self._routing_to_host(x, topk_ids, topk_weights, with_x=False)
+        t = self._stage("routing", t)
+        ids, w = self._count_routing(ids, w)
+        part, gpu_part = routing.split_prefill(ids, w, self.slots.slot_np)
+        t = self._stage("split", t)
+        dev = self.prefill.ws.device
+        xd = x.detach().to(dev, non_blocking=True)
+        out = torch.zeros((x.shape[0], self.hidden_size), dtype=torch.float32, device=dev)
+        resident = (lambda: self.gpu.compute(xd, gpu_part, out)) if gpu_part is not None else None
+        if part is not None:
+            self.prefill.run(xd, part, out, meanwhile=resident)
+        elif resident is not None:
+            resident()
+        t = self._stage("gpu_prefill", t)
+        out = out.to(device=x.device, dtype=x.dtype)
+        self._stage("final_add", t)
+        if self.dynamic and self.calls % self.update_interval == 0:
+            self.rebalance()
+        return out
+
     __call__ = forward
 
     def __repr__(self) -> str:
         return (f"HybridMoE(layer={self.layer}, method={self.cpu.method}, experts={self.num_experts}, "
                 f"gpu_experts={self.num_gpu_experts} on {self.device}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, dynamic={self.dynamic})")
+                f"intermediate={self.intermediate_size}, dynamic={self.dynamic}, "
+                f"gpu_prefill_token_threshold={self.gpu_prefill_token_threshold if self.prefill else None})")
 
 
 class _TakeOnly:

@@ -3,7 +3,8 @@ the GPU experts do, from a slot table (slot_of[e]: the GPU slot of expert e, -1 
 
 One rule, `split_token`, under the entry points: `decode_hits` (one token: the decode path), and
 `split` for any batch, which takes `split_python` for a few pairs (fewer fixed costs) and `split_numpy`
-for many; the two give the same parts.
+for many; the two give the same parts. `split_prefill`: a call on the GPU prefill path, where the CPU
+experts' pairs go to the GPU too, grouped by expert (PrefillPart).
 """
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ class GpuPart(NamedTuple):
     tokens: torch.Tensor  # int64 [P]
     weights: torch.Tensor  # float32 [P]
     groups: list[tuple[int, int, int]]  # (slot, start, end) into tokens / weights
+
+
+class PrefillPart(NamedTuple):
+    """The (token, expert) pairs of the CPU-resident experts a call routes to, for the GPU prefill: grouped by
+    expert in ascending expert order, tokens ascending within an expert. Host numpy arrays."""
+
+    experts: np.ndarray  # int64 [n]: the CPU-resident experts the call touches, ascending
+    offsets: np.ndarray  # int64 [n + 1]: expert i's pairs are [offsets[i], offsets[i + 1])
+    tokens: np.ndarray  # int64 [P]
+    weights: np.ndarray  # float32 [P]
 
 
 def split_token(ids_row: list[int], w_row: list[float], slot_of: list[int]):
@@ -72,7 +83,7 @@ def split_numpy(topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of: np.
     ids, w = topk_ids.numpy(), topk_weights.numpy()
     slot = slot_of[ids]  # [T,k]
     on_gpu = slot >= 0
-    cpu_part = gpu_part = None
+    cpu_part = None
     n_cpu = ids.shape[1] - on_gpu.sum(1)
     rows = np.flatnonzero(n_cpu > 0)
     if rows.size:
@@ -90,16 +101,40 @@ def split_numpy(topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of: np.
                 cw = np.where(pad, np.float32(0), cw)
             cpu_part = CpuPart(torch.from_numpy(rows), torch.from_numpy(np.ascontiguousarray(cid, dtype=np.int64)),
                                torch.from_numpy(np.ascontiguousarray(cw, dtype=np.float32)))
-    if on_gpu.any():
-        tok, pos = np.nonzero(on_gpu)
-        s = slot[tok, pos]
-        order = np.argsort(s, kind="stable")
-        tok, pos, s = tok[order], pos[order], s[order]
-        uniq, first, cnt = np.unique(s, return_index=True, return_counts=True)
-        groups = [(int(u), int(f), int(f + c)) for u, f, c in zip(uniq, first, cnt)]
-        gpu_part = GpuPart(torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(w[tok, pos].astype(np.float32)),
-                           groups)
-    return cpu_part, gpu_part
+    return cpu_part, _gpu_part(w, slot, on_gpu)
+
+
+def _gpu_part(w: np.ndarray, slot: np.ndarray, on_gpu: np.ndarray):
+    """The GpuPart of routing weights w [T, k] whose slots are `slot` (on_gpu: slot >= 0), or None."""
+    if not on_gpu.any():
+        return None
+    tok, pos = np.nonzero(on_gpu)
+    s = slot[tok, pos]
+    order = np.argsort(s, kind="stable")
+    tok, pos, s = tok[order], pos[order], s[order]
+    uniq, first, cnt = np.unique(s, return_index=True, return_counts=True)
+    groups = [(int(u), int(f), int(f + c)) for u, f, c in zip(uniq, first, cnt)]
+    return GpuPart(torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(w[tok, pos].astype(np.float32)), groups)
+
+
+def split_prefill(topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of: np.ndarray):
+    """topk_ids int64 / topk_weights float32 [T, k] on the CPU, slot_of int64 [E] -> (PrefillPart or None,
+    GpuPart or None): the GPU-resident experts' pairs as `split` gives them, every other pair for the GPU
+    prefill."""
+    ids, w = topk_ids.numpy(), topk_weights.numpy()
+    slot = slot_of[ids]
+    on_gpu = slot >= 0
+    part = None
+    tok, pos = np.nonzero(~on_gpu)  # row-major: tokens ascending
+    if tok.size:
+        e = ids[tok, pos]
+        order = np.argsort(e, kind="stable")
+        e, tok, pos = e[order], tok[order], pos[order]
+        experts, first = np.unique(e, return_index=True)
+        offsets = np.append(first, e.size).astype(np.int64)
+        part = PrefillPart(experts.astype(np.int64), offsets, tok.astype(np.int64),
+                           np.ascontiguousarray(w[tok, pos], dtype=np.float32))
+    return part, _gpu_part(w, slot, on_gpu)
 
 
 def split_python(topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of: list[int]):

@@ -32,6 +32,8 @@ from torch import nn
 
 from ..expert_activation import Activation, ExpertBiases
 from ..hybrid import HybridMoE
+from ..hybrid.gpu_prefill import PrefillWorkspace, unavailable_reason
+from ..hybrid.prefill_plan import check_threshold
 from ..hybrid.placement import ExpertStats, resolve_stats
 from ..loader import as_packed_experts
 
@@ -206,6 +208,7 @@ def _default_device() -> str:
 def hybrid_experts(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.device | None = None,
                    placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
                    check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
+                   gpu_prefill_token_threshold: int | None = None, gpu_prefill_memory: int | None = None,
                    **hybrid_kwargs) -> dict[int, HybridExperts]:
     """{layer: HybridExperts} for every routed-experts module of `model`, checked against it; the model is left
     as it is (see inject for the arguments; swap_experts puts them in)."""
@@ -225,6 +228,10 @@ def hybrid_experts(model: nn.Module, weights, num_gpu_experts=0, device: str | t
         from ..hybrid.stream_path import DeferralChain
         chain = DeferralChain()
     last_layer = max(modules)
+    prefill = {"gpu_prefill_token_threshold": gpu_prefill_token_threshold, "gpu_prefill_memory": gpu_prefill_memory}
+    if check_threshold(gpu_prefill_token_threshold) is not None and unavailable_reason(device) is None:
+        prefill["prefill_workspace"] = PrefillWorkspace(device, gpu_prefill_memory)
+        prefill["gpu_prefill_memory"] = None
     built: dict[int, HybridExperts] = {}
     for layer, (name, module) in modules.items():
         n = num_gpu_experts.get(layer, 0) if isinstance(num_gpu_experts, dict) else num_gpu_experts
@@ -236,7 +243,7 @@ def hybrid_experts(model: nn.Module, weights, num_gpu_experts=0, device: str | t
             biases = ExpertBiases.from_gpt_oss(module.gate_up_proj_bias, module.down_proj_bias)
         hybrid = HybridMoE(weights, layer, num_gpu_experts=n, device=device, placement=placement, stats=stats,
                            dynamic=dynamic, num_threads=num_threads, biases=biases,
-                           defer=defer if layer != last_layer else 0, **hybrid_kwargs)
+                           defer=defer if layer != last_layer else 0, **prefill, **hybrid_kwargs)
         hybrid.deferral = chain
         hybrid.defer_carry = layer != last_layer
         built[layer] = HybridExperts(hybrid)
@@ -259,6 +266,7 @@ def swap_experts(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, n
 def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.device | None = None,
            placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
            check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
+           gpu_prefill_token_threshold: int | None = None, gpu_prefill_memory: int | None = None,
            **hybrid_kwargs) -> dict[int, HybridExperts]:
     """Replace every routed-experts module of `model` with hybrid experts over packed `weights`.
 
@@ -273,11 +281,16 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
         cache and CUDA graphs captures whole steps. None: on CUDA devices where host functions can be queued.
     defer: CPU experts per token whose output is added one MoE layer later (HybridMoE defer; the last MoE
         layer defers none).
+    gpu_prefill_token_threshold: calls of at least this many tokens (one forward call, after chunking) run the
+        CPU-resident experts on the GPU, streamed from the packed files (kt's --kt-gpu-prefill-token-threshold;
+        None or 0: never; ignored with one warning without CUDA or triton). gpu_prefill_memory: its GPU memory
+        budget in bytes (None: 2 GiB), one for the whole model: the layers share one PrefillWorkspace.
     The original expert weights are released. Returns {layer: HybridExperts}.
     Raises ValueError when the model and the weights do not match (layers, experts, dims, activation clamp).
     """
     built = hybrid_experts(model, weights, num_gpu_experts, device, placement, stats, dynamic, num_threads,
-                           check_values, stream_ordered, defer, **hybrid_kwargs)
+                           check_values, stream_ordered, defer, gpu_prefill_token_threshold, gpu_prefill_memory,
+                           **hybrid_kwargs)
     names = {layer: name for layer, (name, _) in find_expert_modules(model).items()}
     replaced = swap_experts(model, {names[layer]: module for layer, module in built.items()})
     for module in replaced.values():
