@@ -149,7 +149,7 @@ def resolve_device(device: str) -> str:
 
 
 def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOptions) -> Manifest:
-    source = {"path": str(ckpt.root), "family": plan.family, "input_type": plan.input_type, **plan.source_info,
+    source = {"path": os.path.realpath(ckpt.root), "family": plan.family, "input_type": plan.input_type, **plan.source_info,
               "mtp_tensors_skipped": plan.skipped_mtp_keys, **ckpt.fingerprint()}
     return Manifest(method=plan.method.name, threadpool_count=plan.threadpool_count, hidden_size=plan.hidden_size,
                     moe_intermediate_size=plan.moe_intermediate_size, num_experts=plan.num_experts,
@@ -311,16 +311,8 @@ def open_source(opts: ConvertOptions, note=print):
     return open_checkpoint(opts.input_path), None
 
 
-def method_or_exit(opts: ConvertOptions):
-    """The method row of --quant-method and --group-size (exit 2 naming what is accepted)."""
-    try:
-        return method_for(opts.quant_method, opts.group_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
 def plan_conversion(ckpt: Checkpoint, opts: ConvertOptions) -> tuple[ConversionPlan, list[tuple[str, str]]]:
-    method = method_or_exit(opts)
+    method = method_for(opts.quant_method, opts.group_size)
     layout = "merged" if opts.merge else "kt-folders"
     plan = build_plan(ckpt, method, opts.threadpool_count, layout, opts.input_type,
                       extra_shards=1 if opts.include_non_expert and opts.merge else 0, layers=opts.layers)
@@ -349,7 +341,7 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
         if differ:
             raise UserError(f"the outputs of one run share {', '.join(differ)}; run separately to change them")
     check_cpu_threads(first.cpuinfer_threads)
-    methods = [method_or_exit(o) for o in opts_list]  # before a download starts
+    methods = [method_for(o.quant_method, o.group_size) for o in opts_list]  # before a download starts
     device = resolve_device(first.device)
     if device == "cuda" and not all(m.numa_split for m in methods):  # the Triton packer writes AMX tiles only
         if first.device == "cuda":
@@ -547,7 +539,7 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
                     progress.note(line)
             try:
                 job.created = created_dirs(job.out)
-                job.out.mkdir(parents=True, exist_ok=True)
+                fsio.make_dirs(job.out)
                 if shard is None:
                     _open_single(ckpt, job, device, progress)
                 else:

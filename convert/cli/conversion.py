@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from kt_runtime.format.fsio import atomic_write_text
 from kt_runtime.format.methods import CHOICES, DEFAULT_GROUP_SIZE, METHODS
 from quant.source_formats import INPUT_TYPES
 
@@ -16,6 +15,8 @@ from ..plan import parse_layer_spec
 from ..timings import describe as describe_timings
 from .download_options import download_kwargs, download_options
 from .kt_flags import GPU_NOTE
+from .option_types import DIR, REPORT, SOURCE
+from .report_paths import check_report_paths, write_report
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
 
@@ -36,9 +37,9 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 
 @click.command("convert", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                epilog=KT_EPILOG)
-@click.option("--input-path", "-i", required=True,
+@click.option("--input-path", "-i", required=True, type=SOURCE,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
-@click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
+@click.option("--output", "-o", default=None, type=DIR,
               help="Output directory (or --output-template).")
 @click.option("--input-type", default="auto", show_default=True,
               type=click.Choice(["auto", *INPUT_TYPES]),
@@ -67,7 +68,7 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 @click.option("--layers", "layers_spec", default=None, metavar="SPEC",
               help="Convert only these MoE layers, e.g. 0-3,7; the output is marked partial (default: every MoE layer).")
 @click.option("--allow-nonfinite", is_flag=True, help="Pack NaN/Inf source weights as 0 instead of stopping (listed in the report).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
+@click.option("--json", "json_path", type=REPORT, default=None,
               help="Write the final report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @click.option("--timings", "show_timings", is_flag=True,
@@ -93,6 +94,8 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
         click.echo(GPU_NOTE, err=True)
     layers = layers_option(layers_spec)
     outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
+    check_report_paths({"--json": json_path}, inputs=(input_path,), outputs=[out for out, _, _ in outputs],
+                       job_file=job_file)
     shard = shard_spec(shard_flag, shard_count)
     hub_options = download_kwargs(**hub)
     opts_list = [
@@ -123,5 +126,5 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
         text = json.dumps(body, indent=2) + "\n"
         if str(json_path) == "-":
             click.echo(text, nl=False)
-        else:  # a new file renamed into place: never written through a link
-            atomic_write_text(Path(json_path), text)
+        else:
+            write_report(json_path, text)
