@@ -539,7 +539,7 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         if wm is not None:
             missing = sorted(set(wm.values()) - set(remote.files))
             if missing:
-                raise UserError(f"{remote.spec}: its index names {missing[0]}, which the repository does not hold "
+                raise UserError(f"{remote.spec}: its index {INDEX_NAME} names {missing[0]}, which the repository does not hold "
                                 f"({len(missing)} such files); the repository is incomplete")
         needed = needed_shards(config, wm, shard_names, include_non_expert)
         if not needed:

@@ -100,7 +100,7 @@ def open_remote(repo_id: str, revision: str | None) -> RemoteRepo:
         disable_progress_bars()
     what = repo_id + (f"@{revision}" if revision else "")
     try:
-        with expecting(what, endpoint(), MODEL_INFO_MAX_BYTES):
+        with expecting(what, endpoint(), MODEL_INFO_MAX_BYTES, announced=False):
             info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as e:
         raise _failure(e, what) from None
@@ -115,12 +115,14 @@ def download_file(repo: RemoteRepo, name: str, cache: Path, revision: str | None
     from huggingface_hub import hf_hub_download
 
     what = f"{repo.spec}: {name}"
+    cached = RepoCache(cache, repo.repo_id)
+    cached.check_before_download(repo.commit, repo.files[name].etag, revision)
     try:
         with expecting(what, repo.endpoint, repo.files[name].size):
             path = hf_hub_download(repo.repo_id, name, revision=revision or repo.commit, cache_dir=str(cache))
     except Exception as e:
         raise _failure(e, what) from None
-    return RepoCache(cache, repo.repo_id).check_download(path, name)
+    return cached.check_download(path, name)
 
 
 def remote_header(repo: RemoteRepo, name: str) -> tuple[dict[str, str], dict[str, TensorInfo]]:

@@ -97,6 +97,7 @@ class _Expected:
     what: str
     endpoint: str
     body_max: int
+    announced: bool  # body_max is the size the hub announced (else a cap of ours)
 
 
 _local = threading.local()
@@ -104,11 +105,12 @@ _RANGE = re.compile(r"^\s*bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$")
 
 
 @contextmanager
-def expecting(what: str, endpoint: str, body_max: int):
-    """Calls of huggingface_hub on this thread inside this block have their answers checked (module doc)."""
+def expecting(what: str, endpoint: str, body_max: int, announced: bool = True):
+    """Calls of huggingface_hub on this thread inside this block have their answers checked (module doc).
+    announced: body_max is the size the hub announced for the file (False: a cap for an API answer)."""
     _install()
     previous = getattr(_local, "expected", None)
-    _local.expected = _Expected(what, endpoint, body_max)
+    _local.expected = _Expected(what, endpoint, body_max, announced)
     try:
         yield
     finally:
@@ -158,8 +160,9 @@ def _on_response(response, *args, **kwargs):
 
 
 def _too_long(expected: _Expected) -> HubAnswerError:
+    limit = "it announced" if expected.announced else "allowed for this answer"
     return HubAnswerError(f"{expected.what}: the hub at {expected.endpoint} sent more than the {expected.body_max} "
-                          "bytes it announced; the download was stopped and nothing of it is kept: check HF_ENDPOINT "
+                          f"bytes {limit}; the download was stopped and nothing of it is kept: check HF_ENDPOINT "
                           "(a mirror or proxy that alters answers?) and re-run")
 
 

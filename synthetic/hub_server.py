@@ -21,9 +21,10 @@ Hostile modes (a hub that lies; tests/test_hostile_hub.py):
   sent as they are; None: the honest answer);
 - `file_headers[name] = {header: value}`: header values put on the answers for that file's
   /resolve/ requests (ETag, X-Linked-Etag, X-Repo-Commit, ...);
-- `overflow[name] = n`: the file's bytes followed by n more (None: zeros without end, up to
-  OVERFLOW_CAP), without a Content-Length (the body ends when the connection closes);
-  `lying_length[name] = n`: a Content-Length n bytes larger than the file, and as many bytes more.
+- `overflow[name] = n`: a download of the file (not a bounded range) gets its bytes followed by n more
+  (None: zeros without end, up to OVERFLOW_CAP), without a Content-Length (the body ends when the
+  connection closes); `lying_length[name] = n`: a Content-Length n bytes larger than the file, and as
+  many bytes more.
 """
 from __future__ import annotations
 
@@ -174,6 +175,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # the client went away mid-answer (a bounded reader stops early): not the server's error
+            pass
+
     def setup(self) -> None:
         super().setup()
         with self.hub._lock:
@@ -262,8 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
         return self._error(404, "EntryNotFound", "Not found", head)
 
     def _bytes(self, f: RepoFile, headers: dict[str, str], head: bool, corrupt: bool) -> None:
-        if not head and (f.name in self.hub.overflow or f.name in self.hub.lying_length):
-            return self._too_many_bytes(f, headers)
+        whole = self.headers.get("Range") is None or _starts_at_zero(self.headers)
+        if not head and whole and (f.name in self.hub.overflow or f.name in self.hub.lying_length):
+            return self._too_many_bytes(f, headers)  # a download, not a header read (a bounded range)
         start, end = 0, f.size - 1
         code = 200
         m = _RANGE.match(self.headers.get("Range", "") or "")

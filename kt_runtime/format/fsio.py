@@ -42,11 +42,11 @@ def _refuse(path: Path, st: os.stat_result, expect: str) -> UnsafePathError:
             found += f" to {os.readlink(path)}"
         except OSError:
             pass
-        return UnsafePathError(f"{path} is a {found}; output files are never written through links: remove the "
+        return UnsafePathError(f"{path} is a {found}; files are never written through links: remove the "
                                f"link (or put a real {expect} there) and re-run")
     if found in (FILE, DIR):
-        return UnsafePathError(f"{path} is a {found} where the output has a {expect}: remove or rename it and re-run")
-    return UnsafePathError(f"{path} is a {found} where the output has a {expect}: remove it and re-run")
+        return UnsafePathError(f"{path} is a {found} where a {expect} belongs: remove or rename it and re-run")
+    return UnsafePathError(f"{path} is a {found} where a {expect} belongs: remove it and re-run")
 
 
 def entry(path: Path, expect: str = FILE) -> os.stat_result | None:

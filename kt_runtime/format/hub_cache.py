@@ -121,6 +121,24 @@ class RepoCache:
                                   "writes it again)")
         return commit
 
+    def check_before_download(self, commit: str | None, etag: str | None, revision: str | None) -> None:
+        """What huggingface_hub writes through when it downloads into this repository (its folders, the
+        blob, the reference, the lock) must be absent or of its own kind, never a link: a link planted there
+        would make it write outside the cache. UnsafePathError naming the entry."""
+        folders = [self.path / "blobs", self.path / "snapshots", self.path / "refs",
+                   self.cache / ".locks", self.cache / ".locks" / self.path.name]
+        files = []
+        if commit is not None and commit_problem(commit) is None:
+            folders.append(self.path / "snapshots" / commit)
+        if etag is not None and etag_problem(etag) is None:
+            files += [self.path / "blobs" / etag, self.cache / ".locks" / self.path.name / f"{etag}.lock"]
+        if revision is not None and revision_problem(revision) is None:
+            files.append(self.path / "refs" / revision)
+        for folder in folders:
+            fsio.entry(folder, fsio.DIR)
+        for path in files:
+            fsio.entry(path, fsio.FILE)
+
     def snapshot(self, commit: str) -> Path:
         """snapshots/<commit>, resolved inside the repository folder (it need not exist)."""
         problem = commit_problem(commit)

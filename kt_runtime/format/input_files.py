@@ -135,7 +135,10 @@ def open_regular(path: Path, *, what: str = "", follow: bool = True, one_link: b
     O_NOFOLLOW (a link there is refused); one_link: a file with several names (hard links) is refused,
     so that a name planted in a folder cannot make the program read another file. FileNotFoundError
     passes."""
-    check_regular(path, what=what, follow=follow)
+    if one_link:  # refused before it is opened, too
+        _one_name(path, check_regular(path, what=what, follow=follow))
+    else:
+        check_regular(path, what=what, follow=follow)
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -147,11 +150,19 @@ def open_regular(path: Path, *, what: str = "", follow: bool = True, one_link: b
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise InputFileError(f"{path} is {file_kind(st.st_mode)}; only regular files are read")
-    if one_link and st.st_nlink != 1:
-        os.close(fd)
+    if one_link:
+        try:
+            _one_name(path, st)
+        except InputFileError:
+            os.close(fd)
+            raise
+    return fd, st
+
+
+def _one_name(path: Path, st: os.stat_result) -> None:
+    if st.st_nlink != 1:
         raise InputFileError(f"{path} has {st.st_nlink} names (hard links), so it may be another file's: it is not "
                              "read; remove it (the program writes a fresh one)")
-    return fd, st
 
 
 def map_regular(path: Path, *, what: str = "") -> mmap.mmap:
