@@ -271,14 +271,12 @@ def verify(output: str | Path, source: str | None = None, *, layers: list[int] |
 
 def beyond_quantization(s: Sums, method) -> float | None:
     """How many times the largest error of a tensor exceeds what `method` can produce on it
-    (QuantMethod.max_error_ratio of its largest |weight|), when it does; None when it does not, or when
-    the tensor holds NaN / Inf (packed as 0 with --allow-nonfinite: not comparable)."""
+    (QuantMethod.max_error of its largest |weight|), when it does; None when it does not, or when the
+    tensor holds NaN / Inf (packed as 0 with --allow-nonfinite: not comparable)."""
     if not (math.isfinite(s.max_abs) and math.isfinite(s.ref_max_abs)):
         return None
-    bound = method.max_error_ratio * s.ref_max_abs
-    if s.max_abs <= bound:
-        return None
-    return s.max_abs / bound if bound > 0 else math.inf
+    bound = method.max_error(s.ref_max_abs)
+    return None if s.max_abs <= bound else s.max_abs / bound
 
 
 def not_the_source(output: str, source: str, why: str) -> UserError:
@@ -349,8 +347,8 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
                                 if times is not None:
                                     raise not_the_source(report.output, source, (
                                         f"layer {lp.layer} expert {expert} {proj} is off by up to {s.max_abs:.4g}, "
-                                        f"{times:.3g} times what {method.name} can produce on weights of at most "
-                                        f"{s.ref_max_abs:.4g} ({method.max_error_ratio:.4g} of them)"))
+                                        f"{times:.3g} times the most {method.name} can be off on weights of at most "
+                                        f"{s.ref_max_abs:.4g}"))
                         finally:
                             data.release()
                     report.by_layer[lp.layer] = per_proj

@@ -15,7 +15,7 @@ from ..plan import parse_layer_spec
 from ..timings import describe as describe_timings
 from .download_options import download_kwargs, download_options
 from .kt_flags import GPU_NOTE
-from .option_types import DIR, REPORT, SOURCE
+from .option_types import PATH, REPORT, SOURCE
 from .report_paths import check_report_paths, write_report
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
@@ -39,7 +39,7 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
                epilog=KT_EPILOG)
 @click.option("--input-path", "-i", required=True, type=SOURCE,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
-@click.option("--output", "-o", default=None, type=DIR,
+@click.option("--output", "-o", default=None, type=PATH,
               help="Output directory (or --output-template).")
 @click.option("--input-type", default="auto", show_default=True,
               type=click.Choice(["auto", *INPUT_TYPES]),

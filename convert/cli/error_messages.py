@@ -15,7 +15,7 @@ EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 AFTER_A_STOP = {
     "convert": "completed layers are kept, re-run the same command to resume",
     "finalize": "nothing half-done is left: re-run finalize once it is fixed",
-    "verify": "nothing was changed: re-run verify once it is fixed",
+    "verify": "the output is as it was: re-run verify once it is fixed",
 }
 THREADS_OPTION = {"convert": "--cpuinfer-threads", "verify": "--threads"}
 

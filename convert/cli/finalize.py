@@ -15,11 +15,11 @@ from ..errors import UserError
 from ..pipeline import ConvertOptions, finalize_shared, plan_output
 from ..shared_output import missing_layers_message
 from ..source import open_checkpoint
-from .option_types import DIR, path_problem
+from .option_types import PATH, path_problem
 
 
 @click.command("finalize", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("output", type=DIR)
+@click.argument("output", type=PATH)
 def finalize_command(output: Path):
     """Complete OUTPUT once every shard's layers are converted (index, copied files, complete manifest).
 

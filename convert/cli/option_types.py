@@ -37,11 +37,11 @@ class PathType(click.ParamType):
 
     name = "path"
 
-    def __init__(self, allow_dash: bool = False, metavar: str = "PATH"):
-        self.allow_dash, self.metavar = allow_dash, metavar
+    def __init__(self, allow_dash: bool = False):
+        self.allow_dash = allow_dash
 
     def get_metavar(self, param, ctx=None):
-        return self.metavar
+        return None if getattr(param, "param_type_name", "") == "argument" else "PATH"  # an argument: its name
 
     def convert(self, value, param, ctx):
         if isinstance(value, Path):
@@ -85,7 +85,6 @@ class FiniteFloat(click.ParamType):
 
 
 PATH = PathType()
-DIR = PathType(metavar="DIR")
 REPORT = PathType(allow_dash=True)
 SOURCE = SourceSpec()
 POSITIVE = FiniteFloat(positive=True)

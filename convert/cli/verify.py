@@ -10,12 +10,12 @@ import click
 
 from ..errors import UserError
 from .conversion import layers_option
-from .option_types import DIR, NON_NEGATIVE, PATH, REPORT, SOURCE
+from .option_types import NON_NEGATIVE, PATH, REPORT, SOURCE
 from .report_paths import check_report_paths, write_report
 
 
 @click.command("verify", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("output", type=DIR)
+@click.argument("output", type=PATH)
 @click.option("--source", "-s", default=None, type=SOURCE,
               help="The checkpoint it was converted from (directory, .safetensors file or hub id): compare every "
                    "layer, expert and projection with it. Without it: integrity only (manifest, sizes, digests).")

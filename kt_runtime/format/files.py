@@ -54,7 +54,7 @@ INPUT = Role("input checkpoint", follow=True, one_link=False, keeps_bad=True, fi
 OUTPUT = Role("output", follow=False, one_link=False, keeps_bad=True,
               fix="re-run the conversion with --overwrite")
 SHARED = Role("shared output", follow=False, one_link=True, keeps_bad=True,
-              fix="delete it (its layer is converted again)")
+              fix="remove it (its layer is converted again)")
 RECORD = Role("record", follow=False, one_link=True, keeps_bad=False, fix="")
 USER = Role("user file", follow=True, one_link=False, keeps_bad=True, fix="fix the file or pass another one")
 

@@ -114,8 +114,9 @@ def resolve_inside(folder: str | os.PathLike, name: str, *, named_by: str | None
                          "blob excepted): copy the file into the folder instead of linking it")
 
 
-def check_regular(path: Path, *, what: str = "", follow: bool = True) -> os.stat_result:
-    """stat (lstat when not follow); InputFileError unless a regular file. FileNotFoundError passes."""
+def check_regular(path: Path, *, what: str = "", follow: bool = True, fix: str = "") -> os.stat_result:
+    """stat (lstat when not follow); InputFileError unless a regular file (fix: what to do, for the
+    message). FileNotFoundError passes."""
     try:
         st = os.stat(path) if follow else os.lstat(path)
     except FileNotFoundError:
@@ -124,21 +125,21 @@ def check_regular(path: Path, *, what: str = "", follow: bool = True) -> os.stat
         raise InputFileError(f"{path}: cannot read{' ' + what if what else ''} ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
         role = f" where {what} should be" if what else ""
-        raise InputFileError(f"{path} is {file_kind(st.st_mode)}{role}; only regular files are read")
+        raise InputFileError(f"{path} is {file_kind(st.st_mode)}{role}; only regular files are read"
+                             + (f": {fix}" if fix else ""))
     return st
 
 
-def open_regular(path: Path, *, what: str = "", follow: bool = True, one_link: bool = False
+def open_regular(path: Path, *, what: str = "", follow: bool = True, one_link: bool = False, fix: str = ""
                  ) -> tuple[int, os.stat_result]:
     """A read-only descriptor of a regular file, never blocking: stat before (a device or FIFO is
     never opened), O_NONBLOCK, fstat after (it may have been swapped). follow: False opens with
     O_NOFOLLOW (a link there is refused); one_link: a file with several names (hard links) is refused,
     so that a name planted in a folder cannot make the program read another file. FileNotFoundError
     passes."""
+    st = check_regular(path, what=what, follow=follow, fix=fix)
     if one_link:  # refused before it is opened, too
-        _one_name(path, check_regular(path, what=what, follow=follow))
-    else:
-        check_regular(path, what=what, follow=follow)
+        _one_name(path, st)
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags)
@@ -184,7 +185,7 @@ REDOWNLOAD = "re-download it"
 def read_capped(path: Path, max_bytes: int, *, what: str, follow: bool = True, one_link: bool = False,
                 fix: str = REDOWNLOAD) -> bytes:
     """The whole content of a regular file of at most max_bytes (named in the message, with `fix`)."""
-    fd, st = open_regular(path, what=what, follow=follow, one_link=one_link)
+    fd, st = open_regular(path, what=what, follow=follow, one_link=one_link, fix=fix)
     try:
         if st.st_size > max_bytes:
             raise InputFileError(f"{path}: {what} is {size_text(st.st_size)}, more than the {size_text(max_bytes)} "

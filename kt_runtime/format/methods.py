@@ -82,14 +82,14 @@ class QuantMethod:
     def scale_count(self, n: int, k: int) -> int:
         return n if self.group_size is None else n * (k // self.group_size)
 
-    @property
-    def max_error_ratio(self) -> float:
-        """A bound on |dequantized - source| of any weight, as a fraction of the largest |weight| of its
-        row (or group): one step of the grid the method can represent, amax / (2^(bits-1) - 1), with a
-        margin for the scale's rounding. The exact worst cases are half of it for INT8 (0.5 d) and about
-        half for INT4 (8.5 d of 112 d) and RAWINT4 (one clamped step); an error well past this bound is
-        not quantization (verify: not the output's source)."""
-        return (1 + 2 ** -6) / (2 ** (self.bits - 1) - 1)
+    def max_error(self, amax: float) -> float:
+        """A bound on |dequantized - source| of any weight whose row (or group) has the largest |weight|
+        amax: one step of the grid the method can represent, amax / (2^(bits-1) - 1), with a margin for the
+        scale's rounding; plus what flushing to zero loses (a scale below float32's smallest normal is 0,
+        so a row with amax < levels * 2^-126 packs as zeros, and subnormal weights as 0). The exact worst
+        cases are about half of it: 0.5 d for INT8, 8.5 d of 112 d for INT4, one clamped step for RAWINT4.
+        An error well past this bound is not quantization (verify: not the output's source)."""
+        return (1 + 2 ** -6) / (2 ** (self.bits - 1) - 1) * amax + self.levels * 2.0 ** -126
 
 
 INT4 = QuantMethod("int4", "AMXINT4", "INT4", bits=4, levels=112, scale_arithmetic=FP64_DIVIDE, layout=AMX_TILED,
