@@ -36,7 +36,7 @@ from kt_runtime.format import files as file_roles
 from kt_runtime.format import fsio
 from kt_runtime.format.digest import file_sha256
 from kt_runtime.format.errors import FixableError
-from kt_runtime.format.hub_cache import RepoCache, etag_problem, sha256_problem
+from kt_runtime.format.hub_cache import RepoCache, etag_problem, revision_problem, sha256_problem
 from kt_runtime.format.input_files import CONFIG_MAX_BYTES, relative_name_problem, resolve_inside
 from kt_runtime.format.json_fields import is_int
 from kt_runtime.format.safetensors_file import SafetensorsFile
@@ -512,6 +512,8 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
     """The checkpoint of a hub model: small files fetched into the cache (a temporary one for a dry
     run), shard headers from the cache or the hub, a ShardDownloader for the shards still missing."""
     cache = hub_cache_dir()
+    if revision is not None and revision_problem(revision) is not None:  # it becomes refs/<revision>
+        raise UserError(f"{repo_id}@{revision}: {revision_problem(revision)}; pass a branch, tag or commit after @")
     if hub.offline():
         return _open_offline(repo_id, revision, cache, include_non_expert)
     remote = hub.open_remote(repo_id, revision)

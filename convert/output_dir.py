@@ -119,7 +119,10 @@ def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:
     """The output directory as an absolute path without links (which may not exist yet). Refuses,
     before anything is created: a link loop or a link to nothing, an output that is a file, and an
     output inside the input (or equal to it)."""
-    given = Path(out_dir).expanduser()
+    try:
+        given = Path(out_dir).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not know
+        raise UserError(f"output {out_dir}: there is no such user's home directory here") from None
     try:
         resolved = given.resolve(strict=False)
     except (RuntimeError, OSError) as e:  # Python < 3.13: RuntimeError on a loop; later: OSError ELOOP

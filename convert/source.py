@@ -145,7 +145,10 @@ def source_identity_problem(recorded: dict, now: dict) -> str | None:
 
 def resolve_input(spec: str) -> Path:
     """A local directory or .safetensors file, or org/name[@rev] from the Hugging Face cache."""
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not know
+        raise UserError(f"input path {spec}: there is no such user's home directory here") from None
     if path.exists():
         return path
     m = HUB_ID.match(spec)

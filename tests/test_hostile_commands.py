@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -31,25 +30,10 @@ from kt_runtime.format.errors import FixableError, PackedFormatError
 from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
 from synthetic.v4_flash import make_v4_flash_checkpoint
 from test_bad_inputs import assert_nothing_complete
+from test_hostile_inputs import deadline  # noqa: F401 - autouse: a hang (a blocking open) fails the test
 from watch_support import Watched
 
 SHARD1 = "model-00001-of-00002.safetensors"
-DEADLINE_S = 120
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    """A blocking open (a FIFO) or a hang fails the test instead of stalling the suite."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"still running after {DEADLINE_S} s: something blocked")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(DEADLINE_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """2 layers x 4 experts (H=384, I=512) over two shards."""

@@ -31,7 +31,8 @@ from kt_runtime.format.hub_cache import RepoCache
 from synthetic import make_v4_flash_checkpoint
 from synthetic.hub_server import OVERFLOW_CAP, LocalHub
 from test_bad_inputs import assert_nothing_complete
-from test_download import REPO, ROOT, cli, hub_env
+from test_download import REPO, ROOT, cli, hub_env, served  # noqa: F401 - the fixture: the local hub
+from test_hostile_inputs import deadline  # noqa: F401 - autouse: a hang fails the test
 from watch_support import Watched
 
 STATE = "kt-convert-downloads.json"
@@ -44,14 +45,6 @@ def source(tmp_path_factory):
     """Two MoE layers of 4 experts over two shards (~2.5 MB each)."""
     return make_v4_flash_checkpoint(tmp_path_factory.mktemp("hostile-hub") / "src", "v4-flash-tiny", num_layers=2,
                                     num_experts=4, num_shards=2).path
-
-
-@pytest.fixture
-def hub(source):
-    h = LocalHub(REPO, source)
-    h.start()
-    yield h
-    h.stop()
 
 
 @pytest.fixture
@@ -88,9 +81,9 @@ def refused(r, out, *words):
     return err
 
 
-def download(hub, tmp_path, *extra, cache=None, **env):
+def download(served, tmp_path, *extra, cache=None, **env):
     cache = tmp_path / "hub" if cache is None else cache
-    return cli(hub_env(hub.endpoint, cache, **env), "--download", *extra, out=tmp_path / "out")
+    return cli(hub_env(served.endpoint, cache, **env), "--download", *extra, out=tmp_path / "out")
 
 
 def siblings(edit):
@@ -128,9 +121,9 @@ IDENTIFIERS = [
 
 
 @pytest.mark.parametrize("make,words", [c[1:] for c in IDENTIFIERS], ids=[c[0] for c in IDENTIFIERS])
-def test_identifiers_of_a_model_info_answer_are_checked(hub, tmp_path, victim, make, words):
-    hub.model_info_answer = make(victim)
-    err = refused(download(hub, tmp_path), tmp_path / "out", f"the hub at {hub.endpoint}", "not valid", *words)
+def test_identifiers_of_a_model_info_answer_are_checked(served, tmp_path, victim, make, words):
+    served.model_info_answer = make(victim)
+    err = refused(download(served, tmp_path), tmp_path / "out", f"the hub at {served.endpoint}", "not valid", *words)
     assert "check HF_ENDPOINT" in err
     victim.assert_untouched()
     assert not (tmp_path / "hub").exists() or not list((tmp_path / "hub").rglob("*.safetensors"))
@@ -146,12 +139,12 @@ HEADERS = [
 
 
 @pytest.mark.parametrize("name,make,words", [c[1:] for c in HEADERS], ids=[c[0] for c in HEADERS])
-def test_identifiers_in_file_headers_are_checked_before_huggingface_hub_uses_them(hub, tmp_path, victim, name,
+def test_identifiers_in_file_headers_are_checked_before_huggingface_hub_uses_them(served, tmp_path, victim, name,
                                                                                    make, words):
     """huggingface_hub makes blobs/<ETag> and snapshots/<commit> paths of these headers: refused as they
     arrive, so nothing is created outside the cache."""
-    hub.file_headers[name] = make(victim)
-    refused(download(hub, tmp_path), tmp_path / "out", name, f"the hub at {hub.endpoint}", words)
+    served.file_headers[name] = make(victim)
+    refused(download(served, tmp_path), tmp_path / "out", name, f"the hub at {served.endpoint}", words)
     victim.assert_untouched()
 
 
@@ -167,17 +160,17 @@ def test_index_naming_a_file_outside_the_repository(source, tmp_path, victim):
     victim.assert_untouched()
 
 
-def test_removal_touches_only_recorded_downloads_inside_the_repository(hub, cached, tmp_path, victim):
+def test_removal_touches_only_recorded_downloads_inside_the_repository(served, cached, tmp_path, victim):
     """Planted record entries (a path for an etag, a name outside) are dropped; the snapshot entry of a
     shard replaced by a link to an outside file is unlinked, never followed; nothing outside changes."""
     cache, repo, commit = copy_cache(cached, tmp_path)
     record = json.loads((repo.path / STATE).read_text())
-    sha1 = hub.files[SHARD1].sha256
+    sha1 = served.files[SHARD1].sha256
     record["downloaded"][victim.climbing()] = "secret.txt"
     record["downloaded"]["b" * 64] = victim.climbing()
     (repo.path / STATE).write_text(json.dumps(record))
     (repo.path / "snapshots" / commit / SHARD2).unlink()  # fetched again, then removed after use
-    r = download(hub, tmp_path, "--delete-source-after-use", cache=cache)
+    r = download(served, tmp_path, "--delete-source-after-use", cache=cache)
     assert r.returncode == 0, r.stderr
     assert not (repo.path / "snapshots" / commit / SHARD2).exists()
     kept = json.loads((repo.path / STATE).read_text())["downloaded"]
@@ -185,31 +178,27 @@ def test_removal_touches_only_recorded_downloads_inside_the_repository(hub, cach
     victim.assert_untouched()
 
 
-def test_a_cached_shard_linked_outside_is_neither_read_nor_removed(hub, cached, tmp_path, victim):
+def test_a_cached_shard_linked_outside_is_neither_read_nor_removed(served, cached, tmp_path, victim):
     cache, repo, commit = copy_cache(cached, tmp_path)
     entry = repo.path / "snapshots" / commit / SHARD1
     entry.unlink()
     entry.symlink_to(victim.path("model.safetensors"))  # the same size as the shard: "present"
-    refused(download(hub, tmp_path, "--delete-source-after-use", cache=cache), tmp_path / "out",
+    refused(download(served, tmp_path, "--delete-source-after-use", cache=cache), tmp_path / "out",
             SHARD1, "outside")
     assert entry.is_symlink()
     victim.assert_untouched()
 
 
-def test_a_blobs_folder_linked_outside_is_never_written_or_emptied(hub, cached, tmp_path, victim):
+def test_a_blobs_folder_linked_outside_is_never_written_or_emptied(served, cached, tmp_path, victim):
     cache, repo, commit = copy_cache(cached, tmp_path)
     shutil.rmtree(repo.path / "blobs")
     (repo.path / "blobs").symlink_to(victim.folder, target_is_directory=True)
-    r = download(hub, tmp_path, "--delete-source-after-use", cache=cache)
+    r = download(served, tmp_path, "--delete-source-after-use", cache=cache)
     refused(r, tmp_path / "out", "outside")
     victim.assert_untouched()
 
 
 # -- 2. references and snapshots of the cache ---------------------------------------------------------
-
-
-def offline_env(hub, cache):
-    return hub_env(hub.endpoint, cache, HF_HUB_OFFLINE="1")
 
 
 REFERENCES = [
@@ -258,13 +247,13 @@ def _snapshot_outside(repo: RepoCache, commit: str, v: Watched) -> None:
 
 @pytest.mark.parametrize("how", ["cached id", "offline download"])
 @pytest.mark.parametrize("plant,words", [c[1:] for c in REFERENCES], ids=[c[0] for c in REFERENCES])
-def test_cache_references_that_lead_elsewhere(hub, cached, tmp_path, victim, plant, words, how):
+def test_cache_references_that_lead_elsewhere(served, cached, tmp_path, victim, plant, words, how):
     """Whoever resolves the reference (huggingface_hub for a cached id, the converter offline), a snapshot
     outside the repository's cache folder is refused before anything in it is read."""
     cache, repo, commit = copy_cache(cached, tmp_path)
     plant(repo, commit, victim)
     extra = ("--download",) if how == "offline download" else ()
-    refused(cli(hub_env(hub.endpoint, cache, HF_HUB_OFFLINE="1"), *extra, out=tmp_path / "out"), tmp_path / "out",
+    refused(cli(hub_env(served.endpoint, cache, HF_HUB_OFFLINE="1"), *extra, out=tmp_path / "out"), tmp_path / "out",
             *words)
     victim.assert_untouched()
 
@@ -277,12 +266,15 @@ def run_spec(spec: str, env: dict, out: Path, *extra):
 
 @pytest.mark.parametrize("revision,words", [("../../../../etc", "climbs out"), ("main/../../x", "climbs out"),
                                             ("/abs", "absolute")])
-@pytest.mark.parametrize("how", ["cached id", "offline download"])
-def test_a_revision_that_is_a_path(hub, cached, tmp_path, revision, words, how):
+@pytest.mark.parametrize("how", ["cached id", "offline download", "download"])
+def test_a_revision_that_is_a_path(served, cached, tmp_path, revision, words, how):
+    """The revision becomes refs/<revision> in the cache (huggingface_hub writes it): refused before any
+    request or lookup."""
     cache, _, _ = copy_cache(cached, tmp_path)
-    extra = ("--download",) if how == "offline download" else ()
-    r = run_spec(f"{REPO}@{revision}", hub_env(hub.endpoint, cache, HF_HUB_OFFLINE="1"), tmp_path / "out", *extra)
-    refused(r, tmp_path / "out", "revision", words)
+    extra = ("--download",) if how != "cached id" else ()
+    env = hub_env(served.endpoint, cache, **({} if how == "download" else {"HF_HUB_OFFLINE": "1"}))
+    refused(run_spec(f"{REPO}@{revision}", env, tmp_path / "out", *extra), tmp_path / "out", "revision", words)
+    assert not served.requests
 
 
 # -- 3. the download record and the worker threads ------------------------------------------------------
@@ -310,19 +302,19 @@ def _plant_record(repo: RepoCache, v: Watched, kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["link", "fifo", "folder"])
-def test_a_download_record_that_cannot_be_written_stops_the_run_with_its_name(hub, tmp_path, victim, kind):
+def test_a_download_record_that_cannot_be_written_stops_the_run_with_its_name(served, tmp_path, victim, kind):
     """The record is written before the first byte of a shard, on a download thread: its failure reaches
     the waiting conversion (exit 2 naming the entry), never a hang; a link is never followed."""
     _plant_record(RepoCache(tmp_path / "hub", REPO), victim, kind)
-    refused(download(hub, tmp_path), tmp_path / "out", STATE)
+    refused(download(served, tmp_path), tmp_path / "out", STATE)
     victim.assert_untouched()
 
 
 @pytest.mark.parametrize("kind", ["hard link", "garbage", "deep", "huge", "wrong types"])
-def test_a_download_record_that_cannot_be_read_is_ignored_and_written_again(hub, tmp_path, victim, kind):
+def test_a_download_record_that_cannot_be_read_is_ignored_and_written_again(served, tmp_path, victim, kind):
     repo = RepoCache(tmp_path / "hub", REPO)
     _plant_record(repo, victim, kind)
-    r = download(hub, tmp_path)
+    r = download(served, tmp_path)
     assert r.returncode == 0, r.stderr
     record = json.loads((repo.path / STATE).read_text())
     assert set(record["downloaded"].values()) == {SHARD1, SHARD2} and os.stat(repo.path / STATE).st_nlink == 1
@@ -391,14 +383,14 @@ OVERFLOWS = [
 
 
 @pytest.mark.parametrize("name,mode,extra", [c[1:] for c in OVERFLOWS], ids=[c[0] for c in OVERFLOWS])
-def test_a_body_longer_than_announced_is_cut_at_once(hub, tmp_path, name, mode, extra):
-    getattr(hub, mode)[name] = extra
+def test_a_body_longer_than_announced_is_cut_at_once(served, tmp_path, name, mode, extra):
+    getattr(served, mode)[name] = extra
     started = time.monotonic()
-    r = download(hub, tmp_path)
-    refused(r, tmp_path / "out", name, f"the hub at {hub.endpoint}", "sent more than the", "bytes it announced")
+    r = download(served, tmp_path)
+    refused(r, tmp_path / "out", name, f"the hub at {served.endpoint}", "sent more than the", "bytes it announced")
     assert time.monotonic() - started < 60
-    assert hub.sent.get(name, 0) < 64 << 20 < OVERFLOW_CAP  # stopped long before the endless body's cap
-    f, repo = hub.files[name], RepoCache(tmp_path / "hub", REPO)
+    assert served.sent.get(name, 0) < 64 << 20 < OVERFLOW_CAP  # stopped long before the endless body's cap
+    f, repo = served.files[name], RepoCache(tmp_path / "hub", REPO)
     etag = f.sha256 if f.lfs else f.git_sha1
     assert not repo.partial_downloads(etag) and not (repo.path / "blobs" / etag).exists()  # nothing of it kept
 
@@ -429,7 +421,7 @@ ANSWERS = [
 
 
 @pytest.mark.parametrize("answer", [c[1] for c in ANSWERS], ids=[c[0] for c in ANSWERS])
-def test_a_model_info_answer_of_the_wrong_shape_is_a_bad_answer(hub, tmp_path, answer):
-    hub.model_info_answer = answer
-    err = refused(download(hub, tmp_path), tmp_path / "out", REPO, f"the hub at {hub.endpoint}")
+def test_a_model_info_answer_of_the_wrong_shape_is_a_bad_answer(served, tmp_path, answer):
+    served.model_info_answer = answer
+    err = refused(download(served, tmp_path), tmp_path / "out", REPO, f"the hub at {served.endpoint}")
     assert "not valid" in err or "allowed for this answer" in err or "which commit" in err, err

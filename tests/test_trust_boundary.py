@@ -89,3 +89,34 @@ def test_the_layer_declares_its_roles():
     assert roles == {"input checkpoint", "output", "shared output", "record", "user file"}
     assert not files.RECORD.keeps_bad and files.USER.keeps_bad and files.SHARED.one_link
     assert not files.OUTPUT.follow and not files.SHARED.follow and files.INPUT.follow
+
+
+def retyped(source: str, where: str) -> list[str]:
+    """`except ... as e: raise Other(str(e))` (or f"{e}"): an error raised again under another type with the
+    same message, which the one error root makes needless."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ExceptHandler) or node.name is None:
+            continue
+        for inner in ast.walk(node):
+            if not (isinstance(inner, ast.Raise) and isinstance(inner.exc, ast.Call) and len(inner.exc.args) == 1):
+                continue
+            arg = inner.exc.args[0]
+            same = (isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name) and arg.func.id == "str"
+                    and len(arg.args) == 1 and isinstance(arg.args[0], ast.Name) and arg.args[0].id == node.name)
+            same |= (isinstance(arg, ast.JoinedStr) and len(arg.values) == 1
+                     and isinstance(arg.values[0], ast.FormattedValue)
+                     and isinstance(arg.values[0].value, ast.Name) and arg.values[0].value.id == node.name)
+            if same:
+                found.append(f"{where}:{inner.lineno}")
+    return found
+
+
+def test_the_converter_never_raises_an_error_again_only_to_change_its_type():
+    found = []
+    for path in sorted((ROOT / "convert").rglob("*.py")):
+        found += retyped(path.read_text(), str(path.relative_to(ROOT)))
+    assert not found, "an error raised again with the same message under another type:\n" + "\n".join(found)
+    assert retyped("try:\n    f()\nexcept ValueError as e:\n    raise UserError(str(e)) from None\n", "x.py")
+    assert retyped("try:\n    f()\nexcept ValueError as e:\n    raise UserError(f'{e}')\n", "x.py")
+    assert not retyped("try:\n    f()\nexcept ValueError as e:\n    raise UserError(f'{e}; re-run')\n", "x.py")

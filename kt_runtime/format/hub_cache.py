@@ -125,6 +125,8 @@ class RepoCache:
         """What huggingface_hub writes through when it downloads into this repository (its folders, the
         blob, the reference, the lock) must be absent or of its own kind, never a link: a link planted there
         would make it write outside the cache. UnsafePathError naming the entry."""
+        if revision is not None and revision_problem(revision) is not None:
+            raise UnsafePathError(f"{self.repo_id}: {revision_problem(revision)}; pass a branch, tag or commit")
         folders = [self.path / "blobs", self.path / "snapshots", self.path / "refs",
                    self.cache / ".locks", self.cache / ".locks" / self.path.name]
         files = []
@@ -132,7 +134,7 @@ class RepoCache:
             folders.append(self.path / "snapshots" / commit)
         if etag is not None and etag_problem(etag) is None:
             files += [self.path / "blobs" / etag, self.cache / ".locks" / self.path.name / f"{etag}.lock"]
-        if revision is not None and revision_problem(revision) is None:
+        if revision is not None:
             files.append(self.path / "refs" / revision)
         for folder in folders:
             fsio.entry(folder, fsio.DIR)
