@@ -550,7 +550,6 @@ def test_the_error_bound_holds_for_every_method_and_is_not_vacuous():
 
 
 def test_one_error_root():
-    from convert.download import HubCheckpoint  # noqa: F401 - imports the converter's whole error family
     from convert.hub_answers import HubAnswerError
 
     for cls in (UserError, HubAnswerError, PackedFormatError, kt_runtime.PackedWeightsError):

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -344,7 +343,6 @@ def test_any_failure_on_a_worker_thread_reaches_the_waiting_run(tmp_path, monkey
     RepoCache(cache, REPO).path.mkdir(parents=True)
     blob = tmp_path / "blob"
     blob.write_bytes(b"0123456789")
-    note = print
     if where == "download":
         monkeypatch.setattr(dl.hub, "download_file", lambda *a, **k: (_ for _ in ()).throw(KeyError("boom")))
     else:
@@ -353,9 +351,11 @@ def test_any_failure_on_a_worker_thread_reaches_the_waiting_run(tmp_path, monkey
         monkeypatch.setattr(dl, "file_sha256", lambda p: (_ for _ in ()).throw(MemoryError("boom")))
     if where == "record":
         monkeypatch.setattr(dl._State, "save", lambda self: (_ for _ in ()).throw(PermissionError(13, "boom")))
-    if where == "note":
-        def note(message):
+    def note(message):
+        if where == "note":
             raise BrokenPipeError(32, "boom")
+
+    if where == "note":
         monkeypatch.setattr(dl, "file_sha256", lambda p: "d" * 64)
     gate = dl.ShardDownloader(remote, cache, RepoCache(cache, REPO).snapshot(remote.commit), False, None, note, 2)
     f = dl.PendingFile(tmp_path / name, {}, {}, 10, gate)

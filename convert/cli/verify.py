@@ -4,7 +4,6 @@ error against the source weights (convert/verify.py). Exit 0 when intact (and wi
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 

@@ -228,7 +228,7 @@ def open_single_link(path: Path, create: bool = True) -> int:
         fd = os.open(path, flags, 0o644)
     except FileNotFoundError:
         raise
-    except OSError as e:
+    except OSError:
         st = _lstat(path)
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise _refuse(path, st, FILE) from None
