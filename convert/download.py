@@ -398,8 +398,9 @@ class ShardDownloader:
             while True:
                 name, path, started = self._checks.get()
                 self._verify_and_attach(name, path)
-                self.note(f"downloaded {name} ({self.files[name].size / 1e9:.2f} GB, "
-                          f"{time.perf_counter() - started:.1f} s)")
+                if not self._closed:  # a run that stops says why last
+                    self.note(f"downloaded {name} ({self.files[name].size / 1e9:.2f} GB, "
+                              f"{time.perf_counter() - started:.1f} s)")
                 with self._cond:
                     self._active.discard(name)
                     if name in self._demanded:
