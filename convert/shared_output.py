@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 from kt_runtime.format import files, fsio
@@ -114,17 +115,17 @@ def read_splits(out: Path) -> list[tuple[int, TaskIds | None]]:
     if fsio.entry(root, fsio.DIR) is None:
         return []
     found = []
-    for path in sorted(root.iterdir(), key=lambda p: p.name):
-        m = SPLIT.match(path.name)
+    for name in fsio.list_dir(root):
+        m = SPLIT.match(name)
         if m is None:
             continue
-        try:
-            d = parse_json(read_capped(path, SPLIT_MAX_BYTES, what=path.name), path, path.name)
+        try:  # a record: absent, unreadable or malformed reads as None
+            d = files.read_json(root / name, files.RECORD, what="split record", max_bytes=SPLIT_MAX_BYTES)
             tasks = d["tasks"]
             tasks = None if tasks is None else TaskIds(str(tasks["name"]), int(tasks["first"]), int(tasks["step"]))
             if d["count"] != int(m[1]) or (tasks is not None and tasks.step < 1):
                 continue
-        except (TypeError, ValueError, KeyError, OSError, InputFileError):
+        except (TypeError, ValueError, KeyError, OSError):
             continue
         found.append((int(m[1]), tasks))
     return sorted(found, key=lambda s: s[0])

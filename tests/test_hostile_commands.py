@@ -156,6 +156,45 @@ def test_verify_report_naming_a_file_of_the_command_is_refused(base, converted, 
     assert (digests(src), digests(out)) == before
 
 
+def test_dry_run_report_naming_a_file_of_the_run_is_refused(base, tmp_path, capsys):
+    """--dry-run --json writes the plan: its path gets the same check as the report of a conversion."""
+    src = tmp_path / "src"
+    shutil.copytree(base, src)
+    before = digests(src)
+    for report in (src / "config.json", src / "plan.json"):
+        fails(convert_args(src, tmp_path / "out", "--dry-run", "--json", str(report)), capsys, "--json",
+              "the input checkpoint", "write the report somewhere else")
+    assert digests(src) == before and not (tmp_path / "out").exists()
+    assert main(convert_args(src, tmp_path / "out", "--dry-run", "--json", str(tmp_path / "plan.json"))) == 0
+    assert json.loads((tmp_path / "plan.json").read_text())["dry_run"] is True
+
+
+def _records(out: Path) -> Path:
+    return out.with_name(out.name + ".kt-convert")
+
+
+KT_TREE_REPORTS = [
+    ("a free name in kt's tree", lambda out: out / "notes.json", "kt-kernel's SFT tree"),
+    ("the records folder's manifest", lambda out: _records(out) / MANIFEST_FILE, "the records folder"),
+    ("a copied file in the records folder", lambda out: _records(out) / "config.json", "the records folder"),
+]
+
+
+@pytest.mark.parametrize("target,words", [c[1:] for c in KT_TREE_REPORTS], ids=[c[0] for c in KT_TREE_REPORTS])
+def test_kt_sft_report_paths(base, tmp_path, capsys, target, words):
+    """--kt-sft-manifest: kt's SFT loader refuses any file beside its tree, so every name in OUT is the run's;
+    the converter's own files are in OUT.kt-convert. A report there is refused before anything is written;
+    verify of such an output refuses the same paths."""
+    out = tmp_path / "out"
+    sft = ["--quant-method", "int8", "--no-merge-safetensor", "--kt-sft-manifest"]
+    fails(convert_args(base, out, *sft, "--json", str(target(out))), capsys, "--json", words)
+    assert not out.exists() and not _records(out).exists()
+    assert main(convert_args(base, out, *sft)) == 0
+    kept, existed = (digests(out), digests(_records(out))), target(out).exists()
+    fails(["verify", str(out), "--json", str(target(out))], capsys, "--json", words)
+    assert (digests(out), digests(_records(out))) == kept and target(out).exists() == existed
+
+
 # -- 7. the shared output folder, at every level ------------------------------------------------------------
 
 
@@ -223,6 +262,7 @@ def test_shared_output_entries_get_the_lock_files_rules(converted, tmp_path, cap
     _plant(out, rel, kind, victim)
     victim.settle()
     named = str(out / rel.split("{L}")[0])
+    # --shard 1/2: the first of two shards (numbered from 1); the entry is planted for both layers
     fails(convert_args(_source_of(out), out, "--shard", "1/2"), capsys, named, "remove", out=out)
     victim.assert_untouched()
 
@@ -613,6 +653,39 @@ def test_interrupting_verify_says_nothing_of_layers(converted, capsys, monkeypat
     code = main(["verify", str(converted)])
     err = capsys.readouterr().err
     assert code == 130 and err.splitlines()[-1].startswith("interrupted") and "layers" not in err
+
+
+def _eval_stops(monkeypatch, error: BaseException):
+    import convert.evaluate as evaluate_module
+
+    def stopped(*a, **k):
+        raise error
+
+    monkeypatch.setattr(evaluate_module, "evaluate", stopped)
+
+
+def _eval_args(converted, base, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("a text to score\n")
+    return ["eval", str(converted), "--model", str(base), "--text", str(text)]
+
+
+def test_interrupting_eval_says_what_eval_leaves(converted, base, tmp_path, capsys, monkeypatch):
+    _eval_stops(monkeypatch, KeyboardInterrupt())
+    code = main(_eval_args(converted, base, tmp_path))
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert code == 130 and last.startswith("interrupted") and "re-run eval" in last
+    assert "layers" not in err and "resume" not in err
+
+
+def test_os_errors_and_thread_limits_of_eval_fit_eval(converted, base, tmp_path, capsys, monkeypatch):
+    _eval_stops(monkeypatch, OSError(errno.EIO, "Input/output error", "somewhere"))
+    err = fails(_eval_args(converted, base, tmp_path), capsys, "somewhere", "Input/output error", "re-run eval")
+    assert "layers are kept" not in err and "resume" not in err
+    _eval_stops(monkeypatch, RuntimeError("can't start new thread"))
+    err = fails(_eval_args(converted, base, tmp_path), capsys, "--threads", "ulimit", "re-run eval")
+    assert "--cpuinfer-threads" not in err and "layers are kept" not in err
 
 
 def test_a_thread_limit_in_verify_names_its_own_option(converted, capsys, monkeypatch):

@@ -99,7 +99,7 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
     layers = layers_option(layers_spec)
     outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
     check_report_paths({"--json": json_path}, inputs=(input_path,), outputs=[out for out, _, _ in outputs],
-                       job_file=job_file)
+                       kt_tree=kt_sft_manifest, user_files={"the job file": job_file})
     shard = shard_spec(shard_flag, shard_count)
     hub_options = download_kwargs(**hub)
     opts_list = [

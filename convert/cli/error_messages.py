@@ -1,5 +1,5 @@
 """What the command line says when a command stops: one table from error type to message, each message
-fitting the command that ran (a conversion keeps its completed layers; verify and families change
+fitting the command that ran (a conversion keeps its completed layers; verify, eval and families change
 nothing; finalize completes where it stopped). main() looks the error up here once; anything not in
 the table is a bug (exit 1, with its trace)."""
 from __future__ import annotations
@@ -16,8 +16,14 @@ AFTER_A_STOP = {
     "convert": "completed layers are kept, re-run the same command to resume",
     "finalize": "nothing half-done is left: re-run finalize once it is fixed",
     "verify": "the output is as it was: re-run verify once it is fixed",
+    "eval": "the output and the model are as they were and no report was written: re-run eval once it is fixed",
 }
-THREADS_OPTION = {"convert": "--cpuinfer-threads", "verify": "--threads"}
+# what is left after Ctrl-C or SIGTERM, where it differs (nothing to fix: the user stopped it)
+AFTER_AN_INTERRUPT = {
+    "convert": "completed layers are kept; re-run the same command to resume",
+    "eval": "no scores were reported and the output and the model are as they were; re-run eval to measure",
+}
+THREADS_OPTION = {"convert": "--cpuinfer-threads", "verify": "--threads", "eval": "--threads"}
 
 
 def after_a_stop(command: str) -> str:
@@ -25,8 +31,7 @@ def after_a_stop(command: str) -> str:
 
 
 def interrupted_message(command: str) -> str:
-    return "interrupted; " + ("completed layers are kept; re-run the same command to resume"
-                              if command == "convert" else after_a_stop(command))
+    return "interrupted; " + AFTER_AN_INTERRUPT.get(command, after_a_stop(command))
 
 
 def _os_error(e: OSError, command: str) -> str:

@@ -59,7 +59,7 @@ RECORD = Role("record", follow=False, one_link=True, keeps_bad=False, fix="")
 USER = Role("user file", follow=True, one_link=False, keeps_bad=True, fix="fix the file or pass another one")
 
 
-def read_bytes(path: Path, role: Role, *, what: str, max_bytes: int) -> bytes | None:
+def read_file(path: Path, role: Role, *, what: str, max_bytes: int) -> bytes | None:
     """The bytes of a regular file under `role`'s rules (None: a record that cannot be read)."""
     try:
         return read_capped(Path(path), max_bytes, what=what, follow=role.follow, one_link=role.one_link, fix=role.fix)
@@ -73,7 +73,7 @@ def read_json(path: Path, role: Role, *, what: str, max_bytes: int) -> Any:
     """The one JSON reader: a regular file of at most max_bytes under `role`'s rules, strict JSON
     (input_files.decode_json). InputFileError naming the file, or None for a record that is absent,
     unreadable or malformed. FileNotFoundError passes for the other roles (the caller's message)."""
-    data = read_bytes(path, role, what=what, max_bytes=max_bytes)
+    data = read_file(path, role, what=what, max_bytes=max_bytes)
     if data is None:
         return None
     try:
