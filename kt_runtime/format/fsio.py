@@ -20,6 +20,7 @@ import stat
 from pathlib import Path
 
 from .errors import UnsafePathError
+from .input_files import REOPEN_TRIES
 
 FILE, DIR = "file", "directory"
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -220,27 +221,32 @@ def discard(path: Path) -> None:
 def open_single_link(path: Path, create: bool = True) -> int:
     """Opens (creating if needed and asked) a file for reading and writing without following a link and
     without blocking; it must be a regular file with a single name, so that writing or truncating it
-    touches nothing else (the lock file; claims and records of a shared output). A refusal names the
-    entry and says to remove it. FileNotFoundError passes when not create."""
+    touches nothing else (the lock file; claims and records of a shared output). A file whose name was
+    removed between the open and the look (no name left) is not refused: the name is opened again. A
+    refusal names the entry and says to remove it. FileNotFoundError passes when not create."""
     path = Path(path)
     flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    try:
-        fd = os.open(path, flags, 0o644)
-    except FileNotFoundError:
-        raise
-    except OSError:
-        st = _lstat(path)
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, st, FILE) from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+    for _ in range(REOPEN_TRIES):
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            st = _lstat(path)
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise _refuse(path, st, FILE) from None
+            raise
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
         os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _refuse(path, st, FILE)
-        raise UnsafePathError(f"{path} has {st.st_nlink} names (hard links): writing it would change another "
-                              "file; remove it and re-run")
-    return fd
+        if st.st_nlink > 1:
+            raise UnsafePathError(f"{path} has {st.st_nlink} names (hard links): writing it would change another "
+                                  "file; remove it and re-run")
+    raise UnsafePathError(f"{path} was removed each of the {REOPEN_TRIES} times it was opened: is another program "
+                          "deleting it? Stop that program and re-run")
 
 
 def real_dir(path: Path, create: bool = True) -> bool:

@@ -130,13 +130,29 @@ def check_regular(path: Path, *, what: str = "", follow: bool = True, fix: str =
     return st
 
 
+# A file found with no name after it was opened was removed meanwhile (a lock released by its holder, a
+# record replaced by a rename): where a single name is required, its name is opened again, this many times
+# at most.
+REOPEN_TRIES = 100
+
+
 def open_regular(path: Path, *, what: str = "", follow: bool = True, one_link: bool = False, fix: str = ""
                  ) -> tuple[int, os.stat_result]:
     """A read-only descriptor of a regular file, never blocking: stat before (a device or FIFO is
     never opened), O_NONBLOCK, fstat after (it may have been swapped). follow: False opens with
     O_NOFOLLOW (a link there is refused); one_link: a file with several names (hard links) is refused,
-    so that a name planted in a folder cannot make the program read another file. FileNotFoundError
-    passes."""
+    so that a name planted in a folder cannot make the program read another file, and one whose name was
+    removed between the open and the look is opened again by its name. FileNotFoundError passes."""
+    for _ in range(REOPEN_TRIES):
+        fd, st = _open_regular(path, what, follow, one_link, fix)
+        if not (one_link and st.st_nlink == 0):
+            return fd, st
+        os.close(fd)
+    raise InputFileError(f"{path} was removed each of the {REOPEN_TRIES} times it was opened: is another program "
+                         "deleting it? Stop that program and re-run")
+
+
+def _open_regular(path: Path, what: str, follow: bool, one_link: bool, fix: str) -> tuple[int, os.stat_result]:
     st = check_regular(path, what=what, follow=follow, fix=fix)
     if one_link:  # refused before it is opened, too
         _one_name(path, st)
@@ -151,12 +167,9 @@ def open_regular(path: Path, *, what: str = "", follow: bool = True, one_link: b
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise InputFileError(f"{path} is {file_kind(st.st_mode)}; only regular files are read")
-    if one_link:
-        try:
-            _one_name(path, st)
-        except InputFileError:
-            os.close(fd)
-            raise
+    if one_link and st.st_nlink > 1:
+        os.close(fd)
+        _one_name(path, st)
     return fd, st
 
 
