@@ -19,28 +19,36 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from kt_runtime.format import fsio
+from kt_runtime.format.errors import UnsafePathError
+from kt_runtime.format.files import read_system_text
+from kt_runtime.format.input_files import JsonSyntaxError, decode_json
 
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
+CLAIM = re.compile(r"^layer_(\d+)\.claim$")
+OWNER_MAX_BYTES = 4096
+PUBLISH_WAIT_S = 1.0  # a claim being published has two names for a moment (its private one, then its own)
+
+
 def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+    return (read_system_text("/proc/sys/kernel/random/boot_id") or "").strip()
 
 
 def process_start_time(pid: int) -> str:
     """Field 22 of /proc/PID/stat (clock ticks since boot): tells a live pid from a recycled one."""
+    text = read_system_text(f"/proc/{pid}/stat") or ""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
         return text[text.rindex(")") + 2:].split()[19]
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return ""
 
 
@@ -63,10 +71,16 @@ class Owner:
     @classmethod
     def parse(cls, data: bytes) -> "Owner | None":
         try:
-            d = json.loads(data.decode())
-            return cls(str(d["host"]), int(d["pid"]), str(d["boot_id"]), str(d["start_time"]))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            d = decode_json(data.decode())
+        except (JsonSyntaxError, UnicodeDecodeError):
             return None
+        if not isinstance(d, dict):
+            return None
+        host, pid, boot, start = (d.get(k) for k in ("host", "pid", "boot_id", "start_time"))
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 31
+                and all(isinstance(x, str) for x in (host, boot, start))):
+            return None
+        return cls(host, pid, boot, start)
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host}"
@@ -131,13 +145,33 @@ class Held:
                 f"delete {self.path} once that process is known to be gone")
 
 
+def open_claim(path: Path) -> int | None:
+    """The claim file at `path` opened for reading and writing (None when there is none), under the lock
+    file's rules (fsio.open_single_link: never a link, never blocking, one name). A claim with two names
+    is being published (linked from its private name, which goes next): looked at again for a moment."""
+    deadline = time.monotonic() + PUBLISH_WAIT_S
+    while True:
+        try:
+            return fsio.open_single_link(path, create=False)
+        except FileNotFoundError:
+            return None
+        except UnsafePathError:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None
+            if not (stat.S_ISREG(st.st_mode) and st.st_nlink == 2) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
 class ClaimDir:
     """The claims of one shared output directory: `root/layer_L.claim`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, create: bool = True):
         self.root = root
         self.here = Owner.me()
-        os.makedirs(root, exist_ok=True)
+        fsio.real_dir(root, create)
 
     def path(self, layer: int) -> Path:
         return self.root / f"layer_{layer}.claim"
@@ -145,9 +179,8 @@ class ClaimDir:
     def acquire(self, layer: int) -> Claim | Held:
         path = self.path(layer)
         for _ in range(8):  # only a release racing with our look can send us round again
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
+            fd = open_claim(path)
+            if fd is None:
                 claim = self._create(path)
                 if claim is not None:
                     return claim
@@ -164,7 +197,7 @@ class ClaimDir:
             _try_flock(fd)  # locked before anyone can see it (or no flock here: the record decides)
             fsio.write_all(fd, self.here.to_bytes(), tmp)
             try:
-                os.link(tmp, path)
+                fsio.link_new(tmp, path)
             except FileExistsError:
                 os.close(fd)
                 fd = -1
@@ -182,7 +215,7 @@ class ClaimDir:
         look again (the file was replaced meanwhile)."""
         try:
             locked = _try_flock(fd)
-            owner = Owner.parse(os.pread(fd, 4096, 0))
+            owner = Owner.parse(os.pread(fd, OWNER_MAX_BYTES, 0))
             if locked is False:
                 os.close(fd)
                 return Held(path, owner, True)
@@ -211,14 +244,16 @@ class ClaimDir:
     def live_holders(self) -> list[Held]:
         """Claims held now (a single-process run refuses to write beside them)."""
         held = []
-        for path in sorted(self.root.glob("layer_*.claim")):
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
+        for name in fsio.list_dir(self.root):
+            if CLAIM.match(name) is None:
+                continue
+            path = self.root / name
+            fd = open_claim(path)
+            if fd is None:
                 continue
             try:
                 locked = _try_flock(fd)
-                owner = Owner.parse(os.pread(fd, 4096, 0))
+                owner = Owner.parse(os.pread(fd, OWNER_MAX_BYTES, 0))
                 if locked is False:
                     held.append(Held(path, owner, True))
                 elif locked is None and owner is not None and owner_alive(owner, self.here) is not False:

@@ -27,17 +27,20 @@ import hashlib
 import json
 import os
 import queue
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kt_runtime.format import files as file_roles
 from kt_runtime.format import fsio
 from kt_runtime.format.digest import file_sha256
-from kt_runtime.format.errors import SafetensorsFormatError
-from kt_runtime.format.input_files import CONFIG_MAX_BYTES
+from kt_runtime.format.errors import FixableError
+from kt_runtime.format.hub_cache import RepoCache, etag_problem, revision_problem, sha256_problem
+from kt_runtime.format.input_files import CONFIG_MAX_BYTES, relative_name_problem, resolve_inside
+from kt_runtime.format.json_fields import is_int
 from kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_runtime.format.verified import file_key
 
 from . import hub, units
 from .errors import UserError
@@ -141,25 +144,44 @@ class HubCheckpoint(Checkpoint):
                 for lp in layers]
 
 
+STATE_MAX_BYTES = 16 << 20
+
+
 @dataclass
 class _State:
-    """kt-convert-downloads.json: blobs (by etag) kt-convert downloaded, and those it verified."""
+    """kt-convert-downloads.json in the repository's cache folder: the blobs (by etag) kt-convert
+    downloaded, and those it verified with the key (size, mtime, inode, device) of the blob it hashed.
+    A record: read without following a link, capped; an entry of the wrong form is dropped, a record
+    that cannot be read at all counts as empty (and is written again)."""
 
     path: Path
     downloaded: dict[str, str] = field(default_factory=dict)  # etag -> file name
-    verified: list[str] = field(default_factory=list)
+    verified: dict[str, list[int]] = field(default_factory=dict)  # sha256 -> file_key of the blob hashed
 
     @classmethod
     def load(cls, path: Path) -> _State:
-        try:
-            data = json.loads(path.read_text())
-            return cls(path, dict(data.get("downloaded", {})), list(data.get("verified", [])))
-        except (OSError, ValueError, AttributeError, TypeError):
-            return cls(path)
+        data = file_roles.read_json(path, file_roles.RECORD, what="download record", max_bytes=STATE_MAX_BYTES)
+        state = cls(path)
+        if not isinstance(data, dict):
+            return state
+        downloaded, verified = data.get("downloaded"), data.get("verified")
+        if isinstance(downloaded, dict):
+            state.downloaded = {e: n for e, n in downloaded.items()
+                                if etag_problem(e) is None and relative_name_problem(n) is None}
+        if isinstance(verified, dict):
+            state.verified = {h: k for h, k in verified.items() if sha256_problem(h) is None and isinstance(k, list)
+                              and len(k) == 4 and all(is_int(x) for x in k)}
+        return state
 
     def save(self) -> None:
         fsio.atomic_write_text(self.path, json.dumps({"downloaded": self.downloaded, "verified": self.verified},
                                                      indent=1, sort_keys=True) + "\n")
+
+    def is_verified(self, sha256: str, path: Path) -> bool:
+        try:
+            return self.verified.get(sha256) == file_key(path)
+        except OSError:
+            return False
 
 
 class ShardDownloader:
@@ -172,20 +194,20 @@ class ShardDownloader:
         self.remote = remote
         self.cache = cache
         self.snapshot = snapshot
-        self.repo_dir = hub.repo_cache_dir(cache, remote.repo_id)
+        self.repo = RepoCache(cache, remote.repo_id)
         self.delete_after_use = delete_after_use or max_source_disk is not None
         self.max_source_disk = max_source_disk
         self.note = note
         self.workers = max(1, workers)
         self.files: dict[str, PendingFile] = {}
-        self.state = _State.load(self.repo_dir / STATE_NAME)
+        self.state = _State.load(self.repo.record_path(STATE_NAME))
         self._cond = threading.Condition()
         self._order: list[str] = []  # shards in the order the remaining layers need them
         self._demanded: list[str] = []
         self._users: dict[str, set[int]] = {}  # shard -> layers still to commit that read it
         self._pinned: set[str] = set()  # never deleted during the run (non-expert tensors read at the end)
         self._held = 0  # bytes of shards this tool downloaded that are on disk now
-        self._error: UserError | None = None
+        self._error: FixableError | None = None
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._active: set[str] = set()  # being downloaded or checked now
@@ -265,6 +287,9 @@ class ShardDownloader:
             while not f.present:
                 if self._error is not None:
                     raise self._error
+                if self._threads and not any(t.is_alive() for t in self._threads):
+                    raise UserError(f"{self.remote.spec}: the download threads stopped before {name} was "
+                                    "downloaded; re-run the same command to resume")
                 if self._closed:
                     raise UserError(f"{f.path}: the download was stopped")
                 if f.deleted:
@@ -292,10 +317,9 @@ class ShardDownloader:
             return
         f.drop()
         etag = self.remote.files[name].etag
-        _remove_cached(self.snapshot, self.repo_dir, name, etag)
+        self.repo.remove_download(self.remote.commit, name, etag)
         self._held -= f.size
-        if etag in self.state.verified:  # a later download of it is checked again
-            self.state.verified.remove(etag)
+        if self.state.verified.pop(etag, None) is not None:  # a later download of it is checked again
             self.state.save()
 
     def close(self) -> None:
@@ -316,6 +340,12 @@ class ShardDownloader:
         return None
 
     def _run(self) -> None:
+        try:
+            self._download_loop()
+        except BaseException as e:  # noqa: BLE001 - whatever stops this thread reaches the waiting run
+            self._failed(None, e)
+
+    def _download_loop(self) -> None:
         while True:
             with self._cond:
                 while True:
@@ -332,14 +362,15 @@ class ShardDownloader:
                             break
                     self._cond.wait(1.0)
                 etag = self.remote.files[name].etag
-                if self.state.downloaded.get(etag) != name:
-                    self.state.downloaded[etag] = name
-                    self.state.save()  # recorded before the first byte: a killed run's blob is still ours
                 self._held += size
                 self._active.add(name)
                 self.peak_held = max(self.peak_held, self._held)
             started = time.perf_counter()
             try:
+                with self._cond:
+                    if self.state.downloaded.get(etag) != name:
+                        self.state.downloaded[etag] = name
+                        self.state.save()  # recorded before the first byte: a killed run's blob is still ours
                 self._remove_stale_partials(etag)
                 path = hub.download_file(self.remote, name, self.cache)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
@@ -348,52 +379,56 @@ class ShardDownloader:
             # hashed on the checker thread while this one fetches the next shard: the link stays busy
             self._checks.put((name, path, started))
 
-    def _failed(self, name: str, e: BaseException) -> None:
+    def _failed(self, name: str | None, e: BaseException) -> None:
+        """Hands a worker's failure to the waiting conversion (exit 2 with its cause), once."""
         with self._cond:
-            self._held -= self.files[name].size
-            self._active.discard(name)
+            if name is not None and name in self._active:
+                self._held -= self.files[name].size
+                self._active.discard(name)
             if self._error is None:
-                self._error = e if isinstance(e, UserError) else UserError(
-                    f"{self.remote.spec}: downloading {name} failed ({type(e).__name__}: {e}); downloaded files "
+                what = f"downloading {name}" if name is not None else "a download thread"
+                self._error = e if isinstance(e, FixableError) else UserError(
+                    f"{self.remote.spec}: {what} failed ({type(e).__name__}: {e}); downloaded files "
                     "and converted layers are kept: re-run the same command to resume")
             self._cond.notify_all()
 
     def _check_loop(self) -> None:
-        while True:
-            name, path, started = self._checks.get()
-            try:
+        name = None
+        try:
+            while True:
+                name, path, started = self._checks.get()
                 self._verify_and_attach(name, path)
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
-                self._failed(name, e)
-                return
-            self.note(f"downloaded {name} ({units.size(self.files[name].size)}, "
-                      f"{time.perf_counter() - started:.1f} s)")
-            with self._cond:
-                self._active.discard(name)
-                if name in self._demanded:
-                    self._demanded.remove(name)
-                self.downloaded_bytes += self.files[name].size
-                self._cond.notify_all()
+                if not self._closed:  # a run that stops says why last
+                    self.note(f"downloaded {name} ({units.size(self.files[name].size)}, "
+                              f"{time.perf_counter() - started:.1f} s)")
+                with self._cond:
+                    self._active.discard(name)
+                    if name in self._demanded:
+                        self._demanded.remove(name)
+                    self.downloaded_bytes += self.files[name].size
+                    self._cond.notify_all()
+                name = None
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting conversion
+            self._failed(name, e)
 
     def _remove_stale_partials(self, etag: str) -> None:
         """Partial downloads of a file kt-convert fetches, left by a killed run: huggingface_hub writes
         each download to a process-unique <etag>.<id>.incomplete and never reuses one, so they only
         hold disk. Removed under huggingface_hub's own lock of that file (skipped while another
         process holds it: that one is downloading)."""
-        blobs = self.repo_dir / "blobs"
-        partials = [*blobs.glob(f"{etag}.*.incomplete"), *blobs.glob(f"{etag}.incomplete")]
+        partials = self.repo.partial_downloads(etag)
         if not partials:
             return
         from filelock import FileLock, Timeout
 
-        lock = FileLock(str(self.cache / ".locks" / self.repo_dir.name / f"{etag}.lock"))
+        lock = FileLock(str(self.cache / ".locks" / self.repo.path.name / f"{etag}.lock"))
         try:
             lock.acquire(timeout=0)
         except (Timeout, OSError):
             return
         try:
             for p in partials:
-                _remove_cached(p.parent, p.parent, p.name, p.name)
+                self.repo.remove_entry(p)
         finally:
             lock.release()
 
@@ -404,37 +439,21 @@ class ShardDownloader:
         for attempt in (1, 2):
             if attempt == 2:
                 path = hub.download_file(self.remote, name, self.cache)
-            if rf.sha256 is None or rf.sha256 in self.state.verified:
+            if rf.sha256 is None or self.state.is_verified(rf.sha256, path):
                 break
             got = file_sha256(path)
             if got == rf.sha256:
                 with self._cond:
-                    self.state.verified.append(rf.sha256)
+                    self.state.verified[rf.sha256] = file_key(path)
                     self.state.save()
                 break
-            _remove_cached(self.snapshot, self.repo_dir, name, rf.etag)
+            self.repo.remove_download(self.remote.commit, name, rf.etag)
             if attempt == 2:
                 raise UserError(f"{self.remote.spec}: {name} was downloaded twice from {self.remote.endpoint} and its "
                                 f"sha256 ({got}) is not the hub's ({rf.sha256}) either time: the server or the network "
                                 "damages it. Nothing damaged is kept; converted layers are kept: re-run later to resume")
             self.note(f"{name}: sha256 does not match the hub's record; downloading it again")
-        f = self.files[name]
-        try:
-            f.attach()
-        except SafetensorsFormatError as e:
-            raise UserError(f"{e}; delete it from the cache and re-run") from None
-
-
-def _remove_cached(snapshot: Path, repo_dir: Path, name: str, etag: str) -> None:
-    """Removes a file kt-convert downloaded: its snapshot entry (a link, or the file itself where the
-    cache has no symlinks) and its blob. Never follows a link."""
-    for path in (snapshot / name, repo_dir / "blobs" / etag):
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode):
-            os.unlink(path)
+        self.files[name].attach()
 
 
 # -- opening ------------------------------------------------------------------------------------
@@ -500,6 +519,8 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
     """The checkpoint of a hub model: small files fetched into the cache (a temporary one for a dry
     run), shard headers from the cache or the hub, a ShardDownloader for the shards still missing."""
     cache = hub_cache_dir()
+    if revision is not None and revision_problem(revision) is not None:  # it becomes refs/<revision>
+        raise UserError(f"{repo_id}@{revision}: {revision_problem(revision)}; pass a branch, tag or commit after @")
     if hub.offline():
         return _open_offline(repo_id, revision, cache, include_non_expert)
     remote = hub.open_remote(repo_id, revision)
@@ -509,9 +530,7 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
     small_cache = cache
     tmp = None
     if dry_run:  # writes nothing: the small files go to a temporary cache
-        import tempfile
-
-        tmp = tempfile.TemporaryDirectory(prefix="kt-dry-run-")
+        tmp = file_roles.temporary_dir("kt-dry-run-")
         small_cache = Path(tmp.name)
     try:
         for n in small:
@@ -520,7 +539,8 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         if root.name != remote.commit:
             raise UserError(f"{remote.spec} moved to another commit while this run started ({remote.commit[:12]} -> "
                             f"{root.name[:12]}); re-run")
-        snapshot = hub.repo_cache_dir(cache, repo_id) / "snapshots" / remote.commit
+        repo = RepoCache(cache, repo_id)
+        snapshot = repo.snapshot(remote.commit)
         config = _read_json_object(root, "config.json", "config.json", CONFIG_MAX_BYTES)
         _check_copied_files(root)
         shard_names = sorted(n for n in remote.files if n.endswith(".safetensors") and "/" not in n)
@@ -528,7 +548,7 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         if wm is not None:
             missing = sorted(set(wm.values()) - set(remote.files))
             if missing:
-                raise UserError(f"{remote.spec}: its index names {missing[0]}, which the repository does not hold "
+                raise UserError(f"{remote.spec}: its index {INDEX_NAME} names {missing[0]}, which the repository does not hold "
                                 f"({len(missing)} such files); the repository is incomplete")
         needed = needed_shards(config, wm, shard_names, include_non_expert)
         if not needed:
@@ -539,8 +559,9 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         present, todo = [], []
         try:
             for name in needed:
-                path = snapshot / name
+                path = repo.snapshot_file(remote.commit, name)
                 if hub.file_size_or_none(path) == remote.files[name].size:
+                    resolve_inside(snapshot, name)  # a cached file is read only inside the repository folder
                     f = PendingFile(path, {}, {}, remote.files[name].size, gate)
                     real = SafetensorsFile(path)
                     f.metadata, f.tensors, f._real = real.metadata, real.tensors, real
@@ -551,10 +572,10 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
                     todo.append(name)
                 files[name] = f
                 gate.add(f)
-        except SafetensorsFormatError as e:
+        except BaseException:
             for f in files.values():
                 f.close()
-            raise UserError(f"{e}; delete it from the cache and re-run") from None
+            raise
         key_file = {}
         for name, f in files.items():
             for key in f.tensors:
@@ -571,21 +592,34 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         raise
 
 
+def _cached_etag(snapshot: Path, name: str) -> tuple[str | None, str | None]:
+    """(sha256, git blob id) of a cached file from the blob its snapshot entry links to (None where the
+    entry is no link, or the link's target is not a blob name)."""
+    if not os.path.islink(snapshot / name):
+        return None, None
+    target = os.path.basename(os.readlink(snapshot / name))
+    if sha256_problem(target) is None:
+        return target, None
+    return None, target if etag_problem(target) is None else None
+
+
 def _open_offline(repo_id: str, revision: str | None, cache: Path, include_non_expert: bool):
     """HF_HUB_OFFLINE=1: the model as the cache holds it, if every shard the conversion reads is there."""
     spec = repo_id + (f"@{revision}" if revision else "")
+    repo = RepoCache(cache, repo_id)
     commit = hub.cached_commit(cache, repo_id, revision)
-    snapshot = hub.repo_cache_dir(cache, repo_id) / "snapshots" / (commit or "?")
-    if commit is None or not (snapshot / "config.json").is_file():
+    snapshot = repo.snapshot(commit) if commit is not None else None
+    if snapshot is None or not (snapshot / "config.json").is_file():
         raise UserError(f"{spec}: HF_HUB_OFFLINE=1 is set and the model is not in the cache {cache}; unset "
                         "HF_HUB_OFFLINE to download it (re-runs resume)")
     config = _read_json_object(snapshot, "config.json", "config.json", CONFIG_MAX_BYTES)
-    names = {p.name for p in snapshot.iterdir()}
+    names = set(fsio.list_dir(snapshot))
     wm = _weight_map(snapshot, names)
     needed = needed_shards(config, wm, sorted(n for n in names if n.endswith(".safetensors")), include_non_expert)
     missing = [n for n in needed if not (snapshot / n).is_file()]
     if missing:
-        partial = list((snapshot.parent.parent / "blobs").glob("*.incomplete"))
+        partial = [n for n in fsio.list_dir(repo.path / "blobs") if n.endswith(".incomplete")] \
+            if (repo.path / "blobs").is_dir() else []
         raise UserError(f"{spec}: HF_HUB_OFFLINE=1 is set and {len(missing)} of the {len(needed)} shards this "
                         f"conversion reads are not in the cache {cache} (e.g. {', '.join(missing[:3])}"
                         f"{'; ' + str(len(partial)) + ' partly downloaded' if partial else ''}); unset HF_HUB_OFFLINE "
@@ -593,9 +627,9 @@ def _open_offline(repo_id: str, revision: str | None, cache: Path, include_non_e
     _check_copied_files(snapshot)
     remote_files = {}
     for name in sorted(names):
-        target = os.path.basename(os.readlink(snapshot / name)) if (snapshot / name).is_symlink() else None
-        sha = target if target and len(target) == 64 else None
-        remote_files[name] = hub.RemoteFile(name, os.stat(snapshot / name).st_size, sha, target if not sha else None)
+        real = resolve_inside(snapshot, name)  # never a file outside the repository folder
+        sha, blob_id = _cached_etag(snapshot, name)
+        remote_files[name] = hub.RemoteFile(name, os.stat(real).st_size, sha, blob_id)
     remote = hub.RemoteRepo(repo_id, revision, commit, hub.endpoint(), remote_files)
     files, key_file = {}, {}
     try:
@@ -603,9 +637,9 @@ def _open_offline(repo_id: str, revision: str | None, cache: Path, include_non_e
             files[name] = SafetensorsFile(snapshot / name)
             for key in files[name].tensors:
                 key_file[key] = name
-    except SafetensorsFormatError as e:
+    except BaseException:
         for f in files.values():
             f.close()
-        raise UserError(str(e)) from None
+        raise
     ckpt = HubCheckpoint(snapshot, config, files, key_file, [], remote=remote, gate=None)
     return ckpt, DownloadPlan(remote, needed, needed, [], [])

@@ -23,8 +23,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kt_runtime.format.errors import InputFileError, PackedFormatError
-from kt_runtime.format.input_files import read_capped
+from kt_runtime.format import files
+from kt_runtime.format.errors import InputFileError
 
 from .errors import UserError
 
@@ -92,10 +92,10 @@ def _finite(value):
 
 
 def read_text(path: str | Path) -> str:
-    """The evaluation text: a regular UTF-8 file of at most TEXT_MAX_BYTES."""
+    """The evaluation text: a regular UTF-8 file of at most TEXT_MAX_BYTES (a user file)."""
     path = Path(path)
     try:
-        data = read_capped(path, TEXT_MAX_BYTES, what="evaluation text")
+        data = files.read_file(path, files.USER, what="evaluation text", max_bytes=TEXT_MAX_BYTES)
     except FileNotFoundError:
         raise UserError(f"--text {path}: no such file") from None
     except InputFileError as e:
@@ -216,12 +216,9 @@ def evaluate(output: str | Path, model: str, text: str | Path, *, ctx: int = 512
 
     import kt_runtime
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # said in the report (e.g. a kt output, no manifest)
-            warnings.simplefilter("always")
-            packed = kt_runtime.load_experts(output)
-    except PackedFormatError as e:
-        raise UserError(str(e)) from None
+    with warnings.catch_warnings(record=True) as caught:  # said in the report (e.g. a kt output, no manifest)
+        warnings.simplefilter("always")
+        packed = kt_runtime.load_experts(output)  # a PackedFormatError is a FixableError: exit 2 as it is
     net_config = _load(lambda: transformers.AutoConfig.from_pretrained(root, local_files_only=True),
                        f"the config of {root}")
     limit = getattr(net_config.get_text_config(), "max_position_embeddings", None)

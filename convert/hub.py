@@ -11,21 +11,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kt_runtime.format.safetensors_file import DTYPE_BITS, TensorInfo
+from kt_runtime.format.hub_cache import RepoCache, commit_problem
+from kt_runtime.format.safetensors_file import HeaderError, TensorInfo, header_tensors
 
 from .errors import UserError
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str
-    size: int
-    sha256: str | None  # LFS files: the content hash the hub records (also their ETag and blob name)
-    blob_id: str | None  # the git blob id (the ETag of a small file)
-
-    @property
-    def etag(self) -> str | None:
-        return self.sha256 or self.blob_id
+from .hub_answers import MODEL_INFO_MAX_BYTES, RemoteFile, bad_answer, expecting, remote_files
 
 
 @dataclass(frozen=True)
@@ -51,10 +41,6 @@ def offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
-
-
-def repo_cache_dir(cache: Path, repo_id: str) -> Path:
-    return cache / ("models--" + repo_id.replace("/", "--"))
 
 
 def hub_error(e: BaseException, what: str) -> UserError:
@@ -93,6 +79,18 @@ def is_hub_error(e: BaseException) -> bool:
                           errors.LocalEntryNotFoundError, *http_errors))
 
 
+def _failure(e: Exception, what: str) -> Exception:
+    """An exception of a huggingface_hub call as the error to raise: ours as they are, the network's and
+    the hub's as hub_error says, an answer huggingface_hub could not parse as a bad answer."""
+    if isinstance(e, UserError):
+        return e
+    if is_hub_error(e):
+        return hub_error(e, what)
+    if isinstance(e, (TypeError, ValueError, KeyError, AttributeError, IndexError)):
+        return bad_answer(endpoint(), what, f"{type(e).__name__}: {str(e)[:200]}")
+    return e
+
+
 def open_remote(repo_id: str, revision: str | None) -> RemoteRepo:
     """The repository's file list at `revision` (sizes, LFS sha256) and the commit it resolves to."""
     from huggingface_hub import HfApi
@@ -102,65 +100,70 @@ def open_remote(repo_id: str, revision: str | None) -> RemoteRepo:
         disable_progress_bars()
     what = repo_id + (f"@{revision}" if revision else "")
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        with expecting(what, endpoint(), MODEL_INFO_MAX_BYTES, announced=False):
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as e:
-        if is_hub_error(e):
-            raise hub_error(e, what) from None
-        raise
-    files = {}
-    for s in info.siblings or []:
-        sha = s.lfs.sha256 if s.lfs is not None else None
-        files[s.rfilename] = RemoteFile(s.rfilename, int(s.size or 0), sha, s.blob_id)
-    if not info.sha:
-        raise UserError(f"{what}: the hub at {endpoint()} did not say which commit this is; re-run later")
-    return RemoteRepo(repo_id, revision, info.sha, endpoint(), files)
+        raise _failure(e, what) from None
+    commit, files = remote_files(info, endpoint(), what)
+    return RemoteRepo(repo_id, revision, commit, endpoint(), files)
 
 
 def download_file(repo: RemoteRepo, name: str, cache: Path, revision: str | None = None) -> Path:
-    """One file through hf_hub_download into the cache (resuming its .incomplete blob); its snapshot
-    path. revision: a branch or tag (huggingface_hub records refs/<it>); default the resolved commit."""
+    """One file through hf_hub_download into the cache (resuming its .incomplete blob), no byte beyond the
+    size the model info announced; its snapshot path, inside the repository's cache folder. revision: a
+    branch or tag (huggingface_hub records refs/<it>); default the resolved commit."""
     from huggingface_hub import hf_hub_download
 
+    what = f"{repo.spec}: {name}"
+    cached = RepoCache(cache, repo.repo_id)
+    cached.check_before_download(repo.commit, repo.files[name].etag, revision)
     try:
-        return Path(hf_hub_download(repo.repo_id, name, revision=revision or repo.commit, cache_dir=str(cache)))
+        with expecting(what, repo.endpoint, repo.files[name].size):
+            path = hf_hub_download(repo.repo_id, name, revision=revision or repo.commit, cache_dir=str(cache))
     except Exception as e:
-        if is_hub_error(e):
-            raise hub_error(e, f"{repo.spec}: {name}") from None
-        raise
+        raise _failure(e, what) from None
+    return cached.check_download(path, name)
 
 
 def remote_header(repo: RemoteRepo, name: str) -> tuple[dict[str, str], dict[str, TensorInfo]]:
     """(metadata, tensors) of a remote safetensors shard from its header alone; offsets are absolute
-    file offsets, derived from the file size the hub lists (checked when the file arrives)."""
+    file offsets, derived from the file size the hub lists (checked when the file arrives). Every entry
+    is checked as a local file's header is (safetensors_file.header_tensors)."""
     from huggingface_hub import HfApi
 
-    try:
-        meta = HfApi().parse_safetensors_file_metadata(repo.repo_id, name, revision=repo.commit)
-    except Exception as e:
-        if is_hub_error(e) or type(e).__name__ == "SafetensorsParsingError":
-            raise hub_error(e, f"{repo.spec}: {name} (header)") if is_hub_error(e) else UserError(
-                f"{repo.spec}: {name}: the header is not a valid safetensors header ({e})") from None
-        raise
+    what = f"{repo.spec}: {name} (header)"
     size = repo.files[name].size
-    data_end = max((t.data_offsets[1] for t in meta.tensors.values()), default=0)
-    base = size - data_end  # 8 + header length, for a file whose data fills it (checked on arrival)
-    tensors = {}
-    for key, t in meta.tensors.items():
-        if t.dtype not in DTYPE_BITS:
-            raise UserError(f"{repo.spec}: {name}: tensor {key} has unknown dtype {t.dtype}")
-        begin, end = t.data_offsets
-        tensors[key] = TensorInfo(key, t.dtype, tuple(t.shape), base + begin, end - begin)
-    return dict(meta.metadata or {}), tensors
+    try:
+        with expecting(what, repo.endpoint, size):
+            meta = HfApi().parse_safetensors_file_metadata(repo.repo_id, name, revision=repo.commit)
+        header = {key: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+                  for key, t in meta.tensors.items()}
+        metadata = dict(meta.metadata or {})
+    except Exception as e:
+        if type(e).__name__ == "SafetensorsParsingError":
+            raise UserError(f"{repo.spec}: {name}: the header is not a valid safetensors header ({e})") from None
+        raise _failure(e, what) from None
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad_answer(repo.endpoint, what, "__metadata__ must map strings to strings")
+    try:
+        _, data_end = header_tensors(header, 0, size)  # relative offsets first: the buffer's length
+        if size - data_end < 10:
+            raise HeaderError(f"{data_end} bytes of tensors leave no room for a header in the {size} bytes listed")
+        tensors, _ = header_tensors(header, size - data_end, size)
+    except HeaderError as e:
+        raise bad_answer(repo.endpoint, what, str(e)) from None
+    return metadata, tensors
 
 
 def cached_commit(cache: Path, repo_id: str, revision: str | None) -> str | None:
-    """Offline: the commit a revision names in the cache (refs/<rev>, or the revision itself)."""
-    base = repo_cache_dir(cache, repo_id)
+    """Offline: the commit a revision names in the cache (refs/<rev>, or the revision itself when it is a
+    commit with a snapshot); UnsafePathError for a reference that is not a commit hash."""
+    repo = RepoCache(cache, repo_id)
     rev = revision or "main"
-    ref = base / "refs" / rev
-    if ref.is_file():
-        return ref.read_text().strip()
-    if (base / "snapshots" / rev).is_dir():
+    commit = repo.ref_commit(rev)
+    if commit is not None:
+        return commit
+    if commit_problem(rev) is None and os.path.isdir(repo.snapshot(rev)):
         return rev
     return None
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from kt_runtime.format import fsio
+from kt_runtime.format.digest import file_sha256
 from kt_runtime.format.layout import LAYER_DIR, MANIFEST_FILE
 from kt_runtime.format.manifest import Manifest, write_manifest
 
@@ -24,7 +25,7 @@ def kt_started_layout(out: Path) -> str | None:
     """"kt-folders" or "merged" when `out` holds layers of kt's own script and no manifest of ours."""
     if not out.is_dir() or (out / MANIFEST_FILE).exists():
         return None
-    names = [p.name for p in out.iterdir()]
+    names = fsio.list_dir(out)
     if any(KT_MERGED_SHARD.match(n) for n in names):
         return "merged"
     if any(LAYER_DIR.match(n) and (out / n).is_dir() for n in names):
@@ -54,7 +55,7 @@ def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, conv
     if plan.layout != "kt-folders":
         raise UserError(f"{out} holds kt's _layer_L folders (kt's --no-merge-safetensor): add --no-merge-safetensor "
                         "to resume them, or " + _fix())
-    present = {int(LAYER_DIR.match(p.name)[1]) for p in out.iterdir() if LAYER_DIR.match(p.name) and p.is_dir()}
+    present = {int(LAYER_DIR.match(n)[1]) for n in fsio.list_dir(out) if LAYER_DIR.match(n) and (out / n).is_dir()}
     wanted = [lp for lp in plan.layers if lp.layer < resume_layer]
     missing = [lp.layer for lp in wanted if lp.layer not in present]
     if missing:
@@ -65,7 +66,7 @@ def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, conv
                   "conversion")
     scratch = out / SCRATCH
     fsio.remove(scratch)
-    scratch.mkdir()
+    fsio.make_dir(scratch)
     reader = LayerReader(ckpt, plan, wanted, batch_experts, threads=reader_threads)
     try:
         for lp in wanted:
@@ -98,8 +99,7 @@ def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, conv
 
 def _compare(out: Path, layer: int, fresh) -> None:
     folder = f"_layer_{layer}"
-    fsio.check_tree(out / folder)
-    have = {str(p.relative_to(out)) for p in (out / folder).rglob("*") if p.is_file()}
+    have = {f"{folder}/{name}" for name in fsio.tree_files(out / folder)}
     expected = set(fresh.files)
     why = None
     if have - expected:
@@ -112,7 +112,7 @@ def _compare(out: Path, layer: int, fresh) -> None:
             if p.stat().st_size != q.stat().st_size:
                 why = f"{name} is {p.stat().st_size} bytes, a fresh conversion writes {q.stat().st_size}"
                 break
-            if p.read_bytes() != q.read_bytes():
+            if file_sha256(p) != file_sha256(q):
                 why = f"the bytes of {name} differ from a fresh conversion's"
                 break
     if why is not None:

@@ -8,8 +8,9 @@ import stat
 import time
 from pathlib import Path
 
-from kt_runtime.format import fsio
-from kt_runtime.format.errors import ManifestError
+from kt_runtime.format import files, fsio
+from kt_runtime.format.errors import InputFileError, ManifestError, UnsafePathError
+from kt_runtime.format.input_files import CONFIG_MAX_BYTES, open_regular
 from kt_runtime.format.layout import (INDEX_FILE, KT_SFT_MANIFEST_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE,
                                       VERIFIED_FILE, layer_dir_name, state_dir)
 from kt_runtime.format.manifest import Manifest, read_manifest
@@ -34,7 +35,7 @@ class OutputLock:
         self.path = out_dir / LOCK_FILE
         deadline = time.monotonic() + wait_s
         while True:
-            self._fd = fsio.open_lock_file(self.path)  # never through a link: a planted one would be truncated
+            self._fd = fsio.open_single_link(self.path)  # never through a link: a planted one would be truncated
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -65,8 +66,8 @@ class OutputLock:
         if self._fd >= 0:
             try:
                 if self._still_named():
-                    os.unlink(self.path)
-            except OSError:
+                    fsio.remove(self.path)
+            except (OSError, UnsafePathError):
                 pass  # a read-only or vanished folder: the next run takes the lock over
             os.close(self._fd)
             self._fd = -1
@@ -85,11 +86,7 @@ def created_dirs(path: Path) -> list[Path]:
 def remove_if_empty(dirs: list[Path]) -> None:
     """Undoes the mkdir of a run refused before it wrote anything (deepest first; a folder that now
     holds anything, or cannot be removed, is kept)."""
-    for d in dirs:
-        try:
-            os.rmdir(d)
-        except OSError:
-            return
+    fsio.remove_empty_dirs(dirs)
 
 
 def _stale_temporary(path: Path) -> bool:
@@ -104,19 +101,30 @@ def _remove(paths: list[Path]) -> None:
         fsio.remove(p)
 
 
-def _ours(path: Path) -> bool:
-    """What a conversion writes; --overwrite replaces these and leaves any other file alone."""
-    name = path.name
+def entries(folder: Path) -> list[Path]:
+    return [folder / name for name in fsio.list_dir(folder)]
+
+
+def is_output_entry(name: str) -> bool:
+    """A name a conversion writes at the top of its output folder (a file, or a folder of its own);
+    --overwrite replaces these and leaves any other file alone."""
     return (name.endswith((".safetensors", ".tmp")) or name.startswith("_layer_")
             or name in (INDEX_FILE, MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE, SHARD_DIR, KT_SFT_MANIFEST_FILE)
             or name in COPIED_FILES)
+
+
+def _ours(path: Path) -> bool:
+    return is_output_entry(path.name)
 
 
 def resolve_output_dir(out_dir: Path, input_root: Path) -> Path:
     """The output directory as an absolute path without links (which may not exist yet). Refuses,
     before anything is created: a link loop or a link to nothing, an output that is a file, and an
     output inside the input (or equal to it)."""
-    given = Path(out_dir).expanduser()
+    try:
+        given = Path(out_dir).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not know
+        raise UserError(f"output {out_dir}: there is no such user's home directory here") from None
     try:
         resolved = given.resolve(strict=False)
     except (RuntimeError, OSError) as e:  # Python < 3.13: RuntimeError on a loop; later: OSError ELOOP
@@ -155,7 +163,7 @@ def _check_entries(out_dir: Path, shared: bool = False) -> None:
     special file planted under one of our names is refused before anything is read or written.
     shared: --shard processes are writing beside us: their folders are checked at the top only (their
     contents change while we look)."""
-    for p in out_dir.iterdir():
+    for p in entries(out_dir):
         if _ours(p) or _stale_temporary(p):
             dir_like = p.name.startswith("_layer_") or p.name == SHARD_DIR
             if dir_like and not shared:
@@ -176,7 +184,7 @@ def _kt_root_problem(out_dir: Path, planned: Manifest, overwrite: bool) -> str |
     at the root): anything but the planned _layer_L folders, kt's manifest and our temporaries, unless
     --overwrite removes it as ours."""
     allowed = {KT_SFT_MANIFEST_FILE, *(layer_dir_name(layer) for layer in planned.layers)}
-    foreign = sorted(p.name for p in out_dir.iterdir()
+    foreign = sorted(p.name for p in entries(out_dir)
                      if p.name not in allowed and not _stale_temporary(p) and not (overwrite and _ours(p)))
     if not foreign:
         return None
@@ -211,10 +219,10 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
             raise UserError(f"{e}; pass --overwrite to replace the output") from None
         existing = None
     # under our lock: temporaries here are an interrupted run's, never a running converter's
-    entries = [p for d in dirs for p in d.iterdir()]
-    stale = [p for p in entries if _stale_temporary(p)
+    found = [p for d in dirs for p in entries(d)]
+    stale = [p for p in found if _stale_temporary(p)
              and (not shared or p.name in (MANIFEST_FILE + ".tmp", INDEX_FILE + ".tmp"))]
-    others = [p for p in entries if p.name != LOCK_FILE and p not in stale and not _stale_temporary(p)]
+    others = [p for p in found if p.name != LOCK_FILE and p not in stale and not _stale_temporary(p)]
     if existing is not None and not overwrite:
         ours, theirs = existing.identity(), planned.identity()
         diff = [k for k in theirs if ours.get(k) != theirs.get(k)]
@@ -250,10 +258,11 @@ def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) ->
         src = input_root / name
         if not src.is_file():
             continue
-        src_fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            src_fd, _ = open_regular(src, what=name)
+        except InputFileError:  # swapped for something else since is_file()
+            continue
         with os.fdopen(src_fd, "rb") as fsrc:
-            if not stat.S_ISREG(os.fstat(src_fd).st_mode):  # swapped for something else since is_file()
-                continue
             def copy(fd: int, tmp: Path) -> None:
                 while chunk := fsrc.read(COPY_CHUNK):
                     fsio.write_all(fd, chunk, tmp)
@@ -287,7 +296,7 @@ def write_quantization_config(out_dir: Path, method) -> None:
     path = out_dir / "config.json"
     if fsio.entry(path, fsio.FILE) is None:
         return
-    cfg = json.loads(path.read_text())
+    cfg = files.read_json(path, files.OUTPUT, what="config.json", max_bytes=CONFIG_MAX_BYTES)
     if not isinstance(cfg, dict):
         return
     if "quantization_config" in cfg:

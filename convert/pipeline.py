@@ -167,7 +167,7 @@ def resolve_device(device: str) -> str:
 
 
 def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOptions) -> Manifest:
-    source = {"path": str(ckpt.root), "family": plan.family, "input_type": plan.input_type, **plan.source_info,
+    source = {"path": os.path.realpath(ckpt.root), "family": plan.family, "input_type": plan.input_type, **plan.source_info,
               "mtp_tensors_skipped": plan.skipped_mtp_keys, **ckpt.fingerprint()}
     return Manifest(method=plan.method.name, threadpool_count=plan.threadpool_count, hidden_size=plan.hidden_size,
                     moe_intermediate_size=plan.moe_intermediate_size, num_experts=plan.num_experts,
@@ -335,12 +335,9 @@ def open_source(opts: ConvertOptions, note=print):
 
 
 def method_or_exit(opts: ConvertOptions):
-    """The method row of --quant-method and --group-size (exit 2 naming what is accepted), after the
+    """The method row of --quant-method and --group-size (a FixableError naming what is accepted), after the
     options it needs (--kt-sft-manifest: AMXINT8 .kt folders of every layer)."""
-    try:
-        method = method_for(opts.quant_method, opts.group_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    method = method_for(opts.quant_method, opts.group_size)
     why = kt_sft_output.refusal(method, opts.merge, opts.layers, opts.resume_layer) if opts.kt_sft_manifest else None
     if why:
         raise UserError(why)
@@ -581,10 +578,10 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
                     progress.note(line)
             try:
                 job.created = created_dirs(job.out)
-                job.out.mkdir(parents=True, exist_ok=True)
+                fsio.make_dirs(job.out)
                 if job.state != job.out:  # removed first if still empty
                     job.created[:0] = created_dirs(job.state)
-                    job.state.mkdir(exist_ok=True)
+                    fsio.real_dir(job.state)
                 if shard is None:
                     _open_single(ckpt, job, device, progress)
                 else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kt_runtime.format.digest import BLOCK
+from kt_runtime.format.files import read_system_text
 
 from . import units
 from .errors import UserError
@@ -41,13 +42,12 @@ def _mb(n: int) -> str:
 
 def mem_available() -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
+    for line in (read_system_text("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            try:
+                return int(line.split()[1]) * 1024
+            except (ValueError, IndexError):
+                return None
     return None
 
 

@@ -69,8 +69,9 @@ class Progress:
     def note(self, message: str) -> None:
         if self.bar is not None:
             self.bar.write(message, file=self.stream)
-        else:
-            print(message, file=self.stream, flush=True)
+        else:  # one write per line: lines of other threads never land inside it
+            self.stream.write(message + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 
-from kt_runtime.format import fsio
-from kt_runtime.format.errors import InputFileError, ManifestError
-from kt_runtime.format.input_files import parse_json, read_capped
+from kt_runtime.format import files, fsio
+from kt_runtime.format.errors import ManifestError
 from kt_runtime.format.manifest import LayerRecord, Manifest
 
 from .claims import Claim, ClaimDir, Held
@@ -40,8 +40,8 @@ class SharedOutput:
         self.out = out
         self.root = out / SHARD_DIR
         self.done_dir = self.root / "done"
-        fsio.entry(self.root, fsio.DIR)  # never through a planted link
-        self.done_dir.mkdir(parents=True, exist_ok=True)
+        fsio.real_dir(self.root)  # every level a real directory: never through a planted link
+        fsio.real_dir(self.done_dir)
         self.claims = ClaimDir(self.root / "claims")
 
     def claim(self, layer: int) -> Claim | Held:
@@ -68,18 +68,23 @@ def read_records(out: Path, manifest: Manifest) -> dict[int, LayerRecord]:
     """The layers recorded done under OUT/.kt_shards (none when there is no such folder), each checked as
     the manifest checks its own records."""
     done_dir = out / SHARD_DIR / "done"
-    if fsio.entry(done_dir, fsio.DIR) is None:
+    if not fsio.real_dir(out / SHARD_DIR, create=False) or not fsio.real_dir(done_dir, create=False):
         return {}
     found = {}
-    for path in sorted(done_dir.iterdir()):
-        m = RECORD.match(path.name)
+    for name in fsio.list_dir(done_dir):
+        m = RECORD.match(name)
         if m is None:
             continue
+        path = done_dir / name
         try:
-            d = parse_json(read_capped(path, RECORD_MAX_BYTES, what=path.name), path, path.name)
+            d = files.read_json(path, files.SHARED, what="layer record", max_bytes=RECORD_MAX_BYTES)
+            if not isinstance(d, dict):
+                raise TypeError("not a JSON object")
             rec = LayerRecord(**d)
-        except (TypeError, ValueError, OSError, InputFileError) as e:
-            raise UserError(f"{path}: not a layer record ({e}); delete it (that layer is converted again)") from None
+        except FileNotFoundError:
+            continue  # dropped meanwhile by the shard that found its layer damaged
+        except TypeError as e:
+            raise UserError(f"{path}: not a layer record ({e}); {files.SHARED.fix}") from None
         if rec.layer != int(m[1]):
             raise UserError(f"{path}: a record of layer {rec.layer}; delete it (that layer is converted again)")
         found[rec.layer] = rec
@@ -95,9 +100,9 @@ def check_no_live_shards(out: Path) -> None:
     """A single-process run refuses a directory while --shard processes hold claims there (it may resume
     one they started: their recorded layers count as completed, convert.pipeline)."""
     claims = out / SHARD_DIR / "claims"
-    if fsio.entry(out / SHARD_DIR, fsio.DIR) is None or fsio.entry(claims, fsio.DIR) is None:
+    if not fsio.real_dir(out / SHARD_DIR, create=False) or not fsio.real_dir(claims, create=False):
         return
-    held = ClaimDir(claims).live_holders()
+    held = ClaimDir(claims, create=False).live_holders()
     if held:
         raise UserError(f"{out} is being written by --shard processes ({held[0].path.name}: {held[0].describe()}); "
                         "run this with --shard too, or wait for them to finish")
@@ -110,17 +115,17 @@ def read_splits(out: Path) -> list[tuple[int, TaskIds | None]]:
     if fsio.entry(root, fsio.DIR) is None:
         return []
     found = []
-    for path in sorted(root.iterdir(), key=lambda p: p.name):
-        m = SPLIT.match(path.name)
+    for name in fsio.list_dir(root):
+        m = SPLIT.match(name)
         if m is None:
             continue
-        try:
-            d = parse_json(read_capped(path, SPLIT_MAX_BYTES, what=path.name), path, path.name)
+        try:  # a record: absent, unreadable or malformed reads as None
+            d = files.read_json(root / name, files.RECORD, what="split record", max_bytes=SPLIT_MAX_BYTES)
             tasks = d["tasks"]
             tasks = None if tasks is None else TaskIds(str(tasks["name"]), int(tasks["first"]), int(tasks["step"]))
             if d["count"] != int(m[1]) or (tasks is not None and tasks.step < 1):
                 continue
-        except (TypeError, ValueError, KeyError, OSError, InputFileError):
+        except (TypeError, ValueError, KeyError, OSError):
             continue
         found.append((int(m[1]), tasks))
     return sorted(found, key=lambda s: s[0])

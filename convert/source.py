@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from kt_runtime.format.errors import FieldError, InputFileError, SafetensorsChangedError, SafetensorsFormatError
+from kt_runtime.format.fsio import names_ending
+from kt_runtime.format.hub_cache import RepoCache, revision_problem
 from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, check_regular, file_kind, read_json,
                                            resolve_inside, size_text)
 from kt_runtime.format.json_fields import describe, get_dict
@@ -91,12 +93,13 @@ class Checkpoint:
             f.close()
 
 
-def source_changed(e: SafetensorsFormatError) -> UserError:
-    """A source that shrank or changed during the run (or cannot be read): exit 2 naming it."""
+def source_changed(e: SafetensorsFormatError) -> SafetensorsFormatError | UserError:
+    """A source that shrank or changed during the run (or cannot be read): exit 2 naming it, with what to
+    do about a changed one."""
     if isinstance(e, SafetensorsChangedError):
         return UserError(f"{e}. Wait until it is complete (e.g. a download still running), then re-run with "
                          "--overwrite: layers converted from the old contents cannot be kept")
-    return UserError(str(e))
+    return e
 
 
 def describe_source_change(before: dict, now: dict) -> str | None:
@@ -117,9 +120,37 @@ def describe_source_change(before: dict, now: dict) -> str | None:
     return "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
 
 
+IDENTITY_FACTS = ("size", "header_sha256")  # what a copy of the same files keeps (a modification time does not)
+
+
+def source_identity_problem(recorded: dict, now: dict) -> str | None:
+    """Why the files `now` describes (Checkpoint.fingerprint) are not the source files a manifest recorded
+    (its `source`), comparing names, sizes and header hashes; None when they are (more files than
+    recorded are fine: a download fetches only what it converts), or when nothing was recorded."""
+    old = {f.get("name"): f for f in recorded.get("files") or [] if isinstance(f, dict)}
+    old.pop(None, None)
+    if not old:
+        return None
+    new = {f["name"]: f for f in now.get("files", [])}
+    gone = sorted(old.keys() - new.keys(), key=str)
+    if len(gone) == len(old):
+        return f"it has none of the {len(old)} source files recorded (e.g. {gone[0]})"
+    if gone:
+        return f"it lacks {gone[0]}" + (f" and {len(gone) - 1} more recorded source files" if len(gone) > 1 else "")
+    for name in sorted(old):
+        differ = [k for k in IDENTITY_FACTS if k in old[name] and old[name][k] != new[name].get(k)]
+        if differ:
+            what = " and ".join("its header" if k == "header_sha256" else k for k in differ)
+            return f"{name} differs in {what} from the file recorded"
+    return None
+
+
 def resolve_input(spec: str) -> Path:
     """A local directory or .safetensors file, or org/name[@rev] from the Hugging Face cache."""
-    path = Path(spec).expanduser()
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # ~user of a user this machine does not know
+        raise UserError(f"input path {spec}: there is no such user's home directory here") from None
     if path.exists():
         return path
     m = HUB_ID.match(spec)
@@ -171,8 +202,13 @@ def resolve_hub_id(repo: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     cache = hub_cache_dir()
+    cached = RepoCache(cache, repo)
+    if revision is not None and revision_problem(revision) is not None:
+        raise UserError(f"{repo}@{revision}: {revision_problem(revision)}; pass a branch, tag or commit after @")
+    if os.path.lexists(cached.path / "refs" / (revision or "main")):
+        cached.ref_commit(revision or "main")  # a reference that is no commit hash names no snapshot: refused
     try:
-        return Path(snapshot_download(repo, revision=revision, cache_dir=str(cache), local_files_only=True))
+        folder = snapshot_download(repo, revision=revision, cache_dir=str(cache), local_files_only=True)
     except Exception as e:  # LocalEntryNotFoundError and friends: the hub's error classes vary by version
         rev = f" --revision {revision}" if revision else ""
         raise UserError(f"{repo}{'@' + revision if revision else ''} is neither a local path nor in the Hugging Face "
@@ -181,6 +217,8 @@ def resolve_hub_id(repo: str, revision: str | None) -> Path:
                         f"  {hub_download_command()} {repo}{rev}\n"
                         "(HF_HOME / HF_HUB_CACHE select the cache; add --local-dir DIR to get a plain folder and "
                         "pass that folder)") from None
+    cached.check_snapshot(folder)  # wherever the cache's refs pointed it: inside the repository folder
+    return Path(folder)
 
 
 def _read_json_object(root: Path, name: str, what: str, max_bytes: int) -> dict:
@@ -206,8 +244,6 @@ def _open(root: Path, name: str, named_by: str | None, contained: bool = True) -
         return SafetensorsFile(root / name)
     except InputFileError as e:
         raise UserError(f"{e}; re-download the checkpoint or fix the link") from None
-    except SafetensorsFormatError as e:
-        raise UserError(str(e)) from None
 
 
 def _index_shards(root: Path, index_path: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -273,7 +309,7 @@ def open_checkpoint(spec: str) -> Checkpoint:
     elif stat.S_ISDIR(st.st_mode):
         root = path
         index_path = root / INDEX_NAME
-        on_disk = sorted(p.name for p in root.glob("*.safetensors"))
+        on_disk = names_ending(root, ".safetensors")
         if os.path.lexists(index_path):
             index_keys, first_key = _index_shards(root, index_path)
             shard_names = sorted(first_key)

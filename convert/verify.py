@@ -39,6 +39,7 @@ class Sums:
     dot: float = 0.0  # sum p r
     max_abs: float = 0.0  # max |p - r|
     count: int = 0  # elements
+    ref_max_abs: float = 0.0  # max |r|
 
     def add(self, o: "Sums") -> None:
         self.err2 += o.err2
@@ -47,6 +48,7 @@ class Sums:
         self.dot += o.dot
         self.max_abs = max(self.max_abs, o.max_abs)
         self.count += o.count
+        self.ref_max_abs = max(self.ref_max_abs, o.ref_max_abs)
 
     @property
     def rel_rms(self) -> float:
@@ -74,8 +76,8 @@ CHUNK = 1 << 18  # elements per step: few steps (each hands the GIL over twice),
 def tensor_sums(packed, ref) -> Sums:
     """Sums of one packed matrix against its reference (torch tensors or arrays of one shape), a chunk at a
     time: Σe², Σr², Σp² and Σpr summed in float32 over rows of ROW elements (einsum's one pass, no product
-    array) and the row sums added in float64; max |e| exact; e = p - r rounded to float32 (relative error
-    <= 2^-24 each, so identical matrices give exactly 0)."""
+    array) and the row sums added in float64; max |e| and max |r| exact; e = p - r rounded to float32
+    (relative error <= 2^-24 each, so identical matrices give exactly 0)."""
     import numpy as np
     import torch
 
@@ -98,6 +100,7 @@ def tensor_sums(packed, ref) -> Sums:
                 total += f64(np.einsum("i,i->", a[rows:], b[rows:]))
             setattr(out, name, getattr(out, name) + float(total))
         out.max_abs = max(out.max_abs, float(np.abs(e, out=e).max()))  # last use of e: in place
+        out.ref_max_abs = max(out.ref_max_abs, float(np.abs(r, out=e).max()))  # e's buffer, free now
     return out
 
 
@@ -287,6 +290,32 @@ def verify(output: str | Path, source: str | None = None, *, layers: list[int] |
     return report
 
 
+def beyond_quantization(s: Sums, method) -> float | None:
+    """How many times the largest error of a tensor exceeds what `method` can produce on it
+    (QuantMethod.max_error of its largest |weight|), when it does; None when it does not, or when the
+    tensor holds NaN / Inf (packed as 0 with --allow-nonfinite: not comparable)."""
+    if not (math.isfinite(s.max_abs) and math.isfinite(s.ref_max_abs)):
+        return None
+    bound = method.max_error(s.ref_max_abs)
+    return None if s.max_abs <= bound else s.max_abs / bound
+
+
+def not_the_source(output: str, source: str, why: str) -> UserError:
+    return UserError(f"--source {source} is not the checkpoint {output} was converted from: {why}. Pass the "
+                     "checkpoint it was converted from (kt_manifest.json records its path and files)")
+
+
+def _check_identity(weights, ckpt, output: str, source: str) -> None:
+    """The source files the output's manifest recorded against those of --source (names, sizes, headers)."""
+    from .source import source_identity_problem
+
+    recorded = weights.manifest.source if weights.manifest is not None else {}
+    problem = source_identity_problem(recorded if isinstance(recorded, dict) else {}, ckpt.fingerprint())
+    if problem is not None:
+        where = recorded.get("path", "its source")
+        raise not_the_source(output, source, f"{problem} ({output}/kt_manifest.json records {where})")
+
+
 def _compare(report: VerifyReport, weights, source: str, layers: list[int], threads: int) -> None:
     import torch
 
@@ -322,6 +351,7 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
                             f"{layer_spec(absent)} (its MoE layers: {layer_spec(source_layers)}), which {report.output} "
                             "holds: not its source" + origin)
         plan.layers = [lp for lp in plan.layers if lp.layer in layers]
+        _check_identity(weights, ckpt, report.output, source)
         report.source, report.family, report.input_type = str(ckpt.root), plan.family, plan.input_type
         workers = threads or os.cpu_count() or 1
         reader = LayerReader(ckpt, plan, plan.layers, experts_per_batch(plan), threads=default_read_threads())
@@ -344,6 +374,12 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
                             for expert, proj, s in pool.map(one, jobs):
                                 per_proj[proj].add(s)
                                 report.tensors.append(TensorError(lp.layer, expert, proj, **s.measures()))
+                                times = beyond_quantization(s, method)
+                                if times is not None:
+                                    raise not_the_source(report.output, source, (
+                                        f"layer {lp.layer} expert {expert} {proj} is off by up to {s.max_abs:.4g}, "
+                                        f"{times:.3g} times the most {method.name} can be off on weights of at most "
+                                        f"{s.ref_max_abs:.4g}"))
                         finally:
                             data.release()
                     report.by_layer[lp.layer] = per_proj

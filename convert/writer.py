@@ -148,7 +148,7 @@ class KtFolderWriter:
     def write_pair(self, proj: str, expert: int, numa: int, weight: np.ndarray, scale: np.ndarray) -> None:
         folder = self.tmp / numa_dir_name(numa)
         if numa not in self._folders:  # created by us inside our fresh folder, once
-            os.mkdir(folder)
+            fsio.make_dir(folder)
             self._folders.add(numa)
         for name, data in zip(kt_file_names(self.method, proj, expert, weight.nbytes, scale.size), (weight, scale)):
             buf = np.ascontiguousarray(data).view(np.uint8)

@@ -12,7 +12,6 @@ activation, its parameters (manifest source.activation_params) and the bias keys
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,17 +140,18 @@ def read_expert_biases(source_dir, weights, layer: int) -> ExpertBiases:
     """gpt-oss expert biases of `layer` from the source checkpoint the packed `weights` were converted from
     (the keys ending in `layers.{layer}.mlp.experts.{gate_up,down}_proj_bias`; the manifest's
     source.unpacked_expert_tensors lists them). ValueError naming the file and key on anything missing."""
+    from .format.errors import FieldError
+    from .format.input_files import INDEX_MAX_BYTES, read_json, resolve_inside
     from .format.safetensors_file import SafetensorsFile
 
     root = Path(source_dir)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (ValueError, AttributeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        resolve_inside(root, index.name)
+        data = read_json(index, what="safetensors index", max_bytes=INDEX_MAX_BYTES)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index}: weight_map must be an object of file names")
+            raise FieldError(f"{index}: weight_map must be an object of file names")
     elif (root / "model.safetensors").is_file():
         with SafetensorsFile(root / "model.safetensors") as sf:
             weight_map = {k: "model.safetensors" for k in sf.keys()}
@@ -166,6 +166,7 @@ def read_expert_biases(source_dir, weights, layer: int) -> ExpertBiases:
         name = weight_map[keys[0]]
         if Path(name).name != name:
             raise ValueError(f"{index}: {keys[0]} is in {name!r}, not a file beside the index")
+        resolve_inside(root, name, named_by=str(index))
         with SafetensorsFile(root / name) as sf:
             if keys[0] not in sf:
                 raise ValueError(f"{root / name}: no tensor {keys[0]} (the index says it is there)")

@@ -12,7 +12,9 @@ from .format.layout import (KT_SFT_MANIFEST_FILE, LAYER_DIR, MANIFEST_FILE, NUMA
                             PackedSpec, kt_file_paths, merged_key, parse_kt_file_name, parse_merged_key, state_dir)
 from .format.digest import tree_sha256_files
 from .format.errors import FieldError, InputFileError, ManifestError, PackedWeightsError, SafetensorsFormatError
-from .format.input_files import CONFIG_MAX_BYTES, check_regular, containment_root, read_json, resolve_inside
+from .format.fsio import list_dir, names_ending
+from .format.input_files import (CONFIG_MAX_BYTES, check_regular, containment_root, map_regular, read_json,
+                                 resolve_inside)
 from .format.json_fields import get_int, get_number
 from .format.manifest import Manifest, read_manifest, shard_metadata_problem
 from .format.verified import is_verified, read_verified, record_verified
@@ -167,7 +169,7 @@ def _kt_folder_tensors(path: Path, spec: PackedSpec) -> dict:
                                       missing="; the output is incomplete: re-run the conversion")
                         if p.stat().st_size != count * dtype.itemsize:
                             raise PackedWeightsError(f"{p}: {p.stat().st_size} bytes, expected {count * dtype.itemsize}")
-                        arrays.append(np.memmap(p, dtype=dtype, mode="r", shape=(count,)))
+                        arrays.append(np.frombuffer(map_regular(p), dtype=dtype, count=count))
                     tensors[(layer, expert, proj, t)] = tuple(arrays)
     return tensors
 
@@ -368,7 +370,7 @@ def _infer_spec(path: Path, layers: set, experts: set, numas: set, gate_n: int, 
 
 
 def _infer_kt_output(path: Path):
-    shards = sorted(path.glob("*.safetensors"))
+    shards = [path / n for n in names_ending(path, ".safetensors")]
     if shards:  # kt's loader takes the merged layout whenever a top-level *.safetensors exists
         files: dict[int, list[str]] = {}
         layers, experts, numas = set(), set(), set()
@@ -403,13 +405,15 @@ def _infer_kt_output(path: Path):
     layers, experts, numas = set(), set(), set()
     counts = {}
     gate_n = down_n = gate_bytes = 0
-    for folder in path.glob("_layer_*/_numa_*"):
+    folders = [path / d / n for d in list_dir(path) if LAYER_DIR.match(d) and (path / d).is_dir()
+               for n in list_dir(path / d)]
+    for folder in folders:
         lm, nm = LAYER_DIR.match(folder.parent.name), NUMA_DIR.match(folder.name)
         if not lm or not nm or not folder.is_dir():
             continue  # e.g. _layer_5.tmp/ left by an interrupted run
         layer, numa = int(lm[1]), int(nm[1])
-        for f in folder.iterdir():
-            k = parse_kt_file_name(f.name)
+        for name in list_dir(folder):
+            k = parse_kt_file_name(name)
             if k is None:
                 continue
             layers.add(layer); numas.add(numa); experts.add(k.expert)

@@ -9,13 +9,13 @@ all four synchronously; convert.packers streams them. triton is imported only by
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from kt_runtime.format.files import system_glob
 from kt_runtime.format.methods import FP32_RECIPROCAL, K_BLOCK, QuantMethod
 
 from .cpu import PackTarget, SourceMatrix
@@ -41,7 +41,7 @@ def no_gpu_device_reason(nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> str | Non
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    if not any(glob.glob(pattern) for pattern in nodes):
+    if not any(system_glob(pattern) for pattern in nodes):
         return f"there is no CUDA device here (none of {', '.join(nodes)})"
     return None
 

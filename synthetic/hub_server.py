@@ -15,6 +15,16 @@ HF_ENDPOINT). No Xet headers are ever sent: downloads take the plain HTTP path.
 Test hooks: `corrupt[name] = n` serves wrong bytes (same length) for the next n downloads of that
 LFS file; `bytes_per_s` throttles LFS bodies (one link: the total over all connections);
 `requests` logs (method, path, Range header); `sent` counts LFS body bytes per file.
+
+Hostile modes (a hub that lies; tests/test_hostile_hub.py):
+- `model_info_answer(info)`: what model_info answers instead of `info` (a dict made into JSON, or bytes
+  sent as they are; None: the honest answer);
+- `file_headers[name] = {header: value}`: header values put on the answers for that file's
+  /resolve/ requests (ETag, X-Linked-Etag, X-Repo-Commit, ...);
+- `overflow[name] = n`: a download of the file (not a bounded range) gets its bytes followed by n more
+  (None: zeros without end, up to OVERFLOW_CAP), without a Content-Length (the body ends when the
+  connection closes); `lying_length[name] = n`: a Content-Length n bytes larger than the file, and as
+  many bytes more.
 """
 from __future__ import annotations
 
@@ -32,6 +42,7 @@ from urllib.parse import unquote, urlparse
 from kt_runtime.format.digest import file_sha256
 
 CHUNK = 1 << 20
+OVERFLOW_CAP = 256 << 20  # an "endless" body stops here, so that a client without a bound cannot fill a disk
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,10 @@ class LocalHub:
         self.corrupt: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self.sent: dict[str, int] = {}  # LFS body bytes sent, by file name
+        self.model_info_answer = None  # hostile: info dict -> dict / list / bytes to answer instead
+        self.file_headers: dict[str, dict[str, str]] = {}  # hostile: headers of a file's /resolve/ answers
+        self.overflow: dict[str, int | None] = {}  # hostile: bytes past the file's end (None: without end)
+        self.lying_length: dict[str, int] = {}  # hostile: Content-Length this much too large, body to match
         self._link_free = 0.0  # when the throttled link is free again (time.monotonic)
         self._lock = threading.Lock()
         self._servers: list[ThreadingHTTPServer] = []
@@ -160,6 +175,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # the client went away mid-answer (a bounded reader stops early): not the server's error
+            pass
+
     def setup(self) -> None:
         super().setup()
         with self.hub._lock:
@@ -209,7 +230,9 @@ class _Handler(BaseHTTPRequestHandler):
             rest = path[len(f"/api/models/{repo}"):]
             if rest not in ("", "/") and not (rest.startswith("/revision/") and rest[len("/revision/"):] in revs):
                 return self._error(404, "RevisionNotFound", "Invalid rev id", head)
-            body = json.dumps(hub.model_info()).encode()
+            info = hub.model_info()
+            answer = info if hub.model_info_answer is None else hub.model_info_answer(info)
+            body = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
             return self._send(200, {"Content-Type": "application/json"}, body, head)
         if path.startswith("/api/"):
             return self._error(404, "RepoNotFound", "Repository not found", head)
@@ -222,14 +245,15 @@ class _Handler(BaseHTTPRequestHandler):
             if f is None:
                 return self._error(404, "EntryNotFound", "Entry not found", head)
             common = {"X-Repo-Commit": hub.commit, "Accept-Ranges": "bytes"}
+            lies = hub.file_headers.get(name, {})
             if f.lfs:
                 # another host name, not only another port: huggingface_hub 1.x compares host names when
                 # it decides whether to follow a redirect (the hub's CDN is another host)
                 location = f"http://localhost:{hub.cdn_port}/_lfs/{f.sha256}"
                 return self._send(302, {**common, "Location": location, "ETag": f'"{f.git_sha1}"',
-                                        "X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size)},
+                                        "X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.size), **lies},
                                   b"", head)
-            return self._bytes(f, {**common, "ETag": f'"{f.git_sha1}"'}, head, corrupt=False)
+            return self._bytes(f, {**common, "ETag": f'"{f.git_sha1}"', **lies}, head, corrupt=False)
         if path.startswith("/_lfs/"):
             sha = path[len("/_lfs/"):]
             f = next((f for f in hub.files.values() if f.sha256 == sha), None)
@@ -245,6 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
         return self._error(404, "EntryNotFound", "Not found", head)
 
     def _bytes(self, f: RepoFile, headers: dict[str, str], head: bool, corrupt: bool) -> None:
+        whole = self.headers.get("Range") is None or _starts_at_zero(self.headers)
+        if not head and whole and (f.name in self.hub.overflow or f.name in self.hub.lying_length):
+            return self._too_many_bytes(f, headers)  # a download, not a header read (a bounded range)
         start, end = 0, f.size - 1
         code = 200
         m = _RANGE.match(self.headers.get("Range", "") or "")
@@ -285,6 +312,34 @@ class _Handler(BaseHTTPRequestHandler):
                             self.hub._link_free = done = start + len(block) / throttle
                         time.sleep(max(0.0, done - time.monotonic()))
         except OSError:  # the client went away, or stop() cut the connection
+            pass
+
+
+    def _too_many_bytes(self, f: RepoFile, headers: dict[str, str]) -> None:
+        """The file, then more bytes than its size: framed by closing the connection (overflow) or by a
+        Content-Length that says so (lying_length)."""
+        extra = self.hub.lying_length.get(f.name)
+        if extra is None:
+            extra = self.hub.overflow[f.name]
+            extra = OVERFLOW_CAP if extra is None else extra
+            framing = {"Connection": "close"}
+            self.close_connection = True
+        else:
+            framing = {"Content-Length": str(f.size + extra)}
+        self.send_response(200)
+        for k, v in {**headers, **framing, "Content-Type": "application/octet-stream"}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        try:
+            with open(f.path, "rb") as src:
+                self.wfile.write(src.read())
+            block = bytes(CHUNK)
+            while extra > 0:
+                self.wfile.write(block[:min(CHUNK, extra)])
+                with self.hub._lock:
+                    self.hub.sent[f.name] = self.hub.sent.get(f.name, 0) + min(CHUNK, extra)
+                extra -= CHUNK
+        except OSError:  # the client stopped reading and went away: what a bound does
             pass
 
 

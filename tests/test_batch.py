@@ -353,6 +353,89 @@ def test_concurrent_shard_records_lose_no_layer(ckpt, tmp_path):
     assert not (out / (VERIFIED_FILE + ".tmp")).exists()
 
 
+def _once_after(monkeypatch, module, name: str, path, then):
+    """Patches module.name so that its first call on `path` (an os.open of it, or an flock of an fd opened on
+    it) runs `then()` right after the real call (open) or right before it (flock): the interleaving a loaded
+    machine produces once in a while, forced."""
+    real = getattr(module, name)
+    done = []
+
+    def patched(target, *rest, **kw):
+        ours = not done and (str(target) == str(path) if name == "open" else
+                             os.path.realpath(f"/proc/self/fd/{target}") == os.path.realpath(path))
+        if ours and name != "open":
+            done.append(then())
+        result = real(target, *rest, **kw)
+        if ours and name == "open":
+            done.append(then())
+        return result
+
+    monkeypatch.setattr(module, name, patched)
+    return done
+
+
+def test_lock_file_removed_between_its_open_and_its_check_is_opened_again(tmp_path, monkeypatch):
+    """Its holder releases the lock (removing the file) just after another converter opened it: the file that
+    one holds has no name left, which is no planted hard link: it opens the name again and takes the lock."""
+    from convert.output_dir import OutputLock
+    from kt_runtime.format.layout import LOCK_FILE
+
+    holder = OutputLock(tmp_path)
+    fired = _once_after(monkeypatch, os, "open", tmp_path / LOCK_FILE, holder.release)
+    second = OutputLock(tmp_path)
+    assert fired and (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    with pytest.raises(UserError, match="being written by another converter"):
+        OutputLock(tmp_path)  # the lock the second one holds is the file at the name
+    second.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_lock_file_removed_between_its_check_and_its_flock_is_opened_again(tmp_path, monkeypatch):
+    import fcntl
+
+    from convert.output_dir import OutputLock
+    from kt_runtime.format.layout import LOCK_FILE
+
+    holder = OutputLock(tmp_path)
+    fired = _once_after(monkeypatch, fcntl, "flock", tmp_path / LOCK_FILE, holder.release)
+    second = OutputLock(tmp_path)
+    assert fired and (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    with pytest.raises(UserError, match="being written by another converter"):
+        OutputLock(tmp_path)
+    second.release()
+
+
+def test_shared_record_replaced_while_it_is_opened_reads_the_new_one(tmp_path, monkeypatch):
+    """A record of the shared folder renamed over (another shard recorded that layer again) just after it was
+    opened for reading: the one-name rule opens the name again instead of refusing the old file."""
+    from kt_runtime.format import files, fsio
+
+    record = tmp_path / "layer_0.json"
+    fsio.atomic_write_text(record, '{"v": 1}')
+    fired = _once_after(monkeypatch, os, "open", record, lambda: fsio.atomic_write_text(record, '{"v": 2}'))
+    assert files.read_json(record, files.SHARED, what="layer record", max_bytes=1024) == {"v": 2} and fired
+
+
+def test_a_name_removed_at_every_open_is_refused_in_the_end(tmp_path, monkeypatch):
+    """Another program deleting the lock file as fast as it is made: bounded, and said."""
+    from kt_runtime.format import fsio
+    from kt_runtime.format.errors import UnsafePathError
+    from kt_runtime.format.layout import LOCK_FILE
+
+    path = tmp_path / LOCK_FILE
+    real_open = os.open
+
+    def open_and_lose(target, *a, **k):
+        fd = real_open(target, *a, **k)
+        if str(target) == str(path):
+            os.unlink(path)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_and_lose)
+    with pytest.raises(UnsafePathError, match="was removed each of the 100 times it was opened"):
+        fsio.open_single_link(path)
+
+
 def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
     assert main(args(ckpt, "-o", str(tmp_path / "o"), "--shard", "1/2", "--overwrite")) == 2
     assert "--overwrite cannot be combined with --shard" in capsys.readouterr().err

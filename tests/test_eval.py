@@ -395,9 +395,16 @@ def test_report_never_replaces_an_input(outputs, tmp_path, capsys):
     manifest = outputs["int8"] / "kt_manifest.json"
     kept = manifest.read_bytes()
     err = _refused(capsys, outputs["int8"], "--model", MODEL, "--text", text, "--json", manifest)
-    assert "is inside OUT" in err and manifest.read_bytes() == kept
+    assert f"is inside the output {outputs['int8']}" in err and manifest.read_bytes() == kept
     err = _refused(capsys, outputs["int8"], "--model", MODEL, "--text", text, "--json", MODEL / "report.json")
-    assert "is inside --model" in err and not (MODEL / "report.json").exists()
+    assert "is inside the input checkpoint" in err and not (MODEL / "report.json").exists()
+    link = tmp_path / "via-link"
+    link.symlink_to(text)
+    err = _refused(capsys, outputs["int8"], "--model", MODEL, "--text", text, "--json", link)
+    assert "is the --text file" in err and text.read_bytes() == before and link.is_symlink()
+    for option in ("--json", "--text"):  # every path option is checked when parsed
+        err = _refused(capsys, outputs["int8"], "--model", MODEL, "--text", text, option, "r\0.json")
+        assert option in err and "NUL" in err
 
 
 # --- the hybrid path (accelerator host) ---

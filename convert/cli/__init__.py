@@ -1,8 +1,9 @@
 """convert-cpu-weights: the command line. A click group whose default command is the conversion with
 kt's flags: `convert-cpu-weights -i X -o Y` (and `python -m convert ...`, scripts/convert_cpu_weights.py)
 run it exactly as kt's script, `convert-cpu-weights convert -i X -o Y` names it. Further subcommands
-live in their own modules here and are added to COMMANDS. main() maps errors to exit codes: 0 done,
-2 a problem the user can fix (the message says how), 1 a bug; 128 + N on signal N.
+live in their own modules here and are added to COMMANDS. main() maps errors to exit codes once
+(error_messages.py): 0 done, 2 a problem the user can fix (the message says how, in the words of the
+command that ran), 1 a bug; 128 + N on signal N.
 """
 from __future__ import annotations
 
@@ -13,19 +14,14 @@ import traceback
 
 import click
 
-from kt_runtime.format.errors import UnsafePathError
-
-from ..errors import UserError
 from .conversion import convert_command
+from .error_messages import EXIT_INTERNAL, EXIT_OK, EXIT_USER, interrupted_message, known_error
 from .evaluate import eval_command
 from .families import families_command
 from .kt_flags import check_kt_flags
 from .finalize import finalize_command
 from .verbs import DefaultCommand, unknown_verb_problem
 from .verify import verify_command
-
-EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
-
 
 class DefaultCommandGroup(click.Group):
     """A group that runs its default command when the first argument names no subcommand, exactly as if
@@ -55,7 +51,7 @@ cli = DefaultCommandGroup(name="convert-cpu-weights", commands=COMMANDS, default
                           context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 
 
-INTERRUPTED = "interrupted; completed layers are kept; re-run the same command to resume"
+INTERRUPTED = interrupted_message(convert_command.name)  # what a stopped conversion says last
 
 
 class Interrupted(KeyboardInterrupt):
@@ -89,10 +85,16 @@ class _SignalsUnwind:
             signal.signal(sig, handler)
 
 
-def _interrupted(e: BaseException) -> int:
+def _interrupted(e: BaseException, command: str) -> int:
     signum = getattr(e, "signum", signal.SIGINT)
-    click.echo(INTERRUPTED, err=True)
+    click.echo(interrupted_message(command), err=True)
     return 128 + signum
+
+
+def command_of(argv: list[str] | None) -> str:
+    """The subcommand argv runs (the conversion when it names none)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return args[0] if args and args[0] in cli.commands else convert_command.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    command = command_of(argv)
     try:
         cli.main(args=argv, prog_name="convert-cpu-weights", standalone_mode=False)
         return EXIT_OK
@@ -114,24 +117,15 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_USER
     except click.Abort as e:  # click turns KeyboardInterrupt into Abort
         if isinstance(e.__cause__, KeyboardInterrupt):
-            return _interrupted(e.__cause__)
+            return _interrupted(e.__cause__, command)
         click.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt as e:
-        return _interrupted(e)
-    except (UserError, UnsafePathError) as e:
-        click.echo(f"error: {e}", err=True)
-        return EXIT_USER
-    except OSError as e:  # the machine's, not ours: a full disk, a path that cannot be written, ...
-        where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{e.strerror or e}; completed layers are kept, re-run the same command to resume",
-                   err=True)
-        return EXIT_USER
+        return _interrupted(e, command)
     except Exception as e:
-        if isinstance(e, RuntimeError) and "can't start new thread" in str(e):  # threading under a limit
-            click.echo(f"error: cannot start a thread ({e}): the system limits threads per user (ulimit -u) or "
-                       "address space (ulimit -v); raise the limit or pass a smaller --cpuinfer-threads, then re-run "
-                       "(completed layers are kept)", err=True)
+        message = known_error(e, command)
+        if message is not None:
+            click.echo(f"error: {message}", err=True)
             return EXIT_USER
         traceback.print_exc()
         click.echo("internal error: this is a bug in convert-cpu-weights; please report it with the trace above",

@@ -3,19 +3,21 @@ lists of --quant-method and --threadpool-count, or --job-file) and array jobs (-
 from __future__ import annotations
 
 import os
+import re
 import string
 from pathlib import Path
 
 import click
 
-from kt_runtime.format.errors import InputFileError
-from kt_runtime.format.input_files import parse_json, read_capped
+from kt_runtime.format import files
 from kt_runtime.format.methods import CHOICES, method_for
 
 from ..errors import UserError
 from ..shards import ShardSpec, resolve_shard
+from .option_types import PATH, user_path
 
 TEMPLATE_FIELDS = ("method", "kt_method", "threadpool_count")
+FORMAT_SPEC = re.compile(r"^((.?[<>=^])?0?\d{0,2}[sd]?)?$")  # a field's format: fill, alignment, width < 100
 JOB_FILE_MAX_BYTES = 1 << 20
 
 
@@ -51,7 +53,7 @@ def batch_options(command):
                      help="One output per --quant-method x --threadpool-count (comma lists), all from one read "
                           "of the source: e.g. 'out/{method}-T{threadpool_count}' (also {kt_method}). "
                           "Instead of --output."),
-        click.option("--job-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+        click.option("--job-file", type=PATH, default=None,
                      help="A JSON file listing the outputs, all from one read of the source: {\"outputs\": "
                           "[{\"output\": DIR, \"quant_method\": \"int4\", \"threadpool_count\": 2}, ...]}. "
                           "Instead of --output."),
@@ -70,9 +72,9 @@ def batch_options(command):
 def read_job_file(path: Path) -> list[tuple[Path, str, int]]:
     """The outputs a job file lists (relative output paths are relative to the job file's folder)."""
     try:
-        d = parse_json(read_capped(path, JOB_FILE_MAX_BYTES, what="job file"), path, "job file")
-    except InputFileError as e:
-        raise UserError(str(e).removesuffix("; re-download it")) from None
+        d = files.read_json(path, files.USER, what="job file", max_bytes=JOB_FILE_MAX_BYTES)
+    except FileNotFoundError:
+        raise click.BadParameter(f"{path} does not exist", param_hint="--job-file") from None
     outputs = d.get("outputs") if isinstance(d, dict) else None
     if not isinstance(outputs, list) or not outputs:
         raise UserError(f"{path}: expected {{\"outputs\": [{{\"output\": DIR, \"quant_method\": ..., "
@@ -85,11 +87,15 @@ def read_job_file(path: Path) -> list[tuple[Path, str, int]]:
         out, method, count = o.get("output"), o.get("quant_method", "int4"), o.get("threadpool_count", 2)
         if not isinstance(out, str) or not out:
             raise UserError(f"{where}: output must be a directory path")
+        try:
+            out_path = user_path(out)
+        except ValueError as e:
+            raise UserError(f"{where}: output {out!r} {e}") from None
         if method not in CHOICES:
             raise UserError(f"{where}: quant_method {method!r} is not one of {', '.join(CHOICES)}")
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise UserError(f"{where}: threadpool_count must be a positive integer, got {count!r}")
-        found.append((path.parent / Path(out).expanduser(), method, count))
+        found.append((path.parent / out_path, method, count))
     return found
 
 
@@ -114,11 +120,19 @@ def expand_outputs(output: Path | None, template: str | None, methods: list[str]
     if unknown:
         raise click.BadParameter(f"{template!r}: unknown field {{{unknown[0]}}}; the fields are "
                                  + ", ".join(f"{{{f}}}" for f in TEMPLATE_FIELDS), param_hint="--output-template")
+    for _, f, spec, conversion in string.Formatter().parse(template):
+        if f is not None and (conversion is not None or not FORMAT_SPEC.match(spec or "")):
+            raise click.BadParameter(f"{template!r}: {{{f}}} may take a short width (e.g. {{{f}:>3}}), nothing "
+                                     "else", param_hint="--output-template")
     outs = []
     for method in methods:
         for count in counts:
-            path = template.format(method=method, kt_method=method_for(method).kt_method, threadpool_count=count)
-            outs.append((Path(path), method, count))
+            try:
+                path = user_path(template.format(method=method, kt_method=method_for(method).kt_method,
+                                                 threadpool_count=count))
+            except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as e:
+                raise click.BadParameter(f"{template!r}: {e}", param_hint="--output-template") from None
+            outs.append((path, method, count))
     if len({p for p, _, _ in outs}) != len(outs):
         raise click.BadParameter(f"{template!r} gives several outputs the same directory: use "
                                  + " and ".join(f"{{{f}}}" for f, vals in (("method", methods),
@@ -128,7 +142,4 @@ def expand_outputs(output: Path | None, template: str | None, methods: list[str]
 
 
 def shard_spec(flag: str | None, shard_count: int | None) -> ShardSpec | None:
-    try:
-        return resolve_shard(flag, shard_count, os.environ)
-    except UserError as e:
-        raise click.UsageError(str(e)) from None
+    return resolve_shard(flag, shard_count, os.environ)  # a UserError names the flag or variable: exit 2

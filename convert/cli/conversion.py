@@ -1,8 +1,6 @@
 """The conversion command: kt-kernel's convert_cpu_weights.py flags plus our own (the group's default)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from kt_runtime.format.methods import CHOICES, DEFAULT_GROUP_SIZE, METHODS
@@ -15,6 +13,8 @@ from ..timings import describe as describe_timings
 from .download_options import download_kwargs, download_options
 from .json_out import to_stdout, write_json
 from .kt_flags import GPU_NOTE
+from .option_types import PATH, REPORT, SOURCE
+from .report_paths import check_report_paths
 from .verbs import DefaultCommand
 from .batch_options import INT_LIST, METHOD_LIST, batch_options, expand_outputs, shard_spec
 
@@ -36,9 +36,9 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
 
 @click.command("convert", cls=DefaultCommand, epilog=KT_EPILOG,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--input-path", "-i", required=True,
+@click.option("--input-path", "-i", required=True, type=SOURCE,
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
-@click.option("--output", "-o", default=None, type=click.Path(path_type=Path),
+@click.option("--output", "-o", default=None, type=PATH,
               help="Output directory (or --output-template).")
 @click.option("--input-type", default="auto", show_default=True,
               type=click.Choice(["auto", *INPUT_TYPES]),
@@ -71,7 +71,7 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
               help="Convert only these MoE layers, e.g. 0-3,7; the output is marked partial (default: every MoE layer).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Pack NaN/Inf source weights as 0 instead of stopping (listed at the end and in kt_manifest.json).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
+@click.option("--json", "json_path", type=REPORT, default=None,
               help="Write the final report (with --dry-run: the plan) as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
 @click.option("--timings", "show_timings", is_flag=True,
@@ -98,6 +98,8 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
         click.echo(GPU_NOTE, err=True)
     layers = layers_option(layers_spec)
     outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
+    check_report_paths({"--json": json_path}, inputs=(input_path,), outputs=[out for out, _, _ in outputs],
+                       kt_tree=kt_sft_manifest, user_files={"the job file": job_file})
     shard = shard_spec(shard_flag, shard_count)
     hub_options = download_kwargs(**hub)
     opts_list = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .families import list_families_callback
+from .option_types import POSITIVE
 
 
 def download_options(command):
@@ -13,7 +14,7 @@ def download_options(command):
                      help="With -i ORG/NAME[@REV]: fetch the shards that hold routed experts through huggingface_hub "
                           "(HF_ENDPOINT, HF_TOKEN, HF_HUB_CACHE apply) and convert each layer as soon as its shards "
                           "are present. Re-running resumes downloads and layers."),
-        click.option("--max-source-disk", type=float, default=None, metavar="GB",
+        click.option("--max-source-disk", type=POSITIVE, default=None, metavar="GB",
                      help="With --download: at most this many GB of downloaded shards on disk at once (implies "
                           "--delete-source-after-use); refused early if a layer needs more."),
         click.option("--delete-source-after-use", is_flag=True,

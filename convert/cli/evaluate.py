@@ -2,38 +2,20 @@
 the model with its routed experts served from OUT, against the original model (convert/evaluate.py)."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import click
 
-from kt_runtime.format.fsio import atomic_write_text
-
-from ..errors import UserError
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    p, f = os.path.realpath(path), os.path.realpath(folder)
-    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
-
-
-def _check_report_path(json_path: Path, output: Path, model: str, text: Path) -> None:
-    """The report never replaces an input: the text, or a file inside OUT or SRC."""
-    if os.path.realpath(json_path) == os.path.realpath(text):
-        raise UserError(f"--json {json_path} is the --text file; name another file for the report")
-    for what, folder in (("OUT", output), ("--model", Path(model))):
-        if folder.exists() and _inside(json_path, folder):
-            raise UserError(f"--json {json_path} is inside {what} {folder}; write the report elsewhere")
+from .json_out import to_stdout, write_json
+from .option_types import PATH, REPORT, SOURCE
+from .report_paths import check_report_paths
 
 
 @click.command("eval", short_help="Score a converted model against the original: KL divergence, top-1, perplexity.",
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("output", type=click.Path(path_type=Path))
-@click.option("--model", "-m", "model", required=True, metavar="SRC",
+@click.argument("output", type=PATH)
+@click.option("--model", "-m", "model", required=True, type=SOURCE, metavar="SRC",
               help="The original checkpoint OUT was converted from, as transformers loads it (directory or hub id "
                    "in the local cache): config, tokenizer and weights.")
-@click.option("--text", "-t", "text", required=True, type=click.Path(path_type=Path), metavar="FILE",
+@click.option("--text", "-t", "text", required=True, type=PATH, metavar="FILE",
               help="UTF-8 text to score, teacher-forced (e.g. a wikitext test file).")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(8, 1 << 20),
               help="Tokens per window; each window scores its second half.")
@@ -50,7 +32,7 @@ def _check_report_path(json_path: Path, output: Path, model: str, text: Path) ->
               help="CPU engine threads (default: every core but one).")
 @click.option("--no-per-layer", is_flag=True,
               help="Skip the per-layer error of the experts' output (it runs the original experts twice).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
+@click.option("--json", "json_path", type=REPORT, default=None,
               help="Write the report as JSON here (-: standard output).")
 @click.option("--progress/--no-progress", default=None, help="A progress bar (default: on a terminal).")
 def eval_command(output, model, text, ctx, max_tokens, device, gpu_experts, dtype, threads, no_per_layer, json_path,
@@ -58,15 +40,10 @@ def eval_command(output, model, text, ctx, max_tokens, device, gpu_experts, dtyp
     """Measure a packed output against the original model: KL divergence, top-1 agreement, perplexity."""
     from ..evaluate import evaluate
 
-    to_stdout = json_path is not None and str(json_path) == "-"
-    if json_path is not None and not to_stdout:
-        _check_report_path(json_path, output, model, text)
+    check_report_paths({"--json": json_path}, inputs=(model,), outputs=(output,),
+                       user_files={"the --text file": text})
     report = evaluate(output, model, text, ctx=ctx, max_tokens=max_tokens, device=device, gpu_experts=gpu_experts,
                       dtype=dtype, threads=threads, per_layer=not no_per_layer, progress=progress)
-    click.echo(report.table(), err=to_stdout)
+    click.echo(report.table(), err=to_stdout(json_path))
     if json_path is not None:
-        body = json.dumps(report.to_dict(), indent=1) + "\n"
-        if to_stdout:
-            click.echo(body, nl=False)
-        else:
-            atomic_write_text(json_path, body)
+        write_json(json_path, report.to_dict(), indent=1)

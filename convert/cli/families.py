@@ -1,14 +1,14 @@
 """`convert-cpu-weights families` (and `--list-families`): the supported checkpoint families."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from quant.source_formats import SOURCE_FORMATS, SUPPORTED
 
 from ..families import FAMILIES
 from .json_out import write_json
+from .option_types import REPORT
+from .report_paths import check_report_paths
 
 
 def families_table() -> str:
@@ -21,13 +21,14 @@ def families_table() -> str:
 
 @click.command("families", short_help="List the supported checkpoint families and source formats.",
                context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--json", "json_path", type=click.Path(path_type=Path, allow_dash=True), default=None,
+@click.option("--json", "json_path", type=REPORT, default=None,
               help="Write the list as JSON here (-: standard output) instead of the table.")
 def families_command(json_path):
     """List the supported MoE checkpoint families and source formats."""
     if json_path is None:
         click.echo(families_table())
     else:
+        check_report_paths({"--json": json_path})
         write_json(json_path, families_document())
 
 

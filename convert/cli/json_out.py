@@ -1,13 +1,12 @@
 """--json PATH of every command: the document to a file (a new file renamed into place, never written
-through a link) or, for `-`, to standard output (the command's words then go to standard error)."""
+through a link) or, for `-`, to standard output (the command's words then go to standard error). The
+command checks the path first (report_paths.check_report_paths)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import click
 
-from kt_runtime.format.fsio import atomic_write_text
+from .report_paths import write_report
 
 
 def to_stdout(path) -> bool:
@@ -19,4 +18,4 @@ def write_json(path, body, indent: int = 2) -> None:
     if to_stdout(path):
         click.echo(text, nl=False)
     else:
-        atomic_write_text(Path(path), text)
+        write_report(path, text)

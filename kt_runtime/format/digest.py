@@ -13,16 +13,22 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from .input_files import open_regular
+
 BLOCK = 64 << 20
 DIGEST_NAME = "sha256-tree-64MiB"
 
 
 def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    """The plain sha256 of one file's bytes (hex): what the Hugging Face hub records as an LFS file's oid."""
+    """The plain sha256 of one regular file's bytes (hex): what the Hugging Face hub records as an LFS
+    file's oid."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
+    fd, _ = open_regular(path)
+    try:
+        while block := os.read(fd, chunk):
             h.update(block)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -142,9 +148,11 @@ def tree_sha256_of_files(file_sha256: list[str]) -> str:
 
 
 def _read_block(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        data = f.read(size)
+    fd, _ = open_regular(path)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
     if len(data) != size:
         raise OSError(f"{path}: file changed while it was verified")
     return hashlib.sha256(data).digest()

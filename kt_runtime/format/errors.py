@@ -1,12 +1,20 @@
-"""The errors of the format room: one base class, one subclass per kind of problem.
+"""The errors of the format room: one root for every problem a user can fix, one subclass per kind.
 
-Every message starts with the file (or field) it is about and says what to do. Catch
-`PackedFormatError` for "a file is not what the format says"; the subclasses say which rule.
+Every message starts with the file (or field, or option) it is about and says what to do.
+`FixableError` is the root that the converter's errors derive from too (convert/errors.py): the
+command line maps it to exit 2 once (convert/cli/error_messages.py), a library caller catches it as
+the ValueError it is. `PackedFormatError` is "a file is not what the format says"; its subclasses
+say which rule.
 """
 from __future__ import annotations
 
 
-class PackedFormatError(ValueError):
+class FixableError(ValueError):
+    """A problem with an input, an argument, a file or the machine that the user can fix; the message
+    names it and says how."""
+
+
+class PackedFormatError(FixableError):
     """A file read or written under the format's rules breaks one of them."""
 
 
@@ -30,7 +38,8 @@ class PackedWeightsError(PackedFormatError):
 
 
 class UnsafePathError(PackedFormatError):
-    """An output entry is a link or a special file (or of the wrong kind): it is left untouched."""
+    """An entry is a link, a special file, a file with several names, of the wrong kind, or outside its
+    root: it is left untouched."""
 
 
 class InputFileError(PackedFormatError):

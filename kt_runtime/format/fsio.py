@@ -20,6 +20,7 @@ import stat
 from pathlib import Path
 
 from .errors import UnsafePathError
+from .input_files import REOPEN_TRIES
 
 FILE, DIR = "file", "directory"
 _NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -42,11 +43,11 @@ def _refuse(path: Path, st: os.stat_result, expect: str) -> UnsafePathError:
             found += f" to {os.readlink(path)}"
         except OSError:
             pass
-        return UnsafePathError(f"{path} is a {found}; output files are never written through links: remove the "
+        return UnsafePathError(f"{path} is a {found}; files are never written through links: remove the "
                                f"link (or put a real {expect} there) and re-run")
     if found in (FILE, DIR):
-        return UnsafePathError(f"{path} is a {found} where the output has a {expect}: remove or rename it and re-run")
-    return UnsafePathError(f"{path} is a {found} where the output has a {expect}: remove it and re-run")
+        return UnsafePathError(f"{path} is a {found} where a {expect} belongs: remove or rename it and re-run")
+    return UnsafePathError(f"{path} is a {found} where a {expect} belongs: remove it and re-run")
 
 
 def entry(path: Path, expect: str = FILE) -> os.stat_result | None:
@@ -217,25 +218,96 @@ def discard(path: Path) -> None:
         pass
 
 
-def open_lock_file(path: Path) -> int:
-    """Opens (creating if needed) a lock file for reading and writing without following a link; it
-    must be a regular file with a single name (so that writing our pid into it touches nothing else)."""
+def open_single_link(path: Path, create: bool = True) -> int:
+    """Opens (creating if needed and asked) a file for reading and writing without following a link and
+    without blocking; it must be a regular file with a single name, so that writing or truncating it
+    touches nothing else (the lock file; claims and records of a shared output). A file whose name was
+    removed between the open and the look (no name left) is not refused: the name is opened again. A
+    refusal names the entry and says to remove it. FileNotFoundError passes when not create."""
     path = Path(path)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        st = _lstat(path)
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            raise _refuse(path, st, FILE) from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    for _ in range(REOPEN_TRIES):
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            raise
+        except OSError:
+            st = _lstat(path)
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise _refuse(path, st, FILE) from None
+            raise
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            return fd
         os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _refuse(path, st, FILE)
-        raise UnsafePathError(f"{path} has {st.st_nlink} names (hard links): writing it would change another "
-                              "file; remove it and re-run")
-    return fd
+        if st.st_nlink > 1:
+            raise UnsafePathError(f"{path} has {st.st_nlink} names (hard links): writing it would change another "
+                                  "file; remove it and re-run")
+    raise UnsafePathError(f"{path} was removed each of the {REOPEN_TRIES} times it was opened: is another program "
+                          "deleting it? Stop that program and re-run")
+
+
+def real_dir(path: Path, create: bool = True) -> bool:
+    """A real directory at `path` (created when absent and asked; False when absent and not): a link,
+    file or special file there is refused, never followed."""
+    path = Path(path)
+    if entry(path, DIR) is not None:
+        return True
+    if not create:
+        return False
+    try:
+        os.mkdir(path)
+    except FileExistsError:  # made meanwhile: by another process of a shared output, or planted
+        pass
+    entry(path, DIR)
+    return True
+
+
+def make_dir(path: Path) -> None:
+    """A new directory inside a folder of ours (an existing entry there is refused by mkdir)."""
+    os.mkdir(path)
+
+
+def make_dirs(path: Path) -> None:
+    """The output directory and its missing parents (an existing directory is fine)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """Removes folders this run created, deepest first, while they are empty (rmdir never follows a
+    link and never removes anything else); stops at the first that holds something."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def link_new(src: Path, dst: Path) -> None:
+    """Publishes our finished `src` under the new name `dst` (FileExistsError when dst exists)."""
+    os.link(src, dst, follow_symlinks=False)
+
+
+def list_dir(path: Path) -> list[str]:
+    """The names in a directory, sorted (an entry is looked at by whoever uses it, under its role)."""
+    return sorted(os.listdir(path))
+
+
+def names_ending(path: Path, suffix: str) -> list[str]:
+    """The names in a directory that end in suffix, hidden ones left out (what a shell's *suffix gives)."""
+    return [n for n in list_dir(path) if n.endswith(suffix) and not n.startswith(".")]
+
+
+def tree_files(path: Path) -> list[str]:
+    """The regular files below a real directory tree, as relative names (refused: links, special files)."""
+    check_tree(path)
+    found = []
+    for folder, _, names in os.walk(path):
+        rel = os.path.relpath(folder, path)
+        found += [name if rel == "." else f"{rel}/{name}" for name in names]
+    return sorted(found)
 
 
 def _lstat(path: Path) -> os.stat_result | None:

@@ -22,6 +22,7 @@ Every problem raises :class:`InputFileError` (a ValueError) whose message starts
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import stat
@@ -113,26 +114,51 @@ def resolve_inside(folder: str | os.PathLike, name: str, *, named_by: str | None
                          "blob excepted): copy the file into the folder instead of linking it")
 
 
-def check_regular(path: Path, *, what: str = "") -> os.stat_result:
-    """stat (symlinks followed); InputFileError unless a regular file. FileNotFoundError passes."""
+def check_regular(path: Path, *, what: str = "", follow: bool = True, fix: str = "") -> os.stat_result:
+    """stat (lstat when not follow); InputFileError unless a regular file (fix: what to do, for the
+    message). FileNotFoundError passes."""
     try:
-        st = os.stat(path)
+        st = os.stat(path) if follow else os.lstat(path)
     except FileNotFoundError:
         raise
     except OSError as e:
         raise InputFileError(f"{path}: cannot read{' ' + what if what else ''} ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
         role = f" where {what} should be" if what else ""
-        raise InputFileError(f"{path} is {file_kind(st.st_mode)}{role}; only regular files are read")
+        raise InputFileError(f"{path} is {file_kind(st.st_mode)}{role}; only regular files are read"
+                             + (f": {fix}" if fix else ""))
     return st
 
 
-def open_regular(path: Path, *, what: str = "") -> tuple[int, os.stat_result]:
+# A file found with no name after it was opened was removed meanwhile (a lock released by its holder, a
+# record replaced by a rename): where a single name is required, its name is opened again, this many times
+# at most.
+REOPEN_TRIES = 100
+
+
+def open_regular(path: Path, *, what: str = "", follow: bool = True, one_link: bool = False, fix: str = ""
+                 ) -> tuple[int, os.stat_result]:
     """A read-only descriptor of a regular file, never blocking: stat before (a device or FIFO is
-    never opened), O_NONBLOCK, fstat after (it may have been swapped). FileNotFoundError passes."""
-    check_regular(path, what=what)
+    never opened), O_NONBLOCK, fstat after (it may have been swapped). follow: False opens with
+    O_NOFOLLOW (a link there is refused); one_link: a file with several names (hard links) is refused,
+    so that a name planted in a folder cannot make the program read another file, and one whose name was
+    removed between the open and the look is opened again by its name. FileNotFoundError passes."""
+    for _ in range(REOPEN_TRIES):
+        fd, st = _open_regular(path, what, follow, one_link, fix)
+        if not (one_link and st.st_nlink == 0):
+            return fd, st
+        os.close(fd)
+    raise InputFileError(f"{path} was removed each of the {REOPEN_TRIES} times it was opened: is another program "
+                         "deleting it? Stop that program and re-run")
+
+
+def _open_regular(path: Path, what: str, follow: bool, one_link: bool, fix: str) -> tuple[int, os.stat_result]:
+    st = check_regular(path, what=what, follow=follow, fix=fix)
+    if one_link:  # refused before it is opened, too
+        _one_name(path, st)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise
     except OSError as e:
@@ -141,19 +167,42 @@ def open_regular(path: Path, *, what: str = "") -> tuple[int, os.stat_result]:
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise InputFileError(f"{path} is {file_kind(st.st_mode)}; only regular files are read")
+    if one_link and st.st_nlink > 1:
+        os.close(fd)
+        _one_name(path, st)
     return fd, st
+
+
+def _one_name(path: Path, st: os.stat_result) -> None:
+    if st.st_nlink != 1:
+        raise InputFileError(f"{path} has {st.st_nlink} names (hard links), so it may be another file's: it is not "
+                             "read; remove it (the program writes a fresh one)")
+
+
+def map_regular(path: Path, *, what: str = "") -> mmap.mmap:
+    """A read-only mapping of a whole regular file (opened as open_regular does; the descriptor is closed,
+    the mapping stays valid)."""
+    fd, _ = open_regular(path, what=what)
+    try:
+        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
 
 
 READ_CHUNK = 16 << 20
 
 
-def read_capped(path: Path, max_bytes: int, *, what: str) -> bytes:
-    """The whole content of a regular file of at most max_bytes (named in the message)."""
-    fd, st = open_regular(path, what=what)
+REDOWNLOAD = "re-download it"
+
+
+def read_capped(path: Path, max_bytes: int, *, what: str, follow: bool = True, one_link: bool = False,
+                fix: str = REDOWNLOAD) -> bytes:
+    """The whole content of a regular file of at most max_bytes (named in the message, with `fix`)."""
+    fd, st = open_regular(path, what=what, follow=follow, one_link=one_link, fix=fix)
     try:
         if st.st_size > max_bytes:
             raise InputFileError(f"{path}: {what} is {size_text(st.st_size)}, more than the {size_text(max_bytes)} "
-                                 f"allowed for it; this is not a real {what}: re-download it")
+                                 f"allowed for it; this is not a real {what}: {fix}")
         chunks, total = [], 0
         while True:
             try:
@@ -168,27 +217,74 @@ def read_capped(path: Path, max_bytes: int, *, what: str) -> bytes:
             total += len(chunk)
             if total > max_bytes:
                 raise InputFileError(f"{path}: {what} grew past the {size_text(max_bytes)} allowed for it while "
-                                     "it was read; re-download it")
+                                     f"it was read; {fix}")
         return b"".join(chunks)
     finally:
         os.close(fd)
 
 
-def parse_json(data: bytes, path: Path, what: str) -> Any:
-    """JSON text -> value; InputFileError for bad UTF-8, bad syntax, nesting too deep, numbers too long."""
+MAX_JSON_DEPTH = 64  # real configs, indexes and manifests nest at most 6 deep
+
+
+class JsonSyntaxError(ValueError):
+    """Why a text is not the strict JSON the program reads (the reason only: callers name the file)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise JsonSyntaxError(f"duplicate key {key!r}")
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise JsonSyntaxError(f"non-standard JSON constant {name}")
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:  # iterative: only containers are pushed
+        v, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = v.values() if isinstance(v, dict) else v
+        stack.extend((x, depth + 1) for x in items if isinstance(x, (dict, list)))
+    return False
+
+
+def decode_json(text: str, max_depth: int = MAX_JSON_DEPTH, constants: bool = True) -> Any:
+    """The one strict JSON decoder: duplicate keys, integers of more than 4300 digits and nesting deeper
+    than max_depth are refused (JsonSyntaxError, a reason); NaN and Infinity too unless `constants`
+    (Python's json writes them: a config may hold one in a field nobody reads; the typed reads of
+    json_fields refuse a non-finite number where one is used)."""
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys,
+                           **({} if constants else {"parse_constant": _no_constant}))
+    except JsonSyntaxError:
+        raise
+    except RecursionError:
+        raise JsonSyntaxError("nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise JsonSyntaxError(str(e)) from None
+    except ValueError as e:  # int() limits: "Exceeds the limit (4300 digits) for integer string conversion"
+        raise JsonSyntaxError("a number with too many digits" if "digits" in str(e) else str(e)[:200]) from None
+    if isinstance(value, (dict, list)) and _too_deep(value, max_depth):
+        raise JsonSyntaxError(f"nested too deeply (more than {max_depth} levels)")
+    return value
+
+
+def parse_json(data: bytes, path: Path, what: str, fix: str = REDOWNLOAD) -> Any:
+    """JSON text -> value; InputFileError for bad UTF-8 and whatever decode_json refuses (message: `fix`)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputFileError(f"{path}: {what} is not UTF-8 text (byte {e.start}); re-download it") from None
+        raise InputFileError(f"{path}: {what} is not UTF-8 text (byte {e.start}); {fix}") from None
     try:
-        return json.loads(text)
-    except RecursionError:
-        raise InputFileError(f"{path}: {what} is not valid JSON (nested too deeply); re-download it") from None
-    except json.JSONDecodeError as e:
-        raise InputFileError(f"{path}: {what} is not valid JSON ({e}); re-download it") from None
-    except ValueError as e:  # int() limits: "Exceeds the limit (4300 digits) for integer string conversion"
-        reason = "a number with too many digits" if "digits" in str(e) else str(e)[:200]
-        raise InputFileError(f"{path}: {what} is not valid JSON ({reason}); re-download it") from None
+        return decode_json(text)
+    except JsonSyntaxError as e:
+        raise InputFileError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
 
 
 def read_json(path: Path, *, what: str, max_bytes: int) -> Any:

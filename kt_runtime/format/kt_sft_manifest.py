@@ -22,9 +22,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from . import files, fsio
 from .digest import BLOCK, file_sha256, tree_sha256_of_files
 from .errors import InputFileError
-from .input_files import MANIFEST_MAX_BYTES, read_json
+from .input_files import MANIFEST_MAX_BYTES
 from .layout import KT_SFT_MANIFEST_FILE, PackedSpec, layer_dir_name, numa_dir_name, parse_kt_file_name
 from .manifest import LayerRecord
 
@@ -77,9 +78,9 @@ def weight_manifest_problem(root: Path, spec: PackedSpec, records: dict[int, Lay
         return problem
     path = Path(root) / KT_SFT_MANIFEST_FILE
     try:
-        found = read_json(path, what=KT_SFT_MANIFEST_FILE, max_bytes=MANIFEST_MAX_BYTES)
+        found = files.read_json(path, files.OUTPUT, what=KT_SFT_MANIFEST_FILE, max_bytes=MANIFEST_MAX_BYTES)
     except InputFileError as e:
-        return str(e).removesuffix("; re-download it")
+        return str(e)
     if not isinstance(found, dict):
         return f"{path}: not a JSON object"
     try:
@@ -115,8 +116,7 @@ def _tree_problem(root: Path, spec: PackedSpec, records: dict[int, LayerRecord])
 
 def _entries_problem(folder: Path, want: dict[str, str]) -> str | None:
     """folder holds exactly the names of `want`, each a real directory ("dir") or regular file ("file")."""
-    with os.scandir(folder) as it:
-        found = {e.name: e.stat(follow_symlinks=False).st_mode for e in it}
+    found = {name: os.lstat(folder / name).st_mode for name in fsio.list_dir(folder)}
     extra, missing = sorted(set(found) - set(want)), sorted(set(want) - set(found))
     if extra or missing:
         what = " and ".join(([f"holds {', '.join(extra[:3])}"] if extra else [])

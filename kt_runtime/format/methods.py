@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import FixableError
+
 # The AMX-tiled layout (docs/FORMAT.md §3): K-blocks of 3584 elements, 2048-byte tile pairs of
 # 32 rows x 64 bytes.
 K_BLOCK = 3584
@@ -80,6 +82,15 @@ class QuantMethod:
     def scale_count(self, n: int, k: int) -> int:
         return n if self.group_size is None else n * (k // self.group_size)
 
+    def max_error(self, amax: float) -> float:
+        """A bound on |dequantized - source| of any weight whose row (or group) has the largest |weight|
+        amax: one step of the grid the method can represent, amax / (2^(bits-1) - 1), with a margin for the
+        scale's rounding; plus what flushing to zero loses (a scale below float32's smallest normal is 0,
+        so a row with amax < levels * 2^-126 packs as zeros, and subnormal weights as 0). The exact worst
+        cases are about half of it: 0.5 d for INT8, 8.5 d of 112 d for INT4, one clamped step for RAWINT4.
+        An error well past this bound is not quantization (verify: not the output's source)."""
+        return (1 + 2 ** -6) / (2 ** (self.bits - 1) - 1) * amax + self.levels * 2.0 ** -126
+
 
 INT4 = QuantMethod("int4", "AMXINT4", "INT4", bits=4, levels=112, scale_arithmetic=FP64_DIVIDE, layout=AMX_TILED,
                    n_block=128, k_align=128)
@@ -105,31 +116,31 @@ DEFAULT_GROUP_SIZE = 128
 
 def method_for(choice: str, group_size: int | None = None) -> QuantMethod:
     """The row of a --quant-method value and --group-size (None: the default where the choice takes one).
-    ValueError naming what is accepted."""
+    FixableError (a ValueError) naming what is accepted."""
     c = str(choice).lower()
     if c in METHODS and c not in CHOICES and group_size is None:  # a row's own name (manifests, scripts)
         return METHODS[c]
     if c not in CHOICES:
-        raise ValueError(f"unknown quant method {choice!r}; expected one of {sorted(CHOICES)}")
+        raise FixableError(f"unknown quant method {choice!r}; expected one of {sorted(CHOICES)}")
     groups = CHOICES[c]
     if not groups:
         if group_size is not None:
-            raise ValueError(f"--group-size applies to {', '.join(k for k, g in CHOICES.items() if g)}, "
-                             f"not to {c} (one scale per row)")
+            raise FixableError(f"--group-size applies to {', '.join(k for k, g in CHOICES.items() if g)}, "
+                               f"not to {c} (one scale per row)")
         return METHODS[c]
     g = DEFAULT_GROUP_SIZE if group_size is None else group_size
     for m in METHODS.values():
         if m.choice == c and m.group_size == g:
             return m
-    raise ValueError(f"--group-size {g} is not available for {c}; expected one of {list(groups)}")
+    raise FixableError(f"--group-size {g} is not available for {c}; expected one of {list(groups)}")
 
 
 def get_method(name: str) -> QuantMethod:
-    """The row of a --quant-method / manifest method name (ValueError naming the known ones)."""
+    """The row of a --quant-method / manifest method name (FixableError naming the known ones)."""
     try:
         return METHODS[name.lower()]
     except (KeyError, AttributeError):
-        raise ValueError(f"unknown quant method {name!r}; expected one of {sorted(METHODS)}") from None
+        raise FixableError(f"unknown quant method {name!r}; expected one of {sorted(METHODS)}") from None
 
 
 def alignment_problem(method: QuantMethod, hidden_size: int, intermediate_size: int, threadpool_count: int,

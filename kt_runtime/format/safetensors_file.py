@@ -31,7 +31,7 @@ import numpy as np
 
 from . import fsio
 from .errors import InputFileError, SafetensorsChangedError, SafetensorsFormatError
-from .input_files import open_regular
+from .input_files import JsonSyntaxError, decode_json, open_regular
 
 __all__ = [
     "DTYPE_BITS",
@@ -135,21 +135,80 @@ def tensor_nbytes(dtype: str, shape: Iterable[int]) -> int:
     return bits // 8
 
 
-class _DuplicateKey(ValueError):
-    pass
+class HeaderError(ValueError):
+    """What is wrong with a safetensors header's tensor entries (the file is named by the caller)."""
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(f"duplicate key {key!r} in the JSON header")
-        out[key] = value
-    return out
+def _header_fail(message: str) -> NoReturn:
+    raise HeaderError(message)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
+def header_tensors(header: dict, base: int, file_size: int) -> tuple[dict[str, TensorInfo], int]:
+    """The tensors of a parsed header (without __metadata__) whose data buffer starts at file offset
+    `base`, every entry checked (dtype, shape, offsets, exact sizes, contiguous from 0, inside a file of
+    file_size bytes); and the length of the data buffer. HeaderError saying which tensor and why."""
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            _header_fail(f"{where}: header entry is not an object; {_REDOWNLOAD}")
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in entry:
+                _header_fail(f"{where}: header entry has no {field!r}; {_REDOWNLOAD}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            _header_fail(
+                f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)}); "
+                "the file may be corrupt or need a newer reader"
+            )
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            _header_fail(f"{where}: shape {shape!r} is not a list of non-negative integers; {_REDOWNLOAD}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            _header_fail(
+                f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end; "
+                f"{_REDOWNLOAD}"
+            )
+        begin, end = offsets
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        if bits % 8:
+            _header_fail(
+                f"{where}: dtype {dtype} shape {shape} is {bits} bits, not a whole number of "
+                f"bytes; {_REDOWNLOAD}"
+            )
+        if end - begin != bits // 8:
+            _header_fail(
+                f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes but dtype "
+                f"{dtype} shape {shape} needs {bits // 8}; {_REDOWNLOAD}"
+            )
+        if base + end > file_size:
+            _header_fail(
+                f"{where}: data ends at file offset {base + end}, past the end of the "
+                f"{file_size}-byte file (truncated); {_REDOWNLOAD}"
+            )
+        spans.append((begin, end, name))
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), base + begin, end - begin)
+
+    expected = 0
+    prev = None
+    for begin, end, name in sorted(spans):
+        if begin != expected:
+            if begin > expected:
+                what = f"leaving a {begin - expected}-byte gap after buffer offset {expected}"
+            else:
+                what = f"overlapping tensor {prev!r}, which ends at buffer offset {expected}"
+            _header_fail(
+                f"tensor {name!r}: data_offsets start at {begin}, {what} (tensors must be "
+                f"contiguous from offset 0); {_REDOWNLOAD}"
+            )
+        expected = end
+        prev = name
+    return tensors, expected
 
 
 class SafetensorsFile:
@@ -236,8 +295,8 @@ class SafetensorsFile:
         if not text.startswith("{"):
             self._fail(f"header does not start with '{{' (not a safetensors file); {_REDOWNLOAD}")
         try:
-            header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
+            header = decode_json(text, constants=False)
+        except JsonSyntaxError as e:
             self._fail(f"header is not valid JSON ({e}); {_REDOWNLOAD}")
         if not isinstance(header, dict):
             self._fail(f"header is not a JSON object; {_REDOWNLOAD}")
@@ -251,70 +310,11 @@ class SafetensorsFile:
                 )
             self.metadata = dict(meta)
 
-        base = 8 + n
-        spans: list[tuple[int, int, str]] = []
-        tensors: dict[str, TensorInfo] = {}
-        for name, entry in header.items():
-            where = f"tensor {name!r}"
-            if not isinstance(entry, dict):
-                self._fail(f"{where}: header entry is not an object; {_REDOWNLOAD}")
-            for field in ("dtype", "shape", "data_offsets"):
-                if field not in entry:
-                    self._fail(f"{where}: header entry has no {field!r}; {_REDOWNLOAD}")
-            dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-            if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-                self._fail(
-                    f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPE_BITS)}); "
-                    "the file may be corrupt or need a newer reader"
-                )
-            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-                self._fail(f"{where}: shape {shape!r} is not a list of non-negative integers; {_REDOWNLOAD}")
-            if (
-                not isinstance(offsets, list)
-                or len(offsets) != 2
-                or not all(_is_int(o) for o in offsets)
-                or not 0 <= offsets[0] <= offsets[1]
-            ):
-                self._fail(
-                    f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end; "
-                    f"{_REDOWNLOAD}"
-                )
-            begin, end = offsets
-            bits = math.prod(shape) * DTYPE_BITS[dtype]
-            if bits % 8:
-                self._fail(
-                    f"{where}: dtype {dtype} shape {shape} is {bits} bits, not a whole number of "
-                    f"bytes; {_REDOWNLOAD}"
-                )
-            if end - begin != bits // 8:
-                self._fail(
-                    f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes but dtype "
-                    f"{dtype} shape {shape} needs {bits // 8}; {_REDOWNLOAD}"
-                )
-            if base + end > file_size:
-                self._fail(
-                    f"{where}: data ends at file offset {base + end}, past the end of the "
-                    f"{file_size}-byte file (truncated); {_REDOWNLOAD}"
-                )
-            spans.append((begin, end, name))
-            tensors[name] = TensorInfo(name, dtype, tuple(shape), base + begin, end - begin)
-
-        expected = 0
-        prev = None
-        for begin, end, name in sorted(spans):
-            if begin != expected:
-                if begin > expected:
-                    what = f"leaving a {begin - expected}-byte gap after buffer offset {expected}"
-                else:
-                    what = f"overlapping tensor {prev!r}, which ends at buffer offset {expected}"
-                self._fail(
-                    f"tensor {name!r}: data_offsets start at {begin}, {what} (tensors must be "
-                    f"contiguous from offset 0); {_REDOWNLOAD}"
-                )
-            expected = end
-            prev = name
-        self.tensors = tensors
-        return expected
+        try:
+            self.tensors, data_end = header_tensors(header, 8 + n, file_size)
+        except HeaderError as e:
+            self._fail(str(e))
+        return data_end
 
     # -- access --------------------------------------------------------------------------------
 

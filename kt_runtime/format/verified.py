@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from . import files as file_roles
 from . import fsio
 from .errors import UnsafePathError
 from .layout import VERIFIED_FILE
@@ -26,13 +27,7 @@ def file_key(path: Path) -> list[int]:
 
 def read_verified(out: Path) -> dict[str, dict]:
     """layer (as a string) -> {"sha256": ..., "files": {name: key}}; {} when absent or not ours."""
-    path = Path(out) / VERIFIED_FILE
-    try:
-        if fsio.entry(path, fsio.FILE) is None or path.stat().st_size > MAX_BYTES:
-            return {}
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, UnsafePathError):
-        return {}
+    data = file_roles.read_json(Path(out) / VERIFIED_FILE, file_roles.RECORD, what=VERIFIED_FILE, max_bytes=MAX_BYTES)
     layers = data.get("layers") if isinstance(data, dict) and data.get("version") == VERSION else None
     return layers if isinstance(layers, dict) else {}
 

@@ -13,16 +13,24 @@ hottest CPU experts by a decayed window of counts replace the coldest GPU ones (
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import torch
 
+from ..format.errors import FieldError
+from ..format.files import USER, read_json
 from ..format.fsio import atomic_write_text
+from ..format.json_fields import describe, get_dict, get_int, get_int_list
 
 STATS_FORMAT = "kt-expert-routing-stats"
 STATS_VERSION = 1
+STATS_MAX_BYTES = 256 << 20  # 1,000 layers x 1,024 experts of 20-digit counts: ~25 MB
+MAX_EXPERTS = 1 << 20
+MAX_COUNT = (1 << 63) - 1  # int64
+LAYER_KEY = re.compile(r"^(0|[1-9][0-9]{0,8})$")
 STRATEGIES = ("uniform", "frequency")
 
 
@@ -76,30 +84,30 @@ class ExpertStats:
                 "layers": {str(layer): self._counts[layer].tolist() for layer in self.layers}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExpertStats":
+    def from_dict(cls, d: dict, where: str = "routing statistics") -> "ExpertStats":
+        """From to_dict()'s object, every field checked (FieldError, a ValueError naming `where` and the
+        field): counts are integers from 0 to 2^63 - 1, one per expert, under integer layer keys."""
         if not isinstance(d, dict) or d.get("format") != STATS_FORMAT:
-            raise ValueError(f"not a routing statistics object (expected format {STATS_FORMAT!r})")
+            raise FieldError(f"{where}: not a routing statistics object (expected format {STATS_FORMAT!r})")
         if d.get("version") != STATS_VERSION:
-            raise ValueError(f"unsupported routing statistics version {d.get('version')!r}")
-        try:
-            layers = {int(k): v for k, v in d["layers"].items()}
-            return cls(int(d["num_experts"]), layers)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"malformed routing statistics: {e}") from None
+            raise FieldError(f"{where}: unsupported routing statistics version {describe(d.get('version'))}")
+        num_experts = get_int(d, "num_experts", where, lo=1, hi=MAX_EXPERTS)
+        layers = {}
+        for key, counts in get_dict(d, "layers", where).items():
+            if not LAYER_KEY.match(key):
+                raise FieldError(f"{where}: layers has the key {describe(key)}, not a layer number")
+            layers[int(key)] = get_int_list({key: counts}, key, where, lo=0, hi=MAX_COUNT, length=num_experts,
+                                            path="layers.")
+        return cls(num_experts, layers)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertStats":
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read routing statistics: {e}") from None
-        try:
-            return cls.from_dict(d)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        """A statistics file written by save(): InputFileError / FieldError (ValueErrors) naming the file."""
+        d = read_json(Path(path), USER, what="routing statistics", max_bytes=STATS_MAX_BYTES)
+        return cls.from_dict(d, str(path))
 
     def __repr__(self) -> str:
         return f"ExpertStats(num_experts={self.num_experts}, layers={self.layers})"

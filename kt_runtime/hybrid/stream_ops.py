@@ -9,11 +9,12 @@ engine's host_submit / host_wait (kt_kernels._host_functions), which call no CUD
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import threading
 
 import torch
+
+from ..format.files import read_system_text, system_glob
 
 _lock = threading.Lock()
 _launch = None  # (name, function) once found
@@ -21,11 +22,8 @@ _launch = None  # (name, function) once found
 
 def _loaded_libraries(stem: str) -> list[str]:
     """Paths of already-mapped shared libraries named stem*.so* (Linux /proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if stem in line and ".so" in line}
-    except OSError:
-        return []
+    maps = read_system_text("/proc/self/maps", 64 << 20) or ""
+    paths = {line.split()[-1] for line in maps.splitlines() if stem in line and ".so" in line}
     return sorted(p for p in paths if os.path.basename(p).startswith(stem))
 
 
@@ -33,7 +31,7 @@ def _find_launch():
     """The first host-function launcher that loads: libcuda's cuLaunchHostFunc, else libcudart's."""
     candidates = [("cuLaunchHostFunc", p) for p in _loaded_libraries("libcuda.so") + ["libcuda.so.1"]]
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    cudart = _loaded_libraries("libcudart") + sorted(glob.glob(os.path.join(torch_lib, "libcudart*.so*")))
+    cudart = _loaded_libraries("libcudart") + system_glob(os.path.join(torch_lib, "libcudart*.so*"))
     candidates += [("cudaLaunchHostFunc", p) for p in cudart]
     errors = []
     for name, path in candidates:
