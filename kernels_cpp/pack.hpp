@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_features.hpp"
@@ -73,20 +74,55 @@ struct PackJob {
   int64_t nonfinite = 0;          // out: NaN/Inf source values found (packed as 0)
 };
 
-// Packs every job; work is split into (job, N-block) tasks over the shared pool.
+// Packs every job on the kernels of `isa` (kernels_for); work is split into (job, N-block) tasks over
+// the shared pool.
 void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threads);
 int64_t packed_weight_bytes(Method method, int64_t n, int64_t k);
 
 // Per-ISA pieces. Row kernels work on one source row; the tiler on one N-block of
 // quantized rows held row-major (row stride = kbytes).
+// Decodes columns [col0, col0+k) of `row` into fp32; non-finite values become 0 and are counted.
+using DecodeRowFn = int64_t (*)(const PackJob& job, int64_t row, float* out);
+// kt's per-row quantization; writes k int8 values (INT4: the 4-bit value -7..7) and returns d.
+using QuantizeRowFn = float (*)(Method method, const float* x, int64_t k, int8_t* q);
+// INT4: packs pairs (k0+j, k0+64+j) of each 128-wide step into one byte.
+using PackNibblesFn = void (*)(const int8_t* q, int64_t k, uint8_t* out);
+using TileBlockFn = void (*)(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
+// RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes and k/group bf16 scales (ref::quantize_groups_row).
+using QuantizeGroupsRowFn = void (*)(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
+
+// One ISA's row of the packer's dispatch table (pack.cpp:kernels_for). A null entry, or a null decoder for a
+// source kind, is taken from the row below: AVX-512 <- AVX2 (+F16C/FMA) <- the scalar reference, which has
+// every entry. So a new source kind is its reference decoder, and each ISA's decoder where it adds speed.
+struct PackKernels {
+  DecodeRowFn (*decoder)(SourceKind kind);
+  QuantizeRowFn quantize_row;
+  PackNibblesFn pack_nibbles;
+  TileBlockFn tile_block;
+  QuantizeGroupsRowFn quantize_groups_row;
+};
+
+// The kernels for one ISA level, chosen once per pack_jobs call: each entry from the highest row at or
+// below the level that has it (an AMX CPU runs the AVX-512 row).
+struct ChosenKernels {
+  Isa isa;
+  QuantizeRowFn quantize_row;
+  PackNibblesFn pack_nibbles;
+  TileBlockFn tile_block;
+  QuantizeGroupsRowFn quantize_groups_row;
+  DecodeRowFn decoder(SourceKind kind) const;
+};
+ChosenKernels kernels_for(Isa isa);
+// Which row each entry of kernels_for(isa) comes from, by name ("decode" for `kind`): tests check the
+// table's inheritance through it.
+std::vector<std::pair<std::string, Isa>> kernel_rows(Isa isa, SourceKind kind);
+
 namespace ref {
+PackKernels kernels();
 // INT4_GROUP: the scale of `group` in `row`, as float.
 float int4_group_scale(const PackJob& job, int64_t row, int64_t group);
-// Decodes columns [col0, col0+k) of `row` into fp32; non-finite values become 0 and are counted.
-int64_t decode_row(const PackJob& job, int64_t row, float* out);
-// kt's per-row quantization; writes k int8 values (INT4: the 4-bit value -7..7) and returns d.
+int64_t decode_row(const PackJob& job, int64_t row, float* out);  // every kind
 float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
-// INT4: packs pairs (k0+j, k0+64+j) of each 128-wide step into one byte.
 void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
 // RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even
@@ -95,11 +131,12 @@ void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock
 void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
 }  // namespace ref
 
-namespace avx512 {
-int64_t decode_row(const PackJob& job, int64_t row, float* out);
-float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
-void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
-void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
+namespace avx2 {  // kernels_cpp/pack_avx2.cpp: AVX2 + F16C + FMA
+PackKernels kernels();
+}  // namespace avx2
+
+namespace avx512 {  // kernels_cpp/pack_avx512.cpp
+PackKernels kernels();
 }  // namespace avx512
 
 }  // namespace kt

@@ -149,5 +149,9 @@ void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out,
   }
 }
 
+PackKernels kernels() {
+  return {[](SourceKind) -> DecodeRowFn { return decode_row; }, quantize_row, pack_nibbles, tile_block, quantize_groups_row};
+}
+
 }  // namespace ref
 }  // namespace kt
