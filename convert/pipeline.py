@@ -27,7 +27,7 @@ from .non_expert import non_expert_tensors
 from .claims import Claim, Held
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
                          resolve_output_dir, write_index, write_quantization_config)
-from .packers import make_packer
+from .packers import make_packer, pack_isa
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
@@ -349,6 +349,7 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
         if differ:
             raise UserError(f"the outputs of one run share {', '.join(differ)}; run separately to change them")
     check_cpu_threads(first.cpuinfer_threads)
+    pack_isa()  # a bad KT_PACK_ISA stops the run before anything is read or written
     methods = [method_or_exit(o) for o in opts_list]  # before a download starts
     device = resolve_device(first.device)
     if device == "cuda" and not all(m.numa_split for m in methods):  # the Triton packer writes AMX tiles only

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "numerics.hpp"
 #include "pack.hpp"
@@ -253,9 +254,87 @@ void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock
   }
 }
 
+// RAWINT4, one candidate scale `d` for a group of g columns (g a multiple of 32): q = clamp(rint_even(x / d), -8, 7)
+// (0 where d is 0), the same float32 division as ref::quantize_group; returns whether a weight was clipped.
+bool quantize_group(const float* x, int64_t g, float d, int8_t* q) {
+  if (d == 0.f) {
+    std::fill(q, q + g, int8_t{0});
+    return false;
+  }
+  const __m256 dv = _mm256_set1_ps(d);
+  const __m256i lo = _mm256_set1_epi32(-8), hi = _mm256_set1_epi32(7);
+  __m256i clipped = _mm256_setzero_si256();
+  for (int64_t j = 0; j < g; j += 32) {
+    __m256i v[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256i r = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + j + 8 * i), dv));  // |x / d| <= 8.1
+      clipped = _mm256_or_si256(clipped, _mm256_or_si256(_mm256_cmpgt_epi32(r, hi), _mm256_cmpgt_epi32(lo, r)));
+      v[i] = _mm256_max_epi32(_mm256_min_epi32(r, hi), lo);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), pack_i8(v[0], v[1], v[2], v[3]));
+  }
+  return !_mm256_testz_si256(clipped, clipped);
+}
+
+// The float64 squared errors (x - q d)^2 of a group, each rounded as ref::quantize_group rounds it.
+void squared_errors(const float* x, const int8_t* q, int64_t g, float d, double* sq) {
+  const __m256d dd = _mm256_set1_pd(static_cast<double>(d));
+  for (int64_t j = 0; j < g; j += 4) {
+    const __m256d xd = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
+    int32_t q4;
+    std::memcpy(&q4, q + j, 4);
+    const __m256d qd = _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(q4)));
+    const __m256d e = _mm256_sub_pd(xd, _mm256_mul_pd(qd, dd));
+    _mm256_storeu_pd(sq + j, _mm256_mul_pd(e, e));
+  }
+}
+
+void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales) {
+  if (group % 32 || group > 128) return ref::quantize_groups_row(x, k, group, out, scales);
+  alignas(32) int8_t q7[128], q8[128];
+  alignas(32) double sq7[128], sq8[128];
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, ++gi) {
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t j = 0; j < group; j += 8)
+      amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(x + g0 + j), _mm256_castsi256_ps(abs_mask)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    const float a = _mm_cvtss_f32(m);
+    const uint16_t s7 = static_cast<uint16_t>(f32_to_bits(kt::round_to_bf16(a / 7.0f)) >> 16);
+    const uint16_t s8 = static_cast<uint16_t>(f32_to_bits(kt::round_to_bf16(a / 8.0f)) >> 16);
+    const float d7 = bf16_to_f32(s7), d8 = bf16_to_f32(s8);
+    // d8 is kept when it clips no weight and its squared error, summed in column order as the reference
+    // does, is smaller; d7 on a tie. A clipped candidate's error is infinite: no sum is needed then.
+    const bool clipped8 = quantize_group(x + g0, group, d8, q8);
+    const bool clipped7 = quantize_group(x + g0, group, d7, q7);
+    bool use8 = !clipped8;
+    if (!clipped8 && !clipped7) {
+      squared_errors(x + g0, q7, group, d7, sq7);
+      squared_errors(x + g0, q8, group, d8, sq8);
+      double e7 = 0.0, e8 = 0.0;
+      for (int64_t j = 0; j < group; ++j) {
+        e7 += sq7[j];
+        e8 += sq8[j];
+      }
+      use8 = e8 < e7;
+    }
+    scales[gi] = use8 ? s8 : s7;
+    // u = q + 8 two per byte, the even column in the low nibble: u_even + 16 u_odd per int16 pair
+    const int8_t* q = use8 ? q8 : q7;
+    for (int64_t j = 0; j < group; j += 32) {
+      const __m256i u = _mm256_add_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + j)), _mm256_set1_epi8(8));
+      const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_set1_epi16(0x1001));
+      const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (g0 + j) / 2), _mm256_castsi256_si128(bytes));
+    }
+  }
+}
+
 }  // namespace
 
-PackKernels kernels() { return {decoder, quantize_row, pack_nibbles, tile_block, nullptr}; }
+PackKernels kernels() { return {decoder, quantize_row, pack_nibbles, tile_block, quantize_groups_row}; }
 
 }  // namespace avx2
 }  // namespace kt
