@@ -127,7 +127,7 @@ void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
 // RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even
 // column) and k/group bf16 scales, each group's scale bf16(amax/8) where it clips no weight and gives the
-// smaller squared error, else bf16(amax/7) (docs/FORMAT.md §7). One portable implementation: it is the only one, so nothing to match.
+// smaller squared error (float64, summed in column order), else bf16(amax/7) (docs/FORMAT.md §9).
 void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
 }  // namespace ref
 
