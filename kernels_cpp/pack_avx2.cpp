@@ -173,12 +173,14 @@ inline __m256i pack_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
 }
 
 float quantize_row(Method method, const float* x, int64_t k, int8_t* q) {
-  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), below_normal = _mm256_set1_epi32(kFltMinBits - 1);
-  __m256i amax = _mm256_setzero_si256();
-  for (int64_t j = 0; j < k; j += 8) {
-    const __m256i a = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)), abs_mask);
-    amax = _mm256_max_epi32(amax, _mm256_and_si256(a, _mm256_cmpgt_epi32(a, below_normal)));  // subnormals read as 0
-  }
+  // amax over the |x| bits, four chains. Subnormals are not read as 0 here: where they would be the amax (a row
+  // of subnormals and zeros), row_scale flushes the scale to 0 all the same.
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i a4[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  for (int64_t j = 0; j < k; j += 32)  // k is a multiple of 64
+    for (int i = 0; i < 4; ++i)
+      a4[i] = _mm256_max_epi32(a4[i], _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j + 8 * i)), abs_mask));
+  const __m256i amax = _mm256_max_epi32(_mm256_max_epi32(a4[0], a4[1]), _mm256_max_epi32(a4[2], a4[3]));
   __m128i m = _mm_max_epi32(_mm256_castsi256_si128(amax), _mm256_extracti128_si256(amax, 1));
   m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
   m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));

@@ -501,9 +501,13 @@ def summary_table(res: dict, runs: list[str], threads: int) -> str:
     return "\n".join(lines)
 
 
-def isa_levels(res: dict, runs: list[str], threads: int) -> dict:
-    """Per forced ISA level: the packer's rate on one core (pack_split), the conversion's per core, both
-    against AVX-512's where it was measured, and the conversion against the warm copy floor."""
+RATES = ("pack_weights_per_core_s", "conversion_weights_per_core_s", "conversion_weights_per_cpu_s")
+
+
+def isa_levels(res: dict, runs: list[str]) -> dict:
+    """Per forced ISA level: the packer's rate on one core (pack_split), the conversion's per core (wall time
+    on the CPU threads) and per CPU-second (the child's user + system time: what other jobs on the machine
+    do not inflate), each against AVX-512's where it was measured; the conversion against the warm copy floor."""
     out = {}
     for run in runs:
         isa = run_isa(run)
@@ -512,28 +516,27 @@ def isa_levels(res: dict, runs: list[str], threads: int) -> dict:
         split, conv = res["pack_split"][run], res[f"{run}_warm"]
         out[isa] = {"pack_weights_per_core_s": split["mxfp4_weights_per_core_s"],
                     "conversion_weights_per_core_s": conv["g_params_s_per_core"] * 1e9,
+                    "conversion_weights_per_cpu_s": res["checkpoint"]["params"] / conv["cpu_s"],
                     "conversion_over_copy_warm": conv["process_s"] / res["copy_warm"]["seconds"]}
     if "avx512" in out:
         for r in out.values():
-            r["pack_per_core_avx512_over_this"] = out["avx512"]["pack_weights_per_core_s"] / r["pack_weights_per_core_s"]
-            r["conversion_per_core_avx512_over_this"] = (out["avx512"]["conversion_weights_per_core_s"]
-                                                         / r["conversion_weights_per_core_s"])
+            for rate in RATES:
+                r[f"avx512_over_this_{rate}"] = out["avx512"][rate] / r[rate]
     return out
 
 
 def isa_table(res: dict) -> list[str]:
     threads = res["settings"]["cpu_threads"]
     lines = [f"forced ISA levels (KT_PACK_ISA; target: per core within {ISA_TARGET}x of avx512, conversion <= "
-             f"{ISA_TARGET}x the copy floor on {threads} cores):",
-             f"  {'ISA':<10}{'pack, M weights/s per core':>28}{'avx512 / this':>15}"
-             f"{'conversion, M/s per core':>26}{'avx512 / this':>15}{'/ copy (warm)':>15}"]
+             f"{ISA_TARGET}x the copy floor on {threads} cores); M weights/s, (x) = avx512's rate / this one:",
+             f"  {'ISA':<10}{'pack, one core':>22}{'conversion, per core':>26}{'conversion, per CPU-s':>26}"
+             f"{'/ copy (warm)':>15}"]
     for isa, r in res["isa_levels"].items():
-        pack_ratio = r.get("pack_per_core_avx512_over_this")
-        conv_ratio = r.get("conversion_per_core_avx512_over_this")
-        lines.append(f"  {isa:<10}{r['pack_weights_per_core_s'] / 1e6:>28.0f}"
-                     f"{'-' if pack_ratio is None else f'{pack_ratio:.2f}':>15}"
-                     f"{r['conversion_weights_per_core_s'] / 1e6:>26.0f}"
-                     f"{'-' if conv_ratio is None else f'{conv_ratio:.2f}':>15}{r['conversion_over_copy_warm']:>15.2f}")
+        cells = []
+        for rate in RATES:
+            ratio = r.get(f"avx512_over_this_{rate}")
+            cells.append(f"{r[rate] / 1e6:.0f}" + ("" if ratio is None else f" ({ratio:.2f}x)"))
+        lines.append(f"  {isa:<10}{cells[0]:>22}{cells[1]:>26}{cells[2]:>26}{r['conversion_over_copy_warm']:>15.2f}")
     return lines
 
 
@@ -725,7 +728,7 @@ def main() -> None:
     if "cuda_warm" in res and "cpu_warm" in res:
         ratios["cpu_warm_over_gpu_warm"] = res["cpu_warm"]["process_s"] / res["cuda_warm"]["process_s"]
     if a.isa:
-        res["isa_levels"] = isa_levels(res, runs, threads)
+        res["isa_levels"] = isa_levels(res, runs)
     res["ratios"] = ratios
     res["notes"] = notes
     for name, value in ratios.items():
