@@ -41,11 +41,13 @@ PACK_ISA_VARIABLE = "KT_PACK_ISA"
 
 
 def pack_isa(env: Mapping[str, str] = os.environ) -> str:
-    """The ISA level the C++ packer runs at: KT_PACK_ISA (portable, avx2, avx512, amx) or, unset or auto, the
-    best this CPU has. Every level writes the same bytes; forcing a lower one is for benchmarks and tests."""
+    """The ISA level the C++ packer runs at: KT_PACK_ISA (portable, avx2, avx512, amx; any case) or, unset or
+    auto, the best this CPU has. Every level writes the same bytes; forcing a lower one is for benchmarks and
+    tests. UserError for another value or a level this CPU lacks."""
     import kt_kernels
 
-    value = env.get(PACK_ISA_VARIABLE, "").strip() or "auto"
+    # any value reaches the message printable and short: a level name is a few ASCII letters
+    value = ascii(env.get(PACK_ISA_VARIABLE, "").strip().lower())[1:-1][:32] or "auto"
     try:
         return kt_kernels.resolve_isa(value)
     except ValueError as e:

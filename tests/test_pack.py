@@ -380,8 +380,15 @@ def test_pack_isa_variable():
     assert pack_isa({}) == pack_isa({"KT_PACK_ISA": "auto"}) == pack_isa({"KT_PACK_ISA": " "}) == kt_kernels.best_isa()
     for isa in AVAILABLE_ISAS:
         assert pack_isa({"KT_PACK_ISA": isa}) == isa
+    assert pack_isa({"KT_PACK_ISA": " Portable\n"}) == "portable"
     with pytest.raises(UserError, match=r"KT_PACK_ISA=sse9: unknown ISA 'sse9' \(expected auto, portable, avx2"):
         pack_isa({"KT_PACK_ISA": "sse9"})
+    # undecodable bytes (os.environ keeps them as surrogates), control characters, a huge value: a short,
+    # printable message, never an encoding error
+    for hostile, shown in (("\udcff", "\\udcff"), ("avx2\x1b[2J", "avx2\\x1b[2j"), ("a" * 100_000, "a" * 32)):
+        with pytest.raises(UserError) as e:
+            pack_isa({"KT_PACK_ISA": hostile})
+        assert f"unknown ISA '{shown}'" in str(e.value) and len(str(e.value)) < 200 and str(e.value).isprintable()
     for isa in ("portable", "avx2", "avx512", "amx")[len(AVAILABLE_ISAS):]:
         with pytest.raises(UserError, match=f"KT_PACK_ISA={isa}: this CPU cannot run ISA '{isa}'.*unset it"):
             pack_isa({"KT_PACK_ISA": isa})
