@@ -397,10 +397,12 @@ def test_pack_isa_variable():
 def test_conversion_at_every_forced_isa_level_writes_the_same_bytes(tiny_checkpoint, tmp_path, monkeypatch):
     from conftest import tree_hashes
     from convert.cli import main
+    from convert.packers import CpuPacker
 
     outputs = {}
     for isa in AVAILABLE_ISAS:
         monkeypatch.setenv("KT_PACK_ISA", isa)
+        assert CpuPacker(1).isa == isa  # what the converter's packer hands to kt_kernels.pack
         out = tmp_path / isa
         assert main(["-i", str(tiny_checkpoint.path), "-o", str(out), "--device", "cpu", "--no-progress"]) == 0
         outputs[isa] = {name: h for name, h in tree_hashes(out).items() if name != "kt_manifest.json"}
