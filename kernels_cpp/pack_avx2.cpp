@@ -46,6 +46,13 @@ inline void nibble_codes(const uint8_t* p, __m128i& lo, __m128i& hi) {
   lo = _mm_unpacklo_epi8(even, odd);
   hi = _mm_unpackhi_epi8(even, odd);
 }
+// 4 bytes of nibble pairs -> their 8 codes in column order, as int32 lanes.
+inline __m256i nibble_codes8(const uint8_t* p) {
+  int32_t bytes;
+  std::memcpy(&bytes, p, 4);
+  const __m128i b = _mm_cvtsi32_si128(bytes), mask = _mm_set1_epi8(0x0F);
+  return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+}
 // Codes i*8 .. i*8+7 of 16 code bytes, as int32 lanes.
 inline __m256i widen(__m128i codes, int i) { return _mm256_cvtepu8_epi32(i ? _mm_srli_si128(codes, 8) : codes); }
 
@@ -136,11 +143,8 @@ int64_t decode_int4_group(const PackJob& job, int64_t row, float* out) {
   if (job.block_k % 8 || job.col0 % 8) return ref::decode_row(job, row, out);
   const uint8_t* src = job.weight + row * job.weight_row_bytes + job.col0 / 2;
   int64_t nonfinite = 0;
-  __m128i codes[2];
   by_scale_block(job, [&](int64_t group) { return ref::int4_group_scale(job, row, group); }, [&](int64_t j, __m256 s) {
-    if (j % 32 == 0) nibble_codes(src + j / 2, codes[0], codes[1]);  // k is a multiple of 32 (method_info)
-    const int i = static_cast<int>(j % 32) / 8;
-    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(widen(codes[i / 2], i % 2), _mm256_set1_epi32(8)));
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_sub_epi32(nibble_codes8(src + j / 2), _mm256_set1_epi32(8)));
     store(out + j, round_to_bf16(_mm256_mul_ps(q, s)), nonfinite);
   });
   return nonfinite;
