@@ -43,6 +43,22 @@ constexpr int TILE_ROWS = 32;   // rows per tile pair
 constexpr int TILE_BYTES = 64;  // bytes per tile row
 constexpr int TILE_PAIR_BYTES = 2048;
 
+// The AMX B-tile order of one N-block of quantized rows held row-major (row stride kbytes), shared by every
+// ISA's tile_block: calls half(src, dst) for each 16-row half of each 32-row x 64-byte tile pair, `src` the
+// half's first source row at the tile's first byte, `dst` its 1024 output bytes. A half is a 16x16 matrix of
+// 32-bit words stored transposed: word c of output row r is word r of source row c.
+template <class Half>
+inline void for_each_tile_half(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out,
+                               Half half) {
+  for (int64_t kb = 0; kb < kbytes; kb += kblock_bytes) {
+    const int64_t kbs = kblock_bytes < kbytes - kb ? kblock_bytes : kbytes - kb;
+    for (int64_t ns = 0; ns < nbs; ns += TILE_ROWS)
+      for (int64_t ks = 0; ks < kbs; ks += TILE_BYTES)
+        for (int h = 0; h < 2; ++h)
+          half(rows + (ns + h * 16) * kbytes + kb + ks, out + kb * nbs + ns * kbs + ks * TILE_ROWS + h * 1024);
+  }
+}
+
 // How source rows are stored. Each kind decodes one row slice to fp32 exactly as the
 // reference decoder does (values are exactly representable in bf16 after decoding).
 enum class SourceKind {

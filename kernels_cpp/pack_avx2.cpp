@@ -239,25 +239,17 @@ inline void transpose8x8(__m256 r[8]) {
 }
 
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out) {
-  // Each 16-row half is a 16x16 matrix of 32-bit words stored transposed (AMX B tile): word c of output row r
-  // is word r of source row c; done as four 8x8 transposes.
-  for (int64_t kb = 0; kb < kbytes; kb += kblock_bytes) {
-    const int64_t kbs = std::min(kblock_bytes, kbytes - kb);
-    for (int64_t ns = 0; ns < nbs; ns += TILE_ROWS)
-      for (int64_t ks = 0; ks < kbs; ks += TILE_BYTES) {
-        uint8_t* dst = out + kb * nbs + ns * kbs + ks * TILE_ROWS;
-        for (int h = 0; h < 2; ++h)
-          for (int c0 = 0; c0 < 16; c0 += 8)
-            for (int r0 = 0; r0 < 16; r0 += 8) {
-              const uint8_t* src = rows + (ns + h * 16 + c0) * kbytes + kb + ks + r0 * 4;
-              __m256 m[8];
-              for (int i = 0; i < 8; ++i) m[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + i * kbytes));
-              transpose8x8(m);
-              for (int i = 0; i < 8; ++i)
-                _mm256_storeu_ps(reinterpret_cast<float*>(dst + h * 1024 + (r0 + i) * 64 + c0 * 4), m[i]);
-            }
+  // each 16x16 half as four 8x8 transposes
+  for_each_tile_half(rows, nbs, kbytes, kblock_bytes, out, [kbytes](const uint8_t* src, uint8_t* dst) {
+    for (int c0 = 0; c0 < 16; c0 += 8)
+      for (int r0 = 0; r0 < 16; r0 += 8) {
+        __m256 m[8];
+        for (int i = 0; i < 8; ++i)
+          m[i] = _mm256_loadu_ps(reinterpret_cast<const float*>(src + (c0 + i) * kbytes + r0 * 4));
+        transpose8x8(m);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(reinterpret_cast<float*>(dst + (r0 + i) * 64 + c0 * 4), m[i]);
       }
-  }
+  });
 }
 
 // RAWINT4, one candidate scale `d` for a group of g columns (g a multiple of 32): q = clamp(rint_even(x / d), -8, 7)

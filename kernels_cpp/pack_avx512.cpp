@@ -186,21 +186,12 @@ void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out) {
 }
 
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out) {
-  // Word c of output row r is word r of source row c: one gather per 64-byte tile row.
+  // one gather of 16 words (from the 16 source rows) per 64-byte tile row
   const __m512i row_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                  _mm512_set1_epi32(static_cast<int>(kbytes)));
-  for (int64_t kb = 0; kb < kbytes; kb += kblock_bytes) {
-    const int64_t kbs = std::min(kblock_bytes, kbytes - kb);
-    for (int64_t ns = 0; ns < nbs; ns += TILE_ROWS)
-      for (int64_t ks = 0; ks < kbs; ks += TILE_BYTES) {
-        uint8_t* dst = out + kb * nbs + ns * kbs + ks * TILE_ROWS;
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t* base = rows + (ns + h * 16) * kbytes + kb + ks;
-          for (int r = 0; r < 16; ++r)
-            _mm512_storeu_si512(dst + h * 1024 + r * 64, _mm512_i32gather_epi32(row_offsets, base + r * 4, 1));
-        }
-      }
-  }
+  for_each_tile_half(rows, nbs, kbytes, kblock_bytes, out, [&](const uint8_t* src, uint8_t* dst) {
+    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 64, _mm512_i32gather_epi32(row_offsets, src + r * 4, 1));
+  });
 }
 
 // quantize_groups_row: the AVX2 row's.
