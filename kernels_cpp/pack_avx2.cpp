@@ -46,6 +46,11 @@ inline void nibble_codes(const uint8_t* p, __m128i& lo, __m128i& hi) {
   lo = _mm_unpacklo_epi8(even, odd);
   hi = _mm_unpackhi_epi8(even, odd);
 }
+// 8 bytes of nibble pairs -> their 16 codes in column order, as bytes.
+inline __m128i nibble_codes16(const uint8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi8(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+}
 // 4 bytes of nibble pairs -> their 8 codes in column order, as int32 lanes.
 inline __m256i nibble_codes8(const uint8_t* p) {
   int32_t bytes;
@@ -152,15 +157,19 @@ int64_t decode_int4_group(const PackJob& job, int64_t row, float* out) {
   return nonfinite;
 }
 
-// NVFP4: each group's scale from ref::nvfp4_group_scale (the same fp32 multiply or divide by global_scale).
+// NVFP4: one 16-column group per step, its scale from ref::nvfp4_group_scale (the same fp32 multiply or divide by
+// global_scale).
 int64_t decode_nvfp4(const PackJob& job, int64_t row, float* out) {
-  if (job.col0 % 8) return ref::decode_row(job, row, out);
+  if (job.col0 % 16) return ref::decode_row(job, row, out);  // a step would straddle two scales
   const __m256 magnitude = _mm256_loadu_ps(kE2M1);
   const uint8_t* src = job.weight + row * job.weight_row_bytes + job.col0 / 2;
   int64_t nonfinite = 0;
-  by_scale_block(job, 16, [&](int64_t group) { return ref::nvfp4_group_scale(job, row, group); }, [&](int64_t j, __m256 s) {
-    store(out + j, round_to_bf16(_mm256_mul_ps(e2m1x8(nibble_codes8(src + j / 2), magnitude), s)), nonfinite);
-  });
+  for (int64_t j = 0; j < job.k; j += 16) {
+    const __m256 s = _mm256_set1_ps(ref::nvfp4_group_scale(job, row, (job.col0 + j) / 16));
+    const __m128i codes = nibble_codes16(src + j / 2);
+    for (int i = 0; i < 2; ++i)
+      store(out + j + 8 * i, round_to_bf16(_mm256_mul_ps(e2m1x8(widen(codes, i), magnitude), s)), nonfinite);
+  }
   return nonfinite;
 }
 

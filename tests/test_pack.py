@@ -334,8 +334,9 @@ def _reference(kind, method, col0, k):
 def test_every_source_kind_and_method_on_every_isa(kind, method, isa):
     """The C++ packer at each ISA level, forced, gives the torch reference's bytes (and the reference C++'s) for
     every source kind, with strided rows, column slices and non-finite values. For the kinds that allow it, slices
-    start off a SIMD step (column 4: decoded by the reference), inside a scale block (24: off AVX-512's 16-column
-    step, inside AVX2's 8-column one) and inside a 32-column scale group (48)."""
+    start off a SIMD step (column 4: decoded by the reference), inside a scale block (24: on the 8-column step of
+    AVX2's fp8_block, int4_group and mxfp8 decoders, off the 16-column steps of AVX-512 and of AVX2's nvfp4) and
+    inside a 32-column scale group (48)."""
     src = _source(kind, ALL_KINDS_N, ALL_KINDS_K)
     slices = [(0, ALL_KINDS_K), (128, 256)]
     if kind != "mxfp4" and method is not INT4 and method is not RAWINT4_G128:  # k of 256 from columns 4, 24, 48
