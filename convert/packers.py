@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 
@@ -36,6 +37,23 @@ PIECE_BYTES = 2 << 20  # one reader task
 PACK_ON_CPU_WHILE_DEVICE_STARTS = True
 
 
+PACK_ISA_VARIABLE = "KT_PACK_ISA"
+
+
+def pack_isa(env: Mapping[str, str] = os.environ) -> str:
+    """The ISA level the C++ packer runs at: KT_PACK_ISA (portable, avx2, avx512, amx; any case) or, unset or
+    auto, the best this CPU has. Every level writes the same bytes; forcing a lower one is for benchmarks and
+    tests. UserError for another value or a level this CPU lacks."""
+    import kt_kernels
+
+    # any value reaches the message printable and short: a level name is a few ASCII letters
+    value = ascii(env.get(PACK_ISA_VARIABLE, "").strip().lower())[1:-1][:32] or "auto"
+    try:
+        return kt_kernels.resolve_isa(value)
+    except ValueError as e:
+        raise UserError(f"{PACK_ISA_VARIABLE}={value}: {e}; unset it to use the best level this CPU has") from None
+
+
 class CpuPacker:
     device = "cpu"
 
@@ -43,6 +61,7 @@ class CpuPacker:
         import kt_kernels
 
         self.num_threads = num_threads
+        self.isa = pack_isa()
         try:  # every packing thread is started here, so that a refusal comes before any layer
             kt_kernels.start_pack_pool(num_threads)
         except (ValueError, TypeError, OverflowError):
@@ -53,7 +72,7 @@ class CpuPacker:
                             "pass a smaller --cpuinfer-threads or raise the limit, then re-run") from None
 
     def __call__(self, method: QuantMethod, jobs) -> list[int]:
-        return pack_cpu(method, jobs, num_threads=self.num_threads)
+        return pack_cpu(method, jobs, isa=self.isa, num_threads=self.num_threads)
 
     def close(self) -> None:
         pass

@@ -28,7 +28,7 @@ from .non_expert import non_expert_tensors
 from .claims import Claim, Held
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, records_dir,
                          remove_if_empty, resolve_output_dir, write_index, write_quantization_config)
-from .packers import make_packer
+from .packers import make_packer, pack_isa
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
@@ -374,6 +374,7 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
         if differ:
             raise UserError(f"the outputs of one run share {', '.join(differ)}; run separately to change them")
     check_cpu_threads(first.cpuinfer_threads)
+    pack_isa()  # a bad KT_PACK_ISA stops the run before anything is read or written
     methods = [method_or_exit(o) for o in opts_list]  # before a download starts
     if shard is not None and any(o.kt_sft_manifest for o in opts_list):
         raise UserError(kt_sft_output.refusal(methods[0], False, None, None, shard=True))

@@ -178,13 +178,23 @@ PYBIND11_MODULE(kt_kernels, m) {
   m.def("cpu_features", [] {
     const kt::CpuFeatures& f = kt::cpu_features();
     py::dict d;
-    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["avx_vnni"] = f.avx_vnni;
+    d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c; d["bmi2"] = f.bmi2; d["avx_vnni"] = f.avx_vnni;
     d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl; d["avx512dq"] = f.avx512dq;
     d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
     d["amx_tile"] = f.amx_tile; d["amx_int8"] = f.amx_int8; d["amx_bf16"] = f.amx_bf16; d["amx_usable"] = f.amx_usable;
     return d;
   });
   m.def("best_isa", [] { return std::string(kt::isa_name(kt::best_isa())); });
+  m.def("resolve_isa", [](const std::string& name) { return std::string(kt::isa_name(kt::resolve_isa(name))); },
+        py::arg("name"), "The ISA level `name` (auto, portable, avx2, avx512, amx) runs at on this CPU (auto: the best); "
+        "ValueError for another name or a level this CPU lacks.");
+  m.def("_pack_kernel_rows", [](const std::string& isa, const std::string& kind) {
+    py::dict d;
+    for (const auto& [entry, row] : kt::kernel_rows(kt::parse_isa(isa), parse_kind(kind))) d[entry.c_str()] = kt::isa_name(row);
+    return d;
+  }, py::arg("isa"), py::arg("kind"),
+  "Test hook: for each entry of the packer's kernels at ISA level `isa` (the decoder of source `kind`), the row "
+  "it comes from.");
   m.def("hardware_threads", &kt::hardware_threads);
   m.def("start_pack_pool", [](int64_t num_threads) {
     const int n = kt::checked_thread_count(num_threads);

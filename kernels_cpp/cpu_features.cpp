@@ -35,6 +35,7 @@ CpuFeatures detect() {
   if (__get_cpuid_max(0, nullptr) < 7) return f;
   __cpuid_count(7, 0, a, b, c, d);
   f.avx2 = os_avx && (b & (1u << 5));
+  f.bmi2 = b & (1u << 8);
   f.avx512f = f.os_avx512 && (b & (1u << 16));
   f.avx512dq = f.os_avx512 && (b & (1u << 17));
   f.avx512bw = f.os_avx512 && (b & (1u << 30));
@@ -60,10 +61,12 @@ const CpuFeatures& cpu_features() {
 
 Isa best_isa() {
   const CpuFeatures& f = cpu_features();
-  const bool avx512 = f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.fma;
+  // What CMakeLists.txt lets the compiler use in *_avx2.cpp; every higher level includes it.
+  const bool avx2 = f.avx2 && f.fma && f.f16c && f.bmi2;
+  const bool avx512 = avx2 && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq;
   if (avx512 && f.amx_usable) return Isa::Amx;
   if (avx512) return Isa::Avx512;
-  if (f.avx2 && f.fma) return Isa::Avx2;
+  if (avx2) return Isa::Avx2;
   return Isa::Portable;
 }
 

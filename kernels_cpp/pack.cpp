@@ -5,6 +5,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "numerics.hpp"
 #include "thread_pool.hpp"
@@ -24,6 +25,39 @@ Method parse_method(const std::string& name) {
 int64_t packed_weight_bytes(Method method, int64_t n, int64_t k) { return n * k / method_info(method).elems_per_byte; }
 
 namespace {
+
+// The packer's dispatch table: one row per ISA, lowest first. A row runs on CPUs whose best level is at
+// least its own; kernels_for takes each entry from the highest such row that has it.
+struct IsaRow {
+  Isa isa;
+  PackKernels kernels;
+};
+const std::vector<IsaRow>& isa_rows() {
+  static const std::vector<IsaRow> rows = {
+      {Isa::Portable, ref::kernels()},  // every entry
+      {Isa::Avx2, avx2::kernels()},
+      {Isa::Avx512, avx512::kernels()},
+  };
+  return rows;
+}
+
+// The entry `get` of the highest row at or below `isa` that has it, and that row's level.
+template <class Get>
+auto pick(Isa isa, Get get) -> std::pair<decltype(get(std::declval<const PackKernels&>())), Isa> {
+  std::pair<decltype(get(std::declval<const PackKernels&>())), Isa> chosen{nullptr, Isa::Portable};
+  for (const IsaRow& row : isa_rows())
+    if (row.isa <= isa)
+      if (auto entry = get(row.kernels)) chosen = {entry, row.isa};
+  return chosen;
+}
+
+auto decoder_of(SourceKind kind) {
+  return [kind](const PackKernels& k) { return k.decoder ? k.decoder(kind) : nullptr; };
+}
+constexpr auto quantize_row_of = [](const PackKernels& k) { return k.quantize_row; };
+constexpr auto pack_nibbles_of = [](const PackKernels& k) { return k.pack_nibbles; };
+constexpr auto tile_block_of = [](const PackKernels& k) { return k.tile_block; };
+constexpr auto quantize_groups_row_of = [](const PackKernels& k) { return k.quantize_groups_row; };
 
 void validate(Method method, const PackJob& job, size_t index) {
   const MethodInfo info = method_info(method);
@@ -47,18 +81,6 @@ struct Task {
   int64_t row0;
 };
 
-struct Kernels {
-  int64_t (*decode_row)(const PackJob&, int64_t, float*);
-  float (*quantize_row)(Method, const float*, int64_t, int8_t*);
-  void (*pack_nibbles)(const int8_t*, int64_t, uint8_t*);
-  void (*tile_block)(const uint8_t*, int64_t, int64_t, int64_t, uint8_t*);
-};
-
-Kernels kernels_for(Isa isa) {
-  if (isa >= Isa::Avx512) return {avx512::decode_row, avx512::quantize_row, avx512::pack_nibbles, avx512::tile_block};
-  return {ref::decode_row, ref::quantize_row, ref::pack_nibbles, ref::tile_block};
-}
-
 // Per-thread scratch, reused across calls.
 struct Scratch {
   std::vector<float> row;
@@ -68,6 +90,21 @@ struct Scratch {
 
 }  // namespace
 
+DecodeRowFn ChosenKernels::decoder(SourceKind kind) const { return pick(isa, decoder_of(kind)).first; }
+
+ChosenKernels kernels_for(Isa isa) {
+  return {isa, pick(isa, quantize_row_of).first, pick(isa, pack_nibbles_of).first, pick(isa, tile_block_of).first,
+          pick(isa, quantize_groups_row_of).first};
+}
+
+std::vector<std::pair<std::string, Isa>> kernel_rows(Isa isa, SourceKind kind) {
+  return {{"decode", pick(isa, decoder_of(kind)).second},
+          {"quantize_row", pick(isa, quantize_row_of).second},
+          {"pack_nibbles", pick(isa, pack_nibbles_of).second},
+          {"tile_block", pick(isa, tile_block_of).second},
+          {"quantize_groups_row", pick(isa, quantize_groups_row_of).second}};
+}
+
 void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threads) {
   const MethodInfo info = method_info(method);
   std::vector<Task> tasks;
@@ -76,7 +113,9 @@ void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threa
     validate(method, jobs[i], i);
     for (int64_t r = 0; r < jobs[i].n; r += rows_per_task) tasks.push_back({i, r});
   }
-  const Kernels kern = kernels_for(isa);
+  const ChosenKernels kern = kernels_for(isa);
+  std::vector<DecodeRowFn> decode(jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) decode[i] = kern.decoder(jobs[i].kind);
   ThreadPool& pool = shared_pool(num_threads);
   std::vector<Scratch> scratch(pool.size());
   std::unique_ptr<std::atomic<int64_t>[]> nonfinite(new std::atomic<int64_t>[jobs.size()]);
@@ -94,8 +133,8 @@ void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threa
       int64_t bad = 0;
       const int64_t groups = job.k / info.group_size;
       for (int64_t row = task.row0; row < task.row0 + nbs; ++row) {
-        bad += kern.decode_row(job, row, s.row.data());
-        ref::quantize_groups_row(s.row.data(), job.k, info.group_size, job.out_weight + row * kbytes,
+        bad += decode[task.job](job, row, s.row.data());
+        kern.quantize_groups_row(s.row.data(), job.k, info.group_size, job.out_weight + row * kbytes,
                                  static_cast<uint16_t*>(job.out_scale) + row * groups);
       }
       if (bad) nonfinite[task.job] += bad;
@@ -106,7 +145,7 @@ void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threa
     int64_t bad = 0;
     for (int64_t r = 0; r < nbs; ++r) {
       const int64_t row = task.row0 + r;
-      bad += kern.decode_row(job, row, s.row.data());
+      bad += decode[task.job](job, row, s.row.data());
       uint8_t* packed_row = s.block.data() + r * kbytes;
       if (method == Method::Int8) {
         static_cast<float*>(job.out_scale)[row] = kern.quantize_row(method, s.row.data(), job.k, reinterpret_cast<int8_t*>(packed_row));

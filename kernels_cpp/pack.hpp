@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_features.hpp"
@@ -42,6 +43,22 @@ constexpr int TILE_ROWS = 32;   // rows per tile pair
 constexpr int TILE_BYTES = 64;  // bytes per tile row
 constexpr int TILE_PAIR_BYTES = 2048;
 
+// The AMX B-tile order of one N-block of quantized rows held row-major (row stride kbytes), shared by every
+// ISA's tile_block: calls half(src, dst) for each 16-row half of each 32-row x 64-byte tile pair, `src` the
+// half's first source row at the tile's first byte, `dst` its 1024 output bytes. A half is a 16x16 matrix of
+// 32-bit words stored transposed: word c of output row r is word r of source row c.
+template <class Half>
+inline void for_each_tile_half(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out,
+                               Half half) {
+  for (int64_t kb = 0; kb < kbytes; kb += kblock_bytes) {
+    const int64_t kbs = kblock_bytes < kbytes - kb ? kblock_bytes : kbytes - kb;
+    for (int64_t ns = 0; ns < nbs; ns += TILE_ROWS)
+      for (int64_t ks = 0; ks < kbs; ks += TILE_BYTES)
+        for (int h = 0; h < 2; ++h)
+          half(rows + (ns + h * 16) * kbytes + kb + ks, out + kb * nbs + ns * kbs + ks * TILE_ROWS + h * 1024);
+  }
+}
+
 // How source rows are stored. Each kind decodes one row slice to fp32 exactly as the
 // reference decoder does (values are exactly representable in bf16 after decoding).
 enum class SourceKind {
@@ -78,13 +95,51 @@ struct PackJob {
   int64_t nonfinite = 0;          // out: NaN/Inf source values found (packed as 0)
 };
 
-// Packs every job; work is split into (job, N-block) tasks over the shared pool.
+// Packs every job on the kernels of `isa` (kernels_for); work is split into (job, N-block) tasks over
+// the shared pool.
 void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threads);
 int64_t packed_weight_bytes(Method method, int64_t n, int64_t k);
 
 // Per-ISA pieces. Row kernels work on one source row; the tiler on one N-block of
 // quantized rows held row-major (row stride = kbytes).
+// Decodes columns [col0, col0+k) of `row` into fp32; non-finite values become 0 and are counted.
+using DecodeRowFn = int64_t (*)(const PackJob& job, int64_t row, float* out);
+// kt's per-row quantization; writes k int8 values (INT4: the 4-bit value -7..7) and returns d.
+using QuantizeRowFn = float (*)(Method method, const float* x, int64_t k, int8_t* q);
+// INT4: packs pairs (k0+j, k0+64+j) of each 128-wide step into one byte.
+using PackNibblesFn = void (*)(const int8_t* q, int64_t k, uint8_t* out);
+using TileBlockFn = void (*)(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
+// RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes and k/group bf16 scales (ref::quantize_groups_row).
+using QuantizeGroupsRowFn = void (*)(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
+
+// One ISA's row of the packer's dispatch table (pack.cpp:kernels_for). A null entry, or a null decoder for a
+// source kind, is taken from the row below: AVX-512 <- AVX2 (+F16C/FMA) <- the scalar reference, which has
+// every entry. So a new source kind is its reference decoder, and each ISA's decoder where it adds speed.
+struct PackKernels {
+  DecodeRowFn (*decoder)(SourceKind kind);
+  QuantizeRowFn quantize_row;
+  PackNibblesFn pack_nibbles;
+  TileBlockFn tile_block;
+  QuantizeGroupsRowFn quantize_groups_row;
+};
+
+// The kernels for one ISA level, chosen once per pack_jobs call: each entry from the highest row at or
+// below the level that has it (an AMX CPU runs the AVX-512 row).
+struct ChosenKernels {
+  Isa isa;
+  QuantizeRowFn quantize_row;
+  PackNibblesFn pack_nibbles;
+  TileBlockFn tile_block;
+  QuantizeGroupsRowFn quantize_groups_row;
+  DecodeRowFn decoder(SourceKind kind) const;
+};
+ChosenKernels kernels_for(Isa isa);
+// Which row each entry of kernels_for(isa) comes from, by name ("decode" for `kind`): tests check the
+// table's inheritance through it.
+std::vector<std::pair<std::string, Isa>> kernel_rows(Isa isa, SourceKind kind);
+
 namespace ref {
+PackKernels kernels();
 // INT4_GROUP: the scale of `group` in `row`, as float.
 float int4_group_scale(const PackJob& job, int64_t row, int64_t group);
 // NVFP4: the multiplier of 16-column group `group` in `row`: fl32(e4m3 * g) or fl32(e4m3 / g).
@@ -92,24 +147,22 @@ float nvfp4_group_scale(const PackJob& job, int64_t row, int64_t group);
 // NVFP4 / MXFP8: the value of column c of `row` before the bf16 rounding.
 float nvfp4_value(const PackJob& job, int64_t row, int64_t c);
 float mxfp8_value(const PackJob& job, int64_t row, int64_t c);
-// Decodes columns [col0, col0+k) of `row` into fp32; non-finite values become 0 and are counted.
-int64_t decode_row(const PackJob& job, int64_t row, float* out);
-// kt's per-row quantization; writes k int8 values (INT4: the 4-bit value -7..7) and returns d.
+int64_t decode_row(const PackJob& job, int64_t row, float* out);  // every kind
 float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
-// INT4: packs pairs (k0+j, k0+64+j) of each 128-wide step into one byte.
 void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
 // RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even
 // column) and k/group bf16 scales, each group's scale bf16(amax/8) where it clips no weight and gives the
-// smaller squared error, else bf16(amax/7) (docs/FORMAT.md §7). One portable implementation: it is the only one, so nothing to match.
+// smaller squared error (float64, summed in column order), else bf16(amax/7) (docs/FORMAT.md §9).
 void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
 }  // namespace ref
 
-namespace avx512 {
-int64_t decode_row(const PackJob& job, int64_t row, float* out);
-float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
-void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
-void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
+namespace avx2 {  // kernels_cpp/pack_avx2.cpp: AVX2 + F16C + FMA
+PackKernels kernels();
+}  // namespace avx2
+
+namespace avx512 {  // kernels_cpp/pack_avx512.cpp
+PackKernels kernels();
 }  // namespace avx512
 
 }  // namespace kt

@@ -1,4 +1,4 @@
-// AVX-512 packer kernels; byte-identical to pack_ref.cpp (tested in tests/test_pack_cpp.py).
+// AVX-512 packer kernels, the AVX-512 row of pack.cpp's table; byte-identical to pack_ref.cpp (tests/test_pack.py).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -53,8 +53,91 @@ inline __m512 e2m1x16(const uint8_t* p) {
   return _mm512_permutexvar_ps(nib, _mm512_loadu_ps(kE2M1));
 }
 
+}  // namespace
+
+int64_t decode_bf16(const PackJob& job, int64_t row, float* out) {
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(job.weight + row * job.weight_row_bytes) + job.col0;
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j));
+    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    _mm512_storeu_ps(out + j, zero_nonfinite(v, nonfinite));
+  }
+  return nonfinite;
+}
+
+int64_t decode_f32(const PackJob& job, int64_t row, float* out) {
+  const float* p = reinterpret_cast<const float*>(job.weight + row * job.weight_row_bytes) + job.col0;
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 16) _mm512_storeu_ps(out + j, zero_nonfinite(_mm512_loadu_ps(p + j), nonfinite));
+  return nonfinite;
+}
+
+int64_t decode_mxfp4(const PackJob& job, int64_t row, float* out) {
+  const __m512 lut = _mm512_loadu_ps(kE2M1);
+  const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const uint8_t* bytes = job.weight + row * job.weight_row_bytes + job.col0 / 2;
+  const uint8_t* scales = job.scales + row * job.scale_row_bytes + job.col0 / 32;
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 32) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j / 2)));
+    const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)), lut);
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+    const __m512 s = _mm512_set1_ps(e8m0_to_f32(scales[j / 32]));
+    const __m512 v0 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), s);
+    const __m512 v1 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), s);
+    _mm512_storeu_ps(out + j, zero_nonfinite(v0, nonfinite));
+    _mm512_storeu_ps(out + j + 16, zero_nonfinite(v1, nonfinite));
+  }
+  return nonfinite;
+}
+
+int64_t decode_f16(const PackJob& job, int64_t row, float* out) {
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(job.weight + row * job.weight_row_bytes) + job.col0;
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 16) {
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j)));
+    _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
+  }
+  return nonfinite;
+}
+
+int64_t decode_fp8_block(const PackJob& job, int64_t row, float* out) {
+  if (job.block_k % 16 || job.col0 % 16) return ref::decode_row(job, row, out);  // a step would straddle two scales
+  const uint8_t* src = job.weight + row * job.weight_row_bytes;
+  const float* scales = reinterpret_cast<const float*>(
+      job.scales + (job.row_offset + row) / job.block_n * job.scale_row_bytes);
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 16) {
+    const int64_t c = job.col0 + j;
+    const __m512 v = _mm512_mul_ps(e4m3x16(src + c), _mm512_set1_ps(scales[c / job.block_k]));
+    _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
+  }
+  return nonfinite;
+}
+
+int64_t decode_int4_group(const PackJob& job, int64_t row, float* out) {
+  if (job.block_k % 16 || job.col0 % 16) return ref::decode_row(job, row, out);
+  const uint8_t* src = job.weight + row * job.weight_row_bytes;
+  const __m512i byte_of = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  int64_t nonfinite = 0;
+  for (int64_t j = 0; j < job.k; j += 16) {
+    const int64_t c = job.col0 + j;
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + c / 2)));
+    const __m512i u = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(byte_of, b), shift),
+                                       _mm512_set1_epi32(0x0F));
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(u, _mm512_set1_epi32(8)));
+    const __m512 v = _mm512_mul_ps(q, _mm512_set1_ps(ref::int4_group_scale(job, row, c / job.block_k)));
+    _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
+  }
+  return nonfinite;
+}
+
 // NVFP4: one 16-column group per step (its scale from ref::nvfp4_group_scale, the same fp32 operation).
-inline int64_t decode_nvfp4_row(const PackJob& job, int64_t row, float* out) {
+int64_t decode_nvfp4(const PackJob& job, int64_t row, float* out) {
+  if (job.col0 % 16) return ref::decode_row(job, row, out);  // a step would straddle two scales
   const uint8_t* src = job.weight + row * job.weight_row_bytes;
   int64_t nonfinite = 0;
   for (int64_t j = 0; j < job.k; j += 16) {
@@ -65,8 +148,9 @@ inline int64_t decode_nvfp4_row(const PackJob& job, int64_t row, float* out) {
   return nonfinite;
 }
 
-// MXFP8: 16 E4M3 codes times their E8M0 scale (16 columns never straddle a 32-column group).
-inline int64_t decode_mxfp8_row(const PackJob& job, int64_t row, float* out) {
+// MXFP8: 16 E4M3 codes times their E8M0 scale (a 16-aligned step never straddles a 32-column group).
+int64_t decode_mxfp8(const PackJob& job, int64_t row, float* out) {
+  if (job.col0 % 16) return ref::decode_row(job, row, out);
   const uint8_t* src = job.weight + row * job.weight_row_bytes;
   const uint8_t* scales = job.scales + row * job.scale_row_bytes;
   int64_t nonfinite = 0;
@@ -78,87 +162,18 @@ inline int64_t decode_mxfp8_row(const PackJob& job, int64_t row, float* out) {
   return nonfinite;
 }
 
-}  // namespace
-
-int64_t decode_row(const PackJob& job, int64_t row, float* out) {
-  const uint8_t* src = job.weight + row * job.weight_row_bytes;
-  int64_t nonfinite = 0;
-  switch (job.kind) {
-    case SourceKind::BF16: {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(src) + job.col0;
-      for (int64_t j = 0; j < job.k; j += 16) {
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j));
-        __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        _mm512_storeu_ps(out + j, zero_nonfinite(v, nonfinite));
-      }
-      return nonfinite;
-    }
-    case SourceKind::F32: {
-      const float* p = reinterpret_cast<const float*>(src) + job.col0;
-      for (int64_t j = 0; j < job.k; j += 16)
-        _mm512_storeu_ps(out + j, zero_nonfinite(_mm512_loadu_ps(p + j), nonfinite));
-      return nonfinite;
-    }
-    case SourceKind::MXFP4: {
-      const __m512 lut = _mm512_loadu_ps(kE2M1);
-      const __m512i even = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-      const __m512i odd = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-      const uint8_t* bytes = src + job.col0 / 2;
-      const uint8_t* scales = job.scales + row * job.scale_row_bytes + job.col0 / 32;
-      for (int64_t j = 0; j < job.k; j += 32) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j / 2)));
-        const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)), lut);
-        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
-        const __m512 s = _mm512_set1_ps(e8m0_to_f32(scales[j / 32]));
-        const __m512 v0 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), s);
-        const __m512 v1 = _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), s);
-        _mm512_storeu_ps(out + j, zero_nonfinite(v0, nonfinite));
-        _mm512_storeu_ps(out + j + 16, zero_nonfinite(v1, nonfinite));
-      }
-      return nonfinite;
-    }
-    case SourceKind::F16: {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(src) + job.col0;
-      for (int64_t j = 0; j < job.k; j += 16) {
-        const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + j)));
-        _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
-      }
-      return nonfinite;
-    }
-    case SourceKind::FP8_BLOCK: {
-      if (job.block_k % 16 || job.col0 % 16) break;  // a 16-lane step would straddle two scales
-      const float* scales = reinterpret_cast<const float*>(
-          job.scales + (job.row_offset + row) / job.block_n * job.scale_row_bytes);
-      for (int64_t j = 0; j < job.k; j += 16) {
-        const int64_t c = job.col0 + j;
-        const __m512 v = _mm512_mul_ps(e4m3x16(src + c), _mm512_set1_ps(scales[c / job.block_k]));
-        _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
-      }
-      return nonfinite;
-    }
-    case SourceKind::INT4_GROUP: {
-      if (job.block_k % 16 || job.col0 % 16) break;
-      const __m512i byte_of = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-      const __m512i shift = _mm512_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-      for (int64_t j = 0; j < job.k; j += 16) {
-        const int64_t c = job.col0 + j;
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + c / 2)));
-        const __m512i u = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(byte_of, b), shift),
-                                           _mm512_set1_epi32(0x0F));
-        const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(u, _mm512_set1_epi32(8)));
-        const __m512 v = _mm512_mul_ps(q, _mm512_set1_ps(ref::int4_group_scale(job, row, c / job.block_k)));
-        _mm512_storeu_ps(out + j, zero_nonfinite(round_to_bf16(v), nonfinite));
-      }
-      return nonfinite;
-    }
-    case SourceKind::NVFP4:
-      if (job.col0 % 16) break;  // a 16-lane step is one scale group
-      return decode_nvfp4_row(job, row, out);
-    case SourceKind::MXFP8:
-      if (job.col0 % 16) break;
-      return decode_mxfp8_row(job, row, out);
+DecodeRowFn decoder(SourceKind kind) {
+  switch (kind) {
+    case SourceKind::BF16: return decode_bf16;
+    case SourceKind::F32: return decode_f32;
+    case SourceKind::MXFP4: return decode_mxfp4;
+    case SourceKind::F16: return decode_f16;
+    case SourceKind::FP8_BLOCK: return decode_fp8_block;
+    case SourceKind::INT4_GROUP: return decode_int4_group;
+    case SourceKind::NVFP4: return decode_nvfp4;
+    case SourceKind::MXFP8: return decode_mxfp8;
+    default: return nullptr;
   }
-  return ref::decode_row(job, row, out);
 }
 
 namespace {
@@ -210,22 +225,16 @@ void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out) {
 }
 
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out) {
-  // Word c of output row r is word r of source row c: one gather per 64-byte tile row.
+  // one gather of 16 words (from the 16 source rows) per 64-byte tile row
   const __m512i row_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                  _mm512_set1_epi32(static_cast<int>(kbytes)));
-  for (int64_t kb = 0; kb < kbytes; kb += kblock_bytes) {
-    const int64_t kbs = std::min(kblock_bytes, kbytes - kb);
-    for (int64_t ns = 0; ns < nbs; ns += TILE_ROWS)
-      for (int64_t ks = 0; ks < kbs; ks += TILE_BYTES) {
-        uint8_t* dst = out + kb * nbs + ns * kbs + ks * TILE_ROWS;
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t* base = rows + (ns + h * 16) * kbytes + kb + ks;
-          for (int r = 0; r < 16; ++r)
-            _mm512_storeu_si512(dst + h * 1024 + r * 64, _mm512_i32gather_epi32(row_offsets, base + r * 4, 1));
-        }
-      }
-  }
+  for_each_tile_half(rows, nbs, kbytes, kblock_bytes, out, [&](const uint8_t* src, uint8_t* dst) {
+    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(dst + r * 64, _mm512_i32gather_epi32(row_offsets, src + r * 4, 1));
+  });
 }
+
+// quantize_groups_row: the AVX2 row's.
+PackKernels kernels() { return {decoder, quantize_row, pack_nibbles, tile_block, nullptr}; }
 
 }  // namespace avx512
 }  // namespace kt

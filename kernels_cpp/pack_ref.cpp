@@ -117,18 +117,10 @@ void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out) {
 }
 
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out) {
-  for (int64_t kb = 0; kb < kbytes; kb += kblock_bytes) {
-    const int64_t kbs = std::min(kblock_bytes, kbytes - kb);
-    for (int64_t ns = 0; ns < nbs; ns += TILE_ROWS)
-      for (int64_t ks = 0; ks < kbs; ks += TILE_BYTES) {
-        uint8_t* dst = out + kb * nbs + ns * kbs + ks * TILE_ROWS;
-        // Each 16-row half is a 16x16 matrix of 32-bit words, stored transposed (AMX B tile).
-        for (int h = 0; h < 2; ++h)
-          for (int r = 0; r < 16; ++r)
-            for (int c = 0; c < 16; ++c)
-              std::memcpy(dst + h * 1024 + r * 64 + c * 4, rows + (ns + h * 16 + c) * kbytes + kb + ks + r * 4, 4);
-      }
-  }
+  for_each_tile_half(rows, nbs, kbytes, kblock_bytes, out, [kbytes](const uint8_t* src, uint8_t* dst) {
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) std::memcpy(dst + r * 64 + c * 4, src + c * kbytes + r * 4, 4);
+  });
 }
 
 namespace {
@@ -169,6 +161,10 @@ void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out,
     for (int64_t j = 0; j < group; j += 2)
       out[(g0 + j) / 2] = static_cast<uint8_t>((q[j] + 8) | ((q[j + 1] + 8) << 4));
   }
+}
+
+PackKernels kernels() {
+  return {[](SourceKind) -> DecodeRowFn { return decode_row; }, quantize_row, pack_nibbles, tile_block, quantize_groups_row};
 }
 
 }  // namespace ref

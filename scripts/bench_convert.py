@@ -2,6 +2,7 @@
 """Conversion benchmark: the converter against the physical floor of the same job, measured in the same run.
 
     python scripts/bench_convert.py [--json OUT.json]                                  # CPU path (any machine)
+    python scripts/bench_convert.py --isa avx512,avx2,portable --skip-cold             # the packer's ISA levels
     python3 scripts/bench_convert.py --device cuda,cpu --experts 256 --layers 3 [--drop-caches] [--json OUT.json]
 
 Makes a v4-flash-layer checkpoint (DeepSeek-V4-Flash expert shapes, H=4096, I=2048, MXFP4; E=32 x 2
@@ -17,6 +18,9 @@ measures, in this order:
   5. the conversion on each --device (page cache; best of --repeat), with the converter's own
      per-stage timings (read, pack = decode + quantize + tile, write, commit = fsync + rename + digest,
      GPU start-up and its stages); cuda and cpu together: GPU output == CPU output (layer sha256);
+     --isa: the CPU conversion once per ISA level of the C++ packer (KT_PACK_ISA), and before it the
+     packer alone per level on one core, each against AVX-512's per core and the copy floor (all
+     outputs equal);
   6. unless --skip-cold: the same copy and conversions "cold". The page cache is dropped
      (`echo 3 > /proc/sys/vm/drop_caches`, root) only with --drop-caches: never by default, since it
      slows every other job on a shared host; without it these rows are labelled "not cold".
@@ -245,6 +249,7 @@ def child(args: dict) -> dict:
     """One conversion in this process: the report (with the converter's per-stage timings), peak RSS
     (sampled every 10 ms) and RSS after each layer."""
     from convert import pipeline
+    from convert.packers import pack_isa
     from convert.pipeline import ConvertOptions, convert
 
     peak = {"rss": rss_bytes()}
@@ -277,17 +282,20 @@ def child(args: dict) -> dict:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": wall, "report": report.to_dict(), "peak_rss_bytes": max(peak["rss"], rss_bytes()),
             "ru_maxrss_bytes": ru.ru_maxrss * 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
-            "rss_after_each_layer": layer_peaks,
+            "rss_after_each_layer": layer_peaks, "pack_isa": pack_isa(),
             "imported": {m: m in sys.modules for m in ("torch", "triton")}}
 
 
-def run_child(ckpt: Path, out: Path, device: str, method: str, threadpool_count: int, threads: int) -> dict:
+def run_child(ckpt: Path, out: Path, device: str, method: str, threadpool_count: int, threads: int,
+              isa: str | None = None) -> dict:
+    """isa: the packer's ISA level in the child (KT_PACK_ISA); None: as this process's environment says."""
     if out.exists():
         shutil.rmtree(out)
     args = {"ckpt": str(ckpt), "out": str(out), "device": device, "method": method, "threadpool_count": threadpool_count, "threads": threads}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"KT_PACK_ISA": isa} if isa else {})}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env=env)
     process_s = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"{device} conversion failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -302,11 +310,12 @@ def layer_checksums(out: Path) -> dict:
 # -- decode vs quantize + tile ----------------------------------------------------------------------
 
 
-def pack_split(method_name: str, threadpool_count: int, threads: int, experts: int = 4, H: int = 4096,
-               I: int = 2048, reps: int = 3) -> dict:
+def pack_split(method_name: str, threadpool_count: int, threads: int, isa: str = "auto", experts: int = 4,
+               H: int = 4096, I: int = 2048, reps: int = 3) -> dict:
     """The C++ packer fuses decode, quantize and tile; to see what the MXFP4 decode costs, the same
     batch (the same values) is packed from MXFP4 and from bf16 (no decode, but 3.8x the bytes read).
-    Best of `reps` each, on `threads` threads."""
+    Best of `reps` each, on `threads` threads and on one (the per-core rate: weights per second of
+    this process's CPU time, which other jobs on the machine do not inflate), at ISA level `isa`."""
     import numpy as np
 
     from kt_runtime.format.layout import full_shape, shard_slice
@@ -330,14 +339,17 @@ def pack_split(method_name: str, threadpool_count: int, threads: int, experts: i
                 for t in range(threadpool_count):
                     sl = shard_slice(proj, H, I, threadpool_count, t)
                     jobs[kind].append((src.rows(sl.row0, sl.n), sl.col0, sl.k, PackTarget.empty(method, sl.n, sl.k)))
-    out = {"experts": experts, "threads": threads}
+    out = {"experts": experts, "threads": threads, "isa": isa, "weights": experts * 3 * H * I}
     for kind, js in jobs.items():
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            pack_cpu(method, js, num_threads=threads)
-            times.append(time.perf_counter() - t0)
-        out[f"{kind}_s"] = min(times)
+        times, cpu = [], []
+        for n_threads in (threads, 1):
+            for _ in range(reps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                pack_cpu(method, js, isa=isa, num_threads=n_threads)
+                (times if n_threads == threads else cpu).append((time.perf_counter() - t0, time.process_time() - c0))
+        out[f"{kind}_s"] = min(t for t, _ in times)
+        out[f"{kind}_one_core_cpu_s"] = min(c for _, c in cpu)
+        out[f"{kind}_weights_per_core_s"] = out["weights"] / out[f"{kind}_one_core_cpu_s"]
     same = all(np.array_equal(a[3].weight, b[3].weight) for a, b in zip(jobs["mxfp4"], jobs["bf16"]))
     out["same_bytes"] = same
     out["decode_share"] = max(0.0, 1 - out["bf16_s"] / out["mxfp4_s"])
@@ -404,7 +416,29 @@ def show(name, value) -> None:
 
 
 TARGET = 1.15  # conversion / copy floor
+ISA_TARGET = 1.5  # a forced ISA level: per core within 1.5x of AVX-512's, and conversion / copy floor
 LABEL = {"cpu": "CPU", "cuda": "GPU"}
+ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
+
+
+def parse_isas(text: str) -> list[str]:
+    isas = list(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    if not isas or any(i not in ISA_LEVELS for i in isas):
+        raise argparse.ArgumentTypeError(f"--isa: a comma list of {', '.join(ISA_LEVELS)}, got {text!r}")
+    return isas
+
+
+# A run is one conversion setting: "cuda", "cpu" (the packer's best ISA level) or "cpu-<isa>" (KT_PACK_ISA).
+def run_device(run: str) -> str:
+    return run.split("-")[0]
+
+
+def run_isa(run: str) -> str | None:
+    return run.split("-", 1)[1] if "-" in run else None
+
+
+def label(run: str) -> str:
+    return LABEL[run_device(run)] + (f" {run_isa(run)}" if run_isa(run) else "")
 
 
 def parse_devices(text: str) -> list[str]:
@@ -420,19 +454,20 @@ def stage_table(runs: dict[str, dict]) -> list[str]:
 
     names = list(runs)
     stages = [k for k in STAGES if any(k in r["report"]["timings"] for r in runs.values())]
-    lines = [f"  {'stage (busy seconds, summed over threads)':<44}" + "".join(f"{n:>16}" for n in names)]
+    width = max(16, *(len(n) + 2 for n in names))
+    lines = [f"  {'stage (busy seconds, summed over threads)':<44}" + "".join(f"{n:>{width}}" for n in names)]
     for k in stages:
         cells = []
         for r in runs.values():
             v = r["report"]["timings"].get(k)
             cells.append("-" if v is None else (f"{v:.2f}" if k.endswith("_s") else f"{v:.0f}"))
-        lines.append(f"  {k:<44}" + "".join(f"{c:>16}" for c in cells))
-    lines.append(f"  {'process wall time (start-up included)':<44}" + "".join(f"{r['process_s']:>16.2f}"
+        lines.append(f"  {k:<44}" + "".join(f"{c:>{width}}" for c in cells))
+    lines.append(f"  {'process wall time (start-up included)':<44}" + "".join(f"{r['process_s']:>{width}.2f}"
                                                                            for r in runs.values()))
     return lines
 
 
-def summary_table(res: dict, devices: list[str], threads: int) -> str:
+def summary_table(res: dict, runs: list[str], threads: int) -> str:
     m, ck = res["machine"], res["checkpoint"]
     gb = ck["file_bytes"] / GB
     lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['isa']}), {m['memory_gb']} GB, load average "
@@ -441,27 +476,68 @@ def summary_table(res: dict, devices: list[str], threads: int) -> str:
              f"triton {m['triton']}; {m['date']}",
              f"input: E={ck['experts']} x {ck['layers']} layers, {gb:.2f} GB; output {res['settings']['quant_method']}, "
              f"threadpool count {res['settings']['threadpool_count']}, CPU threads {threads}",
-             f"  {'':<34}{'cache':<44}{'seconds':>9}{'GB/s in':>9}{'CPU s':>8}{'/ copy':>8}"]
+             f"  {'':<38}{'cache':<44}{'seconds':>9}{'GB/s in':>9}{'CPU s':>8}{'/ copy':>8}"]
     for when in ("warm", "cold"):
         floor = res.get(f"copy_{when}")
         if floor is None:
             continue
-        lines.append(f"  {'copy floor (cp + sync)':<34}{floor['cache']:<44}{floor['seconds']:>9.2f}"
+        lines.append(f"  {'copy floor (cp + sync)':<38}{floor['cache']:<44}{floor['seconds']:>9.2f}"
                      f"{gb / floor['seconds']:>9.2f}{floor['cpu_s']:>8.2f}{1.0:>8.2f}")
-        for dev in devices:
-            r = res.get(f"{dev}_{when}")
+        for run in runs:
+            r = res.get(f"{run}_{when}")
             if r is None:
                 continue
-            name = f"{LABEL[dev]} conversion" + (f" ({threads} threads)" if dev == "cpu" else "")
+            name = f"{label(run)} conversion" + (f" ({threads} threads)" if run_device(run) == "cpu" else "")
             ratio = r["process_s"] / floor["seconds"]
             verdict = "met" if ratio <= TARGET else "not met"
-            lines.append(f"  {name:<34}{r['cache']:<44}{r['process_s']:>9.2f}{r['input_gb_s']:>9.2f}"
+            lines.append(f"  {name:<38}{r['cache']:<44}{r['process_s']:>9.2f}{r['input_gb_s']:>9.2f}"
                          f"{r['cpu_s']:>8.2f}{ratio:>8.2f}  (target <= {TARGET}: {verdict})")
-    runs = {f"{LABEL[d]} {res[f'{d}_{w}']['cache'].split(' (')[0]}": res[f"{d}_{w}"]
-            for w in ("warm", "cold") for d in devices if f"{d}_{w}" in res}
+    columns = {f"{label(run)} {res[f'{run}_{w}']['cache'].split(' (')[0]}": res[f"{run}_{w}"]
+               for w in ("warm", "cold") for run in runs if f"{run}_{w}" in res}
     lines.append("where the time goes:")
-    lines += stage_table(runs)
+    lines += stage_table(columns)
+    if "isa_levels" in res:
+        lines += isa_table(res)
     return "\n".join(lines)
+
+
+RATES = ("pack_weights_per_core_s", "conversion_weights_per_core_s", "conversion_weights_per_cpu_s")
+
+
+def isa_levels(res: dict, runs: list[str]) -> dict:
+    """Per forced ISA level: the packer's rate on one core (pack_split), the conversion's per core (wall time
+    on the CPU threads) and per CPU-second (the child's user + system time: what other jobs on the machine
+    do not inflate), each against AVX-512's where it was measured; the conversion against the warm copy floor."""
+    out = {}
+    for run in runs:
+        isa = run_isa(run)
+        if isa is None:
+            continue
+        split, conv = res["pack_split"][run], res[f"{run}_warm"]
+        out[isa] = {"pack_weights_per_core_s": split["mxfp4_weights_per_core_s"],
+                    "conversion_weights_per_core_s": conv["g_params_s_per_core"] * 1e9,
+                    "conversion_weights_per_cpu_s": res["checkpoint"]["params"] / conv["cpu_s"],
+                    "conversion_over_copy_warm": conv["process_s"] / res["copy_warm"]["seconds"]}
+    if "avx512" in out:
+        for r in out.values():
+            for rate in RATES:
+                r[f"avx512_over_this_{rate}"] = out["avx512"][rate] / r[rate]
+    return out
+
+
+def isa_table(res: dict) -> list[str]:
+    threads = res["settings"]["cpu_threads"]
+    lines = [f"forced ISA levels (KT_PACK_ISA; target: per core within {ISA_TARGET}x of avx512, conversion <= "
+             f"{ISA_TARGET}x the copy floor on {threads} cores); M weights/s, (x) = avx512's rate / this one:",
+             f"  {'ISA':<10}{'pack, one core':>22}{'conversion, per core':>26}{'conversion, per CPU-s':>26}"
+             f"{'/ copy (warm)':>15}"]
+    for isa, r in res["isa_levels"].items():
+        cells = []
+        for rate in RATES:
+            ratio = r.get(f"avx512_over_this_{rate}")
+            cells.append(f"{r[rate] / 1e6:.0f}" + ("" if ratio is None else f" ({ratio:.2f}x)"))
+        lines.append(f"  {isa:<10}{cells[0]:>22}{cells[1]:>26}{cells[2]:>26}{r['conversion_over_copy_warm']:>15.2f}")
+    return lines
 
 
 def main() -> None:
@@ -479,6 +555,10 @@ def main() -> None:
     ap.add_argument("--quant-method", "--method", default="int4", choices=list(METHODS))
     ap.add_argument("--threadpool-count", "--numa", type=int, default=2, help="NUMA split T (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="CPU packing threads (0: all cores)")
+    ap.add_argument("--isa", type=parse_isas, default=None,
+                    help="the C++ packer's ISA levels to compare, e.g. avx512,avx2,portable: a CPU conversion "
+                         "(KT_PACK_ISA) and the packer's rate on one core for each, against avx512's and the "
+                         "copy floor (default: the best level this CPU has, once)")
     ap.add_argument("--repeat", type=int, default=2, help="page-cache conversions per device; the best is "
                                                           "reported (default 2)")
     ap.add_argument("--skip-cold", action="store_true", help="no cold (or not-cold first-touch) measurements")
@@ -494,6 +574,19 @@ def main() -> None:
 
     devices = a.device
     gpu = "cuda" in devices
+    if a.isa and "cpu" not in devices:
+        sys.exit("--isa: the packer's ISA levels are measured on --device cpu; add cpu to --device")
+    if a.isa:
+        import kt_kernels
+
+        try:
+            for isa in a.isa:
+                kt_kernels.resolve_isa(isa)
+        except ValueError as e:
+            sys.exit(f"--isa: {e}")
+    # one conversion setting per run: the GPU, the CPU at the best ISA level, or at each --isa level
+    runs = [d for d in devices if d != "cpu"] + ([f"cpu-{i}" for i in a.isa] if a.isa else
+                                                 ["cpu"] if "cpu" in devices else [])
     if gpu:
         from quant.gpu import gpu_unavailable_reason  # imports neither triton nor the kernels
 
@@ -505,7 +598,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     threads = a.threads or os.cpu_count()
     res: dict = {"machine": machine_info("cuda" if gpu else "cpu"),
-                 "settings": {"devices": devices, "quant_method": a.quant_method, "drop_caches": a.drop_caches,
+                 "settings": {"devices": devices, "isa": a.isa, "quant_method": a.quant_method,
+                              "drop_caches": a.drop_caches,
                               "threadpool_count": a.threadpool_count, "cpu_threads": threads, "repeat": a.repeat}}
     m = res["machine"]
     show("machine", f"{m['cpu']}, {m['cores']} cores, {m['isa']}, {m['memory_gb']} GB; python {m['python']}, "
@@ -552,9 +646,13 @@ def main() -> None:
     res["copy_warm"] = min(copies, key=lambda r: r["seconds"])
     res["copy_warm"]["all_seconds"] = [r["seconds"] for r in copies]
     show_copy(res["copy_warm"], len(copies))
-    res["pack_split"] = ps = pack_split(a.quant_method, a.threadpool_count, threads)
-    show(f"C++ pack of {ps['experts']} experts: from MXFP4 / from bf16", f"{ps['mxfp4_s']:.3f} / {ps['bf16_s']:.3f} s "
-         f"(same bytes: {ps['same_bytes']}; decode about {100 * ps['decode_share']:.0f}% of packing)")
+    res["pack_split"] = {}
+    for run in (r for r in runs if run_device(r) == "cpu"):
+        res["pack_split"][run] = ps = pack_split(a.quant_method, a.threadpool_count, threads, run_isa(run) or "auto")
+        show(f"C++ pack of {ps['experts']} experts ({run_isa(run) or 'best ISA'}): from MXFP4 / from bf16",
+             f"{ps['mxfp4_s']:.3f} / {ps['bf16_s']:.3f} s on {threads} threads (same bytes: {ps['same_bytes']}; "
+             f"decode about {100 * ps['decode_share']:.0f}% of packing); one core: "
+             f"{ps['mxfp4_weights_per_core_s'] / 1e6:.0f} / {ps['bf16_weights_per_core_s'] / 1e6:.0f} M weights/s")
     if gpu:
         res["kernel"] = k = kernel_throughput(a.quant_method, a.threadpool_count)
         show("kernel: source GB/s, weights/s", f"{k['kernel_input_gb_s']:.0f} GB/s, "
@@ -563,18 +661,19 @@ def main() -> None:
     else:
         notes.append("no cuda in --device: GPU kernel throughput, PCIe H2D/D2H and the GPU == CPU check were skipped")
 
-    def add_rates(r: dict, dev: str, cache: str) -> dict:
+    def add_rates(r: dict, run: str, cache: str) -> dict:
         r["cache"] = cache
         r["input_gb_s"] = r["report"]["input_bytes"] / r["process_s"] / GB
         r["g_params_s"] = params / r["process_s"] / 1e9
-        if dev == "cpu":
+        if run_device(run) == "cpu":
             r["g_params_s_per_core"] = r["g_params_s"] / threads
         return r
 
     def show_run(name: str, r: dict) -> None:
         per_core = f", {r['g_params_s_per_core']:.3f} G params/s per core" if "g_params_s_per_core" in r else ""
         show(name, f"{r['process_s']:.2f} s ({r['wall_s']:.2f} s in convert()), {r['input_gb_s']:.2f} GB/s in, "
-             f"{r['g_params_s']:.2f} G params/s{per_core}, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB")
+             f"{r['g_params_s']:.2f} G params/s{per_core}, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB, "
+             f"packer ISA {r['pack_isa']}")
         t = r["report"]["timings"]
         show("  read / pack / write / digest / commit (busy s)", " / ".join(
             f"{t.get(k, 0):.2f}" for k in ("read_s", "pack_s", "write_s", "digest_s", "commit_s")))
@@ -584,24 +683,24 @@ def main() -> None:
                  f"{t.get('cpu_batches_while_device_starts', 0):.0f}")
         show("  peak RSS after each layer (GiB)", " / ".join(f"{b / GIB:.2f}" for b in r["rss_after_each_layer"]))
 
-    def convert_on(dev: str, cold: bool) -> dict:
+    def convert_on(run: str, cold: bool) -> dict:
         cache = cache_state(cold, a.drop_caches)
-        return add_rates(run_child(ckpt, work / f"out-{dev}", dev, a.quant_method, a.threadpool_count, a.threads),
-                         dev, cache)
+        return add_rates(run_child(ckpt, work / f"out-{run}", run_device(run), a.quant_method, a.threadpool_count,
+                                   a.threads, run_isa(run)), run, cache)
 
     sums = {}
-    for dev in devices:
-        runs = [convert_on(dev, cold=False) for _ in range(max(1, a.repeat))]
-        res[f"{dev}_warm"] = best = min(runs, key=lambda r: r["process_s"])
-        best["all_process_s"] = [r["process_s"] for r in runs]
-        show_run(f"{LABEL[dev]} conversion, page cache (best of {len(runs)})", best)
-        if dev == "cpu" and best["imported"]["triton"]:
+    for run in runs:
+        tries = [convert_on(run, cold=False) for _ in range(max(1, a.repeat))]
+        res[f"{run}_warm"] = best = min(tries, key=lambda r: r["process_s"])
+        best["all_process_s"] = [r["process_s"] for r in tries]
+        show_run(f"{label(run)} conversion, page cache (best of {len(tries)})", best)
+        if run_device(run) == "cpu" and best["imported"]["triton"]:
             notes.append("warning: the CPU conversion imported triton")
-        sums[dev] = layer_checksums(work / f"out-{dev}")
-        shutil.rmtree(work / f"out-{dev}")
-    if len(sums) == 2:
-        res["gpu_equals_cpu"] = sums["cuda"] == sums["cpu"]
-        show("GPU output == CPU output (per-layer sha256)", res["gpu_equals_cpu"])
+        sums[run] = layer_checksums(work / f"out-{run}")
+        shutil.rmtree(work / f"out-{run}")
+    if len(sums) > 1:
+        res["same_output"] = len({json.dumps(v) for v in sums.values()}) == 1
+        show(f"same output from {', '.join(label(r) for r in sums)} (per-layer sha256)", res["same_output"])
 
     if a.skip_cold:
         notes.append("--skip-cold: no cold measurements")
@@ -610,24 +709,26 @@ def main() -> None:
         show_reads(rc)
         res["copy_cold"] = copy_floor(files, work / "copy", cold=True, drop=a.drop_caches)
         show_copy(res["copy_cold"])
-        for dev in devices:
-            res[f"{dev}_cold"] = r = convert_on(dev, cold=True)
-            show_run(f"{LABEL[dev]} conversion, {r['cache']}", r)
-            shutil.rmtree(work / f"out-{dev}")
+        for run in runs:
+            res[f"{run}_cold"] = r = convert_on(run, cold=True)
+            show_run(f"{label(run)} conversion, {r['cache']}", r)
+            shutil.rmtree(work / f"out-{run}")
         if not a.drop_caches:
             notes.append(f"the cold rows are {NOT_COLD}: pass --drop-caches (root) for cold numbers")
 
     ratios = {}
-    for dev in devices:
+    for run in runs:
         for when in ("warm", "cold"):
-            if f"{dev}_{when}" in res:
-                ratios[f"{dev}_{when}_over_copy_{when}"] = res[f"{dev}_{when}"]["process_s"] / res[f"copy_{when}"]["seconds"]
-        ratios[f"{dev}_warm_over_read_warm"] = res[f"{dev}_warm"]["process_s"] / rw["fastest_s"]
-        peaks = res[f"{dev}_warm"]["rss_after_each_layer"]
+            if f"{run}_{when}" in res:
+                ratios[f"{run}_{when}_over_copy_{when}"] = res[f"{run}_{when}"]["process_s"] / res[f"copy_{when}"]["seconds"]
+        ratios[f"{run}_warm_over_read_warm"] = res[f"{run}_warm"]["process_s"] / rw["fastest_s"]
+        peaks = res[f"{run}_warm"]["rss_after_each_layer"]
         if peaks:
-            ratios[f"{dev}_peak_rss_last_over_first_layer"] = peaks[-1] / peaks[0]
-    if len(sums) == 2:
+            ratios[f"{run}_peak_rss_last_over_first_layer"] = peaks[-1] / peaks[0]
+    if "cuda_warm" in res and "cpu_warm" in res:
         ratios["cpu_warm_over_gpu_warm"] = res["cpu_warm"]["process_s"] / res["cuda_warm"]["process_s"]
+    if a.isa:
+        res["isa_levels"] = isa_levels(res, runs)
     res["ratios"] = ratios
     res["notes"] = notes
     for name, value in ratios.items():
@@ -635,7 +736,7 @@ def main() -> None:
     for note in notes:
         print(f"note: {note}", flush=True)
     print()
-    print(summary_table(res, devices, threads), flush=True)
+    print(summary_table(res, runs, threads), flush=True)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text + "\n")

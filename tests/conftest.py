@@ -71,6 +71,16 @@ def random_bf16(n, k, seed, scale=1.0):
     return w
 
 
+ISA_LEVELS = ("portable", "avx2", "avx512", "amx")  # kt_kernels' ISA levels, lowest first
+
+
+def available_isas() -> list[str]:
+    """Every ISA level this CPU runs (up to kt_kernels.best_isa()): tests force each in turn."""
+    import kt_kernels
+
+    return list(ISA_LEVELS[: ISA_LEVELS.index(kt_kernels.best_isa()) + 1])
+
+
 def read_json(path):
     return json.loads(Path(path).read_text())
 

@@ -390,3 +390,45 @@ def test_bench_convert_table_puts_cpu_gpu_and_copy_side_by_side():
     assert header.split()[-6:] == ["GPU", "warm", "CPU", "warm", "GPU", "cold"]
     init = next(x for x in lines if x.strip().startswith("device_init_s"))
     assert init.split()[1:] == ["3.00", "-", "3.10"]
+
+
+def test_bench_convert_compares_forced_isa_levels():
+    """bench_convert --isa: per level, the packer's rate on one core and the conversion's per core against
+    AVX-512's, and the conversion against the copy floor."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_isas("avx512, avx2,avx2") == ["avx512", "avx2"]
+    with pytest.raises(Exception, match="--isa"):
+        bench.parse_isas("avx3")
+    runs = ["cpu-avx512", "cpu-avx2", "cpu-portable"]
+    assert [bench.label(r) for r in runs + ["cpu", "cuda"]] == ["CPU avx512", "CPU avx2", "CPU portable", "CPU", "GPU"]
+
+    def conv(seconds, cpu_s=3.0):
+        return {"process_s": seconds, "input_gb_s": 1.0 / seconds, "cpu_s": cpu_s, "cache": "warm",
+                "g_params_s_per_core": 2.0 / seconds / 2, "report": {"timings": {"pack_s": seconds / 2}}}
+
+    res = {"machine": {"cpu": "EPYC", "cores": 2, "isa": "avx512", "memory_gb": 24, "load_average": "1 1 1",
+                       "python": "3.11", "torch": "2.x", "triton": None, "date": "2026-12-07"},
+           "checkpoint": {"experts": 32, "layers": 2, "file_bytes": 1e9, "params": 2e9},
+           "settings": {"quant_method": "int4", "threadpool_count": 2, "cpu_threads": 2},
+           "copy_warm": {"seconds": 2.0, "cpu_s": 1.0, "cache": "warm"},
+           "cpu-avx512_warm": conv(2.5), "cpu-avx2_warm": conv(2.8, 4.0), "cpu-portable_warm": conv(10.0),
+           "pack_split": {"cpu-avx512": {"mxfp4_weights_per_core_s": 3.6e9},
+                          "cpu-avx2": {"mxfp4_weights_per_core_s": 2.4e9},
+                          "cpu-portable": {"mxfp4_weights_per_core_s": 0.12e9}}}
+    levels = res["isa_levels"] = bench.isa_levels(res, runs)
+    assert levels["avx2"]["avx512_over_this_pack_weights_per_core_s"] == pytest.approx(1.5)
+    assert levels["portable"]["avx512_over_this_pack_weights_per_core_s"] == pytest.approx(30.0)
+    assert levels["avx2"]["avx512_over_this_conversion_weights_per_core_s"] == pytest.approx(2.8 / 2.5)
+    assert levels["avx2"]["conversion_weights_per_cpu_s"] == pytest.approx(0.5e9)  # 2e9 weights in 4 CPU-s
+    assert levels["avx2"]["avx512_over_this_conversion_weights_per_cpu_s"] == pytest.approx(4.0 / 3.0)
+    assert levels["avx2"]["conversion_over_copy_warm"] == pytest.approx(1.4)
+    table = bench.summary_table(res, runs, 2).splitlines()
+    avx2 = next(x for x in table if x.split()[:1] == ["avx2"])
+    assert avx2.split() == ["avx2", "2400", "(1.50x)", "357", "(1.12x)", "500", "(1.33x)", "1.40"]
+    assert any(x.strip().startswith("CPU portable conversion (2 threads)") and "5.00" in x for x in table)

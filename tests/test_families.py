@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
 import kt_runtime
-from conftest import read_json
+from conftest import available_isas, read_json
 from convert.cli import main
 from convert.families import FAMILIES
 from convert.pipeline import ConvertOptions, convert
@@ -22,8 +21,7 @@ from quant.decoders import (decode_f16, decode_fp8_block, decode_int4_group, e4m
                             unpack_int4_words)
 from quant.reference import pack_expert_reference, pack_reference
 
-ISAS = ["portable", "avx2", "avx512", "amx"]
-AVAILABLE_ISAS = ISAS[: ISAS.index(kt_kernels.best_isa()) + 1]
+AVAILABLE_ISAS = available_isas()
 
 
 def _cpu_pack(method, src, col0, k, isa, threads=2):

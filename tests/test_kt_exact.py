@@ -14,14 +14,13 @@ import pytest
 import torch
 
 import kt_kernels
-from conftest import INT8_RECIP_BITS, fp8_subnormal_decode_rows, ftz_window_rows, int8_recip_mantissas, kt_special_rows
+from conftest import INT8_RECIP_BITS, available_isas, fp8_subnormal_decode_rows, ftz_window_rows, int8_recip_mantissas, kt_special_rows
 from kt_runtime.format.methods import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.kt_quant import quantize_rows, row_scales
 from quant.reference import pack_reference
 
-ISAS = ["portable", "avx2", "avx512", "amx"]
-AVAILABLE_ISAS = ISAS[: ISAS.index(kt_kernels.best_isa()) + 1]
+AVAILABLE_ISAS = available_isas()
 
 MXCSR_IEEE = 0x1F80  # exceptions masked, round to nearest even, no FTZ/DAZ
 FTZ, DAZ, ROUND_DOWN, ROUND_UP, ROUND_ZERO = 0x8000, 0x0040, 0x2000, 0x4000, 0x6000

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
 from kt_runtime.format.methods import INT4, INT8, METHODS
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import decode_mxfp8, decode_nvfp4, decode_source
 from quant.reference import pack_reference
+from conftest import available_isas
 
-ISAS = ["portable", "avx2", "avx512", "amx"]
-AVAILABLE_ISAS = [i for i in ISAS if ISAS.index(i) <= ISAS.index(kt_kernels.best_isa())]
+AVAILABLE_ISAS = available_isas()
 RAWINT4 = METHODS["rawint4-g32"]
 
 

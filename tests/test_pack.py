@@ -7,17 +7,17 @@ import pytest
 import torch
 
 import kt_kernels
-from kt_runtime.format.methods import INT4, INT8
+from kt_runtime.format.methods import INT4, INT8, RAWINT4_G32, RAWINT4_G128
 from quant.amx_tiling import tile, untile
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from quant.decoders import decode_source, encode_int4_words
 from quant.kt_quant import quantize_rows
 from quant.mxfp4 import E2M1_VALUES, decode_mxfp4
 from quant.reference import dequantize_packed, pack_reference
-from conftest import random_bf16
+from quant.source_formats import SOURCE_FORMATS
+from conftest import available_isas, random_bf16
 
-ISAS = ["portable", "avx2", "avx512", "amx"]
-LEVEL = {name: i for i, name in enumerate(ISAS)}
-AVAILABLE_ISAS = [i for i in ISAS if LEVEL[i] <= LEVEL[kt_kernels.best_isa()]]
+AVAILABLE_ISAS = available_isas()
 
 
 def oracle_tiled_offset(r, c, n, k, method):
@@ -233,3 +233,203 @@ def test_one_name_per_source_format():
         assert codes == {k: f.gpu_code for k, f in SOURCE_FORMATS.items()}
         assert triton_kernels.KIND_INT4_GROUP_F32 == SOURCE_FORMATS["int4_group"].gpu_code + 1
         assert triton_kernels.KIND_NVFP4_DIV == SOURCE_FORMATS["nvfp4"].gpu_code + 1
+
+
+# -- the dispatch table: every ISA level forced in turn, every source kind, every method ---------------
+
+
+@pytest.mark.parametrize("kind", sorted(SOURCE_FORMATS))
+def test_each_isa_level_runs_its_own_row(kind):
+    """Forcing a level runs that level's kernels; the AVX-512 row has no group quantizer of its own and
+    takes the AVX2 row's; AMX CPUs run the AVX-512 row; every source kind has a decoder in every SIMD row."""
+    for isa, row in (("portable", "portable"), ("avx2", "avx2"), ("avx512", "avx512"), ("amx", "avx512")):
+        assert kt_kernels._pack_kernel_rows(isa, kind) == {
+            "decode": row, "quantize_row": row, "pack_nibbles": row, "tile_block": row,
+            "quantize_groups_row": "portable" if row == "portable" else "avx2"}, isa
+
+
+def _strided(a: np.ndarray) -> np.ndarray:
+    """`a` as every other row of an array twice as tall, the rows between of 0xFF bytes (NaN in every float
+    format): rows with a stride, as gpt-oss's interleaved gate/up are read, and a decoder that read the wrong
+    row would count non-finite values."""
+    both = np.full((2 * a.shape[0], a.shape[1] * a.itemsize), 0xFF, np.uint8).view(a.dtype)
+    both[0::2] = a
+    return both[0::2]
+
+
+def _source(kind: str, n: int, k: int) -> SourceMatrix:
+    """A random [n, k] source of `kind` with strided rows and a few non-finite values (or codes / scales that
+    decode to them) in columns 130..200, as stored in checkpoints."""
+    rng = np.random.default_rng(sorted(SOURCE_FORMATS).index(kind))
+    if kind == "bf16":
+        w = random_bf16(n, k, 11).view(torch.uint16).numpy()
+        w[3, 140], w[5, 200], w[6, 135] = 0x7FC0, 0xFF80, 0x7F80  # NaN, -inf, inf
+        return SourceMatrix(kind, _strided(w))
+    if kind == "f32":  # bf16-exact float32
+        w = (random_bf16(n, k, 12).view(torch.uint16).numpy().astype(np.uint32) << 16).view(np.float32)
+        w[4, 150] = np.inf
+        return SourceMatrix(kind, _strided(w))
+    if kind == "f16":
+        h = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
+        h[2, 130:136] = [6e-8, -3e-6, 65504, -65504, np.inf, np.nan]  # subnormals, extremes, non-finite
+        return SourceMatrix(kind, _strided(h.view(np.uint16)))
+    if kind == "mxfp4":
+        blocks = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+        scales = rng.integers(110, 141, size=(n, k // 32), dtype=np.uint8)
+        scales[7, 4], scales[8, 5] = 255, 0  # E8M0 255 -> inf scale (non-finite), 0 -> zero
+        return SourceMatrix(kind, _strided(blocks), _strided(scales))
+    if kind == "fp8_block":
+        w = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
+        w[(w & 0x7F) == 0x7F] = 0x3C
+        w[9, 160] = 0x7F  # E4M3FN NaN
+        grid = (-(-n // 32), -(-k // 64))
+        s = (2.0 ** rng.integers(-12, -4, size=grid) * rng.uniform(1, 2, size=grid)).astype(np.float32)
+        return SourceMatrix(kind, _strided(w), s, (32, 64))
+    if kind == "int4_group":
+        words = encode_int4_words(rng.integers(0, 16, size=(n, k)))
+        sc = rng.uniform(0.001, 0.01, size=(n, k // 32)).astype(np.float32)
+        scales = (sc.view(np.uint32) >> 16).astype(np.uint16)
+        scales[10, 5] = 0x7F80  # an inf scale
+        return SourceMatrix(kind, _strided(words), _strided(scales), (1, 32))
+    if kind == "nvfp4":  # compressed-tensors' layout: the group scales divided by a non-power-of-two global scale
+        blocks = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+        scales = rng.integers(0x20, 0x58, size=(n, k // 16), dtype=np.uint8)  # E4M3 0.0078..12
+        # groups 8..12 (columns 128..207): E4M3 NaN of either sign, a zero, a subnormal and a negative scale
+        scales[3, 8], scales[4, 9], scales[5, 10], scales[6, 11], scales[8, 12] = 0x7F, 0xFF, 0x00, 0x03, 0xB8
+        return SourceMatrix(kind, _strided(blocks), _strided(scales), global_scale=float(np.float32(7264.86)),
+                            global_divides=True)
+    if kind == "mxfp8":
+        w = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
+        w[(w & 0x7F) == 0x7F] = 0x30
+        w[0, 128:144] = np.arange(16)  # zero, the subnormal E4M3 codes and the smallest normals
+        w[1, 144:152] = 0x80 | np.arange(8)  # negative subnormals
+        w[9, 160], w[10, 161] = 0x7F, 0xFF  # E4M3FN NaN of either sign
+        scales = rng.integers(115, 132, size=(n, k // 32), dtype=np.uint8)
+        # E8M0 255 -> inf scale, 0 -> zero (kt's reading), 1 (2^-126) times subnormal codes -> float32 subnormals,
+        # 254 (2^127) times codes above 2 -> overflow to inf
+        scales[7, 4], scales[8, 5], scales[2, 6], scales[11, 6] = 255, 0, 1, 254
+        w[2, 192:200] = np.arange(8)
+        return SourceMatrix(kind, _strided(w), _strided(scales))
+    raise AssertionError(f"no test source for kind {kind!r}: add one")
+
+
+ALL_KINDS_N, ALL_KINDS_K = 64, 512
+_REFERENCE: dict = {}
+
+
+def _reference(kind, method, col0, k):
+    """The torch reference's bytes, scales and non-finite count for columns [col0, col0 + k) of _source(kind)."""
+    key = (kind, method.name, col0, k)
+    if key not in _REFERENCE:
+        full = decode_source(_source(kind, ALL_KINDS_N, ALL_KINDS_K))
+        w, s, bad = pack_reference(full[:, col0 : col0 + k], method)
+        _REFERENCE[key] = (w.numpy().reshape(-1), s.contiguous().view(torch.int16).numpy().reshape(-1).view(np.uint16)
+                           if s.dtype == torch.bfloat16 else s.numpy().view(np.uint32), bad)
+    return _REFERENCE[key]
+
+
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+@pytest.mark.parametrize("method", [INT4, INT8, RAWINT4_G32, RAWINT4_G128], ids=lambda m: m.name)
+@pytest.mark.parametrize("kind", sorted(SOURCE_FORMATS))
+def test_every_source_kind_and_method_on_every_isa(kind, method, isa):
+    """The C++ packer at each ISA level, forced, gives the torch reference's bytes (and the reference C++'s) for
+    every source kind, with strided rows, column slices and non-finite values. For the kinds that allow it, slices
+    start off a SIMD step (column 4: decoded by the reference), inside a scale block (24: on the 8-column step of
+    AVX2's fp8_block, int4_group and mxfp8 decoders, off the 16-column steps of AVX-512 and of AVX2's nvfp4) and
+    inside a 32-column scale group (48)."""
+    src = _source(kind, ALL_KINDS_N, ALL_KINDS_K)
+    slices = [(0, ALL_KINDS_K), (128, 256)]
+    if kind != "mxfp4" and method is not INT4 and method is not RAWINT4_G128:  # k of 256 from columns 4, 24, 48
+        slices += [(4, 256), (24, 256), (48, 256)]
+    for col0, k in slices:
+        ref_w, ref_s, ref_bad = _reference(kind, method, col0, k)
+        assert ref_bad > 0  # every slice holds non-finite values
+        for threads in (1, 3):
+            dst, bad = _cpu_pack(method, src, col0, k, isa, threads)
+            assert bad == ref_bad, (col0, k, threads)
+            assert np.array_equal(dst.weight, ref_w), (col0, k, threads)
+            assert np.array_equal(dst.scales.view(ref_s.dtype), ref_s), (col0, k, threads)
+
+
+def _group_rows() -> torch.Tensor:
+    """RAWINT4 rows (groups of 32) at the quantizer's edges: ties, clipping of either candidate, a zero group,
+    subnormals, bf16 scales that round far from amax / 7 and amax / 8."""
+    rows = []
+
+    def group(*head):
+        g = torch.zeros(32)
+        g[: len(head)] = torch.tensor(head)
+        return g
+
+    rows.append(torch.cat([group(56.0, -56.0, 8.0), group(-56.0, 48.0, 1.0), group(-64.0, 3.0), group()]))
+    rows.append(torch.cat([group(-56.0), group(-8.0, 1.0), group(-7 * 2.0**-20), group(1.0)]))  # exact error ties
+    tiny = 2.0**-133  # the smallest bf16 subnormal: amax 15 tiny gives d7 = d8 = 2 tiny, 7.5 -> 8
+    rows.append(torch.cat([group(15 * tiny, tiny), group(-15 * tiny, tiny), group(3 * tiny), group(2.0**-126, -tiny)]))
+    g = torch.Generator().manual_seed(5)
+    rows.append((torch.randn(128, generator=g) * 1e-3))
+    rows.append(torch.round(torch.randn(128, generator=g) * 4) * 0.25)  # a coarse grid: many exact error ties
+    return torch.stack(rows).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("isa", AVAILABLE_ISAS)
+def test_group_quantizer_edges_on_every_isa(isa):
+    w = _group_rows()
+    assert torch.equal(w.float()[2, 0], torch.tensor(15 * 2.0**-133))  # the subnormals survive bf16
+    ref_w, ref_s, _ = pack_reference(w, RAWINT4_G32)
+    want_s = ref_s.view(torch.int16).numpy().reshape(-1).view(np.uint16)
+    # worked by hand (groups of 32): [56, -56, 8]: d8 = 7 clips 56 -> d7 = 8, q 7 -7 1; [-56, 48, 1]: d7 = 8 (error 1)
+    # beats d8 = 7 (error 2); [-64, 3]: d8 = 8 (error 9) beats d7 = bf16(64 / 7) = 9.125 (error 9.015625); zeros: 0
+    assert list(want_s[:4]) == [0x4100, 0x4100, 0x4100, 0]
+    # [-56]: d8 = 7 and d7 = 8 both exact (error 0): the tie keeps d7; [-8, 1]: d8 = 1 exact beats d7 = 1.140625;
+    # [-7 2^-20]: a tie again, d7 = 2^-20; [1]: d8 = 0.125 clips 1 (8 > 7) -> d7 = bf16(1 / 7) = 0.142578125
+    assert list(want_s[4:8]) == [0x4100, 0x3F80, 0x3580, 0x3E12]
+    assert ref_w.numpy()[0, 0] == (7 + 8) | ((-7 + 8) << 4) and ref_w.numpy()[0, 1] == (1 + 8) | (8 << 4)
+    assert ref_w.numpy()[0, 32] == 0 | ((0 + 8) << 4)  # -64 / 8 = -8 -> u 0; 3 / 8 rounds to 0 -> u 8
+    src = SourceMatrix("bf16", w.view(torch.uint16).numpy())
+    for threads in (1, 2):
+        dst, bad = _cpu_pack(RAWINT4_G32, src, 0, 128, isa, threads)
+        assert bad == 0
+        assert np.array_equal(dst.weight, ref_w.numpy().reshape(-1))
+        assert np.array_equal(dst.scales.view(np.uint16), want_s)
+
+
+# -- KT_PACK_ISA: the converter's packer at a forced level ---------------------------------------------
+
+
+def test_pack_isa_variable():
+    from convert.errors import UserError
+    from convert.packers import pack_isa
+
+    assert pack_isa({}) == pack_isa({"KT_PACK_ISA": "auto"}) == pack_isa({"KT_PACK_ISA": " "}) == kt_kernels.best_isa()
+    for isa in AVAILABLE_ISAS:
+        assert pack_isa({"KT_PACK_ISA": isa}) == isa
+    assert pack_isa({"KT_PACK_ISA": " Portable\n"}) == "portable"
+    with pytest.raises(UserError, match=r"KT_PACK_ISA=sse9: unknown ISA 'sse9' \(expected auto, portable, avx2"):
+        pack_isa({"KT_PACK_ISA": "sse9"})
+    # undecodable bytes (os.environ keeps them as surrogates), control characters, a huge value: a short,
+    # printable message, never an encoding error
+    for hostile, shown in (("\udcff", "\\udcff"), ("avx2\x1b[2J", "avx2\\x1b[2j"), ("a" * 100_000, "a" * 32)):
+        with pytest.raises(UserError) as e:
+            pack_isa({"KT_PACK_ISA": hostile})
+        assert f"unknown ISA '{shown}'" in str(e.value) and len(str(e.value)) < 200 and str(e.value).isprintable()
+    for isa in ("portable", "avx2", "avx512", "amx")[len(AVAILABLE_ISAS):]:
+        with pytest.raises(UserError, match=f"KT_PACK_ISA={isa}: this CPU cannot run ISA '{isa}'.*unset it"):
+            pack_isa({"KT_PACK_ISA": isa})
+
+
+def test_conversion_at_every_forced_isa_level_writes_the_same_bytes(tiny_checkpoint, tmp_path, monkeypatch):
+    from conftest import tree_hashes
+    from convert.cli import main
+    from convert.packers import CpuPacker
+
+    outputs = {}
+    for isa in AVAILABLE_ISAS:
+        monkeypatch.setenv("KT_PACK_ISA", isa)
+        assert CpuPacker(1).isa == isa  # what the converter's packer hands to kt_kernels.pack
+        out = tmp_path / isa
+        assert main(["-i", str(tiny_checkpoint.path), "-o", str(out), "--device", "cpu", "--no-progress"]) == 0
+        outputs[isa] = {name: h for name, h in tree_hashes(out).items() if name != "kt_manifest.json"}
+    assert len(outputs["portable"]) > 2 and all(o == outputs["portable"] for o in outputs.values())
+    monkeypatch.setenv("KT_PACK_ISA", "avx3")
+    assert main(["-i", str(tiny_checkpoint.path), "-o", str(tmp_path / "bad"), "--device", "cpu", "--no-progress"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -173,6 +173,12 @@ PARSE_ONLY = {
     "python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-prefill --skip-kernel": BENCHMARK,
     "python scripts/bench_verify.py": BENCHMARK + " (tests/test_scripts.py runs it small)",
     "python scripts/bench_convert.py --skip-cold --repeat 3 --workdir W": BENCHMARK,
+    "python scripts/bench_convert.py --isa avx512,avx2,portable --skip-cold": BENCHMARK,
+    "python scripts/bench_convert.py --isa avx512,avx2,portable --repeat 3 --skip-cold --workdir W --json bench.json":
+        BENCHMARK,
+    "python scripts/bench_pack.py": BENCHMARK,
+    "python scripts/bench_pack.py --json bench_pack.json": BENCHMARK,
+    "python scripts/bench_pack.py --sources nvfp4,nvfp4-ct,mxfp8,mxfp4 --reps 5 --json bench_pack.json": BENCHMARK,
     "python3 scripts/bench_convert.py --device cuda --experts 256 --layers 3 --workdir /tmp/ktb --json bench.json": GPU,
     "python scripts/bench_convert.py --experts 96 --layers 2 --repeat 3 --workdir /tmp/gpuconv_bench": BENCHMARK,
     "python3 scripts/bench_convert.py --device cuda,cpu --experts 256 --layers 3 --workdir /tmp/ktb --drop-caches "
