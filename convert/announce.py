@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kt_runtime.format.methods import working_threadpool_counts
 from quant.source_formats import SOURCE_FORMATS
 
 from .units import plural
@@ -26,8 +27,8 @@ def layer_ranges(layers) -> str:
     return ",".join(out)
 
 
-def plan_lines(plan, source: Path, out: Path, device: str) -> list[str]:
-    """plan: convert.plan.ConversionPlan."""
+def plan_lines(plan, source: Path, out: Path, device: str, default_group: bool = False) -> list[str]:
+    """plan: convert.plan.ConversionPlan; default_group: a group-wise method's group size is the default."""
     fmt = _FORMAT_NAMES.get(plan.input_type, plan.input_type)
     layers = [lp.layer for lp in plan.layers]
     scope = (f"{plural(len(layers), 'MoE layer')} ({layer_ranges(layers)})" if not plan.partial else
@@ -40,8 +41,20 @@ def plan_lines(plan, source: Path, out: Path, device: str) -> list[str]:
                  f"hidden {plan.hidden_size}, expert intermediate {plan.moe_intermediate_size}"
                  + (f"; {plan.skipped_mtp_keys} MTP expert tensors skipped (not routed experts of the main model)" if plan.skipped_mtp_keys else ""))
     layout = "one safetensors shard per layer" if plan.layout == "merged" else "kt's _layer_L/_numa_T .kt folders"
-    lines.append(f"output: {plan.method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
-                 f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}")
+    method = plan.method
+    if method.numa_split:
+        lines.append(f"output: {method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
+                     f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}")
+        return lines
+    serve = plan.serve_threadpool_count or plan.threadpool_count
+    others = [t for t in working_threadpool_counts(method, plan.hidden_size, plan.moe_intermediate_size) if t != serve]
+    why = " (the default: every kt-kernel RAWINT4 kernel computes it)" if default_group else ""
+    lines.append(f"output: {method.kt_method} group size {method.group_size}{why}, "
+                 f"{layout}, packed on the {device} -> {out}")
+    lines.append(f"output: no NUMA split: kt splits the whole matrices per pool when it loads them, so these files "
+                 f"serve any pool count; serve with --kt-threadpool-count {serve} (checked"
+                 + (f"; {', '.join(map(str, others))} {'also work' if len(others) > 1 else 'also works'}" if others else "")
+                 + ")")
     return lines
 
 

@@ -4,8 +4,8 @@
     report = verify(OUT, source=SRC)             # + every layer, expert and projection against the source
 
 With a source, each packed matrix (dequantized through the loader, kt_runtime.loader) is compared with
-the source matrix decoded by the reference decoders (quant.decoders.decode_source), the bf16 matrix the
-packer quantized: relative RMS error ||p - r|| / ||r||, max |p - r|, cosine similarity and SNR
+the source matrix's own values (quant.decoders.source_values: compressed-tensors INT4 as the exact products
+(u - 8) * scale, every other format the bf16 matrix the packer quantizes): relative RMS error ||p - r|| / ||r||, max |p - r|, cosine similarity and SNR
 (10 log10(||r||^2 / ||p - r||^2)), per tensor, per layer x projection and for the whole model (from sums
 of squares, so the summaries are the norms of the concatenated tensors). The source is read layer by
 layer in bounded batches (convert.layer_io.LayerReader, as the conversion reads it), and the tensors of a
@@ -131,6 +131,8 @@ class VerifyReport:
     seconds: float = 0.0
     source_bytes: int = 0
     max_rel_error: float | None = None
+    codes: int = 0  # group-wise INT4 outputs: codes in the layers checked
+    minus8_codes: int = 0  # of them, at the level -8 (convert.quant_notes)
 
     @property
     def model(self) -> Sums:
@@ -162,7 +164,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         d = {"output": self.output, "method": self.method, "kt_method": self.kt_method, "layers": self.layers,
-             "num_experts": self.num_experts, "integrity": self.integrity, "source": self.source}
+             "num_experts": self.num_experts, "integrity": self.integrity, "source": self.source,
+             "codes": self.codes, "minus8_codes": self.minus8_codes, "notes": self.notes()}
         if self.source is not None:
             d.update({
                 "family": self.family, "input_type": self.input_type, "seconds": round(self.seconds, 3),
@@ -178,11 +181,24 @@ class VerifyReport:
                 "tensors": [_json_tensor(t) for t in self.tensors]})
         return d
 
+    def notes(self) -> list[str]:
+        """What kt-kernel computes wrongly with these codes (convert.quant_notes)."""
+        from kt_runtime.format.methods import get_method
+
+        from .quant_notes import GROUP_EFFECT, KT_GROUP_SIZE, minus8_line
+
+        group = get_method(self.method).group_size
+        lines = [minus8_line(self.minus8_codes, self.codes, "this output")]
+        if group is not None and group != KT_GROUP_SIZE:
+            lines.append("note: " + GROUP_EFFECT.format(group=group))
+        return [line for line in lines if line]
+
     def table(self) -> str:
         """The terminal report."""
         lines = [f"{self.output}: {self.method} ({self.kt_method}), {len(self.layers)} layers x "
                  f"{self.num_experts} experts; integrity ok ({self.integrity['files']} files, "
                  f"{self.integrity['bytes'] / 1e9:.2f} GB, digests {'checked' if self.integrity['digests'] else 'skipped'})"]
+        lines += self.notes()
         if self.source is None:
             lines.append("no --source: weights not compared")
             return "\n".join(lines)
@@ -261,15 +277,29 @@ def verify(output: str | Path, source: str | None = None, *, layers: list[int] |
         raise UserError(f"--layers: {missing} are not in {output} (its layers: {list(spec.layers)})")
     report = VerifyReport(str(output), method.name, method.kt_method, chosen, spec.num_experts,
                           _integrity(weights, digests), max_rel_error=max_rel_error)
+    if method.group_size is not None:
+        _count_codes(report, weights, chosen)
     if source is not None:
         _compare(report, weights, source, chosen, threads)
     return report
 
 
+def _count_codes(report: VerifyReport, weights, layers: list[int]) -> None:
+    """A group-wise INT4 output's codes, and those at the level -8 (read from the mapped files)."""
+    from .quant_notes import minus8_count
+
+    for layer in layers:
+        for expert in range(weights.spec.num_experts):
+            for proj in PROJECTIONS:
+                packed, _ = weights.expert_tensors(layer, expert, proj, 0)
+                report.codes += 2 * packed.size
+                report.minus8_codes += minus8_count(packed)
+
+
 def _compare(report: VerifyReport, weights, source: str, layers: list[int], threads: int) -> None:
     import torch
 
-    from quant.decoders import decode_source
+    from quant.decoders import source_values
 
     from .layer_io import LayerReader
     from .pipeline import experts_per_batch
@@ -306,7 +336,7 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
                         try:
                             def one(job):
                                 expert, proj = job
-                                ref = decode_source(read_source_matrix(lp.experts[expert][proj], data))
+                                ref = source_values(read_source_matrix(lp.experts[expert][proj], data))
                                 return expert, proj, tensor_sums(weights.dequantize(lp.layer, expert, proj), ref)
 
                             jobs = [(e, p) for e in experts for p in PROJECTIONS]

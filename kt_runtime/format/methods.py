@@ -23,10 +23,10 @@ COMPRESSED_TENSORS = "compressed-tensors"
 LAYOUTS = (AMX_TILED, COMPRESSED_TENSORS)
 FP32_RECIPROCAL = "fp32-reciprocal"  # d = fl32(amax * fl32(1 / levels)) (what GCC -ffast-math makes of amax / levels)
 FP64_DIVIDE = "fp64-divide"  # d = fl32((double)amax / levels)
-# per group: d = bf16(amax / 7) or bf16(amax / 8), whichever gives the smaller squared error on that group
-# (q = clamp(rint(w / d), -8, 7); amax / 8 wins when the extreme weight is negative and -8 can hold it)
-BF16_BEST_OF_7_8 = "bf16-best-of-7-8"
-SCALE_ARITHMETIC = (FP32_RECIPROCAL, FP64_DIVIDE, BF16_BEST_OF_7_8)
+# per group: the bf16 scale d with the least squared error sum((w - q d)^2), q = clamp(rint(w / d), -7, 7)
+# (the smallest such d; docs/FORMAT.md §9)
+BF16_LEAST_SQUARES = "bf16-least-squares"
+SCALE_ARITHMETIC = (FP32_RECIPROCAL, FP64_DIVIDE, BF16_LEAST_SQUARES)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ INT8 = QuantMethod("int8", "AMXINT8", "INT8", bits=8, levels=127, scale_arithmet
                    n_block=64, k_align=64)
 
 def _rawint4(group: int) -> QuantMethod:
-    return QuantMethod(f"rawint4-g{group}", "RAWINT4", "", bits=4, levels=7, scale_arithmetic=BF16_BEST_OF_7_8,
+    return QuantMethod(f"rawint4-g{group}", "RAWINT4", "", bits=4, levels=7, scale_arithmetic=BF16_LEAST_SQUARES,
                        layout=COMPRESSED_TENSORS, n_block=1, k_align=group, group_size=group, scale_dtype="BF16",
                        cli_name="rawint4")
 
@@ -100,7 +100,9 @@ for _m in METHODS.values():
     CHOICES.setdefault(_m.choice, ())
     if _m.group_size is not None:
         CHOICES[_m.choice] += (_m.group_size,)
-DEFAULT_GROUP_SIZE = 128
+# group 32: the one group size every kt-kernel RAWINT4 kernel computes (its AMX/AVX-512 one, AMXInt4_KGroup,
+# returns NaN or crashes at 64 and 128: docs/FORMAT.md §9), and it carries INT4 sources of groups 32, 64, 128
+DEFAULT_GROUP_SIZE = 32
 
 
 def method_for(choice: str, group_size: int | None = None) -> QuantMethod:

@@ -1,0 +1,229 @@
+// Group-wise INT4 (kt's RAWINT4) quantizer: for each group of a row, the bf16 scale with the least squared
+// error over the levels -7..7, and the codes; or, for a source already on the output's grid, its codes and
+// scales carried over. One portable implementation, used by every ISA (docs/FORMAT.md §9).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "numerics.hpp"
+#include "pack.hpp"
+
+namespace kt {
+namespace ref {
+
+namespace {
+
+constexpr int kMaxLevel = 7;  // codes -7..7: kt's RAWINT4 kernels compute -8 wrongly (docs/FORMAT.md §9)
+constexpr int kMaxGroup = 128;
+// The candidate scales lie within the bf16 values from amax/64 to 2 amax (bit patterns, which order positive
+// values); the search narrows that per group with two bounds (below).
+constexpr uint32_t kBelow = 6 * 128, kAbove = 128, kMaxBf16 = 0x7F7F;
+constexpr int kCandidates = kBelow + kAbove + 1;
+constexpr int kMaskWords = (kCandidates + 63) / 64;
+constexpr int kHalfOctaves = 16;
+
+inline uint32_t bf16_bits(float f) { return f32_to_bits(f) >> 16; }
+inline uint32_t bf16_ceil_bits(float f) { const uint32_t u = f32_to_bits(f); return (u >> 16) + ((u & 0xFFFFu) != 0); }
+inline double bf16_value(uint32_t bits) { return static_cast<double>(bf16_to_f32(static_cast<uint16_t>(bits))); }
+
+// F(p) = SSE(p) - sum a^2 = p * (p * Q - 2 * S), S = sum a q, Q = sum q^2: exact in double for the candidate
+// scales (a few dozen significant bits), so every implementation compares the same numbers.
+inline double excess(double p, double s, double q) { return p * (p * q - 2.0 * s); }
+
+// Round half to even of |r| < 2^51, in the IEEE default rounding mode the packer runs under (MxcsrGuard).
+inline double round_even(double r) {
+  constexpr double kShift = 0x1.8p52;
+  return (r + kShift) - kShift;
+}
+
+// rint of the exact quotient (in double the tie test is exact for bf16 x and d), clipped to -7..7
+inline int code_for(float x, double d) {
+  if (d == 0.0) return 0;
+  const double r = round_even(static_cast<double>(x) / d);
+  return static_cast<int>(std::clamp(r, -static_cast<double>(kMaxLevel), static_cast<double>(kMaxLevel)));
+}
+
+// The least-error scale of one group, exactly, by a sweep over bucketed events. Element a's code at a
+// candidate p is the number of m in 0..6 with p < a / (m + 0.5) (at a tie both codes give the same error),
+// so each (a, m) is an event that leaves the sums S, Q at the first candidate >= a / (m + 0.5). Between
+// events the codes are constant and F a convex quadratic in p, least at the bf16 values beside S / Q; runs
+// whose real minimum -S^2/Q cannot beat the best so far are skipped. The candidates are limited to where the
+// least error can be, from SSE0, the error of amax/7 rounded up (docs/FORMAT.md §9):
+//   below: for 7p < amax the largest weight alone errs by (amax - 7p)^2, so p >= (amax - sqrt(SSE0)) / 7;
+//   above: for p >= 2 a every weight up to a gets code 0, so p < 2 a_k where the squares of the k smallest
+//   weights first sum past SSE0.
+class ScaleSearch {
+ public:
+  uint16_t best(const float* x, int64_t g) {
+    float amax = 0.f;
+    for (int64_t j = 0; j < g; ++j) {
+      a_[j] = std::fabs(x[j]);
+      amax = std::max(amax, a_[j]);
+    }
+    if (amax == 0.f) return 0;
+    const uint32_t top = bf16_bits(amax);  // amax is bf16-exact
+    const uint32_t first = bf16_ceil_bits(amax / 7.0f);  // the smallest scale that clips nothing
+    double sse0 = 0.0, s0 = 0.0, q0 = 0.0;
+    const double p0 = bf16_value(first);
+    for (int64_t j = 0; j < g; ++j) {
+      const double c = std::min<double>(kMaxLevel, round_even(a_[j] / p0)), e = a_[j] - c * p0;
+      sse0 += e * e;
+      s0 += a_[j] * c;
+      q0 += c * c;
+    }
+    prune_above_ = excess(p0, s0, q0);  // the least F is at most this
+    const double bound = sse0 * (1.0 + 1e-12);  // above any rounding of the sum
+    lo_ = top > kBelow ? top - kBelow : 1;
+    const double below = (amax - std::sqrt(bound)) / 7.0 * (1.0 - 1e-12);
+    if (below > bf16_value(lo_)) lo_ = std::max(lo_, bf16_bits(static_cast<float>(below * (1.0 - 0x1p-20))));
+    uint32_t hi = std::min(kMaxBf16, top + kAbove);
+    // the weights by half-octaves below amax (bin b: bits top - 64 (b + 1) < bits(a) <= top - 64 b, the
+    // last bin everything smaller), their squares summed from the smallest bin up: where the sum passes
+    // SSE0, every weight counted is at most the bin's upper edge v, and candidates from 2 v on are out
+    double squares[kHalfOctaves] = {};
+    for (int64_t j = 0; j < g; ++j) {
+      const uint32_t below_top = top - bf16_bits(a_[j]);  // a_[j] <= amax: no wrap
+      squares[std::min<uint32_t>(kHalfOctaves - 1, below_top >> 6)] += static_cast<double>(a_[j]) * a_[j];
+    }
+    double zeros = 0.0;
+    for (int b = kHalfOctaves - 1; b > 0; --b) {
+      zeros += squares[b];
+      if (zeros > bound) {  // bin b's weights are <= the bf16 value 64 b steps below amax
+        const int64_t edge = static_cast<int64_t>(top) - 64 * b;  // v's bits (subnormal v: 2 v is at most +128)
+        if (edge > 0) hi = std::min<uint32_t>(hi, static_cast<uint32_t>(edge) + 128);
+        break;
+      }
+    }
+    const int n = static_cast<int>(std::max(hi, lo_) - lo_) + 1;
+    std::memset(mask_, 0, sizeof(mask_));
+    // An exact quotient a / (m + 0.5) that is not a bf16 value is at least 2^-13 (relative) away from every
+    // bf16 value, so the float product lies between the same neighbours; one that is a bf16 value p may land
+    // on either side of p, and at p both codes give the same error.
+    static constexpr float kInvHalf[kMaxLevel] = {1 / 0.5f, 1 / 1.5f, 1 / 2.5f, 1 / 3.5f, 1 / 4.5f, 1 / 5.5f, 1 / 6.5f};
+    double s = 0.0;
+    int64_t q = 0;
+    for (int64_t j = 0; j < g; ++j) {
+      const float a = a_[j];
+      for (int m = 0; m < kMaxLevel && a != 0.f; ++m) {
+        const int64_t i = static_cast<int64_t>(bf16_ceil_bits(a * kInvHalf[m])) - lo_;
+        if (i <= 0) break;  // inactive at every candidate, and so are the larger m
+        s += a;
+        q += 2 * m + 1;
+        if (i < n) add_event(static_cast<int>(i), a, 2 * m + 1);
+      }
+    }
+    best_f_ = HUGE_VAL;
+    best_bits_ = first;
+    int start = 0;
+    for (int w = 0; w < kMaskWords; ++w) {
+      for (uint64_t bits = mask_[w]; bits; bits &= bits - 1) {
+        const int i = w * 64 + __builtin_ctzll(bits);
+        run(start, i - 1, s, static_cast<double>(q));
+        s -= ds_[i];
+        q -= dq_[i];
+        start = i;
+      }
+    }
+    run(start, n - 1, s, static_cast<double>(q));
+    return static_cast<uint16_t>(best_bits_);
+  }
+
+ private:
+  void add_event(int i, float a, int dq) {
+    uint64_t& word = mask_[i >> 6];
+    const uint64_t bit = uint64_t{1} << (i & 63);
+    if (word & bit) {
+      ds_[i] += a;
+      dq_[i] += dq;
+    } else {
+      word |= bit;
+      ds_[i] = a;
+      dq_[i] = dq;
+    }
+  }
+
+  void consider(uint32_t bits, double s, double q) {
+    const double f = excess(bf16_value(bits), s, q);
+    if (f < best_f_) {  // candidates come in ascending order: the smallest scale wins a tie
+      best_f_ = f;
+      best_bits_ = bits;
+    }
+  }
+
+  // Candidates i0..i1 share the codes (sums s, q).
+  void run(int i0, int i1, double s, double q) {
+    const uint32_t b0 = lo_ + i0, b1 = lo_ + i1;
+    if (q == 0.0) {  // all codes 0: F = 0 at each
+      consider(b0, s, q);
+      return;
+    }
+    // the run's real minimum -s^2 / q above a bound of the least F: no candidate of the run reaches it
+    const double bound = std::min(best_f_, prune_above_);
+    if (bound < 0.0 && s * s * (1.0 + 1e-12) < -bound * q) return;
+    // the real minimiser s / q <= amax; its bf16 floor and ceiling are within one of the truncated float's
+    const uint32_t c = bf16_bits(static_cast<float>(s / q));
+    const uint32_t from = std::max(b0, c > 0 ? c - 1 : 0), to = std::min(b1, c + 2);
+    if (from > to) {  // the minimiser lies outside the run: its nearer end
+      consider(c + 2 < b0 ? b0 : b1, s, q);
+      return;
+    }
+    for (uint32_t b = from; b <= to; ++b) consider(b, s, q);
+  }
+
+  uint32_t lo_ = 1;
+  uint32_t best_bits_ = 1;
+  double best_f_ = HUGE_VAL;
+  double prune_above_ = HUGE_VAL;
+  float a_[kMaxGroup];
+  uint64_t mask_[kMaskWords];
+  double ds_[kCandidates];
+  int64_t dq_[kCandidates];
+};
+
+}  // namespace
+
+uint16_t least_squares_scale(const float* x, int64_t g) {
+  ScaleSearch search;
+  return search.best(x, g);
+}
+
+void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales) {
+  ScaleSearch search;
+  for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, ++gi) {
+    const uint16_t sb = search.best(x + g0, group);
+    const double d = bf16_value(sb);
+    scales[gi] = sb;
+    for (int64_t j = 0; j < group; j += 2)
+      out[(g0 + j) / 2] = static_cast<uint8_t>((code_for(x[g0 + j], d) + 8) | ((code_for(x[g0 + j + 1], d) + 8) << 4));
+  }
+}
+
+int64_t carry_group_codes_row(const PackJob& job, int64_t row, int64_t group, uint8_t* out, uint16_t* scales,
+                              float* row_scratch) {
+  // A scale below 2^124 decodes every code (|u - 8| <= 8) to a finite bf16 value; a larger or non-finite one
+  // takes the path of any other source (decoded, non-finite values counted and zeroed, quantized).
+  constexpr uint16_t kCarriedBelow = 0x7D80;  // |scale| < 2^124
+  const uint8_t* src = job.weight + row * job.weight_row_bytes;
+  const uint8_t* src_scales = job.scales + row * job.scale_row_bytes;
+  int64_t nonfinite = 0;
+  bool decoded = false;
+  for (int64_t g0 = 0, gi = 0; g0 < job.k; g0 += group, ++gi) {
+    const int64_t c0 = job.col0 + g0;
+    uint16_t sb;
+    std::memcpy(&sb, src_scales + 2 * (c0 / job.block_k), 2);
+    if ((sb & 0x7FFFu) < kCarriedBelow) {
+      scales[gi] = sb;
+      std::memcpy(out + g0 / 2, src + c0 / 2, static_cast<size_t>(group / 2));
+      continue;
+    }
+    if (!decoded) {
+      nonfinite = decode_row(job, row, row_scratch);
+      decoded = true;
+    }
+    quantize_groups_row(row_scratch + g0, group, group, out + g0 / 2, scales + gi);
+  }
+  return nonfinite;
+}
+
+}  // namespace ref
+}  // namespace kt
