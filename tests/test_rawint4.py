@@ -257,22 +257,3 @@ def test_rawint4_packs_on_the_cpu_whatever_the_device(tmp_path, capsys, monkeypa
     assert report.device == "cpu"
     with pytest.raises(Exception, match="packed on the CPU only"):
         _convert(ck, tmp_path / "cuda", quant_method="rawint4", device="cuda")
-
-
-def test_kt_kernel_loader_reads_the_output(tmp_path):
-    """Where kt-kernel is installed: its own RAWINT4 loader finds every expert under the key we write, as the
-    uint8 [N, K/2] bytes and bf16 scales our loader holds."""
-    loader_mod = pytest.importorskip("kt_kernel.utils.loader")
-    ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_bf16", num_experts=3)
-    _convert(ck, tmp_path / "out", quant_method="rawint4", group_size=32)
-    w = kt_runtime.load_experts(tmp_path / "out")
-    kt = loader_mod.CompressedSafeTensorLoader(str(tmp_path / "out"))
-    for layer in ck.layers:
-        got = kt.load_experts(f"model.layers.{layer}")
-        for proj in ("gate", "up", "down"):
-            assert len(got[proj]) == ck.num_experts
-            for e in range(ck.num_experts):
-                ours_w, ours_s = w.expert_tensors(layer, e, proj, 0)
-                assert got[proj][e].dtype == torch.uint8 and got[f"{proj}_scale"][e].dtype == torch.bfloat16
-                assert np.array_equal(got[proj][e].numpy(), np.asarray(ours_w))
-                assert np.array_equal(got[f"{proj}_scale"][e].view(torch.int16).numpy().view(np.uint16), np.asarray(ours_s))
