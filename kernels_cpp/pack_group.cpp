@@ -19,7 +19,8 @@ constexpr int kMaxGroup = 128;
 // values); the search narrows that per group with two bounds (below).
 constexpr uint32_t kBelow = 6 * 128, kAbove = 128, kMaxBf16 = 0x7F7F;
 constexpr int kCandidates = kBelow + kAbove + 1;
-constexpr int kMaskWords = (kCandidates + 63) / 64;
+constexpr int kSpare = kCandidates, kSlots = kCandidates + 7;  // spare slots take the events outside them
+constexpr int kMaskWords = (kSlots + 63) / 64;
 constexpr int kHalfOctaves = 16;
 
 inline uint32_t bf16_bits(float f) { return f32_to_bits(f) >> 16; }
@@ -30,17 +31,14 @@ inline double bf16_value(uint32_t bits) { return static_cast<double>(bf16_to_f32
 // scales (a few dozen significant bits), so every implementation compares the same numbers.
 inline double excess(double p, double s, double q) { return p * (p * q - 2.0 * s); }
 
-// Round half to even of |r| < 2^51, in the IEEE default rounding mode the packer runs under (MxcsrGuard).
-inline double round_even(double r) {
-  constexpr double kShift = 0x1.8p52;
-  return (r + kShift) - kShift;
-}
-
-// rint of the exact quotient (in double the tie test is exact for bf16 x and d), clipped to -7..7
-inline int code_for(float x, double d) {
-  if (d == 0.0) return 0;
-  const double r = round_even(static_cast<double>(x) / d);
-  return static_cast<int>(std::clamp(r, -static_cast<double>(kMaxLevel), static_cast<double>(kMaxLevel)));
+// The code of one weight at scale d: clamp(rint_even(x / d), -7, 7). The float quotient decides like the exact
+// one: x and d are bf16 (8 significant bits), so x / d is a half-integer exactly or at least 2^-13 (relative)
+// away from one, far more than float's rounding. Rounded by adding and subtracting 1.5 * 2^23 (round to
+// nearest even in the IEEE default mode the packer runs under, MxcsrGuard; |x / d| <= 128 here).
+inline float level(float x, float d) {
+  constexpr float kShift = 0x1.8p23f;
+  const float r = (x / d + kShift) - kShift;
+  return std::clamp(r, -static_cast<float>(kMaxLevel), static_cast<float>(kMaxLevel));
 }
 
 // The least-error scale of one group, exactly, by a sweep over bucketed events. Element a's code at a
@@ -66,7 +64,7 @@ class ScaleSearch {
     double sse0 = 0.0, s0 = 0.0, q0 = 0.0;
     const double p0 = bf16_value(first);
     for (int64_t j = 0; j < g; ++j) {
-      const double c = std::min<double>(kMaxLevel, round_even(a_[j] / p0)), e = a_[j] - c * p0;
+      const double c = level(a_[j], static_cast<float>(p0)), e = a_[j] - c * p0;
       sse0 += e * e;
       s0 += a_[j] * c;
       q0 += c * c;
@@ -95,22 +93,28 @@ class ScaleSearch {
       }
     }
     const int n = static_cast<int>(std::max(hi, lo_) - lo_) + 1;
-    std::memset(mask_, 0, sizeof(mask_));
     // An exact quotient a / (m + 0.5) that is not a bf16 value is at least 2^-13 (relative) away from every
     // bf16 value, so the float product lies between the same neighbours; one that is a bf16 value p may land
-    // on either side of p, and at p both codes give the same error.
+    // on either side of p, and at p both codes give the same error. Branch-free: an event outside the
+    // candidates goes to a spare slot of its m (kSpare + m), which the sweep never reads; an element active at
+    // the first candidate for m = 0..c-1 adds a c to S and c^2 to Q there.
     static constexpr float kInvHalf[kMaxLevel] = {1 / 0.5f, 1 / 1.5f, 1 / 2.5f, 1 / 3.5f, 1 / 4.5f, 1 / 5.5f, 1 / 6.5f};
     double s = 0.0;
     int64_t q = 0;
     for (int64_t j = 0; j < g; ++j) {
       const float a = a_[j];
-      for (int m = 0; m < kMaxLevel && a != 0.f; ++m) {
+      int64_t c = 0;
+      for (int m = 0; m < kMaxLevel; ++m) {
         const int64_t i = static_cast<int64_t>(bf16_ceil_bits(a * kInvHalf[m])) - lo_;
-        if (i <= 0) break;  // inactive at every candidate, and so are the larger m
-        s += a;
-        q += 2 * m + 1;
-        if (i < n) add_event(static_cast<int>(i), a, 2 * m + 1);
+        const bool active = i > 0;  // else inactive at every candidate (a = 0 too)
+        c += active;
+        const int slot = active && i < n ? static_cast<int>(i) : kSpare + m;
+        ds_[slot] += a;
+        dq_[slot] += 2 * m + 1;
+        mask_[slot >> 6] |= uint64_t{1} << (slot & 63);
       }
+      s += static_cast<double>(a) * static_cast<double>(c);
+      q += c * c;
     }
     best_f_ = HUGE_VAL;
     best_bits_ = first;
@@ -118,29 +122,22 @@ class ScaleSearch {
     for (int w = 0; w < kMaskWords; ++w) {
       for (uint64_t bits = mask_[w]; bits; bits &= bits - 1) {
         const int i = w * 64 + __builtin_ctzll(bits);
-        run(start, i - 1, s, static_cast<double>(q));
-        s -= ds_[i];
-        q -= dq_[i];
-        start = i;
+        if (i < n) {
+          run(start, i - 1, s, static_cast<double>(q));
+          s -= ds_[i];
+          q -= dq_[i];
+          start = i;
+        }
+        ds_[i] = 0.0;  // the slots are zero between groups
+        dq_[i] = 0;
       }
+      mask_[w] = 0;
     }
     run(start, n - 1, s, static_cast<double>(q));
     return static_cast<uint16_t>(best_bits_);
   }
 
  private:
-  void add_event(int i, float a, int dq) {
-    uint64_t& word = mask_[i >> 6];
-    const uint64_t bit = uint64_t{1} << (i & 63);
-    if (word & bit) {
-      ds_[i] += a;
-      dq_[i] += dq;
-    } else {
-      word |= bit;
-      ds_[i] = a;
-      dq_[i] = dq;
-    }
-  }
 
   void consider(uint32_t bits, double s, double q) {
     const double f = excess(bf16_value(bits), s, q);
@@ -175,9 +172,9 @@ class ScaleSearch {
   double best_f_ = HUGE_VAL;
   double prune_above_ = HUGE_VAL;
   float a_[kMaxGroup];
-  uint64_t mask_[kMaskWords];
-  double ds_[kCandidates];
-  int64_t dq_[kCandidates];
+  uint64_t mask_[kMaskWords] = {};
+  double ds_[kSlots] = {};
+  int64_t dq_[kSlots] = {};
 };
 
 }  // namespace
@@ -191,10 +188,12 @@ void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out,
   ScaleSearch search;
   for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, ++gi) {
     const uint16_t sb = search.best(x + g0, group);
-    const double d = bf16_value(sb);
+    const float d = bf16_to_f32(sb);
     scales[gi] = sb;
+    int8_t q[kMaxGroup];
+    for (int64_t j = 0; j < group; ++j) q[j] = d != 0.f ? static_cast<int8_t>(level(x[g0 + j], d)) : 0;
     for (int64_t j = 0; j < group; j += 2)
-      out[(g0 + j) / 2] = static_cast<uint8_t>((code_for(x[g0 + j], d) + 8) | ((code_for(x[g0 + j + 1], d) + 8) << 4));
+      out[(g0 + j) / 2] = static_cast<uint8_t>((q[j] + 8) | ((q[j + 1] + 8) << 4));
   }
 }
 
