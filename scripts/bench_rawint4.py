@@ -9,8 +9,9 @@ scaled by 0.02 and rounded to bf16) for group sizes 32, 64, 128, of
   * -8..7 former: the rule before codes were limited to -7..7: d = bf16(amax/7) or bf16(amax/8), whichever
                   errs less without clipping, q = clamp(rint(w / d), -8, 7);
   * least error:  the packer (kernels_cpp/pack_group.cpp), codes -7..7.
-The two baselines are computed here in numpy. Speed: the packer on a BF16 matrix, rawint4-g32/-g128 against
-int4 (AMXINT4) in the same run, best of --reps, one thread and every thread.
+The two baselines are computed here in numpy. Speed: the packer on a BF16 matrix (1024 x 4096), rawint4-g32/-g128
+against int4 (AMXINT4) in the same run, best of --reps, one thread and every thread; --extension times
+another build of the packer (e.g. the previous commit's) with the same script.
 """
 from __future__ import annotations
 
@@ -111,8 +112,17 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
+    ap.add_argument("--speed-only", action="store_true", help="skip the error table")
+    ap.add_argument("--extension", help="time this build of kt_kernels (a .so), e.g. another checkout's, instead "
+                                        "of the installed one (before/after comparisons)")
     args = ap.parse_args()
-    rows = errors(args.groups, args.seed)
+    if args.extension:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("kt_kernels", args.extension)
+        sys.modules["kt_kernels"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["kt_kernels"])
+    rows = [] if args.speed_only else errors(args.groups, args.seed)
     print(f"{'group':>5} {'weights':<12} {'amax/7':>9} {'-8..7 former':>13} {'least error':>12} {'vs amax/7':>10} {'vs former':>10}")
     for r in rows:
         print(f"{r['group']:>5} {r['weights']:<12} {r['amax7']:9.3e} {r['former_minus8']:13.3e} {r['least_error']:12.3e} "

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Run the real kt-kernel on packed outputs and measure what it computes.
 
-    python scripts/kt_compat.py OUT [OUT ...] --kt-path DIR [--tokens 4] [--json FILE]
+    python scripts/kt_compat.py OUT [OUT ...] --kt-path DIR [--source CKPT] [--tokens 4] [--json FILE]
+    python scripts/kt_compat.py --synthetic NEWDIR --kt-path DIR     # the standard synthetic outputs
 
 For each output (AMXINT4, AMXINT8 or RAWINT4) and each kt-kernel backend this CPU can run, kt's own loader
 and MoE forward (`KTMoEWrapper`, as SGLang-KT calls it) compute one layer on random tokens; the result is
@@ -407,6 +408,36 @@ def _same_bytes_as_kt_files(weights, layer: int, kt_root: Path) -> bool:
     return True
 
 
+# the standard set (--synthetic, tests/test_kt_compat.py): name -> (source, convert options)
+SYNTHETIC_OUTPUTS = {
+    "raw32": ("bf16", {"quant_method": "rawint4"}),
+    "raw128": ("bf16", {"quant_method": "rawint4", "group_size": 128}),
+    "k2raw32": ("k2", {"quant_method": "rawint4"}),  # carried: the source's codes, -8 included
+    "k2raw64": ("k2", {"quant_method": "rawint4", "group_size": 64}),  # quantized again, -7..7
+    "int4_t1": ("bf16", {"quant_method": "int4", "threadpool_count": 1}),
+    "int4_t2": ("bf16", {"quant_method": "int4", "threadpool_count": 2}),
+    "int8_t2": ("bf16", {"quant_method": "int8", "threadpool_count": 2}),
+}
+
+
+def make_synthetic_outputs(root: Path) -> dict[str, tuple[Path, Path]]:
+    """A BF16 model and a Kimi-K2-style INT4 one (H 512, I 256, 8 experts) under root (a new folder), and
+    SYNTHETIC_OUTPUTS converted from them: name -> (output, source)."""
+    from convert.pipeline import ConvertOptions, convert
+    from synthetic.families import make_family_checkpoint
+
+    root.mkdir(parents=True)
+    sources = {"bf16": make_family_checkpoint(root / "bf16", "qwen3_moe_bf16", hidden_size=512, intermediate_size=256,
+                                              num_experts=8, num_layers=1).path,
+               "k2": make_family_checkpoint(root / "k2", "kimi_k2_int4", hidden_size=512, intermediate_size=256,
+                                            num_experts=8, num_layers=2).path}
+    made = {}
+    for name, (source, options) in SYNTHETIC_OUTPUTS.items():
+        convert(ConvertOptions(input_path=str(sources[source]), output=root / name, progress=False, **options))
+        made[name] = (root / name, sources[source])
+    return made
+
+
 def _table(results: list[KtResult]) -> str:
     head = f"{'output':<28} {'method':<13} {'backend':<34} {'kt class / variant / version':<52} {'vs f64':>9} {'vs ours':>9}  status"
     lines = [head, "-" * len(head)]
@@ -423,7 +454,9 @@ def _table(results: list[KtResult]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("outputs", nargs="+", help="packed outputs (convert-cpu-weights -o)")
+    ap.add_argument("outputs", nargs="*", help="packed outputs (convert-cpu-weights -o)")
+    ap.add_argument("--synthetic", metavar="DIR", help="make synthetic checkpoints and the standard outputs in DIR "
+                                                       "(a new folder) and check those, each with its source")
     ap.add_argument("--kt-path", default=os.environ.get("KT_KERNEL_PATH"),
                     help="folder holding kt_kernel (or a built kt_kernel_ext); default $KT_KERNEL_PATH, else installed")
     ap.add_argument("--source", help="the checkpoint the outputs were converted from (AMXINT4/AMXINT8: also run "
@@ -438,10 +471,19 @@ def main(argv=None) -> int:
     if entry is None:
         print(f"kt-kernel not found ({'--kt-path ' + args.kt_path if args.kt_path else 'not installed'})", file=sys.stderr)
         return 2
+    jobs = [(out, args.source) for out in args.outputs]
+    if args.synthetic:
+        if Path(args.synthetic).exists():
+            print(f"--synthetic {args.synthetic}: exists; name a new folder", file=sys.stderr)
+            return 2
+        jobs += [(str(out), str(src)) for out, src in make_synthetic_outputs(Path(args.synthetic)).values()]
+    if not jobs:
+        print("nothing to check: name outputs or --synthetic DIR", file=sys.stderr)
+        return 2
     results = []
-    for out in args.outputs:
+    for out, source in jobs:
         results += check_output(out, entry, tokens=args.tokens, seed=args.seed, threads=args.threads,
-                                threadpool_count=args.threadpool_count, source=args.source)
+                                threadpool_count=args.threadpool_count, source=source)
     print(_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")

@@ -10,8 +10,6 @@ import os
 import pytest
 
 from conftest import kt_compat
-from convert.pipeline import ConvertOptions, convert
-from synthetic.families import make_family_checkpoint
 
 pytestmark = pytest.mark.kt
 
@@ -27,22 +25,9 @@ def kt():
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """A BF16 model and a Kimi-K2-style INT4 one (H 512, I 256, 8 experts), converted."""
-    root = tmp_path_factory.mktemp("kt")
-    bf16 = make_family_checkpoint(root / "bf16", "qwen3_moe_bf16", hidden_size=512, intermediate_size=256,
-                                  num_experts=8, num_layers=1)
-    k2 = make_family_checkpoint(root / "k2", "kimi_k2_int4", hidden_size=512, intermediate_size=256,
-                                num_experts=8, num_layers=2)
-    made = {"bf16": bf16.path, "k2": k2.path}
-    for name, src, kw in (("raw32", bf16, dict(quant_method="rawint4")),
-                          ("raw128", bf16, dict(quant_method="rawint4", group_size=128)),
-                          ("k2raw32", k2, dict(quant_method="rawint4")),
-                          ("int4_t1", bf16, dict(quant_method="int4", threadpool_count=1)),
-                          ("int4_t2", bf16, dict(quant_method="int4", threadpool_count=2)),
-                          ("int8_t2", bf16, dict(quant_method="int8", threadpool_count=2))):
-        convert(ConvertOptions(input_path=str(src.path), output=root / name, progress=False, **kw))
-        made[name] = root / name
-    return made
+    """kt_compat.SYNTHETIC_OUTPUTS (a BF16 and a Kimi-K2-style INT4 model, H 512, I 256, 8 experts, converted)."""
+    made = kt_compat().make_synthetic_outputs(tmp_path_factory.mktemp("kt") / "made")
+    return {"bf16": made["raw32"][1], **{name: out for name, (out, _) in made.items()}}
 
 
 def _by_label(results):
