@@ -131,7 +131,7 @@ class VerifyReport:
     seconds: float = 0.0
     source_bytes: int = 0
     max_rel_error: float | None = None
-    codes: int = 0  # group-wise INT4 outputs: codes in the layers checked
+    codes: int = 0  # group-wise INT4 outputs compared with the source: codes in the layers checked
     minus8_codes: int = 0  # of them, at the level -8 (convert.quant_notes)
 
     @property
@@ -277,23 +277,9 @@ def verify(output: str | Path, source: str | None = None, *, layers: list[int] |
         raise UserError(f"--layers: {missing} are not in {output} (its layers: {list(spec.layers)})")
     report = VerifyReport(str(output), method.name, method.kt_method, chosen, spec.num_experts,
                           _integrity(weights, digests), max_rel_error=max_rel_error)
-    if method.group_size is not None:
-        _count_codes(report, weights, chosen)
     if source is not None:
         _compare(report, weights, source, chosen, threads)
     return report
-
-
-def _count_codes(report: VerifyReport, weights, layers: list[int]) -> None:
-    """A group-wise INT4 output's codes, and those at the level -8 (read from the mapped files)."""
-    from .quant_notes import minus8_count
-
-    for layer in layers:
-        for expert in range(weights.spec.num_experts):
-            for proj in PROJECTIONS:
-                packed, _ = weights.expert_tensors(layer, expert, proj, 0)
-                report.codes += 2 * packed.size
-                report.minus8_codes += minus8_count(packed)
 
 
 def _compare(report: VerifyReport, weights, source: str, layers: list[int], threads: int) -> None:
@@ -304,11 +290,13 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
     from .layer_io import LayerReader
     from .pipeline import experts_per_batch
     from .plan import build_plan, read_source_matrix
+    from .quant_notes import minus8_count
     from .source import open_checkpoint
     from .source_reader import default_read_threads
 
     spec = weights.spec
     method = spec.quant_method
+    grouped = method.group_size is not None
     start = time.perf_counter()
     ckpt = open_checkpoint(source)
     try:
@@ -337,10 +325,15 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
                             def one(job):
                                 expert, proj = job
                                 ref = source_values(read_source_matrix(lp.experts[expert][proj], data))
-                                return expert, proj, tensor_sums(weights.dequantize(lp.layer, expert, proj), ref)
+                                sums = tensor_sums(weights.dequantize(lp.layer, expert, proj), ref)
+                                # a group-wise INT4 output: its codes at the level -8 (convert.quant_notes)
+                                packed = weights.expert_tensors(lp.layer, expert, proj, 0)[0] if grouped else None
+                                return expert, proj, sums, (minus8_count(packed), 2 * packed.size) if grouped else (0, 0)
 
                             jobs = [(e, p) for e in experts for p in PROJECTIONS]
-                            for expert, proj, s in pool.map(one, jobs):
+                            for expert, proj, s, (minus8, codes) in pool.map(one, jobs):
+                                report.minus8_codes += minus8
+                                report.codes += codes
                                 per_proj[proj].add(s)
                                 report.tensors.append(TensorError(lp.layer, expert, proj, **s.measures()))
                         finally:
