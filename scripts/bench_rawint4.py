@@ -132,9 +132,12 @@ def main() -> int:
         print(f"packing, {'1 thread' if t == 1 else 'every thread'}: " + ", ".join(f"{k} {v:.1f} Melem/s" for k, v in s.items())
               + f"; rawint4-g32 / int4 = {s['rawint4-g32'] / s['int4']:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                               "cpus": os.cpu_count(), "errors": rows,
-                                               "speed_melem_per_s": {str(k): v for k, v in speeds.items()}}, indent=1))
+        from kt_runtime.format.fsio import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps({"machine": platform.processor() or platform.machine(),
+                                                       "cpus": os.cpu_count(), "errors": rows,
+                                                       "speed_melem_per_s": {str(k): v for k, v in speeds.items()}},
+                                                      indent=1) + "\n")
     return 0
 
 

@@ -486,7 +486,9 @@ def main(argv=None) -> int:
                                 threadpool_count=args.threadpool_count, source=source)
     print(_table(results))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+        from kt_runtime.format.fsio import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps([asdict(r) for r in results], indent=1) + "\n")
     return 0
 
 
