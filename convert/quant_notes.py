@@ -14,8 +14,9 @@ KT_GROUP_SIZE = 32  # the group size kt's AMX/AVX-512 RAWINT4 kernel computes
 MINUS8_EFFECT = (
     "kt-kernel built from its repository up to 95009ea (2026-08-21) computes that level as +8 in AMXInt4_KGroup, its "
     "RAWINT4 kernel on AVX-512/AMX CPUs, whenever the activation is negative: its MoE output on a K2-style layer "
-    "was 5.2x its own size off, against 1.1% with codes -7..7 (kt-kernel 0.7.2 from PyPI computes -8 right: 1.1% "
-    "either way); kt reading the original checkpoint does the same")
+    "was off by 5.2 times the right output's size (519% relative error), against 1.1% with codes -7..7 "
+    "(kt-kernel 0.7.2 from PyPI computes -8 right: 1.1% either way); kt reading the original checkpoint does the "
+    "same")
 GROUP_EFFECT = (
     "kt-kernel's RAWINT4 kernel on AVX-512/AMX CPUs (AMXInt4_KGroup, its default there) computes group 32 only: with "
     "groups of {group} its MoE output is NaN or it crashes (kt-kernel 0.7.2 and 95009ea); serve this output with "
