@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kt_runtime.format.kt_sft_manifest import LAYOUT as KT_SFT_LAYOUT
 from kt_runtime.format.layout import KT_SFT_MANIFEST_FILE
+from kt_runtime.format.methods import working_threadpool_counts
 from quant.source_formats import SOURCE_FORMATS
 
 from .units import plural
@@ -44,9 +45,10 @@ def clamp_note(plan, kt_sft: bool = False) -> str | None:
             + ("; kt-kernel's SFT mode takes no clamp with any method" if kt_sft else ""))
 
 
-def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None = None) -> list[str]:
+def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None = None,
+               default_group: bool = False) -> list[str]:
     """plan: convert.plan.ConversionPlan. records: where this converter's files go when that is not `out`
-    (--kt-sft-manifest)."""
+    (--kt-sft-manifest); default_group: a group-wise method's group size is the default."""
     fmt = _FORMAT_NAMES.get(plan.input_type, plan.input_type)
     layers = [lp.layer for lp in plan.layers]
     scope = (f"{plural(len(layers), 'MoE layer')} ({layer_ranges(layers)})" if not plan.partial else
@@ -59,14 +61,30 @@ def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None 
                  f"hidden {plan.hidden_size}, expert intermediate {plan.moe_intermediate_size}"
                  + (f"; {plan.skipped_mtp_keys} MTP expert tensors skipped (not routed experts of the main model)" if plan.skipped_mtp_keys else ""))
     layout = "one safetensors shard per layer" if plan.layout == "merged" else "kt's _layer_L/_numa_T .kt folders"
-    lines.append(f"output: {plan.method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
-                 f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}")
+    lines += _output_lines(plan, out, device, layout, default_group)
     if records is not None:
         lines.append(kt_sft_line(out, records))
     note = clamp_note(plan, records is not None)
     if note:
         lines.append(note)
     return lines
+
+
+def _output_lines(plan, out: Path, device: str, layout: str, default_group: bool) -> list[str]:
+    """What will be written: the method and its NUMA pools, or, for a whole-matrix (group-wise) method, its
+    group size and the pool counts it serves."""
+    method = plan.method
+    if method.numa_split:
+        return [f"output: {method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
+                f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}"]
+    serve = plan.serve_threadpool_count or plan.threadpool_count
+    others = [t for t in working_threadpool_counts(method, plan.hidden_size, plan.moe_intermediate_size) if t != serve]
+    why = " (the default: every kt-kernel RAWINT4 kernel computes it)" if default_group else ""
+    return [f"output: {method.kt_method} group size {method.group_size}{why}, {layout}, packed on the {device} -> {out}",
+            f"output: no NUMA split: kt splits the whole matrices per pool when it loads them, so these files "
+            f"serve any pool count; serve with --kt-threadpool-count {serve} (checked"
+            + (f"; {', '.join(map(str, others))} {'also work' if len(others) > 1 else 'also works'}" if others else "")
+            + ")"]
 
 
 def kt_sft_line(out: Path, records: Path) -> str:

@@ -32,6 +32,7 @@ from .packers import make_packer, pack_isa
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
+from .quant_notes import grid_lines
 from .shards import ShardSpec, shard_layers
 from .shared_output import SharedOutput, check_no_live_shards, read_records
 from .source import COPIED_FILES, Checkpoint, describe_source_change, open_checkpoint
@@ -558,6 +559,12 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
                                   peak, estimates[0].source_batch_bytes)
     preflight.check(combined, jobs[0].out)
     progress.note(combined.describe())
+    shown = set()
+    for job in jobs:
+        for line in grid_lines(job.plan, ckpt):
+            if line not in shown:
+                shown.add(line)
+                progress.note(line)
     if gate is not None:
         source_peak = gate.peak_source_bytes(layer_files)
         preflight.check_source_disk(source_peak, gate.cache, jobs[0].out, sum(e.disk_bytes for e in estimates))
@@ -573,7 +580,8 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
     shown: set[str] = set()
     try:
         for job in jobs:
-            for line in plan_lines(job.plan, ckpt.root, job.out, device, job.state if job.state != job.out else None):
+            for line in plan_lines(job.plan, ckpt.root, job.out, device, job.state if job.state != job.out else None,
+                                   default_group=job.opts.group_size is None):
                 if line not in shown:  # several outputs: the source and model lines once
                     shown.add(line)
                     progress.note(line)

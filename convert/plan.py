@@ -122,6 +122,7 @@ class ConversionPlan:
     # parameters, expert tensors left unpacked (gpt-oss biases), config dtype
     source_info: dict = field(default_factory=dict)
     family_note: str | None = None  # the family came from the tensor names (convert.families.detection_note)
+    serve_threadpool_count: int = 0  # the --kt-threadpool-count to serve with (0: threadpool_count)
 
     @property
     def partial(self) -> bool:
@@ -620,6 +621,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
         raise UserError(f"--threadpool-count must be at least 1, got {threadpool_count}")
     check_alignment(method, hidden, inter, threadpool_count,
                     next(k for k in family.intermediate_keys if fields.cfg.get(k) is not None))
+    serve = threadpool_count  # a whole-matrix output is served with the count it was checked for
     if not method.numa_split:
         threadpool_count = _whole_matrix_output(method, layout, swiglu if swiglu is not None else
                                                 family.default_swiglu_limit, f"{where} ({family.name})")
@@ -655,7 +657,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
                           model_layers=model_layers, skipped_mtp_keys=skipped_mtp,
                           skipped_mtp_layers=[str(x) for x in mtp_layers],
                           routed_keys=routed, extra_shards=extra_shards if layout == "merged" else 0,
-                          family_note=detection_note(model_type, family))
+                          family_note=detection_note(model_type, family), serve_threadpool_count=serve)
     quant = _Quant(fields, ckpt.hf_quant_config, str(ckpt.root / HF_QUANT_CONFIG))
     out_bytes = plan.spec.layer_data_bytes()  # the same for every layer
     kinds = set()

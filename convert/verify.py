@@ -4,8 +4,8 @@
     report = verify(OUT, source=SRC)             # + every layer, expert and projection against the source
 
 With a source, each packed matrix (dequantized through the loader, kt_runtime.loader) is compared with
-the source matrix decoded by the reference decoders (quant.decoders.decode_source), the bf16 matrix the
-packer quantized: relative RMS error ||p - r|| / ||r||, max |p - r|, cosine similarity and SNR
+the source matrix's own values (quant.decoders.source_values: compressed-tensors INT4 as the exact products
+(u - 8) * scale, every other format the bf16 matrix the packer quantizes): relative RMS error ||p - r|| / ||r||, max |p - r|, cosine similarity and SNR
 (10 log10(||r||^2 / ||p - r||^2)), per tensor, per layer x projection and for the whole model (from sums
 of squares, so the summaries are the norms of the concatenated tensors). The source is read layer by
 layer in bounded batches (convert.layer_io.LayerReader, as the conversion reads it), and the tensors of a
@@ -135,6 +135,8 @@ class VerifyReport:
     seconds: float = 0.0
     source_bytes: int = 0
     max_rel_error: float | None = None
+    codes: int = 0  # group-wise INT4 outputs compared with the source: codes in the layers checked
+    minus8_codes: int = 0  # of them, at the level -8 (convert.quant_notes)
 
     @property
     def model(self) -> Sums:
@@ -166,7 +168,8 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         d = {"output": self.output, "method": self.method, "kt_method": self.kt_method, "layers": self.layers,
-             "num_experts": self.num_experts, "integrity": self.integrity, "source": self.source}
+             "num_experts": self.num_experts, "integrity": self.integrity, "source": self.source,
+             "codes": self.codes, "minus8_codes": self.minus8_codes, "notes": self.notes()}
         if self.source is not None:
             d.update({
                 "family": self.family, "input_type": self.input_type, "seconds": round(self.seconds, 3),
@@ -182,11 +185,24 @@ class VerifyReport:
                 "tensors": [_json_tensor(t) for t in self.tensors]})
         return d
 
+    def notes(self) -> list[str]:
+        """What kt-kernel computes wrongly with these codes (convert.quant_notes)."""
+        from kt_runtime.format.methods import get_method
+
+        from .quant_notes import GROUP_EFFECT, KT_GROUP_SIZE, minus8_line
+
+        group = get_method(self.method).group_size
+        lines = [minus8_line(self.minus8_codes, self.codes, "this output")]
+        if group is not None and group != KT_GROUP_SIZE:
+            lines.append("note: " + GROUP_EFFECT.format(group=group))
+        return [line for line in lines if line]
+
     def table(self) -> str:
         """The terminal report."""
         lines = [f"{self.output}: {self.method} ({self.kt_method}), {len(self.layers)} layers x "
                  f"{self.num_experts} experts; integrity ok ({self.integrity['files']} files, "
                  f"{size(self.integrity['bytes'])}, digests {'checked' if self.integrity['digests'] else 'skipped'})"]
+        lines += self.notes()
         if self.source is None:
             lines.append("no --source: weights not compared")
             return "\n".join(lines)
@@ -319,16 +335,18 @@ def _check_identity(weights, ckpt, output: str, source: str) -> None:
 def _compare(report: VerifyReport, weights, source: str, layers: list[int], threads: int) -> None:
     import torch
 
-    from quant.decoders import decode_source
+    from quant.decoders import source_values
 
     from .layer_io import LayerReader
     from .pipeline import experts_per_batch
     from .plan import build_plan, layer_spec, read_source_matrix
+    from .quant_notes import minus8_count
     from .source import open_checkpoint
     from .source_reader import default_read_threads
 
     spec = weights.spec
     method = spec.quant_method
+    grouped = method.group_size is not None
     start = time.perf_counter()
     ckpt = open_checkpoint(source)
     try:
@@ -367,11 +385,16 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
                         try:
                             def one(job):
                                 expert, proj = job
-                                ref = decode_source(read_source_matrix(lp.experts[expert][proj], data))
-                                return expert, proj, tensor_sums(weights.dequantize(lp.layer, expert, proj), ref)
+                                ref = source_values(read_source_matrix(lp.experts[expert][proj], data))
+                                sums = tensor_sums(weights.dequantize(lp.layer, expert, proj), ref)
+                                # a group-wise INT4 output: its codes at the level -8 (convert.quant_notes)
+                                packed = weights.expert_tensors(lp.layer, expert, proj, 0)[0] if grouped else None
+                                return expert, proj, sums, (minus8_count(packed), 2 * packed.size) if grouped else (0, 0)
 
                             jobs = [(e, p) for e in experts for p in PROJECTIONS]
-                            for expert, proj, s in pool.map(one, jobs):
+                            for expert, proj, s, (minus8, codes) in pool.map(one, jobs):
+                                report.minus8_codes += minus8
+                                report.codes += codes
                                 per_proj[proj].add(s)
                                 report.tensors.append(TensorError(lp.layer, expert, proj, **s.measures()))
                                 times = beyond_quantization(s, method)

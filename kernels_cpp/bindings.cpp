@@ -57,14 +57,15 @@ void require(bool ok, const std::string& where, const std::string& what) {
 }
 
 // A job tuple: (kind, weight[n, row_bytes...], scales or None, col0, k, out_weight, out_scale
-// [, (row_offset, block_n, block_k) | (global_scale, global_divides)]). The block tuple is needed by
-// fp8_block (the scale grid and where row 0 sits in it) and int4_group (block_k = group size); nvfp4
+// [, (row_offset, block_n, block_k)[, carry_codes] | (global_scale, global_divides)]). The block tuple is
+// needed by fp8_block (the scale grid and where row 0 sits in it) and int4_group (block_k = group size);
+// carry_codes (int4_group to a group-wise method): copy the codes and scales instead of quantizing; nvfp4
 // takes its per-tensor scale and whether it divides the group scales.
 PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
   const std::string where = "pack job " + std::to_string(index) + ": ";
-  require(t.size() == 7 || t.size() == 8, where,
-          "expected (kind, weight, scales, col0, k, out_weight, out_scale[, (row_offset, block_n, block_k) | "
-          "(global_scale, global_divides)])");
+  require(t.size() >= 7 && t.size() <= 9, where,
+          "expected (kind, weight, scales, col0, k, out_weight, out_scale[, (row_offset, block_n, block_k)"
+          "[, carry_codes] | (global_scale, global_divides)])");
   PackJob job;
   job.kind = parse_kind(t[0].cast<std::string>());
   const py::array weight = t[1].cast<py::array>();
@@ -99,7 +100,7 @@ PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
   }
   if (job.kind == SourceKind::FP8_BLOCK || job.kind == SourceKind::INT4_GROUP) {
     const bool fp8 = job.kind == SourceKind::FP8_BLOCK;
-    require(!t[2].is_none() && t.size() == 8, where, "fp8_block/int4_group need scales and (row_offset, block_n, block_k)");
+    require(!t[2].is_none() && t.size() >= 8, where, "fp8_block/int4_group need scales and (row_offset, block_n, block_k)");
     const py::tuple block = t[7].cast<py::tuple>();
     require(block.size() == 3, where, "block must be (row_offset, block_n, block_k)");
     job.row_offset = block[0].cast<int64_t>();
@@ -120,6 +121,10 @@ PackJob make_job(kt::Method method, const py::tuple& t, size_t index) {
     job.scales = static_cast<const uint8_t*>(scales.data());
     job.scale_row_bytes = scales.strides(0);
     job.scale_bits = static_cast<int>(item * 8);
+  }
+  if (t.size() == 9) {
+    require(job.kind == SourceKind::INT4_GROUP, where, "carry_codes is for int4_group sources only");
+    job.carry_codes = t[8].cast<bool>();
   }
   py::array out_w = t[5].cast<py::array>();
   py::array out_s = t[6].cast<py::array>();

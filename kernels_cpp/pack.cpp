@@ -74,6 +74,11 @@ void validate(Method method, const PackJob& job, size_t index) {
   if (job.kind == SourceKind::INT4_GROUP &&
       (!job.scales || job.block_k <= 0 || (job.scale_bits != 16 && job.scale_bits != 32)))
     throw std::invalid_argument(where + "INT4_GROUP needs bf16/float32 scales and a positive group size");
+  if (job.carry_codes &&
+      (!is_grouped(method) || job.kind != SourceKind::INT4_GROUP || job.scale_bits != 16 ||
+       job.block_k % info.group_size != 0 || job.col0 % info.group_size != 0))
+    throw std::invalid_argument(where + "codes are carried over only from INT4_GROUP with bf16 scales whose groups "
+                                "hold whole output groups");
 }
 
 struct Task {
@@ -133,9 +138,14 @@ void pack_jobs(Method method, std::vector<PackJob>& jobs, Isa isa, int num_threa
       int64_t bad = 0;
       const int64_t groups = job.k / info.group_size;
       for (int64_t row = task.row0; row < task.row0 + nbs; ++row) {
+        uint8_t* out_row = job.out_weight + row * kbytes;
+        uint16_t* out_scales = static_cast<uint16_t*>(job.out_scale) + row * groups;
+        if (job.carry_codes) {
+          bad += ref::carry_group_codes_row(job, row, info.group_size, out_row, out_scales, s.row.data());
+          continue;
+        }
         bad += decode[task.job](job, row, s.row.data());
-        kern.quantize_groups_row(s.row.data(), job.k, info.group_size, job.out_weight + row * kbytes,
-                                 static_cast<uint16_t*>(job.out_scale) + row * groups);
+        kern.quantize_groups_row(s.row.data(), job.k, info.group_size, out_row, out_scales);
       }
       if (bad) nonfinite[task.job] += bad;
       return;

@@ -93,6 +93,9 @@ struct PackJob {
   uint8_t* out_weight = nullptr;  // tiled bytes, n*k (INT8) or n*k/2 (INT4); RAWINT4: row-major n*k/2
   void* out_scale = nullptr;      // n fp32 scales; RAWINT4: n*k/group bf16 bits, row-major
   int64_t nonfinite = 0;          // out: NaN/Inf source values found (packed as 0)
+  // RAWINT4 from INT4_GROUP with bf16 scales whose groups hold whole output groups: codes and scales are
+  // copied, not requantized (decided by the caller: quant/group_int4.py:carries_codes)
+  bool carry_codes = false;
 };
 
 // Packs every job on the kernels of `isa` (kernels_for); work is split into (job, N-block) tasks over
@@ -151,10 +154,23 @@ int64_t decode_row(const PackJob& job, int64_t row, float* out);  // every kind
 float quantize_row(Method method, const float* x, int64_t k, int8_t* q);
 void pack_nibbles(const int8_t* q, int64_t k, uint8_t* out);
 void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock_bytes, uint8_t* out);
-// RAWINT4: one row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even
-// column) and k/group bf16 scales, each group's scale bf16(amax/8) where it clips no weight and gives the
-// smaller squared error (float64, summed in column order), else bf16(amax/7) (docs/FORMAT.md §9).
+// RAWINT4 (pack_group.cpp): the bf16 scale with the least squared error over the levels -7..7 for one group
+// of g bf16-exact values (0 for an all-zero group). The error is computed exactly (float64), so every exact
+// search finds the same scale: a SIMD row searches its own way, within the same limits.
+uint16_t least_squares_scale(const float* x, int64_t g);
+// The limits of that search (bf16 bit patterns, docs/FORMAT.md §9), for groups of up to 128 with largest
+// |weight| amax > 0: the least-error scale is at least scale_floor_bits(amax, B) for any B at or above the
+// least squared error (e.g. the error of some scale, rounded up), and at most scale_ceiling_bits(amax) (2 amax).
+uint32_t scale_floor_bits(float amax, double sse_bound);
+uint32_t scale_ceiling_bits(float amax);
+// One row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even column) and
+// k/group bf16 scales, each group's scale least_squares_scale and q = clamp(rint(x / d), -7, 7).
 void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);
+// A source on the output's grid (job.carry_codes): row `row`'s codes and bf16 scales copied, each output group
+// inside one source group; a group whose scale would decode to non-finite values is decoded and quantized
+// (row_scratch: k floats). Returns the non-finite values found, as decode_row counts them.
+int64_t carry_group_codes_row(const PackJob& job, int64_t row, int64_t group, uint8_t* out, uint16_t* scales,
+                              float* row_scratch);
 }  // namespace ref
 
 namespace avx2 {  // kernels_cpp/pack_avx2.cpp: AVX2 + F16C + FMA

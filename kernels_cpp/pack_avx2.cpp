@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "numerics.hpp"
@@ -289,77 +290,167 @@ void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock
   });
 }
 
-// RAWINT4, one candidate scale `d` for a group of g columns (g a multiple of 32): q = clamp(rint_even(x / d), -8, 7)
-// (0 where d is 0), the same float32 division as ref::quantize_group; returns whether a weight was clipped.
-bool quantize_group(const float* x, int64_t g, float d, int8_t* q) {
-  if (d == 0.f) {
-    std::fill(q, q + g, int8_t{0});
-    return false;
+// RAWINT4: the least-error scale of a group (ref::least_squares_scale's result), found another way than the
+// reference's event sweep: the bf16 candidates from ref::scale_floor_bits up, eight per block in ascending
+// order; a block is tried unless error_floors shows that none of its scales can reach (or tie) the least error
+// found so far, and the search ends where the weights below p alone err more. Trying a candidate p, for
+// each weight a = |w|: the code c = min(rint(a * fl(1/p)), 7), which decides as the exact quotient (a / p is a
+// half-integer exactly or 2^-13 away from one, and at an exact half both codes err the same); S = sum a c and
+// Q = sum c^2 in float, exact: a weight with a code is at least amax/128 (p >= amax/64), so a sum of at most 64
+// products is a multiple of ulp(amax)/128 below 2^24 of them; F = p (p Q - 2 S) in float64, exact as in the
+// reference. So the least F, and the smallest scale reaching it, are the reference's. A group whose amax is
+// outside [2^-90, 2^100) (1/p or the sums would leave float's range) goes to the reference.
+constexpr int64_t kMaxGroup = 128;
+
+inline float hsum(__m256 v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+inline double hsum(__m256d v) {
+  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+inline double hmin(__m256d v) {
+  __m128d h = _mm_min_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_min_sd(h, _mm_unpackhi_pd(h, h)));
+}
+// float64 halves of a float vector
+inline __m256d lo_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+inline __m256d hi_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+
+// Floors under the squared error of a group at every scale p in [p1, p2] (a: the |weights| and p1, p2 scaled by
+// one power of two): `all` for p in the block: a weight whose quotients a/p2 .. a/p1 hold no integer up to 7
+// errs by at least p1 times their distance to the nearest one (less 2^-15 for the float quotients' rounding),
+// one with a/p2 >= 7 (code 7 throughout) by a - 7 p2; `above` for every p >= p1 (so it grows with p1): a weight
+// below p1 (with a margin for the rounding) has code 0 or 1 there, so errs by at least min(a, p1 - a). Both sums
+// in float are within 2^-16 of exact.
+struct ErrorFloors {
+  float all, above;
+};
+ErrorFloors error_floors(const float* a, int64_t g, float p1, float p2) {
+  const __m256 inv1 = _mm256_set1_ps(1.f / p1), inv2 = _mm256_set1_ps(1.f / p2), at1 = _mm256_set1_ps(p1);
+  const __m256 top = _mm256_set1_ps(7.f * p2), seven = _mm256_set1_ps(7.f), one = _mm256_set1_ps(1.f);
+  const __m256 margin = _mm256_set1_ps(0x1p-15f), zero = _mm256_setzero_ps(), below = _mm256_set1_ps(1.f - 0x1p-15f);
+  __m256 all = zero, above = zero;
+  for (int64_t j = 0; j < g; j += 8) {
+    const __m256 v = _mm256_load_ps(a + j);
+    const __m256 t2 = _mm256_mul_ps(v, inv2), t1 = _mm256_mul_ps(v, inv1);
+    const __m256 n = _mm256_round_ps(t1, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m256 d = _mm256_sub_ps(_mm256_min_ps(_mm256_sub_ps(t2, n), _mm256_sub_ps(_mm256_add_ps(n, one), t1)), margin);
+    __m256 e = _mm256_mul_ps(at1, _mm256_max_ps(d, zero));
+    e = _mm256_blendv_ps(e, _mm256_max_ps(_mm256_sub_ps(v, top), zero), _mm256_cmp_ps(t2, seven, _CMP_GE_OQ));
+    all = _mm256_fmadd_ps(e, e, all);
+    const __m256 near = _mm256_min_ps(v, _mm256_sub_ps(at1, v));
+    above = _mm256_add_ps(above, _mm256_and_ps(_mm256_cmp_ps(t1, below, _CMP_LT_OQ), _mm256_mul_ps(near, near)));
   }
-  const __m256 dv = _mm256_set1_ps(d);
-  const __m256i lo = _mm256_set1_epi32(-8), hi = _mm256_set1_epi32(7);
-  __m256i clipped = _mm256_setzero_si256();
-  for (int64_t j = 0; j < g; j += 32) {
-    __m256i v[4];
-    for (int i = 0; i < 4; ++i) {
-      const __m256i r = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_loadu_ps(x + j + 8 * i), dv));  // |x / d| <= 8.1
-      clipped = _mm256_or_si256(clipped, _mm256_or_si256(_mm256_cmpgt_epi32(r, hi), _mm256_cmpgt_epi32(lo, r)));
-      v[i] = _mm256_max_epi32(_mm256_min_epi32(r, hi), lo);
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), pack_i8(v[0], v[1], v[2], v[3]));
-  }
-  return !_mm256_testz_si256(clipped, clipped);
+  return {hsum(all), hsum(above)};
 }
 
-// The float64 squared errors (x - q d)^2 of a group, each rounded as ref::quantize_group rounds it.
-void squared_errors(const float* x, const int8_t* q, int64_t g, float d, double* sq) {
-  const __m256d dd = _mm256_set1_pd(static_cast<double>(d));
-  for (int64_t j = 0; j < g; j += 4) {
-    const __m256d xd = _mm256_cvtps_pd(_mm_loadu_ps(x + j));
-    int32_t q4;
-    std::memcpy(&q4, q + j, 4);
-    const __m256d qd = _mm256_cvtepi32_pd(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(q4)));
-    const __m256d e = _mm256_sub_pd(xd, _mm256_mul_pd(qd, dd));
-    _mm256_storeu_pd(sq + j, _mm256_mul_pd(e, e));
+uint16_t least_squares_scale(const float* x, int64_t g) {
+  alignas(32) float a[kMaxGroup], as[kMaxGroup];
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 m = _mm256_setzero_ps();
+  for (int64_t j = 0; j < g; j += 8) {
+    const __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + j), abs_mask);
+    _mm256_store_ps(a + j, v);
+    m = _mm256_max_ps(m, v);
   }
-}
-
-void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales) {
-  if (group % 32 || group > 128) return ref::quantize_groups_row(x, k, group, out, scales);
-  alignas(32) int8_t q7[128], q8[128];
-  alignas(32) double sq7[128], sq8[128];
-  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
-  for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, ++gi) {
-    __m256 amax = _mm256_setzero_ps();
-    for (int64_t j = 0; j < group; j += 8)
-      amax = _mm256_max_ps(amax, _mm256_and_ps(_mm256_loadu_ps(x + g0 + j), _mm256_castsi256_ps(abs_mask)));
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
-    const float a = _mm_cvtss_f32(m);
-    const uint16_t s7 = static_cast<uint16_t>(f32_to_bits(kt::round_to_bf16(a / 7.0f)) >> 16);
-    const uint16_t s8 = static_cast<uint16_t>(f32_to_bits(kt::round_to_bf16(a / 8.0f)) >> 16);
-    const float d7 = bf16_to_f32(s7), d8 = bf16_to_f32(s8);
-    // d8 is kept when it clips no weight and its squared error, summed in column order as the reference
-    // does, is smaller; d7 on a tie. A clipped candidate's error is infinite: no sum is needed then.
-    const bool clipped8 = quantize_group(x + g0, group, d8, q8);
-    const bool clipped7 = quantize_group(x + g0, group, d7, q7);
-    bool use8 = !clipped8;
-    if (!clipped8 && !clipped7) {
-      squared_errors(x + g0, q7, group, d7, sq7);
-      squared_errors(x + g0, q8, group, d8, sq8);
-      double e7 = 0.0, e8 = 0.0;
-      for (int64_t j = 0; j < group; ++j) {
-        e7 += sq7[j];
-        e8 += sq8[j];
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+  if (amax == 0.f) return 0;
+  if (!(amax >= 0x1p-90f && amax < 0x1p100f)) return ref::least_squares_scale(x, g);
+  const __m256 seven = _mm256_set1_ps(7.f), one = _mm256_set1_ps(1.f);
+  // error_floors' units: amax scaled into [1, 2) (exact). sum a^2 and F(first) (first: amax/7 rounded up, which
+  // clips nothing) in float64: their sum bounds the least squared error from above
+  const float unit = bits_to_f32((254u - (f32_to_bits(amax) >> 23)) << 23);
+  const double unit2 = static_cast<double>(unit) * unit;
+  const uint32_t first = (f32_to_bits(amax / 7.0f) + 0xFFFFu) >> 16;
+  const float p0 = bf16_to_f32(static_cast<uint16_t>(first));
+  const __m256 inv0 = _mm256_set1_ps(1.f / p0);
+  __m256d squares = _mm256_setzero_pd();
+  __m256 s0 = _mm256_setzero_ps(), q0 = _mm256_setzero_ps();
+  for (int64_t j = 0; j < g; j += 8) {
+    const __m256 v = _mm256_load_ps(a + j);
+    _mm256_store_ps(as + j, _mm256_mul_ps(v, _mm256_set1_ps(unit)));
+    squares = _mm256_fmadd_pd(hi_pd(v), hi_pd(v), _mm256_fmadd_pd(lo_pd(v), lo_pd(v), squares));
+    const __m256 c = _mm256_min_ps(_mm256_round_ps(_mm256_mul_ps(v, inv0), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), seven);
+    s0 = _mm256_fmadd_ps(v, c, s0);  // per lane at most 16 products: exact
+    q0 = _mm256_fmadd_ps(c, c, q0);
+  }
+  const double sum_a2 = hsum(squares) * (1.0 + 0x1p-40);  // above its rounding
+  const double s_first = hsum(_mm256_add_pd(lo_pd(s0), hi_pd(s0)));  // exact in float64
+  const double q_first = hsum(q0);
+  double least = p0 * (p0 * q_first - 2.0 * s_first);  // F(first); the least F is at most this
+  const uint32_t hi = ref::scale_ceiling_bits(amax);
+  const __m256i last = _mm256_set1_epi32(static_cast<int>(hi)), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256d best_f[2] = {_mm256_set1_pd(HUGE_VAL), _mm256_set1_pd(HUGE_VAL)};
+  __m256d best_bits[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
+  for (uint32_t b0 = ref::scale_floor_bits(amax, sum_a2 + least); b0 <= hi; b0 += 8) {
+    // the least squared error found so far, from above, in error_floors' units: a block whose floor is higher
+    // holds no scale that reaches (or ties) it; once the floor of everything above is higher, nothing does
+    const double bound = (sum_a2 + least) * unit2;
+    const ErrorFloors floors = error_floors(as, g, bf16_to_f32(static_cast<uint16_t>(b0)) * unit,
+                                            bf16_to_f32(static_cast<uint16_t>(std::min(b0 + 7, hi))) * unit);
+    if (floors.above * (1.0 - 0x1p-10) > bound) break;
+    if (floors.all * (1.0 - 0x1p-10) > bound) continue;
+    // lanes past hi repeat hi: the same F and bits, no other candidate
+    const __m256i bits = _mm256_min_epu32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(b0)), lanes), last);
+    const __m256 p = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+    const __m256 inv = _mm256_div_ps(one, p);
+    __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, q[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t j = 0; j < g; j += 2)  // two chains of at most 64 weights each
+      for (int i = 0; i < 2; ++i) {
+        const __m256 aj = _mm256_broadcast_ss(a + j + i);
+        const __m256 c = _mm256_min_ps(_mm256_round_ps(_mm256_mul_ps(aj, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), seven);
+        s[i] = _mm256_fmadd_ps(aj, c, s[i]);
+        q[i] = _mm256_fmadd_ps(c, c, q[i]);
       }
-      use8 = e8 < e7;
+    const __m256 qs = _mm256_add_ps(q[0], q[1]);  // at most 128 * 49: exact
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const auto part = [h2](__m256 v) { return h2 ? hi_pd(v) : lo_pd(v); };
+      const __m256d pd = part(p), sd = _mm256_add_pd(part(s[0]), part(s[1]));
+      const __m256d f = _mm256_mul_pd(pd, _mm256_sub_pd(_mm256_mul_pd(pd, part(qs)), _mm256_add_pd(sd, sd)));
+      const __m256d less = _mm256_cmp_pd(f, best_f[h2], _CMP_LT_OQ);  // a lane's candidates ascend: a tie keeps the first
+      best_f[h2] = _mm256_blendv_pd(best_f[h2], f, less);
+      const __m128i lane_bits = h2 ? _mm256_extracti128_si256(bits, 1) : _mm256_castsi256_si128(bits);
+      best_bits[h2] = _mm256_blendv_pd(best_bits[h2], _mm256_cvtepi32_pd(lane_bits), less);
     }
-    scales[gi] = use8 ? s8 : s7;
-    // u = q + 8 two per byte, the even column in the low nibble: u_even + 16 u_odd per int16 pair
-    const int8_t* q = use8 ? q8 : q7;
+    least = std::min(least, hmin(_mm256_min_pd(best_f[0], best_f[1])));
+  }
+  alignas(32) double f[8], b[8];
+  for (int h2 = 0; h2 < 2; ++h2) {
+    _mm256_store_pd(f + 4 * h2, best_f[h2]);
+    _mm256_store_pd(b + 4 * h2, best_bits[h2]);
+  }
+  int best = 0;
+  for (int i = 1; i < 8; ++i)
+    if (f[i] < f[best] || (f[i] == f[best] && b[i] < b[best])) best = i;
+  return static_cast<uint16_t>(b[best]);
+}
+
+// Codes q = clamp(rint_even(x / d), -7, 7) with the exact float quotient (ref::quantize_groups_row's), stored
+// u = q + 8 two per byte, the even column in the low nibble.
+void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales) {
+  if (group % 32 || group > kMaxGroup) return ref::quantize_groups_row(x, k, group, out, scales);
+  const __m256 lo = _mm256_set1_ps(-7.f), hi = _mm256_set1_ps(7.f);
+  for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, ++gi) {
+    const uint16_t sb = least_squares_scale(x + g0, group);
+    scales[gi] = sb;
+    if (sb == 0) {  // an all-zero group: codes 0
+      std::memset(out + g0 / 2, 0x88, static_cast<size_t>(group / 2));
+      continue;
+    }
+    const __m256 d = _mm256_set1_ps(bf16_to_f32(sb));
     for (int64_t j = 0; j < group; j += 32) {
-      const __m256i u = _mm256_add_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(q + j)), _mm256_set1_epi8(8));
+      __m256i v[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + g0 + j + 8 * i), d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v[i] = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, hi), lo));
+      }
+      // u_even + 16 u_odd per int16 pair, then to bytes
+      const __m256i u = _mm256_add_epi8(pack_i8(v[0], v[1], v[2], v[3]), _mm256_set1_epi8(8));
       const __m256i pairs = _mm256_maddubs_epi16(u, _mm256_set1_epi16(0x1001));
       const __m256i bytes = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (g0 + j) / 2), _mm256_castsi256_si128(bytes));

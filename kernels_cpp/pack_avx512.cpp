@@ -2,6 +2,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 
 #include "numerics.hpp"
 #include "pack.hpp"
@@ -233,8 +235,151 @@ void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock
   });
 }
 
-// quantize_groups_row: the AVX2 row's.
-PackKernels kernels() { return {decoder, quantize_row, pack_nibbles, tile_block, nullptr}; }
+namespace {
+
+// RAWINT4: the least-error scale of a group (ref::least_squares_scale's result), as the AVX2 row finds it
+// (pack_avx2.cpp says why it is exact), sixteen candidates per block.
+constexpr int64_t kMaxGroup = 128;
+
+// Floors under the squared error of a group at every scale p in [p1, p2] (a: the |weights| and p1, p2 scaled by
+// one power of two): `all` for p in the block: a weight whose quotients a/p2 .. a/p1 hold no integer up to 7
+// errs by at least p1 times their distance to the nearest one (less 2^-15 for the float quotients' rounding),
+// one with a/p2 >= 7 (code 7 throughout) by a - 7 p2; `above` for every p >= p1 (so it grows with p1): a weight
+// below p1 (with a margin for the rounding) has code 0 or 1 there, so errs by at least min(a, p1 - a). Both sums
+// in float are within 2^-16 of exact.
+struct ErrorFloors {
+  float all, above;
+};
+ErrorFloors error_floors(const float* a, int64_t g, float p1, float p2) {
+  const __m512 inv1 = _mm512_set1_ps(1.f / p1), inv2 = _mm512_set1_ps(1.f / p2), at1 = _mm512_set1_ps(p1);
+  const __m512 top = _mm512_set1_ps(7.f * p2), seven = _mm512_set1_ps(7.f), one = _mm512_set1_ps(1.f);
+  const __m512 margin = _mm512_set1_ps(0x1p-15f), zero = _mm512_setzero_ps(), below = _mm512_set1_ps(1.f - 0x1p-15f);
+  __m512 all = zero, above = zero;
+  for (int64_t j = 0; j < g; j += 16) {
+    const __m512 v = _mm512_load_ps(a + j);
+    const __m512 t2 = _mm512_mul_ps(v, inv2), t1 = _mm512_mul_ps(v, inv1);
+    const __m512 n = _mm512_roundscale_ps(t1, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 d = _mm512_sub_ps(_mm512_min_ps(_mm512_sub_ps(t2, n), _mm512_sub_ps(_mm512_add_ps(n, one), t1)), margin);
+    __m512 e = _mm512_mul_ps(at1, _mm512_max_ps(d, zero));
+    e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(t2, seven, _CMP_GE_OQ), _mm512_max_ps(_mm512_sub_ps(v, top), zero));
+    all = _mm512_fmadd_ps(e, e, all);
+    const __m512 near = _mm512_min_ps(v, _mm512_sub_ps(at1, v));
+    above = _mm512_mask3_fmadd_ps(near, near, above, _mm512_cmp_ps_mask(t1, below, _CMP_LT_OQ));
+  }
+  return {_mm512_reduce_add_ps(all), _mm512_reduce_add_ps(above)};
+}
+
+// float64 halves of a float vector
+inline __m512d lo_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline __m512d hi_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)); }
+
+uint16_t least_squares_scale(const float* x, int64_t g) {
+  alignas(64) float a[kMaxGroup], as[kMaxGroup];
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t j = 0; j < g; j += 16) {
+    const __m512 v = _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(x + j), abs_mask));
+    _mm512_store_ps(a + j, v);
+    m = _mm512_max_ps(m, v);
+  }
+  const float amax = _mm512_reduce_max_ps(m);
+  if (amax == 0.f) return 0;
+  if (!(amax >= 0x1p-90f && amax < 0x1p100f)) return ref::least_squares_scale(x, g);
+  const __m512 seven = _mm512_set1_ps(7.f), one = _mm512_set1_ps(1.f);
+  // error_floors' units: amax scaled into [1, 2) (exact). sum a^2 and F(first) (first: amax/7 rounded up, which
+  // clips nothing) in float64: their sum bounds the least squared error from above
+  const float unit = bits_to_f32((254u - (f32_to_bits(amax) >> 23)) << 23);
+  const double unit2 = static_cast<double>(unit) * unit;
+  const uint32_t first = (f32_to_bits(amax / 7.0f) + 0xFFFFu) >> 16;
+  const float p0 = bf16_to_f32(static_cast<uint16_t>(first));
+  const __m512 inv0 = _mm512_set1_ps(1.f / p0);
+  __m512d squares = _mm512_setzero_pd();
+  __m512 s0 = _mm512_setzero_ps(), q0 = _mm512_setzero_ps();
+  for (int64_t j = 0; j < g; j += 16) {
+    const __m512 v = _mm512_load_ps(a + j);
+    _mm512_store_ps(as + j, _mm512_mul_ps(v, _mm512_set1_ps(unit)));
+    squares = _mm512_fmadd_pd(hi_pd(v), hi_pd(v), _mm512_fmadd_pd(lo_pd(v), lo_pd(v), squares));
+    const __m512 c = _mm512_min_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, inv0), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), seven);
+    s0 = _mm512_fmadd_ps(v, c, s0);  // per lane at most 8 products: exact
+    q0 = _mm512_fmadd_ps(c, c, q0);
+  }
+  const double sum_a2 = _mm512_reduce_add_pd(squares) * (1.0 + 0x1p-40);  // above its rounding
+  const double s_first = _mm512_reduce_add_pd(_mm512_add_pd(lo_pd(s0), hi_pd(s0)));  // exact in float64
+  const double q_first = _mm512_reduce_add_ps(q0);
+  double least = p0 * (p0 * q_first - 2.0 * s_first);  // F(first); the least F is at most this
+  const uint32_t hi = ref::scale_ceiling_bits(amax);
+  const __m512i last = _mm512_set1_epi32(static_cast<int>(hi));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512d best_f[2] = {_mm512_set1_pd(HUGE_VAL), _mm512_set1_pd(HUGE_VAL)};
+  __m512d best_bits[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
+  for (uint32_t b0 = ref::scale_floor_bits(amax, sum_a2 + least); b0 <= hi; b0 += 16) {
+    // the least squared error found so far, from above, in error_floors' units: a block whose floor is higher
+    // holds no scale that reaches (or ties) it; once the floor of everything above is higher, nothing does
+    const double bound = (sum_a2 + least) * unit2;
+    const ErrorFloors floors = error_floors(as, g, bf16_to_f32(static_cast<uint16_t>(b0)) * unit,
+                                            bf16_to_f32(static_cast<uint16_t>(std::min(b0 + 15, hi))) * unit);
+    if (floors.above * (1.0 - 0x1p-10) > bound) break;
+    if (floors.all * (1.0 - 0x1p-10) > bound) continue;
+    const __m512i bits = _mm512_min_epu32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(b0)), lanes), last);
+    const __m512 p = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+    const __m512 inv = _mm512_div_ps(one, p);
+    __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()}, q[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < g; j += 2)  // two chains of at most 64 weights each
+      for (int i = 0; i < 2; ++i) {
+        const __m512 aj = _mm512_set1_ps(a[j + i]);
+        const __m512 c = _mm512_min_ps(_mm512_roundscale_ps(_mm512_mul_ps(aj, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), seven);
+        s[i] = _mm512_fmadd_ps(aj, c, s[i]);
+        q[i] = _mm512_fmadd_ps(c, c, q[i]);
+      }
+    const __m512 qs = _mm512_add_ps(q[0], q[1]);
+    for (int h = 0; h < 2; ++h) {
+      const auto part = [h](__m512 v) { return h ? hi_pd(v) : lo_pd(v); };
+      const __m512d pd = part(p), sd = _mm512_add_pd(part(s[0]), part(s[1]));
+      const __m512d f = _mm512_mul_pd(pd, _mm512_sub_pd(_mm512_mul_pd(pd, part(qs)), _mm512_add_pd(sd, sd)));
+      const __mmask8 less = _mm512_cmp_pd_mask(f, best_f[h], _CMP_LT_OQ);  // a lane's candidates ascend
+      best_f[h] = _mm512_mask_mov_pd(best_f[h], less, f);
+      const __m256i lane_bits = h ? _mm512_extracti64x4_epi64(bits, 1) : _mm512_castsi512_si256(bits);
+      best_bits[h] = _mm512_mask_mov_pd(best_bits[h], less, _mm512_cvtepi32_pd(lane_bits));
+    }
+    least = std::min(least, _mm512_reduce_min_pd(_mm512_min_pd(best_f[0], best_f[1])));
+  }
+  alignas(64) double f[16], b[16];
+  for (int h = 0; h < 2; ++h) {
+    _mm512_store_pd(f + 8 * h, best_f[h]);
+    _mm512_store_pd(b + 8 * h, best_bits[h]);
+  }
+  int best = 0;
+  for (int i = 1; i < 16; ++i)
+    if (f[i] < f[best] || (f[i] == f[best] && b[i] < b[best])) best = i;
+  return static_cast<uint16_t>(b[best]);
+}
+
+// Codes clamp(rint_even(x / d), -7, 7) with the exact quotient; u = q + 8 two per byte, the even column low.
+void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales) {
+  if (group % 32 || group > kMaxGroup) return ref::quantize_groups_row(x, k, group, out, scales);
+  const __m512 lo = _mm512_set1_ps(-7.f), hi = _mm512_set1_ps(7.f);
+  const __m512i eight = _mm512_set1_epi32(8);
+  for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, ++gi) {
+    const uint16_t sb = least_squares_scale(x + g0, group);
+    scales[gi] = sb;
+    if (sb == 0) {  // an all-zero group: codes 0
+      std::memset(out + g0 / 2, 0x88, static_cast<size_t>(group / 2));
+      continue;
+    }
+    const __m512 d = _mm512_set1_ps(bf16_to_f32(sb));
+    for (int64_t j = 0; j < group; j += 16) {
+      const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + g0 + j), d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i u = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(r, hi), lo)), eight);
+      // each 64-bit lane holds (u_even, u_odd): u_even | u_odd << 4 in its low byte
+      const __m128i bytes = _mm512_cvtepi64_epi8(_mm512_or_si512(u, _mm512_srli_epi64(u, 28)));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + (g0 + j) / 2), bytes);
+    }
+  }
+}
+
+}  // namespace
+
+PackKernels kernels() { return {decoder, quantize_row, pack_nibbles, tile_block, quantize_groups_row}; }
 
 }  // namespace avx512
 }  // namespace kt

@@ -123,46 +123,6 @@ void tile_block(const uint8_t* rows, int64_t nbs, int64_t kbytes, int64_t kblock
   });
 }
 
-namespace {
-// Quantizes one group with scale bits `sb` (bf16); returns the squared error (infinite when a weight falls
-// outside -8..7 and would be clipped), fills q (-8..7).
-double quantize_group(const float* x, int64_t g, uint16_t sb, int8_t* q) {
-  const float d = bf16_to_f32(sb);
-  double err = 0.0;
-  bool clipped = false;
-  for (int64_t j = 0; j < g; ++j) {
-    int32_t v = 0;
-    if (d != 0.f) {
-      const int32_t r = cvt_rne_i32(x[j] / d);  // |x/d| <= 8.1: never out of int32
-      clipped |= r > 7 || r < -8;
-      v = std::clamp(r, -8, 7);
-    }
-    q[j] = static_cast<int8_t>(v);
-    const double e = static_cast<double>(x[j]) - static_cast<double>(v) * static_cast<double>(d);
-    err += e * e;
-  }
-  return clipped ? HUGE_VAL : err;
-}
-}  // namespace
-
-void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales) {
-  int8_t q7[128], q8[128];  // group <= 128 (method_info)
-  for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, ++gi) {
-    float amax = 0.f;
-    for (int64_t j = 0; j < group; ++j) amax = std::max(amax, std::fabs(x[g0 + j]));
-    // bf16 round to nearest even of the fp32 quotient; a scale that rounds to 0 or overflows stays as is
-    const uint16_t s7 = static_cast<uint16_t>(f32_to_bits(round_to_bf16(amax / 7.0f)) >> 16);
-    const uint16_t s8 = static_cast<uint16_t>(f32_to_bits(round_to_bf16(amax / 8.0f)) >> 16);
-    const double e7 = quantize_group(x + g0, group, s7, q7);
-    const double e8 = quantize_group(x + g0, group, s8, q8);
-    const bool use8 = e8 < e7;  // ties: amax / 7
-    const int8_t* q = use8 ? q8 : q7;
-    scales[gi] = use8 ? s8 : s7;
-    for (int64_t j = 0; j < group; j += 2)
-      out[(g0 + j) / 2] = static_cast<uint8_t>((q[j] + 8) | ((q[j + 1] + 8) << 4));
-  }
-}
-
 PackKernels kernels() {
   return {[](SourceKind) -> DecodeRowFn { return decode_row; }, quantize_row, pack_nibbles, tile_block, quantize_groups_row};
 }

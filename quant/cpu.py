@@ -8,7 +8,7 @@ import numpy as np
 from kt_runtime.format.methods import QuantMethod
 from kt_runtime.format.safetensors_file import numpy_dtype
 
-from .source_formats import SOURCE_FORMATS
+from .source_formats import SOURCE_FORMATS, carries_codes
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class SourceMatrix:
         scales = None if self.scales is None else self.scales[row0 : row0 + n]
         return SourceMatrix(self.kind, weight, scales, self.block, 0, self.global_scale, self.global_divides)
 
+    def carries_codes(self, method: QuantMethod, col0: int = 0) -> bool:
+        """Packed for `method` from column col0, this source keeps its codes and scales
+        (quant.source_formats.carries_codes; a slice that starts inside an output group is quantized)."""
+        return (self.scales is not None and carries_codes(method, self.kind, self.block, self.scales.itemsize)
+                and col0 % method.group_size == 0)
+
     def job_args(self) -> tuple:
         """The block tuple the C++ packer takes for fp8_block / int4_group, the per-tensor scale of nvfp4,
         else ()."""
@@ -84,6 +90,7 @@ def pack_cpu(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, PackT
             not 0 <= num_threads <= kt_kernels.MAX_THREADS:
         raise ValueError(f"num_threads must be an int in [0, {kt_kernels.MAX_THREADS}], got {num_threads!r}")
 
-    args = [(src.kind, src.weight, src.scales, col0, k, dst.weight, dst.scales, *src.job_args())
+    args = [(src.kind, src.weight, src.scales, col0, k, dst.weight, dst.scales, *src.job_args(),
+             *((True,) if src.carries_codes(method, col0) else ()))
             for src, col0, k, dst in jobs]
     return kt_kernels.pack(method.name, args, isa=isa, num_threads=num_threads)

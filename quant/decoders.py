@@ -70,10 +70,18 @@ def unpack_int4_words(packed: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def decode_int4_group(packed: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor,
                       group: int, scale_dtype: str = "BF16") -> torch.Tensor:
-    """compressed-tensors pack-quantized symmetric INT4 -> bf16 [N, K].
+    """compressed-tensors pack-quantized symmetric INT4 -> bf16 [N, K] (the values rounded to bf16, as kt's
+    converters see them).
 
     scale: [N, K/group], BF16 (uint16 bits or bfloat16) or F32.
     """
+    return int4_group_values(packed, scale, group, scale_dtype).to(torch.bfloat16)
+
+
+def int4_group_values(packed: np.ndarray | torch.Tensor, scale: np.ndarray | torch.Tensor,
+                      group: int, scale_dtype: str = "BF16") -> torch.Tensor:
+    """compressed-tensors pack-quantized symmetric INT4 -> float32 [N, K]: (u - 8) * scale, exact for bf16
+    scales (4 bits times 8)."""
     u = unpack_int4_words(packed)
     s = _tensor(scale)
     if scale_dtype == "BF16":
@@ -84,7 +92,7 @@ def decode_int4_group(packed: np.ndarray | torch.Tensor, scale: np.ndarray | tor
     if s.shape[1] * group < u.shape[1]:
         raise ValueError(f"INT4 scales {tuple(s.shape)} do not cover {u.shape[1]} columns with group {group}")
     cols = torch.arange(u.shape[1]) // group
-    return ((u - 8).to(torch.float32) * s[:, cols]).to(torch.bfloat16)
+    return (u - 8).to(torch.float32) * s[:, cols]
 
 
 def nvfp4_group_scales(scale: np.ndarray | torch.Tensor, global_scale: float, divides: bool) -> torch.Tensor:
@@ -131,6 +139,15 @@ def encode_int4_words(u: np.ndarray) -> np.ndarray:
     for j in range(8):
         words |= u[:, j::8] << np.uint32(4 * j)
     return words.view(np.int32)
+
+
+def source_values(src) -> torch.Tensor:
+    """A quant.cpu.SourceMatrix's own values: compressed-tensors INT4 as the exact products (u - 8) * scale
+    (what an output that carries its codes holds), every other format as decode_source decodes it."""
+    if src.kind == "int4_group":
+        dtype = "BF16" if src.scales.dtype.itemsize == 2 else "F32"
+        return int4_group_values(np.ascontiguousarray(src.weight), np.ascontiguousarray(src.scales), src.block[1], dtype)
+    return decode_source(src)
 
 
 def decode_source(src) -> torch.Tensor:

@@ -1,28 +1,51 @@
 """Readable torch reference of the group-wise INT4 method (kt's RAWINT4, compressed-tensors
-pack-quantized): the C++ packer (kernels_cpp/pack_ref.cpp:quantize_groups_row) writes the same bytes.
+pack-quantized): the C++ packer (kernels_cpp/pack_group.cpp) writes the same bytes.
 
-Per group of `group` columns of a row: amax = max |w|; the candidate scales d7 = bf16(fl32(amax / 7)) and
-d8 = bf16(fl32(amax / 8)) (round to nearest even); q = clamp(rint_even(fl32(w / d)), -8, 7) (0 where d is
-0); the group keeps d8 when no weight falls outside -8..7 with it (none is clipped) and its squared error
-sum((w - q d)^2) (float64) is the smaller, else d7. So every weight is within half a step, and d8 (a step
-1/8 finer) is taken where the group's extreme is negative or has room below 7.5 d8.
+Per group of `group` columns of a row: the codes q = clamp(rint_even(w / d), -7, 7) (kt's RAWINT4 kernels
+compute the level -8 wrongly, docs/FORMAT.md §9) with the bf16 scale d that gives the least squared error
+sum((w - q d)^2); on a tie the smaller d. Found here by trying every bf16 value from amax/64 to 2 amax, the
+interval the least-error scale lies in for groups of up to 128 (FORMAT.md §9); d = 0 for an all-zero group.
 Stored: u = q + 8, two per byte, the even column in the low nibble; the scale as bf16 bits.
 Dequantized: (u - 8) * d, exact in float32.
+
+A source that already is group-wise INT4 with bf16 scales, in groups that hold whole output groups, is not
+quantized again: its codes and scales are the output's (quant.source_formats.carries_codes).
 """
 from __future__ import annotations
 
 import torch
 
+MAX_LEVEL = 7
+BAND_BELOW, BAND_ABOVE = 6 * 128, 128  # bf16 bit patterns below / above amax: amax/64 .. 2 amax
+MAX_BF16_BITS = 0x7F7F
+GROUPS_PER_CHUNK = 256  # groups whose candidate scales are tried at once (bounds the reference's memory)
 
-def _quantize_with(x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x float32 [N, G, g], d float32 [N, G, 1] -> (q int32, squared error float64 [N, G]; inf where a weight
-    would be clipped)."""
-    safe = torch.where(d == 0, torch.ones_like(d), d)
-    r = torch.where(d == 0, torch.zeros_like(x), torch.round(x / safe))
-    q = r.clamp(-8, 7)
-    err = (x.double() - q.double() * d.double()).pow(2).sum(-1)
-    err = torch.where(((r > 7) | (r < -8)).any(-1), torch.full_like(err, float("inf")), err)
-    return q.to(torch.int32), err
+
+def _bits_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """bf16 bit patterns (int64) -> their float32 values."""
+    return (bits.to(torch.int32) << 16).view(torch.float32)
+
+
+def least_squares_scales(x: torch.Tensor) -> torch.Tensor:
+    """bf16-exact float32 groups [G, g] -> float32 [G]: each group's bf16 scale with the least squared error
+    over the levels -7..7 (the smallest such scale; 0 for an all-zero group), by trying every candidate."""
+    a = x.abs().to(torch.float64)
+    amax = x.abs().amax(-1)
+    top = (amax.view(torch.int32) >> 16).to(torch.int64)  # amax is bf16-exact
+    lo = (top - BAND_BELOW).clamp(min=1)
+    hi = (top + BAND_ABOVE).clamp(max=MAX_BF16_BITS)
+    bits = lo[:, None] + torch.arange(BAND_BELOW + BAND_ABOVE + 1)
+    valid = bits <= hi[:, None]
+    p = _bits_to_float(bits.clamp(max=MAX_BF16_BITS)).to(torch.float64)  # [G, C]
+    best = torch.empty(len(x), dtype=torch.float32)
+    for c in range(0, len(x), GROUPS_PER_CHUNK):
+        ac, pc = a[c : c + GROUPS_PER_CHUNK], p[c : c + GROUPS_PER_CHUNK]
+        q = (ac[:, None, :] / pc[..., None]).round_().clamp_(max=MAX_LEVEL)  # codes of |w|, [G, C, g]
+        # squared error minus sum a^2: p (p sum q^2 - 2 sum a q), exact in float64 for these values
+        f = pc * (pc * torch.einsum("gcj,gcj->gc", q, q) - 2 * torch.bmm(q, ac[..., None])[..., 0])
+        f = torch.where(valid[c : c + GROUPS_PER_CHUNK], f, torch.full_like(f, float("inf")))
+        best[c : c + GROUPS_PER_CHUNK] = pc.gather(1, f.argmin(-1, keepdim=True))[:, 0].to(torch.float32)
+    return torch.where(amax == 0, torch.zeros_like(best), best)
 
 
 def quantize_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,17 +53,12 @@ def quantize_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
     n, k = w.shape
     if k % group:
         raise ValueError(f"K {k} is not a multiple of the group size {group}")
-    x = w.to(torch.float32).reshape(n, k // group, group)
-    amax = x.abs().amax(-1, keepdim=True)
-    d7 = (amax / 7).to(torch.bfloat16).to(torch.float32)
-    d8 = (amax / 8).to(torch.bfloat16).to(torch.float32)
-    q7, e7 = _quantize_with(x, d7)
-    q8, e8 = _quantize_with(x, d8)
-    use8 = e8 < e7
-    q = torch.where(use8[..., None], q8, q7).reshape(n, k)
-    d = torch.where(use8[..., None], d8, d7).reshape(n, k // group)
-    u = (q + 8).to(torch.uint8)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), d.to(torch.bfloat16)
+    x = w.to(torch.float32).reshape(n * (k // group), group)
+    d = least_squares_scales(x).to(torch.float64)
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    q = torch.where(d[:, None] == 0, 0.0, torch.round(x.double() / safe[:, None])).clamp(-MAX_LEVEL, MAX_LEVEL)
+    u = (q.to(torch.int32) + 8).to(torch.uint8).reshape(n, k)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous(), d.to(torch.bfloat16).reshape(n, k // group)
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -39,3 +39,11 @@ SUPPORTED = ", ".join(f.description for f in SOURCE_FORMATS.values() if f.input_
 
 def input_type_of(kind: str) -> str:
     return SOURCE_FORMATS[kind].input_type
+
+
+def carries_codes(method, kind: str, block, scale_itemsize: int) -> bool:
+    """The one exact path: a group-wise INT4 output (method) keeps the codes and scales of a group-wise INT4
+    source (kind int4_group, block = (1, source group)) with bf16 scales (itemsize 2) whose groups each hold
+    whole output groups (the scale repeated over them); nothing is quantized again (docs/FORMAT.md §9)."""
+    return (method.group_size is not None and kind == "int4_group" and scale_itemsize == 2
+            and block[1] % method.group_size == 0)

@@ -18,11 +18,30 @@ def pytest_collection_modifyitems(config, items):
     interpreted = os.environ.get("KT_GPU_TEST_DEVICE") == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     no_amx = pytest.mark.skip(reason="needs a CPU with AMX")
+    no_kt = pytest.mark.skip(reason="needs kt-kernel: set KT_KERNEL_PATH (scripts/kt_compat.py)")
+    kt_missing = None
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available() and not interpreted:
             item.add_marker(no_gpu)
         if "amx" in item.keywords and kt_kernels.best_isa() != "amx":
             item.add_marker(no_amx)
+        if item.get_closest_marker("kt") is not None:
+            if kt_missing is None:
+                kt_missing = kt_compat().find_kt(os.environ.get("KT_KERNEL_PATH")) is None
+            if kt_missing:
+                item.add_marker(no_kt)
+
+
+def kt_compat():
+    """scripts/kt_compat.py as a module (it never imports kt-kernel into this process)."""
+    import importlib.util
+
+    if "kt_compat" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kt_compat", ROOT / "scripts" / "kt_compat.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kt_compat"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["kt_compat"]
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,8 @@ CASES (name -> how it is made):
   gptoss-int4/-int8     gpt-oss MXFP4 (H=384, I=256, 4 experts), 2 NUMA shards: gpt-oss's activation, clamp 7
                         and the gate/up/down biases (scaled up so that they matter)
   raw-g32, raw-g128     Qwen3-MoE BF16 (H=384, I=256, 6 experts) as RAWINT4: SiLU, no clamp (RAWINT4 refuses clamps)
+  k2-g32                Kimi-K2 INT4 (H=384, I=256, 6 experts) as RAWINT4 g32: its codes carried over, the level -8
+                        (stored nibble 0) among them
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ import kt_runtime
 from kt_runtime.expert_activation import ExpertBiases, read_expert_biases
 from kt_runtime.reference import moe_reference
 
-CASES = ("v4-int4", "v4-int8", "gptoss-int4", "gptoss-int8", "raw-g32", "raw-g128")
+CASES = ("v4-int4", "v4-int8", "gptoss-int4", "gptoss-int8", "raw-g32", "raw-g128", "k2-g32")
 # x scale per family: gate/up land where the clamp is reached by some values (the synthetic weights differ)
-X_SCALE = {"v4": 1.0, "gptoss": 0.01, "raw": 1.0}
+X_SCALE = {"v4": 1.0, "gptoss": 0.01, "raw": 1.0, "k2": 1.0}
 
 
 class Case:
@@ -62,7 +64,8 @@ class Cases:
                                                                 num_shards=1).path
             else:
                 from synthetic.families import make_family_checkpoint
-                variant, I, E = ("gpt_oss_mxfp4", 256, 4) if family == "gptoss" else ("qwen3_moe_bf16", 256, 6)
+                variant, I, E = {"gptoss": ("gpt_oss_mxfp4", 256, 4), "k2": ("kimi_k2_int4", 256, 6)}.get(
+                    family, ("qwen3_moe_bf16", 256, 6))
                 self.sources[family] = make_family_checkpoint(root / "ck", variant, hidden_size=384,
                                                               intermediate_size=I, num_experts=E).path
         return self.sources[family]
@@ -72,7 +75,7 @@ class Cases:
             family, method = name.split("-")
             src = self._source(family)
             out = self.tmp.mktemp(f"prefill_{name}") / "out"
-            if family == "raw":
+            if family in ("raw", "k2"):
                 w = _convert(src, out, quant_method="rawint4", group_size=int(method[1:]))
             else:
                 w = _convert(src, out, quant_method=method, threadpool_count=2)

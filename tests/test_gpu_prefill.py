@@ -412,6 +412,19 @@ def test_results_equal_the_float_reference(cases, name):
     assert rel(y, cpu) < 0.1  # the CPU path: int8 activations
 
 
+def test_the_carried_level_minus8_reaches_the_prefill(cases):
+    """k2-g32 carries Kimi-K2's codes, the level -8 (stored nibble 0) among them, so the results above cover the
+    prefill reading it as stored: (0 - 8) * s, the loader's value."""
+    c = cases["k2-g32"]
+    packed = np.asarray(c.weights.expert_tensors(c.layer, 0, "gate", 0)[0]).view(np.uint8)
+    assert np.count_nonzero((packed & 0xF) == 0) + np.count_nonzero((packed >> 4) == 0) > 0
+    deq = c.weights.dequantize(c.layer, 0, "gate")
+    scales = np.asarray(c.weights.expert_tensors(c.layer, 0, "gate", 0)[1]).view(np.uint16).reshape(deq.shape[0], -1)
+    s = torch.from_numpy((scales.astype(np.uint32) << 16).view(np.float32)).repeat_interleave(32, dim=1)
+    low = torch.from_numpy((packed.reshape(deq.shape[0], -1) & 0xF) == 0)
+    assert torch.equal(deq[:, 0::2][low], -8 * s[:, 0::2][low])
+
+
 class _Unclamped:
     """Packed weights seen without their swiglu_limit."""
 

@@ -240,12 +240,12 @@ def test_one_name_per_source_format():
 
 @pytest.mark.parametrize("kind", sorted(SOURCE_FORMATS))
 def test_each_isa_level_runs_its_own_row(kind):
-    """Forcing a level runs that level's kernels; the AVX-512 row has no group quantizer of its own and
-    takes the AVX2 row's; AMX CPUs run the AVX-512 row; every source kind has a decoder in every SIMD row."""
+    """Forcing a level runs that level's kernels, each row filling every entry (the RAWINT4 group quantizer
+    included); AMX CPUs run the AVX-512 row; every source kind has a decoder in every SIMD row."""
     for isa, row in (("portable", "portable"), ("avx2", "avx2"), ("avx512", "avx512"), ("amx", "avx512")):
         assert kt_kernels._pack_kernel_rows(isa, kind) == {
             "decode": row, "quantize_row": row, "pack_nibbles": row, "tile_block": row,
-            "quantize_groups_row": "portable" if row == "portable" else "avx2"}, isa
+            "quantize_groups_row": row}, isa
 
 
 def _strided(a: np.ndarray) -> np.ndarray:
@@ -344,6 +344,8 @@ def test_every_source_kind_and_method_on_every_isa(kind, method, isa):
     for col0, k in slices:
         ref_w, ref_s, ref_bad = _reference(kind, method, col0, k)
         assert ref_bad > 0  # every slice holds non-finite values
+        if src.carries_codes(method, col0):
+            ref_w, ref_s = _carried(src, method, col0, k, ref_w, ref_s)
         for threads in (1, 3):
             dst, bad = _cpu_pack(method, src, col0, k, isa, threads)
             assert bad == ref_bad, (col0, k, threads)
@@ -351,40 +353,74 @@ def test_every_source_kind_and_method_on_every_isa(kind, method, isa):
             assert np.array_equal(dst.scales.view(ref_s.dtype), ref_s), (col0, k, threads)
 
 
+def _carried(src, method, col0, k, ref_w, ref_s):
+    """An INT4 source on the output's grid: its code bytes and bf16 scales (each source scale repeated over the
+    output groups it holds), except groups whose scale cannot decode finitely (|scale| >= 2^124, NaN, inf),
+    which are quantized from the decoded values (the reference's bytes)."""
+    g, n = method.group_size, src.shape[0]
+    codes = np.ascontiguousarray(src.weight).view(np.uint8)[:, col0 // 2 : (col0 + k) // 2]
+    scales = np.ascontiguousarray(src.scales)[:, (col0 + g * np.arange(k // g)) // src.block[1]]
+    usable = (scales & 0x7FFF) < 0x7D80
+    assert not usable.all()  # the test source has an unusable scale in every slice
+    want_w = np.where(np.repeat(usable, g // 2, axis=1), codes, ref_w.reshape(n, -1)).reshape(-1)
+    return want_w, np.where(usable, scales, ref_s.reshape(n, -1)).reshape(-1)
+
+
 def _group_rows() -> torch.Tensor:
-    """RAWINT4 rows (groups of 32) at the quantizer's edges: ties, clipping of either candidate, a zero group,
-    subnormals, bf16 scales that round far from amax / 7 and amax / 8."""
+    """RAWINT4 rows (groups of 32) at the quantizer's edges: groups with several zero-error scales, one where
+    clipping pays, a zero group, subnormals, magnitudes on both sides of where the SIMD rows leave the search to
+    the reference (amax below 2^-90 or from 2^100), exact error ties on a coarse grid, heavy tails."""
     rows = []
 
     def group(*head):
-        g = torch.zeros(32)
-        g[: len(head)] = torch.tensor(head)
+        g = torch.zeros(32, dtype=torch.float64)
+        g[: len(head)] = torch.tensor(head, dtype=torch.float64)
         return g
 
-    rows.append(torch.cat([group(56.0, -56.0, 8.0), group(-56.0, 48.0, 1.0), group(-64.0, 3.0), group()]))
-    rows.append(torch.cat([group(-56.0), group(-8.0, 1.0), group(-7 * 2.0**-20), group(1.0)]))  # exact error ties
-    tiny = 2.0**-133  # the smallest bf16 subnormal: amax 15 tiny gives d7 = d8 = 2 tiny, 7.5 -> 8
-    rows.append(torch.cat([group(15 * tiny, tiny), group(-15 * tiny, tiny), group(3 * tiny), group(2.0**-126, -tiny)]))
+    tiny = 2.0**-133  # the smallest bf16 subnormal
+    rows.append(torch.cat([group(1.5, 0.5, -0.5), group(*[0.625] * 31, 1.0), group(), group(-56.0)]))
+    rows.append(torch.cat([group(-7 * 2.0**-20), group(1.0), group(15 * tiny, tiny), group(2.0**-126, -tiny)]))
     g = torch.Generator().manual_seed(5)
-    rows.append((torch.randn(128, generator=g) * 1e-3))
+    unit = [torch.randn(32, generator=g, dtype=torch.float64) for _ in range(4)]
+    rows.append(torch.cat([v / v.abs().max() * 2.0**e for v, e in zip(unit, (-90, -90.5, 99.9, 100))]))
+    rows.append(torch.randn(128, generator=g) * 1e-3)
     rows.append(torch.round(torch.randn(128, generator=g) * 4) * 0.25)  # a coarse grid: many exact error ties
+    rows.append(torch.distributions.StudentT(2.0).sample((128,)) * 0.01)
     return torch.stack(rows).to(torch.bfloat16)
+
+
+def _sse(x: np.ndarray, d: float) -> float:
+    """A group's squared error at scale d with codes clamp(rint(x / d), -7, 7), float64."""
+    return float(((x - np.clip(np.round(x / d), -7, 7) * d) ** 2).sum())
 
 
 @pytest.mark.parametrize("isa", AVAILABLE_ISAS)
 def test_group_quantizer_edges_on_every_isa(isa):
+    """Every ISA level writes the torch reference's bytes on these groups; the reference's scales of the first
+    groups are worked by hand (the least squared error over codes -7..7; on a tie the smallest scale)."""
     w = _group_rows()
-    assert torch.equal(w.float()[2, 0], torch.tensor(15 * 2.0**-133))  # the subnormals survive bf16
+    x = w.double().numpy()
+    assert x[1, 64] == 15 * 2.0**-133 and np.abs(x[2, :32]).max() == 2.0**-90  # the edges survive bf16
+    assert np.abs(x[2, 32:64]).max() < 2.0**-90 and np.abs(x[2, 96:]).max() == 2.0**100
     ref_w, ref_s, _ = pack_reference(w, RAWINT4_G32)
     want_s = ref_s.view(torch.int16).numpy().reshape(-1).view(np.uint16)
-    # worked by hand (groups of 32): [56, -56, 8]: d8 = 7 clips 56 -> d7 = 8, q 7 -7 1; [-56, 48, 1]: d7 = 8 (error 1)
-    # beats d8 = 7 (error 2); [-64, 3]: d8 = 8 (error 9) beats d7 = bf16(64 / 7) = 9.125 (error 9.015625); zeros: 0
-    assert list(want_s[:4]) == [0x4100, 0x4100, 0x4100, 0]
-    # [-56]: d8 = 7 and d7 = 8 both exact (error 0): the tie keeps d7; [-8, 1]: d8 = 1 exact beats d7 = 1.140625;
-    # [-7 2^-20]: a tie again, d7 = 2^-20; [1]: d8 = 0.125 clips 1 (8 > 7) -> d7 = bf16(1 / 7) = 0.142578125
-    assert list(want_s[4:8]) == [0x4100, 0x3F80, 0x3580, 0x3E12]
-    assert ref_w.numpy()[0, 0] == (7 + 8) | ((-7 + 8) << 4) and ref_w.numpy()[0, 1] == (1 + 8) | (8 << 4)
-    assert ref_w.numpy()[0, 32] == 0 | ((0 + 8) << 4)  # -64 / 8 = -8 -> u 0; 3 / 8 rounds to 0 -> u 8
+    codes = (np.stack([ref_w.numpy() & 0xF, ref_w.numpy() >> 4], axis=-1).reshape(len(x), -1)).astype(int) - 8
+    # [1.5, 0.5, -0.5]: exact at 0.5 and at 0.25 (codes 6 2 -2), the smaller kept; 0.125 would clip 1.5 (12)
+    assert want_s[0] == 0x3E80 and list(codes[0, :3]) == [6, 2, -2]
+    # 31 x 0.625 and 1.0: codes 3 and 5 at 0.2080078125 (the bf16 value beside S/Q = 63.125/304), error
+    # 31 x 0.0009765625^2 + 0.0400390625^2, below its bf16 neighbours' and amax/7 rounded up's (codes 4 and 7)
+    assert want_s[1] == 0x3E55 and set(codes[0, 32:63]) == {3} and codes[0, 63] == 5
+    best = 31 * 0.0009765625**2 + 0.0400390625**2
+    assert _sse(x[0, 32:64], 0.2080078125) == best
+    assert min(_sse(x[0, 32:64], d) for d in (0.20703125, 0.208984375, 0.142578125)) > best
+    # zeros: scale 0, codes 0; [-56]: exact at 8 (code -7), the smallest exact scale (56 / c for c <= 7)
+    assert list(want_s[2:4]) == [0, 0x4100] and codes[0, 96] == -7 and not codes[0, 64:96].any()
+    # [-7 2^-20]: exact at 2^-20 (code -7); [1]: exact at 1, 0.5 and 0.25 (1/3, 1/5, 1/6, 1/7 are not bf16): 0.25,
+    # code 4; [15 t, t] (t = 2^-133): no exact scale; 3 t errs t^2 (codes 5, 0), as do 5 t and 15 t, every
+    # smaller multiple of t more
+    assert list(want_s[4:7]) == [0x3580, 0x3E80, 0x0003]
+    assert codes[1, 0] == -7 and codes[1, 32] == 4 and list(codes[1, 64:66]) == [5, 0]
+    assert not codes.min() < -7  # never the level -8
     src = SourceMatrix("bf16", w.view(torch.uint16).numpy())
     for threads in (1, 2):
         dst, bad = _cpu_pack(RAWINT4_G32, src, 0, 128, isa, threads)

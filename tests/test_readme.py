@@ -209,6 +209,12 @@ PARSE_ONLY = {
     "python3 scripts/bench_eval.py --device cuda --gpu-experts 4 --json eval_cuda.json": GPU,
     "python scripts/train_tiny_moe.py /tmp/tiny-moe": "trains for about 25 minutes on one core",
     "python3 scripts/bench_hybrid.py --layers 8 --iters 100 --json bench_hybrid_layers.json": BENCHMARK,
+    "python scripts/bench_rawint4.py --groups 1000": BENCHMARK,
+    "python scripts/bench_rawint4.py --speed-only": BENCHMARK,
+    "python scripts/bench_rawint4.py --speed-only --isa portable,avx2,avx512 [--extension OTHER/kt_kernels...so]":
+        BENCHMARK,
+    "python scripts/kt_compat.py OUT --kt-path DIR":
+        "needs kt-kernel installed in DIR (tests/test_kt_compat.py runs it where kt is found, marker kt)",
 }
 EVAL_BLOCK = "README's eval block: tests/test_eval.py runs it in a shell as printed"
 # Commands not run here at all, and why.

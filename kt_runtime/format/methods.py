@@ -7,6 +7,7 @@ a method is a row here plus its kernels (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import FixableError
@@ -25,10 +26,10 @@ COMPRESSED_TENSORS = "compressed-tensors"
 LAYOUTS = (AMX_TILED, COMPRESSED_TENSORS)
 FP32_RECIPROCAL = "fp32-reciprocal"  # d = fl32(amax * fl32(1 / levels)) (what GCC -ffast-math makes of amax / levels)
 FP64_DIVIDE = "fp64-divide"  # d = fl32((double)amax / levels)
-# per group: d = bf16(amax / 7) or bf16(amax / 8), whichever gives the smaller squared error on that group
-# (q = clamp(rint(w / d), -8, 7); amax / 8 wins when the extreme weight is negative and -8 can hold it)
-BF16_BEST_OF_7_8 = "bf16-best-of-7-8"
-SCALE_ARITHMETIC = (FP32_RECIPROCAL, FP64_DIVIDE, BF16_BEST_OF_7_8)
+# per group: the bf16 scale d with the least squared error sum((w - q d)^2), q = clamp(rint(w / d), -7, 7)
+# (the smallest such d; docs/FORMAT.md §9)
+BF16_LEAST_SQUARES = "bf16-least-squares"
+SCALE_ARITHMETIC = (FP32_RECIPROCAL, FP64_DIVIDE, BF16_LEAST_SQUARES)
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,15 @@ class QuantMethod:
         amax: one step of the grid the method can represent, amax / (2^(bits-1) - 1), with a margin for the
         scale's rounding; plus what flushing to zero loses (a scale below float32's smallest normal is 0,
         so a row with amax < levels * 2^-126 packs as zeros, and subnormal weights as 0). The exact worst
-        cases are about half of it: 0.5 d for INT8, 8.5 d of 112 d for INT4, one clamped step for RAWINT4.
-        An error well past this bound is not quantization (verify: not the output's source)."""
-        return (1 + 2 ** -6) / (2 ** (self.bits - 1) - 1) * amax + self.levels * 2.0 ** -126
+        cases are about half of it: 0.5 d for INT8, 8.5 d of 112 d for INT4. The least-squares scale
+        (RAWINT4) may clip: one weight errs at most the square root of the group's error at amax/7 (rounded
+        up), which every weight's half step bounds, so the bound is sqrt(group) / 2 steps (groups of g - 1
+        equal small weights and one large reach about half of it). An error well past this bound is not
+        quantization (verify: not the output's source)."""
+        step = (1 + 2 ** -6) / (2 ** (self.bits - 1) - 1) * amax
+        if self.scale_arithmetic == BF16_LEAST_SQUARES:
+            step *= math.sqrt(self.group_size) / 2
+        return step + self.levels * 2.0 ** -126
 
 
 INT4 = QuantMethod("int4", "AMXINT4", "INT4", bits=4, levels=112, scale_arithmetic=FP64_DIVIDE, layout=AMX_TILED,
@@ -98,7 +105,7 @@ INT8 = QuantMethod("int8", "AMXINT8", "INT8", bits=8, levels=127, scale_arithmet
                    n_block=64, k_align=64)
 
 def _rawint4(group: int) -> QuantMethod:
-    return QuantMethod(f"rawint4-g{group}", "RAWINT4", "", bits=4, levels=7, scale_arithmetic=BF16_BEST_OF_7_8,
+    return QuantMethod(f"rawint4-g{group}", "RAWINT4", "", bits=4, levels=7, scale_arithmetic=BF16_LEAST_SQUARES,
                        layout=COMPRESSED_TENSORS, n_block=1, k_align=group, group_size=group, scale_dtype="BF16",
                        cli_name="rawint4")
 
@@ -111,7 +118,9 @@ for _m in METHODS.values():
     CHOICES.setdefault(_m.choice, ())
     if _m.group_size is not None:
         CHOICES[_m.choice] += (_m.group_size,)
-DEFAULT_GROUP_SIZE = 128
+# group 32: the one group size every kt-kernel RAWINT4 kernel computes (its AMX/AVX-512 one, AMXInt4_KGroup,
+# returns NaN or crashes at 64 and 128: docs/FORMAT.md §9), and it carries INT4 sources of groups 32, 64, 128
+DEFAULT_GROUP_SIZE = 32
 
 
 def method_for(choice: str, group_size: int | None = None) -> QuantMethod:
