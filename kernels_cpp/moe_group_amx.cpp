@@ -148,10 +148,16 @@ void group_gemm(const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, 
   configure_gemm(gk);
   alignas(64) int32_t c[4][16 * 16];
   const int64_t mp = (m + 15) / 16 * 16;
+  // the next 32 rows (the caller's next call on this matrix, or another thread's) into L2 meanwhile, spread over
+  // the groups (a prefetch past the matrix's end does not fault)
+  const char* next = reinterpret_cast<const char*>(w + (r0 + 32) * (k / 2));
+  int64_t next_lines = 32 * k / 2 / 64;
+  const int64_t per = (next_lines + G * ((mp + 31) / 32) - 1) / (G * ((mp + 31) / 32));
   for (int64_t i0 = 0; i0 < mp; i0 += 32) {
     const bool two = mp - i0 >= 32;
     const int64_t i1 = i0 + 32 < m ? i0 + 32 : m;  // rows of P written
     for (int64_t g = 0; g < G; ++g) {
+      for (int64_t l = 0; l < per && next_lines > 0; ++l, --next_lines, next += 64) _mm_prefetch(next, _MM_HINT_T1);
       _tile_zero(0);
       _tile_zero(1);
       if (two) {

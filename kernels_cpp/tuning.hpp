@@ -19,7 +19,7 @@ struct Tuning {
   std::atomic<int64_t> prefill_min_avg_rows{8};
   std::atomic<int64_t> per_expert_down_limit_bytes{int64_t(8) << 20};
   std::atomic<int64_t> prefill_a_block_bytes{int64_t(1) << 20};
-  std::atomic<int64_t> group_gemm_min_rows{8};
+  std::atomic<int64_t> group_gemm_min_rows{2};
   std::atomic<int64_t> profiling{0};
 
   Tuning();  // reads KT_MOE_SPIN_US

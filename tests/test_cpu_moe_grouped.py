@@ -117,9 +117,10 @@ def test_forward_identical_on_every_isa_and_close_to_float(grouped, tokens, topk
     if tokens > 1:
         ids[::4, 1] = ids[::4, 0]  # duplicate ids: two rows of one expert add into one token
     x = torch.randn(tokens, w.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    default = _testing.knob("group_gemm_min_rows")
     with knobs(group_gemm_min_rows=1 << 40):  # the group sums and their float product only
         ref = CPUMoE(w, layer, isa="portable", swiglu_limit=limit).forward(x, ids, tw)
-        for gemm_min in (1 << 40, 0, 8):  # never, always, the default: experts of many rows run the GEMM
+        for gemm_min in (1 << 40, 0, 5, default):  # never, always, experts of 5+ rows, the default
             _testing.knob("group_gemm_min_rows", gemm_min)
             for isa in ISAS + ["auto"]:
                 for threads in (1, 3):
