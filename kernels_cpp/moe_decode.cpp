@@ -68,13 +68,9 @@ void forward_decode(const Call& call) {
   const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
 
   std::atomic<int64_t> q_left{nQ}, s_all{nS};
-  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
-  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(groups1, std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
-  for (int64_t a = 0; a < A; ++a) s_left[a].store(stasks.of_expert(a), std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> d_left(new std::atomic<int64_t>[per_expert ? chunks : 1]);
-  if (per_expert)
-    for (int64_t ch = 0; ch < chunks; ++ch) d_left[ch].store(A, std::memory_order_relaxed);
+  const auto g_left = counters(A * T, [&](int64_t) { return groups1; });
+  const auto s_left = counters(A, [&](int64_t a) { return stasks.of_expert(a); });
+  const auto d_left = counters(per_expert ? chunks : 0, [&](int64_t) { return A; });
   AlignedArray<float> ybuf(per_expert ? static_cast<size_t>(R * H) : 1);  // [row][H]
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
@@ -94,20 +90,14 @@ void forward_decode(const Call& call) {
     int32_t* acc = acc_all.p + static_cast<int64_t>(tid) * 2 * acc_stride;
     if (task < q_end) {  // ---- Q
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
-      for (int64_t tk = task * kQ; tk < t1; ++tk) {
-        int64_t j0 = 0;  // the token's first slot that is not skipped (id -1)
-        while (j0 < topk && rt.dest[tk * topk + j0] < 0) ++j0;
-        if (j0 == topk) continue;
-        const int64_t r = rt.dest[tk * topk + j0];
-        xd[r] = epi.quantize(x + tk * H, H, xq.p + r * H, &xs[r]);
-        for (int64_t j = j0 + 1; j < topk; ++j) {
-          const int64_t r2 = rt.dest[tk * topk + j];
-          if (r2 < 0) continue;
-          std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
-          xd[r2] = xd[r];
-          xs[r2] = xs[r];
-        }
-      }
+      for (int64_t tk = task * kQ; tk < t1; ++tk)
+        token_rows(
+            rt, tk, topk, [&](int64_t r) { xd[r] = epi.quantize(x + tk * H, H, xq.p + r * H, &xs[r]); },
+            [&](int64_t r, int64_t r2) {
+              std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
+              xd[r2] = xd[r];
+              xs[r2] = xs[r];
+            });
       q_left.fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < g_end) {  // ---- G
       wait_zero(q_left, abort);

@@ -129,6 +129,20 @@ inline void transpose16(const __m512i* r, __m512i* t) {
   }
 }
 
+// Columns c0..c0+127 of 16 rows (row stride half) transposed: t[q] = dword q (columns c0+8q..c0+8q+7) of rows
+// 0..15, a row per lane. Streaming from DRAM: each row's line kPrefetch bytes ahead is prefetched first, past a
+// row's end (next_half) the first lines of the 16 rows after them.
+inline void load_transposed(const uint8_t* rows, int64_t half, int64_t c0, bool next_half, __m512i* t) {
+  const int64_t ahead = c0 / 2 + kPrefetch;
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t* p = ahead < half ? rows + j * half + ahead : (next_half ? rows + (16 + j) * half + (ahead - half) : nullptr);
+    if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  }
+  __m512i r[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows + j * half + c0 / 2);
+  transpose16(r, t);
+}
+
 // MB activation rows against the decoded 16 x 128 chunk (lo/hi nibbles of dword q = columns 8q..8q+7,
 // even and odd), the chunk's groups one after the other; ae/ao: the rows' even/odd columns from the chunk.
 // MB activation rows against the transposed 16 x 128 chunk t (dword q = columns 8q..8q+7 of the 16 rows,
@@ -215,20 +229,12 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
     corr = corr_own.data();
   }
   const int qpg = static_cast<int>(group / 8);
-  __m512i r[16], t[16];
+  __m512i t[16];
   for (int h = 0; h < 2; ++h) {
     const uint8_t* rows = w + (r0 + 16 * h) * half;
     int32_t* gs = gsum + 16 * h;
     for (int64_t c0 = 0; c0 < k; c0 += 128) {
-      // streaming from DRAM: each row's line kPrefetch bytes ahead (the next half's first lines near the end)
-      const int64_t ahead = c0 / 2 + kPrefetch;
-      for (int j = 0; j < 16; ++j) {
-        const uint8_t* p = ahead < half ? rows + j * half + ahead
-                                        : (h == 0 ? rows + (16 + j) * half + (ahead - half) : nullptr);
-        if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-      }
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows + j * half + c0 / 2);
-      transpose16(r, t);
+      load_transposed(rows, half, c0, h == 0, t);
       const int64_t g0 = c0 / group;
       for (int64_t i0 = 0; i0 < m; i0 += 4) {
         const int8_t* ae[4];
@@ -285,7 +291,7 @@ struct GemmB {
     }
     s = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(b) + 16 * k);
     const int64_t half = k / 2;
-    __m512i r[16], t[16];
+    __m512i t[16];
     const uint8_t* w0 = w + r0 * half;  // the 32 rows, streamed from memory: kPrefetch bytes ahead in each row
     for (int j = 0; j < 16; ++j)
       for (int64_t o = 0; o < kPrefetch && o < half; o += 64)
@@ -294,14 +300,7 @@ struct GemmB {
       const uint8_t* rows = w + (r0 + 16 * h) * half;
       int64_t c0 = 0;
       for (; c0 + 128 <= k; c0 += 128) {  // 16 rows x 128 columns: a transpose puts a row in each lane
-        const int64_t ahead = c0 / 2 + kPrefetch;  // (the next half's first lines near the end)
-        for (int j = 0; j < 16; ++j) {
-          const uint8_t* p = ahead < half ? rows + j * half + ahead
-                                          : (h == 0 ? rows + (16 + j) * half + (ahead - half) : nullptr);
-          if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-        }
-        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows + j * half + c0 / 2);
-        transpose16(r, t);
+        load_transposed(rows, half, c0, h == 0, t);
         for (int q = 0; q < 16; ++q) _mm512_store_si512(b + (c0 / 8 + q) * 2 + h, t[q]);
       }
       for (int64_t q = c0 / 8; q < k / 8; ++q) {  // a tail of 32 to 96 columns: dword q of each row

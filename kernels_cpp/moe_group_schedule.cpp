@@ -101,10 +101,8 @@ void forward_group(const Call& call) {
   const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
 
   std::atomic<int64_t> q_left{nQ};
-  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
-  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(gchunks, std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
-  for (int64_t a = 0; a < A; ++a) s_left[a].store(stasks.of_expert(a), std::memory_order_relaxed);
+  const auto g_left = counters(A * T, [&](int64_t) { return gchunks; });
+  const auto s_left = counters(A, [&](int64_t a) { return stasks.of_expert(a); });
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
   GateAct gate_act;  // the clamp (group-wise layers have no biases and no gpt-oss activation)
@@ -121,22 +119,19 @@ void forward_group(const Call& call) {
     };
     if (task < q_end) {  // ---- Q
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
-      for (int64_t tk = task * kQ; tk < t1; ++tk) {
-        int64_t j0 = 0;  // the token's first slot that is not skipped (id -1)
-        while (j0 < topk && rt.dest[tk * topk + j0] < 0) ++j0;
-        if (j0 == topk) continue;
-        const int64_t r = rt.dest[tk * topk + j0];
-        xd[r] = epi.quantize(x + tk * H, H, xq + r * H, &xs[r]);
-        gk.prepare(xq + r * H, H, 1, H, group, xsp + r * H, xco + r * GH);
-        for (int64_t j = j0 + 1; j < topk; ++j) {
-          const int64_t r2 = rt.dest[tk * topk + j];
-          if (r2 < 0) continue;
-          std::memcpy(xq + r2 * H, xq + r * H, H);
-          std::memcpy(xsp + r2 * H, xsp + r * H, H);
-          std::memcpy(xco + r2 * GH, xco + r * GH, GH * sizeof(int32_t));
-          xd[r2] = xd[r];
-        }
-      }
+      for (int64_t tk = task * kQ; tk < t1; ++tk)
+        token_rows(
+            rt, tk, topk,
+            [&](int64_t r) {
+              xd[r] = epi.quantize(x + tk * H, H, xq + r * H, &xs[r]);
+              gk.prepare(xq + r * H, H, 1, H, group, xsp + r * H, xco + r * GH);
+            },
+            [&](int64_t r, int64_t r2) {
+              std::memcpy(xq + r2 * H, xq + r * H, H);
+              std::memcpy(xsp + r2 * H, xsp + r * H, H);
+              std::memcpy(xco + r2 * GH, xco + r * GH, GH * sizeof(int32_t));
+              xd[r2] = xd[r];
+            });
       clock.mark(kStQ);
       q_left.fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < g_end) {  // ---- G

@@ -111,12 +111,9 @@ void forward_prefill(const Call& call) {
   const int64_t q_end = nQ, g_end = seg0[A], s_end = g_end + nS, total = s_end + nD;
 
   std::atomic<int64_t> q_left{nQ};
-  std::unique_ptr<std::atomic<int64_t>[]> p_left(new std::atomic<int64_t>[A]);
-  for (int64_t a = 0; a < A; ++a) p_left[a].store((m_of[a] + kPack - 1) / kPack, std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
-  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(gchunks, std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
-  for (int64_t a = 0; a < A; ++a) s_left[a].store(stasks.of_expert(a), std::memory_order_relaxed);
+  const auto p_left = counters(A, [&](int64_t a) { return (m_of[a] + kPack - 1) / kPack; });
+  const auto g_left = counters(A * T, [&](int64_t) { return gchunks; });
+  const auto s_left = counters(A, [&](int64_t a) { return stasks.of_expert(a); });
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
 

@@ -141,6 +141,31 @@ inline double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// n dependency counters, each starting at count(i).
+template <class Count>
+std::unique_ptr<std::atomic<int64_t>[]> counters(int64_t n, Count count) {
+  std::unique_ptr<std::atomic<int64_t>[]> c(new std::atomic<int64_t>[n > 0 ? n : 1]);
+  for (int64_t i = 0; i < n; ++i) c[i].store(count(i), std::memory_order_relaxed);
+  return c;
+}
+
+// The rows of token tk, one per slot that is not skipped (id -1): first(r) for its first row, then copy(r, r2)
+// for each other one (a token is quantized once, into its first row, and copied into the others).
+template <class First, class Copy>
+void token_rows(const Routing& rt, int64_t tk, int64_t topk, First first, Copy copy) {
+  int64_t r = -1;
+  for (int64_t j = 0; j < topk; ++j) {
+    const int64_t r2 = rt.dest[tk * topk + j];
+    if (r2 < 0) continue;
+    if (r < 0) {
+      r = r2;
+      first(r);
+    } else {
+      copy(r, r2);
+    }
+  }
+}
+
 // Hands out tasks 0..total-1 in index order to every pool thread (tasks may wait on earlier ones), each
 // thread first running prepare_thread (if any); the first exception stops the hand-out, is flagged in
 // `abort` for waiting tasks, and is rethrown.
