@@ -5,6 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <pthread.h>
+#include <sched.h>
+
 #include <algorithm>
 #include <chrono>
 #include <ctime>
@@ -16,6 +19,7 @@
 #include "moe.hpp"
 #include "moe_group.hpp"
 #include "moe_isa.hpp"
+#include "moe_probe.hpp"
 #include "py_args.hpp"
 #include "thread_pool.hpp"
 #include "tuning.hpp"
@@ -308,6 +312,52 @@ void bind_probes(py::module_& t) {
     py::gil_scoped_release release;
     return core_clock_ghz();
   }, "GHz of this core while it runs (dependent register adds over thread CPU time).");
+  t.def("probe", [](const std::string& kind, int threads, std::vector<int> cpus, double seconds) {
+    // kind's register-only loop on `threads` threads at once (thread i pinned to cpus[i] when given)
+    require(kind == "clock" || kind == "vnni" || kind == "amx", "kind must be clock, vnni or amx");
+    if (kind != "clock") moe::isa_kernels(kind == "amx" ? "amx" : "avx512");  // refuses an ISA the CPU lacks
+    require(threads > 0 && threads <= kMaxThreads, "threads must be in [1, " + std::to_string(kMaxThreads) + "]");
+    require(cpus.empty() || static_cast<int>(cpus.size()) == threads, "cpus: one CPU per thread, or none");
+    std::vector<double> count(threads, 0), cpu(threads, 0), wall(threads, 0);
+    std::vector<int> pinned(threads, 1);
+    {
+      py::gil_scoped_release release;
+      auto body = [&](int i) {
+        if (!cpus.empty()) {
+          cpu_set_t set;
+          CPU_ZERO(&set);
+          CPU_SET(cpus[i], &set);
+          pinned[i] = pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0;
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        const double c0 = thread_cpu_seconds();
+        if (kind == "clock") {
+          count[i] = core_clock_ghz() * 1e9;  // dependent adds per CPU second
+        } else {
+          count[i] = static_cast<double>(kind == "amx" ? moe::amx::tile_probe(seconds) : moe::avx512::vnni_probe(seconds));
+        }
+        cpu[i] = thread_cpu_seconds() - c0;
+        wall[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      };
+      std::vector<std::thread> pool;
+      for (int i = 1; i < threads; ++i) pool.emplace_back(body, i);
+      body(0);
+      for (auto& th : pool) th.join();
+    }
+    py::list out;
+    for (int i = 0; i < threads; ++i) {
+      if (!pinned[i]) throw std::invalid_argument("could not pin a thread to CPU " + std::to_string(cpus[i]));
+      py::dict d;
+      d["cpu"] = cpus.empty() ? -1 : cpus[i];
+      d["per_cpu_s"] = kind == "clock" ? count[i] : count[i] / cpu[i];  // clock: adds per CPU second already
+      d["cpu_share"] = cpu[i] / wall[i];
+      out.append(d);
+    }
+    return out;
+  }, py::arg("kind"), py::arg("threads") = 1, py::arg("cpus") = std::vector<int>(), py::arg("seconds") = 0.5,
+  "Scaling probe: a register-only loop on `threads` threads at once (thread i on cpus[i] when given): 'clock' "
+  "dependent adds (the core clock), 'vnni' VPDPBUSD (64 int8 products each), 'amx' TDPBSSD (16x16x64); per "
+  "thread its rate per CPU second and the share of the wall time it ran.");
   t.def("dot_stream", [](const std::string& method_name, const py::array& buf, int64_t n, int64_t k, int64_t m,
                          const std::string& isa, int threads, double seconds) {
     // The dot kernel alone over buf cut into packed [n, k] matrices, every 32-row group of each with m activation

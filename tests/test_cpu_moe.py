@@ -246,6 +246,23 @@ def test_isa_table_selection():
         _testing.isa_row("sse9")
 
 
+def test_scaling_probe():
+    """The benchmarks' register-only probes: a rate per thread that a core can reach, and refusals naming the
+    argument (kind, the CPU list, an ISA this CPU does not run)."""
+    rows = _testing.probe("clock", 2, [], 0.05)
+    assert len(rows) == 2 and all(0.2e9 < r["per_cpu_s"] < 10e9 and 0 < r["cpu_share"] <= 1.01 for r in rows)
+    if "avx512" in ISAS:
+        (r,) = _testing.probe("vnni", 1, [0], 0.05)
+        assert r["cpu"] == 0 and 0.1e9 < r["per_cpu_s"] < 50e9  # VPDPBUSD per CPU second
+    with pytest.raises(ValueError, match="kind must be clock, vnni or amx"):
+        _testing.probe("fma")
+    with pytest.raises(ValueError, match="one CPU per thread"):
+        _testing.probe("clock", 2, [0], 0.05)
+    if not AMX:
+        with pytest.raises(ValueError, match="cannot run isa 'amx'"):
+            _testing.probe("amx")
+
+
 def test_bf16_input_and_threads():
     w = FakeExperts("int4", 256, 256, 4, 2, topk=2)
     ids, tw = routing(6, 4, 2)
