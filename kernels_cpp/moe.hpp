@@ -21,7 +21,6 @@
 #include <utility>
 #include <vector>
 
-#include "cpu_features.hpp"
 #include "pack.hpp"
 
 namespace kt {

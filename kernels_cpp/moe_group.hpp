@@ -84,8 +84,8 @@ void group_scales_by_rowgroup(const uint16_t* s, int64_t n, int64_t G, uint16_t*
 // P[i * 32 + j] (i < m, any m) of rows r0..r0+31 of matrix (w, bf16 scales st in row-group order) against the
 // row-major activations a (lda): group sums by `dot`, 16 rows at a time, then the float product by `scale`.
 // The definition of every GroupGemmFn, and the few-rows path of the group-wise schedule.
-void group_product(GroupDotFn dot, GroupScaleFn scale, const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0,
-                   const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P);
+void group_product(GroupDotFn dot, GroupScaleFn scale, const uint8_t* w, const uint16_t* st, int64_t k, int64_t group,
+                   int64_t r0, const int8_t* a, int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P);
 
 // The down step of the group-wise path, one implementation for every ISA: y = (first ? 0 : y) + P · ad.
 void group_down(const float* p, int64_t m, const float* ad, float* y, int64_t ys, bool first);

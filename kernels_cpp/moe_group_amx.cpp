@@ -1,8 +1,9 @@
 // AMX kernels of the group-wise INT4 engine (moe_group.hpp): the group sums of 16 activation rows and the GEMM
-// of 16 or more (fewer go to the AVX-512 kernels). The 32 weight rows of the call are unpacked once into AMX B tiles (VNNI order: 4 columns
-// of 16 rows per 64-byte tile row, the stored u = q + 8 as unsigned bytes) and kept for the next call that
-// says same_rows (group_product asks for 16 activation rows at a time); per group TDPBSUD (A s8 x B u8)
-// sums into two C tiles (rows 0-15, 16-31) from zero, and the offset is taken out: Σ(u - 8)·a = Σu·a - 8·Σa.
+// of 16 or more (fewer go to the AVX-512 kernels). The 32 weight rows of the call are unpacked once into AMX B
+// tiles (VNNI order: 4 columns of 16 rows per 64-byte tile row, the stored u = q + 8 as unsigned bytes) and, for
+// the group sums, kept for the next call that says same_rows (group_product asks for 16 activation rows at a
+// time); per group TDPBSUD (A s8 x B u8) sums into C tiles from zero, and the offset is taken out:
+// Σ(u - 8)·a = Σu·a - 8·Σa.
 #include <immintrin.h>
 
 #include <cstdlib>
@@ -142,9 +143,10 @@ void group_gemm(const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, 
   static thread_local std::vector<float> sf;  // the rows' scales as float, [G][32]
   sf.resize(static_cast<size_t>(G * 32));
   const uint16_t* sr = st + (r0 / 32) * G * 32;
-  for (int64_t e = 0; e < G * 32; e += 16)
-    _mm512_storeu_ps(sf.data() + e, _mm512_castsi512_ps(_mm512_slli_epi32(
-                                        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sr + e))), 16)));
+  for (int64_t e = 0; e < G * 32; e += 16) {  // bf16 -> float, exact
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sr + e)));
+    _mm512_storeu_ps(sf.data() + e, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)));
+  }
   configure_gemm(gk);
   alignas(64) int32_t c[4][16 * 16];
   const int64_t mp = (m + 15) / 16 * 16;

@@ -1,5 +1,5 @@
-// Prefill schedule of moe::forward() for the tiled methods (many rows per expert; baseline x86-64): activations are
-// quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel) just
+// Prefill schedule of moe::forward() for the tiled methods (many rows per expert; baseline x86-64): activations
+// are quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel) just
 // before that expert's gate/up tasks, which cover an expert x several 32-row groups in token blocks
 // that stay in L2; the down stage runs per column chunk over every expert. Results are identical
 // to the decode schedule (moe_decode.cpp); see moe_schedule.hpp for the task stages.
