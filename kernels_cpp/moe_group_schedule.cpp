@@ -46,9 +46,7 @@ void forward_group(const Call& call) {
   const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
   const int P = call.pool.size();
   StageProfile profile(P, call.t_call);
-  const std::vector<int64_t> first_row = first_rows(rt, tokens);
-  for (int64_t t = 0; t < tokens; ++t)  // a token whose every slot is skipped (id -1) gets no rows: zero now
-    if (first_row[t] == R) std::fill(out + t * H, out + (t + 1) * H, 0.f);
+  const std::vector<int64_t> first_row = first_rows(rt, tokens, out, H);
 
   // ---- buffers: rows of the activations [row][k] (x) and [a][t][m][k] (the intermediate); the AMX GEMM reads
   // whole 16-row tiles, so 16 zero rows of slack follow each

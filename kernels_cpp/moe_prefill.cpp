@@ -61,9 +61,7 @@ void forward_prefill(const Call& call) {
   std::vector<int64_t> pan0(A + 1, 0);
   for (int64_t a = 0; a < A; ++a) pan0[a + 1] = pan0[a] + round_up(m_of[a], 16);
   const int64_t NP = pan0[A];
-  const std::vector<int64_t> first_row = first_rows(rt, tokens);
-  for (int64_t t = 0; t < tokens; ++t)  // a token whose every slot is skipped (id -1) gets no rows: zero now
-    if (first_row[t] == R) std::fill(call.out + t * cfg.hidden, call.out + (t + 1) * cfg.hidden, 0.f);
+  const std::vector<int64_t> first_row = first_rows(rt, tokens, out, H);
   const ALayout LX = ALayout::panel(H), LA = ALayout::panel(IL);
 
   WorkspaceLease<Workspace> lease;

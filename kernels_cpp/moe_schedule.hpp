@@ -235,11 +235,14 @@ inline void requantize_rows(const Epilogue& epi, const float* act, int64_t il, i
   }
 }
 
-// The first row (in expert order) of each token, R where it has none (every slot skipped): where the
-// down stage zeroes the token's out row before its first expert adds to it.
-inline std::vector<int64_t> first_rows(const Routing& rt, int64_t tokens) {
+// The first row (in expert order) of each token: where the down stage zeroes the token's out row (H floats)
+// before its first expert adds to it. A token with no row (every slot skipped) gets R, and its out row is zeroed
+// here.
+inline std::vector<int64_t> first_rows(const Routing& rt, int64_t tokens, float* out, int64_t H) {
   std::vector<int64_t> first(tokens, rt.rows());
   for (int64_t r = 0; r < rt.rows(); ++r) first[rt.row_token[r]] = std::min(first[rt.row_token[r]], r);
+  for (int64_t t = 0; t < tokens; ++t)
+    if (first[t] == rt.rows()) std::fill(out + t * H, out + (t + 1) * H, 0.f);
   return first;
 }
 
