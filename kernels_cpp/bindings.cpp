@@ -1,4 +1,5 @@
-// The kt_kernels extension module: CPU features, the packer, and (moe_bindings.cpp) the MoE engine.
+// The kt_kernels extension module: CPU features, the packer, and (moe_bindings.cpp) the MoE engine; test and
+// benchmark hooks in the private submodule kt_kernels._testing (moe_testing.cpp).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -17,7 +18,7 @@
 namespace py = pybind11;
 
 namespace kt {
-void bind_moe(py::module_& m);  // moe_bindings.cpp
+void bind_moe(py::module_& m, py::module_& testing);  // moe_bindings.cpp
 }
 
 namespace {
@@ -163,7 +164,7 @@ unsigned set_mxcsr(unsigned value) {
   return old;
 #else
   (void)value;
-  throw std::invalid_argument("_set_mxcsr needs an x86 CPU");
+  throw std::invalid_argument("set_mxcsr needs an x86 CPU");
 #endif
 }
 
@@ -203,8 +204,10 @@ PYBIND11_MODULE(kt_kernels, m) {
     d["levels"] = info.levels; d["fp32_reciprocal"] = info.fp32_reciprocal; d["group_size"] = info.group_size;
     return d;
   }, py::arg("method"), "The kernels' constants of a quant method (int4 | int8 | rawint4-gG); ValueError for another name.");
-  m.def("_set_mxcsr", &set_mxcsr, py::arg("value"),
-        "Test hook: sets the calling thread's MXCSR (x86) and returns the previous value; threads the "
-        "packer creates afterwards inherit it.");
-  kt::bind_moe(m);
+  py::module_ testing = m.def_submodule("_testing", "Hooks for tests and benchmarks (not an API).");
+  py::module_::import("sys").attr("modules")["kt_kernels._testing"] = testing;  // `import kt_kernels._testing`
+  testing.def("set_mxcsr", &set_mxcsr, py::arg("value"),
+              "Sets the calling thread's MXCSR (x86) and returns the previous value; threads the packer creates "
+              "afterwards inherit it.");
+  kt::bind_moe(m, testing);
 }

@@ -140,17 +140,19 @@ def test_bench_moe_skips_an_isa_the_cpu_lacks_with_a_line(monkeypatch, capsys):
     import argparse
 
     bench = script("bench_moe")
-    monkeypatch.setattr(bench.kt_kernels, "best_isa", lambda: "avx2")  # an AVX2-only CPU without AVX-VNNI (Zen 2)
-    monkeypatch.setattr(bench.kt_kernels, "cpu_features", lambda: {"avx2": True, "avx_vnni": False})
+    # the engine's answer on an AVX2-only CPU without AVX-VNNI (Zen 2)
+    monkeypatch.setattr(bench.kt_kernels, "moe_isas", lambda: ["portable", "avx2"])
     ap = argparse.ArgumentParser()
-    assert bench.runnable_isas(["avx512", "avx2", "avx2-novnni", "amx", "portable"], ap) == ["avx2", "portable"]
+    assert bench.runnable_isas(["avx512", "avx2", "avxvnni", "amx", "portable", "auto"], ap) == \
+        ["avx2", "portable", "auto"]
     out = capsys.readouterr().out.splitlines()
-    assert out == ["skipping --isa avx512: this CPU has no AVX512 (the best here is avx2)",
-                   "skipping --isa avx2-novnni: this CPU has no AVX-VNNI, so it is the avx2 kernel",
-                   "skipping --isa amx: this CPU has no AMX (the best here is avx2)"]
+    lacks = ": this CPU lacks its features (the engine runs portable, avx2 here)"
+    assert out == [f"skipping --isa {name}{lacks}" for name in ("avx512", "avxvnni", "amx")]
     with pytest.raises(SystemExit):
         bench.runnable_isas(["amx"], ap)
     assert "none of these runs on this CPU" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench.runnable_isas(["sse2"], ap)
+    for unknown in ("sse2", "avx2-novnni"):  # avx2-novnni: today the avx2 row (VPMADDUBSW)
+        with pytest.raises(SystemExit):
+            bench.runnable_isas([unknown], ap)
+        assert f"--isa {unknown}: not one of auto, portable, avx2, avxvnni, avx512, amx" in capsys.readouterr().err
 
