@@ -608,7 +608,8 @@ def test_epilogues_bit_identical_on_special_values():
     bg, bu = _special_floats(32, 7), _special_floats(32, 8)
     for limit in (None, 0.5, 7.0):
         for act in ({}, {"gpt_oss": True}, {"gpt_oss": True, "alpha": 1.0, "up_offset": 0.0},
-                    {"bg": bg, "bu": bu}, {"gpt_oss": True, "bg": bg, "bu": bu}, {"gpt_oss": True, "bu": bu}):
+                    {"bg": bg, "bu": bu}, {"gpt_oss": True, "bg": bg, "bu": bu}, {"gpt_oss": True, "bu": bu},
+                    {"situ": True}, {"situ": True, "beta": 0.75, "linear_beta": 3.0}, {"situ": True, "bg": bg, "bu": bu}):
             r = _testing.silu_gate(ag, au, xd, sg, su, limit, "portable", **act)
             for isa in SIMD_ISAS:
                 s = _testing.silu_gate(ag, au, xd, sg, su, limit, isa, **act)
@@ -629,19 +630,25 @@ def test_epilogues_bit_identical_on_special_values():
                     assert np.array_equal(_bits(a), _bits(c))
 
 
+def _gate_up_inputs(rng, m, acc_max):
+    """One 32-row group's epilogue inputs (ag, au, xd, sg, su, bg, bu) and its g, u with the biases in float64."""
+    ag = rng.integers(-acc_max, acc_max, (m, 32)).astype(np.int32)
+    au = rng.integers(-acc_max, acc_max, (m, 32)).astype(np.int32)
+    xd = rng.uniform(1e-3, 4e-3, m).astype(np.float32)
+    sg, su = rng.uniform(0.5, 1.5, 32).astype(np.float32), rng.uniform(0.5, 1.5, 32).astype(np.float32)
+    bg, bu = rng.standard_normal(32).astype(np.float32), rng.standard_normal(32).astype(np.float32)
+    g = ag * (xd[:, None].astype(np.float64) * sg) + bg
+    u = au * (xd[:, None].astype(np.float64) * su) + bu
+    return (ag, au, xd, sg, su, bg, bu), g, u
+
+
 def test_gpt_oss_epilogue_values():
     """The gpt-oss activation and the biases, computed independently in float64: g = acc*xd*sg + bg,
     u likewise, g <= L, |u| <= L, a = g*sigmoid(alpha g)*(u + 1); down: y = b + acc*ad*sd (first), and
     the SiLU path without biases stays g*sigmoid(g)*u."""
     rng = np.random.default_rng(3)
     m = 5
-    ag = rng.integers(-3000, 3000, (m, 32)).astype(np.int32)
-    au = rng.integers(-3000, 3000, (m, 32)).astype(np.int32)
-    xd = rng.uniform(1e-3, 4e-3, m).astype(np.float32)
-    sg, su = rng.uniform(0.5, 1.5, 32).astype(np.float32), rng.uniform(0.5, 1.5, 32).astype(np.float32)
-    bg, bu = rng.standard_normal(32).astype(np.float32), rng.standard_normal(32).astype(np.float32)
-    g = ag * (xd[:, None].astype(np.float64) * sg) + bg
-    u = au * (xd[:, None].astype(np.float64) * su) + bu
+    (ag, au, xd, sg, su, bg, bu), g, u = _gate_up_inputs(rng, m, 3000)
     assert g.max() > 7.0 and u.min() < -7.0 and u.max() > 7.0  # the clamp is exercised
     g, u = np.minimum(g, 7.0), np.clip(u, -7.0, 7.0)
     want = g / (1 + np.exp(-1.702 * g)) * (u + 1.0)
@@ -655,6 +662,21 @@ def test_gpt_oss_epilogue_values():
     y, _, _, o1, _ = _testing.down(ag, xd, sg, np.zeros((m, 32), np.float32), 0.5, "portable", b)
     np.testing.assert_allclose(y, b + ag * (xd[:, None].astype(np.float64) * sg), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(o1, 0.5 * y, rtol=1e-6, atol=1e-6)
+
+
+def test_situ_epilogue_values():
+    """SiTU (Kimi K3), computed independently in float64: g = acc*xd*sg + bg, u likewise, g <= L, |u| <= L,
+    a = beta tanh(g/beta) sigmoid(g) * linear_beta tanh(u/linear_beta), on every ISA; inputs reach both tanh
+    saturations (|g| >> beta, |u| >> linear_beta)."""
+    (ag, au, xd, sg, su, bg, bu), g0, u0 = _gate_up_inputs(np.random.default_rng(5), 6, 40000)
+    for limit, beta, linear_beta in ((None, 4.0, 25.0), (30.0, 4.0, 25.0), (None, 1.5, 6.0)):
+        assert np.abs(g0).max() > 8 * beta and np.abs(u0).max() > 2 * linear_beta
+        g, u = (g0, u0) if limit is None else (np.minimum(g0, limit), np.clip(u0, -limit, limit))
+        want = beta * np.tanh(g / beta) / (1 + np.exp(-g)) * (linear_beta * np.tanh(u / linear_beta))
+        for isa in ["portable"] + SIMD_ISAS:
+            got = _testing.silu_gate(ag, au, xd, sg, su, limit, isa, situ=True, beta=beta, linear_beta=linear_beta,
+                                     bg=bg, bu=bu)
+            np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
 
 def test_knob_table():

@@ -222,6 +222,32 @@ def test_bad_group_scales_are_refused(grouped):
         kt_kernels.MoELayer(w.method, shards, w.hidden_size, w.moe_intermediate_size, 1, None)
 
 
+def test_activations_and_biases_kt_rawint4_lacks_are_refused(grouped):
+    """The group-wise schedule runs SiLU without expert biases, as kt-kernel's RAWINT4 does: gpt_oss and situ are
+    refused when the layer is built, biases when it runs, each naming the fix; the betas are checked first."""
+    w = grouped
+    layer = w.layers[0]
+    shards = [[tuple(np.asarray(t) for p in ("gate", "up", "down") for t in w.expert_tensors(layer, e, p, 0))]
+              for e in range(w.num_experts)]
+    args = (w.method, shards, w.hidden_size, w.moe_intermediate_size, 1, None)
+    for activation in ("gpt_oss", "situ"):
+        with pytest.raises(ValueError, match=f"group-wise INT4 layers run the SiLU activation only, not {activation}; "
+                                             "use int4 or int8 weights"):
+            kt_kernels.MoELayer(*args, activation=activation)
+        with pytest.raises(ValueError, match=f"not {activation}"):
+            CPUMoE(w, layer, activation=activation)
+    with pytest.raises(ValueError, match="situ activation's beta and linear_beta must be positive finite"):
+        kt_kernels.MoELayer(*args, activation="situ", beta=0.0)
+    with pytest.raises(ValueError, match="activation must be one of 'silu', 'gpt_oss', 'situ', got 'gelu'"):
+        kt_kernels.MoELayer(*args, activation="gelu")
+    assert kt_kernels.MoELayer(*args).activation == "silu"
+    biased = kt_kernels.MoELayer(*args, down_bias=np.zeros((w.num_experts, w.hidden_size), np.float32))
+    ids, tw = routing(2, w.num_experts, 2)
+    x = np.zeros((2, w.hidden_size), np.float32)
+    with pytest.raises(ValueError, match="group-wise INT4 layers take no expert biases; use int4 or int8 weights"):
+        biased.forward(x, ids.numpy().astype(np.int64), tw.numpy().astype(np.float32), "auto", 1)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_hybrid_layer_on_group_wise_weights(grouped, device):
     """HybridMoE: its GPU experts come from the loader's dequantize, its CPU part is CPUMoE on the group-wise

@@ -175,7 +175,7 @@ PARSE_ONLY = {
         BENCHMARK,
     "python scripts/bench_moe.py --threads 2 --skip-decode --skip-torch --skip-kernel --methods "
     "int4,int8,rawint4-g32,rawint4-g128 --prefill-tokens 512,4096 --prefill-reps 3": BENCHMARK,
-    "python scripts/bench_prefill_scaling.py --threads 1,2": BENCHMARK,
+    "python scripts/bench_prefill_scaling.py --threads 1,2": BENCHMARK + " (tests/test_scripts.py runs it small)",
     "python scripts/bench_verify.py": BENCHMARK + " (tests/test_scripts.py runs it small)",
     "python scripts/bench_convert.py --skip-cold --repeat 3 --workdir W": BENCHMARK,
     "python3 scripts/bench_convert.py --device cuda --experts 256 --layers 3 --workdir /tmp/ktb --json bench.json": GPU,

@@ -156,3 +156,26 @@ def test_bench_moe_skips_an_isa_the_cpu_lacks_with_a_line(monkeypatch, capsys):
             bench.runnable_isas([unknown], ap)
         assert f"--isa {unknown}: not one of auto, portable, avx2, avxvnni, avx512, amx" in capsys.readouterr().err
 
+
+def test_bench_prefill_scaling_runs_small(tmp_path):
+    """Every thread count gets its probes (VPDPBUSD where the engine has AVX-512) and our prefill for every method
+    and token count; --kt-bench without the build's folder is refused; nothing is left behind."""
+    import json
+
+    import kt_kernels
+
+    small = ["--threads", "1,2", "--tokens", "16", "--methods", "int4,rawint4-g32", "--hidden", "256", "--inter", "256",
+             "--experts", "8", "--topk", "2", "--reps", "1", "--min-time", "0.01", "--probe-seconds", "0.05"]
+    r = run_script("bench_prefill_scaling", *small, "--json", tmp_path / "s.json", tmp=tmp_path / "tmp")
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert [run["threads"] for run in d["runs"]] == [1, 2] and list((tmp_path / "tmp").iterdir()) == []
+    for run in d["runs"]:
+        assert set(run["probes"]) == {"clock"} | ({"vnni"} if "avx512" in kt_kernels.moe_isas() else set()) | \
+            ({"amx"} if "amx" in kt_kernels.moe_isas() else set())
+        assert all(p["mean"] > 0 and 0 < p["cpu_share"] <= 1.01 for p in run["probes"].values())
+        assert [(o["method"], o["tokens"]) for o in run["ours"]] == [("int4", 16), ("rawint4-g32", 16)]
+        assert all(o["ms"] > 0 and o["TFLOPs"] > 0 for o in run["ours"]) and run["kt"] == []
+    assert "threads=2: probes per thread clock" in r.stdout
+    r = run_script("bench_prefill_scaling", *small, "--kt-bench", "x.py", tmp=tmp_path / "tmp")
+    assert r.returncode == 2 and "--kt-bench needs --kt-ext-dir" in r.stderr
