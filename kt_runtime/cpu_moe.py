@@ -50,8 +50,8 @@ class CPUMoE:
     `expert_tensors(layer, expert, proj, numa)`).
     num_threads: threads of the shared pool, 0 .. kt_kernels.MAX_THREADS (None or 0: every CPU this process
     may use); they are started by the constructor (kt_kernels.ThreadStartError when the system refuses one).
-    activation / swiglu_limit: override the manifest's ("silu", or "gpt_oss" with the manifest's
-    activation_params; expert_activation.Activation).
+    activation / swiglu_limit: override the manifest's ("silu", or "gpt_oss" / "situ" with the manifest's
+    activation_params; expert_activation.Activation; rawint4 weights run "silu" only).
     biases: expert_activation.ExpertBiases of this layer (gpt-oss: read_expert_biases or the model's), or None.
     isa: "auto" or one of kt_kernels.moe_isas(), the engine's ISAs this CPU runs (of portable, avx2, avxvnni,
     avx512, amx); ValueError for another.
