@@ -26,8 +26,8 @@ def layer_ranges(layers) -> str:
     return ",".join(out)
 
 
-def plan_lines(plan, source: Path, out: Path, device: str) -> list[str]:
-    """plan: convert.plan.ConversionPlan."""
+def plan_lines(plan, source: Path, out: Path, device: str, reason: str = "") -> list[str]:
+    """plan: convert.plan.ConversionPlan; reason: why --device auto chose the device (convert.device_choice)."""
     fmt = _FORMAT_NAMES.get(plan.input_type, plan.input_type)
     layers = [lp.layer for lp in plan.layers]
     scope = (f"{plural(len(layers), 'MoE layer')} ({layer_ranges(layers)})" if not plan.partial else
@@ -41,7 +41,8 @@ def plan_lines(plan, source: Path, out: Path, device: str) -> list[str]:
                  + (f"; {plan.skipped_mtp_keys} MTP expert tensors skipped (not routed experts of the main model)" if plan.skipped_mtp_keys else ""))
     layout = "one safetensors shard per layer" if plan.layout == "merged" else "kt's _layer_L/_numa_T .kt folders"
     lines.append(f"output: {plan.method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
-                 f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}")
+                 f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device}"
+                 + (f" ({reason})" if reason else "") + f" -> {out}")
     return lines
 
 

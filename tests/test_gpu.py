@@ -230,6 +230,44 @@ def test_gpu_numa_batches_match_cpu(kind, method, threadpool_count):
     _assert_gpu_equals_cpu(method, jobs)
 
 
+@gpu
+@pytest.mark.parametrize("method", [INT4, INT8])
+def test_gpu_in_place_windows_match_cpu(method):
+    """The streaming packer's layout through the real kernel: sources read in place from a host block (row
+    strides of two rows, as a fused tensor's gate or up; column slices of down's NUMA shards), one source
+    staged beside them, and targets carved from one arena of the block, downloaded in place."""
+    from convert.host_memory import HostBlock
+
+    rng = np.random.default_rng(13)
+    block = HostBlock(np.zeros(1 << 23, np.uint8))
+
+    def inside(a):
+        out = block.lease(a.nbytes).view(a.dtype).reshape(a.shape)
+        out[...] = a
+        return out
+
+    H, I = (256, 256) if INTERPRETED else (1024, 1536)
+    fused = SourceMatrix("mxfp4", inside(rng.integers(0, 256, (2 * I, H // 2), dtype=np.uint8)),
+                         inside(rng.integers(118, 133, (2 * I, H // 32), dtype=np.uint8)))
+    gate = SourceMatrix("mxfp4", fused.weight[0::2], fused.scales[0::2])  # interleaved rows: stride 2 rows
+    down = SourceMatrix("bf16", inside(random_bf16(H, I, seed=4).view(torch.uint16).numpy()))
+    staged = SourceMatrix("bf16", random_bf16(I, H, seed=5).view(torch.uint16).numpy())
+    jobs = []
+    for t in range(2):
+        for proj, src in (("gate", gate), ("down", down), ("up", staged)):
+            s = shard_slice(proj, H, I, 2, t)
+            jobs.append((src.rows(s.row0, s.n), s.col0, s.k))
+    targets = block.targets(method, [(src.shape[0], k) for src, _, k in jobs])
+    cpu_dst = [PackTarget.empty(method, src.shape[0], k) for src, _, k in jobs]
+    expected = pack_cpu(method, [(s, c, k, d) for (s, c, k), d in zip(jobs, cpu_dst)])
+    assert pack_gpu(method, [(s, c, k, d) for (s, c, k), d in zip(jobs, targets)], device=DEVICE, host=block) == expected
+    plan = plan_batch(method, [(s, c, k, d) for (s, c, k), d in zip(jobs, targets)], block)
+    assert plan.window is not None and plan.out_window is not None and len(plan.copies) == 3  # `up` twice, tables
+    for i, (a, b) in enumerate(zip(targets, cpu_dst)):
+        assert np.array_equal(a.weight, b.weight), f"job {i}: weight bytes differ"
+        assert _equal_bits(a.scales, b.scales), f"job {i}: scales differ"
+
+
 def test_plan_stages_shared_sources_once_and_validates():
     H, I, threadpool_count = 384, 512, 4
     srcs = _expert_sources("mxfp4", H, I, seed=1)

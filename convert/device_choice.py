@@ -1,0 +1,195 @@
+"""--device auto: the device that converts faster here, decided from what this machine can do.
+
+A conversion reads the source, packs it, hashes the source and the output (sha256) and writes the output
+durably. On the CPU path the cores do all of it; on the GPU path the GPU packs and the cores do the rest;
+either way the disk must take the output. So the CPU path is the one when its cores convert at least as fast
+as the disk writes (the GPU would wait for the same disk, after seconds of start-up), and the GPU path when
+they cannot keep up: few cores, or --cpuinfer-threads holding the packer back.
+
+choose_device is a pure function of Capabilities, whose inputs are explicit; measure_capabilities finds them
+here: the CPUs this process may run on (its affinity), the C++ packer's rate on one core for the plan's source
+format and method (a probe of a few milliseconds on synthetic rows), sha256 on one core (a probe), whether a
+GPU can pack, and what kind of disk holds the output and the source (/sys/dev/block: rotational or not).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .units import rate
+
+# The model's constants: CPU work besides packing and hashing, the GPU's own costs, and disk rates when only
+# the kind of disk is known (the accelerator host's NVMe took 1.5 GB/s with fsync; docs/BENCHMARKS.md).
+COPY_BYTES_PER_CORE_S = 4e9  # pread into the batch buffer and os.write of the output: one memcpy per byte
+GPU_START_CORE_S = 2.0  # CPU seconds of the GPU's start-up (torch and triton imports, CUDA context)
+GPU_START_S = 1.5  # its wall time; the CPU packs meanwhile, so no GPU run is shorter
+GPU_SOURCE_BYTES_S = 10e9  # upload + kernel + download (kernel alone 33 GB/s, PCIe 55 GB/s each way)
+SOLID_STATE = (2e9, 3e9)  # (write, read) bytes/s of a non-rotational disk, durable writes
+ROTATIONAL = (0.15e9, 0.2e9)
+PREFER_CPU = 1.05  # the GPU is chosen only when estimated more than 5% faster (it costs memory and start-up)
+PROBE_WEIGHTS = 1 << 21  # weights packed per probe repetition (about 2 ms on one AVX-512 core)
+
+
+@dataclass(frozen=True)
+class Disk:
+    write_bytes_s: float
+    read_bytes_s: float
+    known: bool  # from the device's kind (else assumed solid state)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What decides --device auto, for one conversion."""
+
+    cores: int  # CPUs this process may run on
+    pack_threads: int  # the C++ packer's threads (--cpuinfer-threads, else the cores)
+    pack_weights_per_core_s: float  # the packer on one core, this source format and method
+    sha256_bytes_per_core_s: float
+    weights: int  # to convert
+    input_bytes: int
+    output_bytes: int
+    disk: Disk
+    gpu_unavailable: str | None = None  # why no GPU can pack here (None: one can)
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: str  # cpu | cuda
+    reason: str  # said in the run's first lines: "packed on the cpu (...)"
+    cpu_s: float | None = None  # the estimates the choice was made from
+    gpu_s: float | None = None
+
+
+def estimate_seconds(c: Capabilities) -> tuple[float, float]:
+    """(CPU path, GPU path) seconds: each path's CPU work over the cores, the packer over its threads, the
+    disk, the GPU's start-up and throughput; whichever bounds the path."""
+    pack = c.weights / c.pack_weights_per_core_s
+    moved = c.input_bytes + c.output_bytes
+    common = moved / c.sha256_bytes_per_core_s + moved / COPY_BYTES_PER_CORE_S
+    disk = max(c.output_bytes / c.disk.write_bytes_s, c.input_bytes / c.disk.read_bytes_s)
+    cpu = max(disk, pack / max(1, min(c.pack_threads, c.cores)), (pack + common) / c.cores)
+    gpu = max(disk, (common + GPU_START_CORE_S) / c.cores, GPU_START_S, c.input_bytes / GPU_SOURCE_BYTES_S)
+    return cpu, gpu
+
+
+def choose_device(c: Capabilities) -> DeviceChoice:
+    if c.gpu_unavailable is not None:
+        return DeviceChoice("cpu", f"no GPU to pack on: {c.gpu_unavailable}")
+    cpu_s, gpu_s = estimate_seconds(c)
+    pack = c.weights / c.pack_weights_per_core_s
+    common = (c.input_bytes + c.output_bytes) * (1 / c.sha256_bytes_per_core_s + 1 / COPY_BYTES_PER_CORE_S)
+    threads = min(c.pack_threads, c.cores)
+    by_threads = pack / threads > (pack + common) / c.cores  # the packer's threads are the limit, not the cores
+    who = f"--cpuinfer-threads {threads}" if by_threads else f"{c.cores} cores"
+    cpu_rate = rate(c.output_bytes, max(pack / threads, (pack + common) / c.cores))
+    disk_rate = rate(c.output_bytes, c.output_bytes / c.disk.write_bytes_s)
+    disk = f"about {disk_rate}" + ("" if c.disk.known else ", assumed")
+    if cpu_s <= gpu_s * PREFER_CPU:
+        if cpu_s <= GPU_START_S:
+            reason = f"{who}: done before a GPU would have started"
+        else:
+            reason = f"{who} pack faster than this disk writes ({cpu_rate} against {disk})"
+        return DeviceChoice("cpu", reason, cpu_s, gpu_s)
+    return DeviceChoice("cuda", f"{who} pack {cpu_rate}, slower than this disk writes ({disk})", cpu_s, gpu_s)
+
+
+# -- finding the capabilities ---------------------------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def disk_of(path: Path) -> Disk:
+    """The disk holding `path` (or its nearest existing parent), from /sys/dev/block/MAJ:MIN: rotational or
+    solid state; assumed solid state where that is not known (tmpfs, overlay, network file systems)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        dev = os.stat(p).st_dev
+        sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        for queue in (sys_dev / "queue", sys_dev.resolve().parent / "queue"):  # a disk, or a partition's disk
+            flag = queue / "rotational"
+            if flag.is_file():
+                write, read = ROTATIONAL if flag.read_text().strip() == "1" else SOLID_STATE
+                return Disk(write, read, True)
+    except (OSError, ValueError):
+        pass
+    return Disk(*SOLID_STATE, False)
+
+
+def _probe_source(kind: str, block: tuple[int, int] | None, n: int, k: int, rng: np.random.Generator):
+    """Rows of the source format with ordinary values (what the packer's speed depends on)."""
+    from quant.cpu import SourceMatrix
+
+    normal = (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
+    if kind == "mxfp4":
+        return SourceMatrix(kind, rng.integers(0, 256, (n, k // 2), dtype=np.uint8), np.full((n, k // 32), 122, np.uint8))
+    if kind in ("bf16", "f32"):
+        bits = normal.view(np.uint32) >> 16
+        return SourceMatrix("bf16", bits.astype(np.uint16)) if kind == "bf16" else \
+            SourceMatrix("f32", (bits << 16).view(np.float32))
+    if kind == "f16":
+        return SourceMatrix(kind, normal.astype(np.float16).view(np.uint16))
+    if kind == "fp8_block":
+        bn, bk = block
+        weight = rng.integers(0, 0x7F, (n, k), dtype=np.uint8) | (rng.integers(0, 2, (n, k), dtype=np.uint8) << 7)
+        return SourceMatrix(kind, weight, np.full((-(-n // bn), -(-k // bk)), 1e-3, np.float32), block)
+    if kind == "int4_group":
+        g = block[1]
+        return SourceMatrix(kind, rng.integers(0, 2**31, (n, k // 8), dtype=np.int64).astype(np.int32),
+                            np.full((n, k // g), 0x3A83, np.uint16), block)
+    raise ValueError(f"no probe for source kind {kind!r}")
+
+
+def pack_rate_probe(plan, repeats: int = 3) -> float:
+    """Weights per second the C++ packer packs on one thread, for the plan's first projection's source format and
+    the plan's method (best of `repeats`, on rows of the projection's width)."""
+    from kt_runtime.format.layout import full_shape
+    from quant.cpu import PackTarget, pack_cpu
+
+    ref = plan.layers[0].experts[0]["gate"]
+    n_all, k = full_shape("gate", plan.hidden_size, plan.moe_intermediate_size)
+    n = max(32, min(n_all, PROBE_WEIGHTS // k) // 32 * 32)
+    src = _probe_source(ref.kind, ref.block, n, k, np.random.default_rng(0))
+    job = (src, 0, k, PackTarget.empty(plan.method, n, k))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        pack_cpu(plan.method, [job], num_threads=1)
+        best = min(best, time.perf_counter() - t0)
+    return n * k / best
+
+
+def sha256_probe(nbytes: int = 8 << 20, repeats: int = 2) -> float:
+    data = np.zeros(nbytes, np.uint8)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def measure_capabilities(plan, todo, cpuinfer_threads: int, out_dir: Path, source_dir: Path,
+                         gpu_unavailable: str | None) -> Capabilities:
+    """plan: the first output's ConversionPlan; todo: its LayerPlans to convert. The probes run only when a GPU
+    could pack (otherwise there is nothing to choose)."""
+    cores = usable_cores()
+    threads = min(cpuinfer_threads, cores) if cpuinfer_threads > 0 else cores
+    weights = 3 * plan.hidden_size * plan.moe_intermediate_size * plan.num_experts * len(todo)
+    out_disk, in_disk = disk_of(out_dir), disk_of(source_dir)
+    disk = Disk(out_disk.write_bytes_s, in_disk.read_bytes_s, out_disk.known)
+    measured = gpu_unavailable is None and todo
+    return Capabilities(cores, threads, pack_rate_probe(plan) if measured else 1.0,
+                        sha256_probe() if measured else 1.0, weights, sum(lp.input_bytes for lp in todo),
+                        sum(lp.output_bytes for lp in todo), disk, gpu_unavailable)
