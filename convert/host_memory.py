@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,25 +103,30 @@ class HostBlock:
         self.nbytes = array.nbytes
         self._ranges = RangeAllocator(self.nbytes)
         self._lock = threading.Lock()
+        # Finalizers run wherever the last view dies (a hashing thread, a garbage collection inside any
+        # allocation, even one under the lock): they only queue the range; the next lease takes them back.
+        self._returned: deque[tuple[int, int]] = deque()
         self.refused = 0  # leases asked for that did not fit
 
     def lease(self, nbytes: int) -> np.ndarray | None:
         """nbytes of the block (a new uint8 array), or None when they do not fit now."""
         with self._lock:
+            self._take_back()
             start = self._ranges.take(nbytes)
             if start is None:
                 self.refused += 1
                 return None
         lease = np.frombuffer(memoryview(self.array)[start:start + nbytes], np.uint8)
-        weakref.finalize(lease, self._give_back, start, nbytes)
+        weakref.finalize(lease, self._returned.append, (start, nbytes))
         return lease
 
-    def _give_back(self, start: int, nbytes: int) -> None:
-        with self._lock:
-            self._ranges.give(start, nbytes)
+    def _take_back(self) -> None:
+        while self._returned:
+            self._ranges.give(*self._returned.popleft())
 
     def free_bytes(self) -> int:
         with self._lock:
+            self._take_back()
             return self._ranges.free_bytes()
 
     def offset_of(self, a: np.ndarray) -> int | None:
