@@ -85,7 +85,7 @@ def choose_device(c: Capabilities) -> DeviceChoice:
     common = (c.input_bytes + c.output_bytes) * (1 / c.sha256_bytes_per_core_s + 1 / COPY_BYTES_PER_CORE_S)
     threads = min(c.pack_threads, c.cores)
     by_threads = pack / threads > (pack + common) / c.cores  # the packer's threads are the limit, not the cores
-    who = f"--cpuinfer-threads {threads}" if by_threads else f"{c.cores} cores"
+    who = f"{threads} packing threads (--cpuinfer-threads {threads})" if by_threads else f"{c.cores} cores"
     cpu_rate = rate(c.output_bytes, max(pack / threads, (pack + common) / c.cores))
     disk_rate = rate(c.output_bytes, c.output_bytes / c.disk.write_bytes_s)
     disk = f"about {disk_rate}" + ("" if c.disk.known else ", assumed")
@@ -108,7 +108,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def disk_of(path: Path) -> Disk:
+def disk_of(path: Path, sys_block: Path = Path("/sys/dev/block")) -> Disk:
     """The disk holding `path` (or its nearest existing parent), from /sys/dev/block/MAJ:MIN: rotational or
     solid state; assumed solid state where that is not known (tmpfs, overlay, network file systems)."""
     p = Path(path)
@@ -116,7 +116,7 @@ def disk_of(path: Path) -> Disk:
         p = p.parent
     try:
         dev = os.stat(p).st_dev
-        sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+        sys_dev = sys_block / f"{os.major(dev)}:{os.minor(dev)}"
         for queue in (sys_dev / "queue", sys_dev.resolve().parent / "queue"):  # a disk, or a partition's disk
             flag = queue / "rotational"
             if flag.is_file():

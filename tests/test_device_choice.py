@@ -1,0 +1,182 @@
+"""--device auto: the decision from what the machine can do (convert.device_choice), with the machine's
+capabilities given (no GPU needed), the probes behind them, and the choice said in the run's first lines."""
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from conftest import tree_hashes
+from convert import device_choice, packers, pipeline
+from convert.device_choice import (COPY_BYTES_PER_CORE_S, GPU_START_CORE_S, Capabilities, Disk, choose_device,
+                                   disk_of, estimate_seconds)
+from convert.pipeline import ConvertOptions, convert
+from quant.source_formats import SOURCE_FORMATS
+
+NVME = Disk(2e9, 3e9, False)
+
+
+def host(cores=16, threads=None, disk=NVME, gpu=None, scale=1.0) -> Capabilities:
+    """The accelerator host's conversion (docs/BENCHMARKS.md): 256 experts x 3 layers of V4-Flash MXFP4 to
+    int4, 10.27 GB in, 9.70 GB out, the C++ packer about 1.2 G weights/s per core, sha256 1.3 GB/s."""
+    return Capabilities(cores=cores, pack_threads=threads or cores, pack_weights_per_core_s=1.2e9,
+                        sha256_bytes_per_core_s=1.3e9, weights=int(19.33e9 * scale), input_bytes=int(10.27e9 * scale),
+                        output_bytes=int(9.70e9 * scale), disk=disk, gpu_unavailable=gpu)
+
+
+def test_sixteen_cores_keep_up_with_the_disk_two_do_not():
+    choice = choose_device(host(16))
+    assert choice.device == "cpu"
+    assert choice.reason.startswith("16 cores pack faster than this disk writes (")
+    assert "against about 2 GB/s, assumed)" in choice.reason
+    two = choose_device(host(2))
+    assert two.device == "cuda" and two.reason.startswith("2 cores pack ") and "slower than this disk" in two.reason
+    four = choose_device(host(4))
+    assert four.device == "cuda" and four.gpu_s < four.cpu_s
+
+
+def test_estimates_worked_by_hand():
+    # 2 cores: packing 19.33 G weights at 1.2 G/s per core = 16.1 core-s; hashing and copying 19.97 GB at
+    # 1.3 and 4 GB/s = 15.36 + 4.99 core-s; the disk 9.7 GB at 2 GB/s = 4.85 s
+    cpu, gpu = estimate_seconds(host(2))
+    pack, common = 19.33e9 / 1.2e9, 19.97e9 / 1.3e9 + 19.97e9 / COPY_BYTES_PER_CORE_S
+    assert cpu == pytest.approx((pack + common) / 2) and cpu == pytest.approx(18.23, abs=0.01)
+    assert gpu == pytest.approx((common + GPU_START_CORE_S) / 2) and gpu == pytest.approx(11.18, abs=0.01)
+    cpu16, gpu16 = estimate_seconds(host(16))
+    assert cpu16 == gpu16 == pytest.approx(9.70 / 2.0)  # both wait for the disk
+
+
+def test_cpuinfer_threads_limit_the_packer_not_the_cores():
+    choice = choose_device(host(16, threads=2))
+    assert choice.device == "cuda" and choice.reason.startswith("2 packing threads (--cpuinfer-threads 2) pack ")
+    assert choose_device(host(16, threads=12)).device == "cpu"
+
+
+def test_a_slow_disk_makes_any_cpu_fast_enough():
+    spinning = Disk(0.15e9, 0.2e9, True)
+    choice = choose_device(host(4, disk=spinning))
+    assert choice.device == "cpu" and "about 150 MB/s)" in choice.reason and "assumed" not in choice.reason
+
+
+def test_a_short_conversion_stays_on_the_cpu():
+    choice = choose_device(host(2, scale=0.01))  # 100 MB: done before CUDA would be up
+    assert choice.device == "cpu" and "before a GPU would have started" in choice.reason
+
+
+def test_no_gpu_no_choice():
+    choice = choose_device(host(1, gpu="there is no CUDA device here"))
+    assert choice == device_choice.DeviceChoice("cpu", "no GPU to pack on: there is no CUDA device here")
+
+
+def test_close_calls_go_to_the_cpu():
+    """The GPU is chosen only when estimated more than PREFER_CPU faster: it costs memory and start-up."""
+    for cores in range(1, 33):
+        c = choose_device(host(cores))
+        cpu, gpu = estimate_seconds(host(cores))
+        assert (c.device == "cuda") == (cpu > gpu * device_choice.PREFER_CPU), cores
+
+
+def test_disk_kind_from_sys_block(tmp_path):
+    dev = os.stat(tmp_path).st_dev
+    sys_block = tmp_path / "sys"
+    disk = tmp_path / "devices" / "sda"
+    (disk / "queue").mkdir(parents=True)
+    (disk / "sda1").mkdir()
+    (disk / "queue" / "rotational").write_text("1\n")
+    sys_block.mkdir()
+    (sys_block / f"{os.major(dev)}:{os.minor(dev)}").symlink_to(disk / "sda1")  # a partition: its disk's queue
+    assert disk_of(tmp_path / "not" / "made" / "yet", sys_block) == Disk(*device_choice.ROTATIONAL, True)
+    (disk / "queue" / "rotational").write_text("0\n")
+    assert disk_of(tmp_path, sys_block) == Disk(*device_choice.SOLID_STATE, True)
+    assert disk_of(tmp_path, tmp_path / "nothing") == Disk(*device_choice.SOLID_STATE, False)
+
+
+@pytest.mark.parametrize("kind", sorted(SOURCE_FORMATS))
+def test_every_source_format_has_a_packer_probe(kind):
+    from kt_runtime.format.methods import INT4
+    from quant.cpu import PackTarget, pack_cpu
+
+    block = {"fp8_block": (128, 128), "int4_group": (1, 32)}.get(kind)
+    src = device_choice._probe_source(kind, block, 64, 512, np.random.default_rng(0))
+    assert src.kind == kind and src.shape == (64, 512)
+    counts = pack_cpu(INT4, [(src, 0, 512, PackTarget.empty(INT4, 64, 512))])
+    assert counts == [0]  # ordinary values, as a checkpoint holds
+
+
+def test_probes_measure_this_machine(tiny_checkpoint):
+    from convert.pipeline import plan_conversion
+    from convert.source import open_checkpoint
+
+    ckpt = open_checkpoint(str(tiny_checkpoint.path))
+    try:
+        plan, _ = plan_conversion(ckpt, ConvertOptions(input_path=str(tiny_checkpoint.path), output=None))
+    finally:
+        ckpt.close()
+    rate = device_choice.pack_rate_probe(plan)
+    assert 1e6 < rate < 1e11  # weights per second on one core: from a portable build on a slow core to AMX
+    assert 1e7 < device_choice.sha256_probe(1 << 20) < 1e11
+    caps = device_choice.measure_capabilities(plan, plan.layers, 1, tiny_checkpoint.path, tiny_checkpoint.path, None)
+    assert caps.pack_threads == 1 and caps.cores == device_choice.usable_cores() >= 1
+    assert caps.weights == 3 * plan.hidden_size * plan.moe_intermediate_size * plan.num_experts * len(plan.layers)
+    assert caps.input_bytes == sum(lp.input_bytes for lp in plan.layers)
+
+
+def run(ckpt, out, **kw):
+    return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
+
+
+def test_auto_without_a_gpu_says_why_in_the_first_lines(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from quant import gpu
+
+    monkeypatch.setattr(gpu, "gpu_unavailable_reason", lambda: "no CUDA GPU is available")
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cpu")
+    report = run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
+    assert report.device == "cpu" and report.device_reason == "no GPU to pack on: no CUDA GPU is available"
+    assert "packed on the cpu (no GPU to pack on: no CUDA GPU is available) -> " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cores,device", [(16, "cpu"), (2, "cuda")])
+def test_auto_with_a_gpu_packs_where_the_capabilities_say(tiny_checkpoint, tmp_path, capsys, monkeypatch, cores,
+                                                          device):
+    """A machine with a GPU (the stand-in device of tests/fake_cuda.py): --device auto measures, chooses, says
+    why, and converts there; the bytes are the CPU run's either way."""
+    from fake_cuda import fake_launch, fake_torch
+    from quant import gpu
+
+    run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "torch", fake_torch())
+    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setattr(gpu, "launch", fake_launch)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
+    seen = []
+
+    def measured(plan, todo, threads, out, source, why):
+        seen.append((len(todo), threads, why))
+        scale = sum(lp.input_bytes for lp in todo) / 10.27e9 * 2000  # as big as the host's conversion
+        return host(cores, scale=scale)
+
+    monkeypatch.setattr(pipeline, "measure_capabilities", measured)
+    report = run(tiny_checkpoint.path, tmp_path / "auto", threadpool_count=2)
+    err = capsys.readouterr().err
+    assert seen == [(2, 0, None)] and report.device == device
+    assert f"packed on the {device} ({report.device_reason}) -> " in err
+    assert report.device_reason.startswith(f"{cores} cores pack ")
+    assert ("device_init_s" in report.timings) == (device == "cuda") and report.timings["device_choice_s"] >= 0
+    assert tree_hashes(tmp_path / "auto") == tree_hashes(tmp_path / "cpu")
+
+
+def test_auto_keeps_cpu_only_methods_on_the_cpu(monkeypatch):
+    from convert.errors import UserError
+    from kt_runtime.format.methods import INT4, method_for
+
+    rawint4 = method_for("rawint4", None)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")  # a GPU is there
+    choice = pipeline._explicit_device("auto", [INT4, rawint4])
+    assert choice == device_choice.DeviceChoice("cpu", "--quant-method rawint4 is packed on the CPU only")
+    with pytest.raises(UserError, match="--device cuda: --quant-method rawint4 is packed on the CPU only"):
+        pipeline._explicit_device("cuda", [rawint4])
+    assert pipeline._explicit_device("auto", [INT4]) is None  # measured once planned
+    assert pipeline._explicit_device("cuda", [INT4]) == device_choice.DeviceChoice("cuda", "")
