@@ -435,10 +435,25 @@ def _explicit_device(device: str, methods) -> DeviceChoice | None:
     if device != "auto":
         return DeviceChoice(found, "")
     if found == "cpu":
-        from quant.gpu import gpu_unavailable_reason
+        from quant.gpu import NO_GPU_DEVICE, gpu_unavailable_reason
 
-        return DeviceChoice("cpu", f"no GPU to pack on: {gpu_unavailable_reason()}")
+        why = gpu_unavailable_reason()  # a machine without a GPU is told so briefly, one with a GPU why it is unused
+        return DeviceChoice("cpu", "no GPU here" if why.startswith(NO_GPU_DEVICE) else f"no GPU to pack on: {why}")
     return None
+
+
+def auto_device(opts: ConvertOptions) -> DeviceChoice:
+    """What --device auto chooses for this conversion, found as a run finds it, without converting
+    (scripts/bench_convert.py asks on each machine setting it measures)."""
+    choice = _explicit_device("auto", [method_or_exit(opts)])
+    if choice is not None:
+        return choice
+    ckpt = open_checkpoint(opts.input_path)
+    try:
+        plan, _ = plan_conversion(ckpt, opts)
+        return choose_auto(plan, opts, resolve_output_dir(opts.output, ckpt.root), ckpt.root, Timings())
+    finally:
+        ckpt.close()
 
 
 def choose_auto(plan: ConversionPlan, opts: ConvertOptions, out: Path, source: Path, timings: Timings) -> DeviceChoice:

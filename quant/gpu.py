@@ -35,6 +35,7 @@ def _align(x: int) -> int:
 # What a GPU driver creates: NVIDIA (/dev/nvidia0, /dev/nvidiactl, /proc/driver/nvidia/gpus/BUS), AMD ROCm
 # (/dev/kfd), WSL (/dev/dxg). None of them: torch cannot see a GPU.
 GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/nvidiactl", "/proc/driver/nvidia/gpus/*", "/dev/kfd", "/dev/dxg")
+NO_GPU_DEVICE = "there is no CUDA device here"
 
 
 def no_gpu_device_reason(nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> str | None:
@@ -44,7 +45,7 @@ def no_gpu_device_reason(nodes: tuple[str, ...] = GPU_DEVICE_NODES) -> str | Non
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
     if not any(glob.glob(pattern) for pattern in nodes):
-        return f"there is no CUDA device here (none of {', '.join(nodes)})"
+        return f"{NO_GPU_DEVICE} (none of {', '.join(nodes)})"
     return None
 
 

@@ -180,3 +180,63 @@ def test_auto_keeps_cpu_only_methods_on_the_cpu(monkeypatch):
         pipeline._explicit_device("cuda", [rawint4])
     assert pipeline._explicit_device("auto", [INT4]) is None  # measured once planned
     assert pipeline._explicit_device("cuda", [INT4]) == device_choice.DeviceChoice("cuda", "")
+
+
+# -- scripts/bench_convert.py: the paths on a few cores, and --device auto's choice against them ------------------
+
+def _bench():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_limited_cores_table_and_targets():
+    bench = _bench()
+
+    def conv(seconds, pinned=0):
+        return {"process_s": seconds, "peak_rss_bytes": 3 << 30, "report": {"timings": {"gpu_pinned_mib": pinned}}}
+
+    res = {"copy_warm": {"seconds": 7.0}, "copy_cold": {"seconds": 11.0},
+           "cuda_warm": conv(6.0, 512), "cpu_warm": conv(5.9), "cuda_cold": conv(11.0, 512), "cpu_cold": conv(12.0),
+           "limited": {"all": {"auto": {"device": "cpu", "reason": "16 cores pack faster than this disk writes"}},
+                       "2": {"cuda_warm": conv(8.0, 512), "cpu_warm": conv(20.0), "cuda_cold": conv(12.0, 512),
+                             "cpu_cold": conv(22.0),
+                             "auto": {"device": "cuda", "reason": "2 cores pack 532 MB/s, slower than ..."}},
+                       "4": {"cuda_warm": conv(6.5, 512), "cpu_warm": conv(10.0),
+                             "auto": {"device": "cpu", "reason": "4 cores pack faster ..."}}}}
+    lines = bench.limited_table(res).splitlines()
+    row = next(x for x in lines if x.split()[:2] == ["2", "GPU"])
+    assert row.split()[2:] == ["8.00", "1.14", "12.00", "1.09", "3.00", "512"]  # / the copy of the same cache state
+    assert any(x.split()[:2] == ["4", "CPU"] and x.split()[4:6] == ["-", "-"] for x in lines)  # no cold run there
+    targets = {t["name"]: t for t in res["limited_targets"]}
+    assert targets["GPU / CPU on every core, warm"]["value"] == pytest.approx(6.0 / 5.9)
+    assert targets["GPU / CPU on every core, warm"]["met"]
+    assert targets["GPU / CPU on every core, cold"]["value"] == pytest.approx(11 / 12)
+    assert targets["CPU on 2 cores / GPU on 2 cores, warm"]["value"] == 2.5 and targets["CPU on 2 cores / GPU on 2 cores, warm"]["met"]
+    assert targets["CPU on 2 cores / GPU on 2 cores, cold"]["value"] == pytest.approx(22 / 12)
+    assert not targets["CPU on 2 cores / GPU on 2 cores, cold"]["met"]
+    assert targets["--device auto on all cores picks the faster (or a 5% tie)"]["met"]  # 5.9 vs 6.0: a tie
+    assert targets["--device auto on 2 cores picks the faster (or a 5% tie)"]["met"]
+    assert not targets["--device auto on 4 cores picks the faster (or a 5% tie)"]["met"]  # 10 s against 6.5
+    assert any("CPU on 2 cores / GPU on every core, warm: 3.33" in x for x in lines)
+
+
+def test_bench_runs_children_on_fewer_cpus_and_gives_them_back():
+    bench = _bench()
+    allowed = os.sched_getaffinity(0)
+    with bench.on_cpus(1) as cpus:
+        assert os.sched_getaffinity(0) == set(cpus) and len(cpus) == 1
+    assert os.sched_getaffinity(0) == allowed
+    with bench.on_cpus(None):
+        assert os.sched_getaffinity(0) == allowed
+    with pytest.raises(SystemExit, match="may run on"):
+        with bench.on_cpus(len(allowed) + 1):
+            pass
+    assert bench.parse_cores("4, 2") == [2, 4]
+    with pytest.raises(Exception, match="--cores"):
+        bench.parse_cores("0")
