@@ -28,7 +28,7 @@ from .claims import Claim, Held
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
                          resolve_output_dir, write_index, write_quantization_config)
 from .device_choice import DeviceChoice, choose_device, measure_capabilities
-from .packers import make_packer
+from .packers import PINNED_BYTES, make_packer
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
@@ -600,9 +600,10 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
 
 
 def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, progress: Progress,
-               gate=None, layer_files=None) -> None:
-    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch;
-    with a download in progress (gate, convert.download), the source's disk beside the outputs."""
+               gate=None, layer_files=None, pinned_bytes: int = 0) -> None:
+    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch and the
+    GPU's pinned block (pinned_bytes); with a download in progress (gate, convert.download), the source's disk
+    beside the outputs."""
     estimates = []
     by_device: dict[int, list] = {}
     for job in jobs:
@@ -615,7 +616,8 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
     for outs in by_device.values():
         need = sum(n for _, n in outs)
         preflight.check(preflight.Estimate(need, need, 0, 0), outs[0][0])
-    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
+    peak = (max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
+            + pinned_bytes)
     combined = preflight.Estimate(sum(e.output_bytes for e in estimates), 0, sum(e.batch_bytes for e in estimates),
                                   peak, estimates[0].source_batch_bytes)
     preflight.check(combined, jobs[0].out)
@@ -664,7 +666,8 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], choice: DeviceChoice, start: f
             layer_files = ckpt.layer_files(todo)
             pinned = {ckpt.key_file[src] for job in jobs for src, _ in job.non_expert}
             gate.check_cap(layer_files)
-        _preflight(ckpt, jobs, batch_experts, progress, gate, layer_files if gate is not None else None)
+        _preflight(ckpt, jobs, batch_experts, progress, gate, layer_files if gate is not None else None,
+                   PINNED_BYTES if device == "cuda" else 0)
         for job in jobs:
             if job.lock is not None:
                 write_manifest(job.out, job.manifest)
