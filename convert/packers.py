@@ -158,12 +158,16 @@ class CudaPacker:
         self.stats = {"batches": 0, "input_bytes": 0, "output_bytes": 0, "device_allocations": 0}
 
     def close(self) -> None:
+        if self.waiter is None:
+            return
         for slot in self.slots:
             if slot.handle is not None:
                 slot.handle.wait()
         self.torch.cuda.synchronize(self.device)
         self.waiter.shutdown(wait=True)
-        self.slots = []
+        self.waiter, self.slots = None, []
+        if self.host_memory.refused:  # read buffers, arenas or staging the block had no room for
+            self.timings.add("gpu_pageable_buffers", self.host_memory.refused)
 
     def _host(self, nbytes: int):
         """(host tensor, its numpy view) of nbytes for one batch: a lease of the pinned block, or pageable
@@ -171,7 +175,6 @@ class CudaPacker:
         torch = self.torch
         lease = self.host_memory.lease(max(64, nbytes))
         if lease is None:
-            self.timings.add("gpu_pageable_buffers", 1)
             t = torch.empty(max(64, nbytes), dtype=torch.uint8)
             return t, t.numpy()
         off = self.host_memory.offset_of(lease)

@@ -164,8 +164,11 @@ class SourceStream:
             raise RuntimeError("source stream is closed")
         t0 = time.perf_counter()
         if buffer.nbytes < total or not self._memory.suits(buffer):
-            buffer = None  # dropped before its replacement is made (a lease goes back to its block)
+            keep = buffer if buffer.nbytes >= total else None  # plain and big enough: kept if nothing better comes
+            buffer = None  # a lease too small goes back to its block before its replacement is made
             buffer = self._memory.empty(total + total // 8)  # headroom: batches differ a little
+            if keep is not None and not self._memory.suits(buffer):
+                buffer = keep
         tasks = []
         for slab, ext in extents.items():
             for start in range(0, ext.nbytes, PIECE_BYTES):

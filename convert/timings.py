@@ -33,7 +33,8 @@ STAGES = {
     "gpu_pinned_mib": "CUDA: pinned host memory, MiB (read buffers and output arenas; count)",
     "gpu_batches_staged": "CUDA: batches with sources outside the pinned block, copied in (count)",
     "gpu_batches_scattered": "CUDA: batches whose targets were outside the pinned block, copied out (count)",
-    "gpu_pageable_buffers": "CUDA: a batch's host buffers the pinned block had no room for (count)",
+    "gpu_pageable_buffers": "CUDA: buffers the pinned block had no room for: read, packed or staged in plain "
+                            "memory instead (count)",
     "cpu_batches_while_device_starts": "batches packed on the CPU while the device was starting (count)",
     "write_s": "writing packed bytes to the output files (writer thread: page cache, waits for the digest)",
     "digest_s": "sha256 of the output blocks for the layer digests (hashing threads)",

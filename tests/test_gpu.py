@@ -294,32 +294,50 @@ def test_plan_stages_shared_sources_once_and_validates():
 @gpu
 @real_gpu
 @pytest.mark.parametrize("slots", [2, 3])
-def test_streaming_packer_matches_cpu_across_chunks_and_calls(slots):
+def test_streaming_packer_matches_cpu_with_batches_in_flight(slots):
+    """The CUDA packer on a real device: batches whose sources and targets are in its pinned block (uploaded
+    and downloaded in place) and batches outside it (staged, scattered), more of them submitted than it has
+    slots before the first result is taken, of sizes that grow and shrink."""
     from convert.packers import CudaPacker
+    from convert.host_memory import PageableMemory
 
     H, I, threadpool_count = 1024, 1536, 2
-    packer = CudaPacker(chunk_bytes=1 << 20, slots=slots, threads=4)  # many chunks: every slot is reused
+    packer = CudaPacker(slots=slots, pinned_bytes=256 << 20)
     try:
-        allocations = []
-        for experts in (5, 1, 3):  # buffers grow and shrink between calls
-            jobs_cpu, jobs_gpu = [], []
+        in_flight = []
+        for i, experts in enumerate((5, 1, 3, 2, 4, 1, 3)):
+            pinned = i % 3 != 1
+            memory = packer.host_memory if pinned else PageableMemory()
+            sources, expected = [], []
             for expert in range(experts):
-                srcs = _expert_sources("mxfp4" if expert % 2 else "bf16", H, I, seed=10 * experts + expert)
+                srcs = _expert_sources("mxfp4" if expert % 2 else "bf16", H, I, seed=10 * i + expert)
                 for proj in ("gate", "up", "down"):
+                    src = srcs[proj]
+                    if pinned:  # as the source stream reads it: into a lease of the block
+                        w = memory.empty(src.weight.nbytes).view(src.weight.dtype).reshape(src.weight.shape)
+                        w[...] = src.weight
+                        sc = None
+                        if src.scales is not None:
+                            sc = memory.empty(src.scales.nbytes).view(src.scales.dtype).reshape(src.scales.shape)
+                            sc[...] = src.scales
+                        src = SourceMatrix(src.kind, w, sc)
                     for t in range(threadpool_count):
-                        s = shard_slice(proj, H, I, threadpool_count, t)
-                        src = srcs[proj].rows(s.row0, s.n)
-                        jobs_cpu.append((src, s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
-                        jobs_gpu.append((src, s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
-            assert packer(INT4, jobs_gpu) == pack_cpu(INT4, jobs_cpu)
-            for a, b in zip(jobs_cpu, jobs_gpu):
-                assert np.array_equal(a[3].weight, b[3].weight) and _equal_bits(a[3].scales, b[3].scales)
-            allocations.append(packer.stats["slot_allocations"])
-        assert packer.stats["chunks"] > 3 * slots
-        assert allocations[0] <= 2 and allocations[0] == allocations[-1]  # made at start, grown once, reused
+                        sl = shard_slice(proj, H, I, threadpool_count, t)
+                        sources.append((src.rows(sl.row0, sl.n), sl.col0, sl.k))
+                        expected.append((src.rows(sl.row0, sl.n), sl.col0, sl.k, PackTarget.empty(INT4, sl.n, sl.k)))
+            targets = memory.targets(INT4, [(src.shape[0], k) for src, _, k in sources])
+            jobs = [(src, c, k, dst) for (src, c, k), dst in zip(sources, targets)]
+            in_flight.append((packer.submit(INT4, jobs), jobs, pack_cpu(INT4, expected), expected))
+            while len(in_flight) > slots + 1 or (in_flight and i == 6):
+                handle, got, counts, want = in_flight.pop(0)
+                assert handle.result() == counts
+                for a, b in zip(got, want):
+                    assert np.array_equal(a[3].weight, b[3].weight) and _equal_bits(a[3].scales, b[3].scales)
         t = packer.timings.to_dict()
-        for stage in ("gpu_stage_in_s", "gpu_h2d_s", "gpu_kernel_s", "gpu_d2h_s", "gpu_stage_out_s"):
+        assert t["gpu_batches_staged"] == t["gpu_batches_scattered"] == 2 and packer.host_memory.refused == 0, t
+        for stage in ("gpu_h2d_s", "gpu_kernel_s", "gpu_d2h_s", "gpu_stage_in_s", "gpu_stage_out_s"):
             assert 0 < t[stage] < 60, (stage, t)
+        assert packer.stats["device_allocations"] <= 4 * slots  # grown a few times, then reused
     finally:
         packer.close()
 
@@ -344,6 +362,7 @@ def gpu_packs_every_batch(monkeypatch):
 @pytest.mark.parametrize("storage,method,threadpool_count", [("I8", "int4", 2), ("U8", "int8", 2), ("F4", "int4", 4),
                                                  ("I8", "int8", 1), ("I8", "int4", 1), ("U8", "int8", 4)])
 def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_count, gpu_packs_every_batch):
+    from convert import packers
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", storage=storage, mtp_layers=1, num_shards=3)
@@ -352,6 +371,8 @@ def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_co
     assert (cpu.device, gpu_report.device) == ("cpu", "cuda")
     t = gpu_report.timings
     assert "cpu_batches_while_device_starts" not in t and t["gpu_kernel_s"] > 0 and t["device_init_s"] > 0, t
+    # read into the pinned block once it is up (batches read before: staged), unpacked into its arenas in place
+    assert t.get("gpu_batches_staged", 0) <= packers.READ_AHEAD + 1 and "gpu_batches_scattered" not in t, t
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
     kt = _convert(ckpt.path, tmp_path / "gpu_kt", quant_method=method, threadpool_count=threadpool_count, device="cuda",
                   merge=False)
@@ -389,13 +410,29 @@ def test_cpu_packs_while_the_gpu_starts_same_bytes(tmp_path, monkeypatch):
     from convert import pipeline
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: many batches
+    monkeypatch.setattr(pipeline, "GPU_BATCH_BYTES", 1)  # one expert per batch: many batches
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
     _convert(ckpt.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
     report = _convert(ckpt.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     t = report.timings
     assert t["device_init_s"] > 0 and t.get("device_init_wait_s", 0) < t["device_init_s"], t
     print("timings:", t)
+    assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+
+
+@gpu
+@real_gpu
+def test_convert_with_a_pinned_block_too_small_for_its_batches(tmp_path, monkeypatch, gpu_packs_every_batch):
+    """Batches that do not fit the pinned block (read into plain buffers, staged, unpacked through plain
+    memory) give the same bytes, and the run counts them."""
+    from convert import packers
+    from synthetic.v4_flash import make_v4_flash_checkpoint
+
+    monkeypatch.setattr(packers, "PINNED_BYTES", 1 << 20)  # a batch of v4-flash-tiny is 2.5 MB
+    ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
+    _convert(ckpt.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
+    t = _convert(ckpt.path, tmp_path / "gpu", threadpool_count=2, device="cuda").timings
+    assert t["gpu_pinned_mib"] == 1 and t["gpu_pageable_buffers"] > 0 and t["gpu_batches_scattered"] > 0, t
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
 
 
@@ -412,7 +449,7 @@ def test_warm_up_compiles_on_a_slice(tmp_path):
     packer = CudaPacker()
     try:
         packer.warm_up(INT4, sources)
-        assert packer.stats["chunks"] == 1
+        assert packer.stats["batches"] == 1
     finally:
         packer.close()
 

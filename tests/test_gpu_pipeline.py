@@ -299,7 +299,7 @@ def test_streaming_packer_overlaps_batches_and_gives_the_cpu_bytes(cuda_packer, 
         check(h)
     t = packer.timings.to_dict()
     assert t["gpu_batches_staged"] == t["gpu_batches_scattered"] == 2  # batches 2 and 5
-    assert "gpu_pageable_buffers" not in t
+    assert packer.host_memory.refused == 0
     uploads = [i for i, (stream, what) in enumerate(fake.cuda.ran) if stream == "h2d"]
     kernels = [i for i, (stream, what) in enumerate(fake.cuda.ran) if what == "kernel"]
     assert uploads[3] < kernels[1]  # uploads ran ahead of kernels: the waits, not luck, kept the bytes right
@@ -322,7 +322,11 @@ def test_streaming_packer_without_room_in_the_block_still_packs(cuda_packer):
         expected = [(s, c, k, PackTarget.empty(INT4, s.shape[0], k)) for s, c, k in sources]
         assert packer(INT4, jobs) == pack_cpu(INT4, expected)
         assert all(np.array_equal(a[3].weight, b[3].weight) for a, b in zip(jobs, expected))
-    assert packer.timings.get("gpu_pageable_buffers") > 0
+    refused = packer.host_memory.refused
+    packer.close()
+    assert refused > 0 and packer.timings.get("gpu_pageable_buffers") == refused
+    packer.close()  # once only
+    assert packer.timings.get("gpu_pageable_buffers") == refused
 
 
 def test_an_error_in_a_batch_leaves_no_copy_running(cuda_packer, monkeypatch):
@@ -336,3 +340,51 @@ def test_an_error_in_a_batch_leaves_no_copy_running(cuda_packer, monkeypatch):
     bad = [(SourceMatrix("bf16", np.zeros((48, 128), np.uint16)), 0, 128, PackTarget.empty(INT4, 48, 128))]
     with pytest.raises(ValueError, match="multiple of 32"):
         packer.submit(INT4, bad)
+
+
+def test_reads_move_into_the_pinned_block_once_it_is_there(tiny_checkpoint):
+    """The source stream reads into plain buffers until the GPU's block comes up, then into leases of it,
+    replacing each buffer as it comes back; a block with no room leaves the plain buffer in use (not a new
+    one per batch). The bytes read are the file's either way."""
+    from convert.layer_io import LayerReader
+    from convert.plan import build_plan
+    from convert.source import open_checkpoint
+    from convert.source_reader import slab_extent
+
+    class Switch:  # as StartingPacker: plain memory, then the block
+        def __init__(self, block):
+            self.block, self.on = block, False
+
+        def empty(self, nbytes):
+            return self.block.empty(nbytes) if self.on else np.empty(nbytes, np.uint8)
+
+        def suits(self, buffer):
+            return self.block.suits(buffer) if self.on else True
+
+    ckpt = open_checkpoint(str(tiny_checkpoint.path))
+    try:
+        plan = build_plan(ckpt, INT4, 2, "merged")
+        for room, expect_inside in ((1 << 22, True), (4096, False)):
+            block = HostBlock(np.zeros(room, np.uint8))
+            memory = Switch(block)
+            reader = LayerReader(ckpt, plan, plan.layers, 1, threads=2, ahead=2, memory=memory)
+            seen = []
+            try:
+                for lp in plan.layers:
+                    for i, (experts, batch) in enumerate(reader.batches(lp)):
+                        memory.on = memory.on or (lp is plan.layers[0] and i == 2)
+                        slab, a = next(iter(batch.arrays.items()))
+                        seen.append((block.offset_of(a) is not None, batch._buffer.__array_interface__["data"][0]))
+                        ext = slab_extent(ckpt, slab)
+                        with open(ext.file.path, "rb") as f:
+                            f.seek(ext.offset)
+                            assert a.tobytes() == f.read(ext.nbytes)
+                        batch.release()
+            finally:
+                reader.close()
+            assert not any(inside for inside, _ in seen[:3])  # read before the switch
+            assert all(inside == expect_inside for inside, _ in seen[6:])  # every buffer replaced by then
+            if not expect_inside:
+                assert len({addr for _, addr in seen}) == 3  # the three plain buffers, kept
+    finally:
+        ckpt.close()
