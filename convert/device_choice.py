@@ -8,8 +8,11 @@ they cannot keep up: few cores, or --cpuinfer-threads holding the packer back.
 
 choose_device is a pure function of Capabilities, whose inputs are explicit; measure_capabilities finds them
 here: the CPUs this process may run on (its affinity), the C++ packer's rate on one core for the plan's source
-format and method (a probe of a few milliseconds on synthetic rows), sha256 on one core (a probe), whether a
-GPU can pack, and what kind of disk holds the output and the source (/sys/dev/block: rotational or not).
+format and method (a probe of a few milliseconds on synthetic rows), sha256 on one core (a probe), and whether
+a GPU can pack. The disk's write rate is assumed (DISK_WRITE_BYTES_S): what a device reports of itself
+(/sys/block/*/queue/rotational) is not used, as virtual disks report "rotational" whatever backs them, and
+writing a probe file into the user's output before the run is not worth it: a disk slower than assumed only
+makes both paths wait for it alike, while one wrongly taken as slow would keep a few cores packing alone.
 """
 from __future__ import annotations
 
@@ -17,29 +20,20 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .units import rate
 
-# The model's constants: CPU work besides packing and hashing, the GPU's own costs, and disk rates when only
-# the kind of disk is known (the accelerator host's NVMe took 1.5 GB/s with fsync; docs/BENCHMARKS.md).
+# The model's constants: CPU work besides packing and hashing, the GPU's own costs, the disk (the accelerator
+# host's virtual NVMe disk took 1.5 GB/s with fsync; docs/BENCHMARKS.md).
 COPY_BYTES_PER_CORE_S = 4e9  # pread into the batch buffer and os.write of the output: one memcpy per byte
 GPU_START_CORE_S = 2.0  # CPU seconds of the GPU's start-up (torch and triton imports, CUDA context)
 GPU_START_S = 1.5  # its wall time; the CPU packs meanwhile, so no GPU run is shorter
 GPU_SOURCE_BYTES_S = 10e9  # upload + kernel + download (kernel alone 33 GB/s, PCIe 55 GB/s each way)
-SOLID_STATE = (2e9, 3e9)  # (write, read) bytes/s of a non-rotational disk, durable writes
-ROTATIONAL = (0.15e9, 0.2e9)
+DISK_WRITE_BYTES_S = 2e9  # durable writes of an NVMe drive
 PREFER_CPU = 1.05  # the GPU is chosen only when estimated more than 5% faster (it costs memory and start-up)
 PROBE_WEIGHTS = 1 << 21  # weights packed per probe repetition (about 2 ms on one AVX-512 core)
-
-
-@dataclass(frozen=True)
-class Disk:
-    write_bytes_s: float
-    read_bytes_s: float
-    known: bool  # from the device's kind (else assumed solid state)
 
 
 @dataclass(frozen=True)
@@ -53,7 +47,8 @@ class Capabilities:
     weights: int  # to convert
     input_bytes: int
     output_bytes: int
-    disk: Disk
+    write_bytes_s: float = DISK_WRITE_BYTES_S  # the output disk's durable write rate
+    write_rate_measured: bool = False  # else assumed
     gpu_unavailable: str | None = None  # why no GPU can pack here (None: one can)
 
 
@@ -71,7 +66,7 @@ def estimate_seconds(c: Capabilities) -> tuple[float, float]:
     pack = c.weights / c.pack_weights_per_core_s
     moved = c.input_bytes + c.output_bytes
     common = moved / c.sha256_bytes_per_core_s + moved / COPY_BYTES_PER_CORE_S
-    disk = max(c.output_bytes / c.disk.write_bytes_s, c.input_bytes / c.disk.read_bytes_s)
+    disk = c.output_bytes / c.write_bytes_s
     cpu = max(disk, pack / max(1, min(c.pack_threads, c.cores)), (pack + common) / c.cores)
     gpu = max(disk, (common + GPU_START_CORE_S) / c.cores, GPU_START_S, c.input_bytes / GPU_SOURCE_BYTES_S)
     return cpu, gpu
@@ -87,8 +82,7 @@ def choose_device(c: Capabilities) -> DeviceChoice:
     by_threads = pack / threads > (pack + common) / c.cores  # the packer's threads are the limit, not the cores
     who = f"{threads} packing threads (--cpuinfer-threads {threads})" if by_threads else f"{c.cores} cores"
     cpu_rate = rate(c.output_bytes, max(pack / threads, (pack + common) / c.cores))
-    disk_rate = rate(c.output_bytes, c.output_bytes / c.disk.write_bytes_s)
-    disk = f"about {disk_rate}" + ("" if c.disk.known else ", assumed")
+    disk = f"about {rate(c.write_bytes_s, 1)}" + ("" if c.write_rate_measured else ", assumed")
     if cpu_s <= gpu_s * PREFER_CPU:
         if cpu_s <= GPU_START_S:
             reason = f"{who}: done before a GPU would have started"
@@ -106,25 +100,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def disk_of(path: Path, sys_block: Path = Path("/sys/dev/block")) -> Disk:
-    """The disk holding `path` (or its nearest existing parent), from /sys/dev/block/MAJ:MIN: rotational or
-    solid state; assumed solid state where that is not known (tmpfs, overlay, network file systems)."""
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        dev = os.stat(p).st_dev
-        sys_dev = sys_block / f"{os.major(dev)}:{os.minor(dev)}"
-        for queue in (sys_dev / "queue", sys_dev.resolve().parent / "queue"):  # a disk, or a partition's disk
-            flag = queue / "rotational"
-            if flag.is_file():
-                write, read = ROTATIONAL if flag.read_text().strip() == "1" else SOLID_STATE
-                return Disk(write, read, True)
-    except (OSError, ValueError):
-        pass
-    return Disk(*SOLID_STATE, False)
 
 
 def _probe_source(kind: str, block: tuple[int, int] | None, n: int, k: int, rng: np.random.Generator):
@@ -180,16 +155,13 @@ def sha256_probe(nbytes: int = 8 << 20, repeats: int = 2) -> float:
     return nbytes / best
 
 
-def measure_capabilities(plan, todo, cpuinfer_threads: int, out_dir: Path, source_dir: Path,
-                         gpu_unavailable: str | None) -> Capabilities:
+def measure_capabilities(plan, todo, cpuinfer_threads: int, gpu_unavailable: str | None) -> Capabilities:
     """plan: the first output's ConversionPlan; todo: its LayerPlans to convert. The probes run only when a GPU
     could pack (otherwise there is nothing to choose)."""
     cores = usable_cores()
     threads = min(cpuinfer_threads, cores) if cpuinfer_threads > 0 else cores
     weights = 3 * plan.hidden_size * plan.moe_intermediate_size * plan.num_experts * len(todo)
-    out_disk, in_disk = disk_of(out_dir), disk_of(source_dir)
-    disk = Disk(out_disk.write_bytes_s, in_disk.read_bytes_s, out_disk.known)
     measured = gpu_unavailable is None and todo
     return Capabilities(cores, threads, pack_rate_probe(plan) if measured else 1.0,
                         sha256_probe() if measured else 1.0, weights, sum(lp.input_bytes for lp in todo),
-                        sum(lp.output_bytes for lp in todo), disk, gpu_unavailable)
+                        sum(lp.output_bytes for lp in todo), gpu_unavailable=gpu_unavailable)

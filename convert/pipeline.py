@@ -451,16 +451,16 @@ def auto_device(opts: ConvertOptions) -> DeviceChoice:
     ckpt = open_checkpoint(opts.input_path)
     try:
         plan, _ = plan_conversion(ckpt, opts)
-        return choose_auto(plan, opts, resolve_output_dir(opts.output, ckpt.root), ckpt.root, Timings())
+        return choose_auto(plan, opts, Timings())
     finally:
         ckpt.close()
 
 
-def choose_auto(plan: ConversionPlan, opts: ConvertOptions, out: Path, source: Path, timings: Timings) -> DeviceChoice:
+def choose_auto(plan: ConversionPlan, opts: ConvertOptions, timings: Timings) -> DeviceChoice:
     """--device auto on a machine with a GPU: the CPU or the GPU, whichever converts faster here
     (convert.device_choice, from probes of this machine)."""
     with timings.timed("device_choice_s"):
-        return choose_device(measure_capabilities(plan, plan.layers, opts.cpuinfer_threads, out, source, None))
+        return choose_device(measure_capabilities(plan, plan.layers, opts.cpuinfer_threads, None))
 
 
 def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, choice: DeviceChoice | None,
@@ -481,7 +481,7 @@ def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, c
             if [(lp.layer, lp.experts) for lp in job.plan.layers] != [(lp.layer, lp.experts) for lp in jobs[0].plan.layers]:
                 raise RuntimeError("the outputs of one run planned different source layers")
         if choice is None:
-            choice = choose_auto(jobs[0].plan, jobs[0].opts, jobs[0].out, ckpt.root, timings)
+            choice = choose_auto(jobs[0].plan, jobs[0].opts, timings)
         reports = _run(ckpt, jobs, choice, start, shard, packer, timings)
         for report in reports:
             report.startup_seconds = start - probe

@@ -9,20 +9,17 @@ import pytest
 
 from conftest import tree_hashes
 from convert import device_choice, packers, pipeline
-from convert.device_choice import (COPY_BYTES_PER_CORE_S, GPU_START_CORE_S, Capabilities, Disk, choose_device,
-                                   disk_of, estimate_seconds)
+from convert.device_choice import COPY_BYTES_PER_CORE_S, GPU_START_CORE_S, Capabilities, choose_device, estimate_seconds
 from convert.pipeline import ConvertOptions, convert
 from quant.source_formats import SOURCE_FORMATS
 
-NVME = Disk(2e9, 3e9, False)
-
-
-def host(cores=16, threads=None, disk=NVME, gpu=None, scale=1.0) -> Capabilities:
+def host(cores=16, threads=None, write=None, gpu=None, scale=1.0) -> Capabilities:
     """The accelerator host's conversion (docs/BENCHMARKS.md): 256 experts x 3 layers of V4-Flash MXFP4 to
     int4, 10.27 GB in, 9.70 GB out, the C++ packer about 1.2 G weights/s per core, sha256 1.3 GB/s."""
     return Capabilities(cores=cores, pack_threads=threads or cores, pack_weights_per_core_s=1.2e9,
                         sha256_bytes_per_core_s=1.3e9, weights=int(19.33e9 * scale), input_bytes=int(10.27e9 * scale),
-                        output_bytes=int(9.70e9 * scale), disk=disk, gpu_unavailable=gpu)
+                        output_bytes=int(9.70e9 * scale), gpu_unavailable=gpu,
+                        **({"write_bytes_s": write, "write_rate_measured": True} if write else {}))
 
 
 def test_sixteen_cores_keep_up_with_the_disk_two_do_not():
@@ -54,8 +51,7 @@ def test_cpuinfer_threads_limit_the_packer_not_the_cores():
 
 
 def test_a_slow_disk_makes_any_cpu_fast_enough():
-    spinning = Disk(0.15e9, 0.2e9, True)
-    choice = choose_device(host(4, disk=spinning))
+    choice = choose_device(host(4, write=0.15e9))
     assert choice.device == "cpu" and "about 150 MB/s)" in choice.reason and "assumed" not in choice.reason
 
 
@@ -75,21 +71,6 @@ def test_close_calls_go_to_the_cpu():
         c = choose_device(host(cores))
         cpu, gpu = estimate_seconds(host(cores))
         assert (c.device == "cuda") == (cpu > gpu * device_choice.PREFER_CPU), cores
-
-
-def test_disk_kind_from_sys_block(tmp_path):
-    dev = os.stat(tmp_path).st_dev
-    sys_block = tmp_path / "sys"
-    disk = tmp_path / "devices" / "sda"
-    (disk / "queue").mkdir(parents=True)
-    (disk / "sda1").mkdir()
-    (disk / "queue" / "rotational").write_text("1\n")
-    sys_block.mkdir()
-    (sys_block / f"{os.major(dev)}:{os.minor(dev)}").symlink_to(disk / "sda1")  # a partition: its disk's queue
-    assert disk_of(tmp_path / "not" / "made" / "yet", sys_block) == Disk(*device_choice.ROTATIONAL, True)
-    (disk / "queue" / "rotational").write_text("0\n")
-    assert disk_of(tmp_path, sys_block) == Disk(*device_choice.SOLID_STATE, True)
-    assert disk_of(tmp_path, tmp_path / "nothing") == Disk(*device_choice.SOLID_STATE, False)
 
 
 @pytest.mark.parametrize("kind", sorted(SOURCE_FORMATS))
@@ -116,7 +97,7 @@ def test_probes_measure_this_machine(tiny_checkpoint):
     rate = device_choice.pack_rate_probe(plan)
     assert 1e6 < rate < 1e11  # weights per second on one core: from a portable build on a slow core to AMX
     assert 1e7 < device_choice.sha256_probe(1 << 20) < 1e11
-    caps = device_choice.measure_capabilities(plan, plan.layers, 1, tiny_checkpoint.path, tiny_checkpoint.path, None)
+    caps = device_choice.measure_capabilities(plan, plan.layers, 1, None)
     assert caps.pack_threads == 1 and caps.cores == device_choice.usable_cores() >= 1
     assert caps.weights == 3 * plan.hidden_size * plan.moe_intermediate_size * plan.num_experts * len(plan.layers)
     assert caps.input_bytes == sum(lp.input_bytes for lp in plan.layers)
@@ -153,7 +134,7 @@ def test_auto_with_a_gpu_packs_where_the_capabilities_say(tiny_checkpoint, tmp_p
     monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
     seen = []
 
-    def measured(plan, todo, threads, out, source, why):
+    def measured(plan, todo, threads, why):
         seen.append((len(todo), threads, why))
         scale = sum(lp.input_bytes for lp in todo) / 10.27e9 * 2000  # as big as the host's conversion
         return host(cores, scale=scale)
