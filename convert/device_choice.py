@@ -60,12 +60,16 @@ class DeviceChoice:
     gpu_s: float | None = None
 
 
+def _core_seconds(c: Capabilities) -> tuple[float, float]:
+    """(packing, the rest: hashing and copying the input and output bytes) in seconds of one core."""
+    moved = c.input_bytes + c.output_bytes
+    return c.weights / c.pack_weights_per_core_s, moved / c.sha256_bytes_per_core_s + moved / COPY_BYTES_PER_CORE_S
+
+
 def estimate_seconds(c: Capabilities) -> tuple[float, float]:
     """(CPU path, GPU path) seconds: each path's CPU work over the cores, the packer over its threads, the
     disk, the GPU's start-up and throughput; whichever bounds the path."""
-    pack = c.weights / c.pack_weights_per_core_s
-    moved = c.input_bytes + c.output_bytes
-    common = moved / c.sha256_bytes_per_core_s + moved / COPY_BYTES_PER_CORE_S
+    pack, common = _core_seconds(c)
     disk = c.output_bytes / c.write_bytes_s
     cpu = max(disk, pack / max(1, min(c.pack_threads, c.cores)), (pack + common) / c.cores)
     gpu = max(disk, (common + GPU_START_CORE_S) / c.cores, GPU_START_S, c.input_bytes / GPU_SOURCE_BYTES_S)
@@ -76,20 +80,21 @@ def choose_device(c: Capabilities) -> DeviceChoice:
     if c.gpu_unavailable is not None:
         return DeviceChoice("cpu", f"no GPU to pack on: {c.gpu_unavailable}")
     cpu_s, gpu_s = estimate_seconds(c)
-    pack = c.weights / c.pack_weights_per_core_s
-    common = (c.input_bytes + c.output_bytes) * (1 / c.sha256_bytes_per_core_s + 1 / COPY_BYTES_PER_CORE_S)
-    threads = min(c.pack_threads, c.cores)
+    pack, common = _core_seconds(c)
+    threads = max(1, min(c.pack_threads, c.cores))
     by_threads = pack / threads > (pack + common) / c.cores  # the packer's threads are the limit, not the cores
     who = f"{threads} packing threads (--cpuinfer-threads {threads})" if by_threads else f"{c.cores} cores"
     cpu_rate = rate(c.output_bytes, max(pack / threads, (pack + common) / c.cores))
     disk = f"about {rate(c.write_bytes_s, 1)}" + ("" if c.write_rate_measured else ", assumed")
-    if cpu_s <= gpu_s * PREFER_CPU:
-        if cpu_s <= GPU_START_S:
-            reason = f"{who}: done before a GPU would have started"
-        else:
-            reason = f"{who} pack faster than this disk writes ({cpu_rate} against {disk})"
-        return DeviceChoice("cpu", reason, cpu_s, gpu_s)
-    return DeviceChoice("cuda", f"{who} pack {cpu_rate}, slower than this disk writes ({disk})", cpu_s, gpu_s)
+    if cpu_s > gpu_s * PREFER_CPU:
+        return DeviceChoice("cuda", f"{who} pack {cpu_rate}, slower than this disk writes ({disk})", cpu_s, gpu_s)
+    if cpu_s <= GPU_START_S:
+        reason = f"{who}: done before a GPU would have started"
+    elif cpu_s <= c.output_bytes / c.write_bytes_s:
+        reason = f"{who} pack faster than this disk writes ({cpu_rate} against {disk})"
+    else:
+        reason = f"{who} pack {cpu_rate}; the GPU would not be faster (about {gpu_s:.0f} s against {cpu_s:.0f} s)"
+    return DeviceChoice("cpu", reason, cpu_s, gpu_s)
 
 
 # -- finding the capabilities ---------------------------------------------------------------------------------

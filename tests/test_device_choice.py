@@ -221,3 +221,13 @@ def test_bench_runs_children_on_fewer_cpus_and_gives_them_back():
     assert bench.parse_cores("4, 2") == [2, 4]
     with pytest.raises(Exception, match="--cores"):
         bench.parse_cores("0")
+
+
+def test_a_cpu_close_to_the_gpu_says_so():
+    """Neither path waits for the disk and the GPU would save less than PREFER_CPU: the CPU, said as such."""
+    c = host(6, write=50e9)
+    fast_pack = Capabilities(**{**c.__dict__, "pack_weights_per_core_s": 8e9})  # packing ~ the GPU's start-up
+    cpu, gpu = estimate_seconds(fast_pack)
+    assert gpu < cpu <= gpu * device_choice.PREFER_CPU
+    choice = choose_device(fast_pack)
+    assert choice.device == "cpu" and "the GPU would not be faster (about" in choice.reason
