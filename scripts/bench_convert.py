@@ -27,6 +27,12 @@ the number of layers). A conversion's `process_s` is the child process's wall ti
 as a user of the converter sees it: rates and ratios use it; `wall_s` is the convert() call inside it.
 With --device cpu neither this script nor its children import triton (nor torch).
 
+--cores 2,4: each device's conversion again with the CPU limited to n cores (the child's affinity, and
+--cpuinfer-threads n), warm and cold; --auto: what --device auto chooses (a child that plans and probes, without
+converting) on every core and on each n. Both end with one more table: the settings against the copy floor,
+peak RSS and pinned memory, and the targets (GPU <= 1.05x the CPU on every core, the CPU on 2 cores >= 2x the
+GPU's time, --device auto picking the faster). The JSON is written after each of these runs.
+
 Prints one line per measurement as it is taken, then one table (machine; copy floor, each device, warm
 and cold; conversion / copy, target <= 1.15) and the JSON report (written to --json when given).
 """
@@ -496,6 +502,8 @@ def limited_phase(res: dict, a, devices: list[str], ckpt: Path, work: Path, cold
                             a.drop_caches, save)
     if a.auto and not cold:
         auto_choices(res, [None, *a.cores], ckpt, work, a.quant_method, a.threadpool_count)
+    if a.cores or a.auto:
+        res["limited_targets"] = [{"name": n, "value": v, "target": t, "met": ok} for n, v, t, ok in limited_checks(res)]
         save()
 
 
@@ -520,13 +528,38 @@ GPU_OVER_CPU_ALL = 1.05  # the GPU path's time over the CPU path's on every core
 CPU2_OVER_GPU = 2.0  # the CPU path on 2 cores over the GPU path's time, at least
 
 
+def limited_checks(res: dict) -> list[tuple[str, object, str, bool]]:
+    """(name, value, target, met) of the targets the core settings measure: the GPU against the CPU on every
+    core, the CPU on 2 cores against the GPU, and --device auto's choice against the faster measured path."""
+    checks = []
+    for key in ["all", *(k for k in res.get("limited", {}) if k != "all")]:
+        entry = setting(res, key)
+        for when in ("warm", "cold"):
+            gpu, cpu = entry.get(f"cuda_{when}"), entry.get(f"cpu_{when}")
+            if gpu and cpu and key == "all":
+                ratio = gpu["process_s"] / cpu["process_s"]
+                checks.append((f"GPU / CPU on every core, {when}", ratio, f"<= {GPU_OVER_CPU_ALL}",
+                               ratio <= GPU_OVER_CPU_ALL))
+            if gpu and cpu and key == "2":
+                ratio = cpu["process_s"] / gpu["process_s"]
+                checks.append((f"CPU on 2 cores / GPU on 2 cores, {when}", ratio, f">= {CPU2_OVER_GPU}",
+                               ratio >= CPU2_OVER_GPU))
+        auto = entry.get("auto")
+        measured = {d: entry[f"{d}_warm"]["process_s"] for d in ("cuda", "cpu") if f"{d}_warm" in entry}
+        if auto and len(measured) == 2:
+            faster = min(measured, key=measured.get)
+            tie = max(measured.values()) <= 1.05 * min(measured.values())  # either is right
+            checks.append((f"--device auto on {key} cores picks the faster (or a 5% tie)", auto["device"], faster,
+                           auto["device"] == faster or tie))
+    return checks
+
+
 def limited_table(res: dict) -> str:
     """Each core setting: both paths warm and cold against the copy floor of the same cache state, the GPU's
-    speed-up, what --device auto chose against what was faster, and the targets."""
+    speed-up, what --device auto chose, and the targets."""
     lines = ["CPU limited to n cores (sched_setaffinity of the converter and --cpuinfer-threads n):",
              f"  {'cores':<7}{'path':<6}{'warm s':>9}{'/ copy':>8}{'cold s':>9}{'/ copy':>8}"
              f"{'peak RSS GiB':>14}{'pinned MiB':>12}"]
-    checks = []
     for key in ["all", *(k for k in res.get("limited", {}) if k != "all")]:
         entry = setting(res, key)
         for dev in ("cuda", "cpu"):
@@ -543,35 +576,19 @@ def limited_table(res: dict) -> str:
         for when in ("warm", "cold"):
             gpu, cpu = entry.get(f"cuda_{when}"), entry.get(f"cpu_{when}")
             if gpu and cpu:
-                ratio = cpu["process_s"] / gpu["process_s"]
-                lines.append(f"  {key:<7}CPU / GPU time, {when}: {ratio:.2f}")
-                if key == "all":
-                    checks.append((f"GPU / CPU on every core, {when}", 1 / ratio, f"<= {GPU_OVER_CPU_ALL}",
-                                   1 / ratio <= GPU_OVER_CPU_ALL))
-                if key == "2":
-                    checks.append((f"CPU on 2 cores / GPU on 2 cores, {when}", ratio, f">= {CPU2_OVER_GPU}",
-                                   ratio >= CPU2_OVER_GPU))
-        auto = entry.get("auto")
-        if auto:
-            measured = {d: entry[f"{d}_warm"]["process_s"] for d in ("cuda", "cpu") if f"{d}_warm" in entry}
-            faster = min(measured, key=measured.get) if len(measured) == 2 else None
-            right = faster is None or auto["device"] == faster or \
-                max(measured.values()) <= 1.05 * min(measured.values())  # a tie either way is right
-            lines.append(f"  {key:<7}--device auto chose {auto['device']} ({auto['reason']})"
-                         + (f"; measured faster: {faster}" if faster else ""))
-            if faster:
-                checks.append((f"--device auto on {key} cores picks the faster (or a 5% tie)", auto["device"], faster,
-                               right))
+                lines.append(f"  {key:<7}CPU / GPU time, {when}: {cpu['process_s'] / gpu['process_s']:.2f}")
+        if entry.get("auto"):
+            lines.append(f"  {key:<7}--device auto chose {entry['auto']['device']} ({entry['auto']['reason']})")
     all_cores, two = setting(res, "all"), setting(res, "2")
     for when in ("warm", "cold"):
         if f"cuda_{when}" in all_cores and f"cpu_{when}" in two:
             ratio = two[f"cpu_{when}"]["process_s"] / all_cores[f"cuda_{when}"]["process_s"]
             lines.append(f"  CPU on 2 cores / GPU on every core, {when}: {ratio:.2f}")
+    checks = limited_checks(res)
     if checks:
         lines.append("targets:")
         lines += [f"  {name:<58}{value if isinstance(value, str) else f'{value:.2f}':>8}  (target {target}: "
                   f"{'met' if ok else 'not met'})" for name, value, target, ok in checks]
-    res["limited_targets"] = [{"name": n, "value": v, "target": t, "met": ok} for n, v, t, ok in checks]
     return "\n".join(lines)
 
 
@@ -787,8 +804,8 @@ def main() -> None:
     if len(sums) == 2:
         res["gpu_equals_cpu"] = sums["cuda"] == sums["cpu"]
         show("GPU output == CPU output (per-layer sha256)", res["gpu_equals_cpu"])
-    limited_phase(res, a, devices, ckpt, work, cold=False)
 
+    limited_phase(res, a, devices, ckpt, work, cold=False)
     if a.skip_cold:
         notes.append("--skip-cold: no cold measurements")
     else:
@@ -800,9 +817,9 @@ def main() -> None:
             res[f"{dev}_cold"] = r = convert_on(dev, cold=True)
             show_run(f"{LABEL[dev]} conversion, {r['cache']}", r)
             shutil.rmtree(work / f"out-{dev}")
-        limited_phase(res, a, devices, ckpt, work, cold=True)
         if not a.drop_caches:
             notes.append(f"the cold rows are {NOT_COLD}: pass --drop-caches (root) for cold numbers")
+        limited_phase(res, a, devices, ckpt, work, cold=True)
 
     ratios = {}
     for dev in devices:
@@ -823,14 +840,14 @@ def main() -> None:
         print(f"note: {note}", flush=True)
     print()
     print(summary_table(res, devices, threads), flush=True)
-    if a.cores or a.auto:
-        print(limited_table(res), flush=True)
     text = json.dumps(res, indent=1)
     if a.json:
         a.json.write_text(text + "\n")
         print(f"JSON report: {a.json}")
     else:
         print(text)
+    if "limited" in res:
+        print(limited_table(res), flush=True)
 
 
 if __name__ == "__main__":

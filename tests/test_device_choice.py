@@ -191,10 +191,11 @@ def test_bench_limited_cores_table_and_targets():
                        "4": {"cuda_warm": conv(6.5, 512), "cpu_warm": conv(10.0),
                              "auto": {"device": "cpu", "reason": "4 cores pack faster ..."}}}}
     lines = bench.limited_table(res).splitlines()
+    assert "targets:" in lines
     row = next(x for x in lines if x.split()[:2] == ["2", "GPU"])
     assert row.split()[2:] == ["8.00", "1.14", "12.00", "1.09", "3.00", "512"]  # / the copy of the same cache state
     assert any(x.split()[:2] == ["4", "CPU"] and x.split()[4:6] == ["-", "-"] for x in lines)  # no cold run there
-    targets = {t["name"]: t for t in res["limited_targets"]}
+    targets = {name: {"value": value, "met": met} for name, value, _, met in bench.limited_checks(res)}
     assert targets["GPU / CPU on every core, warm"]["value"] == pytest.approx(6.0 / 5.9)
     assert targets["GPU / CPU on every core, warm"]["met"]
     assert targets["GPU / CPU on every core, cold"]["value"] == pytest.approx(11 / 12)
