@@ -36,21 +36,6 @@ MIB = 1 << 20
 PACK_ON_CPU_WHILE_DEVICE_STARTS = True
 
 
-class Packed:
-    """A batch packed synchronously: its counts, its sources already free."""
-
-    def __init__(self, counts: list[int]):
-        self._counts = counts
-        self.sources_free: Future = Future()
-        self.sources_free.set_result(None)
-
-    def result(self) -> list[int]:
-        return self._counts
-
-    def wait(self) -> None:
-        pass
-
-
 class CpuPacker:
     device = "cpu"
 
@@ -78,6 +63,21 @@ class CpuPacker:
 
     def submit(self, method: QuantMethod, jobs) -> Packed:
         return Packed(self(method, jobs))
+
+
+class Packed:
+    """A batch packed synchronously: its counts, its sources already free."""
+
+    def __init__(self, counts: list[int]):
+        self._counts = counts
+        self.sources_free: Future = Future()
+        self.sources_free.set_result(None)
+
+    def result(self) -> list[int]:
+        return self._counts
+
+    def wait(self) -> None:
+        pass
 
 
 class _Slot:

@@ -17,7 +17,6 @@ from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
 from kt_runtime.format.methods import method_for
 from kt_runtime.format.verified import add_verified, is_verified, read_verified, record_verified
-from quant.cpu import PackTarget
 
 from . import __version__, preflight
 from .announce import plan_lines, resume_line
@@ -25,9 +24,9 @@ from .kt_resume import adopt_kt_layers, kt_started_layout
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .claims import Claim, Held
+from .device_choice import DeviceChoice, choose_device, measure_capabilities
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
                          resolve_output_dir, write_index, write_quantization_config)
-from .device_choice import DeviceChoice, choose_device, measure_capabilities
 from .packers import PINNED_BYTES, make_packer
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
