@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quant.cpu import SourceMatrix
+
 from .units import rate
 
 # The model's constants: CPU work besides packing and hashing, the GPU's own costs, the disk (the accelerator
@@ -107,28 +109,30 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _probe_source(kind: str, block: tuple[int, int] | None, n: int, k: int, rng: np.random.Generator):
-    """Rows of the source format with ordinary values (what the packer's speed depends on)."""
-    from quant.cpu import SourceMatrix
+def _bf16(n, k, rng):
+    return (rng.standard_normal((n, k), dtype=np.float32) * 0.02).view(np.uint32) >> 16
 
-    normal = (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
-    if kind == "mxfp4":
-        return SourceMatrix(kind, rng.integers(0, 256, (n, k // 2), dtype=np.uint8), np.full((n, k // 32), 122, np.uint8))
-    if kind in ("bf16", "f32"):
-        bits = normal.view(np.uint32) >> 16
-        return SourceMatrix("bf16", bits.astype(np.uint16)) if kind == "bf16" else \
-            SourceMatrix("f32", (bits << 16).view(np.float32))
-    if kind == "f16":
-        return SourceMatrix(kind, normal.astype(np.float16).view(np.uint16))
-    if kind == "fp8_block":
-        bn, bk = block
-        weight = rng.integers(0, 0x7F, (n, k), dtype=np.uint8) | (rng.integers(0, 2, (n, k), dtype=np.uint8) << 7)
-        return SourceMatrix(kind, weight, np.full((-(-n // bn), -(-k // bk)), 1e-3, np.float32), block)
-    if kind == "int4_group":
-        g = block[1]
-        return SourceMatrix(kind, rng.integers(0, 2**31, (n, k // 8), dtype=np.int64).astype(np.int32),
-                            np.full((n, k // g), 0x3A83, np.uint16), block)
-    raise ValueError(f"no probe for source kind {kind!r}")
+
+# Rows of each source format with ordinary values (what the packer's speed depends on): (n, k, block, rng) ->
+# SourceMatrix. A format without its own row here is probed as bf16: quantizing and tiling dominate the cost.
+PROBES = {
+    "mxfp4": lambda n, k, block, rng: SourceMatrix("mxfp4", rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
+                                                   np.full((n, k // 32), 122, np.uint8)),
+    "bf16": lambda n, k, block, rng: SourceMatrix("bf16", _bf16(n, k, rng).astype(np.uint16)),
+    "f32": lambda n, k, block, rng: SourceMatrix("f32", (_bf16(n, k, rng) << 16).view(np.float32)),
+    "f16": lambda n, k, block, rng: SourceMatrix(
+        "f16", (rng.standard_normal((n, k), dtype=np.float32) * 0.02).astype(np.float16).view(np.uint16)),
+    "fp8_block": lambda n, k, block, rng: SourceMatrix(
+        "fp8_block", rng.integers(0, 0x7F, (n, k), dtype=np.uint8) | (rng.integers(0, 2, (n, k), dtype=np.uint8) << 7),
+        np.full((-(-n // block[0]), -(-k // block[1])), 1e-3, np.float32), block),
+    "int4_group": lambda n, k, block, rng: SourceMatrix(
+        "int4_group", rng.integers(0, 2**31, (n, k // 8), dtype=np.int64).astype(np.int32),
+        np.full((n, k // block[1]), 0x3A83, np.uint16), block),
+}
+
+
+def probe_source(kind: str, block: tuple[int, int] | None, n: int, k: int, rng: np.random.Generator) -> SourceMatrix:
+    return PROBES.get(kind, PROBES["bf16"])(n, k, block, rng)
 
 
 def pack_rate_probe(plan, repeats: int = 3) -> float:
@@ -140,7 +144,7 @@ def pack_rate_probe(plan, repeats: int = 3) -> float:
     ref = plan.layers[0].experts[0]["gate"]
     n_all, k = full_shape("gate", plan.hidden_size, plan.moe_intermediate_size)
     n = max(32, min(n_all, PROBE_WEIGHTS // k) // 32 * 32)
-    src = _probe_source(ref.kind, ref.block, n, k, np.random.default_rng(0))
+    src = probe_source(ref.kind, ref.block, n, k, np.random.default_rng(0))
     job = (src, 0, k, PackTarget.empty(plan.method, n, k))
     best = float("inf")
     for _ in range(repeats):

@@ -75,14 +75,16 @@ def test_close_calls_go_to_the_cpu():
 
 @pytest.mark.parametrize("kind", sorted(SOURCE_FORMATS))
 def test_every_source_format_has_a_packer_probe(kind):
+    """Each format is probed on rows of its own (or, without one, as bf16: quantizing and tiling dominate)."""
     from kt_runtime.format.methods import INT4
     from quant.cpu import PackTarget, pack_cpu
 
     block = {"fp8_block": (128, 128), "int4_group": (1, 32)}.get(kind)
-    src = device_choice._probe_source(kind, block, 64, 512, np.random.default_rng(0))
-    assert src.kind == kind and src.shape == (64, 512)
+    src = device_choice.probe_source(kind, block, 64, 512, np.random.default_rng(0))
+    assert src.kind == (kind if kind in device_choice.PROBES else "bf16") and src.shape == (64, 512)
     counts = pack_cpu(INT4, [(src, 0, 512, PackTarget.empty(INT4, 64, 512))])
     assert counts == [0]  # ordinary values, as a checkpoint holds
+    assert device_choice.probe_source("a format yet to come", None, 32, 128, np.random.default_rng(0)).kind == "bf16"
 
 
 def test_probes_measure_this_machine(tiny_checkpoint):
