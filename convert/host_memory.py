@@ -129,12 +129,16 @@ class HostBlock:
             self._take_back()
             return self._ranges.free_bytes()
 
-    def offset_of(self, a: np.ndarray) -> int | None:
-        """The byte offset of `a` in the block when all of it lies inside, else None."""
+    def extent_of(self, a: np.ndarray) -> tuple[int, int] | None:
+        """(byte offset in the block, bytes spanned) of `a` when all of it lies inside, else None."""
         addr, span = array_extent(a)
         if self.base <= addr and addr + span <= self.base + self.nbytes and all(s >= 0 for s in a.strides):
-            return addr - self.base
+            return addr - self.base, span
         return None
+
+    def offset_of(self, a: np.ndarray) -> int | None:
+        extent = self.extent_of(a)
+        return None if extent is None else extent[0]
 
     # the source stream's and convert_layer's view of it (as PageableMemory's)
 

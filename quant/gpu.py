@@ -6,8 +6,8 @@ job and task tables) and one device output buffer (each job's tiled bytes and fp
 in the targets' pinned arena when they have one, else dense; then the non-finite counts). `plan_batch`
 computes that layout, `fill_staging` copies what is staged, `launch` enqueues the kernels on the current
 stream, `scatter_outputs` copies dense results into the jobs' PackTargets. `pack_gpu` does it synchronously
-with everything staged; convert.packers streams batches through pinned memory. triton is imported only by
-`launch`.
+(everything staged, or in place in a given host block); convert.packers streams batches through pinned
+memory. triton is imported only by `launch`.
 """
 from __future__ import annotations
 
@@ -106,11 +106,6 @@ def _key(a: np.ndarray) -> tuple:
     return a.__array_interface__["data"][0], a.shape, a.strides
 
 
-def _span(a: np.ndarray) -> int:
-    """Bytes from a 2-D array's first byte to its last."""
-    return (a.shape[0] - 1) * a.strides[0] + a.shape[1] * a.itemsize
-
-
 def _window(arrays: list[np.ndarray], host) -> tuple[int, int, dict[int, int]] | None:
     """(first, end, {id(array): block offset}) of the arrays with contiguous rows that lie in the host block,
     or None when none do or their span holds more than twice their bytes plus 1 MiB (arrays of unrelated
@@ -119,9 +114,9 @@ def _window(arrays: list[np.ndarray], host) -> tuple[int, int, dict[int, int]] |
         return None
     inside, used = {}, {}
     for a in arrays:
-        off = host.offset_of(a)
-        if off is not None and a.ndim == 2 and a.strides[1] == a.itemsize and a.strides[0] % a.itemsize == 0:
-            inside[id(a)] = (off, _span(a))
+        extent = host.extent_of(a)
+        if extent is not None and a.ndim == 2 and a.strides[1] == a.itemsize and a.strides[0] % a.itemsize == 0:
+            inside[id(a)] = extent
             used[_key(a)] = a.itemsize * a.shape[0] * a.shape[1]
     if not inside:
         return None
@@ -170,7 +165,7 @@ def _check_job(method: QuantMethod, i: int, src: SourceMatrix, col0: int, k: int
 
 
 def plan_batch(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, PackTarget]], host=None) -> BatchPlan:
-    """The batch's device layout. host: the pinned block (convert.host_memory.HostBlock: offset_of) whose
+    """The batch's device layout. host: the pinned block (convert.host_memory.HostBlock: extent_of, offset_of) whose
     sources are read in place and whose targets are downloaded in place; None: every source is staged (each
     array once: NUMA shards of down share one source, fp8 shards one scale grid) and outputs are dense."""
     checked = [_check_job(method, i, src, col0, k, dst) for i, (src, col0, k, dst) in enumerate(jobs)]
@@ -187,7 +182,7 @@ def plan_batch(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, Pac
         rows = _as_rows(a)
         if id(a) in inside:
             return inside[id(a)] - first, rows.strides[0]
-        key = (rows.__array_interface__["data"][0], rows.shape, rows.strides)
+        key = _key(rows)
         if key not in staged:
             staged[key] = (pos, rows.shape[1])
             copies.append((rows, pos))
