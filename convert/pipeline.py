@@ -251,7 +251,8 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
             packed = []
             with timings.timed("pack_s"):
                 for out, out_shards in zip(outputs, shards):
-                    targets = packer.host_memory.targets(out.method, [(src.shape[0], k) for *_, src, _, k in out_shards])
+                    shapes = [(src.shape[0], k) for *_, src, _, k in out_shards]
+                    targets = packer.host_memory.targets(out.method, shapes)
                     jobs = [(src, col0, k, dst) for (*_, src, col0, k), dst in zip(out_shards, targets)]
                     handles.append(packer.submit(out.method, jobs))
                     packed.append([(expert, proj, t, dst) for (expert, proj, t, *_), dst in zip(out_shards, targets)])

@@ -89,7 +89,7 @@ class BatchPlan:
     num_jobs: int
     num_tasks: int
     launches: list[tuple[int, int, int]]  # (kernel kind code, first task, task count)
-    outputs: list[tuple[int, int, int, int]]  # per job: (weight offset, weight bytes, scales offset, rows) on the device
+    outputs: list[tuple[int, int, int, int]]  # per job on the device: (weight offset, weight bytes, scales offset, rows)
     counts_offset: int  # int32 [J] non-finite counts
     input_bytes: int = 0  # source bytes the kernel reads (the read volume)
     tables: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))

@@ -503,7 +503,8 @@ def limited_phase(res: dict, a, devices: list[str], ckpt: Path, work: Path, cold
     if a.auto and not cold:
         auto_choices(res, [None, *a.cores], ckpt, work, a.quant_method, a.threadpool_count)
     if a.cores or a.auto:
-        res["limited_targets"] = [{"name": n, "value": v, "target": t, "met": ok} for n, v, t, ok in limited_checks(res)]
+        res["limited_targets"] = [{"name": n, "value": v, "target": t, "met": ok}
+                                  for n, v, t, ok in limited_checks(res)]
         save()
 
 
@@ -568,8 +569,8 @@ def limited_table(res: dict) -> str:
             cells = []
             for when in ("warm", "cold"):
                 r, floor = entry.get(f"{dev}_{when}"), res.get(f"copy_{when}")
-                cells += ([f"{r['process_s']:>9.2f}", f"{r['process_s'] / floor['seconds']:>8.2f}" if floor else f"{'-':>8}"]
-                          if r else [f"{'-':>9}", f"{'-':>8}"])
+                over = f"{r['process_s'] / floor['seconds']:>8.2f}" if r and floor else f"{'-':>8}"
+                cells += [f"{r['process_s']:>9.2f}" if r else f"{'-':>9}", over]
             r = entry.get(f"{dev}_warm") or entry.get(f"{dev}_cold")
             lines.append(f"  {key:<7}{LABEL[dev]:<6}{''.join(cells)}{r['peak_rss_bytes'] / GIB:>14.2f}"
                          f"{pinned_mib(r):>12.0f}")

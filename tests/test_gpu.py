@@ -260,8 +260,9 @@ def test_gpu_in_place_windows_match_cpu(method):
     targets = block.targets(method, [(src.shape[0], k) for src, _, k in jobs])
     cpu_dst = [PackTarget.empty(method, src.shape[0], k) for src, _, k in jobs]
     expected = pack_cpu(method, [(s, c, k, d) for (s, c, k), d in zip(jobs, cpu_dst)])
-    assert pack_gpu(method, [(s, c, k, d) for (s, c, k), d in zip(jobs, targets)], device=DEVICE, host=block) == expected
-    plan = plan_batch(method, [(s, c, k, d) for (s, c, k), d in zip(jobs, targets)], block)
+    gpu_jobs = [(s, c, k, d) for (s, c, k), d in zip(jobs, targets)]
+    assert pack_gpu(method, gpu_jobs, device=DEVICE, host=block) == expected
+    plan = plan_batch(method, gpu_jobs, block)
     assert plan.window is not None and plan.out_window is not None and len(plan.copies) == 3  # `up` twice, tables
     for i, (a, b) in enumerate(zip(targets, cpu_dst)):
         assert np.array_equal(a.weight, b.weight), f"job {i}: weight bytes differ"

@@ -229,8 +229,8 @@ def test_schedule_never_overwrites_a_slot_before_it_is_read_and_overlaps_batches
                         assert t[(action2, b)][1] <= start, (action, action2, b)
                     if mode == "w" and mode2 == "r" and b >= slots:  # write after the slot's last read
                         assert t[(action2, b - slots)][1] <= start, (action, action2, b)
-        overlapped |= any(t[("upload", b + 1)][0] < t[("kernel", b)][1] and t[("kernel", b)][0] < t[("upload", b + 1)][1]
-                          for b in range(23))
+        overlapped |= any(t[("upload", b + 1)][0] < t[("kernel", b)][1] and
+                          t[("kernel", b)][0] < t[("upload", b + 1)][1] for b in range(23))
     assert overlapped
     with pytest.raises(ValueError):
         batch_steps(0, 1)
@@ -333,7 +333,8 @@ def test_an_error_in_a_batch_leaves_no_copy_running(cuda_packer, monkeypatch):
     packer, fake = cuda_packer(slots=2, pinned_bytes=1 << 22)
     rng = np.random.default_rng(7)
     sources = _batch(rng, 256, 512, 2, 1, packer.host_memory)
-    jobs = [(s, c, k, t) for (s, c, k), t in zip(sources, packer.host_memory.targets(INT4, [(s.shape[0], k) for s, _, k in sources]))]
+    targets = packer.host_memory.targets(INT4, [(s.shape[0], k) for s, _, k in sources])
+    jobs = [(s, c, k, t) for (s, c, k), t in zip(sources, targets)]
     handle = packer.submit(INT4, jobs)
     handle.wait()  # what convert_layer does when it unwinds
     assert not any(s.ops for s in fake.cuda.streams)
