@@ -65,6 +65,11 @@ class CpuPacker:
         return Packed(self(method, jobs))
 
 
+def pinned_bytes(device: str) -> int:
+    """The host memory a packer for `device` pins (pre-flight counts it)."""
+    return PINNED_BYTES if device == "cuda" else 0
+
+
 class Packed:
     """A batch packed synchronously: its counts, its sources already free."""
 
@@ -75,6 +80,9 @@ class Packed:
 
     def result(self) -> list[int]:
         return self._counts
+
+    def done(self) -> bool:
+        return True
 
     def wait(self) -> None:
         pass
@@ -125,6 +133,10 @@ class _GpuBatch:
                 timings.add(stage, self.marks[a].elapsed_time(self.marks[b]) / 1e3)
             self.jobs, self.held = None, []
         return self._counts
+
+    def done(self) -> bool:
+        """Whether its results were taken (result())."""
+        return self._counts is not None
 
     def wait(self) -> None:
         """Waits for the device to be done with the batch's host buffers, whatever happened."""

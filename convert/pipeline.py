@@ -27,7 +27,7 @@ from .claims import Claim, Held
 from .device_choice import DeviceChoice, choose_device, measure_capabilities
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, remove_if_empty,
                          resolve_output_dir, write_index, write_quantization_config)
-from .packers import PINNED_BYTES, make_packer
+from .packers import make_packer, pinned_bytes
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
@@ -208,8 +208,8 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
     writer on a writer thread while the next batch is packed. NaN/Inf counts come from the first output
     (every output reads the same source values).
 
-    A batch is submitted to the packer before the previous one's counts are taken and it is handed to the
-    writer: on the GPU one batch is packed while the next is read and uploaded. Its read buffer goes back
+    On the GPU a batch is submitted before the previous one's counts are taken and it is handed to the
+    writer: one batch is packed while the next is read and uploaded. Its read buffer goes back
     to the reader once the packer is done reading it; its PackTargets come from the packer (pinned memory
     on the GPU, written from in place).
 
@@ -284,13 +284,16 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
         progress.advance(bytes_per_expert * len(experts))
         return pending
 
-    in_flight = None  # the batch submitted last, not yet handed to the writer
+    in_flight = None  # a batch still on the device, not yet handed to the writer
     try:
         for experts, data in reader.batches(lp):
             batch = submit(experts, data)
             if in_flight is not None:
-                pending = finish(in_flight, pending)
-            in_flight = batch
+                pending, in_flight = finish(in_flight, pending), None
+            if all(h.done() for h in batch[1]):  # packed already (the CPU): written at once, as before
+                pending = finish(batch, pending)
+            else:
+                in_flight = batch
         if in_flight is not None:
             pending, in_flight = finish(in_flight, pending), None
         for out in outputs:  # every batch is read: the layer's source identity is known (read at commit)
@@ -667,7 +670,7 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], choice: DeviceChoice, start: f
             pinned = {ckpt.key_file[src] for job in jobs for src, _ in job.non_expert}
             gate.check_cap(layer_files)
         _preflight(ckpt, jobs, batch_experts, progress, gate, layer_files if gate is not None else None,
-                   PINNED_BYTES if device == "cuda" else 0)
+                   pinned_bytes(device))
         for job in jobs:
             if job.lock is not None:
                 write_manifest(job.out, job.manifest)

@@ -389,3 +389,52 @@ def test_reads_move_into_the_pinned_block_once_it_is_there(tiny_checkpoint):
                 assert len({addr for _, addr in seen}) == 3  # the three plain buffers, kept
     finally:
         ckpt.close()
+
+
+def test_a_conversion_keeps_one_batch_on_the_device_while_the_next_is_submitted(tiny_checkpoint, tmp_path,
+                                                                                monkeypatch):
+    """convert_layer on the stand-in device: batch k+1 is submitted before batch k's results are taken (and
+    every batch's results before the layer ends), the read buffers and the arenas are the pinned block's, and
+    the files are the CPU run's."""
+    from conftest import tree_hashes
+    from convert import pipeline
+    from convert.pipeline import ConvertOptions, convert
+
+    def run(out, **kw):
+        return convert(ConvertOptions(input_path=str(tiny_checkpoint.path), output=out, progress=False,
+                                      threadpool_count=2, **kw))
+
+    run(tmp_path / "cpu", device="cpu")
+    monkeypatch.setitem(sys.modules, "torch", fake_torch())
+    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setattr(quant_gpu, "launch", fake_launch)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
+    monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
+    monkeypatch.setattr(pipeline, "GPU_BATCH_BYTES", 1)  # one expert per batch: 8 batches a layer
+    log, real_submit, real_result = [], packers.CudaPacker.submit, packers._GpuBatch.result
+
+    def submit(self, method, jobs):
+        handle = real_submit(self, method, jobs)
+        inside = [self.host_memory.offset_of(a) is not None for src, _, _, dst in jobs for a in (src.weight, dst.weight)]
+        log.append(("submit", handle, all(inside)))
+        return handle
+
+    def result(self):
+        if not self.done():
+            log.append(("result", self, None))
+        return real_result(self)
+
+    monkeypatch.setattr(packers.CudaPacker, "submit", submit)
+    monkeypatch.setattr(packers._GpuBatch, "result", result)
+    report = run(tmp_path / "gpu", device="cuda")
+    assert report.device == "cuda" and tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+    submits = [i for i, (what, _, _) in enumerate(log) if what == "submit"]
+    assert len(submits) == 16 and sum(1 for what, *_ in log if what == "result") == 16
+    ahead = 0
+    for i in submits:
+        handle = log[i][1]
+        taken = next(j for j, (what, h, _) in enumerate(log) if what == "result" and h == handle)
+        ahead += any(what == "submit" for what, *_ in log[i + 1:taken])  # another batch submitted meanwhile
+    assert ahead == 14  # all but each layer's last batch
+    assert sum(inside for what, _, inside in log if what == "submit") >= 16 - packers.READ_AHEAD - 1
