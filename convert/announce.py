@@ -46,9 +46,10 @@ def clamp_note(plan, kt_sft: bool = False) -> str | None:
 
 
 def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None = None,
-               default_group: bool = False) -> list[str]:
+               default_group: bool = False, reason: str = "") -> list[str]:
     """plan: convert.plan.ConversionPlan. records: where this converter's files go when that is not `out`
-    (--kt-sft-manifest); default_group: a group-wise method's group size is the default."""
+    (--kt-sft-manifest); default_group: a group-wise method's group size is the default; reason: why
+    --device auto chose the device (convert.device_choice)."""
     fmt = _FORMAT_NAMES.get(plan.input_type, plan.input_type)
     layers = [lp.layer for lp in plan.layers]
     scope = (f"{plural(len(layers), 'MoE layer')} ({layer_ranges(layers)})" if not plan.partial else
@@ -61,7 +62,7 @@ def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None 
                  f"hidden {plan.hidden_size}, expert intermediate {plan.moe_intermediate_size}"
                  + (f"; {plan.skipped_mtp_keys} MTP expert tensors skipped (not routed experts of the main model)" if plan.skipped_mtp_keys else ""))
     layout = "one safetensors shard per layer" if plan.layout == "merged" else "kt's _layer_L/_numa_T .kt folders"
-    lines += _output_lines(plan, out, device, layout, default_group)
+    lines += _output_lines(plan, out, device + (f" ({reason})" if reason else ""), layout, default_group)
     if records is not None:
         lines.append(kt_sft_line(out, records))
     note = clamp_note(plan, records is not None)
