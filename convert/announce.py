@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kt_runtime.format.kt_sft_manifest import LAYOUT as KT_SFT_LAYOUT
-from kt_runtime.format.layout import KT_SFT_MANIFEST_FILE
+from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
 from quant.source_formats import SOURCE_FORMATS
 
 from .units import plural

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.kt_sft_manifest import LAYOUT, METHOD, weight_manifest
-from kt_runtime.format.layout import KT_SFT_MANIFEST_FILE
+from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
 from kt_runtime.format.manifest import Manifest
 
 from . import __version__

@@ -11,7 +11,7 @@ import kt_runtime
 from conftest import read_json
 from convert.cli import main
 from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 W1 = "layers.1.ffn.experts.2.w1"  # gate projection of layer 1, expert 2 (official key style)

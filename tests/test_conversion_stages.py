@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tree_hashes
 from convert import packers, pipeline
-from convert import writer as writer_mod
+from kt_runtime.format import writer as writer_mod
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
 from convert.timings import STAGES
@@ -281,7 +281,7 @@ def test_cuda_packer_stream_logic_on_a_stand_in_device(monkeypatch):
     import sys
     import types
 
-    from kt_runtime.format.layout import full_shape, shard_slice
+    from kt_runtime.format.spec import full_shape, shard_slice
     from kt_runtime.format.methods import INT4
     from quant import gpu as quant_gpu
     from quant.cpu import PackTarget, SourceMatrix

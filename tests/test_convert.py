@@ -14,7 +14,7 @@ from convert import pipeline
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
 from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.layout import merged_key
+from kt_runtime.format.byte_orders import merged_key
 from kt_runtime.format.safetensors_file import SafetensorsFile
 from kt_runtime.format.methods import get_method
 from quant.mxfp4 import decode_mxfp4

@@ -19,7 +19,7 @@ from quant.decoders import encode_int4_words
 from quant.amx_tiling import untile
 from quant.gpu import pack_gpu, plan_batch
 from quant.mxfp4 import decode_mxfp4
-from kt_runtime.format.layout import full_shape, shard_slice
+from kt_runtime.format.spec import full_shape, shard_slice
 from quant.reference import pack_reference
 
 DEVICE = os.environ.get("KT_GPU_TEST_DEVICE", "cuda")

@@ -27,7 +27,7 @@ import kt_runtime
 from convert.cli import main
 from convert.errors import UserError
 from kt_runtime.format.errors import FixableError, PackedFormatError
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
 from synthetic.v4_flash import make_v4_flash_checkpoint
 from test_bad_inputs import assert_nothing_complete
 from test_hostile_inputs import deadline  # noqa: F401 - autouse: a hang (a blocking open) fails the test
@@ -656,7 +656,7 @@ def test_interrupting_verify_says_nothing_of_layers(converted, capsys, monkeypat
 
 
 def _eval_stops(monkeypatch, error: BaseException):
-    import convert.evaluate as evaluate_module
+    import convert.eval.evaluate as evaluate_module
 
     def stopped(*a, **k):
         raise error

@@ -28,7 +28,7 @@ from convert.errors import UserError
 from synthetic.v4_flash import make_v4_flash_checkpoint
 from synthetic.families import make_family_checkpoint
 from kt_runtime.format.errors import InputFileError, SafetensorsChangedError
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, containment_root,
                                            read_json as read_json_file, relative_name_problem, resolve_inside)
 from kt_runtime.format.safetensors_file import SafetensorsFile

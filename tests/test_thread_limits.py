@@ -15,7 +15,7 @@ import pytest
 
 import kt_kernels
 from conftest import ROOT, read_json
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 
 TIMEOUT = 120
 

@@ -18,7 +18,7 @@ never loads the CPU/GPU engine.
 """
 from .errors import (FieldError, FixableError, InputFileError, ManifestError, PackedFormatError, PackedWeightsError,
                      SafetensorsChangedError, SafetensorsFormatError, UnsafePathError)
-from .layout import FORMAT_VERSION, INDEX_FILE, LOCK_FILE, MANIFEST_FILE, PROJECTIONS
+from .names import FORMAT_VERSION, INDEX_FILE, LOCK_FILE, MANIFEST_FILE, PROJECTIONS
 from .manifest import LayerRecord, Manifest, read_manifest, write_manifest
 from .safetensors_file import SafetensorsFile, TensorInfo
 

@@ -26,7 +26,8 @@ from . import files, fsio
 from .digest import BLOCK, file_sha256, tree_sha256_of_files
 from .errors import InputFileError
 from .input_files import MANIFEST_MAX_BYTES
-from .layout import KT_SFT_MANIFEST_FILE, PackedSpec, layer_dir_name, numa_dir_name, parse_kt_file_name
+from .names import KT_SFT_MANIFEST_FILE, layer_dir_name, numa_dir_name
+from .spec import PackedSpec, parse_kt_file_name
 from .manifest import LayerRecord
 
 SCHEMA_VERSION = 2

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import files as file_roles
 from . import fsio
 from .errors import UnsafePathError
-from .layout import VERIFIED_FILE
+from .names import VERIFIED_FILE
 
 VERSION = 1
 MAX_BYTES = 64 << 20

@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ..format.layout import PROJECTIONS
+from ..format.names import PROJECTIONS
 from .prefill_plan import ALIGN
 
 MIN_TASK_BYTES = 1 << 20  # a copy thread's share of a group, at least (smaller ones cost more than they save)
