@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kt_runtime.format.kt_sft_manifest import LAYOUT as KT_SFT_LAYOUT
+from kt_runtime.format.kt_sft_manifest import KT_BYTE_ORDER
 from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
 from quant.source_formats import SOURCE_FORMATS
 
@@ -70,7 +70,7 @@ def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None 
 
 
 def kt_sft_line(out: Path, records: Path) -> str:
-    return (f"kt-kernel SFT: {out}/{KT_SFT_MANIFEST_FILE} (schema 2, layout {KT_SFT_LAYOUT}) is written once every "
+    return (f"kt-kernel SFT: {out}/{KT_SFT_MANIFEST_FILE} (schema 2, layout {KT_BYTE_ORDER}) is written once every "
             f"layer is; this converter's manifest and records go to {records}")
 
 

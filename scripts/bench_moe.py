@@ -463,7 +463,7 @@ def main(argv=None):
     ap.add_argument("--inter", default=None, help="decode intermediate sizes (default 2048; --full: 1024,2048)")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--threadpool-count", "--numa", type=int, default=1, help="NUMA pools of the packed layout (T)")
+    ap.add_argument("--threadpool-count", "--numa", type=int, default=1, help="NUMA pools of the packed output (T)")
     ap.add_argument("--footprint-gb", type=float, default=None,
                     help="packed bytes cycled over per decode configuration (>> L3; default 0.5; --full: 2 GB = 6.7x "
                          "a 300 MB L3)")

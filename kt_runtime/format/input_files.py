@@ -6,7 +6,7 @@ and the loader (packed outputs). Torch-free; convert imports it, it imports noth
   backslash or NUL, written in normal form. The file it reaches, symlinks followed, must lie inside
   the containment root: the folder itself, or for a Hugging Face cache snapshot
   (``.../models--ORG--NAME/snapshots/REV``) the repo folder ``models--ORG--NAME``, whose snapshot
-  files are symlinks into ``../../blobs/``. One exception, the other layout huggingface_hub makes:
+  files are symlinks into ``../../blobs/``. One exception, the other folder structure huggingface_hub makes:
   a symlink to a blob of a Hugging Face cache (``.../models--*/blobs/<hex digest>``), which is what
   ``huggingface-cli download --local-dir`` left before huggingface_hub 0.23. Any other symlink
   leading out of the folder is refused, so a checkpoint cannot make the converter read

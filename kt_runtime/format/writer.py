@@ -18,7 +18,7 @@ from .digest import TreeHasher, file_sha256
 from .input_files import CONFIG_MAX_BYTES
 from .manifest import LayerRecord
 from .names import INDEX_FILE, layer_dir_name, numa_dir_name
-from .safetensors_file import plan_layout
+from .safetensors_file import plan_file
 from .spec import kt_file_names
 
 
@@ -44,7 +44,7 @@ SOURCE_PLACEHOLDER = "0" * 64  # as long as the sha256 hex digest written over i
 
 
 class MergedShardWriter:
-    """One layer -> one safetensors shard, tensors streamed in layout order.
+    """One layer -> one safetensors shard, tensors streamed in the order of its entries.
 
     metadata: the header's __metadata__, or a function of the layer's source identity (given by set_source()
     once every batch is read) giving it: then the header is written with a placeholder of the same length and
@@ -59,7 +59,7 @@ class MergedShardWriter:
         self._entries = entries
         self._metadata_for = metadata if callable(metadata) else None
         self.source_sha256: str | None = None
-        header, offsets = plan_layout(entries, metadata(SOURCE_PLACEHOLDER) if callable(metadata) else metadata)
+        header, offsets = plan_file(entries, metadata(SOURCE_PLACEHOLDER) if callable(metadata) else metadata)
         self._order = iter([(key, offsets[key]) for key, _, _ in entries])
         fsio.entry(self.final, fsio.FILE)  # refuse a link or special file under the final name now
         self._digest = TreeHasher(max_pending=4, on_hashed=on_hashed,  # bounds the packed buffers held for hashing
@@ -100,8 +100,8 @@ class MergedShardWriter:
             return None
         if self.source_sha256 is None:
             raise RuntimeError(f"layer {self.layer}: shard committed before its source identity was set")
-        header, _ = plan_layout(self._entries, self._metadata_for(self.source_sha256))
-        placeholder, _ = plan_layout(self._entries, self._metadata_for(SOURCE_PLACEHOLDER))
+        header, _ = plan_file(self._entries, self._metadata_for(self.source_sha256))
+        placeholder, _ = plan_file(self._entries, self._metadata_for(SOURCE_PLACEHOLDER))
         if len(header) != len(placeholder):
             raise RuntimeError(f"layer {self.layer}: source identity {self.source_sha256!r} is not a sha256 hex digest")
         return header

@@ -111,7 +111,7 @@ class LayerSources:
 
 
 def stage_group(experts: Sequence[int], pieces: Sequence[Sequence[Piece]], make_jobs) -> StagedGroup:
-    """The staging layout of a transfer group: experts[j]'s pieces are pieces[j]; make_jobs(j, offset_of)
+    """Where a transfer group is staged: experts[j]'s pieces are pieces[j]; make_jobs(j, offset_of)
     -> int64 [*, 6] job rows of slot j, offset_of(proj, numa) -> (weight offset, scale offset)."""
     runs: list[list[int]] = []  # [region, src, nbytes, dst]
     offsets: dict = {}
