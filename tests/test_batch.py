@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, read_json, tree_hashes
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
 from convert import claims as claims_mod
 from convert import pipeline
 from convert.claims import Claim, ClaimDir, Held, Owner, process_start_time

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import tree_hashes
+from helpers.outputs import tree_hashes
 from convert import packers, pipeline
 from kt_runtime.format import writer as writer_mod
 from convert.cli import main
@@ -169,7 +169,7 @@ def test_bench_convert_copy_floor_and_cache_labels(tmp_path):
     without --drop-caches a 'cold' measurement is labelled as not cold."""
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
     bench = importlib.util.module_from_spec(spec)
@@ -358,7 +358,7 @@ def test_bench_convert_table_puts_cpu_gpu_and_copy_side_by_side():
     against the copy of the same cache state, and the stages of every run in columns."""
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
     bench = importlib.util.module_from_spec(spec)
@@ -397,7 +397,7 @@ def test_bench_convert_compares_forced_isa_levels():
     AVX-512's, and the conversion against the copy floor."""
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
     bench = importlib.util.module_from_spec(spec)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import kt_runtime
-from conftest import ROOT, read_json, tree_hashes
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
 from convert import pipeline
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert

@@ -21,7 +21,7 @@ from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.reference import moe_reference
 from convert.pipeline import ConvertOptions, convert
 from synthetic.families import make_family_checkpoint
-from test_cpu_moe import float_moe, rel_err, routing
+from helpers.moe import float_moe, rel_err, routing
 
 ISA_ORDER = ["portable", "avx2", "avx512", "amx"]
 ISAS = ISA_ORDER[: ISA_ORDER.index(kt_kernels.best_isa()) + 1]

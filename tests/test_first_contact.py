@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import ROOT, read_json, tree_hashes
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
 from convert.cli import main
 from convert.families import FAMILIES
 from kt_runtime.format.names import LOCK_FILE, MANIFEST_FILE
@@ -435,7 +436,7 @@ def kt_started_output(ckpt, out, capsys, done_layers):
 
 
 def test_resume_layer_keeps_layers_of_kts_script_that_match(ckpt, tmp_path, capsys):
-    from conftest import tree_hashes
+    from helpers.outputs import tree_hashes
 
     ref = tmp_path / "ref"
     assert cli(capsys, "-i", ckpt, "-o", ref, "--no-progress", "--no-merge-safetensor")[0] == 0

@@ -261,3 +261,80 @@ def test_imports_go_one_way():
 ])
 def test_the_layer_check_sees_lazy_imports(module, source, crosses):
     assert bool(layering_problems(source, module)) == crosses
+
+
+def test_tests_share_through_helpers_only():
+    """A test module imports no other test module and nothing from conftest.py (its fixtures reach the tests by
+    name): what tests share is in tests/helpers."""
+    tests = ROOT / "tests"
+    local = {p.stem for p in tests.glob("*.py")}
+    problems = [f"{path.name}:{line} imports {name}"
+                for path in sorted([*tests.glob("*.py"), *(tests / "helpers").glob("*.py")])
+                for line, name in imported_modules(path.read_text(), path.stem)
+                if name.split(".")[0] in local]
+    assert not problems, "\n".join(problems)
+    assert imported_modules("def f():\n    from test_download import hub_env\n", "test_x") == [(2, "test_download")]
+
+
+def test_a_byte_order_of_its_own_is_all_the_format_needs(tmp_path, monkeypatch):
+    """An imaginary method whose bytes lie in an order of its own (whole row-major int8 matrices under keys of
+    its own, a third tensor per pair checked when read): its row and its ByteOrder alone, and the format's
+    writer, manifest and reader handle it, with no branch on the method anywhere in them."""
+    import numpy as np
+
+    from kt_runtime.format import methods
+    from kt_runtime.format.byte_orders import ByteOrder
+    from kt_runtime.format.errors import PackedWeightsError
+    from kt_runtime.format.manifest import Manifest, shard_metadata, write_manifest
+    from kt_runtime.format.reader import open_output
+    from kt_runtime.format.writer import MergedShardWriter
+
+    class RowMajor(ByteOrder):
+        name = "row-major"
+        numa_split = False
+        cuda_packer = False
+
+        def scale_count(self, method, n, k):
+            return n
+
+        def pair_entries(self, method, layer, proj, expert, numa, n, k):
+            base = f"rows.{layer}.{expert}.{proj}"
+            return [(f"{base}.q", "I8", (n, k)), (f"{base}.s", "F32", (n,)), (f"{base}.k", "I64", (1,))]
+
+        def pair_arrays(self, entries, weight, scale, n, k):
+            return [*super().pair_arrays(entries, weight, scale, n, k), (entries[2][0], np.array([k]))]
+
+        def pair_problem(self, entries, arrays, n, k):
+            return None if int(arrays[2][0]) == k else f"tensor {entries[2][0]} says K = {int(arrays[2][0])}"
+
+    order = RowMajor()
+    monkeypatch.setattr(methods, "BYTE_ORDERS", (*methods.BYTE_ORDERS, order))
+    row = methods.QuantMethod("int8-rows", "ROWINT8", "", bits=8, levels=127, scale_arithmetic=methods.FP32_RECIPROCAL,
+                              byte_order=order, n_block=1, k_align=64)
+    monkeypatch.setitem(methods.METHODS, row.name, row)
+    H, I, E = 128, 64, 2
+    m = Manifest(method=row.name, threadpool_count=1, hidden_size=H, moe_intermediate_size=I, num_experts=E,
+                 num_experts_per_tok=1, layers=[0], layout="merged", converter_version="test")
+    spec = m.spec
+    assert spec.layer_data_bytes() == E * (2 * (I * H + 4 * I + 8) + H * I + 4 * H + 8)
+    writer = MergedShardWriter(tmp_path, "model-00001-of-00001.safetensors", 0, spec.layer_entries(0),
+                               lambda source: shard_metadata(m, 0, source), spec=spec)
+    rng = np.random.default_rng(0)
+    written = {}
+    for expert in range(E):
+        for proj in ("gate", "up", "down"):
+            n, k = spec.shard_shape(proj)
+            written[expert, proj] = (rng.integers(-127, 128, (n, k), dtype=np.int8), rng.random(n, dtype=np.float32))
+            writer.write_pair(proj, expert, 0, *written[expert, proj])
+    writer.set_source("a" * 64)
+    m.completed[0] = writer.commit()
+    m.complete = True
+    write_manifest(tmp_path, m)
+    out = open_output(tmp_path, verify=True)
+    for (expert, proj), (q, s) in written.items():
+        got_q, got_s = out.expert_tensors(0, expert, proj, 0)
+        assert np.array_equal(got_q.view(np.int8).reshape(q.shape), q) and np.array_equal(got_s, s)
+    # the order's read check runs: a third tensor that lies is refused by name
+    monkeypatch.setattr(RowMajor, "pair_problem", lambda self, entries, arrays, n, k: f"tensor {entries[2][0]} lies")
+    with pytest.raises(PackedWeightsError, match=r"rows\.0\.0\.gate\.k lies: the output is damaged"):
+        open_output(tmp_path, verify=False)

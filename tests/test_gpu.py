@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (fp8_subnormal_decode_rows, ftz_window_rows, kt_special_rows, random_bf16,
-                      tree_hashes)
+from helpers.numerics import fp8_subnormal_decode_rows, ftz_window_rows, kt_special_rows, random_bf16
+from helpers.outputs import tree_hashes
 from kt_runtime.format.methods import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import encode_int4_words

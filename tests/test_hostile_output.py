@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import kt_runtime
-from conftest import read_json, tree_hashes
+from helpers.outputs import read_json, tree_hashes
 from convert.cli import main
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import UnsafePathError

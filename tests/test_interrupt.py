@@ -13,7 +13,8 @@ import time
 import pytest
 
 import kt_runtime
-from conftest import ROOT, read_json, tree_hashes
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
 from kt_runtime.format import writer as writer_mod
 from convert.cli import INTERRUPTED, main
 from synthetic.v4_flash import make_v4_flash_checkpoint

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kt_runtime
-from conftest import read_json, tree_hashes
+from helpers.outputs import read_json, tree_hashes
 from kt_runtime.format import writer as writer_mod
 from convert.cli import main
 from kt_runtime.format import digest as digest_mod

@@ -9,7 +9,8 @@ import torch
 
 import kt_kernels
 import kt_runtime
-from conftest import random_bf16, read_json
+from helpers.numerics import random_bf16
+from helpers.outputs import read_json
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
 from kt_runtime.format.byte_orders import ct_key
