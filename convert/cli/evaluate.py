@@ -1,5 +1,5 @@
 """`convert-cpu-weights eval OUT --model SRC --text FILE`: KL divergence, top-1 agreement and perplexity of
-the model with its routed experts served from OUT, against the original model (convert/evaluate.py)."""
+the model with its routed experts served from OUT, against the original model (convert/eval/evaluate.py)."""
 from __future__ import annotations
 
 import click

@@ -1,5 +1,5 @@
 """Reading files that an input names, defensively: one set of rules for the converter (checkpoints)
-and the loader (packed outputs). Torch-free; convert imports it, it imports nothing of convert.
+and the reader (packed outputs). Torch-free; convert imports it, it imports nothing of convert.
 
 * Containment. A name taken from an input (an index's ``weight_map`` value, a manifest's file list)
   must be a plain relative path: not empty, not absolute, no ``..`` or ``.`` component, no

@@ -58,7 +58,7 @@ def weight_manifest(spec: PackedSpec, records: dict[int, LayerRecord], producer:
 
 
 def record_digests_problem(root: Path, rec: LayerRecord) -> str | None:
-    """Whether a record's per-file sha256s are those of its files, given that its tree digest is (the loader
+    """Whether a record's per-file sha256s are those of its files, given that its tree digest is (the reader
     checks that): for files of one 64 MiB block the tree digest is the sha256 of their sha256s, so nothing is
     read; a longer file is hashed."""
     if rec.file_sha256 is None:

@@ -1,9 +1,9 @@
 """kt_manifest.json and the shards' __metadata__ (docs/FORMAT.md §5): what a packed output holds, how
 it was made, and which layers are complete.
 
-kt-kernel ignores both; the loader checks an output against them and the converter resumes from the
+kt-kernel ignores both; the reader checks an output against them and the converter resumes from the
 manifest. `shard_metadata` is what the converter writes into a merged shard, `shard_metadata_problem`
-what the loader checks it with: the facts come from one function, `shard_facts`.
+what the reader checks it with: the facts come from one function, `shard_facts`.
 """
 from __future__ import annotations
 

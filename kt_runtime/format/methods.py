@@ -1,7 +1,7 @@
 """The packed weight methods: one row per method, and the alignment rule every reader and writer uses.
 
 A row says everything the format, the converter and the runtime need to know about a method; the
-CLI choices, the manifest checks, the loader's inference and the CPU engine read it from here, and
+CLI choices, the manifest checks, the reader's inference and the CPU engine read it from here, and
 kernels_cpp's `method_info` holds the same numbers (tests/test_format_room.py compares them). What depends
 on how the bytes are ordered is asked of the row's byte order (byte_orders.py). Adding a method is a row
 here (with a new ByteOrder when its bytes are ordered another way) plus its kernels (docs/ARCHITECTURE.md).

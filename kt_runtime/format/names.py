@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "kt_manifest.json"
 INDEX_FILE = "model.safetensors.index.json"
 LOCK_FILE = ".kt_convert.lock"
-VERIFIED_FILE = ".kt_verified.json"  # the loader's record of layers it hashed (format/verified.py)
+VERIFIED_FILE = ".kt_verified.json"  # the reader's record of layers it hashed (format/verified.py)
 # --kt-sft-manifest: kt-kernel's SFT loader accepts nothing at the root of its weight folder but its own
 # manifest and the _layer_L folders, so this converter's files (MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE, the
 # copied model files) go to the sibling folder state_dir(OUT) (docs/FORMAT.md §5)

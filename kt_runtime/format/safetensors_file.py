@@ -217,7 +217,7 @@ class SafetensorsFile:
     Two ways to get the bytes: :meth:`read_into` (pread into the caller's buffer: a file that
     shrinks meanwhile gives a :class:`SafetensorsChangedError`, never a SIGBUS; what the converter
     uses) and :meth:`raw` / :meth:`array` (zero-copy views of a read-only mmap made on first use;
-    what the loader uses). The file is opened only if it is a regular file (stat, then O_NONBLOCK
+    what the reader uses). The file is opened only if it is a regular file (stat, then O_NONBLOCK
     and fstat: a FIFO or device never blocks or is read). :meth:`close` drops this object's
     references; views still alive keep the mapping valid until they are garbage-collected.
     """

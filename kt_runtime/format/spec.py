@@ -132,9 +132,10 @@ class PackedSpec:
     def pair_arrays(self, layer: int, proj: str, expert: int, numa: int, weight: np.ndarray,
                     scale: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """The packer's (weight bytes, scales) of one pair as the tensors pair_entries names."""
+        m = self.quant_method
         n, k = self.shard_shape(proj)
-        return self.quant_method.byte_order.pair_arrays(self.pair_entries(layer, proj, expert, numa), weight, scale,
-                                                        n, k)
+        order = m.byte_order
+        return order.pair_arrays(order.pair_entries(m, layer, proj, expert, numa, n, k), weight, scale, n, k)
 
     def layer_entries(self, layer: int) -> list[Entry]:
         """(key, dtype, shape) of every tensor of one merged layer shard, in file order."""
