@@ -19,7 +19,6 @@ from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, 
 from kt_runtime.format.methods import method_for
 from kt_runtime.format.verified import add_verified, is_verified, read_verified, record_verified
 from kt_runtime.format.writer import KtFolderWriter, MergedShardWriter, write_index, write_quantization_config
-from quant.cpu import PackTarget
 
 from . import __version__, kt_sft_output, preflight
 from .announce import plan_lines, resume_line
@@ -27,9 +26,10 @@ from .kt_resume import adopt_kt_layers, kt_started_layout
 from .errors import NonFiniteError, UserError
 from .non_expert import non_expert_tensors
 from .claims import Claim, Held
+from .device_choice import DeviceChoice, choose_device, measure_capabilities
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, records_dir,
                          remove_if_empty, resolve_output_dir)
-from .packers import make_packer, pack_isa
+from .packers import make_packer, pack_isa, pinned_bytes
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
 from .progress import Progress
@@ -41,6 +41,7 @@ from .timings import Timings
 from .units import plural, rate, size
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
+GPU_BATCH_BYTES = 32 << 20  # source or packed bytes per GPU batch: a few read buffers and arenas in its pinned block
 
 
 @dataclass
@@ -95,6 +96,7 @@ class ConversionReport:
     complete: bool = True  # the output is complete (a --shard run: once every shard's layers are)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (convert.timings.STAGES)
     records: str = ""  # --kt-sft-manifest: the folder of this converter's manifest and records (OUT.kt-convert)
+    device_reason: str = ""  # why --device auto chose the device ("" when it was given)
 
     @property
     def input_gb_per_s(self) -> float:
@@ -180,12 +182,17 @@ def planned_manifest(plan: ConversionPlan, ckpt: Checkpoint, opts: ConvertOption
                     converter_version=__version__, format_version=FORMAT_VERSION)
 
 
-def experts_per_batch(plan: ConversionPlan, others: tuple[ConversionPlan, ...] = ()) -> int:
-    """Experts per pack batch: BATCH_BYTES of packed bytes, over every output packed from the batch."""
+def experts_per_batch(plan: ConversionPlan, others: tuple[ConversionPlan, ...] = (), device: str = "cpu") -> int:
+    """Experts per pack batch: BATCH_BYTES of packed bytes, over every output packed from the batch. On the GPU
+    GPU_BATCH_BYTES of source or packed bytes, whichever is more, so that batches fit its pinned block."""
     if not plan.layers:
         return 1
     per_expert = sum(max(1, p.layers[0].output_bytes // max(1, plan.num_experts)) for p in (plan, *others))
-    return max(1, min(plan.num_experts, BATCH_BYTES // per_expert))
+    limit = BATCH_BYTES
+    if device == "cuda":
+        per_expert = max(per_expert, plan.layers[0].input_bytes // max(1, plan.num_experts))
+        limit = GPU_BATCH_BYTES
+    return max(1, min(plan.num_experts, limit // per_expert))
 
 
 def started_executor(name: str) -> ThreadPoolExecutor:
@@ -207,6 +214,11 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
     writer on a writer thread while the next batch is packed. NaN/Inf counts come from the first output
     (every output reads the same source values).
 
+    On the GPU a batch is submitted before the previous one's counts are taken and it is handed to the
+    writer: one batch is packed while the next is read and uploaded. Its read buffer goes back
+    to the reader once the packer is done reading it; its PackTargets come from the packer (pinned memory
+    on the GPU, written from in place).
+
     Without `io`, the layer's writes are done when this returns. With `io` (the run's writer thread) and
     `pending` (the previous layer's last write, still running), the last write of this layer is returned
     still running, so the next layer is packed while it is written: one batch is written while the next
@@ -227,43 +239,74 @@ def convert_layer(reader: LayerReader, plan: ConversionPlan, lp: LayerPlan, outp
                 for expert, proj, t, dst in pairs:
                     out.writer.write_pair(proj, expert, t, dst.weight, dst.scales)
 
+    def submit(experts, data) -> tuple:
+        """Packs one read batch for every output: (experts, handles, packed pairs, source keys)."""
+        handles = []
+        try:
+            shards = [[] for _ in outputs]  # per output: (expert, proj, t, source rows, col0, k)
+            keys = []
+            for expert in experts:
+                for proj in PROJECTIONS:
+                    src_ref = lp.experts[expert][proj]
+                    src = read_source_matrix(src_ref, data)
+                    for out, out_shards in zip(outputs, shards):
+                        for t in range(out.threadpool_count):
+                            s = shard_slice(proj, H, I, out.threadpool_count, t)
+                            out_shards.append((expert, proj, t, src.rows(s.row0, s.n), s.col0, s.k))
+                    keys += [src_ref.weight_key] * outputs[0].threadpool_count
+            packed = []
+            with timings.timed("pack_s"):
+                for out, out_shards in zip(outputs, shards):
+                    shapes = [(src.shape[0], k) for *_, src, _, k in out_shards]
+                    targets = packer.host_memory.targets(out.method, shapes)
+                    jobs = [(src, col0, k, dst) for (*_, src, col0, k), dst in zip(out_shards, targets)]
+                    handles.append(packer.submit(out.method, jobs))
+                    packed.append([(expert, proj, t, dst) for (expert, proj, t, *_), dst in zip(out_shards, targets)])
+        except BaseException:
+            for h in handles:
+                h.wait()  # the device is done with their targets before they can go back to their block
+            raise
+        finally:
+            data.release(after=[h.sources_free for h in handles])  # refilled once the packer has read it
+        return experts, handles, packed, keys
+
+    def finish(batch, pending: Future | None) -> Future:
+        """Takes a submitted batch's NaN/Inf counts and hands its pairs to the writer after the previous write."""
+        experts, handles, packed, keys = batch
+        with timings.timed("pack_s"):
+            counts = [h.result() for h in handles][0]  # the first output's
+        for key, count in zip(keys, counts):
+            if count:
+                nonfinite[key] = nonfinite.get(key, 0) + count
+                if not opts.allow_nonfinite:
+                    raise NonFiniteError(
+                        f"{reader.where(key)}: tensor {key} holds {nonfinite[key]} NaN/Inf values (layer {lp.layer}); "
+                        "the checkpoint is damaged: re-download that file, or pass --allow-nonfinite to pack "
+                        "them as 0 (they are listed in the report)")
+        if pending is not None:
+            with timings.timed("write_wait_s"):
+                pending.result()
+        pending = io.submit(write_batch, packed)
+        progress.advance(bytes_per_expert * len(experts))
+        return pending
+
+    in_flight = None  # a batch still on the device, not yet handed to the writer
     try:
         for experts, data in reader.batches(lp):
-            try:
-                jobs = [[] for _ in outputs]
-                packed = [[] for _ in outputs]
-                keys = []
-                for expert in experts:
-                    for proj in PROJECTIONS:
-                        src_ref = lp.experts[expert][proj]
-                        src = read_source_matrix(src_ref, data)
-                        for out, out_jobs, out_pairs in zip(outputs, jobs, packed):
-                            for t in range(out.threadpool_count):
-                                s = shard_slice(proj, H, I, out.threadpool_count, t)
-                                dst = PackTarget.empty(out.method, s.n, s.k)
-                                out_jobs.append((src.rows(s.row0, s.n), s.col0, s.k, dst))
-                                out_pairs.append((expert, proj, t, dst))
-                        keys += [src_ref.weight_key] * outputs[0].threadpool_count
-                with timings.timed("pack_s"):
-                    counts = [packer(out.method, out_jobs) for out, out_jobs in zip(outputs, jobs)][0]  # the first's
-            finally:
-                data.release()  # the packer is done with the source buffer: the stream refills it
-            for key, count in zip(keys, counts):
-                if count:
-                    nonfinite[key] = nonfinite.get(key, 0) + count
-                    if not opts.allow_nonfinite:
-                        raise NonFiniteError(
-                            f"{reader.where(key)}: tensor {key} holds {nonfinite[key]} NaN/Inf values (layer {lp.layer}); "
-                            "the checkpoint is damaged: re-download that file, or pass --allow-nonfinite to pack "
-                            "them as 0 (they are listed in the report)")
-            if pending is not None:
-                with timings.timed("write_wait_s"):
-                    pending.result()
-            pending = io.submit(write_batch, packed)
-            progress.advance(bytes_per_expert * len(experts))
+            batch = submit(experts, data)
+            if in_flight is not None:
+                pending, in_flight = finish(in_flight, pending), None
+            if all(h.done() for h in batch[1]):  # packed already (the CPU): written at once, as before
+                pending = finish(batch, pending)
+            else:
+                in_flight = batch
+        if in_flight is not None:
+            pending, in_flight = finish(in_flight, pending), None
         for out in outputs:  # every batch is read: the layer's source identity is known (read at commit)
             out.writer.set_source(reader.source_sha256(lp.layer))
     except BaseException:
+        for h in in_flight[1] if in_flight is not None else ():
+            h.wait()  # the device is done with its targets before they can go back to their block
         if pending is not None:  # never abort a writer (close its file) under a write in flight
             try:
                 pending.result()
@@ -378,20 +421,15 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
     methods = [method_or_exit(o) for o in opts_list]  # before a download starts
     if shard is not None and any(o.kt_sft_manifest for o in opts_list):
         raise UserError(kt_sft_output.refusal(methods[0], False, None, None, shard=True))
-    device = resolve_device(first.device)
-    if device == "cuda" and not all(m.byte_order.cuda_packer for m in methods):  # byte orders Triton writes
-        if first.device == "cuda":
-            choice = next(m.choice for m in methods if not m.byte_order.cuda_packer)
-            raise UserError(f"--device cuda: --quant-method {choice} is packed on the CPU only; use --device "
-                            "cpu or auto")
-        device = "cpu"
+    choice = _explicit_device(first.device, methods)  # None: --device auto with a GPU, chosen once planned
     start = time.perf_counter()  # the reports' seconds are the conversion's, not the device probe's
     timings = Timings()
     # --device cuda: the GPU starts on a background thread now, while the plan is made and the first
-    # batch is read (convert.packers.StartingPacker); the CPU packer is made by _run, after pre-flight
-    packer = make_packer(device, first.cpuinfer_threads, timings, start) if device == "cuda" else None
+    # batch is read (convert.packers.StartingPacker); otherwise _run makes the packer, after pre-flight
+    cuda_now = choice is not None and choice.device == "cuda"
+    packer = make_packer("cuda", first.cpuinfer_threads, timings, start) if cuda_now else None
     try:
-        reports = _convert_outputs(opts_list, shard, device, probe, start, packer, timings)
+        reports = _convert_outputs(opts_list, shard, choice, probe, start, packer, timings)
     finally:
         if packer is not None:
             packer.close()  # waits for a GPU start-up still running (a run shorter than it)
@@ -400,8 +438,48 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
     return reports
 
 
-def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, device: str, probe: float,
-                     start: float, packer, timings: Timings) -> list[ConversionReport]:
+def _explicit_device(device: str, methods) -> DeviceChoice | None:
+    """--device cpu or cuda (checked), or auto where no GPU can pack; None: auto with a GPU (choose_auto)."""
+    found = resolve_device(device)
+    cpu_only = next((m.choice for m in methods if not m.byte_order.cuda_packer), None)  # byte orders Triton writes
+    if found == "cuda" and cpu_only is not None:
+        if device == "cuda":
+            raise UserError(f"--device cuda: --quant-method {cpu_only} is packed on the CPU only; use --device "
+                            "cpu or auto")
+        return DeviceChoice("cpu", f"--quant-method {cpu_only} is packed on the CPU only")
+    if device != "auto":
+        return DeviceChoice(found, "")
+    if found == "cpu":
+        from quant.gpu import NO_GPU_DEVICE, gpu_unavailable_reason
+
+        why = gpu_unavailable_reason()  # a machine without a GPU is told so briefly, one with a GPU why it is unused
+        return DeviceChoice("cpu", "no GPU here" if why.startswith(NO_GPU_DEVICE) else f"no GPU to pack on: {why}")
+    return None
+
+
+def auto_device(opts: ConvertOptions) -> DeviceChoice:
+    """What --device auto chooses for this conversion, found as a run finds it, without converting
+    (scripts/bench_convert.py asks on each machine setting it measures)."""
+    choice = _explicit_device("auto", [method_or_exit(opts)])
+    if choice is not None:
+        return choice
+    ckpt = open_checkpoint(opts.input_path)
+    try:
+        plan, _ = plan_conversion(ckpt, opts)
+        return choose_auto(plan, opts, Timings())
+    finally:
+        ckpt.close()
+
+
+def choose_auto(plan: ConversionPlan, opts: ConvertOptions, timings: Timings) -> DeviceChoice:
+    """--device auto on a machine with a GPU: the CPU or the GPU, whichever converts faster here
+    (convert.device_choice, from probes of this machine)."""
+    with timings.timed("device_choice_s"):
+        return choose_device(measure_capabilities(plan, plan.layers, opts.cpuinfer_threads, None))
+
+
+def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, choice: DeviceChoice | None,
+                     probe: float, start: float, packer, timings: Timings) -> list[ConversionReport]:
     """Opens the source once (a hub download starts here), plans every output from it and runs them."""
     ckpt, _ = open_source(opts_list[0], note=lambda m: Progress(0, 0, False).note(m))
     try:
@@ -419,7 +497,9 @@ def _convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None, d
         for job in jobs[1:]:
             if [(lp.layer, lp.experts) for lp in job.plan.layers] != [(lp.layer, lp.experts) for lp in jobs[0].plan.layers]:
                 raise RuntimeError("the outputs of one run planned different source layers")
-        reports = _run(ckpt, jobs, device, start, shard, packer, timings)
+        if choice is None:
+            choice = choose_auto(jobs[0].plan, jobs[0].opts, timings)
+        reports = _run(ckpt, jobs, choice, start, shard, packer, timings)
         for report in reports:
             report.startup_seconds = start - probe
         return reports
@@ -538,9 +618,10 @@ def _open_shared(ckpt: Checkpoint, job: OutputJob, shard: ShardSpec, progress: P
 
 
 def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, progress: Progress,
-               gate=None, layer_files=None) -> None:
-    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch;
-    with a download in progress (gate, convert.download), the source's disk beside the outputs."""
+               gate=None, layer_files=None, pinned_bytes: int = 0) -> None:
+    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch and the
+    GPU's pinned block (pinned_bytes); with a download in progress (gate, convert.download), the source's disk
+    beside the outputs."""
     estimates = []
     by_device: dict[int, list] = {}
     for job in jobs:
@@ -553,7 +634,8 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
     for outs in by_device.values():
         need = sum(n for _, n in outs)
         preflight.check(preflight.Estimate(need, need, 0, 0), outs[0][0])
-    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
+    peak = (max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
+            + pinned_bytes)
     combined = preflight.Estimate(sum(e.output_bytes for e in estimates), 0, sum(e.batch_bytes for e in estimates),
                                   peak, estimates[0].source_batch_bytes)
     preflight.check(combined, jobs[0].out)
@@ -564,16 +646,18 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
         progress.note(preflight.describe_source(source_peak, gate))
 
 
-def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, shard: ShardSpec | None,
+def _run(ckpt: Checkpoint, jobs: list[OutputJob], choice: DeviceChoice, start: float, shard: ShardSpec | None,
          packer, timings: Timings) -> list[ConversionReport]:
     """The run itself; `packer` is the one started by convert_outputs() (--device cuda) or None (made here)."""
+    device = choice.device
     opts = jobs[0].opts  # the options every output shares (SHARED_OPTIONS)
     plan = jobs[0].plan  # the source side: the same for every output
     progress = Progress(0, len(plan.layers), opts.progress)
     shown: set[str] = set()
     try:
         for job in jobs:
-            for line in plan_lines(job.plan, ckpt.root, job.out, device, job.state if job.state != job.out else None):
+            for line in plan_lines(job.plan, ckpt.root, job.out, device, job.state if job.state != job.out else None,
+                                   choice.reason):
                 if line not in shown:  # several outputs: the source and model lines once
                     shown.add(line)
                     progress.note(line)
@@ -598,13 +682,14 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
                           "every missing layer is converted")
         needed = {layer: [job for job in jobs if layer in job.todo] for layer in (lp.layer for lp in plan.layers)}
         todo = [lp for lp in plan.layers if needed[lp.layer]]
-        batch_experts = experts_per_batch(plan, tuple(job.plan for job in jobs[1:]))
+        batch_experts = experts_per_batch(plan, tuple(job.plan for job in jobs[1:]), device)
         gate = getattr(ckpt, "gate", None)  # a hub download in progress (convert.download)
         if gate is not None:
             layer_files = ckpt.layer_files(todo)
             pinned = {ckpt.key_file[src] for job in jobs for src, _ in job.non_expert}
             gate.check_cap(layer_files)
-        _preflight(ckpt, jobs, batch_experts, progress, gate, layer_files if gate is not None else None)
+        _preflight(ckpt, jobs, batch_experts, progress, gate, layer_files if gate is not None else None,
+                   pinned_bytes(device))
         for job in jobs:
             if job.lock is not None:
                 write_manifest(job.state, job.manifest)
@@ -620,7 +705,8 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
         own_packer = packer is None
         if own_packer:
             packer = make_packer(device, opts.cpuinfer_threads, timings, start)
-        reader = LayerReader(ckpt, plan, todo, batch_experts, threads=default_read_threads(), timings=timings)
+        reader = LayerReader(ckpt, plan, todo, batch_experts, threads=default_read_threads(), timings=timings,
+                             ahead=packer.read_ahead, memory=packer.host_memory)
         reader.start()  # the first batch is read while the GPU (if any) is still starting
         timings.add("plan_s", time.perf_counter() - start)
         # One writer thread for the run: a layer's last batch is written while the next layer is packed.
@@ -686,17 +772,19 @@ def _run(ckpt: Checkpoint, jobs: list[OutputJob], device: str, start: float, sha
             job.release()
             remove_if_empty(job.created)  # only folders still empty: a run that wrote anything keeps them
     seconds = time.perf_counter() - start
-    return [_report(job, device, seconds, shard, timings) for job in jobs]
+    return [_report(job, choice, seconds, shard, timings) for job in jobs]
 
 
-def _report(job: OutputJob, device: str, seconds: float, shard: ShardSpec | None, timings: Timings) -> ConversionReport:
+def _report(job: OutputJob, choice: DeviceChoice, seconds: float, shard: ShardSpec | None,
+            timings: Timings) -> ConversionReport:
     plan, done = job.plan, set(job.todo)
     # the output's NaN/Inf values packed as 0: of this run's layers and of those an earlier run converted
     nonfinite = {key: n for _, rec in sorted(job.manifest.completed.items()) for key, n in rec.nonfinite.items()}
     lps = [lp for lp in plan.layers if lp.layer in done]
     return ConversionReport(
         output=str(job.out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
-        kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=device,
+        kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=choice.device,
+        device_reason=choice.reason,
         layers=len(plan.layers), layers_converted=len(lps), layers_resumed=job.resumed,
         experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
         input_bytes=sum(lp.input_bytes for lp in lps), output_bytes=sum(lp.output_bytes for lp in lps),

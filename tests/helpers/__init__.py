@@ -7,6 +7,7 @@
     hub          a local hub for a test: its fixture, the environment and the command line
     moe          FakeExperts (packed experts without files) and the float MoE of the tests
     engine_knobs the engine's tuning knobs set for a block (kt_kernels._testing.knob)
+    fake_cuda    a stand-in for torch's CUDA side (convert.packers.CudaPacker's host logic on a CPU)
     tiny_models  tiny transformers MoE models, saved, converted and run
     prefill      the GPU prefill's cases (test_gpu_prefill*.py)
     stream       the stream-ordered path's packed layer and routing (test_hybrid_stream.py, test_hybrid_gpu.py)
