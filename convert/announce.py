@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kt_runtime.format.kt_sft_manifest import LAYOUT as KT_SFT_LAYOUT
-from kt_runtime.format.layout import KT_SFT_MANIFEST_FILE
+from kt_runtime.format.kt_sft_manifest import KT_BYTE_ORDER
 from kt_runtime.format.methods import working_threadpool_counts
+from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
 from quant.source_formats import SOURCE_FORMATS
 
 from .units import plural
@@ -75,7 +75,7 @@ def _output_lines(plan, out: Path, device: str, layout: str, default_group: bool
     """What will be written: the method and its NUMA pools, or, for a whole-matrix (group-wise) method, its
     group size and the pool counts it serves."""
     method = plan.method
-    if method.numa_split:
+    if method.byte_order.numa_split:
         return [f"output: {method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
                 f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}"]
     serve = plan.serve_threadpool_count or plan.threadpool_count
@@ -89,7 +89,7 @@ def _output_lines(plan, out: Path, device: str, layout: str, default_group: bool
 
 
 def kt_sft_line(out: Path, records: Path) -> str:
-    return (f"kt-kernel SFT: {out}/{KT_SFT_MANIFEST_FILE} (schema 2, layout {KT_SFT_LAYOUT}) is written once every "
+    return (f"kt-kernel SFT: {out}/{KT_SFT_MANIFEST_FILE} (schema 2, layout {KT_BYTE_ORDER}) is written once every "
             f"layer is; this converter's manifest and records go to {records}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from kt_runtime.format.layout import state_dir
+from kt_runtime.format.names import state_dir
 from kt_runtime.format.methods import working_threadpool_counts
 
 from . import preflight

@@ -1,11 +1,12 @@
-"""Checkpoint families: how each names and lays out its routed-expert tensors.
+"""Checkpoint families: how each names and arranges its routed-expert tensors.
 
 A family is a small declarative table entry: the config model types it covers, regexes that match
-its expert keys (named groups: layer, expert (per-expert layouts only), proj, part), the names it
-uses for projections and tensor parts, its layout, the config keys that hold its dimensions, and
+its expert keys (named groups: layer, expert (per-expert arrangement only), proj, part), the names it
+uses for projections and tensor parts, its arrangement, the config keys that hold its dimensions, and
 the activation the runtime must apply. Adding a family = one entry in FAMILIES plus one test.
 
-Layouts (docs/FORMAT.md §6; orientation always comes from here, never from shapes):
+Arrangements of the experts in the source (docs/FORMAT.md §6; orientation always comes from here, never
+from shapes):
 
 * ``per-expert``: one tensor per expert and projection, ``[N, K]`` (gate/up ``[I, H]``, down ``[H, I]``);
 * ``fused``: ``gate_up_proj [E, 2I, H]`` (rows ``:I`` gate, ``I:`` up) and ``down_proj [E, H, I]``;
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 
-LAYOUTS = ("per-expert", "fused", "fused-transposed", "gpt-oss-interleaved")
+ARRANGEMENTS = ("per-expert", "fused", "fused-transposed", "gpt-oss-interleaved")
 MOE_LAYER_RULES = ("all", "first_k_dense", "sparse_step")
 MAX_INDEX_DIGITS = 9  # layer and expert numbers in keys: more is not a model, and int() of 5,000 digits raises
 
@@ -57,7 +58,7 @@ class Family:
     expert_keys: tuple[re.Pattern, ...]
     proj_names: dict[str, str]  # source projection name -> gate | up | down | gate_up (fused)
     part_names: dict[str, str]  # source part name -> weight | scale | packed | shape | bias
-    layout: str = "per-expert"
+    arrangement: str = "per-expert"  # how its experts lie in the source (ARRANGEMENTS)
     mtp_keys: tuple[re.Pattern, ...] = _MTP
     expert_count_keys: tuple[str, ...] = ("n_routed_experts", "num_experts", "num_local_experts")
     intermediate_keys: tuple[str, ...] = ("moe_intermediate_size",)
@@ -78,14 +79,14 @@ class Family:
     mtp_marker: str = "eh_proj.weight"
 
     def __post_init__(self):
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"family {self.name}: layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.arrangement not in ARRANGEMENTS:
+            raise ValueError(f"family {self.name}: arrangement {self.arrangement!r} is not one of {ARRANGEMENTS}")
         if self.moe_layer_rule not in MOE_LAYER_RULES:
             raise ValueError(f"family {self.name}: moe_layer_rule {self.moe_layer_rule!r} is not one of {MOE_LAYER_RULES}")
 
     @property
     def fused(self) -> bool:
-        return self.layout != "per-expert"
+        return self.arrangement != "per-expert"
 
     def match_expert(self, key: str) -> tuple[int, int | None, str, str] | None:
         """(layer, expert or None for fused tensors, gate|up|down|gate_up, part) for an expert key."""
@@ -181,7 +182,7 @@ QWEN3_5_MOE = Family(
     expert_keys=(_fused(r"mlp"),),
     proj_names=_FUSED_PROJ,
     part_names={"": "weight"},
-    layout="fused",
+    arrangement="fused",
     note="Qwen3.5/3.6-MoE: mlp.experts.gate_up_proj [E,2I,H] + down_proj [E,H,I]",
 )
 
@@ -191,7 +192,7 @@ QWEN3_VL_MOE = Family(
     expert_keys=(_fused(r"mlp"),),
     proj_names=_FUSED_PROJ,
     part_names={"": "weight"},
-    layout="fused-transposed",
+    arrangement="fused-transposed",
     note="Qwen3-VL-MoE: mlp.experts.gate_up_proj [E,H,2I] + down_proj [E,I,H]",
     moe_layer_rule="sparse_step",
 )
@@ -202,7 +203,7 @@ GPT_OSS = Family(
     expert_keys=(_fused(r"mlp", r"(?P<part>_blocks|_scales|_bias|)"),),
     proj_names=_FUSED_PROJ,
     part_names={"": "weight", "_blocks": "weight", "_scales": "scale", "_bias": "bias"},
-    layout="gpt-oss-interleaved",
+    arrangement="gpt-oss-interleaved",
     intermediate_keys=("intermediate_size",),
     activation="gpt_oss",
     # out = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit); biases
@@ -259,7 +260,7 @@ def supported_model_types() -> list[str]:
 def detect_family(model_type: str | None, keys) -> Family | None:
     """The family named by config.json, else a per-expert family whose expert keys the files contain.
 
-    Fused layouts are never picked from keys alone: [E, 2I, H] and [E, H, 2I] cannot be told
+    Fused arrangements are never picked from keys alone: [E, 2I, H] and [E, H, 2I] cannot be told
     apart by names, and guessing from shapes fails when H == 2I.
     """
     family = family_for(model_type)

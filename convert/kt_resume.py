@@ -9,13 +9,13 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.digest import file_sha256
-from kt_runtime.format.layout import LAYER_DIR, MANIFEST_FILE
+from kt_runtime.format.names import LAYER_DIR, MANIFEST_FILE
 from kt_runtime.format.manifest import Manifest, write_manifest
+from kt_runtime.format.writer import KtFolderWriter
 
 from .announce import layer_ranges
 from .errors import UserError
 from .layer_io import LayerOutput, LayerReader
-from .writer import KtFolderWriter
 
 KT_MERGED_SHARD = re.compile(r"^model-\d{5}-of-PLACEHOLDER\.safetensors$")  # kt's shard names until its run ends
 SCRATCH = ".kt_resume_check"  # fresh conversions of the layers being checked; removed afterwards

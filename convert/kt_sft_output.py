@@ -1,15 +1,15 @@
 """--kt-sft-manifest: an AMXINT8 `.kt`-folder output that kt-kernel's SFT path accepts as its persistent INT8
 weights (kt_runtime/format/kt_sft_manifest.py). kt refuses any entry at the root of that folder other than its
 manifest and the `_layer_L` folders, so this converter keeps its own files (kt_manifest.json, the lock, the
-record of verified layers, the copied model files) in the sibling folder OUT.kt-convert (layout.state_dir)."""
+record of verified layers, the copied model files) in the sibling folder OUT.kt-convert (names.state_dir)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from kt_runtime.format import fsio
-from kt_runtime.format.kt_sft_manifest import LAYOUT, METHOD, weight_manifest
-from kt_runtime.format.layout import KT_SFT_MANIFEST_FILE
+from kt_runtime.format.kt_sft_manifest import KT_BYTE_ORDER, METHOD, weight_manifest
+from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
 from kt_runtime.format.manifest import Manifest
 
 from . import __version__
@@ -21,7 +21,7 @@ def refusal(method, merge: bool, layers: list[int] | None, resume_layer: int | N
             shard: bool = False) -> str | None:
     """Why these options cannot make kt's SFT input (None: they can). method: the QuantMethod row."""
     if method.name != METHOD:
-        return (f"{FLAG}: kt-kernel's SFT path loads INT8 .kt files of the layout {LAYOUT} (AMXINT8) only, not "
+        return (f"{FLAG}: kt-kernel's SFT path loads INT8 .kt files of the layout {KT_BYTE_ORDER} (AMXINT8) only, not "
                 f"{method.kt_method}: pass --quant-method int8")
     if merge:
         return f"{FLAG} describes kt's _layer_L/_numa_t .kt folders: add --no-merge-safetensor"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from kt_runtime.format.digest import source_digest
-from kt_runtime.format.layout import PROJECTIONS
+from kt_runtime.format.names import PROJECTIONS
 from kt_runtime.format.methods import QuantMethod
 
 from .plan import ConversionPlan, LayerPlan, source_slabs
@@ -26,8 +26,8 @@ from .timings import Timings
 @dataclass
 class LayerOutput:
     """One packed output of a layer: the method and NUMA split its tensors are packed for, and the writer
-    (convert.writer: MergedShardWriter or KtFolderWriter) that takes them pair by pair (write_pair), then the
-    layer's source identity (set_source) before it commits."""
+    (kt_runtime.format.writer: MergedShardWriter or KtFolderWriter) that takes them pair by pair
+    (write_pair), then the layer's source identity (set_source) before it commits."""
 
     method: QuantMethod
     threadpool_count: int

@@ -1,18 +1,17 @@
-"""The output directory: exclusive lock, resume decisions, and the files written at the end."""
+"""The output directory: exclusive lock, resume decisions, and the model files copied at the end."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import stat
 import time
 from pathlib import Path
 
-from kt_runtime.format import files, fsio
+from kt_runtime.format import fsio
 from kt_runtime.format.errors import InputFileError, ManifestError, UnsafePathError
-from kt_runtime.format.input_files import CONFIG_MAX_BYTES, open_regular
-from kt_runtime.format.layout import (INDEX_FILE, KT_SFT_MANIFEST_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE,
-                                      VERIFIED_FILE, layer_dir_name, state_dir)
+from kt_runtime.format.input_files import open_regular
+from kt_runtime.format.names import (INDEX_FILE, KT_SFT_MANIFEST_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE,
+                                     VERIFIED_FILE, layer_dir_name, state_dir)
 from kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
@@ -245,11 +244,6 @@ def prepare_output(out_dir: Path, input_root: Path, planned: Manifest, overwrite
     return planned
 
 
-def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    fsio.atomic_write_text(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
-
-
 def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) -> list[str]:
     """Copies the regular files among `names` (links into a hub cache are followed on the input side;
     a FIFO or device there is skipped, never read)."""
@@ -270,36 +264,3 @@ def copy_model_files(input_root: Path, out_dir: Path, names: tuple[str, ...]) ->
             fsio.atomic_write(out_dir / name, copy)
         copied.append(name)
     return copied
-
-
-def compressed_tensors_config(method) -> dict:
-    """config.json's quantization_config for a group-wise INT4 output, as compressed-tensors writes it
-    (symmetric int4, group strategy, pack-quantized), targeting the routed experts' projections only."""
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": [r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"],
-            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                        "group_size": method.group_size, "dynamic": False, "actorder": None,
-                        "block_structure": None, "observer": "minmax", "observer_kwargs": {}},
-            "input_activations": None, "output_activations": None}},
-        "ignore": [],
-        "kv_cache_scheme": None,
-    }
-
-
-def write_quantization_config(out_dir: Path, method) -> None:
-    """Puts the output's quantization_config into its copied config.json (the source's, if any, is kept as
-    source_quantization_config): what describes the expert tensors of this directory."""
-    path = out_dir / "config.json"
-    if fsio.entry(path, fsio.FILE) is None:
-        return
-    cfg = files.read_json(path, files.OUTPUT, what="config.json", max_bytes=CONFIG_MAX_BYTES)
-    if not isinstance(cfg, dict):
-        return
-    if "quantization_config" in cfg:
-        cfg["source_quantization_config"] = cfg.pop("quantization_config")
-    cfg["quantization_config"] = compressed_tensors_config(method)
-    fsio.atomic_write_text(path, json.dumps(cfg, indent=2) + "\n")

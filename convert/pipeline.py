@@ -12,12 +12,13 @@ from pathlib import Path
 
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.layout import (FORMAT_VERSION, KT_SFT_MANIFEST_FILE, MANIFEST_FILE, PROJECTIONS, shard_file_name,
-                                      shard_slice)
+from kt_runtime.format.names import FORMAT_VERSION, KT_SFT_MANIFEST_FILE, MANIFEST_FILE, PROJECTIONS, shard_file_name
+from kt_runtime.format.spec import shard_slice
 from kt_runtime.format.digest import tree_sha256_files
 from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
 from kt_runtime.format.methods import method_for
 from kt_runtime.format.verified import add_verified, is_verified, read_verified, record_verified
+from kt_runtime.format.writer import KtFolderWriter, MergedShardWriter, write_index, write_quantization_config
 
 from . import __version__, kt_sft_output, preflight
 from .announce import plan_lines, resume_line
@@ -27,7 +28,7 @@ from .non_expert import non_expert_tensors
 from .claims import Claim, Held
 from .device_choice import DeviceChoice, choose_device, measure_capabilities
 from .output_dir import (SHARD_DIR, OutputLock, copy_model_files, created_dirs, prepare_output, records_dir,
-                         remove_if_empty, resolve_output_dir, write_index, write_quantization_config)
+                         remove_if_empty, resolve_output_dir)
 from .packers import make_packer, pack_isa, pinned_bytes
 from .layer_io import LayerOutput, LayerReader
 from .plan import ConversionPlan, LayerPlan, build_plan, layer_spec, read_source_matrix
@@ -39,7 +40,6 @@ from .source import COPIED_FILES, Checkpoint, describe_source_change, open_check
 from .source_reader import default_read_threads
 from .timings import Timings
 from .units import plural, rate, size
-from .writer import KtFolderWriter, MergedShardWriter
 
 BATCH_BYTES = 64 << 20  # packed bytes per pack call: enough tasks for every core, bounded memory
 GPU_BATCH_BYTES = 32 << 20  # source or packed bytes per GPU batch: a few read buffers and arenas in its pinned block
@@ -442,7 +442,7 @@ def convert_outputs(opts_list: list[ConvertOptions], shard: ShardSpec | None = N
 def _explicit_device(device: str, methods) -> DeviceChoice | None:
     """--device cpu or cuda (checked), or auto where no GPU can pack; None: auto with a GPU (choose_auto)."""
     found = resolve_device(device)
-    cpu_only = next((m.choice for m in methods if not m.numa_split), None)  # the Triton packer writes AMX tiles only
+    cpu_only = next((m.choice for m in methods if not m.byte_order.cuda_packer), None)  # byte orders Triton writes
     if found == "cuda" and cpu_only is not None:
         if device == "cuda":
             raise UserError(f"--device cuda: --quant-method {cpu_only} is packed on the CPU only; use --device "
@@ -936,8 +936,7 @@ def _finish(ckpt: Checkpoint, plan: ConversionPlan, out: Path, manifest: Manifes
     # the index (kt's SFT manifest) is what kt-kernel loads: it is written last, after every shard and copied file
     state = state or out
     copy_model_files(ckpt.root, state, COPIED_FILES)
-    if not plan.method.numa_split:
-        write_quantization_config(state, plan.method)
+    write_quantization_config(state, plan.method)
     if opts.merge:
         spec = plan.spec
         weight_map = {key: lp.shard_name for lp in plan.layers for key, _, _ in spec.layer_entries(lp.layer)}

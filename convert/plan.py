@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kt_runtime.format.errors import FieldError
-from kt_runtime.format.layout import PROJECTIONS, PackedSpec, full_shape, layer_dir_name, shard_file_name
+from kt_runtime.format.names import PROJECTIONS, layer_dir_name, shard_file_name
+from kt_runtime.format.spec import PackedSpec, full_shape
 from kt_runtime.format.json_fields import REQUIRED, describe, get_dict, get_int, get_int_list, get_number, get_str
 from kt_runtime.format.methods import METHODS, QuantMethod, alignment_problem, working_threadpool_counts
 from quant.cpu import SourceMatrix
@@ -63,7 +64,7 @@ def _global_scale(src: ProjectionSource, batch) -> float:
 
 def read_source_matrix(src: ProjectionSource, batch) -> SourceMatrix:
     """The projection as a SourceMatrix over the slabs a SourceStream read (batch[Slab] -> array):
-    views where the layout allows, one expert matrix copied where it is stored transposed."""
+    views where the arrangement allows, one expert matrix copied where it is stored transposed."""
     w = batch[Slab(src.weight_key, src.expert)]
     s = batch[Slab(src.scale_key, src.expert)] if src.scale_key is not None else None
     if src.kind == "mxfp4":
@@ -111,14 +112,14 @@ class ConversionPlan:
     num_experts_per_tok: int
     activation: str
     swiglu_limit: float | None
-    layout: str  # merged | kt-folders
+    layout: str  # the output's form on disk: merged | kt-folders (kt_runtime.format.names)
     layers: list[LayerPlan] = field(default_factory=list)
     model_layers: list[int] = field(default_factory=list)  # every MoE layer of the model
     skipped_mtp_keys: int = 0
     skipped_mtp_layers: list[str] = field(default_factory=list)
     routed_keys: set[str] = field(default_factory=set)  # every routed-expert tensor, MTP ones included
     extra_shards: int = 0  # merged: a last shard of non-expert tensors
-    # facts the runtime needs that are not packed (manifest `source`): expert layout, activation
+    # facts the runtime needs that are not packed (manifest `source`): expert arrangement, activation
     # parameters, expert tensors left unpacked (gpt-oss biases), config dtype
     source_info: dict = field(default_factory=dict)
     family_note: str | None = None  # the family came from the tensor names (convert.families.detection_note)
@@ -241,21 +242,6 @@ def parse_layer_spec(spec: str) -> list[int]:
             raise ValueError(f"range {part!r} runs backwards")
         layers.update(range(a, b + 1))
     return sorted(layers)
-
-
-def _whole_matrix_output(method: QuantMethod, layout: str, swiglu_limit: float | None, where: str) -> int:
-    """The group-wise INT4 output (kt's RAWINT4): whole matrices (kt splits them per NUMA pool in RAM, so the
-    output holds one "pool", after the alignment check for the --threadpool-count it will be served with),
-    safetensors only, and no SwiGLU clamp (kt applies it to MXFP4/MXFP8 only and refuses it with RAWINT4)."""
-    if swiglu_limit is not None:
-        raise UserError(f"{where}: this model clamps its SwiGLU (swiglu_limit {swiglu_limit}), which "
-                        f"kt-kernel refuses with --kt-method {method.kt_method}: convert with --quant-method int4 "
-                        "or int8 (AMXINT4/AMXINT8 apply the clamp), or serve the checkpoint's MXFP4 experts "
-                        "natively with --kt-method MXFP4")
-    if layout != "merged":
-        raise UserError(f"--no-merge-safetensor: --quant-method {method.choice} writes safetensors only (kt's "
-                        f"{method.kt_method} loader reads no .kt folders); drop --no-merge-safetensor")
-    return 1
 
 
 def check_alignment(method: QuantMethod, hidden: int, inter: int, threadpool_count: int,
@@ -503,7 +489,7 @@ def _fused_sources(ckpt: Checkpoint, family: Family, projs: dict[str, dict[str, 
             raise UserError(f"{ckpt.root}: layer {layer} has no fused {proj}_proj expert tensor; the checkpoint is incomplete")
     gu, down = projs["gate_up"]["weight"], projs["down"]["weight"]
     dtype = ckpt.info(gu).dtype
-    interleaved = family.layout == "gpt-oss-interleaved"
+    interleaved = family.arrangement == "gpt-oss-interleaved"
     if interleaved and dtype in ("U8", "I8"):  # gpt-oss MXFP4 _blocks/_scales
         gs, ds = projs["gate_up"].get("scale"), projs["down"].get("scale")
         if gs is None or ds is None:
@@ -519,7 +505,7 @@ def _fused_sources(ckpt: Checkpoint, family: Family, projs: dict[str, dict[str, 
         raise UserError(f"{ckpt.where(gu)}: fused expert tensor {gu} is {dtype}; fused {family.name} experts are "
                         "read as BF16/FP16 (gpt-oss also as MXFP4 _blocks/_scales)")
     kind = FLOAT_KINDS[dtype]
-    if family.layout == "fused":
+    if family.arrangement == "fused":
         _require(ckpt, gu, (dtype,), (E, 2 * I, H), f"{family.name} gate_up_proj [E, 2I, H]")
         _require(ckpt, down, (dtype,), (E, H, I), f"{family.name} down_proj [E, H, I]")
         return [{"gate": ProjectionSource(kind, gu, expert=e, rows=(0, I, 1)),
@@ -622,9 +608,13 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
     check_alignment(method, hidden, inter, threadpool_count,
                     next(k for k in family.intermediate_keys if fields.cfg.get(k) is not None))
     serve = threadpool_count  # a whole-matrix output is served with the count it was checked for
-    if not method.numa_split:
-        threadpool_count = _whole_matrix_output(method, layout, swiglu if swiglu is not None else
-                                                family.default_swiglu_limit, f"{where} ({family.name})")
+    # the byte order's refusals (a SwiGLU clamp, kt's .kt folders), then the pools it holds on disk: a
+    # whole-matrix order holds one, after the alignment check for the count it will be served with
+    problem = method.byte_order.output_problem(method, layout, swiglu if swiglu is not None else
+                                               family.default_swiglu_limit, f"{where} ({family.name})")
+    if problem is not None:
+        raise UserError(problem)
+    threadpool_count = method.byte_order.stored_pools(threadpool_count)
 
     # layer -> expert (None: fused over experts) -> gate|up|down|gate_up -> part -> key
     found: dict[int, dict[int | None, dict[str, dict[str, str]]]] = {}
@@ -703,7 +693,7 @@ def build_plan(ckpt: Checkpoint, method: QuantMethod, threadpool_count: int, lay
                         "(MXFP4: I8/U8/F4 + E8M0; FP8: F8_E4M3 + F32): the config and the weights come from "
                         "different checkpoints; fix config.json")
     plan.input_type = detected
-    plan.source_info = {"expert_layout": family.layout}
+    plan.source_info = {"expert_layout": family.arrangement}  # the manifest's name for it
     if family.activation_params:
         params = dict(family.activation_params)
         for name, key in family.activation_param_keys.items():

@@ -67,7 +67,7 @@ def estimate(plan, todo, batch_experts: int, threads: int, extra_bytes: int = 0)
     k = max(plan.hidden_size, plan.moe_intermediate_size)
     scratch = threads * (k * 4 + k + 128 * k)
     # merged shards: the first digest block of the layer being written and of the one committing, held
-    # until the shard's header names the layer's source (convert.writer.MergedShardWriter)
+    # until the shard's header names the layer's source (kt_runtime.format.writer.MergedShardWriter)
     largest = max((lp.output_bytes for lp in plan.layers), default=0)
     held = 2 * min(BLOCK, largest) if plan.layout == "merged" else 0
     # the batch being packed and the previous one being written, both held until written; the

@@ -8,7 +8,7 @@ the file. Speed: the reads run on a small thread pool (pread releases the GIL) f
 the one being packed, so a cold read overlaps packing; a warm one costs one memcpy from the page
 cache, which the mapping paid in page faults inside the packer.
 
-A slab is what one batch needs of one tensor: the whole tensor (per-expert layouts), or one
+A slab is what one batch needs of one tensor: the whole tensor (per-expert arrangement), or one
 expert's part of a fused [E, ...] tensor (contiguous in the file). Each slab's sha256 is taken from the
 buffer once it is read, on the reader threads while the batch is packed (the buffer goes back for reuse
 when both are done): the layer's source identity (kt_runtime.format.digest.source_digest) costs no second

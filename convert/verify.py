@@ -3,16 +3,17 @@
     report = verify(OUT)                         # integrity: manifest, sizes, sha256 digests, tensors
     report = verify(OUT, source=SRC)             # + every layer, expert and projection against the source
 
-With a source, each packed matrix (dequantized through the loader, kt_runtime.loader) is compared with
-the source matrix's own values (quant.decoders.source_values: compressed-tensors INT4 as the exact products
-(u - 8) * scale, every other format the bf16 matrix the packer quantizes): relative RMS error ||p - r|| / ||r||, max |p - r|, cosine similarity and SNR
-(10 log10(||r||^2 / ||p - r||^2)), per tensor, per layer x projection and for the whole model (from sums
-of squares, so the summaries are the norms of the concatenated tensors). The source is read layer by
-layer in bounded batches (convert.layer_io.LayerReader, as the conversion reads it), and the tensors of a
-batch are compared on every core.
+With a source, each packed matrix (read through the format's reader, kt_runtime.format.reader, and
+dequantized by quant.reference.dequantize_expert) is compared with the source matrix's own values
+(quant.decoders.source_values: compressed-tensors INT4 as the exact products (u - 8) * scale, every other
+format the bf16 matrix the packer quantizes): relative RMS error ||p - r|| / ||r||, max |p - r|, cosine
+similarity and SNR (10 log10(||r||^2 / ||p - r||^2)), per tensor, per layer x projection and for the whole
+model (from sums of squares, so the summaries are the norms of the concatenated tensors). The source is read
+layer by layer in bounded batches (convert.layer_io.LayerReader, as the conversion reads it), and the tensors
+of a batch are compared on every core.
 
-The loader and torch are imported when verify runs, never with the command line (the converter does not
-depend on the engine's side).
+torch is imported when verify compares with a source, never with the command line; the engine is never
+imported (docs/ARCHITECTURE.md: the converter reads outputs through the format, not through the runtime).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kt_runtime.format.layout import PROJECTIONS
+from kt_runtime.format.names import PROJECTIONS
 
 from .errors import UserError
 from .units import size
@@ -260,7 +261,7 @@ def _integrity(weights, digests: bool) -> dict:
 
 def _check_kt_sft(weights, digests: bool) -> None:
     """kt's SFT manifest and the tree beside it, as kt-kernel's validator sees them, against our records; with
-    digests, the records' per-file sha256 against the layer digests the loader has checked."""
+    digests, the records' per-file sha256 against the layer digests the reader has checked."""
     from kt_runtime.format.kt_sft_manifest import record_digests_problem, weight_manifest_problem
 
     m = weights.manifest
@@ -280,14 +281,14 @@ def verify(output: str | Path, source: str | None = None, *, layers: list[int] |
     import warnings
 
     from kt_runtime.format.errors import PackedWeightsError
-    from kt_runtime.loader import load_experts
+    from kt_runtime.format.reader import open_output
 
     if max_rel_error is not None and not (isinstance(max_rel_error, (int, float)) and max_rel_error >= 0):
         raise UserError(f"--max-rel-error must be a non-negative number, got {max_rel_error!r}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a partial output is fine to verify; it is said in the report
-            weights = load_experts(output, verify=digests)
+            weights = open_output(output, verify=digests)
     except PackedWeightsError as e:
         raise UserError(f"the output is damaged or incomplete: {e}") from None
     if weights.manifest is not None and not weights.manifest.complete:
@@ -336,6 +337,7 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
     import torch
 
     from quant.decoders import source_values
+    from quant.reference import dequantize_expert
 
     from .layer_io import LayerReader
     from .pipeline import experts_per_batch
@@ -386,7 +388,7 @@ def _compare(report: VerifyReport, weights, source: str, layers: list[int], thre
                             def one(job):
                                 expert, proj = job
                                 ref = source_values(read_source_matrix(lp.experts[expert][proj], data))
-                                sums = tensor_sums(weights.dequantize(lp.layer, expert, proj), ref)
+                                sums = tensor_sums(dequantize_expert(weights, lp.layer, expert, proj), ref)
                                 # a group-wise INT4 output: its codes at the level -8 (convert.quant_notes)
                                 packed = weights.expert_tensors(lp.layer, expert, proj, 0)[0] if grouped else None
                                 return expert, proj, sums, (minus8_count(packed), 2 * packed.size) if grouped else (0, 0)

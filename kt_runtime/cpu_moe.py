@@ -23,7 +23,7 @@ import torch
 import kt_kernels
 
 from .expert_activation import Activation, ExpertBiases
-from .format.layout import PROJECTIONS
+from .format.names import PROJECTIONS
 from .format.methods import METHODS
 
 

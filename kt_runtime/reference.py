@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .expert_activation import Activation, ExpertBiases
-from .format.layout import PROJECTIONS
+from .format.names import PROJECTIONS
 
 
 def moe_reference(weights, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,

@@ -9,15 +9,22 @@ holding, for `capacity` experts, every expert's [gate | up] [2I, H] and then eve
 
 Two implementations of one contract: `dequantize_staged_reference` (torch on the CPU, through
 quant.reference.dequantize_packed: the readable one) and `dequantize_staged_triton` (quant/triton_dequant.py
-kernels reading the packed byte order directly). Both write fl(q * step) rounded once to the output dtype:
-AMXINT4 q * (16 d), AMXINT8 q * d, RAWINT4 (u - 8) * s, each product in float32.
+kernels reading the packed byte order directly; each byte order's kernel in STAGED). Both write fl(q * step)
+rounded once to the output dtype: AMXINT4 q * (16 d), AMXINT8 q * d, RAWINT4 (u - 8) * s, each product in
+float32.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
-from kt_runtime.format.layout import PROJECTIONS, full_shape, shard_slice
+from kt_runtime.format.byte_orders import AMX_TILED, COMPRESSED_TENSORS, ByteOrder
 from kt_runtime.format.methods import K_BLOCK, QuantMethod
+from kt_runtime.format.names import PROJECTIONS
+from kt_runtime.format.safetensors_file import tensor_nbytes
+from kt_runtime.format.spec import full_shape, shard_slice
 
 JOB_FIELDS = ("w_off", "s_off", "n", "k", "dst_off", "dst_stride")
 ROWS = 32  # rows per Triton program (one AMX row group)
@@ -25,7 +32,7 @@ GROUP_BLOCK_K = 128  # columns per program of the group-wise kernel
 
 
 def scale_nbytes(method: QuantMethod, n: int, k: int) -> int:
-    return method.scale_count(n, k) * (2 if method.scale_dtype == "BF16" else 4)
+    return tensor_nbytes(method.scale_dtype, (method.scale_count(n, k),))
 
 
 def scratch_elements(capacity: int, hidden_size: int, intermediate_size: int) -> int:
@@ -68,15 +75,42 @@ def check_dims(method: QuantMethod, hidden_size: int, intermediate_size: int, th
                              f"(rows must be a multiple of {ROWS}, columns of {method.k_align})")
 
 
+@dataclass(frozen=True)
+class StagedKernel:
+    """The Triton dequantization of one byte order: columns per program (`block_k(method)`: a job of [n, k]
+    takes n / ROWS x ceil(k / block_k) programs) and its launch on a grid."""
+
+    block_k: Callable[[QuantMethod], int]
+    launch: Callable  # (grid, staging, jobs, out, method) -> None
+
+
+def _launch_tiled(grid, staging, jobs, out, method: QuantMethod) -> None:
+    from .triton_dequant import dequant_tiled_kernel
+
+    dequant_tiled_kernel[grid](staging, jobs, out, IS_INT4=method.bits == 4, N_BLOCK=method.n_block,
+                               STEP=64 * method.elems_per_byte, EPB=method.elems_per_byte, K_BLOCK=K_BLOCK,
+                               num_warps=4)
+
+
+def _launch_groups(grid, staging, jobs, out, method: QuantMethod) -> None:
+    from .triton_dequant import dequant_groups_kernel
+
+    dequant_groups_kernel[grid](staging, jobs, out, GROUP=method.group_size, BLOCK_K=GROUP_BLOCK_K, num_warps=4)
+
+
+STAGED: dict[ByteOrder, StagedKernel] = {
+    AMX_TILED: StagedKernel(lambda m: 64 * m.elems_per_byte, _launch_tiled),  # one 64-byte tile column
+    COMPRESSED_TENSORS: StagedKernel(lambda m: GROUP_BLOCK_K, _launch_groups),
+}
+
+
 def job_tiles(method: QuantMethod, jobs: np.ndarray) -> int:
     """Programs per job of the Triton kernel (grid axis 0): the most any job needs."""
     if not len(jobs):
         return 0
     n, k = jobs[:, 2], jobs[:, 3]
-    if method.group_size is None:
-        step = 64 * method.elems_per_byte
-        return int((n // ROWS * (k // step)).max())
-    return int((n // ROWS * (-(-k // GROUP_BLOCK_K))).max())
+    block = STAGED[method.byte_order].block_k(method)
+    return int((n // ROWS * (-(-k // block))).max())
 
 
 def dequantize_staged_reference(staging, jobs: np.ndarray, method: QuantMethod, out) -> None:
@@ -85,11 +119,10 @@ def dequantize_staged_reference(staging, jobs: np.ndarray, method: QuantMethod, 
 
     from .reference import dequantize_packed
 
+    scale_dtype = {"F32": torch.float32, "BF16": torch.bfloat16}[method.scale_dtype]  # the scales' elements
     for w_off, s_off, n, k, dst, stride in np.asarray(jobs).tolist():
         w = staging[w_off:w_off + method.weight_bytes(n, k)]
-        s = staging[s_off:s_off + scale_nbytes(method, n, k)]
-        if method.group_size is None:
-            s = s.view(torch.float32)
+        s = staging[s_off:s_off + scale_nbytes(method, n, k)].view(scale_dtype)
         values = dequantize_packed(w, s, n, k, method)
         out.as_strided((n, k), (stride, 1), dst).copy_(values)
 
@@ -97,14 +130,6 @@ def dequantize_staged_reference(staging, jobs: np.ndarray, method: QuantMethod, 
 def dequantize_staged_triton(staging, jobs, count: int, tiles: int, method: QuantMethod, out) -> None:
     """Queue the Triton kernel on the current stream: staging uint8 on the device, jobs an int64 [count, 6]
     tensor on the device (a view of the staging buffer), out flat float32 or bfloat16."""
-    from .triton_dequant import dequant_groups_kernel, dequant_tiled_kernel
-
     if not count:
         return
-    grid = (tiles, count)
-    if method.group_size is None:
-        dequant_tiled_kernel[grid](staging, jobs, out, IS_INT4=method.bits == 4, N_BLOCK=method.n_block,
-                                   STEP=64 * method.elems_per_byte, EPB=method.elems_per_byte,
-                                   K_BLOCK=K_BLOCK, num_warps=4)
-    else:
-        dequant_groups_kernel[grid](staging, jobs, out, GROUP=method.group_size, BLOCK_K=GROUP_BLOCK_K, num_warps=4)
+    STAGED[method.byte_order].launch((tiles, count), staging, jobs, out, method)

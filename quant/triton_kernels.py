@@ -20,7 +20,7 @@ import triton.language as tl
 
 try:  # triton >= 3.0
     from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - older layouts
+except ImportError:  # pragma: no cover - older triton versions
     from triton.language.extra.cuda import libdevice
 
 # Source kinds (quant.cpu.SourceMatrix.kind); int4_group splits by scale dtype.

@@ -327,7 +327,7 @@ def pack_split(method_name: str, threadpool_count: int, threads: int, isa: str =
     this process's CPU time, which other jobs on the machine do not inflate), at ISA level `isa`."""
     import numpy as np
 
-    from kt_runtime.format.layout import full_shape, shard_slice
+    from kt_runtime.format.spec import full_shape, shard_slice
     from kt_runtime.format.methods import get_method
     from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 
@@ -375,7 +375,7 @@ def kernel_throughput(method_name: str, threadpool_count: int, experts: int = 16
     from kt_runtime.format.methods import get_method
     from quant.cpu import PackTarget, SourceMatrix
     from quant.gpu import fill_staging, launch, plan_batch
-    from kt_runtime.format.layout import full_shape, shard_slice
+    from kt_runtime.format.spec import full_shape, shard_slice
 
     method = get_method(method_name)
     rng = np.random.default_rng(0)

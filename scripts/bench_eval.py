@@ -6,7 +6,7 @@ The model is tests/data/tiny-qwen3-moe (scripts/train_tiny_moe.py); the text a s
 training left out (difflib.py by default). The FP8 (blocks of 128 x 128) and MXFP4 sources are the same model
 with its experts encoded by synthetic.encode; each is scored against its own decoded BF16 twin (the model
 that checkpoint is), and a row per source gives that source's own cost against the BF16 original. Every
-method is converted from every source (--threadpool-count 1) and evaluated with convert.evaluate.evaluate.
+method is converted from every source (--threadpool-count 1) and evaluated with convert.eval.evaluate.evaluate.
 
   python scripts/bench_eval.py --json eval.json                       # CPU path
   python scripts/bench_eval.py --device cuda --gpu-experts 4          # hybrid path (4 of 8 experts on the GPU)
@@ -50,8 +50,8 @@ def _source_cost(model: Path, decoded: Path, text: Path, args) -> dict:
     import torch
     import transformers
 
-    from convert.eval_windows import compare_on_windows
-    from convert.evaluate import read_text, windows_of
+    from convert.eval.windows import compare_on_windows
+    from convert.eval.evaluate import read_text, windows_of
     from kt_runtime.integrations import find_expert_modules
 
     device = "cuda" if args.device == "cuda" else "cpu"
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from convert.evaluate import evaluate
+    from convert.eval.evaluate import evaluate
     from kt_runtime.format.fsio import atomic_write_text
     from synthetic.encode import requantize_checkpoint
 

@@ -401,11 +401,13 @@ def call_overhead_us(threads, isa):
 def kernel_bench(args, isas, methods, threads, ghz, read_gbs):
     """The dot kernel of each ISA alone: in cache and streaming, 1 thread and `threads` threads; --reps
     rounds, each over every configuration (interleaved, so load changes spread over all), median."""
+    from kt_runtime.format.byte_orders import AMX_TILED
+
     H, I = args.hidden, int(args.inter.split(",")[0])
     big = aligned_bytes(int(args.footprint_gb * 1e9) // 4096 * 4096)
     small = aligned_bytes(threads * 128 * H)  # one 128-row matrix per thread (L2 resident)
     configs = []
-    for method in [m for m in methods if method_row(m).numa_split]:  # the tiled dot kernels (not group-wise)
+    for method in [m for m in methods if method_row(m).byte_order is AMX_TILED]:  # the tiled dot kernels
         per_byte = method_row(method).elems_per_byte
         mat = I * H // per_byte
         for isa in isas:
@@ -450,7 +452,7 @@ def main(argv=None):
     ap.add_argument("--inter", default=None, help="decode intermediate sizes (default 2048; --full: 1024,2048)")
     ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--topk", type=int, default=8)
-    ap.add_argument("--threadpool-count", "--numa", type=int, default=1, help="NUMA pools of the packed layout (T)")
+    ap.add_argument("--threadpool-count", "--numa", type=int, default=1, help="NUMA pools of the packed output (T)")
     ap.add_argument("--footprint-gb", type=float, default=None,
                     help="packed bytes cycled over per decode configuration (>> L3; default 0.5; --full: 2 GB = 6.7x "
                          "a 300 MB L3)")

@@ -27,7 +27,7 @@ ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
 
 
 def sources(n: int, k: int) -> dict:
-    """kind -> SourceMatrix of one random expert matrix in each checkpoint format (NVFP4 in both layouts: ModelOpt
+    """kind -> SourceMatrix of one random expert matrix in each checkpoint format (NVFP4 in both encodings: ModelOpt
     multiplies the group scales by its per-tensor scale, compressed-tensors divides them by its inverse)."""
     import numpy as np
 
@@ -100,7 +100,7 @@ def main() -> None:
                                                 "best first)")
     ap.add_argument("--methods", default="int4,int8,rawint4-g128", help="comma list of quant methods")
     ap.add_argument("--sources", default=None, help="comma list of source formats (default: all; nvfp4 is ModelOpt's "
-                                                    "layout, nvfp4-ct compressed-tensors')")
+                                                    "encoding, nvfp4-ct compressed-tensors')")
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=3)

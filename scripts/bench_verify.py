@@ -89,7 +89,7 @@ def run(args, method, ck_dir: Path, out: Path) -> int:
                                 num_experts=args.experts, num_layers=args.layers, num_shards=args.layers)
     choice, group = (method.choice, method.group_size) if method.group_size else (method.name, None)
     convert(ConvertOptions(input_path=str(ck.path), output=out, quant_method=choice, group_size=group,
-                           threadpool_count=1 if not method.numa_split else 2, overwrite=True, progress=False))
+                           threadpool_count=method.byte_order.stored_pools(2), overwrite=True, progress=False))
     src_files = sorted(ck.path.glob("*.safetensors"))
     out_files = sorted(out.glob("*.safetensors"))
     src_bytes = sum(p.stat().st_size for p in src_files)

@@ -373,7 +373,7 @@ def check_output(output: str | Path, kt_entry: str, backends=None, *, tokens: in
                 "moe_intermediate_size": weights.moe_intermediate_size, "threads": threads,
                 "threadpool_count": threadpool_count or weights.threadpool_count, "inputs": str(work / "inputs.npz")}
         online = None
-        if source is not None and method.numa_split:  # kt's own conversion of the same source
+        if source is not None and method.byte_order.numa_split:  # kt's own conversion of the same source
             src = decoded_layer(source, method.name, layer)
             np.savez(work / "source.npz", **src)
             (work / "kt-converted").mkdir()
@@ -395,7 +395,7 @@ def check_output(output: str | Path, kt_entry: str, backends=None, *, tokens: in
 
 def _same_bytes_as_kt_files(weights, layer: int, kt_root: Path) -> bool:
     """Every packed tensor of the layer equal to the .kt file kt's own conversion wrote (kt's folder layout)."""
-    from kt_runtime.format.layout import kt_file_paths
+    from kt_runtime.format.spec import kt_file_paths
 
     spec = weights.spec
     for expert in range(spec.num_experts):

@@ -48,7 +48,7 @@ def listing() -> str:
                         f"{'/'.join(synthetic.STORAGES)}, key styles {'/'.join(synthetic.KEY_STYLES)}")
             else:
                 v = synthetic.VARIANTS[name]
-                what = f"{v.encoding} {v.layout} (model_type {v.model_type})"
+                what = f"{v.encoding} {v.arrangement} (model_type {v.model_type})"
             lines.append(f"  {name:24s} {what}")
     return "\n".join(lines)
 

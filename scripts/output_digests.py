@@ -13,11 +13,12 @@ converter gives the same lines on every machine, device, path and thread count.
 
 Converts the synthetic checkpoint of every family variant and the DeepSeek-V4-Flash MXFP4 one (I8 / U8 / F4
 storage, three key styles) to int4 and int8, threadpool count 1 and 2, merged and kt folders (and a few runs
-with --include-non-expert and --layers), on the CPU. Source files get a fixed modification time and live at
-fixed paths under --workdir, so the manifests and the shards' __metadata__ are reproducible too: two runs of
-the same converter give the same JSON, and a refactor that changes no byte keeps it. Exit 1 on a difference
-with --compare. The script makes --workdir/src and --workdir/out and removes them at the end (refusing to
-start where either exists); nothing else in --workdir is touched.
+with --include-non-expert and --layers), and to rawint4 with groups 32 and 128 (a refusal, as a model that
+clamps its SwiGLU gets, is recorded as its message), on the CPU. Source files get a fixed modification time
+and live at fixed paths under --workdir, so the manifests and the shards' __metadata__ are reproducible too:
+two runs of the same converter give the same JSON, and a refactor that changes no byte keeps it. Exit 1 on a
+difference with --compare. The script makes --workdir/src and --workdir/out and removes them at the end
+(refusing to start where either exists); nothing else in --workdir is touched.
 """
 from __future__ import annotations
 
@@ -80,12 +81,15 @@ def runs(sources: dict[str, Path]):
     yield "v4_flash_I8_official/int8-T1-merged-layer1", v4, dict(quant_method="int8", threadpool_count=1, layers=[1])
     yield "deepseek_v3_fp8/int4-T2-merged-non-expert", sources["deepseek_v3_fp8"], dict(
         quant_method="int4", threadpool_count=2, include_non_expert=True)
+    for name, src in sources.items():  # the group-wise method: one pool, safetensors only (refused with a clamp)
+        for group in (32, 128):
+            yield f"{name}/rawint4-g{group}", src, dict(quant_method="rawint4", group_size=group, threadpool_count=1)
 
 
 def one_conversion(parent: Path | None, device: str) -> int:
     """--one, in a new folder under `parent` (default: the temporary directory), removed at the end."""
     from convert.pipeline import ConvertOptions, convert
-    from kt_runtime.format.layout import is_published
+    from kt_runtime.format.names import is_published
     from synthetic import make_v4_flash_checkpoint
 
     if parent is not None:
@@ -125,6 +129,7 @@ def main(argv=None) -> int:
     args.workdir = args.workdir or Path("/tmp/kt-output-digests")
 
     from convert.pipeline import ConvertOptions, convert
+    from kt_runtime.format.errors import FixableError
     from synthetic.scratch import Scratch
 
     with Scratch(args.workdir, "kt-output-digests") as scratch:
@@ -133,9 +138,14 @@ def main(argv=None) -> int:
         digests = {}
         for run, source, kw in runs(sources):
             out = out_root / run
-            convert(ConvertOptions(input_path=str(source), output=out, device="cpu", progress=False, **kw))
-            digests[run] = tree_digests(out)
-            shutil.rmtree(out)
+            try:
+                convert(ConvertOptions(input_path=str(source), output=out, device="cpu", progress=False, **kw))
+            except FixableError as e:  # a refusal is a result too
+                digests[run] = {"refused": str(e).replace(str(args.workdir), "WORKDIR")}
+            else:
+                digests[run] = tree_digests(out)
+            if out.exists():
+                shutil.rmtree(out)
     args.out.write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
     files = sum(len(v) for v in digests.values())
     print(f"{len(digests)} conversions, {files} files -> {args.out}")

@@ -7,7 +7,7 @@ with quant's reference encoders, so a converter bug cannot hide in a generator.
 
     v4_flash   DeepSeek-V4-Flash (MXFP4 experts, official / transformers / HF-alias key styles)
     families   every other family variant (FP8 block, BF16, FP16, compressed-tensors INT4, MXFP4,
-               per-expert, fused, transposed and interleaved layouts)
+               per-expert, fused, transposed and interleaved arrangements)
 """
 from __future__ import annotations
 

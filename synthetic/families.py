@@ -7,7 +7,7 @@ Each routed-expert matrix is drawn in its *source encoding* (a source format of
 quant.source_formats: BF16 bits, FP16, FP8 + block scales, compressed-tensors INT4 words + scales,
 MXFP4 nibbles + E8M0) and then laid out the way the family
 stores it. :meth:`FamilyCheckpoint.reference` decodes the per-expert encoding with the torch
-reference decoders, without any of the converter's layout code: the test oracle.
+reference decoders, without any of the converter's arrangement code: the test oracle.
 
 DeepSeek-V4-Flash MXFP4 checkpoints come from :mod:`synthetic.v4_flash`.
 """
@@ -33,7 +33,7 @@ class Variant:
     family: str  # converter family it must be detected as
     model_type: str
     encoding: str  # a quant.source_formats kind: bf16 | f16 | fp8_block | int4_group | mxfp4
-    layout: str  # per-expert | fused | fused-transposed | gpt-oss-interleaved
+    arrangement: str  # per-expert | fused | fused-transposed | gpt-oss-interleaved (convert.families.ARRANGEMENTS)
     keys: str  # key style: hf (mlp.experts.E.gate_proj) | w123 (block_sparse_moe.experts.E.w1) | v4 | fused | gpt_oss
     prefix: str = "model."
     dense_first: bool = False  # layer 0 dense (first_k_dense_replace = 1)
@@ -281,8 +281,8 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
 
         v = replace(v, prefix=prefix)
     H, I, E, L = hidden_size, intermediate_size, num_experts, num_layers
-    if v.layout != "per-expert" and v.encoding not in ("bf16", "f16", "mxfp4"):
-        raise ValueError(f"{variant}: fused layouts are BF16/FP16/MXFP4 here")
+    if v.arrangement != "per-expert" and v.encoding not in ("bf16", "f16", "mxfp4"):
+        raise ValueError(f"{variant}: fused arrangements are BF16/FP16/MXFP4 here")
     cfg = _config(v, H, I, E, L, block, group, mtp_layers if v.mtp else 0)
     tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
     ckpt = FamilyCheckpoint(pathlib.Path(out_dir), v, cfg, H, I, E, [], tuple(block) if v.encoding == "fp8_block" else None,
@@ -339,7 +339,7 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
                     encs[(e, proj)]["global"] = (1.0 / encs[(e, proj)]["global"]).astype("<f4")
                 if record:
                     ckpt.encoded[(layer, e, proj)] = encs[(e, proj)]
-        if v.layout == "per-expert":
+        if v.arrangement == "per-expert":
             block_name = "block_sparse_moe" if v.keys in ("w123", "k3") else ("ffn" if v.keys == "v4" else "mlp")
             names = _W if v.keys in ("w123", "v4", "k3") else _HF
             for e in range(E):
@@ -347,10 +347,10 @@ def make_family_checkpoint(out_dir, variant: str, *, hidden_size: int = 384, int
                     expert_tensors(f"{lp}{block_name}.experts.{e}.{names[proj]}", encs[(e, proj)])
             return
         ex = f"{lp}mlp.experts."
-        if v.layout == "fused":
+        if v.arrangement == "fused":
             gate_up = np.stack([np.concatenate([encs[(e, "gate")]["weight"], encs[(e, "up")]["weight"]]) for e in range(E)])
             down = np.stack([encs[(e, "down")]["weight"] for e in range(E)])
-        elif v.layout == "fused-transposed":
+        elif v.arrangement == "fused-transposed":
             gate_up = np.stack([np.concatenate([encs[(e, "gate")]["weight"], encs[(e, "up")]["weight"]]).T
                                 for e in range(E)])
             down = np.stack([encs[(e, "down")]["weight"].T for e in range(E)])

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from kt_runtime.format import fsio
-from kt_runtime.format.safetensors_file import plan_layout, tensor_nbytes
+from kt_runtime.format.safetensors_file import plan_file, tensor_nbytes
 
 __all__ = ["PRESETS", "SyntheticCheckpoint", "make_v4_flash_checkpoint"]
 
@@ -350,7 +350,7 @@ def _write_json(path: pathlib.Path, obj: dict) -> None:
 
 
 def _write_shard(path: pathlib.Path, tensors: list[_Tensor], seed: int, fill_args: dict) -> None:
-    header, offsets = plan_layout([(t.key, t.dtype, t.shape) for t in tensors], {"format": "pt"})
+    header, offsets = plan_file([(t.key, t.dtype, t.shape) for t in tensors], {"format": "pt"})
 
     def write(fd: int, tmp: pathlib.Path) -> None:  # one tensor in memory at a time
         fsio.write_all(fd, header, tmp)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 import kt_runtime
-from conftest import read_json
 from convert.cli import main
+from helpers.checkpoints import assert_nothing_complete, drop, rewrite, set_config
+from helpers.outputs import read_json
 from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
-from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 
 W1 = "layers.1.ffn.experts.2.w1"  # gate projection of layer 1, expert 2 (official key style)
 
@@ -28,28 +28,8 @@ def shard_of(ck, key):
     return read_json(ck / INDEX_FILE)["weight_map"][key]
 
 
-def rewrite(ck, fn):
-    """Apply fn(file name, {key: (dtype, shape, bytes)}) -> dict to every shard; keeps the index in step."""
-    index = read_json(ck / INDEX_FILE)
-    weight_map = {}
-    for name in sorted(set(index["weight_map"].values())):
-        f = SafetensorsFile(ck / name)
-        tensors = {k: (f.tensors[k].dtype, f.tensors[k].shape, bytes(f.raw(k))) for k in f.keys()}
-        meta = dict(f.metadata)
-        f.close()
-        tensors = fn(name, tensors)
-        save_file(ck / name, tensors, meta)
-        weight_map.update(dict.fromkeys(tensors, name))
-    index["weight_map"] = dict(sorted(weight_map.items()))
-    (ck / INDEX_FILE).write_text(json.dumps(index))
-
-
 def edit_tensor(ck, key, fn):
     rewrite(ck, lambda name, t: {k: (fn(*v) if k == key else v) for k, v in t.items()})
-
-
-def drop(ck, pred):
-    rewrite(ck, lambda name, t: {k: v for k, v in t.items() if not pred(k)})
 
 
 def set_header(path, fn):
@@ -60,12 +40,6 @@ def set_header(path, fn):
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
-
-
-def set_config(ck, **changes):
-    cfg = read_json(ck / "config.json")
-    cfg.update(changes)
-    (ck / "config.json").write_text(json.dumps(cfg))
 
 
 # --- the cases: (id, mutate(ck) -> extra CLI args or None, words the message must contain) ---
@@ -223,21 +197,6 @@ CASES = [
     ("unaligned dimensions", m_unaligned, ["not divisible by --threadpool-count 3", "threadpool counts that work"]),
     ("threadpool count 0", m_bad_threadpool, ["--threadpool-count", "at least 1"]),
 ]
-
-
-def assert_nothing_complete(out):
-    """No index, no complete manifest, no half-written file with a final name."""
-    if not out.exists():
-        return
-    assert not (out / INDEX_FILE).exists()
-    if (out / MANIFEST_FILE).exists():
-        manifest = read_json(out / MANIFEST_FILE)
-        assert manifest["complete"] is False
-        done = {f for rec in manifest["completed"].values() for f in rec["files"]}
-        assert {p.name for p in out.glob("*.safetensors")} <= done
-    assert not list(out.glob("*.tmp"))
-    with pytest.raises(kt_runtime.PackedWeightsError):
-        kt_runtime.load_experts(out)
 
 
 @pytest.mark.parametrize("mutate,needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])

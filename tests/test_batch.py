@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, read_json, tree_hashes
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
 from convert import claims as claims_mod
 from convert import pipeline
 from convert.claims import Claim, ClaimDir, Held, Owner, process_start_time
@@ -20,7 +21,7 @@ from convert.cli import main
 from convert.errors import UserError
 from convert.output_dir import SHARD_DIR
 from convert.shards import ShardSpec, parse_shard, resolve_shard, shard_layers
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
 from kt_runtime.format.manifest import LayerRecord
 from kt_runtime.format.verified import is_verified, read_verified
 from synthetic.v4_flash import make_v4_flash_checkpoint
@@ -378,7 +379,7 @@ def test_lock_file_removed_between_its_open_and_its_check_is_opened_again(tmp_pa
     """Its holder releases the lock (removing the file) just after another converter opened it: the file that
     one holds has no name left, which is no planted hard link: it opens the name again and takes the lock."""
     from convert.output_dir import OutputLock
-    from kt_runtime.format.layout import LOCK_FILE
+    from kt_runtime.format.names import LOCK_FILE
 
     holder = OutputLock(tmp_path)
     fired = _once_after(monkeypatch, os, "open", tmp_path / LOCK_FILE, holder.release)
@@ -394,7 +395,7 @@ def test_lock_file_removed_between_its_check_and_its_flock_is_opened_again(tmp_p
     import fcntl
 
     from convert.output_dir import OutputLock
-    from kt_runtime.format.layout import LOCK_FILE
+    from kt_runtime.format.names import LOCK_FILE
 
     holder = OutputLock(tmp_path)
     fired = _once_after(monkeypatch, fcntl, "flock", tmp_path / LOCK_FILE, holder.release)
@@ -420,7 +421,7 @@ def test_a_name_removed_at_every_open_is_refused_in_the_end(tmp_path, monkeypatc
     """Another program deleting the lock file as fast as it is made: bounded, and said."""
     from kt_runtime.format import fsio
     from kt_runtime.format.errors import UnsafePathError
-    from kt_runtime.format.layout import LOCK_FILE
+    from kt_runtime.format.names import LOCK_FILE
 
     path = tmp_path / LOCK_FILE
     real_open = os.open
@@ -441,7 +442,7 @@ def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
     assert "--overwrite cannot be combined with --shard" in capsys.readouterr().err
 
 
-SLOW_DISK = ("import os, sys, time; import convert.writer as w; "
+SLOW_DISK = ("import os, sys, time; import kt_runtime.format.writer as w; "
              "w._os_write = lambda fd, d: (time.sleep(0.002), os.write(fd, d))[1]; "
              "from convert.cli import main; sys.exit(main(sys.argv[1:]))")
 

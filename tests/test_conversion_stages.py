@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import tree_hashes
+from helpers.outputs import tree_hashes
 from convert import packers, pipeline
-from convert import writer as writer_mod
+from kt_runtime.format import writer as writer_mod
 from convert.cli import main
 from convert.host_memory import PageableMemory
 from convert.pipeline import ConvertOptions, convert
@@ -175,7 +175,7 @@ def test_bench_convert_copy_floor_and_cache_labels(tmp_path):
     without --drop-caches a 'cold' measurement is labelled as not cold."""
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
     bench = importlib.util.module_from_spec(spec)
@@ -211,7 +211,7 @@ def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, 
 
     from quant import gpu as quant_gpu
 
-    from fake_cuda import fake_launch, fake_torch
+    from helpers.fake_cuda import fake_launch, fake_torch
 
     run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2)
     monkeypatch.setitem(sys.modules, "torch", fake_torch())
@@ -238,7 +238,7 @@ def test_bench_convert_table_puts_cpu_gpu_and_copy_side_by_side():
     against the copy of the same cache state, and the stages of every run in columns."""
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
     bench = importlib.util.module_from_spec(spec)
@@ -277,7 +277,7 @@ def test_bench_convert_compares_forced_isa_levels():
     AVX-512's, and the conversion against the copy floor."""
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
     bench = importlib.util.module_from_spec(spec)

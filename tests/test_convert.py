@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import kt_runtime
-from conftest import ROOT, read_json, tree_hashes
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
 from convert import pipeline
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
 from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.layout import merged_key
+from kt_runtime.format.byte_orders import merged_key
 from kt_runtime.format.safetensors_file import SafetensorsFile
 from kt_runtime.format.methods import get_method
 from quant.mxfp4 import decode_mxfp4

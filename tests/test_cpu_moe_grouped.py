@@ -20,13 +20,13 @@ import torch
 
 import kt_kernels
 import kt_runtime
-from engine_knobs import knobs
+from helpers.engine_knobs import knobs
 from kt_kernels import _testing
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.reference import moe_reference
 from convert.pipeline import ConvertOptions, convert
 from synthetic.families import make_family_checkpoint
-from test_cpu_moe import float_moe, rel_err, routing
+from helpers.moe import float_moe, rel_err, routing
 
 ISAS = kt_kernels.moe_isas()  # the engine's ISA rows this CPU runs, portable first
 

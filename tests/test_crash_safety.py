@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 
 import kt_runtime
-from conftest import ROOT, read_json, tree_hashes
-from convert import writer as writer_mod
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
+from kt_runtime.format import writer as writer_mod
 from convert.cli import main
 from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.layout import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.names import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_second_converter_is_refused_naming_the_holder(six_layers, tmp_path, cap
 # --- write failures ---
 
 class FailingDisk:
-    """Replaces os.write in convert.writer: fails with `err` once `budget` bytes have been written."""
+    """Replaces os.write in kt_runtime.format.writer: fails with `err` once `budget` bytes have been written."""
 
     def __init__(self, budget: int, err: int = errno.ENOSPC):
         self.budget, self.err, self.written = budget, err, 0

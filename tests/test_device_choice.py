@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from conftest import tree_hashes
+from helpers.outputs import tree_hashes
 from convert import device_choice, packers, pipeline
 from convert.device_choice import COPY_BYTES_PER_CORE_S, GPU_START_CORE_S, Capabilities, choose_device, estimate_seconds
 from convert.pipeline import ConvertOptions, convert
@@ -118,7 +118,7 @@ def test_the_pack_probe_runs_at_the_forced_isa_level(tiny_checkpoint, monkeypatc
     import kt_kernels
 
     import quant.cpu
-    from conftest import available_isas
+    from helpers.numerics import available_isas
     from convert.pipeline import plan_conversion
     from convert.source import open_checkpoint
 
@@ -156,9 +156,9 @@ def test_auto_without_a_gpu_says_why_in_the_first_lines(tiny_checkpoint, tmp_pat
 @pytest.mark.parametrize("cores,device", [(16, "cpu"), (2, "cuda")])
 def test_auto_with_a_gpu_packs_where_the_capabilities_say(tiny_checkpoint, tmp_path, capsys, monkeypatch, cores,
                                                           device):
-    """A machine with a GPU (the stand-in device of tests/fake_cuda.py): --device auto measures, chooses, says
+    """A machine with a GPU (the stand-in device of tests/helpers/fake_cuda.py): --device auto measures, chooses, says
     why, and converts there; the bytes are the CPU run's either way."""
-    from fake_cuda import fake_launch, fake_torch
+    from helpers.fake_cuda import fake_launch, fake_torch
     from quant import gpu
 
     run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
@@ -204,7 +204,7 @@ def test_auto_keeps_cpu_only_methods_on_the_cpu(monkeypatch):
 def _bench():
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "scripts" / "bench_convert.py")
     bench = importlib.util.module_from_spec(spec)

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 import kt_runtime
-from conftest import published_hashes
+from helpers import ROOT
+from helpers.hub import REPO, base_env, cli, hub_env, served  # noqa: F401 - served: the local hub (a fixture)
+from helpers.outputs import published_hashes
 from synthetic import make_v4_flash_checkpoint
 from synthetic.hub_server import LocalHub
 
-REPO = "org/tiny-v4"
-ROOT = Path(__file__).resolve().parents[1]
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 
 
@@ -48,40 +48,9 @@ def big_source(tmp_path_factory):
 def reference(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
     r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(out), "--threadpool-count", "1",
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=_base_env())
+                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=base_env())
     assert r.returncode == 0, r.stderr
     return kt_runtime.load_experts(out)
-
-
-@pytest.fixture
-def served(source):
-    hub = LocalHub(REPO, source)
-    hub.start()
-    yield hub
-    hub.stop()
-
-
-def _base_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "HUGGINGFACE_")) and k not in ("TRANSFORMERS_OFFLINE", "XDG_CACHE_HOME")}
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def hub_env(endpoint: str, cache: Path, **extra) -> dict:
-    env = _base_env()
-    env.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), HF_HOME=str(cache.parent / "hf-home"),
-               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
-               HF_HUB_DISABLE_IMPLICIT_TOKEN="1", HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5")
-    env.update(extra)
-    return env
-
-
-def cli(env, *args, out=None):
-    cmd = [sys.executable, "-m", "convert", "-i", REPO, "--threadpool-count", "1", "--no-progress", *args]
-    if out is not None:
-        cmd += ["-o", str(out)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
 
 
 def start_cli(env, out, *args):
@@ -365,7 +334,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(served, source, tmp_path):
     assert not any(served.lfs_downloads(n) for n in SHARDS)  # headers only (range requests on the resolve URL)
     r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(out), "--dry-run",
                         "--quant-method", "int8", "--threadpool-count", "2"], cwd=ROOT, capture_output=True, text=True,
-                       env=_base_env())
+                       env=base_env())
     assert r.returncode == 0, r.stderr
     assert "family        deepseek_v4" in r.stdout and "int8" in r.stdout and "T=2" in r.stdout
     assert "to fetch" not in r.stdout and not out.exists()
@@ -377,7 +346,7 @@ def test_dry_run_json_is_a_plan_object(served, source, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(out), "--dry-run", "--json", "-",
                         "--quant-method", "int8", "--threadpool-count", "2"], cwd=ROOT, capture_output=True, text=True,
-                       env=_base_env())
+                       env=base_env())
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["dry_run"] is True and plan["family"] == "deepseek_v4" and plan["source_format"] == "fp4"
@@ -390,7 +359,7 @@ def test_dry_run_json_is_a_plan_object(served, source, tmp_path):
     template = str(tmp_path / "{method}")
     r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "--output-template", template, "--dry-run",
                         "--json", "-", "--quant-method", "int4,int8"], cwd=ROOT, capture_output=True, text=True,
-                       env=_base_env())
+                       env=base_env())
     assert r.returncode == 0, r.stderr
     assert [p["method"] for p in json.loads(r.stdout)] == ["int4", "int8"]
     cache = tmp_path / "hub"
@@ -405,7 +374,7 @@ def test_dry_run_json_is_a_plan_object(served, source, tmp_path):
 
 def test_families_json():
     r = subprocess.run([sys.executable, "-m", "convert", "families", "--json", "-"], cwd=ROOT, capture_output=True,
-                       text=True, env=_base_env())
+                       text=True, env=base_env())
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     from convert.families import FAMILIES
@@ -419,7 +388,7 @@ def test_families_json():
 def test_families_command_and_flag():
     for args in (["families"], ["-i", "x", "-o", "y", "--list-families"], ["--list-families"]):
         r = subprocess.run([sys.executable, "-m", "convert", *args], cwd=ROOT, capture_output=True, text=True,
-                           env=_base_env())
+                           env=base_env())
         assert r.returncode == 0, (args, r.stderr)
         assert "deepseek_v4" in r.stdout and "qwen3_moe" in r.stdout and "gpt_oss" in r.stdout
 
@@ -444,7 +413,7 @@ def test_include_non_expert_downloads_every_shard_and_removes_them_at_the_end(se
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(ref), "--threadpool-count", "1",
                         "--no-progress", "--include-non-expert"], cwd=ROOT, capture_output=True, text=True,
-                       env=_base_env())
+                       env=base_env())
     assert r.returncode == 0, r.stderr
     last = "model-00005-of-00005.safetensors"  # the non-expert tensors, kt's last shard
     assert (out / last).read_bytes() == (ref / last).read_bytes()

@@ -25,9 +25,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from convert.cli import main  # noqa: E402
-from convert.divergence import Scores, token_scores  # noqa: E402
+from convert.eval.divergence import Scores, token_scores  # noqa: E402
 from convert.errors import UserError  # noqa: E402
-from convert.evaluate import evaluate, windows_of  # noqa: E402
+from convert.eval.evaluate import evaluate, windows_of  # noqa: E402
 from convert.pipeline import ConvertOptions, convert  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "data" / "tiny-qwen3-moe"
@@ -131,7 +131,7 @@ def test_windows_drop_the_tail_and_take_the_bos():
 
 @pytest.fixture(scope="module")
 def model_and_windows():
-    from convert.evaluate import read_text
+    from convert.eval.evaluate import read_text
 
     net = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(MODEL)
@@ -140,7 +140,7 @@ def model_and_windows():
 
 
 def test_both_sides_on_the_original_experts_give_exactly_zero(model_and_windows):
-    from convert.eval_windows import compare_on_windows
+    from convert.eval.windows import compare_on_windows
     from kt_runtime.integrations import find_expert_modules
 
     net, windows = model_and_windows
@@ -159,7 +159,7 @@ def test_both_sides_on_the_original_experts_give_exactly_zero(model_and_windows)
 
 
 def test_a_change_in_one_layer_shows_in_that_layer_alone(model_and_windows):
-    from convert.eval_windows import compare_on_windows
+    from convert.eval.windows import compare_on_windows
     from kt_runtime.integrations import find_expert_modules
 
     net, windows = model_and_windows
@@ -361,7 +361,7 @@ def test_hostile_text_files(outputs, tmp_path, capsys, monkeypatch):
     assert "is not UTF-8 text (byte 3)" in _refused(capsys, *args, "--text", tmp_path / "latin1.txt")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     assert "no such file" in _refused(capsys, *args, "--text", tmp_path / "dangling")
-    monkeypatch.setattr("convert.evaluate.TEXT_MAX_BYTES", 1000)
+    monkeypatch.setattr("convert.eval.evaluate.TEXT_MAX_BYTES", 1000)
     assert "more than the 1000 bytes allowed" in _refused(capsys, *args, "--text", TEXT)
 
 

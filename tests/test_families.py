@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kt_runtime
-from conftest import available_isas, read_json
+from helpers.numerics import available_isas
+from helpers.outputs import read_json
 from convert.cli import main
 from convert.families import FAMILIES
 from convert.pipeline import ConvertOptions, convert

@@ -10,10 +10,11 @@ import time
 
 import pytest
 
-from conftest import ROOT, read_json, tree_hashes
+from helpers import ROOT
+from helpers.outputs import read_json, tree_hashes
 from convert.cli import main
 from convert.families import FAMILIES
-from kt_runtime.format.layout import LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.names import LOCK_FILE, MANIFEST_FILE
 from synthetic.v4_flash import make_v4_flash_checkpoint
 
 
@@ -435,7 +436,7 @@ def kt_started_output(ckpt, out, capsys, done_layers):
 
 
 def test_resume_layer_keeps_layers_of_kts_script_that_match(ckpt, tmp_path, capsys):
-    from conftest import tree_hashes
+    from helpers.outputs import tree_hashes
 
     ref = tmp_path / "ref"
     assert cli(capsys, "-i", ckpt, "-o", ref, "--no-progress", "--no-merge-safetensor")[0] == 0
@@ -497,12 +498,12 @@ def converted(ckpt, tmp_path):
 def count_hashing(monkeypatch):
     """Counts the layers hashed, by the loader and by the converter (one call per layer)."""
     from convert import pipeline
-    from kt_runtime import loader
+    from kt_runtime.format import reader
 
     calls = []
-    real = loader.tree_sha256_files
+    real = reader.tree_sha256_files
     counted = lambda paths, *a: calls.append(len(paths)) or real(paths, *a)  # noqa: E731
-    monkeypatch.setattr(loader, "tree_sha256_files", counted)
+    monkeypatch.setattr(reader, "tree_sha256_files", counted)
     monkeypatch.setattr(pipeline, "tree_sha256_files", counted)
     return calls
 
@@ -596,9 +597,9 @@ def test_a_resume_hashes_the_unrecorded_layers_and_records_them(ckpt, converted,
 
 def test_large_outputs_are_not_hashed_by_default(converted, monkeypatch):
     import kt_runtime
-    from kt_runtime import loader
+    from kt_runtime.format import reader
 
-    monkeypatch.setattr(loader, "AUTO_VERIFY_BYTES", 1000)
+    monkeypatch.setattr(reader, "AUTO_VERIFY_BYTES", 1000)
     (converted / ".kt_verified.json").unlink()  # no record (an output written before the converter made one)
     calls = count_hashing(monkeypatch)
     kt_runtime.load_experts(converted)

@@ -15,7 +15,7 @@ import torch
 
 import kt_kernels
 import kt_runtime
-from engine_knobs import knobs
+from helpers.engine_knobs import knobs
 from kt_kernels import _testing
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE

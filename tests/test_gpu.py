@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (fp8_subnormal_decode_rows, ftz_window_rows, kt_special_rows, random_bf16,
-                      tree_hashes)
+from helpers.numerics import fp8_subnormal_decode_rows, ftz_window_rows, kt_special_rows, random_bf16
+from helpers.outputs import tree_hashes
 from kt_runtime.format.methods import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import encode_int4_words
 from quant.amx_tiling import untile
 from quant.gpu import pack_gpu, plan_batch
 from quant.mxfp4 import decode_mxfp4
-from kt_runtime.format.layout import full_shape, shard_slice
+from kt_runtime.format.spec import full_shape, shard_slice
 from quant.reference import pack_reference
 
 DEVICE = os.environ.get("KT_GPU_TEST_DEVICE", "cuda")

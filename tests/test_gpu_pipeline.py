@@ -1,7 +1,7 @@
 """The GPU path's host side, without a GPU: the pinned block's leases (convert.host_memory), the device
 layout with in-place windows (quant.gpu.plan_batch), the three-stream schedule (convert.gpu_schedule,
 checked by simulation), and convert.packers.CudaPacker run on a stand-in device whose streams run lazily
-and in an adversarial order (tests/fake_cuda.py), against the C++ packer's bytes."""
+and in an adversarial order (tests/helpers/fake_cuda.py), against the C++ packer's bytes."""
 import gc
 import random
 import sys
@@ -13,8 +13,8 @@ import pytest
 from convert import packers
 from convert.gpu_schedule import STREAMS, batch_steps
 from convert.host_memory import HostBlock, PageableMemory, RangeAllocator, plan_ring, target_layout
-from fake_cuda import fake_launch, fake_torch
-from kt_runtime.format.layout import full_shape, shard_slice
+from helpers.fake_cuda import fake_launch, fake_torch
+from kt_runtime.format.spec import full_shape, shard_slice
 from kt_runtime.format.methods import INT4, INT8
 from quant import gpu as quant_gpu
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
@@ -397,7 +397,7 @@ def test_a_conversion_keeps_one_batch_on_the_device_while_the_next_is_submitted(
     """convert_layer on the stand-in device: batch k+1 is submitted before batch k's results are taken (and
     every batch's results before the layer ends), the read buffers and the arenas are the pinned block's, and
     the files are the CPU run's."""
-    from conftest import tree_hashes
+    from helpers.outputs import tree_hashes
     from convert import pipeline
     from convert.pipeline import ConvertOptions, convert
 
@@ -446,7 +446,7 @@ def test_nvfp4_and_mxfp8_conversions_on_the_stand_in_device(tmp_path, monkeypatc
     """NVFP4 (a multiplying and a dividing per-tensor scale) and MXFP8 checkpoints through the GPU path: every
     batch read into the pinned block and packed by the stand-in kernel, which takes the per-tensor scale from
     the job table as the Triton kernel does; the files are the CPU run's."""
-    from conftest import tree_hashes
+    from helpers.outputs import tree_hashes
     from convert import pipeline
     from convert.pipeline import ConvertOptions, convert
     from synthetic.families import make_family_checkpoint

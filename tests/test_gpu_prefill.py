@@ -27,7 +27,7 @@ from kt_runtime.hybrid.prefill_plan import (ALIGN, MIN_PAIR_BLOCK, TABLE_SHARE, 
 from kt_runtime.hybrid.stream_path import DeferralChain
 from kt_runtime.reference import moe_reference
 
-from prefill_support import CASES, cases, rel  # noqa: F401 (cases: a fixture)
+from helpers.prefill import CASES, cases, rel  # noqa: F401 (cases: a fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from quant.amx_tiling import tile
 from quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, expert_jobs, job_tiles,
                                   scratch_elements, scratch_views)
 
-from prefill_support import CASES, cases, rel  # noqa: F401 (cases: a fixture)
+from helpers.prefill import CASES, cases, rel  # noqa: F401 (cases: a fixture)
 
 DEVICE = os.environ.get("KT_GPU_TEST_DEVICE", "cuda")
 INTERPRETED = DEVICE == "cpu"

@@ -27,11 +27,11 @@ import kt_runtime
 from convert.cli import main
 from convert.errors import UserError
 from kt_runtime.format.errors import FixableError, PackedFormatError
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
 from synthetic.v4_flash import make_v4_flash_checkpoint
-from test_bad_inputs import assert_nothing_complete
-from test_hostile_inputs import deadline  # noqa: F401 - autouse: a hang (a blocking open) fails the test
-from watch_support import Watched
+from helpers.checkpoints import assert_nothing_complete
+from helpers.hangs import deadline  # noqa: F401 - autouse: a hang (a blocking open) fails the test
+from helpers.watch import Watched
 
 SHARD1 = "model-00001-of-00002.safetensors"
 @pytest.fixture(scope="module")
@@ -569,7 +569,7 @@ def test_the_error_bound_holds_for_every_method_and_is_not_vacuous():
     comes within a factor 2.5 of the bound (an int8 row, for one)."""
     import torch
 
-    from conftest import kt_special_rows
+    from helpers.numerics import kt_special_rows
     from kt_runtime.format.methods import METHODS
     from quant.reference import dequantize_packed, pack_reference
 
@@ -662,7 +662,7 @@ def test_interrupting_verify_says_nothing_of_layers(converted, capsys, monkeypat
 
 
 def _eval_stops(monkeypatch, error: BaseException):
-    import convert.evaluate as evaluate_module
+    import convert.eval.evaluate as evaluate_module
 
     def stopped(*a, **k):
         raise error

@@ -29,10 +29,11 @@ import pytest
 from kt_runtime.format.hub_cache import RepoCache
 from synthetic import make_v4_flash_checkpoint
 from synthetic.hub_server import OVERFLOW_CAP, LocalHub
-from test_bad_inputs import assert_nothing_complete
-from test_download import REPO, ROOT, cli, hub_env, served  # noqa: F401 - the fixture: the local hub
-from test_hostile_inputs import deadline  # noqa: F401 - autouse: a hang fails the test
-from watch_support import Watched
+from helpers.checkpoints import assert_nothing_complete
+from helpers import ROOT
+from helpers.hub import REPO, cli, hub_env, served  # noqa: F401 - the fixture: the local hub
+from helpers.hangs import deadline  # noqa: F401 - autouse: a hang fails the test
+from helpers.watch import Watched
 
 STATE = "kt-convert-downloads.json"
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"

@@ -22,37 +22,22 @@ import numpy as np
 import pytest
 
 import kt_runtime
-from conftest import ROOT, read_json
+from helpers import ROOT
+from helpers.outputs import read_json
 from convert.cli import main
 from convert.errors import UserError
 from synthetic.v4_flash import make_v4_flash_checkpoint
 from synthetic.families import make_family_checkpoint
 from kt_runtime.format.errors import InputFileError, SafetensorsChangedError
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, containment_root,
                                            read_json as read_json_file, relative_name_problem, resolve_inside)
 from kt_runtime.format.safetensors_file import SafetensorsFile
-from test_bad_inputs import assert_nothing_complete
+from helpers.checkpoints import assert_nothing_complete, drop, rewrite, set_config
+from helpers.hangs import DEADLINE_S, Hung, deadline  # noqa: F401 - autouse: a hang fails the test
 
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 W1 = "layers.1.ffn.experts.2.w1.weight"
-DEADLINE_S = 60
-
-
-class Hung(BaseException):
-    """Raised by the deadline: a BaseException so that no `except Exception` in the CLI hides it."""
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    def on_alarm(signum, frame):
-        raise Hung(f"still running after {DEADLINE_S} s: something blocked")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(DEADLINE_S)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +65,6 @@ def set_index(ck, fn):
     index = read_json(ck / INDEX_FILE)
     fn(index["weight_map"]) if callable(fn) else None
     (ck / INDEX_FILE).write_text(json.dumps(index))
-
-
-def set_config(ck, **changes):
-    cfg = read_json(ck / "config.json")
-    cfg.update(changes)
-    (ck / "config.json").write_text(json.dumps(cfg))
 
 
 def convert_fails(ck, out, capsys, *needles, extra=()):
@@ -554,8 +533,6 @@ def test_quantization_config_that_is_not_an_object(fp8_ck, tmp_path, capsys):
 
 
 def test_key_with_a_5000_digit_layer_number(ck, tmp_path, capsys):
-    from test_bad_inputs import rewrite
-
     big = "layers." + "9" * 5000 + ".ffn.experts.0.w1.weight"
     rewrite(ck, lambda name, t: {**t, big: t[W1]} if W1 in t else t)
     convert_fails(ck, tmp_path / "out", capsys, "more than 9 digits", "re-download")
@@ -645,8 +622,6 @@ def test_first_k_dense_replace_disagreeing_with_the_tensors(glm_ck, tmp_path, ca
 
 
 def test_dense_layers_by_decoder_sparse_step_and_mlp_only_layers_are_not_missing(tmp_path, capsys):
-    from test_bad_inputs import drop
-
     ck = make_family_checkpoint(tmp_path / "q", "qwen3_moe_bf16", num_layers=3, num_experts=2).path
     drop(ck, lambda k: ".layers.0.mlp.experts." in k)  # make layer 0 dense
     convert_fails(ck, tmp_path / "o1", capsys, "layers 0 have no routed-expert tensors", "decoder_sparse_step 1")
@@ -668,8 +643,6 @@ def test_index_that_omits_a_shard(ck, tmp_path, capsys):
 
 
 def test_every_expert_of_a_layer_removed(ck, tmp_path, capsys):
-    from test_bad_inputs import drop
-
     drop(ck, lambda k: k.startswith("layers.1.ffn.experts."))
     convert_fails(ck, tmp_path / "out", capsys, "layers 1 have no routed-expert tensors", "makes them MoE",
                   "incomplete")
@@ -682,8 +655,6 @@ def test_index_naming_a_tensor_its_shard_lacks(ck, tmp_path, capsys):
 
 
 def test_layers_narrows_the_job_and_the_output_says_partial(ck, tmp_path, capsys):
-    from test_bad_inputs import drop
-
     out = tmp_path / "out"
     assert main(["-i", str(ck), "-o", str(out), "--no-progress", "--layers", "1"]) == 0
     assert "this output is partial: 1 of the model's 2 MoE layers" in capsys.readouterr().err

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 import kt_runtime
-from conftest import read_json, tree_hashes
+from helpers.outputs import read_json, tree_hashes
 from convert.cli import main
 from kt_runtime.format import fsio
 from kt_runtime.format.errors import UnsafePathError
-from kt_runtime.format.layout import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from kt_runtime.format.names import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
 
 
 SHARD0 = "model-00001-of-00002.safetensors"

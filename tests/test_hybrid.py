@@ -52,7 +52,7 @@ def rel(a, b):
 
 def test_library_reference_moe(packed):
     """kt_runtime.reference.moe_reference against test_cpu_moe's float model (written separately)."""
-    from test_cpu_moe import float_moe as separate_float_moe
+    from helpers.moe import float_moe as separate_float_moe
 
     x, ids, w = routing(5, 8, 2, seed=13)
     ref = moe_reference(packed, 1, x, ids, w)

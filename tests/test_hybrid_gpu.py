@@ -26,7 +26,7 @@ from kt_runtime.hybrid import stream_ops
 from kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
 from kt_runtime.reference import moe_reference
 
-from stream_support import E, H, packed, rel, routing  # noqa: F401 (packed: a fixture)
+from helpers.stream import E, H, packed, rel, routing  # noqa: F401 (packed: a fixture)
 
 
 @pytest.mark.gpu

@@ -13,13 +13,13 @@ import torch
 
 import kt_kernels
 import kt_runtime
-from engine_knobs import knobs
+from helpers.engine_knobs import knobs
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
 from kt_runtime.reference import moe_reference
 
-from stream_support import E, H, packed, rel, routing  # noqa: F401 (packed: a fixture)
+from helpers.stream import E, H, packed, rel, routing  # noqa: F401 (packed: a fixture)
 
 
 def bits(a):
@@ -185,7 +185,7 @@ def test_deferral_accuracy_on_tiny_models(tmp_path, family, gpu):
     pytest.importorskip("transformers")
     import copy
 
-    from test_inject import err, logits, make_model, save_and_convert, tokens, zeroed_copy
+    from helpers.tiny_models import err, logits, make_model, save_and_convert, tokens, zeroed_copy
 
     model = make_model(family)
     packed = save_and_convert(model, tmp_path, "int8")

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import kt_compat
+from helpers.kt import kt_compat
 
 pytestmark = pytest.mark.kt
 

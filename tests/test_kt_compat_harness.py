@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kt_compat
+from helpers.kt import kt_compat
 
 FAKE_KT = '''
 import os, signal, time

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import kt_kernels
+from helpers.numerics import (INT8_RECIP_BITS, available_isas, fp8_subnormal_decode_rows, ftz_window_rows,
+                              int8_recip_mantissas, kt_special_rows)
 from kt_kernels import _testing
-from conftest import INT8_RECIP_BITS, available_isas, fp8_subnormal_decode_rows, ftz_window_rows, int8_recip_mantissas, kt_special_rows
 from kt_runtime.format.methods import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.kt_quant import quantize_rows, row_scales

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import kt_runtime
-from conftest import read_json, tree_hashes
-from convert import writer as writer_mod
+from helpers.outputs import read_json, tree_hashes
+from kt_runtime.format import writer as writer_mod
 from convert.cli import main
 from kt_runtime.format import digest as digest_mod
 from kt_runtime.format import kt_sft_manifest as sft_mod

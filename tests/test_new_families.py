@@ -73,7 +73,7 @@ def test_kimi_k3_records_both_widths(tmp_path):
 # -- detection is strict: the config and the tensors must agree (exit 2 naming the file and the fix) -------------
 
 def _refused(tmp_path, capsys, variant, edit=None, drop=(), *needles):
-    from conftest import read_json
+    from helpers.outputs import read_json
     from convert.cli import main
     import json
 

@@ -11,7 +11,7 @@ from kt_runtime.format.methods import INT4, INT8, METHODS
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import decode_mxfp8, decode_nvfp4, decode_source
 from quant.reference import pack_reference
-from conftest import available_isas
+from helpers.numerics import available_isas
 
 AVAILABLE_ISAS = available_isas()
 RAWINT4 = METHODS["rawint4-g32"]

@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import read_json
+from helpers.outputs import read_json
 from convert.cli import main
 from convert.errors import UserError
 from convert.non_expert import non_expert_tensors

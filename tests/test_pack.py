@@ -15,7 +15,7 @@ from quant.kt_quant import quantize_rows
 from quant.mxfp4 import E2M1_VALUES, decode_mxfp4
 from quant.reference import dequantize_packed, pack_reference
 from quant.source_formats import SOURCE_FORMATS
-from conftest import available_isas, random_bf16
+from helpers.numerics import available_isas, random_bf16
 
 AVAILABLE_ISAS = available_isas()
 
@@ -454,7 +454,7 @@ def test_pack_isa_variable():
 
 
 def test_conversion_at_every_forced_isa_level_writes_the_same_bytes(tiny_checkpoint, tmp_path, monkeypatch):
-    from conftest import tree_hashes
+    from helpers.outputs import tree_hashes
     from convert.cli import main
     from convert.packers import CpuPacker
 

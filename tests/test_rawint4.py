@@ -10,12 +10,12 @@ import torch
 
 import kt_kernels
 import kt_runtime
-from conftest import available_isas, random_bf16, read_json
+from helpers.numerics import available_isas, random_bf16
+from helpers.outputs import read_json
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
-from kt_runtime.format.layout import ct_key
-from kt_runtime.format.methods import (BF16_LEAST_SQUARES, CHOICES, INT4, METHODS, RAWINT4_G32, RAWINT4_G64,
-                                       RAWINT4_G128, method_for)
+from kt_runtime.format.byte_orders import ct_key
+from kt_runtime.format.methods import (BF16_LEAST_SQUARES, CHOICES, INT4, METHODS, RAWINT4_G32, RAWINT4_G64, RAWINT4_G128, method_for)
 from kt_runtime.format.safetensors_file import SafetensorsFile
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
 from quant.decoders import decode_int4_group, unpack_int4_words
@@ -38,7 +38,8 @@ def test_method_rows_and_choices():
     with pytest.raises(ValueError, match="not to int4"):
         method_for("int4", 32)
     for m in GROUPED:
-        assert (m.kt_method, m.bits, m.scale_dtype, m.numa_split, m.k_align) == ("RAWINT4", 4, "BF16", False, m.group_size)
+        assert (m.kt_method, m.bits, m.scale_dtype, m.byte_order.numa_split, m.k_align) == \
+            ("RAWINT4", 4, "BF16", False, m.group_size)
         assert (m.levels, m.scale_arithmetic) == (7, BF16_LEAST_SQUARES)
         assert m.weight_bytes(64, 256) == 64 * 128 and m.scale_count(64, 256) == 64 * 256 // m.group_size
         assert kt_kernels.method_info(m.name)["group_size"] == m.group_size

@@ -14,7 +14,7 @@ from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
 from convert.quant_notes import minus8_count
 from convert.verify import verify
-from kt_runtime.format.layout import ct_key
+from kt_runtime.format.byte_orders import ct_key
 from kt_runtime.format.methods import RAWINT4_G32, RAWINT4_G64
 from kt_runtime.format.safetensors_file import SafetensorsFile
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from helpers import ROOT
 
 README = (ROOT / "README.md").read_text()
 
@@ -360,7 +360,7 @@ def v4(work):
 
 
 def test_readme_convert_and_verify_commands(v4, work):
-    from conftest import tree_hashes
+    from helpers.outputs import tree_hashes
 
     out = work / "V4-CPU-AMXINT4"
     models = {"/models/DeepSeek-V4-Flash": v4, "/models/DeepSeek-V4-Flash-CPU-NUMA2-AMXINT4": out}
@@ -381,7 +381,7 @@ def test_readme_hub_commands_against_a_local_hub(v4, work):
     """`hf download` then a conversion from the cache, and --download: a local hub stands in for huggingface.co
     (HF_ENDPOINT), serving the synthetic checkpoint as deepseek-ai/DeepSeek-V4-Flash."""
     from synthetic.hub_server import LocalHub
-    from test_download import hub_env
+    from helpers.hub import hub_env
 
     with LocalHub("deepseek-ai/DeepSeek-V4-Flash", v4) as hub:
         cache = work / "hub"
@@ -424,7 +424,7 @@ def test_batch_doc_template_and_shard_commands(v3, work):
 def test_batch_doc_slurm_script_and_its_finalize(v3, work):
     """The sbatch script's commands, once per array task (SLURM's variables set as --array=1-8 sets them),
     and its finalize step: with a task missing, finalize names it; then the output is the single run's."""
-    from conftest import tree_hashes
+    from helpers.outputs import tree_hashes
 
     activate = work / "activate"  # the script sources the virtual environment: here, ours
     activate.write_text(f'export PATH="{os.path.dirname(sys.executable)}:$PATH"\n')

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kt_runtime
-from conftest import published_hashes
+from helpers.outputs import published_hashes
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
 from kt_runtime.format.digest import tree_sha256_files
@@ -312,7 +312,7 @@ def test_output_digests_one_prints_the_same_lines_from_any_folder(tmp_path, caps
     """scripts/output_digests.py --one (what two machines compare): the same output lines from two folders."""
     import importlib.util
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     spec = importlib.util.spec_from_file_location("output_digests", ROOT / "scripts" / "output_digests.py")
     script = importlib.util.module_from_spec(spec)

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file as st_save_file
 
 from kt_runtime.format.errors import SafetensorsFormatError
-from kt_runtime.format.safetensors_file import (DTYPE_BITS, MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, plan_layout,
+from kt_runtime.format.safetensors_file import (DTYPE_BITS, MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, plan_file,
                                                 save_file, tensor_nbytes)
 
 ALL_DTYPES = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
@@ -123,7 +123,7 @@ def test_numpy_arrays_are_written_by_their_bytes(tmp_path):
 
 def test_plan_layout_alignment_and_offsets():
     entries = [("x", "U8", (64,)), ("y", "F32", (16, 4)), ("z", "BF16", (3,)), ("w", "F4", (2, 6))]
-    header, offsets = plan_layout(entries, {"format": "pt"}, align=64)
+    header, offsets = plan_file(entries, {"format": "pt"}, align=64)
     n = int.from_bytes(header[:8], "little")
     assert len(header) == 8 + n and len(header) % 64 == 0 and n % 8 == 0
     assert header[8:9] == b"{" and header.rstrip(b" ") == header[: len(header.rstrip(b" "))]
@@ -133,24 +133,24 @@ def test_plan_layout_alignment_and_offsets():
                        "z": (len(header) + 320, 6), "w": (len(header) + 326, 6)}
     assert offsets["x"][0] % 64 == 0 and offsets["y"][0] % 64 == 0 and offsets["z"][0] % 64 == 0
     for align in (1, 8, 4096):
-        h, _ = plan_layout(entries, None, align=align)
+        h, _ = plan_file(entries, None, align=align)
         assert len(h) % align == 0 and "__metadata__" not in json.loads(h[8:])
     with pytest.raises(ValueError, match="duplicate"):
-        plan_layout([("a", "U8", (1,)), ("a", "U8", (1,))])
+        plan_file([("a", "U8", (1,)), ("a", "U8", (1,))])
     with pytest.raises(ValueError, match="unknown"):
-        plan_layout([("a", "X9", (1,))])
+        plan_file([("a", "X9", (1,))])
     with pytest.raises(ValueError, match="whole number"):
-        plan_layout([("a", "F4", (3,))])
+        plan_file([("a", "F4", (3,))])
     with pytest.raises(ValueError):
-        plan_layout([("a", "U8", (-1,))])
+        plan_file([("a", "U8", (-1,))])
     with pytest.raises(ValueError):
-        plan_layout([], {"format": 1})
+        plan_file([], {"format": 1})
 
 
 def test_streamed_layout_is_readable(tmp_path):
     """The converter's pattern: write header, then each tensor at its planned offset."""
     entries = [("a", "I8", (8, 32)), ("b", "F8_E8M0", (8, 2)), ("c", "F4", (4, 64))]
-    header, offsets = plan_layout(entries, {"format": "pt", "kt": "1"})
+    header, offsets = plan_file(entries, {"format": "pt", "kt": "1"})
     path = tmp_path / "s.safetensors"
     rng = np.random.default_rng(1)
     payload = {name: rng.integers(0, 256, nbytes, dtype=np.uint8) for name, (_, nbytes) in offsets.items()}
@@ -377,7 +377,7 @@ def _fuzz_base() -> tuple[bytes, dict]:
         "z": ("F32", (0,), b""),
         "c": ("C64", (), rng.integers(0, 256, 8, dtype=np.uint8)),
     }
-    header, offsets = plan_layout([(k, d, s) for k, (d, s, _) in tensors.items()], {"format": "pt"}, align=8)
+    header, offsets = plan_file([(k, d, s) for k, (d, s, _) in tensors.items()], {"format": "pt"}, align=8)
     data = b"".join(bytes(memoryview(v[2])) for v in tensors.values())
     return header + data, json.loads(header[8:])
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 import kt_kernels
-from conftest import ROOT, read_json
-from engine_knobs import knobs
+from helpers import ROOT
+from helpers.engine_knobs import knobs
+from helpers.outputs import read_json
 from kt_kernels import _testing
-from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
+from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 
 TIMEOUT = 120
 
@@ -58,7 +59,7 @@ PRELUDE = textwrap.dedent("""
 POOLS = PRELUDE + textwrap.dedent("""
     from kt_runtime.cpu_moe import CPUMoE
     sys.path.insert(0, sys.argv[2])
-    from test_cpu_moe import FakeExperts
+    from helpers.moe import FakeExperts
 
     experts = FakeExperts("int8", hidden=128, inter=128, experts=4, threadpool_count=1)
     x = np.linspace(-1, 1, 2 * 128, dtype=np.float32).reshape(2, 128)
@@ -115,7 +116,7 @@ def test_both_pools_fail_cleanly_and_the_process_goes_on(kind):
 @pytest.mark.parametrize("bad", [2**40, 2**70, -1, 4097, True, 2.0])
 def test_thread_counts_out_of_range_are_refused_at_construction(bad):
     from kt_runtime.cpu_moe import CPUMoE
-    from test_cpu_moe import FakeExperts
+    from helpers.moe import FakeExperts
 
     experts = FakeExperts("int8", hidden=128, inter=128, experts=4, threadpool_count=1)
     with pytest.raises(ValueError, match=r"num_threads must be an int in \[0, 4096\]"):
@@ -172,7 +173,7 @@ def test_spin_pool_gives_the_same_results_sleeping_or_spinning():
     import torch
 
     from kt_runtime.cpu_moe import CPUMoE
-    from test_cpu_moe import FakeExperts
+    from helpers.moe import FakeExperts
 
     w = FakeExperts("int8", hidden=256, inter=256, experts=8, threadpool_count=2, seed=4)
     g = torch.Generator().manual_seed(1)

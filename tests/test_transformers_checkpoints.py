@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import kt_runtime  # noqa: E402
-from conftest import read_json  # noqa: E402
+from helpers.outputs import read_json  # noqa: E402
 from convert.pipeline import ConvertOptions, convert  # noqa: E402
 from kt_runtime.format.methods import get_method  # noqa: E402
 from quant.reference import pack_expert_reference  # noqa: E402

@@ -12,7 +12,7 @@ from convert.cli import main
 from convert.errors import UserError
 from convert.pipeline import ConvertOptions, convert
 from convert.verify import html_report, verify
-from kt_runtime.format.layout import ct_key
+from kt_runtime.format.byte_orders import ct_key
 from kt_runtime.format.safetensors_file import SafetensorsFile
 from synthetic import V4_FLASH_VARIANT, VARIANTS, make_family_checkpoint
 

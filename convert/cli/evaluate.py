@@ -1,5 +1,5 @@
 """`convert-cpu-weights eval OUT --model SRC --text FILE`: KL divergence, top-1 agreement and perplexity of
-the model with its routed experts served from OUT, against the original model (convert/evaluate.py)."""
+the model with its routed experts served from OUT, against the original model (convert/eval/evaluate.py)."""
 from __future__ import annotations
 
 import click
@@ -38,7 +38,7 @@ from .report_paths import check_report_paths
 def eval_command(output, model, text, ctx, max_tokens, device, gpu_experts, dtype, threads, no_per_layer, json_path,
                  progress):
     """Measure a packed output against the original model: KL divergence, top-1 agreement, perplexity."""
-    from ..evaluate import evaluate
+    from ..eval.evaluate import evaluate
 
     check_report_paths({"--json": json_path}, inputs=(model,), outputs=(output,),
                        user_files={"the --text file": text})

@@ -12,8 +12,8 @@ from .report_paths import check_report_paths
 
 
 def families_table() -> str:
-    rows = [("family", "model_type", "expert layout", "notes")]
-    rows += [(f.name, "/".join(f.model_types), f.layout, f.note) for f in FAMILIES]
+    rows = [("family", "model_type", "expert arrangement", "notes")]
+    rows += [(f.name, "/".join(f.model_types), f.arrangement, f.note) for f in FAMILIES]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
     return "\n".join(lines) + f"\nsource formats: {SUPPORTED}"
@@ -33,8 +33,9 @@ def families_command(json_path):
 
 
 def families_document() -> dict:
-    return {"families": [{"name": f.name, "model_types": list(f.model_types), "layout": f.layout, "note": f.note}
-                         for f in FAMILIES],
+    """The --json document ("layout": a family's arrangement, the key this document has always used)."""
+    return {"families": [{"name": f.name, "model_types": list(f.model_types), "layout": f.arrangement,
+                          "note": f.note} for f in FAMILIES],
             "source_formats": [{"input_type": f.input_type, "kind": f.kind, "description": f.description}
                                for f in SOURCE_FORMATS.values() if f.input_type]}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from kt_runtime.format.layout import MANIFEST_FILE
+from kt_runtime.format.names import MANIFEST_FILE
 from kt_runtime.format.manifest import read_manifest
 
 from ..errors import UserError

@@ -12,7 +12,7 @@ from kt_runtime.format.files import RunFiles, check_reports, resolved
 from kt_runtime.format.fsio import atomic_write_text
 from kt_runtime.format.hub_cache import RepoCache
 from kt_runtime.format.input_files import containment_root
-from kt_runtime.format.layout import KT_SFT_MANIFEST_FILE, state_dir
+from kt_runtime.format.names import KT_SFT_MANIFEST_FILE, state_dir
 
 from ..output_dir import is_output_entry
 from ..source import HUB_ID, hub_cache_dir

@@ -1,12 +1,12 @@
 """Reading files that an input names, defensively: one set of rules for the converter (checkpoints)
-and the loader (packed outputs). Torch-free; convert imports it, it imports nothing of convert.
+and the reader (packed outputs). Torch-free; convert imports it, it imports nothing of convert.
 
 * Containment. A name taken from an input (an index's ``weight_map`` value, a manifest's file list)
   must be a plain relative path: not empty, not absolute, no ``..`` or ``.`` component, no
   backslash or NUL, written in normal form. The file it reaches, symlinks followed, must lie inside
   the containment root: the folder itself, or for a Hugging Face cache snapshot
   (``.../models--ORG--NAME/snapshots/REV``) the repo folder ``models--ORG--NAME``, whose snapshot
-  files are symlinks into ``../../blobs/``. One exception, the other layout huggingface_hub makes:
+  files are symlinks into ``../../blobs/``. One exception, the other folder structure huggingface_hub makes:
   a symlink to a blob of a Hugging Face cache (``.../models--*/blobs/<hex digest>``), which is what
   ``huggingface-cli download --local-dir`` left before huggingface_hub 0.23. Any other symlink
   leading out of the folder is refused, so a checkpoint cannot make the converter read

@@ -8,10 +8,10 @@ kt's rules: the root holds exactly this file and one `_layer_L` folder per MoE l
 `INT8_{gate,up,down}_{E}_{bytes}Byte_{quant,scale}_.kt`, of the sizes of an int8 [n, k] matrix and n fp32
 scales; schema 2 lists each file's lowercase sha256, which kt checks by default. No symlink anywhere.
 
-The bytes are AMXINT8's: kt's SFT class for this layout, `AMX_SFT_MOE_TP<GemmKernel224Int8>`
+The bytes are AMXINT8's: kt's SFT class for this byte order, `AMX_SFT_MOE_TP<GemmKernel224Int8>`
 (operators/amx/sft_moe.hpp), derives from the inference class `AMX_MOE_TP<GemmKernel224Int8>` and loads its
 forward weights with that class's `load_weights` / `read_weights` (operators/amx/moe.hpp) into the same
-`GemmKernel224Int8::BufferB`, whose layout the extension reports as `kt-int8-n32-k64-vnni-v1`
+`GemmKernel224Int8::BufferB`, whose byte order the extension reports as `kt-int8-n32-k64-vnni-v1`
 (ext_bindings.cpp: `__int8_weight_layout__`); #2141 added a oneDNN compensation computed in memory from those
 bytes, not stored.
 """
@@ -26,12 +26,13 @@ from . import files, fsio
 from .digest import BLOCK, file_sha256, tree_sha256_of_files
 from .errors import InputFileError
 from .input_files import MANIFEST_MAX_BYTES
-from .layout import KT_SFT_MANIFEST_FILE, PackedSpec, layer_dir_name, numa_dir_name, parse_kt_file_name
+from .names import KT_SFT_MANIFEST_FILE, layer_dir_name, numa_dir_name
+from .spec import PackedSpec, parse_kt_file_name
 from .manifest import LayerRecord
 
 SCHEMA_VERSION = 2
-LAYOUT = "kt-int8-n32-k64-vnni-v1"
-METHOD = "int8"  # the method row whose bytes are that layout (AMXINT8)
+KT_BYTE_ORDER = "kt-int8-n32-k64-vnni-v1"  # kt's name for AMXINT8's byte order (its manifest's "layout")
+METHOD = "int8"  # the method row whose bytes are in that order (AMXINT8)
 
 
 def weight_manifest(spec: PackedSpec, records: dict[int, LayerRecord], producer: str) -> dict[str, Any]:
@@ -50,14 +51,14 @@ def weight_manifest(spec: PackedSpec, records: dict[int, LayerRecord], producer:
         files = [{"path": f, "size_bytes": n, "sha256": h} for f, n, h in zip(rec.files, sizes, rec.file_sha256)]
         layers.append({"index": layer, "numa_count": spec.threadpool_count, "state": "ready", "files": files,
                        "bytes": rec.nbytes})
-    return {"schema_version": SCHEMA_VERSION, "state": "ready", "expert_weight_format": "int8", "layout": LAYOUT,
+    return {"schema_version": SCHEMA_VERSION, "state": "ready", "expert_weight_format": "int8", "layout": KT_BYTE_ORDER,
             "threadpool_count": spec.threadpool_count, "expert_num": spec.num_experts,
             "hidden_size": spec.hidden_size, "intermediate_size": spec.moe_intermediate_size,
             "layers": layers, "bytes": sum(layer["bytes"] for layer in layers), "producer": producer}
 
 
 def record_digests_problem(root: Path, rec: LayerRecord) -> str | None:
-    """Whether a record's per-file sha256s are those of its files, given that its tree digest is (the loader
+    """Whether a record's per-file sha256s are those of its files, given that its tree digest is (the reader
     checks that): for files of one 64 MiB block the tree digest is the sha256 of their sha256s, so nothing is
     read; a longer file is hashed."""
     if rec.file_sha256 is None:

@@ -1,9 +1,9 @@
 """kt_manifest.json and the shards' __metadata__ (docs/FORMAT.md §5): what a packed output holds, how
 it was made, and which layers are complete.
 
-kt-kernel ignores both; the loader checks an output against them and the converter resumes from the
+kt-kernel ignores both; the reader checks an output against them and the converter resumes from the
 manifest. `shard_metadata` is what the converter writes into a merged shard, `shard_metadata_problem`
-what the loader checks it with: the facts come from one function, `shard_facts`.
+what the reader checks it with: the facts come from one function, `shard_facts`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any
 
 from .digest import DIGEST_NAME
 from .errors import InputFileError, ManifestError
-from .layout import FORMAT_VERSION, MANIFEST_FILE, PackedSpec
+from .names import FORMAT_VERSION, LAYOUTS, MANIFEST_FILE
+from .spec import PackedSpec
 from .methods import METHODS, alignment_problem, get_method
 from .input_files import (MANIFEST_MAX_BYTES, parse_json, read_capped, relative_name_problem,
                           resolve_inside)
@@ -54,7 +55,7 @@ class Manifest(PackedSpec):
     """What a packed output holds (the PackedSpec fields), how it was made, and how far it got."""
 
     layers: list[int]  # (a list in JSON)
-    layout: str  # "merged" | "kt-folders"
+    layout: str  # the output's form on disk: names.MERGED | names.KT_FOLDERS
     num_shards: int = 0
     source: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -151,11 +152,12 @@ class Manifest(PackedSpec):
             bad("layers must be a list of non-negative integers")
         if len(set(self.layers)) != len(self.layers):
             bad("layers lists a layer twice")
-        if not isinstance(self.layout, str) or self.layout not in ("merged", "kt-folders"):
+        if not isinstance(self.layout, str) or self.layout not in LAYOUTS:
             bad(f"unknown layout {self.layout!r}")
-        if not get_method(self.method).numa_split and (self.layout != "merged" or self.threadpool_count != 1):
-            bad(f"method {self.method} is stored as whole matrices in safetensors shards: layout must be merged "
-                f"and threadpool_count 1, got {self.layout!r} and {self.threadpool_count}")
+        method = get_method(self.method)
+        problem = method.byte_order.record_problem(method, self.layout, self.threadpool_count)
+        if problem is not None:
+            bad(problem)
         if not isinstance(self.activation, str):
             bad(f"activation must be a string, got {self.activation!r}")
         if self.swiglu_limit is not None and (isinstance(self.swiglu_limit, bool)

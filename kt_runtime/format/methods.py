@@ -1,29 +1,25 @@
 """The packed weight methods: one row per method, and the alignment rule every reader and writer uses.
 
 A row says everything the format, the converter and the runtime need to know about a method; the
-CLI choices, the manifest checks, the loader's inference and the CPU engine read it from here, and
-kernels_cpp's `method_info` holds the same numbers (tests/test_format_room.py compares them). Adding
-a method is a row here plus its kernels (docs/ARCHITECTURE.md).
+CLI choices, the manifest checks, the reader's inference and the CPU engine read it from here, and
+kernels_cpp's `method_info` holds the same numbers (tests/test_format_room.py compares them). What depends
+on how the bytes are ordered is asked of the row's byte order (byte_orders.py). Adding a method is a row
+here (with a new ByteOrder when its bytes are ordered another way) plus its kernels (docs/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from .byte_orders import AMX_TILED, BYTE_ORDERS, COMPRESSED_TENSORS, ByteOrder
 from .errors import FixableError
 
-# The AMX-tiled layout (docs/FORMAT.md §3): K-blocks of 3584 elements, 2048-byte tile pairs of
+# The AMX-tiled byte order (docs/FORMAT.md §3): K-blocks of 3584 elements, 2048-byte tile pairs of
 # 32 rows x 64 bytes.
 K_BLOCK = 3584
 TILE_ROWS = 32
 TILE_BYTES = 64
 
-AMX_TILED = "amx-tiled"  # kt's BufferB: N-blocks x K-blocks of tile pairs, per NUMA shard, per-row scales
-# compressed-tensors pack-quantized, what kt's RAWINT4 loads: whole row-major matrices under the model's
-# own expert keys (kt splits them in RAM, so there is no NUMA split on disk), int32 words of 8 offset-binary
-# nibbles (element j at bits 4j), bf16 scales per group of K (docs/FORMAT.md §7)
-COMPRESSED_TENSORS = "compressed-tensors"
-LAYOUTS = (AMX_TILED, COMPRESSED_TENSORS)
 FP32_RECIPROCAL = "fp32-reciprocal"  # d = fl32(amax * fl32(1 / levels)) (what GCC -ffast-math makes of amax / levels)
 FP64_DIVIDE = "fp64-divide"  # d = fl32((double)amax / levels)
 # per group: the bf16 scale d with the least squared error sum((w - q d)^2), q = clamp(rint(w / d), -7, 7)
@@ -40,7 +36,7 @@ class QuantMethod:
     bits: int  # bits per stored weight (4: two per byte)
     levels: int  # d = amax / levels: the largest |q| in the int8 grid (INT4 then rounds to multiples of 16)
     scale_arithmetic: str  # how amax / levels is computed, bit for bit (FP32_RECIPROCAL | FP64_DIVIDE)
-    layout: str  # byte order of the weights (LAYOUTS)
+    byte_order: ByteOrder  # how the weights and scales lie on disk (byte_orders.BYTE_ORDERS)
     n_block: int  # rows per N-block
     k_align: int  # K, and the NUMA slice of I, must be multiples of this
     group_size: int | None = None  # None: one scale per output row; else K elements per scale
@@ -48,8 +44,8 @@ class QuantMethod:
     cli_name: str = ""  # --quant-method value when rows differ only in group_size ("" : name)
 
     def __post_init__(self):
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"method {self.name}: layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.byte_order not in BYTE_ORDERS:
+            raise ValueError(f"method {self.name}: byte order {self.byte_order!r} is not one of {BYTE_ORDERS}")
         if self.scale_arithmetic not in SCALE_ARITHMETIC:
             raise ValueError(f"method {self.name}: scale_arithmetic {self.scale_arithmetic!r} is not one of "
                              f"{SCALE_ARITHMETIC}")
@@ -65,11 +61,6 @@ class QuantMethod:
         return self.cli_name or self.name
 
     @property
-    def numa_split(self) -> bool:
-        """Split on disk per NUMA pool (kt's BufferB); False: whole matrices, split by kt in RAM."""
-        return self.layout == AMX_TILED
-
-    @property
     def elems_per_byte(self) -> int:
         return 8 // self.bits
 
@@ -81,7 +72,7 @@ class QuantMethod:
         return n * k // self.elems_per_byte
 
     def scale_count(self, n: int, k: int) -> int:
-        return n if self.group_size is None else n * (k // self.group_size)
+        return self.byte_order.scale_count(self, n, k)
 
     def max_error(self, amax: float) -> float:
         """A bound on |dequantized - source| of any weight whose row (or group) has the largest |weight|
@@ -99,14 +90,14 @@ class QuantMethod:
         return step + self.levels * 2.0 ** -126
 
 
-INT4 = QuantMethod("int4", "AMXINT4", "INT4", bits=4, levels=112, scale_arithmetic=FP64_DIVIDE, layout=AMX_TILED,
-                   n_block=128, k_align=128)
-INT8 = QuantMethod("int8", "AMXINT8", "INT8", bits=8, levels=127, scale_arithmetic=FP32_RECIPROCAL, layout=AMX_TILED,
-                   n_block=64, k_align=64)
+INT4 = QuantMethod("int4", "AMXINT4", "INT4", bits=4, levels=112, scale_arithmetic=FP64_DIVIDE,
+                   byte_order=AMX_TILED, n_block=128, k_align=128)
+INT8 = QuantMethod("int8", "AMXINT8", "INT8", bits=8, levels=127, scale_arithmetic=FP32_RECIPROCAL,
+                   byte_order=AMX_TILED, n_block=64, k_align=64)
 
 def _rawint4(group: int) -> QuantMethod:
     return QuantMethod(f"rawint4-g{group}", "RAWINT4", "", bits=4, levels=7, scale_arithmetic=BF16_LEAST_SQUARES,
-                       layout=COMPRESSED_TENSORS, n_block=1, k_align=group, group_size=group, scale_dtype="BF16",
+                       byte_order=COMPRESSED_TENSORS, n_block=1, k_align=group, group_size=group, scale_dtype="BF16",
                        cli_name="rawint4")
 
 

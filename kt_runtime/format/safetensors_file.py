@@ -1,4 +1,4 @@
-"""Strict, small, zero-copy safetensors reader and a layout writer.
+"""Strict, small, zero-copy safetensors reader and a streaming writer.
 
 The format (huggingface/safetensors; docs/FORMAT.md §8):
 
@@ -13,7 +13,7 @@ plain slice of a read-only mmap (no copy) or a pread into a caller's buffer (no 
 program truncates the file), and never past the file.  Every problem with the file is reported as
 :class:`SafetensorsFormatError` whose message starts with the file path.
 
-The writer side is :func:`plan_layout` (header bytes + absolute offsets, so callers can stream
+The writer side is :func:`plan_file` (header bytes + absolute offsets, so callers can stream
 tensors to known positions) and :func:`save_file` (a convenience built on it).
 """
 
@@ -41,7 +41,7 @@ __all__ = [
     "SafetensorsFormatError",
     "TensorInfo",
     "numpy_dtype",
-    "plan_layout",
+    "plan_file",
     "save_file",
     "tensor_nbytes",
 ]
@@ -217,7 +217,7 @@ class SafetensorsFile:
     Two ways to get the bytes: :meth:`read_into` (pread into the caller's buffer: a file that
     shrinks meanwhile gives a :class:`SafetensorsChangedError`, never a SIGBUS; what the converter
     uses) and :meth:`raw` / :meth:`array` (zero-copy views of a read-only mmap made on first use;
-    what the loader uses). The file is opened only if it is a regular file (stat, then O_NONBLOCK
+    what the reader uses). The file is opened only if it is a regular file (stat, then O_NONBLOCK
     and fstat: a FIFO or device never blocks or is read). :meth:`close` drops this object's
     references; views still alive keep the mapping valid until they are garbage-collected.
     """
@@ -462,7 +462,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return dict(metadata)
 
 
-def plan_layout(
+def plan_file(
     entries: list[tuple[str, str, tuple[int, ...]]],
     metadata: dict[str, str] | None = None,
     align: int = 64,
@@ -471,7 +471,7 @@ def plan_layout(
 
     The header is the 8-byte little-endian length plus the JSON, right-padded with spaces so that
     the data buffer starts at a multiple of `align` (for align a multiple of 8 this also keeps the
-    reference writer's ``N % 8 == 0``).  Tensors are laid out contiguously in the given order (the
+    reference writer's ``N % 8 == 0``).  Tensors are placed contiguously in the given order (the
     format allows no gaps), so each one starts at a multiple of `align` exactly when the sizes of
     the ones before it are multiples of `align`; choosing the order/sizes is the caller's job.
     `metadata` None writes no ``__metadata__``.  Caller mistakes raise ValueError.
@@ -533,7 +533,7 @@ def save_file(
     if metadata is None:
         metadata = {"format": "pt"}
     entries = [(name, dtype, tuple(shape)) for name, (dtype, shape, _) in tensors.items()]
-    header, offsets = plan_layout(entries, metadata)
+    header, offsets = plan_file(entries, metadata)
     buffers = []
     for name, (_, _, data) in tensors.items():
         buf = _as_bytes(name, data)

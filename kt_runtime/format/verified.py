@@ -1,6 +1,6 @@
 """The record of the layers whose files are known equal to the manifest's sha256, each file keyed by
 (size, mtime_ns, inode, device): a later load (or converter run) whose files have the same keys skips
-hashing them again. Two writers: the loader, for the layers it hashed, and the converter, for each
+hashing them again. Two writers: the reader, for the layers it hashed, and the converter, for each
 layer it commits (hashed as it was written) and each it hashed when resuming. Any write through the file system changes mtime (a replaced file, its
 inode too), so a changed file is hashed again. The record lives in the output folder
 (VERIFIED_FILE), is replaced atomically (fsio), and is only a cache: unreadable, foreign or stale
@@ -14,7 +14,7 @@ from pathlib import Path
 from . import files as file_roles
 from . import fsio
 from .errors import UnsafePathError
-from .layout import VERIFIED_FILE
+from .names import VERIFIED_FILE
 
 VERSION = 1
 MAX_BYTES = 64 << 20

@@ -13,7 +13,7 @@
     launcher       the thread that queues the GPU part while the calling thread runs the CPU engine
     gpu_prefill    prefill chunks: the CPU-resident experts streamed to the GPU, dequantized, grouped GEMMs
     prefill_plan   when a call takes the GPU prefill, and its transfer groups within a memory budget
-    expert_staging where a layer's packed experts are in the files, and a transfer group's staging layout
+    expert_staging where a layer's packed experts are in the files, and where a transfer group is staged
 """
 from .layer import HybridMoE, default_cpu_threads
 from .placement import ExpertStats, gpu_expert_mask

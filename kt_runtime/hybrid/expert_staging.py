@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ..format.layout import PROJECTIONS
+from ..format.names import PROJECTIONS
 from .prefill_plan import ALIGN
 
 MIN_TASK_BYTES = 1 << 20  # a copy thread's share of a group, at least (smaller ones cost more than they save)
@@ -111,7 +111,7 @@ class LayerSources:
 
 
 def stage_group(experts: Sequence[int], pieces: Sequence[Sequence[Piece]], make_jobs) -> StagedGroup:
-    """The staging layout of a transfer group: experts[j]'s pieces are pieces[j]; make_jobs(j, offset_of)
+    """Where a transfer group is staged: experts[j]'s pieces are pieces[j]; make_jobs(j, offset_of)
     -> int64 [*, 6] job rows of slot j, offset_of(proj, numa) -> (weight offset, scale offset)."""
     runs: list[list[int]] = []  # [region, src, nbytes, dst]
     offsets: dict = {}

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..format.layout import PROJECTIONS, shard_shape
+from ..format.names import PROJECTIONS
+from ..format.spec import shard_shape
 from ..format.methods import get_method
 from .expert_staging import LayerSources, copy_tasks, stage_group
 from .gpu_experts import clamp_bounds, gated_activation

@@ -1,8 +1,6 @@
-"""Names, keys and shapes of the packed format (docs/FORMAT.md §4-§5).
-
-Each name is built by one function and parsed by the pattern beside it; the NUMA split of one
-expert's matrices; `PackedSpec`, what a packed output holds, with the tensors of a layer and
-their byte sizes (the one place those are computed).
+"""What a packed output holds (docs/FORMAT.md §4-§5): the NUMA split of one expert's matrices, kt's `.kt`
+file names, and `PackedSpec`, with the tensors of a layer and their byte sizes (the one place those are
+computed; the tensors of one pair come from the method's byte order).
 """
 from __future__ import annotations
 
@@ -13,91 +11,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .byte_orders import Entry
 from .methods import METHODS, QuantMethod, get_method
+from .names import PROJECTIONS, layer_dir_name, numa_dir_name
 from .safetensors_file import tensor_nbytes
 
-FORMAT_VERSION = 1
-MANIFEST_FILE = "kt_manifest.json"
-INDEX_FILE = "model.safetensors.index.json"
-LOCK_FILE = ".kt_convert.lock"
-VERIFIED_FILE = ".kt_verified.json"  # the loader's record of layers it hashed (format/verified.py)
-# --kt-sft-manifest: kt-kernel's SFT loader accepts nothing at the root of its weight folder but its own
-# manifest and the _layer_L folders, so this converter's files (MANIFEST_FILE, LOCK_FILE, VERIFIED_FILE, the
-# copied model files) go to the sibling folder state_dir(OUT) (docs/FORMAT.md §5)
-KT_SFT_MANIFEST_FILE = "kt-weight-manifest.json"
-STATE_DIR_SUFFIX = ".kt-convert"
-
-
-def is_published(relative_name: str) -> bool:
-    """A file of an output that users publish or load, and so the same bytes from the same source contents
-    and options whatever the run (docs/FORMAT.md §5, Reproducibility): every file but the manifest (it says
-    where the source was read) and dot-files (the lock, the verified record, the --shard folder)."""
-    parts = relative_name.split("/")
-    return parts[-1] != MANIFEST_FILE and not any(part.startswith(".") for part in parts)
-
-
-PROJECTIONS = ("gate", "up", "down")
-PARTS = ("weight", "scale")
-ALIGN = 64  # merged shards: data section and every tensor start on a 64-byte boundary
-
-# -- names and their parsers ---------------------------------------------------------------------
-
-
-class MergedKey(NamedTuple):
-    layer: int
-    proj: str
-    expert: int
-    numa: int  # NUMA shard index, 0 .. threadpool_count - 1
-    part: str
-
-
-def merged_key(layer: int, proj: str, expert: int, numa: int, part: str) -> str:
-    return f"blk.{layer}.ffn_{proj}_exps.{expert}.numa.{numa}.{part}"
-
-
-MERGED_KEY = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.numa\.(\d+)\.(weight|scale)$")
-
-
-def parse_merged_key(key: str) -> MergedKey | None:
-    m = MERGED_KEY.match(key)
-    return MergedKey(int(m[1]), m[2], int(m[3]), int(m[4]), m[5]) if m else None
-
-
-def ct_key(layer: int, proj: str, expert: int, part: str) -> str:
-    """compressed-tensors expert keys (the group-wise INT4 layout): what kt's RAWINT4 loader
-    (CompressedSafeTensorLoader) finds under base `model.layers.{L}`, the first prefix it tries, for every
-    family (docs/FORMAT.md §7). part: weight_packed | weight_scale | weight_shape."""
-    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.{part}"
-
-
-CT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\."
-                    r"(weight_packed|weight_scale|weight_shape)$")
-
-
-def state_dir(root: Path) -> Path:
-    """Where the converter keeps its own files for an output whose folder holds kt's SFT tree only."""
-    root = Path(root)
-    return root.with_name(root.name + STATE_DIR_SUFFIX)
-
-
-def shard_file_name(index: int, count: int) -> str:
-    """1-based shard index, as transformers and kt name shards."""
-    return f"model-{index:05d}-of-{count:05d}.safetensors"
-
-
-def layer_dir_name(layer: int) -> str:
-    return f"_layer_{layer}"
-
-
-LAYER_DIR = re.compile(r"^_layer_(\d+)$")
-LAYER_DIR_TEMPORARY = re.compile(r"^_layer_\d+\.(tmp|old)$")  # what an interrupted run leaves (FORMAT.md §5)
-
-
-def numa_dir_name(numa: int) -> str:
-    return f"_numa_{numa}"
-
-
-NUMA_DIR = re.compile(r"^_numa_(\d+)$")
+# -- kt's --no-merge-safetensor file names ------------------------------------------------------------------
 
 
 class KtFileName(NamedTuple):
@@ -203,30 +122,22 @@ class PackedSpec:
         m = self.quant_method
         return m.weight_bytes(n, k), m.scale_count(n, k)
 
-    def pair_entries(self, layer: int, proj: str, expert: int, numa: int) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(key, dtype, shape) of the tensors of one NUMA shard of one expert's projection, in file order:
-        AMX-tiled weight bytes and scales; or (NUMA-free) compressed-tensors weight_packed int32 [N, K/8],
-        weight_scale bf16 [N, K/group] and weight_shape int64 [2]."""
+    def pair_entries(self, layer: int, proj: str, expert: int, numa: int) -> list[Entry]:
+        """(key, dtype, shape) of the tensors of one NUMA shard of one expert's projection, in file order
+        (the method's byte order names them: weight bytes and scales first)."""
         m = self.quant_method
-        if m.numa_split:
-            weight, scales = self.shard_sizes(proj)
-            return [(merged_key(layer, proj, expert, numa, "weight"), "I8", (weight,)),
-                    (merged_key(layer, proj, expert, numa, "scale"), m.scale_dtype, (scales,))]
         n, k = self.shard_shape(proj)
-        return [(ct_key(layer, proj, expert, "weight_packed"), "I32", (n, k // 8)),
-                (ct_key(layer, proj, expert, "weight_scale"), m.scale_dtype, (n, k // m.group_size)),
-                (ct_key(layer, proj, expert, "weight_shape"), "I64", (2,))]
+        return m.byte_order.pair_entries(m, layer, proj, expert, numa, n, k)
 
     def pair_arrays(self, layer: int, proj: str, expert: int, numa: int, weight: np.ndarray,
                     scale: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """The packer's (weight bytes, scales) of one pair as the tensors pair_entries names."""
-        entries = self.pair_entries(layer, proj, expert, numa)
-        if self.quant_method.numa_split:
-            return [(entries[0][0], weight), (entries[1][0], scale)]
+        m = self.quant_method
         n, k = self.shard_shape(proj)
-        return [(entries[0][0], weight), (entries[1][0], scale), (entries[2][0], np.array([n, k], dtype=np.int64))]
+        order = m.byte_order
+        return order.pair_arrays(order.pair_entries(m, layer, proj, expert, numa, n, k), weight, scale, n, k)
 
-    def layer_entries(self, layer: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    def layer_entries(self, layer: int) -> list[Entry]:
         """(key, dtype, shape) of every tensor of one merged layer shard, in file order."""
         entries = []
         for expert in range(self.num_experts):

@@ -1,21 +1,25 @@
-"""Crash-safe writers for one converted layer.
+"""The writers of a packed output: one converted layer in each layout, the shard index, and the
+quantization_config of the copied config.json.
 
-Both write into a temporary name (`*.tmp`), hash what they write, fsync, and rename into place
-only when the layer is complete, so a killed run never leaves a file that looks finished.
+The layer writers write into a temporary name (`*.tmp`), hash what they write, fsync, and rename into
+place only when the layer is complete, so a killed run never leaves a file that looks finished.
 """
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from kt_runtime.format import fsio
-from kt_runtime.format.digest import TreeHasher, file_sha256
-from kt_runtime.format.layout import kt_file_names, layer_dir_name, numa_dir_name
-from kt_runtime.format.manifest import LayerRecord
-from kt_runtime.format.safetensors_file import plan_layout
+from . import files, fsio
+from .digest import TreeHasher, file_sha256
+from .input_files import CONFIG_MAX_BYTES
+from .manifest import LayerRecord
+from .names import INDEX_FILE, layer_dir_name, numa_dir_name
+from .safetensors_file import plan_file
+from .spec import kt_file_names
 
 
 _os_write = os.write  # tests replace it to simulate a full or failing disk
@@ -40,7 +44,7 @@ SOURCE_PLACEHOLDER = "0" * 64  # as long as the sha256 hex digest written over i
 
 
 class MergedShardWriter:
-    """One layer -> one safetensors shard, tensors streamed in layout order.
+    """One layer -> one safetensors shard, tensors streamed in the order of its entries.
 
     metadata: the header's __metadata__, or a function of the layer's source identity (given by set_source()
     once every batch is read) giving it: then the header is written with a placeholder of the same length and
@@ -55,7 +59,7 @@ class MergedShardWriter:
         self._entries = entries
         self._metadata_for = metadata if callable(metadata) else None
         self.source_sha256: str | None = None
-        header, offsets = plan_layout(entries, metadata(SOURCE_PLACEHOLDER) if callable(metadata) else metadata)
+        header, offsets = plan_file(entries, metadata(SOURCE_PLACEHOLDER) if callable(metadata) else metadata)
         self._order = iter([(key, offsets[key]) for key, _, _ in entries])
         fsio.entry(self.final, fsio.FILE)  # refuse a link or special file under the final name now
         self._digest = TreeHasher(max_pending=4, on_hashed=on_hashed,  # bounds the packed buffers held for hashing
@@ -96,8 +100,8 @@ class MergedShardWriter:
             return None
         if self.source_sha256 is None:
             raise RuntimeError(f"layer {self.layer}: shard committed before its source identity was set")
-        header, _ = plan_layout(self._entries, self._metadata_for(self.source_sha256))
-        placeholder, _ = plan_layout(self._entries, self._metadata_for(SOURCE_PLACEHOLDER))
+        header, _ = plan_file(self._entries, self._metadata_for(self.source_sha256))
+        placeholder, _ = plan_file(self._entries, self._metadata_for(SOURCE_PLACEHOLDER))
         if len(header) != len(placeholder):
             raise RuntimeError(f"layer {self.layer}: source identity {self.source_sha256!r} is not a sha256 hex digest")
         return header
@@ -196,3 +200,26 @@ class KtFolderWriter:
     def abort(self) -> None:
         self._digest.close()
         fsio.discard(self.tmp)
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor (written last: it is what kt loads)."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    fsio.atomic_write_text(out_dir / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+
+
+def write_quantization_config(out_dir: Path, method) -> None:
+    """Puts the quantization_config of the method's byte order, if it declares one, into the output's copied
+    config.json (the source's, if any, is kept as source_quantization_config): what describes the expert
+    tensors of this directory."""
+    config = method.byte_order.quantization_config(method)
+    path = out_dir / "config.json"
+    if config is None or fsio.entry(path, fsio.FILE) is None:
+        return
+    cfg = files.read_json(path, files.OUTPUT, what="config.json", max_bytes=CONFIG_MAX_BYTES)
+    if not isinstance(cfg, dict):
+        return
+    if "quantization_config" in cfg:
+        cfg["source_quantization_config"] = cfg.pop("quantization_config")
+    cfg["quantization_config"] = config
+    fsio.atomic_write_text(path, json.dumps(cfg, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """The teacher-forced passes of `eval`: one transformers model, two sets of routed-experts modules swapped in
 window by window (kt_runtime.integrations.swap_experts), the candidate's next-token distributions scored
-against the reference's (convert.divergence), and per MoE layer how the two sets differ."""
+against the reference's (convert.eval.divergence), and per MoE layer how the two sets differ."""
 from __future__ import annotations
 
 import inspect
@@ -15,7 +15,7 @@ from torch import nn
 from kt_runtime.integrations import find_expert_modules, swap_experts
 
 from .divergence import Scores
-from .progress import MIN_BAR_COLUMNS, terminal_columns
+from ..progress import MIN_BAR_COLUMNS, terminal_columns
 
 
 @dataclass

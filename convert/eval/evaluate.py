@@ -8,7 +8,7 @@ least ctx/2 tokens of context). Each window runs twice on the one model: with th
 modules (the reference), then with kt_runtime's hybrid experts over OUT in their place (CPU experts; on a
 GPU, `gpu_experts` of them per layer on the GPU), swapped by kt_runtime.integrations.swap_experts. So the
 non-expert weights are held once, the original experts once (in the model) and the packed experts are
-mapped from OUT, not copied. convert.divergence turns the two sets of logits into KL divergence, top-1
+mapped from OUT, not copied. convert.eval.divergence turns the two sets of logits into KL divergence, top-1
 agreement and both perplexities; per MoE layer, the relative error of the packed experts' output against
 the original experts on the same input, and how often both passes route a token to the same experts.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from kt_runtime.format import files
 from kt_runtime.format.errors import InputFileError
 
-from .errors import UserError
+from ..errors import UserError
 
 TEXT_MAX_BYTES = 256 << 20
 MIN_CTX = 8
@@ -48,8 +48,8 @@ class EvalReport:
     ctx: int
     windows: int
     text_tokens: int  # tokens of the text (before --max-tokens)
-    summary: dict  # convert.divergence.Scores.summary()
-    layers: list = field(default_factory=list)  # convert.eval_windows.LayerStats per MoE layer
+    summary: dict  # convert.eval.divergence.Scores.summary()
+    layers: list = field(default_factory=list)  # convert.eval.windows.LayerStats per MoE layer
     notes: list[str] = field(default_factory=list)  # what loading OUT warned about
     seconds: float = 0.0
 
@@ -135,7 +135,7 @@ def _bos_prefix(tokenizer) -> int | None:
 def _model_dir(model: str):
     """SRC as a checkpoint directory whose config.json, tokenizer and weights files the converter's checks
     accept (contained, regular, sane sizes); returns (directory, config dict)."""
-    from .source import open_checkpoint
+    from ..source import open_checkpoint
 
     if Path(model).suffix == ".safetensors" and Path(model).is_file():
         raise UserError(f"--model {model}: eval needs the model's directory (config.json, tokenizer and weights), "
@@ -232,7 +232,7 @@ def evaluate(output: str | Path, model: str, text: str | Path, *, ctx: int = 512
         root, config=net_config, dtype=getattr(torch, dtype), local_files_only=True), f"the model {root}")
     net.eval().to(dev)
     originals, candidates = _expert_modules(net, packed, root, output, dev, gpu_experts, threads)
-    from .eval_windows import compare_on_windows
+    from .windows import compare_on_windows
 
     scores, layers = compare_on_windows(net, windows, originals, candidates, per_layer=per_layer,
                                         progress=progress, stream=stream)
