@@ -153,7 +153,7 @@ def test_the_packer_refuses_to_carry_what_is_not_on_the_grid():
 
 def test_first_lines_of_a_group_wise_output(tmp_path, capsys):
     ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_bf16", num_layers=1)
-    args = ["-i", str(ck.path), "--no-progress", "--quant-method", "rawint4"]
+    args = ["-i", str(ck.path), "--no-progress", "--quant-method", "rawint4", "--device", "cpu"]
     assert main(args + ["-o", str(tmp_path / "a"), "--threadpool-count", "2"]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert lines[2] == (f"output: RAWINT4 group size 32 (the default: every kt-kernel RAWINT4 kernel computes it), one "
