@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tree_hashes
-from convert import packers, pipeline
+from convert import layer_pack, packers, pipeline
 from convert import writer as writer_mod
 from convert.cli import main
 from convert.pipeline import ConvertOptions, convert
@@ -90,7 +90,7 @@ def test_device_starts_in_the_background_while_the_cpu_packs(tiny_checkpoint, tm
     monkeypatch.setattr(packers, "CudaPacker", _StandInGpu)
     monkeypatch.setattr(packers.CpuPacker, "__call__", cpu_call)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: 16 batches
+    monkeypatch.setattr(layer_pack, "BATCH_BYTES", 1)  # one expert per batch: 16 batches
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     gpu = _StandInGpu.instances[0]
     assert report.device == "cuda"
@@ -154,7 +154,7 @@ def test_next_layer_is_packed_while_the_last_batch_of_a_layer_is_written(tiny_ch
     monkeypatch.setattr(writer_mod.MergedShardWriter, "write_pair", slow_write)
     monkeypatch.setattr(writer_mod.MergedShardWriter, "commit", commit)
     monkeypatch.setattr(packers.CpuPacker, "__call__", pack)
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: 8 per layer
+    monkeypatch.setattr(layer_pack, "BATCH_BYTES", 1)  # one expert per batch: 8 per layer
     run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
     names = [e[0] for e in events]
     done = names.index("last write of layer 0 done")
@@ -344,7 +344,7 @@ def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, 
     monkeypatch.setattr(quant_gpu, "launch", _fake_launch)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", cpu_while_starting)
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)
+    monkeypatch.setattr(layer_pack, "BATCH_BYTES", 1)
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     t = report.timings
     assert t["device_init_s"] > 0
