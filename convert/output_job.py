@@ -1,4 +1,4 @@
-"""One output of a run (convert.pipeline runs them): planned from the source and its OutputSpec, then opened
+"""One output of a run (convert.pipeline runs them): planned from the source and its OutputSpec, then prepared
 (a single process: the run-long lock, the manifest to continue from; a --shard process: per-layer claims
 beside the other processes), a writer per layer, each layer committed and recorded, the output finished (a
 shared one finalized by whichever process completes it), and its report."""
@@ -95,9 +95,9 @@ class OutputJob:
     def layer_plan(self, layer: int) -> LayerPlan:
         return next(lp for lp in self.plan.layers if lp.layer == layer)
 
-    # -- open ---------------------------------------------------------------------------------------
+    # -- prepare ------------------------------------------------------------------------------------
 
-    def open(self, device: str, progress: Progress, shard: ShardSpec | None) -> None:
+    def prepare(self, device: str, progress: Progress, shard: ShardSpec | None) -> None:
         """Creates the output's folders and takes the output: a single process its run-long lock (resuming what
         an earlier run committed), a --shard process the claims of its layers still to do."""
         self.created = created_dirs(self.out)
@@ -106,11 +106,11 @@ class OutputJob:
             self.created[:0] = created_dirs(self.state)
             fsio.real_dir(self.state)
         if shard is None:
-            self._open_single(device, progress)
+            self._prepare_single(device, progress)
         else:
-            self._open_shared(shard, progress)
+            self._prepare_shared(shard, progress)
 
-    def _open_single(self, device: str, progress: Progress) -> None:
+    def _prepare_single(self, device: str, progress: Progress) -> None:
         """The run-long lock, the manifest to continue from, the layers still to do."""
         out, state, spec = self.out, self.state, self.spec
         self.lock = OutputLock(state)
@@ -133,7 +133,7 @@ class OutputJob:
         finally:
             packer.close()
 
-    def _open_shared(self, shard: ShardSpec, progress: Progress) -> None:
+    def _prepare_shared(self, shard: ShardSpec, progress: Progress) -> None:
         """Sets the shared directory up (once, under the lock held for a moment), then claims the layers of
         our shard that are neither recorded done nor claimed by a live process."""
         out = self.out

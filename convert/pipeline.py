@@ -42,11 +42,14 @@ def convert_outputs(run: RunOptions, outputs: list[OutputSpec],
     layer once (the decode runs fused into each output's pack call); shard: only that part of the layers,
     beside other processes."""
     probe = time.perf_counter()
+    if not outputs:
+        raise UserError("no output to convert: give convert_outputs at least one OutputSpec")
     check_cpu_threads(run.cpuinfer_threads)
     pack_isa()  # a bad KT_PACK_ISA stops the run before anything is read or written
     methods = [method_or_exit(run, spec) for spec in outputs]  # before a download starts
-    if shard is not None and any(spec.kt_sft_manifest for spec in outputs):
-        raise UserError(kt_sft_output.refusal(methods[0], False, None, None, shard=True))
+    sft = [m for m, spec in zip(methods, outputs) if spec.kt_sft_manifest]
+    if shard is not None and sft:
+        raise UserError(kt_sft_output.refusal(sft[0], False, None, None, shard=True))
     device = resolve_device(run.device)
     if device == "cuda" and not all(m.numa_split for m in methods):  # the Triton packer writes AMX tiles only
         if run.device == "cuda":
@@ -166,7 +169,7 @@ def _run(ckpt: Checkpoint, run: RunOptions, jobs: list[OutputJob], device: str, 
                     shown.add(line)
                     progress.note(line)
             try:
-                job.open(device, progress, shard)
+                job.prepare(device, progress, shard)
             except OSError as e:
                 raise _os_error(e, job.out) from None
             if shard is None:

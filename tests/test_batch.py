@@ -273,6 +273,24 @@ def test_job_file_structure_is_checked(ckpt, tmp_path, capsys, body, words):
     assert sorted(os.listdir(tmp_path)) == ["job.json"]
 
 
+def test_the_job_file_of_the_docs_reads_as_shown_and_its_table_names_every_field(tmp_path):
+    """docs/BATCH.md: its job file is read as the outputs it describes; its table lists each OutputSpec field."""
+    import re
+
+    from convert.cli.batch_options import read_job_file
+    from convert.options import OUTPUT_FIELDS, OutputSpec
+
+    text = (ROOT / "docs" / "BATCH.md").read_text()
+    job = tmp_path / "job.json"
+    job.write_text(re.search(r"```json\n(.*?)```", text, flags=re.S)[1])
+    specs = read_job_file(job, {})
+    assert specs[0] == OutputSpec(output=tmp_path / "ds3-int4-T2")
+    assert (specs[2].quant_method, specs[2].group_size) == ("rawint4", 64)
+    assert (specs[3].merge, specs[4].kt_sft_manifest, specs[5].include_non_expert) == (False, True, True)
+    table = re.findall(r"^\| `(\w+)` \|", text, flags=re.M)
+    assert table == list(OUTPUT_FIELDS)
+
+
 def test_job_file_with_the_group_size_of_the_command_line(ckpt, tmp_path, capsys):
     """--group-size is the base of every entry: an int4 entry must then say group_size null."""
     job = write_job(tmp_path / "job.json", {"output": "o"})
