@@ -273,6 +273,38 @@ def test_job_file_structure_is_checked(ckpt, tmp_path, capsys, body, words):
     assert sorted(os.listdir(tmp_path)) == ["job.json"]
 
 
+def test_the_python_api_runs_several_outputs_and_one(ckpt, single, tmp_path):
+    """convert_outputs(RunOptions, [OutputSpec, ...]) writes what the command line does; ConvertOptions is one
+    run's options and one output's, field for field (each field in exactly one of them)."""
+    from dataclasses import fields
+
+    from convert.options import ConvertOptions, OutputSpec, RunOptions
+    from convert.pipeline import convert, convert_outputs
+
+    run_fields, spec_fields = {f.name for f in fields(RunOptions)}, {f.name for f in fields(OutputSpec)}
+    assert not run_fields & spec_fields and {f.name for f in fields(ConvertOptions)} == run_fields | spec_fields
+    run = RunOptions(input_path=str(ckpt), device="cpu", progress=False)
+    reports = convert_outputs(run, [OutputSpec(output=tmp_path / "a", quant_method="int8", threadpool_count=1),
+                                    OutputSpec(output=tmp_path / "b")])
+    assert [(r.method, r.threadpool_count) for r in reports] == [("int8", 1), ("int4", 2)]
+    assert tree_hashes(tmp_path / "a") == single["int8", 1] and tree_hashes(tmp_path / "b") == single["int4", 2]
+    opts = ConvertOptions(input_path=str(ckpt), output=tmp_path / "c", quant_method="int8", device="cpu",
+                          progress=False)
+    assert (opts.run, opts.spec) == (RunOptions(input_path=str(ckpt), device="cpu", progress=False),
+                                     OutputSpec(output=tmp_path / "c", quant_method="int8"))
+    assert convert(opts).method == "int8" and tree_hashes(tmp_path / "c") == single["int8", 2]
+    with pytest.raises(UserError, match="no output to convert"):
+        convert_outputs(run, [])
+
+
+def test_a_shard_of_a_job_file_with_a_kt_sft_output_is_refused(ckpt, tmp_path, capsys):
+    job = write_job(tmp_path / "job.json", {"output": "a"},
+                    {"output": "b", "quant_method": "int8", "merge": False, "kt_sft_manifest": True})
+    assert main(args(ckpt, "--job-file", str(job), "--shard", "1/2")) == 2
+    assert "--kt-sft-manifest is written by a single process" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["job.json"]
+
+
 def test_the_job_file_of_the_docs_reads_as_shown_and_its_table_names_every_field(tmp_path):
     """docs/BATCH.md: its job file is read as the outputs it describes; its table lists each OutputSpec field."""
     import re
