@@ -1,4 +1,5 @@
-// The kt_kernels extension module: CPU features, the packer, and (moe_bindings.cpp) the MoE engine.
+// The kt_kernels extension module: CPU features, the packer, and (moe_bindings.cpp) the MoE engine; test and
+// benchmark hooks in the private submodule kt_kernels._testing (moe_testing.cpp).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -17,7 +18,7 @@
 namespace py = pybind11;
 
 namespace kt {
-void bind_moe(py::module_& m);  // moe_bindings.cpp
+void bind_moe(py::module_& m, py::module_& testing);  // moe_bindings.cpp
 }
 
 namespace {
@@ -163,7 +164,7 @@ unsigned set_mxcsr(unsigned value) {
   return old;
 #else
   (void)value;
-  throw std::invalid_argument("_set_mxcsr needs an x86 CPU");
+  throw std::invalid_argument("set_mxcsr needs an x86 CPU");
 #endif
 }
 
@@ -188,13 +189,6 @@ PYBIND11_MODULE(kt_kernels, m) {
   m.def("resolve_isa", [](const std::string& name) { return std::string(kt::isa_name(kt::resolve_isa(name))); },
         py::arg("name"), "The ISA level `name` (auto, portable, avx2, avx512, amx) runs at on this CPU (auto: the best); "
         "ValueError for another name or a level this CPU lacks.");
-  m.def("_pack_kernel_rows", [](const std::string& isa, const std::string& kind) {
-    py::dict d;
-    for (const auto& [entry, row] : kt::kernel_rows(kt::parse_isa(isa), parse_kind(kind))) d[entry.c_str()] = kt::isa_name(row);
-    return d;
-  }, py::arg("isa"), py::arg("kind"),
-  "Test hook: for each entry of the packer's kernels at ISA level `isa` (the decoder of source `kind`), the row "
-  "it comes from.");
   m.def("hardware_threads", &kt::hardware_threads);
   m.def("start_pack_pool", [](int64_t num_threads) {
     const int n = kt::checked_thread_count(num_threads);
@@ -213,8 +207,17 @@ PYBIND11_MODULE(kt_kernels, m) {
     d["levels"] = info.levels; d["fp32_reciprocal"] = info.fp32_reciprocal; d["group_size"] = info.group_size;
     return d;
   }, py::arg("method"), "The kernels' constants of a quant method (int4 | int8 | rawint4-gG); ValueError for another name.");
-  m.def("_set_mxcsr", &set_mxcsr, py::arg("value"),
-        "Test hook: sets the calling thread's MXCSR (x86) and returns the previous value; threads the "
-        "packer creates afterwards inherit it.");
-  kt::bind_moe(m);
+  py::module_ testing = m.def_submodule("_testing", "Hooks for tests and benchmarks (not an API).");
+  py::module_::import("sys").attr("modules")["kt_kernels._testing"] = testing;  // `import kt_kernels._testing`
+  testing.def("set_mxcsr", &set_mxcsr, py::arg("value"),
+              "Sets the calling thread's MXCSR (x86) and returns the previous value; threads the packer creates "
+              "afterwards inherit it.");
+  testing.def("pack_kernel_rows", [](const std::string& isa, const std::string& kind) {
+    py::dict d;
+    for (const auto& [entry, row] : kt::kernel_rows(kt::parse_isa(isa), parse_kind(kind))) d[entry.c_str()] = kt::isa_name(row);
+    return d;
+  }, py::arg("isa"), py::arg("kind"),
+  "For each entry of the packer's kernels at ISA level `isa` (the decoder of source `kind`), the row "
+  "it comes from.");
+  kt::bind_moe(m, testing);
 }

@@ -1,7 +1,6 @@
 // MoE orchestration (baseline x86-64): configuration checks, routing, the choice of schedule
-// (moe_decode.cpp / moe_prefill.cpp) and of the ISA's kernels. The int32 dot products
-// (moe_ref.cpp / moe_avx512.cpp / moe_amx.cpp) and the float stages (Epilogue:
-// moe_epilogue_ref.cpp reference, moe_epilogue_avx512.cpp) are ISA specific; every path gives
+// (moe_decode.cpp / moe_prefill.cpp for tiled methods, moe_group_schedule.cpp for group-wise ones) and the
+// stage profile. The kernels come from the caller's row of the ISA table (moe_isa.hpp); every row gives
 // bit-identical results.
 #include "moe.hpp"
 
@@ -11,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -20,19 +20,6 @@
 
 namespace kt {
 namespace moe {
-
-namespace {
-
-DotFn dot_for(Isa isa) {
-  switch (isa) {
-    case Isa::Amx: return amx::dot_rowgroup_nocfg;  // tiles configured once per thread and region
-    case Isa::Avx512: return avx512::dot_rowgroup;
-    case Isa::Avx2: return avx2::dot_rowgroup;
-    default: return ref::dot_rowgroup;
-  }
-}
-
-}  // namespace
 
 void validate_config(const Config& cfg) {
   const MethodInfo info = method_info(cfg.method);
@@ -52,12 +39,12 @@ void validate_config(const Config& cfg) {
     fail("swiglu_limit must be a positive finite number");
   if (cfg.gpt_oss && !(std::isfinite(cfg.alpha) && std::isfinite(cfg.up_offset)))
     fail("the gpt_oss activation's alpha and up_offset must be finite numbers");
-  if (cfg.gpt_oss && is_grouped(cfg.method))  // kt-kernel's RAWINT4 has no gpt-oss activation either
-    fail("group-wise INT4 layers run the SiLU activation only, not gpt_oss; use int4 or int8 weights");
   if (cfg.situ && !(cfg.beta > 0.f && std::isfinite(cfg.beta) && cfg.linear_beta > 0.f && std::isfinite(cfg.linear_beta)))
     fail("the situ activation's beta and linear_beta must be positive finite numbers");
-  if (cfg.situ && is_grouped(cfg.method))
-    fail("group-wise INT4 layers run the SiLU activation only, not situ; use int4 or int8 weights");
+  // the group-wise schedule (moe_group_schedule.cpp) runs SiLU only, as kt-kernel's RAWINT4 does
+  if ((cfg.gpt_oss || cfg.situ) && is_grouped(cfg.method))
+    fail(std::string("group-wise INT4 layers run the SiLU activation only, not ") + (cfg.gpt_oss ? "gpt_oss" : "situ") +
+         "; use int4 or int8 weights");
 }
 
 namespace detail {
@@ -102,10 +89,46 @@ Routing route(const int64_t* ids, const float* topk_w, int64_t tokens, int64_t t
 
 }  // namespace detail
 
+namespace {
+std::mutex g_prof_m;
+std::vector<std::pair<const char*, double>> g_last_prof;
+const char* const kStageNames[detail::kStages] = {"serial", "q", "pack", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait"};
+}  // namespace
+
+namespace detail {
+
+StageProfile::StageProfile(int threads, double t_call)
+    : on_(tuning().profiling.load(std::memory_order_relaxed) != 0), threads_(threads), t_call_(t_call),
+      sums_(on_ ? threads * 16 : 0, 0.0) {}
+
+void StageProfile::publish(const std::vector<std::pair<const char*, double>>& sizes) {
+  if (!on_) return;
+  const double t_end = now_s();
+  std::vector<std::pair<const char*, double>> r;
+  r.emplace_back("wall", t_end - t_call_);
+  double sum[kStages] = {};
+  for (int p = 0; p < threads_; ++p)
+    for (int st = 0; st < kStages; ++st) sum[st] += sums_[p * 16 + st];
+  sum[kStSerial] = t_region_ - t_call_;
+  for (int st = 0; st < kStages; ++st) r.emplace_back(kStageNames[st], sum[st]);
+  r.emplace_back("region", t_end - t_region_);
+  r.emplace_back("threads", threads_);
+  r.insert(r.end(), sizes.begin(), sizes.end());
+  std::lock_guard<std::mutex> l(g_prof_m);
+  g_last_prof = std::move(r);
+}
+
+}  // namespace detail
+
+std::vector<std::pair<const char*, double>> last_profile() {
+  std::lock_guard<std::mutex> l(g_prof_m);
+  return g_last_prof;
+}
+
 int start_pool(int num_threads) { return spin_pool(num_threads).size(); }
 
 void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
-             int64_t topk, float* out, Isa isa, int num_threads) {
+             int64_t topk, float* out, const IsaKernels& kernels, int num_threads) {
   const Tuning& knobs = tuning();
   const double t_call = knobs.profiling.load(std::memory_order_relaxed) ? detail::now_s() : 0;
   if (tokens == 0 || topk == 0) {
@@ -118,14 +141,12 @@ void forward(const Weights& weights, const float* x, int64_t tokens, const int64
     std::fill(out, out + tokens * weights.cfg.hidden, 0.f);
     return;
   }
-  // group-wise INT4 runs the decode schedule at every size, its AMX kernel configuring its own tiles
-  const bool grouped = is_grouped(weights.cfg.method);
-  if (grouped && !(weights.gate_bias.empty() && weights.up_bias.empty() && weights.down_bias.empty()))
-    throw std::invalid_argument("group-wise INT4 layers take no expert biases; use int4 or int8 weights");
-  const detail::Call call{weights, x, tokens, topk, out, dot_for(isa), epilogue_for(isa),
-                          isa == Isa::Amx && !grouped, pool, rt, t_call, grouped ? group_dot_for(isa) : nullptr,
-                          grouped ? group_scale_for(isa) : nullptr};
-  if (!grouped && rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {
+  const detail::Call call{weights, x, tokens, topk, out, kernels, pool, rt, t_call};
+  if (is_grouped(weights.cfg.method)) {
+    if (!(weights.gate_bias.empty() && weights.up_bias.empty() && weights.down_bias.empty()))
+      throw std::invalid_argument("group-wise INT4 layers take no expert biases; use int4 or int8 weights");
+    detail::forward_group(call);
+  } else if (rt.rows() >= knobs.prefill_min_avg_rows.load(std::memory_order_relaxed) * rt.experts()) {
     detail::forward_prefill(call);
   } else {
     detail::forward_decode(call);

@@ -9,7 +9,8 @@
 //             y = float(acc) * (da * dw)   (so INT4 dequantizes as q*16*dw)
 //   act     : g += bg, u += bu (gate/up biases, when given); g = min(g, L), u = clamp(u, -L, L)
 //             when a limit is set; silu: a = g/(1+exp(-g)) * u;
-//             gpt_oss: a = g/(1+exp(-(g*alpha))) * (u + up_offset)  (= (u+1) * g*sigmoid(1.702 g))
+//             gpt_oss: a = g/(1+exp(-(g*alpha))) * (u + up_offset)  (= (u+1) * g*sigmoid(1.702 g));
+//             situ: a = beta*tanh(g/beta) / (1+exp(-g)) * (linear_beta*tanh(u/linear_beta))  (std::tanh)
 //   down    : per NUMA slice t the intermediate slice is re-quantized like x; y = down bias (or 0)
 //             plus the T partials in t order, then out[token] += w_slot * y in expert-id order.
 //   exp     : exp_det (below), not libm
@@ -21,7 +22,6 @@
 #include <utility>
 #include <vector>
 
-#include "cpu_features.hpp"
 #include "pack.hpp"
 
 namespace kt {
@@ -98,17 +98,21 @@ void validate_config(const Config& cfg);
 // returns its size; throws ThreadStartError (thread_pool.hpp) when the system refuses a thread.
 int start_pool(int num_threads);
 
-// out[tokens, H] = Σ_j w[t,j] · expert_{ids[t,j]}(x[t]).  x, out: fp32 row-major.
+struct IsaKernels;  // moe_isa.hpp
+
+// out[tokens, H] = Σ_j w[t,j] · expert_{ids[t,j]}(x[t]).  x, out: fp32 row-major. kernels: a row of
+// isa_table() that this CPU runs.
 void forward(const Weights& weights, const float* x, int64_t tokens, const int64_t* ids, const float* topk_w,
-             int64_t topk, float* out, Isa isa, int num_threads);
+             int64_t topk, float* out, const IsaKernels& kernels, int num_threads);
 
-// Two schedules give identical results: decode (moe_decode.cpp) for few rows per expert, prefill
-// (moe_prefill.cpp) from tuning().prefill_min_avg_rows rows per active expert on average. The
-// knobs of both (tuning.hpp) change speed only.
+// The schedules give identical results. Tiled methods: decode (moe_decode.cpp) for few rows per expert,
+// prefill (moe_prefill.cpp) from tuning().prefill_min_avg_rows rows per active expert on average.
+// Group-wise methods: one schedule at every size (moe_group_schedule.cpp), its GEMM kernels from
+// tuning().group_gemm_min_rows rows of an expert. The knobs (tuning.hpp) change speed only.
 
-// Stage profile of the last prefill-schedule forward (when tuning().profiling is on): seconds summed
-// over threads per stage, and the wall time of the call. Keys: wall, serial, q, g_dot, g_epi, s,
-// d_dot, d_epi, wait.
+// Stage profile of the last prefill-schedule or group-wise forward (when tuning().profiling is on): seconds
+// summed over threads per stage, and the wall time of the call. Keys: wall, serial, q, pack, g_dot, g_epi, s,
+// d_dot, d_epi, wait, and the schedule's task sizes.
 std::vector<std::pair<const char*, double>> last_profile();
 
 // Layout of an int8 activation block: element (row i, column c), c % 64 == 0 for the start of
@@ -129,34 +133,36 @@ struct ALayout {
 // r0 % 32 == 0) with m int8 activation rows a (layout la, c < k); asum[i] = Σ_c a[i][c].
 // out[i*32 + j] = Σ_c W[r0+j][c] * a[i][c] (INT4: W = nibble*16).
 // The AMX kernel reads round_up(m, 16) rows (the extra rows must be readable; their results are dropped).
-using DotFn = void (*)(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
-                       ALayout la, const int32_t* asum, int64_t m, int32_t* out);
+using Dot = void(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
+                 const int32_t* asum, int64_t m, int32_t* out);
+using DotFn = Dot*;
 
 namespace ref {
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
-                  const int32_t* asum, int64_t m, int32_t* out);
-}
-namespace avx512 {
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
-                  const int32_t* asum, int64_t m, int32_t* out);
+Dot dot_rowgroup;  // moe_ref.cpp: the definition
 }
 namespace avx2 {
-// Isa::Avx2: the VPDPBUSD kernel (avxvnni::) on CPUs with AVX-VNNI, else VPMADDUBSW.
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
-                  const int32_t* asum, int64_t m, int32_t* out);
-bool vnni();
-void set_vnni(bool on);  // tests, benchmarks: off runs the VPMADDUBSW kernel on an AVX-VNNI CPU
+Dot dot_rowgroup;  // moe_avx2.cpp: VPMADDUBSW
 }
 namespace avxvnni {
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
-                  const int32_t* asum, int64_t m, int32_t* out);
+Dot dot_rowgroup;  // moe_avxvnni.cpp: VEX VPDPBUSD
+}
+namespace avx512 {
+Dot dot_rowgroup;  // moe_avx512.cpp: VPDPBUSD
 }
 namespace amx {
 // AMX tile kernel for many tokens; falls back to avx512 for m < tuning().amx_min_tokens. How it
-// reads INT8 B is tuning().amx_int8_mode (results identical in every mode).
-void dot_rowgroup(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a, ALayout la,
-                  const int32_t* asum, int64_t m, int32_t* out);
-}
+// reads INT8 B is tuning().amx_int8_mode (results identical in every mode). dot_rowgroup loads the tile
+// configuration on every call; dot_rowgroup_nocfg expects configure_thread() on the thread before it.
+Dot dot_rowgroup;
+Dot dot_rowgroup_nocfg;
+void configure_thread();
+// Names the row group (of a matrix of the call's method) that this thread multiplies next: the
+// next dot_rowgroup_nocfg call on the thread prefetches its first chunks at its end, then forgets it.
+void hint_next_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0);
+// Names bytes (activation rows) this thread reads soon: the next dot_rowgroup_nocfg call on the
+// thread prefetches them into L2, spread over its tile steps, then forgets them.
+void hint_next_rows(const void* p, int64_t bytes);
+}  // namespace amx
 
 // Byte offset of chunk (row group r0, K-block kb) inside a packed [n,k] matrix and its size.
 inline int64_t chunk_offset(Method method, int64_t n, int64_t k, int64_t r0, int64_t kb) {
@@ -185,7 +191,9 @@ float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);
 //              bias (p.bg / p.bu given): g = g + bg[j], u = u + bu[j];
 //              clamp: g = min(g, L), u = min(max(u, -L), L);
 //              silu: act[i*stride + j] = g / (1 + exp(-g)) * u;
-//              gpt_oss: act[i*stride + j] = g / (1 + exp(-(g * alpha))) * (u + up_offset)
+//              gpt_oss: act[i*stride + j] = g / (1 + exp(-(g * alpha))) * (u + up_offset);
+//              situ: act[i*stride + j] = beta * tanh(g / beta) / (1 + exp(-g)) * (linear_beta * tanh(u / linear_beta)),
+//              scalar on every ISA (the SIMD epilogues call ref::activate per element)
 //   down     : y[i*ys + j] = (first ? (b ? b[j] : 0) : y[i*ys + j]) + float(acc[i*32+j]) * (ad[i]*sd[j])
 //   down_out : the last down step fused with the weighted sum over ng 32-column groups (group g:
 //              acc + g*gs, y + g*gs, sd + g*32, b + g*32, columns g*32..), for i < m, j < 32:
@@ -193,6 +201,8 @@ float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum);
 //              out[tok[i]*os + g*32 + j] += w[i] * v      (= down then axpy, the same operations)
 //   axpy     : o[j] += w * y[j], j < n
 //   exp      : y[i] = exp_det(x[i])  (tests)
+//   group_silu_gate: silu_gate from float products (the group-wise path, moe_group.hpp): g = pg[i*32+j] * xd[i],
+//              u = pu[i*32+j] * xd[i], then bias, clamp and activation as silu_gate
 struct Epilogue {
   float (*quantize)(const float* x, int64_t k, int8_t* q, int32_t* qsum);
   void (*silu_gate)(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg,
@@ -203,29 +213,20 @@ struct Epilogue {
                    const float* y, const float* b, const float* w, const int64_t* tok, float* out, int64_t os);
   void (*axpy)(float* o, float w, const float* y, int64_t n);
   void (*exp)(const float* x, int64_t n, float* y);
+  void (*group_silu_gate)(const float* pg, const float* pu, int64_t m, const float* xd, const GateAct& p, float* act,
+                          int64_t stride);
 };
 const Epilogue& epilogue_ref();
 const Epilogue& epilogue_avx512();
 const Epilogue& epilogue_avx2();
-const Epilogue& epilogue_for(Isa isa);  // Avx512 / Amx: the AVX-512 one; Avx2: the AVX2 one; else the reference
+namespace ref {
+// The bias, clamp and activation of one gate/up pair g, u of row j of a 32-row group (silu_gate's definition
+// after the products); compiled for the baseline whoever calls it (never inlined).
+float activate(float g, float u, const GateAct& p, int j);
+}  // namespace ref
 // Deterministic exp (scalar reference): x clamped to [-87, 88], n = rne(x*log2e) by the 1.5*2^23
 // trick, r = (x - n*C1) - n*C2, Cephes polynomial, times 2^n built in the exponent bits.
 float exp_det(float x);
-
-namespace amx {
-// Loads this thread's tile configuration; dot_rowgroup_nocfg then skips it. forward() calls
-// configure_thread() once per thread and parallel region (no other code runs on the thread in
-// between), dot_rowgroup configures on every call.
-void configure_thread();
-// Names the row group (of a matrix of the call's method) that this thread multiplies next: the
-// next dot_rowgroup_nocfg call on the thread prefetches its first chunks at its end, then forgets it.
-void hint_next_group(const uint8_t* w, int64_t n, int64_t k, int64_t r0);
-// Names bytes (activation rows) this thread reads soon: the next dot_rowgroup_nocfg call on the
-// thread prefetches them into L2, spread over its tile steps, then forgets them.
-void hint_next_rows(const void* p, int64_t bytes);
-void dot_rowgroup_nocfg(Method method, const uint8_t* w, int64_t n, int64_t k, int64_t r0, const int8_t* a,
-                        ALayout la, const int32_t* asum, int64_t m, int32_t* out);
-}  // namespace amx
 
 }  // namespace moe
 }  // namespace kt

@@ -1,5 +1,5 @@
-// AVX-VNNI dot kernel (VEX VPDPBUSD on ymm, moe_avx2_dot.hpp). Built with -mavx2 -mavxvnni; only
-// called from avx2::dot_rowgroup once CPUID has shown AVX-VNNI.
+// AVX-VNNI dot kernel (VEX VPDPBUSD on ymm, moe_avx2_dot.hpp): the avxvnni row of the ISA table, which runs
+// only where CPUID shows AVX-VNNI (moe_isa.cpp). Built with -mavx2 -mavxvnni.
 #include "moe_avx2_dot.hpp"
 
 namespace kt {

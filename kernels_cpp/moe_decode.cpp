@@ -1,4 +1,4 @@
-// Decode schedule of moe::forward() (few rows per expert; baseline x86-64): activations stay
+// Decode schedule of moe::forward() for the tiled methods (few rows per expert; baseline x86-64): activations stay
 // row-major, the down stage runs per (expert, column chunk) without a barrier while the rows are
 // few. See moe_schedule.hpp for the task stages.
 #include <algorithm>
@@ -20,11 +20,8 @@ void forward_decode(const Call& call) {
   const float* x = call.x;
   float* out = call.out;
   const int64_t tokens = call.tokens, topk = call.topk;
-  const DotFn dot = call.dot;
-  const Epilogue& epi = call.epi;
-  const GroupDotFn gdot = call.gdot;
-  const GroupScaleFn gscale = call.gscale;
-  const int64_t group = method_info(cfg.method).group_size;
+  const DotFn dot = call.k.tiled.dot;
+  const Epilogue& epi = *call.k.epilogue;
   const int64_t H = cfg.hidden, T = cfg.threadpool_count, IL = cfg.i_local();
   const int P = call.pool.size();
   const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
@@ -46,13 +43,6 @@ void forward_decode(const Call& call) {
   std::memset(aq.p + R * T * IL, 0, kSlackRows * IL);
   std::vector<float> ad(R * T, 0.f);
   std::vector<int32_t> as(R * T, 0);
-  // group-wise INT4: each quantized row split into even/odd columns with its groups' 8·Σa (group_prepare),
-  // made once where the row is quantized (Q, S) rather than in every row group's call
-  const int64_t GH = gdot ? H / group : 0, GI = gdot ? IL / group : 0;
-  AlignedArray<int8_t> xsp(gdot ? static_cast<size_t>(R * H) : 1);
-  std::vector<int32_t> xco(static_cast<size_t>(R * GH));
-  AlignedArray<int8_t> asp(gdot ? static_cast<size_t>(R * T * IL) : 1);
-  std::vector<int32_t> aco(static_cast<size_t>(R * T * GI));
   const int64_t acc_stride = round_up(mmax, 32) * 32;
   AlignedArray<int32_t> acc_all(static_cast<size_t>(P * 2 * acc_stride));
   AlignedArray<float> y_all(static_cast<size_t>(P * mmax * 32));
@@ -78,13 +68,9 @@ void forward_decode(const Call& call) {
   const int64_t q_end = nQ, g_end = q_end + nG, s_end = g_end + nS, total = s_end + nD;
 
   std::atomic<int64_t> q_left{nQ}, s_all{nS};
-  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
-  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(groups1, std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
-  for (int64_t a = 0; a < A; ++a) s_left[a].store(stasks.of_expert(a), std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> d_left(new std::atomic<int64_t>[per_expert ? chunks : 1]);
-  if (per_expert)
-    for (int64_t ch = 0; ch < chunks; ++ch) d_left[ch].store(A, std::memory_order_relaxed);
+  const auto g_left = counters(A * T, [&](int64_t) { return groups1; });
+  const auto s_left = counters(A, [&](int64_t a) { return stasks.of_expert(a); });
+  const auto d_left = counters(per_expert ? chunks : 0, [&](int64_t) { return A; });
   AlignedArray<float> ybuf(per_expert ? static_cast<size_t>(R * H) : 1);  // [row][H]
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
@@ -95,13 +81,6 @@ void forward_decode(const Call& call) {
     for (int64_t t = 0; t < T; ++t) {
       const ExpertShard& sh = weights.shards[active[a] * T + t];
       const int64_t base = row0[a] * T + t * m;
-      if (gdot) {
-        float* p = reinterpret_cast<float*>(acc);
-        group_product(gdot, gscale, sh.down.w, sh.down.gs, IL, group, r0, aq.p + base * IL, IL,
-                      asp.p + base * IL, aco.data() + base * GI, m, p);
-        group_down(p, m, ad.data() + base, y, ystride, t == 0);
-        continue;
-      }
       dot(cfg.method, sh.down.w, H, IL, r0, aq.p + base * IL, ALayout::row_major(IL), as.data() + base, m, acc);
       epi.down(acc, m, ad.data() + base, sh.down.s + r0, y, ystride, t == 0, weights.down_b(active[a], r0));
     }
@@ -111,25 +90,14 @@ void forward_decode(const Call& call) {
     int32_t* acc = acc_all.p + static_cast<int64_t>(tid) * 2 * acc_stride;
     if (task < q_end) {  // ---- Q
       const int64_t t1 = std::min(tokens, (task + 1) * kQ);
-      for (int64_t tk = task * kQ; tk < t1; ++tk) {
-        int64_t j0 = 0;  // the token's first slot that is not skipped (id -1)
-        while (j0 < topk && rt.dest[tk * topk + j0] < 0) ++j0;
-        if (j0 == topk) continue;
-        const int64_t r = rt.dest[tk * topk + j0];
-        xd[r] = epi.quantize(x + tk * H, H, xq.p + r * H, &xs[r]);
-        if (gdot) group_prepare(xq.p + r * H, H, 1, H, group, xsp.p + r * H, xco.data() + r * GH);
-        for (int64_t j = j0 + 1; j < topk; ++j) {
-          const int64_t r2 = rt.dest[tk * topk + j];
-          if (r2 < 0) continue;
-          std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
-          xd[r2] = xd[r];
-          xs[r2] = xs[r];
-          if (gdot) {
-            std::memcpy(xsp.p + r2 * H, xsp.p + r * H, H);
-            std::memcpy(xco.data() + r2 * GH, xco.data() + r * GH, GH * sizeof(int32_t));
-          }
-        }
-      }
+      for (int64_t tk = task * kQ; tk < t1; ++tk)
+        token_rows(
+            rt, tk, topk, [&](int64_t r) { xd[r] = epi.quantize(x + tk * H, H, xq.p + r * H, &xs[r]); },
+            [&](int64_t r, int64_t r2) {
+              std::memcpy(xq.p + r2 * H, xq.p + r * H, H);
+              xd[r2] = xd[r];
+              xs[r2] = xs[r];
+            });
       q_left.fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < g_end) {  // ---- G
       wait_zero(q_left, abort);
@@ -142,20 +110,10 @@ void forward_decode(const Call& call) {
       const int8_t* xa = xq.p + row0[a] * H;
       const float* xda = xd.data() + row0[a];
       float* act_at = act.p + (row0[a] * T + t * m) * IL;
-      if (gdot) {
-        float* pg = reinterpret_cast<float*>(ag);
-        float* pu = reinterpret_cast<float*>(au);
-        const int8_t* xs_a = xsp.p + row0[a] * H;
-        const int32_t* xc_a = xco.data() + row0[a] * GH;
-        group_product(gdot, gscale, sh.gate.w, sh.gate.gs, H, group, r0, xa, H, xs_a, xc_a, m, pg);
-        group_product(gdot, gscale, sh.up.w, sh.up.gs, H, group, r0, xa, H, xs_a, xc_a, m, pu);
-        group_silu_gate(pg, pu, m, xda, cfg.clamp, cfg.limit, act_at + r0, IL);
-      } else {
-        dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);
-        dot(cfg.method, sh.up.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, au);
-        epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, GateAct::of(weights, active[a], t, r0), act_at + r0,
-                      IL);
-      }
+      dot(cfg.method, sh.gate.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, ag);
+      dot(cfg.method, sh.up.w, IL, H, r0, xa, ALayout::row_major(H), xs.data() + row0[a], m, au);
+      epi.silu_gate(ag, au, m, xda, sh.gate.s + r0, sh.up.s + r0, GateAct::of(weights, active[a], t, r0), act_at + r0,
+                    IL);
       g_left[at].fetch_sub(1, std::memory_order_acq_rel);
     } else if (task < s_end) {  // ---- S
       const RequantTasks::Task s = stasks.task(task - g_end, m_of);
@@ -163,9 +121,6 @@ void forward_decode(const Call& call) {
       const int64_t base = row0[s.a] * T + s.t * m_of[s.a];
       requantize_rows(epi, act.p + base * IL, IL, s.i0, s.i1, aq.p + base * IL, ALayout::row_major(IL),
                       ad.data() + base, as.data() + base, nullptr);
-      if (gdot)
-        group_prepare(aq.p + (base + s.i0) * IL, IL, s.i1 - s.i0, IL, group, asp.p + (base + s.i0) * IL,
-                      aco.data() + (base + s.i0) * GI);
       s_left[s.a].fetch_sub(1, std::memory_order_acq_rel);
       s_all.fetch_sub(1, std::memory_order_acq_rel);
     } else if (per_expert) {  // ---- D, one expert
@@ -190,7 +145,7 @@ void forward_decode(const Call& call) {
     }
   };
 
-  run_tasks_in_order(call.pool, total, call.amx_cfg, next, abort, run_task);
+  run_tasks_in_order(call.pool, total, call.k.tiled.prepare_thread, next, abort, run_task);
 }
 
 }  // namespace detail

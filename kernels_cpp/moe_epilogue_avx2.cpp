@@ -101,30 +101,63 @@ float quantize(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
   return d;
 }
 
+// Bias, clamp and activation of 8 gate/up values: lanes c*8.. of a 32-row group (p's biases, limit and
+// activation).
+class Activation {
+ public:
+  explicit Activation(const GateAct& p)
+      : p_(p), L_(set1(p.limit)), nL_(set1(-p.limit)), alpha_(set1(p.alpha)), off_(set1(p.up_offset)) {}
+  __m256 operator()(__m256 g, __m256 u, int c) const {
+    if (p_.situ) return scalar(g, u, c);
+    if (p_.bg) g = add(g, _mm256_loadu_ps(p_.bg + c * 8));
+    if (p_.bu) u = add(u, _mm256_loadu_ps(p_.bu + c * 8));
+    if (p_.clamp) {
+      g = _mm256_min_ps(L_, g);                      // std::min(g, L)
+      u = _mm256_min_ps(L_, _mm256_max_ps(nL_, u));  // std::min(std::max(u, -L), L)
+    }
+    const __m256 one = set1(1.0f);
+    return p_.gpt_oss ? mul(div(g, add(one, exp8(neg(mul(g, alpha_))))), add(u, off_))
+                      : mul(div(g, add(one, exp8(neg(g)))), u);
+  }
+
+ private:
+  static __m256 neg(__m256 v) {
+    return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), _mm256_set1_epi32(INT32_MIN)));
+  }
+  // SiTU has no SIMD version (std::tanh): the scalar definition per lane, so every ISA gives its bits
+  __m256 scalar(__m256 g, __m256 u, int c) const {
+    alignas(32) float gs[8], us[8], a[8];
+    _mm256_store_ps(gs, g);
+    _mm256_store_ps(us, u);
+    for (int l = 0; l < 8; ++l) a[l] = ref::activate(gs[l], us[l], p_, c * 8 + l);
+    return _mm256_load_ps(a);
+  }
+  const GateAct& p_;
+  __m256 L_, nL_, alpha_, off_;
+};
+
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
                const GateAct& p, float* act, int64_t stride) {
-  if (p.situ) {  // SiTU has no SIMD version: the scalar definition
-    epilogue_ref().silu_gate(ag, au, m, xd, sg, su, p, act, stride);
-    return;
-  }
-  const __m256 L = set1(p.limit), nL = set1(-p.limit), one = set1(1.0f);
-  const __m256 alpha = set1(p.alpha), off = set1(p.up_offset);
-  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
-  auto neg = [&](__m256 v) { return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), sign)); };
+  const Activation activate(p);
   for (int64_t i = 0; i < m; ++i) {
     const __m256 xs = set1(xd[i]);
     for (int c = 0; c < 4; ++c) {
-      __m256 g = mul(cvt(ag + i * 32 + c * 8), mul(xs, _mm256_loadu_ps(sg + c * 8)));
-      __m256 u = mul(cvt(au + i * 32 + c * 8), mul(xs, _mm256_loadu_ps(su + c * 8)));
-      if (p.bg) g = add(g, _mm256_loadu_ps(p.bg + c * 8));
-      if (p.bu) u = add(u, _mm256_loadu_ps(p.bu + c * 8));
-      if (p.clamp) {
-        g = _mm256_min_ps(L, g);                     // std::min(g, L)
-        u = _mm256_min_ps(L, _mm256_max_ps(nL, u));  // std::min(std::max(u, -L), L)
-      }
-      const __m256 a = p.gpt_oss ? mul(div(g, add(one, exp8(neg(mul(g, alpha))))), add(u, off))
-                                 : mul(div(g, add(one, exp8(neg(g)))), u);
-      _mm256_storeu_ps(act + i * stride + c * 8, a);
+      const __m256 g = mul(cvt(ag + i * 32 + c * 8), mul(xs, _mm256_loadu_ps(sg + c * 8)));
+      const __m256 u = mul(cvt(au + i * 32 + c * 8), mul(xs, _mm256_loadu_ps(su + c * 8)));
+      _mm256_storeu_ps(act + i * stride + c * 8, activate(g, u, c));
+    }
+  }
+}
+
+void group_silu_gate(const float* pg, const float* pu, int64_t m, const float* xd, const GateAct& p, float* act,
+                     int64_t stride) {
+  const Activation activate(p);
+  for (int64_t i = 0; i < m; ++i) {
+    const __m256 xs = set1(xd[i]);
+    for (int c = 0; c < 4; ++c) {
+      const __m256 g = mul(_mm256_loadu_ps(pg + i * 32 + c * 8), xs);
+      const __m256 u = mul(_mm256_loadu_ps(pu + i * 32 + c * 8), xs);
+      _mm256_storeu_ps(act + i * stride + c * 8, activate(g, u, c));
     }
   }
 }
@@ -179,7 +212,8 @@ void exp_arr(const float* x, int64_t n, float* y) {
 }  // namespace avx2
 
 const Epilogue& epilogue_avx2() {
-  static const Epilogue e{avx2::quantize, avx2::silu_gate, avx2::down, avx2::down_out, avx2::axpy, avx2::exp_arr};
+  static const Epilogue e{avx2::quantize, avx2::silu_gate, avx2::down,           avx2::down_out,
+                          avx2::axpy,     avx2::exp_arr,   avx2::group_silu_gate};
   return e;
 }
 

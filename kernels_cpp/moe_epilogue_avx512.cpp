@@ -91,36 +91,73 @@ float quantize(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
   return d;
 }
 
+// Bias, clamp and activation of 16 gate/up values: lanes h*16.. of a 32-row group (p's biases, limit and
+// activation).
+class Activation {
+ public:
+  explicit Activation(const GateAct& p)
+      : p_(p), L_(set1(p.limit)), nL_(set1(-p.limit)), alpha_(set1(p.alpha)), off_(set1(p.up_offset)) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int h = 0; h < 2; ++h) {
+      bg_[h] = p.bg ? _mm512_loadu_ps(p.bg + h * 16) : zero;
+      bu_[h] = p.bu ? _mm512_loadu_ps(p.bu + h * 16) : zero;
+    }
+  }
+  __m512 operator()(__m512 g, __m512 u, int h) const {
+    if (p_.situ) return scalar(g, u, h);
+    if (p_.bg) g = add(g, bg_[h]);
+    if (p_.bu) u = add(u, bu_[h]);
+    if (p_.clamp) {
+      g = _mm512_min_ps(L_, g);                      // std::min(g, L)
+      u = _mm512_min_ps(L_, _mm512_max_ps(nL_, u));  // std::min(std::max(u, -L), L)
+    }
+    const __m512 one = set1(1.0f);
+    return p_.gpt_oss ? mul(div(g, add(one, exp16(neg(mul(g, alpha_))))), add(u, off_))
+                      : mul(div(g, add(one, exp16(neg(g)))), u);
+  }
+
+ private:
+  static __m512 neg(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+  }
+  // SiTU has no SIMD version (std::tanh): the scalar definition per lane, so every ISA gives its bits
+  __m512 scalar(__m512 g, __m512 u, int h) const {
+    alignas(64) float gs[16], us[16], a[16];
+    _mm512_store_ps(gs, g);
+    _mm512_store_ps(us, u);
+    for (int l = 0; l < 16; ++l) a[l] = ref::activate(gs[l], us[l], p_, h * 16 + l);
+    return _mm512_load_ps(a);
+  }
+  const GateAct& p_;
+  __m512 L_, nL_, alpha_, off_, bg_[2], bu_[2];
+};
+
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
                const GateAct& p, float* act, int64_t stride) {
-  if (p.situ) {  // SiTU has no SIMD version: the scalar definition
-    epilogue_ref().silu_gate(ag, au, m, xd, sg, su, p, act, stride);
-    return;
-  }
   const __m512 sg0 = _mm512_loadu_ps(sg), sg1 = _mm512_loadu_ps(sg + 16);
   const __m512 su0 = _mm512_loadu_ps(su), su1 = _mm512_loadu_ps(su + 16);
-  const __m512 L = set1(p.limit), nL = set1(-p.limit), one = set1(1.0f);
-  const __m512 alpha = set1(p.alpha), off = set1(p.up_offset), zero = _mm512_setzero_ps();
-  const __m512 bgv[2] = {p.bg ? _mm512_loadu_ps(p.bg) : zero, p.bg ? _mm512_loadu_ps(p.bg + 16) : zero};
-  const __m512 buv[2] = {p.bu ? _mm512_loadu_ps(p.bu) : zero, p.bu ? _mm512_loadu_ps(p.bu + 16) : zero};
-  const __m512i sign = _mm512_set1_epi32(INT32_MIN);
-  auto neg = [&](__m512 v) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), sign)); };
+  const Activation activate(p);
   for (int64_t i = 0; i < m; ++i) {
     const __m512 xs = set1(xd[i]);
     const __m512 sgv[2] = {mul(xs, sg0), mul(xs, sg1)};
     const __m512 suv[2] = {mul(xs, su0), mul(xs, su1)};
     for (int h = 0; h < 2; ++h) {
-      __m512 g = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(ag + i * 32 + h * 16)), sgv[h]);
-      __m512 u = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(au + i * 32 + h * 16)), suv[h]);
-      if (p.bg) g = add(g, bgv[h]);
-      if (p.bu) u = add(u, buv[h]);
-      if (p.clamp) {
-        g = _mm512_min_ps(L, g);                         // std::min(g, L)
-        u = _mm512_min_ps(L, _mm512_max_ps(nL, u));      // std::min(std::max(u, -L), L)
-      }
-      const __m512 a = p.gpt_oss ? mul(div(g, add(one, exp16(neg(mul(g, alpha))))), add(u, off))
-                                 : mul(div(g, add(one, exp16(neg(g)))), u);
-      _mm512_storeu_ps(act + i * stride + h * 16, a);
+      const __m512 g = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(ag + i * 32 + h * 16)), sgv[h]);
+      const __m512 u = mul(_mm512_cvtepi32_ps(_mm512_loadu_si512(au + i * 32 + h * 16)), suv[h]);
+      _mm512_storeu_ps(act + i * stride + h * 16, activate(g, u, h));
+    }
+  }
+}
+
+void group_silu_gate(const float* pg, const float* pu, int64_t m, const float* xd, const GateAct& p, float* act,
+                     int64_t stride) {
+  const Activation activate(p);
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512 xs = set1(xd[i]);
+    for (int h = 0; h < 2; ++h) {
+      const __m512 g = mul(_mm512_loadu_ps(pg + i * 32 + h * 16), xs);
+      const __m512 u = mul(_mm512_loadu_ps(pu + i * 32 + h * 16), xs);
+      _mm512_storeu_ps(act + i * stride + h * 16, activate(g, u, h));
     }
   }
 }
@@ -185,7 +222,8 @@ void exp_arr(const float* x, int64_t n, float* y) {
 }  // namespace avx512
 
 const Epilogue& epilogue_avx512() {
-  static const Epilogue e{avx512::quantize, avx512::silu_gate, avx512::down, avx512::down_out, avx512::axpy, avx512::exp_arr};
+  static const Epilogue e{avx512::quantize, avx512::silu_gate, avx512::down,           avx512::down_out,
+                          avx512::axpy,     avx512::exp_arr,   avx512::group_silu_gate};
   return e;
 }
 

@@ -58,30 +58,38 @@ float quantize_act(const float* x, int64_t k, int8_t* q, int32_t* qsum) {
 }
 
 namespace ref {
+
+// Never inlined: the build links with LTO, and a copy inlined into an -mfma translation unit (the AVX-512
+// epilogue calls this for SiTU) may be contracted there (a*b+c in one rounding, in exp_det's polynomial).
+__attribute__((noinline)) float activate(float gv, float uv, const GateAct& p, int j) {
+  if (p.bg) gv = gv + p.bg[j];
+  if (p.bu) uv = uv + p.bu[j];
+  if (p.clamp) {
+    gv = std::min(gv, p.limit);
+    uv = std::min(std::max(uv, -p.limit), p.limit);
+  }
+  if (p.situ)  // std::tanh: no SIMD version; the SIMD epilogues call this function for SiTU
+    return p.beta * std::tanh(gv / p.beta) / (1.0f + exp_det(-gv)) * (p.linear_beta * std::tanh(uv / p.linear_beta));
+  if (p.gpt_oss) return gv / (1.0f + exp_det(-(gv * p.alpha))) * (uv + p.up_offset);
+  return gv / (1.0f + exp_det(-gv)) * uv;
+}
+
 namespace {
 
 void silu_gate(const int32_t* ag, const int32_t* au, int64_t m, const float* xd, const float* sg, const float* su,
                const GateAct& p, float* act, int64_t stride) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* dst = act + i * stride;
+  for (int64_t i = 0; i < m; ++i)
     for (int j = 0; j < 32; ++j) {
-      float gv = static_cast<float>(ag[i * 32 + j]) * (xd[i] * sg[j]);
-      float uv = static_cast<float>(au[i * 32 + j]) * (xd[i] * su[j]);
-      if (p.bg) gv = gv + p.bg[j];
-      if (p.bu) uv = uv + p.bu[j];
-      if (p.clamp) {
-        gv = std::min(gv, p.limit);
-        uv = std::min(std::max(uv, -p.limit), p.limit);
-      }
-      if (p.situ) {  // scalar on every ISA (the SIMD epilogues call this one), so bit-identical by construction
-        dst[j] = p.beta * std::tanh(gv / p.beta) / (1.0f + exp_det(-gv)) * (p.linear_beta * std::tanh(uv / p.linear_beta));
-      } else if (p.gpt_oss) {
-        dst[j] = gv / (1.0f + exp_det(-(gv * p.alpha))) * (uv + p.up_offset);
-      } else {
-        dst[j] = gv / (1.0f + exp_det(-gv)) * uv;
-      }
+      const float gv = static_cast<float>(ag[i * 32 + j]) * (xd[i] * sg[j]);
+      const float uv = static_cast<float>(au[i * 32 + j]) * (xd[i] * su[j]);
+      act[i * stride + j] = activate(gv, uv, p, j);
     }
-  }
+}
+
+void group_silu_gate(const float* pg, const float* pu, int64_t m, const float* xd, const GateAct& p, float* act,
+                     int64_t stride) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int j = 0; j < 32; ++j) act[i * stride + j] = activate(pg[i * 32 + j] * xd[i], pu[i * 32 + j] * xd[i], p, j);
 }
 
 void down(const int32_t* acc, int64_t m, const float* ad, const float* sd, float* y, int64_t ys, bool first,
@@ -119,13 +127,9 @@ void exp_arr(const float* x, int64_t n, float* y) {
 }  // namespace ref
 
 const Epilogue& epilogue_ref() {
-  static const Epilogue e{quantize_act, ref::silu_gate, ref::down, ref::down_out, ref::axpy, ref::exp_arr};
+  static const Epilogue e{quantize_act, ref::silu_gate, ref::down,   ref::down_out,
+                          ref::axpy,    ref::exp_arr,   ref::group_silu_gate};
   return e;
-}
-
-const Epilogue& epilogue_for(Isa isa) {
-  if (isa == Isa::Avx512 || isa == Isa::Amx) return epilogue_avx512();
-  return isa == Isa::Avx2 ? epilogue_avx2() : epilogue_ref();
 }
 
 }  // namespace moe

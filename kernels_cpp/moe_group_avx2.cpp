@@ -4,7 +4,9 @@
 // and the offset is taken out per group: Σ(u - 8)·a = Σu·a - 8·Σa (exact in int32).
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "moe_group.hpp"
@@ -83,8 +85,10 @@ inline void transpose8(const __m256i* r, __m256i* t) {
   }
 }
 
-// (the preparation group_prepare does, with AVX2)
-void prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
+}  // namespace
+
+// (ref::group_prepare, with AVX2)
+void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
   const int64_t G = k / group, half = k / 2;
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
@@ -107,7 +111,6 @@ void prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, 
   }
 }
 
-}  // namespace
 
 // As the AVX-512 kernel, 8 rows and 64 columns at a time: the 8 x 8 dwords are transposed so that a lane holds
 // a row, the nibbles split into even and odd columns, and each activation row, split likewise, is broadcast
@@ -121,7 +124,7 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
   if (!split || !corr) {
     split_own.resize(static_cast<size_t>(m * k));
     corr_own.resize(static_cast<size_t>(m * G));
-    prepare(a, lda, m, k, group, split_own.data(), corr_own.data());
+    group_prepare(a, lda, m, k, group, split_own.data(), corr_own.data());
     split = split_own.data();
     corr = corr_own.data();
   }
@@ -172,6 +175,110 @@ void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P) {
       acc[h] = _mm256_add_ps(acc[h], _mm256_mul_ps(x, s));
     }
   for (int h = 0; h < 4; ++h) _mm256_storeu_ps(P + 8 * h, acc[h]);
+}
+
+namespace {
+
+// The GEMM's B (as the AVX-512 one, 8 rows a ymm): rows r0..r0+31 of w unpacked once per call. Per 8 columns
+// (q = c / 8), eight ymm of one dword per row: for rows 8h..8h+7 (h = 0..3), the stored u of the even columns
+// 8q, 8q+2, 8q+4, 8q+6, then of the odd ones (256 bytes per 8 columns); then the scales as float, [G][32].
+struct GemmB {
+  __m256i* b = nullptr;
+  float* s = nullptr;
+  int64_t cap = 0;
+  ~GemmB() { std::free(b); }
+  void make(const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0) {
+    const int64_t G = k / group, bytes = 32 * k + G * 32 * 4;
+    if (bytes > cap) {
+      std::free(b);
+      b = static_cast<__m256i*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+      cap = b ? bytes : 0;
+      if (!b) throw std::bad_alloc();
+    }
+    s = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(b) + 32 * k);
+    const int64_t half = k / 2;
+    const __m256i x0f = _mm256_set1_epi8(0x0F);
+    auto put = [&](int64_t q, int h, __m256i v) {
+      _mm256_store_si256(b + q * 8 + 2 * h, _mm256_and_si256(v, x0f));
+      _mm256_store_si256(b + q * 8 + 2 * h + 1, _mm256_and_si256(_mm256_srli_epi16(v, 4), x0f));
+    };
+    __m256i r[8], t[8];
+    for (int h = 0; h < 4; ++h) {
+      const uint8_t* rows = w + (r0 + 8 * h) * half;
+      int64_t c0 = 0;
+      for (; c0 + 64 <= k; c0 += 64) {  // 8 rows x 64 columns: a transpose puts a row in each lane
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + j * half + c0 / 2));
+        transpose8(r, t);
+        for (int q = 0; q < 8; ++q) put(c0 / 8 + q, h, t[q]);
+      }
+      for (int64_t q = c0 / 8; q < k / 8; ++q) {  // a tail of 32 columns: dword q of each row
+        alignas(32) uint32_t lane[8];
+        for (int j = 0; j < 8; ++j) std::memcpy(&lane[j], rows + j * half + 4 * q, 4);
+        put(q, h, _mm256_load_si256(reinterpret_cast<const __m256i*>(lane)));
+      }
+    }
+    const uint16_t* sr = st + (r0 / 32) * G * 32;  // bf16 -> float, exact
+    for (int64_t e = 0; e < G * 32; e += 8)
+      _mm256_store_ps(s + e, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                 _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sr + e))), 16)));
+  }
+};
+
+// MB activation rows (i0..) against rows 8h..8h+7 of B: per 32 columns, int16 partial sums of u·a by
+// VPMADDUBSW (even and odd columns, |sum| <= 8·2·15·128 = 30720: no saturation), widened by VPMADDWD; per
+// group the sum less 8·Σa, then P += float(sum) · scale (built with -ffp-contract=off: as ref::group_scale).
+template <int MB>
+void gemm_rows(const GemmB& B, int h, int64_t k, int64_t group, const int8_t* split, const int32_t* corr, int64_t i0,
+               float* P) {
+  const int64_t G = k / group, qpg = group / 8, half = k / 2;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const int8_t* ae[MB];
+  for (int i = 0; i < MB; ++i) ae[i] = split + (i0 + i) * k;
+  __m256 f[MB];
+  for (int i = 0; i < MB; ++i) f[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm256_setzero_si256();
+    for (int64_t q0 = g * qpg; q0 < (g + 1) * qpg; q0 += 4) {
+      __m256i p16[MB];
+      for (int i = 0; i < MB; ++i) p16[i] = _mm256_setzero_si256();
+      for (int64_t q = q0; q < q0 + 4; ++q) {
+        const __m256i be = B.b[q * 8 + 2 * h], bo = B.b[q * 8 + 2 * h + 1];
+        for (int i = 0; i < MB; ++i) {
+          int32_t ev, od;
+          std::memcpy(&ev, ae[i] + 4 * q, 4);
+          std::memcpy(&od, ae[i] + half + 4 * q, 4);
+          p16[i] = _mm256_add_epi16(p16[i], _mm256_add_epi16(_mm256_maddubs_epi16(be, _mm256_set1_epi32(ev)),
+                                                             _mm256_maddubs_epi16(bo, _mm256_set1_epi32(od))));
+        }
+      }
+      for (int i = 0; i < MB; ++i) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p16[i], ones16));
+    }
+    const __m256 sc = _mm256_load_ps(B.s + g * 32 + 8 * h);
+    for (int i = 0; i < MB; ++i) {
+      const __m256i c = _mm256_set1_epi32(corr[(i0 + i) * G + g]);
+      f[i] = _mm256_add_ps(f[i], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i], c)), sc));
+    }
+  }
+  for (int i = 0; i < MB; ++i) _mm256_storeu_ps(P + (i0 + i) * 32 + 8 * h, f[i]);
+}
+
+}  // namespace
+
+void group_gemm(const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0, const int8_t* /*a*/,
+                int64_t /*lda*/, const int8_t* split, const int32_t* corr, int64_t m, float* P) {
+  static thread_local GemmB B;
+  B.make(w, st, k, group, r0);
+  constexpr int MB = 3;
+  for (int h = 0; h < 4; ++h) {  // 8 rows of B at a time (k * 8 bytes: in L1 / L2 while every token uses them)
+    int64_t i0 = 0;
+    for (; i0 + MB <= m; i0 += MB) gemm_rows<MB>(B, h, k, group, split, corr, i0, P);
+    switch (m - i0) {
+      case 1: gemm_rows<1>(B, h, k, group, split, corr, i0, P); break;
+      case 2: gemm_rows<2>(B, h, k, group, split, corr, i0, P); break;
+      default: break;
+    }
+  }
 }
 
 }  // namespace avx2

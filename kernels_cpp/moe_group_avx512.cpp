@@ -4,7 +4,9 @@
 // out per group: Σ(u - 8)·a = Σu·a - 8·Σa (exact in int32).
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "moe_group.hpp"
@@ -127,6 +129,20 @@ inline void transpose16(const __m512i* r, __m512i* t) {
   }
 }
 
+// Columns c0..c0+127 of 16 rows (row stride half) transposed: t[q] = dword q (columns c0+8q..c0+8q+7) of rows
+// 0..15, a row per lane. Streaming from DRAM: each row's line kPrefetch bytes ahead is prefetched first, past a
+// row's end (next_half) the first lines of the 16 rows after them.
+inline void load_transposed(const uint8_t* rows, int64_t half, int64_t c0, bool next_half, __m512i* t) {
+  const int64_t ahead = c0 / 2 + kPrefetch;
+  for (int j = 0; j < 16; ++j) {
+    const uint8_t* p = ahead < half ? rows + j * half + ahead : (next_half ? rows + (16 + j) * half + (ahead - half) : nullptr);
+    if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  }
+  __m512i r[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows + j * half + c0 / 2);
+  transpose16(r, t);
+}
+
 // MB activation rows against the decoded 16 x 128 chunk (lo/hi nibbles of dword q = columns 8q..8q+7,
 // even and odd), the chunk's groups one after the other; ae/ao: the rows' even/odd columns from the chunk.
 // MB activation rows against the transposed 16 x 128 chunk t (dword q = columns 8q..8q+7 of the 16 rows,
@@ -160,18 +176,26 @@ inline void chunk_rows(const __m512i* t, const int8_t* const* ae, const int8_t* 
   }
 }
 
-// (the preparation group_prepare does, with AVX-512)
-void prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
+}  // namespace
+
+// (ref::group_prepare, with AVX-512)
+void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
   const int64_t G = k / group, half = k / 2;
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t i = 0; i < m; ++i) {  // even and odd columns apart (VPMOVWB of the words and of the words >> 8)
     const int8_t* ai = a + i * lda;
     int8_t* e = split + i * k;
     int8_t* o = e + half;
-    for (int64_t c = 0; c < k; c += 64) {
+    int64_t c = 0;
+    for (; c + 64 <= k; c += 64) {
       const __m512i v = _mm512_loadu_si512(ai + c);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(e + c / 2), _mm512_cvtepi16_epi8(v));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c / 2), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+    }
+    if (c < k) {  // k % 64 == 32: the last 32 columns
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ai + c));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(e + c / 2), _mm256_cvtepi16_epi8(v));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + c / 2), _mm256_cvtepi16_epi8(_mm256_srai_epi16(v, 8)));
     }
     for (int64_t g = 0; g < G; ++g) {
       __m512i acc = _mm512_setzero_si512();
@@ -186,7 +210,6 @@ void prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, 
   }
 }
 
-}  // namespace
 
 // The 32 rows are taken 16 at a time and 128 columns (64 bytes a row) at a time: the 16 x 16 dwords are
 // transposed so that a lane holds a row (8 columns per dword), the nibbles split into even and odd
@@ -201,25 +224,17 @@ void group_dot(const uint8_t* w, int64_t k, int64_t group, int64_t r0, const int
   if (!split || !corr) {
     split_own.resize(static_cast<size_t>(m * k));
     corr_own.resize(static_cast<size_t>(m * G));
-    prepare(a, lda, m, k, group, split_own.data(), corr_own.data());
+    group_prepare(a, lda, m, k, group, split_own.data(), corr_own.data());
     split = split_own.data();
     corr = corr_own.data();
   }
   const int qpg = static_cast<int>(group / 8);
-  __m512i r[16], t[16];
+  __m512i t[16];
   for (int h = 0; h < 2; ++h) {
     const uint8_t* rows = w + (r0 + 16 * h) * half;
     int32_t* gs = gsum + 16 * h;
     for (int64_t c0 = 0; c0 < k; c0 += 128) {
-      // streaming from DRAM: each row's line kPrefetch bytes ahead (the next half's first lines near the end)
-      const int64_t ahead = c0 / 2 + kPrefetch;
-      for (int j = 0; j < 16; ++j) {
-        const uint8_t* p = ahead < half ? rows + j * half + ahead
-                                        : (h == 0 ? rows + (16 + j) * half + (ahead - half) : nullptr);
-        if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-      }
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_si512(rows + j * half + c0 / 2);
-      transpose16(r, t);
+      load_transposed(rows, half, c0, h == 0, t);
       const int64_t g0 = c0 / group;
       for (int64_t i0 = 0; i0 < m; i0 += 4) {
         const int8_t* ae[4];
@@ -253,6 +268,156 @@ void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P) {
     }
   _mm512_storeu_ps(P, acc[0]);
   _mm512_storeu_ps(P + 16, acc[1]);
+}
+
+namespace {
+
+// The GEMM's B: rows r0..r0+31 of w transposed once per call. Per 8 columns (q = c / 8), two zmm of one dword per
+// row (rows 0-15, then 16-31): the row's stored bytes 4q..4q+3, whose low nibbles are the u of the even columns
+// 8q, 8q+2, 8q+4, 8q+6 and high nibbles those of the odd ones (128 bytes per 8 columns, 16 * k bytes in all;
+// the nibbles are split where they are used); then the rows' scales as float, [G][32].
+struct GemmB {
+  __m512i* b = nullptr;
+  float* s = nullptr;
+  int64_t cap = 0;
+  ~GemmB() { std::free(b); }
+  void make(const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0) {
+    const int64_t G = k / group, bytes = 16 * k + G * 32 * 4;
+    if (bytes > cap) {
+      std::free(b);
+      b = static_cast<__m512i*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+      cap = b ? bytes : 0;
+      if (!b) throw std::bad_alloc();
+    }
+    s = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(b) + 16 * k);
+    const int64_t half = k / 2;
+    __m512i t[16];
+    const uint8_t* w0 = w + r0 * half;  // the 32 rows, streamed from memory: kPrefetch bytes ahead in each row
+    for (int j = 0; j < 16; ++j)
+      for (int64_t o = 0; o < kPrefetch && o < half; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w0 + j * half + o), _MM_HINT_T0);
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* rows = w + (r0 + 16 * h) * half;
+      int64_t c0 = 0;
+      for (; c0 + 128 <= k; c0 += 128) {  // 16 rows x 128 columns: a transpose puts a row in each lane
+        load_transposed(rows, half, c0, h == 0, t);
+        for (int q = 0; q < 16; ++q) _mm512_store_si512(b + (c0 / 8 + q) * 2 + h, t[q]);
+      }
+      for (int64_t q = c0 / 8; q < k / 8; ++q) {  // a tail of 32 to 96 columns: dword q of each row
+        alignas(64) uint32_t lane[16];
+        for (int j = 0; j < 16; ++j) std::memcpy(&lane[j], rows + j * half + 4 * q, 4);
+        _mm512_store_si512(b + q * 2 + h, _mm512_load_si512(lane));
+      }
+    }
+    const uint16_t* sr = st + (r0 / 32) * G * 32;  // bf16 -> float, exact
+    for (int64_t e = 0; e < G * 32; e += 16)
+      _mm512_store_ps(s + e, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                 _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sr + e))), 16)));
+  }
+};
+
+// MB activation rows (i0..) against B, groups g0..g1-1: per group (QPG = group / 8 dwords), the exact sums Σu·a
+// of the even and odd columns by VPDPBUSD (each row's 4 bytes broadcast), less 8·Σa, then P += float(sum) · scale,
+// rounded as ref::group_scale (explicit rounding: never contracted into an FMA), groups in order; P starts from 0
+// at group 0 and is kept in P between calls. The group's steps are unrolled (QPG a constant), which keeps GCC
+// from copying the accumulators between registers every step.
+template <int MB, int QPG>
+void gemm_rows(const GemmB& B, int64_t k, const int8_t* split, const int32_t* corr, int64_t i0, int64_t g0,
+               int64_t g1, float* P) {
+  constexpr int kRnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const int64_t G = k / (8 * QPG), half = k / 2;
+  const int8_t* ae[MB];
+  const int32_t* cr[MB];
+  __m512 f[MB][2];
+  for (int i = 0; i < MB; ++i) {
+    ae[i] = split + (i0 + i) * k;
+    cr[i] = corr + (i0 + i) * G;
+    float* p = P + (i0 + i) * 32;
+    f[i][0] = g0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(p);
+    f[i][1] = g0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(p + 16);
+  }
+  for (int64_t g = g0; g < g1; ++g) {
+    const __m512i* bq = B.b + g * QPG * 2;
+    const __m512i x0f = _mm512_set1_epi8(0x0F);
+    const int64_t c4 = g * QPG * 4;  // the group's first byte in a row's even (odd) half
+    __m512i acc[MB][2];  // from -8·Σa: Σ(u - 8)·a = Σu·a - 8·Σa
+    for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm512_set1_epi32(-cr[i][g]);
+#pragma GCC unroll 16
+    for (int q = 0; q < QPG; ++q) {
+      const __m512i t0 = bq[2 * q], t1 = bq[2 * q + 1];
+      const __m512i e0 = _mm512_and_si512(t0, x0f), o0 = _mm512_and_si512(_mm512_srli_epi16(t0, 4), x0f);
+      const __m512i e1 = _mm512_and_si512(t1, x0f), o1 = _mm512_and_si512(_mm512_srli_epi16(t1, 4), x0f);
+      for (int i = 0; i < MB; ++i) {
+        int32_t ev, od;
+        std::memcpy(&ev, ae[i] + c4 + 4 * q, 4);
+        std::memcpy(&od, ae[i] + half + c4 + 4 * q, 4);
+        const __m512i ve = _mm512_set1_epi32(ev), vo = _mm512_set1_epi32(od);
+        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], e0, ve);
+        acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], e1, ve);
+        acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], o0, vo);
+        acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], o1, vo);
+      }
+    }
+    const __m512 s0 = _mm512_load_ps(B.s + g * 32), s1 = _mm512_load_ps(B.s + g * 32 + 16);
+    for (int i = 0; i < MB; ++i) {
+      f[i][0] = _mm512_add_round_ps(f[i][0], _mm512_mul_round_ps(_mm512_cvtepi32_ps(acc[i][0]), s0, kRnd), kRnd);
+      f[i][1] = _mm512_add_round_ps(f[i][1], _mm512_mul_round_ps(_mm512_cvtepi32_ps(acc[i][1]), s1, kRnd), kRnd);
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    _mm512_storeu_ps(P + (i0 + i) * 32, f[i][0]);
+    _mm512_storeu_ps(P + (i0 + i) * 32 + 16, f[i][1]);
+  }
+}
+
+// Lines prefetched into L2 a few at a time, spread over the calls of a GEMM.
+struct L2Stream {
+  const char* p;
+  int64_t lines, per;
+  void step() {
+    for (int64_t i = 0; i < per && lines > 0; ++i, --lines, p += 64) _mm_prefetch(p, _MM_HINT_T1);
+  }
+};
+
+// All m rows for one group size: K in chunks of kKc columns (B's chunk, 32 * kKc bytes, stays in L1 while every
+// row uses it), in each chunk the rows MB at a time (then the 1 to MB-1 left). Meanwhile `next` (the weights of
+// the caller's next row group, most likely) comes into L2.
+template <int QPG>
+void gemm_all(const GemmB& B, int64_t k, const int8_t* split, const int32_t* corr, int64_t m, float* P,
+              L2Stream next) {
+  constexpr int MB = 5;            // 10 int32 and 10 float accumulators, 4 of B: 24 of the 32 zmm
+  constexpr int64_t kKc = 1024;   // 32 KB of B
+  const int64_t G = k / (8 * QPG), gc = kKc / (8 * QPG);
+  const int64_t calls = ((G + gc - 1) / gc) * ((m + MB - 1) / MB);
+  next.per = (next.lines + calls - 1) / calls;
+  for (int64_t g0 = 0; g0 < G; g0 += gc) {
+    const int64_t g1 = g0 + gc < G ? g0 + gc : G;
+    int64_t i0 = 0;
+    for (; i0 + MB <= m; i0 += MB, next.step()) gemm_rows<MB, QPG>(B, k, split, corr, i0, g0, g1, P);
+    switch (m - i0) {
+      case 1: gemm_rows<1, QPG>(B, k, split, corr, i0, g0, g1, P); break;
+      case 2: gemm_rows<2, QPG>(B, k, split, corr, i0, g0, g1, P); break;
+      case 3: gemm_rows<3, QPG>(B, k, split, corr, i0, g0, g1, P); break;
+      case 4: gemm_rows<4, QPG>(B, k, split, corr, i0, g0, g1, P); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+void group_gemm(const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0, const int8_t* /*a*/,
+                int64_t /*lda*/, const int8_t* split, const int32_t* corr, int64_t m, float* P) {
+  static thread_local GemmB B;
+  B.make(w, st, k, group, r0);
+  // the next 32 rows (the caller's next call on this matrix, or another thread's; a prefetch past the matrix's
+  // end does not fault)
+  const L2Stream next{reinterpret_cast<const char*>(w + (r0 + 32) * (k / 2)), 32 * k / 2 / 64, 0};
+  switch (group) {
+    case 32: return gemm_all<4>(B, k, split, corr, m, P, next);
+    case 64: return gemm_all<8>(B, k, split, corr, m, P, next);
+    default: return gemm_all<16>(B, k, split, corr, m, P, next);
+  }
 }
 
 }  // namespace avx512

@@ -1,6 +1,7 @@
-// Group-wise INT4 engine pieces for the baseline x86-64: the reference group-sum kernel (the definition
-// the SIMD kernels are tested against, exact int32 equality), the dispatch, and the float stages that
-// every ISA shares (moe_group.hpp). Built without FMA, so a*b+c is never contracted.
+// Group-wise INT4 engine pieces for the baseline x86-64: the reference kernels (the definitions the SIMD
+// kernels are tested against: exact int32 group sums, their float product, the rows' preparation, the GEMM
+// as their composition) and the down step every ISA shares (moe_group.hpp). Built without FMA, so a*b+c is
+// never contracted.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -36,26 +37,6 @@ void group_scale(const int32_t* gsum, const uint16_t* st, int64_t G, float* P) {
   std::memcpy(P, acc, sizeof(acc));
 }
 
-}  // namespace ref
-
-GroupScaleFn group_scale_for(Isa isa) {
-  switch (isa) {
-    case Isa::Amx:
-    case Isa::Avx512: return avx512::group_scale;
-    case Isa::Avx2: return avx2::group_scale;
-    default: return ref::group_scale;
-  }
-}
-
-GroupDotFn group_dot_for(Isa isa) {
-  switch (isa) {
-    case Isa::Amx: return amx::group_dot;
-    case Isa::Avx512: return avx512::group_dot;
-    case Isa::Avx2: return avx2::group_dot;
-    default: return ref::group_dot;
-  }
-}
-
 void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t group, int8_t* split, int32_t* corr) {
   const int64_t G = k / group;
   for (int64_t i = 0; i < m; ++i) {
@@ -72,6 +53,13 @@ void group_prepare(const int8_t* a, int64_t lda, int64_t m, int64_t k, int64_t g
     }
   }
 }
+
+void group_gemm(const uint8_t* w, const uint16_t* st, int64_t k, int64_t group, int64_t r0, const int8_t* a,
+                int64_t lda, const int8_t* split, const int32_t* corr, int64_t m, float* P) {
+  group_product(group_dot, group_scale, w, st, k, group, r0, a, lda, split, corr, m, P);
+}
+
+}  // namespace ref
 
 void group_scales_by_rowgroup(const uint16_t* s, int64_t n, int64_t G, uint16_t* out) {
   for (int64_t r = 0; r < n; ++r)
@@ -90,22 +78,6 @@ void group_product(GroupDotFn dot, GroupScaleFn scale, const uint8_t* w, const u
     dot(w, k, group, r0, a + i0 * lda, lda, split ? split + i0 * k : nullptr, corr ? corr + i0 * G : nullptr, mb,
         gsum.data(), i0 > 0);
     for (int64_t i = 0; i < mb; ++i) scale(gsum.data() + i * G * 32, sr, G, P + (i0 + i) * 32);
-  }
-}
-
-void group_silu_gate(const float* pg, const float* pu, int64_t m, const float* xd, bool clamp, float limit, float* act,
-                     int64_t stride) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* dst = act + i * stride;
-    for (int j = 0; j < 32; ++j) {
-      float gv = pg[i * 32 + j] * xd[i];
-      float uv = pu[i * 32 + j] * xd[i];
-      if (clamp) {
-        gv = std::min(gv, limit);
-        uv = std::min(std::max(uv, -limit), limit);
-      }
-      dst[j] = gv / (1.0f + exp_det(-gv)) * uv;
-    }
   }
 }
 

@@ -59,7 +59,7 @@ class SubmissionThread {
       }
       try {
         check_ids(*job);
-        forward(*job->weights, job->x, job->tokens, job->ids, job->w, job->topk, job->out, job->isa, job->threads);
+        forward(*job->weights, job->x, job->tokens, job->ids, job->w, job->topk, job->out, *job->kernels, job->threads);
       } catch (const std::exception& e) {
         fail(job, e.what());
       } catch (...) {

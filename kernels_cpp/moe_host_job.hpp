@@ -10,8 +10,8 @@
 #include <cstdint>
 #include <string>
 
-#include "cpu_features.hpp"
 #include "moe.hpp"
+#include "moe_isa.hpp"
 
 namespace kt {
 namespace moe {
@@ -23,7 +23,7 @@ struct HostJob {
   const float* w = nullptr;      // [tokens, topk]
   float* out = nullptr;          // [tokens, H]
   int64_t tokens = 0, topk = 0;
-  Isa isa = Isa::Portable;
+  const IsaKernels* kernels = nullptr;  // the ISA table row the job runs on
   int threads = 1;
   std::atomic<uint64_t> submitted{0}, done{0};
   std::atomic<uint64_t> failures{0};  // runs that threw: their out is filled with NaN (nothing can raise there)

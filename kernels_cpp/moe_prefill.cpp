@@ -1,5 +1,5 @@
-// Prefill schedule of moe::forward() (many rows per expert; baseline x86-64): activations are
-// quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel) just
+// Prefill schedule of moe::forward() for the tiled methods (many rows per expert; baseline x86-64): activations
+// are quantized once per token and packed per expert into the AMX A-tile layout (ALayout::panel) just
 // before that expert's gate/up tasks, which cover an expert x several 32-row groups in token blocks
 // that stay in L2; the down stage runs per column chunk over every expert. Results are identical
 // to the decode schedule (moe_decode.cpp); see moe_schedule.hpp for the task stages.
@@ -7,7 +7,6 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -20,69 +19,10 @@ namespace detail {
 
 namespace {
 
-std::mutex g_prof_m;
-std::vector<std::pair<const char*, double>> g_last_prof;
-
-enum Stage { kStSerial, kStQ, kStPack, kStGDot, kStGEpi, kStS, kStDDot, kStDEpi, kStWait, kStages };
-const char* const kStageNames[kStages] = {"serial", "q", "pack", "g_dot", "g_epi", "s", "d_dot", "d_epi", "wait"};
-
-// Growable 64-byte aligned buffer (contents are not preserved when it grows).
-struct Buf {
-  void* p = nullptr;
-  size_t cap = 0;
-  Buf() = default;
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-  ~Buf() { std::free(p); }
-  template <typename T>
-  T* get(size_t n) {
-    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64));
-    if (bytes > cap) {
-      std::free(p);
-      p = std::aligned_alloc(64, bytes);
-      if (!p) {
-        cap = 0;
-        throw std::bad_alloc();
-      }
-      cap = bytes;
-    }
-    return static_cast<T*>(p);
-  }
-};
-
-// Buffers of one prefill call, kept between calls (no page faults on the hot path); concurrent
-// calls take different workspaces.
+// Buffers of one prefill call, kept between calls (WorkspaceLease).
 struct Workspace {
-  Buf xq, xqd, xqs, xpan, xd, xs, act, apan, ad, as, acc, dacc, y, qtmp, prof;
+  Buf xq, xqd, xqs, xpan, xd, xs, act, apan, ad, as, acc, dacc, y, qtmp;
 };
-std::mutex g_ws_m;
-std::vector<std::unique_ptr<Workspace>> g_ws_free;
-
-struct WorkspaceLease {
-  std::unique_ptr<Workspace> ws;
-  WorkspaceLease() {
-    std::lock_guard<std::mutex> l(g_ws_m);
-    if (!g_ws_free.empty()) {
-      ws = std::move(g_ws_free.back());
-      g_ws_free.pop_back();
-    } else {
-      ws.reset(new Workspace);
-    }
-  }
-  ~WorkspaceLease() {
-    std::lock_guard<std::mutex> l(g_ws_m);
-    if (g_ws_free.size() < 4) g_ws_free.push_back(std::move(ws));
-  }
-};
-
-// Groups (32 rows of I_l) per gate/up task: the largest of 8, 4, 2, 1 that still gives >= 8 tasks
-// per thread.
-int64_t gate_groups_per_task(int64_t A, int64_t T, int64_t groups1, int threads) {
-  for (int64_t gc : {8, 4, 2}) {
-    if (gc <= groups1 && A * T * ((groups1 + gc - 1) / gc) >= 8 * threads) return gc;
-  }
-  return 1;
-}
 
 // Rows per token block of expert a's gate/up tasks (a multiple of 32; the last block shorter):
 // m rows in balanced blocks whose activation panel (rows x H bytes) fits
@@ -107,29 +47,25 @@ void forward_prefill(const Call& call) {
   const float* x = call.x;
   float* out = call.out;
   const int64_t tokens = call.tokens;
-  const DotFn dot = call.dot;
-  const Epilogue& epi = call.epi;
+  const DotFn dot = call.k.tiled.dot;
+  const Epilogue& epi = *call.k.epilogue;
   const std::vector<int64_t>& active = rt.active;
   const std::vector<int64_t>& m_of = rt.m_of;
   const std::vector<int64_t>& row0 = rt.row0;
   const int64_t H = cfg.hidden, T = cfg.threadpool_count, IL = cfg.i_local();
   const int64_t A = rt.experts(), R = rt.rows(), mmax = rt.max_rows();
   const int P = call.pool.size();
-  const bool prof = tuning().profiling.load(std::memory_order_relaxed);
+  StageProfile profile(P, call.t_call);
 
   // ---- per-expert panels: rows padded to 16 (the AMX kernel reads whole 16-row tiles)
   std::vector<int64_t> pan0(A + 1, 0);
   for (int64_t a = 0; a < A; ++a) pan0[a + 1] = pan0[a] + round_up(m_of[a], 16);
   const int64_t NP = pan0[A];
-  // the first row (in expert order) of each token: where the down stage zeroes the token's out row
-  std::vector<int64_t> first_row(tokens, R);
-  for (int64_t r = 0; r < R; ++r) first_row[rt.row_token[r]] = std::min(first_row[rt.row_token[r]], r);
-  for (int64_t t = 0; t < tokens; ++t)  // a token whose every slot is skipped (id -1) gets no rows: zero now
-    if (first_row[t] == R) std::fill(call.out + t * cfg.hidden, call.out + (t + 1) * cfg.hidden, 0.f);
+  const std::vector<int64_t> first_row = first_rows(rt, tokens, out, H);
   const ALayout LX = ALayout::panel(H), LA = ALayout::panel(IL);
 
-  WorkspaceLease lease;
-  Workspace& ws = *lease.ws;
+  WorkspaceLease<Workspace> lease;
+  Workspace& ws = *lease;
   int8_t* xq = ws.xq.get<int8_t>(tokens * H);  // token-major int8 x
   float* xqd = ws.xqd.get<float>(tokens);
   int32_t* xqs = ws.xqs.get<int32_t>(tokens);
@@ -146,8 +82,6 @@ void forward_prefill(const Call& call) {
   int32_t* dacc_all = ws.dacc.get<int32_t>(P * DG * acc_stride);
   float* y_all = ws.y.get<float>(T > 1 ? P * DG * acc_stride : 1);
   int8_t* qtmp_all = ws.qtmp.get<int8_t>(P * round_up(IL, 64));
-  double* prof_all = ws.prof.get<double>(P * 16);  // 16 doubles = 128 bytes per thread
-  std::fill(prof_all, prof_all + P * 16, 0.0);
   auto pan_rows = [&](int64_t a) { return pan0[a + 1] - pan0[a]; };
 
   // ---- tasks, claimed in index order (a task only waits for tasks of lower index)
@@ -175,36 +109,26 @@ void forward_prefill(const Call& call) {
   const int64_t q_end = nQ, g_end = seg0[A], s_end = g_end + nS, total = s_end + nD;
 
   std::atomic<int64_t> q_left{nQ};
-  std::unique_ptr<std::atomic<int64_t>[]> p_left(new std::atomic<int64_t>[A]);
-  for (int64_t a = 0; a < A; ++a) p_left[a].store((m_of[a] + kPack - 1) / kPack, std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> g_left(new std::atomic<int64_t>[A * T]);
-  for (int64_t i = 0; i < A * T; ++i) g_left[i].store(gchunks, std::memory_order_relaxed);
-  std::unique_ptr<std::atomic<int64_t>[]> s_left(new std::atomic<int64_t>[A]);
-  for (int64_t a = 0; a < A; ++a) s_left[a].store(stasks.of_expert(a), std::memory_order_relaxed);
+  const auto p_left = counters(A, [&](int64_t a) { return (m_of[a] + kPack - 1) / kPack; });
+  const auto g_left = counters(A * T, [&](int64_t) { return gchunks; });
+  const auto s_left = counters(A, [&](int64_t a) { return stasks.of_expert(a); });
   std::atomic<int64_t> next{0};
   std::atomic<bool> abort{false};
 
-  // AMX: the row group and activation rows a thread multiplies next, so that its kernel prefetches
-  // them while it multiplies the current ones (amx::hint_next_group, amx::hint_next_rows)
-  const bool hints = call.amx_cfg;
+  // the row group and activation rows a thread multiplies next, so that its kernel prefetches them while it
+  // multiplies the current ones (where the ISA's kernel takes hints: AMX)
+  const TiledKernels& tk = call.k.tiled;
   auto hint = [&](const uint8_t* w, int64_t n, int64_t k, int64_t r0) {
-    if (hints) amx::hint_next_group(w, n, k, r0);
+    if (tk.hint_next_group) tk.hint_next_group(w, n, k, r0);
   };
   auto hint_rows = [&](const void* p, int64_t bytes) {
-    if (hints) amx::hint_next_rows(p, bytes);
+    if (tk.hint_next_rows) tk.hint_next_rows(p, bytes);
   };
 
   auto run_task = [&](int64_t task, int tid) {
     int32_t* acc = acc_all + static_cast<int64_t>(tid) * 2 * acc_stride;
-    double* pr = prof_all + tid * 16;
-    double tp = prof ? now_s() : 0;
-    auto mark = [&](int stage) {
-      if (prof) {
-        const double t = now_s();
-        pr[stage] += t - tp;
-        tp = t;
-      }
-    };
+    StageProfile::Clock clock = profile.clock(tid);
+    auto mark = [&](int stage) { clock.mark(stage); };
     auto wait = [&](const std::atomic<int64_t>& counter) {
       wait_zero(counter, abort);
       mark(kStWait);
@@ -325,34 +249,14 @@ void forward_prefill(const Call& call) {
     }
   };
 
-  const double t_region = prof ? now_s() : 0;
-  run_tasks_in_order(call.pool, total, call.amx_cfg, next, abort, run_task);
-  if (prof) {
-    const double t_end = now_s();
-    std::vector<std::pair<const char*, double>> r;
-    r.emplace_back("wall", t_end - call.t_call);
-    double sum[kStages] = {};
-    for (int p = 0; p < P; ++p)
-      for (int st = 0; st < kStages; ++st) sum[st] += prof_all[p * 16 + st];
-    sum[kStSerial] = t_region - call.t_call;
-    for (int st = 0; st < kStages; ++st) r.emplace_back(kStageNames[st], sum[st]);
-    r.emplace_back("region", t_end - t_region);
-    r.emplace_back("threads", P);
-    r.emplace_back("gate_groups_per_task", static_cast<double>(gc));
-    r.emplace_back("rows_per_token_block",
-                   static_cast<double>(*std::max_element(block_rows.begin(), block_rows.end())));
-    r.emplace_back("down_cols_per_task", static_cast<double>(DC));
-    std::lock_guard<std::mutex> l(g_prof_m);
-    g_last_prof = std::move(r);
-  }
+  profile.region_start();
+  run_tasks_in_order(call.pool, total, tk.prepare_thread, next, abort, run_task);
+  profile.publish({{"gate_groups_per_task", static_cast<double>(gc)},
+                   {"rows_per_token_block", static_cast<double>(*std::max_element(block_rows.begin(), block_rows.end()))},
+                   {"down_cols_per_task", static_cast<double>(DC)}});
 }
 
 }  // namespace detail
-
-std::vector<std::pair<const char*, double>> last_profile() {
-  std::lock_guard<std::mutex> l(detail::g_prof_m);
-  return detail::g_last_prof;
-}
 
 }  // namespace moe
 }  // namespace kt

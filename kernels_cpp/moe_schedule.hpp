@@ -1,7 +1,8 @@
-// What the two schedules of moe::forward() share (internal to moe.cpp, moe_decode.cpp and
-// moe_prefill.cpp): the routing of one call, the in-order task hand-out over the spin pool, the
-// re-quantize (S) step, aligned buffers. Both schedules run one parallel region whose tasks are
-// claimed in index order and wait only for tasks of lower index (dependency counters, no barrier):
+// What the schedules of moe::forward() share (internal to moe.cpp, moe_decode.cpp, moe_prefill.cpp and
+// moe_group_schedule.cpp): the routing of one call, the in-order task hand-out over the spin pool, the
+// re-quantize (S) step, aligned buffers kept between calls, the stage profile. Every schedule runs one
+// parallel region whose tasks are claimed in index order and wait only for tasks of lower index
+// (dependency counters, no barrier):
 //   Q  quantize the tokens of x          G  gate/up of (expert, NUMA slice, row groups) + SiLU-gate
 //   S  re-quantize the intermediate      D  down, weighted sum into out in expert-id order
 // Every float operation and its order is the same in both schedules and for any thread count.
@@ -12,12 +13,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "moe.hpp"
-#include "moe_group.hpp"
+#include "moe_isa.hpp"
 #include "thread_pool.hpp"
 
 namespace kt {
@@ -47,6 +51,62 @@ struct AlignedArray {
   AlignedArray& operator=(const AlignedArray&) = delete;
 };
 
+// Growable 64-byte aligned buffer (contents are not preserved when it grows).
+struct Buf {
+  void* p = nullptr;
+  size_t cap = 0;
+  Buf() = default;
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  ~Buf() { std::free(p); }
+  template <typename T>
+  T* get(size_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(T)), 64));
+    if (bytes > cap) {
+      std::free(p);
+      p = std::aligned_alloc(64, bytes);
+      if (!p) {
+        cap = 0;
+        throw std::bad_alloc();
+      }
+      cap = bytes;
+    }
+    return static_cast<T*>(p);
+  }
+};
+
+// A schedule's buffers W (a struct of Bufs), kept between calls so that the hot path takes no page faults;
+// concurrent calls lease different ones (up to 4 are kept).
+template <class W>
+class WorkspaceLease {
+ public:
+  WorkspaceLease() {
+    std::lock_guard<std::mutex> l(mu());
+    if (!spare().empty()) {
+      ws_ = std::move(spare().back());
+      spare().pop_back();
+    } else {
+      ws_.reset(new W);
+    }
+  }
+  ~WorkspaceLease() {
+    std::lock_guard<std::mutex> l(mu());
+    if (spare().size() < 4) spare().push_back(std::move(ws_));
+  }
+  W& operator*() { return *ws_; }
+
+ private:
+  static std::mutex& mu() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::unique_ptr<W>>& spare() {
+    static std::vector<std::unique_ptr<W>> v;
+    return v;
+  }
+  std::unique_ptr<W> ws_;
+};
+
 // The rows of one call ((token, top-k slot) pairs) grouped by expert, experts in ascending id order,
 // rows of an expert in token order.
 struct Routing {
@@ -68,29 +128,52 @@ struct Call {
   const float* x;
   int64_t tokens, topk;
   float* out;
-  DotFn dot;
-  const Epilogue& epi;
-  bool amx_cfg;  // configure AMX tiles once per thread and region
+  const IsaKernels& k;  // the ISA's row
   SpinPool& pool;
   const Routing& route;
   double t_call;  // start of the call (profiling only)
-  GroupDotFn gdot = nullptr;  // group-wise INT4 (decode schedule only): its group sums; dot and epi's products unused
-  GroupScaleFn gscale = nullptr;  // group-wise INT4: its float product of the group sums
 };
-void forward_decode(const Call& call);   // moe_decode.cpp: few rows per expert
-void forward_prefill(const Call& call);  // moe_prefill.cpp: many rows per expert
+void forward_decode(const Call& call);   // moe_decode.cpp: tiled methods, few rows per expert
+void forward_prefill(const Call& call);  // moe_prefill.cpp: tiled methods, many rows per expert
+void forward_group(const Call& call);    // moe_group_schedule.cpp: group-wise methods, every size
 
 inline double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// Hands out tasks 0..total-1 in index order to every pool thread (tasks may wait on earlier ones);
-// the first exception stops the hand-out, is flagged in `abort` for waiting tasks, and is rethrown.
+// n dependency counters, each starting at count(i).
+template <class Count>
+std::unique_ptr<std::atomic<int64_t>[]> counters(int64_t n, Count count) {
+  std::unique_ptr<std::atomic<int64_t>[]> c(new std::atomic<int64_t>[n > 0 ? n : 1]);
+  for (int64_t i = 0; i < n; ++i) c[i].store(count(i), std::memory_order_relaxed);
+  return c;
+}
+
+// The rows of token tk, one per slot that is not skipped (id -1): first(r) for its first row, then copy(r, r2)
+// for each other one (a token is quantized once, into its first row, and copied into the others).
+template <class First, class Copy>
+void token_rows(const Routing& rt, int64_t tk, int64_t topk, First first, Copy copy) {
+  int64_t r = -1;
+  for (int64_t j = 0; j < topk; ++j) {
+    const int64_t r2 = rt.dest[tk * topk + j];
+    if (r2 < 0) continue;
+    if (r < 0) {
+      r = r2;
+      first(r);
+    } else {
+      copy(r, r2);
+    }
+  }
+}
+
+// Hands out tasks 0..total-1 in index order to every pool thread (tasks may wait on earlier ones), each
+// thread first running prepare_thread (if any); the first exception stops the hand-out, is flagged in
+// `abort` for waiting tasks, and is rethrown.
 template <class RunTask>
-void run_tasks_in_order(SpinPool& pool, int64_t total, bool amx_cfg, std::atomic<int64_t>& next,
+void run_tasks_in_order(SpinPool& pool, int64_t total, void (*prepare_thread)(), std::atomic<int64_t>& next,
                         std::atomic<bool>& abort, RunTask& run_task) {
   pool.run([&](int tid) {
-    if (amx_cfg) amx::configure_thread();
+    if (prepare_thread) prepare_thread();
     try {
       for (;;) {
         const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
@@ -151,6 +234,62 @@ inline void requantize_rows(const Epilogue& epi, const float* act, int64_t il, i
     }
   }
 }
+
+// The first row (in expert order) of each token: where the down stage zeroes the token's out row (H floats)
+// before its first expert adds to it. A token with no row (every slot skipped) gets R, and its out row is zeroed
+// here.
+inline std::vector<int64_t> first_rows(const Routing& rt, int64_t tokens, float* out, int64_t H) {
+  std::vector<int64_t> first(tokens, rt.rows());
+  for (int64_t r = 0; r < rt.rows(); ++r) first[rt.row_token[r]] = std::min(first[rt.row_token[r]], r);
+  for (int64_t t = 0; t < tokens; ++t)
+    if (first[t] == rt.rows()) std::fill(out + t * H, out + (t + 1) * H, 0.f);
+  return first;
+}
+
+// Groups (32 rows of I_l) per gate/up task: the largest of 8, 4, 2, 1 that still gives >= 8 tasks per thread.
+inline int64_t gate_groups_per_task(int64_t A, int64_t T, int64_t groups1, int threads) {
+  for (int64_t gc : {8, 4, 2}) {
+    if (gc <= groups1 && A * T * ((groups1 + gc - 1) / gc) >= 8 * threads) return gc;
+  }
+  return 1;
+}
+
+// The stages a profile times (moe::last_profile's keys).
+enum Stage { kStSerial, kStQ, kStPack, kStGDot, kStGEpi, kStS, kStDDot, kStDEpi, kStWait, kStages };
+
+// The stage profile of one call when tuning().profiling is on (else nothing is timed): per thread, the seconds
+// of each stage, summed; publish() makes them moe::last_profile().
+class StageProfile {
+ public:
+  StageProfile(int threads, double t_call);
+  bool on() const { return on_; }
+  // A task's clock: mark(stage) adds the seconds since the task's start or its last mark to that stage.
+  class Clock {
+   public:
+    Clock(double* sums, bool on) : sums_(sums), on_(on), t_(on ? now_s() : 0) {}
+    void mark(int stage) {
+      if (!on_) return;
+      const double t = now_s();
+      sums_[stage] += t - t_;
+      t_ = t;
+    }
+
+   private:
+    double* sums_;
+    bool on_;
+    double t_;
+  };
+  Clock clock(int tid) { return Clock(on_ ? sums_.data() + tid * 16 : nullptr, on_); }  // 16 doubles (128 bytes) a thread
+  void region_start() { t_region_ = on_ ? now_s() : 0; }
+  // The call's wall and region times, the stages summed over threads, and the schedule's task sizes.
+  void publish(const std::vector<std::pair<const char*, double>>& sizes);
+
+ private:
+  bool on_;
+  int threads_;
+  double t_call_, t_region_ = 0;
+  std::vector<double> sums_;
+};
 
 }  // namespace detail
 }  // namespace moe

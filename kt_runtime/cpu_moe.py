@@ -50,10 +50,11 @@ class CPUMoE:
     `expert_tensors(layer, expert, proj, numa)`).
     num_threads: threads of the shared pool, 0 .. kt_kernels.MAX_THREADS (None or 0: every CPU this process
     may use); they are started by the constructor (kt_kernels.ThreadStartError when the system refuses one).
-    activation / swiglu_limit: override the manifest's ("silu", or "gpt_oss" with the manifest's
-    activation_params; expert_activation.Activation).
+    activation / swiglu_limit: override the manifest's ("silu", or "gpt_oss" / "situ" with the manifest's
+    activation_params; expert_activation.Activation; rawint4 weights run "silu" only).
     biases: expert_activation.ExpertBiases of this layer (gpt-oss: read_expert_biases or the model's), or None.
-    isa: "auto" | "amx" | "avx512" | "avx2" | "portable" (ValueError where the CPU lacks it).
+    isa: "auto" or one of kt_kernels.moe_isas(), the engine's ISAs this CPU runs (of portable, avx2, avxvnni,
+    avx512, amx); ValueError for another.
     """
 
     def __init__(self, weights, layer: int, num_threads: int | None = None, activation: str | None = None,
@@ -122,12 +123,9 @@ class CPUMoE:
 
     @staticmethod
     def _check_isa(isa: str) -> None:
-        order = ["portable", "avx2", "avx512", "amx"]
-        if isa not in order:
-            raise ValueError(f"unknown isa {isa!r} (expected auto, {', '.join(order)})")
-        best = kt_kernels.best_isa()
-        if order.index(isa) > order.index(best):
-            raise ValueError(f"this CPU cannot run isa {isa!r} (best available: {best})")
+        runnable = kt_kernels.moe_isas()
+        if isa not in runnable:
+            raise ValueError(f"isa {isa!r} is not one this CPU runs (expected auto, {', '.join(runnable)})")
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """The routed experts of this layer for T tokens, on the CPU.

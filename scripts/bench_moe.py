@@ -20,15 +20,15 @@ prefill: for each of --prefill-tokens (default 512 and 4096) tokens, top-k over 
          machine) against one core's peak; then one profiled call per method: time per engine stage
          summed over threads (profile_ms) and each stage's share (stage_share_pct).
          --int8-modes also times each way the AMX INT8 kernel reads B (first shape).
-kernel : the dot kernel of each ISA alone (kt_kernels._moe_dot_stream, one call per 32-row group,
+kernel : the dot kernel of each ISA alone (kt_kernels._testing.dot_stream, one call per 32-row group,
          1 activation row): weights per cycle per core, in cache (one 128-row matrix, L2 resident)
          and streaming (--footprint-gb of matrices, H x I gate shape) on 1 and on all threads, against
          the C++ streaming read on as many threads. Cycles = thread CPU time x the core clock measured
-         by a chain of dependent register adds (kt_kernels._core_clock_ghz; no PMU needed, so it
+         by a chain of dependent register adds (kt_kernels._testing.core_clock_ghz; no PMU needed, so it
          works in VMs; the TSC runs at the nominal frequency, not the core's).
---isa takes a comma list (auto, portable, avx2, avx2-novnni, avx512, amx); every ISA runs on the
-same layers in the same rounds; an ISA this CPU lacks is skipped with a line saying so. avx2-novnni is
-isa="avx2" with the AVX-VNNI kernel turned off (VPMADDUBSW), on CPUs that have AVX-VNNI.
+--isa takes a comma list (auto and the engine's ISA rows: portable, avx2, avxvnni, avx512, amx); every ISA
+runs on the same layers in the same rounds; an ISA this CPU does not run is skipped with a line saying so.
+avx2 is the VPMADDUBSW kernel, avxvnni the VPDPBUSD one (CPUs with AVX-VNNI).
 
 Sizes: the defaults finish in about a minute on 2 cores (decode at I=2048 over 0.5 GB, prefill at 512
 tokens, 3 rounds); --full gives the sizes docs/BENCHMARKS.md reports (decode at I=1024 and 2048 over 2 GB
@@ -37,7 +37,7 @@ each, prefill at 512 and 4096 tokens, 5 decode rounds). A flag given explicitly 
   python scripts/bench_moe.py                      # about a minute on 2 cores
   python scripts/bench_moe.py --full --json out.json               # the sizes of docs/BENCHMARKS.md
   python scripts/bench_moe.py --full --footprint-gb 4 --json out.json   # big-L3 hosts
-  python scripts/bench_moe.py --isa avx512,avx2,avx2-novnni,portable --skip-prefill   # ISA paths side by side
+  python scripts/bench_moe.py --isa avx512,avxvnni,avx2,portable --skip-prefill   # ISA paths side by side
   python scripts/bench_moe.py --threads 2 --skip-decode --skip-torch --prefill-reps 5   # prefill only
   python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-prefill --skip-kernel   # RAWINT4 vs AMXINT4
 --methods takes method rows (kt_runtime/format/methods.py): int4, int8, rawint4-g32/-g64/-g128 (kt's RAWINT4,
@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 import kt_kernels
+from kt_kernels import _testing
 
 
 def cpu_info() -> dict:
@@ -127,8 +128,8 @@ def read_bandwidth(threads):
     torch_gbs = (1 << 30) / min(timeit(lambda: x.sum(), min_time=0.3, min_iters=3, warmup=1) for _ in range(3)) / 1e9
     del x
     buf = aligned_bytes(1 << 30)
-    kt_kernels._moe_read_bandwidth(buf, threads, 2)  # warm-up (pool start, page faults)
-    cpp_gbs = kt_kernels._moe_read_bandwidth(buf, threads, 5)
+    _testing.read_bandwidth(buf, threads, 2)  # warm-up (pool start, page faults)
+    cpp_gbs = _testing.read_bandwidth(buf, threads, 5)
     del buf
     return torch_gbs, cpp_gbs
 
@@ -136,33 +137,25 @@ def read_bandwidth(threads):
 # (option, default, --full): the default finishes in about a minute on 2 cores; --full is docs/BENCHMARKS.md's
 SIZES = (("inter", "2048", "1024,2048"), ("footprint_gb", 0.5, 2.0), ("reps", 3, 5), ("prefill_reps", 2, 3),
          ("prefill_tokens", "512", "512,4096"))
-ISA_ORDER = ("portable", "avx2", "avx512", "amx")  # each runs where the ones after it run
 
 
 def runnable_isas(names: list[str], ap) -> list[str]:
-    """The --isa names this CPU runs; a line for each one it lacks (skipped)."""
-    best = kt_kernels.best_isa()
+    """The --isa names this CPU runs (the engine's answer, kt_kernels.moe_isas()); a line for each one it does not
+    run (skipped)."""
+    rows = [r["name"] for r in _testing.isa_table()]
+    here = kt_kernels.moe_isas()
     out = []
     for name in names:
-        base = "avx2" if name == "avx2-novnni" else name
-        if name != "auto" and base not in ISA_ORDER:
-            ap.error(f"--isa {name}: not one of auto, {', '.join(ISA_ORDER)}, avx2-novnni")
-        if name != "auto" and ISA_ORDER.index(base) > ISA_ORDER.index(best):
-            print(f"skipping --isa {name}: this CPU has no {base.upper()} (the best here is {best})", flush=True)
-        elif name == "avx2-novnni" and not kt_kernels.cpu_features().get("avx_vnni"):
-            print("skipping --isa avx2-novnni: this CPU has no AVX-VNNI, so it is the avx2 kernel", flush=True)
-        else:
+        if name != "auto" and name not in rows:
+            ap.error(f"--isa {name}: not one of auto, {', '.join(rows)}")
+        if name == "auto" or name in here:
             out.append(name)
+        else:
+            print(f"skipping --isa {name}: this CPU lacks its features (the engine runs {', '.join(here)} here)",
+                  flush=True)
     if not out:
-        ap.error(f"--isa {','.join(names)}: none of these runs on this CPU (the best here is {best})")
+        ap.error(f"--isa {','.join(names)}: none of these runs on this CPU (the engine runs {', '.join(here)} here)")
     return out
-
-
-def use_isa(name):
-    """Engine isa string for a bench ISA name (avx2-novnni: avx2 with the AVX-VNNI kernel off)."""
-    if hasattr(kt_kernels, "_moe_avx2_vnni"):
-        kt_kernels._moe_avx2_vnni(0 if name == "avx2-novnni" else 1)
-    return "avx2" if name == "avx2-novnni" else name
 
 
 def method_row(method):
@@ -246,7 +239,7 @@ class DecodeCase:
         self.layers[self.i % self.copies].forward(self.x, self.ids[self.i % 64], self.tw, self.isa, self.threads)
 
     def rep(self, min_time, isa="auto"):
-        self.isa = use_isa(isa)
+        self.isa = isa
         for _ in range(self.copies):  # warm-up: every copy once (pages, pool, frequency)
             self.step()
         self.times.setdefault(isa, []).append(timeit(self.step, min_time=min_time, min_iters=2 * self.copies, warmup=0))
@@ -318,24 +311,22 @@ class PrefillCase:
         self.layer.forward(self.x, self.ids, self.tw, self.isa, self.threads)
 
     def rep(self, min_time, isa="auto"):
-        self.isa = use_isa(isa)
+        self.isa = isa
         wall, cpu = timeit(self.step, min_time=min_time, min_iters=3, warmup=1, cpu=True)
         self.times.setdefault(isa, []).append(wall)
         self.cpu_times.setdefault(isa, []).append(cpu)
 
     def profile(self, isa="auto"):
         """One extra call with the engine's stage profile on (seconds summed over threads, wall)."""
-        if not hasattr(kt_kernels, "_moe_profile"):
-            return None
-        self.isa = use_isa(isa)
-        kt_kernels._moe_profile(1)
+        self.isa = isa
+        _testing.profile(1)
         try:
             t0 = time.perf_counter()
             self.step()
             call = time.perf_counter() - t0
-            p = dict(kt_kernels._moe_profile())
+            p = dict(_testing.profile())
         finally:
-            kt_kernels._moe_profile(0)
+            _testing.profile(0)
         if not p:
             return None
         p["python_call"] = call
@@ -355,7 +346,7 @@ class PrefillCase:
                  TFLOPs_per_core_min=self.flops / c["max"] / 1e12, TFLOPs_per_core_max=self.flops / c["min"] / 1e12)
         p = self.profile(isa)
         if p:
-            counts = ("threads", "gate_groups_per_task", "down_cols_per_task", "rows_per_token_block")
+            counts = ("threads", "gate_groups_per_task", "down_cols_per_task", "rows_per_token_block", "gemm_min_rows")
             r["profile_ms"] = {k: (v if k in counts else v * 1e3) for k, v in p.items()}
             total = sum(r["profile_ms"].get(k, 0.0) for k in PROFILE_STAGES)
             if total > 0:
@@ -424,10 +415,9 @@ def kernel_bench(args, isas, methods, threads, ghz, read_gbs):
     runs = {c[:4]: [] for c in configs}
     for _ in range(args.reps):
         for method, isa, where, th, buf, n in configs:
-            eng = use_isa(isa)
-            kt_kernels._moe_dot_stream(method, buf, n, H, 1, eng, th, 0.05)  # warm-up
-            runs[(method, isa, where, th)].append(kt_kernels._moe_dot_stream(method, buf, n, H, 1, eng, th,
-                                                                             args.kernel_time))
+            _testing.dot_stream(method, buf, n, H, 1, isa, th, 0.05)  # warm-up
+            runs[(method, isa, where, th)].append(_testing.dot_stream(method, buf, n, H, 1, isa, th,
+                                                                      args.kernel_time))
     out = []
     for (method, isa, where, th), rs in runs.items():
         rs = sorted(rs, key=lambda d: d["weights_per_cpu_s"])
@@ -442,7 +432,6 @@ def kernel_bench(args, isas, methods, threads, ghz, read_gbs):
               f"{row['weights_per_cycle_core']:5.1f} weights/cycle/core (max {row['weights_per_cycle_core_max']:.1f})"
               + (f", {row['vs_cpp_read']:.2f} of the C++ read" if where == "stream" else "")
               + (f" (ran {100 * r['cpu_share']:.0f}% of the wall time)" if r["cpu_share"] < 0.9 else ""), flush=True)
-    use_isa("auto")
     return out
 
 
@@ -474,7 +463,7 @@ def main(argv=None):
     ap.add_argument("--prefill-experts", type=int, default=64)
     ap.add_argument("--prefill-inter", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="0 = every CPU of this process")
-    ap.add_argument("--isa", default="auto", help="comma list: auto, portable, avx2, avx2-novnni, avx512, amx")
+    ap.add_argument("--isa", default="auto", help="comma list: auto, portable, avx2, avxvnni, avx512, amx")
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds timed per configuration and round")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
@@ -503,15 +492,15 @@ def main(argv=None):
     res["cpp_stream_read_GBps"] = cpp_bw
     print(f"read bandwidth: torch sum of 1 GiB fp32 {torch_bw:.1f} GB/s; C++ streaming read of 1 GiB "
           f"(MoE pool) {cpp_bw:.1f} GB/s", flush=True)
-    res["core_clock_GHz"] = kt_kernels._core_clock_ghz()
+    res["core_clock_GHz"] = _testing.core_clock_ghz()
     print(f"core clock (dependent adds over thread CPU time): {res['core_clock_GHz']:.2f} GHz", flush=True)
-    res["call_overhead_us"] = call_overhead_us(threads, use_isa(isas[0]))
+    res["call_overhead_us"] = call_overhead_us(threads, isas[0])
     print(f"decode call overhead (tiny layer in cache, {isas[0]}): {res['call_overhead_us']:.1f} us", flush=True)
     methods = args.methods.split(",")
 
     if not args.skip_kernel:
         buf = aligned_bytes(1 << 30)
-        read_gbs = {th: kt_kernels._moe_read_bandwidth(buf, th, 5) for th in sorted({1, threads})}
+        read_gbs = {th: _testing.read_bandwidth(buf, th, 5) for th in sorted({1, threads})}
         del buf
         res["cpp_stream_read_GBps_by_threads"] = read_gbs
         print("C++ streaming read: " + ", ".join(f"{v:.1f} GB/s on {th} thread(s)" for th, v in read_gbs.items()),
@@ -526,7 +515,7 @@ def main(argv=None):
         read_buf = aligned_bytes(1 << 30)
         round_read = []  # C++ read in every round: ratios against the bandwidth of the same minute
         for r in range(args.reps):
-            round_read.append(kt_kernels._moe_read_bandwidth(read_buf, threads, 2))
+            round_read.append(_testing.read_bandwidth(read_buf, threads, 2))
             for c in tcases.values():
                 c.rep(args.min_time)
             for c in cases:
@@ -615,15 +604,14 @@ def main(argv=None):
                             f"{pm['python_call']:.1f})", flush=True)
             # AMX INT8: each way the tile kernel reads B (results identical), same layer and inputs; first shape
             amx_isa = next((i for i in isas if i in ("auto", "amx")), None)
-            if (T == token_counts[0] and args.int8_modes and info["isa"] == "amx" and amx_isa
-                    and hasattr(kt_kernels, "_moe_amx_int8_mode")):
+            if T == token_counts[0] and args.int8_modes and info["isa"] == "amx" and amx_isa:
                 c8 = next((c for c in pcases if c.method == "int8"), None)
                 if c8 is not None:
-                    default_mode = kt_kernels._moe_amx_int8_mode()
+                    default_mode = _testing.knob("amx_int8_mode")
                     modes = {}
                     try:
                         for mode in (0, 1, 2, 3):
-                            kt_kernels._moe_amx_int8_mode(mode)
+                            _testing.knob("amx_int8_mode", mode)
                             c8.times, c8.cpu_times = {}, {}
                             for _ in range(args.prefill_reps):
                                 c8.rep(args.min_time, amx_isa)
@@ -635,10 +623,9 @@ def main(argv=None):
                                   f"{r['ms_max']:.1f}], {r['cpu_ms']:.1f} CPU-ms; g_dot={pm.get('g_dot', 0):.1f} "
                                   f"d_dot={pm.get('d_dot', 0):.1f}", flush=True)
                     finally:
-                        kt_kernels._moe_amx_int8_mode(default_mode)
+                        _testing.knob("amx_int8_mode", default_mode)
                     res["prefill_int8_modes"] = {"tokens": T, "default": default_mode, "modes": modes}
             del pcases
-    use_isa("auto")  # leave the AVX-VNNI kernel setting at its default
     res["bench_seconds"] = time.perf_counter() - t_start
 
     if args.json:

@@ -15,13 +15,14 @@ import torch
 
 import kt_kernels
 import kt_runtime
+from engine_knobs import knobs
+from kt_kernels import _testing
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.expert_activation import Activation, ExpertBiases, read_expert_biases
 from kt_runtime.reference import moe_reference
 
-ORDER = ["portable", "avx2", "avx512", "amx"]
-ISAS = ORDER[: ORDER.index(kt_kernels.best_isa()) + 1]
+ISAS = kt_kernels.moe_isas()  # the engine's ISA rows this CPU runs
 H, I, E = 384, 256, 4
 
 
@@ -84,8 +85,7 @@ def test_manifest_activation_and_biases_from_the_source(packed, source):
 def test_engine_isas_and_schedules_bit_identical(packed, source):
     b = biases(source, packed, 0)
     moe = CPUMoE(packed, 0, biases=b, isa="portable")
-    old = kt_kernels._moe_prefill_min_avg_rows()
-    try:
+    with knobs(prefill_min_avg_rows=0):
         for T in (1, 3, 40):
             x, ids, w = routing(T, seed=T)
             args = (x.numpy(), ids.numpy(), w.numpy())
@@ -93,12 +93,10 @@ def test_engine_isas_and_schedules_bit_identical(packed, source):
             for isa in ISAS:
                 moe.isa = isa
                 for rows in (0, 10 ** 9):  # prefill schedule always / never
-                    kt_kernels._moe_prefill_min_avg_rows(rows)
+                    _testing.knob("prefill_min_avg_rows", rows)
                     got = moe.forward_f32(*args)
                     assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), (T, isa, rows)
             moe.isa = "portable"
-    finally:
-        kt_kernels._moe_prefill_min_avg_rows(old)
 
 
 def test_engine_against_float_reference(packed, source):

@@ -47,7 +47,7 @@ def test_host_functions_run_in_stream_order(packed):
     w_h = torch.zeros((2, 3), pin_memory=True)
     y_h = torch.zeros((2, H), pin_memory=True)
     job = moe._layer.host_job(x_h.numpy(), ids_h.numpy(), w_h.numpy(), y_h.numpy(), "auto", 0)
-    submit, wait = kt_kernels._host_functions()
+    submit, wait = kt_kernels.host_functions()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     idd, wd = ids.cuda(), w.cuda()

@@ -13,6 +13,7 @@ import torch
 
 import kt_kernels
 import kt_runtime
+from engine_knobs import knobs
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
@@ -30,9 +31,7 @@ def test_skipped_slots_are_weight_zero_slots(packed, prefill):
     """id -1 skips a slot: the same result, bit for bit, as sending that slot to an expert the token already
     has with weight 0; a token with every slot skipped gets a zero row (both schedules)."""
     moe = CPUMoE(packed, 0)
-    old = kt_kernels._moe_prefill_min_avg_rows()
-    kt_kernels._moe_prefill_min_avg_rows(0 if prefill else 10 ** 9)
-    try:
+    with knobs(prefill_min_avg_rows=0 if prefill else 10 ** 9):
         x, ids, w = routing(6, seed=1)
         ids, w = ids.numpy().copy(), w.numpy().copy()
         skip = ids.copy()
@@ -52,8 +51,6 @@ def test_skipped_slots_are_weight_zero_slots(packed, prefill):
         assert not moe.forward_f32(xs, np.full_like(ids, -1), w).any()
         with pytest.raises(ValueError, match=r"= -2 is out of range"):
             moe.forward_f32(xs, np.full_like(ids, -2), w)
-    finally:
-        kt_kernels._moe_prefill_min_avg_rows(old)
 
 
 def test_host_job(packed):
@@ -64,7 +61,7 @@ def test_host_job(packed):
     x, ids, w = (a.numpy().copy() for a in routing(4, seed=2))
     out = np.zeros((4, H), np.float32)
     job = moe._layer.host_job(x, ids, w, out, "auto", 0)
-    submit, wait = kt_kernels._host_functions()
+    submit, wait = kt_kernels.host_functions()
     assert submit and wait and submit != wait and job.address
     job.submit()
     job.wait()

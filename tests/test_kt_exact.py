@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kt_kernels
+from kt_kernels import _testing
 from conftest import INT8_RECIP_BITS, available_isas, fp8_subnormal_decode_rows, ftz_window_rows, int8_recip_mantissas, kt_special_rows
 from kt_runtime.format.methods import INT4, INT8
 from quant.cpu import PackTarget, SourceMatrix, pack_cpu
@@ -30,11 +31,11 @@ C = np.uint32(INT8_RECIP_BITS).view(np.float32)
 @contextlib.contextmanager
 def mxcsr(value):
     """This thread's MXCSR set to value for the block (threads created meanwhile inherit it)."""
-    old = kt_kernels._set_mxcsr(value)
+    old = _testing.set_mxcsr(value)
     try:
         yield
     finally:
-        kt_kernels._set_mxcsr(old)
+        _testing.set_mxcsr(old)
 
 
 def f32(bits):
@@ -255,7 +256,7 @@ def test_cpu_packer_bytes_do_not_depend_on_the_process_fp_state(state):
                         for i, (src, full) in enumerate(cases):
                             packed[(isa, threads, m.name, i)] = _cpu_pack(m, src, full.shape[1], isa, threads)[0]
             if state != "torch":  # the packer restored this thread's state
-                assert (kt_kernels._set_mxcsr(MXCSR_IEEE | state) & 0xFFC0) == (MXCSR_IEEE | state)
+                assert (_testing.set_mxcsr(MXCSR_IEEE | state) & 0xFFC0) == (MXCSR_IEEE | state)
     finally:
         torch.set_flush_denormal(False)
     for (isa, threads, name, i), dst in packed.items():

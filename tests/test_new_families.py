@@ -14,8 +14,7 @@ from kt_runtime.hybrid.layer import HybridMoE
 from kt_runtime.reference import moe_reference
 from synthetic.families import make_family_checkpoint
 
-ISAS = [i for i in ("portable", "avx2", "avx512", "amx") if
-        ("portable", "avx2", "avx512", "amx").index(i) <= ("portable", "avx2", "avx512", "amx").index(kt_kernels.best_isa())]
+ISAS = kt_kernels.moe_isas()  # the engine's ISA rows this CPU runs, portable first
 NEW = ["deepseek_v41_mxfp4", "glm5_fp8", "glm5_nvfp4", "qwen4_exp_fp8", "qwen4_exp_nvfp4", "kimi_k3_mxfp4",
        "qwen3_moe_nvfp4_modelopt", "qwen3_moe_nvfp4_ct", "minimax_m2_mxfp8"]
 

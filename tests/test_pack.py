@@ -243,7 +243,7 @@ def test_each_isa_level_runs_its_own_row(kind):
     """Forcing a level runs that level's kernels; the AVX-512 row has no group quantizer of its own and
     takes the AVX2 row's; AMX CPUs run the AVX-512 row; every source kind has a decoder in every SIMD row."""
     for isa, row in (("portable", "portable"), ("avx2", "avx2"), ("avx512", "avx512"), ("amx", "avx512")):
-        assert kt_kernels._pack_kernel_rows(isa, kind) == {
+        assert kt_kernels._testing.pack_kernel_rows(isa, kind) == {
             "decode": row, "quantize_row": row, "pack_nibbles": row, "tile_block": row,
             "quantize_groups_row": "portable" if row == "portable" else "avx2"}, isa
 

@@ -171,6 +171,11 @@ PARSE_ONLY = {
     "python3 scripts/bench_prefill.py --v4-flash --method int8 --tokens 4096 --layers 0": GPU,
     "python scripts/bench_download.py --bandwidth-mb 100": BENCHMARK,
     "python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-prefill --skip-kernel": BENCHMARK,
+    "python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-decode --skip-kernel --skip-torch":
+        BENCHMARK,
+    "python scripts/bench_moe.py --threads 2 --skip-decode --skip-torch --skip-kernel --methods "
+    "int4,int8,rawint4-g32,rawint4-g128 --prefill-tokens 512,4096 --prefill-reps 3": BENCHMARK,
+    "python scripts/bench_prefill_scaling.py --threads 1,2": BENCHMARK + " (tests/test_scripts.py runs it small)",
     "python scripts/bench_verify.py": BENCHMARK + " (tests/test_scripts.py runs it small)",
     "python scripts/bench_convert.py --skip-cold --repeat 3 --workdir W": BENCHMARK,
     "python scripts/bench_convert.py --isa avx512,avx2,portable --skip-cold": BENCHMARK,
@@ -187,11 +192,11 @@ PARSE_ONLY = {
     "python3 scripts/bench_moe.py --full --reps 5 --footprint-gb 2 --json bench_moe.json": BENCHMARK,
     "python3 scripts/bench_moe.py --full --skip-decode --prefill-reps 3 --min-time 0.3 --json bench_moe.json": BENCHMARK,
     "python scripts/bench_moe.py --full --skip-prefill --footprint-gb 1 --reps 3": BENCHMARK,
-    "python scripts/bench_moe.py --full --skip-decode --skip-prefill --skip-torch --isa avx512,avx2,avx2-novnni,portable "
+    "python scripts/bench_moe.py --full --skip-decode --skip-prefill --skip-torch --isa avx512,avxvnni,avx2,portable "
     "--footprint-gb 1.5 --reps 7 --kernel-time 0.25": BENCHMARK,
-    "python scripts/bench_moe.py --full --skip-torch --skip-prefill --isa avx512,avx2,avx2-novnni,portable "
+    "python scripts/bench_moe.py --full --skip-torch --skip-prefill --isa avx512,avxvnni,avx2,portable "
     "--footprint-gb 1.5 --reps 5": BENCHMARK,
-    "python scripts/bench_moe.py --full --skip-decode --skip-kernel --skip-torch --isa avx512,avx2,avx2-novnni": BENCHMARK,
+    "python scripts/bench_moe.py --full --skip-decode --skip-kernel --skip-torch --isa avx512,avxvnni,avx2": BENCHMARK,
     "python scripts/bench_moe.py --full --threads 2 --skip-decode --skip-torch --prefill-reps 5": BENCHMARK,
     "python3 scripts/bench_moe.py --full --skip-decode --threads 16 --prefill-reps 5 --int8-modes --json "
     "prefill16.json": BENCHMARK,

@@ -140,17 +140,42 @@ def test_bench_moe_skips_an_isa_the_cpu_lacks_with_a_line(monkeypatch, capsys):
     import argparse
 
     bench = script("bench_moe")
-    monkeypatch.setattr(bench.kt_kernels, "best_isa", lambda: "avx2")  # an AVX2-only CPU without AVX-VNNI (Zen 2)
-    monkeypatch.setattr(bench.kt_kernels, "cpu_features", lambda: {"avx2": True, "avx_vnni": False})
+    # the engine's answer on an AVX2-only CPU without AVX-VNNI (Zen 2)
+    monkeypatch.setattr(bench.kt_kernels, "moe_isas", lambda: ["portable", "avx2"])
     ap = argparse.ArgumentParser()
-    assert bench.runnable_isas(["avx512", "avx2", "avx2-novnni", "amx", "portable"], ap) == ["avx2", "portable"]
+    assert bench.runnable_isas(["avx512", "avx2", "avxvnni", "amx", "portable", "auto"], ap) == \
+        ["avx2", "portable", "auto"]
     out = capsys.readouterr().out.splitlines()
-    assert out == ["skipping --isa avx512: this CPU has no AVX512 (the best here is avx2)",
-                   "skipping --isa avx2-novnni: this CPU has no AVX-VNNI, so it is the avx2 kernel",
-                   "skipping --isa amx: this CPU has no AMX (the best here is avx2)"]
+    lacks = ": this CPU lacks its features (the engine runs portable, avx2 here)"
+    assert out == [f"skipping --isa {name}{lacks}" for name in ("avx512", "avxvnni", "amx")]
     with pytest.raises(SystemExit):
         bench.runnable_isas(["amx"], ap)
     assert "none of these runs on this CPU" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        bench.runnable_isas(["sse2"], ap)
+    for unknown in ("sse2", "avx2-novnni"):  # avx2-novnni: today the avx2 row (VPMADDUBSW)
+        with pytest.raises(SystemExit):
+            bench.runnable_isas([unknown], ap)
+        assert f"--isa {unknown}: not one of auto, portable, avx2, avxvnni, avx512, amx" in capsys.readouterr().err
 
+
+def test_bench_prefill_scaling_runs_small(tmp_path):
+    """Every thread count gets its probes (VPDPBUSD where the engine has AVX-512) and our prefill for every method
+    and token count; --kt-bench without the build's folder is refused; nothing is left behind."""
+    import json
+
+    import kt_kernels
+
+    small = ["--threads", "1,2", "--tokens", "16", "--methods", "int4,rawint4-g32", "--hidden", "256", "--inter", "256",
+             "--experts", "8", "--topk", "2", "--reps", "1", "--min-time", "0.01", "--probe-seconds", "0.05"]
+    r = run_script("bench_prefill_scaling", *small, "--json", tmp_path / "s.json", tmp=tmp_path / "tmp")
+    assert r.returncode == 0, r.stderr
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert [run["threads"] for run in d["runs"]] == [1, 2] and list((tmp_path / "tmp").iterdir()) == []
+    for run in d["runs"]:
+        assert set(run["probes"]) == {"clock"} | ({"vnni"} if "avx512" in kt_kernels.moe_isas() else set()) | \
+            ({"amx"} if "amx" in kt_kernels.moe_isas() else set())
+        assert all(p["mean"] > 0 and 0 < p["cpu_share"] <= 1.01 for p in run["probes"].values())
+        assert [(o["method"], o["tokens"]) for o in run["ours"]] == [("int4", 16), ("rawint4-g32", 16)]
+        assert all(o["ms"] > 0 and o["TFLOPs"] > 0 for o in run["ours"]) and run["kt"] == []
+    assert "threads=2: probes per thread clock" in r.stdout
+    r = run_script("bench_prefill_scaling", *small, "--kt-bench", "x.py", tmp=tmp_path / "tmp")
+    assert r.returncode == 2 and "--kt-bench needs --kt-ext-dir" in r.stderr

@@ -15,6 +15,8 @@ import pytest
 
 import kt_kernels
 from conftest import ROOT, read_json
+from engine_knobs import knobs
+from kt_kernels import _testing
 from kt_runtime.format.layout import INDEX_FILE, MANIFEST_FILE
 
 TIMEOUT = 120
@@ -135,7 +137,7 @@ def test_kernel_entry_points_check_the_range(bad):
     buf = np.zeros(1 << 21, np.uint8)
     buf = buf[(-buf.ctypes.data) % 64:][: 1 << 20]
     with pytest.raises(ValueError, match=r"\[0, 4096\]"):
-        kt_kernels._moe_read_bandwidth(buf, bad, 1)
+        _testing.read_bandwidth(buf, bad, 1)
 
 
 CONVERT = PRELUDE + textwrap.dedent("""
@@ -178,16 +180,14 @@ def test_spin_pool_gives_the_same_results_sleeping_or_spinning():
     ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(5)]).to(torch.int64)
     tw = torch.rand(5, 3, generator=g)
     ref = CPUMoE(w, 0, isa="portable", num_threads=1).forward(x, ids, tw)
-    old = kt_kernels._moe_spin_us(0)
-    try:
-        assert kt_kernels._moe_spin_us() == 0
+    old = _testing.knob("spin_us")
+    with knobs(spin_us=0):
+        assert _testing.knob("spin_us") == 0
         for spin_us in (0, 100000):
-            kt_kernels._moe_spin_us(spin_us)
+            _testing.knob("spin_us", spin_us)
             for threads in (2, 5):
                 moe = CPUMoE(w, 0, num_threads=threads)
                 for _ in range(3):
                     assert torch.equal(moe.forward(x, ids, tw), ref)
                     time.sleep(0.005)
-    finally:
-        kt_kernels._moe_spin_us(old)
-    assert kt_kernels._moe_spin_us() == old
+    assert _testing.knob("spin_us") == old

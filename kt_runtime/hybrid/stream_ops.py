@@ -4,7 +4,7 @@ runtime already loaded) or cudaLaunchHostFunc (the libcudart torch loaded) throu
 A host function queued on a stream runs on the CUDA runtime's callback thread once the work queued
 before it is done, and the work queued after it waits for it to return; it is captured into a CUDA graph
 as a host node (replayed with the same argument pointer). The functions queued here are the C++
-engine's host_submit / host_wait (kt_kernels._host_functions), which call no CUDA.
+engine's host_submit / host_wait (kt_kernels.host_functions), which call no CUDA.
 """
 from __future__ import annotations
 

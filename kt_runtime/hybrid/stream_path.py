@@ -87,7 +87,7 @@ class StreamStep:
             job = cpu._layer.host_job(self.x_h.numpy(), ids_h.numpy(), self.w_h.numpy(), y_h.numpy(), cpu.isa,
                                       cpu.num_threads)
             self.jobs.append((job, ids_h, y_h, torch.zeros((T, H), dtype=torch.float32, device=dev)))
-        self.submit_fn, self.wait_fn = kt_kernels._host_functions()
+        self.submit_fn, self.wait_fn = kt_kernels.host_functions()
 
     def _host(self, fn: int, job) -> None:
         if self.cuda:
