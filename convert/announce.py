@@ -44,9 +44,10 @@ def clamp_note(plan, kt_sft: bool = False) -> str | None:
             + ("; kt-kernel's SFT mode takes no clamp with any method" if kt_sft else ""))
 
 
-def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None = None) -> list[str]:
+def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None = None,
+               reason: str = "") -> list[str]:
     """plan: convert.plan.ConversionPlan. records: where this converter's files go when that is not `out`
-    (--kt-sft-manifest)."""
+    (--kt-sft-manifest); reason: why --device auto chose the device (convert.device_choice)."""
     fmt = _FORMAT_NAMES.get(plan.input_type, plan.input_type)
     layers = [lp.layer for lp in plan.layers]
     scope = (f"{plural(len(layers), 'MoE layer')} ({layer_ranges(layers)})" if not plan.partial else
@@ -60,7 +61,8 @@ def plan_lines(plan, source: Path, out: Path, device: str, records: Path | None 
                  + (f"; {plan.skipped_mtp_keys} MTP expert tensors skipped (not routed experts of the main model)" if plan.skipped_mtp_keys else ""))
     layout = "one safetensors shard per layer" if plan.layout == "merged" else "kt's _layer_L/_numa_T .kt folders"
     lines.append(f"output: {plan.method.kt_method} for {plural(plan.threadpool_count, 'NUMA pool')} "
-                 f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device} -> {out}")
+                 f"(--kt-threadpool-count {plan.threadpool_count}), {layout}, packed on the {device}"
+                 + (f" ({reason})" if reason else "") + f" -> {out}")
     if records is not None:
         lines.append(kt_sft_line(out, records))
     note = clamp_note(plan, records is not None)

@@ -38,15 +38,17 @@ class LayerReader:
     """The source bytes of `layers` (in this order), in batches of `experts_per_batch` experts."""
 
     def __init__(self, ckpt: Checkpoint, plan: ConversionPlan, layers: list[LayerPlan], experts_per_batch: int,
-                 threads: int, timings: Timings | None = None):
+                 threads: int, timings: Timings | None = None, ahead: int = 1, memory=None):
+        """ahead, memory: batches read ahead and where they are read into (the packer's read_ahead and
+        host_memory: pinned buffers for the GPU)."""
         self.ckpt = ckpt
         self.num_experts = plan.num_experts
         self.experts_per_batch = experts_per_batch
         self._order = [lp.layer for lp in layers]
         self.timings = timings or Timings()
         self._source_sha256: dict[int, str] = {}
-        self._stream = SourceStream(ckpt, [b for lp in layers for b in self.batch_slabs(lp)], threads=threads,
-                                    timings=self.timings)
+        self._stream = SourceStream(ckpt, [b for lp in layers for b in self.batch_slabs(lp)], ahead=ahead,
+                                    threads=threads, timings=self.timings, memory=memory)
 
     def start(self) -> None:
         """Starts reading the first batches now (else the first batches() call does)."""

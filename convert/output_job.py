@@ -18,6 +18,7 @@ from kt_runtime.format.verified import add_verified, is_verified, read_verified,
 
 from . import __version__, kt_sft_output, preflight
 from .claims import Claim, Held
+from .device_choice import DeviceChoice
 from .errors import UserError
 from .kt_resume import adopt_kt_layers, kt_started_layout
 from .non_expert import non_expert_tensors
@@ -313,14 +314,15 @@ class OutputJob:
 
     # -- report and release -------------------------------------------------------------------------
 
-    def report(self, device: str, seconds: float, shard: ShardSpec | None, timings: Timings) -> ConversionReport:
+    def report(self, choice: DeviceChoice, seconds: float, shard: ShardSpec | None, timings: Timings) -> ConversionReport:
         plan, done = self.plan, set(self.todo)
         # the output's NaN/Inf values packed as 0: of this run's layers and of those an earlier run converted
         nonfinite = {key: n for _, rec in sorted(self.manifest.completed.items()) for key, n in rec.nonfinite.items()}
         lps = [lp for lp in plan.layers if lp.layer in done]
         return ConversionReport(
             output=str(self.out), family=plan.family, input_type=plan.input_type, method=plan.method.name,
-            kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=device,
+            kt_method=plan.method.kt_method, threadpool_count=plan.threadpool_count, device=choice.device,
+            device_reason=choice.reason,
             layers=len(plan.layers), layers_converted=len(lps), layers_resumed=self.resumed,
             experts_per_layer=plan.num_experts, mtp_tensors_skipped=plan.skipped_mtp_keys,
             input_bytes=sum(lp.input_bytes for lp in lps), output_bytes=sum(lp.output_bytes for lp in lps),

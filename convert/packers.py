@@ -1,20 +1,19 @@
 """Packers chosen by --device: each takes (method, jobs) like quant.cpu.pack_cpu, fills the jobs'
-PackTargets and returns the non-finite counts.
+PackTargets and returns the non-finite counts; submit() starts a batch and returns a handle (result():
+the counts), so the CUDA packer works on one batch while the caller prepares the next.
 
-The CUDA packer streams a batch through the GPU in chunks of experts, each stage on its own
-resources so that they overlap: reader threads copy the sources (read from the checkpoint into a
-buffer by convert.source_reader, one batch ahead) into pinned staging, the copy stream moves them
-to the GPU, the compute stream runs the fused Triton kernel, the download stream brings the packed
-bytes back into pinned memory, and the reader threads copy them into the PackTargets (the writer
-thread of convert_layer then writes them). A fixed ring of slots bounds memory: GPU and pinned memory are a few chunks whatever the
-model size; the slots are allocated once and reused by every call. A slot waits for its GPU copies
-once per chunk (one event per stage), never per tensor. torch and triton are imported only when the
-CUDA packer is made.
+Each packer also says where a batch's bytes live (host_memory: the source stream's read buffers and the
+batch's PackTargets, convert.host_memory). The CPU packer packs into fresh arrays. The CUDA packer owns one
+pinned host block of PINNED_BYTES: the stream reads the sources into it, each batch is uploaded from there
+in place (no staging copy), the fused Triton kernel packs it, and the packed bytes are downloaded into the
+batch's arena in the same block, which the writer writes and the layer digest hashes from. Batches run on
+three streams (upload, kernel, download; convert.gpu_schedule) over a few device slots, so one batch's
+upload overlaps the previous one's kernel and download while the host reads ahead and writes behind.
 
-start_packer makes the packer for --device: the CUDA one on a background thread from the start of the
-run (torch and triton imports, CUDA context, streams, pinned buffers, and the kernel compiled on a
-32-row slice of the first batch's sources), so that start-up overlaps planning and the first reads;
-until it is ready, batches are packed by the CPU packer (the same bytes).
+start_packer makes the packer for --device cuda: the CUDA one on a background thread from the start of the
+run (torch and triton imports, CUDA context, streams, the pinned block, and the kernel compiled on a 32-row
+slice of the first batch's sources), so that start-up overlaps planning and the first reads; until it is
+ready, batches are read into plain buffers and packed by the CPU packer (the same bytes).
 """
 from __future__ import annotations
 
@@ -23,16 +22,18 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
-
 from quant.cpu import pack_cpu
 from kt_runtime.format.methods import QuantMethod
 
 from .errors import UserError
+from .gpu_schedule import batch_steps
+from .host_memory import HostBlock, PageableMemory
 from .timings import Timings
 
-CHUNK_BYTES = 8 << 20  # source bytes per GPU chunk: small, so a batch's last chunk (not overlapped) is short
-SLOTS = 4  # chunks in flight: being read (several), on the GPU, being copied out
-PIECE_BYTES = 2 << 20  # one reader task
+SLOTS = 3  # batches on the device at once: uploading, in the kernel, downloading
+PINNED_BYTES = 512 << 20  # the CUDA packer's pinned host memory: read buffers and output arenas
+READ_AHEAD = 2  # --device cuda: batches read ahead (each in a pinned read buffer)
+MIB = 1 << 20
 # --device cuda: the CPU packs batches while the GPU starts (tests of the GPU path turn it off)
 PACK_ON_CPU_WHILE_DEVICE_STARTS = True
 
@@ -77,27 +78,100 @@ class CpuPacker:
     def close(self) -> None:
         pass
 
+    host_memory = PageableMemory()
+    read_ahead = 1
+
+    def submit(self, method: QuantMethod, jobs) -> Packed:
+        return Packed(self(method, jobs))
+
+
+def pinned_bytes(device: str) -> int:
+    """The host memory a packer for `device` pins (pre-flight counts it)."""
+    return PINNED_BYTES if device == "cuda" else 0
+
+
+class Packed:
+    """A batch packed synchronously: its counts, its sources already free."""
+
+    def __init__(self, counts: list[int]):
+        self._counts = counts
+        self.sources_free: Future = Future()
+        self.sources_free.set_result(None)
+
+    def result(self) -> list[int]:
+        return self._counts
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        pass
+
 
 class _Slot:
-    """Buffers of one chunk in flight and the events that say when each is free again."""
+    """Device buffers of one batch in flight, the events of the batch that used them last and its handle
+    (its host buffers are its own leases: nothing on the host waits for a slot's previous batch)."""
 
-    def __init__(self, torch, device, in_bytes: int, out_bytes: int):
-        self.in_cap, self.out_cap = in_bytes, out_bytes
-        self.pin_in = torch.empty(in_bytes, dtype=torch.uint8, pin_memory=True)
-        self.pin_out = torch.empty(out_bytes, dtype=torch.uint8, pin_memory=True)
-        self.pin_in_np, self.pin_out_np = self.pin_in.numpy(), self.pin_out.numpy()
-        self.dev_in = torch.empty(in_bytes, dtype=torch.uint8, device=device)
-        self.dev_out = torch.empty(out_bytes, dtype=torch.uint8, device=device)
-        self.uploaded = torch.cuda.Event(blocking=True)  # pin_in may be refilled
-        self.computed = torch.cuda.Event(blocking=True)  # dev_in may be overwritten
-        self.downloaded = torch.cuda.Event(blocking=True)  # dev_out may be overwritten, pin_out holds the results
+    def __init__(self):
+        self.dev_in = self.dev_out = None
+        self.events: dict = {}
+        self.handle: _GpuBatch | None = None
+
+
+class _GpuBatch:
+    """A batch on the device. sources_free: done once its upload is (the read buffer may be refilled);
+    result(): waits for its download, scatters dense outputs, gives the non-finite counts."""
+
+    def __init__(self, packer: "CudaPacker", plan, jobs, events: dict, marks: list, held: list):
+        self.packer, self.plan, self.jobs = packer, plan, jobs
+        self.events, self.marks = events, marks
+        self.held = held  # host buffers the copies read or write: kept until the batch is done
+        self.sources_free: Future = Future()
+        self._counts: list[int] | None = None
+
+    def _wait_upload(self) -> None:  # on the packer's waiter thread
+        try:
+            self.events["uploaded"].synchronize()
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the sources
+            self.sources_free.set_exception(e)
+        else:
+            self.sources_free.set_result(None)
+
+    def result(self) -> list[int]:
+        if self._counts is None:
+            from quant.gpu import read_counts, scatter_outputs
+
+            timings = self.packer.timings
+            with timings.timed("gpu_wait_s"):
+                self.events["downloaded"].synchronize()
+            bounce, counts = self.held[-2], self.held[-1]
+            if self.plan.out_window is None:
+                with timings.timed("gpu_stage_out_s"):
+                    scatter_outputs(self.plan, bounce, self.jobs)
+            self._counts = read_counts(self.plan, counts)
+            for stage, a, b in (("gpu_h2d_s", 0, 1), ("gpu_kernel_s", 2, 3), ("gpu_d2h_s", 4, 5)):
+                timings.add(stage, self.marks[a].elapsed_time(self.marks[b]) / 1e3)
+            self.jobs, self.held = None, []
+        return self._counts
+
+    def done(self) -> bool:
+        """Whether its results were taken (result())."""
+        return self._counts is not None
+
+    def wait(self) -> None:
+        """Waits for the device to be done with the batch's host buffers, whatever happened."""
+        try:
+            self.events["downloaded"].synchronize()
+        except BaseException:  # noqa: BLE001, S110 - the first error is already propagating
+            pass
 
 
 class CudaPacker:
     device = "cuda"
+    read_ahead = READ_AHEAD
 
-    def __init__(self, device: str = "cuda", chunk_bytes: int = CHUNK_BYTES, slots: int = SLOTS,
-                 threads: int | None = None, timings: Timings | None = None):
+    def __init__(self, device: str = "cuda", slots: int = SLOTS, pinned_bytes: int | None = None,
+                 timings: Timings | None = None):
         import torch
 
         import quant.triton_kernels  # noqa: F401  (fail here, not mid-layer, if triton is broken)
@@ -105,159 +179,123 @@ class CudaPacker:
         self.torch = torch
         self.device = torch.device(device)
         torch.cuda.init()  # the CUDA context now (on the start-up thread), not in the first copy
-        self.chunk_bytes, self.num_slots = chunk_bytes, max(2, slots)
-        self.slots: list[_Slot] = []
-        self.h2d = torch.cuda.Stream(self.device)
-        self.compute = torch.cuda.Stream(self.device)
-        self.d2h = torch.cuda.Stream(self.device)
-        self.pool = ThreadPoolExecutor(max_workers=threads or min(16, os.cpu_count() or 4),
-                                       thread_name_prefix="kt-gpu-io")
         self.timings = timings or Timings()
-        self.stats = {"chunks": 0, "input_bytes": 0, "output_bytes": 0}
-        self._ensure_slots(0, 0)  # pinned and device buffers once, before the first batch
+        self.streams = {name: torch.cuda.Stream(self.device) for name in ("h2d", "compute", "d2h")}
+        pinned_bytes = pinned_bytes or PINNED_BYTES
+        self.block = torch.empty(pinned_bytes, dtype=torch.uint8, pin_memory=True)
+        self.host_memory = HostBlock(self.block.numpy(), owner=self.block)
+        self.timings.add("gpu_pinned_mib", pinned_bytes / MIB)
+        self.slots = [_Slot() for _ in range(max(2, slots))]
+        self.waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-gpu-wait")
+        self.stats = {"batches": 0, "input_bytes": 0, "output_bytes": 0, "device_allocations": 0}
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        self.slots = []
-
-    def _chunks(self, jobs) -> list[list[int]]:
-        """Job indices cut into chunks of about chunk_bytes of source; jobs that share a source
-        (the NUMA shards of down) stay in one chunk so it is read once."""
-        chunks, current, size, last_key = [], [], 0, None
-        for i, (src, _, _, _) in enumerate(jobs):
-            key = src.weight.__array_interface__["data"][0]
-            nbytes = src.weight.nbytes + (src.scales.nbytes if src.scales is not None else 0)
-            if current and size + nbytes > self.chunk_bytes and key != last_key:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(i)
-            if key != last_key:
-                size += nbytes
-            last_key = key
-        if current:
-            chunks.append(current)
-        return chunks
-
-    def _ensure_slots(self, in_bytes: int, out_bytes: int) -> None:
-        if len(self.slots) == self.num_slots and all(s.in_cap >= in_bytes and s.out_cap >= out_bytes
-                                                     for s in self.slots):
+        if self.waiter is None:
             return
+        for slot in self.slots:
+            if slot.handle is not None:
+                slot.handle.wait()
+        self.torch.cuda.synchronize(self.device)
+        self.waiter.shutdown(wait=True)
+        self.waiter, self.slots = None, []
+        if self.host_memory.refused:  # read buffers, arenas or staging the block had no room for
+            self.timings.add("gpu_pageable_buffers", self.host_memory.refused)
+
+    def _host(self, nbytes: int):
+        """(host tensor, its numpy view) of nbytes for one batch: a lease of the pinned block, or pageable
+        memory when the block has no room (its copy is then synchronous)."""
         torch = self.torch
-        torch.cuda.synchronize(self.device)  # nothing is in flight between calls; be sure
-        mib = 1 << 20  # headroom, so that chunks of other sizes reuse the slots
-        in_cap = max([in_bytes + in_bytes // 2, 2 * self.chunk_bytes] + [s.in_cap for s in self.slots])
-        out_cap = max([out_bytes + out_bytes // 2, 4 * self.chunk_bytes] + [s.out_cap for s in self.slots])
-        in_cap, out_cap = -(-in_cap // mib) * mib, -(-out_cap // mib) * mib
-        self.stats["slot_allocations"] = self.stats.get("slot_allocations", 0) + 1
-        self.slots = []
-        self.slots = [_Slot(torch, self.device, in_cap, out_cap) for _ in range(self.num_slots)]
+        lease = self.host_memory.lease(max(64, nbytes))
+        if lease is None:
+            t = torch.empty(max(64, nbytes), dtype=torch.uint8)
+            return t, t.numpy()
+        off = self.host_memory.offset_of(lease)
+        return self.block[off:off + lease.nbytes], lease
 
-    def _gpu_times(self, marks) -> None:
-        """Adds a chunk's GPU stage times (its six events, recorded around h2d, kernel, d2h: complete)."""
-        for stage, a, b in (("gpu_h2d_s", 0, 1), ("gpu_kernel_s", 2, 3), ("gpu_d2h_s", 4, 5)):
-            self.timings.add(stage, marks[a].elapsed_time(marks[b]) / 1e3)
+    def _device_buffers(self, slot: _Slot, in_bytes: int, out_bytes: int) -> None:
+        """Grows the slot's device buffers, once the batch that used them last is done with them."""
+        torch = self.torch
+        for name, need in (("dev_in", in_bytes), ("dev_out", out_bytes)):
+            have = getattr(slot, name)
+            if have is None or have.numel() < need:
+                if slot.handle is not None:
+                    slot.handle.wait()
+                size = -(-(need + need // 4) // MIB) * MIB
+                setattr(slot, name, None)
+                setattr(slot, name, torch.empty(size, dtype=torch.uint8, device=self.device))
+                self.stats["device_allocations"] += 1
 
-    def __call__(self, method: QuantMethod, jobs) -> list[int]:
-        from quant.gpu import copy_piece, copy_pieces, launch, plan_batch, scatter_job
+    def submit(self, method: QuantMethod, jobs):
+        from quant.gpu import fill_staging, launch, plan_batch
 
         if not jobs:
-            return []
-        torch = self.torch
-        t_plan = time.perf_counter()
-        chunks = self._chunks(jobs)
-        plans = [plan_batch(method, [jobs[i] for i in chunk]) for chunk in chunks]
-        self.timings.add("gpu_plan_s", time.perf_counter() - t_plan)
-        self._ensure_slots(max(p.in_bytes for p in plans), max(p.out_bytes for p in plans))
-        S = self.num_slots
-        counts = [0] * len(jobs)
-        reads: dict[int, list[Future]] = {}
-        copyouts: dict[int, list[Future]] = {}
-        marks: list[list] = []  # per chunk: events around its h2d, kernel and d2h (read when all is done)
+            return Packed([])
+        torch, timings = self.torch, self.timings
+        t0 = time.perf_counter()
+        plan = plan_batch(method, jobs, self.host_memory)
+        timings.add("gpu_plan_s", time.perf_counter() - t0)
+        batch = self.stats["batches"]
+        slot = self.slots[batch % len(self.slots)]  # its last batch may still run: the streams wait for it
+        t0 = time.perf_counter()
+        self._device_buffers(slot, plan.in_bytes, plan.out_bytes)
+        stage_t, stage = self._host(plan.stage_bytes)
+        if len(plan.copies) > 1:  # sources that are not in the pinned block (the tables are always staged)
+            timings.add("gpu_batches_staged", 1)
+            with timings.timed("gpu_stage_in_s"):
+                fill_staging(plan, stage)
+        else:
+            fill_staging(plan, stage)
+        if plan.out_window is None:
+            timings.add("gpu_batches_scattered", 1)
+            bounce_t, bounce = self._host(plan.counts_offset)
+        else:
+            bounce_t = bounce = None
+        counts_t, counts = self._host(4 * plan.num_jobs)
+        block = self.block
+        events = {name: torch.cuda.Event(blocking=True) for name in ("uploaded", "computed", "downloaded")}
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
 
-        def wait(futures) -> None:
-            t0 = time.perf_counter()
-            for f in futures:
-                f.result()
-            self.timings.add("gpu_wait_s", time.perf_counter() - t0)
+        def upload(stream):
+            if plan.window is not None:
+                first, nbytes = plan.window
+                slot.dev_in[:nbytes].copy_(block[first:first + nbytes], non_blocking=True)
+            slot.dev_in[plan.stage_offset:plan.in_bytes].copy_(stage_t[:plan.stage_bytes], non_blocking=True)
 
-        def timed(stage, fn, *args):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                self.timings.add(stage, time.perf_counter() - t0)
+        def kernel(stream):
+            launch(method, plan, slot.dev_in, slot.dev_out)
 
-        def read_piece(gate: Future, slot: _Slot, piece) -> None:
-            gate.result()  # the slot's previous chunk has left pin_in
-            timed("gpu_stage_in_s", copy_piece, slot.pin_in_np, piece)
+        def download(stream):
+            if plan.out_window is not None:
+                first, nbytes = plan.out_window
+                block[first:first + nbytes].copy_(slot.dev_out[:nbytes], non_blocking=True)
+            else:
+                bounce_t[:plan.counts_offset].copy_(slot.dev_out[:plan.counts_offset], non_blocking=True)
+            c = plan.counts_offset
+            counts_t[:4 * plan.num_jobs].copy_(slot.dev_out[c:c + 4 * plan.num_jobs], non_blocking=True)
 
-        def copy_out(gate: Future, slot: _Slot, c: int, j: int) -> None:
-            gate.result()  # pin_out holds this chunk's results
-            i = chunks[c][j]
-            counts[i] = timed("gpu_stage_out_s", scatter_job, plans[c], slot.pin_out_np, j, jobs[i][3])
+        actions = {"upload": (upload, 0), "kernel": (kernel, 2), "download": (download, 4)}
+        for step in batch_steps(batch, len(self.slots)):
+            stream = self.streams[step.stream]
+            for name, of in step.waits:
+                stream.wait_event((events if of == batch else slot.events)[name])
+            act, mark = actions[step.action]
+            with torch.cuda.stream(stream):
+                marks[mark].record(stream)
+                act(stream)
+                marks[mark + 1].record(stream)
+                events[step.records].record(stream)
+        slot.events = events
+        handle = _GpuBatch(self, plan, jobs, events, marks, [stage_t, stage, bounce_t, bounce, counts])
+        slot.handle = handle
+        self.waiter.submit(handle._wait_upload)
+        timings.add("gpu_issue_s", time.perf_counter() - t0)
+        self.stats["batches"] += 1
+        self.stats["input_bytes"] += plan.input_bytes
+        self.stats["output_bytes"] += sum(o[1] + 4 * o[3] for o in plan.outputs)
+        return handle
 
-        # One synchronisation per chunk and stage: a gate task waits for the slot's event, the
-        # chunk's copy tasks (queued behind it, the pool is FIFO) wait for the gate.
-        def submit_reads(c: int) -> None:
-            slot = self.slots[c % S]
-            gate = self.pool.submit(slot.uploaded.synchronize)
-            reads[c] = [gate] + [self.pool.submit(read_piece, gate, slot, piece)
-                                 for piece in copy_pieces(plans[c], PIECE_BYTES)]
-
-        try:
-            for c in range(min(S, len(plans))):
-                submit_reads(c)
-            for c, plan in enumerate(plans):
-                slot = self.slots[c % S]
-                m = [torch.cuda.Event(enable_timing=True) for _ in range(6)]
-                marks.append(m)
-                wait(reads.pop(c))
-                t_issue = time.perf_counter()
-                with torch.cuda.stream(self.h2d):
-                    self.h2d.wait_event(slot.computed)  # the previous kernel on this slot is done with dev_in
-                    m[0].record(self.h2d)
-                    slot.dev_in[: plan.in_bytes].copy_(slot.pin_in[: plan.in_bytes], non_blocking=True)
-                    m[1].record(self.h2d)
-                    slot.uploaded.record(self.h2d)
-                with torch.cuda.stream(self.compute):
-                    self.compute.wait_event(slot.uploaded)
-                    self.compute.wait_event(slot.downloaded)  # dev_out of the previous chunk is downloaded
-                    m[2].record(self.compute)
-                    launch(method, plan, slot.dev_in, slot.dev_out)
-                    m[3].record(self.compute)
-                    slot.computed.record(self.compute)
-                self.timings.add("gpu_issue_s", time.perf_counter() - t_issue)
-                wait(copyouts.pop(c - S, []))  # pin_out of the previous chunk is copied out
-                t_issue = time.perf_counter()
-                with torch.cuda.stream(self.d2h):
-                    self.d2h.wait_event(slot.computed)
-                    m[4].record(self.d2h)
-                    slot.pin_out[: plan.out_bytes].copy_(slot.dev_out[: plan.out_bytes], non_blocking=True)
-                    m[5].record(self.d2h)
-                    slot.downloaded.record(self.d2h)
-                if c + S < len(plans):
-                    submit_reads(c + S)  # after this slot's upload was recorded: its readers wait for it
-                gate = self.pool.submit(slot.downloaded.synchronize)
-                copyouts[c] = [gate] + [self.pool.submit(copy_out, gate, slot, c, j) for j in range(len(chunks[c]))]
-                self.timings.add("gpu_issue_s", time.perf_counter() - t_issue)
-                self.stats["chunks"] += 1
-                self.stats["input_bytes"] += plan.input_bytes
-                self.stats["output_bytes"] += sum(o[1] + 4 * o[3] for o in plan.outputs)
-            for c in sorted(copyouts):
-                wait(copyouts[c])
-            for m in marks:  # every download is complete: so is every event
-                self._gpu_times(m)
-        except BaseException:
-            for fs in list(reads.values()) + list(copyouts.values()):
-                for f in fs:
-                    f.cancel()
-            torch.cuda.synchronize(self.device)
-            for fs in list(reads.values()) + list(copyouts.values()):
-                for f in fs:
-                    if not f.cancelled():
-                        f.exception()  # wait; the first error is already propagating
-            raise
-        return counts
+    def __call__(self, method: QuantMethod, jobs) -> list[int]:
+        return self.submit(method, jobs).result()
 
     def warm_up(self, method: QuantMethod, sources) -> None:
         """Compiles the kernel for these sources ((SourceMatrix of 32 rows, col0, k), one per kind) by
@@ -290,7 +328,11 @@ def _warm_up_sources(jobs) -> list:
 class StartingPacker:
     """--device cuda: the CUDA packer made on a background thread, started with the run. Until it is
     ready (made, and its kernel compiled on the first batch's source kinds), batches go to the CPU
-    packer, which gives the same bytes; from then on every batch goes to the GPU."""
+    packer, which gives the same bytes; from then on every batch goes to the GPU. Read buffers and
+    PackTargets are plain memory until the CUDA packer is made, then its pinned block's (host_memory is
+    this object: it asks the CUDA packer once there is one)."""
+
+    read_ahead = READ_AHEAD
 
     def __init__(self, num_threads: int, timings: Timings, start: float | None = None):
         self.timings = timings
@@ -301,6 +343,7 @@ class StartingPacker:
         self._cpu: CpuPacker | None = None
         self._num_threads = num_threads
         self.device = "cuda"
+        self.host_memory = self
 
     def _make(self) -> CudaPacker:
         packer = CudaPacker(timings=self.timings)
@@ -322,9 +365,27 @@ class StartingPacker:
         with self.timings.timed("device_init_wait_s"):
             return ready.result()
 
-    def __call__(self, method: QuantMethod, jobs) -> list[int]:
-        if self._warm is not None and self._warm.done() or not PACK_ON_CPU_WHILE_DEVICE_STARTS:
-            return self._gpu()(method, jobs)
+    def _on_gpu(self) -> bool:
+        return self._warm is not None and self._warm.done() or not PACK_ON_CPU_WHILE_DEVICE_STARTS
+
+    def _memory(self):
+        """The CUDA packer's pinned block once it is made, plain memory before."""
+        if self._made.done() and self._made.exception() is None:
+            return self._made.result().host_memory
+        return CpuPacker.host_memory
+
+    def empty(self, nbytes: int):
+        return self._memory().empty(nbytes)
+
+    def suits(self, buffer) -> bool:
+        return self._memory().suits(buffer)
+
+    def targets(self, method: QuantMethod, shapes):
+        return (self._gpu().host_memory if self._on_gpu() else CpuPacker.host_memory).targets(method, shapes)
+
+    def submit(self, method: QuantMethod, jobs):
+        if self._on_gpu():
+            return self._gpu().submit(method, jobs)
         if self._warm is None:  # the first batch: compile the kernel on a copy of a slice of its sources
             self._warm = self._thread.submit(self._warm_up, method, _warm_up_sources(jobs))
         if self._made.done() and self._made.exception() is not None:
@@ -332,7 +393,10 @@ class StartingPacker:
         if self._cpu is None:
             self._cpu = CpuPacker(self._num_threads)
         self.timings.add("cpu_batches_while_device_starts", 1)
-        return self._cpu(method, jobs)
+        return self._cpu.submit(method, jobs)
+
+    def __call__(self, method: QuantMethod, jobs) -> list[int]:
+        return self.submit(method, jobs).result()
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)  # a start-up in flight cannot be cut short

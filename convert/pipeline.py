@@ -14,13 +14,15 @@ from pathlib import Path
 
 from . import kt_sft_output, preflight
 from .announce import plan_lines, resume_line
+from .device_choice import DeviceChoice, choose_device, measure_capabilities
 from .errors import UserError
 from .layer_io import LayerOutput, LayerReader
 from .layer_pack import convert_layer, experts_per_batch, started_executor
 from .options import ConvertOptions, OutputSpec, RunOptions, check_cpu_threads
 from .output_dir import remove_if_empty
-from .output_job import OutputJob, method_or_exit
-from .packers import make_packer, pack_isa
+from .output_job import OutputJob, method_or_exit, plan_output
+from .packers import make_packer, pack_isa, pinned_bytes
+from .plan import ConversionPlan
 from .progress import Progress
 from .report import ConversionReport
 from .shards import ShardSpec
@@ -50,20 +52,15 @@ def convert_outputs(run: RunOptions, outputs: list[OutputSpec],
     sft = [m for m, spec in zip(methods, outputs) if spec.kt_sft_manifest]
     if shard is not None and sft:
         raise UserError(kt_sft_output.refusal(sft[0], False, None, None, shard=True))
-    device = resolve_device(run.device)
-    if device == "cuda" and not all(m.numa_split for m in methods):  # the Triton packer writes AMX tiles only
-        if run.device == "cuda":
-            choice = next(m.choice for m in methods if not m.numa_split)
-            raise UserError(f"--device cuda: --quant-method {choice} is packed on the CPU only; use --device "
-                            "cpu or auto")
-        device = "cpu"
+    choice = _explicit_device(run.device, methods)  # None: --device auto with a GPU, chosen once planned
     start = time.perf_counter()  # the reports' seconds are the conversion's, not the device probe's
     timings = Timings()
     # --device cuda: the GPU starts on a background thread now, while the plan is made and the first
-    # batch is read (convert.packers.StartingPacker); the CPU packer is made by _run, after pre-flight
-    packer = make_packer(device, run.cpuinfer_threads, timings, start) if device == "cuda" else None
+    # batch is read (convert.packers.StartingPacker); otherwise _run makes the packer, after pre-flight
+    cuda_now = choice is not None and choice.device == "cuda"
+    packer = make_packer("cuda", run.cpuinfer_threads, timings, start) if cuda_now else None
     try:
-        reports = _convert_outputs(run, outputs, shard, device, probe, start, packer, timings)
+        reports = _convert_outputs(run, outputs, shard, choice, probe, start, packer, timings)
     finally:
         if packer is not None:
             packer.close()  # waits for a GPU start-up still running (a run shorter than it)
@@ -72,8 +69,50 @@ def convert_outputs(run: RunOptions, outputs: list[OutputSpec],
     return reports
 
 
-def _convert_outputs(run: RunOptions, outputs: list[OutputSpec], shard: ShardSpec | None, device: str, probe: float,
-                     start: float, packer, timings: Timings) -> list[ConversionReport]:
+def _explicit_device(device: str, methods) -> DeviceChoice | None:
+    """--device cpu or cuda (checked), or auto where no GPU can pack; None: auto with a GPU (choose_auto)."""
+    found = resolve_device(device)
+    cpu_only = next((m.choice for m in methods if not m.numa_split), None)  # the Triton packer writes AMX tiles only
+    if found == "cuda" and cpu_only is not None:
+        if device == "cuda":
+            raise UserError(f"--device cuda: --quant-method {cpu_only} is packed on the CPU only; use --device "
+                            "cpu or auto")
+        return DeviceChoice("cpu", f"--quant-method {cpu_only} is packed on the CPU only")
+    if device != "auto":
+        return DeviceChoice(found, "")
+    if found == "cpu":
+        from quant.gpu import NO_GPU_DEVICE, gpu_unavailable_reason
+
+        why = gpu_unavailable_reason()  # a machine without a GPU is told so briefly, one with a GPU why it is unused
+        return DeviceChoice("cpu", "no GPU here" if why.startswith(NO_GPU_DEVICE) else f"no GPU to pack on: {why}")
+    return None
+
+
+def auto_device(opts: ConvertOptions) -> DeviceChoice:
+    """What --device auto chooses for this conversion, found as a run finds it, without converting
+    (scripts/bench_convert.py asks on each machine setting it measures)."""
+    run, spec = opts.run, opts.spec
+    choice = _explicit_device("auto", [method_or_exit(run, spec)])
+    if choice is not None:
+        return choice
+    ckpt = open_checkpoint(run.input_path)
+    try:
+        plan, _ = plan_output(ckpt, run, spec)
+        return choose_auto(plan, run, Timings())
+    finally:
+        ckpt.close()
+
+
+def choose_auto(plan: ConversionPlan, run: RunOptions, timings: Timings) -> DeviceChoice:
+    """--device auto on a machine with a GPU: the CPU or the GPU, whichever converts faster here
+    (convert.device_choice, from probes of this machine)."""
+    with timings.timed("device_choice_s"):
+        return choose_device(measure_capabilities(plan, plan.layers, run.cpuinfer_threads, None))
+
+
+def _convert_outputs(run: RunOptions, outputs: list[OutputSpec], shard: ShardSpec | None,
+                     choice: DeviceChoice | None, probe: float, start: float, packer,
+                     timings: Timings) -> list[ConversionReport]:
     """Opens the source once (a hub download starts here), plans every output from it and runs them."""
     ckpt, _ = open_source(run, any(spec.include_non_expert for spec in outputs),
                           note=lambda m: Progress(0, 0, False).note(m))
@@ -92,7 +131,9 @@ def _convert_outputs(run: RunOptions, outputs: list[OutputSpec], shard: ShardSpe
         for job in jobs[1:]:
             if [(lp.layer, lp.experts) for lp in job.plan.layers] != [(lp.layer, lp.experts) for lp in jobs[0].plan.layers]:
                 raise RuntimeError("the outputs of one run planned different source layers")
-        reports = _run(ckpt, run, jobs, device, start, shard, packer, timings)
+        if choice is None:
+            choice = choose_auto(jobs[0].plan, run, timings)
+        reports = _run(ckpt, run, jobs, choice, start, shard, packer, timings)
         for report in reports:
             report.startup_seconds = start - probe
         return reports
@@ -132,9 +173,9 @@ def resolve_device(device: str) -> str:
 
 
 def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, progress: Progress,
-               layer_files: list[tuple[int, set[str]]]) -> None:
-    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch; the
-    source's disk beside the outputs (a download: its gate)."""
+               layer_files: list[tuple[int, set[str]]], pinned_bytes: int) -> None:
+    """Disk per output directory (outputs on one filesystem add up), memory for every output's batch and the
+    GPU's pinned block (pinned_bytes); the source's disk beside the outputs (a download: its gate)."""
     estimates = []
     by_device: dict[int, list] = {}
     copied = preflight.copied_bytes(ckpt.root, COPIED_FILES)
@@ -145,7 +186,8 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
     for outs in by_device.values():
         need = sum(n for _, n in outs)
         preflight.check(preflight.Estimate(need, need, 0, 0), outs[0][0])
-    peak = max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
+    peak = (max(e.peak_memory_bytes for e in estimates) + sum(2 * e.batch_bytes + e.held_bytes for e in estimates[1:])
+            + pinned_bytes)
     combined = preflight.Estimate(sum(e.output_bytes for e in estimates), 0, sum(e.batch_bytes for e in estimates),
                                   peak, estimates[0].source_batch_bytes)
     preflight.check(combined, jobs[0].out)
@@ -155,16 +197,18 @@ def _preflight(ckpt: Checkpoint, jobs: list[OutputJob], batch_experts: int, prog
         progress.note(source_line)
 
 
-def _run(ckpt: Checkpoint, run: RunOptions, jobs: list[OutputJob], device: str, start: float, shard: ShardSpec | None,
-         packer, timings: Timings) -> list[ConversionReport]:
+def _run(ckpt: Checkpoint, run: RunOptions, jobs: list[OutputJob], choice: DeviceChoice, start: float,
+         shard: ShardSpec | None, packer, timings: Timings) -> list[ConversionReport]:
     """The run itself; `packer` is the one started by convert_outputs() (--device cuda) or None (made here)."""
+    device = choice.device
     plan = jobs[0].plan  # the source side: the same for every output
     gate = ckpt.gate  # a local checkpoint's does nothing; a hub download's fetches and removes shards
     progress = Progress(0, len(plan.layers), run.progress)
     shown: set[str] = set()
     try:
         for job in jobs:
-            for line in plan_lines(job.plan, ckpt.root, job.out, device, job.state if job.state != job.out else None):
+            for line in plan_lines(job.plan, ckpt.root, job.out, device, job.state if job.state != job.out else None,
+                                   choice.reason):
                 if line not in shown:  # several outputs: the source and model lines once
                     shown.add(line)
                     progress.note(line)
@@ -181,10 +225,10 @@ def _run(ckpt: Checkpoint, run: RunOptions, jobs: list[OutputJob], device: str, 
                           "every missing layer is converted")
         needed = {layer: [job for job in jobs if layer in job.todo] for layer in (lp.layer for lp in plan.layers)}
         todo = [lp for lp in plan.layers if needed[lp.layer]]
-        batch_experts = experts_per_batch(plan, tuple(job.plan for job in jobs[1:]))
+        batch_experts = experts_per_batch(plan, tuple(job.plan for job in jobs[1:]), device)
         layer_files = ckpt.layer_files(todo)
         gate.check_cap(layer_files)
-        _preflight(ckpt, jobs, batch_experts, progress, layer_files)
+        _preflight(ckpt, jobs, batch_experts, progress, layer_files, pinned_bytes(device))
         for job in jobs:
             job.start()
         gate.schedule(layer_files, {ckpt.key_file[src] for job in jobs for src, _ in job.non_expert})
@@ -196,7 +240,8 @@ def _run(ckpt: Checkpoint, run: RunOptions, jobs: list[OutputJob], device: str, 
         own_packer = packer is None
         if own_packer:
             packer = make_packer(device, run.cpuinfer_threads, timings, start)
-        reader = LayerReader(ckpt, plan, todo, batch_experts, threads=default_read_threads(), timings=timings)
+        reader = LayerReader(ckpt, plan, todo, batch_experts, threads=default_read_threads(), timings=timings,
+                             ahead=packer.read_ahead, memory=packer.host_memory)
         reader.start()  # the first batch is read while the GPU (if any) is still starting
         timings.add("plan_s", time.perf_counter() - start)
         # One writer thread for the run: a layer's last batch is written while the next layer is packed.
@@ -255,7 +300,7 @@ def _run(ckpt: Checkpoint, run: RunOptions, jobs: list[OutputJob], device: str, 
             job.release()
             remove_if_empty(job.created)  # only folders still empty: a run that wrote anything keeps them
     seconds = time.perf_counter() - start
-    return [job.report(device, seconds, shard, timings) for job in jobs]
+    return [job.report(choice, seconds, shard, timings) for job in jobs]
 
 
 def _commit_layer(writers: list, layer: int, last_write: Future | None, timings: Timings, on_commit,

@@ -35,6 +35,7 @@ class ConversionReport:
     complete: bool = True  # the output is complete (a --shard run: once every shard's layers are)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (convert.timings.STAGES)
     records: str = ""  # --kt-sft-manifest: the folder of this converter's manifest and records (OUT.kt-convert)
+    device_reason: str = ""  # why --device auto chose the device ("" when it was given)
 
     @property
     def input_gb_per_s(self) -> float:

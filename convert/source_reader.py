@@ -29,6 +29,7 @@ import numpy as np
 from kt_runtime.format.errors import SafetensorsFormatError
 from kt_runtime.format.safetensors_file import SafetensorsFile
 
+from .host_memory import PageableMemory
 from .source import Checkpoint, source_changed
 from .timings import Timings
 
@@ -64,7 +65,8 @@ def slab_extent(ckpt: Checkpoint, slab: Slab) -> _Extent:
 
 class ReadBatch:
     """The slabs of one batch as typed read-only arrays over a buffer, and the sha256 of each slab's bytes
-    being taken (sha256()); release() hands the buffer back once those are taken too."""
+    being taken (sha256()); release() hands the buffer back once those are taken too, and once the packer
+    is done reading it (`after`: a GPU upload still in flight)."""
 
     def __init__(self, arrays: dict[Slab, np.ndarray], buffer: np.ndarray, free: queue.Queue,
                  sums: dict[Slab, Future] | None = None):
@@ -79,25 +81,26 @@ class ReadBatch:
         """The sha256 (hex) of each slab's bytes (waits for those still being taken)."""
         return {slab: f.result() for slab, f in self._sums.items()}
 
-    def release(self) -> None:
+    def release(self, after: list[Future] = ()) -> None:
         if self._buffer is None:
             return
         self.arrays = {}
         buffer, self._buffer = self._buffer, None
-        left = [len(self._sums)]
+        waits = [*self._sums.values(), *after]
+        left = [len(waits)]
         lock = threading.Lock()
 
-        def hashed(_future) -> None:  # the last slab hashed hands the buffer back
+        def done(_future) -> None:  # the last slab hashed (or the last upload) hands the buffer back
             with lock:
                 left[0] -= 1
                 last = left[0] == 0
             if last:
                 self._free.put(buffer)
 
-        if not self._sums:
+        if not waits:
             self._free.put(buffer)
-        for f in self._sums.values():
-            f.add_done_callback(hashed)
+        for f in waits:
+            f.add_done_callback(done)
 
 
 class SourceStream:
@@ -105,10 +108,12 @@ class SourceStream:
 
     next() returns the next batch; the caller releases it when packed (at most ahead + 1 buffers
     exist). Errors (a file that shrank or changed, a read error) are raised by next() as UserError.
+    memory: where buffers come from (convert.host_memory: empty(nbytes), suits(buffer)); a buffer that no
+    longer suits (the GPU's pinned block came up) is replaced when next used.
     """
 
     def __init__(self, ckpt: Checkpoint, schedule: list[list[Slab]], ahead: int = 1, threads: int = READ_THREADS,
-                 timings: Timings | None = None):
+                 timings: Timings | None = None, memory=None):
         self.ckpt = ckpt
         self.timings = timings or Timings()
         self._schedule = schedule
@@ -118,6 +123,7 @@ class SourceStream:
         for _ in range(ahead + 1):
             self._free.put(np.empty(0, np.uint8))
         self._ahead = ahead
+        self._memory = memory if memory is not None else PageableMemory()
         self._io = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kt-read")
         self._coordinator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kt-read-batch")
         self._closed = False
@@ -157,8 +163,12 @@ class SourceStream:
         if buffer is None or self._closed:
             raise RuntimeError("source stream is closed")
         t0 = time.perf_counter()
-        if buffer.nbytes < total:
-            buffer = np.empty(total + total // 8, np.uint8)  # headroom: batches differ a little
+        if buffer.nbytes < total or not self._memory.suits(buffer):
+            keep = buffer if buffer.nbytes >= total else None  # plain and big enough: kept if nothing better comes
+            buffer = None  # a lease too small goes back to its block before its replacement is made
+            buffer = self._memory.empty(total + total // 8)  # headroom: batches differ a little
+            if keep is not None and not self._memory.suits(buffer):
+                buffer = keep
         tasks = []
         for slab, ext in extents.items():
             for start in range(0, ext.nbytes, PIECE_BYTES):

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 # stage -> what it measures (printed by --timings)
 STAGES = {
+    "device_choice_s": "--device auto: probing the packer and sha256 on one core to choose the device",
     "device_init_s": "device start-up (background thread: torch/triton import, CUDA context, buffers, "
                      "kernel compile), from the start of the run",
     "device_init_wait_s": "main thread waiting for the device start-up",
@@ -19,15 +20,21 @@ STAGES = {
     "read_s": "source reads (pread into the batch buffer, reader threads)",
     "source_digest_s": "sha256 of the source slabs for the layers' source identity (reader threads)",
     "read_wait_s": "main thread waiting for a batch to be read",
-    "pack_s": "decode + quantize + tile (CPU: the C++ packer, fused; CUDA: the whole streamed call)",
-    "gpu_plan_s": "CUDA: laying out each chunk's staging and job tables (main thread, Python)",
-    "gpu_issue_s": "CUDA: enqueueing copies and kernels, submitting the copy tasks (main thread)",
-    "gpu_wait_s": "CUDA: main thread waiting for staging copies and copy-outs",
-    "gpu_stage_in_s": "CUDA: copying sources into pinned staging (helper threads)",
+    "pack_s": "decode + quantize + tile (CPU: the C++ packer, fused; CUDA: submitting batches and taking their "
+              "results, main thread)",
+    "gpu_plan_s": "CUDA: laying out each batch on the device: in-place windows, job tables (main thread, Python)",
+    "gpu_issue_s": "CUDA: enqueueing each batch's copies and kernels on the three streams (main thread)",
+    "gpu_wait_s": "CUDA: main thread waiting for a batch's download",
+    "gpu_stage_in_s": "CUDA: copying sources that were not read into the pinned block (main thread)",
     "gpu_h2d_s": "CUDA: host -> device copies (CUDA events)",
     "gpu_kernel_s": "CUDA: the fused Triton kernel (CUDA events)",
     "gpu_d2h_s": "CUDA: device -> host copies (CUDA events)",
-    "gpu_stage_out_s": "CUDA: copying packed bytes out of pinned memory (helper threads)",
+    "gpu_stage_out_s": "CUDA: copying packed bytes into targets outside the pinned block (main thread)",
+    "gpu_pinned_mib": "CUDA: pinned host memory, MiB (read buffers and output arenas; count)",
+    "gpu_batches_staged": "CUDA: batches with sources outside the pinned block, copied in (count)",
+    "gpu_batches_scattered": "CUDA: batches whose targets were outside the pinned block, copied out (count)",
+    "gpu_pageable_buffers": "CUDA: buffers the pinned block had no room for: read, packed or staged in plain "
+                            "memory instead (count)",
     "cpu_batches_while_device_starts": "batches packed on the CPU while the device was starting (count)",
     "write_s": "writing packed bytes to the output files (writer thread: page cache, waits for the digest)",
     "digest_s": "sha256 of the output blocks for the layer digests (hashing threads)",

@@ -106,6 +106,7 @@ class MergedShardWriter:
         if next(self._order, None) is not None:
             raise RuntimeError(f"layer {self.layer}: shard closed before every tensor was written")
         header = self._final_header()
+        self._digest.end_file()  # the last block is hashed during the fsync (and its buffers freed), not after
         if header is not None:
             write_all_at(self._fd, header, 0, self.tmp)
         fsio.fsync_fd(self._fd, self.tmp)

@@ -31,12 +31,19 @@ the number of layers). A conversion's `process_s` is the child process's wall ti
 as a user of the converter sees it: rates and ratios use it; `wall_s` is the convert() call inside it.
 With --device cpu neither this script nor its children import triton (nor torch).
 
+--cores 2,4: each device's conversion again with the CPU limited to n cores (the child's affinity, and
+--cpuinfer-threads n), warm and cold; --auto: what --device auto chooses (a child that plans and probes, without
+converting) on every core and on each n. Both end with one more table: the settings against the copy floor,
+peak RSS and pinned memory, and the targets (GPU <= 1.05x the CPU on every core, the CPU on 2 cores >= 2x the
+GPU's time, --device auto picking the faster). The JSON is written after each of these runs.
+
 Prints one line per measurement as it is taken, then one table (machine; copy floor, each device, warm
 and cold; conversion / copy, target <= 1.15) and the JSON report (written to --json when given).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -252,6 +259,8 @@ def child(args: dict) -> dict:
     from convert.packers import pack_isa
     from convert.pipeline import ConvertOptions, convert
 
+    if args.get("choose"):
+        return auto_choice_here(args)
     peak = {"rss": rss_bytes()}
     stop = threading.Event()
 
@@ -406,6 +415,194 @@ def kernel_throughput(method_name: str, threadpool_count: int, experts: int = 16
             "kernel_s": kern, "kernel_input_gb_s": plan.input_bytes / kern / 1e9,
             "kernel_weights_per_s": experts * 3 * H * I / kern,
             "h2d_gb_s": plan.in_bytes / h2d / 1e9, "d2h_gb_s": plan.out_bytes / d2h / 1e9}
+
+
+# -- the CPU limited to a few cores, and what --device auto chooses ---------------------------------------
+
+
+def parse_cores(text: str) -> list[int]:
+    try:
+        cores = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        cores = []
+    if not cores or cores[0] < 1:
+        raise argparse.ArgumentTypeError(f"--cores: a comma list of core counts, e.g. 2,4; got {text!r}")
+    return cores
+
+
+@contextlib.contextmanager
+def on_cpus(n: int | None):
+    """This process, and the converters it starts (they inherit it), on its first n allowed CPUs (None: all)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if n is None:
+        yield allowed
+        return
+    if n > len(allowed):
+        sys.exit(f"--cores {n}: this process may run on {len(allowed)} CPUs only")
+    os.sched_setaffinity(0, allowed[:n])
+    try:
+        yield allowed[:n]
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def auto_choice_here(args: dict) -> dict:
+    """In a child: what --device auto chooses for this conversion on the CPUs this process may use."""
+    from convert.pipeline import ConvertOptions, auto_device
+
+    t0 = time.perf_counter()
+    choice = auto_device(ConvertOptions(input_path=args["ckpt"], output=Path(args["out"]), quant_method=args["method"],
+                                        threadpool_count=args["threadpool_count"], cpuinfer_threads=args["threads"],
+                                        device="auto"))
+    return {"device": choice.device, "reason": choice.reason, "cpu_s_estimate": choice.cpu_s,
+            "gpu_s_estimate": choice.gpu_s, "seconds": time.perf_counter() - t0, "cpus": len(os.sched_getaffinity(0))}
+
+
+def auto_choice(ckpt: Path, out: Path, method: str, threadpool_count: int, threads: int) -> dict:
+    args = {"ckpt": str(ckpt), "out": str(out), "method": method, "threadpool_count": threadpool_count,
+            "threads": threads, "choose": True}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"--device auto's choice failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def limited_key(cores: int | None) -> str:
+    return "all" if cores is None else str(cores)
+
+
+def limited_conversions(res: dict, settings: list[int | None], devices: list[str], ckpt: Path, work: Path, method: str,
+                        threadpool_count: int, repeat: int, cold: bool, drop: bool, save) -> None:
+    """Each device's conversion with the CPU limited to n cores (affinity, and --cpuinfer-threads n), warm (best of
+    `repeat`) or cold, into res["limited"][n]; with peak RSS after each layer and the GPU's pinned memory.
+    save(): writes the report so far (a run cut short keeps what it measured)."""
+    gb = res["checkpoint"]["file_bytes"] / GB
+    for n in settings:
+        with on_cpus(n):
+            entry = res.setdefault("limited", {}).setdefault(limited_key(n), {})
+            for dev in devices:
+                tries = []
+                for _ in range(1 if cold else max(1, repeat)):
+                    cache = cache_state(cold, drop)
+                    r = run_child(ckpt, work / f"out-{dev}-{limited_key(n)}", dev, method, threadpool_count, n or 0)
+                    r["cache"] = cache
+                    tries.append(r)
+                r = min(tries, key=lambda x: x["process_s"])
+                r["all_process_s"] = [x["process_s"] for x in tries]
+                entry[f"{dev}_{'cold' if cold else 'warm'}"] = r
+                shutil.rmtree(work / f"out-{dev}-{limited_key(n)}")
+                rss = " / ".join(f"{b / GIB:.2f}" for b in r["rss_after_each_layer"])
+                show(f"{LABEL[dev]} conversion on {n or 'all'} cores, {cache}",
+                     f"{r['process_s']:.2f} s ({gb / r['process_s']:.2f} GB/s in), peak RSS per layer {rss} GiB, "
+                     f"pinned {pinned_mib(r):.0f} MiB")
+                save()
+
+
+def pinned_mib(run: dict) -> float:
+    return run["report"]["timings"].get("gpu_pinned_mib", 0)
+
+
+def limited_phase(res: dict, a, devices: list[str], ckpt: Path, work: Path, cold: bool) -> None:
+    """--cores and --auto: the conversions on a few cores (warm or cold), and (warm) what --device auto chooses on
+    every core and on each of those."""
+    def save() -> None:
+        if a.json:
+            a.json.write_text(json.dumps(res, indent=1) + "\n")
+
+    if a.cores:
+        limited_conversions(res, a.cores, devices, ckpt, work, a.quant_method, a.threadpool_count, a.repeat, cold,
+                            a.drop_caches, save)
+    if a.auto and not cold:
+        auto_choices(res, [None, *a.cores], ckpt, work, a.quant_method, a.threadpool_count)
+    if a.cores or a.auto:
+        res["limited_targets"] = [{"name": n, "value": v, "target": t, "met": ok}
+                                  for n, v, t, ok in limited_checks(res)]
+        save()
+
+
+def setting(res: dict, key: str) -> dict:
+    """The runs of one core setting; every core's are the main runs."""
+    entry = dict(res.get("limited", {}).get(key, {}))
+    if key == "all":
+        entry.update({k: res[k] for k in ("cuda_warm", "cpu_warm", "cuda_cold", "cpu_cold") if k in res})
+    return entry
+
+
+def auto_choices(res: dict, settings: list[int | None], ckpt: Path, work: Path, method: str,
+                 threadpool_count: int) -> None:
+    for n in settings:
+        with on_cpus(n):
+            c = auto_choice(ckpt, work / "out-auto", method, threadpool_count, n or 0)
+        res.setdefault("limited", {}).setdefault(limited_key(n), {})["auto"] = c
+        show(f"--device auto on {n or 'all'} cores", f"{c['device']} ({c['reason']})")
+
+
+GPU_OVER_CPU_ALL = 1.05  # the GPU path's time over the CPU path's on every core, at most
+CPU2_OVER_GPU = 2.0  # the CPU path on 2 cores over the GPU path's time, at least
+
+
+def limited_checks(res: dict) -> list[tuple[str, object, str, bool]]:
+    """(name, value, target, met) of the targets the core settings measure: the GPU against the CPU on every
+    core, the CPU on 2 cores against the GPU, and --device auto's choice against the faster measured path."""
+    checks = []
+    for key in ["all", *(k for k in res.get("limited", {}) if k != "all")]:
+        entry = setting(res, key)
+        for when in ("warm", "cold"):
+            gpu, cpu = entry.get(f"cuda_{when}"), entry.get(f"cpu_{when}")
+            if gpu and cpu and key == "all":
+                ratio = gpu["process_s"] / cpu["process_s"]
+                checks.append((f"GPU / CPU on every core, {when}", ratio, f"<= {GPU_OVER_CPU_ALL}",
+                               ratio <= GPU_OVER_CPU_ALL))
+            if gpu and cpu and key == "2":
+                ratio = cpu["process_s"] / gpu["process_s"]
+                checks.append((f"CPU on 2 cores / GPU on 2 cores, {when}", ratio, f">= {CPU2_OVER_GPU}",
+                               ratio >= CPU2_OVER_GPU))
+        auto = entry.get("auto")
+        measured = {d: entry[f"{d}_warm"]["process_s"] for d in ("cuda", "cpu") if f"{d}_warm" in entry}
+        if auto and len(measured) == 2:
+            faster = min(measured, key=measured.get)
+            tie = max(measured.values()) <= 1.05 * min(measured.values())  # either is right
+            checks.append((f"--device auto on {key} cores picks the faster (or a 5% tie)", auto["device"], faster,
+                           auto["device"] == faster or tie))
+    return checks
+
+
+def limited_table(res: dict) -> str:
+    """Each core setting: both paths warm and cold against the copy floor of the same cache state, the GPU's
+    speed-up, what --device auto chose, and the targets."""
+    lines = ["CPU limited to n cores (sched_setaffinity of the converter and --cpuinfer-threads n):",
+             f"  {'cores':<7}{'path':<6}{'warm s':>9}{'/ copy':>8}{'cold s':>9}{'/ copy':>8}"
+             f"{'peak RSS GiB':>14}{'pinned MiB':>12}"]
+    for key in ["all", *(k for k in res.get("limited", {}) if k != "all")]:
+        entry = setting(res, key)
+        for dev in ("cuda", "cpu"):
+            if f"{dev}_warm" not in entry and f"{dev}_cold" not in entry:
+                continue
+            cells = []
+            for when in ("warm", "cold"):
+                r, floor = entry.get(f"{dev}_{when}"), res.get(f"copy_{when}")
+                over = f"{r['process_s'] / floor['seconds']:>8.2f}" if r and floor else f"{'-':>8}"
+                cells += [f"{r['process_s']:>9.2f}" if r else f"{'-':>9}", over]
+            r = entry.get(f"{dev}_warm") or entry.get(f"{dev}_cold")
+            lines.append(f"  {key:<7}{LABEL[dev]:<6}{''.join(cells)}{r['peak_rss_bytes'] / GIB:>14.2f}"
+                         f"{pinned_mib(r):>12.0f}")
+        for when in ("warm", "cold"):
+            gpu, cpu = entry.get(f"cuda_{when}"), entry.get(f"cpu_{when}")
+            if gpu and cpu:
+                lines.append(f"  {key:<7}CPU / GPU time, {when}: {cpu['process_s'] / gpu['process_s']:.2f}")
+        if entry.get("auto"):
+            lines.append(f"  {key:<7}--device auto chose {entry['auto']['device']} ({entry['auto']['reason']})")
+    all_cores, two = setting(res, "all"), setting(res, "2")
+    for when in ("warm", "cold"):
+        if f"cuda_{when}" in all_cores and f"cpu_{when}" in two:
+            ratio = two[f"cpu_{when}"]["process_s"] / all_cores[f"cuda_{when}"]["process_s"]
+            lines.append(f"  CPU on 2 cores / GPU on every core, {when}: {ratio:.2f}")
+    checks = limited_checks(res)
+    if checks:
+        lines.append("targets:")
+        lines += [f"  {name:<58}{value if isinstance(value, str) else f'{value:.2f}':>8}  (target {target}: "
+                  f"{'met' if ok else 'not met'})" for name, value, target, ok in checks]
+    return "\n".join(lines)
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -565,6 +762,12 @@ def main() -> None:
     ap.add_argument("--drop-caches", action="store_true",
                     help="drop the page cache (root) before each cold measurement; never done otherwise, as it "
                          "slows every job on the host; without it the cold rows are labelled not cold")
+    ap.add_argument("--cores", type=parse_cores, default=[],
+                    help="also convert on each --device with the CPU limited to these many cores (the converter's "
+                         "affinity, and --cpuinfer-threads n), e.g. 2,4; warm and (unless --skip-cold) cold")
+    ap.add_argument("--auto", action="store_true",
+                    help="also ask what --device auto chooses (without converting) on every core and on each --cores "
+                         "setting, against the path measured faster there")
     ap.add_argument("--json", type=Path, default=None, help="write the JSON report here (else it is printed)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -702,6 +905,7 @@ def main() -> None:
         res["same_output"] = len({json.dumps(v) for v in sums.values()}) == 1
         show(f"same output from {', '.join(label(r) for r in sums)} (per-layer sha256)", res["same_output"])
 
+    limited_phase(res, a, devices, ckpt, work, cold=False)
     if a.skip_cold:
         notes.append("--skip-cold: no cold measurements")
     else:
@@ -715,6 +919,7 @@ def main() -> None:
             shutil.rmtree(work / f"out-{run}")
         if not a.drop_caches:
             notes.append(f"the cold rows are {NOT_COLD}: pass --drop-caches (root) for cold numbers")
+        limited_phase(res, a, devices, ckpt, work, cold=True)
 
     ratios = {}
     for run in runs:
@@ -743,6 +948,8 @@ def main() -> None:
         print(f"JSON report: {a.json}")
     else:
         print(text)
+    if "limited" in res:
+        print(limited_table(res), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from conftest import tree_hashes
 from convert import layer_pack, packers, pipeline
 from convert import writer as writer_mod
 from convert.cli import main
+from convert.host_memory import PageableMemory
 from convert.pipeline import ConvertOptions, convert
 from convert.timings import STAGES
 from quant.cpu import pack_cpu
@@ -123,9 +124,14 @@ class _StandInGpu:
         self.closed = False
         _StandInGpu.instances.append(self)
 
+    host_memory = PageableMemory()
+
     def __call__(self, method, jobs):
         self.calls += 1
         return pack_cpu(method, jobs)
+
+    def submit(self, method, jobs):
+        return packers.Packed(self(method, jobs))
 
     def warm_up(self, method, sources):
         self.warmed_on = [(src.kind, src.shape[0], src.weight.flags.owndata) for src, _, _ in sources]
@@ -154,7 +160,7 @@ def test_device_starts_in_the_background_while_the_cpu_packs(tiny_checkpoint, tm
     monkeypatch.setattr(packers, "CudaPacker", _StandInGpu)
     monkeypatch.setattr(packers.CpuPacker, "__call__", cpu_call)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(layer_pack, "BATCH_BYTES", 1)  # one expert per batch: 16 batches
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch: 16 batches
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     gpu = _StandInGpu.instances[0]
     assert report.device == "cuda"
@@ -260,139 +266,6 @@ def test_bench_convert_copy_floor_and_cache_labels(tmp_path):
         bench.drop_caches = monkey
 
 
-class _FakeCuda:
-    """Just enough of torch.cuda for convert.packers.CudaPacker on the CPU: streams and events that are
-    already complete (copies are synchronous), CPU tensors for pinned and device memory."""
-
-    def __init__(self):
-        self.synchronizations = 0
-
-    def init(self):
-        pass
-
-    def Stream(self, device=None):  # noqa: N802 - torch's name
-        return _FakeStream()
-
-    def Event(self, blocking=False, enable_timing=False):  # noqa: N802
-        cuda = self
-
-        class Event:
-            def record(self, stream=None):
-                pass
-
-            def synchronize(self):
-                cuda.synchronizations += 1
-
-            def elapsed_time(self, other):
-                return 0.25  # ms
-
-        return Event()
-
-    def stream(self, s):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def synchronize(self, device=None):
-        pass
-
-
-class _FakeStream:
-    def wait_event(self, event):
-        pass
-
-
-def _fake_torch():
-    import types
-
-    import torch
-
-    fake = types.SimpleNamespace(cuda=_FakeCuda(), uint8=torch.uint8, device=lambda d: d)
-    fake.empty = lambda n, dtype, pin_memory=False, device=None: torch.empty(n, dtype=dtype)
-    return fake
-
-
-def _fake_launch(method, plan, dev_in, dev_out):
-    """The kernel's contract, run by the C++ packer: every job is read back from the staging bytes through
-    the job table (offsets, row strides) and packed into the output layout (weights, scales, counts)."""
-    from quant.cpu import PackTarget, SourceMatrix
-    from quant.source_formats import SOURCE_FORMATS
-
-    staging, out = dev_in.numpy(), dev_out.numpy()
-    kinds = {f.gpu_code: f.kind for f in SOURCE_FORMATS.values()}
-    from quant.gpu import META
-
-    table = plan.tables[: plan.num_jobs * META].reshape(plan.num_jobs, META)
-    tasks = plan.tables[plan.num_jobs * META:].reshape(-1, 2)
-    for code, first, count in plan.launches:
-        for i in sorted({int(j) for j in tasks[first:first + count, 0]}):
-            w_off, w_row, s_off, s_row, row0, bn, bk, n, k, col0, o_off, s_out, _ = (int(x) for x in table[i])
-            assert kinds[code] in ("mxfp4", "bf16"), kinds[code]
-            w = staging[w_off:w_off + n * w_row].reshape(n, w_row)
-            if kinds[code] == "bf16":
-                src = SourceMatrix("bf16", w.view(np.uint16))
-            else:
-                src = SourceMatrix("mxfp4", w, staging[s_off:s_off + n * s_row].reshape(n, s_row))
-            dst = PackTarget(out[o_off:o_off + method.weight_bytes(n, k)], out[4 * s_out:4 * s_out + 4 * n].view(np.float32))
-            bad = pack_cpu(method, [(src, col0, k, dst)])[0]
-            out[plan.counts_offset + 4 * i:plan.counts_offset + 4 * i + 4].view(np.int32)[0] = bad
-
-
-def test_cuda_packer_stream_logic_on_a_stand_in_device(monkeypatch):
-    """convert.packers.CudaPacker's host side (chunks, slots reused, staging copies, one wait per chunk
-    and stage, scatter, counts, stage timings) on CPU tensors with the kernel's contract run by the C++
-    packer: the bytes equal pack_cpu's, across calls that grow and shrink."""
-    import sys
-    import types
-
-    from kt_runtime.format.layout import full_shape, shard_slice
-    from kt_runtime.format.methods import INT4
-    from quant import gpu as quant_gpu
-    from quant.cpu import PackTarget, SourceMatrix
-
-    fake = _fake_torch()
-    monkeypatch.setitem(sys.modules, "torch", fake)
-    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
-    monkeypatch.setattr(quant_gpu, "launch", _fake_launch)
-    rng = np.random.default_rng(5)
-    H, I, T = 512, 768, 2
-    packer = packers.CudaPacker(device="cuda", chunk_bytes=1 << 19, slots=3, threads=3)
-    try:
-        allocations = []
-        for experts in (4, 1, 3):
-            jobs_gpu, jobs_cpu = [], []
-            for e in range(experts):
-                for proj in ("gate", "up", "down"):
-                    n, k = full_shape(proj, H, I)
-                    if e % 2:
-                        src = SourceMatrix("mxfp4", rng.integers(0, 256, (n, k // 2), dtype=np.uint8),
-                                           rng.integers(118, 133, (n, k // 32), dtype=np.uint8))
-                    else:
-                        src = SourceMatrix("bf16", (rng.standard_normal((n, k), dtype=np.float32)
-                                                    .view(np.uint32) >> 16).astype(np.uint16))
-                    for t in range(T):
-                        s = shard_slice(proj, H, I, T, t)
-                        for jobs in (jobs_gpu, jobs_cpu):
-                            jobs.append((src.rows(s.row0, s.n), s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
-            assert packer(INT4, jobs_gpu) == pack_cpu(INT4, jobs_cpu)
-            for a, b in zip(jobs_gpu, jobs_cpu):
-                assert np.array_equal(a[3].weight, b[3].weight) and np.array_equal(a[3].scales, b[3].scales)
-            allocations.append(packer.stats["slot_allocations"])
-        chunks = packer.stats["chunks"]
-        assert chunks > 3 * 3  # every slot reused
-        assert allocations[0] <= 2 and allocations[0] == allocations[-1]
-        # one wait per chunk for its upload and one for its download, never one per tensor
-        assert fake.cuda.synchronizations == 2 * chunks, (fake.cuda.synchronizations, chunks)
-        t = packer.timings
-        assert t.get("gpu_kernel_s") == pytest.approx(0.25e-3 * chunks) and t.get("gpu_stage_in_s") > 0
-        assert t.get("gpu_h2d_s") == t.get("gpu_d2h_s") == t.get("gpu_kernel_s") and t.get("gpu_stage_out_s") > 0
-        assert t.get("gpu_plan_s") > 0 and t.get("gpu_issue_s") > 0 and t.get("gpu_wait_s") >= 0
-        packer.warm_up(INT4, packers._warm_up_sources(jobs_gpu))
-        assert packer.stats["chunks"] == chunks + 1
-    finally:
-        packer.close()
-
-
 @pytest.mark.parametrize("cpu_while_starting", [False, True])
 def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, monkeypatch, cpu_while_starting):
     """A whole --device cuda conversion through StartingPacker and CudaPacker's host side (stand-in
@@ -402,18 +275,25 @@ def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, 
 
     from quant import gpu as quant_gpu
 
+    from fake_cuda import fake_launch, fake_torch
+
     run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2)
-    monkeypatch.setitem(sys.modules, "torch", _fake_torch())
+    monkeypatch.setitem(sys.modules, "torch", fake_torch())
     monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
-    monkeypatch.setattr(quant_gpu, "launch", _fake_launch)
+    monkeypatch.setattr(quant_gpu, "launch", fake_launch)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", cpu_while_starting)
-    monkeypatch.setattr(layer_pack, "BATCH_BYTES", 1)
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)
+    monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     t = report.timings
-    assert t["device_init_s"] > 0
+    assert t["device_init_s"] > 0 and t["gpu_pinned_mib"] == 16
     if not cpu_while_starting:
         assert "cpu_batches_while_device_starts" not in t and t["gpu_kernel_s"] > 0, t
+        # batches read into the pinned block once it is there (not those read before: staged), uploaded from
+        # there and unpacked into its arenas in place
+        assert t.get("gpu_batches_staged", 0) <= packers.READ_AHEAD + 1 and "gpu_batches_scattered" not in t, t
+    assert "gpu_pageable_buffers" not in t, t
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
 
 

@@ -93,3 +93,29 @@ def test_file_digests_are_the_plain_sha256_of_one_block_files(monkeypatch):
                     hashlib.sha256(files[3]).hexdigest(), hashlib.sha256(files[4]).hexdigest()]
     one_block = [files[0], files[3], files[4]]
     assert digest.tree_sha256_of_files([hashlib.sha256(d).hexdigest() for d in one_block]) == manual(one_block, 1000)
+
+
+def test_buffers_are_free_once_hashed_even_the_held_first_block(tmp_path, monkeypatch):
+    """The GPU path reuses a batch's pinned arena once nothing references it: the hasher must not keep the
+    buffers given to update() past their block's hashing, not even those of the first block, which waits for
+    the final header (its bytes are copied), and end_file() hashes the last block before the commit's fsync."""
+    from convert.host_memory import HostBlock
+
+    monkeypatch.setattr(digest, "BLOCK", 4096)
+    block = HostBlock(np.zeros(64 * 4096, np.uint8))
+    rng = np.random.default_rng(2)
+    data = rng.bytes(5 * 4096 + 123)
+    placeholder, final = b"H" * 40, b"F" * 40
+    hasher = TreeHasher(threads=2, first_piece_later=True)
+    hasher.start_file()
+    hasher.update(placeholder)
+    for a in range(0, len(data), 3000):
+        lease = block.lease(4096)
+        lease[: len(data[a:a + 3000])] = np.frombuffer(data[a:a + 3000], np.uint8)
+        hasher.update(lease[: len(data[a:a + 3000])])
+        del lease
+    hasher.end_file()
+    for f in hasher._digests[1:]:
+        f.result()
+    assert block.free_bytes() == 64 * 4096  # every lease back before the digest is asked for
+    assert hasher.hexdigest(final) == manual([final + data], 4096)

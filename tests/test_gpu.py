@@ -5,6 +5,7 @@ method, source kind, K-block / N-block tail, row/column slice and NUMA count T =
 Tests marked gpu skip without CUDA (conftest). KT_GPU_TEST_DEVICE=cpu with TRITON_INTERPRET=1 runs
 the kernel tests on Triton's CPU interpreter instead (slow; the large shapes are skipped there).
 """
+import functools
 import os
 
 import numpy as np
@@ -254,6 +255,92 @@ def test_gpu_numa_batches_match_cpu(kind, method, threadpool_count):
     _assert_gpu_equals_cpu(method, jobs)
 
 
+def _in_block(block, a: np.ndarray) -> np.ndarray:
+    """A copy of `a` in a lease of the host block, as the source stream reads it."""
+    out = block.lease(a.nbytes).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def _assert_in_place_equals_cpu(method, block, jobs, copies: int) -> None:
+    """jobs: (src, col0, k). Packs them into targets carved from one arena of the block, through plan windows
+    in and out (the streaming packer's layout), against pack_cpu; `copies`: what the plan stages."""
+    targets = block.targets(method, [(src.shape[0], k) for src, _, k in jobs])
+    cpu_dst = [PackTarget.empty(method, src.shape[0], k) for src, _, k in jobs]
+    expected = pack_cpu(method, [(s, c, k, d) for (s, c, k), d in zip(jobs, cpu_dst)])
+    gpu_jobs = [(s, c, k, d) for (s, c, k), d in zip(jobs, targets)]
+    plan = plan_batch(method, gpu_jobs, block)
+    assert plan.window is not None and plan.out_window is not None and len(plan.copies) == copies
+    assert pack_gpu(method, gpu_jobs, device=DEVICE, host=block) == expected
+    for i, (a, b) in enumerate(zip(targets, cpu_dst)):
+        assert np.array_equal(a.weight, b.weight), f"job {i}: weight bytes differ"
+        assert _equal_bits(a.scales, b.scales), f"job {i}: scales differ"
+
+
+@gpu
+@pytest.mark.parametrize("method", [INT4, INT8])
+def test_gpu_in_place_windows_match_cpu(method):
+    """The streaming packer's layout through the real kernel: sources read in place from a host block (row
+    strides of two rows, as a fused tensor's gate or up; column slices of down's NUMA shards), one source
+    staged beside them, and targets carved from one arena of the block, downloaded in place."""
+    from convert.host_memory import HostBlock
+
+    rng = np.random.default_rng(13)
+    block = HostBlock(np.zeros(1 << 23, np.uint8))
+    inside = functools.partial(_in_block, block)
+
+    H, I = (256, 256) if INTERPRETED else (1024, 1536)
+    fused = SourceMatrix("mxfp4", inside(rng.integers(0, 256, (2 * I, H // 2), dtype=np.uint8)),
+                         inside(rng.integers(118, 133, (2 * I, H // 32), dtype=np.uint8)))
+    gate = SourceMatrix("mxfp4", fused.weight[0::2], fused.scales[0::2])  # interleaved rows: stride 2 rows
+    down = SourceMatrix("bf16", inside(random_bf16(H, I, seed=4).view(torch.uint16).numpy()))
+    staged = SourceMatrix("bf16", random_bf16(I, H, seed=5).view(torch.uint16).numpy())
+    jobs = []
+    for t in range(2):
+        for proj, src in (("gate", gate), ("down", down), ("up", staged)):
+            s = shard_slice(proj, H, I, 2, t)
+            jobs.append((src.rows(s.row0, s.n), s.col0, s.k))
+    _assert_in_place_equals_cpu(method, block, jobs, copies=3)  # `up` twice, then the tables
+
+
+@gpu
+@pytest.mark.parametrize("method", [INT4, INT8])
+@pytest.mark.parametrize("source", ["nvfp4", "nvfp4-ct", "mxfp8"])
+def test_gpu_nvfp4_mxfp8_in_place_windows_match_cpu(method, source):
+    """NVFP4 (its per-tensor scale multiplying, or dividing as compressed-tensors writes it) and MXFP8 through
+    the streaming packer's layout and the real kernel: fused gate/up rows read in place with a stride of two
+    rows, down's NUMA column slices read in place, targets downloaded in place into one arena; the per-tensor
+    scale reaches the kernel through the job table."""
+    from convert.host_memory import HostBlock
+
+    rng = np.random.default_rng(17)
+    block = HostBlock(np.zeros(1 << 23, np.uint8))
+    inside = functools.partial(_in_block, block)
+
+    def matrix(n, k, g):
+        if source == "mxfp8":
+            w = rng.integers(0, 256, size=(n, k), dtype=np.uint8)
+            w[(w & 0x7F) == 0x7F] = 0x30
+            return SourceMatrix("mxfp8", inside(w), inside(rng.integers(115, 132, size=(n, k // 32), dtype=np.uint8)))
+        return SourceMatrix("nvfp4", inside(np.frombuffer(rng.bytes(n * k // 2), np.uint8).reshape(n, k // 2)),
+                            inside(rng.integers(0x20, 0x58, size=(n, k // 16), dtype=np.uint8)),
+                            global_scale=float(np.float32(g)), global_divides=source == "nvfp4-ct")
+
+    H, I = (256, 256) if INTERPRETED else (1024, 1536)
+    fused = matrix(2 * I, H, 0.0123)
+    gate = SourceMatrix(fused.kind, fused.weight[0::2], fused.scales[0::2], global_scale=fused.global_scale,
+                        global_divides=fused.global_divides)
+    up = SourceMatrix(fused.kind, fused.weight[1::2], fused.scales[1::2], global_scale=fused.global_scale,
+                      global_divides=fused.global_divides)
+    down = matrix(H, I, 3.0)  # another tensor, another per-tensor scale
+    jobs = []
+    for t in range(2):
+        for proj, src in (("gate", gate), ("up", up), ("down", down)):
+            s = shard_slice(proj, H, I, 2, t)
+            jobs.append((src.rows(s.row0, s.n), s.col0, s.k))
+    _assert_in_place_equals_cpu(method, block, jobs, copies=1)  # every source in place: the tables only
+
+
 def test_plan_stages_shared_sources_once_and_validates():
     H, I, threadpool_count = 384, 512, 4
     srcs = _expert_sources("mxfp4", H, I, seed=1)
@@ -280,32 +367,50 @@ def test_plan_stages_shared_sources_once_and_validates():
 @gpu
 @real_gpu
 @pytest.mark.parametrize("slots", [2, 3])
-def test_streaming_packer_matches_cpu_across_chunks_and_calls(slots):
+def test_streaming_packer_matches_cpu_with_batches_in_flight(slots):
+    """The CUDA packer on a real device: batches whose sources and targets are in its pinned block (uploaded
+    and downloaded in place) and batches outside it (staged, scattered), more of them submitted than it has
+    slots before the first result is taken, of sizes that grow and shrink."""
     from convert.packers import CudaPacker
+    from convert.host_memory import PageableMemory
 
     H, I, threadpool_count = 1024, 1536, 2
-    packer = CudaPacker(chunk_bytes=1 << 20, slots=slots, threads=4)  # many chunks: every slot is reused
+    packer = CudaPacker(slots=slots, pinned_bytes=256 << 20)
     try:
-        allocations = []
-        for experts in (5, 1, 3):  # buffers grow and shrink between calls
-            jobs_cpu, jobs_gpu = [], []
+        in_flight = []
+        for i, experts in enumerate((5, 1, 3, 2, 4, 1, 3)):
+            pinned = i % 3 != 1
+            memory = packer.host_memory if pinned else PageableMemory()
+            sources, expected = [], []
             for expert in range(experts):
-                srcs = _expert_sources("mxfp4" if expert % 2 else "bf16", H, I, seed=10 * experts + expert)
+                srcs = _expert_sources("mxfp4" if expert % 2 else "bf16", H, I, seed=10 * i + expert)
                 for proj in ("gate", "up", "down"):
+                    src = srcs[proj]
+                    if pinned:  # as the source stream reads it: into a lease of the block
+                        w = memory.empty(src.weight.nbytes).view(src.weight.dtype).reshape(src.weight.shape)
+                        w[...] = src.weight
+                        sc = None
+                        if src.scales is not None:
+                            sc = memory.empty(src.scales.nbytes).view(src.scales.dtype).reshape(src.scales.shape)
+                            sc[...] = src.scales
+                        src = SourceMatrix(src.kind, w, sc)
                     for t in range(threadpool_count):
-                        s = shard_slice(proj, H, I, threadpool_count, t)
-                        src = srcs[proj].rows(s.row0, s.n)
-                        jobs_cpu.append((src, s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
-                        jobs_gpu.append((src, s.col0, s.k, PackTarget.empty(INT4, s.n, s.k)))
-            assert packer(INT4, jobs_gpu) == pack_cpu(INT4, jobs_cpu)
-            for a, b in zip(jobs_cpu, jobs_gpu):
-                assert np.array_equal(a[3].weight, b[3].weight) and _equal_bits(a[3].scales, b[3].scales)
-            allocations.append(packer.stats["slot_allocations"])
-        assert packer.stats["chunks"] > 3 * slots
-        assert allocations[0] <= 2 and allocations[0] == allocations[-1]  # made at start, grown once, reused
+                        sl = shard_slice(proj, H, I, threadpool_count, t)
+                        sources.append((src.rows(sl.row0, sl.n), sl.col0, sl.k))
+                        expected.append((src.rows(sl.row0, sl.n), sl.col0, sl.k, PackTarget.empty(INT4, sl.n, sl.k)))
+            targets = memory.targets(INT4, [(src.shape[0], k) for src, _, k in sources])
+            jobs = [(src, c, k, dst) for (src, c, k), dst in zip(sources, targets)]
+            in_flight.append((packer.submit(INT4, jobs), jobs, pack_cpu(INT4, expected), expected))
+            while len(in_flight) > slots + 1 or (in_flight and i == 6):
+                handle, got, counts, want = in_flight.pop(0)
+                assert handle.result() == counts
+                for a, b in zip(got, want):
+                    assert np.array_equal(a[3].weight, b[3].weight) and _equal_bits(a[3].scales, b[3].scales)
         t = packer.timings.to_dict()
-        for stage in ("gpu_stage_in_s", "gpu_h2d_s", "gpu_kernel_s", "gpu_d2h_s", "gpu_stage_out_s"):
+        assert t["gpu_batches_staged"] == t["gpu_batches_scattered"] == 2 and packer.host_memory.refused == 0, t
+        for stage in ("gpu_h2d_s", "gpu_kernel_s", "gpu_d2h_s", "gpu_stage_in_s", "gpu_stage_out_s"):
             assert 0 < t[stage] < 60, (stage, t)
+        assert packer.stats["device_allocations"] <= 4 * slots  # grown a few times, then reused
     finally:
         packer.close()
 
@@ -330,6 +435,7 @@ def gpu_packs_every_batch(monkeypatch):
 @pytest.mark.parametrize("storage,method,threadpool_count", [("I8", "int4", 2), ("U8", "int8", 2), ("F4", "int4", 4),
                                                  ("I8", "int8", 1), ("I8", "int4", 1), ("U8", "int8", 4)])
 def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_count, gpu_packs_every_batch):
+    from convert import packers
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", storage=storage, mtp_layers=1, num_shards=3)
@@ -338,6 +444,8 @@ def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_co
     assert (cpu.device, gpu_report.device) == ("cpu", "cuda")
     t = gpu_report.timings
     assert "cpu_batches_while_device_starts" not in t and t["gpu_kernel_s"] > 0 and t["device_init_s"] > 0, t
+    # read into the pinned block once it is up (batches read before: staged), unpacked into its arenas in place
+    assert t.get("gpu_batches_staged", 0) <= packers.READ_AHEAD + 1 and "gpu_batches_scattered" not in t, t
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
     kt = _convert(ckpt.path, tmp_path / "gpu_kt", quant_method=method, threadpool_count=threadpool_count, device="cuda",
                   merge=False)
@@ -375,13 +483,29 @@ def test_cpu_packs_while_the_gpu_starts_same_bytes(tmp_path, monkeypatch):
     from convert import layer_pack
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
-    monkeypatch.setattr(layer_pack, "BATCH_BYTES", 1)  # one expert per batch: many batches
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch: many batches
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
     _convert(ckpt.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
     report = _convert(ckpt.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     t = report.timings
     assert t["device_init_s"] > 0 and t.get("device_init_wait_s", 0) < t["device_init_s"], t
     print("timings:", t)
+    assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
+
+
+@gpu
+@real_gpu
+def test_convert_with_a_pinned_block_too_small_for_its_batches(tmp_path, monkeypatch, gpu_packs_every_batch):
+    """Batches that do not fit the pinned block (read into plain buffers, staged, unpacked through plain
+    memory) give the same bytes, and the run counts them."""
+    from convert import packers
+    from synthetic.v4_flash import make_v4_flash_checkpoint
+
+    monkeypatch.setattr(packers, "PINNED_BYTES", 1 << 20)  # a batch of v4-flash-tiny is 2.5 MB
+    ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
+    _convert(ckpt.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
+    t = _convert(ckpt.path, tmp_path / "gpu", threadpool_count=2, device="cuda").timings
+    assert t["gpu_pinned_mib"] == 1 and t["gpu_pageable_buffers"] > 0 and t["gpu_batches_scattered"] > 0, t
     assert tree_hashes(tmp_path / "gpu") == tree_hashes(tmp_path / "cpu")
 
 
@@ -398,7 +522,7 @@ def test_warm_up_compiles_on_a_slice(tmp_path):
     packer = CudaPacker()
     try:
         packer.warm_up(INT4, sources)
-        assert packer.stats["chunks"] == 1
+        assert packer.stats["batches"] == 1
     finally:
         packer.close()
 

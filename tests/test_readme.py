@@ -161,7 +161,9 @@ PARSE_ONLY = {
         "155 conversions, a minute or more (tests/test_scripts.py checks what it removes)",
     "python scripts/output_digests.py --one": "tests/test_reproducible.py runs it from two folders",
     "python scripts/bench_convert.py --json bench.json": BENCHMARK,
-    "python3 scripts/bench_convert.py --device cuda,cpu --experts 256 --layers 3": GPU,
+    "python3 scripts/bench_convert.py --device cuda,cpu --experts 256 --layers 3 --cores 2,4 --auto": GPU,
+    "python3 scripts/bench_convert.py --device cuda,cpu --experts 256 --layers 3 --cores 2,4 --auto --drop-caches "
+    "--repeat 1 --workdir /tmp/ktb --json bench.json": GPU,
     "python scripts/bench_moe.py": "a minute of timing (tests/test_scripts.py checks its --isa handling)",
     "python scripts/bench_moe.py --isa avx512,avx2,portable --skip-prefill": BENCHMARK,
     "python scripts/bench_hybrid.py": BENCHMARK + " (tests/test_scripts.py runs it small)",

@@ -66,7 +66,8 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
                    "(with --no-merge-safetensor), keeps its layers before L if they match a fresh conversion.")
 @click.option("--device", default=default(RunOptions, "device"), show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where to dequantize and pack.")
+              help="Where to dequantize and pack (the same bytes): auto packs on the GPU only where this machine's "
+                   "cores cannot keep up with its disk, and the first lines say why.")
 @click.option("--gpu", "legacy_gpu", is_flag=True, hidden=True, help="kt compatibility: same as --device auto.")
 @click.option("--include-non-expert", is_flag=True, help="Also copy the non-expert tensors into a last shard (as kt does).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output made with other settings.")

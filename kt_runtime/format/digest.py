@@ -71,6 +71,10 @@ class TreeHasher:
         self._flush_block()
         self._file_starts.append(len(self._digests))
 
+    def end_file(self) -> None:
+        """Hands the file's last (partial) block to the hashing threads now (the file ends here)."""
+        self._flush_block()
+
     def update(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
@@ -86,8 +90,15 @@ class TreeHasher:
             return
         pieces, self._pieces, self._filled = self._pieces, [], 0
         if self._first_later and not self._digests:
-            self._first = pieces
-            self._digests.append(None)  # hashed in hexdigest(), with the final first piece
+            # hashed in hexdigest(), with the final first piece; the rest is copied, so that the buffers
+            # given to update() are free once their blocks are hashed, not held until the file is complete
+            held = bytearray(sum(len(p) for p in pieces[1:]))
+            at = 0
+            for p in pieces[1:]:
+                held[at:at + len(p)] = p
+                at += len(p)
+            self._first = [pieces[0], memoryview(held)]
+            self._digests.append(None)
             return
         pending = [f for f in self._digests if f is not None and not f.done()]
         if len(pending) >= self._max_pending:
