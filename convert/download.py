@@ -9,7 +9,7 @@ huggingface_hub in the order the layers need them, a layer read as soon as its s
   (two range requests); reading it waits for its download, then reads the real file, whose header
   must match.
 - Downloads are huggingface_hub's hf_hub_download into the normal cache (blobs/, snapshots/, refs/),
-  DOWNLOAD_WORKERS at a time on background threads, in layer order, ahead of the conversion as far
+  --download-workers at a time on background threads, in layer order, ahead of the conversion as far
   as the disk cap allows. huggingface_hub resumes a broken connection within a download (Range);
   a download killed with its process is started again by the next run (huggingface_hub 2.x writes
   each download to a process-private partial file that it never reuses: those of killed runs are
@@ -45,14 +45,11 @@ from kt_runtime.format.verified import file_key
 from . import hub, units
 from .errors import UserError
 from .families import detect_family
-from .source import COPIED_FILES, INDEX_NAME, Checkpoint, _check_copied_files, _read_json_object, hub_cache_dir
+from . import preflight
+from .source import (COPIED_FILES, INDEX_NAME, Checkpoint, SourceGate, _check_copied_files, _read_json_object,
+                     hub_cache_dir)
 
 STATE_NAME = "kt-convert-downloads.json"
-# shards downloaded at once by default, in layer order (`hf download` runs 8 files at once). One
-# stream alone did not fill a 100 MB/s link beside the packer on 2 busy cores; four did
-# (docs/BENCHMARKS.md). The first layer then waits for its shard's share of the link; the disk cap
-# bounds the shards in flight together.
-DOWNLOAD_WORKERS = 4
 
 
 class PendingFile(SafetensorsFile):
@@ -111,7 +108,6 @@ class HubCheckpoint(Checkpoint):
     """A checkpoint read from a hub repository at one commit, some shards still to download."""
 
     remote: hub.RemoteRepo | None = None
-    gate: ShardDownloader | None = None
 
     def fingerprint(self) -> dict:
         """The hub's identity of the files (name, size, sha256 and header), stable across downloads,
@@ -129,19 +125,10 @@ class HubCheckpoint(Checkpoint):
                 "hub": {"repo": self.remote.repo_id, "commit": self.remote.commit, "endpoint": self.remote.endpoint}}
 
     def close(self) -> None:
-        if self.gate is not None:
-            self.gate.close()
         super().close()
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
             tmp.cleanup()
-
-    def layer_files(self, layers) -> list[tuple[int, set[str]]]:
-        """(layer, the shards its routed-expert tensors are in) for LayerPlans `layers`, in order."""
-        from .plan import source_slabs
-
-        return [(lp.layer, {self.key_file[s.key] for e in lp.experts for src in e.values() for s in source_slabs(src)})
-                for lp in layers]
 
 
 STATE_MAX_BYTES = 16 << 20
@@ -184,13 +171,13 @@ class _State:
             return False
 
 
-class ShardDownloader:
-    """Fetches the shards of a HubCheckpoint on `workers` background threads, in the order of the layers
-    still to convert (schedule), a shard someone waits for first (wait_for); deletes a shard this
-    tool downloaded once every layer needing it is committed (layer_committed), when asked to."""
+class ShardDownloader(SourceGate):
+    """The source gate of a HubCheckpoint: fetches its shards on `workers` background threads, in the order
+    of the layers still to convert (schedule), a shard someone waits for first (wait_for); deletes a shard
+    this tool downloaded once every layer needing it is committed (layer_committed), when asked to."""
 
     def __init__(self, remote: hub.RemoteRepo, cache: Path, snapshot: Path, delete_after_use: bool,
-                 max_source_disk: int | None, note=print, workers: int = DOWNLOAD_WORKERS):
+                 max_source_disk: int | None, note, workers: int):
         self.remote = remote
         self.cache = cache
         self.snapshot = snapshot
@@ -215,6 +202,7 @@ class ShardDownloader:
         self.peak_held = 0
         self.downloaded_bytes = 0
         self.dry_run = False  # --dry-run: nothing may be downloaded
+        self.plan: DownloadPlan | None = None  # what open_hub_checkpoint found to fetch
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -260,6 +248,16 @@ class ShardDownloader:
                 raise UserError(f"--max-source-disk {self.max_source_disk / 1e9:.2f} GB is too small: layer {layer} "
                                 f"reads {len(names)} shards of {need / 1e9:.2f} GB together; raise it to at least "
                                 f"{-(-need // 10**7) / 100:.2f}")
+
+    def preflight(self, layer_files: list[tuple[int, set[str]]], out: Path, out_bytes: int) -> str:
+        peak = self.peak_source_bytes(layer_files)
+        preflight.check_source_disk(peak, self.cache, out, out_bytes)
+        return preflight.describe_source(peak, self)
+
+    def plan_facts(self, layer_files: list[tuple[int, set[str]]]) -> dict:
+        return {"peak_source_bytes": self.peak_source_bytes(layer_files),
+                "delete_source_after_use": self.delete_after_use,
+                "download": self.plan.to_dict(), "download_text": self.plan.describe()}
 
     def _start(self) -> None:
         if not self._threads:
@@ -515,7 +513,7 @@ def needed_shards(config: dict, weight_map: dict[str, str] | None, shard_names: 
 
 def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_expert: bool, delete_after_use: bool,
                         max_source_disk: int | None, dry_run: bool, note,
-                        workers: int = DOWNLOAD_WORKERS) -> tuple[HubCheckpoint, DownloadPlan]:
+                        workers: int) -> tuple[HubCheckpoint, DownloadPlan]:
     """The checkpoint of a hub model: small files fetched into the cache (a temporary one for a dry
     run), shard headers from the cache or the hub, a ShardDownloader for the shards still missing."""
     cache = hub_cache_dir()
@@ -585,7 +583,8 @@ def open_hub_checkpoint(repo_id: str, revision: str | None, *, include_non_exper
         ckpt = HubCheckpoint(root if dry_run else snapshot, config, files, key_file, [], remote=remote, gate=gate)
         if tmp is not None:
             ckpt._tmp = tmp  # removed with the checkpoint
-        return ckpt, DownloadPlan(remote, needed, present, todo, small)
+        gate.plan = DownloadPlan(remote, needed, present, todo, small)
+        return ckpt, gate.plan
     except BaseException:
         if tmp is not None:
             tmp.cleanup()
@@ -641,5 +640,5 @@ def _open_offline(repo_id: str, revision: str | None, cache: Path, include_non_e
         for f in files.values():
             f.close()
         raise
-    ckpt = HubCheckpoint(snapshot, config, files, key_file, [], remote=remote, gate=None)
+    ckpt = HubCheckpoint(snapshot, config, files, key_file, [], remote=remote)
     return ckpt, DownloadPlan(remote, needed, needed, [], [])

@@ -9,7 +9,10 @@ from kt_runtime.format.methods import working_threadpool_counts
 
 from . import preflight
 from .announce import clamp_note, kt_sft_line
-from .pipeline import ConvertOptions, experts_per_batch, open_source, plan_conversion
+from .layer_pack import experts_per_batch
+from .options import OutputSpec, RunOptions
+from .output_job import plan_output
+from .pipeline import open_source
 from .plan import layer_spec
 from .units import memory, size
 
@@ -78,12 +81,14 @@ class PlanSummary:
         return "\n".join(lines)
 
 
-def plan_summary(opts: ConvertOptions) -> PlanSummary:
-    ckpt, downloads = open_source(opts, note=lambda m: None)
+def plan_summary(run: RunOptions, spec: OutputSpec) -> PlanSummary:
+    ckpt, downloads = open_source(run, spec.include_non_expert, note=lambda m: None)
     try:
-        plan, non_expert = plan_conversion(ckpt, opts)
-        est = preflight.estimate(plan, plan.layers, experts_per_batch(plan), opts.cpuinfer_threads,
+        plan, non_expert = plan_output(ckpt, run, spec)
+        est = preflight.estimate(plan, plan.layers, experts_per_batch(plan), run.cpuinfer_threads,
                                  preflight.non_expert_bytes(ckpt, non_expert))
+        layer_files = ckpt.layer_files(plan.layers)
+        ckpt.gate.check_cap(layer_files)
         summary = PlanSummary(
             source="hub " + downloads.repo.spec if downloads is not None else str(ckpt.root),
             family=plan.family, source_format=plan.input_type, layers=[lp.layer for lp in plan.layers],
@@ -95,19 +100,12 @@ def plan_summary(opts: ConvertOptions) -> PlanSummary:
             working_threadpool_counts=working_threadpool_counts(plan.method, plan.hidden_size,
                                                                 plan.moe_intermediate_size),
             input_bytes=plan.input_bytes, output_bytes=est.output_bytes, peak_memory_bytes=est.peak_memory_bytes,
-            peak_disk_bytes=est.disk_bytes)
-        if opts.kt_sft_manifest:
-            summary.notes.append(kt_sft_line(opts.output, state_dir(opts.output)))
-        note = clamp_note(plan, opts.kt_sft_manifest)
+            peak_disk_bytes=est.disk_bytes, **ckpt.gate.plan_facts(layer_files))
+        if spec.kt_sft_manifest:
+            summary.notes.append(kt_sft_line(spec.output, state_dir(spec.output)))
+        note = clamp_note(plan, spec.kt_sft_manifest)
         if note:
             summary.notes.append(note)
-        if downloads is not None and ckpt.gate is not None:
-            gate = ckpt.gate
-            layer_files = ckpt.layer_files(plan.layers)
-            gate.check_cap(layer_files)
-            summary.peak_source_bytes = gate.peak_source_bytes(layer_files)
-            summary.delete_source_after_use = gate.delete_after_use
-            summary.download, summary.download_text = downloads.to_dict(), downloads.describe()
         return summary
     finally:
         ckpt.close()

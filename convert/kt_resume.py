@@ -16,6 +16,8 @@ from kt_runtime.format.writer import KtFolderWriter
 from .announce import layer_ranges
 from .errors import UserError
 from .layer_io import LayerOutput, LayerReader
+from .layer_pack import convert_layer, experts_per_batch
+from .source_reader import default_read_threads
 
 KT_MERGED_SHARD = re.compile(r"^model-\d{5}-of-PLACEHOLDER\.safetensors$")  # kt's shard names until its run ends
 SCRATCH = ".kt_resume_check"  # fresh conversions of the layers being checked; removed afterwards
@@ -41,11 +43,10 @@ def _fix() -> str:
     return "pass --overwrite to convert every layer again, or convert into an empty directory"
 
 
-def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, convert_layer, opts, progress,
-                    packer, reader_threads: int, batch_experts: int, ckpt) -> None:
+def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, run, progress, packer, ckpt) -> None:
     """Records in `manifest` (and writes it) the layers before `resume_layer` that kt's script left
-    in `out`, after checking each against a fresh conversion; UserError naming what differs.
-    convert_layer, packer: the pipeline's (passed in, as the pipeline imports this module)."""
+    in `out`, after checking each against a fresh conversion (packer: convert.packers.make_packer's; run:
+    the RunOptions); UserError naming what differs."""
     layout = kt_started_layout(out)
     if layout == "merged":
         raise UserError(
@@ -67,13 +68,13 @@ def adopt_kt_layers(out: Path, plan, manifest: Manifest, resume_layer: int, conv
     scratch = out / SCRATCH
     fsio.remove(scratch)
     fsio.make_dir(scratch)
-    reader = LayerReader(ckpt, plan, wanted, batch_experts, threads=reader_threads)
+    reader = LayerReader(ckpt, plan, wanted, experts_per_batch(plan), threads=default_read_threads())
     try:
         for lp in wanted:
             writer = KtFolderWriter(scratch, lp.layer, plan.method.name)
             try:
                 nonfinite: dict[str, int] = {}
-                convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)], opts,
+                convert_layer(reader, plan, lp, [LayerOutput(plan.method, plan.threadpool_count, writer)], run,
                               progress, nonfinite, packer)
                 fresh = writer.commit()
                 fresh.nonfinite = nonfinite

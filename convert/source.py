@@ -37,6 +37,37 @@ COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "toke
 COPIED_MAX_BYTES = 256 << 20  # tokenizer.json of real models: up to ~35 MB
 
 
+class SourceGate:
+    """What a run asks of its source files beyond reading them: a local checkpoint holds every file already,
+    so each step here is a no-op; a hub download (convert.download.ShardDownloader) fetches the shards in
+    the order of the layers to convert and removes those it fetched once their layers are committed.
+    layer_files: (layer, the source files it reads) in conversion order (Checkpoint.layer_files)."""
+
+    def check_cap(self, layer_files: list[tuple[int, set[str]]]) -> None:
+        """Refuses, before anything is written, a layer the source's disk cap cannot hold."""
+
+    def preflight(self, layer_files: list[tuple[int, set[str]]], out: Path, out_bytes: int) -> str | None:
+        """Refuses a source that cannot fit on its disk beside `out_bytes` of output in `out`; the
+        pre-flight line that describes it (None: nothing to say)."""
+        return None
+
+    def plan_facts(self, layer_files: list[tuple[int, set[str]]]) -> dict:
+        """The --dry-run summary's fields about fetching the source (convert.dry_run.PlanSummary)."""
+        return {}
+
+    def schedule(self, layer_files: list[tuple[int, set[str]]], pinned: set[str]) -> None:
+        """The layers still to convert, in order; `pinned` files are read at the end (kept until finished)."""
+
+    def layer_committed(self, layer: int) -> None:
+        """The layer is safe on disk in every output: files no later layer reads may go."""
+
+    def finished(self) -> None:
+        """Every output is complete: the pinned files may go too."""
+
+    def close(self) -> None:
+        """Stops: a read still waiting for a file fails instead of waiting."""
+
+
 @dataclass
 class Checkpoint:
     root: Path
@@ -46,6 +77,7 @@ class Checkpoint:
     # .safetensors files in the folder that the index does not name (a hint when tensors are missing)
     unindexed: list[str] = field(default_factory=list)
     hf_quant_config: dict | None = None  # hf_quant_config.json where the checkpoint has one
+    gate: SourceGate = field(default_factory=SourceGate)  # a local checkpoint's: every file is there
 
     def info(self, key: str) -> TensorInfo:
         return self.files[self.key_file[key]].tensors[key]
@@ -88,7 +120,15 @@ class Checkpoint:
         digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
         return {"files": listing, "fingerprint": digest}
 
+    def layer_files(self, layers) -> list[tuple[int, set[str]]]:
+        """(layer, the files its routed-expert tensors are in) for LayerPlans `layers`, in order."""
+        from .plan import source_slabs  # plan imports this module
+
+        return [(lp.layer, {self.key_file[s.key] for e in lp.experts for src in e.values() for s in source_slabs(src)})
+                for lp in layers]
+
     def close(self) -> None:
+        self.gate.close()
         for f in self.files.values():
             f.close()
 

@@ -273,7 +273,7 @@ def test_nonfinite_allowed_goes_on_and_reports(base_checkpoint, tmp_path, capsys
 
 
 def test_nonfinite_listing_is_capped_with_a_count():
-    from convert.pipeline import ConversionReport
+    from convert.report import ConversionReport
 
     counts = {f"model.layers.{i}.mlp.experts.0.up_proj.weight": i + 1 for i in range(13)}
     report = ConversionReport(output="o", family="f", input_type="bf16", method="int4", kt_method="AMXINT4",
@@ -342,7 +342,7 @@ def test_preflight_estimate_is_bounded_whatever_the_model_size(base_checkpoint, 
     from types import SimpleNamespace
 
     from convert import preflight
-    from convert.pipeline import BATCH_BYTES, experts_per_batch
+    from convert.layer_pack import BATCH_BYTES, experts_per_batch
     from kt_runtime.format.digest import BLOCK
 
     assert preflight.mem_available() > 0

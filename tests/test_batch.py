@@ -2,6 +2,7 @@
 processes writing one output directory at once (claims, records, finalize), against single runs."""
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from helpers import ROOT
 from helpers.outputs import read_json, tree_hashes
 from convert import claims as claims_mod
-from convert import pipeline
+from convert import output_job, pipeline
 from convert.claims import Claim, ClaimDir, Held, Owner, process_start_time
 from convert.cli import main
 from convert.errors import UserError
@@ -123,8 +124,8 @@ def test_job_file_lists_the_outputs(ckpt, single, tmp_path, capsys):
     assert tree_hashes(tmp_path / "b") == single["int4", 2]
     for body, message in [({"outputs": []}, "expected {\"outputs\""),
                           ({"outputs": [{"output": "c", "quant_method": "int3"}]}, "outputs[0]: quant_method 'int3'"),
-                          ({"outputs": [{"output": "c", "threadpool_count": 0}]}, "positive integer, got 0"),
-                          ({"outputs": [{"output": "c", "method": "int4"}]}, "output, quant_method and threadpool_count only"),
+                          ({"outputs": [{"output": "c", "threadpool_count": 0}]}, "threadpool_count 0 must be a positive"),
+                          ({"outputs": [{"output": "c", "method": "int4"}]}, "'method' is not a field of an output"),
                           ({"outputs": [{"output": "c"}, {"output": "c"}]}, "is named twice")]:
         job.write_text(json.dumps(body))
         assert main(args(ckpt, "--job-file", str(job))) == 2
@@ -133,6 +134,202 @@ def test_job_file_lists_the_outputs(ckpt, single, tmp_path, capsys):
     assert main(args(ckpt, "--job-file", str(job))) == 2
     assert str(job) in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def write_job(path, *outputs):
+    path.write_text(json.dumps({"outputs": list(outputs)}))
+    return path
+
+
+def single_run(ckpt, out, *flags):
+    """A single-output run of the command line: the bytes a job file's output must equal."""
+    assert main(args(ckpt, "-o", str(out), *flags)) == 0
+    return tree_hashes(out)
+
+
+def test_job_file_says_every_per_output_option(ckpt, single, tmp_path):
+    """Each field of an output (OutputSpec) in a job file gives the output its command-line option gives: an
+    entry with only an output takes the command line's defaults; merge, include_non_expert and
+    kt_sft_manifest make the files of --no-merge-safetensor, --include-non-expert and --kt-sft-manifest."""
+    cases = {  # output -> (job file entry, the single run's flags)
+        "plain": ({}, []),
+        "folders": ({"quant_method": "int8", "threadpool_count": 1, "merge": False},
+                    ["--quant-method", "int8", "--threadpool-count", "1", "--no-merge-safetensor"]),
+        "non-expert": ({"include_non_expert": True}, ["--include-non-expert"]),
+        "sft": ({"quant_method": "int8", "merge": False, "kt_sft_manifest": True},
+                ["--quant-method", "int8", "--no-merge-safetensor", "--kt-sft-manifest"]),
+    }
+    job = write_job(tmp_path / "job.json", *({"output": name, **entry} for name, (entry, _) in cases.items()))
+    assert main(args(ckpt, "--job-file", str(job))) == 0
+    assert tree_hashes(tmp_path / "plain") == single["int4", 2]
+    for name, (_, flags) in cases.items():
+        ref = tmp_path / "ref" / name
+        assert tree_hashes(tmp_path / name) == single_run(ckpt, ref, *flags), name
+    # the options took effect: kt's folders, a last shard of non-expert tensors, kt's SFT manifest beside records
+    assert (tmp_path / "folders" / "_layer_0" / "_numa_0").is_dir()
+    assert read_json(tmp_path / "non-expert" / INDEX_FILE)["weight_map"].keys() > read_json(
+        tmp_path / "plain" / INDEX_FILE)["weight_map"].keys()
+    assert (tmp_path / "sft" / "kt-weight-manifest.json").is_file()
+    assert read_json(tmp_path / "sft.kt-convert" / MANIFEST_FILE)["method"] == "int8"
+    assert tree_hashes(tmp_path / "sft.kt-convert") == tree_hashes(tmp_path / "ref" / "sft.kt-convert")
+
+
+def test_job_file_overwrite_and_resume_layer_are_per_output(ckpt, single, tmp_path, capsys):
+    """overwrite replaces an output made with other settings (refused without it); resume_layer keeps the
+    layers kt's own script left in an output, as --overwrite and --resume-layer do."""
+    other = tmp_path / "other"
+    assert main(args(ckpt, "-o", str(other), "--quant-method", "int8")) == 0
+    job = write_job(tmp_path / "job.json", {"output": "other"})
+    assert main(args(ckpt, "--job-file", str(job))) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert read_json(other / MANIFEST_FILE)["method"] == "int8"  # untouched
+    # kt's script stopped after two layers of a --no-merge-safetensor output: its _layer_L folders only
+    ref = tmp_path / "ref"
+    assert main(args(ckpt, "-o", str(ref), "--no-merge-safetensor")) == 0
+    kt = tmp_path / "kt"
+    kt.mkdir()
+    for layer in (0, 1):
+        shutil.copytree(ref / f"_layer_{layer}", kt / f"_layer_{layer}")
+    kept = (kt / "_layer_0" / "_numa_0").stat().st_ino
+    capsys.readouterr()
+    job = write_job(tmp_path / "job.json", {"output": "other", "overwrite": True},
+                    {"output": "kt", "merge": False, "resume_layer": 1})
+    assert main(args(ckpt, "--job-file", str(job))) == 0
+    assert "--resume-layer 1: kt's layer 0 matches a fresh conversion byte for byte: kept" in capsys.readouterr().err
+    assert tree_hashes(other) == single["int4", 2]
+    assert tree_hashes(kt) == tree_hashes(ref) and (kt / "_layer_0" / "_numa_0").stat().st_ino == kept
+
+
+def test_job_file_entries_default_to_the_command_lines_options(ckpt, single, tmp_path, capsys):
+    """The command line's per-output options are the base of every entry; an entry's field wins."""
+    job = write_job(tmp_path / "job.json", {"output": "a"}, {"output": "b", "merge": True, "threadpool_count": 1})
+    assert main(args(ckpt, "--job-file", str(job), "--quant-method", "int8", "--no-merge-safetensor")) == 0
+    assert tree_hashes(tmp_path / "a") == single_run(ckpt, tmp_path / "ref", "--quant-method", "int8",
+                                                     "--no-merge-safetensor")
+    assert tree_hashes(tmp_path / "b") == single["int8", 1]
+    # a list of values is one output per value: not the base of a job file's entries
+    assert main(args(ckpt, "--job-file", str(job), "--quant-method", "int4,int8")) == 2
+    assert "give each output of the job file its own" in capsys.readouterr().err
+
+
+def test_job_file_group_size_per_output(tmp_path):
+    """group_size of a group-wise method, per output: the bytes of --quant-method rawint4 --group-size G."""
+    from synthetic.families import make_family_checkpoint
+
+    src = make_family_checkpoint(tmp_path / "qwen", "qwen3_moe_bf16").path
+    job = write_job(tmp_path / "job.json", {"output": "g32", "quant_method": "rawint4", "group_size": 32},
+                    {"output": "g-default", "quant_method": "rawint4"})
+    assert main(args(src, "--job-file", str(job))) == 0
+    assert tree_hashes(tmp_path / "g32") == single_run(src, tmp_path / "ref32", "--quant-method", "rawint4",
+                                                       "--group-size", "32")
+    assert tree_hashes(tmp_path / "g-default") == single_run(src, tmp_path / "ref", "--quant-method", "rawint4")
+    assert read_json(tmp_path / "g32" / MANIFEST_FILE)["method"] == "rawint4-g32"
+    assert read_json(tmp_path / "g-default" / MANIFEST_FILE)["method"] == "rawint4-g128"
+
+
+BAD_FIELD_VALUES = {  # an output field -> values a job file may not give it
+    "quant_method": ["int3", 4, None, ["int4"], "rawint4-g32"],
+    "group_size": [48, "64", 64.0, True, 0],
+    "threadpool_count": [0, -1, "2", 2.5, True, None, [2]],
+    "merge": ["false", 0, None, {}],
+    "include_non_expert": ["yes", 1],
+    "kt_sft_manifest": [1, None],
+    "overwrite": ["true", 0],
+    "resume_layer": [-1, "1", 1.5, True],
+}
+
+
+def test_bad_field_values_cover_every_output_field():
+    from convert.options import OUTPUT_FIELDS
+
+    assert set(BAD_FIELD_VALUES) == set(OUTPUT_FIELDS) - {"output"}
+
+
+@pytest.mark.parametrize("name, value", [(n, v) for n, vs in BAD_FIELD_VALUES.items() for v in vs],
+                         ids=lambda x: repr(x))
+def test_job_file_refuses_a_bad_value_of_each_field(ckpt, tmp_path, capsys, name, value):
+    job = write_job(tmp_path / "job.json", {"output": "o"}, {"output": "p", name: value})
+    assert main(args(ckpt, "--job-file", str(job))) == 2
+    err = capsys.readouterr().err
+    assert f"{job}: outputs[1]: {name} {value!r} " in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["job.json"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"outputs": [{"output": "o", "group_size": 64}]}, ["outputs[0]: quant_method 'int4', group_size 64",
+                                                        "applies to rawint4"]),
+    ({"outputs": [{"output": "o", "quant_method": "rawint4", "group_size": 32}], "device": "cpu"},
+     ["expected {\"outputs\"", "nothing else"]),
+    ({"outputs": ["o"]}, ["outputs[0]: an object with an output"]),
+    ({"outputs": [{"quant_method": "int8"}]}, ["outputs[0]: output must be a directory path"]),
+    ({"outputs": {"output": "o"}}, ["expected {\"outputs\""]),
+    ([{"output": "o"}], ["expected {\"outputs\""]),
+])
+def test_job_file_structure_is_checked(ckpt, tmp_path, capsys, body, words):
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps(body))
+    assert main(args(ckpt, "--job-file", str(job))) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words) and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["job.json"]
+
+
+def test_the_python_api_runs_several_outputs_and_one(ckpt, single, tmp_path):
+    """convert_outputs(RunOptions, [OutputSpec, ...]) writes what the command line does; ConvertOptions is one
+    run's options and one output's, field for field (each field in exactly one of them)."""
+    from dataclasses import fields
+
+    from convert.options import ConvertOptions, OutputSpec, RunOptions
+    from convert.pipeline import convert, convert_outputs
+
+    run_fields, spec_fields = {f.name for f in fields(RunOptions)}, {f.name for f in fields(OutputSpec)}
+    assert not run_fields & spec_fields and {f.name for f in fields(ConvertOptions)} == run_fields | spec_fields
+    run = RunOptions(input_path=str(ckpt), device="cpu", progress=False)
+    reports = convert_outputs(run, [OutputSpec(output=tmp_path / "a", quant_method="int8", threadpool_count=1),
+                                    OutputSpec(output=tmp_path / "b")])
+    assert [(r.method, r.threadpool_count) for r in reports] == [("int8", 1), ("int4", 2)]
+    assert tree_hashes(tmp_path / "a") == single["int8", 1] and tree_hashes(tmp_path / "b") == single["int4", 2]
+    opts = ConvertOptions(input_path=str(ckpt), output=tmp_path / "c", quant_method="int8", device="cpu",
+                          progress=False)
+    assert (opts.run, opts.spec) == (RunOptions(input_path=str(ckpt), device="cpu", progress=False),
+                                     OutputSpec(output=tmp_path / "c", quant_method="int8"))
+    assert convert(opts).method == "int8" and tree_hashes(tmp_path / "c") == single["int8", 2]
+    with pytest.raises(UserError, match="no output to convert"):
+        convert_outputs(run, [])
+
+
+def test_a_shard_of_a_job_file_with_a_kt_sft_output_is_refused(ckpt, tmp_path, capsys):
+    job = write_job(tmp_path / "job.json", {"output": "a"},
+                    {"output": "b", "quant_method": "int8", "merge": False, "kt_sft_manifest": True})
+    assert main(args(ckpt, "--job-file", str(job), "--shard", "1/2")) == 2
+    assert "--kt-sft-manifest is written by a single process" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["job.json"]
+
+
+def test_the_job_file_of_the_docs_reads_as_shown_and_its_table_names_every_field(tmp_path):
+    """docs/BATCH.md: its job file is read as the outputs it describes; its table lists each OutputSpec field."""
+    import re
+
+    from convert.cli.batch_options import read_job_file
+    from convert.options import OUTPUT_FIELDS, OutputSpec
+
+    text = (ROOT / "docs" / "BATCH.md").read_text()
+    job = tmp_path / "job.json"
+    job.write_text(re.search(r"```json\n(.*?)```", text, flags=re.S)[1])
+    specs = read_job_file(job, {})
+    assert specs[0] == OutputSpec(output=tmp_path / "ds3-int4-T2")
+    assert (specs[2].quant_method, specs[2].group_size) == ("rawint4", 64)
+    assert (specs[3].merge, specs[4].kt_sft_manifest, specs[5].include_non_expert) == (False, True, True)
+    table = re.findall(r"^\| `(\w+)` \|", text, flags=re.M)
+    assert table == list(OUTPUT_FIELDS)
+
+
+def test_job_file_with_the_group_size_of_the_command_line(ckpt, tmp_path, capsys):
+    """--group-size is the base of every entry: an int4 entry must then say group_size null."""
+    job = write_job(tmp_path / "job.json", {"output": "o"})
+    assert main(args(ckpt, "--job-file", str(job), "--group-size", "64")) == 2
+    assert "outputs[0]: quant_method 'int4', group_size 64" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -341,7 +538,7 @@ def test_concurrent_shard_records_lose_no_layer(ckpt, tmp_path):
     def record(key):
         try:
             start.wait()
-            pipeline._record_verified(job, LayerRecord(**completed[key]))
+            output_job._record_verified(job, LayerRecord(**completed[key]))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers.outputs import tree_hashes
-from convert import packers, pipeline
+from convert import layer_pack, packers, pipeline
 from kt_runtime.format import writer as writer_mod
 from convert.cli import main
 from convert.host_memory import PageableMemory
@@ -45,6 +45,70 @@ def test_cli_timings_table_and_json(tiny_checkpoint, tmp_path, capsys):
     for stage in ("pack", "write", "commit", "read"):
         line = next(x for x in err.splitlines() if x.strip().startswith(stage + " "))
         assert f"{timings[stage + '_s']:.2f} s" in line, (line, timings)
+
+
+def test_a_local_checkpoint_has_a_gate_that_does_nothing(tiny_checkpoint):
+    from convert.source import SourceGate, open_checkpoint
+
+    ckpt = open_checkpoint(str(tiny_checkpoint.path))
+    try:
+        assert type(ckpt.gate) is SourceGate
+        files = ckpt.layer_files([])
+        assert ckpt.gate.preflight(files, tiny_checkpoint.path, 1) is None and ckpt.gate.plan_facts(files) == {}
+    finally:
+        ckpt.close()
+
+
+def test_the_run_tells_the_source_gate_each_step_in_order(tiny_checkpoint, tmp_path, monkeypatch):
+    """The run's side of the gate (a download's ShardDownloader on a hub checkpoint): the layers' files are
+    checked and scheduled before the first read, each layer is reported once it is on disk, then the end."""
+    from convert.layer_io import LayerReader
+    from convert.source import SourceGate, open_checkpoint
+
+    steps = []
+    out = tmp_path / "out"
+
+    class Recording(SourceGate):
+        def check_cap(self, layer_files):
+            steps.append(("check_cap", layer_files))
+
+        def preflight(self, layer_files, where, out_bytes):
+            steps.append(("preflight", where, out_bytes > 0))
+            return "pre-flight: the source gate's line"
+
+        def schedule(self, layer_files, pinned):
+            steps.append(("schedule", layer_files, pinned))
+
+        def layer_committed(self, layer):
+            steps.append(("layer_committed", layer, (out / f"model-{layer + 1:05d}-of-00002.safetensors").is_file()))
+
+        def finished(self):
+            steps.append(("finished",))
+
+        def close(self):
+            steps.append(("close",))
+
+    def with_gate(spec):
+        ckpt = open_checkpoint(spec)
+        ckpt.gate = Recording()
+        return ckpt
+
+    real_batches = LayerReader.batches
+
+    def batches(self, lp):
+        steps.append(("read", lp.layer))
+        return real_batches(self, lp)
+
+    monkeypatch.setattr(pipeline, "open_checkpoint", with_gate)
+    monkeypatch.setattr(LayerReader, "batches", batches)
+    run(tiny_checkpoint.path, out, threadpool_count=2)
+    layer_files = [(0, {"model-00001-of-00003.safetensors"}), (1, {"model-00002-of-00003.safetensors"})]
+    assert steps[:3] == [("check_cap", layer_files), ("preflight", out, True), ("schedule", layer_files, set())]
+    assert steps[-3:] == [("finished",), ("close",), ("close",)]  # the run's close, then the checkpoint's
+    middle = steps[3:-3]  # a layer's commit (another thread) may come before or after the next layer's first read
+    assert sorted(middle) == [("layer_committed", 0, True), ("layer_committed", 1, True), ("read", 0), ("read", 1)]
+    assert middle.index(("read", 0)) < middle.index(("layer_committed", 0, True)) < middle.index(
+        ("layer_committed", 1, True)) and middle.index(("read", 1)) < middle.index(("layer_committed", 1, True))
 
 
 class _StandInGpu:
@@ -96,7 +160,7 @@ def test_device_starts_in_the_background_while_the_cpu_packs(tiny_checkpoint, tm
     monkeypatch.setattr(packers, "CudaPacker", _StandInGpu)
     monkeypatch.setattr(packers.CpuPacker, "__call__", cpu_call)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(pipeline, "GPU_BATCH_BYTES", 1)  # one expert per batch: 16 batches
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch: 16 batches
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     gpu = _StandInGpu.instances[0]
     assert report.device == "cuda"
@@ -160,7 +224,7 @@ def test_next_layer_is_packed_while_the_last_batch_of_a_layer_is_written(tiny_ch
     monkeypatch.setattr(writer_mod.MergedShardWriter, "write_pair", slow_write)
     monkeypatch.setattr(writer_mod.MergedShardWriter, "commit", commit)
     monkeypatch.setattr(packers.CpuPacker, "__call__", pack)
-    monkeypatch.setattr(pipeline, "BATCH_BYTES", 1)  # one expert per batch: 8 per layer
+    monkeypatch.setattr(layer_pack, "BATCH_BYTES", 1)  # one expert per batch: 8 per layer
     run(tiny_checkpoint.path, tmp_path / "out", threadpool_count=2)
     names = [e[0] for e in events]
     done = names.index("last write of layer 0 done")
@@ -219,7 +283,7 @@ def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, 
     monkeypatch.setattr(quant_gpu, "launch", fake_launch)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", cpu_while_starting)
-    monkeypatch.setattr(pipeline, "GPU_BATCH_BYTES", 1)
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)
     monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     t = report.timings

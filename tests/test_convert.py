@@ -323,6 +323,8 @@ def test_one_read_of_a_layer_feeds_several_outputs(tiny_checkpoint, tmp_path):
     """The per-layer loop's seams (convert.layer_io): convert_layer packs every batch the LayerReader reads
     into each LayerOutput; two outputs of one read hold the bytes of two separate runs."""
     from convert.layer_io import LayerOutput, LayerReader
+    from convert.layer_pack import convert_layer, experts_per_batch
+    from convert.options import RunOptions
     from convert.packers import make_packer
     from convert.plan import build_plan
     from convert.progress import Progress
@@ -346,12 +348,12 @@ def test_one_read_of_a_layer_feeds_several_outputs(tiny_checkpoint, tmp_path):
     ckpt = open_checkpoint(str(tiny_checkpoint.path))
     try:
         plan = build_plan(ckpt, INT4, 2, "merged")
-        reader = LayerReader(ckpt, plan, plan.layers, pipeline.experts_per_batch(plan), threads=2)
+        reader = LayerReader(ckpt, plan, plan.layers, experts_per_batch(plan), threads=2)
         packer = make_packer("cpu")
-        opts = ConvertOptions(input_path=str(tiny_checkpoint.path), output=tmp_path / "unused")
+        run_options = RunOptions(input_path=str(tiny_checkpoint.path))
         for lp in plan.layers:
             outputs = [LayerOutput(m, t, Recorder()) for m, t in refs]
-            pipeline.convert_layer(reader, plan, lp, outputs, opts, Progress(0, 0, False), {}, packer)
+            convert_layer(reader, plan, lp, outputs, run_options, Progress(0, 0, False), {}, packer)
             for out, path in zip(outputs, refs.values()):
                 w = kt_runtime.load_experts(path)
                 assert len(out.writer.pairs) == w.num_experts * 3 * out.threadpool_count

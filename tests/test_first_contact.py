@@ -497,14 +497,14 @@ def converted(ckpt, tmp_path):
 
 def count_hashing(monkeypatch):
     """Counts the layers hashed, by the loader and by the converter (one call per layer)."""
-    from convert import pipeline
+    from convert import output_job
     from kt_runtime.format import reader
 
     calls = []
     real = reader.tree_sha256_files
     counted = lambda paths, *a: calls.append(len(paths)) or real(paths, *a)  # noqa: E731
     monkeypatch.setattr(reader, "tree_sha256_files", counted)
-    monkeypatch.setattr(pipeline, "tree_sha256_files", counted)
+    monkeypatch.setattr(output_job, "tree_sha256_files", counted)
     return calls
 
 

@@ -480,10 +480,10 @@ def test_convert_every_family_on_cuda_equals_cpu(tmp_path, gpu_packs_every_batch
 def test_cpu_packs_while_the_gpu_starts_same_bytes(tmp_path, monkeypatch):
     """The default --device cuda run: the GPU starts on a background thread while the CPU packs; every
     batch after its start-up goes to the GPU; the bytes equal a CPU run's whoever packed which batch."""
-    from convert import pipeline
+    from convert import layer_pack
     from synthetic.v4_flash import make_v4_flash_checkpoint
 
-    monkeypatch.setattr(pipeline, "GPU_BATCH_BYTES", 1)  # one expert per batch: many batches
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch: many batches
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
     _convert(ckpt.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
     report = _convert(ckpt.path, tmp_path / "gpu", threadpool_count=2, device="cuda")

@@ -398,7 +398,7 @@ def test_a_conversion_keeps_one_batch_on_the_device_while_the_next_is_submitted(
     every batch's results before the layer ends), the read buffers and the arenas are the pinned block's, and
     the files are the CPU run's."""
     from helpers.outputs import tree_hashes
-    from convert import pipeline
+    from convert import layer_pack, pipeline
     from convert.pipeline import ConvertOptions, convert
 
     def run(out, **kw):
@@ -412,7 +412,7 @@ def test_a_conversion_keeps_one_batch_on_the_device_while_the_next_is_submitted(
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
     monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
-    monkeypatch.setattr(pipeline, "GPU_BATCH_BYTES", 1)  # one expert per batch: 8 batches a layer
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch: 8 batches a layer
     log, real_submit, real_result = [], packers.CudaPacker.submit, packers._GpuBatch.result
 
     def submit(self, method, jobs):

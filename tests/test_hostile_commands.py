@@ -619,12 +619,12 @@ def test_os_errors_of_verify_say_nothing_of_layers(converted, tmp_path, capsys):
 
 def test_os_errors_of_finalize_say_nothing_of_resuming_a_conversion(base, tmp_path, capsys, monkeypatch):
     src, out = _unfinished_output(base, tmp_path)
-    import convert.pipeline as pipeline
+    import convert.output_job as output_job
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / INDEX_FILE))
 
-    monkeypatch.setattr(pipeline, "write_index", full)
+    monkeypatch.setattr(output_job, "write_index", full)
     err = fails(["finalize", str(out)], capsys, INDEX_FILE, "No space left", "re-run finalize")
     assert "layers are kept" not in err
 
@@ -640,12 +640,12 @@ def test_os_errors_of_families_and_conversion_messages(capsys, monkeypatch, base
     err = capsys.readouterr().err
     assert code == 2 and "Input/output error" in err and "layers" not in err and "internal error" not in err
     monkeypatch.undo()
-    import convert.pipeline as pipeline
+    import convert.output_job as output_job
 
     def eio(*a, **k):
         raise OSError(errno.EIO, "Input/output error", "somewhere")
 
-    monkeypatch.setattr(pipeline, "copy_model_files", eio)
+    monkeypatch.setattr(output_job, "copy_model_files", eio)
     fails(convert_args(base, tmp_path / "out"), capsys, "somewhere", "completed layers are kept")
 
 

@@ -708,9 +708,9 @@ def test_partial_flag_must_agree_with_the_layers(converted, tmp_path):
 CHILD = """
 import os, sys
 sys.path.insert(0, {root!r})
-from convert import pipeline
+from convert import layer_pack, pipeline
 from convert.cli import main
-pipeline.BATCH_BYTES = 1  # one expert per batch: reads are still in flight when the file changes
+layer_pack.BATCH_BYTES = 1  # one expert per batch: reads are still in flight when the file changes
 real, calls = pipeline.convert_layer, []
 def hook(reader, plan, lp, *a, **kw):
     calls.append(lp.layer)

@@ -7,7 +7,8 @@ from kt_runtime.format.methods import CHOICES, DEFAULT_GROUP_SIZE, METHODS
 from quant.source_formats import INPUT_TYPES
 
 from .. import __version__
-from ..pipeline import ConvertOptions, convert_outputs, max_cpu_threads
+from ..options import GROUP_SIZES, OutputSpec, RunOptions, default, max_cpu_threads
+from ..pipeline import convert_outputs
 from ..plan import parse_layer_spec
 from ..timings import describe as describe_timings
 from .download_options import download_kwargs, download_options
@@ -40,29 +41,31 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
               help="Checkpoint: a directory, a .safetensors file, or a hub id ORG/NAME[@REV] from the Hugging Face cache.")
 @click.option("--output", "-o", default=None, type=PATH,
               help="Output directory (or --output-template).")
-@click.option("--input-type", default="auto", show_default=True,
+@click.option("--input-type", default=default(RunOptions, "input_type"), show_default=True,
               type=click.Choice(["auto", *INPUT_TYPES]),
               help="Source expert format; auto detects it from config.json and the tensor dtypes.")
-@click.option("--quant-method", default="int4", show_default=True, type=METHOD_LIST,
+@click.option("--quant-method", default=default(OutputSpec, "quant_method"), show_default=True, type=METHOD_LIST,
               help=", ".join(f"{name} = {'SGLang-KT --kt-method ' if i == 0 else ''}"
                              f"{next(m.kt_method for m in METHODS.values() if m.choice == name)}"
                              f"{' (group-wise, --group-size)' if CHOICES[name] else ''}"
                              for i, name in enumerate(CHOICES)) + ".")
-@click.option("--group-size", type=click.Choice(sorted({str(g) for gs in CHOICES.values() for g in gs}, key=int)),
-              default=None, help=f"K elements per scale of a group-wise method (default {DEFAULT_GROUP_SIZE}).")
-@click.option("--threadpool-count", default="2", show_default=True, type=INT_LIST,
+@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default=default(OutputSpec, "group_size"),
+              help=f"K elements per scale of a group-wise method (default {DEFAULT_GROUP_SIZE}).")
+@click.option("--threadpool-count", default=str(default(OutputSpec, "threadpool_count")), show_default=True,
+              type=INT_LIST,
               help="NUMA thread pools the output is split for; must equal --kt-threadpool-count when serving.")
-@click.option("--cpuinfer-threads", default=0, show_default=True, type=int,
+@click.option("--cpuinfer-threads", default=default(RunOptions, "cpuinfer_threads"), show_default=True, type=int,
               help=f"CPU threads for packing (0: all cores; at most {max_cpu_threads()} here).")
 @click.option("--no-merge-safetensor", "no_merge", is_flag=True,
               help="Write kt's _layer_L/_numa_t/*.kt folders instead of one safetensors shard per layer.")
 @click.option("--kt-sft-manifest", is_flag=True,
               help="With --quant-method int8 --no-merge-safetensor: also write kt-weight-manifest.json, which "
                    "kt-kernel's SFT path requires; this converter's own files then go to OUTPUT.kt-convert.")
-@click.option("--resume-layer", type=int, default=None, metavar="L",
+@click.option("--resume-layer", type=int, default=default(OutputSpec, "resume_layer"), metavar="L",
               help="Not needed here: completed layers are resumed automatically. On an output of kt's own script "
                    "(with --no-merge-safetensor), keeps its layers before L if they match a fresh conversion.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+@click.option("--device", default=default(RunOptions, "device"), show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]),
               help="Where to dequantize and pack (the same bytes): auto packs on the GPU only where this machine's "
                    "cores cannot keep up with its disk, and the first lines say why.")
 @click.option("--gpu", "legacy_gpu", is_flag=True, hidden=True, help="kt compatibility: same as --device auto.")
@@ -74,7 +77,8 @@ KT_EPILOG = ("kt-kernel's convert_cpu_weights.py / convert_cpu_weights_ds4.py ar
               help="Pack NaN/Inf source weights as 0 instead of stopping (listed at the end and in kt_manifest.json).")
 @click.option("--json", "json_path", type=REPORT, default=None,
               help="Write the final report (with --dry-run: the plan) as JSON here (-: standard output).")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal only).")
+@click.option("--progress/--no-progress", default=default(RunOptions, "progress"),
+              help="Progress bar (default: on a terminal only).")
 @click.option("--timings", "show_timings", is_flag=True,
               help="Print where the time went, stage by stage (always in the --json report).")
 @batch_options
@@ -98,29 +102,25 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
     if legacy_gpu:
         click.echo(GPU_NOTE, err=True)
     layers = layers_option(layers_spec)
-    outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file)
-    check_report_paths({"--json": json_path}, inputs=(input_path,), outputs=[out for out, _, _ in outputs],
-                       kt_tree=kt_sft_manifest, user_files={"the job file": job_file})
+    outputs = expand_outputs(output, output_template, quant_method, threadpool_count, job_file, dict(
+        group_size=None if group_size is None else int(group_size), merge=not no_merge,
+        include_non_expert=include_non_expert, kt_sft_manifest=kt_sft_manifest, overwrite=overwrite,
+        resume_layer=resume_layer))
+    check_report_paths({"--json": json_path}, inputs=(input_path,), outputs=[spec.output for spec in outputs],
+                       kt_tree=any(spec.kt_sft_manifest for spec in outputs), user_files={"the job file": job_file})
     shard = shard_spec(shard_flag, shard_count)
-    hub_options = download_kwargs(**hub)
-    opts_list = [
-        ConvertOptions(input_path=input_path, output=out, input_type=input_type, quant_method=method,
-                       group_size=None if group_size is None else int(group_size),
-                       threadpool_count=count, cpuinfer_threads=cpuinfer_threads, merge=not no_merge,
-                       device=device, include_non_expert=include_non_expert, overwrite=overwrite,
-                       allow_nonfinite=allow_nonfinite, progress=progress, resume_layer=resume_layer, layers=layers,
-                       kt_sft_manifest=kt_sft_manifest, **hub_options)
-        for out, method, count in outputs]
-    if hub_options["dry_run"]:  # the plan of each output: as text, or as JSON objects with --json
+    run = RunOptions(input_path=input_path, input_type=input_type, cpuinfer_threads=cpuinfer_threads, device=device,
+                     allow_nonfinite=allow_nonfinite, progress=progress, layers=layers, **download_kwargs(**hub))
+    if run.dry_run:  # the plan of each output: as text, or as JSON objects with --json
         from ..dry_run import plan_summary
 
-        plans = [plan_summary(opts) for opts in opts_list]
+        plans = [plan_summary(run, spec) for spec in outputs]
         for plan in plans:
             click.echo(plan.text(), err=to_stdout(json_path))
         if json_path is not None:
             write_json(json_path, plans[0].to_dict() if len(plans) == 1 else [p.to_dict() for p in plans])
         return
-    reports = convert_outputs(opts_list, shard)
+    reports = convert_outputs(run, outputs, shard)
     for report in reports:
         click.echo(report.summary(), err=True)
     if show_timings:  # one run: the stages are shared by its outputs

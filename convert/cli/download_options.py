@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..options import RunOptions, default
 from .families import list_families_callback
 from .option_types import POSITIVE
 
@@ -20,7 +21,8 @@ def download_options(command):
         click.option("--delete-source-after-use", is_flag=True,
                      help="With --download: remove each shard this run downloaded from the cache once every layer "
                           "reading it is converted (files already in the cache are never removed)."),
-        click.option("--download-workers", type=click.IntRange(1, 64), default=4, show_default=True,
+        click.option("--download-workers", type=click.IntRange(1, 64), default=default(RunOptions, "download_workers"),
+                     show_default=True,
                      help="With --download: shards downloaded at once (in layer order, within the disk cap)."),
         click.option("--dry-run", is_flag=True,
                      help="Print the plan (family, format, layers, sizes, peak memory and disk, files to download) "
@@ -34,7 +36,7 @@ def download_options(command):
 
 
 def download_kwargs(download, max_source_disk, delete_source_after_use, download_workers, dry_run) -> dict:
-    """ConvertOptions fields from the options (GB -> bytes)."""
+    """RunOptions fields from the options (GB -> bytes)."""
     if max_source_disk is not None and max_source_disk <= 0:
         raise click.BadParameter("must be a positive number of GB", param_hint="--max-source-disk")
     if (max_source_disk is not None or delete_source_after_use) and not download:

@@ -12,7 +12,8 @@ from kt_runtime.format.names import MANIFEST_FILE
 from kt_runtime.format.manifest import read_manifest
 
 from ..errors import UserError
-from ..pipeline import ConvertOptions, finalize_shared, plan_output
+from ..options import OutputSpec, RunOptions
+from ..output_job import OutputJob
 from ..shared_output import missing_layers_message, read_splits
 from ..source import open_checkpoint
 from .option_types import PATH, path_problem
@@ -38,15 +39,13 @@ def finalize_command(output: Path):
         raise UserError(f"the source checkpoint {source}, as recorded in {out / MANIFEST_FILE}, does not exist (moved "
                         "or deleted?): put it back at that path, or re-run one shard's convert command with its "
                         "new path, which finalizes the output too")
-    opts = ConvertOptions(input_path=source, output=out, quant_method=manifest.method,
-                          threadpool_count=manifest.threadpool_count, merge=manifest.layout == "merged",
-                          include_non_expert=bool(manifest.options.get("include_non_expert")),
-                          layers=list(manifest.layers) if manifest.partial else None)
-    ckpt = open_checkpoint(opts.input_path)
+    run = RunOptions(input_path=source, layers=list(manifest.layers) if manifest.partial else None)
+    spec = OutputSpec(output=out, quant_method=manifest.method, threadpool_count=manifest.threadpool_count,
+                      merge=manifest.layout == "merged",
+                      include_non_expert=bool(manifest.options.get("include_non_expert")))
+    ckpt = open_checkpoint(run.input_path)
     try:
-        job = plan_output(ckpt, opts)
-        job.out = out
-        missing = finalize_shared(ckpt, job)
+        missing = OutputJob.planned(ckpt, run, spec).finalize()
     finally:
         ckpt.close()
     if missing:
