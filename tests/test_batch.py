@@ -217,14 +217,14 @@ def test_job_file_group_size_per_output(tmp_path):
     from synthetic.families import make_family_checkpoint
 
     src = make_family_checkpoint(tmp_path / "qwen", "qwen3_moe_bf16").path
-    job = write_job(tmp_path / "job.json", {"output": "g32", "quant_method": "rawint4", "group_size": 32},
+    job = write_job(tmp_path / "job.json", {"output": "g64", "quant_method": "rawint4", "group_size": 64},
                     {"output": "g-default", "quant_method": "rawint4"})
     assert main(args(src, "--job-file", str(job))) == 0
-    assert tree_hashes(tmp_path / "g32") == single_run(src, tmp_path / "ref32", "--quant-method", "rawint4",
-                                                       "--group-size", "32")
+    assert tree_hashes(tmp_path / "g64") == single_run(src, tmp_path / "ref64", "--quant-method", "rawint4",
+                                                       "--group-size", "64")
     assert tree_hashes(tmp_path / "g-default") == single_run(src, tmp_path / "ref", "--quant-method", "rawint4")
-    assert read_json(tmp_path / "g32" / MANIFEST_FILE)["method"] == "rawint4-g32"
-    assert read_json(tmp_path / "g-default" / MANIFEST_FILE)["method"] == "rawint4-g128"
+    assert read_json(tmp_path / "g64" / MANIFEST_FILE)["method"] == "rawint4-g64"
+    assert read_json(tmp_path / "g-default" / MANIFEST_FILE)["method"] == "rawint4-g32"
 
 
 BAD_FIELD_VALUES = {  # an output field -> values a job file may not give it
