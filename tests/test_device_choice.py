@@ -95,12 +95,13 @@ def test_every_source_format_has_a_packer_probe(kind):
 
 
 def test_probes_measure_this_machine(tiny_checkpoint):
-    from convert.pipeline import plan_conversion
+    from convert.options import OutputSpec, RunOptions
+    from convert.output_job import plan_output
     from convert.source import open_checkpoint
 
     ckpt = open_checkpoint(str(tiny_checkpoint.path))
     try:
-        plan, _ = plan_conversion(ckpt, ConvertOptions(input_path=str(tiny_checkpoint.path), output=None))
+        plan, _ = plan_output(ckpt, RunOptions(input_path=str(tiny_checkpoint.path)), OutputSpec(output=None))
     finally:
         ckpt.close()
     rate = device_choice.pack_rate_probe(plan)
@@ -119,7 +120,8 @@ def test_the_pack_probe_runs_at_the_forced_isa_level(tiny_checkpoint, monkeypatc
 
     import quant.cpu
     from helpers.numerics import available_isas
-    from convert.pipeline import plan_conversion
+    from convert.options import OutputSpec, RunOptions
+    from convert.output_job import plan_output
     from convert.source import open_checkpoint
 
     if forced is not None and forced not in available_isas():
@@ -130,7 +132,7 @@ def test_the_pack_probe_runs_at_the_forced_isa_level(tiny_checkpoint, monkeypatc
         monkeypatch.setenv("KT_PACK_ISA", forced.upper())
     ckpt = open_checkpoint(str(tiny_checkpoint.path))
     try:
-        plan, _ = plan_conversion(ckpt, ConvertOptions(input_path=str(tiny_checkpoint.path), output=None))
+        plan, _ = plan_output(ckpt, RunOptions(input_path=str(tiny_checkpoint.path)), OutputSpec(output=None))
     finally:
         ckpt.close()
     levels, real = [], quant.cpu.pack_cpu
