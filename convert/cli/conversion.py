@@ -88,16 +88,16 @@ def convert_command(input_path, output, input_type, quant_method, group_size, th
         kt_sft_manifest, resume_layer,
         device, legacy_gpu, include_non_expert, overwrite, layers_spec, allow_nonfinite, json_path, progress,
         show_timings, output_template, job_file, shard_flag, shard_count, **hub):
-    """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8 CPU weights.
+    """Convert the routed experts of a MoE checkpoint into kt-kernel AMXINT4/AMXINT8/RAWINT4 CPU weights.
 
     \b
       convert-cpu-weights -i /models/DeepSeek-V4-Flash -o /models/V4-Flash-AMXINT4 --threadpool-count 2
 
-    The family (DeepSeek-V4/V3/R1, Kimi-K2, GLM-4.5+, Qwen2/3-MoE, Qwen3.5, Mixtral, MiniMax,
-    gpt-oss) and the source format (MXFP4, FP8, BF16, FP16, INT4) are detected; the first lines of
-    the run say what was found. The output loads unchanged in SGLang-KT (--kt-method
-    AMXINT4|AMXINT8 --kt-weight-path OUTPUT --kt-threadpool-count T) and in kt_runtime.load_experts.
-    Re-running the same command resumes.
+    The family (DeepSeek-V4/V4.1/V3/R1, Kimi-K2/K3, GLM-4.5+/5, Qwen2/3-MoE, Qwen3.5, Qwen3.8-Next,
+    Mixtral, MiniMax, gpt-oss; `families` lists them) and the source format (MXFP4, NVFP4, MXFP8, FP8,
+    BF16, FP16, INT4) are detected; the first lines of the run say what was found. The output loads
+    unchanged in SGLang-KT (--kt-method AMXINT4|AMXINT8|RAWINT4 --kt-weight-path OUTPUT
+    --kt-threadpool-count T) and in kt_runtime.load_experts. Re-running the same command resumes.
     """
     if legacy_gpu:
         click.echo(GPU_NOTE, err=True)
