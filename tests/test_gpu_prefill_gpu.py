@@ -7,7 +7,8 @@ TRITON_INTERPRET=1 runs these on Triton's CPU interpreter (triton installed; no 
 
 On CUDA only: HybridMoE's GPU prefill against the float reference for every method and family activation (and
 against the CPU path), both GEMM paths; the registered staging against the gathered one, bit for bit, its
-registration seen by CUDA (the mapping pinned) and released; the device memory of a call under the stated budget
+registration seen by CUDA (the mapping pinned) and released, also where another registration holds part of
+the layer's pages; the device memory of a call under the stated budget
 (torch.cuda.max_memory_allocated), for both stagings; the overlap (CUDA events: group k + 1's upload runs while
 group k is computed, and no group is computed before its upload ends); no host wait on the caller's stream inside
 the layer (the call returns while a device sleep queued before it still runs); a registration CUDA refuses leaves
@@ -164,11 +165,12 @@ def test_cuda_prefill_equals_the_float_reference(cases, name):
     cpu = CPUMoE(c.weights, c.layer, biases=c.biases).forward(x, ids, w)
     xd, idd, wd = x.cuda(), ids.cuda(), w.cuda()
     for gemm in ("grouped", "loop"):
-        ws = PrefillWorkspace("cuda", memory=32 << 20, max_group_bytes=1 << 18, gemm=gemm)
+        ws = PrefillWorkspace("cuda", memory=32 << 20, max_group_bytes=1 << 18, gemm=gemm, staging="registered")
         h = HybridMoE(c.weights, c.layer, num_gpu_experts=1, device="cuda", biases=c.biases,
                       gpu_prefill_token_threshold=256, prefill_workspace=ws)
         y = h(xd.to(torch.bfloat16), idd, wd)
         assert y.is_cuda and y.dtype == torch.bfloat16 and ws.stats["calls"] == 1 and ws.stats["groups"] > 1
+        assert h.prefill.staging() == "registered"
         assert rel(y, ref) < 0.03, (gemm, rel(y, ref))
         assert rel(y, cpu) < 0.1
     h32 = HybridMoE(c.weights, c.layer, num_gpu_experts=1, device="cuda", gpu_dtype=torch.float32, biases=c.biases,
@@ -371,3 +373,39 @@ def test_cuda_auto_gathers_where_cuda_refuses_the_registration(cases, monkeypatc
         assert torch.equal(torch.ones(4, device="cuda").add_(1).cpu(), torch.full((4,), 2.0))  # nothing pending
     finally:
         rt.unregister(span)
+
+
+@gpu
+@real_gpu
+def test_cuda_layer_sharing_pages_with_another_registration(cases):
+    """The first half of the layer's pages registered by "another layer" through the registry: the layer
+    registers only the rest (CUDA refuses overlapping registrations), its copies are cut at the boundary, and
+    the result equals the gathered one bit for bit; releasing both unregisters every page."""
+    gc.collect()
+    c = cases["v4-int4"]
+    x, ids, w = c.routing(300, k=3, seed=21)
+    xd, idd, wd = x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
+    want = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+                     prefill_workspace=PrefillWorkspace("cuda", staging="gather", max_group_bytes=1 << 18))(xd, idd, wd)
+    gc.collect()
+    reg = host_registration.registry()
+    src = LayerSources(c.weights, c.layer)
+    (span,) = layer_spans([(v.__array_interface__["data"][0], v.nbytes) for v in src.regions], src.pieces)
+    page = host_registration.PAGE
+    half = HostSpan(span.start, span.nbytes // 2 // page * page)
+    held = reg.acquire([half])
+    try:
+        h = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+                      prefill_workspace=PrefillWorkspace("cuda", staging="registered", max_group_bytes=1 << 18))
+        y = h(xd, idd, wd)
+        assert torch.equal(y, want) and h.prefill.staging() == "registered"
+        rest = HostSpan(half.end, span.end - half.end)
+        assert reg.users == {half: 2, rest: 1}
+        region = src.regions[0]
+        base = region.__array_interface__["data"][0]
+        assert _pinned(region[half.end - base - 1:]) and _pinned(region[half.end - base:])
+        h.prefill.close()
+        assert reg.users == {half: 1} and not _pinned(region[half.end - base:])
+    finally:
+        reg.release(held)
+    assert not reg.users and not _pinned(src.regions[0])

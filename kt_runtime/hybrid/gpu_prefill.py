@@ -315,8 +315,8 @@ class GpuPrefill:
                 self.registered_bytes = sum(s.nbytes for s in spans)
                 self._cuts = host_registration.region_cuts(bounds, counted)
                 # the finalizer holds the views: the mappings stay mapped until their registration is released
-                self._unregister = weakref.finalize(self, _release, ws.registry, counted,
-                                                    ws.device if ws.cuda else None, regions)
+                device = torch.device("cuda", torch.cuda.current_device()) if ws.cuda else None  # run() set it
+                self._unregister = weakref.finalize(self, _release, ws.registry, counted, device, regions)
                 self._unregister.atexit = False  # at exit the process's pins go with it
         staging = staging_after_registration(ws.staging, error)
         if error is not None:
