@@ -14,16 +14,24 @@ Per chunk of T tokens (--tokens, default 512, 2048, 4096, 8192), median ms of --
   cpu    HybridMoE without a threshold: routing and x to the host, the CPU engine on every CPU-resident expert,
          the result back to the device (the path below the threshold);
   gpu    HybridMoE with gpu_prefill_token_threshold=1: the CPU-resident experts the chunk touches streamed to the
-         GPU (pinned staging, copy stream, Triton dequantization, grouped GEMMs);
+         GPU (copy stream, Triton dequantization, grouped GEMMs), in the first staging of --staging (default
+         auto: copied straight from the mapping registered with CUDA, or, where the registration fails, gathered
+         into pinned slots first); `gpu_staging` says which ran. Every further --staging (default: gather) is
+         measured in the same run with its own workspace, under `compared`, with the same fields;
   floor  packed bytes of the experts the chunk touches / the measured host-to-device rate of pinned memory:
          what PCIe alone costs. gpu_of_floor = floor / gpu (1.0: PCIe-bound with nothing else showing).
-Stage breakdown of one traced GPU call: uploads (sum of the copy-stream intervals), compute (dequantization and
-GEMMs, sum of the compute-stream intervals), and the gather rate of the copy threads (mapped file -> pinned);
-a diagnostic beside it: the mapped shard registered with CUDA and copied without the gather (mapped_h2d).
+Stage breakdown of one traced GPU call per staging: uploads (sum of the copy-stream intervals), compute
+(dequantization and GEMMs, sum of the compute-stream intervals), first upload to last compute, the lead-in (the
+call's start on the caller's stream to its first upload: routing to the host, split, layout, the first gathers)
+and the tail (last compute to the call's end). Per staging (gpu.staging): the staging the layer used and,
+registered, the bytes it page-locked and the seconds that took (at its first call), or why the registration
+failed; the gather rate of the copy threads (mapped file -> pinned) beside them.
 Stack (--layers, default 8; 0: skip): that many HybridMoE layers over the same packed layer, each input the
-previous output (tanh(x + y)), routing on the device: tokens/s for the CPU path, the GPU path and the floor.
-Crossover: the chunk size where the GPU path overtakes the CPU path, interpolated between the measured sizes.
-Targets at 4096 tokens: gpu_of_floor >= 0.7 and cpu / gpu >= 2.
+previous output (tanh(x + y)), routing on the device: tokens/s for the CPU path, the GPU path (and each compared
+staging) and the floor.
+Crossover: the chunk size where the GPU path overtakes the CPU path, interpolated between the measured sizes
+(crossover; crossover_compared for the other stagings). Targets at 4096 tokens: gpu_of_floor >= 0.7 and
+cpu / gpu >= 2.
 
 Without CUDA only the CPU path runs (it says so); the GPU path, the floor and the crossover need a CUDA GPU
 and triton. Prints machine info and one JSON document (also to --json).
@@ -107,40 +115,6 @@ def gather_rate(prefill, experts) -> float:
     return sum(g.nbytes for g in groups) / (time.perf_counter() - t0) / 1e9
 
 
-def mapped_rate(prefill, device) -> dict:
-    """Diagnostic: the layer's mapped shard registered with CUDA (cudaHostRegister, read-only) and copied to the
-    device straight from the mapping, without the copy threads' gather: GB/s and the registration's seconds, or
-    the error (e.g. where the driver refuses file-backed memory)."""
-    import warnings
-
-    view = max(prefill.sources.regions, key=lambda v: v.nbytes)
-    nbytes = min(view.nbytes, 1 << 30)
-    cudart = torch.cuda.cudart()
-    ptr = view.__array_interface__["data"][0]
-    t0 = time.perf_counter()
-    try:
-        torch.cuda.check_error(cudart.cudaHostRegister(ptr, view.nbytes, 8))  # cudaHostRegisterReadOnly
-    except Exception as e:  # noqa: BLE001 - reported, not fatal
-        return {"error": str(e)}
-    register_s = time.perf_counter() - t0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a read-only mapping: only read here
-            src = torch.from_numpy(view[:nbytes])
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        dst.copy_(src, non_blocking=True)
-        a.record()
-        dst.copy_(src, non_blocking=True)
-        b.record()
-        b.synchronize()
-        return {"gbps": round(nbytes / (a.elapsed_time(b) / 1e3) / 1e9, 2), "register_s": round(register_s, 3),
-                "pinned": src.is_pinned(), "bytes": nbytes}
-    finally:
-        torch.cuda.synchronize(device)
-        cudart.cudaHostUnregister(ptr)
-
-
 def routing(T: int, E: int, k: int, seed: int, device):
     g = torch.Generator().manual_seed(seed)
     ids = torch.argsort(torch.rand(T, E, generator=g), dim=1)[:, :k]
@@ -156,12 +130,18 @@ def touched(ids: torch.Tensor, gpu_mask: torch.Tensor) -> list[int]:
 
 
 def trace_stages(h, x, ids, w) -> dict:
-    """One traced GPU call: summed upload and compute intervals (ms) and the call's wall time on the device."""
+    """One traced GPU call (events on the device): summed upload and compute intervals, first upload to last
+    compute, the lead-in (call start to first upload) and the tail (last compute to call end), in ms."""
     ws = h.prefill.ws
     if not ws.cuda:
         return {}
+    ev = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    torch.cuda.synchronize()
     ws.trace = []
+    start, end = ev(), ev()
+    start.record()
     h(x, ids, w)
+    end.record()
     torch.cuda.synchronize()
     spans = ws.trace
     ws.trace = None
@@ -169,13 +149,18 @@ def trace_stages(h, x, ids, w) -> dict:
         return {}
     up = sum(s["h2d"][0].elapsed_time(s["h2d"][1]) for s in spans)
     comp = sum(s["compute"][0].elapsed_time(s["compute"][1]) for s in spans)
-    wall = spans[0]["h2d"][0].elapsed_time(spans[-1]["compute"][1])
+    staged = sum(s["bytes"] for s in spans)
     return {"groups": len(spans), "upload_ms": round(up, 3), "compute_ms": round(comp, 3),
-            "first_upload_to_last_compute_ms": round(wall, 3), "staged_mb": round(sum(s["bytes"] for s in spans) / 1e6, 1)}
+            "first_upload_to_last_compute_ms": round(spans[0]["h2d"][0].elapsed_time(spans[-1]["compute"][1]), 3),
+            "lead_in_ms": round(start.elapsed_time(spans[0]["h2d"][0]), 3),
+            "tail_ms": round(spans[-1]["compute"][1].elapsed_time(end), 3),
+            "call_ms": round(start.elapsed_time(end), 3), "staged_mb": round(staged / 1e6, 1),
+            "upload_gbps": round(staged / up / 1e6, 2) if up > 0 else None}
 
 
 def crossover(rows: list[dict]) -> dict:
-    """The chunk size where the GPU path gets faster than the CPU path (linear between measured sizes)."""
+    """The chunk size where the GPU path (the rows' gpu_ms) gets faster than the CPU path (linear between measured
+    sizes)."""
     pts = [(r["tokens"], r["cpu_ms"] - r["gpu_ms"]) for r in rows if r.get("gpu_ms") is not None]
     if not pts:
         return {"tokens": None, "note": "not measured (no GPU path)"}
@@ -187,8 +172,33 @@ def crossover(rows: list[dict]) -> dict:
     return {"tokens": None, "note": f"the CPU path is faster up to the largest chunk ({pts[-1][0]})"}
 
 
+def gpu_fields(h, ms: float, T: int, cpu_ms: float, floor_ms: float) -> dict:
+    """A GPU measurement's fields (the same for the main staging and each compared one)."""
+    return {"gpu_staging": h.prefill.staging(), "gpu_ms": round(ms, 3), "gpu_tok_s": round(T / ms * 1e3, 1),
+            "gpu_of_floor": sig3(floor_ms / ms), "gpu_speedup_vs_cpu": sig3(cpu_ms / ms)}
+
+
+def staging_report(h) -> dict:
+    """What a layer's staging came to: used, and the registration's bytes and seconds or its error."""
+    p = h.prefill
+    out = {"used": p.staging(), "registered_gb": round(p.registered_bytes / 1e9, 3),
+           "registration_s": round(p.registration_s, 3)}
+    if p.registration_error:
+        out["registration_error"] = p.registration_error
+    return out
+
+
+def say_crossover(label: str, c: dict) -> None:
+    if c["tokens"] is None:
+        print(f"# crossover{label}: {c['note']}", file=sys.stderr)
+    else:
+        print(f"# crossover{label}: {c['tokens']} tokens ({c['note']}): gpu_prefill_token_threshold={c['tokens']} "
+              "for this host", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     from kt_runtime.format.methods import METHODS
+    from kt_runtime.hybrid.prefill_plan import STAGINGS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--v4-flash", action="store_true", help="DeepSeek-V4-Flash dims: H=4096, I=2048, 256 experts, "
@@ -205,6 +215,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU engine threads (default: every core but one)")
     ap.add_argument("--memory", type=int, default=None, help="gpu_prefill_memory in bytes (default 2 GiB)")
     ap.add_argument("--gemm", choices=["auto", "grouped", "loop"], default="auto")
+    ap.add_argument("--staging", default="auto,gather",
+                    help="GPU prefill stagings, comma-separated (auto, registered, gather): the first is the GPU "
+                         "path, the others are measured beside it (default: auto,gather)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--workdir", default=None,
@@ -225,6 +238,10 @@ def main(argv=None) -> int:
         ap.error(f"--tokens: comma-separated token counts, got {args.tokens!r}")
     if not chunks or chunks[0] < 1:
         ap.error("--tokens: positive token counts")
+    stagings = list(dict.fromkeys(args.staging.split(",")))
+    if not stagings or any(m not in STAGINGS for m in stagings):
+        ap.error(f"--staging: comma-separated names of {', '.join(STAGINGS)}, got {args.staging!r}")
+    args.stagings = stagings
     if not 0 <= args.gpu_experts < args.experts or args.topk > args.experts:
         ap.error("need 0 <= --gpu-experts < --experts and --topk <= --experts")
 
@@ -252,25 +269,26 @@ def run(args, chunks: list[int]) -> int:
     w = kt_runtime.load_experts(packed_layer(args), verify=False)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     cpu = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device, num_threads=args.threads)
-    gpu = None
+    gpus: dict = {}  # staging asked for -> HybridMoE with its own workspace; the first is the GPU path
     if not why_not:
-        ws = PrefillWorkspace(device, args.memory, gemm=args.gemm)
-        gpu = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device, num_threads=args.threads,
-                                   gpu_prefill_token_threshold=1, prefill_workspace=ws)
-    result = {"machine": info, "args": {k: v for k, v in vars(args).items() if k not in ("scratch", "json")},
+        for staging in args.stagings:
+            ws = PrefillWorkspace(device, args.memory, gemm=args.gemm, staging=staging)
+            gpus[staging] = kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device,
+                                                 num_threads=args.threads, gpu_prefill_token_threshold=1,
+                                                 prefill_workspace=ws)
+    result = {"machine": info, "args": {k: v for k, v in vars(args).items() if k not in ("scratch", "json", "stagings")},
               "cpu_only": bool(why_not), "cpu_only_reason": why_not}
-    if gpu is not None:
-        p = gpu.prefill.plan
+    rate = None
+    if gpus:
+        first = next(iter(gpus.values()))
+        p, ws = first.prefill.plan, first.prefill.ws
         rate = h2d_rate(device)
-        result["gpu"] = {"h2d_gbps": round(rate, 2), "gemm": "grouped" if ws.grouped_gemm_ok(gpu.gpu_dtype) else "loop",
+        result["gpu"] = {"h2d_gbps": round(rate, 2), "gemm": "grouped" if ws.grouped_gemm_ok(first.gpu_dtype) else "loop",
                          "memory_budget": ws.memory, "group_experts": p.group_experts, "pair_block": p.pair_block,
                          "slot_mb": round(p.slot_bytes / 1e6, 1),
-                         "gather_gbps": round(gather_rate(gpu.prefill, range(w.num_experts)), 2)}
-        if ws.cuda:
-            result["gpu"]["mapped_h2d"] = mapped_rate(gpu.prefill, device)
+                         "gather_gbps": round(gather_rate(first.prefill, range(w.num_experts)), 2), "staging": {}}
         print(f"# pinned host-to-device {rate:.1f} GB/s; copy threads gather {result['gpu']['gather_gbps']} GB/s; "
-              f"{p.group_experts} experts per transfer group; GEMM {result['gpu']['gemm']}; mapped file registered "
-              f"and copied: {result['gpu'].get('mapped_h2d')}", file=sys.stderr)
+              f"{p.group_experts} experts per transfer group; GEMM {result['gpu']['gemm']}", file=sys.stderr)
     gpu_mask = cpu.gpu_mask
     rows = []
     for T in chunks:
@@ -279,31 +297,43 @@ def run(args, chunks: list[int]) -> int:
         row = {"tokens": T, "experts_touched": len(touched(ids, gpu_mask))}
         row["cpu_ms"] = round(timed(lambda: cpu(x, ids, wt), args.iters, args.warmup, sync), 3)
         row["cpu_tok_s"] = round(T / row["cpu_ms"] * 1e3, 1)
-        if gpu is not None:
-            row["gpu_ms"] = round(timed(lambda: gpu(x, ids, wt), args.iters, args.warmup, sync), 3)
-            row["gpu_tok_s"] = round(T / row["gpu_ms"] * 1e3, 1)
-            nbytes = gpu.prefill.sources.packed_bytes(touched(ids, gpu_mask))
+        if gpus:
+            nbytes = first.prefill.sources.packed_bytes(touched(ids, gpu_mask))
             row["floor_ms"] = round(nbytes / (rate * 1e9) * 1e3, 3)
             row["floor_tok_s"] = round(T / row["floor_ms"] * 1e3, 1)
-            row["gpu_of_floor"] = sig3(row["floor_ms"] / row["gpu_ms"])
-            row["gpu_speedup_vs_cpu"] = sig3(row["cpu_ms"] / row["gpu_ms"])
-            row["stages"] = trace_stages(gpu, x, ids, wt)
+        for staging, h in gpus.items():
+            ms = timed(lambda: h(x, ids, wt), args.iters, args.warmup, sync)  # the first call registers
+            if staging not in result["gpu"]["staging"]:
+                report = result["gpu"]["staging"][staging] = staging_report(h)
+                print(f"# staging {staging}: {json.dumps(report)}", file=sys.stderr)
+            fields = gpu_fields(h, ms, T, row["cpu_ms"], row["floor_ms"])
+            fields["stages"] = trace_stages(h, x, ids, wt)
+            if h is first:
+                row.update(fields)
+            else:
+                row.setdefault("compared", {})[staging] = fields
         rows.append(row)
-        print("# " + json.dumps({k: v for k, v in row.items() if k != "stages"}), file=sys.stderr)
+        brief = {k: v for k, v in row.items() if k not in ("stages", "compared")}
+        for staging, fields in row.get("compared", {}).items():
+            brief[staging] = {k: v for k, v in fields.items() if k != "stages"}
+        print("# " + json.dumps(brief), file=sys.stderr)
     result["one_layer"] = rows
-    result["crossover"] = crossover(rows)
+    if gpus:
+        result["crossover"] = dict(crossover(rows), staging=first.prefill.staging())
+        result["crossover_compared"] = {staging: crossover([dict(r, **r["compared"][staging]) for r in rows])
+                                        for staging in list(gpus)[1:]}
+    else:
+        result["crossover"] = crossover(rows)
     if args.layers > 0:
-        result["stack"] = stack(args, w, cpu, gpu, chunks, device, sync, rate if gpu is not None else None)
+        result["stack"] = stack(args, w, cpu, gpus, chunks, device, sync, rate)
     at = next((r for r in rows if r["tokens"] == 4096 and "gpu_ms" in r), None)
     if at is not None:
-        result["targets_4096"] = {"gpu_of_floor": at["gpu_of_floor"], "gpu_of_floor_met": at["gpu_of_floor"] >= 0.7,
+        result["targets_4096"] = {"gpu_staging": at["gpu_staging"], "gpu_of_floor": at["gpu_of_floor"],
+                                  "gpu_of_floor_met": at["gpu_of_floor"] >= 0.7,
                                   "speedup_vs_cpu": at["gpu_speedup_vs_cpu"], "speedup_met": at["gpu_speedup_vs_cpu"] >= 2}
-    c = result["crossover"]
-    if c["tokens"] is None:
-        print(f"# crossover: {c['note']}", file=sys.stderr)
-    else:
-        print(f"# crossover: {c['tokens']} tokens ({c['note']}): gpu_prefill_token_threshold={c['tokens']} for this "
-              "host", file=sys.stderr)
+    say_crossover(f" ({result['crossover']['staging']})" if gpus else "", result["crossover"])
+    for staging, c in result.get("crossover_compared", {}).items():
+        say_crossover(f" (compared: {staging})", c)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
@@ -313,18 +343,18 @@ def run(args, chunks: list[int]) -> int:
     return 0
 
 
-def stack(args, w, cpu, gpu, chunks, device, sync, rate) -> list[dict]:
-    """tokens/s of args.layers layers in a row (the same packed layer), each input the previous layer's output."""
+def stack(args, w, cpu, gpus, chunks, device, sync, rate) -> list[dict]:
+    """tokens/s of args.layers layers in a row (the same packed layer), each input the previous layer's output:
+    the CPU path, the GPU path and each compared staging."""
     import kt_runtime
 
     L = args.layers
     cpu_layers = [cpu] + [kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device,
                                                num_threads=args.threads) for _ in range(L - 1)]
-    gpu_layers = None
-    if gpu is not None:
-        gpu_layers = [gpu] + [kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device,
-                                                   num_threads=args.threads, gpu_prefill_token_threshold=1,
-                                                   prefill_workspace=gpu.prefill.ws) for _ in range(L - 1)]
+    gpu_layers = {staging: [h] + [kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device,
+                                                       num_threads=args.threads, gpu_prefill_token_threshold=1,
+                                                       prefill_workspace=h.prefill.ws) for _ in range(L - 1)]
+                  for staging, h in gpus.items()}
     out = []
     for T in chunks:
         routes = [routing(T, w.num_experts, args.topk, seed=1000 * T + i, device=device) for i in range(L)]
@@ -340,12 +370,17 @@ def stack(args, w, cpu, gpu, chunks, device, sync, rate) -> list[dict]:
         row = {"tokens": T, "layers": L}
         ms = timed(lambda: step(cpu_layers), args.iters, args.warmup, sync)
         row["cpu_ms"], row["cpu_tok_s"] = round(ms, 3), round(T / ms * 1e3, 1)
-        if gpu_layers is not None:
-            ms = timed(lambda: step(gpu_layers), args.iters, args.warmup, sync)
-            row["gpu_ms"], row["gpu_tok_s"] = round(ms, 3), round(T / ms * 1e3, 1)
-            floor = sum(gpu.prefill.sources.packed_bytes(touched(ids, cpu.gpu_mask)) for ids, _ in routes) / (rate * 1e9)
+        if gpu_layers:
+            prefill = next(iter(gpus.values())).prefill
+            floor = sum(prefill.sources.packed_bytes(touched(ids, cpu.gpu_mask)) for ids, _ in routes) / (rate * 1e9)
             row["floor_ms"], row["floor_tok_s"] = round(floor * 1e3, 3), round(T / floor, 1)
-            row["gpu_of_floor"] = sig3(floor * 1e3 / ms)
+        for i, (staging, layers) in enumerate(gpu_layers.items()):
+            ms = timed(lambda: step(layers), args.iters, args.warmup, sync)
+            fields = gpu_fields(layers[0], ms, T, row["cpu_ms"], row["floor_ms"])
+            if i == 0:
+                row.update(fields)
+            else:
+                row.setdefault("compared", {})[staging] = fields
         out.append(row)
         print("# stack " + json.dumps(row), file=sys.stderr)
     return out

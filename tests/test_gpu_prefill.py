@@ -17,13 +17,14 @@ import torch
 
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.hybrid import gpu_prefill, routing
+from kt_runtime.hybrid import gpu_prefill, host_registration, routing
 from kt_runtime.hybrid.expert_staging import LayerSources, Piece, copy_tasks, stage_group
 from kt_runtime.expert_activation import Activation
 from kt_runtime.hybrid.gpu_prefill import GpuPrefill, PrefillWorkspace
 from kt_runtime.hybrid.prefill_plan import (ALIGN, MIN_PAIR_BLOCK, TABLE_SHARE, ExpertSizes, check_memory,
-                                            check_threshold, pair_activation_bytes, pair_slices, plan_budget,
-                                            prefill_applies, transfer_groups)
+                                            check_staging, check_threshold, pair_activation_bytes, pair_slices,
+                                            plan_budget, prefill_applies, staging_after_registration,
+                                            transfer_groups)
 from kt_runtime.hybrid.stream_path import DeferralChain
 from kt_runtime.reference import moe_reference
 
@@ -381,8 +382,13 @@ def test_plain_arrays_and_strided_views_are_staged_too(cases):
     h = HybridMoE(real, c.layer, device="cpu", gpu_dtype=torch.float32, gpu_prefill_token_threshold=2,
                   prefill_workspace=ws)
     y = h(x, ids, w)
+    assert h.prefill.staging() == "registered"  # "auto" on a CPU workspace: copies straight from the regions
     h.prefill.sources = src
+    h.prefill.close()  # the next call decides its staging again, over the new regions
     assert torch.equal(h(x, ids, w), y)
+    ws.staging = "gather"
+    h.prefill.close()
+    assert torch.equal(h(x, ids, w), y) and h.prefill.staging() == "gather"
 
 
 # ---------------------------------------------------------------- results
@@ -465,3 +471,209 @@ def test_repeated_calls_reuse_the_workspace_across_layers(cases):
     assert ws._buffers is buffers and ws.stats["calls"] == 6
     assert rel(first[0], moe_reference(c.weights, 0, x, ids, w)) < 1e-5
     assert rel(first[1], moe_reference(c.weights, 1, x, ids, w)) < 1e-5
+
+
+# ---------------------------------------------------------------- the staging: registered or gathered
+
+
+class _Runtime:
+    """A stand-in for the CUDA runtime behind a HostRegistry: records the spans, refuses them when told to."""
+
+    def __init__(self, refuse: str | None = None):
+        self.refuse, self.registered, self.calls = refuse, set(), 0
+
+    def register(self, span):
+        self.calls += 1
+        if self.refuse:
+            raise host_registration.RegistrationError(self.refuse)
+        self.registered.add(span)
+
+    def unregister(self, span):
+        self.registered.remove(span)
+
+
+def _registering_workspace(runtime, **kw):
+    ws = cpu_workspace(**kw)
+    ws.registry = host_registration.HostRegistry(runtime)  # what a CUDA workspace has, over the stand-in
+    return ws
+
+
+def test_staging_values_and_decisions():
+    assert [check_staging(v) for v in (None, "auto", "registered", "gather")] == ["auto", "auto", "registered",
+                                                                                  "gather"]
+    for bad in ("pinned", "", 1, True):
+        with pytest.raises(ValueError, match="gpu_prefill_staging must be one of auto, registered, gather"):
+            check_staging(bad)
+    assert staging_after_registration("auto", None) == "registered"
+    assert staging_after_registration("registered", None) == "registered"
+    assert staging_after_registration("auto", "no driver") == "gather"
+    assert staging_after_registration("gather", None) == "gather"
+    with pytest.raises(ValueError, match=r"gpu_prefill_staging='registered'.*\(no driver\); use "
+                                         r"gpu_prefill_staging='gather'"):
+        staging_after_registration("registered", "no driver")
+
+
+def test_staging_arguments(cases):
+    c = cases["v4-int8"]
+    with pytest.raises(ValueError, match="gpu_prefill_staging must be one of"):
+        PrefillWorkspace("cpu", staging="mapped")
+    with pytest.raises(ValueError, match="gpu_prefill_staging must be one of"):
+        HybridMoE(c.weights, c.layer, device="cpu", gpu_prefill_token_threshold=4, gpu_prefill_staging="mapped")
+    with pytest.raises(ValueError, match="give gpu_prefill_staging or prefill_workspace, not both"):
+        HybridMoE(c.weights, c.layer, device="cpu", gpu_prefill_token_threshold=4, gpu_prefill_staging="gather",
+                  prefill_workspace=cpu_workspace())
+    assert cpu_workspace().staging == "auto" and cpu_workspace(staging="gather").staging == "gather"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_registered_and_gathered_staging_give_the_same_bits(cases, name):
+    """Copies straight from the mappings and gathers into a pinned slot put the same bytes where the jobs read
+    them: the same output, bit for bit, over several transfer groups with gaps (a GPU-resident expert)."""
+    c = cases[name]
+    x, ids, w = c.routing(120, k=3, seed=15)
+    out = {}
+    for staging in ("registered", "gather"):
+        ws = cpu_workspace(memory=24 << 20, max_group_bytes=1 << 17, staging=staging)
+        h = HybridMoE(c.weights, c.layer, num_gpu_experts=1, device="cpu", gpu_dtype=torch.float32,
+                      biases=c.biases, gpu_prefill_token_threshold=100, prefill_workspace=ws)
+        out[staging] = h(x, ids, w)
+        assert h.prefill.staging() == staging and ws.stats["groups"] > 1
+        assert ws.registry is None and h.prefill.registered_bytes == 0  # a CPU workspace registers nothing
+    assert torch.equal(out["registered"], out["gather"])
+    assert rel(out["registered"], c.reference(x, ids, w)) < 1e-5
+
+
+def test_a_refused_registration_falls_back_to_gathering_once_said(cases):
+    """With "auto", a registration the registry refuses (a stand-in for CUDA's answer) gives one warning naming
+    the reason for the model, the layers gather, results unchanged; "registered" is refused with the reason and
+    the fix; "gather" tries no registration."""
+    c = cases["v4-int4"]
+    x, ids, w = c.routing(40, seed=16)
+    want = HybridMoE(c.weights, c.layer, device="cpu", gpu_dtype=torch.float32, gpu_prefill_token_threshold=2,
+                     prefill_workspace=cpu_workspace(staging="gather"))(x, ids, w)
+    rt = _Runtime(refuse="cudaErrorNotSupported (801)")
+    ws = _registering_workspace(rt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers = [HybridMoE(c.weights, c.layer, device="cpu", gpu_dtype=torch.float32, gpu_prefill_token_threshold=2,
+                            prefill_workspace=ws) for _ in range(2)]
+        got = [h(x, ids, w) for h in layers] + [layers[0](x, ids, w)]
+    said = [str(m.message) for m in caught if "gpu_prefill_staging" in str(m.message)]
+    assert said == ["gpu_prefill_staging='auto': the GPU prefill gathers the packed experts into pinned buffers (the "
+                    "registration of the mapped files with CUDA failed: cudaErrorNotSupported (801))"]
+    assert all(torch.equal(y, want) for y in got) and [h.prefill.staging() for h in layers] == ["gather"] * 2
+    assert rt.calls == 2  # once per layer, not per call
+    ws = _registering_workspace(_Runtime(refuse="cudaErrorNotSupported (801)"), staging="registered")
+    h = HybridMoE(c.weights, c.layer, device="cpu", gpu_prefill_token_threshold=2, prefill_workspace=ws)
+    with pytest.raises(ValueError, match=r"cannot be registered with CUDA \(cudaErrorNotSupported \(801\)\); use "
+                                         r"gpu_prefill_staging='gather'"):
+        h(x, ids, w)
+    rt = _Runtime(refuse="never asked")
+    h = HybridMoE(c.weights, c.layer, device="cpu", gpu_dtype=torch.float32, gpu_prefill_token_threshold=2,
+                  prefill_workspace=_registering_workspace(rt, staging="gather"))
+    assert torch.equal(h(x, ids, w), want) and rt.calls == 0
+
+
+def test_registration_spans_the_layer_once_and_is_released(cases):
+    """The layer's span: from its first packed byte to its last, in whole pages of its one mapping; two layers
+    over the same mapping register it once; close() and the layer's collection release it; a closed layer
+    registers again at its next call."""
+    import gc
+
+    c = cases["v4-int4"]
+    rt = _Runtime()
+    ws = _registering_workspace(rt)
+    a, b = (HybridMoE(c.weights, c.layer, device="cpu", gpu_dtype=torch.float32, gpu_prefill_token_threshold=2,
+                      prefill_workspace=ws) for _ in range(2))
+    x, ids, w = c.routing(24, seed=17)
+    assert not rt.registered  # lazily: at the first prefill call
+    y = a(x, ids, w)
+    assert torch.equal(b(x, ids, w), y) and a.prefill.staging() == b.prefill.staging() == "registered"
+    (span,) = rt.registered
+    region = a.prefill.sources.regions[0]
+    base = region.__array_interface__["data"][0]
+    pieces = [p for row in a.prefill.sources.pieces for p in row]
+    lo, hi = min(p.offset for p in pieces), max(p.offset + p.nbytes for p in pieces)
+    page = host_registration.PAGE
+    assert span.start % page == 0 and span.nbytes % page == 0 and base <= span.start <= base + lo
+    assert base + hi <= span.end < base + hi + page and span.nbytes == a.prefill.registered_bytes
+    assert ws.registry.users == {span: 2} and rt.calls == 1
+    a.prefill.close()
+    assert ws.registry.users == {span: 1} and rt.registered == {span}
+    del b
+    gc.collect()
+    assert ws.registry.users == {} and rt.registered == set()  # the last user collected: unregistered
+    assert torch.equal(a(x, ids, w), y) and rt.registered == {span} and rt.calls == 2  # registered again
+    a.prefill.close()
+    a.prefill.close()  # twice: nothing more to release
+    assert rt.registered == set()
+
+
+def test_a_layer_meeting_another_layers_pages_shares_them_and_cuts_its_copies(cases, monkeypatch):
+    """Pages already registered by another layer over the same mapping (its span ends inside this layer's
+    bytes): this layer counts itself on them, registers only the rest, and cuts every copy that crosses from one
+    registration into the next; the same bits as gathering. Its close() leaves the other layer's pages alone;
+    a threshold set to None unregisters."""
+    c = cases["v4-int4"]
+    x, ids, w = c.routing(60, k=3, seed=20)
+    want = HybridMoE(c.weights, c.layer, device="cpu", gpu_dtype=torch.float32, gpu_prefill_token_threshold=2,
+                     prefill_workspace=cpu_workspace(staging="gather", max_group_bytes=1 << 17))(x, ids, w)
+    rt = _Runtime()
+    ws = _registering_workspace(rt, max_group_bytes=1 << 17)
+    h = HybridMoE(c.weights, c.layer, device="cpu", gpu_dtype=torch.float32, gpu_prefill_token_threshold=2,
+                  prefill_workspace=ws)
+    region = h.prefill.sources.regions[0]
+    base = region.__array_interface__["data"][0]
+    page = host_registration.PAGE
+    pieces = [p for row in h.prefill.sources.pieces for p in row]
+    middle = (min(p.offset for p in pieces) + max(p.offset + p.nbytes for p in pieces)) // 2
+    cut = (base + middle) // page * page
+    other = host_registration.HostSpan(base // page * page, cut - base // page * page)
+    held = ws.registry.acquire([other])  # "another layer"
+    pieces_copied = []
+    split = host_registration.split_range
+
+    def spy(lo, hi, cuts):
+        out = split(lo, hi, cuts)
+        pieces_copied.extend(out)
+        return out
+
+    monkeypatch.setattr(host_registration, "split_range", spy)
+    assert torch.equal(h(x, ids, w), want) and h.prefill.staging() == "registered"
+    (own,) = rt.registered - {other}
+    assert own.start == cut and ws.registry.users == {other: 2, own: 1}
+    boundary = cut - base
+    assert all(hi <= boundary or lo >= boundary for lo, hi in pieces_copied)  # no copy reads two registrations
+    assert any(hi == boundary for lo, hi in pieces_copied)  # and one was cut there
+    h.prefill.close()
+    assert ws.registry.users == {other: 1} and rt.registered == {other}
+    assert torch.equal(h(x, ids, w), want) and ws.registry.users == {other: 2, own: 1}
+    h.gpu_prefill_token_threshold = None
+    assert ws.registry.users == {other: 1} and rt.registered == {other}
+    ws.registry.release(held)
+    assert rt.registered == set()
+
+
+def test_consecutive_experts_of_a_merged_shard_are_one_copy(cases):
+    """A merged shard holds each expert's tensors together and the experts in order: a group of consecutive
+    experts is one byte run (one copy from the mapping); a gap in the experts starts another."""
+    c = cases["v4-int4"]
+    src = LayerSources(c.weights, c.layer)
+    jobs = lambda j, offset_of: np.zeros((0, 6), np.int64)  # noqa: E731 - the runs do not depend on the jobs
+    whole = stage_group([0, 1, 2, 3], [src.pieces[e] for e in range(4)], jobs)
+    assert len(whole.runs) == 1 and whole.runs[0].nbytes == src.packed_bytes(range(4))
+    gapped = stage_group([0, 1, 3], [src.pieces[e] for e in (0, 1, 3)], jobs)
+    assert [r.nbytes for r in gapped.runs] == [src.packed_bytes([0, 1]), src.packed_bytes([3])]
+
+
+def test_split_prefill_with_more_experts_than_16_bits():
+    """Expert ids beyond int16 (sorted as int64) group the same way as small ones."""
+    E = 40000
+    slot_of = np.full(E, -1, dtype=np.int64)
+    slot_of[7] = 0
+    ids = torch.tensor([[39999, 7, 3], [3, 32768, 39999]])
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    part, gpu = routing.split_prefill(ids, w, slot_of)
+    assert part.experts.tolist() == [3, 32768, 39999] and part.offsets.tolist() == [0, 2, 3, 5]
+    assert part.tokens.tolist() == [0, 1, 1, 0, 1] and part.weights.tolist() == [2, 3, 4, 0, 5]
+    assert gpu.groups == [(0, 0, 1)] and gpu.tokens.tolist() == [0]

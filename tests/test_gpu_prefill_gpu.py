@@ -6,14 +6,20 @@ tails, RAWINT4 columns that are no multiple of the program's width). KT_GPU_TEST
 TRITON_INTERPRET=1 runs these on Triton's CPU interpreter (triton installed; no GPU).
 
 On CUDA only: HybridMoE's GPU prefill against the float reference for every method and family activation (and
-against the CPU path), both GEMM paths; the device memory of a call under the stated budget
-(torch.cuda.max_memory_allocated); the overlap (CUDA events: group k + 1's upload runs while group k is
-computed, and no group is computed before its upload ends); no host wait on the caller's stream inside the
-layer (the call returns while a device sleep queued before it still runs).
+against the CPU path), both GEMM paths; the registered staging against the gathered one, bit for bit, its
+registration seen by CUDA (the mapping pinned) and released, also where another registration holds part of
+the layer's pages; the device memory of a call under the stated budget
+(torch.cuda.max_memory_allocated), for both stagings; the overlap (CUDA events: group k + 1's upload runs while
+group k is computed, and no group is computed before its upload ends); no host wait on the caller's stream inside
+the layer (the call returns while a device sleep queued before it still runs); a registration CUDA refuses leaves
+no error pending for torch's next kernel, and "auto" then gathers.
 """
 from __future__ import annotations
 
+import gc
+import mmap
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -22,8 +28,10 @@ import torch
 from kt_runtime import HybridMoE
 from kt_runtime.cpu_moe import CPUMoE
 from kt_runtime.format.methods import INT4, INT8, RAWINT4_G32
+from kt_runtime.hybrid import gpu_prefill, host_registration
 from kt_runtime.hybrid.expert_staging import LayerSources, copy_tasks, stage_group
 from kt_runtime.hybrid.gpu_prefill import PrefillWorkspace
+from kt_runtime.hybrid.host_registration import HostSpan, RegistrationError, layer_spans
 from quant.amx_tiling import tile
 from quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, expert_jobs, job_tiles,
                                   scratch_elements, scratch_views)
@@ -157,11 +165,12 @@ def test_cuda_prefill_equals_the_float_reference(cases, name):
     cpu = CPUMoE(c.weights, c.layer, biases=c.biases).forward(x, ids, w)
     xd, idd, wd = x.cuda(), ids.cuda(), w.cuda()
     for gemm in ("grouped", "loop"):
-        ws = PrefillWorkspace("cuda", memory=32 << 20, max_group_bytes=1 << 18, gemm=gemm)
+        ws = PrefillWorkspace("cuda", memory=32 << 20, max_group_bytes=1 << 18, gemm=gemm, staging="registered")
         h = HybridMoE(c.weights, c.layer, num_gpu_experts=1, device="cuda", biases=c.biases,
                       gpu_prefill_token_threshold=256, prefill_workspace=ws)
         y = h(xd.to(torch.bfloat16), idd, wd)
         assert y.is_cuda and y.dtype == torch.bfloat16 and ws.stats["calls"] == 1 and ws.stats["groups"] > 1
+        assert h.prefill.staging() == "registered"
         assert rel(y, ref) < 0.03, (gemm, rel(y, ref))
         assert rel(y, cpu) < 0.1
     h32 = HybridMoE(c.weights, c.layer, num_gpu_experts=1, device="cuda", gpu_dtype=torch.float32, biases=c.biases,
@@ -172,7 +181,8 @@ def test_cuda_prefill_equals_the_float_reference(cases, name):
 
 @gpu
 @real_gpu
-def test_cuda_prefill_memory_stays_under_the_budget(cases):
+@pytest.mark.parametrize("staging", ["registered", "gather"])
+def test_cuda_prefill_memory_stays_under_the_budget(cases, staging):
     """A tight budget (one expert per group, GEMMs in slices of 128 pairs): the device memory the call allocates,
     beyond its float32 output and the result in x's dtype, stays under gpu_prefill_memory."""
     c = cases["v4-int8"]
@@ -181,8 +191,8 @@ def test_cuda_prefill_memory_stays_under_the_budget(cases):
     xd, idd, wd = x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
     # a first call on another workspace: the kernels compiled, cuBLAS's workspace for this stream made
     HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
-              prefill_workspace=PrefillWorkspace("cuda", memory=budget))(xd, idd, wd)
-    ws = PrefillWorkspace("cuda", memory=budget)
+              prefill_workspace=PrefillWorkspace("cuda", memory=budget, staging=staging))(xd, idd, wd)
+    ws = PrefillWorkspace("cuda", memory=budget, staging=staging)
     h = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2, prefill_workspace=ws)
     plan = h.prefill.plan
     assert plan.group_experts == 1 and plan.pair_block == 128 and plan.device_bytes(h.prefill.sizes) <= budget
@@ -194,7 +204,7 @@ def test_cuda_prefill_memory_stays_under_the_budget(cases):
     used = torch.cuda.max_memory_allocated() - base
     outputs = 512 * c.weights.hidden_size * (4 + 2)
     assert plan.slots * plan.slot_bytes < used - outputs <= budget, (used, outputs, budget)
-    assert rel(y, c.reference(x, ids, w)) < 0.03
+    assert rel(y, c.reference(x, ids, w)) < 0.03 and h.prefill.staging() == staging
 
 
 def _overlap_layer(tmp_path):
@@ -212,10 +222,11 @@ def _overlap_layer(tmp_path):
 
 @gpu
 @real_gpu
-def test_cuda_prefill_overlaps_uploads_with_compute(tmp_path):
+@pytest.mark.parametrize("staging", ["registered", "gather"])
+def test_cuda_prefill_overlaps_uploads_with_compute(tmp_path, staging):
     w = _overlap_layer(tmp_path)
     layer = w.layers[0]
-    ws = PrefillWorkspace("cuda", max_group_bytes=4 << 20)
+    ws = PrefillWorkspace("cuda", max_group_bytes=4 << 20, staging=staging)
     h = HybridMoE(w, layer, device="cuda", gpu_prefill_token_threshold=2, prefill_workspace=ws)
     T, k = 32768, 8
     g = torch.Generator().manual_seed(0)
@@ -239,15 +250,17 @@ def test_cuda_prefill_overlaps_uploads_with_compute(tmp_path):
     overlapped = [j for j in range(1, len(spans))
                   if any(spans[j][0][0] < c_end and spans[j][0][1] > c_start for _, (c_start, c_end) in spans[:j])]
     assert len(overlapped) >= len(spans) // 2, spans
+    assert h.prefill.staging() == staging
 
 
 @gpu
 @real_gpu
-def test_cuda_prefill_never_waits_for_the_callers_stream(cases):
+@pytest.mark.parametrize("staging", ["registered", "gather"])
+def test_cuda_prefill_never_waits_for_the_callers_stream(cases, staging):
     """A device sleep queued before the call: the call returns while it still runs (routing given on the host;
     the layer fits the two staging slots, so no copy thread waits for an upload either)."""
     c = cases["v4-int4"]
-    ws = PrefillWorkspace("cuda")
+    ws = PrefillWorkspace("cuda", staging=staging)
     h = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2, prefill_workspace=ws)
     x, ids, w = c.routing(64, seed=14)
     xd = x.to(torch.bfloat16).cuda()
@@ -261,3 +274,138 @@ def test_cuda_prefill_never_waits_for_the_callers_stream(cases):
     assert not slept.query(), "the prefill call waited for work queued before it"
     torch.cuda.synchronize()
     assert torch.equal(y, y0)
+
+
+# ---------------------------------------------------------------- CUDA: the registered staging
+
+
+def _pinned(view: np.ndarray) -> bool:
+    """Whether CUDA sees these host bytes as page-locked (registered)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a read-only mapping: only asked about
+        return torch.from_numpy(view).is_pinned()
+
+
+@gpu
+@real_gpu
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_registered_staging_equals_gathering_bit_for_bit(cases, name):
+    """The same call through both stagings (several transfer groups, a GPU-resident expert making a gap): the
+    same bits. The registered layer's mapping is page-locked from its first call (not before) until close()."""
+    gc.collect()  # layers of earlier tests over these weights: collected, their registrations released
+    c = cases[name]
+    x, ids, w = c.routing(300, k=3, seed=18)
+    xd, idd, wd = x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
+    out, layers = {}, {}
+    for staging in ("gather", "registered"):
+        ws = PrefillWorkspace("cuda", memory=32 << 20, max_group_bytes=1 << 18, staging=staging)
+        h = layers[staging] = HybridMoE(c.weights, c.layer, num_gpu_experts=1, device="cuda", biases=c.biases,
+                                        gpu_prefill_token_threshold=256, prefill_workspace=ws)
+        if staging == "registered":
+            assert not _pinned(h.prefill.sources.regions[0])
+        out[staging] = h(xd, idd, wd)
+        assert h.prefill.staging() == staging and ws.stats["groups"] > 1
+    assert torch.equal(out["registered"], out["gather"])
+    reg = layers["registered"].prefill
+    region = reg.sources.regions[0]
+    assert _pinned(region) and reg.registered_bytes >= reg.sources.packed_bytes(range(c.weights.num_experts))
+    assert layers["gather"].prefill.registered_bytes == 0
+    reg.close()
+    assert not _pinned(region) and not host_registration.registry().users
+    assert torch.equal(layers["registered"](xd, idd, wd), out["gather"]) and _pinned(region)  # registered again
+    del layers, reg, h
+    gc.collect()
+    assert not _pinned(region) and not host_registration.registry().users  # released with the layer
+
+
+@gpu
+@real_gpu
+def test_cuda_failed_registration_leaves_no_error_pending():
+    """CUDA refuses pages registered twice; the error is consumed where it happens, so torch's next kernel launch
+    (which reads the runtime's last error) runs."""
+    buf = mmap.mmap(-1, 1 << 20)  # anonymous, page-aligned
+    view = np.frombuffer(buf, np.uint8)
+    span = HostSpan(view.__array_interface__["data"][0], view.nbytes)
+    rt = host_registration.registry().runtime()
+    rt.register(span)
+    try:
+        assert _pinned(view)
+        with pytest.raises(RegistrationError, match=r"cudaHostRegister of 1048576 bytes at 0x[0-9a-f]+ failed"):
+            rt.register(span)
+        y = torch.ones(1024, device="cuda") * 2  # a kernel launch, checked with cudaGetLastError
+        torch.cuda.synchronize()
+        assert float(y.sum()) == 2048
+    finally:
+        rt.unregister(span)
+    assert not _pinned(view)
+    del view
+    buf.close()
+
+
+@gpu
+@real_gpu
+def test_cuda_auto_gathers_where_cuda_refuses_the_registration(cases, monkeypatch):
+    """The layer's pages already registered behind the registry's back: CUDA refuses the layer's registration,
+    "auto" says so once and gathers, with the same bits as the registered staging; "registered" is refused."""
+    monkeypatch.setattr(gpu_prefill, "_WARNED", set())
+    gc.collect()
+    c = cases["v4-int8"]
+    x, ids, w = c.routing(64, k=2, seed=19)
+    xd, idd, wd = x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
+    want = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+                     prefill_workspace=PrefillWorkspace("cuda", staging="registered"))(xd, idd, wd)
+    gc.collect()
+    src = LayerSources(c.weights, c.layer)
+    (span,) = layer_spans([(v.__array_interface__["data"][0], v.nbytes) for v in src.regions], src.pieces)
+    assert not host_registration.registry().users
+    rt = host_registration.registry().runtime()
+    rt.register(span)
+    try:
+        h = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+                      prefill_workspace=PrefillWorkspace("cuda"))
+        with pytest.warns(RuntimeWarning, match=r"gathers the packed experts.*cudaHostRegister of \d+ bytes"):
+            y = h(xd, idd, wd)
+        assert h.prefill.staging() == "gather" and torch.equal(y, want)
+        h = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+                      prefill_workspace=PrefillWorkspace("cuda", staging="registered"))
+        with pytest.raises(ValueError, match="gpu_prefill_staging='gather'"):
+            h(xd, idd, wd)
+        assert torch.equal(torch.ones(4, device="cuda").add_(1).cpu(), torch.full((4,), 2.0))  # nothing pending
+    finally:
+        rt.unregister(span)
+
+
+@gpu
+@real_gpu
+def test_cuda_layer_sharing_pages_with_another_registration(cases):
+    """The first half of the layer's pages registered by "another layer" through the registry: the layer
+    registers only the rest (CUDA refuses overlapping registrations), its copies are cut at the boundary, and
+    the result equals the gathered one bit for bit; releasing both unregisters every page."""
+    gc.collect()
+    c = cases["v4-int4"]
+    x, ids, w = c.routing(300, k=3, seed=21)
+    xd, idd, wd = x.to(torch.bfloat16).cuda(), ids.cuda(), w.cuda()
+    want = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+                     prefill_workspace=PrefillWorkspace("cuda", staging="gather", max_group_bytes=1 << 18))(xd, idd, wd)
+    gc.collect()
+    reg = host_registration.registry()
+    src = LayerSources(c.weights, c.layer)
+    (span,) = layer_spans([(v.__array_interface__["data"][0], v.nbytes) for v in src.regions], src.pieces)
+    page = host_registration.PAGE
+    half = HostSpan(span.start, span.nbytes // 2 // page * page)
+    held = reg.acquire([half])
+    try:
+        h = HybridMoE(c.weights, c.layer, device="cuda", gpu_prefill_token_threshold=2,
+                      prefill_workspace=PrefillWorkspace("cuda", staging="registered", max_group_bytes=1 << 18))
+        y = h(xd, idd, wd)
+        assert torch.equal(y, want) and h.prefill.staging() == "registered"
+        rest = HostSpan(half.end, span.end - half.end)
+        assert reg.users == {half: 2, rest: 1}
+        region = src.regions[0]
+        base = region.__array_interface__["data"][0]
+        assert _pinned(region[half.end - base - 1:]) and _pinned(region[half.end - base:])
+        h.prefill.close()
+        assert reg.users == {half: 1} and not _pinned(region[half.end - base:])
+    finally:
+        reg.release(held)
+    assert not reg.users and not _pinned(src.regions[0])

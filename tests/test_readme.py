@@ -171,6 +171,7 @@ PARSE_ONLY = {
     "python scripts/bench_prefill.py --v4-flash": GPU,
     "python3 scripts/bench_prefill.py --v4-flash --json bench_prefill.json": GPU,
     "python3 scripts/bench_prefill.py --v4-flash --method int8 --tokens 4096 --layers 0": GPU,
+    "python3 scripts/bench_prefill.py --v4-flash --tokens 512,4096 --layers 0 --json bench_prefill_staging.json": GPU,
     "python scripts/bench_download.py --bandwidth-mb 100": BENCHMARK,
     "python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-prefill --skip-kernel": BENCHMARK,
     "python scripts/bench_moe.py --methods int4,rawint4-g128,rawint4-g32 --skip-decode --skip-kernel --skip-torch":

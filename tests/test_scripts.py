@@ -123,14 +123,25 @@ def test_bench_prefill_runs_both_paths_and_cleans_up(tmp_path):
     assert "# CPU path only" in r.stderr and list((tmp_path / "tmp").iterdir()) == []
     d = json.loads(r.stdout)
     assert d["cpu_only"] and [row["tokens"] for row in d["one_layer"]] == [16, 32] and "gpu_ms" not in d["one_layer"][0]
+    assert d["crossover"]["tokens"] is None and "# crossover: not measured" in r.stderr
     r = run_script("bench_prefill", *small, "--cpu-prefill", "--json", tmp_path / "p.json", tmp=tmp_path / "tmp")
     assert r.returncode == 0, r.stderr
     d = json.loads((tmp_path / "p.json").read_text())
     assert json.loads(r.stdout) == d and list((tmp_path / "tmp").iterdir()) == []
     for row in d["one_layer"] + d["stack"]:
         assert row["gpu_ms"] > 0 and row["cpu_ms"] > 0 and row["floor_ms"] > 0 and 0 < row["gpu_of_floor"]
+        # the CPU device registers nothing: "auto" copies from the mapping as it is; gather measured beside it
+        assert row["gpu_staging"] == "registered" and list(row["compared"]) == ["gather"]
+        g = row["compared"]["gather"]
+        assert g["gpu_staging"] == "gather" and g["gpu_ms"] > 0 and 0 < g["gpu_of_floor"]
     assert d["one_layer"][0]["experts_touched"] == 8 and d["gpu"]["group_experts"] >= 1
-    assert "tokens" in d["crossover"] and "# crossover" in r.stderr
+    assert {m: s["used"] for m, s in d["gpu"]["staging"].items()} == {"auto": "registered", "gather": "gather"}
+    assert "tokens" in d["crossover"] and d["crossover"]["staging"] == "registered"
+    assert "tokens" in d["crossover_compared"]["gather"]
+    assert "# crossover (registered)" in r.stderr and "# crossover (compared: gather)" in r.stderr
+    assert '# staging auto: {"used": "registered"' in r.stderr
+    r = run_script("bench_prefill", *small, "--staging", "registered,pinned", tmp=tmp_path / "tmp")
+    assert r.returncode == 2 and "--staging: comma-separated names of auto, registered, gather" in r.stderr
 
 
 # --- bench_moe -----------------------------------------------------------------------------------------

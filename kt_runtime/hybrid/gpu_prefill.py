@@ -3,31 +3,41 @@ there and computed with grouped GEMMs (HybridMoE takes it for calls of gpu_prefi
 more; prefill_plan.py says when and how much memory).
 
 One call, for the experts the chunk routes to (PrefillPart), in transfer groups of consecutive experts
-(prefill_plan.transfer_groups), through a ring of `slots` staging slots (pinned host + device buffer each):
+(prefill_plan.transfer_groups), through a ring of `slots` staging slots (a device buffer each), in one of two
+stagings (gpu_prefill_staging; "auto": registered where the registration succeeds, else gather):
 
-    copy threads   gather group k's packed bytes from the mappings into pinned slot k % slots (after that
-                   slot's previous upload is complete: its event, waited for on a copy thread)
-    copy stream    upload slot k % slots to the device (after the previous group in that slot was
-                   dequantized: an event), record `uploaded`
+  registered  the layer's mapped packed bytes are page-locked with CUDA once (host_registration.py), at the
+              layer's first prefill call; the copy stream copies group k's byte runs straight from the mapping
+              into slot k % slots (after the slot's previous group was dequantized: an event), records `uploaded`
+  gather      copy threads gather group k's packed bytes from the mappings into the slot's pinned host buffer
+              (after that slot's previous upload is complete: its event, waited for on a copy thread); the copy
+              stream uploads it (after the slot's previous group was dequantized), records `uploaded`
+
     caller stream  wait `uploaded`; dequantize group k (Triton, the packed byte order) into the scratch,
                    record `consumed`; grouped GEMMs of its (token, expert) pairs, added into the output
 
-So group k + 1 crosses PCIe while group k is computed, and group k + 2 is gathered meanwhile; the calling
-thread waits only for gathers (host work), never for the device (past the first call, which compiles the
-kernels, tries the grouped GEMM once and allocates the buffers). The overlap is within a layer: the next
-layer's experts are not known before its router has run, so each layer starts with one group's transfer that
-nothing hides (groups are small for that reason: DEFAULT_GROUP_BYTES).
+So group k + 1 crosses PCIe while group k is computed (and, gathering, group k + 2 is gathered meanwhile); the
+calling thread waits only for gathers (host work), never for the device (past the first call, which compiles
+the kernels, tries the grouped GEMM once, allocates the buffers and registers the layer); registered, it waits
+for nothing. Groups are laid out (expert_staging.stage_group) as they are reached, so the first upload starts
+before the later groups are laid out. The overlap is within a layer: the next layer's experts are not known
+before its router has run, so each layer starts with one group's transfer that nothing hides (groups are small
+for that reason: DEFAULT_GROUP_BYTES).
 
 `PrefillWorkspace` holds the slots, the scratch, the copy stream and threads: one per model, shared by its
 layers (inject makes one), allocated at the first prefill call and kept (release() frees them).
-`GpuPrefill` is one layer's part: where its experts are in the files, its biases and clamp on the device.
-On a CPU device (tests) the same code runs synchronously: no streams, staging buffers used in place, and
+`GpuPrefill` is one layer's part: where its experts are in the files, its registration, its biases and clamp on
+the device; close() (or its collection) unregisters its bytes.
+On a CPU device (tests) the same code runs synchronously: no streams and no registration (the registered
+staging copies from the mappings into the slot, the gather staging gathers into it in place), and
 dequantization by the torch reference unless dequant="triton" (Triton's interpreter).
 """
 from __future__ import annotations
 
 import os
+import time
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,10 +47,12 @@ import torch.nn.functional as F
 from ..format.names import PROJECTIONS
 from ..format.spec import shard_shape
 from ..format.methods import get_method
+from . import host_registration
 from .expert_staging import LayerSources, copy_tasks, stage_group
 from .gpu_experts import clamp_bounds, gated_activation
-from .prefill_plan import (DEFAULT_GROUP_BYTES, DEFAULT_SLOTS, BudgetPlan, ExpertSizes, check_memory, check_tables,
-                           pair_activation_bytes, pair_slices, plan_budget, transfer_groups)
+from .prefill_plan import (DEFAULT_GROUP_BYTES, DEFAULT_SLOTS, BudgetPlan, ExpertSizes, check_memory, check_staging,
+                           check_tables, pair_activation_bytes, pair_slices, plan_budget, staging_after_registration,
+                           transfer_groups)
 
 GEMMS = ("auto", "grouped", "loop")
 DEQUANTS = ("auto", "triton", "torch")
@@ -71,22 +83,44 @@ def warn_ignored(threshold: int, reason: str) -> None:
                   f"CPU-resident experts on the CPU engine", RuntimeWarning, stacklevel=4)
 
 
+def warn_gathering(reason: str) -> None:
+    """The one warning that gpu_prefill_staging='auto' gathers instead of registering, and why."""
+    if reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    warnings.warn(f"gpu_prefill_staging='auto': the GPU prefill gathers the packed experts into pinned buffers "
+                  f"(the registration of the mapped files with CUDA failed: {reason})", RuntimeWarning, stacklevel=5)
+
+
 def _grouped_mm():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class _Slot:
-    """One staging slot: pinned host bytes and their device copy, with the events that free each again."""
+    """One staging slot: its device bytes and, for the gather staging, pinned host bytes (allocated on first use;
+    on a CPU device the same buffer), with the events that free each again."""
 
     def __init__(self, nbytes: int, device: torch.device):
         cuda = device.type == "cuda"
         self.nbytes = nbytes
-        self.pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
-        self.pinned_np = self.pinned.numpy()
-        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=device) if cuda else self.pinned
+        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self._pinned = None if cuda else self.dev
+        self._pinned_np = None
         # the pinned bytes may be overwritten (waited for by copy threads: blocking, not spinning on a core)
         self.uploaded = torch.cuda.Event(blocking=True) if cuda else None
         self.consumed = torch.cuda.Event() if cuda else None  # the device bytes may be overwritten
+
+    @property
+    def pinned(self) -> torch.Tensor:
+        if self._pinned is None:
+            self._pinned = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=True)
+        return self._pinned
+
+    @property
+    def pinned_np(self) -> np.ndarray:
+        if self._pinned_np is None:
+            self._pinned_np = self.pinned.numpy()
+        return self._pinned_np
 
 
 class PrefillWorkspace:
@@ -96,6 +130,7 @@ class PrefillWorkspace:
     memory: the GPU memory budget in bytes (prefill_plan: what it covers); None: DEFAULT_MEMORY.
     slots: staging slots (2: double-buffered). max_group_bytes: packed bytes per transfer group, at most.
     copy_threads: threads gathering packed bytes into pinned memory (None: the usable CPUs, at most 16).
+    staging: "registered", "gather" or "auto" (prefill_plan.check_staging; None: "auto"), for every layer.
     gemm: "grouped" (torch's grouped GEMM, one call per slice), "loop" (one matmul per expert) or "auto"
         (grouped where it runs on this device and dtype). dequant: "triton", "torch" (the reference, CPU only)
         or "auto" (triton on CUDA, torch on the CPU).
@@ -105,9 +140,10 @@ class PrefillWorkspace:
 
     def __init__(self, device="cuda", memory: int | None = None, slots: int = DEFAULT_SLOTS,
                  max_group_bytes: int = DEFAULT_GROUP_BYTES, copy_threads: int | None = None, gemm: str = "auto",
-                 dequant: str = "auto"):
+                 dequant: str = "auto", staging: str | None = None):
         self.device = torch.device(device)
         self.memory = check_memory(memory)
+        self.staging = check_staging(staging)
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots must be an int >= 1, got {slots!r}")
         if gemm not in GEMMS:
@@ -130,6 +166,8 @@ class PrefillWorkspace:
         self._buffers: tuple | None = None  # (key, slots, scratch)
         self.copy_stream = None
         self.scratch_free = None  # recorded after each call's last use of the scratch
+        # where layers register their bytes (None on a CPU device: the "device" reads host memory as it is)
+        self.registry = host_registration.registry() if self.cuda else None
 
     @property
     def cuda(self) -> bool:
@@ -192,6 +230,14 @@ class PrefillWorkspace:
         return self._gemm_ok[dtype]
 
 
+def _release(registry, counted, device, regions) -> None:
+    """A layer's registration released: once no copy from its pages can still be in flight (regions: the mapped
+    views, kept alive until then)."""
+    if device is not None:
+        torch.cuda.synchronize(device)
+    registry.release(counted)
+
+
 def _copy(gate, dst: np.ndarray, pieces) -> None:
     if gate is not None:
         gate.result()  # the slot's previous upload is complete
@@ -201,7 +247,12 @@ def _copy(gate, dst: np.ndarray, pieces) -> None:
 
 class GpuPrefill:
     """The GPU prefill of one layer: run(x, part, out) adds the CPU-resident experts' outputs for `part`'s pairs
-    into out (float32 [T, H] on the workspace's device), queued on the current stream."""
+    into out (float32 [T, H] on the workspace's device), queued on the current stream.
+
+    staging(): the layer's staging, decided at its first call (registering its bytes unless the workspace's
+    staging is "gather"); `registered_bytes` and `registration_s` say what the registration locked and took,
+    `registration_error` why it failed. close(): unregisters them (a later call registers again); collecting
+    the layer does the same. Neither happens while a copy from the mapping may still be in flight."""
 
     def __init__(self, weights, layer: int, workspace: PrefillWorkspace, hidden_size: int, intermediate_size: int,
                  dtype: torch.dtype, swiglu_limit: float | None, activation, biases=None):
@@ -220,7 +271,8 @@ class GpuPrefill:
         self.job_bytes = 3 * self.T * 6 * 8
         self.sizes = ExpertSizes(self.sources.expert_bound(self.job_bytes) + 8, 3 * self.H * self.I * item,
                                  pair_activation_bytes(self.H, self.I, item))
-        self.scratch_elements = lambda capacity: scratch_elements(capacity, self.H, self.I)
+        H, I = self.H, self.I  # not self: the layer is freed (and unregisters) as soon as it is dropped
+        self.scratch_elements = lambda capacity: scratch_elements(capacity, H, I)
         self.clamp_lo, self.clamp_hi = clamp_bounds(swiglu_limit, self.I, dev, dtype)
         self.b13 = self.b2 = None
         E = int(weights.num_experts)
@@ -233,6 +285,55 @@ class GpuPrefill:
                     if t is not None)
         self.fixed_bytes = fixed
         self.plan = workspace.plan(self.sizes, fixed)  # a budget too small is refused here, not mid-prefill
+        self._staging: str | None = None
+        self._mapped: list | None = None  # torch views of the mapped regions (the registered staging's sources)
+        self._cuts: list | None = None  # per region, the offsets where one registered span ends and another begins
+        self._unregister = None  # weakref.finalize releasing the registration
+        self.registered_bytes, self.registration_s = 0, 0.0
+        self.registration_error: str | None = None  # why the registration failed ("auto" gathers then)
+
+    def staging(self) -> str:
+        """The layer's staging, "registered" or "gather": decided at the first call (the layer's bytes registered
+        there), then kept until close()."""
+        if self._staging is None:
+            self._staging = self._decide_staging()
+        return self._staging
+
+    def _decide_staging(self) -> str:
+        ws, error = self.ws, None
+        self.registration_error = None
+        regions = self.sources.regions
+        if ws.staging != "gather" and ws.registry is not None:
+            bounds = [(v.__array_interface__["data"][0], v.nbytes) for v in regions]
+            spans = host_registration.layer_spans(bounds, self.sources.pieces)
+            t0 = time.perf_counter()
+            try:
+                counted = ws.registry.acquire(spans)
+            except host_registration.RegistrationError as e:
+                error = self.registration_error = str(e)
+            else:
+                self.registration_s = time.perf_counter() - t0
+                self.registered_bytes = sum(s.nbytes for s in spans)
+                self._cuts = host_registration.region_cuts(bounds, counted)
+                # the finalizer holds the views: the mappings stay mapped until their registration is released
+                device = torch.device("cuda", torch.cuda.current_device()) if ws.cuda else None  # run() set it
+                self._unregister = weakref.finalize(self, _release, ws.registry, counted, device, regions)
+                self._unregister.atexit = False  # at exit the process's pins go with it
+        staging = staging_after_registration(ws.staging, error)
+        if error is not None:
+            warn_gathering(error)
+        if staging == "registered":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only mappings: torch warns that it cannot write them (it won't)
+                self._mapped = [torch.from_numpy(v) for v in regions]
+        return staging
+
+    def close(self) -> None:
+        """Unregister the layer's bytes (once the device is done with them); a later call decides again."""
+        if self._unregister is not None:
+            self._unregister()
+        self._unregister, self._mapped, self._staging, self._cuts = None, None, None, None
+        self.registered_bytes, self.registration_s = 0, 0.0
 
     def _check_sizes(self, layer: int) -> None:
         """Every tensor has the size the dequantization jobs read (ValueError naming the first that does not):
@@ -284,9 +385,18 @@ class GpuPrefill:
 
         ws, plan = self.ws, self.plan
         check_tables(part.tokens.size, plan)
+        direct = self.staging() == "registered"
         groups = transfer_groups(part.experts, plan.group_experts)
         cap = plan.group_experts
-        staged = [stage_group(g, [self.sources.pieces[e] for e in g], self._jobs(cap)) for g in groups]
+        make_jobs = self._jobs(cap)
+        staged: list = []
+
+        def stage(k: int):  # laid out when first needed: the first upload does not wait for the last layout
+            while len(staged) <= k:
+                g = groups[len(staged)]
+                staged.append(stage_group(g, [self.sources.pieces[e] for e in g], make_jobs))
+            return staged[k]
+
         firsts = np.cumsum([0] + [len(g) for g in groups])
         slices = [(k, sl) for k, g in enumerate(groups)
                   for sl in pair_slices(part.offsets, int(firsts[k]), len(g), plan.pair_block)]
@@ -298,15 +408,38 @@ class GpuPrefill:
         stream = torch.cuda.current_stream(ws.device) if cuda else None
         regions = self.sources.regions
         reads: dict[int, list] = {}
+        traces: dict[int, dict] = {}
 
-        def submit(k: int) -> None:
+        def submit(k: int) -> None:  # gather staging: copy threads fill the slot's pinned bytes
             slot = slots[k % S]
             gate = ws.pool().submit(slot.uploaded.synchronize) if cuda else None
-            reads[k] = ([gate] if gate is not None else []) + ws.gather(staged[k], regions, slot.pinned_np, gate)
+            reads[k] = ([gate] if gate is not None else []) + ws.gather(stage(k), regions, slot.pinned_np, gate)
 
+        def upload(k: int) -> None:  # group k into its slot's device bytes, after its gathers when gathering
+            group, slot = stage(k), slots[k % S]
+            for f in reads.pop(k, ()):
+                f.result()
+            if not cuda:
+                if direct:
+                    self._copy_mapped(group, slot.dev)
+                return
+            trace = traces[k] = self._trace_events(group) if ws.trace is not None else None
+            with torch.cuda.stream(ws.copy_stream):
+                ws.copy_stream.wait_event(slot.consumed)  # the slot's previous group is dequantized
+                if trace:
+                    trace["h2d"][0].record(ws.copy_stream)
+                if direct:
+                    self._copy_mapped(group, slot.dev)
+                else:
+                    slot.dev[:group.nbytes].copy_(slot.pinned[:group.nbytes], non_blocking=True)
+                if trace:
+                    trace["h2d"][1].record(ws.copy_stream)
+                slot.uploaded.record(ws.copy_stream)
+
+        feed = upload if direct else submit  # what is started S groups ahead
         try:
-            for k in range(min(S, len(staged))):
-                submit(k)
+            for k in range(min(S, len(groups))):
+                feed(k)
             tok_d, eid_d, w_d, ends_d = self._tables(part, slices)
             if cuda:
                 stream.wait_event(ws.scratch_free)  # the previous call (maybe on another stream) is done with it
@@ -314,36 +447,27 @@ class GpuPrefill:
                 meanwhile()
             xg = x if x.dtype == self.dtype else x.to(self.dtype)
             at_slice, at_end = 0, 0
-            for k, group in enumerate(staged):
-                slot = slots[k % S]
-                for f in reads.pop(k):
-                    f.result()
-                trace = self._trace_events(group) if cuda and ws.trace is not None else None
-                nb = group.nbytes
+            for k in range(len(groups)):
+                group, slot = stage(k), slots[k % S]
+                if not direct:
+                    upload(k)
+                trace = traces.pop(k, None)
                 if cuda:
-                    with torch.cuda.stream(ws.copy_stream):
-                        ws.copy_stream.wait_event(slot.consumed)  # the slot's previous group is dequantized
-                        if trace:
-                            trace["h2d"][0].record(ws.copy_stream)
-                        slot.dev[:nb].copy_(slot.pinned[:nb], non_blocking=True)
-                        if trace:
-                            trace["h2d"][1].record(ws.copy_stream)
-                        slot.uploaded.record(ws.copy_stream)
                     stream.wait_event(slot.uploaded)
                     if trace:
                         trace["compute"][0].record(stream)
                 count = len(group.experts)
                 jobs = group.jobs
                 if use_triton:
-                    jobs_dev = slot.dev[group.jobs_offset:nb].view(torch.int64)
+                    jobs_dev = slot.dev[group.jobs_offset:group.nbytes].view(torch.int64)
                     dequantize_staged_triton(slot.dev, jobs_dev, len(jobs), job_tiles(self.method, jobs), self.method,
                                              scratch)
                 else:
                     dequantize_staged_reference(slot.dev, jobs, self.method, scratch)
                 if cuda:
                     slot.consumed.record(stream)
-                if k + S < len(staged):
-                    submit(k + S)
+                if k + S < len(groups):
+                    feed(k + S)
                 while at_slice < len(slices) and slices[at_slice][0] == k:
                     sl = slices[at_slice][1]
                     ends = ends_d[at_end:at_end + count]
@@ -367,6 +491,22 @@ class GpuPrefill:
         ws.stats["groups"] += len(staged)
         ws.stats["experts"] += len(part.experts)
         ws.stats["staged_bytes"] += sum(g.nbytes for g in staged)
+
+    def _copy_mapped(self, group, dev: torch.Tensor) -> None:
+        """The registered staging: each byte run of the group straight from its mapping into the slot's device
+        bytes (cut where one registered span ends and the next begins: a copy reads one registration), then the
+        job table (through pinned memory, which torch keeps until the copy is done), queued on the current
+        stream."""
+        for r in group.runs:
+            src = self._mapped[r.region]
+            for lo, hi in host_registration.split_range(r.src, r.src + r.nbytes, self._cuts[r.region]
+                                                        if self._cuts else ()):
+                dst = r.dst + lo - r.src
+                dev[dst:dst + hi - lo].copy_(src[lo:hi], non_blocking=True)
+        jobs = torch.from_numpy(group.jobs.reshape(-1).view(np.uint8))
+        if dev.is_cuda:
+            jobs = jobs.pin_memory()
+        dev[group.jobs_offset:group.nbytes].copy_(jobs, non_blocking=True)
 
     @staticmethod
     def _trace_events(group) -> dict:

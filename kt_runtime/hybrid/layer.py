@@ -41,7 +41,7 @@ from .gpu_experts import GpuExperts
 from .gpu_prefill import GpuPrefill, PrefillWorkspace, unavailable_reason, warn_ignored
 from .launcher import launcher
 from .placement import RoutingCounts, SlotTable, gpu_expert_mask, resolve_stats
-from .prefill_plan import check_memory, check_threshold, prefill_applies
+from .prefill_plan import check_memory, check_staging, check_threshold, prefill_applies
 from .stream_path import DeferralChain, StreamStep, deferral_mask, pending_result
 
 
@@ -79,8 +79,12 @@ class HybridMoE:
         (streamed from the packed files; kt's --kt-gpu-prefill-token-threshold). None or 0: never. Ignored, with
         one warning, without CUDA or triton. Settable later.
     gpu_prefill_memory: the GPU prefill's device memory budget in bytes (None: 2 GiB; prefill_plan.py says what
-        it covers). prefill_workspace: a gpu_prefill.PrefillWorkspace shared by a model's layers (inject makes
-        one; give it instead of gpu_prefill_memory); one on a CPU device runs the path on the CPU (tests).
+        it covers). gpu_prefill_staging: how packed experts reach the GPU: "registered" (the layer's mapped bytes
+        page-locked with CUDA at its first prefill call, copied straight from the mapping), "gather" (gathered into
+        pinned buffers first) or "auto" (None: registered where the registration succeeds, else gather, with one
+        warning). prefill_workspace: a gpu_prefill.PrefillWorkspace shared by a model's layers (inject makes one;
+        give it instead of gpu_prefill_memory and gpu_prefill_staging); one on a CPU device runs the path on the
+        CPU (tests).
 
     Parts, public for tests and benchmarks: `cpu` (CPUMoE), `gpu` (GpuExperts), `slots` (SlotTable),
     `routing_counts` (RoutingCounts), `decode_graphs` (DecodeGraphs, or None off the decode path), `prefill`
@@ -94,7 +98,7 @@ class HybridMoE:
                  swiglu_limit: float | None = None, isa: str = "auto", gpu_dtype: torch.dtype = torch.bfloat16,
                  cuda_graphs: bool | None = None, biases=None, defer: int = 0, stream_max_tokens: int = 16,
                  gpu_prefill_token_threshold: int | None = None, gpu_prefill_memory: int | None = None,
-                 prefill_workspace: PrefillWorkspace | None = None):
+                 gpu_prefill_staging: str | None = None, prefill_workspace: PrefillWorkspace | None = None):
         weights = as_packed_experts(weights)
         self.weights = weights
         self.layer = layer
@@ -158,9 +162,12 @@ class HybridMoE:
         self._streams: dict[tuple[int, int], StreamStep] = {}
         if prefill_workspace is not None and gpu_prefill_memory is not None:
             raise ValueError("give gpu_prefill_memory or prefill_workspace, not both (the workspace has its budget)")
+        if prefill_workspace is not None and gpu_prefill_staging is not None:
+            raise ValueError("give gpu_prefill_staging or prefill_workspace, not both (the workspace has its staging)")
         if prefill_workspace is not None and prefill_workspace.device.type != self.device.type:
             raise ValueError(f"prefill_workspace is on {prefill_workspace.device}, the GPU experts on {self.device}")
         self._prefill_memory = check_memory(gpu_prefill_memory)
+        self._prefill_staging = check_staging(gpu_prefill_staging)
         self.prefill_workspace = prefill_workspace
         self.prefill: GpuPrefill | None = None
         self._prefill_threshold: int | None = None
@@ -169,7 +176,8 @@ class HybridMoE:
     # ------------------------------------------------------------------ GPU prefill
     @property
     def gpu_prefill_token_threshold(self) -> int | None:
-        """Calls of at least this many tokens take the GPU prefill (None: never)."""
+        """Calls of at least this many tokens take the GPU prefill (None: never; the layer's registered bytes,
+        if any, are unregistered then)."""
         return self._prefill_threshold
 
     @gpu_prefill_token_threshold.setter
@@ -177,6 +185,8 @@ class HybridMoE:
         threshold = check_threshold(value)
         if threshold is not None and self.prefill is None:
             self.prefill = self._make_prefill(threshold)
+        if threshold is None and self.prefill is not None:
+            self.prefill.close()
         self._prefill_threshold = threshold
 
     def _make_prefill(self, threshold: int) -> GpuPrefill | None:
@@ -186,7 +196,8 @@ class HybridMoE:
             warn_ignored(threshold, reason)
             return None
         if ws is None:
-            ws = self.prefill_workspace = PrefillWorkspace(self.device, self._prefill_memory)
+            ws = self.prefill_workspace = PrefillWorkspace(self.device, self._prefill_memory,
+                                                           staging=self._prefill_staging)
         return GpuPrefill(self.weights, self.layer, ws, self.hidden_size, self.intermediate_size, self.gpu_dtype,
                           self.swiglu_limit, self.cpu.act, self.cpu.biases)
 

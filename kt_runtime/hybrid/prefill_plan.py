@@ -1,4 +1,5 @@
-"""The GPU prefill's decisions, as pure functions: when a call takes it, and how its transfers fit a memory budget.
+"""The GPU prefill's decisions, as pure functions: when a call takes it, how its transfers fit a memory budget,
+and which staging a layer runs (check_staging, staging_after_registration).
 
 A call of T tokens (one forward call, after the caller's chunking) takes the GPU prefill when T is at or above
 `gpu_prefill_token_threshold` (kt's `--kt-gpu-prefill-token-threshold`; None or 0: never). Then the CPU-resident
@@ -11,9 +12,10 @@ budget (`gpu_prefill_memory`) bounds everything the path allocates on the device
               + pair_block x pair_bytes             (activations of the (token, expert) pairs computed at once)
 
 The layer's own input (in the GPU dtype) and its float32 output [T, H] are outside the budget. Pinned host
-memory: slots x slot_bytes. A quarter of what the fixed parts leave goes to activations, the rest to groups;
-a group holds at most `max_group_bytes` of packed weights, so that the first group (the transfer nothing
-overlaps) stays short.
+memory: slots x slot_bytes with the gather staging; with the registered staging none (beyond each group's job
+table), the layer's packed bytes being page-locked in place instead (host_registration.py). A quarter of what
+the fixed parts leave goes to activations, the rest to groups; a group holds at most `max_group_bytes` of packed
+weights, so that the first group (the transfer nothing overlaps) stays short.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ MIN_PAIR_BLOCK = 128  # fewer pairs per GEMM would leave the GPU idle
 ACTIVATION_SHARE = 4  # activations get 1 / ACTIVATION_SHARE of what the fixed parts leave
 TABLE_SHARE = 32  # routing tables of one call: at most budget / TABLE_SHARE
 TABLE_BYTES_PER_PAIR = 8 + 4 + 8  # token (int64), weight (float32), expert (int64)
+STAGINGS = ("auto", "registered", "gather")  # gpu_prefill_staging
 
 
 def check_threshold(value) -> int | None:
@@ -52,6 +55,33 @@ def check_memory(value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"gpu_prefill_memory must be a positive number of bytes, got {value!r}")
     return int(value)
+
+
+def check_staging(value) -> str:
+    """gpu_prefill_staging as given (None: "auto") -> one of STAGINGS. ValueError otherwise.
+
+    "registered": the layer's mapped packed bytes are registered with CUDA (page-locked, read-only) once, and each
+    transfer group is copied to the device straight from the mapping; "gather": copy threads gather each group
+    into a pinned slot first, then it is uploaded; "auto": registered where the registration succeeds, gather
+    otherwise (with one warning saying why)."""
+    if value is None:
+        return "auto"
+    if value not in STAGINGS:
+        raise ValueError(f"gpu_prefill_staging must be one of {', '.join(STAGINGS)}, got {value!r}")
+    return value
+
+
+def staging_after_registration(requested: str, error: str | None) -> str:
+    """The staging a layer runs once its registration was tried (error: why it failed; None: it succeeded).
+    "registered" refuses to run without it: ValueError naming the reason and the fix."""
+    if requested == "gather":
+        return "gather"
+    if error is None:
+        return "registered"
+    if requested == "auto":
+        return "gather"
+    raise ValueError(f"gpu_prefill_staging='registered': the layer's packed bytes cannot be registered with CUDA "
+                     f"({error}); use gpu_prefill_staging='gather' (or 'auto', which falls back to it)")
 
 
 def pair_activation_bytes(hidden_size: int, intermediate_size: int, itemsize: int) -> int:

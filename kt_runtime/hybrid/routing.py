@@ -104,16 +104,27 @@ def split_numpy(topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of: np.
     return cpu_part, _gpu_part(w, slot, on_gpu)
 
 
+def group_by_key(keys: np.ndarray, bound: int):
+    """keys: ints in [0, bound) -> (order, values, counts): a stable order that sorts them, the distinct keys
+    ascending and how many of each. Keys that fit 16 bits are sorted as such: numpy sorts those by radix, ten times
+    faster than int64 at prefill sizes (a 4096-token chunk, top-6)."""
+    narrow = keys.astype(np.int16) if bound <= 1 << 15 else keys
+    order = np.argsort(narrow, kind="stable")
+    counts = np.bincount(keys, minlength=bound)
+    values = np.flatnonzero(counts)
+    return order, values, counts[values]
+
+
 def _gpu_part(w: np.ndarray, slot: np.ndarray, on_gpu: np.ndarray):
     """The GpuPart of routing weights w [T, k] whose slots are `slot` (on_gpu: slot >= 0), or None."""
     if not on_gpu.any():
         return None
     tok, pos = np.nonzero(on_gpu)
     s = slot[tok, pos]
-    order = np.argsort(s, kind="stable")
-    tok, pos, s = tok[order], pos[order], s[order]
-    uniq, first, cnt = np.unique(s, return_index=True, return_counts=True)
-    groups = [(int(u), int(f), int(f + c)) for u, f, c in zip(uniq, first, cnt)]
+    order, uniq, cnt = group_by_key(s, int(s.max()) + 1)
+    tok, pos = tok[order], pos[order]
+    ends = np.cumsum(cnt)
+    groups = [(int(u), int(e - c), int(e)) for u, c, e in zip(uniq, cnt, ends)]
     return GpuPart(torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(w[tok, pos].astype(np.float32)), groups)
 
 
@@ -127,11 +138,9 @@ def split_prefill(topk_ids: torch.Tensor, topk_weights: torch.Tensor, slot_of: n
     part = None
     tok, pos = np.nonzero(~on_gpu)  # row-major: tokens ascending
     if tok.size:
-        e = ids[tok, pos]
-        order = np.argsort(e, kind="stable")
-        e, tok, pos = e[order], tok[order], pos[order]
-        experts, first = np.unique(e, return_index=True)
-        offsets = np.append(first, e.size).astype(np.int64)
+        order, experts, counts = group_by_key(ids[tok, pos], slot_of.size)
+        tok, pos = tok[order], pos[order]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         part = PrefillPart(experts.astype(np.int64), offsets, tok.astype(np.int64),
                            np.ascontiguousarray(w[tok, pos], dtype=np.float32))
     return part, _gpu_part(w, slot, on_gpu)

@@ -209,7 +209,7 @@ def hybrid_experts(model: nn.Module, weights, num_gpu_experts=0, device: str | t
                    placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
                    check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
                    gpu_prefill_token_threshold: int | None = None, gpu_prefill_memory: int | None = None,
-                   **hybrid_kwargs) -> dict[int, HybridExperts]:
+                   gpu_prefill_staging: str | None = None, **hybrid_kwargs) -> dict[int, HybridExperts]:
     """{layer: HybridExperts} for every routed-experts module of `model`, checked against it; the model is left
     as it is (see inject for the arguments; swap_experts puts them in)."""
     weights = as_packed_experts(weights)
@@ -228,10 +228,11 @@ def hybrid_experts(model: nn.Module, weights, num_gpu_experts=0, device: str | t
         from ..hybrid.stream_path import DeferralChain
         chain = DeferralChain()
     last_layer = max(modules)
-    prefill = {"gpu_prefill_token_threshold": gpu_prefill_token_threshold, "gpu_prefill_memory": gpu_prefill_memory}
+    prefill = {"gpu_prefill_token_threshold": gpu_prefill_token_threshold, "gpu_prefill_memory": gpu_prefill_memory,
+               "gpu_prefill_staging": gpu_prefill_staging}
     if check_threshold(gpu_prefill_token_threshold) is not None and unavailable_reason(device) is None:
-        prefill["prefill_workspace"] = PrefillWorkspace(device, gpu_prefill_memory)
-        prefill["gpu_prefill_memory"] = None
+        prefill["prefill_workspace"] = PrefillWorkspace(device, gpu_prefill_memory, staging=gpu_prefill_staging)
+        prefill["gpu_prefill_memory"] = prefill["gpu_prefill_staging"] = None
     built: dict[int, HybridExperts] = {}
     for layer, (name, module) in modules.items():
         n = num_gpu_experts.get(layer, 0) if isinstance(num_gpu_experts, dict) else num_gpu_experts
@@ -267,7 +268,7 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
            placement="uniform", stats=None, dynamic: bool = False, num_threads: int | None = None,
            check_values: bool = True, stream_ordered: bool | None = None, defer: int = 0,
            gpu_prefill_token_threshold: int | None = None, gpu_prefill_memory: int | None = None,
-           **hybrid_kwargs) -> dict[int, HybridExperts]:
+           gpu_prefill_staging: str | None = None, **hybrid_kwargs) -> dict[int, HybridExperts]:
     """Replace every routed-experts module of `model` with hybrid experts over packed `weights`.
 
     weights: a packed output directory or a PackedExperts (kt_runtime.load_experts).
@@ -285,12 +286,13 @@ def inject(model: nn.Module, weights, num_gpu_experts=0, device: str | torch.dev
         CPU-resident experts on the GPU, streamed from the packed files (kt's --kt-gpu-prefill-token-threshold;
         None or 0: never; ignored with one warning without CUDA or triton). gpu_prefill_memory: its GPU memory
         budget in bytes (None: 2 GiB), one for the whole model: the layers share one PrefillWorkspace.
+        gpu_prefill_staging: "registered", "gather" or "auto" (None; see HybridMoE).
     The original expert weights are released. Returns {layer: HybridExperts}.
     Raises ValueError when the model and the weights do not match (layers, experts, dims, activation clamp).
     """
     built = hybrid_experts(model, weights, num_gpu_experts, device, placement, stats, dynamic, num_threads,
                            check_values, stream_ordered, defer, gpu_prefill_token_threshold, gpu_prefill_memory,
-                           **hybrid_kwargs)
+                           gpu_prefill_staging, **hybrid_kwargs)
     names = {layer: name for layer, (name, _) in find_expert_modules(model).items()}
     replaced = swap_experts(model, {names[layer]: module for layer, module in built.items()})
     for module in replaced.values():
