@@ -176,6 +176,8 @@ class ShardDownloader(SourceGate):
     of the layers still to convert (schedule), a shard someone waits for first (wait_for); deletes a shard
     this tool downloaded once every layer needing it is committed (layer_committed), when asked to."""
 
+    holds_every_file = False
+
     def __init__(self, remote: hub.RemoteRepo, cache: Path, snapshot: Path, delete_after_use: bool,
                  max_source_disk: int | None, note, workers: int):
         self.remote = remote

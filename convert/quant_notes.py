@@ -104,7 +104,7 @@ def minus8_line(count: int, total: int, where: str) -> str | None:
 def _minus8_sample(plan, ckpt) -> list[str]:
     """The level -8 in one carried matrix (the first layer's expert 0 gate), read now; not for a source still
     being downloaded (its file may not be there yet)."""
-    if getattr(ckpt, "gate", None) is not None or not plan.layers:
+    if not ckpt.gate.holds_every_file or not plan.layers:
         return []
     key = plan.layers[0].experts[0]["gate"].weight_key
     words = ckpt.read_tensor(key)

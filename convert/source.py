@@ -43,6 +43,8 @@ class SourceGate:
     the order of the layers to convert and removes those it fetched once their layers are committed.
     layer_files: (layer, the source files it reads) in conversion order (Checkpoint.layer_files)."""
 
+    holds_every_file = True  # every source file is on disk before the run reads it (not so while downloading)
+
     def check_cap(self, layer_files: list[tuple[int, set[str]]]) -> None:
         """Refuses, before anything is written, a layer the source's disk cap cannot hold."""
 

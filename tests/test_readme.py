@@ -264,13 +264,14 @@ SYNTHETIC = ("python scripts/make_synthetic_checkpoint.py --list",
              "python scripts/make_synthetic_checkpoint.py /tmp/k2 --family deepseek_v3 --variant kimi_k2_int4")
 FINALIZE = "convert-cpu-weights finalize OUT"
 FAMILIES = "convert-cpu-weights families"
+HELP = "convert-cpu-weights --help"
 TEMPLATE = ("convert-cpu-weights -i /models/DeepSeek-V3 --output-template '/out/ds3-{method}-T{threadpool_count}' "
             "--quant-method int4,int8 --threadpool-count 1,2,4")
 SHARD = "convert-cpu-weights -i SRC -o OUT --shard 2/8"
 SBATCH_SCRIPT = ('set -euo pipefail; source /shared/kt-convert/.venv/bin/activate; convert-cpu-weights -i '
                  '/shared/models/DeepSeek-V3 -o /shared/out/ds3-int4 --quant-method int4 --threadpool-count 2 --shard '
                  '"$SLURM_ARRAY_TASK_ID/8" --cpuinfer-threads "$SLURM_CPUS_PER_TASK" --no-progress')
-RUN = {V4_CONVERT, VERIFY, VERIFY_SOURCE, HF_DOWNLOAD, HUB_CONVERT, HUB_DOWNLOAD, *SYNTHETIC, FINALIZE, FAMILIES,
+RUN = {V4_CONVERT, VERIFY, VERIFY_SOURCE, HF_DOWNLOAD, HUB_CONVERT, HUB_DOWNLOAD, *SYNTHETIC, FINALIZE, FAMILIES, HELP,
        TEMPLATE, SHARD, SBATCH_SCRIPT}
 
 
@@ -376,6 +377,7 @@ def test_readme_convert_and_verify_commands(v4, work):
     assert "is complete" in shell(FINALIZE, work, {"OUT": out}).stderr  # a complete output: nothing to do
     assert tree_hashes(out) == before
     assert "deepseek_v4" in shell(FAMILIES, work).stdout
+    assert "--threadpool-count" in shell(HELP, work).stdout  # the defaults BATCH.md refers to
 
 
 def test_readme_hub_commands_against_a_local_hub(v4, work):
