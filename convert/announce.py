@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kt_runtime.format.kt_sft_manifest import KT_BYTE_ORDER
-from kt_runtime.format.methods import working_threadpool_counts
-from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
-from quant.source_formats import SOURCE_FORMATS
+from kt_convert.kt_runtime.format.kt_sft_manifest import KT_BYTE_ORDER
+from kt_convert.kt_runtime.format.methods import working_threadpool_counts
+from kt_convert.kt_runtime.format.names import KT_SFT_MANIFEST_FILE
+from kt_convert.quant.source_formats import SOURCE_FORMATS
 
 from .units import plural
 

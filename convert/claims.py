@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kt_runtime.format import fsio
-from kt_runtime.format.errors import UnsafePathError
-from kt_runtime.format.files import read_system_text
-from kt_runtime.format.input_files import JsonSyntaxError, decode_json
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.errors import UnsafePathError
+from kt_convert.kt_runtime.format.files import read_system_text
+from kt_convert.kt_runtime.format.input_files import JsonSyntaxError, decode_json
 
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 

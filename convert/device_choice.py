@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quant.cpu import SourceMatrix
+from kt_convert.quant.cpu import SourceMatrix
 
 from .units import rate
 
@@ -150,8 +150,8 @@ def pack_rate_probe(plan, repeats: int = 3) -> float:
     """Weights per second the C++ packer packs on one thread, for the plan's first projection's source format and
     the plan's method (best of `repeats`, on rows of the projection's width), at the ISA level the run packs at
     (KT_PACK_ISA, else the best this CPU has)."""
-    from kt_runtime.format.spec import full_shape
-    from quant.cpu import PackTarget, pack_cpu
+    from kt_convert.kt_runtime.format.spec import full_shape
+    from kt_convert.quant.cpu import PackTarget, pack_cpu
 
     from .packers import pack_isa
 

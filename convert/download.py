@@ -32,15 +32,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kt_runtime.format import files as file_roles
-from kt_runtime.format import fsio
-from kt_runtime.format.digest import file_sha256
-from kt_runtime.format.errors import FixableError
-from kt_runtime.format.hub_cache import RepoCache, etag_problem, revision_problem, sha256_problem
-from kt_runtime.format.input_files import CONFIG_MAX_BYTES, relative_name_problem, resolve_inside
-from kt_runtime.format.json_fields import is_int
-from kt_runtime.format.safetensors_file import SafetensorsFile
-from kt_runtime.format.verified import file_key
+from kt_convert.kt_runtime.format import files as file_roles
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.digest import file_sha256
+from kt_convert.kt_runtime.format.errors import FixableError
+from kt_convert.kt_runtime.format.hub_cache import RepoCache, etag_problem, revision_problem, sha256_problem
+from kt_convert.kt_runtime.format.input_files import CONFIG_MAX_BYTES, relative_name_problem, resolve_inside
+from kt_convert.kt_runtime.format.json_fields import is_int
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.kt_runtime.format.verified import file_key
 
 from . import hub, units
 from .errors import UserError

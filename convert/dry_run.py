@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from kt_runtime.format.names import state_dir
-from kt_runtime.format.methods import working_threadpool_counts
+from kt_convert.kt_runtime.format.names import state_dir
+from kt_convert.kt_runtime.format.methods import working_threadpool_counts
 
 from . import preflight
 from .announce import clamp_note, kt_sft_line

@@ -1,6 +1,6 @@
 """Errors a user can cause and fix: the CLI prints them without a traceback and exits 2 (the format
 room's FixableError is their root, so that errors of either side are mapped once)."""
-from kt_runtime.format.errors import FixableError
+from kt_convert.kt_runtime.format.errors import FixableError
 
 
 class UserError(FixableError):

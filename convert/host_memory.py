@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kt_runtime.format.methods import QuantMethod
-from quant.cpu import PackTarget
+from kt_convert.kt_runtime.format.methods import QuantMethod
+from kt_convert.quant.cpu import PackTarget
 
 ALIGN = 4096  # leases start on page boundaries
 

@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kt_runtime.format.hub_cache import RepoCache, commit_problem
-from kt_runtime.format.safetensors_file import HeaderError, TensorInfo, header_tensors
+from kt_convert.kt_runtime.format.hub_cache import RepoCache, commit_problem
+from kt_convert.kt_runtime.format.safetensors_file import HeaderError, TensorInfo, header_tensors
 
 from .errors import UserError
 from .hub_answers import MODEL_INFO_MAX_BYTES, RemoteFile, bad_answer, expecting, remote_files

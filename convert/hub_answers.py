@@ -17,9 +17,9 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kt_runtime.format.hub_cache import blob_id_problem, commit_problem, etag_problem, sha256_problem
-from kt_runtime.format.input_files import relative_name_problem
-from kt_runtime.format.json_fields import describe, is_int
+from kt_convert.kt_runtime.format.hub_cache import blob_id_problem, commit_problem, etag_problem, sha256_problem
+from kt_convert.kt_runtime.format.input_files import relative_name_problem
+from kt_convert.kt_runtime.format.json_fields import describe, is_int
 
 from .errors import UserError
 

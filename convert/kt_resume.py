@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from kt_runtime.format import fsio
-from kt_runtime.format.digest import file_sha256
-from kt_runtime.format.names import LAYER_DIR, MANIFEST_FILE
-from kt_runtime.format.manifest import Manifest, write_manifest
-from kt_runtime.format.writer import KtFolderWriter
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.digest import file_sha256
+from kt_convert.kt_runtime.format.names import LAYER_DIR, MANIFEST_FILE
+from kt_convert.kt_runtime.format.manifest import Manifest, write_manifest
+from kt_convert.kt_runtime.format.writer import KtFolderWriter
 
 from .announce import layer_ranges
 from .errors import UserError

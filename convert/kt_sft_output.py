@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kt_runtime.format import fsio
-from kt_runtime.format.kt_sft_manifest import KT_BYTE_ORDER, METHOD, weight_manifest
-from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
-from kt_runtime.format.manifest import Manifest
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.kt_sft_manifest import KT_BYTE_ORDER, METHOD, weight_manifest
+from kt_convert.kt_runtime.format.names import KT_SFT_MANIFEST_FILE
+from kt_convert.kt_runtime.format.manifest import Manifest
 
 from . import __version__
 

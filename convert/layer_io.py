@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from kt_runtime.format.digest import source_digest
-from kt_runtime.format.names import PROJECTIONS
-from kt_runtime.format.methods import QuantMethod
+from kt_convert.kt_runtime.format.digest import source_digest
+from kt_convert.kt_runtime.format.names import PROJECTIONS
+from kt_convert.kt_runtime.format.methods import QuantMethod
 
 from .plan import ConversionPlan, LayerPlan, source_slabs
 from .source import Checkpoint

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from kt_runtime.format.names import PROJECTIONS
-from kt_runtime.format.spec import shard_slice
+from kt_convert.kt_runtime.format.names import PROJECTIONS
+from kt_convert.kt_runtime.format.spec import shard_slice
 
 from .errors import NonFiniteError
 from .layer_io import LayerOutput, LayerReader

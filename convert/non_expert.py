@@ -19,7 +19,7 @@ get one name (kt would keep one of them silently) stop the conversion.
 from __future__ import annotations
 
 
-from kt_runtime.format.byte_orders import parse_merged_key
+from kt_convert.kt_runtime.format.byte_orders import parse_merged_key
 
 from .errors import UserError
 

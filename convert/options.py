@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from kt_runtime.format.methods import CHOICES
+from kt_convert.kt_runtime.format.methods import CHOICES
 
 from .errors import UserError
 

@@ -7,12 +7,12 @@ import stat
 import time
 from pathlib import Path
 
-from kt_runtime.format import fsio
-from kt_runtime.format.errors import InputFileError, ManifestError, UnsafePathError
-from kt_runtime.format.input_files import open_regular
-from kt_runtime.format.names import (INDEX_FILE, KT_SFT_MANIFEST_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE,
-                                     VERIFIED_FILE, layer_dir_name, state_dir)
-from kt_runtime.format.manifest import Manifest, read_manifest
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.errors import InputFileError, ManifestError, UnsafePathError
+from kt_convert.kt_runtime.format.input_files import open_regular
+from kt_convert.kt_runtime.format.names import (INDEX_FILE, KT_SFT_MANIFEST_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE,
+                                                MANIFEST_FILE, VERIFIED_FILE, layer_dir_name, state_dir)
+from kt_convert.kt_runtime.format.manifest import Manifest, read_manifest
 
 from .errors import UserError
 from .source import COPIED_FILES

@@ -8,14 +8,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kt_runtime.format import fsio
-from kt_runtime.format.digest import tree_sha256_files
-from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.names import FORMAT_VERSION, KT_SFT_MANIFEST_FILE, MANIFEST_FILE, shard_file_name
-from kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
-from kt_runtime.format.methods import QuantMethod, method_for
-from kt_runtime.format.verified import add_verified, is_verified, read_verified, record_verified
-from kt_runtime.format.writer import KtFolderWriter, MergedShardWriter, write_index, write_quantization_config
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.digest import tree_sha256_files
+from kt_convert.kt_runtime.format.errors import ManifestError
+from kt_convert.kt_runtime.format.names import FORMAT_VERSION, KT_SFT_MANIFEST_FILE, MANIFEST_FILE, shard_file_name
+from kt_convert.kt_runtime.format.manifest import Manifest, read_manifest, shard_metadata, write_manifest
+from kt_convert.kt_runtime.format.methods import QuantMethod, method_for
+from kt_convert.kt_runtime.format.verified import add_verified, is_verified, read_verified, record_verified
+from kt_convert.kt_runtime.format.writer import (KtFolderWriter, MergedShardWriter, write_index,
+                                                 write_quantization_config)
 
 from . import __version__, kt_sft_output, preflight
 from .claims import Claim, Held

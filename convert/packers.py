@@ -22,8 +22,8 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from quant.cpu import pack_cpu
-from kt_runtime.format.methods import QuantMethod
+from kt_convert.quant.cpu import pack_cpu
+from kt_convert.kt_runtime.format.methods import QuantMethod
 
 from .errors import UserError
 from .gpu_schedule import batch_steps
@@ -45,7 +45,7 @@ def pack_isa(env: Mapping[str, str] = os.environ) -> str:
     """The ISA level the C++ packer runs at: KT_PACK_ISA (portable, avx2, avx512, amx; any case) or, unset or
     auto, the best this CPU has. Every level writes the same bytes; forcing a lower one is for benchmarks and
     tests. UserError for another value or a level this CPU lacks."""
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     # any value reaches the message printable and short: a level name is a few ASCII letters
     value = ascii(env.get(PACK_ISA_VARIABLE, "").strip().lower())[1:-1][:32] or "auto"
@@ -59,7 +59,7 @@ class CpuPacker:
     device = "cpu"
 
     def __init__(self, num_threads: int = 0):
-        import kt_kernels
+        from kt_convert import kt_kernels
 
         self.num_threads = num_threads
         self.isa = pack_isa()
@@ -139,7 +139,7 @@ class _GpuBatch:
 
     def result(self) -> list[int]:
         if self._counts is None:
-            from quant.gpu import read_counts, scatter_outputs
+            from kt_convert.quant.gpu import read_counts, scatter_outputs
 
             timings = self.packer.timings
             with timings.timed("gpu_wait_s"):
@@ -174,7 +174,7 @@ class CudaPacker:
                  timings: Timings | None = None):
         import torch
 
-        import quant.triton_kernels  # noqa: F401  (fail here, not mid-layer, if triton is broken)
+        import kt_convert.quant.triton_kernels  # noqa: F401  (fail here, not mid-layer, if triton is broken)
 
         self.torch = torch
         self.device = torch.device(device)
@@ -226,7 +226,7 @@ class CudaPacker:
                 self.stats["device_allocations"] += 1
 
     def submit(self, method: QuantMethod, jobs):
-        from quant.gpu import fill_staging, launch, plan_batch
+        from kt_convert.quant.gpu import fill_staging, launch, plan_batch
 
         if not jobs:
             return Packed([])
@@ -300,7 +300,7 @@ class CudaPacker:
     def warm_up(self, method: QuantMethod, sources) -> None:
         """Compiles the kernel for these sources ((SourceMatrix of 32 rows, col0, k), one per kind) by
         packing them into throwaway targets."""
-        from quant.cpu import PackTarget
+        from kt_convert.quant.cpu import PackTarget
 
         self(method, [(src, col0, k, PackTarget.empty(method, src.shape[0], k)) for src, col0, k in sources])
 
@@ -310,8 +310,8 @@ def _warm_up_sources(jobs) -> list:
     what the kernel is compiled on, as owned arrays that outlive the batch's read buffer."""
     import numpy as np
 
-    from quant.cpu import SourceMatrix
-    from quant.gpu import ROWS
+    from kt_convert.quant.cpu import SourceMatrix
+    from kt_convert.quant.gpu import ROWS
 
     seen, out = set(), []
     for src, col0, k, _ in jobs:

@@ -82,7 +82,7 @@ def _explicit_device(device: str, methods) -> DeviceChoice | None:
     if device != "auto":
         return DeviceChoice(found, "")
     if found == "cpu":
-        from quant.gpu import NO_GPU_DEVICE, gpu_unavailable_reason
+        from kt_convert.quant.gpu import NO_GPU_DEVICE, gpu_unavailable_reason
 
         why = gpu_unavailable_reason()  # a machine without a GPU is told so briefly, one with a GPU why it is unused
         return DeviceChoice("cpu", "no GPU here" if why.startswith(NO_GPU_DEVICE) else f"no GPU to pack on: {why}")
@@ -165,7 +165,7 @@ def resolve_device(device: str) -> str:
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "cpu":
         return "cpu"
-    from quant.gpu import gpu_unavailable_reason  # imports neither triton nor the GPU kernels
+    from kt_convert.quant.gpu import gpu_unavailable_reason  # imports neither triton nor the GPU kernels
 
     why = gpu_unavailable_reason()
     if device == "cuda" and why:

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kt_runtime.format.errors import FieldError
-from kt_runtime.format.names import PROJECTIONS, layer_dir_name, shard_file_name
-from kt_runtime.format.spec import PackedSpec, full_shape
-from kt_runtime.format.json_fields import REQUIRED, describe, get_dict, get_int, get_int_list, get_number, get_str
-from kt_runtime.format.methods import METHODS, QuantMethod, alignment_problem, working_threadpool_counts
-from quant.cpu import SourceMatrix
-from quant.source_formats import FLOAT_KINDS, SUPPORTED, input_type_of
+from kt_convert.kt_runtime.format.errors import FieldError
+from kt_convert.kt_runtime.format.names import PROJECTIONS, layer_dir_name, shard_file_name
+from kt_convert.kt_runtime.format.spec import PackedSpec, full_shape
+from kt_convert.kt_runtime.format.json_fields import (REQUIRED, describe, get_dict, get_int, get_int_list, get_number,
+                                                      get_str)
+from kt_convert.kt_runtime.format.methods import METHODS, QuantMethod, alignment_problem, working_threadpool_counts
+from kt_convert.quant.cpu import SourceMatrix
+from kt_convert.quant.source_formats import FLOAT_KINDS, SUPPORTED, input_type_of
 
 from .errors import UserError
 from .families import Family, describe_unknown, detect_family, detection_note, family_for

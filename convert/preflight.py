@@ -8,8 +8,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kt_runtime.format.digest import BLOCK
-from kt_runtime.format.files import read_system_text
+from kt_convert.kt_runtime.format.digest import BLOCK
+from kt_convert.kt_runtime.format.files import read_system_text
 
 from . import units
 from .errors import UserError

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kt_runtime.format.safetensors_file import DTYPE_BITS
-from quant.source_formats import SOURCE_FORMATS, carries_codes
+from kt_convert.kt_runtime.format.safetensors_file import DTYPE_BITS
+from kt_convert.quant.source_formats import SOURCE_FORMATS, carries_codes
 
 KT_GROUP_SIZE = 32  # the group size kt's AMX/AVX-512 RAWINT4 kernel computes
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from kt_runtime.format.names import KT_SFT_MANIFEST_FILE
+from kt_convert.kt_runtime.format.names import KT_SFT_MANIFEST_FILE
 
 from .units import plural, rate, size
 

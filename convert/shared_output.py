@@ -19,9 +19,9 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from kt_runtime.format import files, fsio
-from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.manifest import LayerRecord, Manifest
+from kt_convert.kt_runtime.format import files, fsio
+from kt_convert.kt_runtime.format.errors import ManifestError
+from kt_convert.kt_runtime.format.manifest import LayerRecord, Manifest
 
 from .claims import Claim, ClaimDir, Held
 from .errors import UserError

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kt_runtime.format.errors import FieldError, InputFileError, SafetensorsChangedError, SafetensorsFormatError
-from kt_runtime.format.fsio import names_ending
-from kt_runtime.format.hub_cache import RepoCache, revision_problem
-from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, check_regular, file_kind, read_json,
-                                           resolve_inside, size_text)
-from kt_runtime.format.json_fields import describe, get_dict
-from kt_runtime.format.safetensors_file import SafetensorsFile, TensorInfo
+from kt_convert.kt_runtime.format.errors import (FieldError, InputFileError, SafetensorsChangedError,
+                                                 SafetensorsFormatError)
+from kt_convert.kt_runtime.format.fsio import names_ending
+from kt_convert.kt_runtime.format.hub_cache import RepoCache, revision_problem
+from kt_convert.kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, check_regular, file_kind,
+                                                      read_json, resolve_inside, size_text)
+from kt_convert.kt_runtime.format.json_fields import describe, get_dict
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile, TensorInfo
 
 from .errors import UserError
 

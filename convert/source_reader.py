@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kt_runtime.format.errors import SafetensorsFormatError
-from kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.kt_runtime.format.errors import SafetensorsFormatError
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
 
 from .host_memory import PageableMemory
 from .source import Checkpoint, source_changed

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kt_runtime.format.names import PROJECTIONS
+from kt_convert.kt_runtime.format.names import PROJECTIONS
 
 from .errors import UserError
 from .units import size
@@ -188,7 +188,7 @@ class VerifyReport:
 
     def notes(self) -> list[str]:
         """What kt-kernel computes wrongly with these codes (convert.quant_notes)."""
-        from kt_runtime.format.methods import get_method
+        from kt_convert.kt_runtime.format.methods import get_method
 
         from .quant_notes import GROUP_EFFECT, KT_GROUP_SIZE, minus8_line
 
@@ -262,7 +262,7 @@ def _integrity(weights, digests: bool) -> dict:
 def _check_kt_sft(weights, digests: bool) -> None:
     """kt's SFT manifest and the tree beside it, as kt-kernel's validator sees them, against our records; with
     digests, the records' per-file sha256 against the layer digests the reader has checked."""
-    from kt_runtime.format.kt_sft_manifest import record_digests_problem, weight_manifest_problem
+    from kt_convert.kt_runtime.format.kt_sft_manifest import record_digests_problem, weight_manifest_problem
 
     m = weights.manifest
     problem = weight_manifest_problem(weights.path, m.spec, m.completed)
@@ -280,8 +280,8 @@ def verify(output: str | Path, source: str | None = None, *, layers: list[int] |
     core; layers: a subset of the output's layers (None: all)."""
     import warnings
 
-    from kt_runtime.format.errors import PackedWeightsError
-    from kt_runtime.format.reader import open_output
+    from kt_convert.kt_runtime.format.errors import PackedWeightsError
+    from kt_convert.kt_runtime.format.reader import open_output
 
     if max_rel_error is not None and not (isinstance(max_rel_error, (int, float)) and max_rel_error >= 0):
         raise UserError(f"--max-rel-error must be a non-negative number, got {max_rel_error!r}")
@@ -336,8 +336,8 @@ def _check_identity(weights, ckpt, output: str, source: str) -> None:
 def _compare(report: VerifyReport, weights, source: str, layers: list[int], threads: int) -> None:
     import torch
 
-    from quant.decoders import source_values
-    from quant.reference import dequantize_expert
+    from kt_convert.quant.decoders import source_values
+    from kt_convert.quant.reference import dequantize_expert
 
     from .layer_io import LayerReader
     from .pipeline import experts_per_batch

@@ -213,7 +213,7 @@ PYBIND11_MODULE(kt_kernels, m) {
     return d;
   }, py::arg("method"), "The kernels' constants of a quant method (int4 | int8 | rawint4-gG); ValueError for another name.");
   py::module_ testing = m.def_submodule("_testing", "Hooks for tests and benchmarks (not an API).");
-  py::module_::import("sys").attr("modules")["kt_kernels._testing"] = testing;  // `import kt_kernels._testing`
+  py::module_::import("sys").attr("modules")["kt_convert.kt_kernels._testing"] = testing;  // `import kt_convert.kt_kernels._testing`
   testing.def("set_mxcsr", &set_mxcsr, py::arg("value"),
               "Sets the calling thread's MXCSR (x86) and returns the previous value; threads the packer creates "
               "afterwards inherit it.");

@@ -20,7 +20,7 @@ import math
 import numpy as np
 import torch
 
-import kt_kernels
+from kt_convert import kt_kernels
 
 from .expert_activation import Activation, ExpertBiases
 from .format.names import PROJECTIONS

@@ -16,7 +16,7 @@ class PackedExperts(PackedOutput):
     """
 
     def dequantize(self, layer: int, expert: int, proj: str) -> "torch.Tensor":
-        from quant.reference import dequantize_expert
+        from kt_convert.quant.reference import dequantize_expert
 
         return dequantize_expert(self, layer, expert, proj)
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from kt_runtime.format.methods import TILE_BYTES, TILE_ROWS, QuantMethod
+from kt_convert.kt_runtime.format.methods import TILE_BYTES, TILE_ROWS, QuantMethod
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

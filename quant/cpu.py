@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kt_runtime.format.methods import QuantMethod
-from kt_runtime.format.safetensors_file import numpy_dtype
+from kt_convert.kt_runtime.format.methods import QuantMethod
+from kt_convert.kt_runtime.format.safetensors_file import numpy_dtype
 
 from .source_formats import SOURCE_FORMATS, carries_codes
 
@@ -84,7 +84,7 @@ def pack_cpu(method: QuantMethod, jobs: list[tuple[SourceMatrix, int, int, PackT
              num_threads: int = 0) -> list[int]:
     """Packs columns [col0, col0+k) of each source into its target; returns non-finite counts.
     num_threads: 0 (every CPU) .. kt_kernels.MAX_THREADS, else ValueError."""
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     if not isinstance(num_threads, int) or isinstance(num_threads, bool) or \
             not 0 <= num_threads <= kt_kernels.MAX_THREADS:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kt_runtime.format.files import system_glob
-from kt_runtime.format.methods import FP32_RECIPROCAL, K_BLOCK, QuantMethod
+from kt_convert.kt_runtime.format.files import system_glob
+from kt_convert.kt_runtime.format.methods import FP32_RECIPROCAL, K_BLOCK, QuantMethod
 
 from .cpu import PackTarget, SourceMatrix
 from .source_formats import SOURCE_FORMATS

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kt_runtime.format.methods import FP32_RECIPROCAL, QuantMethod
+from kt_convert.kt_runtime.format.methods import FP32_RECIPROCAL, QuantMethod
 
 FLT_MIN = 2.0**-126
 # A result below this is flushed to zero: rounded to 24 bits with an unbounded exponent it is below

@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kt_runtime.format.byte_orders import AMX_TILED, COMPRESSED_TENSORS, ByteOrder
-from kt_runtime.format.methods import QuantMethod
-from kt_runtime.format.spec import full_shape, shard_slice
+from kt_convert.kt_runtime.format.byte_orders import AMX_TILED, COMPRESSED_TENSORS, ByteOrder
+from kt_convert.kt_runtime.format.methods import QuantMethod
+from kt_convert.kt_runtime.format.spec import full_shape, shard_slice
 
 from .amx_tiling import tile, untile
 from .group_int4 import dequantize_groups, quantize_groups

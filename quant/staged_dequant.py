@@ -20,11 +20,11 @@ from typing import Callable
 
 import numpy as np
 
-from kt_runtime.format.byte_orders import AMX_TILED, COMPRESSED_TENSORS, ByteOrder
-from kt_runtime.format.methods import K_BLOCK, QuantMethod
-from kt_runtime.format.names import PROJECTIONS
-from kt_runtime.format.safetensors_file import tensor_nbytes
-from kt_runtime.format.spec import full_shape, shard_slice
+from kt_convert.kt_runtime.format.byte_orders import AMX_TILED, COMPRESSED_TENSORS, ByteOrder
+from kt_convert.kt_runtime.format.methods import K_BLOCK, QuantMethod
+from kt_convert.kt_runtime.format.names import PROJECTIONS
+from kt_convert.kt_runtime.format.safetensors_file import tensor_nbytes
+from kt_convert.kt_runtime.format.spec import full_shape, shard_slice
 
 JOB_FIELDS = ("w_off", "s_off", "n", "k", "dst_off", "dst_stride")
 ROWS = 32  # rows per Triton program (one AMX row group)

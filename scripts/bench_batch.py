@@ -13,7 +13,7 @@ there), then measures:
   2. sharded: --shards processes with --shard i/N on one output directory at once (each with
      cores / N packing threads) against one process converting it alone.
 
-Every conversion runs as a child process (`python -m convert`); its wall time is the process's, start-up
+Every conversion runs as a child process (`python -m kt_convert`); its wall time is the process's, start-up
 included. Before each child the source files' pages are dropped from the page cache
 (posix_fadvise DONTNEED), so every run reads its source from the disk: `read_bytes` (from the child's
 /proc/self/io: bytes the block layer read for it) is what it cost the disk, `rchar` what it asked the
@@ -34,12 +34,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 GB = 1e9
 
-CHILD = ("import json, os, sys; from convert.cli import main; rc = main(sys.argv[2:]); "
+CHILD = ("import json, os, sys; from kt_convert.convert.cli import main; rc = main(sys.argv[2:]); "
          "io = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines()); t = os.times(); "
          "open(sys.argv[1], 'w').write(json.dumps({'rc': rc, 'cpu_seconds': t.user + t.system, "
          "**{k: int(v) for k, v in io.items()}})); sys.exit(rc)")
@@ -106,7 +105,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
 
-    from synthetic.scratch import Scratch
+    from kt_convert.synthetic.scratch import Scratch
 
     with Scratch(a.workdir, "bench_batch_", keep=a.keep) as scratch:
         run(a, scratch)
@@ -115,8 +114,8 @@ def main() -> None:
 def run(a, scratch) -> None:
     from bench_convert import machine_info
     from output_digests import tree_digests
-    from synthetic.families import make_family_checkpoint
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert.synthetic.families import make_family_checkpoint
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     name = f"{a.source}-E{a.experts}-L{a.layers}"
     ckpt = scratch.reused(name)

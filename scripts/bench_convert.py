@@ -56,7 +56,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 READ_THREADS = 16
 GB, GIB = 1e9, 2**30
@@ -70,7 +69,7 @@ def machine_info(device: str) -> dict:
     imported otherwise)."""
     from importlib import metadata
 
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     cpu = platform.processor()
     try:
@@ -255,9 +254,9 @@ def rss_bytes() -> int:
 def child(args: dict) -> dict:
     """One conversion in this process: the report (with the converter's per-stage timings), peak RSS
     (sampled every 10 ms) and RSS after each layer."""
-    from convert import pipeline
-    from convert.packers import pack_isa
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert import pipeline
+    from kt_convert.convert.packers import pack_isa
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     if args.get("choose"):
         return auto_choice_here(args)
@@ -327,9 +326,9 @@ def pack_split(method_name: str, threadpool_count: int, threads: int, isa: str =
     this process's CPU time, which other jobs on the machine do not inflate), at ISA level `isa`."""
     import numpy as np
 
-    from kt_runtime.format.spec import full_shape, shard_slice
-    from kt_runtime.format.methods import get_method
-    from quant.cpu import PackTarget, SourceMatrix, pack_cpu
+    from kt_convert.kt_runtime.format.spec import full_shape, shard_slice
+    from kt_convert.kt_runtime.format.methods import get_method
+    from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
 
     method = get_method(method_name)
     rng = np.random.default_rng(0)
@@ -372,10 +371,10 @@ def kernel_throughput(method_name: str, threadpool_count: int, experts: int = 16
     import numpy as np
     import torch
 
-    from kt_runtime.format.methods import get_method
-    from quant.cpu import PackTarget, SourceMatrix
-    from quant.gpu import fill_staging, launch, plan_batch
-    from kt_runtime.format.spec import full_shape, shard_slice
+    from kt_convert.kt_runtime.format.methods import get_method
+    from kt_convert.quant.cpu import PackTarget, SourceMatrix
+    from kt_convert.quant.gpu import fill_staging, launch, plan_batch
+    from kt_convert.kt_runtime.format.spec import full_shape, shard_slice
 
     method = get_method(method_name)
     rng = np.random.default_rng(0)
@@ -448,7 +447,7 @@ def on_cpus(n: int | None):
 
 def auto_choice_here(args: dict) -> dict:
     """In a child: what --device auto chooses for this conversion on the CPUs this process may use."""
-    from convert.pipeline import ConvertOptions, auto_device
+    from kt_convert.convert.pipeline import ConvertOptions, auto_device
 
     t0 = time.perf_counter()
     choice = auto_device(ConvertOptions(input_path=args["ckpt"], output=Path(args["out"]), quant_method=args["method"],
@@ -647,7 +646,7 @@ def parse_devices(text: str) -> list[str]:
 
 def stage_table(runs: dict[str, dict]) -> list[str]:
     """Rows: the converter's stages (convert.timings.STAGES order); columns: the runs."""
-    from convert.timings import STAGES
+    from kt_convert.convert.timings import STAGES
 
     names = list(runs)
     stages = [k for k in STAGES if any(k in r["report"]["timings"] for r in runs.values())]
@@ -738,7 +737,7 @@ def isa_table(res: dict) -> list[str]:
 
 
 def main() -> None:
-    from kt_runtime.format.methods import METHODS
+    from kt_convert.kt_runtime.format.methods import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=["cpu"], type=parse_devices,
@@ -780,7 +779,7 @@ def main() -> None:
     if a.isa and "cpu" not in devices:
         sys.exit("--isa: the packer's ISA levels are measured on --device cpu; add cpu to --device")
     if a.isa:
-        import kt_kernels
+        from kt_convert import kt_kernels
 
         try:
             for isa in a.isa:
@@ -791,7 +790,7 @@ def main() -> None:
     runs = [d for d in devices if d != "cpu"] + ([f"cpu-{i}" for i in a.isa] if a.isa else
                                                  ["cpu"] if "cpu" in devices else [])
     if gpu:
-        from quant.gpu import gpu_unavailable_reason  # imports neither triton nor the kernels
+        from kt_convert.quant.gpu import gpu_unavailable_reason  # imports neither triton nor the kernels
 
         if why := gpu_unavailable_reason():
             print(f"--device cuda: {why}; run with --device cpu for the CPU path", file=sys.stderr)
@@ -811,7 +810,7 @@ def main() -> None:
     ckpt = work / f"v4-flash-layer-e{a.experts}-l{a.layers}"
     made_s = None
     if not (ckpt / "config.json").exists():
-        from synthetic.v4_flash import make_v4_flash_checkpoint
+        from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
         shutil.rmtree(ckpt, ignore_errors=True)
         t0 = time.perf_counter()

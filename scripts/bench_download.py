@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from synthetic import make_v4_flash_checkpoint  # noqa: E402
-from synthetic.hub_server import LocalHub  # noqa: E402
+from kt_convert.synthetic import make_v4_flash_checkpoint  # noqa: E402
+from kt_convert.synthetic.hub_server import LocalHub  # noqa: E402
 
 REPO = "bench/v4-flash-layer"
 
@@ -93,7 +92,7 @@ def run(cmd, env) -> float:
 
 
 def convert_cmd(out: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "convert", "-i", REPO, "-o", str(out), "--no-progress", *extra]
+    return [sys.executable, "-m", "kt_convert", "-i", REPO, "-o", str(out), "--no-progress", *extra]
 
 
 def main() -> int:
@@ -192,7 +191,7 @@ def _same_layers(a: Path, b: Path) -> bool:
     """Two outputs hold the same packed tensors (their shards' metadata name different sources)."""
     import numpy as np
 
-    import kt_runtime
+    from kt_convert import kt_runtime
 
     x, y = kt_runtime.load_experts(a), kt_runtime.load_experts(b)
     return x._tensors.keys() == y._tensors.keys() and all(

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MODEL = ROOT / "tests" / "data" / "tiny-qwen3-moe"
 METHODS = ("int8", "rawint4-g32", "rawint4-g64", "rawint4-g128", "int4")
@@ -37,7 +36,7 @@ SOURCES = ("bf16", "fp8_block", "mxfp4")
 
 
 def _convert(src: Path, out: Path, method: str) -> None:
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     choice, _, group = method.partition("-g")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # the plan's lines
@@ -50,9 +49,9 @@ def _source_cost(model: Path, decoded: Path, text: Path, args) -> dict:
     import torch
     import transformers
 
-    from convert.eval.windows import compare_on_windows
-    from convert.eval.evaluate import read_text, windows_of
-    from kt_runtime.integrations import find_expert_modules
+    from kt_convert.convert.eval.windows import compare_on_windows
+    from kt_convert.convert.eval.evaluate import read_text, windows_of
+    from kt_convert.kt_runtime.integrations import find_expert_modules
 
     device = "cuda" if args.device == "cuda" else "cpu"
     net = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval().to(device)
@@ -89,13 +88,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    import kt_kernels
+    from kt_convert import kt_kernels
     import torch
     import transformers
 
-    from convert.eval.evaluate import evaluate
-    from kt_runtime.format.fsio import atomic_write_text
-    from synthetic.encode import requantize_checkpoint
+    from kt_convert.convert.eval.evaluate import evaluate
+    from kt_convert.kt_runtime.format.fsio import atomic_write_text
+    from kt_convert.synthetic.encode import requantize_checkpoint
 
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()

@@ -49,13 +49,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def machine_info(device: torch.device) -> dict:
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     cpu = platform.processor()
     try:
@@ -74,10 +72,10 @@ def machine_info(device: torch.device) -> dict:
 def packed_layer(args) -> Path:
     """Convert (once) a synthetic V4-Flash layer with --experts experts into args.scratch (or reuse the one an
     earlier --keep run left there); returns the packed dir."""
-    import kt_runtime
-    from convert.pipeline import ConvertOptions, convert
-    from convert.units import size
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert import kt_runtime
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.units import size
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     name = f"v4-H{args.hidden}-I{args.intermediate}-E{args.experts}-{args.method}-T{args.threadpool_count}"
     out = args.scratch.reused(name)
@@ -130,7 +128,7 @@ def bench(fn, iters: int, warmup: int, sync) -> dict:
 
 
 def main(argv=None) -> int:
-    from kt_runtime.format.methods import METHODS
+    from kt_convert.kt_runtime.format.methods import METHODS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experts", type=int, default=256)
@@ -160,7 +158,7 @@ def main(argv=None) -> int:
     if not 0 <= args.gpu_hits <= min(args.topk, args.gpu_experts) or args.topk - args.gpu_hits > args.experts - args.gpu_experts:
         ap.error("need 0 <= gpu-hits <= min(topk, gpu-experts) and topk - gpu-hits <= experts - gpu-experts")
 
-    from synthetic.scratch import Scratch
+    from kt_convert.synthetic.scratch import Scratch
 
     with Scratch(args.workdir, "bench_hybrid_", keep=args.keep) as scratch:
         args.scratch = scratch
@@ -168,10 +166,10 @@ def main(argv=None) -> int:
 
 
 def one_layer(args) -> int:
-    import kt_runtime
-    from kt_runtime.cpu_moe import CPUMoE
-    from kt_runtime.hybrid.launcher import launcher
-    from kt_runtime.hybrid.routing import cpu_rows
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime.cpu_moe import CPUMoE
+    from kt_convert.kt_runtime.hybrid.launcher import launcher
+    from kt_convert.kt_runtime.hybrid.routing import cpu_rows
 
     device = torch.device(args.device)
     info = machine_info(device)
@@ -332,9 +330,9 @@ class DecodeStep:
 
 def multi_layer(args) -> int:
     """The multi-layer decode step (--layers): tokens/s of every mode, per-layer ratio, JSON."""
-    import kt_runtime
-    from kt_runtime.hybrid import stream_ops
-    from kt_runtime.hybrid.stream_path import DeferralChain
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime.hybrid import stream_ops
+    from kt_convert.kt_runtime.hybrid.stream_path import DeferralChain
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -57,8 +57,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kt_kernels
-from kt_kernels import _testing
+from kt_convert import kt_kernels
+from kt_convert.kt_kernels import _testing
 
 
 def cpu_info() -> dict:
@@ -159,7 +159,7 @@ def runnable_isas(names: list[str], ap) -> list[str]:
 
 
 def method_row(method):
-    from kt_runtime.format.methods import get_method
+    from kt_convert.kt_runtime.format.methods import get_method
 
     return get_method(method)
 
@@ -401,7 +401,7 @@ def call_overhead_us(threads, isa):
 def kernel_bench(args, isas, methods, threads, ghz, read_gbs):
     """The dot kernel of each ISA alone: in cache and streaming, 1 thread and `threads` threads; --reps
     rounds, each over every configuration (interleaved, so load changes spread over all), median."""
-    from kt_runtime.format.byte_orders import AMX_TILED
+    from kt_convert.kt_runtime.format.byte_orders import AMX_TILED
 
     H, I = args.hidden, int(args.inter.split(",")[0])
     big = aligned_bytes(int(args.footprint_gb * 1e9) // 4096 * 4096)

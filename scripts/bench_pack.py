@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 ISA_LEVELS = ("portable", "avx2", "avx512", "amx")
 
@@ -31,9 +30,9 @@ def sources(n: int, k: int) -> dict:
     multiplies the group scales by its per-tensor scale, compressed-tensors divides them by its inverse)."""
     import numpy as np
 
-    from quant.cpu import SourceMatrix
-    from quant.source_formats import SOURCE_FORMATS
-    from synthetic.families import _encode
+    from kt_convert.quant.cpu import SourceMatrix
+    from kt_convert.quant.source_formats import SOURCE_FORMATS
+    from kt_convert.synthetic.families import _encode
 
     block, group = (128, 128), 32
     out = {}
@@ -58,8 +57,8 @@ def sources(n: int, k: int) -> dict:
 def measure(method_names: list[str], isas: list[str], n: int, k: int, reps: int, only: list[str] | None = None) -> dict:
     import numpy as np
 
-    from kt_runtime.format.methods import get_method
-    from quant.cpu import PackTarget, pack_cpu
+    from kt_convert.kt_runtime.format.methods import get_method
+    from kt_convert.quant.cpu import PackTarget, pack_cpu
 
     srcs = sources(n, k)
     if only:
@@ -93,7 +92,7 @@ def measure(method_names: list[str], isas: list[str], n: int, k: int, reps: int,
 
 
 def main() -> None:
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--isa", default=None, help="comma list of ISA levels (default: every level this CPU has, "

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "scripts"):  # the project, and bench_hybrid beside this script
+for path in (ROOT / "scripts",):  # bench_hybrid beside this script
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
@@ -101,8 +101,8 @@ def h2d_rate(device, nbytes: int = 256 << 20, reps: int = 5) -> float:
 def gather_rate(prefill, experts) -> float:
     """GB/s of the copy threads gathering these experts' packed bytes from the mappings into one pinned slot,
     group by group as a prefill call does (no upload)."""
-    from kt_runtime.hybrid.expert_staging import stage_group
-    from kt_runtime.hybrid.prefill_plan import transfer_groups
+    from kt_convert.kt_runtime.hybrid.expert_staging import stage_group
+    from kt_convert.kt_runtime.hybrid.prefill_plan import transfer_groups
 
     plan, ws = prefill.plan, prefill.ws
     slot = torch.empty(plan.slot_bytes, dtype=torch.uint8, pin_memory=ws.cuda).numpy()
@@ -197,8 +197,8 @@ def say_crossover(label: str, c: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from kt_runtime.format.methods import METHODS
-    from kt_runtime.hybrid.prefill_plan import STAGINGS
+    from kt_convert.kt_runtime.format.methods import METHODS
+    from kt_convert.kt_runtime.hybrid.prefill_plan import STAGINGS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--v4-flash", action="store_true", help="DeepSeek-V4-Flash dims: H=4096, I=2048, 256 experts, "
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     if not 0 <= args.gpu_experts < args.experts or args.topk > args.experts:
         ap.error("need 0 <= --gpu-experts < --experts and --topk <= --experts")
 
-    from synthetic.scratch import Scratch
+    from kt_convert.synthetic.scratch import Scratch
 
     with Scratch(args.workdir, "bench_prefill_", keep=args.keep) as scratch:
         args.scratch = scratch
@@ -253,8 +253,8 @@ def main(argv=None) -> int:
 
 
 def run(args, chunks: list[int]) -> int:
-    import kt_runtime
-    from kt_runtime.hybrid.gpu_prefill import PrefillWorkspace, unavailable_reason
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime.hybrid.gpu_prefill import PrefillWorkspace, unavailable_reason
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine_info(device)
@@ -337,7 +337,7 @@ def run(args, chunks: list[int]) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
-        from kt_runtime.format.fsio import atomic_write_text
+        from kt_convert.kt_runtime.format.fsio import atomic_write_text
 
         atomic_write_text(args.json, text + "\n")
     return 0
@@ -346,7 +346,7 @@ def run(args, chunks: list[int]) -> int:
 def stack(args, w, cpu, gpus, chunks, device, sync, rate) -> list[dict]:
     """tokens/s of args.layers layers in a row (the same packed layer), each input the previous layer's output:
     the CPU path, the GPU path and each compared staging."""
-    import kt_runtime
+    from kt_convert import kt_runtime
 
     L = args.layers
     cpu_layers = [cpu] + [kt_runtime.HybridMoE(w, 0, num_gpu_experts=args.gpu_experts, device=device,

@@ -30,8 +30,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-import kt_kernels
-from kt_kernels import _testing
+from kt_convert import kt_kernels
+from kt_convert.kt_kernels import _testing
 
 from bench_moe import PrefillCase, cpu_info, random_layer  # scripts/ is this script's folder
 

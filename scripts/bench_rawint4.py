@@ -27,8 +27,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def bf16(x: np.ndarray, up: bool = False) -> np.ndarray:
@@ -61,9 +59,9 @@ def former(x: np.ndarray) -> np.ndarray:
 def least_error(x: np.ndarray, g: int) -> np.ndarray:
     import torch
 
-    from kt_runtime.format.methods import method_for
-    from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-    from quant.group_int4 import dequantize_groups
+    from kt_convert.kt_runtime.format.methods import method_for
+    from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+    from kt_convert.quant.group_int4 import dequantize_groups
 
     method = method_for("rawint4", g)
     n = x.shape[0]
@@ -88,7 +86,7 @@ def errors(groups: int, seed: int) -> list[dict]:
 
 
 def speed(reps: int, threads: int, isa: str) -> dict:
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     rng = np.random.default_rng(0)
     n, k = 1024, 4096
@@ -124,8 +122,8 @@ def main() -> int:
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("kt_kernels", args.extension)
-        sys.modules["kt_kernels"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["kt_kernels"])
+        sys.modules["kt_convert.kt_kernels"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["kt_convert.kt_kernels"])
     rows = [] if args.speed_only else errors(args.groups, args.seed)
     print(f"{'group':>5} {'weights':<12} {'amax/7':>9} {'-8..7 former':>13} {'least error':>12} {'vs amax/7':>10} {'vs former':>10}")
     for r in rows:
@@ -138,7 +136,7 @@ def main() -> int:
               + ", ".join(f"{k} {v:.1f} Melem/s" for k, v in s.items())
               + f"; rawint4-g32 / int4 = {s['rawint4-g32'] / s['int4']:.4f}")
     if args.json:
-        from kt_runtime.format.fsio import atomic_write_text
+        from kt_convert.kt_runtime.format.fsio import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps({"machine": platform.processor() or platform.machine(),
                                                        "cpus": os.cpu_count(), "errors": rows,

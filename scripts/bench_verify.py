@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 PIECE = 16 << 20
 
@@ -71,8 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from kt_runtime.format.methods import get_method
-    from synthetic.scratch import Scratch
+    from kt_convert.kt_runtime.format.methods import get_method
+    from kt_convert.synthetic.scratch import Scratch
 
     method = get_method(args.method)
     with Scratch(args.workdir, "bench_verify_", keep=args.keep) as scratch:
@@ -80,9 +79,9 @@ def main(argv=None) -> int:
 
 
 def run(args, method, ck_dir: Path, out: Path) -> int:
-    from convert.pipeline import ConvertOptions, convert
-    from convert.verify import verify
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.verify import verify
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     threads = args.threads or len(os.sched_getaffinity(0))
     ck = make_family_checkpoint(ck_dir, "qwen3_moe_bf16", hidden_size=args.hidden, intermediate_size=args.inter,

@@ -5,11 +5,8 @@
         --quant-method int4 --cpuinfer-threads 60 --threadpool-count 2
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from convert.cli import main  # noqa: E402
+from kt_convert.convert.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

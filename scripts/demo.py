@@ -30,8 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 FAILED: list[str] = []
 
@@ -49,11 +47,11 @@ def rel(a, b) -> float:
 def part1(work: Path) -> None:
     import torch
 
-    import kt_kernels
-    import kt_runtime
-    from convert.pipeline import ConvertOptions, convert
-    from kt_runtime.reference import moe_reference
-    from synthetic import make_v4_flash_checkpoint
+    from kt_convert import kt_kernels
+    from kt_convert import kt_runtime
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.kt_runtime.reference import moe_reference
+    from kt_convert.synthetic import make_v4_flash_checkpoint
 
     print("== 1. synthetic DeepSeek-V4-Flash (MXFP4) -> AMXINT4 -> CPUMoE")
     t0 = time.perf_counter()
@@ -100,9 +98,9 @@ def tiny_v4_model():
 def part2(work: Path) -> None:
     import torch
 
-    import kt_runtime
-    from convert.pipeline import ConvertOptions, convert
-    from kt_runtime.integrations import find_expert_modules, hybrid_layers
+    from kt_convert import kt_runtime
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.kt_runtime.integrations import find_expert_modules, hybrid_layers
 
     print("== 2. transformers DeepSeek-V4 -> AMXINT8 / AMXINT4 -> hybrid experts (kt_runtime.inject) -> generate")
     t0 = time.perf_counter()
@@ -201,7 +199,7 @@ def main(argv=None) -> int:
                     "temporary folder, removed at the end)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    from synthetic.scratch import Scratch
+    from kt_convert.synthetic.scratch import Scratch
 
     with Scratch(args.workdir, "kt-demo-", keep=args.workdir is not None) as scratch:
         for name in ("v4-flash-tiny", "v4-flash-tiny-AMXINT4", "tiny-deepseek-v4", "tiny-deepseek-v4-AMXINT8",

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 CHILD_TIMEOUT_S = 600.0
 
@@ -286,11 +284,11 @@ def decoded_layer(source: str, method_name: str, layer: int) -> dict:
     import numpy as np
     import torch
 
-    from convert.layer_io import LayerReader
-    from convert.plan import build_plan, read_source_matrix
-    from convert.source import open_checkpoint
-    from kt_runtime.format.methods import get_method
-    from quant.decoders import decode_source
+    from kt_convert.convert.layer_io import LayerReader
+    from kt_convert.convert.plan import build_plan, read_source_matrix
+    from kt_convert.convert.source import open_checkpoint
+    from kt_convert.kt_runtime.format.methods import get_method
+    from kt_convert.quant.decoders import decode_source
 
     ckpt = open_checkpoint(source)
     try:
@@ -350,8 +348,8 @@ def check_output(output: str | Path, kt_entry: str, backends=None, *, tokens: in
     import numpy as np
     import torch
 
-    import kt_runtime
-    from kt_runtime.reference import moe_reference
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime.reference import moe_reference
 
     weights = kt_runtime.load_experts(output)
     method = weights.spec.quant_method
@@ -395,7 +393,7 @@ def check_output(output: str | Path, kt_entry: str, backends=None, *, tokens: in
 
 def _same_bytes_as_kt_files(weights, layer: int, kt_root: Path) -> bool:
     """Every packed tensor of the layer equal to the .kt file kt's own conversion wrote (kt's folder layout)."""
-    from kt_runtime.format.spec import kt_file_paths
+    from kt_convert.kt_runtime.format.spec import kt_file_paths
 
     spec = weights.spec
     for expert in range(spec.num_experts):
@@ -423,8 +421,8 @@ SYNTHETIC_OUTPUTS = {
 def make_synthetic_outputs(root: Path) -> dict[str, tuple[Path, Path]]:
     """A BF16 model and a Kimi-K2-style INT4 one (H 512, I 256, 8 experts) under root (a new folder), and
     SYNTHETIC_OUTPUTS converted from them: name -> (output, source)."""
-    from convert.pipeline import ConvertOptions, convert
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     root.mkdir(parents=True)
     sources = {"bf16": make_family_checkpoint(root / "bf16", "qwen3_moe_bf16", hidden_size=512, intermediate_size=256,
@@ -486,7 +484,7 @@ def main(argv=None) -> int:
                                 threadpool_count=args.threadpool_count, source=source)
     print(_table(results))
     if args.json:
-        from kt_runtime.format.fsio import atomic_write_text
+        from kt_convert.kt_runtime.format.fsio import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps([asdict(r) for r in results], indent=1) + "\n")
     return 0

@@ -20,11 +20,7 @@ import argparse
 import pathlib
 import sys
 
-try:
-    import synthetic
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-    import synthetic
+from kt_convert import synthetic
 
 V4_ONLY = ("preset", "storage", "key_style", "single_file", "no_index", "experts_only")
 FAMILY_ONLY = ("block", "group")

@@ -32,8 +32,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 FIXED_MTIME_NS = 1_700_000_000 * 10**9
@@ -54,7 +52,7 @@ def _pin_mtimes(folder: Path) -> None:
 
 
 def checkpoints(src: Path) -> dict[str, Path]:
-    from synthetic import VARIANTS, make_family_checkpoint, make_v4_flash_checkpoint
+    from kt_convert.synthetic import VARIANTS, make_family_checkpoint, make_v4_flash_checkpoint
 
     out = {}
     for name in sorted(VARIANTS):
@@ -88,9 +86,9 @@ def runs(sources: dict[str, Path]):
 
 def one_conversion(parent: Path | None, device: str) -> int:
     """--one, in a new folder under `parent` (default: the temporary directory), removed at the end."""
-    from convert.pipeline import ConvertOptions, convert
-    from kt_runtime.format.names import is_published
-    from synthetic import make_v4_flash_checkpoint
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.kt_runtime.format.names import is_published
+    from kt_convert.synthetic import make_v4_flash_checkpoint
 
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
@@ -128,9 +126,9 @@ def main(argv=None) -> int:
         ap.error("give OUT.json, or --one")
     args.workdir = args.workdir or Path("/tmp/kt-output-digests")
 
-    from convert.pipeline import ConvertOptions, convert
-    from kt_runtime.format.errors import FixableError
-    from synthetic.scratch import Scratch
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.kt_runtime.format.errors import FixableError
+    from kt_convert.synthetic.scratch import Scratch
 
     with Scratch(args.workdir, "kt-output-digests") as scratch:
         src, out_root = scratch.new("src"), scratch.new("out")

@@ -26,8 +26,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 # Modules kept out of training: the evaluation text (present in CPython 3.10 to 3.14).
 HELD_OUT = ("textwrap.py", "shlex.py", "fractions.py", "calendar.py", "difflib.py", "statistics.py")
 VOCAB = 2048
@@ -76,8 +74,8 @@ def main(argv=None) -> int:
     import transformers
     from transformers import PreTrainedTokenizerFast
 
-    from kt_runtime.format.fsio import atomic_write_text
-    from kt_runtime.format.input_files import read_capped
+    from kt_convert.kt_runtime.format.fsio import atomic_write_text
+    from kt_convert.kt_runtime.format.input_files import read_capped
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

@@ -11,6 +11,10 @@ with quant's reference encoders, so a converter bug cannot hide in a generator.
 """
 from __future__ import annotations
 
+if __name__ != "kt_convert.synthetic":  # this folder reached on sys.path by its own name: a second copy
+    raise ImportError(f"{__name__!r} is the folder of kt_convert.synthetic in a source tree: "
+                      "import kt_convert.synthetic (pip install -e . makes it importable)")
+
 from .families import VARIANTS, FamilyCheckpoint, Variant, make_family_checkpoint
 from .v4_flash import KEY_STYLES, PRESETS, STORAGES, SyntheticCheckpoint, make_v4_flash_checkpoint
 

@@ -84,11 +84,11 @@ def requantize_checkpoint(src, encoded, decoded, encoding: str) -> int:
     tensors, config and tokenizer are copied. Returns the number of expert matrices encoded."""
     import torch
 
-    from kt_runtime.format.fsio import atomic_write_bytes, atomic_write_text
-    from kt_runtime.format.input_files import CONFIG_MAX_BYTES, read_capped, read_json
-    from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
-    from quant.decoders import decode_fp8_block
-    from quant.mxfp4 import decode_mxfp4
+    from kt_convert.kt_runtime.format.fsio import atomic_write_bytes, atomic_write_text
+    from kt_convert.kt_runtime.format.input_files import CONFIG_MAX_BYTES, read_capped, read_json
+    from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile, save_file
+    from kt_convert.quant.decoders import decode_fp8_block
+    from kt_convert.quant.mxfp4 import decode_mxfp4
 
     if encoding not in ENCODINGS:
         raise ValueError(f"unknown encoding {encoding!r}; expected one of {ENCODINGS}")

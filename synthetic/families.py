@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kt_runtime.format.safetensors_file import save_file
-from quant.source_formats import input_type_of
+from kt_convert.kt_runtime.format.safetensors_file import save_file
+from kt_convert.quant.source_formats import input_type_of
 
 __all__ = ["VARIANTS", "FamilyCheckpoint", "make_family_checkpoint"]
 
@@ -115,8 +115,9 @@ class FamilyCheckpoint:
         """bf16 [N, K] torch tensor: the per-expert source encoding through the reference decoders."""
         import torch
 
-        from quant.decoders import decode_f16, decode_fp8_block, decode_int4_group, decode_mxfp8, decode_nvfp4
-        from quant.mxfp4 import decode_mxfp4
+        from kt_convert.quant.decoders import (decode_f16, decode_fp8_block, decode_int4_group, decode_mxfp8,
+                                               decode_nvfp4)
+        from kt_convert.quant.mxfp4 import decode_mxfp4
 
         enc = self.encoded[(layer, expert, proj)]
         kind = self.variant.encoding
@@ -162,7 +163,7 @@ def _encode(rng, encoding: str, n: int, k: int, block, group, ue8m0: bool = Fals
         scale = scale.astype("<f4")
         return {"weight": w, "scale": scale}
     if encoding == "int4_group":
-        from quant.decoders import encode_int4_words
+        from kt_convert.quant.decoders import encode_int4_words
 
         u = rng.integers(0, 16, size=(n, k))
         s = (rng.uniform(0.0005, 0.004, size=(n, k // group)).astype(np.float32).view(np.uint32) >> 16).astype("<u2")

@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from kt_runtime.format.digest import file_sha256
+from kt_convert.kt_runtime.format.digest import file_sha256
 
 CHUNK = 1 << 20
 OVERFLOW_CAP = 256 << 20  # an "endless" body stops here, so that a client without a bound cannot fill a disk

@@ -30,8 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from kt_runtime.format import fsio
-from kt_runtime.format.safetensors_file import plan_file, tensor_nbytes
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.safetensors_file import plan_file, tensor_nbytes
 
 __all__ = ["PRESETS", "SyntheticCheckpoint", "make_v4_flash_checkpoint"]
 

@@ -1,18 +1,14 @@
 """Fixtures every test may use and the markers' skips; what tests share by name is in tests/helpers."""
 import os
-import sys
 
 import pytest
 
-from helpers import ROOT
 from helpers.kt import kt_compat
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from helpers.namespace import stray_modules
 
 
 def pytest_collection_modifyitems(config, items):
-    import kt_kernels
+    from kt_convert import kt_kernels
     import torch
 
     # KT_GPU_TEST_DEVICE=cpu with TRITON_INTERPRET=1: the Triton kernel tests run on the interpreter
@@ -44,9 +40,18 @@ def _outside_array_jobs(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A v4-flash-tiny checkpoint (2 layers, 8 experts, H=384, I=512) with one MTP layer, 3 shards."""
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     return make_v4_flash_checkpoint(tmp_path_factory.mktemp("ckpt") / "v4", "v4-flash-tiny", mtp_layers=1, num_shards=3)
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite fails if any test loaded a module of the package under an old or second name."""
+    stray = stray_modules()
+    if stray:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            "modules of the package loaded under another name than kt_convert.*: " + ", ".join(stray), red=True)

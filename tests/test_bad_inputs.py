@@ -7,12 +7,12 @@ import struct
 import numpy as np
 import pytest
 
-import kt_runtime
-from convert.cli import main
+from kt_convert import kt_runtime
+from kt_convert.convert.cli import main
 from helpers.checkpoints import assert_nothing_complete, drop, rewrite, set_config
 from helpers.outputs import read_json
-from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 
 W1 = "layers.1.ffn.experts.2.w1"  # gate projection of layer 1, expert 2 (official key style)
 
@@ -273,7 +273,7 @@ def test_nonfinite_allowed_goes_on_and_reports(base_checkpoint, tmp_path, capsys
 
 
 def test_nonfinite_listing_is_capped_with_a_count():
-    from convert.report import ConversionReport
+    from kt_convert.convert.report import ConversionReport
 
     counts = {f"model.layers.{i}.mlp.experts.0.up_proj.weight": i + 1 for i in range(13)}
     report = ConversionReport(output="o", family="f", input_type="bf16", method="int4", kt_method="AMXINT4",
@@ -293,8 +293,8 @@ def test_nonfinite_listing_is_capped_with_a_count():
 def test_manifest_refuses_a_malformed_nonfinite_record(base_checkpoint, tmp_path):
     import json
 
-    from kt_runtime.format.errors import ManifestError
-    from kt_runtime.format.manifest import read_manifest
+    from kt_convert.kt_runtime.format.errors import ManifestError
+    from kt_convert.kt_runtime.format.manifest import read_manifest
 
     out = tmp_path / "out"
     assert main(["-i", str(base_checkpoint), "-o", str(out), "--no-progress"]) == 0
@@ -317,7 +317,7 @@ def test_output_below_a_file(base_checkpoint, tmp_path, capsys):
 # --- pre-flight: refused early, with numbers ---
 
 def test_not_enough_disk_is_refused_before_any_work(base_checkpoint, tmp_path, capsys, monkeypatch):
-    from convert import preflight
+    from kt_convert.convert import preflight
 
     monkeypatch.setattr(preflight, "disk_free", lambda path: 1_000_000)
     out = tmp_path / "out"
@@ -328,7 +328,7 @@ def test_not_enough_disk_is_refused_before_any_work(base_checkpoint, tmp_path, c
 
 
 def test_not_enough_memory_is_refused_before_any_work(base_checkpoint, tmp_path, capsys, monkeypatch):
-    from convert import preflight
+    from kt_convert.convert import preflight
 
     monkeypatch.setattr(preflight, "mem_available", lambda: 100 << 20)
     out = tmp_path / "out"
@@ -341,9 +341,9 @@ def test_not_enough_memory_is_refused_before_any_work(base_checkpoint, tmp_path,
 def test_preflight_estimate_is_bounded_whatever_the_model_size(base_checkpoint, tmp_path, capsys):
     from types import SimpleNamespace
 
-    from convert import preflight
-    from convert.layer_pack import BATCH_BYTES, experts_per_batch
-    from kt_runtime.format.digest import BLOCK
+    from kt_convert.convert import preflight
+    from kt_convert.convert.layer_pack import BATCH_BYTES, experts_per_batch
+    from kt_convert.kt_runtime.format.digest import BLOCK
 
     assert preflight.mem_available() > 0
     peaks = []
@@ -373,7 +373,7 @@ def test_unwritable_report_path_is_a_user_error(base_checkpoint, tmp_path, capsy
 
 @pytest.mark.parametrize("bits,name", [(0x7FC0, "NaN"), (0xFF80, "-Inf")])
 def test_nonfinite_bf16_source_weights(tmp_path, capsys, bits, name):
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     ck = make_family_checkpoint(tmp_path / "q", "qwen3_moe_bf16", num_experts=2, mtp_layers=0).path
     key = "model.layers.1.mlp.experts.1.down_proj.weight"

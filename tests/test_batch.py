@@ -15,17 +15,17 @@ import pytest
 
 from helpers import ROOT
 from helpers.outputs import read_json, tree_hashes
-from convert import claims as claims_mod
-from convert import output_job, pipeline
-from convert.claims import Claim, ClaimDir, Held, Owner, process_start_time
-from convert.cli import main
-from convert.errors import UserError
-from convert.output_dir import SHARD_DIR
-from convert.shards import ShardSpec, parse_shard, resolve_shard, shard_layers
-from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
-from kt_runtime.format.manifest import LayerRecord
-from kt_runtime.format.verified import is_verified, read_verified
-from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.convert import claims as claims_mod
+from kt_convert.convert import output_job, pipeline
+from kt_convert.convert.claims import Claim, ClaimDir, Held, Owner, process_start_time
+from kt_convert.convert.cli import main
+from kt_convert.convert.errors import UserError
+from kt_convert.convert.output_dir import SHARD_DIR
+from kt_convert.convert.shards import ShardSpec, parse_shard, resolve_shard, shard_layers
+from kt_convert.kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
+from kt_convert.kt_runtime.format.manifest import LayerRecord
+from kt_convert.kt_runtime.format.verified import is_verified, read_verified
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
 LAYERS = 8
 
@@ -98,7 +98,7 @@ def test_multi_output_pass_on_the_gpu_equals_cpu_runs(ckpt, single, tmp_path):
 
 def test_multi_output_reads_the_source_once(ckpt, tmp_path, monkeypatch):
     """Every source batch is read once for all outputs: the reader is asked for each layer once."""
-    from convert import layer_io
+    from kt_convert.convert import layer_io
 
     asked = []
     real = layer_io.LayerReader.batches
@@ -214,7 +214,7 @@ def test_job_file_entries_default_to_the_command_lines_options(ckpt, single, tmp
 
 def test_job_file_group_size_per_output(tmp_path):
     """group_size of a group-wise method, per output: the bytes of --quant-method rawint4 --group-size G."""
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     src = make_family_checkpoint(tmp_path / "qwen", "qwen3_moe_bf16").path
     job = write_job(tmp_path / "job.json", {"output": "g64", "quant_method": "rawint4", "group_size": 64},
@@ -240,7 +240,7 @@ BAD_FIELD_VALUES = {  # an output field -> values a job file may not give it
 
 
 def test_bad_field_values_cover_every_output_field():
-    from convert.options import OUTPUT_FIELDS
+    from kt_convert.convert.options import OUTPUT_FIELDS
 
     assert set(BAD_FIELD_VALUES) == set(OUTPUT_FIELDS) - {"output"}
 
@@ -279,8 +279,8 @@ def test_the_python_api_runs_several_outputs_and_one(ckpt, single, tmp_path):
     run's options and one output's, field for field (each field in exactly one of them)."""
     from dataclasses import fields
 
-    from convert.options import ConvertOptions, OutputSpec, RunOptions
-    from convert.pipeline import convert, convert_outputs
+    from kt_convert.convert.options import ConvertOptions, OutputSpec, RunOptions
+    from kt_convert.convert.pipeline import convert, convert_outputs
 
     run_fields, spec_fields = {f.name for f in fields(RunOptions)}, {f.name for f in fields(OutputSpec)}
     assert not run_fields & spec_fields and {f.name for f in fields(ConvertOptions)} == run_fields | spec_fields
@@ -310,8 +310,8 @@ def test_the_job_file_of_the_docs_reads_as_shown_and_its_table_names_every_field
     """docs/BATCH.md: its job file is read as the outputs it describes; its table lists each OutputSpec field."""
     import re
 
-    from convert.cli.batch_options import read_job_file
-    from convert.options import OUTPUT_FIELDS, OutputSpec
+    from kt_convert.convert.cli.batch_options import read_job_file
+    from kt_convert.convert.options import OUTPUT_FIELDS, OutputSpec
 
     text = (ROOT / "docs" / "BATCH.md").read_text()
     job = tmp_path / "job.json"
@@ -575,8 +575,8 @@ def _once_after(monkeypatch, module, name: str, path, then):
 def test_lock_file_removed_between_its_open_and_its_check_is_opened_again(tmp_path, monkeypatch):
     """Its holder releases the lock (removing the file) just after another converter opened it: the file that
     one holds has no name left, which is no planted hard link: it opens the name again and takes the lock."""
-    from convert.output_dir import OutputLock
-    from kt_runtime.format.names import LOCK_FILE
+    from kt_convert.convert.output_dir import OutputLock
+    from kt_convert.kt_runtime.format.names import LOCK_FILE
 
     holder = OutputLock(tmp_path)
     fired = _once_after(monkeypatch, os, "open", tmp_path / LOCK_FILE, holder.release)
@@ -591,8 +591,8 @@ def test_lock_file_removed_between_its_open_and_its_check_is_opened_again(tmp_pa
 def test_lock_file_removed_between_its_check_and_its_flock_is_opened_again(tmp_path, monkeypatch):
     import fcntl
 
-    from convert.output_dir import OutputLock
-    from kt_runtime.format.names import LOCK_FILE
+    from kt_convert.convert.output_dir import OutputLock
+    from kt_convert.kt_runtime.format.names import LOCK_FILE
 
     holder = OutputLock(tmp_path)
     fired = _once_after(monkeypatch, fcntl, "flock", tmp_path / LOCK_FILE, holder.release)
@@ -606,7 +606,7 @@ def test_lock_file_removed_between_its_check_and_its_flock_is_opened_again(tmp_p
 def test_shared_record_replaced_while_it_is_opened_reads_the_new_one(tmp_path, monkeypatch):
     """A record of the shared folder renamed over (another shard recorded that layer again) just after it was
     opened for reading: the one-name rule opens the name again instead of refusing the old file."""
-    from kt_runtime.format import files, fsio
+    from kt_convert.kt_runtime.format import files, fsio
 
     record = tmp_path / "layer_0.json"
     fsio.atomic_write_text(record, '{"v": 1}')
@@ -616,9 +616,9 @@ def test_shared_record_replaced_while_it_is_opened_reads_the_new_one(tmp_path, m
 
 def test_a_name_removed_at_every_open_is_refused_in_the_end(tmp_path, monkeypatch):
     """Another program deleting the lock file as fast as it is made: bounded, and said."""
-    from kt_runtime.format import fsio
-    from kt_runtime.format.errors import UnsafePathError
-    from kt_runtime.format.names import LOCK_FILE
+    from kt_convert.kt_runtime.format import fsio
+    from kt_convert.kt_runtime.format.errors import UnsafePathError
+    from kt_convert.kt_runtime.format.names import LOCK_FILE
 
     path = tmp_path / LOCK_FILE
     real_open = os.open
@@ -639,13 +639,13 @@ def test_shard_refuses_overwrite(ckpt, tmp_path, capsys):
     assert "--overwrite cannot be combined with --shard" in capsys.readouterr().err
 
 
-SLOW_DISK = ("import os, sys, time; import kt_runtime.format.writer as w; "
+SLOW_DISK = ("import os, sys, time; import kt_convert.kt_runtime.format.writer as w; "
              "w._os_write = lambda fd, d: (time.sleep(0.002), os.write(fd, d))[1]; "
-             "from convert.cli import main; sys.exit(main(sys.argv[1:]))")
+             "from kt_convert.convert.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def _start_shard(ckpt, out, i, n, slow=False):
-    cmd = ["-c", SLOW_DISK] if slow else ["-m", "convert"]
+    cmd = ["-c", SLOW_DISK] if slow else ["-m", "kt_convert"]
     cmd += args(ckpt, "-o", str(out), "--threadpool-count", "2", "--cpuinfer-threads", "1", "--shard", f"{i + 1}/{n}",
                 "--json", str(out.parent / f"r{i}.json"))
     return subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from helpers.outputs import tree_hashes
-from convert import layer_pack, packers, pipeline
-from kt_runtime.format import writer as writer_mod
-from convert.cli import main
-from convert.host_memory import PageableMemory
-from convert.pipeline import ConvertOptions, convert
-from convert.timings import STAGES
-from quant.cpu import pack_cpu
+from kt_convert.convert import layer_pack, packers, pipeline
+from kt_convert.kt_runtime.format import writer as writer_mod
+from kt_convert.convert.cli import main
+from kt_convert.convert.host_memory import PageableMemory
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.convert.timings import STAGES
+from kt_convert.quant.cpu import pack_cpu
 
 
 def run(ckpt, out, **kw):
@@ -48,7 +48,7 @@ def test_cli_timings_table_and_json(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_a_local_checkpoint_has_a_gate_that_does_nothing(tiny_checkpoint):
-    from convert.source import SourceGate, open_checkpoint
+    from kt_convert.convert.source import SourceGate, open_checkpoint
 
     ckpt = open_checkpoint(str(tiny_checkpoint.path))
     try:
@@ -62,8 +62,8 @@ def test_a_local_checkpoint_has_a_gate_that_does_nothing(tiny_checkpoint):
 def test_the_run_tells_the_source_gate_each_step_in_order(tiny_checkpoint, tmp_path, monkeypatch):
     """The run's side of the gate (a download's ShardDownloader on a hub checkpoint): the layers' files are
     checked and scheduled before the first read, each layer is reported once it is on disk, then the end."""
-    from convert.layer_io import LayerReader
-    from convert.source import SourceGate, open_checkpoint
+    from kt_convert.convert.layer_io import LayerReader
+    from kt_convert.convert.source import SourceGate, open_checkpoint
 
     steps = []
     out = tmp_path / "out"
@@ -273,13 +273,14 @@ def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, 
     import sys
     import types
 
-    from quant import gpu as quant_gpu
+    from kt_convert.quant import gpu as quant_gpu
 
     from helpers.fake_cuda import fake_launch, fake_torch
 
     run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2)
     monkeypatch.setitem(sys.modules, "torch", fake_torch())
-    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
+                        types.ModuleType("kt_convert.quant.triton_kernels"))
     monkeypatch.setattr(quant_gpu, "launch", fake_launch)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", cpu_while_starting)

@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers import ROOT
 from helpers.outputs import read_json, tree_hashes
-from convert import pipeline
-from convert.cli import main
-from convert.pipeline import ConvertOptions, convert
-from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.byte_orders import merged_key
-from kt_runtime.format.safetensors_file import SafetensorsFile
-from kt_runtime.format.methods import get_method
-from quant.mxfp4 import decode_mxfp4
-from quant.reference import pack_expert_reference
+from kt_convert.convert import pipeline
+from kt_convert.convert.cli import main
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.kt_runtime.format.byte_orders import merged_key
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.kt_runtime.format.methods import get_method
+from kt_convert.quant.mxfp4 import decode_mxfp4
+from kt_convert.quant.reference import pack_expert_reference
 
 OFFICIAL = {"gate": "w1", "up": "w3", "down": "w2"}
 
@@ -293,18 +293,18 @@ def test_overwrite_replaces_only_what_a_conversion_writes(tiny_checkpoint, tmp_p
 
 def test_cli_group_runs_the_conversion_by_default(tiny_checkpoint, tmp_path):
     """kt's command line is the group's default command: the console script `convert-cpu-weights -i X -o Y`,
-    `python -m convert -i X -o Y` and the named subcommand `convert` write the same bytes; --help is the
+    `python -m kt_convert -i X -o Y` and the named subcommand `convert` write the same bytes; --help is the
     conversion's own."""
     from pathlib import Path
 
-    from convert.cli import cli
-    from convert.cli.conversion import convert_command
+    from kt_convert.convert.cli import cli
+    from kt_convert.convert.cli.conversion import convert_command
 
     assert cli.default == "convert" and cli.commands["convert"] is convert_command and "verify" in cli.commands
     script = Path(sys.executable).parent / "convert-cpu-weights"
     flags = ["-i", str(tiny_checkpoint.path), "--threadpool-count", "2", "--quant-method", "int8", "--no-progress"]
     outs = [tmp_path / name for name in ("script", "module", "subcommand")]
-    runs = [[sys.executable, "-m", "convert", *flags, "-o", str(outs[1])]]
+    runs = [[sys.executable, "-m", "kt_convert", *flags, "-o", str(outs[1])]]
     if script.exists():  # installed (pip install -e .)
         runs.append([str(script), *flags, "-o", str(outs[0])])
     for cmd in runs:
@@ -322,14 +322,14 @@ def test_cli_group_runs_the_conversion_by_default(tiny_checkpoint, tmp_path):
 def test_one_read_of_a_layer_feeds_several_outputs(tiny_checkpoint, tmp_path):
     """The per-layer loop's seams (convert.layer_io): convert_layer packs every batch the LayerReader reads
     into each LayerOutput; two outputs of one read hold the bytes of two separate runs."""
-    from convert.layer_io import LayerOutput, LayerReader
-    from convert.layer_pack import convert_layer, experts_per_batch
-    from convert.options import RunOptions
-    from convert.packers import make_packer
-    from convert.plan import build_plan
-    from convert.progress import Progress
-    from convert.source import open_checkpoint
-    from kt_runtime.format.methods import INT4, INT8
+    from kt_convert.convert.layer_io import LayerOutput, LayerReader
+    from kt_convert.convert.layer_pack import convert_layer, experts_per_batch
+    from kt_convert.convert.options import RunOptions
+    from kt_convert.convert.packers import make_packer
+    from kt_convert.convert.plan import build_plan
+    from kt_convert.convert.progress import Progress
+    from kt_convert.convert.source import open_checkpoint
+    from kt_convert.kt_runtime.format.methods import INT4, INT8
 
     refs = {(INT4, 2): tmp_path / "int4", (INT8, 1): tmp_path / "int8"}
     for (method, t), out in refs.items():

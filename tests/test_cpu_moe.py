@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
+from kt_convert import kt_kernels
 from helpers.engine_knobs import knobs
-from kt_kernels import _testing
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.format.methods import get_method
+from kt_convert.kt_kernels import _testing
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.format.methods import get_method
 from helpers.moe import FakeExperts, float_moe, rel_err, routing
-from quant.amx_tiling import untile
+from kt_convert.quant.amx_tiling import untile
 
 ISAS = kt_kernels.moe_isas()  # the engine's ISA rows this CPU runs, portable first
 AMX = "amx" in ISAS

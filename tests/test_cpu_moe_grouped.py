@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
-import kt_runtime
+from kt_convert import kt_kernels
+from kt_convert import kt_runtime
 from helpers.engine_knobs import knobs
-from kt_kernels import _testing
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.reference import moe_reference
-from convert.pipeline import ConvertOptions, convert
-from synthetic.families import make_family_checkpoint
+from kt_convert.kt_kernels import _testing
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.reference import moe_reference
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.synthetic.families import make_family_checkpoint
 from helpers.moe import float_moe, rel_err, routing
 
 ISAS = kt_kernels.moe_isas()  # the engine's ISA rows this CPU runs, portable first
@@ -252,7 +252,7 @@ def test_activations_and_biases_kt_rawint4_lacks_are_refused(grouped):
 def test_hybrid_layer_on_group_wise_weights(grouped, device):
     """HybridMoE: its GPU experts come from the loader's dequantize, its CPU part is CPUMoE on the group-wise
     weights; none, all and some experts on the "GPU" side."""
-    from kt_runtime import HybridMoE
+    from kt_convert.kt_runtime import HybridMoE
 
     w = grouped
     layer = w.layers[-1]

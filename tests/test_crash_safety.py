@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers import ROOT
 from helpers.outputs import read_json, tree_hashes
-from kt_runtime.format import writer as writer_mod
-from convert.cli import main
-from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.names import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
+from kt_convert.kt_runtime.format import writer as writer_mod
+from kt_convert.convert.cli import main
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.kt_runtime.format.names import INDEX_FILE, LAYER_DIR_TEMPORARY, LOCK_FILE, MANIFEST_FILE
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def cli_args(ck, out, layout):
 
 
 def spawn(ck, out, layout):
-    return subprocess.Popen([sys.executable, "-m", "convert", *cli_args(ck, out, layout)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "kt_convert", *cli_args(ck, out, layout)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -175,7 +175,8 @@ def test_second_converter_is_refused_naming_the_holder(six_layers, tmp_path, cap
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from pathlib import Path; from convert.output_dir import OutputLock; "
+                               "import sys, time; from pathlib import Path; from kt_convert.convert.output_dir import "
+                               "OutputLock; "
                                "lock = OutputLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)",
                                str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -244,7 +245,7 @@ def test_write_failure_is_clean_and_a_rerun_completes(tiny_checkpoint, tmp_path,
 
 def test_write_failure_in_the_manifest_keeps_the_old_one(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """ENOSPC while the manifest itself is rewritten: the previous manifest stays intact."""
-    from kt_runtime.format import manifest as manifest_mod
+    from kt_convert.kt_runtime.format import manifest as manifest_mod
 
     out = tmp_path / "out"
     real = manifest_mod.atomic_write_text

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from helpers.outputs import tree_hashes
-from convert import device_choice, packers, pipeline
-from convert.device_choice import COPY_BYTES_PER_CORE_S, GPU_START_CORE_S, Capabilities, choose_device, estimate_seconds
-from convert.pipeline import ConvertOptions, convert
-from quant.source_formats import SOURCE_FORMATS
+from kt_convert.convert import device_choice, packers, pipeline
+from kt_convert.convert.device_choice import (COPY_BYTES_PER_CORE_S, GPU_START_CORE_S, Capabilities, choose_device,
+                                              estimate_seconds)
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.quant.source_formats import SOURCE_FORMATS
 
 def host(cores=16, threads=None, write=None, gpu=None, scale=1.0) -> Capabilities:
     """The accelerator host's conversion (docs/BENCHMARKS.md): 256 experts x 3 layers of V4-Flash MXFP4 to
@@ -80,9 +81,9 @@ def test_the_probes_are_the_source_formats():
 @pytest.mark.parametrize("kind", sorted(SOURCE_FORMATS))
 def test_every_source_format_has_a_packer_probe(kind):
     """Each format is probed on rows of its own, of ordinary values (no NaN, no Inf), as a checkpoint holds."""
-    from kt_runtime.format.methods import INT4
-    from quant.cpu import PackTarget, pack_cpu
-    from quant.decoders import decode_source
+    from kt_convert.kt_runtime.format.methods import INT4
+    from kt_convert.quant.cpu import PackTarget, pack_cpu
+    from kt_convert.quant.decoders import decode_source
 
     block = {"fp8_block": (128, 128), "int4_group": (1, 32)}.get(kind)
     src = device_choice.probe_source(kind, block, 64, 512, np.random.default_rng(0))
@@ -95,9 +96,9 @@ def test_every_source_format_has_a_packer_probe(kind):
 
 
 def test_probes_measure_this_machine(tiny_checkpoint):
-    from convert.options import OutputSpec, RunOptions
-    from convert.output_job import plan_output
-    from convert.source import open_checkpoint
+    from kt_convert.convert.options import OutputSpec, RunOptions
+    from kt_convert.convert.output_job import plan_output
+    from kt_convert.convert.source import open_checkpoint
 
     ckpt = open_checkpoint(str(tiny_checkpoint.path))
     try:
@@ -116,13 +117,14 @@ def test_probes_measure_this_machine(tiny_checkpoint):
 @pytest.mark.parametrize("forced", ["portable", "avx2", None])
 def test_the_pack_probe_runs_at_the_forced_isa_level(tiny_checkpoint, monkeypatch, forced):
     """KT_PACK_ISA forces the level a run packs at, so the probe measures that level, not the CPU's best."""
-    import kt_kernels
+    from kt_convert import kt_kernels
 
-    import quant.cpu
+    import kt_convert.quant.cpu
+    from kt_convert import quant
     from helpers.numerics import available_isas
-    from convert.options import OutputSpec, RunOptions
-    from convert.output_job import plan_output
-    from convert.source import open_checkpoint
+    from kt_convert.convert.options import OutputSpec, RunOptions
+    from kt_convert.convert.output_job import plan_output
+    from kt_convert.convert.source import open_checkpoint
 
     if forced is not None and forced not in available_isas():
         pytest.skip(f"this CPU has no {forced}")
@@ -146,7 +148,7 @@ def run(ckpt, out, **kw):
 
 
 def test_auto_without_a_gpu_says_why_in_the_first_lines(tiny_checkpoint, tmp_path, capsys, monkeypatch):
-    from quant import gpu
+    from kt_convert.quant import gpu
 
     monkeypatch.setattr(gpu, "gpu_unavailable_reason", lambda: "no CUDA GPU is available")
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cpu")
@@ -161,12 +163,13 @@ def test_auto_with_a_gpu_packs_where_the_capabilities_say(tiny_checkpoint, tmp_p
     """A machine with a GPU (the stand-in device of tests/helpers/fake_cuda.py): --device auto measures, chooses, says
     why, and converts there; the bytes are the CPU run's either way."""
     from helpers.fake_cuda import fake_launch, fake_torch
-    from quant import gpu
+    from kt_convert.quant import gpu
 
     run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2, device="cpu")
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "torch", fake_torch())
-    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
+                        types.ModuleType("kt_convert.quant.triton_kernels"))
     monkeypatch.setattr(gpu, "launch", fake_launch)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
@@ -188,8 +191,8 @@ def test_auto_with_a_gpu_packs_where_the_capabilities_say(tiny_checkpoint, tmp_p
 
 
 def test_auto_keeps_cpu_only_methods_on_the_cpu(monkeypatch):
-    from convert.errors import UserError
-    from kt_runtime.format.methods import INT4, method_for
+    from kt_convert.convert.errors import UserError
+    from kt_convert.kt_runtime.format.methods import INT4, method_for
 
     rawint4 = method_for("rawint4", None)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")  # a GPU is there

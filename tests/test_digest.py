@@ -5,8 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from kt_runtime.format import digest
-from kt_runtime.format.digest import TreeHasher, tree_sha256_files
+from kt_convert.kt_runtime.format import digest
+from kt_convert.kt_runtime.format.digest import TreeHasher, tree_sha256_files
 
 
 def manual(files: list[bytes], block: int) -> str:
@@ -99,7 +99,7 @@ def test_buffers_are_free_once_hashed_even_the_held_first_block(tmp_path, monkey
     """The GPU path reuses a batch's pinned arena once nothing references it: the hasher must not keep the
     buffers given to update() past their block's hashing, not even those of the first block, which waits for
     the final header (its bytes are copied), and end_file() hashes the last block before the commit's fsync."""
-    from convert.host_memory import HostBlock
+    from kt_convert.convert.host_memory import HostBlock
 
     monkeypatch.setattr(digest, "BLOCK", 4096)
     block = HostBlock(np.zeros(64 * 4096, np.uint8))

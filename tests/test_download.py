@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers import ROOT
 from helpers.hub import REPO, base_env, cli, hub_env, served  # noqa: F401 - served: the local hub (a fixture)
 from helpers.outputs import published_hashes
-from synthetic import make_v4_flash_checkpoint
-from synthetic.hub_server import LocalHub
+from kt_convert.synthetic import make_v4_flash_checkpoint
+from kt_convert.synthetic.hub_server import LocalHub
 
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 
@@ -47,14 +47,14 @@ def big_source(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "out"
-    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(out), "--threadpool-count", "1",
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=base_env())
+    r = subprocess.run([sys.executable, "-m", "kt_convert", "-i", str(source), "-o", str(out), "--threadpool-count",
+                        "1", "--no-progress"], cwd=ROOT, capture_output=True, text=True, env=base_env())
     assert r.returncode == 0, r.stderr
     return kt_runtime.load_experts(out)
 
 
 def start_cli(env, out, *args):
-    cmd = [sys.executable, "-m", "convert", "-i", REPO, "-o", str(out), "--threadpool-count", "1", "--no-progress",
+    cmd = [sys.executable, "-m", "kt_convert", "-i", REPO, "-o", str(out), "--threadpool-count", "1", "--no-progress",
            "--download", *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -332,7 +332,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(served, source, tmp_path):
         assert want in text, (want, text)
     assert not out.exists() and not cache.exists()
     assert not any(served.lfs_downloads(n) for n in SHARDS)  # headers only (range requests on the resolve URL)
-    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(out), "--dry-run",
+    r = subprocess.run([sys.executable, "-m", "kt_convert", "-i", str(source), "-o", str(out), "--dry-run",
                         "--quant-method", "int8", "--threadpool-count", "2"], cwd=ROOT, capture_output=True, text=True,
                        env=base_env())
     assert r.returncode == 0, r.stderr
@@ -344,7 +344,8 @@ def test_dry_run_json_is_a_plan_object(served, source, tmp_path):
     """--dry-run --json -: one JSON object on standard output (the text plan on standard error), for a local
     and a hub source; several outputs give a list."""
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(out), "--dry-run", "--json", "-",
+    r = subprocess.run([sys.executable, "-m", "kt_convert", "-i", str(source), "-o", str(out), "--dry-run", "--json",
+                        "-",
                         "--quant-method", "int8", "--threadpool-count", "2"], cwd=ROOT, capture_output=True, text=True,
                        env=base_env())
     assert r.returncode == 0, r.stderr
@@ -357,7 +358,8 @@ def test_dry_run_json_is_a_plan_object(served, source, tmp_path):
     assert weights < plan["output_bytes"] < weights * 1.02 and plan["input_bytes"] > 0 and plan["download"] is None
     assert "family        deepseek_v4" in r.stderr and "0.00 GB" not in r.stderr and not out.exists()
     template = str(tmp_path / "{method}")
-    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "--output-template", template, "--dry-run",
+    r = subprocess.run([sys.executable, "-m", "kt_convert", "-i", str(source), "--output-template", template,
+                        "--dry-run",
                         "--json", "-", "--quant-method", "int4,int8"], cwd=ROOT, capture_output=True, text=True,
                        env=base_env())
     assert r.returncode == 0, r.stderr
@@ -373,11 +375,11 @@ def test_dry_run_json_is_a_plan_object(served, source, tmp_path):
 
 
 def test_families_json():
-    r = subprocess.run([sys.executable, "-m", "convert", "families", "--json", "-"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "kt_convert", "families", "--json", "-"], cwd=ROOT, capture_output=True,
                        text=True, env=base_env())
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    from convert.families import FAMILIES
+    from kt_convert.convert.families import FAMILIES
 
     assert [f["name"] for f in doc["families"]] == [f.name for f in FAMILIES]
     assert {"name": "gpt_oss", "model_types": ["gpt_oss"], "layout": "gpt-oss-interleaved"}.items() <= \
@@ -387,14 +389,14 @@ def test_families_json():
 
 def test_families_command_and_flag():
     for args in (["families"], ["-i", "x", "-o", "y", "--list-families"], ["--list-families"]):
-        r = subprocess.run([sys.executable, "-m", "convert", *args], cwd=ROOT, capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "kt_convert", *args], cwd=ROOT, capture_output=True, text=True,
                            env=base_env())
         assert r.returncode == 0, (args, r.stderr)
         assert "deepseek_v4" in r.stdout and "qwen3_moe" in r.stdout and "gpt_oss" in r.stdout
 
 
 def test_needed_shards_skip_shards_without_routed_experts():
-    from convert.download import needed_shards
+    from kt_convert.convert.download import needed_shards
 
     config = {"model_type": "qwen3_moe"}
     wm = {"model.embed_tokens.weight": "a.safetensors",
@@ -411,8 +413,8 @@ def test_include_non_expert_downloads_every_shard_and_removes_them_at_the_end(se
     r = cli(hub_env(served.endpoint, cache), "--download", "--include-non-expert", "--delete-source-after-use",
             out=out)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "convert", "-i", str(source), "-o", str(ref), "--threadpool-count", "1",
-                        "--no-progress", "--include-non-expert"], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "kt_convert", "-i", str(source), "-o", str(ref), "--threadpool-count",
+                        "1", "--no-progress", "--include-non-expert"], cwd=ROOT, capture_output=True, text=True,
                        env=base_env())
     assert r.returncode == 0, r.stderr
     last = "model-00005-of-00005.safetensors"  # the non-expert tensors, kt's last shard
@@ -423,7 +425,7 @@ def test_include_non_expert_downloads_every_shard_and_removes_them_at_the_end(se
 
 def test_unknown_repository_and_options_without_download(served, tmp_path):
     env = hub_env(served.endpoint, tmp_path / "hub")
-    r = subprocess.run([sys.executable, "-m", "convert", "-i", "org/not-there", "-o", str(tmp_path / "out"),
+    r = subprocess.run([sys.executable, "-m", "kt_convert", "-i", "org/not-there", "-o", str(tmp_path / "out"),
                         "--download"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "no such repository" in r.stderr and served.endpoint in r.stderr, r.stderr
     r = cli(env, "--max-source-disk", "1", out=tmp_path / "out")

@@ -24,11 +24,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from convert.cli import main  # noqa: E402
-from convert.eval.divergence import Scores, token_scores  # noqa: E402
-from convert.errors import UserError  # noqa: E402
-from convert.eval.evaluate import evaluate, windows_of  # noqa: E402
-from convert.pipeline import ConvertOptions, convert  # noqa: E402
+from kt_convert.convert.cli import main  # noqa: E402
+from kt_convert.convert.eval.divergence import Scores, token_scores  # noqa: E402
+from kt_convert.convert.errors import UserError  # noqa: E402
+from kt_convert.convert.eval.evaluate import evaluate, windows_of  # noqa: E402
+from kt_convert.convert.pipeline import ConvertOptions, convert  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "data" / "tiny-qwen3-moe"
 TEXT = Path(textwrap.__file__)  # held out from the model's training (scripts/train_tiny_moe.py HELD_OUT)
@@ -131,7 +131,7 @@ def test_windows_drop_the_tail_and_take_the_bos():
 
 @pytest.fixture(scope="module")
 def model_and_windows():
-    from convert.eval.evaluate import read_text
+    from kt_convert.convert.eval.evaluate import read_text
 
     net = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(MODEL)
@@ -140,8 +140,8 @@ def model_and_windows():
 
 
 def test_both_sides_on_the_original_experts_give_exactly_zero(model_and_windows):
-    from convert.eval.windows import compare_on_windows
-    from kt_runtime.integrations import find_expert_modules
+    from kt_convert.convert.eval.windows import compare_on_windows
+    from kt_convert.kt_runtime.integrations import find_expert_modules
 
     net, windows = model_and_windows
     originals = {name: m for name, m in find_expert_modules(net).values()}
@@ -159,8 +159,8 @@ def test_both_sides_on_the_original_experts_give_exactly_zero(model_and_windows)
 
 
 def test_a_change_in_one_layer_shows_in_that_layer_alone(model_and_windows):
-    from convert.eval.windows import compare_on_windows
-    from kt_runtime.integrations import find_expert_modules
+    from kt_convert.convert.eval.windows import compare_on_windows
+    from kt_convert.kt_runtime.integrations import find_expert_modules
 
     net, windows = model_and_windows
     originals = {name: m for name, m in find_expert_modules(net).values()}
@@ -302,7 +302,7 @@ def test_output_of_another_model(outputs, tmp_path, capsys):
     assert f"{tmp_path / 'other-int8'} does not match --model {MODEL}: layer 0 expert 0" in err
     assert "converted from another model" in err
     # other dims: a synthetic Qwen3-MoE of 4 experts
-    from synthetic import make_family_checkpoint
+    from kt_convert.synthetic import make_family_checkpoint
 
     ck = make_family_checkpoint(tmp_path / "syn", "qwen3_moe_bf16", hidden_size=128, intermediate_size=128,
                                 num_experts=4, num_layers=4, mtp_layers=0, num_shards=1)
@@ -336,7 +336,7 @@ def test_a_checkpoint_transformers_cannot_load(outputs, tmp_path, capsys):
         pytest.skip("accelerate is installed: transformers loads FP8 checkpoints")
     except ImportError:
         pass
-    from synthetic.encode import requantize_checkpoint
+    from kt_convert.synthetic.encode import requantize_checkpoint
 
     requantize_checkpoint(MODEL, tmp_path / "fp8", tmp_path / "fp8-decoded", "fp8_block")
     err = _refused(capsys, outputs["int8"], "-m", tmp_path / "fp8", "-t", TEXT, "--ctx", CTX, "--max-tokens", 128)
@@ -361,7 +361,7 @@ def test_hostile_text_files(outputs, tmp_path, capsys, monkeypatch):
     assert "is not UTF-8 text (byte 3)" in _refused(capsys, *args, "--text", tmp_path / "latin1.txt")
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     assert "no such file" in _refused(capsys, *args, "--text", tmp_path / "dangling")
-    monkeypatch.setattr("convert.eval.evaluate.TEXT_MAX_BYTES", 1000)
+    monkeypatch.setattr("kt_convert.convert.eval.evaluate.TEXT_MAX_BYTES", 1000)
     assert "more than the 1000 bytes allowed" in _refused(capsys, *args, "--text", TEXT)
 
 

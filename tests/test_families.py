@@ -7,20 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers.numerics import available_isas
 from helpers.outputs import read_json
-from convert.cli import main
-from convert.families import FAMILIES
-from convert.pipeline import ConvertOptions, convert
-from convert.plan import build_plan
-from convert.source import open_checkpoint
-from synthetic.families import VARIANTS, make_family_checkpoint
-from kt_runtime.format.methods import INT4, INT8, get_method
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.decoders import (decode_f16, decode_fp8_block, decode_int4_group, e4m3_to_float32, encode_int4_words,
-                            unpack_int4_words)
-from quant.reference import pack_expert_reference, pack_reference
+from kt_convert.convert.cli import main
+from kt_convert.convert.families import FAMILIES
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.convert.plan import build_plan
+from kt_convert.convert.source import open_checkpoint
+from kt_convert.synthetic.families import VARIANTS, make_family_checkpoint
+from kt_convert.kt_runtime.format.methods import INT4, INT8, get_method
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.decoders import (decode_f16, decode_fp8_block, decode_int4_group, e4m3_to_float32,
+                                       encode_int4_words, unpack_int4_words)
+from kt_convert.quant.reference import pack_expert_reference, pack_reference
 
 AVAILABLE_ISAS = available_isas()
 
@@ -223,7 +223,7 @@ def test_per_expert_keys_of_an_unknown_model_type_are_recognised(tmp_path):
 
 
 def test_unknown_family_lists_what_is_supported(tmp_path, capsys):
-    from kt_runtime.format.safetensors_file import save_file
+    from kt_convert.kt_runtime.format.safetensors_file import save_file
 
     (tmp_path / "ck").mkdir()
     save_file(tmp_path / "ck" / "model.safetensors",

@@ -12,10 +12,10 @@ import pytest
 
 from helpers import ROOT
 from helpers.outputs import read_json, tree_hashes
-from convert.cli import main
-from convert.families import FAMILIES
-from kt_runtime.format.names import LOCK_FILE, MANIFEST_FILE
-from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.convert.cli import main
+from kt_convert.convert.families import FAMILIES
+from kt_convert.kt_runtime.format.names import LOCK_FILE, MANIFEST_FILE
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_first_lines_say_family_format_layers_experts_and_output(ckpt, tmp_path,
 @pytest.mark.parametrize("variant,limit", [("glm5_fp8", "10"), ("gpt_oss_bf16", "7"), ("qwen3_moe_bf16", None)])
 def test_the_plan_says_which_runtimes_apply_a_swiglu_clamp(tmp_path, capsys, variant, limit):
     """GLM-5.3-Flash's and gpt-oss's clamps, to AMXINT8 and with --kt-sft-manifest; none for a model without one."""
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     src = make_family_checkpoint(tmp_path / "src", variant, num_layers=2).path
     code, out, err = cli(capsys, "-i", src, "-o", tmp_path / "out", "--quant-method", "int8", "--dry-run")
@@ -90,7 +90,7 @@ def test_one_layer_reads_singular_and_small_sizes_keep_their_digits(ckpt, tmp_pa
 
 def stop_before_committing(monkeypatch, layer):
     """The run stops (a full disk) when it commits `layer`: the layers before it stay completed."""
-    from convert import pipeline
+    from kt_convert.convert import pipeline
 
     commit = pipeline._commit_layer
 
@@ -169,7 +169,7 @@ def test_finished_and_failed_runs_leave_no_lock_file(ckpt, tmp_path, capsys, mon
 
 
 def test_refused_run_leaves_no_folder_and_an_empty_folder_empty(ckpt, tmp_path, capsys, monkeypatch):
-    from convert import preflight
+    from kt_convert.convert import preflight
 
     monkeypatch.setattr(preflight, "disk_free", lambda path: 1000)
     created = tmp_path / "a" / "b" / "out"
@@ -187,8 +187,8 @@ def test_lock_taken_over_after_the_holder_removed_it(tmp_path):
     on the removed file while a third one locks the new file."""
     import fcntl
 
-    from convert.errors import UserError
-    from convert.output_dir import OutputLock
+    from kt_convert.convert.errors import UserError
+    from kt_convert.convert.output_dir import OutputLock
 
     first = OutputLock(tmp_path)
     stale_fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR)  # what a second converter opened
@@ -217,7 +217,7 @@ class FakeTerminal(io.StringIO):
 
 
 def test_zero_column_terminal_gets_plain_lines(monkeypatch):
-    from convert import progress
+    from kt_convert.convert import progress
 
     monkeypatch.setattr(progress, "terminal_columns", lambda stream: 0)
     stream = FakeTerminal()
@@ -231,7 +231,7 @@ def test_zero_column_terminal_gets_plain_lines(monkeypatch):
 
 
 def test_bar_says_finishing_after_the_last_layer(monkeypatch):
-    from convert import progress
+    from kt_convert.convert import progress
 
     monkeypatch.setattr(progress, "terminal_columns", lambda stream: 120)
     stream = FakeTerminal()
@@ -247,7 +247,7 @@ def test_bar_says_finishing_after_the_last_layer(monkeypatch):
 
 
 def test_units():
-    from convert.units import memory, plural, rate, size
+    from kt_convert.convert.units import memory, plural, rate, size
 
     assert [size(0), size(999), size(2_510_000), size(4.83e9), size(1.234e12)] == \
         ["0 B", "999 B", "2.51 MB", "4.83 GB", "1.23 TB"]
@@ -264,10 +264,10 @@ def test_device_auto_finds_no_gpu_without_importing_torch(tmp_path):
     (fake / "triton" / "__init__.py").write_text("")  # triton "installed": the probe goes on to the GPU
     code = textwrap.dedent("""
         import sys, time
-        from convert.pipeline import resolve_device
+        from kt_convert.convert.pipeline import resolve_device
         t = time.perf_counter()
         print(resolve_device("auto"), "torch" in sys.modules, f"{time.perf_counter() - t:.3f}")
-        from quant.gpu import gpu_unavailable_reason
+        from kt_convert.quant.gpu import gpu_unavailable_reason
         print(gpu_unavailable_reason())
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)]), "CUDA_VISIBLE_DEVICES": ""}
@@ -280,7 +280,7 @@ def test_device_auto_finds_no_gpu_without_importing_torch(tmp_path):
 
 
 def test_no_gpu_device_nodes(tmp_path, monkeypatch):
-    from quant.gpu import no_gpu_device_reason
+    from kt_convert.quant.gpu import no_gpu_device_reason
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nodes = (str(tmp_path / "nvidia[0-9]*"), str(tmp_path / "kfd"))
@@ -295,8 +295,8 @@ def test_no_gpu_device_nodes(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ["bit", "truncate"])
 def test_a_damaged_layer_is_repaired_by_a_rerun_as_the_loader_says(ckpt, tmp_path, capsys, damage):
-    import kt_runtime
-    from kt_runtime.format.errors import PackedWeightsError
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime.format.errors import PackedWeightsError
 
     out = tmp_path / "out"
     assert cli(capsys, "-i", ckpt, "-o", out, "--no-progress")[0] == 0
@@ -317,7 +317,7 @@ def test_a_damaged_layer_is_repaired_by_a_rerun_as_the_loader_says(ckpt, tmp_pat
 def test_device_cuda_without_a_gpu_says_so_before_triton(ckpt, tmp_path, monkeypatch, capsys):
     import importlib.util
 
-    from quant import gpu
+    from kt_convert.quant import gpu
 
     nodes = (str(tmp_path / "nvidia[0-9]*"),)  # none there: no GPU, whatever this machine has
     monkeypatch.setattr(gpu, "no_gpu_device_reason", lambda real=gpu.no_gpu_device_reason: real(nodes))
@@ -331,7 +331,7 @@ def test_device_cuda_without_a_gpu_says_so_before_triton(ckpt, tmp_path, monkeyp
 def test_reported_seconds_leave_the_device_probe_out(ckpt, tmp_path, monkeypatch):
     import time
 
-    from convert import pipeline
+    from kt_convert.convert import pipeline
 
     def slow_probe(device):
         time.sleep(0.5)
@@ -345,7 +345,7 @@ def test_reported_seconds_leave_the_device_probe_out(ckpt, tmp_path, monkeypatch
 
 
 def test_progress_forced_into_a_pipe_still_draws_a_bar():
-    from convert.progress import Progress
+    from kt_convert.convert.progress import Progress
 
     p = Progress(1000, 2, enabled=True, stream=io.StringIO())  # --progress 2>&1 | tee log
     assert p.bar is not None
@@ -391,7 +391,7 @@ def test_help_names_kt_flags_and_an_example(capsys):
 
 
 def test_help_lists_every_command_near_its_head(capsys):
-    from convert.cli import COMMANDS
+    from kt_convert.convert.cli import COMMANDS
 
     code, out, _ = cli(capsys, "--help")
     assert code == 0
@@ -488,7 +488,7 @@ def test_resume_layer_explains_kts_merged_shards(ckpt, tmp_path, capsys):
 
 @pytest.fixture
 def converted(ckpt, tmp_path):
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     out = tmp_path / "out"
     convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False))
@@ -497,8 +497,8 @@ def converted(ckpt, tmp_path):
 
 def count_hashing(monkeypatch):
     """Counts the layers hashed, by the loader and by the converter (one call per layer)."""
-    from convert import output_job
-    from kt_runtime.format import reader
+    from kt_convert.convert import output_job
+    from kt_convert.kt_runtime.format import reader
 
     calls = []
     real = reader.tree_sha256_files
@@ -519,7 +519,7 @@ def flip_in_place(path, offset=-5):
 
 
 def test_a_converted_output_is_trusted_until_a_file_changes(converted, monkeypatch):
-    import kt_runtime
+    from kt_convert import kt_runtime
 
     manifest = read_json(converted / "kt_manifest.json")
     record = read_json(converted / ".kt_verified.json")["layers"]  # written by the converter as it committed
@@ -548,7 +548,7 @@ def touch(path):
 
 
 def test_a_touched_file_is_hashed_again_then_trusted(ckpt, converted, monkeypatch, capsys):
-    import kt_runtime
+    from kt_convert import kt_runtime
 
     touch(converted / "model-00001-of-00002.safetensors")
     calls = count_hashing(monkeypatch)
@@ -590,14 +590,14 @@ def test_a_resume_hashes_the_unrecorded_layers_and_records_them(ckpt, converted,
     assert calls == [1, 1]
     assert sorted(read_json(converted / ".kt_verified.json")["layers"]) == ["0", "1"]
     calls.clear()
-    import kt_runtime
+    from kt_convert import kt_runtime
     kt_runtime.load_experts(converted)
     assert calls == []
 
 
 def test_large_outputs_are_not_hashed_by_default(converted, monkeypatch):
-    import kt_runtime
-    from kt_runtime.format import reader
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime.format import reader
 
     monkeypatch.setattr(reader, "AUTO_VERIFY_BYTES", 1000)
     (converted / ".kt_verified.json").unlink()  # no record (an output written before the converter made one)
@@ -612,8 +612,8 @@ def test_large_outputs_are_not_hashed_by_default(converted, monkeypatch):
 
 
 def test_a_damaged_or_unwritable_record_only_costs_a_hash(converted, monkeypatch):
-    import kt_runtime
-    from kt_runtime.format import fsio
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime.format import fsio
 
     (converted / ".kt_verified.json").write_text('{"version": 1, "layers": {"0": "garbage"}}')
     calls = count_hashing(monkeypatch)
@@ -631,7 +631,7 @@ def test_a_damaged_or_unwritable_record_only_costs_a_hash(converted, monkeypatch
 
 
 def test_overwrite_removes_the_record_and_a_rerun_keeps_it(ckpt, converted, capsys):
-    import kt_runtime
+    from kt_convert import kt_runtime
 
     kt_runtime.load_experts(converted)
     assert cli(capsys, "-i", ckpt, "-o", converted, "--no-progress")[0] == 0  # nothing to do: kept

@@ -11,13 +11,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_importing_the_format_loads_no_engine():
-    code = ("import sys, kt_runtime.format, kt_runtime.format.names, kt_runtime.format.byte_orders, "
-            "kt_runtime.format.methods, kt_runtime.format.spec, kt_runtime.format.manifest, "
-            "kt_runtime.format.safetensors_file, kt_runtime.format.fsio, kt_runtime.format.input_files, "
-            "kt_runtime.format.json_fields, kt_runtime.format.digest, kt_runtime.format.reader, "
-            "kt_runtime.format.writer\n"
-            "bad = sorted(m for m in ('torch', 'triton', 'kt_kernels', 'convert', 'quant', 'kt_runtime.cpu_moe', "
-            "'kt_runtime.loader', 'kt_runtime.hybrid') if m in sys.modules)\n"
+    code = ("import sys, kt_convert.kt_runtime.format, kt_convert.kt_runtime.format.names, "
+            "kt_convert.kt_runtime.format.byte_orders, "
+            "kt_convert.kt_runtime.format.methods, kt_convert.kt_runtime.format.spec, "
+            "kt_convert.kt_runtime.format.manifest, "
+            "kt_convert.kt_runtime.format.safetensors_file, kt_convert.kt_runtime.format.fsio, "
+            "kt_convert.kt_runtime.format.input_files, "
+            "kt_convert.kt_runtime.format.json_fields, kt_convert.kt_runtime.format.digest, "
+            "kt_convert.kt_runtime.format.reader, kt_convert.kt_runtime.format.writer\n"
+            "bad = sorted(m for m in ('torch', 'triton', 'kt_convert.kt_kernels', 'kt_convert.convert', "
+            "'kt_convert.quant', 'kt_convert.kt_runtime.cpu_moe', "
+            "'kt_convert.kt_runtime.loader', 'kt_convert.kt_runtime.hybrid') if m in sys.modules)\n"
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"importing kt_runtime.format loaded {out.stdout.strip()}"
@@ -26,8 +30,8 @@ def test_importing_the_format_loads_no_engine():
 @pytest.mark.parametrize("name", ["SafetensorsFormatError", "SafetensorsChangedError", "ManifestError",
                                   "PackedWeightsError", "UnsafePathError", "InputFileError", "FieldError"])
 def test_every_format_error_derives_from_one_base(name):
-    import kt_runtime
-    from kt_runtime import format as room
+    from kt_convert import kt_runtime
+    from kt_convert.kt_runtime import format as room
 
     cls = getattr(room, name)
     assert issubclass(cls, room.PackedFormatError) and issubclass(cls, ValueError)
@@ -38,9 +42,9 @@ def test_every_format_error_derives_from_one_base(name):
 # -- the method table -------------------------------------------------------------------------------
 
 def test_method_rows_and_what_reads_them():
-    from convert.cli.conversion import convert_command as cli
-    from kt_runtime.format.methods import CHOICES, INT4, INT8, METHODS, get_method
-    from kt_runtime.format.names import KT_FOLDERS
+    from kt_convert.convert.cli.conversion import convert_command as cli
+    from kt_convert.kt_runtime.format.methods import CHOICES, INT4, INT8, METHODS, get_method
+    from kt_convert.kt_runtime.format.names import KT_FOLDERS
 
     assert (INT4.bits, INT4.levels, INT4.n_block, INT4.k_align, INT4.kt_method, INT4.kt_file_prefix) == \
         (4, 112, 128, 128, "AMXINT4", "INT4")
@@ -63,7 +67,7 @@ def test_method_rows_and_what_reads_them():
     (320, 512, 1, "int4", "hidden_size 320 is not a multiple of 128"), (320, 512, 1, "int8", None),
 ])
 def test_one_alignment_rule(H, I, T, method, problem):
-    from kt_runtime.format.methods import alignment_problem, get_method, working_threadpool_counts
+    from kt_convert.kt_runtime.format.methods import alignment_problem, get_method, working_threadpool_counts
 
     got = alignment_problem(get_method(method), H, I, T)
     assert (got is None) if problem is None else (problem in got)
@@ -71,9 +75,9 @@ def test_one_alignment_rule(H, I, T, method, problem):
 
 
 def test_names_and_their_parsers_agree():
-    from kt_runtime.format.byte_orders import MergedKey, merged_key, parse_merged_key
-    from kt_runtime.format.spec import KtFileName, kt_file_names, parse_kt_file_name
-    from kt_runtime.format.methods import INT4, INT8
+    from kt_convert.kt_runtime.format.byte_orders import MergedKey, merged_key, parse_merged_key
+    from kt_convert.kt_runtime.format.spec import KtFileName, kt_file_names, parse_kt_file_name
+    from kt_convert.kt_runtime.format.methods import INT4, INT8
 
     assert merged_key(3, "down", 17, 1, "scale") == "blk.3.ffn_down_exps.17.numa.1.scale"
     assert parse_merged_key("blk.3.ffn_down_exps.17.numa.1.scale") == MergedKey(3, "down", 17, 1, "scale")
@@ -88,8 +92,8 @@ def test_names_and_their_parsers_agree():
 @pytest.mark.parametrize("method,T", [("int4", 1), ("int4", 2), ("int8", 4)])
 def test_layer_sizes_one_way(method, T):
     """layer_data_bytes (computed) equals the tensors of layer_entries, and the sum written out by hand."""
-    from kt_runtime.format.spec import PackedSpec
-    from kt_runtime.format.safetensors_file import tensor_nbytes
+    from kt_convert.kt_runtime.format.spec import PackedSpec
+    from kt_convert.kt_runtime.format.safetensors_file import tensor_nbytes
 
     H, I, E = 384, 512, 3
     spec = PackedSpec(method, T, H, I, E, 2, (0, 1))
@@ -101,7 +105,7 @@ def test_layer_sizes_one_way(method, T):
 
 
 def test_shard_metadata_is_written_and_checked_by_one_pair():
-    from kt_runtime.format.manifest import LayerRecord, Manifest, shard_metadata, shard_metadata_problem
+    from kt_convert.kt_runtime.format.manifest import LayerRecord, Manifest, shard_metadata, shard_metadata_problem
 
     m = Manifest(method="int8", threadpool_count=2, hidden_size=384, moe_intermediate_size=512, num_experts=4,
                  num_experts_per_tok=2, layers=[0, 1], layout="merged", swiglu_limit=7.0,
@@ -134,10 +138,10 @@ def test_shard_metadata_is_written_and_checked_by_one_pair():
 
 def test_kernels_hold_the_same_method_table():
     """kernels_cpp's method_info (the packer's and the engine's constants) agrees with every row."""
-    import kt_kernels
+    from kt_convert import kt_kernels
 
-    from kt_runtime.format.byte_orders import AMX_TILED
-    from kt_runtime.format.methods import FP32_RECIPROCAL, METHODS
+    from kt_convert.kt_runtime.format.byte_orders import AMX_TILED
+    from kt_convert.kt_runtime.format.methods import FP32_RECIPROCAL, METHODS
 
     for m in METHODS.values():
         assert (m.byte_order is AMX_TILED) == (m.group_size is None) == (m.scale_dtype == "F32")
@@ -151,9 +155,12 @@ def test_kernels_hold_the_same_method_table():
 def test_the_converter_and_the_generators_never_import_the_engine():
     """convert (the CLI and the pipeline) and synthetic read and write through kt_runtime.format only: no
     CPU/GPU engine, no loader, no torch, when they are imported."""
-    code = ("import sys, convert.cli, convert.pipeline, convert.verify, synthetic\n"
-            "bad = sorted(m for m in ('torch', 'triton', 'kt_runtime.cpu_moe', 'kt_runtime.hybrid', "
-            "'kt_runtime.loader', 'kt_runtime.reference', 'kt_runtime.integrations') if m in sys.modules)\n"
+    code = ("import sys, kt_convert.convert.cli, kt_convert.convert.pipeline, kt_convert.convert.verify, "
+            "kt_convert.synthetic as synthetic\n"
+            "bad = sorted(m for m in ('torch', 'triton', 'kt_convert.kt_runtime.cpu_moe', "
+            "'kt_convert.kt_runtime.hybrid', "
+            "'kt_convert.kt_runtime.loader', 'kt_convert.kt_runtime.reference', 'kt_convert.kt_runtime.integrations') "
+            "if m in sys.modules)\n"
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"the converter imported {out.stdout.strip()}"
@@ -177,18 +184,23 @@ NO_TORCH = {FORMAT}  # layers that never import torch or triton, not even in a f
 
 def layer_of(module: str) -> str | None:
     """The layer of a project module (None: not the project's)."""
-    top = module.split(".")[0]
-    if module == "kt_runtime.format" or module.startswith("kt_runtime.format."):
+    if not module.startswith("kt_convert."):
+        return None
+    top = module.split(".")[1]
+    if module == "kt_convert.kt_runtime.format" or module.startswith("kt_convert.kt_runtime.format."):
         return FORMAT
-    if module in ("convert.__main__", "convert.cli", "convert.eval") or module.startswith(("convert.cli.",
-                                                                                         "convert.eval.")):
+    if module in ("kt_convert.__main__", "kt_convert.convert.cli",
+                  "kt_convert.convert.eval") or module.startswith(("kt_convert.convert.cli.",
+                                                                                         "kt_convert.convert.eval.")):
         return TOP
     return {"kt_runtime": ENGINE, "convert": CONVERTER, "quant": QUANT, "synthetic": SYNTHETIC,
             "kt_kernels": KERNELS}.get(top)
 
 
 def _is_module(name: str) -> bool:
-    path = ROOT / Path(*name.split("."))
+    if name == "kt_convert.kt_kernels":  # the extension
+        return True
+    path = ROOT / Path(*name.removeprefix("kt_convert.").split("."))
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
@@ -240,24 +252,28 @@ def test_imports_go_one_way():
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
             is_package = parts[-1] == "__init__"
-            module = ".".join(parts[:-1] if is_package else parts)
+            module = ".".join(("kt_convert", *(parts[:-1] if is_package else parts)))
             problems += layering_problems(path.read_text(), module, is_package)
     assert not problems, "imports against docs/ARCHITECTURE.md's layers:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("module,source,crosses", [
-    ("convert.verify", "def f():\n    from kt_runtime.loader import load_experts\n", True),  # lazy, in a function
-    ("convert.verify", "class A:\n    def f(self):\n        import kt_runtime.hybrid\n", True),
-    ("convert.pipeline", "def f():\n    if x:\n        from .cli import main\n", True),  # a command, upward
-    ("convert.plan", "import kt_runtime\n", True),  # the engine's package face
-    ("kt_runtime.format.reader", "def f():\n    from quant.reference import dequantize_expert\n", True),
-    ("kt_runtime.format.spec", "def f():\n    import torch\n", True),
-    ("kt_runtime.loader", "def f():\n    from convert.plan import build_plan\n", True),
-    ("quant.reference", "import importlib\ndef f():\n    importlib.import_module('kt_runtime.cpu_moe')\n", True),
-    ("convert.verify", "def f():\n    from kt_runtime.format.reader import open_output\n", False),
-    ("convert.eval.evaluate", "def f():\n    from kt_runtime.integrations import swap_experts\n", False),
-    ("convert.cli.verify", "def f():\n    from ..verify import verify\n", False),
-    ("kt_runtime.loader", "def f():\n    from quant.reference import dequantize_expert\n", False),
+    ("kt_convert.convert.verify", "def f():\n    from kt_convert.kt_runtime.loader import load_experts\n",
+     True),  # lazy, in a function
+    ("kt_convert.convert.verify", "class A:\n    def f(self):\n        import kt_convert.kt_runtime.hybrid\n", True),
+    ("kt_convert.convert.pipeline", "def f():\n    if x:\n        from .cli import main\n", True),  # a command, upward
+    ("kt_convert.convert.plan", "from kt_convert import kt_runtime\n", True),  # the engine's package face
+    ("kt_convert.kt_runtime.format.reader", "def f():\n    from kt_convert.quant.reference import dequantize_expert\n",
+     True),
+    ("kt_convert.kt_runtime.format.spec", "def f():\n    import torch\n", True),
+    ("kt_convert.kt_runtime.loader", "def f():\n    from kt_convert.convert.plan import build_plan\n", True),
+    ("kt_convert.quant.reference",
+     "import importlib\ndef f():\n    importlib.import_module('kt_convert.kt_runtime.cpu_moe')\n", True),
+    ("kt_convert.convert.verify", "def f():\n    from kt_convert.kt_runtime.format.reader import open_output\n", False),
+    ("kt_convert.convert.eval.evaluate", "def f():\n    from kt_convert.kt_runtime.integrations import swap_experts\n",
+     False),
+    ("kt_convert.convert.cli.verify", "def f():\n    from ..verify import verify\n", False),
+    ("kt_convert.kt_runtime.loader", "def f():\n    from kt_convert.quant.reference import dequantize_expert\n", False),
 ])
 def test_the_layer_check_sees_lazy_imports(module, source, crosses):
     assert bool(layering_problems(source, module)) == crosses
@@ -282,12 +298,12 @@ def test_a_byte_order_of_its_own_is_all_the_format_needs(tmp_path, monkeypatch):
     writer, manifest and reader handle it, with no branch on the method anywhere in them."""
     import numpy as np
 
-    from kt_runtime.format import methods
-    from kt_runtime.format.byte_orders import ByteOrder
-    from kt_runtime.format.errors import PackedWeightsError
-    from kt_runtime.format.manifest import Manifest, shard_metadata, write_manifest
-    from kt_runtime.format.reader import open_output
-    from kt_runtime.format.writer import MergedShardWriter
+    from kt_convert.kt_runtime.format import methods
+    from kt_convert.kt_runtime.format.byte_orders import ByteOrder
+    from kt_convert.kt_runtime.format.errors import PackedWeightsError
+    from kt_convert.kt_runtime.format.manifest import Manifest, shard_metadata, write_manifest
+    from kt_convert.kt_runtime.format.reader import open_output
+    from kt_convert.kt_runtime.format.writer import MergedShardWriter
 
     class RowMajor(ByteOrder):
         name = "row-major"

@@ -11,13 +11,13 @@ import warnings
 import numpy as np
 import pytest
 
-import kt_runtime
-from convert.pipeline import ConvertOptions, convert
-from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime import PackedWeightsError
-from kt_runtime.format.byte_orders import merged_key
-from kt_runtime.format.names import MANIFEST_FILE
-from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
+from kt_convert import kt_runtime
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.kt_runtime import PackedWeightsError
+from kt_convert.kt_runtime.format.byte_orders import merged_key
+from kt_convert.kt_runtime.format.names import MANIFEST_FILE
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 SHARD0, SHARD1 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
-import kt_runtime
+from kt_convert import kt_kernels
+from kt_convert import kt_runtime
 from helpers.engine_knobs import knobs
-from kt_kernels import _testing
-from kt_runtime import HybridMoE
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.expert_activation import Activation, ExpertBiases, read_expert_biases
-from kt_runtime.reference import moe_reference
+from kt_convert.kt_kernels import _testing
+from kt_convert.kt_runtime import HybridMoE
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.expert_activation import Activation, ExpertBiases, read_expert_biases
+from kt_convert.kt_runtime.reference import moe_reference
 
 ISAS = kt_kernels.moe_isas()  # the engine's ISA rows this CPU runs
 H, I, E = 384, 256, 4
@@ -28,7 +28,7 @@ H, I, E = 384, 256, 4
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     return make_family_checkpoint(tmp_path_factory.mktemp("gpt_oss") / "ck", "gpt_oss_mxfp4",
                                   hidden_size=H, intermediate_size=I, num_experts=E, num_layers=2)
@@ -36,7 +36,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def packed(request, source, tmp_path_factory):
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp(f"gpt_oss_{request.param}") / "out"
     convert(ConvertOptions(input_path=str(source.path), output=out, quant_method=request.param, threadpool_count=2,
@@ -178,8 +178,8 @@ def test_inject_gpt_oss_model(tmp_path, device):
     logits stay close to the original model's, far closer than without the routed experts or without the
     biases, which come from the model (they are not in the packed output)."""
     transformers = pytest.importorskip("transformers")
-    from convert.pipeline import ConvertOptions, convert
-    from kt_runtime.integrations import find_expert_modules, hybrid_layers
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.kt_runtime.integrations import find_expert_modules, hybrid_layers
 
     cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=256, intermediate_size=128, num_local_experts=8,
                                     num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
@@ -256,7 +256,7 @@ def test_read_expert_biases_bad_sources(packed, source, tmp_path):
 ])
 def test_alignment_messages_name_gpt_oss_config_key(source, tmp_path, capsys, count, needle):
     """gpt-oss's config.json calls the expert width intermediate_size: the message names that key."""
-    from convert.cli import main
+    from kt_convert.convert.cli import main
 
     assert main(["-i", str(source.path), "-o", str(tmp_path / "out"), "--threadpool-count", str(count)]) == 2
     err = capsys.readouterr().err

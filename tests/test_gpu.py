@@ -14,14 +14,14 @@ import torch
 
 from helpers.numerics import fp8_subnormal_decode_rows, ftz_window_rows, kt_special_rows, random_bf16
 from helpers.outputs import tree_hashes
-from kt_runtime.format.methods import INT4, INT8
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.decoders import encode_int4_words
-from quant.amx_tiling import untile
-from quant.gpu import pack_gpu, plan_batch
-from quant.mxfp4 import decode_mxfp4
-from kt_runtime.format.spec import full_shape, shard_slice
-from quant.reference import pack_reference
+from kt_convert.kt_runtime.format.methods import INT4, INT8
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.decoders import encode_int4_words
+from kt_convert.quant.amx_tiling import untile
+from kt_convert.quant.gpu import pack_gpu, plan_batch
+from kt_convert.quant.mxfp4 import decode_mxfp4
+from kt_convert.kt_runtime.format.spec import full_shape, shard_slice
+from kt_convert.quant.reference import pack_reference
 
 DEVICE = os.environ.get("KT_GPU_TEST_DEVICE", "cuda")
 INTERPRETED = DEVICE == "cpu"
@@ -283,7 +283,7 @@ def test_gpu_in_place_windows_match_cpu(method):
     """The streaming packer's layout through the real kernel: sources read in place from a host block (row
     strides of two rows, as a fused tensor's gate or up; column slices of down's NUMA shards), one source
     staged beside them, and targets carved from one arena of the block, downloaded in place."""
-    from convert.host_memory import HostBlock
+    from kt_convert.convert.host_memory import HostBlock
 
     rng = np.random.default_rng(13)
     block = HostBlock(np.zeros(1 << 23, np.uint8))
@@ -311,7 +311,7 @@ def test_gpu_nvfp4_mxfp8_in_place_windows_match_cpu(method, source):
     the streaming packer's layout and the real kernel: fused gate/up rows read in place with a stride of two
     rows, down's NUMA column slices read in place, targets downloaded in place into one arena; the per-tensor
     scale reaches the kernel through the job table."""
-    from convert.host_memory import HostBlock
+    from kt_convert.convert.host_memory import HostBlock
 
     rng = np.random.default_rng(17)
     block = HostBlock(np.zeros(1 << 23, np.uint8))
@@ -371,8 +371,8 @@ def test_streaming_packer_matches_cpu_with_batches_in_flight(slots):
     """The CUDA packer on a real device: batches whose sources and targets are in its pinned block (uploaded
     and downloaded in place) and batches outside it (staged, scattered), more of them submitted than it has
     slots before the first result is taken, of sizes that grow and shrink."""
-    from convert.packers import CudaPacker
-    from convert.host_memory import PageableMemory
+    from kt_convert.convert.packers import CudaPacker
+    from kt_convert.convert.host_memory import PageableMemory
 
     H, I, threadpool_count = 1024, 1536, 2
     packer = CudaPacker(slots=slots, pinned_bytes=256 << 20)
@@ -416,7 +416,7 @@ def test_streaming_packer_matches_cpu_with_batches_in_flight(slots):
 
 
 def _convert(ckpt, out, **kw):
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     return convert(ConvertOptions(input_path=str(ckpt), output=out, progress=False, **kw))
 
@@ -425,7 +425,7 @@ def _convert(ckpt, out, **kw):
 def gpu_packs_every_batch(monkeypatch):
     """--device cuda packs every batch on the GPU (not on the CPU while the GPU starts): the tests
     below compare GPU bytes with CPU bytes."""
-    from convert import packers
+    from kt_convert.convert import packers
 
     monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
 
@@ -435,8 +435,8 @@ def gpu_packs_every_batch(monkeypatch):
 @pytest.mark.parametrize("storage,method,threadpool_count", [("I8", "int4", 2), ("U8", "int8", 2), ("F4", "int4", 4),
                                                  ("I8", "int8", 1), ("I8", "int4", 1), ("U8", "int8", 4)])
 def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_count, gpu_packs_every_batch):
-    from convert import packers
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert.convert import packers
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", storage=storage, mtp_layers=1, num_shards=3)
     cpu = _convert(ckpt.path, tmp_path / "cpu", quant_method=method, threadpool_count=threadpool_count, device="cpu")
@@ -460,7 +460,7 @@ def test_convert_device_cuda_equals_cpu(tmp_path, storage, method, threadpool_co
 def test_convert_every_family_on_cuda_equals_cpu(tmp_path, gpu_packs_every_batch):
     """Every synthetic family the CPU path converts (BF16, FP16, FP8 block, INT4 group, MXFP4)
     gives the same bytes on the GPU."""
-    families = pytest.importorskip("synthetic.families")
+    families = pytest.importorskip("kt_convert.synthetic.families")
     done = []
     for variant in sorted(families.VARIANTS):
         ckpt = families.make_family_checkpoint(tmp_path / variant / "ckpt", variant)
@@ -480,8 +480,8 @@ def test_convert_every_family_on_cuda_equals_cpu(tmp_path, gpu_packs_every_batch
 def test_cpu_packs_while_the_gpu_starts_same_bytes(tmp_path, monkeypatch):
     """The default --device cuda run: the GPU starts on a background thread while the CPU packs; every
     batch after its start-up goes to the GPU; the bytes equal a CPU run's whoever packed which batch."""
-    from convert import layer_pack
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert.convert import layer_pack
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch: many batches
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
@@ -498,8 +498,8 @@ def test_cpu_packs_while_the_gpu_starts_same_bytes(tmp_path, monkeypatch):
 def test_convert_with_a_pinned_block_too_small_for_its_batches(tmp_path, monkeypatch, gpu_packs_every_batch):
     """Batches that do not fit the pinned block (read into plain buffers, staged, unpacked through plain
     memory) give the same bytes, and the run counts them."""
-    from convert import packers
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert.convert import packers
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     monkeypatch.setattr(packers, "PINNED_BYTES", 1 << 20)  # a batch of v4-flash-tiny is 2.5 MB
     ckpt = make_v4_flash_checkpoint(tmp_path / "ckpt", "v4-flash-tiny", num_shards=2)
@@ -512,7 +512,7 @@ def test_convert_with_a_pinned_block_too_small_for_its_batches(tmp_path, monkeyp
 @gpu
 @real_gpu
 def test_warm_up_compiles_on_a_slice(tmp_path):
-    from convert.packers import CudaPacker, _warm_up_sources
+    from kt_convert.convert.packers import CudaPacker, _warm_up_sources
 
     H, I = 512, 768
     srcs = _expert_sources("mxfp4", H, I, seed=3)
@@ -528,9 +528,9 @@ def test_warm_up_compiles_on_a_slice(tmp_path):
 
 
 def test_device_selection_without_a_gpu(tiny_checkpoint, tmp_path, capsys):
-    from convert.cli import main
-    from convert.pipeline import resolve_device
-    from quant.gpu import gpu_unavailable_reason
+    from kt_convert.convert.cli import main
+    from kt_convert.convert.pipeline import resolve_device
+    from kt_convert.quant.gpu import gpu_unavailable_reason
 
     if gpu_unavailable_reason() is None:
         assert resolve_device("auto") == "cuda" and resolve_device("cuda") == "cuda"

@@ -10,16 +10,16 @@ import types
 import numpy as np
 import pytest
 
-from convert import packers
-from convert.gpu_schedule import STREAMS, batch_steps
-from convert.host_memory import HostBlock, PageableMemory, RangeAllocator, plan_ring, target_layout
+from kt_convert.convert import packers
+from kt_convert.convert.gpu_schedule import STREAMS, batch_steps
+from kt_convert.convert.host_memory import HostBlock, PageableMemory, RangeAllocator, plan_ring, target_layout
 from helpers.fake_cuda import fake_launch, fake_torch
-from kt_runtime.format.spec import full_shape, shard_slice
-from kt_runtime.format.methods import INT4, INT8
-from quant import gpu as quant_gpu
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.gpu import META, plan_batch
-from quant.source_formats import SOURCE_FORMATS
+from kt_convert.kt_runtime.format.spec import full_shape, shard_slice
+from kt_convert.kt_runtime.format.methods import INT4, INT8
+from kt_convert.quant import gpu as quant_gpu
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.gpu import META, plan_batch
+from kt_convert.quant.source_formats import SOURCE_FORMATS
 
 
 # -- the pinned block ------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_targets_tile_one_arena_in_job_order():
         assert block.offset_of(t.scales) - block.offset_of(t.weight) == s - w and s % 64 == 0
         assert t.weight.flags.c_contiguous and t.scales.dtype == np.float32 and t.weight.flags.writeable
     assert layout.nbytes == 64 * 128 + 256 + 32 * 64 + 128 + 96 * 192 + 384
-    rawint4 = next(m for m in __import__("kt_runtime.format.methods", fromlist=["METHODS"]).METHODS.values()
+    rawint4 = next(m for m in __import__("kt_convert.kt_runtime.format.methods", fromlist=["METHODS"]).METHODS.values()
                    if m.scale_dtype != "F32")
     assert block.offset_of(block.targets(rawint4, [(32, rawint4.k_align)])[0].weight) is None  # not for the GPU
     full = HostBlock(np.zeros(4096, np.uint8))
@@ -243,7 +243,8 @@ def test_schedule_never_overwrites_a_slot_before_it_is_read_and_overlaps_batches
 def cuda_packer(monkeypatch):
     fake = fake_torch()
     monkeypatch.setitem(sys.modules, "torch", fake)
-    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
+                        types.ModuleType("kt_convert.quant.triton_kernels"))
     monkeypatch.setattr(quant_gpu, "launch", fake_launch)
     made = []
 
@@ -348,10 +349,10 @@ def test_reads_move_into_the_pinned_block_once_it_is_there(tiny_checkpoint):
     """The source stream reads into plain buffers until the GPU's block comes up, then into leases of it,
     replacing each buffer as it comes back; a block with no room leaves the plain buffer in use (not a new
     one per batch). The bytes read are the file's either way."""
-    from convert.layer_io import LayerReader
-    from convert.plan import build_plan
-    from convert.source import open_checkpoint
-    from convert.source_reader import slab_extent
+    from kt_convert.convert.layer_io import LayerReader
+    from kt_convert.convert.plan import build_plan
+    from kt_convert.convert.source import open_checkpoint
+    from kt_convert.convert.source_reader import slab_extent
 
     class Switch:  # as StartingPacker: plain memory, then the block
         def __init__(self, block):
@@ -398,8 +399,8 @@ def test_a_conversion_keeps_one_batch_on_the_device_while_the_next_is_submitted(
     every batch's results before the layer ends), the read buffers and the arenas are the pinned block's, and
     the files are the CPU run's."""
     from helpers.outputs import tree_hashes
-    from convert import layer_pack, pipeline
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert import layer_pack, pipeline
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     def run(out, **kw):
         return convert(ConvertOptions(input_path=str(tiny_checkpoint.path), output=out, progress=False,
@@ -407,7 +408,8 @@ def test_a_conversion_keeps_one_batch_on_the_device_while_the_next_is_submitted(
 
     run(tmp_path / "cpu", device="cpu")
     monkeypatch.setitem(sys.modules, "torch", fake_torch())
-    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
+                        types.ModuleType("kt_convert.quant.triton_kernels"))
     monkeypatch.setattr(quant_gpu, "launch", fake_launch)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
     monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
@@ -447,9 +449,9 @@ def test_nvfp4_and_mxfp8_conversions_on_the_stand_in_device(tmp_path, monkeypatc
     batch read into the pinned block and packed by the stand-in kernel, which takes the per-tensor scale from
     the job table as the Triton kernel does; the files are the CPU run's."""
     from helpers.outputs import tree_hashes
-    from convert import pipeline
-    from convert.pipeline import ConvertOptions, convert
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.convert import pipeline
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     ckpt = make_family_checkpoint(tmp_path / "ckpt", variant)
 
@@ -458,7 +460,8 @@ def test_nvfp4_and_mxfp8_conversions_on_the_stand_in_device(tmp_path, monkeypatc
 
     run(tmp_path / "cpu", device="cpu")
     monkeypatch.setitem(sys.modules, "torch", fake_torch())
-    monkeypatch.setitem(sys.modules, "quant.triton_kernels", types.ModuleType("quant.triton_kernels"))
+    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
+                        types.ModuleType("kt_convert.quant.triton_kernels"))
     kinds = []
 
     def launch(method, plan, dev_in, dev_out):

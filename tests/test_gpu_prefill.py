@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from kt_runtime import HybridMoE
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.hybrid import gpu_prefill, host_registration, routing
-from kt_runtime.hybrid.expert_staging import LayerSources, Piece, copy_tasks, stage_group
-from kt_runtime.expert_activation import Activation
-from kt_runtime.hybrid.gpu_prefill import GpuPrefill, PrefillWorkspace
-from kt_runtime.hybrid.prefill_plan import (ALIGN, MIN_PAIR_BLOCK, TABLE_SHARE, ExpertSizes, check_memory,
+from kt_convert.kt_runtime import HybridMoE
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.hybrid import gpu_prefill, host_registration, routing
+from kt_convert.kt_runtime.hybrid.expert_staging import LayerSources, Piece, copy_tasks, stage_group
+from kt_convert.kt_runtime.expert_activation import Activation
+from kt_convert.kt_runtime.hybrid.gpu_prefill import GpuPrefill, PrefillWorkspace
+from kt_convert.kt_runtime.hybrid.prefill_plan import (ALIGN, MIN_PAIR_BLOCK, TABLE_SHARE, ExpertSizes, check_memory,
                                             check_staging, check_threshold, pair_activation_bytes, pair_slices,
                                             plan_budget, prefill_applies, staging_after_registration,
                                             transfer_groups)
-from kt_runtime.hybrid.stream_path import DeferralChain
-from kt_runtime.reference import moe_reference
+from kt_convert.kt_runtime.hybrid.stream_path import DeferralChain
+from kt_convert.kt_runtime.reference import moe_reference
 
 from helpers.prefill import CASES, cases, rel  # noqa: F401 (cases: a fixture)
 

@@ -25,16 +25,16 @@ import numpy as np
 import pytest
 import torch
 
-from kt_runtime import HybridMoE
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.format.methods import INT4, INT8, RAWINT4_G32
-from kt_runtime.hybrid import gpu_prefill, host_registration
-from kt_runtime.hybrid.expert_staging import LayerSources, copy_tasks, stage_group
-from kt_runtime.hybrid.gpu_prefill import PrefillWorkspace
-from kt_runtime.hybrid.host_registration import HostSpan, RegistrationError, layer_spans
-from quant.amx_tiling import tile
-from quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, expert_jobs, job_tiles,
-                                  scratch_elements, scratch_views)
+from kt_convert.kt_runtime import HybridMoE
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.format.methods import INT4, INT8, RAWINT4_G32
+from kt_convert.kt_runtime.hybrid import gpu_prefill, host_registration
+from kt_convert.kt_runtime.hybrid.expert_staging import LayerSources, copy_tasks, stage_group
+from kt_convert.kt_runtime.hybrid.gpu_prefill import PrefillWorkspace
+from kt_convert.kt_runtime.hybrid.host_registration import HostSpan, RegistrationError, layer_spans
+from kt_convert.quant.amx_tiling import tile
+from kt_convert.quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, expert_jobs,
+                                             job_tiles, scratch_elements, scratch_views)
 
 from helpers.prefill import CASES, cases, rel  # noqa: F401 (cases: a fixture)
 
@@ -210,9 +210,9 @@ def test_cuda_prefill_memory_stays_under_the_budget(cases, staging):
 def _overlap_layer(tmp_path):
     """A layer large enough that a group's GEMMs outlast the next group's gather and upload: Qwen3-MoE BF16,
     H=2048, I=1024, 16 experts, as int4 (3 MiB per expert)."""
-    import kt_runtime
-    from convert.pipeline import ConvertOptions, convert
-    from synthetic.families import make_family_checkpoint
+    from kt_convert import kt_runtime
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_bf16", hidden_size=2048, intermediate_size=1024,
                                 num_experts=16, num_layers=1, mtp_layers=0)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kt_runtime.hybrid.expert_staging import Piece
-from kt_runtime.hybrid.host_registration import (FLAG_SETS, CudaRuntime, HostRegistry, HostSpan, RegistrationError,
-                                                 _load_cudart, layer_spans, page_span, region_cuts,
-                                                 split_range, uncovered)
+from kt_convert.kt_runtime.hybrid.expert_staging import Piece
+from kt_convert.kt_runtime.hybrid.host_registration import (FLAG_SETS, CudaRuntime, HostRegistry, HostSpan,
+                                                            RegistrationError, _load_cudart, layer_spans, page_span,
+                                                            region_cuts, split_range, uncovered)
 
 P = 4096
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
-import kt_runtime
-from convert.cli import main
-from convert.errors import UserError
-from kt_runtime.format.errors import FixableError, PackedFormatError
-from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
-from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert import kt_runtime
+from kt_convert.convert.cli import main
+from kt_convert.convert.errors import UserError
+from kt_convert.kt_runtime.format.errors import FixableError, PackedFormatError
+from kt_convert.kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE, VERIFIED_FILE
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 from helpers.checkpoints import assert_nothing_complete
 from helpers.hangs import deadline  # noqa: F401 - autouse: a hang (a blocking open) fails the test
 from helpers.watch import Watched
@@ -290,7 +290,7 @@ def test_a_claim_being_published_is_waited_for_not_refused(tmp_path):
     import threading
     import time
 
-    from convert.claims import open_claim
+    from kt_convert.convert.claims import open_claim
 
     private, claim = tmp_path / ".layer_0.claim.h.1", tmp_path / "layer_0.claim"
     private.write_text("{}")
@@ -412,7 +412,7 @@ STATS = [
 
 @pytest.mark.parametrize("text,words", [c[1:] for c in STATS], ids=[c[0] for c in STATS])
 def test_routing_statistics_of_the_wrong_type_or_range(tmp_path, text, words):
-    from kt_runtime.hybrid.placement import ExpertStats
+    from kt_convert.kt_runtime.hybrid.placement import ExpertStats
 
     path = tmp_path / "stats.json"
     path.write_text(text)
@@ -423,7 +423,7 @@ def test_routing_statistics_of_the_wrong_type_or_range(tmp_path, text, words):
 
 @pytest.mark.parametrize("kind", ["FIFO", "folder", "link to a FIFO"])
 def test_routing_statistics_that_are_no_file_never_block(tmp_path, kind):
-    from kt_runtime.hybrid.placement import ExpertStats
+    from kt_convert.kt_runtime.hybrid.placement import ExpertStats
 
     path = tmp_path / "stats.json"
     if kind == "FIFO":
@@ -441,7 +441,7 @@ def test_routing_statistics_that_are_no_file_never_block(tmp_path, kind):
                                          ('{"weight_map": {"a": 1}}', "weight_map"),
                                          ("[" * 30_000 + "]" * 30_000, "nested too deeply")])
 def test_expert_bias_index_of_the_wrong_shape(tmp_path, index, words):
-    from kt_runtime.expert_activation import read_expert_biases
+    from kt_convert.kt_runtime.expert_activation import read_expert_biases
 
     (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(PackedFormatError, match=words):
@@ -512,7 +512,7 @@ def test_job_file_output_values(base, tmp_path, capsys, output, words):
 def models(base, other_seed, tmp_path_factory):
     """method -> (the source, another model of the same shapes, files and headers, the converted output): the
     V4 MXFP4 model for the per-row methods, a Qwen3 BF16 one for group-wise RAWINT4 (the V4 clamp refuses it)."""
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     work = tmp_path_factory.mktemp("verify-src")
     qwen = make_family_checkpoint(work / "qwen", "qwen3_moe_bf16").path
@@ -570,8 +570,8 @@ def test_the_error_bound_holds_for_every_method_and_is_not_vacuous():
     import torch
 
     from helpers.numerics import kt_special_rows
-    from kt_runtime.format.methods import METHODS
-    from quant.reference import dequantize_packed, pack_reference
+    from kt_convert.kt_runtime.format.methods import METHODS
+    from kt_convert.quant.reference import dequantize_packed, pack_reference
 
     w = kt_special_rows(256)
     # where the least-squares scale (RAWINT4) clips hardest: g - 1 equal small weights and one 1.0 per group
@@ -596,7 +596,7 @@ def test_the_error_bound_holds_for_every_method_and_is_not_vacuous():
 
 
 def test_one_error_root():
-    from convert.hub_answers import HubAnswerError
+    from kt_convert.convert.hub_answers import HubAnswerError
 
     for cls in (UserError, HubAnswerError, PackedFormatError, kt_runtime.PackedWeightsError):
         assert issubclass(cls, FixableError) and issubclass(cls, ValueError)
@@ -619,7 +619,7 @@ def test_os_errors_of_verify_say_nothing_of_layers(converted, tmp_path, capsys):
 
 def test_os_errors_of_finalize_say_nothing_of_resuming_a_conversion(base, tmp_path, capsys, monkeypatch):
     src, out = _unfinished_output(base, tmp_path)
-    import convert.output_job as output_job
+    import kt_convert.convert.output_job as output_job
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / INDEX_FILE))
@@ -630,7 +630,7 @@ def test_os_errors_of_finalize_say_nothing_of_resuming_a_conversion(base, tmp_pa
 
 
 def test_os_errors_of_families_and_conversion_messages(capsys, monkeypatch, base, tmp_path):
-    import convert.cli.families as families
+    import kt_convert.convert.cli.families as families
 
     def broken(*a, **k):
         raise OSError(errno.EIO, "Input/output error")
@@ -640,7 +640,7 @@ def test_os_errors_of_families_and_conversion_messages(capsys, monkeypatch, base
     err = capsys.readouterr().err
     assert code == 2 and "Input/output error" in err and "layers" not in err and "internal error" not in err
     monkeypatch.undo()
-    import convert.output_job as output_job
+    import kt_convert.convert.output_job as output_job
 
     def eio(*a, **k):
         raise OSError(errno.EIO, "Input/output error", "somewhere")
@@ -650,7 +650,7 @@ def test_os_errors_of_families_and_conversion_messages(capsys, monkeypatch, base
 
 
 def test_interrupting_verify_says_nothing_of_layers(converted, capsys, monkeypatch):
-    import convert.verify as verify_module
+    import kt_convert.convert.verify as verify_module
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -662,7 +662,7 @@ def test_interrupting_verify_says_nothing_of_layers(converted, capsys, monkeypat
 
 
 def _eval_stops(monkeypatch, error: BaseException):
-    import convert.eval.evaluate as evaluate_module
+    import kt_convert.convert.eval.evaluate as evaluate_module
 
     def stopped(*a, **k):
         raise error
@@ -695,7 +695,7 @@ def test_os_errors_and_thread_limits_of_eval_fit_eval(converted, base, tmp_path,
 
 
 def test_a_thread_limit_in_verify_names_its_own_option(converted, capsys, monkeypatch):
-    import convert.verify as verify_module
+    import kt_convert.convert.verify as verify_module
 
     def no_thread(*a, **k):
         raise RuntimeError("can't start new thread")

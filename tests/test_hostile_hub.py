@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from kt_runtime.format.hub_cache import RepoCache
-from synthetic import make_v4_flash_checkpoint
-from synthetic.hub_server import OVERFLOW_CAP, LocalHub
+from kt_convert.kt_runtime.format.hub_cache import RepoCache
+from kt_convert.synthetic import make_v4_flash_checkpoint
+from kt_convert.synthetic.hub_server import OVERFLOW_CAP, LocalHub
 from helpers.checkpoints import assert_nothing_complete
 from helpers import ROOT
 from helpers.hub import REPO, cli, hub_env, served  # noqa: F401 - the fixture: the local hub
@@ -259,7 +259,7 @@ def test_cache_references_that_lead_elsewhere(served, cached, tmp_path, victim, 
 
 
 def run_spec(spec: str, env: dict, out: Path, *extra):
-    cmd = [sys.executable, "-m", "convert", "-i", spec, "-o", str(out), "--no-progress", "--threadpool-count", "1",
+    cmd = [sys.executable, "-m", "kt_convert", "-i", spec, "-o", str(out), "--no-progress", "--threadpool-count", "1",
            *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
 
@@ -325,7 +325,7 @@ class _Remote:
     """A RemoteRepo-like stand-in for the thread tests (no hub)."""
 
     def __init__(self, files):
-        from convert.hub import RemoteRepo
+        from kt_convert.convert.hub import RemoteRepo
 
         self.repo = RemoteRepo(REPO, None, "c" * 40, "http://127.0.0.1:9", files)
 
@@ -334,9 +334,9 @@ class _Remote:
 def test_any_failure_on_a_worker_thread_reaches_the_waiting_run(tmp_path, monkeypatch, where):
     """An exception of any type on a download or checker thread ends the wait with a UserError naming its
     cause (exit 2), within seconds."""
-    from convert import download as dl
-    from convert.errors import UserError
-    from convert.hub_answers import RemoteFile
+    from kt_convert.convert import download as dl
+    from kt_convert.convert.errors import UserError
+    from kt_convert.convert.hub_answers import RemoteFile
 
     name = "model-00001-of-00001.safetensors"
     remote = _Remote({name: RemoteFile(name, 10, "d" * 64, None)}).repo

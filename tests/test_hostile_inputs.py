@@ -21,18 +21,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers import ROOT
 from helpers.outputs import read_json
-from convert.cli import main
-from convert.errors import UserError
-from synthetic.v4_flash import make_v4_flash_checkpoint
-from synthetic.families import make_family_checkpoint
-from kt_runtime.format.errors import InputFileError, SafetensorsChangedError
-from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
-from kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES, containment_root,
-                                           read_json as read_json_file, relative_name_problem, resolve_inside)
-from kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.convert.cli import main
+from kt_convert.convert.errors import UserError
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.synthetic.families import make_family_checkpoint
+from kt_convert.kt_runtime.format.errors import InputFileError, SafetensorsChangedError
+from kt_convert.kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
+from kt_convert.kt_runtime.format.input_files import (CONFIG_MAX_BYTES, INDEX_MAX_BYTES, MANIFEST_MAX_BYTES,
+                                                      containment_root, read_json as read_json_file,
+                                                      relative_name_problem, resolve_inside)
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
 from helpers.checkpoints import assert_nothing_complete, drop, rewrite, set_config
 from helpers.hangs import DEADLINE_S, Hung, deadline  # noqa: F401 - autouse: a hang fails the test
 
@@ -708,8 +709,8 @@ def test_partial_flag_must_agree_with_the_layers(converted, tmp_path):
 CHILD = """
 import os, sys
 sys.path.insert(0, {root!r})
-from convert import layer_pack, pipeline
-from convert.cli import main
+from kt_convert.convert import layer_pack, pipeline
+from kt_convert.convert.cli import main
 layer_pack.BATCH_BYTES = 1  # one expert per batch: reads are still in flight when the file changes
 real, calls = pipeline.convert_layer, []
 def hook(reader, plan, lp, *a, **kw):
@@ -747,8 +748,8 @@ def test_source_changed_during_the_run_is_exit_2_not_sigbus(ck, tmp_path, mode):
 
 
 def test_pread_of_a_shrunk_file_is_an_error(base, tmp_path):
-    from convert.source import open_checkpoint
-    from convert.source_reader import Slab, SourceStream
+    from kt_convert.convert.source import open_checkpoint
+    from kt_convert.convert.source_reader import Slab, SourceStream
 
     ck = tmp_path / "ck"
     shutil.copytree(base, ck)
@@ -779,7 +780,7 @@ def test_resume_from_a_changed_source_is_refused_naming_the_file(ck, tmp_path, c
 
 
 def test_describe_source_change():
-    from convert.source import describe_source_change
+    from kt_convert.convert.source import describe_source_change
 
     old = {"fingerprint": "a", "files": [{"name": "x", "size": 1, "mtime_ns": 5, "header_sha256": "h"}]}
     assert describe_source_change(old, old) is None
@@ -794,8 +795,8 @@ def test_describe_source_change():
 
 def test_pread_conversion_gives_the_mapped_bytes(base, converted):
     """The pread path reads exactly the bytes a mapping of the file shows."""
-    from convert.source import open_checkpoint
-    from convert.source_reader import Slab, SourceStream
+    from kt_convert.convert.source import open_checkpoint
+    from kt_convert.convert.source_reader import Slab, SourceStream
 
     c = open_checkpoint(str(base))
     try:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers.outputs import read_json, tree_hashes
-from convert.cli import main
-from kt_runtime.format import fsio
-from kt_runtime.format.errors import UnsafePathError
-from kt_runtime.format.names import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from kt_convert.convert.cli import main
+from kt_convert.kt_runtime.format import fsio
+from kt_convert.kt_runtime.format.errors import UnsafePathError
+from kt_convert.kt_runtime.format.names import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
 
 
 SHARD0 = "model-00001-of-00002.safetensors"
@@ -299,8 +299,8 @@ def test_fsio_replace_remove_and_atomic_write_refuse_links(tmp_path, victim):
 
 def test_unsafe_path_error_is_a_value_error_for_library_callers(tmp_path, victim):
     """kt_runtime writers (routing statistics, safetensors) follow the same rule."""
-    from kt_runtime.hybrid.placement import ExpertStats
-    from kt_runtime.format.safetensors_file import save_file
+    from kt_convert.kt_runtime.hybrid.placement import ExpertStats
+    from kt_convert.kt_runtime.format.safetensors_file import save_file
 
     f, _ = victim
     before = snapshot(f)

@@ -6,11 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
-import kt_runtime
-from convert.cli import main
-from convert.errors import UserError
-from convert.source import hub_cache_dir, open_checkpoint, resolve_input
-from synthetic.families import make_family_checkpoint
+from kt_convert import kt_runtime
+from kt_convert.convert.cli import main
+from kt_convert.convert.errors import UserError
+from kt_convert.convert.source import hub_cache_dir, open_checkpoint, resolve_input
+from kt_convert.synthetic.families import make_family_checkpoint
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 OTHER_SHA = "fedcba9876543210fedcba9876543210fedcba98"
@@ -108,7 +108,7 @@ def test_revision_not_in_cache_and_missing_repo_say_how_to_download(tiny, tmp_pa
 def test_download_hint_names_the_command_that_exists(tmp_path, monkeypatch, on_path, version, expected):
     import importlib.metadata
 
-    from convert import source
+    from kt_convert.convert import source
 
     fake_path_with(tmp_path, monkeypatch, *on_path)
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version)

@@ -18,16 +18,16 @@ import threading
 import pytest
 import torch
 
-import kt_runtime
-from kt_runtime import ExpertStats, HybridMoE, gpu_expert_mask
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.hybrid import routing as split_module
-from kt_runtime.reference import moe_reference
+from kt_convert import kt_runtime
+from kt_convert.kt_runtime import ExpertStats, HybridMoE, gpu_expert_mask
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.hybrid import routing as split_module
+from kt_convert.kt_runtime.reference import moe_reference
 
 
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def packed(request, tiny_checkpoint, tmp_path_factory):
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp(f"hybrid_{request.param}") / "out"
     convert(ConvertOptions(input_path=str(tiny_checkpoint.path), output=out, quant_method=request.param,
@@ -207,7 +207,7 @@ def test_gpu_errors_propagate_and_launcher_survives(packed, monkeypatch):
 def test_default_cpu_threads_leave_a_core(packed):
     import os
 
-    from kt_runtime.hybrid import default_cpu_threads
+    from kt_convert.kt_runtime.hybrid import default_cpu_threads
 
     assert default_cpu_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
     assert HybridMoE(packed, 0, 2, device="cpu").cpu.num_threads == default_cpu_threads()

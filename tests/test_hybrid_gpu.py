@@ -18,13 +18,13 @@ import time
 import pytest
 import torch
 
-import kt_kernels
-import kt_runtime
-from kt_runtime import HybridMoE
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.hybrid import stream_ops
-from kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
-from kt_runtime.reference import moe_reference
+from kt_convert import kt_kernels
+from kt_convert import kt_runtime
+from kt_convert.kt_runtime import HybridMoE
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.hybrid import stream_ops
+from kt_convert.kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
+from kt_convert.kt_runtime.reference import moe_reference
 
 from helpers.stream import E, H, packed, rel, routing  # noqa: F401 (packed: a fixture)
 
@@ -250,9 +250,9 @@ def test_capture_replay_equals_eager_steps(packed, defer):
 
 @pytest.mark.gpu
 def test_gpt_oss_on_gpu(tmp_path):
-    from convert.pipeline import ConvertOptions, convert
-    from synthetic.families import make_family_checkpoint
-    from kt_runtime.expert_activation import ExpertBiases, read_expert_biases
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.synthetic.families import make_family_checkpoint
+    from kt_convert.kt_runtime.expert_activation import ExpertBiases, read_expert_biases
 
     src = make_family_checkpoint(tmp_path / "ck", "gpt_oss_mxfp4", hidden_size=384, intermediate_size=256,
                                  num_experts=4, num_layers=2)
@@ -281,7 +281,7 @@ def test_gpt_oss_on_gpu(tmp_path):
 
 def _tiny_qwen3(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=256, intermediate_size=384, moe_intermediate_size=128,
                                       num_experts=8, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2,
@@ -331,7 +331,7 @@ class _MoeProbe:
     copies are graph nodes, so after each replay the buffers hold that replay's values)."""
 
     def __init__(self, model):
-        from kt_runtime.integrations.transformers import HybridExperts
+        from kt_convert.kt_runtime.integrations.transformers import HybridExperts
 
         self.bufs, self.handles = {}, []
         for name, mod in model.named_modules():
@@ -427,7 +427,7 @@ def test_whole_decode_step_captured_in_one_cuda_graph(tmp_path, defer):
     replays equal its eager steps). On a mismatch the message compares, per step and MoE layer, the inputs
     and outputs of the hybrid experts (captured against eager), and the CPU job's pinned buffers after the
     last replay against the last input and the CPU engine run on them."""
-    from kt_runtime.integrations import hybrid_layers
+    from kt_convert.kt_runtime.integrations import hybrid_layers
 
     model, out = _tiny_qwen3(tmp_path)
     prompt = torch.randint(2, 64, (1, 6), generator=torch.Generator().manual_seed(1))

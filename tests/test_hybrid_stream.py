@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
-import kt_runtime
+from kt_convert import kt_kernels
+from kt_convert import kt_runtime
 from helpers.engine_knobs import knobs
-from kt_runtime import HybridMoE
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
-from kt_runtime.reference import moe_reference
+from kt_convert.kt_runtime import HybridMoE
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.hybrid.stream_path import DeferralChain, deferral_mask
+from kt_convert.kt_runtime.reference import moe_reference
 
 from helpers.stream import E, H, packed, rel, routing  # noqa: F401 (packed: a fixture)
 

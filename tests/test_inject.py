@@ -19,14 +19,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import kt_runtime  # noqa: E402
+from kt_convert import kt_runtime  # noqa: E402
 from helpers.tiny_models import (BUILDERS, MOE_LAYERS, E, H, I, K, err, logits, make_model,  # noqa: E402
                                  save_and_convert, tokens, zeroed_copy)
-from kt_runtime.integrations import HybridExperts, find_expert_modules, hybrid_layers, record_routing  # noqa: E402
+from kt_convert.kt_runtime.integrations import (HybridExperts, find_expert_modules, hybrid_layers,  # noqa: E402
+                                                record_routing)
 
 
 def _converter_supports(family: str) -> bool:
-    from convert.families import detect_family
+    from kt_convert.convert.families import detect_family
 
     key = {"mixtral": "model.layers.0.block_sparse_moe.experts.0.w1.weight"}.get(
         family, "model.layers.0.mlp.experts.0.gate_proj.weight")
@@ -155,7 +156,7 @@ def test_mismatch_errors(built, tmp_path):
         kt_runtime.inject(copy.deepcopy(model), qpacked["int8"], device="cpu")
     with pytest.raises(ValueError, match=r"model has MoE layers \[0, 1\].*not in the model: \[2\]"):
         kt_runtime.inject(copy.deepcopy(qmodel), packed["int8"], device="cpu")
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     partial = tmp_path / "partial"  # converted with --layers: refused, and said why
     convert(ConvertOptions(input_path=str(packed["int8"].parent / "src"), output=partial, quant_method="int8",
@@ -208,7 +209,7 @@ def test_inject_cuda(built):
 
 def test_inject_gpu_prefill_threshold_without_cuda(built, monkeypatch):
     """On the CPU the threshold is ignored with one warning for the whole model, and nothing changes."""
-    from kt_runtime.hybrid import gpu_prefill
+    from kt_convert.kt_runtime.hybrid import gpu_prefill
 
     monkeypatch.setattr(gpu_prefill, "_WARNED", set())
     model, packed = built["qwen3_moe"]

@@ -12,13 +12,13 @@ import time
 
 import pytest
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers import ROOT
 from helpers.outputs import read_json, tree_hashes
-from kt_runtime.format import writer as writer_mod
-from convert.cli import INTERRUPTED, main
-from synthetic.v4_flash import make_v4_flash_checkpoint
-from kt_runtime.format.names import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
+from kt_convert.kt_runtime.format import writer as writer_mod
+from kt_convert.convert.cli import INTERRUPTED, main
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.kt_runtime.format.names import INDEX_FILE, LOCK_FILE, MANIFEST_FILE
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 WRITES_PER_LAYER = 16 * 3 * 2 * 2  # merged shard: experts x projections x NUMA slices x (weight, scale)
@@ -113,9 +113,9 @@ def test_signal_in_process_unwinds_cleanly(ckpt, reference, tmp_path, monkeypatc
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
 
 
-SLOW_DISK = ("import os, sys, time; import kt_runtime.format.writer as w; "
+SLOW_DISK = ("import os, sys, time; import kt_convert.kt_runtime.format.writer as w; "
              "w._os_write = lambda fd, d: (time.sleep(0.002), os.write(fd, d))[1]; "
-             "from convert.cli import main; sys.exit(main(sys.argv[1:]))")
+             "from kt_convert.convert.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
+from kt_convert import kt_kernels
 from helpers.numerics import (INT8_RECIP_BITS, available_isas, fp8_subnormal_decode_rows, ftz_window_rows,
                               int8_recip_mantissas, kt_special_rows)
-from kt_kernels import _testing
-from kt_runtime.format.methods import INT4, INT8
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.kt_quant import quantize_rows, row_scales
-from quant.reference import pack_reference
+from kt_convert.kt_kernels import _testing
+from kt_convert.kt_runtime.format.methods import INT4, INT8
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.kt_quant import quantize_rows, row_scales
+from kt_convert.quant.reference import pack_reference
 
 AVAILABLE_ISAS = available_isas()
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers.outputs import read_json, tree_hashes
-from kt_runtime.format import writer as writer_mod
-from convert.cli import main
-from kt_runtime.format import digest as digest_mod
-from kt_runtime.format import kt_sft_manifest as sft_mod
-from kt_runtime.format.errors import ManifestError
-from kt_runtime.format.manifest import Manifest
-from synthetic.families import make_family_checkpoint
+from kt_convert.kt_runtime.format import writer as writer_mod
+from kt_convert.convert.cli import main
+from kt_convert.kt_runtime.format import digest as digest_mod
+from kt_convert.kt_runtime.format import kt_sft_manifest as sft_mod
+from kt_convert.kt_runtime.format.errors import ManifestError
+from kt_convert.kt_runtime.format.manifest import Manifest
+from kt_convert.synthetic.families import make_family_checkpoint
 
 H, I, E, T = 384, 256, 4, 2
 MOE_LAYERS = [1, 2]  # deepseek_v3: layer 0 is dense
@@ -391,7 +391,7 @@ def test_the_loader_refuses_a_linked_records_folder(converted, tmp_path):
 
 def test_two_converters_on_one_output(src, converted, tmp_path, capsys):
     """The lock is in the records folder: a second run is refused while the first holds it."""
-    from convert.output_dir import OutputLock
+    from kt_convert.convert.output_dir import OutputLock
 
     out = copy_output(converted, tmp_path)
     lock = OutputLock(records(out))

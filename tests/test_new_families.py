@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
-import kt_runtime
-from convert.pipeline import ConvertOptions, convert
-from kt_runtime.cpu_moe import CPUMoE
-from kt_runtime.expert_activation import Activation
-from kt_runtime.hybrid.layer import HybridMoE
-from kt_runtime.reference import moe_reference
-from synthetic.families import make_family_checkpoint
+from kt_convert import kt_kernels
+from kt_convert import kt_runtime
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.kt_runtime.cpu_moe import CPUMoE
+from kt_convert.kt_runtime.expert_activation import Activation
+from kt_convert.kt_runtime.hybrid.layer import HybridMoE
+from kt_convert.kt_runtime.reference import moe_reference
+from kt_convert.synthetic.families import make_family_checkpoint
 
 ISAS = kt_kernels.moe_isas()  # the engine's ISA rows this CPU runs, portable first
 NEW = ["deepseek_v41_mxfp4", "glm5_fp8", "glm5_nvfp4", "qwen4_exp_fp8", "qwen4_exp_nvfp4", "kimi_k3_mxfp4",
@@ -74,7 +74,7 @@ def test_kimi_k3_records_both_widths(tmp_path):
 
 def _refused(tmp_path, capsys, variant, edit=None, drop=(), *needles):
     from helpers.outputs import read_json
-    from convert.cli import main
+    from kt_convert.convert.cli import main
     import json
 
     ck = make_family_checkpoint(tmp_path / "ck", variant, hidden_size=256, intermediate_size=256, num_layers=2,
@@ -132,8 +132,8 @@ def test_nvfp4_group_size_must_be_16(tmp_path, capsys):
 def test_a_zero_per_tensor_scale_stops_the_conversion(tmp_path, capsys):
     import json
 
-    from convert.cli import main
-    from kt_runtime.format.safetensors_file import SafetensorsFile
+    from kt_convert.convert.cli import main
+    from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
 
     ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_nvfp4_ct", hidden_size=256, intermediate_size=256,
                                 num_layers=1, num_experts=2, num_shards=1)

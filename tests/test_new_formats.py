@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from kt_runtime.format.methods import INT4, INT8, METHODS
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.decoders import decode_mxfp8, decode_nvfp4, decode_source
-from quant.reference import pack_reference
+from kt_convert.kt_runtime.format.methods import INT4, INT8, METHODS
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.decoders import decode_mxfp8, decode_nvfp4, decode_source
+from kt_convert.quant.reference import pack_reference
 from helpers.numerics import available_isas
 
 AVAILABLE_ISAS = available_isas()

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from helpers.outputs import read_json
-from convert.cli import main
-from convert.errors import UserError
-from convert.non_expert import non_expert_tensors
-from convert.pipeline import ConvertOptions, convert
-from synthetic.v4_flash import make_v4_flash_checkpoint
-from synthetic.families import VARIANTS, make_family_checkpoint
-from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
+from kt_convert.convert.cli import main
+from kt_convert.convert.errors import UserError
+from kt_convert.convert.non_expert import non_expert_tensors
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.synthetic.families import VARIANTS, make_family_checkpoint
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 ROUTED_OR_MTP_EXPERT = re.compile(r"(?<!shared_)experts\.")  # shared_experts. / shared_expert. are not
 

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
-from kt_runtime.format.methods import INT4, INT8, RAWINT4_G32, RAWINT4_G128
-from quant.amx_tiling import tile, untile
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.decoders import decode_source, encode_int4_words
-from quant.kt_quant import quantize_rows
-from quant.mxfp4 import E2M1_VALUES, decode_mxfp4
-from quant.reference import dequantize_packed, pack_reference
-from quant.source_formats import SOURCE_FORMATS
+from kt_convert import kt_kernels
+from kt_convert.kt_runtime.format.methods import INT4, INT8, RAWINT4_G32, RAWINT4_G128
+from kt_convert.quant.amx_tiling import tile, untile
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.decoders import decode_source, encode_int4_words
+from kt_convert.quant.kt_quant import quantize_rows
+from kt_convert.quant.mxfp4 import E2M1_VALUES, decode_mxfp4
+from kt_convert.quant.reference import dequantize_packed, pack_reference
+from kt_convert.quant.source_formats import SOURCE_FORMATS
 from helpers.numerics import available_isas, random_bf16
 
 AVAILABLE_ISAS = available_isas()
@@ -213,8 +213,8 @@ def test_one_name_per_source_format():
     --input-type choices name the same formats."""
     import re
 
-    from convert.cli.conversion import convert_command as cli
-    from quant.source_formats import INPUT_TYPES, SOURCE_FORMATS
+    from kt_convert.convert.cli.conversion import convert_command as cli
+    from kt_convert.quant.source_formats import INPUT_TYPES, SOURCE_FORMATS
 
     with pytest.raises(ValueError, match="unknown source kind") as e:
         pack_cpu(INT8, [(SourceMatrix("nope", np.zeros((32, 64), np.uint16)), 0, 64, PackTarget.empty(INT8, 32, 64))])
@@ -226,7 +226,7 @@ def test_one_name_per_source_format():
     for kind, f in SOURCE_FORMATS.items():
         assert SourceMatrix(kind, np.zeros((32, 4), np.uint8)).shape == (32, 4 * f.elements_per_item)
     if importlib.util.find_spec("triton") is not None:
-        from quant import triton_kernels
+        from kt_convert.quant import triton_kernels
 
         codes = {k: getattr(triton_kernels, "KIND_" + k.upper()) for k in SOURCE_FORMATS if k != "int4_group"}
         codes["int4_group"] = triton_kernels.KIND_INT4_GROUP_BF16
@@ -433,8 +433,8 @@ def test_group_quantizer_edges_on_every_isa(isa):
 
 
 def test_pack_isa_variable():
-    from convert.errors import UserError
-    from convert.packers import pack_isa
+    from kt_convert.convert.errors import UserError
+    from kt_convert.convert.packers import pack_isa
 
     assert pack_isa({}) == pack_isa({"KT_PACK_ISA": "auto"}) == pack_isa({"KT_PACK_ISA": " "}) == kt_kernels.best_isa()
     for isa in AVAILABLE_ISAS:
@@ -455,8 +455,8 @@ def test_pack_isa_variable():
 
 def test_conversion_at_every_forced_isa_level_writes_the_same_bytes(tiny_checkpoint, tmp_path, monkeypatch):
     from helpers.outputs import tree_hashes
-    from convert.cli import main
-    from convert.packers import CpuPacker
+    from kt_convert.convert.cli import main
+    from kt_convert.convert.packers import CpuPacker
 
     outputs = {}
     for isa in AVAILABLE_ISAS:

@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
-import kt_runtime
+from kt_convert import kt_kernels
+from kt_convert import kt_runtime
 from helpers.numerics import available_isas, random_bf16
 from helpers.outputs import read_json
-from convert.cli import main
-from convert.pipeline import ConvertOptions, convert
-from kt_runtime.format.byte_orders import ct_key
-from kt_runtime.format.methods import (BF16_LEAST_SQUARES, CHOICES, INT4, METHODS, RAWINT4_G32, RAWINT4_G64, RAWINT4_G128, method_for)
-from kt_runtime.format.safetensors_file import SafetensorsFile
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.decoders import decode_int4_group, unpack_int4_words
-from quant.group_int4 import dequantize_groups, quantize_groups
-from quant.reference import pack_reference
-from synthetic.families import VARIANTS, make_family_checkpoint
+from kt_convert.convert.cli import main
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.kt_runtime.format.byte_orders import ct_key
+from kt_convert.kt_runtime.format.methods import (BF16_LEAST_SQUARES, CHOICES, INT4, METHODS, RAWINT4_G32, RAWINT4_G64,
+                                                  RAWINT4_G128, method_for)
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.decoders import decode_int4_group, unpack_int4_words
+from kt_convert.quant.group_int4 import dequantize_groups, quantize_groups
+from kt_convert.quant.reference import pack_reference
+from kt_convert.synthetic.families import VARIANTS, make_family_checkpoint
 
 GROUPED = [RAWINT4_G32, RAWINT4_G64, RAWINT4_G128]
 AVAILABLE_ISAS = available_isas()
@@ -240,7 +241,7 @@ def test_every_supported_family_writes_what_kt_rawint4_loads(tmp_path, variant):
 def test_the_output_reads_back_as_a_compressed_tensors_source(tmp_path):
     """The converter reads its own RAWINT4 output as an INT4-group checkpoint (Kimi-K2-Thinking's format):
     converting it again to int8 packs exactly the values the loader dequantizes."""
-    from quant.reference import pack_expert_reference
+    from kt_convert.quant.reference import pack_expert_reference
 
     ck = make_family_checkpoint(tmp_path / "ck", "kimi_k2_fp8", num_layers=2)
     _convert(ck, tmp_path / "raw", quant_method="rawint4", group_size=32)
@@ -286,7 +287,7 @@ def test_layout_group_and_alignment_refusals(tmp_path, capsys):
 
 
 def test_rawint4_packs_on_the_cpu_whatever_the_device(tmp_path, capsys, monkeypatch):
-    import convert.pipeline as pipeline
+    import kt_convert.convert.pipeline as pipeline
 
     ck = make_family_checkpoint(tmp_path / "ck", "qwen3_moe_bf16", num_layers=1)
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")  # as on a GPU host

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-import kt_kernels
-from convert.cli import main
-from convert.pipeline import ConvertOptions, convert
-from convert.quant_notes import minus8_count
-from convert.verify import verify
-from kt_runtime.format.byte_orders import ct_key
-from kt_runtime.format.methods import RAWINT4_G32, RAWINT4_G64
-from kt_runtime.format.safetensors_file import SafetensorsFile
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.decoders import encode_int4_words
-from quant.reference import pack_reference
-from synthetic.families import make_family_checkpoint
+from kt_convert import kt_kernels
+from kt_convert.convert.cli import main
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.convert.quant_notes import minus8_count
+from kt_convert.convert.verify import verify
+from kt_convert.kt_runtime.format.byte_orders import ct_key
+from kt_convert.kt_runtime.format.methods import RAWINT4_G32, RAWINT4_G64
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.decoders import encode_int4_words
+from kt_convert.quant.reference import pack_reference
+from kt_convert.synthetic.families import make_family_checkpoint
 
 
 def _convert(ck, out, **kw):

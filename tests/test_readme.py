@@ -41,9 +41,9 @@ def test_cpu_only_line_installs_the_cpu_build_first():
 
 
 def test_python_example_runs_on_a_converted_synthetic_model(tmp_path):
-    from convert.pipeline import ConvertOptions, convert
-    from kt_runtime.reference import moe_reference
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert.convert.pipeline import ConvertOptions, convert
+    from kt_convert.kt_runtime.reference import moe_reference
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     ckpt = make_v4_flash_checkpoint(tmp_path / "v4", "v4-flash-tiny", num_experts=8)
     out = tmp_path / "out"
@@ -77,12 +77,13 @@ def test_python_example_runs_on_a_converted_synthetic_model(tmp_path):
 
 
 def test_public_names_are_listed_and_documented():
-    import kt_runtime
+    from kt_convert import kt_runtime
 
     import subprocess
     import sys
 
-    fresh = subprocess.run([sys.executable, "-c", "import kt_runtime; print(' '.join(dir(kt_runtime)))"],
+    fresh = subprocess.run([sys.executable, "-c",
+                            "from kt_convert import kt_runtime; print(' '.join(dir(kt_runtime)))"],
                            capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
     public = [n for n in fresh if not n.startswith("_")]
     assert public == sorted(kt_runtime.__all__)  # nothing imported yet: exactly the public names
@@ -232,7 +233,7 @@ SKIPPED = {
     'pip install torch --index-url https://download.pytorch.org/whl/cpu && pip install -e ".[test]" && '
     "python scripts/demo.py": "installs packages from the network",
     "python -m pytest -q": "the test suite, which this test is part of",
-    "python -m convert": "the program's other name, not a command line (the tests run it so)",
+    "python -m kt_convert": "the program's other name, not a command line (the tests run it so)",
     "python scripts/demo.py": "CI runs it (.ci/run)",
     "python -m pytest -q -s tests/test_hybrid_stream.py -k accuracy": "a test of this suite",
     "jid=$(sbatch --parsable convert.sbatch)": "submits to a SLURM cluster (the script's commands run below)",
@@ -356,7 +357,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def v4(work):
-    from synthetic.v4_flash import make_v4_flash_checkpoint
+    from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
     return make_v4_flash_checkpoint(work / "DeepSeek-V4-Flash", "v4-flash-tiny", num_experts=8, num_shards=2).path
 
@@ -383,7 +384,7 @@ def test_readme_convert_and_verify_commands(v4, work):
 def test_readme_hub_commands_against_a_local_hub(v4, work):
     """`hf download` then a conversion from the cache, and --download: a local hub stands in for huggingface.co
     (HF_ENDPOINT), serving the synthetic checkpoint as deepseek-ai/DeepSeek-V4-Flash."""
-    from synthetic.hub_server import LocalHub
+    from kt_convert.synthetic.hub_server import LocalHub
     from helpers.hub import hub_env
 
     with LocalHub("deepseek-ai/DeepSeek-V4-Flash", v4) as hub:
@@ -410,7 +411,7 @@ def test_readme_synthetic_checkpoint_commands(work):
 
 @pytest.fixture(scope="module")
 def v3(work):
-    from synthetic.families import make_family_checkpoint
+    from kt_convert.synthetic.families import make_family_checkpoint
 
     # I = 512: int4 splits over 4 NUMA pools (128 each); 9 layers, the first dense: 8 MoE layers, one per shard of 8
     return make_family_checkpoint(work / "DeepSeek-V3", "deepseek_v3_fp8", intermediate_size=512, num_layers=9).path
@@ -449,7 +450,7 @@ def test_batch_doc_slurm_script_and_its_finalize(v3, work):
            "SLURM_CPUS_PER_TASK": "1"}  # re-submitted alone (sbatch --array=8): the script passes --shard itself
     shell(SBATCH_SCRIPT, work, subs, env=env)
     single = work / "single"
-    subprocess.run([sys.executable, "-m", "convert", "-i", str(v3), "-o", str(single), "--quant-method", "int4",
+    subprocess.run([sys.executable, "-m", "kt_convert", "-i", str(v3), "-o", str(single), "--quant-method", "int4",
                     "--threadpool-count", "2", "--no-progress"], cwd=ROOT, check=True, capture_output=True)
     assert tree_hashes(out) == tree_hashes(single)
 
@@ -459,7 +460,7 @@ def test_readme_inject_example_runs(tmp_path):
     tokenizer and converted; without a GPU the device is the CPU and 3 of its 8 experts stand for 16."""
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     example = blocks("python", "## Using the packed experts from Python")[2]
     assert "kt_runtime.inject(" in example and "AutoTokenizer" in example
@@ -490,6 +491,6 @@ def test_readme_inject_example_runs(tmp_path):
     words = printed.getvalue().split()
     # the prompt, then up to 20 generated tokens (an unknown-word token decodes to nothing)
     assert words[:5] == ["The", "capital", "of", "France", "is"] and 15 <= len(words) <= 25, printed.getvalue()
-    from kt_runtime.integrations import hybrid_layers
+    from kt_convert.kt_runtime.integrations import hybrid_layers
 
     assert sorted(hybrid_layers(scope["model"])) == [0, 1]

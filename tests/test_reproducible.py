@@ -13,15 +13,15 @@ import struct
 import numpy as np
 import pytest
 
-import kt_runtime
+from kt_convert import kt_runtime
 from helpers.outputs import published_hashes
-from convert.cli import main
-from convert.pipeline import ConvertOptions, convert
-from kt_runtime.format.digest import tree_sha256_files
-from kt_runtime.format.manifest import read_manifest
-from kt_runtime.format.safetensors_file import SafetensorsFile
-from synthetic.families import VARIANTS, make_family_checkpoint
-from synthetic.v4_flash import make_v4_flash_checkpoint
+from kt_convert.convert.cli import main
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.kt_runtime.format.digest import tree_sha256_files
+from kt_convert.kt_runtime.format.manifest import read_manifest
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.synthetic.families import VARIANTS, make_family_checkpoint
+from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
 
 
 def copy_elsewhere(src, dst, seconds: int = 1_000_000_000):
@@ -131,7 +131,7 @@ def test_resume_and_overwrite_keep_the_bytes_and_refuse_a_changed_source(pair, t
     """A re-run converts the layers whose shards are gone and ends with the bytes of one uninterrupted run; a
     copy with other mtimes is refused as a changed source (stat change detection), and --overwrite converts
     it to the same bytes."""
-    from convert.errors import UserError
+    from kt_convert.convert.errors import UserError
 
     a, b = pair
     run(a, tmp_path / "whole", threadpool_count=1)
@@ -256,8 +256,8 @@ def test_outputs_of_an_older_converter_still_load(tmp_path):
     before it) load; the loader still catches a shard whose fingerprint is another source's."""
     from safetensors.numpy import save_file
 
-    from kt_runtime import PackedWeightsError
-    from kt_runtime.format.manifest import write_manifest
+    from kt_convert.kt_runtime import PackedWeightsError
+    from kt_convert.kt_runtime.format.manifest import write_manifest
 
     ck = make_v4_flash_checkpoint(tmp_path / "ck", "v4-flash-tiny", num_experts=4)
     out = tmp_path / "out"
@@ -292,8 +292,8 @@ def test_outputs_of_an_older_converter_still_load(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_run_of_a_copy_equals_a_cpu_run(tmp_path, monkeypatch):
-    from convert import packers
-    from quant.gpu import gpu_unavailable_reason
+    from kt_convert.convert import packers
+    from kt_convert.quant.gpu import gpu_unavailable_reason
 
     if gpu_unavailable_reason():
         pytest.skip("needs a real CUDA device")
@@ -340,8 +340,8 @@ def test_slab_sha256_is_taken_before_the_buffer_is_reused(tmp_path, monkeypatch,
     one buffer."""
     import time
 
-    from convert.source import open_checkpoint
-    from convert.source_reader import Slab, SourceStream
+    from kt_convert.convert.source import open_checkpoint
+    from kt_convert.convert.source_reader import Slab, SourceStream
 
     take = SourceStream._sha256
 

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file as st_save_file
 
-from kt_runtime.format.errors import SafetensorsFormatError
-from kt_runtime.format.safetensors_file import (DTYPE_BITS, MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, plan_file,
-                                                save_file, tensor_nbytes)
+from kt_convert.kt_runtime.format.errors import SafetensorsFormatError
+from kt_convert.kt_runtime.format.safetensors_file import (DTYPE_BITS, MAX_HEADER_SIZE, SafetensorsFile, TensorInfo,
+                                                           plan_file, save_file, tensor_nbytes)
 
 ALL_DTYPES = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
               "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
@@ -481,7 +481,7 @@ def test_fuzz_only_format_errors(tmp_path):
 
 def test_permission_error_is_wrapped(tmp_path, monkeypatch):
     """Same as above but works as root: simulate EACCES from opening the file."""
-    import kt_runtime.format.safetensors_file as mod
+    import kt_convert.kt_runtime.format.safetensors_file as mod
 
     path = tmp_path / "denied.safetensors"
     path.write_bytes(_file_bytes(_valid_header(), DATA))

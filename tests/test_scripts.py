@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import ROOT
-from synthetic.scratch import Scratch
+from kt_convert.synthetic.scratch import Scratch
 
 
 def script(name):
@@ -173,7 +173,7 @@ def test_bench_prefill_scaling_runs_small(tmp_path):
     and token count; --kt-bench without the build's folder is refused; nothing is left behind."""
     import json
 
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     small = ["--threads", "1,2", "--tokens", "16", "--methods", "int4,rawint4-g32", "--hidden", "256", "--inter", "256",
              "--experts", "8", "--topk", "2", "--reps", "1", "--min-time", "0.01", "--probe-seconds", "0.05"]

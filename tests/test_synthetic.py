@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from synthetic.v4_flash import PRESETS, make_v4_flash_checkpoint
-from kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.synthetic.v4_flash import PRESETS, make_v4_flash_checkpoint
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -279,9 +279,9 @@ def _script():
 def test_cli_offers_every_family(tmp_path, capsys):
     """--list names every converter family and variant; --family F writes a checkpoint the converter
     detects as F; options of the other generator are refused (exit 2)."""
-    import synthetic
-    from convert.families import FAMILIES, detect_family
-    from kt_runtime.format.safetensors_file import SafetensorsFile
+    from kt_convert import synthetic
+    from kt_convert.convert.families import FAMILIES, detect_family
+    from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
 
     script = _script()
     assert script.main(["--list"]) == 0

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kt_runtime.format.methods import INT8
-from quant.decoders import decode_fp8_block
-from quant.mxfp4 import decode_mxfp4
-from synthetic.encode import bf16_to_float32, encode_fp8_block, encode_mxfp4, requantize_checkpoint
+from kt_convert.kt_runtime.format.methods import INT8
+from kt_convert.quant.decoders import decode_fp8_block
+from kt_convert.quant.mxfp4 import decode_mxfp4
+from kt_convert.synthetic.encode import bf16_to_float32, encode_fp8_block, encode_mxfp4, requantize_checkpoint
 
 
 def test_mxfp4_codes_by_hand():
@@ -86,9 +86,9 @@ def test_values_a_format_holds_give_back_their_bytes():
 
 
 def test_requantized_checkpoints_convert_as_their_format(tmp_path):
-    from convert.plan import build_plan
-    from convert.source import open_checkpoint
-    from synthetic import make_family_checkpoint
+    from kt_convert.convert.plan import build_plan
+    from kt_convert.convert.source import open_checkpoint
+    from kt_convert.synthetic import make_family_checkpoint
 
     ck = make_family_checkpoint(tmp_path / "bf16", "qwen3_moe_bf16", hidden_size=128, intermediate_size=128,
                                 num_experts=2, num_layers=2, mtp_layers=0, num_shards=1)
@@ -103,7 +103,7 @@ def test_requantized_checkpoints_convert_as_their_format(tmp_path):
         assert plan.input_type == input_type
         cfg = json.loads((enc / "config.json").read_text())
         assert ("quantization_config" in cfg) == (encoding == "fp8_block")
-        from kt_runtime.format.safetensors_file import SafetensorsFile
+        from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
 
         e, d = SafetensorsFile(enc / "model.safetensors"), SafetensorsFile(dec / "model.safetensors")
         key = "model.layers.1.mlp.experts.0.down_proj.weight"

@@ -13,19 +13,19 @@ import textwrap
 import numpy as np
 import pytest
 
-import kt_kernels
+from kt_convert import kt_kernels
 from helpers import ROOT
 from helpers.engine_knobs import knobs
 from helpers.outputs import read_json
-from kt_kernels import _testing
-from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
+from kt_convert.kt_kernels import _testing
+from kt_convert.kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
 
 TIMEOUT = 120
 
 PRELUDE = textwrap.dedent("""
     import json, os, resource, sys
     import numpy as np
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     def vm_size():
         with open("/proc/self/status") as f:
@@ -57,7 +57,7 @@ PRELUDE = textwrap.dedent("""
 """)
 
 POOLS = PRELUDE + textwrap.dedent("""
-    from kt_runtime.cpu_moe import CPUMoE
+    from kt_convert.kt_runtime.cpu_moe import CPUMoE
     sys.path.insert(0, sys.argv[2])
     from helpers.moe import FakeExperts
 
@@ -115,14 +115,14 @@ def test_both_pools_fail_cleanly_and_the_process_goes_on(kind):
 
 @pytest.mark.parametrize("bad", [2**40, 2**70, -1, 4097, True, 2.0])
 def test_thread_counts_out_of_range_are_refused_at_construction(bad):
-    from kt_runtime.cpu_moe import CPUMoE
+    from kt_convert.kt_runtime.cpu_moe import CPUMoE
     from helpers.moe import FakeExperts
 
     experts = FakeExperts("int8", hidden=128, inter=128, experts=4, threadpool_count=1)
     with pytest.raises(ValueError, match=r"num_threads must be an int in \[0, 4096\]"):
         CPUMoE(experts, 0, num_threads=bad)
-    from kt_runtime.format.methods import get_method
-    from quant.cpu import pack_cpu
+    from kt_convert.kt_runtime.format.methods import get_method
+    from kt_convert.quant.cpu import pack_cpu
 
     with pytest.raises(ValueError, match=r"\[0, 4096\]"):
         pack_cpu(get_method("int4"), [], num_threads=bad)
@@ -142,7 +142,7 @@ def test_kernel_entry_points_check_the_range(bad):
 
 
 CONVERT = PRELUDE + textwrap.dedent("""
-    from convert.cli import main
+    from kt_convert.convert.cli import main
     limit(sys.argv[1])
     sys.exit(main(sys.argv[2:]))
 """)
@@ -172,7 +172,7 @@ def test_spin_pool_gives_the_same_results_sleeping_or_spinning():
 
     import torch
 
-    from kt_runtime.cpu_moe import CPUMoE
+    from kt_convert.kt_runtime.cpu_moe import CPUMoE
     from helpers.moe import FakeExperts
 
     w = FakeExperts("int8", hidden=256, inter=256, experts=8, threadpool_count=2, seed=4)

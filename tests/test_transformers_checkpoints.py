@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import kt_runtime  # noqa: E402
+from kt_convert import kt_runtime  # noqa: E402
 from helpers.outputs import read_json  # noqa: E402
-from convert.pipeline import ConvertOptions, convert  # noqa: E402
-from kt_runtime.format.methods import get_method  # noqa: E402
-from quant.reference import pack_expert_reference  # noqa: E402
+from kt_convert.convert.pipeline import ConvertOptions, convert  # noqa: E402
+from kt_convert.kt_runtime.format.methods import get_method  # noqa: E402
+from kt_convert.quant.reference import pack_expert_reference  # noqa: E402
 
 H, I, E = 384, 128, 4  # H not in {I, 2I}; int4-aligned with threadpool count 1
 COMMON = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=2, vocab_size=64, num_experts_per_tok=2)

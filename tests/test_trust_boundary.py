@@ -83,7 +83,7 @@ def test_the_scan_leaves_other_calls_alone(line):
 
 
 def test_the_layer_declares_its_roles():
-    from kt_runtime.format import files
+    from kt_convert.kt_runtime.format import files
 
     roles = {r.name for r in (files.INPUT, files.OUTPUT, files.SHARED, files.RECORD, files.USER)}
     assert roles == {"input checkpoint", "output", "shared output", "record", "user file"}

@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 
-import kt_runtime
-from convert.cli import main
-from convert.errors import UserError
-from convert.pipeline import ConvertOptions, convert
-from convert.verify import html_report, verify
-from kt_runtime.format.byte_orders import ct_key
-from kt_runtime.format.safetensors_file import SafetensorsFile
-from synthetic import V4_FLASH_VARIANT, VARIANTS, make_family_checkpoint
+from kt_convert import kt_runtime
+from kt_convert.convert.cli import main
+from kt_convert.convert.errors import UserError
+from kt_convert.convert.pipeline import ConvertOptions, convert
+from kt_convert.convert.verify import html_report, verify
+from kt_convert.kt_runtime.format.byte_orders import ct_key
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile
+from kt_convert.synthetic import V4_FLASH_VARIANT, VARIANTS, make_family_checkpoint
 
 CLAMPED = {"gpt_oss", "deepseek_v4", "deepseek_v41", "glm5"}
 
@@ -271,7 +271,7 @@ def test_tensor_sums_against_float64_across_chunks_and_a_partial_row():
     chunks and ends in a partial row, with a bf16 torch reference; identical inputs give exactly 0 error."""
     import torch
 
-    from convert.verify import CHUNK, ROW, tensor_sums
+    from kt_convert.convert.verify import CHUNK, ROW, tensor_sums
 
     size = 2 * CHUNK + 5 * ROW + 37
     g = torch.Generator().manual_seed(3)

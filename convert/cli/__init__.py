@@ -1,5 +1,5 @@
 """convert-cpu-weights: the command line. A click group whose default command is the conversion with
-kt's flags: `convert-cpu-weights -i X -o Y` (and `python -m convert ...`, scripts/convert_cpu_weights.py)
+kt's flags: `convert-cpu-weights -i X -o Y` (and `python -m kt_convert ...`, scripts/convert_cpu_weights.py)
 run it exactly as kt's script, `convert-cpu-weights convert -i X -o Y` names it. Further subcommands
 live in their own modules here and are added to COMMANDS. main() maps errors to exit codes once
 (error_messages.py): 0 done, 2 a problem the user can fix (the message says how, in the words of the

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from kt_runtime.format import files
-from kt_runtime.format.errors import FixableError
-from kt_runtime.format.methods import CHOICES, method_for
+from kt_convert.kt_runtime.format import files
+from kt_convert.kt_runtime.format.errors import FixableError
+from kt_convert.kt_runtime.format.methods import CHOICES, method_for
 
 from ..errors import UserError
 from ..options import OUTPUT_FIELDS, OutputSpec, field_problem

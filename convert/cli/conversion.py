@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
-from kt_runtime.format.methods import CHOICES, DEFAULT_GROUP_SIZE, METHODS
-from quant.source_formats import INPUT_TYPES
+from kt_convert.kt_runtime.format.methods import CHOICES, DEFAULT_GROUP_SIZE, METHODS
+from kt_convert.quant.source_formats import INPUT_TYPES
 
 from .. import __version__
 from ..options import GROUP_SIZES, OutputSpec, RunOptions, default, max_cpu_threads

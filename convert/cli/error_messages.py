@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 from typing import Callable
 
-from kt_runtime.format.errors import FixableError
+from kt_convert.kt_runtime.format.errors import FixableError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER = 0, 1, 2
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from quant.source_formats import SOURCE_FORMATS, SUPPORTED
+from kt_convert.quant.source_formats import SOURCE_FORMATS, SUPPORTED
 
 from ..families import FAMILIES
 from .json_out import write_json

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from kt_runtime.format.names import MANIFEST_FILE
-from kt_runtime.format.manifest import read_manifest
+from kt_convert.kt_runtime.format.names import MANIFEST_FILE
+from kt_convert.kt_runtime.format.manifest import read_manifest
 
 from ..errors import UserError
 from ..options import OutputSpec, RunOptions

@@ -3,7 +3,7 @@ saying what is supported and what to use instead (checked before click parses, w
 otherwise answer "No such option: --profile Did you mean --progress?")."""
 from __future__ import annotations
 
-from quant.source_formats import SUPPORTED
+from kt_convert.quant.source_formats import SUPPORTED
 
 from ..errors import UserError
 

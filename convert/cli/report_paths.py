@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kt_runtime.format.files import RunFiles, check_reports, resolved
-from kt_runtime.format.fsio import atomic_write_text
-from kt_runtime.format.hub_cache import RepoCache
-from kt_runtime.format.input_files import containment_root
-from kt_runtime.format.names import KT_SFT_MANIFEST_FILE, state_dir
+from kt_convert.kt_runtime.format.files import RunFiles, check_reports, resolved
+from kt_convert.kt_runtime.format.fsio import atomic_write_text
+from kt_convert.kt_runtime.format.hub_cache import RepoCache
+from kt_convert.kt_runtime.format.input_files import containment_root
+from kt_convert.kt_runtime.format.names import KT_SFT_MANIFEST_FILE, state_dir
 
 from ..output_dir import is_output_entry
 from ..source import HUB_ID, hub_cache_dir

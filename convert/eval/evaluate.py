@@ -23,8 +23,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kt_runtime.format import files
-from kt_runtime.format.errors import InputFileError
+from kt_convert.kt_runtime.format import files
+from kt_convert.kt_runtime.format.errors import InputFileError
 
 from ..errors import UserError
 
@@ -214,7 +214,7 @@ def evaluate(output: str | Path, model: str, text: str | Path, *, ctx: int = 512
                         "engine)")
     import torch
 
-    import kt_runtime
+    from kt_convert import kt_runtime
 
     with warnings.catch_warnings(record=True) as caught:  # said in the report (e.g. a kt output, no manifest)
         warnings.simplefilter("always")
@@ -254,8 +254,8 @@ def _load(make, what: str):
 def _expert_modules(net, packed, root: Path, output, dev, gpu_experts: int, threads: int | None):
     """({name: original experts module}, {name: hybrid experts over OUT}), after checking that OUT holds this
     model's experts: the same layers and dims, and in every layer expert 0 close to the model's own."""
-    from kt_runtime.integrations import expert_difference, find_expert_modules, hybrid_experts
-    from kt_runtime.integrations.transformers import MAX_EXPERT_REL_DIFF
+    from kt_convert.kt_runtime.integrations import expert_difference, find_expert_modules, hybrid_experts
+    from kt_convert.kt_runtime.integrations.transformers import MAX_EXPERT_REL_DIFF
 
     found = find_expert_modules(net)
     if not found:

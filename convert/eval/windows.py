@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kt_runtime.integrations import find_expert_modules, swap_experts
+from kt_convert.kt_runtime.integrations import find_expert_modules, swap_experts
 
 from .divergence import Scores
 from ..progress import MIN_BAR_COLUMNS, terminal_columns

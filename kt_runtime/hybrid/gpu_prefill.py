@@ -256,7 +256,7 @@ class GpuPrefill:
 
     def __init__(self, weights, layer: int, workspace: PrefillWorkspace, hidden_size: int, intermediate_size: int,
                  dtype: torch.dtype, swiglu_limit: float | None, activation, biases=None):
-        from quant.staged_dequant import check_dims, scratch_elements
+        from kt_convert.quant.staged_dequant import check_dims, scratch_elements
 
         if dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"the GPU prefill computes in bfloat16 or float32, not {dtype}")
@@ -338,7 +338,7 @@ class GpuPrefill:
     def _check_sizes(self, layer: int) -> None:
         """Every tensor has the size the dequantization jobs read (ValueError naming the first that does not):
         a kernel must never read past a tensor into its neighbour or out of the staging slot."""
-        from quant.staged_dequant import scale_nbytes
+        from kt_convert.quant.staged_dequant import scale_nbytes
 
         want = {}
         for proj in PROJECTIONS:
@@ -352,7 +352,7 @@ class GpuPrefill:
                                      f"{p.nbytes} bytes, {self.method.name} needs {want[(p.proj, p.part)]}")
 
     def _jobs(self, capacity: int):
-        from quant.staged_dequant import expert_jobs
+        from kt_convert.quant.staged_dequant import expert_jobs
 
         m, H, I, T = self.method, self.H, self.I, self.T
         return lambda j, offset_of: expert_jobs(m, H, I, T, j, capacity, offset_of)
@@ -380,7 +380,7 @@ class GpuPrefill:
         return self._run(x, part, out, meanwhile)
 
     def _run(self, x, part, out, meanwhile) -> None:
-        from quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, job_tiles,
+        from kt_convert.quant.staged_dequant import (dequantize_staged_reference, dequantize_staged_triton, job_tiles,
                                           scratch_views)
 
         ws, plan = self.ws, self.plan

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-import kt_kernels
+from kt_convert import kt_kernels
 
 from . import stream_ops
 

@@ -13,6 +13,7 @@
     stream       the stream-ordered path's packed layer and routing (test_hybrid_stream.py, test_hybrid_gpu.py)
     watch        a file outside the output, watched for any change (the hostile-input tests)
     kt           scripts/kt_compat.py as a module (the real kt-kernel, in child processes)
+    namespace    the package's folders, and its modules loaded under another name than kt_convert.*
 """
 from pathlib import Path
 

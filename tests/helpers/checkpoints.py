@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import kt_runtime
-from kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
-from kt_runtime.format.safetensors_file import SafetensorsFile, save_file
+from kt_convert import kt_runtime
+from kt_convert.kt_runtime.format.names import INDEX_FILE, MANIFEST_FILE
+from kt_convert.kt_runtime.format.safetensors_file import SafetensorsFile, save_file
 
 from .outputs import read_json
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from kt_kernels import _testing
+from kt_convert.kt_kernels import _testing
 
 
 @contextmanager

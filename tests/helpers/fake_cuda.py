@@ -16,9 +16,9 @@ from collections import deque
 
 import numpy as np
 
-from quant.cpu import PackTarget, SourceMatrix, pack_cpu
-from quant.gpu import META
-from quant.source_formats import SOURCE_FORMATS
+from kt_convert.quant.cpu import PackTarget, SourceMatrix, pack_cpu
+from kt_convert.quant.gpu import META
+from kt_convert.quant.source_formats import SOURCE_FORMATS
 
 PRIORITY = ("h2d", "compute", "d2h")  # who runs first when several streams can
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic.hub_server import LocalHub
+from kt_convert.synthetic.hub_server import LocalHub
 
 from . import ROOT
 
@@ -42,7 +42,7 @@ def hub_env(endpoint: str, cache: Path, **extra) -> dict:
 
 
 def cli(env, *args, out=None):
-    cmd = [sys.executable, "-m", "convert", "-i", REPO, "--threadpool-count", "1", "--no-progress", *args]
+    cmd = [sys.executable, "-m", "kt_convert", "-i", REPO, "--threadpool-count", "1", "--no-progress", *args]
     if out is not None:
         cmd += ["-o", str(out)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)

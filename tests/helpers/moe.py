@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import kt_kernels
-from kt_runtime.format.spec import PackedSpec
-from quant.reference import dequantize_expert
+from kt_convert import kt_kernels
+from kt_convert.kt_runtime.format.spec import PackedSpec
+from kt_convert.quant.reference import dequantize_expert
 
 
 def _bf16_bits(t: torch.Tensor) -> np.ndarray:

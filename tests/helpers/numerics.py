@@ -19,7 +19,7 @@ ISA_LEVELS = ("portable", "avx2", "avx512", "amx")  # kt_kernels' ISA levels, lo
 
 def available_isas() -> list[str]:
     """Every ISA level this CPU runs (up to kt_kernels.best_isa()): tests force each in turn."""
-    import kt_kernels
+    from kt_convert import kt_kernels
 
     return list(ISA_LEVELS[: ISA_LEVELS.index(kt_kernels.best_isa()) + 1])
 
@@ -109,7 +109,7 @@ def ftz_window_rows(method):
     0, 2^-126 and the first normals, as the hardware decides them."""
     import numpy as np
 
-    from kt_runtime.format.methods import INT8
+    from kt_convert.kt_runtime.format.methods import INT8
 
     lo = 0x03FD0000 if method is INT8 else 0x03DF0000
     amax = np.arange(lo, lo + 0x20000, 0x40, dtype=np.uint32).view(np.float32)[:2048]
@@ -127,8 +127,8 @@ def fp8_subnormal_decode_rows():
     decode product were flushed)."""
     import numpy as np
 
-    from quant.cpu import SourceMatrix
-    from quant.decoders import decode_fp8_block
+    from kt_convert.quant.cpu import SourceMatrix
+    from kt_convert.quant.decoders import decode_fp8_block
 
     n, k = 32, 256
     w = np.zeros((n, k), np.uint8)

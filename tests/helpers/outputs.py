@@ -18,7 +18,7 @@ def tree_hashes(path: Path) -> dict[str, str]:
 def published_hashes(path: Path) -> dict[str, str]:
     """sha256 of every file a user publishes or loads from an output (all but kt_manifest.json, which names
     the source's location and stat, and dot-files), by relative name."""
-    from kt_runtime.format.names import is_published
+    from kt_convert.kt_runtime.format.names import is_published
 
     return {name: digest for name, digest in tree_hashes(path).items() if is_published(name)}
 

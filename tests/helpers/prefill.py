@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kt_runtime
-from kt_runtime.expert_activation import ExpertBiases, read_expert_biases
-from kt_runtime.reference import moe_reference
+from kt_convert import kt_runtime
+from kt_convert.kt_runtime.expert_activation import ExpertBiases, read_expert_biases
+from kt_convert.kt_runtime.reference import moe_reference
 
 CASES = ("v4-int4", "v4-int8", "gptoss-int4", "gptoss-int8", "raw-g32", "raw-g128", "k2-g32")
 # x scale per family: gate/up land where the clamp is reached by some values (the synthetic weights differ)
@@ -43,7 +43,7 @@ class Case:
 
 
 def _convert(src, out, **kw):
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     convert(ConvertOptions(input_path=str(src), output=out, progress=False, **kw))
     return kt_runtime.load_experts(out)
@@ -59,11 +59,11 @@ class Cases:
         if family not in self.sources:
             root = self.tmp.mktemp(f"prefill_{family}")
             if family == "v4":
-                from synthetic.v4_flash import make_v4_flash_checkpoint
+                from kt_convert.synthetic.v4_flash import make_v4_flash_checkpoint
                 self.sources[family] = make_v4_flash_checkpoint(root / "ck", "v4-flash-tiny", mtp_layers=0,
                                                                 num_shards=1).path
             else:
-                from synthetic.families import make_family_checkpoint
+                from kt_convert.synthetic.families import make_family_checkpoint
                 variant, I, E = {"gptoss": ("gpt_oss_mxfp4", 256, 4), "k2": ("kimi_k2_int4", 256, 6)}.get(
                     family, ("qwen3_moe_bf16", 256, 6))
                 self.sources[family] = make_family_checkpoint(root / "ck", variant, hidden_size=384,

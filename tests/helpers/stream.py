@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kt_runtime
+from kt_convert import kt_runtime
 
 H, E = 384, 8
 
 
 @pytest.fixture(scope="module")
 def packed(tiny_checkpoint, tmp_path_factory):
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("stream_int8") / "out"
     convert(ConvertOptions(input_path=str(tiny_checkpoint.path), output=out, quant_method="int8",

@@ -72,7 +72,7 @@ def make_model(family: str, seed: int = 0, **over):
 
 
 def save_and_convert(model, root, method):
-    from convert.pipeline import ConvertOptions, convert
+    from kt_convert.convert.pipeline import ConvertOptions, convert
 
     src = root / "src"
     if not src.exists():
@@ -87,7 +87,7 @@ def save_and_convert(model, root, method):
 
 def zeroed_copy(model):
     """The model without its routed experts' output (their down projections zeroed)."""
-    from kt_runtime.integrations import find_expert_modules
+    from kt_convert.kt_runtime.integrations import find_expert_modules
 
     z = copy.deepcopy(model)
     for _, mod in find_expert_modules(z).values():
