@@ -163,6 +163,13 @@ uint16_t least_squares_scale(const float* x, int64_t g);
 // least squared error (e.g. the error of some scale, rounded up), and at most scale_ceiling_bits(amax) (2 amax).
 uint32_t scale_floor_bits(float amax, double sse_bound);
 uint32_t scale_ceiling_bits(float amax);
+// The SIMD searches' last step: of n lanes (error f, scale bits b), the least error, the smaller scale on a tie.
+inline uint16_t least_error_lane(const double* f, const double* b, int n) {
+  int best = 0;
+  for (int i = 1; i < n; ++i)
+    if (f[i] < f[best] || (f[i] == f[best] && b[i] < b[best])) best = i;
+  return static_cast<uint16_t>(b[best]);
+}
 // One row of k values (k a multiple of group) -> k/2 bytes (offset-binary q+8, low nibble = even column) and
 // k/group bf16 scales, each group's scale least_squares_scale and q = clamp(rint(x / d), -7, 7).
 void quantize_groups_row(const float* x, int64_t k, int64_t group, uint8_t* out, uint16_t* scales);

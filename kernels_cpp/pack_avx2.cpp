@@ -424,10 +424,7 @@ uint16_t least_squares_scale(const float* x, int64_t g) {
     _mm256_store_pd(f + 4 * h2, best_f[h2]);
     _mm256_store_pd(b + 4 * h2, best_bits[h2]);
   }
-  int best = 0;
-  for (int i = 1; i < 8; ++i)
-    if (f[i] < f[best] || (f[i] == f[best] && b[i] < b[best])) best = i;
-  return static_cast<uint16_t>(b[best]);
+  return ref::least_error_lane(f, b, 8);
 }
 
 // Codes q = clamp(rint_even(x / d), -7, 7) with the exact float quotient (ref::quantize_groups_row's), stored

@@ -348,10 +348,7 @@ uint16_t least_squares_scale(const float* x, int64_t g) {
     _mm512_store_pd(f + 8 * h, best_f[h]);
     _mm512_store_pd(b + 8 * h, best_bits[h]);
   }
-  int best = 0;
-  for (int i = 1; i < 16; ++i)
-    if (f[i] < f[best] || (f[i] == f[best] && b[i] < b[best])) best = i;
-  return static_cast<uint16_t>(b[best]);
+  return ref::least_error_lane(f, b, 16);
 }
 
 // Codes clamp(rint_even(x / d), -7, 7) with the exact quotient; u = q + 8 two per byte, the even column low.
