@@ -270,22 +270,10 @@ def test_bench_convert_copy_floor_and_cache_labels(tmp_path):
 def test_device_cuda_run_through_the_stand_in_device(tiny_checkpoint, tmp_path, monkeypatch, cpu_while_starting):
     """A whole --device cuda conversion through StartingPacker and CudaPacker's host side (stand-in
     device as above): the same files as the CPU run, GPU stages in the report."""
-    import sys
-    import types
-
-    from kt_convert.quant import gpu as quant_gpu
-
-    from helpers.fake_cuda import fake_launch, fake_torch
+    from helpers.fake_cuda import install_for_conversion
 
     run(tiny_checkpoint.path, tmp_path / "cpu", threadpool_count=2)
-    monkeypatch.setitem(sys.modules, "torch", fake_torch())
-    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
-                        types.ModuleType("kt_convert.quant.triton_kernels"))
-    monkeypatch.setattr(quant_gpu, "launch", fake_launch)
-    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", cpu_while_starting)
-    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)
-    monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
+    install_for_conversion(monkeypatch, cpu_while_starting)
     report = run(tiny_checkpoint.path, tmp_path / "gpu", threadpool_count=2, device="cuda")
     t = report.timings
     assert t["device_init_s"] > 0 and t["gpu_pinned_mib"] == 16

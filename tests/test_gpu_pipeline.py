@@ -13,7 +13,8 @@ import pytest
 from kt_convert.convert import packers
 from kt_convert.convert.gpu_schedule import STREAMS, batch_steps
 from kt_convert.convert.host_memory import HostBlock, PageableMemory, RangeAllocator, plan_ring, target_layout
-from helpers.fake_cuda import fake_launch, fake_torch
+from helpers.fake_cuda import fake_launch, fake_torch, install_for_conversion
+from helpers.fake_cuda import install as install_fake_cuda
 from kt_convert.kt_runtime.format.spec import full_shape, shard_slice
 from kt_convert.kt_runtime.format.methods import INT4, INT8
 from kt_convert.quant import gpu as quant_gpu
@@ -241,11 +242,7 @@ def test_schedule_never_overwrites_a_slot_before_it_is_read_and_overlaps_batches
 
 @pytest.fixture
 def cuda_packer(monkeypatch):
-    fake = fake_torch()
-    monkeypatch.setitem(sys.modules, "torch", fake)
-    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
-                        types.ModuleType("kt_convert.quant.triton_kernels"))
-    monkeypatch.setattr(quant_gpu, "launch", fake_launch)
+    fake = install_fake_cuda(monkeypatch)
     made = []
 
     def make(**kw):
@@ -407,14 +404,7 @@ def test_a_conversion_keeps_one_batch_on_the_device_while_the_next_is_submitted(
                                       threadpool_count=2, **kw))
 
     run(tmp_path / "cpu", device="cpu")
-    monkeypatch.setitem(sys.modules, "torch", fake_torch())
-    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
-                        types.ModuleType("kt_convert.quant.triton_kernels"))
-    monkeypatch.setattr(quant_gpu, "launch", fake_launch)
-    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", False)
-    monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
-    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch: 8 batches a layer
+    install_for_conversion(monkeypatch)  # one expert per batch: 8 batches a layer
     log, real_submit, real_result = [], packers.CudaPacker.submit, packers._GpuBatch.result
 
     def submit(self, method, jobs):

@@ -182,3 +182,30 @@ def fake_launch(method, plan, dev_in: FakeTensor, dev_out: FakeTensor) -> None:
                 out[plan.counts_offset + 4 * i:plan.counts_offset + 4 * i + 4].view(np.int32)[0] = bad
 
     dev_in.cuda.enqueue(kernel, "kernel")
+
+
+def install(monkeypatch) -> types.SimpleNamespace:
+    """torch's CUDA side, the Triton kernels module and quant.gpu.launch replaced by the stand-in, for one test;
+    returns the stand-in torch."""
+    import sys
+
+    from kt_convert.quant import gpu as quant_gpu
+
+    fake = fake_torch()
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    monkeypatch.setitem(sys.modules, "kt_convert.quant.triton_kernels",
+                        types.ModuleType("kt_convert.quant.triton_kernels"))
+    monkeypatch.setattr(quant_gpu, "launch", fake_launch)
+    return fake
+
+
+def install_for_conversion(monkeypatch, cpu_while_starting: bool = False) -> None:
+    """install(), and a --device cuda conversion that runs on it: the device found, a 16 MiB pinned block,
+    one expert per batch, the C++ packer packing while the device starts only if cpu_while_starting."""
+    from kt_convert.convert import layer_pack, packers, pipeline
+
+    install(monkeypatch)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(packers, "PACK_ON_CPU_WHILE_DEVICE_STARTS", cpu_while_starting)
+    monkeypatch.setattr(packers, "PINNED_BYTES", 16 << 20)
+    monkeypatch.setattr(layer_pack, "GPU_BATCH_BYTES", 1)  # one expert per batch
